@@ -1,0 +1,32 @@
+# Set-up is part of every target: a missing .venv is created and the project installed into it.
+# torch 2.13.0 is installed first and on its own: pip takes this CPU build from the machine's
+# disk, and the project's torch range then needs nothing more (no multi-GB CUDA download).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ftc-installed
+EXAMPLE ?= gpt
+STAGES ?= 4
+
+.PHONY: demo test regenerate clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/ftc compile examples/$(EXAMPLE).py --stages $(STAGES) -o generated/
+	$(BIN)/ftc check generated/$(EXAMPLE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Rewrite the committed example pipelines (tests/test_generated.py fails when they drift).
+regenerate: $(STAMP)
+	$(BIN)/python -m tests.regenerate
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,316 @@
+"""Stage modules as Python source: IR nodes become one statement each, rendered through the
+Jinja2 templates in templates/ and formatted with black.
+
+The code reads like the model's own forward: operators as operators (`a + b`, `x[:, 0]`),
+functions by their usual names (`F.gelu`, `torch.cat`), modules and parameters through
+`self.<original path>`, and a comment naming the original module (and source lines) above each
+block of statements that came from it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import math
+from functools import cache
+
+import black
+import jinja2
+
+from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors
+
+from .plan import Adoption, StagePlan
+
+BINARY = {
+    "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
+    "matmul": "@", "and_": "&", "or_": "|", "xor": "^", "lshift": "<<", "rshift": ">>",
+    "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
+}  # fmt: skip
+UNARY = {"neg": "-", "pos": "+", "invert": "~", "not_": "not "}
+# Names generated code uses itself; values with these names get a trailing underscore.
+RESERVED = {"self", "torch", "F", "operator", "math", "device"}
+CONTAINER_INDEXED = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
+CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict",)
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("ftc.templates", "."),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
+
+
+def format_python(source: str) -> str:
+    return black.format_str(source, mode=black.Mode())
+
+
+def variable(name: str) -> str:
+    if name in RESERVED or keyword.iskeyword(name) or hasattr(builtins, name):
+        return name + "_"
+    return name
+
+
+def shape_text(meta: TensorMeta, batch_size: int) -> str:
+    dims = []
+    for d, size in enumerate(meta.shape):
+        if d == meta.batch_dim and size % batch_size == 0:
+            per_sample = size // batch_size
+            dims.append("B" if per_sample == 1 else f"B*{per_sample}")
+        else:
+            dims.append(str(size))
+    return f"{meta.dtype}[{', '.join(dims)}]"
+
+
+def value_text(graph: Graph, name: str) -> str:
+    meta = graph.node(name).meta
+    if isinstance(meta, TensorMeta):
+        return shape_text(meta, graph.batch_size)
+    tensors = meta_tensors(meta)
+    if tensors:
+        return f"({', '.join(shape_text(t, graph.batch_size) for t in tensors)})"
+    return type(meta).__name__.removesuffix("Meta").lower() if meta else "value"
+
+
+class StageWriter:
+    """Renders one stage; holds what the stage's statements need to name things."""
+
+    def __init__(self, graph: Graph, plan: StagePlan):
+        self.graph = graph
+        self.plan = plan
+        self.by_name = graph.by_name()
+        self.imports: set[str] = set()
+        self.adopted_kind = self._adopted_kinds(plan.adopted)
+        self.read = {name for node in plan.nodes for name in node.refs()} | set(plan.outputs)
+
+    # -- naming --------------------------------------------------------------------------
+
+    def _adopted_kinds(self, entries: list[Adoption]) -> dict[str, str]:
+        kinds = {}
+        for entry in entries:
+            kinds[entry.path] = entry.kind
+            kinds.update(self._adopted_kinds(entry.children))
+        return kinds
+
+    def access(self, path: str) -> str:
+        """`self.<...>` for an original module or tensor path, as the stage holds it."""
+        expr, prefix, container_ours = "self", "", True
+        for part in path.split("."):
+            full = f"{prefix}.{part}" if prefix else part
+            if container_ours:
+                expr += f".{part}" if part.isidentifier() and not keyword.iskeyword(part) else f"[{part!r}]"
+            else:
+                parent_class = self.graph.modules.get(prefix, "")
+                if parent_class in CONTAINER_INDEXED and part.isdigit():
+                    expr += f"[{part}]"
+                elif parent_class in CONTAINER_KEYED:
+                    expr += f"[{part!r}]"
+                elif part.isidentifier() and not keyword.iskeyword(part):
+                    expr += f".{part}"
+                else:
+                    expr = f"getattr({expr}, {part!r})"
+            container_ours = container_ours and self.adopted_kind.get(full) == "container"
+            prefix = full
+        return expr
+
+    def ref(self, name: str) -> str:
+        source = self.by_name[name]
+        if source.op == "get_attr":
+            if source.target in self.graph.constants:
+                return f"self.{source.target}"
+            return self.access(source.target)
+        return variable(name)
+
+    # -- arguments -----------------------------------------------------------------------
+
+    def arg(self, value) -> str:
+        if isinstance(value, Ref):
+            return self.ref(value.name)
+        if isinstance(value, TorchExpr):
+            if value.expr.startswith("F."):
+                self.imports.add("F")
+            return value.expr
+        if isinstance(value, float):
+            if math.isnan(value):
+                return 'float("nan")'
+            if math.isinf(value):
+                return 'float("inf")' if value > 0 else 'float("-inf")'
+            return repr(value)
+        if value is Ellipsis:
+            return "..."
+        if isinstance(value, tuple):
+            items = ", ".join(self.arg(v) for v in value)
+            return f"({items},)" if len(value) == 1 else f"({items})"
+        if isinstance(value, list):
+            return f"[{', '.join(self.arg(v) for v in value)}]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {self.arg(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, slice):
+            return f"slice({self.arg(value.start)}, {self.arg(value.stop)}, {self.arg(value.step)})"
+        return repr(value)
+
+    def index(self, value) -> str:
+        """A subscript as Python writes it: x[1:, ..., None]."""
+        if isinstance(value, slice):
+            start = "" if value.start is None else self.arg(value.start)
+            stop = "" if value.stop is None else self.arg(value.stop)
+            step = "" if value.step is None else f":{self.arg(value.step)}"
+            return f"{start}:{stop}{step}"
+        if isinstance(value, tuple) and value:
+            return ", ".join(self.index(v) for v in value) + ("," if len(value) == 1 else "")
+        return self.arg(value)
+
+    def call_args(self, node: Node, skip: int = 0) -> str:
+        args = [self.arg(a) for a in node.args[skip:]]
+        args += [f"{k}={self.arg(v)}" for k, v in node.kwargs.items()]
+        return ", ".join(args)
+
+    # -- statements ----------------------------------------------------------------------
+
+    def expression(self, node: Node) -> str:
+        if node.op == "call_module":
+            return f"{self.access(node.target)}({self.call_args(node)})"
+        if node.op == "call_method":
+            return f"{self.arg(node.args[0])}.{node.target}({self.call_args(node, skip=1)})"
+        target = node.target
+        head, _, short = target.partition(".")
+        if head == "operator" and not node.kwargs:
+            if short in BINARY and len(node.args) == 2:
+                return f"{self.arg(node.args[0])} {BINARY[short]} {self.arg(node.args[1])}"
+            if short in UNARY and len(node.args) == 1:
+                return f"{UNARY[short]}{self.arg(node.args[0])}"
+            if short == "getitem" and len(node.args) == 2:
+                return f"{self.arg(node.args[0])}[{self.index(node.args[1])}]"
+        if target == "getattr" and len(node.args) == 2 and isinstance(node.args[1], str) and node.args[1].isidentifier():
+            return f"{self.arg(node.args[0])}.{node.args[1]}"
+        if head in ("F", "operator", "math"):
+            self.imports.add(head)
+        return f"{target}({self.call_args(node)})"
+
+    def statement(self, node: Node) -> str:
+        expression = self.expression(node)
+        if node.name not in self.read:  # kept for its side effect, such as an in-place update
+            return expression
+        return f"{variable(node.name)} = {expression}"
+
+    def blocks(self) -> list[dict]:
+        """Statements grouped by the original module they came from, in program order."""
+        groups: list[dict] = []
+        for node in self.plan.nodes:
+            if not groups or groups[-1]["module_path"] != node.module_path:
+                groups.append({"module_path": node.module_path, "module_class": node.module_class, "lines": [], "sources": []})
+            groups[-1]["lines"].append(self.statement(node))
+            if node.source:
+                groups[-1]["sources"].append(node.source)
+        for group in groups:
+            group["comment"] = _block_comment(group)
+        return groups
+
+    def init_lines(self) -> list[str]:
+        lines: list[str] = []
+
+        def emit(entries: list[Adoption], owner: str) -> None:
+            for entry in entries:
+                name = entry.path.rpartition(".")[2]
+                plain = name.isidentifier() and not keyword.iskeyword(name)
+                target = f"{owner}.{name}" if plain else f"{owner}[{name!r}]"
+                if entry.kind == "container":
+                    lines.append(f"{target} = torch.nn.ModuleDict()")
+                    emit(entry.children, target)
+                elif entry.kind == "module":
+                    lines.append(f"{target} = model.get_submodule({entry.path!r})")
+                elif entry.kind == "parameter":
+                    if plain:
+                        lines.append(f"{target} = model.get_parameter({entry.path!r})")
+                    else:
+                        lines.append(f"{owner}.register_parameter({name!r}, model.get_parameter({entry.path!r}))")
+                else:
+                    persistent = "" if entry.persistent else ", persistent=False"
+                    lines.append(f"{owner}.register_buffer({name!r}, model.get_buffer({entry.path!r}){persistent})")
+
+        emit(self.plan.adopted, "self")
+        for name in self.plan.constants:
+            constant = self.graph.constants[name]
+            lines.append(
+                f"self.register_buffer({name!r}, torch.tensor({constant.data!r}, dtype=torch.{constant.dtype}), persistent=False)"
+            )
+        return lines
+
+    def device_line(self) -> str | None:
+        """`device = <input>.device` when a statement creates tensors on the stage's device."""
+        if not any(_uses_stage_device((n.args, n.kwargs)) for n in self.plan.nodes):
+            return None
+        for name in self.plan.inputs:
+            if isinstance(self.by_name[name].meta, TensorMeta):
+                return f"device = {variable(name)}.device"
+        return "device = next(self.parameters()).device"
+
+    def render(self, model_file: str) -> str:
+        blocks = self.blocks()
+        init_lines = self.init_lines()
+        device_line = self.device_line()
+        source = _templates().get_template("stage.py.j2").render(
+            index=self.plan.index,
+            graph_name=self.graph.name,
+            model_file=model_file,
+            num_stages=self.graph.num_stages,
+            device=self.plan.device,
+            summary=_stage_summary(self.plan),
+            inputs=[(variable(n), value_text(self.graph, n)) for n in self.plan.inputs],
+            outputs=[(variable(n), value_text(self.graph, n)) for n in self.plan.outputs],
+            stdlib_imports=sorted(self.imports - {"torch", "F"}),
+            uses_functional="F" in self.imports,
+            init_lines=init_lines,
+            device_line=device_line,
+            blocks=blocks,
+            returns=[variable(n) for n in self.plan.outputs],
+        )
+        return format_python(source)
+
+
+def _uses_stage_device(value) -> bool:
+    if isinstance(value, TorchExpr):
+        return value.expr == "device"
+    if isinstance(value, (tuple, list)):
+        return any(_uses_stage_device(v) for v in value)
+    if isinstance(value, dict):
+        return any(_uses_stage_device(v) for v in value.values())
+    return False
+
+
+def _block_comment(group: dict) -> str:
+    """'blocks.0.attn (CausalSelfAttention), gpt.py:31-37'; the root module by its class alone."""
+    cls = group["module_class"].rpartition(".")[2]
+    path = group["module_path"]
+    text = f"{path} ({cls})" if path and cls else path or cls or "model"
+    lines = sorted({int(s.rpartition(":")[2]) for s in group["sources"] if s.rpartition(":")[2].isdigit()})
+    files = {s.rpartition(":")[0] for s in group["sources"]}
+    if lines and len(files) == 1:
+        (file,) = files
+        text += f", {file}:{lines[0]}" if len(lines) == 1 else f", {file}:{lines[0]}-{lines[-1]}"
+    return text
+
+
+def _stage_summary(plan: StagePlan) -> str:
+    paths = []
+    for node in plan.nodes:
+        top = ".".join(node.module_path.split(".")[:2]) if node.module_path else ""
+        if top and top not in paths:
+            paths.append(top)
+    if not paths:
+        return "top-level ops"
+    return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+
+
+def render_stage(graph: Graph, plan: StagePlan, model_file: str) -> str:
+    return StageWriter(graph, plan).render(model_file)
+
+
+def render_package_init(graph: Graph, plans: list[StagePlan]) -> str:
+    source = _templates().get_template("package_init.py.j2").render(
+        graph_name=graph.name, stages=[plan.index for plan in plans]
+    )
+    return format_python(source)

@@ -1,0 +1,177 @@
+"""Writes a generated pipeline folder (DESIGN.md, "Generated-folder contract"):
+
+    DIR/<name>/pipeline.json   the manifest the runtime reads
+    DIR/<name>/ir.json         the annotated IR the stages came from
+    DIR/<name>/stage<k>.py     one standalone module per stage
+    DIR/<name>/__init__.py     imports the stages, so the folder is a package
+
+Same IR in, same bytes out: nothing depends on time, absolute paths or dict order. The manifest
+records each stage file's sha256, so a later compile can tell hand-edited stages and refuse to
+overwrite them without --force. Files are replaced atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from ftc.ir import FtcError, Graph, TensorMeta, dumps, meta_nbytes
+from ftc.ir.graph import ScalarMeta, SeqMeta
+from ftc.passes.partition.problem import Problem
+
+from .codegen import render_package_init, render_stage
+from .plan import StagePlan, plan_stages
+
+MANIFEST_FORMAT = "ftc-pipeline/1"
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def recorded_stage_files(folder: Path) -> dict[str, str]:
+    """Stage file -> the sha256 the last compile into `folder` recorded ({} for a new folder)."""
+    manifest_path = folder / "pipeline.json"
+    if not manifest_path.is_file():
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return {stage["file"]: stage["sha256"] for stage in manifest["stages"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FtcError(
+            f"{manifest_path} is not a manifest ftc wrote, so hand edits cannot be told apart",
+            "remove the folder or pass --force to overwrite it",
+        ) from exc
+
+
+def edited_files(folder: Path) -> list[str]:
+    """Stage files in `folder` whose content differs from what the last compile wrote."""
+    return sorted(
+        file
+        for file, digest in recorded_stage_files(folder).items()
+        if (folder / file).is_file() and sha256((folder / file).read_text()) != digest
+    )
+
+
+def value_spec(meta) -> dict:
+    """How a value that crosses stages looks, for the runtime's receive buffers."""
+    if isinstance(meta, TensorMeta):
+        return {
+            "kind": "tensor",
+            "shape": meta.shape,
+            "dtype": meta.dtype,
+            "batch_dim": meta.batch_dim,
+            "requires_grad": meta.requires_grad,
+        }
+    if isinstance(meta, ScalarMeta):
+        return {"kind": meta.type, "batch_dependent": meta.batch_dependent}
+    if isinstance(meta, SeqMeta):
+        return {"kind": meta.type, "items": [value_spec(item) for item in meta.items]}
+    return {"kind": "object"}
+
+
+def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan]) -> list[dict]:
+    """Predicted per-stage figures for the manifest and the CLI table."""
+    by_name = graph.by_name()
+    state_bytes = {name: t.meta.nbytes for name, t in graph.state.items()}
+    position = {name: k for k, name in enumerate(problem.ops)}
+    rows = []
+    for plan in plans:
+        first, last = position[plan.nodes[0].name], position[plan.nodes[-1].name]
+        parameters = [graph.state[name] for name in plan.state if graph.state[name].kind == "parameter"]
+        rows.append(
+            {
+                "ops": len(plan.nodes),
+                "parameters": sum(math.prod(t.meta.shape) for t in parameters),
+                "parameter_bytes": sum(state_bytes[name] for name in plan.state),
+                "fwd_flops": sum(n.cost.fwd_flops for n in plan.nodes),
+                "bwd_flops": sum(n.cost.bwd_flops for n in plan.nodes),
+                "fwd_time": sum(n.cost.fwd_time for n in plan.nodes),
+                "bwd_time": sum(n.cost.bwd_time for n in plan.nodes),
+                "bytes_in": sum(meta_nbytes(by_name[name].meta) for name in plan.inputs),
+                "bytes_out": sum(meta_nbytes(by_name[name].meta) for name in plan.outputs),
+                "predicted_time": problem.stage_cost(first, last + 1),
+            }
+        )
+    return rows
+
+
+def write_pipeline(
+    graph: Graph,
+    problem: Problem,
+    out_dir: str | Path,
+    model_file: str | Path,
+    method: str,
+    settings: dict,
+    force: bool = False,
+) -> tuple[Path, list[dict]]:
+    folder = Path(out_dir) / graph.name
+    previous = recorded_stage_files(folder)
+    edited = edited_files(folder)
+    if edited and not force:
+        raise FtcError(
+            f"{folder}: stage files were edited by hand since ftc wrote them: {', '.join(edited)}",
+            "move your edits elsewhere, or pass --force to overwrite them",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    model_rel = Path(os.path.relpath(Path(model_file).resolve(), folder.resolve())).as_posix()
+    plans = plan_stages(graph)
+    costs = stage_costs(graph, problem, plans)
+    stage_sources = {f"stage{plan.index}.py": render_stage(graph, plan, model_rel) for plan in plans}
+    crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=[n.name for n in graph.nodes].index)
+    by_name = graph.by_name()
+    times = [row["predicted_time"] for row in costs]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": graph.name,
+        "model_file": model_rel,
+        "model_file_sha256": hashlib.sha256(Path(model_file).read_bytes()).hexdigest(),
+        "frontend": graph.frontend,
+        "batch_size": graph.batch_size,
+        "method": method,
+        "settings": settings,
+        "inputs": graph.inputs,
+        "outputs": [ref.name for ref in graph.outputs.values],
+        "output_structure": {"kind": graph.outputs.kind, "keys": graph.outputs.keys},
+        "num_devices": len(set(graph.stage_devices)),
+        "stages": [
+            {
+                "index": plan.index,
+                "file": f"stage{plan.index}.py",
+                "class": f"Stage{plan.index}",
+                "sha256": sha256(stage_sources[f"stage{plan.index}.py"]),
+                "device": plan.device,
+                "inputs": plan.inputs,
+                "outputs": plan.outputs,
+                "state": plan.state,
+                "recompute": False,
+                "cost": cost,
+            }
+            for plan, cost in zip(plans, costs)
+        ],
+        "values": {name: value_spec(by_name[name].meta) for name in crossing},
+        "predicted": {
+            "bottleneck_time": max(times),
+            "balance": max(times) / (sum(times) / len(times)),
+        },
+    }
+    files = {
+        **stage_sources,
+        "__init__.py": render_package_init(graph, plans),
+        "ir.json": dumps(graph),
+        "pipeline.json": json.dumps(manifest, indent=1) + "\n",
+    }
+    for name, text in files.items():
+        _write_atomic(folder / name, text)
+    for stale in sorted(set(previous) - set(files)):
+        (folder / stale).unlink(missing_ok=True)
+    return folder, manifest["stages"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

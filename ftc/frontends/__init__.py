@@ -1,0 +1,74 @@
+"""Frontends: a model file in, an IR graph with value metadata out.
+
+`fx` (torch.fx symbolic tracing) reads the model's Python; `export` (torch.export, non-strict)
+handles models fx cannot trace, such as Python that depends on shapes. `auto` tries fx first.
+The model is built on the meta device, so no weights are allocated whatever its size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ftc.ir import FtcError, Graph
+from ftc.runtime.model_file import ModelFile, user_frame
+
+from .export import trace_export
+from .fx import trace_fx
+from .meta import annotate_meta
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+class Traced(NamedTuple):
+    graph: Graph
+    model: torch.nn.Module  # on the meta device
+    batch: tuple | dict  # meta-device example inputs at the compile batch size
+
+
+def trace(model_file: ModelFile, batch_size: int, frontend: str = "auto", name: str | None = None) -> Traced:
+    """Trace the model file's model into an IR graph annotated with value metadata."""
+    if frontend not in FRONTENDS:
+        raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
+    name = name or model_file.stem
+    model = model_file.build("meta")
+    batch = model_file.inputs(batch_size, device="meta")
+    double_batch = model_file.inputs(2 * batch_size, device="meta")
+    if frontend in ("auto", "fx"):
+        try:
+            graph = trace_fx(model, model_file, batch, name)
+        except FtcError:
+            raise
+        except Exception as exc:
+            if frontend == "fx":
+                raise untraceable(model_file, "torch.fx", exc) from exc
+            fx_error = exc
+            model = model_file.build("meta")  # fx may have left tracing state on the modules
+        else:
+            graph.batch_size = batch_size
+            return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+    try:
+        graph = trace_export(model, model_file, batch, double_batch, name)
+    except FtcError:
+        raise
+    except Exception as exc:
+        if frontend == "auto":
+            raise untraceable(model_file, "torch.fx nor torch.export", fx_error, exc) from exc
+        raise untraceable(model_file, "torch.export", exc) from exc
+    graph.batch_size = batch_size
+    return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+
+
+def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:
+    details = "; ".join(
+        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{user_frame(exc, model_file.path)}"
+        for exc in errors
+    )
+    return FtcError(
+        f"{model_file.path}: neither {tracers} could trace the model: {details}" if "nor" in tracers
+        else f"{model_file.path}: {tracers} could not trace the model: {details}",
+        "make forward's Python independent of tensor values and shapes (use torch ops such as "
+        "torch.where instead of `if`), or list the class that contains that code in LEAF_MODULES "
+        "so it is kept whole; --frontend export handles shape-dependent Python",
+    )

@@ -1,0 +1,173 @@
+"""What both frontends need: naming functions, turning Python/torch values into IR arguments,
+recording the model's modules and state, and finding the user's source line for a node."""
+
+from __future__ import annotations
+
+import builtins
+import operator
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftc.interpreter import resolve_function
+from ftc.ir import FtcError, Ref, StateTensor, TensorMeta, TorchExpr
+from ftc.runtime.model_file import ModelFile
+
+# Constants created inside forward are written into the stage code; past this many elements
+# that stops being readable, and the user should register a buffer instead.
+MAX_INLINE_CONSTANT = 1024
+
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_FTC_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def function_expr(fn: Any, node_name: str) -> str:
+    """The shortest importable spelling of a function for generated code: "F.gelu", "torch.cat",
+    "operator.add", "getattr", "torch.ops.aten.view.default"."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
+    name = getattr(fn, "__name__", None)
+    module = getattr(fn, "__module__", None)
+    candidates = []
+    if name:
+        if getattr(builtins, name, None) is fn:
+            candidates.append(name)
+        if module in ("_operator", "operator"):
+            candidates.append(f"operator.{name}")
+        if module == "math":
+            candidates.append(f"math.{name}")
+        if getattr(F, name, None) is fn:
+            candidates.append(f"F.{name}")
+        if getattr(torch, name, None) is fn:
+            candidates.append(f"torch.{name}")
+        if module and module.startswith("torch"):
+            candidates.append(f"{module}.{name}")
+    for expr in candidates:
+        try:
+            if resolve_function(expr) is fn:
+                return expr
+        except (FtcError, AttributeError, NameError, SyntaxError):
+            continue
+    where = f"{module}.{name}" if module and name else repr(fn)
+    raise FtcError(
+        f"node {node_name!r} calls {where}, which generated stage code cannot import "
+        "(stage modules import only torch and the standard library)",
+        "let tracing go through it (remove torch.fx.wrap), or put it in a module listed in LEAF_MODULES",
+    )
+
+
+def ir_arg(value: Any, ref_of, node_name: str) -> Any:
+    """A traced argument as an IR argument. `ref_of(x)` returns a Ref for a graph value or None."""
+    ref = ref_of(value)
+    if ref is not None:
+        return ref
+    if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, TorchExpr)):
+        return value
+    if isinstance(value, torch.Size):
+        return tuple(int(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(ir_arg(v, ref_of, node_name) for v in value)
+    if isinstance(value, list):
+        return [ir_arg(v, ref_of, node_name) for v in value]
+    if isinstance(value, dict):
+        return {k: ir_arg(v, ref_of, node_name) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(*(ir_arg(v, ref_of, node_name) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
+        return TorchExpr(str(value))
+    if isinstance(value, torch.device):
+        return TorchExpr(f"torch.device({str(value)!r})")
+    raise FtcError(
+        f"node {node_name!r} takes an argument of type {type(value).__name__} ({value!r:.60}) "
+        "that ftc cannot write into generated code",
+        "pass tensors, numbers, strings, dtypes or tuples of them",
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_meta(t: torch.Tensor) -> TensorMeta:
+    return TensorMeta(list(t.shape), dtype_name(t.dtype), bool(t.requires_grad))
+
+
+def module_table(model: torch.nn.Module, model_file: ModelFile) -> dict[str, str]:
+    return {path: model_file.class_name(type(m)) for path, m in model.named_modules(remove_duplicate=False)}
+
+
+def state_table(model: torch.nn.Module) -> dict[str, StateTensor]:
+    """Every state_dict key (tied aliases included) plus non-persistent buffers."""
+    state = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        state[name] = StateTensor("parameter", tensor_meta(param))
+    for module_path, module in model.named_modules(remove_duplicate=False):
+        for buffer_name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            name = f"{module_path}.{buffer_name}" if module_path else buffer_name
+            persistent = buffer_name not in module._non_persistent_buffers_set
+            state[name] = StateTensor("buffer", tensor_meta(buffer), persistent)
+    return state
+
+
+def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | None) -> int | None:
+    """Index of the argument an op mutates in place (always the first), or None."""
+    short = target.rsplit(".", 1)[-1]
+    if op == "call_module":
+        return 0 if getattr(module, "inplace", False) is True else None
+    if kwargs.get("inplace") is True:
+        return 0
+    if op == "call_method":
+        return 0 if short.endswith("_") and not short.startswith("_") else None
+    if op == "call_function":
+        if target.startswith("operator.i") or target in ("operator.setitem", "setattr"):
+            return 0
+        if target.startswith("torch.ops."):
+            return None  # the export frontend reads mutation from the op schema instead
+        return 0 if short.endswith("_") and not short.startswith("_") else None
+    return None
+
+
+def user_source(model_file: ModelFile) -> str:
+    """'file.py:LINE' of the innermost frame on the current stack in user code (not torch, not
+    ftc), preferring the model file itself."""
+    model_path = str(model_file.path.resolve())
+    frame = sys._getframe(1)
+    fallback = ""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename == model_path:
+            return f"{model_file.path.name}:{frame.f_lineno}"
+        if not fallback and not filename.startswith((_TORCH_DIR, _FTC_DIR, "<")):
+            fallback = f"{Path(filename).name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return fallback
+
+
+def constant_from_tensor(t: torch.Tensor, where: str) -> tuple[list, str]:
+    if t.device.type == "meta":
+        raise FtcError(
+            f"{where}: a tensor constant is only known on the meta device, so its values are unknown",
+            "create it from literals inside forward, or register it as a buffer in __init__",
+        )
+    if t.numel() > MAX_INLINE_CONSTANT:
+        raise FtcError(
+            f"{where}: forward creates a tensor constant of shape {list(t.shape)}, too large to write "
+            "into the stage code",
+            "register it in __init__ with self.register_buffer(name, tensor, persistent=False), "
+            "or compute it from the inputs inside forward",
+        )
+    return t.detach().cpu().tolist(), dtype_name(t.dtype)
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name

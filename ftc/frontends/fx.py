@@ -1,0 +1,211 @@
+"""torch.fx frontend: symbolic tracing into the IR.
+
+torch.nn's own layers and the model file's LEAF_MODULES stay whole (call_module); everything
+else is traced through, so the IR sees the model's Python forward as individual ops.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref
+from ftc.runtime.model_file import ModelFile
+
+from .common import (
+    constant_from_tensor,
+    function_expr,
+    ir_arg,
+    module_table,
+    mutated_arg,
+    state_table,
+    unique_name,
+    user_source,
+)
+
+_CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+class _Tracer(fx.Tracer):
+    # Buffers become get_attr nodes like parameters, so code may index them with traced sizes.
+    proxy_buffer_attributes = True
+
+    def __init__(self, model_file: ModelFile):
+        super().__init__()
+        self.model_file = model_file
+
+    def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
+        if isinstance(m, self.model_file.leaf_modules):
+            return True
+        return m.__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["ftc_source"] = user_source(self.model_file)
+        return node
+
+
+def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str], dict[str, Any]]:
+    """The forward parameters the example batch feeds, and defaults for the ones it leaves out."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if variadic:
+        raise FtcError(
+            f"forward takes *{variadic[0]}; ftc needs named inputs",
+            "give forward explicit parameters, one per input",
+        )
+    names = [p.name for p in params]
+    if isinstance(example, dict):
+        unknown = [key for key in example if key not in names]
+        if unknown:
+            raise FtcError(
+                f"example_inputs() gives keyword inputs {unknown} that forward does not take (it takes {names})",
+                "use forward's parameter names as the dict keys",
+            )
+        fed = [name for name in names if name in example]
+    else:
+        if len(example) > len(names):
+            raise FtcError(
+                f"example_inputs() gives {len(example)} inputs; forward takes {len(names)} ({names})",
+                "return one tensor per forward parameter",
+            )
+        fed = names[: len(example)]
+    defaults = {}
+    for p in params:
+        if p.name in fed:
+            continue
+        if p.default is p.empty:
+            raise FtcError(
+                f"forward parameter {p.name!r} has no default and example_inputs() does not give it",
+                f"add {p.name!r} to example_inputs()",
+            )
+        defaults[p.name] = p.default
+    return fed, defaults
+
+
+def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dict, name: str) -> Graph:
+    """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
+    fed, defaults = input_names(model, example)
+    tracer = _Tracer(model_file)
+    fx_graph = tracer.trace(model, concrete_args=defaults or None)
+    root = tracer.root
+    modules = module_table(model, model_file)
+    state = state_table(model)
+
+    names: dict[fx.Node, str] = {}
+    # fx's names are unique already; reserving them keeps our renames from colliding.
+    taken: set[str] = {fx_node.name for fx_node in fx_graph.nodes}
+    nodes: list[Node] = []
+    constants = {}
+    outputs = None
+
+    def ref_of(value: Any) -> Ref | None:
+        return Ref(names[value]) if isinstance(value, fx.Node) else None
+
+    # fx keeps a placeholder per forward parameter, in order; those given a default through
+    # concrete_args only feed fx's own _assert_is_none guards, which we drop with them.
+    params = iter(inspect.signature(model.forward).parameters)
+    skipped: set[fx.Node] = set()
+    for fx_node in fx_graph.nodes:
+        where = f"node {fx_node.name!r} ({fx_node.meta.get('ftc_source') or model_file.path.name})"
+        if fx_node.op == "placeholder":
+            param = next(params)
+            if param not in fed:
+                skipped.add(fx_node)
+                skipped.update(fx_node.users)
+                continue
+            names[fx_node] = param if param == fx_node.name else unique_name(param, taken)
+            nodes.append(Node(names[fx_node], "input", param))
+            continue
+        if fx_node in skipped:
+            continue
+        if fx_node.op == "output":
+            outputs = _outputs(fx_node.args[0], ref_of)
+            continue
+        module_path, module_class = _scope(fx_node, modules)
+        node = Node(
+            name=_readable_name(fx_node, names, taken),
+            op=fx_node.op,
+            target="",
+            module_path=module_path,
+            module_class=module_class,
+            source=fx_node.meta.get("ftc_source", ""),
+        )
+        if fx_node.op == "get_attr":
+            node.target = fx_node.target
+            if fx_node.target not in state:
+                value = _fetch(root, fx_node.target)
+                if not isinstance(value, torch.Tensor):
+                    raise FtcError(f"{where}: reads attribute {fx_node.target!r}, which is not a tensor")
+                data, dtype = constant_from_tensor(value, where)
+                node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state) | taken)
+                node.name = node.target
+                constants[node.target] = Constant(data, dtype)
+        else:
+            if fx_node.op == "call_function":
+                node.target = function_expr(fx_node.target, fx_node.name)
+            else:
+                node.target = fx_node.target
+            node.args = tuple(ir_arg(a, ref_of, where) for a in fx_node.args)
+            node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_node.kwargs.items()}
+            module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
+            node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
+        names[fx_node] = node.name
+        nodes.append(node)
+
+    return Graph(
+        name=name,
+        nodes=nodes,
+        outputs=outputs,
+        state=state,
+        modules=modules,
+        constants=constants,
+        frontend="fx",
+    )
+
+
+def _fetch(root: torch.nn.Module, target: str) -> Any:
+    module_path, _, attr = target.rpartition(".")
+    return getattr(root.get_submodule(module_path), attr, None)
+
+
+def _scope(fx_node: fx.Node, modules: dict[str, str]) -> tuple[str, str]:
+    """The module whose forward made this node: the innermost entry of fx's module stack that is
+    not the called leaf itself."""
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    scopes = [path for path, _ in stack.values() if not (fx_node.op == "call_module" and path == fx_node.target)]
+    path = scopes[-1] if scopes else ""
+    return path, modules.get(path, "")
+
+
+def _readable_name(fx_node: fx.Node, names: dict[fx.Node, str], taken: set[str]) -> str:
+    """fx's name, except that unpacked items read as '<source>_<index>' instead of 'getitem_7'
+    (when that name is free) and tensor constants as their constant."""
+    if fx_node.op == "call_function" and getattr(fx_node.target, "__name__", "") == "getitem":
+        source, index = fx_node.args
+        if isinstance(source, fx.Node) and isinstance(index, int) and index >= 0:
+            name = f"{names[source]}_{index}"
+            if name not in taken:
+                taken.add(name)
+                return name
+    return fx_node.name
+
+
+def _outputs(structure: Any, ref_of) -> Outputs:
+    def value_ref(value: Any, where: str) -> Ref:
+        ref = ref_of(value)
+        if ref is None:
+            raise FtcError(
+                f"model output {where} is {type(value).__name__} ({value!r:.40}), not a value computed in forward",
+                "return only tensors computed from the inputs (a tensor, a tuple of them or a dict of them)",
+            )
+        return ref
+
+    if isinstance(structure, (tuple, list)):
+        return Outputs("tuple", [value_ref(v, f"[{i}]") for i, v in enumerate(structure)])
+    if isinstance(structure, dict):
+        return Outputs("dict", [value_ref(v, f"[{k!r}]") for k, v in structure.items()], [str(k) for k in structure])
+    return Outputs("value", [value_ref(structure, "")])

@@ -1,0 +1,76 @@
+"""Value metadata: run the IR on the meta device at two batch sizes and record each value's
+shape, dtype and requires_grad, and which dimension follows the batch size.
+
+Running at batch sizes B and 2B is how we tell the batch dimension from the others: a dimension
+that doubles scales with the batch (B, or B*T after a flatten); the runtime rescales it for
+micro-batches of any size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ftc.interpreter import Interpreter
+from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, TensorMeta
+
+from .common import dtype_name
+
+
+class _Recorder(Interpreter):
+    def __init__(self, graph: Graph, model: torch.nn.Module):
+        super().__init__(graph, model, device="meta")
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        try:
+            value = super().run_node(node, args, kwargs)
+        except FtcError:
+            raise
+        except Exception as exc:
+            raise FtcError(
+                f"node {node.name!r} ({node.source or node.module_path or 'forward'}) failed on the meta device: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
+                "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class",
+            ) from exc
+        self.values[node.name] = value
+        return value
+
+
+def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
+    """Fill node.meta for every node. `batch` and `double_batch` are meta-device example inputs at
+    the compile batch size and at twice it."""
+    runs = []
+    for inputs in (batch, double_batch):
+        recorder = _Recorder(graph, model)
+        recorder.run(inputs)
+        inputs_by_name = inputs if isinstance(inputs, dict) else dict(zip(graph.inputs, inputs))
+        recorder.values.update({name: inputs_by_name[name] for name in graph.inputs})
+        runs.append(recorder.values)
+    single, double = runs
+    for node in graph.nodes:
+        node.meta = value_meta(single[node.name], double[node.name])
+    return graph
+
+
+def value_meta(value: Any, doubled: Any) -> Meta:
+    if isinstance(value, torch.Tensor):
+        batch_dim = None
+        if isinstance(doubled, torch.Tensor) and doubled.dim() == value.dim():
+            for dim, (a, b) in enumerate(zip(value.shape, doubled.shape)):
+                if a > 0 and b == 2 * a:
+                    batch_dim = dim
+                    break
+        return TensorMeta(list(value.shape), dtype_name(value.dtype), bool(value.requires_grad), batch_dim)
+    if isinstance(value, (bool, int, float)) or isinstance(value, torch.SymInt):
+        kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, (int, torch.SymInt)) else "float"
+        return ScalarMeta(kind, value, batch_dependent=value != doubled)
+    if isinstance(value, (tuple, list)):
+        kind = "size" if isinstance(value, torch.Size) else type(value).__name__
+        if kind not in ("size", "tuple", "list"):
+            kind = "tuple"
+        other = doubled if isinstance(doubled, (tuple, list)) and len(doubled) == len(value) else value
+        return SeqMeta(kind, [value_meta(a, b) for a, b in zip(value, other)])
+    return OtherMeta(type(value).__name__)

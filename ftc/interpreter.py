@@ -1,0 +1,113 @@
+"""Run an IR graph against a model, node by node (the torch.fx Interpreter pattern, for our IR).
+
+The frontends use it to propagate metadata on the meta device and the profiles to count and
+time each node. Subclasses override `run_node` to observe or wrap each step.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftc.ir import FtcError, Graph, Node, Ref, TorchExpr, map_refs
+
+# Names a node target may start with; the same names generated stage code imports.
+TARGET_NAMESPACE = {"torch": torch, "F": F, "operator": operator, "math": math, "builtins": builtins}
+
+
+def resolve_function(target: str) -> Any:
+    """The callable a call_function target names ("torch.cat", "F.gelu", "operator.add", "getattr")."""
+    head = target.split(".", 1)[0]
+    if head not in TARGET_NAMESPACE and not hasattr(builtins, head):
+        raise FtcError(f"function target {target!r} is not under torch, F, operator, math or builtins")
+    return eval(target, dict(TARGET_NAMESPACE), {})  # the target is a dotted name, checked above
+
+
+def tensor_constant(data: Any, dtype: str, device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.tensor(data, dtype=getattr(torch, dtype), device=device)
+
+
+def fetch_attr(model: torch.nn.Module, target: str) -> Any:
+    """A parameter, buffer or plain attribute of `model` by qualified name."""
+    module_path, _, attr = target.rpartition(".")
+    return getattr(model.get_submodule(module_path), attr)
+
+
+class Interpreter:
+    def __init__(self, graph: Graph, model: torch.nn.Module, device: torch.device | str | None = None):
+        self.graph = graph
+        self.model = model
+        self.device = device
+        self.functions: dict[str, Any] = {}
+        self.env: dict[str, Any] = {}
+
+    def run(self, inputs: tuple | dict) -> Any:
+        """Run the graph on one batch (positional tuple or keyword dict); return the output."""
+        names = self.graph.inputs
+        if isinstance(inputs, dict):
+            missing = [name for name in names if name not in inputs]
+            if missing:
+                raise FtcError(f"inputs lack {missing}; the graph takes {names}")
+            values = [inputs[name] for name in names]
+        else:
+            if len(inputs) != len(names):
+                raise FtcError(f"{len(inputs)} inputs given; the graph takes {len(names)}: {names}")
+            values = list(inputs)
+        self.env = dict(zip(names, values))
+        for node in self.graph.nodes:
+            if node.op == "input":
+                continue
+            args = map_refs(node.args, self.lookup)
+            kwargs = map_refs(node.kwargs, self.lookup)
+            self.env[node.name] = self.run_node(node, args, kwargs)
+        outputs = [self.env[ref.name] for ref in self.graph.outputs.values]
+        if self.graph.outputs.kind == "value":
+            return outputs[0]
+        if self.graph.outputs.kind == "dict":
+            return dict(zip(self.graph.outputs.keys, outputs))
+        return tuple(outputs)
+
+    def lookup(self, ref: Ref) -> Any:
+        return self.env[ref.name]
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        return self.execute(node, args, kwargs)
+
+    def execute(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        args = tuple(self.torch_objects(arg) for arg in args)
+        kwargs = {key: self.torch_objects(value) for key, value in kwargs.items()}
+        if node.op == "get_attr":
+            if node.target in self.graph.constants:
+                constant = self.graph.constants[node.target]
+                return tensor_constant(constant.data, constant.dtype, self.device)
+            return fetch_attr(self.model, node.target)
+        if node.op == "call_module":
+            return self.model.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            receiver, *rest = args
+            return getattr(receiver, node.target)(*rest, **kwargs)
+        if node.op == "call_function":
+            fn = self.functions.get(node.target)
+            if fn is None:
+                fn = self.functions[node.target] = resolve_function(node.target)
+            return fn(*args, **kwargs)
+        raise FtcError(f"IR node {node.name!r}: cannot run op {node.op!r}")
+
+    def torch_objects(self, arg: Any) -> Any:
+        """Turn TorchExpr placeholders (dtypes, devices, ...) back into torch objects."""
+        if isinstance(arg, TorchExpr):
+            if arg.expr == "device":  # the device the stage runs on
+                return torch.device(self.device or "cpu")
+            return eval(arg.expr, dict(TARGET_NAMESPACE), {})  # written by a frontend from a torch object
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self.torch_objects(item) for item in arg)
+        if isinstance(arg, dict):
+            return {key: self.torch_objects(value) for key, value in arg.items()}
+        if isinstance(arg, slice):
+            return slice(*(self.torch_objects(part) for part in (arg.start, arg.stop, arg.step)))
+        return arg

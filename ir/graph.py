@@ -1,0 +1,252 @@
+"""The pipeline IR: a model's dataflow graph with tensor metadata, costs and stage assignment.
+
+A Graph is a list of Nodes in program order (the order the model's forward ran them), which is
+a topological order that also keeps in-place mutations in their original place. Each node
+produces one value, named after the node. Arguments refer to other values through `Ref`.
+
+Node ops:
+  input          a model input (positional parameter of forward, or dict key)
+  get_attr       a parameter, buffer or tensor attribute of the model by qualified name, or a
+                 small tensor literal created inside forward (a key of `Graph.constants`)
+  call_module    a leaf module called by qualified name
+  call_function  a function, by the Python expression that names it ("torch.cat", "F.gelu", ...)
+  call_method    a method called on the first argument ("view", "transpose", ...)
+
+The IR imports nothing of ours and not torch: dtypes and other torch objects appear as
+`TorchExpr`, the Python expression that produces them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+FORMAT = "ftc-ir/1"
+
+OPS = ("input", "get_attr", "call_module", "call_function", "call_method")
+COMPUTE_OPS = ("call_module", "call_function", "call_method")
+
+DTYPE_BYTES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "complex128": 16, "complex64": 8,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the value a node produces."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class TorchExpr:
+    """A torch object kept as the Python expression that produces it, e.g. "torch.float32"."""
+
+    expr: str
+
+
+Arg = Any  # None | bool | int | float | str | Ref | TorchExpr | slice | Ellipsis | tuple | list | dict
+
+
+@dataclass
+class TensorMeta:
+    shape: list[int]
+    dtype: str
+    requires_grad: bool = False
+    # The dimension that grows with the batch size (size = shape[batch_dim] / batch_size per
+    # sample); None when the tensor does not depend on the batch size.
+    batch_dim: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES.get(self.dtype, 4)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat", "complex"))
+
+
+@dataclass
+class ScalarMeta:
+    """A Python number or bool; `value` is what it was at the compile batch size."""
+
+    type: str  # "int" | "float" | "bool"
+    value: int | float | bool
+    batch_dependent: bool = False
+
+
+@dataclass
+class SeqMeta:
+    """A tuple, list or torch.Size of values."""
+
+    type: str  # "tuple" | "list" | "size"
+    items: list[Meta]
+
+
+@dataclass
+class OtherMeta:
+    """None, or a Python object the IR does not look into (its type name)."""
+
+    type: str
+
+
+Meta = Union[TensorMeta, ScalarMeta, SeqMeta, OtherMeta]
+
+
+def meta_tensors(meta: Meta | None) -> list[TensorMeta]:
+    """Every tensor inside a value's metadata, in order."""
+    if isinstance(meta, TensorMeta):
+        return [meta]
+    if isinstance(meta, SeqMeta):
+        return [t for item in meta.items for t in meta_tensors(item)]
+    return []
+
+
+def meta_nbytes(meta: Meta | None) -> int:
+    return sum(t.nbytes for t in meta_tensors(meta))
+
+
+@dataclass
+class Cost:
+    """What a node costs. FLOPs and bytes are analytic; times and memory are filled by a profile.
+
+    bwd_flops: FLOPs of this node's backward (gradients of its floating inputs and parameters).
+    param_bytes: bytes of the parameters and buffers this node reads (its module's, or the one
+      it fetches); a stage's total counts each tensor once.
+    fwd_time / bwd_time: seconds, predicted from the analytic model or measured.
+    """
+
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+    param_bytes: int = 0
+    fwd_time: float = 0.0
+    bwd_time: float = 0.0
+    peak_memory: int | None = None
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    target: str
+    args: tuple = ()
+    kwargs: dict[str, Arg] = field(default_factory=dict)
+    # Qualified name of the module whose forward ran this node ("" for the root) and its class.
+    module_path: str = ""
+    module_class: str = ""
+    # Where the model's source made this node, "file.py:line", when the frontend knows it.
+    source: str = ""
+    # The argument this node mutates in place (its index in args), or None.
+    mutates: int | None = None
+    meta: Meta | None = None
+    cost: Cost = field(default_factory=Cost)
+    stage: int | None = None
+
+    @property
+    def is_compute(self) -> bool:
+        return self.op in COMPUTE_OPS
+
+    def refs(self) -> list[str]:
+        """Names of the values this node reads, in argument order, each once."""
+        seen: dict[str, None] = {}
+        for arg in (*self.args, *self.kwargs.values()):
+            for name in arg_refs(arg):
+                seen.setdefault(name, None)
+        return list(seen)
+
+
+def arg_refs(arg: Arg) -> list[str]:
+    if isinstance(arg, Ref):
+        return [arg.name]
+    if isinstance(arg, (tuple, list)):
+        return [name for item in arg for name in arg_refs(item)]
+    if isinstance(arg, dict):
+        return [name for item in arg.values() for name in arg_refs(item)]
+    if isinstance(arg, slice):
+        return arg_refs((arg.start, arg.stop, arg.step))
+    return []
+
+
+def map_refs(arg: Arg, fn) -> Arg:
+    """Rebuild an argument with every Ref replaced by fn(ref)."""
+    if isinstance(arg, Ref):
+        return fn(arg)
+    if isinstance(arg, tuple):
+        return tuple(map_refs(item, fn) for item in arg)
+    if isinstance(arg, list):
+        return [map_refs(item, fn) for item in arg]
+    if isinstance(arg, dict):
+        return {key: map_refs(item, fn) for key, item in arg.items()}
+    if isinstance(arg, slice):
+        return slice(*(map_refs(part, fn) for part in (arg.start, arg.stop, arg.step)))
+    return arg
+
+
+@dataclass
+class StateTensor:
+    """A parameter or buffer of the original model (used in forward or not)."""
+
+    kind: str  # "parameter" | "buffer"
+    meta: TensorMeta
+    persistent: bool = True  # buffers only: whether it is in state_dict()
+
+
+@dataclass
+class Constant:
+    """A tensor literal created inside forward, small enough to write into the stage code."""
+
+    data: Any  # nested lists of numbers
+    dtype: str
+
+
+@dataclass
+class Outputs:
+    """The structure of the model's output: one tensor, a tuple of them, or a dict of them."""
+
+    kind: str  # "value" | "tuple" | "dict"
+    values: list[Ref]
+    keys: list[str] = field(default_factory=list)  # for kind == "dict"
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: list[Node]
+    outputs: Outputs
+    state: dict[str, StateTensor] = field(default_factory=dict)
+    # Qualified module name -> class ("torch.nn.Linear", "gpt.Block"); "" is the root.
+    modules: dict[str, str] = field(default_factory=dict)
+    constants: dict[str, Constant] = field(default_factory=dict)
+    frontend: str = "fx"
+    batch_size: int = 1
+    num_stages: int = 0
+    # The device (rank) each stage runs on; several stages may share one.
+    stage_devices: list[int] = field(default_factory=list)
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def by_name(self) -> dict[str, Node]:
+        return {node.name: node for node in self.nodes}
+
+    @property
+    def inputs(self) -> list[str]:
+        return [node.name for node in self.nodes if node.op == "input"]
+
+    def users(self) -> dict[str, list[str]]:
+        """Value name -> names of the nodes that read it, in program order."""
+        users: dict[str, list[str]] = {node.name: [] for node in self.nodes}
+        for node in self.nodes:
+            for name in node.refs():
+                users.setdefault(name, []).append(node.name)
+        return users
+
+    def stage_nodes(self, stage: int) -> list[Node]:
+        return [node for node in self.nodes if node.stage == stage]

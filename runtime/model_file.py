@@ -1,0 +1,156 @@
+"""Loading a model file: the contract of DESIGN.md ("Model-file contract").
+
+    def build_model() -> torch.nn.Module            required
+    def example_inputs(batch_size: int)             required: a tuple (positional) or dict (keyword)
+    def loss_fn(output, target) -> torch.Tensor     optional
+    LEAF_MODULES = (SomeBlock,)                     optional: classes kept whole, not traced into
+
+Both the compiler and the runtime load model files, so this lives in the runtime (which the
+compiler may import; the runtime never imports the compiler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+from ftc.ir import FtcError
+
+# Model files are imported under this package-like prefix so they never shadow real modules.
+MODULE_PREFIX = "ftc_model_file."
+
+
+@dataclass
+class ModelFile:
+    path: Path
+    module: ModuleType
+    build_model: Callable[[], torch.nn.Module]
+    example_inputs: Callable[[int], Any]
+    loss_fn: Callable | None
+    leaf_modules: tuple[type, ...]
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def build(self, device: torch.device | str | None = None) -> torch.nn.Module:
+        """Call build_model(), under `device` as the default device when given (e.g. "meta")."""
+        try:
+            if device is None:
+                model = self.build_model()
+            else:
+                with torch.device(device):
+                    model = self.build_model()
+        except Exception as exc:
+            raise FtcError(
+                f"{self.path}: build_model() raised {type(exc).__name__}: {exc}{user_frame(exc, self.path)}",
+                "make build_model() run on its own (python -c 'import model; model.build_model()')",
+            ) from exc
+        if not isinstance(model, torch.nn.Module):
+            raise FtcError(
+                f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module",
+                "return the model instance from build_model()",
+            )
+        return model
+
+    def inputs(self, batch_size: int, device: torch.device | str | None = None) -> tuple | dict:
+        """One batch from example_inputs(batch_size): a tuple of positional inputs or a dict of
+        keyword inputs, each a tensor, moved to `device` when given."""
+        try:
+            batch = self.example_inputs(batch_size)
+        except Exception as exc:
+            raise FtcError(
+                f"{self.path}: example_inputs({batch_size}) raised {type(exc).__name__}: {exc}"
+                f"{user_frame(exc, self.path)}",
+                "make example_inputs(batch_size) return one batch of that size",
+            ) from exc
+        if isinstance(batch, torch.Tensor):
+            batch = (batch,)
+        if isinstance(batch, list):
+            batch = tuple(batch)
+        if not isinstance(batch, (tuple, dict)):
+            raise FtcError(
+                f"{self.path}: example_inputs() returned {type(batch).__name__}",
+                "return a tuple of tensors (positional inputs) or a dict of tensors (keyword inputs)",
+            )
+        items = batch.items() if isinstance(batch, dict) else enumerate(batch)
+        for key, value in items:
+            if not isinstance(value, torch.Tensor):
+                raise FtcError(
+                    f"{self.path}: example_inputs() input {key!r} is a {type(value).__name__}, not a tensor",
+                    "pass only tensors; put other settings in build_model()",
+                )
+        if device is not None:
+            move = lambda t: t.to(device)  # noqa: E731
+            batch = {k: move(v) for k, v in batch.items()} if isinstance(batch, dict) else tuple(map(move, batch))
+        return batch
+
+    def class_name(self, cls: type) -> str:
+        """A class's name as users know it: "gpt.Block" for the model file's, else "module.Class"."""
+        module = cls.__module__
+        if module == self.module.__name__:
+            module = self.stem
+        return f"{module}.{cls.__qualname__}"
+
+
+def load_model_file(path: str | Path) -> ModelFile:
+    path = Path(path)
+    if not path.is_file():
+        raise FtcError(f"model file {path} does not exist", "pass the path of a .py file that defines build_model()")
+    if path.suffix != ".py":
+        raise FtcError(f"model file {path} is not a .py file", "pass a Python file that follows the model-file contract")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"{MODULE_PREFIX}{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    # A model file may import helpers that sit beside it.
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise FtcError(
+            f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
+            f"run `python {path}` and fix the error",
+        ) from exc
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    functions = {}
+    for required in ("build_model", "example_inputs"):
+        fn = getattr(module, required, None)
+        if not callable(fn):
+            signature = "build_model() -> torch.nn.Module" if required == "build_model" else "example_inputs(batch_size)"
+            raise FtcError(f"{path}: defines no function {required}()", f"add `def {signature}` (see the model-file contract in README.md)")
+        functions[required] = fn
+    loss_fn = getattr(module, "loss_fn", None)
+    if loss_fn is not None and not callable(loss_fn):
+        raise FtcError(f"{path}: loss_fn is not a function", "define `def loss_fn(output, target)` or remove it")
+    leaf_modules = getattr(module, "LEAF_MODULES", ())
+    if isinstance(leaf_modules, type):
+        leaf_modules = (leaf_modules,)
+    if not isinstance(leaf_modules, (tuple, list)) or not all(
+        isinstance(cls, type) and issubclass(cls, torch.nn.Module) for cls in leaf_modules
+    ):
+        raise FtcError(f"{path}: LEAF_MODULES must be a tuple of torch.nn.Module classes", "e.g. LEAF_MODULES = (Block,)")
+    return ModelFile(path, module, functions["build_model"], functions["example_inputs"], loss_fn, tuple(leaf_modules))
+
+
+def user_frame(exc: BaseException, path: Path) -> str:
+    """' (at file.py:LINE: source)' for the innermost traceback frame inside the model file."""
+    resolved = str(path.resolve())
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename == resolved or Path(frame.filename).resolve() == path.resolve():
+            return f" (at {path}:{frame.lineno}: {(frame.line or '').strip()})"
+    return ""

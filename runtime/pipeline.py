@@ -1,0 +1,109 @@
+"""Loading a generated pipeline folder: the manifest (pipeline.json) and its stage classes."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftc.ir import FtcError
+
+MANIFEST_FORMAT = "ftc-pipeline/1"
+
+
+@dataclass
+class StageSpec:
+    index: int
+    file: str
+    class_name: str
+    device: int
+    inputs: list[str]
+    outputs: list[str]
+    state: list[str]
+    recompute: bool
+
+
+@dataclass
+class Pipeline:
+    folder: Path
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def inputs(self) -> list[str]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.manifest["outputs"]
+
+    @property
+    def stages(self) -> list[StageSpec]:
+        return [
+            StageSpec(
+                s["index"], s["file"], s["class"], s["device"], s["inputs"], s["outputs"], s["state"], s["recompute"]
+            )
+            for s in self.manifest["stages"]
+        ]
+
+    @property
+    def model_file(self) -> Path:
+        return (self.folder / self.manifest["model_file"]).resolve()
+
+    def stage_class(self, spec: StageSpec) -> type[torch.nn.Module]:
+        path = self.folder / spec.file
+        if not path.is_file():
+            raise FtcError(f"{path}: stage file is missing", "recompile the pipeline with `ftc compile`")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        module_name = f"ftc_stage.{self.name}_{spec.file.removesuffix('.py')}_{digest}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[module_name]
+            raise FtcError(f"{path}: importing the stage raised {type(exc).__name__}: {exc}") from exc
+        cls = getattr(module, spec.class_name, None)
+        if cls is None:
+            raise FtcError(f"{path}: defines no class {spec.class_name}", "keep the class name pipeline.json lists")
+        return cls
+
+    def assemble_output(self, values: dict[str, Any]) -> Any:
+        """The model's output structure (a value, tuple or dict) from values by name."""
+        structure = self.manifest["output_structure"]
+        items = [values[name] for name in self.outputs]
+        if structure["kind"] == "value":
+            return items[0]
+        if structure["kind"] == "dict":
+            return dict(zip(structure["keys"], items))
+        return tuple(items)
+
+
+def load_pipeline(folder: str | Path) -> Pipeline:
+    folder = Path(folder)
+    manifest_path = folder / "pipeline.json"
+    if not manifest_path.is_file():
+        raise FtcError(
+            f"{folder} holds no pipeline.json",
+            "pass a folder written by `ftc compile` (generated/<name>)",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise FtcError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise FtcError(
+            f"{manifest_path}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}",
+            "recompile the pipeline with this version of ftc",
+        )
+    return Pipeline(folder, manifest)
