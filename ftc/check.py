@@ -1,15 +1,20 @@
 """`ftc check`: does a generated (and perhaps hand-edited) pipeline still compute exactly what
 the model computes?
 
-Three copies of the model start from the same seed and weights. The original model runs
-forward and backward on one batch; the pipeline's stages run the same batch through the local
-executor; and the IR (ir.json) is interpreted on the third copy to give every intermediate value
-the stages send, so that a wrong value is pinned to the stage that made it. Compared per stage:
-the values it sends, its parameters' gradients, and its buffers after the step (BatchNorm's
-running statistics, say). The loss is a fixed random projection of every floating output, so
-every output gets a gradient.
+Four copies of the model start from the same seed and weights:
 
-Relative difference: max |a - b| / max(max |b|, 1e-6), per tensor.
+1. the original model runs forward and backward on one batch: the truth;
+2. the IR (ir.json) is interpreted on the same batch, with the gradient of every value that
+   crosses a stage boundary kept, and the random-number state at the start of every stage;
+3. each stage runs alone on the reference values it should receive, from the random state the
+   reference had there, and backward from the reference gradients of the values it sends: its
+   sent values, the gradients it returns, its parameters' gradients and its buffers are compared
+   with the reference, so a wrong stage is pinned down even though later stages depend on it;
+4. the whole pipeline runs end to end in the local executor: the model's outputs and every
+   parameter gradient are compared with the original's.
+
+The loss is a fixed random projection of every floating output, so every output gets a
+gradient. Relative difference: max |a - b| / max(max |b|, 1e-6), per tensor.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any
 import torch
 
 from ftc.interpreter import Interpreter
-from ftc.ir import FtcError, load
+from ftc.ir import FtcError, Graph, Node, load
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
+from ftc.runtime.pipeline import Pipeline
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -34,9 +40,10 @@ def relative_difference(actual: Any, expected: Any) -> float:
             return float("inf")
         if not expected.is_floating_point():
             return 0.0 if torch.equal(actual, expected) else float("inf")
-        diff = (actual.detach().double() - expected.detach().double()).abs().max().item() if expected.numel() else 0.0
-        scale = expected.detach().double().abs().max().item() if expected.numel() else 0.0
-        return diff / max(scale, 1e-6)
+        if not expected.numel():
+            return 0.0
+        diff = (actual.detach() - expected.detach()).abs().max().item()
+        return diff / max(expected.detach().abs().max().item(), 1e-6)
     if isinstance(expected, (tuple, list)):
         if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
             return float("inf")
@@ -48,14 +55,15 @@ def relative_difference(actual: Any, expected: Any) -> float:
 class StageReport:
     index: int
     file: str
-    outputs: float = 0.0
-    gradients: float = 0.0
+    outputs: float = 0.0  # values it sends
+    input_grads: float = 0.0  # gradients it returns for the values it receives
+    gradients: float = 0.0  # its parameters' gradients
     buffers: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     @property
     def worst(self) -> float:
-        return max(self.outputs, self.gradients, self.buffers)
+        return max(self.outputs, self.input_grads, self.gradients, self.buffers)
 
 
 @dataclass
@@ -64,16 +72,29 @@ class CheckReport:
     batch_size: int
     tolerance: float
     stages: list[StageReport]
-    model_outputs: float
+    model_outputs: float  # end to end, against the original model
+    model_gradients: float
     problems: list[str]
+
+    def stage_ok(self, stage: StageReport) -> bool:
+        return stage.worst <= self.tolerance and not stage.problems
 
     @property
     def ok(self) -> bool:
         return (
             not self.problems
             and self.model_outputs <= self.tolerance
-            and all(s.worst <= self.tolerance and not s.problems for s in self.stages)
+            and self.model_gradients <= self.tolerance
+            and all(self.stage_ok(s) for s in self.stages)
         )
+
+
+def _flat(value: Any) -> list:
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _flat(item)]
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _flat(item)]
+    return [value]
 
 
 def _loss(output: Any, seed: int) -> torch.Tensor:
@@ -85,16 +106,24 @@ def _loss(output: Any, seed: int) -> torch.Tensor:
     return sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in tensors)
 
 
-def _flat(value: Any) -> list:
-    if isinstance(value, dict):
-        return [v for item in value.values() for v in _flat(item)]
-    if isinstance(value, (tuple, list)):
-        return [v for item in value for v in _flat(item)]
-    return [value]
+def _leaf(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        leaf = value.detach().clone()
+        return leaf.requires_grad_() if value.requires_grad else leaf
+    return value
 
 
-def _call(model: torch.nn.Module, batch: tuple | dict) -> Any:
-    return model(**batch) if isinstance(batch, dict) else model(*batch)
+class _Reference(Interpreter):
+    """Interprets the IR and remembers the random-number state as each stage begins."""
+
+    def __init__(self, graph: Graph, model: torch.nn.Module):
+        super().__init__(graph, model)
+        self.rng_at_stage: dict[int, torch.Tensor] = {}
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        if node.is_compute and node.stage not in self.rng_at_stage:
+            self.rng_at_stage[node.stage] = torch.get_rng_state()
+        return super().run_node(node, args, kwargs)
 
 
 def check_pipeline(
@@ -107,60 +136,107 @@ def check_pipeline(
     pipeline = load_pipeline(folder)
     model_file = load_model_file(model_path or pipeline.model_file)
     batch_size = batch_size or pipeline.manifest["batch_size"]
-    if batch_size < 1:
-        raise FtcError(f"--batch-size must be at least 1, got {batch_size}")
     graph = load(Path(folder) / "ir.json")
 
     torch.manual_seed(seed)
     original = model_file.build()
     original.train()
-    staged, interpreted = copy.deepcopy(original), copy.deepcopy(original)
+    interpreted, isolated, end_to_end = (copy.deepcopy(original) for _ in range(3))
     torch.manual_seed(seed + 1)
     batch = model_file.inputs(batch_size)
 
     torch.manual_seed(seed + 2)
-    expected = _call(original, batch)
+    expected = original(**batch) if isinstance(batch, dict) else original(*batch)
     _loss(expected, seed).backward()
 
     torch.manual_seed(seed + 2)
-    recorder = Interpreter(graph, interpreted)
-    with torch.no_grad():
-        recorder.run(batch)
-    reference_values = recorder.env
+    reference = _Reference(graph, interpreted)
+    reference_output = reference.run(batch)
+    values = reference.env
+    crossing = {name for spec in pipeline.stages for name in spec.inputs + spec.outputs}
+    for name in crossing:
+        value = values.get(name)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.retain_grad()
+    _loss(reference_output, seed).backward()
+    problems = []
+    if relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
+        problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
-    executor = LocalExecutor(pipeline, staged)
-    problems = _state_problems(pipeline, executor, original)
+    stages = _check_stages_alone(pipeline, isolated, values, reference.rng_at_stage, original)
+
+    executor = LocalExecutor(pipeline, end_to_end)
+    problems += _state_dict_problems(pipeline, executor, original)
     torch.manual_seed(seed + 2)
     actual = executor.forward(batch)
-    sent_by_stage = [dict(sent) for sent in executor.sent]
     executor.backward(_loss(actual, seed))
-
     model_outputs = relative_difference(_flat(actual), _flat(expected))
-    reference_params = dict(original.named_parameters(remove_duplicate=False))
-    reference_buffers = dict(original.named_buffers(remove_duplicate=False))
+    grads = dict(original.named_parameters())
+    model_gradients = max(
+        (relative_difference(p.grad, grads[name].grad) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
+        default=0.0,
+    )
+    return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems)
+
+
+def _check_stages_alone(
+    pipeline: Pipeline,
+    model: torch.nn.Module,
+    values: dict[str, Any],
+    rng_at_stage: dict[int, torch.Tensor],
+    original: torch.nn.Module,
+) -> list[StageReport]:
+    executor = LocalExecutor(pipeline, model)
     reports = []
-    for spec, stage, sent in zip(pipeline.stages, executor.stages, sent_by_stage):
+    for spec, stage in zip(pipeline.stages, executor.stages):
         report = StageReport(spec.index, spec.file)
-        for name, value in sent.items():
-            if name in reference_values:
-                report.outputs = max(report.outputs, relative_difference(value, reference_values[name]))
+        reports.append(report)
+        received = {name: _leaf(values[name]) for name in spec.inputs}
+        if spec.index in rng_at_stage:
+            torch.set_rng_state(rng_at_stage[spec.index])
+        try:
+            result = stage(*(received[name] for name in spec.inputs))
+        except Exception as exc:
+            report.problems.append(f"forward raised {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(result, tuple) or len(result) != len(spec.outputs):
+            report.problems.append(f"forward must return a tuple of {len(spec.outputs)} values {spec.outputs}")
+            continue
+        sent = dict(zip(spec.outputs, result))
+        report.outputs = max((relative_difference(sent[n], values[n]) for n in spec.outputs), default=0.0)
+        pairs = [
+            (sent[name], values[name].grad)
+            for name in spec.outputs
+            if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad and getattr(values[name], "grad", None) is not None
+        ]
+        if pairs:
+            torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+        for name, leaf in received.items():
+            expected = getattr(values[name], "grad", None)
+            if isinstance(leaf, torch.Tensor) and expected is not None:
+                got = leaf.grad if leaf.grad is not None else torch.zeros_like(expected)
+                report.input_grads = max(report.input_grads, relative_difference(got, expected))
+
+    # Parameters shared by stages (tied weights) have summed their gradients by now.
+    params = dict(original.named_parameters(remove_duplicate=False))
+    buffers = dict(original.named_buffers(remove_duplicate=False))
+    for report, stage in zip(reports, executor.stages):
         for name, param in stage.named_parameters(remove_duplicate=False):
-            expected_grad = reference_params[name].grad if name in reference_params else None
-            if expected_grad is None and param.grad is None:
+            expected = params[name].grad if name in params else None
+            if expected is None and param.grad is None:
                 continue
-            if expected_grad is None or param.grad is None:
+            if expected is None or param.grad is None:
                 report.problems.append(f"gradient of {name} is {'missing' if param.grad is None else 'unexpected'}")
                 continue
-            report.gradients = max(report.gradients, relative_difference(param.grad, expected_grad))
+            report.gradients = max(report.gradients, relative_difference(param.grad, expected))
         for name, buffer in stage.named_buffers(remove_duplicate=False):
-            if name in reference_buffers:
-                report.buffers = max(report.buffers, relative_difference(buffer, reference_buffers[name]))
-        reports.append(report)
-    return CheckReport(Path(folder), batch_size, tolerance, reports, model_outputs, problems)
+            if name in buffers:
+                report.buffers = max(report.buffers, relative_difference(buffer, buffers[name]))
+    return reports
 
 
-def _state_problems(pipeline, executor: LocalExecutor, original: torch.nn.Module) -> list[str]:
-    """The stages' state_dict keys must be the model's, and the model's state_dict must load."""
+def _state_dict_problems(pipeline: Pipeline, executor: LocalExecutor, original: torch.nn.Module) -> list[str]:
+    """The stages' state_dict keys must be exactly the model's."""
     problems = []
     expected = set(original.state_dict())
     held = set()

@@ -9,6 +9,7 @@ from ftc.backend.writer import write_pipeline
 from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, validate
 from ftc.passes.cleanup import eliminate_dead_code
+from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem
 from ftc.profiling import DeviceModel, profile_analytic
 from ftc.runtime.model_file import load_model_file
@@ -54,6 +55,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         raise FtcError(f"the model file's name {model_file.stem!r} is not a Python identifier", "pass --name NAME")
     graph, model, batch = trace(model_file, options.batch_size, options.frontend, name)
     graph = eliminate_dead_code(graph)
+    graph = name_values(graph, model_file.path.parent)
     validate(graph)
     graph = profile_analytic(graph, model, batch, DeviceModel(options.tflops, options.memory_gbps))
     problem = build_problem(graph, options.bandwidth)

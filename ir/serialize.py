@@ -83,7 +83,7 @@ def encode_meta(meta: Meta | None) -> Any:
     if isinstance(meta, TensorMeta):
         return {"tensor": asdict(meta)}
     if isinstance(meta, ScalarMeta):
-        return {"scalar": asdict(meta)}
+        return {"scalar": {**asdict(meta), "value": encode_arg(meta.value)}}
     if isinstance(meta, SeqMeta):
         return {"seq": {"type": meta.type, "items": [encode_meta(item) for item in meta.items]}}
     return {"other": meta.type}
@@ -96,7 +96,7 @@ def decode_meta(data: Any) -> Meta | None:
     if tag == "tensor":
         return TensorMeta(**value)
     if tag == "scalar":
-        return ScalarMeta(**value)
+        return ScalarMeta(**{**value, "value": decode_arg(value["value"])})
     if tag == "seq":
         return SeqMeta(value["type"], [decode_meta(item) for item in value["items"]])
     if tag == "other":
@@ -151,7 +151,7 @@ def graph_to_dict(graph: Graph) -> dict:
             name: {"kind": t.kind, "meta": asdict(t.meta), "persistent": t.persistent}
             for name, t in graph.state.items()
         },
-        "constants": {name: asdict(c) for name, c in graph.constants.items()},
+        "constants": {name: {"data": encode_arg(c.data), "dtype": c.dtype} for name, c in graph.constants.items()},
         "nodes": [node_to_dict(node) for node in graph.nodes],
         "outputs": {
             "kind": graph.outputs.kind,
@@ -178,7 +178,7 @@ def graph_from_dict(data: dict) -> Graph:
             name: StateTensor(t["kind"], TensorMeta(**t["meta"]), t["persistent"])
             for name, t in data["state"].items()
         },
-        constants={name: Constant(**c) for name, c in data["constants"].items()},
+        constants={name: Constant(decode_arg(c["data"]), c["dtype"]) for name, c in data["constants"].items()},
         nodes=[node_from_dict(node) for node in data["nodes"]],
         outputs=Outputs(outputs["kind"], [Ref(name) for name in outputs["values"]], outputs["keys"]),
     )

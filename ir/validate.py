@@ -51,7 +51,10 @@ def validate(graph: Graph) -> None:
         if ref.name not in names:
             raise FtcError(f"IR outputs: refers to unknown value {ref.name!r}")
     if graph.outputs.kind == "dict" and len(graph.outputs.keys) != len(graph.outputs.values):
-        raise FtcError("IR outputs: a dict output needs one key per value")
+        raise FtcError(
+            f"IR outputs: a dict output has {len(graph.outputs.keys)} keys for "
+            f"{len(graph.outputs.values)} values ({[ref.name for ref in graph.outputs.values]})"
+        )
     if graph.num_stages:
         for node in graph.nodes:
             if node.is_compute and not (node.stage is not None and 0 <= node.stage < graph.num_stages):

@@ -101,7 +101,10 @@ class StageWriter:
         for part in path.split("."):
             full = f"{prefix}.{part}" if prefix else part
             if container_ours:
-                expr += f".{part}" if part.isidentifier() and not keyword.iskeyword(part) else f"[{part!r}]"
+                if part.isidentifier() and not keyword.iskeyword(part):
+                    expr += f".{part}"
+                else:  # the stage itself is a plain Module; our containers are ModuleDicts
+                    expr = f"getattr(self, {part!r})" if expr == "self" else f"{expr}[{part!r}]"
             else:
                 parent_class = self.graph.modules.get(prefix, "")
                 if parent_class in CONTAINER_INDEXED and part.isdigit():
@@ -217,11 +220,15 @@ class StageWriter:
                 name = entry.path.rpartition(".")[2]
                 plain = name.isidentifier() and not keyword.iskeyword(name)
                 target = f"{owner}.{name}" if plain else f"{owner}[{name!r}]"
-                if entry.kind == "container":
-                    lines.append(f"{target} = torch.nn.ModuleDict()")
-                    emit(entry.children, target)
-                elif entry.kind == "module":
-                    lines.append(f"{target} = model.get_submodule({entry.path!r})")
+                if entry.kind in ("container", "module"):
+                    value = "torch.nn.ModuleDict()" if entry.kind == "container" else f"model.get_submodule({entry.path!r})"
+                    if plain or owner != "self":
+                        lines.append(f"{target} = {value}")
+                    else:  # a plain Module takes names such as "0" only through add_module
+                        lines.append(f"self.add_module({name!r}, {value})")
+                        target = f"getattr(self, {name!r})"
+                    if entry.kind == "container":
+                        emit(entry.children, target)
                 elif entry.kind == "parameter":
                     if plain:
                         lines.append(f"{target} = model.get_parameter({entry.path!r})")
@@ -295,9 +302,11 @@ def _block_comment(group: dict) -> str:
 
 
 def _stage_summary(plan: StagePlan) -> str:
+    """The first and last original modules the stage runs, two levels deep ("wte .. blocks.1")."""
     paths = []
     for node in plan.nodes:
-        top = ".".join(node.module_path.split(".")[:2]) if node.module_path else ""
+        path = node.target if node.op == "call_module" else node.module_path
+        top = ".".join(path.split(".")[:2])
         if top and top not in paths:
             paths.append(top)
     if not paths:

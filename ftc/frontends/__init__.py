@@ -7,6 +7,9 @@ The model is built on the meta device, so no weights are allocated whatever its 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from typing import NamedTuple
 
 import torch
@@ -29,6 +32,15 @@ class Traced(NamedTuple):
 
 def trace(model_file: ModelFile, batch_size: int, frontend: str = "auto", name: str | None = None) -> Traced:
     """Trace the model file's model into an IR graph annotated with value metadata."""
+    try:
+        return _trace(model_file, batch_size, frontend, name)
+    except FtcError as exc:
+        if str(model_file.path) in exc.message:
+            raise
+        raise FtcError(f"{model_file.path}: {exc.message}", exc.hint) from exc
+
+
+def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | None) -> Traced:
     if frontend not in FRONTENDS:
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
@@ -49,25 +61,48 @@ def trace(model_file: ModelFile, batch_size: int, frontend: str = "auto", name: 
             graph.batch_size = batch_size
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
-        graph = trace_export(model, model_file, batch, double_batch, name)
+        with _quiet():
+            graph = trace_export(model, model_file, batch, double_batch, name)
     except FtcError:
         raise
     except Exception as exc:
         if frontend == "auto":
-            raise untraceable(model_file, "torch.fx nor torch.export", fx_error, exc) from exc
+            raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc
     graph.batch_size = batch_size
     return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """torch.export logs warnings and prints whole graphs when it gives up; our error says what
+    matters, so keep its output off the user's terminal."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:
-    details = "; ".join(
-        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{user_frame(exc, model_file.path)}"
-        for exc in errors
-    )
+    """One error for a failed trace: where in the model file it failed and why, per tracer."""
+    names = ["torch.fx", "torch.export"] if len(errors) == 2 else [tracers]
+    places = []
+    reasons = []
+    for tracer, exc in zip(names, errors):
+        place = user_frame(exc, model_file.path)
+        if place and place not in places:
+            places.append(place)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        first_line = first_line if len(first_line) <= 120 else first_line[:117] + "..."
+        reasons.append(f"{tracer}: {type(exc).__name__}: {first_line}")
+    where = "".join(places)
     return FtcError(
-        f"{model_file.path}: neither {tracers} could trace the model: {details}" if "nor" in tracers
-        else f"{model_file.path}: {tracers} could not trace the model: {details}",
+        f"{model_file.path}: {'neither ' + ' nor '.join(names) if len(names) > 1 else tracers} could trace "
+        f"the model{where} ({'; '.join(reasons)})",
         "make forward's Python independent of tensor values and shapes (use torch ops such as "
         "torch.where instead of `if`), or list the class that contains that code in LEAF_MODULES "
         "so it is kept whole; --frontend export handles shape-dependent Python",

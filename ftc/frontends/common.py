@@ -133,19 +133,16 @@ def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | No
 
 
 def user_source(model_file: ModelFile) -> str:
-    """'file.py:LINE' of the innermost frame on the current stack in user code (not torch, not
-    ftc), preferring the model file itself."""
-    model_path = str(model_file.path.resolve())
+    """'file.py:LINE' of the innermost frame on the current stack in the model file or a file
+    beside it (a helper module the model file imports); "" when there is none."""
+    model_dir = str(model_file.path.resolve().parent)
     frame = sys._getframe(1)
-    fallback = ""
     while frame is not None:
         filename = frame.f_code.co_filename
-        if filename == model_path:
-            return f"{model_file.path.name}:{frame.f_lineno}"
-        if not fallback and not filename.startswith((_TORCH_DIR, _FTC_DIR, "<")):
-            fallback = f"{Path(filename).name}:{frame.f_lineno}"
+        if filename.startswith(model_dir) and not filename.startswith((_TORCH_DIR, _FTC_DIR)):
+            return f"{Path(filename).name}:{frame.f_lineno}"
         frame = frame.f_back
-    return fallback
+    return ""
 
 
 def constant_from_tensor(t: torch.Tensor, where: str) -> tuple[list, str]:

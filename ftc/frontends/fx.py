@@ -127,7 +127,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             continue
         module_path, module_class = _scope(fx_node, modules)
         node = Node(
-            name=_readable_name(fx_node, names, taken),
+            name=_readable_name(fx_node, names, taken, root),
             op=fx_node.op,
             target="",
             module_path=module_path,
@@ -150,7 +150,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             else:
                 node.target = fx_node.target
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_node.args)
-            node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_node.kwargs.items()}
+            node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in _explicit_kwargs(fx_node).items()}
             module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
             node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
         names[fx_node] = node.name
@@ -167,6 +167,28 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     )
 
 
+def _explicit_kwargs(fx_node: fx.Node) -> dict[str, Any]:
+    """fx records keyword arguments that torch.nn.functional passes along with their default
+    values (F.softmax adds `_stacklevel=3, dtype=None`); drop those equal to the default."""
+    if fx_node.op != "call_function":
+        return dict(fx_node.kwargs)
+    try:
+        params = inspect.signature(fx_node.target).parameters
+    except (TypeError, ValueError):  # builtins without a Python signature
+        return dict(fx_node.kwargs)
+    return {
+        key: value
+        for key, value in fx_node.kwargs.items()
+        if not (key in params and _same(params[key].default, value))
+    }
+
+
+def _same(default: Any, value: Any) -> bool:
+    if default is inspect.Parameter.empty or isinstance(value, fx.Node):
+        return False
+    return type(default) is type(value) and default == value
+
+
 def _fetch(root: torch.nn.Module, target: str) -> Any:
     module_path, _, attr = target.rpartition(".")
     return getattr(root.get_submodule(module_path), attr, None)
@@ -181,7 +203,7 @@ def _scope(fx_node: fx.Node, modules: dict[str, str]) -> tuple[str, str]:
     return path, modules.get(path, "")
 
 
-def _readable_name(fx_node: fx.Node, names: dict[fx.Node, str], taken: set[str]) -> str:
+def _readable_name(fx_node: fx.Node, names: dict[fx.Node, str], taken: set[str], root: torch.nn.Module) -> str:
     """fx's name, except that unpacked items read as '<source>_<index>' instead of 'getitem_7'
     (when that name is free) and tensor constants as their constant."""
     if fx_node.op == "call_function" and getattr(fx_node.target, "__name__", "") == "getitem":
@@ -191,6 +213,9 @@ def _readable_name(fx_node: fx.Node, names: dict[fx.Node, str], taken: set[str])
             if name not in taken:
                 taken.add(name)
                 return name
+    if fx_node.op == "call_module" and fx_node.name.startswith("_"):
+        # a module of a root Sequential: "linear_2" reads better than fx's "_2"
+        return unique_name(f"{type(root.get_submodule(fx_node.target)).__name__.lower()}{fx_node.name}", taken)
     return fx_node.name
 
 

@@ -1,0 +1,127 @@
+"""Name values after the variables the model's source assigns them to.
+
+Tracers name values after the op that made them (`add_3`, `getitem_7`). The model's author had
+better names: in `q, k, v = self.qkv(x).split(WIDTH, dim=2)` the three items are q, k and v,
+and in `scores = (q @ k.transpose(-2, -1)) * scale` the last op's value is `scores`. This pass
+reads the statement each node came from (the node's `source`, file:line, parsed with ast) and
+gives the statement's assigned names to the values the statement produced, so the stage code
+reads like the original forward.
+
+Nodes group by (module path, statement) in program order; in a group, the last node's value is
+what a simple `name = ...` assigns, and the items unpacked from a tuple (getitem nodes) take
+the names of a tuple target. Statements the pass cannot see (another file, a multi-statement
+line) leave names as they are.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+from ftc.ir import Graph, Node, Ref, map_refs
+
+
+def _statements(path: Path) -> dict[int, ast.stmt]:
+    """Line -> the innermost simple statement that covers it."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    by_line: dict[int, ast.stmt] = {}
+    for stmt in ast.walk(tree):
+        if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Expr)):
+            for line in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1):
+                by_line[line] = stmt
+    return by_line
+
+
+def _targets(stmt: ast.stmt) -> str | list[str] | None:
+    if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+        target = stmt.targets[0]
+    elif isinstance(stmt, (ast.AugAssign, ast.AnnAssign)):
+        target = stmt.target
+    else:
+        return None
+    if isinstance(target, ast.Name):
+        return target.id
+    if isinstance(target, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Name) for e in target.elts):
+        return [e.id for e in target.elts]
+    return None
+
+
+def name_values(graph: Graph, source_dir: Path) -> Graph:
+    files: dict[str, dict[int, ast.stmt]] = {}
+
+    def statement(node: Node) -> ast.stmt | None:
+        file, _, line = node.source.rpartition(":")
+        if not file or not line.isdigit():
+            return None
+        if file not in files:
+            files[file] = _statements(source_dir / file)
+        return files[file].get(int(line))
+
+    wanted: dict[str, str] = {}
+
+    def finish(stmt: ast.stmt, group: list[Node]) -> None:
+        targets = _targets(stmt)
+        if isinstance(targets, str):
+            wanted[group[-1].name] = targets
+        elif isinstance(targets, list):
+            members = {node.name for node in group}
+            for node in group:
+                if (
+                    node.target == "operator.getitem"
+                    and isinstance(node.args[0], Ref)
+                    and node.args[0].name in members
+                    and isinstance(node.args[1], int)
+                    and 0 <= node.args[1] < len(targets)
+                ):
+                    wanted[node.name] = targets[node.args[1]]
+
+    open_groups: dict[str, tuple[ast.stmt | None, list[Node]]] = {}
+    for node in graph.nodes:
+        if not node.is_compute:
+            continue
+        stmt = statement(node)
+        current = open_groups.get(node.module_path)
+        if current is not None and current[0] is stmt and stmt is not None:
+            current[1].append(node)
+            continue
+        if current is not None and current[0] is not None:
+            finish(*current)
+        open_groups[node.module_path] = (stmt, [node])
+    for stmt, group in open_groups.values():
+        if stmt is not None:
+            finish(stmt, group)
+
+    taken = {node.name for node in graph.nodes}
+    renames: dict[str, str] = {}
+    for node in graph.nodes:
+        base = wanted.get(node.name)
+        if base is None or base.startswith("_") or base == "self":
+            continue
+        taken.discard(node.name)
+        name, k = base, 1
+        while name in taken:
+            name = f"{base}_{k}"
+            k += 1
+        taken.add(name)
+        renames[node.name] = name
+    if not renames:
+        return graph
+
+    def rename(ref: Ref) -> Ref:
+        return Ref(renames.get(ref.name, ref.name))
+
+    nodes = [
+        replace(
+            node,
+            name=renames.get(node.name, node.name),
+            args=map_refs(node.args, rename),
+            kwargs=map_refs(node.kwargs, rename),
+        )
+        for node in graph.nodes
+    ]
+    outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
+    return replace(graph, nodes=nodes, outputs=outputs)

@@ -1,0 +1,195 @@
+"""Every way a user can get `ftc compile` / `ftc check` wrong ends in a short error that names the
+problem and the fix, exit code 2, and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ftc.cli import main
+
+from .conftest import EXAMPLES, ROOT
+
+GOOD = """
+import torch
+import torch.nn as nn
+
+def build_model():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_cli(args, capsys):
+    """(exit code, stdout, stderr) of `ftc ARGS` run in this process."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse rejects bad flags itself
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(result, *fragments):
+    code, out, err = result
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def test_compile_prints_the_stage_table(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    code, out, err = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert code == 0, err
+    assert "predicted balance (max/mean stage time)" in out
+    assert "fwd FLOPs" in out and "sends" in out
+    assert (tmp_path / "gen" / "good" / "stage1.py").is_file()
+
+
+MODEL_FILE_ERRORS = {
+    "missing_functions": ("import torch\n", "defines no function build_model()"),
+    "no_inputs": ("import torch\ndef build_model():\n    return torch.nn.Linear(2, 2)\n", "defines no function example_inputs()"),
+    "syntax": ("def build_model(:\n", "importing the model file raised SyntaxError"),
+    "import_fails": ("import not_a_module_anywhere\n", "No module named 'not_a_module_anywhere'"),
+    "build_raises": (
+        GOOD.replace("return nn.Sequential", "raise ValueError('bad width')\n    return nn.Sequential"),
+        "build_model() raised ValueError: bad width",
+    ),
+    "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
+    "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
+    "inputs_wrong_type": (GOOD.replace("(torch.randn(batch_size, 8),)", "'text'"), "example_inputs() returned str"),
+    "unknown_keyword": (GOOD.replace("(torch.randn(batch_size, 8),)", "{'x': torch.randn(batch_size, 8)}"), "keyword inputs ['x']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_FILE_ERRORS))
+def test_bad_model_files(case, tmp_path, capsys):
+    text, fragment = MODEL_FILE_ERRORS[case]
+    model = write(tmp_path, f"{case}.py", text)
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, fragment, f"{case}.py", "fix:")
+
+
+def test_missing_model_file(tmp_path, capsys):
+    result = run_cli(["compile", tmp_path / "nowhere.py", "--stages", 2, "-o", tmp_path], capsys)
+    assert_user_error(result, "nowhere.py does not exist")
+
+
+def test_model_file_must_be_python(tmp_path, capsys):
+    path = write(tmp_path, "model.txt", GOOD)
+    assert_user_error(run_cli(["compile", path, "--stages", 2, "-o", tmp_path], capsys), "is not a .py file")
+
+
+def test_untraceable_model_names_the_source_line(tmp_path, capsys):
+    model = write(
+        tmp_path,
+        "branchy.py",
+        """
+        import torch
+        import torch.nn as nn
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(8, 8)
+
+            def forward(self, x):
+                h = self.a(x)
+                if h.sum() > 0:
+                    return h * 2
+                return h
+
+        def build_model():
+            return Branchy()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 8),)
+        """,
+    )
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "branchy.py:12", "if h.sum() > 0:", "LEAF_MODULES")
+
+
+def test_more_stages_than_ops(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    result = run_cli(["compile", model, "--stages", 6, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "cannot split the 5 ops", "--stages 5 or fewer")
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--stages", "0"], "must be at least 1"),
+        (["--stages", "two"], "'two' is not an integer"),
+        (["--stages", "2", "--batch-size", "0"], "must be at least 1"),
+        (["--stages", "2", "--bandwidth", "0"], "must be a positive number"),
+        (["--stages", "2", "--bandwidth", "-3"], "must be a positive number"),
+        (["--stages", "2", "--tflops", "nan"], "must be a positive number"),
+        (["--stages", "2", "--method", "magic"], "invalid choice: 'magic'"),
+        (["--stages", "2", "--frontend", "jit"], "invalid choice: 'jit'"),
+        (["--stages", "2", "--name", "not a name"], "is not a Python identifier"),
+        ([], "--stages"),
+    ],
+)
+def test_bad_flags(flags, fragment, tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    result = run_cli(["compile", model, "-o", tmp_path / "gen", *flags], capsys)
+    assert_user_error(result, fragment)
+
+
+def test_check_needs_a_pipeline_folder(tmp_path, capsys):
+    assert_user_error(run_cli(["check", tmp_path], capsys), "holds no pipeline.json")
+
+
+def test_hand_edits_are_protected_and_checked(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    out_dir = tmp_path / "gen"
+    assert run_cli(["compile", model, "--stages", 2, "-o", out_dir], capsys)[0] == 0
+    stage = out_dir / "good" / "stage1.py"
+    original = stage.read_text()
+
+    # A harmless edit: the check still passes, but a recompile refuses to overwrite it.
+    stage.write_text(original.replace("    def forward(", "    # tuned by hand\n    def forward("))
+    assert run_cli(["check", out_dir / "good"], capsys)[0] == 0
+    result = run_cli(["compile", model, "--stages", 2, "-o", out_dir], capsys)
+    assert_user_error(result, "edited by hand", "stage1.py", "--force")
+
+    # A broken edit: the check fails and points at the edited stage only.
+    assert original.count("return (") == 1
+    broken = original.replace("return (", "return (2 * ")
+    stage.write_text(broken)
+    code, out, _ = run_cli(["check", out_dir / "good"], capsys)
+    assert code == 1
+    assert "check FAILED" in out
+    stage_row = next(line for line in out.splitlines() if "stage1.py" in line)
+    assert "FAIL" in stage_row
+    stage0_row = next(line for line in out.splitlines() if "stage0.py" in line)
+    assert stage0_row.rstrip().endswith("ok")
+
+    assert run_cli(["compile", model, "--stages", 2, "-o", out_dir, "--force"], capsys)[0] == 0
+    assert stage.read_text() == original
+
+
+def test_console_script_end_to_end(tmp_path):
+    """The installed `ftc` command itself: compile and check the MLP example."""
+    ftc = [sys.executable, "-m", "ftc.cli"]
+    done = subprocess.run(
+        [*ftc, "compile", EXAMPLES / "mlp.py", "--stages", "2", "-o", tmp_path],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([*ftc, "check", tmp_path / "mlp"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "check passed" in done.stdout
