@@ -114,16 +114,61 @@ def _leaf(value: Any) -> Any:
 
 
 class _Reference(Interpreter):
-    """Interprets the IR and remembers the random-number state as each stage begins."""
+    """Interprets the IR as a pipeline: a value read by another stage reaches it as a fresh leaf
+    (as the executor does), so that after `backward` the reference knows, per stage, the
+    gradients it should receive for the values it sends and return for the values it reads.
+    It also remembers the random-number state as each stage begins."""
 
-    def __init__(self, graph: Graph, model: torch.nn.Module):
+    def __init__(self, graph: Graph, model: torch.nn.Module, pipeline: Pipeline):
         super().__init__(graph, model)
+        self.pipeline = pipeline
+        self.stage_of = {node.name: node.stage for node in graph.nodes if node.op != "get_attr"}
+        self.model_inputs = set(graph.inputs)
         self.rng_at_stage: dict[int, torch.Tensor] = {}
+        self.leaves: dict[tuple[str, int], Any] = {}  # (value, reading stage) -> leaf
+        self.to_send: list[dict[str, torch.Tensor]] = []  # per stage: gradient of each value it sends
+        self.to_return: list[dict[str, torch.Tensor]] = []  # per stage: gradient of each value it reads
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         if node.is_compute and node.stage not in self.rng_at_stage:
             self.rng_at_stage[node.stage] = torch.get_rng_state()
         return super().run_node(node, args, kwargs)
+
+    def lookup(self, ref, reader: Node) -> Any:
+        value = self.env[ref.name]
+        stage = self.stage_of.get(ref.name)
+        if stage is None or not reader.is_compute or (stage == reader.stage and ref.name not in self.model_inputs):
+            return value
+        key = (ref.name, reader.stage)
+        if key not in self.leaves:
+            self.leaves[key] = _leaf(value)
+        return self.leaves[key]
+
+    def forward_backward(self, batch: tuple | dict, seed: int) -> Any:
+        """Run forward, backpropagate the check's loss stage by stage; return the output."""
+        self.run(batch)
+        outputs = {name: _leaf(self.env[name]) for name in self.pipeline.outputs}
+        output = self.pipeline.assemble_output(outputs)
+        _loss(output, seed).backward()
+        specs = self.pipeline.stages
+        self.to_send = [{} for _ in specs]
+        self.to_return = [{} for _ in specs]
+        for spec in reversed(specs):
+            grads = {}
+            for name in spec.outputs:
+                readers = [outputs.get(name)] + [self.leaves.get((name, s.index)) for s in specs if s.index != spec.index]
+                found = [leaf.grad for leaf in readers if isinstance(leaf, torch.Tensor) and leaf.grad is not None]
+                if found:
+                    grads[name] = sum(found[1:], found[0])
+            self.to_send[spec.index] = grads
+            pairs = [(self.env[name], grad) for name, grad in grads.items() if self.env[name].requires_grad]
+            if pairs:
+                torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+            for name in spec.inputs:
+                leaf = self.leaves.get((name, spec.index))
+                if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
+                    self.to_return[spec.index][name] = leaf.grad
+        return output
 
 
 def check_pipeline(
@@ -150,20 +195,13 @@ def check_pipeline(
     _loss(expected, seed).backward()
 
     torch.manual_seed(seed + 2)
-    reference = _Reference(graph, interpreted)
-    reference_output = reference.run(batch)
-    values = reference.env
-    crossing = {name for spec in pipeline.stages for name in spec.inputs + spec.outputs}
-    for name in crossing:
-        value = values.get(name)
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            value.retain_grad()
-    _loss(reference_output, seed).backward()
+    reference = _Reference(graph, interpreted, pipeline)
+    reference_output = reference.forward_backward(batch, seed)
     problems = []
     if relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
         problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
-    stages = _check_stages_alone(pipeline, isolated, values, reference.rng_at_stage, original)
+    stages = _check_stages_alone(pipeline, isolated, reference, original)
 
     executor = LocalExecutor(pipeline, end_to_end)
     problems += _state_dict_problems(pipeline, executor, original)
@@ -180,20 +218,17 @@ def check_pipeline(
 
 
 def _check_stages_alone(
-    pipeline: Pipeline,
-    model: torch.nn.Module,
-    values: dict[str, Any],
-    rng_at_stage: dict[int, torch.Tensor],
-    original: torch.nn.Module,
+    pipeline: Pipeline, model: torch.nn.Module, reference: _Reference, original: torch.nn.Module
 ) -> list[StageReport]:
     executor = LocalExecutor(pipeline, model)
+    values = reference.env
     reports = []
     for spec, stage in zip(pipeline.stages, executor.stages):
         report = StageReport(spec.index, spec.file)
         reports.append(report)
         received = {name: _leaf(values[name]) for name in spec.inputs}
-        if spec.index in rng_at_stage:
-            torch.set_rng_state(rng_at_stage[spec.index])
+        if spec.index in reference.rng_at_stage:
+            torch.set_rng_state(reference.rng_at_stage[spec.index])
         try:
             result = stage(*(received[name] for name in spec.inputs))
         except Exception as exc:
@@ -205,17 +240,16 @@ def _check_stages_alone(
         sent = dict(zip(spec.outputs, result))
         report.outputs = max((relative_difference(sent[n], values[n]) for n in spec.outputs), default=0.0)
         pairs = [
-            (sent[name], values[name].grad)
-            for name in spec.outputs
-            if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad and getattr(values[name], "grad", None) is not None
+            (sent[name], grad)
+            for name, grad in reference.to_send[spec.index].items()
+            if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad
         ]
         if pairs:
             torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
-        for name, leaf in received.items():
-            expected = getattr(values[name], "grad", None)
-            if isinstance(leaf, torch.Tensor) and expected is not None:
-                got = leaf.grad if leaf.grad is not None else torch.zeros_like(expected)
-                report.input_grads = max(report.input_grads, relative_difference(got, expected))
+        for name, expected in reference.to_return[spec.index].items():
+            leaf = received[name]
+            got = leaf.grad if leaf.grad is not None else torch.zeros_like(expected)
+            report.input_grads = max(report.input_grads, relative_difference(got, expected))
 
     # Parameters shared by stages (tied weights) have summed their gradients by now.
     params = dict(original.named_parameters(remove_duplicate=False))

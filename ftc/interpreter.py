@@ -62,9 +62,8 @@ class Interpreter:
         for node in self.graph.nodes:
             if node.op == "input":
                 continue
-            args = map_refs(node.args, self.lookup)
-            kwargs = map_refs(node.kwargs, self.lookup)
-            self.env[node.name] = self.run_node(node, args, kwargs)
+            read = lambda ref: self.lookup(ref, node)  # noqa: E731
+            self.env[node.name] = self.run_node(node, map_refs(node.args, read), map_refs(node.kwargs, read))
         outputs = [self.env[ref.name] for ref in self.graph.outputs.values]
         if self.graph.outputs.kind == "value":
             return outputs[0]
@@ -72,7 +71,8 @@ class Interpreter:
             return dict(zip(self.graph.outputs.keys, outputs))
         return tuple(outputs)
 
-    def lookup(self, ref: Ref) -> Any:
+    def lookup(self, ref: Ref, reader: Node) -> Any:
+        """The value `reader` gets for `ref`."""
         return self.env[ref.name]
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
