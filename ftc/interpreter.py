@@ -7,12 +7,14 @@ time each node. Subclasses override `run_node` to observe or wrap each step.
 from __future__ import annotations
 
 import builtins
+import copy
 import math
 import operator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from ftc.ir import FtcError, Graph, Node, Ref, TorchExpr, map_refs
 
@@ -87,7 +89,13 @@ class Interpreter:
                 return tensor_constant(constant.data, constant.dtype, self.device)
             return fetch_attr(self.model, node.target)
         if node.op == "call_module":
-            return self.model.get_submodule(node.target)(*args, **kwargs)
+            module = self.model.get_submodule(node.target)
+            try:
+                return module(*args, **kwargs)
+            except Exception:
+                if self.device != "meta":
+                    raise
+                return run_on_cpu(module, args, kwargs)
         if node.op == "call_method":
             receiver, *rest = args
             return getattr(receiver, node.target)(*rest, **kwargs)
@@ -111,3 +119,32 @@ class Interpreter:
         if isinstance(arg, slice):
             return slice(*(self.torch_objects(part) for part in (arg.start, arg.stop, arg.step)))
         return arg
+
+
+def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run a meta-device module for real, on the CPU, with random weights and inputs of the
+    right shapes; return its outputs as meta tensors.
+
+    For modules whose Python reads tensor values (`if x.sum() > 0:`), which LEAF_MODULES may
+    hold: the meta device knows shapes only. One module is materialized at a time, so this
+    works for models of any size whose single leaf modules fit in memory."""
+    real = copy.deepcopy(module).to_empty(device="cpu")
+    with torch.no_grad():
+        for param in real.parameters():
+            param.normal_(0.0, 0.02)
+        for buffer in real.buffers():
+            buffer.fill_(1 if buffer.is_floating_point() else 0)
+
+    def materialize(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.device.type != "meta":
+            return value
+        if value.is_floating_point():
+            return torch.randn(value.shape, dtype=value.dtype).requires_grad_(value.requires_grad)
+        return torch.zeros(value.shape, dtype=value.dtype)
+
+    def to_meta(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return value.detach().to("meta").requires_grad_(value.requires_grad)
+
+    return tree_map(to_meta, real(*tree_map(materialize, args), **tree_map(materialize, kwargs)))

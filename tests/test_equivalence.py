@@ -44,7 +44,7 @@ def assert_check_passes(folder, batch_size):
 
 def assert_stage_files_standalone_and_working(folder):
     """Each stage file is black-formatted, imports only torch and the standard library, and
-    holds a real part of the work (at least one matmul or convolution)."""
+    holds a real part of the work: at least a tenth of an even share of the predicted time."""
     manifest = json.loads((folder / "pipeline.json").read_text())
     allowed = stdlib_modules() | {"torch"}
     for stage in manifest["stages"]:
@@ -58,7 +58,9 @@ def assert_stage_files_standalone_and_working(folder):
             else:
                 continue
             assert roots <= allowed, f"{stage['file']} imports {roots - allowed}"
-        assert stage["cost"]["fwd_flops"] > 0, f"{stage['file']} holds no matmul or convolution"
+    times = [stage["cost"]["fwd_time"] + stage["cost"]["bwd_time"] for stage in manifest["stages"]]
+    for stage, time in zip(manifest["stages"], times):
+        assert time >= 0.1 * sum(times) / len(times), f"{stage['file']} holds almost no work: {times}"
 
 
 @pytest.mark.parametrize("model_path,stages", PARAMS)

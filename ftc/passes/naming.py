@@ -83,7 +83,9 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     for node in graph.nodes:
         if not node.is_compute:
             continue
-        stmt = statement(node)
+        # Inside a torch.nn container (a Sequential), the source line is the caller's statement,
+        # which names the container's result, not these ops.
+        stmt = None if node.module_class.startswith("torch.") else statement(node)
         current = open_groups.get(node.module_path)
         if current is not None and current[0] is stmt and stmt is not None:
             current[1].append(node)

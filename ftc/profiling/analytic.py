@@ -80,10 +80,16 @@ class _Counter(Interpreter):
         fwd_flops = counter.get_total_flops()
         inputs = _tensors((args, kwargs))
         nbytes = _traffic(inputs, _tensors(out))
-        self.costs[node.name] = (fwd_flops, self._backward_flops(node, args, kwargs), nbytes)
+        bwd_flops = self._backward_flops(node, args, kwargs)
+        if bwd_flops is None:
+            # A module that only runs for real (interpreter.run_on_cpu) has no autograd graph
+            # on the meta device to count; its backward is taken as twice its forward, as for
+            # a linear layer.
+            bwd_flops = 2 * fwd_flops
+        self.costs[node.name] = (fwd_flops, bwd_flops, nbytes)
         return out
 
-    def _backward_flops(self, node: Node, args: tuple, kwargs: dict) -> int:
+    def _backward_flops(self, node: Node, args: tuple, kwargs: dict) -> int | None:
         params = []
         if node.op == "call_module":
             params = [p for p in self.model.get_submodule(node.target).parameters() if p.requires_grad]
@@ -92,6 +98,8 @@ class _Counter(Interpreter):
         leaves: list[torch.Tensor] = []
         cut_args, cut_kwargs = _cut(args, leaves), _cut(kwargs, leaves)
         outputs = [t for t in _tensors(self.execute(node, cut_args, cut_kwargs)) if t.requires_grad]
+        if any(t.grad_fn is None for t in outputs):
+            return None
         targets = leaves + params
         if not outputs or not targets:
             return 0
