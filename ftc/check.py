@@ -40,10 +40,17 @@ def relative_difference(actual: Any, expected: Any) -> float:
             return float("inf")
         if not expected.is_floating_point():
             return 0.0 if torch.equal(actual, expected) else float("inf")
-        if not expected.numel():
+        actual, expected = actual.detach(), expected.detach()
+        finite = torch.isfinite(expected)
+        # inf, -inf and nan (masked attention scores, say) must match exactly, where they are
+        if not torch.equal(finite, torch.isfinite(actual)):
+            return float("inf")
+        if not torch.equal(actual[~finite].nan_to_num(), expected[~finite].nan_to_num()):
+            return float("inf")
+        if not finite.any():
             return 0.0
-        diff = (actual.detach() - expected.detach()).abs().max().item()
-        return diff / max(expected.detach().abs().max().item(), 1e-6)
+        diff = (actual[finite] - expected[finite]).abs().max().item()
+        return diff / max(expected[finite].abs().max().item(), 1e-6)
     if isinstance(expected, (tuple, list)):
         if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
             return float("inf")

@@ -239,6 +239,8 @@ class StageWriter:
                     lines.append(f"{owner}.register_buffer({name!r}, model.get_buffer({entry.path!r}){persistent})")
 
         emit(self.plan.adopted, "self")
+        if self.needs_device_anchor:
+            lines.append('self.register_buffer("device_anchor", torch.empty(0), persistent=False)')
         for name in self.plan.constants:
             constant = self.graph.constants[name]
             lines.append(
@@ -253,7 +255,14 @@ class StageWriter:
         for name in self.plan.inputs:
             if isinstance(self.by_name[name].meta, TensorMeta):
                 return f"device = {variable(name)}.device"
-        return "device = next(self.parameters()).device"
+        return "device = self.device_anchor.device"
+
+    @property
+    def needs_device_anchor(self) -> bool:
+        """A stage that creates tensors but receives none learns its device from an empty
+        buffer, which moves with the stage."""
+        line = self.device_line()
+        return line is not None and "device_anchor" in line
 
     def render(self, model_file: str) -> str:
         blocks = self.blocks()

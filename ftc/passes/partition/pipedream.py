@@ -3,9 +3,11 @@ order that minimizes the bottleneck stage cost (see problem.py for the cost mode
 
     best[s][j] = min over stage starts i < j of max(best[s-1][i], C[i][j])
 
-Among the splits that reach the optimal bottleneck, a second pass picks the one that moves the
-fewest bytes (the least total cost), so ties do not fall to whichever split the DP saw first.
-Both passes are O(P N^2), vectorized over i.
+Throughput only depends on the bottleneck, but many splits reach it (a heavy layer can fix the
+bottleneck alone). Among those, a second pass picks the most even one, the least sum of
+squared stage costs: the other stages then share the work instead of one of them taking a
+sliver, which balances memory and leaves slack on every device. Both passes are exact and
+O(P N^2), vectorized over i.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ def partition_pipedream(problem: Problem, stages: int) -> list[int]:
                 bottleneck[s, j] = np.maximum(bottleneck[s - 1, i], cost[i, j]).min()
     best = bottleneck[stages - 1, n]
 
-    # total[s, j]: least summed cost of ops 0..j-1 in s+1 stages, each within the bottleneck
+    # total[s, j]: least sum of squared stage costs of ops 0..j-1 in s+1 stages, each within
+    # the bottleneck
     limit = best * (1 + TOLERANCE)
     total = np.full((stages, n + 1), np.inf)
     choice = np.zeros((stages, n + 1), dtype=int)
-    total[0, 1:] = np.where(cost[0, 1:] <= limit, cost[0, 1:], np.inf)
+    total[0, 1:] = np.where(cost[0, 1:] <= limit, cost[0, 1:] ** 2, np.inf)
     for s in range(1, stages):
         for j in range(1, n + 1):
             if not can_start[j]:
@@ -58,7 +61,7 @@ def partition_pipedream(problem: Problem, stages: int) -> list[int]:
             i = starts[(starts > 0) & (starts < j)]
             if not i.size:
                 continue
-            candidate = np.where(cost[i, j] <= limit, total[s - 1, i] + cost[i, j], np.inf)
+            candidate = np.where(cost[i, j] <= limit, total[s - 1, i] + cost[i, j] ** 2, np.inf)
             k = int(np.argmin(candidate))
             total[s, j], choice[s, j] = candidate[k], i[k]
     result, end = [], n

@@ -16,8 +16,10 @@ Model inputs live on the first stage. The model's outputs are read by the last s
 is computed there), so an output made earlier is sent to it.
 
 Some boundaries are forbidden (`no_cut`): inside a value that holds several tensors (a tuple
-from `chunk`, say) between its producer and its last reader, and between the value an in-place
-op mutates (followed back through views) and that op, so that every reader sees the mutation.
+from `chunk`, say) between its producer and its last reader; between the value an in-place op
+mutates (followed back through views) and that op, so that every reader sees the mutation; and
+between the first and last op that touch a buffer forward updates in place (a step counter, an
+EMA), since each device holds its own copy of a buffer.
 """
 
 from __future__ import annotations
@@ -158,11 +160,24 @@ def build_problem(graph: Graph, bandwidth_gbps: float) -> Problem:
         meta = by_name[t.value].meta
         if isinstance(meta, SeqMeta) and meta_tensors(meta):
             forbid(t.producer, t.consumers[-1])
+    mutated_state = set()
     for node in graph.nodes:
         if node.is_compute and node.mutates is not None and node.mutates < len(node.args):
             root = _view_root(node.args[node.mutates], by_name)
             if root is not None and root in position:
                 forbid(position[root], position[node.name])
+            elif root is not None and by_name[root].op == "get_attr":
+                mutated_state.add(by_name[root].target)
+    # A buffer (or parameter) that forward updates stays in one stage with every op that reads
+    # it: stages on other devices would hold copies that miss the update.
+    readers_of_state: dict[str, list[int]] = {}
+    for node in graph.nodes:
+        if node.is_compute:
+            for name in node.refs():
+                if by_name[name].op == "get_attr" and by_name[name].target in mutated_state:
+                    readers_of_state.setdefault(by_name[name].target, []).append(position[node.name])
+    for positions in readers_of_state.values():
+        forbid(min(positions), max(positions))
     time = np.array([by_name[name].cost.fwd_time + by_name[name].cost.bwd_time for name in ops])
     return Problem(ops, time, transfers, no_cut, bandwidth_gbps * 1e9)
 
