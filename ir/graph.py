@@ -142,6 +142,9 @@ class Node:
     source: str = ""
     # The argument this node mutates in place (its index in args), or None.
     mutates: int | None = None
+    # What the value is called in the model's source (or after the op that made it), without
+    # the suffix that makes `name` unique model-wide; stage code names local values after it.
+    label: str = ""
     meta: Meta | None = None
     cost: Cost = field(default_factory=Cost)
     stage: int | None = None

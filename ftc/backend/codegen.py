@@ -78,13 +78,32 @@ def value_text(graph: Graph, name: str) -> str:
 class StageWriter:
     """Renders one stage; holds what the stage's statements need to name things."""
 
-    def __init__(self, graph: Graph, plan: StagePlan):
+    def __init__(self, graph: Graph, plan: StagePlan, crossing: set[str]):
         self.graph = graph
         self.plan = plan
         self.by_name = graph.by_name()
         self.imports: set[str] = set()
         self.adopted_kind = self._adopted_kinds(plan.adopted)
         self.read = {name for node in plan.nodes for name in node.refs()} | set(plan.outputs)
+        self.local = self._local_names(crossing)
+
+    def _local_names(self, crossing: set[str]) -> dict[str, str]:
+        """Variable names: values that cross stages keep their pipeline-wide names (those in
+        pipeline.json); values that live and die inside the stage are named after their label,
+        numbered within the stage only ("q", not "q_4" because three blocks came before)."""
+        local = {name: variable(name) for name in (*self.plan.inputs, *self.plan.outputs)}
+        taken = {variable(name) for name in crossing} | RESERVED
+        for node in self.plan.nodes:
+            if node.name in local:
+                continue
+            base = variable(node.label or node.name)
+            candidate, k = base, 1
+            while candidate in taken:
+                candidate = f"{base}_{k}"
+                k += 1
+            taken.add(candidate)
+            local[node.name] = candidate
+        return local
 
     # -- naming --------------------------------------------------------------------------
 
@@ -125,7 +144,7 @@ class StageWriter:
             if source.target in self.graph.constants:
                 return f"self.{source.target}"
             return self.access(source.target)
-        return variable(name)
+        return self.local[name]
 
     # -- arguments -----------------------------------------------------------------------
 
@@ -197,7 +216,7 @@ class StageWriter:
         expression = self.expression(node)
         if node.name not in self.read:  # kept for its side effect, such as an in-place update
             return expression
-        return f"{variable(node.name)} = {expression}"
+        return f"{self.local[node.name]} = {expression}"
 
     def blocks(self) -> list[dict]:
         """Statements grouped by the original module they came from, in program order."""
@@ -254,7 +273,7 @@ class StageWriter:
             return None
         for name in self.plan.inputs:
             if isinstance(self.by_name[name].meta, TensorMeta):
-                return f"device = {variable(name)}.device"
+                return f"device = {self.local[name]}.device"
         return "device = self.device_anchor.device"
 
     @property
@@ -275,14 +294,14 @@ class StageWriter:
             num_stages=self.graph.num_stages,
             device=self.plan.device,
             summary=_stage_summary(self.plan),
-            inputs=[(variable(n), value_text(self.graph, n)) for n in self.plan.inputs],
-            outputs=[(variable(n), value_text(self.graph, n)) for n in self.plan.outputs],
+            inputs=[(self.local[n], value_text(self.graph, n)) for n in self.plan.inputs],
+            outputs=[(self.local[n], value_text(self.graph, n)) for n in self.plan.outputs],
             stdlib_imports=sorted(self.imports - {"torch", "F"}),
             uses_functional="F" in self.imports,
             init_lines=init_lines,
             device_line=device_line,
             blocks=blocks,
-            returns=[variable(n) for n in self.plan.outputs],
+            returns=[self.local[n] for n in self.plan.outputs],
         )
         return format_python(source)
 
@@ -323,8 +342,9 @@ def _stage_summary(plan: StagePlan) -> str:
     return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
 
 
-def render_stage(graph: Graph, plan: StagePlan, model_file: str) -> str:
-    return StageWriter(graph, plan).render(model_file)
+def render_stage(graph: Graph, plans: list[StagePlan], index: int, model_file: str) -> str:
+    crossing = {name for plan in plans for name in (*plan.inputs, *plan.outputs)}
+    return StageWriter(graph, plans[index], crossing).render(model_file)
 
 
 def render_package_init(graph: Graph, plans: list[StagePlan]) -> str:

@@ -120,7 +120,7 @@ def write_pipeline(
     model_rel = Path(os.path.relpath(Path(model_file).resolve(), folder.resolve())).as_posix()
     plans = plan_stages(graph)
     costs = stage_costs(graph, problem, plans)
-    stage_sources = {f"stage{plan.index}.py": render_stage(graph, plan, model_rel) for plan in plans}
+    stage_sources = {f"stage{plan.index}.py": render_stage(graph, plans, plan.index, model_rel) for plan in plans}
     crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=[n.name for n in graph.nodes].index)
     by_name = graph.by_name()
     times = [row["predicted_time"] for row in costs]

@@ -1,5 +1,9 @@
 """Name values after the variables the model's source assigns them to.
 
+Sets each compute node's `label` (what the value is called, as stage code names it locally)
+and renames nodes to unique versions of their labels where the source gave a better name.
+
+
 Tracers name values after the op that made them (`add_3`, `getitem_7`). The model's author had
 better names: in `q, k, v = self.qkv(x).split(WIDTH, dim=2)` the three items are q, k and v,
 and in `scores = (q @ k.transpose(-2, -1)) * scale` the last op's value is `scores`. This pass
@@ -16,6 +20,7 @@ line) leave names as they are.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,10 +104,14 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
 
     taken = {node.name for node in graph.nodes}
     renames: dict[str, str] = {}
+    labels: dict[str, str] = {}
     for node in graph.nodes:
         base = wanted.get(node.name)
         if base is None or base.startswith("_") or base == "self":
+            if node.is_compute:
+                labels[node.name] = default_label(node)
             continue
+        labels[node.name] = base
         taken.discard(node.name)
         name, k = base, 1
         while name in taken:
@@ -110,9 +119,6 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             k += 1
         taken.add(name)
         renames[node.name] = name
-    if not renames:
-        return graph
-
     def rename(ref: Ref) -> Ref:
         return Ref(renames.get(ref.name, ref.name))
 
@@ -120,6 +126,7 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         replace(
             node,
             name=renames.get(node.name, node.name),
+            label=labels.get(node.name, node.label),
             args=map_refs(node.args, rename),
             kwargs=map_refs(node.kwargs, rename),
         )
@@ -127,3 +134,19 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     ]
     outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
     return replace(graph, nodes=nodes, outputs=outputs)
+
+
+def default_label(node: Node) -> str:
+    """The tracer's name without its counter ("add" for "add_3"); a module call's value is
+    named after the module's attribute ("qkv" for blocks.0.attn.qkv), as one would write it."""
+    if node.op == "call_module":
+        base = node.target.replace(".", "_")
+        attribute = node.target.rpartition(".")[2]
+        label = attribute if attribute.isidentifier() else base
+    else:
+        parts = node.target.split(".")
+        # "torch.ops.aten.view.default" -> "view"; "operator.add" -> "add"; "view" -> "view"
+        base = label = parts[-2] if node.target.startswith("torch.ops.") and len(parts) > 1 else parts[-1]
+    if re.fullmatch(rf"{re.escape(base)}(_\d+)?", node.name):
+        return label
+    return node.name

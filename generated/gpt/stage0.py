@@ -31,14 +31,14 @@ class Stage0(torch.nn.Module):
         add = wte + getitem
         x = self.drop(add)
         # blocks.0 (Block), gpt.py:52
-        blocks_0_ln_1 = self.blocks["0"].ln_1(x)
+        ln_1 = self.blocks["0"].ln_1(x)
         # blocks.0.attn (CausalSelfAttention), gpt.py:30-39
-        size_1 = blocks_0_ln_1.size()
-        batch = size_1[0]
-        time_1 = size_1[1]
-        width = size_1[2]
-        blocks_0_attn_qkv = self.blocks["0"].attn.qkv(blocks_0_ln_1)
-        split = blocks_0_attn_qkv.split(128, dim=2)
+        size = ln_1.size()
+        batch = size[0]
+        time_1 = size[1]
+        width = size[2]
+        qkv = self.blocks["0"].attn.qkv(ln_1)
+        split = qkv.split(128, dim=2)
         q = split[0]
         k = split[1]
         v = split[2]
@@ -51,73 +51,73 @@ class Stage0(torch.nn.Module):
         floordiv_2 = width // 4
         view_2 = v.view(batch, time_1, 4, floordiv_2)
         v_1 = view_2.transpose(1, 2)
-        transpose_3 = k_1.transpose(-2, -1)
-        matmul = q_1 @ transpose_3
+        transpose = k_1.transpose(-2, -1)
+        matmul = q_1 @ transpose
         floordiv_3 = width // 4
-        pow_1 = floordiv_3**0.5
-        truediv = 1.0 / pow_1
+        pow_ = floordiv_3**0.5
+        truediv = 1.0 / pow_
         scores = matmul * truediv
-        getitem_7 = self.blocks["0"].attn.mask[:, :, :time_1, :time_1]
-        invert = ~getitem_7
+        getitem_1 = self.blocks["0"].attn.mask[:, :, :time_1, :time_1]
+        invert = ~getitem_1
         scores_1 = scores.masked_fill(invert, float("-inf"))
         softmax = F.softmax(scores_1, dim=-1)
         attention = self.blocks["0"].attn.dropout(softmax)
         matmul_1 = attention @ v_1
-        transpose_4 = matmul_1.transpose(1, 2)
-        contiguous = transpose_4.contiguous()
+        transpose_1 = matmul_1.transpose(1, 2)
+        contiguous = transpose_1.contiguous()
         y = contiguous.view(batch, time_1, width)
-        blocks_0_attn_proj = self.blocks["0"].attn.proj(y)
-        blocks_0_attn_dropout_1 = self.blocks["0"].attn.dropout(blocks_0_attn_proj)
+        proj = self.blocks["0"].attn.proj(y)
+        dropout = self.blocks["0"].attn.dropout(proj)
         # blocks.0 (Block), gpt.py:52-53
-        x_1 = x + blocks_0_attn_dropout_1
-        blocks_0_ln_2 = self.blocks["0"].ln_2(x_1)
-        blocks_0_fc = self.blocks["0"].fc(blocks_0_ln_2)
-        gelu = F.gelu(blocks_0_fc)
-        blocks_0_proj = self.blocks["0"].proj(gelu)
-        add_2 = x_1 + blocks_0_proj
+        x_1 = x + dropout
+        ln_2 = self.blocks["0"].ln_2(x_1)
+        fc = self.blocks["0"].fc(ln_2)
+        gelu = F.gelu(fc)
+        proj_1 = self.blocks["0"].proj(gelu)
+        add_1 = x_1 + proj_1
         # blocks.1 (Block), gpt.py:52
-        blocks_1_ln_1 = self.blocks["1"].ln_1(add_2)
+        ln_1_1 = self.blocks["1"].ln_1(add_1)
         # blocks.1.attn (CausalSelfAttention), gpt.py:30-39
-        size_2 = blocks_1_ln_1.size()
-        batch_1 = size_2[0]
-        time_2 = size_2[1]
-        width_1 = size_2[2]
-        blocks_1_attn_qkv = self.blocks["1"].attn.qkv(blocks_1_ln_1)
-        split_1 = blocks_1_attn_qkv.split(128, dim=2)
+        size_1 = ln_1_1.size()
+        batch_1 = size_1[0]
+        time_2 = size_1[1]
+        width_1 = size_1[2]
+        qkv_1 = self.blocks["1"].attn.qkv(ln_1_1)
+        split_1 = qkv_1.split(128, dim=2)
         q_2 = split_1[0]
         k_2 = split_1[1]
         v_2 = split_1[2]
         floordiv_4 = width_1 // 4
-        view_4 = q_2.view(batch_1, time_2, 4, floordiv_4)
-        q_3 = view_4.transpose(1, 2)
+        view_3 = q_2.view(batch_1, time_2, 4, floordiv_4)
+        q_3 = view_3.transpose(1, 2)
         floordiv_5 = width_1 // 4
-        view_5 = k_2.view(batch_1, time_2, 4, floordiv_5)
-        k_3 = view_5.transpose(1, 2)
+        view_4 = k_2.view(batch_1, time_2, 4, floordiv_5)
+        k_3 = view_4.transpose(1, 2)
         floordiv_6 = width_1 // 4
-        view_6 = v_2.view(batch_1, time_2, 4, floordiv_6)
-        v_3 = view_6.transpose(1, 2)
-        transpose_8 = k_3.transpose(-2, -1)
-        matmul_2 = q_3 @ transpose_8
+        view_5 = v_2.view(batch_1, time_2, 4, floordiv_6)
+        v_3 = view_5.transpose(1, 2)
+        transpose_2 = k_3.transpose(-2, -1)
+        matmul_2 = q_3 @ transpose_2
         floordiv_7 = width_1 // 4
-        pow_2 = floordiv_7**0.5
-        truediv_1 = 1.0 / pow_2
+        pow__1 = floordiv_7**0.5
+        truediv_1 = 1.0 / pow__1
         scores_2 = matmul_2 * truediv_1
-        getitem_14 = self.blocks["1"].attn.mask[:, :, :time_2, :time_2]
-        invert_1 = ~getitem_14
+        getitem_2 = self.blocks["1"].attn.mask[:, :, :time_2, :time_2]
+        invert_1 = ~getitem_2
         scores_3 = scores_2.masked_fill(invert_1, float("-inf"))
         softmax_1 = F.softmax(scores_3, dim=-1)
         attention_1 = self.blocks["1"].attn.dropout(softmax_1)
         matmul_3 = attention_1 @ v_3
-        transpose_9 = matmul_3.transpose(1, 2)
-        contiguous_1 = transpose_9.contiguous()
+        transpose_3 = matmul_3.transpose(1, 2)
+        contiguous_1 = transpose_3.contiguous()
         y_1 = contiguous_1.view(batch_1, time_2, width_1)
-        blocks_1_attn_proj = self.blocks["1"].attn.proj(y_1)
-        blocks_1_attn_dropout_1 = self.blocks["1"].attn.dropout(blocks_1_attn_proj)
+        proj_2 = self.blocks["1"].attn.proj(y_1)
+        dropout_1 = self.blocks["1"].attn.dropout(proj_2)
         # blocks.1 (Block), gpt.py:52-53
-        x_2 = add_2 + blocks_1_attn_dropout_1
-        blocks_1_ln_2 = self.blocks["1"].ln_2(x_2)
-        blocks_1_fc = self.blocks["1"].fc(blocks_1_ln_2)
-        gelu_1 = F.gelu(blocks_1_fc)
-        blocks_1_proj = self.blocks["1"].proj(gelu_1)
-        add_4 = x_2 + blocks_1_proj
+        x_2 = add_1 + dropout_1
+        ln_2_1 = self.blocks["1"].ln_2(x_2)
+        fc_1 = self.blocks["1"].fc(ln_2_1)
+        gelu_1 = F.gelu(fc_1)
+        proj_3 = self.blocks["1"].proj(gelu_1)
+        add_4 = x_2 + proj_3
         return (add_4,)

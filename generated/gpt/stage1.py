@@ -22,93 +22,93 @@ class Stage1(torch.nn.Module):
 
     def forward(self, add_4):
         # blocks.2 (Block), gpt.py:52
-        blocks_2_ln_1 = self.blocks["2"].ln_1(add_4)
+        ln_1 = self.blocks["2"].ln_1(add_4)
         # blocks.2.attn (CausalSelfAttention), gpt.py:30-39
-        size_3 = blocks_2_ln_1.size()
-        batch_2 = size_3[0]
-        time_3 = size_3[1]
-        width_2 = size_3[2]
-        blocks_2_attn_qkv = self.blocks["2"].attn.qkv(blocks_2_ln_1)
-        split_2 = blocks_2_attn_qkv.split(128, dim=2)
-        q_4 = split_2[0]
-        k_4 = split_2[1]
-        v_4 = split_2[2]
-        floordiv_8 = width_2 // 4
-        view_8 = q_4.view(batch_2, time_3, 4, floordiv_8)
-        q_5 = view_8.transpose(1, 2)
-        floordiv_9 = width_2 // 4
-        view_9 = k_4.view(batch_2, time_3, 4, floordiv_9)
-        k_5 = view_9.transpose(1, 2)
-        floordiv_10 = width_2 // 4
-        view_10 = v_4.view(batch_2, time_3, 4, floordiv_10)
-        v_5 = view_10.transpose(1, 2)
-        transpose_13 = k_5.transpose(-2, -1)
-        matmul_4 = q_5 @ transpose_13
-        floordiv_11 = width_2 // 4
-        pow_3 = floordiv_11**0.5
-        truediv_2 = 1.0 / pow_3
-        scores_4 = matmul_4 * truediv_2
-        getitem_21 = self.blocks["2"].attn.mask[:, :, :time_3, :time_3]
-        invert_2 = ~getitem_21
-        scores_5 = scores_4.masked_fill(invert_2, float("-inf"))
-        softmax_2 = F.softmax(scores_5, dim=-1)
-        attention_2 = self.blocks["2"].attn.dropout(softmax_2)
-        matmul_5 = attention_2 @ v_5
-        transpose_14 = matmul_5.transpose(1, 2)
-        contiguous_2 = transpose_14.contiguous()
-        y_2 = contiguous_2.view(batch_2, time_3, width_2)
-        blocks_2_attn_proj = self.blocks["2"].attn.proj(y_2)
-        blocks_2_attn_dropout_1 = self.blocks["2"].attn.dropout(blocks_2_attn_proj)
+        size = ln_1.size()
+        batch = size[0]
+        time = size[1]
+        width = size[2]
+        qkv = self.blocks["2"].attn.qkv(ln_1)
+        split = qkv.split(128, dim=2)
+        q = split[0]
+        k = split[1]
+        v = split[2]
+        floordiv = width // 4
+        view = q.view(batch, time, 4, floordiv)
+        q_1 = view.transpose(1, 2)
+        floordiv_1 = width // 4
+        view_1 = k.view(batch, time, 4, floordiv_1)
+        k_1 = view_1.transpose(1, 2)
+        floordiv_2 = width // 4
+        view_2 = v.view(batch, time, 4, floordiv_2)
+        v_1 = view_2.transpose(1, 2)
+        transpose = k_1.transpose(-2, -1)
+        matmul = q_1 @ transpose
+        floordiv_3 = width // 4
+        pow_ = floordiv_3**0.5
+        truediv = 1.0 / pow_
+        scores = matmul * truediv
+        getitem = self.blocks["2"].attn.mask[:, :, :time, :time]
+        invert = ~getitem
+        scores_1 = scores.masked_fill(invert, float("-inf"))
+        softmax = F.softmax(scores_1, dim=-1)
+        attention = self.blocks["2"].attn.dropout(softmax)
+        matmul_1 = attention @ v_1
+        transpose_1 = matmul_1.transpose(1, 2)
+        contiguous = transpose_1.contiguous()
+        y = contiguous.view(batch, time, width)
+        proj = self.blocks["2"].attn.proj(y)
+        dropout = self.blocks["2"].attn.dropout(proj)
         # blocks.2 (Block), gpt.py:52-53
-        x_3 = add_4 + blocks_2_attn_dropout_1
-        blocks_2_ln_2 = self.blocks["2"].ln_2(x_3)
-        blocks_2_fc = self.blocks["2"].fc(blocks_2_ln_2)
-        gelu_2 = F.gelu(blocks_2_fc)
-        blocks_2_proj = self.blocks["2"].proj(gelu_2)
-        add_6 = x_3 + blocks_2_proj
+        x = add_4 + dropout
+        ln_2 = self.blocks["2"].ln_2(x)
+        fc = self.blocks["2"].fc(ln_2)
+        gelu = F.gelu(fc)
+        proj_1 = self.blocks["2"].proj(gelu)
+        add = x + proj_1
         # blocks.3 (Block), gpt.py:52
-        blocks_3_ln_1 = self.blocks["3"].ln_1(add_6)
+        ln_1_1 = self.blocks["3"].ln_1(add)
         # blocks.3.attn (CausalSelfAttention), gpt.py:30-39
-        size_4 = blocks_3_ln_1.size()
-        batch_3 = size_4[0]
-        time_4 = size_4[1]
-        width_3 = size_4[2]
-        blocks_3_attn_qkv = self.blocks["3"].attn.qkv(blocks_3_ln_1)
-        split_3 = blocks_3_attn_qkv.split(128, dim=2)
-        q_6 = split_3[0]
-        k_6 = split_3[1]
-        v_6 = split_3[2]
-        floordiv_12 = width_3 // 4
-        view_12 = q_6.view(batch_3, time_4, 4, floordiv_12)
-        q_7 = view_12.transpose(1, 2)
-        floordiv_13 = width_3 // 4
-        view_13 = k_6.view(batch_3, time_4, 4, floordiv_13)
-        k_7 = view_13.transpose(1, 2)
-        floordiv_14 = width_3 // 4
-        view_14 = v_6.view(batch_3, time_4, 4, floordiv_14)
-        v_7 = view_14.transpose(1, 2)
-        transpose_18 = k_7.transpose(-2, -1)
-        matmul_6 = q_7 @ transpose_18
-        floordiv_15 = width_3 // 4
-        pow_4 = floordiv_15**0.5
-        truediv_3 = 1.0 / pow_4
-        scores_6 = matmul_6 * truediv_3
-        getitem_28 = self.blocks["3"].attn.mask[:, :, :time_4, :time_4]
-        invert_3 = ~getitem_28
-        scores_7 = scores_6.masked_fill(invert_3, float("-inf"))
-        softmax_3 = F.softmax(scores_7, dim=-1)
-        attention_3 = self.blocks["3"].attn.dropout(softmax_3)
-        matmul_7 = attention_3 @ v_7
-        transpose_19 = matmul_7.transpose(1, 2)
-        contiguous_3 = transpose_19.contiguous()
-        y_3 = contiguous_3.view(batch_3, time_4, width_3)
-        blocks_3_attn_proj = self.blocks["3"].attn.proj(y_3)
-        blocks_3_attn_dropout_1 = self.blocks["3"].attn.dropout(blocks_3_attn_proj)
+        size_1 = ln_1_1.size()
+        batch_1 = size_1[0]
+        time_1 = size_1[1]
+        width_1 = size_1[2]
+        qkv_1 = self.blocks["3"].attn.qkv(ln_1_1)
+        split_1 = qkv_1.split(128, dim=2)
+        q_2 = split_1[0]
+        k_2 = split_1[1]
+        v_2 = split_1[2]
+        floordiv_4 = width_1 // 4
+        view_3 = q_2.view(batch_1, time_1, 4, floordiv_4)
+        q_3 = view_3.transpose(1, 2)
+        floordiv_5 = width_1 // 4
+        view_4 = k_2.view(batch_1, time_1, 4, floordiv_5)
+        k_3 = view_4.transpose(1, 2)
+        floordiv_6 = width_1 // 4
+        view_5 = v_2.view(batch_1, time_1, 4, floordiv_6)
+        v_3 = view_5.transpose(1, 2)
+        transpose_2 = k_3.transpose(-2, -1)
+        matmul_2 = q_3 @ transpose_2
+        floordiv_7 = width_1 // 4
+        pow__1 = floordiv_7**0.5
+        truediv_1 = 1.0 / pow__1
+        scores_2 = matmul_2 * truediv_1
+        getitem_1 = self.blocks["3"].attn.mask[:, :, :time_1, :time_1]
+        invert_1 = ~getitem_1
+        scores_3 = scores_2.masked_fill(invert_1, float("-inf"))
+        softmax_1 = F.softmax(scores_3, dim=-1)
+        attention_1 = self.blocks["3"].attn.dropout(softmax_1)
+        matmul_3 = attention_1 @ v_3
+        transpose_3 = matmul_3.transpose(1, 2)
+        contiguous_1 = transpose_3.contiguous()
+        y_1 = contiguous_1.view(batch_1, time_1, width_1)
+        proj_2 = self.blocks["3"].attn.proj(y_1)
+        dropout_1 = self.blocks["3"].attn.dropout(proj_2)
         # blocks.3 (Block), gpt.py:52-53
-        x_4 = add_6 + blocks_3_attn_dropout_1
-        blocks_3_ln_2 = self.blocks["3"].ln_2(x_4)
-        blocks_3_fc = self.blocks["3"].fc(blocks_3_ln_2)
-        gelu_3 = F.gelu(blocks_3_fc)
-        blocks_3_proj = self.blocks["3"].proj(gelu_3)
-        add_8 = x_4 + blocks_3_proj
+        x_1 = add + dropout_1
+        ln_2_1 = self.blocks["3"].ln_2(x_1)
+        fc_1 = self.blocks["3"].fc(ln_2_1)
+        gelu_1 = F.gelu(fc_1)
+        proj_3 = self.blocks["3"].proj(gelu_1)
+        add_8 = x_1 + proj_3
         return (add_8,)

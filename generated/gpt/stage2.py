@@ -22,93 +22,93 @@ class Stage2(torch.nn.Module):
 
     def forward(self, add_8):
         # blocks.4 (Block), gpt.py:52
-        blocks_4_ln_1 = self.blocks["4"].ln_1(add_8)
+        ln_1 = self.blocks["4"].ln_1(add_8)
         # blocks.4.attn (CausalSelfAttention), gpt.py:30-39
-        size_5 = blocks_4_ln_1.size()
-        batch_4 = size_5[0]
-        time_5 = size_5[1]
-        width_4 = size_5[2]
-        blocks_4_attn_qkv = self.blocks["4"].attn.qkv(blocks_4_ln_1)
-        split_4 = blocks_4_attn_qkv.split(128, dim=2)
-        q_8 = split_4[0]
-        k_8 = split_4[1]
-        v_8 = split_4[2]
-        floordiv_16 = width_4 // 4
-        view_16 = q_8.view(batch_4, time_5, 4, floordiv_16)
-        q_9 = view_16.transpose(1, 2)
-        floordiv_17 = width_4 // 4
-        view_17 = k_8.view(batch_4, time_5, 4, floordiv_17)
-        k_9 = view_17.transpose(1, 2)
-        floordiv_18 = width_4 // 4
-        view_18 = v_8.view(batch_4, time_5, 4, floordiv_18)
-        v_9 = view_18.transpose(1, 2)
-        transpose_23 = k_9.transpose(-2, -1)
-        matmul_8 = q_9 @ transpose_23
-        floordiv_19 = width_4 // 4
-        pow_5 = floordiv_19**0.5
-        truediv_4 = 1.0 / pow_5
-        scores_8 = matmul_8 * truediv_4
-        getitem_35 = self.blocks["4"].attn.mask[:, :, :time_5, :time_5]
-        invert_4 = ~getitem_35
-        scores_9 = scores_8.masked_fill(invert_4, float("-inf"))
-        softmax_4 = F.softmax(scores_9, dim=-1)
-        attention_4 = self.blocks["4"].attn.dropout(softmax_4)
-        matmul_9 = attention_4 @ v_9
-        transpose_24 = matmul_9.transpose(1, 2)
-        contiguous_4 = transpose_24.contiguous()
-        y_4 = contiguous_4.view(batch_4, time_5, width_4)
-        blocks_4_attn_proj = self.blocks["4"].attn.proj(y_4)
-        blocks_4_attn_dropout_1 = self.blocks["4"].attn.dropout(blocks_4_attn_proj)
+        size = ln_1.size()
+        batch = size[0]
+        time = size[1]
+        width = size[2]
+        qkv = self.blocks["4"].attn.qkv(ln_1)
+        split = qkv.split(128, dim=2)
+        q = split[0]
+        k = split[1]
+        v = split[2]
+        floordiv = width // 4
+        view = q.view(batch, time, 4, floordiv)
+        q_1 = view.transpose(1, 2)
+        floordiv_1 = width // 4
+        view_1 = k.view(batch, time, 4, floordiv_1)
+        k_1 = view_1.transpose(1, 2)
+        floordiv_2 = width // 4
+        view_2 = v.view(batch, time, 4, floordiv_2)
+        v_1 = view_2.transpose(1, 2)
+        transpose = k_1.transpose(-2, -1)
+        matmul = q_1 @ transpose
+        floordiv_3 = width // 4
+        pow_ = floordiv_3**0.5
+        truediv = 1.0 / pow_
+        scores = matmul * truediv
+        getitem = self.blocks["4"].attn.mask[:, :, :time, :time]
+        invert = ~getitem
+        scores_1 = scores.masked_fill(invert, float("-inf"))
+        softmax = F.softmax(scores_1, dim=-1)
+        attention = self.blocks["4"].attn.dropout(softmax)
+        matmul_1 = attention @ v_1
+        transpose_1 = matmul_1.transpose(1, 2)
+        contiguous = transpose_1.contiguous()
+        y = contiguous.view(batch, time, width)
+        proj = self.blocks["4"].attn.proj(y)
+        dropout = self.blocks["4"].attn.dropout(proj)
         # blocks.4 (Block), gpt.py:52-53
-        x_5 = add_8 + blocks_4_attn_dropout_1
-        blocks_4_ln_2 = self.blocks["4"].ln_2(x_5)
-        blocks_4_fc = self.blocks["4"].fc(blocks_4_ln_2)
-        gelu_4 = F.gelu(blocks_4_fc)
-        blocks_4_proj = self.blocks["4"].proj(gelu_4)
-        add_10 = x_5 + blocks_4_proj
+        x = add_8 + dropout
+        ln_2 = self.blocks["4"].ln_2(x)
+        fc = self.blocks["4"].fc(ln_2)
+        gelu = F.gelu(fc)
+        proj_1 = self.blocks["4"].proj(gelu)
+        add = x + proj_1
         # blocks.5 (Block), gpt.py:52
-        blocks_5_ln_1 = self.blocks["5"].ln_1(add_10)
+        ln_1_1 = self.blocks["5"].ln_1(add)
         # blocks.5.attn (CausalSelfAttention), gpt.py:30-39
-        size_6 = blocks_5_ln_1.size()
-        batch_5 = size_6[0]
-        time_6 = size_6[1]
-        width_5 = size_6[2]
-        blocks_5_attn_qkv = self.blocks["5"].attn.qkv(blocks_5_ln_1)
-        split_5 = blocks_5_attn_qkv.split(128, dim=2)
-        q_10 = split_5[0]
-        k_10 = split_5[1]
-        v_10 = split_5[2]
-        floordiv_20 = width_5 // 4
-        view_20 = q_10.view(batch_5, time_6, 4, floordiv_20)
-        q_11 = view_20.transpose(1, 2)
-        floordiv_21 = width_5 // 4
-        view_21 = k_10.view(batch_5, time_6, 4, floordiv_21)
-        k_11 = view_21.transpose(1, 2)
-        floordiv_22 = width_5 // 4
-        view_22 = v_10.view(batch_5, time_6, 4, floordiv_22)
-        v_11 = view_22.transpose(1, 2)
-        transpose_28 = k_11.transpose(-2, -1)
-        matmul_10 = q_11 @ transpose_28
-        floordiv_23 = width_5 // 4
-        pow_6 = floordiv_23**0.5
-        truediv_5 = 1.0 / pow_6
-        scores_10 = matmul_10 * truediv_5
-        getitem_42 = self.blocks["5"].attn.mask[:, :, :time_6, :time_6]
-        invert_5 = ~getitem_42
-        scores_11 = scores_10.masked_fill(invert_5, float("-inf"))
-        softmax_5 = F.softmax(scores_11, dim=-1)
-        attention_5 = self.blocks["5"].attn.dropout(softmax_5)
-        matmul_11 = attention_5 @ v_11
-        transpose_29 = matmul_11.transpose(1, 2)
-        contiguous_5 = transpose_29.contiguous()
-        y_5 = contiguous_5.view(batch_5, time_6, width_5)
-        blocks_5_attn_proj = self.blocks["5"].attn.proj(y_5)
-        blocks_5_attn_dropout_1 = self.blocks["5"].attn.dropout(blocks_5_attn_proj)
+        size_1 = ln_1_1.size()
+        batch_1 = size_1[0]
+        time_1 = size_1[1]
+        width_1 = size_1[2]
+        qkv_1 = self.blocks["5"].attn.qkv(ln_1_1)
+        split_1 = qkv_1.split(128, dim=2)
+        q_2 = split_1[0]
+        k_2 = split_1[1]
+        v_2 = split_1[2]
+        floordiv_4 = width_1 // 4
+        view_3 = q_2.view(batch_1, time_1, 4, floordiv_4)
+        q_3 = view_3.transpose(1, 2)
+        floordiv_5 = width_1 // 4
+        view_4 = k_2.view(batch_1, time_1, 4, floordiv_5)
+        k_3 = view_4.transpose(1, 2)
+        floordiv_6 = width_1 // 4
+        view_5 = v_2.view(batch_1, time_1, 4, floordiv_6)
+        v_3 = view_5.transpose(1, 2)
+        transpose_2 = k_3.transpose(-2, -1)
+        matmul_2 = q_3 @ transpose_2
+        floordiv_7 = width_1 // 4
+        pow__1 = floordiv_7**0.5
+        truediv_1 = 1.0 / pow__1
+        scores_2 = matmul_2 * truediv_1
+        getitem_1 = self.blocks["5"].attn.mask[:, :, :time_1, :time_1]
+        invert_1 = ~getitem_1
+        scores_3 = scores_2.masked_fill(invert_1, float("-inf"))
+        softmax_1 = F.softmax(scores_3, dim=-1)
+        attention_1 = self.blocks["5"].attn.dropout(softmax_1)
+        matmul_3 = attention_1 @ v_3
+        transpose_3 = matmul_3.transpose(1, 2)
+        contiguous_1 = transpose_3.contiguous()
+        y_1 = contiguous_1.view(batch_1, time_1, width_1)
+        proj_2 = self.blocks["5"].attn.proj(y_1)
+        dropout_1 = self.blocks["5"].attn.dropout(proj_2)
         # blocks.5 (Block), gpt.py:52-53
-        x_6 = add_10 + blocks_5_attn_dropout_1
-        blocks_5_ln_2 = self.blocks["5"].ln_2(x_6)
-        blocks_5_fc = self.blocks["5"].fc(blocks_5_ln_2)
-        gelu_5 = F.gelu(blocks_5_fc)
-        blocks_5_proj = self.blocks["5"].proj(gelu_5)
-        add_12 = x_6 + blocks_5_proj
+        x_1 = add + dropout_1
+        ln_2_1 = self.blocks["5"].ln_2(x_1)
+        fc_1 = self.blocks["5"].fc(ln_2_1)
+        gelu_1 = F.gelu(fc_1)
+        proj_3 = self.blocks["5"].proj(gelu_1)
+        add_12 = x_1 + proj_3
         return (add_12,)

@@ -25,96 +25,96 @@ class Stage3(torch.nn.Module):
 
     def forward(self, add_12):
         # blocks.6 (Block), gpt.py:52
-        blocks_6_ln_1 = self.blocks["6"].ln_1(add_12)
+        ln_1 = self.blocks["6"].ln_1(add_12)
         # blocks.6.attn (CausalSelfAttention), gpt.py:30-39
-        size_7 = blocks_6_ln_1.size()
-        batch_6 = size_7[0]
-        time_7 = size_7[1]
-        width_6 = size_7[2]
-        blocks_6_attn_qkv = self.blocks["6"].attn.qkv(blocks_6_ln_1)
-        split_6 = blocks_6_attn_qkv.split(128, dim=2)
-        q_12 = split_6[0]
-        k_12 = split_6[1]
-        v_12 = split_6[2]
-        floordiv_24 = width_6 // 4
-        view_24 = q_12.view(batch_6, time_7, 4, floordiv_24)
-        q_13 = view_24.transpose(1, 2)
-        floordiv_25 = width_6 // 4
-        view_25 = k_12.view(batch_6, time_7, 4, floordiv_25)
-        k_13 = view_25.transpose(1, 2)
-        floordiv_26 = width_6 // 4
-        view_26 = v_12.view(batch_6, time_7, 4, floordiv_26)
-        v_13 = view_26.transpose(1, 2)
-        transpose_33 = k_13.transpose(-2, -1)
-        matmul_12 = q_13 @ transpose_33
-        floordiv_27 = width_6 // 4
-        pow_7 = floordiv_27**0.5
-        truediv_6 = 1.0 / pow_7
-        scores_12 = matmul_12 * truediv_6
-        getitem_49 = self.blocks["6"].attn.mask[:, :, :time_7, :time_7]
-        invert_6 = ~getitem_49
-        scores_13 = scores_12.masked_fill(invert_6, float("-inf"))
-        softmax_6 = F.softmax(scores_13, dim=-1)
-        attention_6 = self.blocks["6"].attn.dropout(softmax_6)
-        matmul_13 = attention_6 @ v_13
-        transpose_34 = matmul_13.transpose(1, 2)
-        contiguous_6 = transpose_34.contiguous()
-        y_6 = contiguous_6.view(batch_6, time_7, width_6)
-        blocks_6_attn_proj = self.blocks["6"].attn.proj(y_6)
-        blocks_6_attn_dropout_1 = self.blocks["6"].attn.dropout(blocks_6_attn_proj)
+        size = ln_1.size()
+        batch = size[0]
+        time = size[1]
+        width = size[2]
+        qkv = self.blocks["6"].attn.qkv(ln_1)
+        split = qkv.split(128, dim=2)
+        q = split[0]
+        k = split[1]
+        v = split[2]
+        floordiv = width // 4
+        view = q.view(batch, time, 4, floordiv)
+        q_1 = view.transpose(1, 2)
+        floordiv_1 = width // 4
+        view_1 = k.view(batch, time, 4, floordiv_1)
+        k_1 = view_1.transpose(1, 2)
+        floordiv_2 = width // 4
+        view_2 = v.view(batch, time, 4, floordiv_2)
+        v_1 = view_2.transpose(1, 2)
+        transpose = k_1.transpose(-2, -1)
+        matmul = q_1 @ transpose
+        floordiv_3 = width // 4
+        pow_ = floordiv_3**0.5
+        truediv = 1.0 / pow_
+        scores = matmul * truediv
+        getitem = self.blocks["6"].attn.mask[:, :, :time, :time]
+        invert = ~getitem
+        scores_1 = scores.masked_fill(invert, float("-inf"))
+        softmax = F.softmax(scores_1, dim=-1)
+        attention = self.blocks["6"].attn.dropout(softmax)
+        matmul_1 = attention @ v_1
+        transpose_1 = matmul_1.transpose(1, 2)
+        contiguous = transpose_1.contiguous()
+        y = contiguous.view(batch, time, width)
+        proj = self.blocks["6"].attn.proj(y)
+        dropout = self.blocks["6"].attn.dropout(proj)
         # blocks.6 (Block), gpt.py:52-53
-        x_7 = add_12 + blocks_6_attn_dropout_1
-        blocks_6_ln_2 = self.blocks["6"].ln_2(x_7)
-        blocks_6_fc = self.blocks["6"].fc(blocks_6_ln_2)
-        gelu_6 = F.gelu(blocks_6_fc)
-        blocks_6_proj = self.blocks["6"].proj(gelu_6)
-        add_14 = x_7 + blocks_6_proj
+        x = add_12 + dropout
+        ln_2 = self.blocks["6"].ln_2(x)
+        fc = self.blocks["6"].fc(ln_2)
+        gelu = F.gelu(fc)
+        proj_1 = self.blocks["6"].proj(gelu)
+        add = x + proj_1
         # blocks.7 (Block), gpt.py:52
-        blocks_7_ln_1 = self.blocks["7"].ln_1(add_14)
+        ln_1_1 = self.blocks["7"].ln_1(add)
         # blocks.7.attn (CausalSelfAttention), gpt.py:30-39
-        size_8 = blocks_7_ln_1.size()
-        batch_7 = size_8[0]
-        time_8 = size_8[1]
-        width_7 = size_8[2]
-        blocks_7_attn_qkv = self.blocks["7"].attn.qkv(blocks_7_ln_1)
-        split_7 = blocks_7_attn_qkv.split(128, dim=2)
-        q_14 = split_7[0]
-        k_14 = split_7[1]
-        v_14 = split_7[2]
-        floordiv_28 = width_7 // 4
-        view_28 = q_14.view(batch_7, time_8, 4, floordiv_28)
-        q_15 = view_28.transpose(1, 2)
-        floordiv_29 = width_7 // 4
-        view_29 = k_14.view(batch_7, time_8, 4, floordiv_29)
-        k_15 = view_29.transpose(1, 2)
-        floordiv_30 = width_7 // 4
-        view_30 = v_14.view(batch_7, time_8, 4, floordiv_30)
-        v_15 = view_30.transpose(1, 2)
-        transpose_38 = k_15.transpose(-2, -1)
-        matmul_14 = q_15 @ transpose_38
-        floordiv_31 = width_7 // 4
-        pow_8 = floordiv_31**0.5
-        truediv_7 = 1.0 / pow_8
-        scores_14 = matmul_14 * truediv_7
-        getitem_56 = self.blocks["7"].attn.mask[:, :, :time_8, :time_8]
-        invert_7 = ~getitem_56
-        scores_15 = scores_14.masked_fill(invert_7, float("-inf"))
-        softmax_7 = F.softmax(scores_15, dim=-1)
-        attention_7 = self.blocks["7"].attn.dropout(softmax_7)
-        matmul_15 = attention_7 @ v_15
-        transpose_39 = matmul_15.transpose(1, 2)
-        contiguous_7 = transpose_39.contiguous()
-        y_7 = contiguous_7.view(batch_7, time_8, width_7)
-        blocks_7_attn_proj = self.blocks["7"].attn.proj(y_7)
-        blocks_7_attn_dropout_1 = self.blocks["7"].attn.dropout(blocks_7_attn_proj)
+        size_1 = ln_1_1.size()
+        batch_1 = size_1[0]
+        time_1 = size_1[1]
+        width_1 = size_1[2]
+        qkv_1 = self.blocks["7"].attn.qkv(ln_1_1)
+        split_1 = qkv_1.split(128, dim=2)
+        q_2 = split_1[0]
+        k_2 = split_1[1]
+        v_2 = split_1[2]
+        floordiv_4 = width_1 // 4
+        view_3 = q_2.view(batch_1, time_1, 4, floordiv_4)
+        q_3 = view_3.transpose(1, 2)
+        floordiv_5 = width_1 // 4
+        view_4 = k_2.view(batch_1, time_1, 4, floordiv_5)
+        k_3 = view_4.transpose(1, 2)
+        floordiv_6 = width_1 // 4
+        view_5 = v_2.view(batch_1, time_1, 4, floordiv_6)
+        v_3 = view_5.transpose(1, 2)
+        transpose_2 = k_3.transpose(-2, -1)
+        matmul_2 = q_3 @ transpose_2
+        floordiv_7 = width_1 // 4
+        pow__1 = floordiv_7**0.5
+        truediv_1 = 1.0 / pow__1
+        scores_2 = matmul_2 * truediv_1
+        getitem_1 = self.blocks["7"].attn.mask[:, :, :time_1, :time_1]
+        invert_1 = ~getitem_1
+        scores_3 = scores_2.masked_fill(invert_1, float("-inf"))
+        softmax_1 = F.softmax(scores_3, dim=-1)
+        attention_1 = self.blocks["7"].attn.dropout(softmax_1)
+        matmul_3 = attention_1 @ v_3
+        transpose_3 = matmul_3.transpose(1, 2)
+        contiguous_1 = transpose_3.contiguous()
+        y_1 = contiguous_1.view(batch_1, time_1, width_1)
+        proj_2 = self.blocks["7"].attn.proj(y_1)
+        dropout_1 = self.blocks["7"].attn.dropout(proj_2)
         # blocks.7 (Block), gpt.py:52-53
-        x_8 = add_14 + blocks_7_attn_dropout_1
-        blocks_7_ln_2 = self.blocks["7"].ln_2(x_8)
-        blocks_7_fc = self.blocks["7"].fc(blocks_7_ln_2)
-        gelu_7 = F.gelu(blocks_7_fc)
-        blocks_7_proj = self.blocks["7"].proj(gelu_7)
-        add_16 = x_8 + blocks_7_proj
+        x_1 = add + dropout_1
+        ln_2_1 = self.blocks["7"].ln_2(x_1)
+        fc_1 = self.blocks["7"].fc(ln_2_1)
+        gelu_1 = F.gelu(fc_1)
+        proj_3 = self.blocks["7"].proj(gelu_1)
+        add_1 = x_1 + proj_3
         # GPT, gpt.py:72
-        ln_f = self.ln_f(add_16)
+        ln_f = self.ln_f(add_1)
         linear = F.linear(ln_f, self.wte.weight)
         return (linear,)

@@ -21,6 +21,6 @@ class Stage1(torch.nn.Module):
 
     def forward(self, hidden_1):
         # MLP, mlp.py:27
-        relu_1 = F.relu(hidden_1)
-        hidden_2 = self.hidden["2"](relu_1)
+        relu = F.relu(hidden_1)
+        hidden_2 = self.hidden["2"](relu)
         return (hidden_2,)

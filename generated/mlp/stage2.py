@@ -22,8 +22,8 @@ class Stage2(torch.nn.Module):
 
     def forward(self, hidden_2):
         # MLP, mlp.py:27
-        relu_2 = F.relu(hidden_2)
-        hidden_3 = self.hidden["3"](relu_2)
-        relu_3 = F.relu(hidden_3)
-        hidden_4 = self.hidden["4"](relu_3)
+        relu = F.relu(hidden_2)
+        hidden_3 = self.hidden["3"](relu)
+        relu_1 = F.relu(hidden_3)
+        hidden_4 = self.hidden["4"](relu_1)
         return (hidden_4,)

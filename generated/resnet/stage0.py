@@ -26,12 +26,12 @@ class Stage0(torch.nn.Module):
         stem_1 = self.stem[1](stem_0)
         stem_2 = self.stem[2](stem_1)
         # blocks.0 (BasicBlock), resnet.py:44-46
-        blocks_0_conv1 = self.blocks["0"].conv1(stem_2)
-        blocks_0_bn1 = self.blocks["0"].bn1(blocks_0_conv1)
-        out = F.relu(blocks_0_bn1)
-        blocks_0_conv2 = self.blocks["0"].conv2(out)
-        out_1 = self.blocks["0"].bn2(blocks_0_conv2)
-        blocks_0_shortcut = self.blocks["0"].shortcut(stem_2)
-        add = out_1 + blocks_0_shortcut
+        conv1 = self.blocks["0"].conv1(stem_2)
+        bn1 = self.blocks["0"].bn1(conv1)
+        out = F.relu(bn1)
+        conv2 = self.blocks["0"].conv2(out)
+        out_1 = self.blocks["0"].bn2(conv2)
+        shortcut = self.blocks["0"].shortcut(stem_2)
+        add = out_1 + shortcut
         relu_1 = F.relu(add)
         return (relu_1,)

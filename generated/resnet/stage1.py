@@ -25,15 +25,15 @@ class Stage1(torch.nn.Module):
 
     def forward(self, relu_1):
         # blocks.1 (BasicBlock), resnet.py:44-46
-        blocks_1_conv1 = self.blocks["1"].conv1(relu_1)
-        blocks_1_bn1 = self.blocks["1"].bn1(blocks_1_conv1)
-        out_2 = F.relu(blocks_1_bn1)
-        blocks_1_conv2 = self.blocks["1"].conv2(out_2)
-        out_3 = self.blocks["1"].bn2(blocks_1_conv2)
-        blocks_1_shortcut = self.blocks["1"].shortcut(relu_1)
-        add_1 = out_3 + blocks_1_shortcut
-        relu_3 = F.relu(add_1)
+        conv1 = self.blocks["1"].conv1(relu_1)
+        bn1 = self.blocks["1"].bn1(conv1)
+        out = F.relu(bn1)
+        conv2 = self.blocks["1"].conv2(out)
+        out_1 = self.blocks["1"].bn2(conv2)
+        shortcut = self.blocks["1"].shortcut(relu_1)
+        add = out_1 + shortcut
+        relu_3 = F.relu(add)
         # blocks.2 (BasicBlock), resnet.py:44
-        blocks_2_conv1 = self.blocks["2"].conv1(relu_3)
-        blocks_2_bn1 = self.blocks["2"].bn1(blocks_2_conv1)
+        conv1_1 = self.blocks["2"].conv1(relu_3)
+        blocks_2_bn1 = self.blocks["2"].bn1(conv1_1)
         return (relu_3, blocks_2_bn1)

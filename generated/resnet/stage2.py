@@ -26,21 +26,21 @@ class Stage2(torch.nn.Module):
 
     def forward(self, relu_3, blocks_2_bn1):
         # blocks.2 (BasicBlock), resnet.py:44-45
-        out_4 = F.relu(blocks_2_bn1)
-        blocks_2_conv2 = self.blocks["2"].conv2(out_4)
-        out_5 = self.blocks["2"].bn2(blocks_2_conv2)
+        out = F.relu(blocks_2_bn1)
+        conv2 = self.blocks["2"].conv2(out)
+        out_1 = self.blocks["2"].bn2(conv2)
         # blocks.2.shortcut (Sequential), resnet.py:46
         blocks_2_shortcut_0 = self.blocks["2"].shortcut[0](relu_3)
         blocks_2_shortcut_1 = self.blocks["2"].shortcut[1](blocks_2_shortcut_0)
         # blocks.2 (BasicBlock), resnet.py:46
-        add_2 = out_5 + blocks_2_shortcut_1
-        relu_5 = F.relu(add_2)
+        add = out_1 + blocks_2_shortcut_1
+        relu = F.relu(add)
         # blocks.3 (BasicBlock), resnet.py:44-46
-        blocks_3_conv1 = self.blocks["3"].conv1(relu_5)
-        blocks_3_bn1 = self.blocks["3"].bn1(blocks_3_conv1)
-        out_6 = F.relu(blocks_3_bn1)
-        blocks_3_conv2 = self.blocks["3"].conv2(out_6)
-        out_7 = self.blocks["3"].bn2(blocks_3_conv2)
-        blocks_3_shortcut = self.blocks["3"].shortcut(relu_5)
-        add_3 = out_7 + blocks_3_shortcut
+        conv1 = self.blocks["3"].conv1(relu)
+        bn1 = self.blocks["3"].bn1(conv1)
+        out_2 = F.relu(bn1)
+        conv2_1 = self.blocks["3"].conv2(out_2)
+        out_3 = self.blocks["3"].bn2(conv2_1)
+        shortcut = self.blocks["3"].shortcut(relu)
+        add_3 = out_3 + shortcut
         return (add_3,)

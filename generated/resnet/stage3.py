@@ -24,30 +24,30 @@ class Stage3(torch.nn.Module):
 
     def forward(self, add_3):
         # blocks.3 (BasicBlock), resnet.py:46
-        relu_7 = F.relu(add_3)
+        relu = F.relu(add_3)
         # blocks.4 (BasicBlock), resnet.py:44-45
-        blocks_4_conv1 = self.blocks["4"].conv1(relu_7)
-        blocks_4_bn1 = self.blocks["4"].bn1(blocks_4_conv1)
-        out_8 = F.relu(blocks_4_bn1)
-        blocks_4_conv2 = self.blocks["4"].conv2(out_8)
-        out_9 = self.blocks["4"].bn2(blocks_4_conv2)
+        conv1 = self.blocks["4"].conv1(relu)
+        bn1 = self.blocks["4"].bn1(conv1)
+        out = F.relu(bn1)
+        conv2 = self.blocks["4"].conv2(out)
+        out_1 = self.blocks["4"].bn2(conv2)
         # blocks.4.shortcut (Sequential), resnet.py:46
-        blocks_4_shortcut_0 = self.blocks["4"].shortcut[0](relu_7)
+        blocks_4_shortcut_0 = self.blocks["4"].shortcut[0](relu)
         blocks_4_shortcut_1 = self.blocks["4"].shortcut[1](blocks_4_shortcut_0)
         # blocks.4 (BasicBlock), resnet.py:46
-        add_4 = out_9 + blocks_4_shortcut_1
-        relu_9 = F.relu(add_4)
+        add = out_1 + blocks_4_shortcut_1
+        relu_2 = F.relu(add)
         # blocks.5 (BasicBlock), resnet.py:44-46
-        blocks_5_conv1 = self.blocks["5"].conv1(relu_9)
-        blocks_5_bn1 = self.blocks["5"].bn1(blocks_5_conv1)
-        out_10 = F.relu(blocks_5_bn1)
-        blocks_5_conv2 = self.blocks["5"].conv2(out_10)
-        out_11 = self.blocks["5"].bn2(blocks_5_conv2)
-        blocks_5_shortcut = self.blocks["5"].shortcut(relu_9)
-        add_5 = out_11 + blocks_5_shortcut
-        relu_11 = F.relu(add_5)
+        conv1_1 = self.blocks["5"].conv1(relu_2)
+        bn1_1 = self.blocks["5"].bn1(conv1_1)
+        out_2 = F.relu(bn1_1)
+        conv2_1 = self.blocks["5"].conv2(out_2)
+        out_3 = self.blocks["5"].bn2(conv2_1)
+        shortcut = self.blocks["5"].shortcut(relu_2)
+        add_1 = out_3 + shortcut
+        relu_4 = F.relu(add_1)
         # ResNet, resnet.py:69
-        pool = self.pool(relu_11)
+        pool = self.pool(relu_4)
         flatten = torch.flatten(pool, 1)
         fc = self.fc(flatten)
         return (fc,)

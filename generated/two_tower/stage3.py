@@ -52,8 +52,8 @@ class Stage3(torch.nn.Module):
         item_embedding = F.normalize(project_5, dim=-1)
         exp = self.logit_scale.exp()
         scale = torch.minimum(exp, self.const_0)
-        mul_1 = query_embedding * item_embedding
-        sum_3 = mul_1.sum(-1)
-        mul_2 = scale * sum_3
-        score = mul_2 + self.bias
+        mul = query_embedding * item_embedding
+        sum_ = mul.sum(-1)
+        mul_1 = scale * sum_
+        score = mul_1 + self.bias
         return (query_embedding, item_embedding, score)

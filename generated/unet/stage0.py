@@ -24,10 +24,10 @@ class Stage0(torch.nn.Module):
 
     def forward(self, x):
         # encoders.0 (DoubleConv), unet.py:34
-        encoders_0_conv1 = self.encoders["0"].conv1(x)
-        relu = F.relu(encoders_0_conv1)
-        encoders_0_conv2 = self.encoders["0"].conv2(relu)
-        relu_1 = F.relu(encoders_0_conv2)
+        conv1 = self.encoders["0"].conv1(x)
+        relu = F.relu(conv1)
+        conv2 = self.encoders["0"].conv2(relu)
+        relu_1 = F.relu(conv2)
         # UNet, unet.py:61
         max_pool2d = F.max_pool2d(
             relu_1,
@@ -39,10 +39,10 @@ class Stage0(torch.nn.Module):
             return_indices=False,
         )
         # encoders.1 (DoubleConv), unet.py:34
-        encoders_1_conv1 = self.encoders["1"].conv1(max_pool2d)
-        relu_2 = F.relu(encoders_1_conv1)
-        encoders_1_conv2 = self.encoders["1"].conv2(relu_2)
-        relu_3 = F.relu(encoders_1_conv2)
+        conv1_1 = self.encoders["1"].conv1(max_pool2d)
+        relu_2 = F.relu(conv1_1)
+        conv2_1 = self.encoders["1"].conv2(relu_2)
+        relu_3 = F.relu(conv2_1)
         # UNet, unet.py:61
         max_pool2d_1 = F.max_pool2d(
             relu_3,

@@ -27,13 +27,13 @@ class Stage1(torch.nn.Module):
 
     def forward(self, max_pool2d_1):
         # encoders.2 (DoubleConv), unet.py:34
-        encoders_2_conv1 = self.encoders["2"].conv1(max_pool2d_1)
-        relu_4 = F.relu(encoders_2_conv1)
-        encoders_2_conv2 = self.encoders["2"].conv2(relu_4)
-        relu_5 = F.relu(encoders_2_conv2)
+        conv1 = self.encoders["2"].conv1(max_pool2d_1)
+        relu = F.relu(conv1)
+        conv2 = self.encoders["2"].conv2(relu)
+        relu_2 = F.relu(conv2)
         # UNet, unet.py:61
         x_1 = F.max_pool2d(
-            relu_5,
+            relu_2,
             2,
             stride=None,
             padding=0,
@@ -42,14 +42,14 @@ class Stage1(torch.nn.Module):
             return_indices=False,
         )
         # bottleneck (DoubleConv), unet.py:34
-        bottleneck_conv1 = self.bottleneck.conv1(x_1)
-        relu_6 = F.relu(bottleneck_conv1)
-        bottleneck_conv2 = self.bottleneck.conv2(relu_6)
-        relu_7 = F.relu(bottleneck_conv2)
+        conv1_1 = self.bottleneck.conv1(x_1)
+        relu_4 = F.relu(conv1_1)
+        conv2_1 = self.bottleneck.conv2(relu_4)
+        relu_5 = F.relu(conv2_1)
         # UNet, unet.py:64
-        upsamplers_0 = self.upsamplers["0"](relu_7)
-        cat = torch.cat([upsamplers_0, relu_5], dim=1)
+        upsamplers_0 = self.upsamplers["0"](relu_5)
+        cat = torch.cat([upsamplers_0, relu_2], dim=1)
         # decoders.0 (DoubleConv), unet.py:34
-        decoders_0_conv1 = self.decoders["0"].conv1(cat)
-        relu_8 = F.relu(decoders_0_conv1)
+        conv1_2 = self.decoders["0"].conv1(cat)
+        relu_8 = F.relu(conv1_2)
         return (relu_8,)

@@ -26,14 +26,14 @@ class Stage2(torch.nn.Module):
 
     def forward(self, relu_3, relu_8):
         # decoders.0 (DoubleConv), unet.py:34
-        decoders_0_conv2 = self.decoders["0"].conv2(relu_8)
-        relu_9 = F.relu(decoders_0_conv2)
+        conv2 = self.decoders["0"].conv2(relu_8)
+        relu = F.relu(conv2)
         # UNet, unet.py:64
-        upsamplers_1 = self.upsamplers["1"](relu_9)
-        cat_1 = torch.cat([upsamplers_1, relu_3], dim=1)
+        upsamplers_1 = self.upsamplers["1"](relu)
+        cat = torch.cat([upsamplers_1, relu_3], dim=1)
         # decoders.1 (DoubleConv), unet.py:34
-        decoders_1_conv1 = self.decoders["1"].conv1(cat_1)
-        relu_10 = F.relu(decoders_1_conv1)
-        decoders_1_conv2 = self.decoders["1"].conv2(relu_10)
-        relu_11 = F.relu(decoders_1_conv2)
+        conv1 = self.decoders["1"].conv1(cat)
+        relu_2 = F.relu(conv1)
+        conv2_1 = self.decoders["1"].conv2(relu_2)
+        relu_11 = F.relu(conv2_1)
         return (relu_11,)

@@ -26,12 +26,12 @@ class Stage3(torch.nn.Module):
     def forward(self, relu_1, relu_11):
         # UNet, unet.py:64
         upsamplers_2 = self.upsamplers["2"](relu_11)
-        x_2 = torch.cat([upsamplers_2, relu_1], dim=1)
+        x_1 = torch.cat([upsamplers_2, relu_1], dim=1)
         # decoders.2 (DoubleConv), unet.py:34
-        decoders_2_conv1 = self.decoders["2"].conv1(x_2)
-        relu_12 = F.relu(decoders_2_conv1)
-        decoders_2_conv2 = self.decoders["2"].conv2(relu_12)
-        relu_13 = F.relu(decoders_2_conv2)
+        conv1 = self.decoders["2"].conv1(x_1)
+        relu = F.relu(conv1)
+        conv2 = self.decoders["2"].conv2(relu)
+        relu_2 = F.relu(conv2)
         # UNet, unet.py:65
-        head = self.head(relu_13)
+        head = self.head(relu_2)
         return (head,)
