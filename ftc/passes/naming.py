@@ -41,17 +41,22 @@ def _statements(path: Path) -> dict[int, ast.stmt]:
     return by_line
 
 
-def _targets(stmt: ast.stmt) -> str | list[str] | None:
+def _targets(stmt: ast.stmt) -> str | list | None:
+    """What a statement assigns to: a name, or (nested) lists of names for tuple targets."""
     if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
         target = stmt.targets[0]
     elif isinstance(stmt, (ast.AugAssign, ast.AnnAssign)):
         target = stmt.target
     else:
         return None
+    return _names(target)
+
+
+def _names(target: ast.expr) -> str | list | None:
     if isinstance(target, ast.Name):
         return target.id
-    if isinstance(target, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Name) for e in target.elts):
-        return [e.id for e in target.elts]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [_names(element) for element in target.elts]
     return None
 
 
@@ -72,17 +77,21 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         targets = _targets(stmt)
         if isinstance(targets, str):
             wanted[group[-1].name] = targets
-        elif isinstance(targets, list):
-            members = {node.name for node in group}
-            for node in group:
-                if (
-                    node.target == "operator.getitem"
-                    and isinstance(node.args[0], Ref)
-                    and node.args[0].name in members
-                    and isinstance(node.args[1], int)
-                    and 0 <= node.args[1] < len(targets)
-                ):
-                    wanted[node.name] = targets[node.args[1]]
+            return
+        # Tuple targets name the items unpacked (getitem) from the statement's last value,
+        # nested tuples included: `h, (hn, cn) = self.lstm(x)`.
+        spec: dict[str, str | list | None] = {}
+        for node in group:
+            source = node.args[0] if node.args else None
+            index = node.args[1] if len(node.args) > 1 else None
+            if node.target == "operator.getitem" and isinstance(source, Ref) and isinstance(spec.get(source.name), list):
+                items = spec[source.name]
+                item = items[index] if isinstance(index, int) and 0 <= index < len(items) else None
+                if isinstance(item, str):
+                    wanted[node.name] = item
+                spec[node.name] = item
+            else:
+                spec = {node.name: targets}
 
     open_groups: dict[str, tuple[ast.stmt | None, list[Node]]] = {}
     for node in graph.nodes:
@@ -143,6 +152,8 @@ def default_label(node: Node) -> str:
         base = node.target.replace(".", "_")
         attribute = node.target.rpartition(".")[2]
         label = attribute if attribute.isidentifier() else base
+    elif node.target == "getattr" and len(node.args) == 2 and isinstance(node.args[1], str):
+        base, label = "getattr", node.args[1]
     else:
         parts = node.target.split(".")
         # "torch.ops.aten.view.default" -> "view"; "operator.add" -> "add"; "view" -> "view"
