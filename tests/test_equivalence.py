@@ -72,7 +72,7 @@ def test_stages_compute_what_the_model_computes(model_path, stages, compile_to):
     assert_check_passes(folder, batch_size=3)  # stage code must not bake in the compile batch size
 
 
-@pytest.mark.parametrize("model_path", [EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "two_tower.py"])
+@pytest.mark.parametrize("model_path", [*sorted(EXAMPLES.glob("*.py")), MODELS / "shared.py"], ids=lambda p: p.stem)
 def test_original_state_dict_loads_into_stages(model_path, compile_to):
     """Keys are the original's: a state_dict saved from the model loads into fresh stages, which
     then compute the model's outputs."""
