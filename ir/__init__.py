@@ -23,6 +23,7 @@ from .graph import (
     map_refs,
     meta_nbytes,
     meta_tensors,
+    unique_name,
 )
 from .serialize import dumps, graph_from_dict, graph_to_dict, load, loads, save
 from .validate import dataflow, validate
@@ -31,5 +32,5 @@ __all__ = [
     "COMPUTE_OPS", "FORMAT", "OPS", "Arg", "Constant", "Cost", "FtcError", "Graph", "Meta", "Node",
     "OtherMeta", "Outputs", "Ref", "ScalarMeta", "SeqMeta", "StateTensor", "TensorMeta",
     "TorchExpr", "arg_refs", "dataflow", "dumps", "graph_from_dict", "graph_to_dict", "load",
-    "loads", "map_refs", "meta_nbytes", "meta_tensors", "save", "validate",
+    "loads", "map_refs", "meta_nbytes", "meta_tensors", "save", "unique_name", "validate",
 ]  # fmt: skip

@@ -162,6 +162,16 @@ class Node:
         return list(seen)
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... whichever is not in `taken`; the result is added to it."""
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
 def arg_refs(arg: Arg) -> list[str]:
     if isinstance(arg, Ref):
         return [arg.name]

@@ -17,7 +17,7 @@ from functools import cache
 import black
 import jinja2
 
-from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors
+from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors, unique_name
 
 from .plan import Adoption, StagePlan
 
@@ -96,13 +96,7 @@ class StageWriter:
         for node in self.plan.nodes:
             if node.name in local:
                 continue
-            base = variable(node.label or node.name)
-            candidate, k = base, 1
-            while candidate in taken:
-                candidate = f"{base}_{k}"
-                k += 1
-            taken.add(candidate)
-            local[node.name] = candidate
+            local[node.name] = unique_name(variable(node.label or node.name), taken)
         return local
 
     # -- naming --------------------------------------------------------------------------

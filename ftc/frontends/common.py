@@ -4,7 +4,6 @@ recording the model's modules and state, and finding the user's source line for 
 from __future__ import annotations
 
 import builtins
-import operator
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ftc.interpreter import resolve_function
-from ftc.ir import FtcError, Ref, StateTensor, TensorMeta, TorchExpr
+from ftc.ir import FtcError, StateTensor, TensorMeta, TorchExpr
 from ftc.runtime.model_file import ModelFile
 
 # Constants created inside forward are written into the stage code; past this many elements
@@ -159,12 +158,3 @@ def constant_from_tensor(t: torch.Tensor, where: str) -> tuple[list, str]:
             "or compute it from the inputs inside forward",
         )
     return t.detach().cpu().tolist(), dtype_name(t.dtype)
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name = f"{base}_{k}"
-        k += 1
-    taken.add(name)
-    return name

@@ -15,10 +15,10 @@ import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
-from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr
+from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
 
-from .common import constant_from_tensor, function_expr, ir_arg, module_table, state_table, unique_name
+from .common import constant_from_tensor, function_expr, ir_arg, module_table, state_table
 from .fx import input_names
 
 # The device the stage runs on; generated code binds `device` from a stage input.

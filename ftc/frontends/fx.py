@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref
+from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, unique_name
 from ftc.runtime.model_file import ModelFile
 
 from .common import (
@@ -22,7 +22,6 @@ from .common import (
     module_table,
     mutated_arg,
     state_table,
-    unique_name,
     user_source,
 )
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from ftc.ir import Graph, Node, Ref, map_refs
+from ftc.ir import Graph, Node, Ref, map_refs, unique_name
 
 
 def _statements(path: Path) -> dict[int, ast.stmt]:
@@ -122,12 +122,7 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             continue
         labels[node.name] = base
         taken.discard(node.name)
-        name, k = base, 1
-        while name in taken:
-            name = f"{base}_{k}"
-            k += 1
-        taken.add(name)
-        renames[node.name] = name
+        renames[node.name] = unique_name(base, taken)
     def rename(ref: Ref) -> Ref:
         return Ref(renames.get(ref.name, ref.name))
 
