@@ -47,11 +47,11 @@ def recorded_stage_files(folder: Path) -> dict[str, str]:
         ) from exc
 
 
-def edited_files(folder: Path) -> list[str]:
-    """Stage files in `folder` whose content differs from what the last compile wrote."""
+def edited_files(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """Stage files in `folder` whose content differs from the sha256 the last compile recorded."""
     return sorted(
         file
-        for file, digest in recorded_stage_files(folder).items()
+        for file, digest in recorded.items()
         if (folder / file).is_file() and sha256((folder / file).read_text()) != digest
     )
 
@@ -110,7 +110,7 @@ def write_pipeline(
 ) -> tuple[Path, list[dict]]:
     folder = Path(out_dir) / graph.name
     previous = recorded_stage_files(folder)
-    edited = edited_files(folder)
+    edited = edited_files(folder, previous)
     if edited and not force:
         raise FtcError(
             f"{folder}: stage files were edited by hand since ftc wrote them: {', '.join(edited)}",
@@ -121,7 +121,8 @@ def write_pipeline(
     plans = plan_stages(graph)
     costs = stage_costs(graph, problem, plans)
     stage_sources = {f"stage{plan.index}.py": render_stage(graph, plans, plan.index, model_rel) for plan in plans}
-    crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=[n.name for n in graph.nodes].index)
+    position = {node.name: k for k, node in enumerate(graph.nodes)}
+    crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=position.__getitem__)
     by_name = graph.by_name()
     times = [row["predicted_time"] for row in costs]
     manifest = {

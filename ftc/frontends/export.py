@@ -46,10 +46,7 @@ def trace_export(
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
     with torch.device("meta"):
-        program = torch.export.export(
-            model, args, kwargs or None, strict=False,
-            dynamic_shapes=dynamic if isinstance(dynamic, tuple) else {k: v for k, v in dynamic.items()},
-        )  # fmt: skip
+        program = torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic)
         structure = model(*args, **kwargs)
     signature = program.graph_signature
     modules = module_table(model, model_file)
