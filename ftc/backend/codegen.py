@@ -65,14 +65,14 @@ def shape_text(meta: TensorMeta, batch_size: int) -> str:
     return f"{meta.dtype}[{', '.join(dims)}]"
 
 
-def value_text(graph: Graph, name: str) -> str:
-    meta = graph.node(name).meta
+def value_text(meta, batch_size: int) -> str:
+    """How the docstring describes a value: "float32[B, 64, 128]", "int", ..."""
     if isinstance(meta, TensorMeta):
-        return shape_text(meta, graph.batch_size)
+        return shape_text(meta, batch_size)
     tensors = meta_tensors(meta)
     if tensors:
-        return f"({', '.join(shape_text(t, graph.batch_size) for t in tensors)})"
-    return type(meta).__name__.removesuffix("Meta").lower() if meta else "value"
+        return f"({', '.join(shape_text(t, batch_size) for t in tensors)})"
+    return getattr(meta, "type", "value")
 
 
 class StageWriter:
@@ -87,6 +87,8 @@ class StageWriter:
         self.read = {name for node in plan.nodes for name in node.refs()} | set(plan.outputs)
         self.local = self._local_names(crossing)
 
+    # -- naming --------------------------------------------------------------------------
+
     def _local_names(self, crossing: set[str]) -> dict[str, str]:
         """Variable names: values that cross stages keep their pipeline-wide names (those in
         pipeline.json); values that live and die inside the stage are named after their label,
@@ -98,8 +100,6 @@ class StageWriter:
                 continue
             local[node.name] = unique_name(variable(node.label or node.name), taken)
         return local
-
-    # -- naming --------------------------------------------------------------------------
 
     def _adopted_kinds(self, entries: list[Adoption]) -> dict[str, str]:
         kinds = {}
@@ -252,7 +252,7 @@ class StageWriter:
                     lines.append(f"{owner}.register_buffer({name!r}, model.get_buffer({entry.path!r}){persistent})")
 
         emit(self.plan.adopted, "self")
-        if self.needs_device_anchor:
+        if self.device_line() and not self.tensor_input():
             lines.append('self.register_buffer("device_anchor", torch.empty(0), persistent=False)')
         for name in self.plan.constants:
             constant = self.graph.constants[name]
@@ -262,20 +262,15 @@ class StageWriter:
         return lines
 
     def device_line(self) -> str | None:
-        """`device = <input>.device` when a statement creates tensors on the stage's device."""
+        """`device = <input>.device` when a statement creates tensors on the stage's device; a
+        stage that receives no tensor asks an empty buffer that moves with the stage."""
         if not any(_uses_stage_device((n.args, n.kwargs)) for n in self.plan.nodes):
             return None
-        for name in self.plan.inputs:
-            if isinstance(self.by_name[name].meta, TensorMeta):
-                return f"device = {self.local[name]}.device"
-        return "device = self.device_anchor.device"
+        source = self.tensor_input()
+        return f"device = {self.local[source]}.device" if source else "device = self.device_anchor.device"
 
-    @property
-    def needs_device_anchor(self) -> bool:
-        """A stage that creates tensors but receives none learns its device from an empty
-        buffer, which moves with the stage."""
-        line = self.device_line()
-        return line is not None and "device_anchor" in line
+    def tensor_input(self) -> str | None:
+        return next((n for n in self.plan.inputs if isinstance(self.by_name[n].meta, TensorMeta)), None)
 
     def render(self, model_file: str) -> str:
         blocks = self.blocks()
@@ -288,8 +283,8 @@ class StageWriter:
             num_stages=self.graph.num_stages,
             device=self.plan.device,
             summary=_stage_summary(self.plan),
-            inputs=[(self.local[n], value_text(self.graph, n)) for n in self.plan.inputs],
-            outputs=[(self.local[n], value_text(self.graph, n)) for n in self.plan.outputs],
+            inputs=[(self.local[n], value_text(self.by_name[n].meta, self.graph.batch_size)) for n in self.plan.inputs],
+            outputs=[(self.local[n], value_text(self.by_name[n].meta, self.graph.batch_size)) for n in self.plan.outputs],
             stdlib_imports=sorted(self.imports - {"torch", "F"}),
             uses_functional="F" in self.imports,
             init_lines=init_lines,
