@@ -81,6 +81,12 @@ class Interpreter:
         return self.execute(node, args, kwargs)
 
     def execute(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        if not node.grad_enabled:
+            with torch.no_grad():
+                return self._execute(node, args, kwargs)
+        return self._execute(node, args, kwargs)
+
+    def _execute(self, node: Node, args: tuple, kwargs: dict) -> Any:
         args = tuple(self.torch_objects(arg) for arg in args)
         kwargs = {key: self.torch_objects(value) for key, value in kwargs.items()}
         if node.op == "get_attr":

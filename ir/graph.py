@@ -145,6 +145,8 @@ class Node:
     # What the value is called in the model's source (or after the op that made it), without
     # the suffix that makes `name` unique model-wide; stage code names local values after it.
     label: str = ""
+    # False where the model ran this op under torch.no_grad(); stage code does the same.
+    grad_enabled: bool = True
     meta: Meta | None = None
     cost: Cost = field(default_factory=Cost)
     stage: int | None = None

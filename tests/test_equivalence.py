@@ -29,6 +29,7 @@ CASES = [
     (MODELS / "leaf.py", (1, 2)),
     (MODELS / "shape_dependent.py", (1, 2, 4, 8)),
     (MODELS / "deep_skip.py", (1, 2, 4, 8)),
+    (MODELS / "no_grad.py", (1, 2, 3)),
 ]
 PARAMS = [pytest.param(path, stages, id=f"{path.stem}-P{stages}") for path, counts in CASES for stages in counts]
 

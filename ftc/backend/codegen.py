@@ -217,8 +217,12 @@ class StageWriter:
         groups: list[dict] = []
         for node in self.plan.nodes:
             if not groups or groups[-1]["module_path"] != node.module_path:
-                groups.append({"module_path": node.module_path, "module_class": node.module_class, "lines": [], "sources": []})
-            groups[-1]["lines"].append(self.statement(node))
+                groups.append({"module_path": node.module_path, "module_class": node.module_class, "lines": [], "sources": [], "no_grad": False})
+            group = groups[-1]
+            if not node.grad_enabled and not group["no_grad"]:
+                group["lines"].append("with torch.no_grad():")
+            group["no_grad"] = not node.grad_enabled
+            group["lines"].append(("    " if group["no_grad"] else "") + self.statement(node))
             if node.source:
                 groups[-1]["sources"].append(node.source)
         for group in groups:

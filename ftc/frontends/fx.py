@@ -44,6 +44,9 @@ class _Tracer(fx.Tracer):
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["ftc_source"] = user_source(self.model_file)
+        # fx records no context managers, but `with torch.no_grad():` in forward really runs
+        # while tracing, so the grad mode at this moment is the one the op ran under.
+        node.meta["ftc_grad_enabled"] = torch.is_grad_enabled()
         return node
 
 
@@ -132,6 +135,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             module_path=module_path,
             module_class=module_class,
             source=fx_node.meta.get("ftc_source", ""),
+            grad_enabled=fx_node.meta.get("ftc_grad_enabled", True),
         )
         if fx_node.op == "get_attr":
             node.target = fx_node.target
