@@ -122,6 +122,24 @@ def test_untraceable_model_names_the_source_line(tmp_path, capsys):
     assert_user_error(result, "branchy.py:12", "if h.sum() > 0:", "LEAF_MODULES")
 
 
+def test_autocast_inside_forward_is_refused(tmp_path, capsys):
+    """fx drops context managers; silently dropping autocast would change the numerics."""
+    text = GOOD.replace(
+        "def build_model():",
+        "class Casting(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(8, 4)\n\n"
+        "    def forward(self, x):\n"
+        "        with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "            return self.fc(x)\n\n\n"
+        "def build_model():\n    return Casting()\n\n\ndef unused():",
+    )
+    model = write(tmp_path, "casting.py", text)
+    result = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "casting.py:", "torch.autocast")
+
+
 def test_more_stages_than_ops(tmp_path, capsys):
     model = write(tmp_path, "good.py", GOOD)
     result = run_cli(["compile", model, "--stages", 6, "-o", tmp_path / "gen"], capsys)

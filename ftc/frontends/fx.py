@@ -47,6 +47,12 @@ class _Tracer(fx.Tracer):
         # fx records no context managers, but `with torch.no_grad():` in forward really runs
         # while tracing, so the grad mode at this moment is the one the op ran under.
         node.meta["ftc_grad_enabled"] = torch.is_grad_enabled()
+        if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+            raise FtcError(
+                f"{node.meta['ftc_source'] or self.model_file.path.name}: forward runs ops under "
+                "torch.autocast, which ftc cannot carry into stage code yet",
+                "remove autocast from forward and apply it around the whole model when training",
+            )
         return node
 
 
