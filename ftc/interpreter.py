@@ -45,7 +45,8 @@ class Interpreter:
         self.graph = graph
         self.model = model
         self.device = device
-        self.functions: dict[str, Any] = {}
+        self.functions: dict[str, Any] = {}  # call_function target -> callable
+        self.objects: dict[str, Any] = {}  # TorchExpr -> torch object
         self.env: dict[str, Any] = {}
 
     def run(self, inputs: tuple | dict) -> Any:
@@ -117,7 +118,9 @@ class Interpreter:
         if isinstance(arg, TorchExpr):
             if arg.expr == "device":  # the device the stage runs on
                 return torch.device(self.device or "cpu")
-            return eval(arg.expr, dict(TARGET_NAMESPACE), {})  # written by a frontend from a torch object
+            if arg.expr not in self.objects:  # written by a frontend from a torch object
+                self.objects[arg.expr] = eval(arg.expr, dict(TARGET_NAMESPACE), {})
+            return self.objects[arg.expr]
         if isinstance(arg, (tuple, list)):
             return type(arg)(self.torch_objects(item) for item in arg)
         if isinstance(arg, dict):

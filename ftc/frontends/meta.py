@@ -8,6 +8,7 @@ micro-batches of any size.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,14 +19,13 @@ from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, 
 from .common import dtype_name
 
 
-class _Recorder(Interpreter):
+class _Propagator(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
-        self.values: dict[str, Any] = {}
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         try:
-            value = super().run_node(node, args, kwargs)
+            return super().run_node(node, args, kwargs)
         except FtcError:
             raise
         except Exception as exc:
@@ -35,24 +35,16 @@ class _Recorder(Interpreter):
                 "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
                 "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class",
             ) from exc
-        self.values[node.name] = value
-        return value
 
 
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
     """Fill node.meta for every node. `batch` and `double_batch` are meta-device example inputs at
     the compile batch size and at twice it."""
-    runs = []
-    for inputs in (batch, double_batch):
-        recorder = _Recorder(graph, model)
-        recorder.run(inputs)
-        inputs_by_name = inputs if isinstance(inputs, dict) else dict(zip(graph.inputs, inputs))
-        recorder.values.update({name: inputs_by_name[name] for name in graph.inputs})
-        runs.append(recorder.values)
-    single, double = runs
-    for node in graph.nodes:
-        node.meta = value_meta(single[node.name], double[node.name])
-    return graph
+    single, double = _Propagator(graph, model), _Propagator(graph, model)
+    single.run(batch)
+    double.run(double_batch)
+    nodes = [replace(node, meta=value_meta(single.env[node.name], double.env[node.name])) for node in graph.nodes]
+    return replace(graph, nodes=nodes)
 
 
 def value_meta(value: Any, doubled: Any) -> Meta:

@@ -123,6 +123,7 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         labels[node.name] = base
         taken.discard(node.name)
         renames[node.name] = unique_name(base, taken)
+
     def rename(ref: Ref) -> Ref:
         return Ref(renames.get(ref.name, ref.name))
 

@@ -75,12 +75,16 @@ class _Counter(Interpreter):
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         if not node.is_compute:
             return super().run_node(node, args, kwargs)
+        # One run on inputs cut from the graph gives the forward's FLOPs and bytes and a
+        # backward that covers this node alone. On the meta device the cut copies carry all
+        # the later nodes need (shapes, dtypes, requires_grad).
+        leaves: list[torch.Tensor] = []
+        args, kwargs = _cut(args, leaves), _cut(kwargs, leaves)
         with FlopCounterMode(display=False) as counter:
             out = super().run_node(node, args, kwargs)
         fwd_flops = counter.get_total_flops()
-        inputs = _tensors((args, kwargs))
-        nbytes = _traffic(inputs, _tensors(out))
-        bwd_flops = self._backward_flops(node, args, kwargs)
+        nbytes = _traffic(_tensors((args, kwargs)), _tensors(out))
+        bwd_flops = self._backward_flops(node, out, leaves)
         if bwd_flops is None:
             # A module that only runs for real (interpreter.run_on_cpu) has no autograd graph
             # on the meta device to count; its backward is taken as twice its forward, as for
@@ -89,24 +93,18 @@ class _Counter(Interpreter):
         self.costs[node.name] = (fwd_flops, bwd_flops, nbytes)
         return out
 
-    def _backward_flops(self, node: Node, args: tuple, kwargs: dict) -> int | None:
+    def _backward_flops(self, node: Node, out: Any, leaves: list[torch.Tensor]) -> int | None:
         params = []
         if node.op == "call_module":
             params = [p for p in self.model.get_submodule(node.target).parameters() if p.requires_grad]
-        if not params and not any(t.requires_grad for t in _tensors((args, kwargs))):
-            return 0
-        leaves: list[torch.Tensor] = []
-        cut_args, cut_kwargs = _cut(args, leaves), _cut(kwargs, leaves)
-        outputs = [t for t in _tensors(self.execute(node, cut_args, cut_kwargs)) if t.requires_grad]
+        outputs = [t for t in _tensors(out) if t.requires_grad]
         if any(t.grad_fn is None for t in outputs):
             return None
         targets = leaves + params
         if not outputs or not targets:
             return 0
         with FlopCounterMode(display=False) as counter:
-            torch.autograd.grad(
-                outputs, targets, [torch.ones_like(t) for t in outputs], allow_unused=True
-            )
+            torch.autograd.grad(outputs, targets, [torch.ones_like(t) for t in outputs], allow_unused=True)
         return counter.get_total_flops()
 
 
