@@ -66,6 +66,7 @@ def plan_stages(graph: Graph) -> list[StagePlan]:
 
     _place_unread_state(graph, used)
 
+    tree = _ModuleTree.of(graph)
     plans = []
     for stage in range(graph.num_stages):
         nodes = [node for node in graph.nodes if node.is_compute and node.stage == stage]
@@ -86,7 +87,7 @@ def plan_stages(graph: Graph) -> list[StagePlan]:
                 nodes=nodes,
                 inputs=inputs,
                 outputs=outputs,
-                adopted=_adoption_tree(graph, used[stage]),
+                adopted=_adoption_tree(graph, tree, used[stage]),
                 state=sorted(name for name in graph.state if _covered(name, used[stage])),
                 constants=sorted(constants[stage]),
             )
@@ -111,38 +112,43 @@ def _place_unread_state(graph: Graph, used: list[set[str]]) -> None:
         used[home].add(name)
 
 
-def _needs(graph: Graph) -> dict[str, set[str]]:
-    """For each module path, the leaf modules called and the tensors under it, model-wide."""
-    leaves = {node.target for node in graph.nodes if node.op == "call_module"}
-    needs: dict[str, set[str]] = {path: set() for path in graph.modules}
-    for item in leaves | set(graph.state):
-        parts = item.split(".")
-        for k in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:k])
-            if prefix in needs:
-                needs[prefix].add(item)
-    return needs
+@dataclass
+class _ModuleTree:
+    """The model's module hierarchy, as adoption needs it; the same for every stage."""
+
+    children: dict[str, list[str]]  # module path -> child module paths
+    tensors_of: dict[str, list[str]]  # module path -> its own parameters and buffers
+    needs: dict[str, set[str]]  # module path -> the leaf modules called and tensors under it
+
+    @classmethod
+    def of(cls, graph: Graph) -> _ModuleTree:
+        children: dict[str, list[str]] = {}
+        for path in graph.modules:
+            if path:
+                children.setdefault(path.rpartition(".")[0], []).append(path)
+        tensors_of: dict[str, list[str]] = {}
+        for name in graph.state:
+            tensors_of.setdefault(name.rpartition(".")[0], []).append(name)
+        leaves = {node.target for node in graph.nodes if node.op == "call_module"}
+        needs: dict[str, set[str]] = {path: set() for path in graph.modules}
+        for item in leaves | set(graph.state):
+            parts = item.split(".")
+            for k in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:k])
+                if prefix in needs:
+                    needs[prefix].add(item)
+        return cls(children, tensors_of, needs)
 
 
-def _adoption_tree(graph: Graph, items: set[str]) -> list[Adoption]:
-    needs = _needs(graph)
-    children: dict[str, list[str]] = {}
-    for path in graph.modules:
-        if path:
-            parent = path.rpartition(".")[0]
-            children.setdefault(parent, []).append(path)
-    tensors_of: dict[str, list[str]] = {}
-    for name in graph.state:
-        tensors_of.setdefault(name.rpartition(".")[0], []).append(name)
-
+def _adoption_tree(graph: Graph, tree: _ModuleTree, items: set[str]) -> list[Adoption]:
     def build(module_path: str) -> list[Adoption]:
         entries = []
-        for name in tensors_of.get(module_path, []):
+        for name in tree.tensors_of.get(module_path, []):
             if _covered(name, items):
                 tensor = graph.state[name]
                 entries.append(Adoption(name, tensor.kind, tensor.persistent))
-        for child in children.get(module_path, []):
-            need = needs.get(child, set())
+        for child in tree.children.get(module_path, []):
+            need = tree.needs.get(child, set())
             if not need or not any(_covered(item, items) for item in need):
                 continue
             if child in items or all(_covered(item, items) for item in need):
