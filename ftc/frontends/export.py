@@ -1,23 +1,37 @@
 """torch.export frontend (non-strict): for models whose Python torch.fx cannot trace, such as
-code that computes with shapes (`torch.ones(t, t)` with `t = x.shape[1]`).
+code that computes with shapes (`torch.ones(t, t)` with `t = x.shape[1]`) or Hugging Face
+transformers models.
 
-The exported ATen graph is lowered into the same IR: lifted parameters and buffers become
-get_attr nodes under their original names, the batch dimension is symbolic (so stage code reads
-sizes from its inputs), and factory calls that named the tracing device use the stage's device.
+The exported ATen graph is lowered into the same IR as fx's: lifted parameters and buffers
+become get_attr nodes under their original names; the common ATen ops become the torch code
+people write (`a + b`, `x.view(...)`, `F.layer_norm`, see aten.py); an op that was the whole
+forward of a torch.nn layer (Linear, LayerNorm, Embedding, Dropout, ...) becomes a call of that
+module, so dropout follows the stage's train()/eval() mode; nodes keep their original module
+path (from nn_module_stack) for the stage comments; the batch dimension is symbolic (Dim
+"batch"), so stage code reads sizes from its inputs; and factory calls that named the tracing
+device use the stage's device.
+
+What stays as traced: training flags the model's Python read while tracing outside a torch.nn
+layer (`F.dropout(x, p, training=self.training)`, the dropout_p that attention code passes to
+scaled_dot_product_attention when training) and any Python branch on them.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._pytree import TreeSpec
 
+from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
 
+from .aten import DROPPED, lower, module_call, op_key, whole_view
 from .common import constant_from_tensor, function_expr, ir_arg, module_table, state_table
 from .fx import input_names
 
@@ -47,7 +61,6 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     with torch.device("meta"):
         program = torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic)
-        structure = model(*args, **kwargs)
     signature = program.graph_signature
     modules = module_table(model, model_file)
     state = state_table(model)
@@ -56,19 +69,24 @@ def trace_export(
     names: dict[fx.Node, str] = {}
     taken: set[str] = set()
     nodes: list[Node] = []
+    state_tensors: dict[fx.Node, torch.Tensor] = {}
 
     def ref_of(value: Any) -> Ref | None:
         return Ref(names[value]) if isinstance(value, fx.Node) else None
 
     user_inputs = iter(fed)
+    batch_dim = _batch_dim_by_input(fed, dynamic)
+    input_of: dict[fx.Node, str] = {}
     specs = {spec.arg.name: spec for spec in signature.input_specs}
+    ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and not _dropped(n))
     for fx_node in program.graph.nodes:
         where = f"node {fx_node.name!r}"
         if fx_node.op == "placeholder":
             spec = specs[fx_node.name]
             if spec.kind == InputKind.USER_INPUT:
-                input_name = next(user_inputs)
+                input_name = fx_node.name if fx_node.name in fed else next(user_inputs)
                 names[fx_node] = unique_name(input_name, taken)
+                input_of[fx_node] = input_name
                 nodes.append(Node(names[fx_node], "input", input_name))
                 continue
             node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", spec.target)
@@ -76,7 +94,9 @@ def trace_export(
                 data, dtype = constant_from_tensor(program.constants[spec.target], where)
                 node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state))
                 constants[node.target] = Constant(data, dtype)
-            elif spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER):
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                state_tensors[fx_node] = fetch_attr(model, spec.target)
+            else:
                 raise FtcError(f"torch.export input {fx_node.name!r} of kind {spec.kind.name} is not supported")
         elif fx_node.op == "output":
             user_values = [
@@ -84,22 +104,39 @@ def trace_export(
                 for value, out_spec in zip(fx_node.args[0], signature.output_specs)
                 if out_spec.kind == OutputKind.USER_OUTPUT
             ]
-            outputs = _outputs(structure, user_values, ref_of)
+            outputs = _outputs(program.call_spec.out_spec, user_values, ref_of)
             continue
         elif fx_node.op == "call_function":
-            module_path, source = _scope(fx_node, model_file)
-            node = Node(
-                unique_name(fx_node.name, taken), "call_function", "",
-                module_path=module_path, module_class=modules.get(module_path, ""), source=source,
-            )  # fmt: skip
+            if _dropped(fx_node) and not fx_node.users:
+                continue
+            whole = whole_view(fx_node.target, fx_node.args, fx_node.kwargs) if _is_aten(fx_node) else None
+            if isinstance(whole, fx.Node):
+                names[fx_node] = names[whole]
+                continue
             target = fx_node.target
             fx_args = tuple(_stage_device(a) for a in fx_node.args)
             fx_kwargs = {k: _stage_device(v) for k, v in fx_node.kwargs.items()}
+            module_path, source = _scope(fx_node, model_file)
+            label = fx_node.name
+            node = Node("", "call_function", "")
             if target is torch.ops.aten.sym_size.int:
                 node.op, node.target = "call_method", "size"
+                if fx_args[1] == batch_dim.get(input_of.get(fx_args[0])):
+                    label = "batch"
             elif isinstance(target, torch._ops.OpOverload):
-                node.target = function_expr(target, fx_node.name)
                 node.mutates = _mutated(target)
+                call = None
+                if ops_per_call[_call_key(fx_node)] == 1 and module_path in modules:
+                    submodule = model.get_submodule(module_path)
+                    call = module_call(target, fx_args, fx_kwargs, submodule, module_path, state_tensors.get)
+                if call is not None:  # the node stands for the module call, made in the caller's scope
+                    module_path, source = _scope(fx_node, model_file, outer=1)
+                    label = call.target.replace(".", "_")  # as fx names module calls
+                call = call or lower(target, fx_args, fx_kwargs)
+                if call is None:
+                    node.target = function_expr(target, fx_node.name)
+                else:
+                    node.op, node.target, fx_args, fx_kwargs = call.op, call.target, call.args, call.kwargs
             elif isinstance(target, torch._ops.HigherOrderOperator):
                 raise FtcError(
                     f"torch.export produced the higher-order op {target.name()} at {source or where}",
@@ -109,6 +146,8 @@ def trace_export(
                 node.target = function_expr(target, fx_node.name)
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_args)
             node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_kwargs.items()}
+            node.name = unique_name(label, taken)
+            node.module_path, node.module_class, node.source = module_path, modules.get(module_path, ""), source
         else:
             raise FtcError(f"torch.export produced a {fx_node.op} node {fx_node.name!r}, which ftc does not lower")
         names[fx_node] = node.name
@@ -118,6 +157,25 @@ def trace_export(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export",
     )  # fmt: skip
+
+
+def _batch_dim_by_input(fed: list[str], dynamic: tuple | dict) -> dict[str, int]:
+    specs = dynamic.items() if isinstance(dynamic, dict) else zip(fed, dynamic)
+    return {name: next(iter(spec)) for name, spec in specs if spec}
+
+
+def _is_aten(fx_node: fx.Node) -> bool:
+    return isinstance(fx_node.target, torch._ops.OpOverload) and fx_node.target.namespace == "aten"
+
+
+def _dropped(fx_node: fx.Node) -> bool:
+    return _is_aten(fx_node) and op_key(fx_node.target) in DROPPED
+
+
+def _call_key(fx_node: fx.Node) -> str:
+    """Which module call made the node: nn_module_stack's innermost key, one per call."""
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), "")
 
 
 def _stage_device(value: Any) -> Any:
@@ -138,10 +196,12 @@ def _mutated(op: torch._ops.OpOverload) -> int | None:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
-def _scope(fx_node: fx.Node, model_file: ModelFile) -> tuple[str, str]:
+def _scope(fx_node: fx.Node, model_file: ModelFile, outer: int = 0) -> tuple[str, str]:
+    """The original module path the node ran in (`outer` levels up) and its model-file line."""
     stack = fx_node.meta.get("nn_module_stack") or {}
     paths = [path for path, _ in stack.values() if isinstance(path, str) and not path.startswith("_")]
-    module_path = paths[-1] if paths else ""
+    paths = [""] + paths[: len(paths) - outer]
+    module_path = paths[-1]
     source = ""
     for filename, line in _FRAME.findall(fx_node.meta.get("stack_trace") or ""):
         if filename.endswith(model_file.path.name):
@@ -149,19 +209,20 @@ def _scope(fx_node: fx.Node, model_file: ModelFile) -> tuple[str, str]:
     return module_path, source
 
 
-def _outputs(structure: Any, values: list, ref_of) -> Outputs:
+def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:
+    """The IR outputs, from the output's pytree structure: a tensor, a flat tuple or list, or a
+    flat dict (Hugging Face ModelOutputs are dicts)."""
     refs = [ref_of(value) for value in values]
     if any(ref is None for ref in refs):
         raise FtcError("the model returns a value that is not computed in forward", "return only tensors")
-    if isinstance(structure, torch.Tensor):
+    flat = all(child.is_leaf() for child in structure.children()) and len(refs) == structure.num_leaves
+    if structure.is_leaf() and len(refs) == 1:
         return Outputs("value", refs)
-    if isinstance(structure, dict):
-        keys = [str(key) for key, value in structure.items() if value is not None]
-        if len(keys) == len(refs):
-            return Outputs("dict", refs, keys)
-    elif isinstance(structure, (tuple, list)) and len(structure) == len(refs):
+    if flat and isinstance(structure.context, list) and structure.type is not None and issubclass(structure.type, dict):
+        return Outputs("dict", refs, [str(key) for key in structure.context])
+    if flat and structure.type is not None and issubclass(structure.type, (tuple, list)):  # namedtuples too
         return Outputs("tuple", refs)
     raise FtcError(
-        f"the model's output ({type(structure).__name__}) is nested or holds non-tensors",
+        f"the model's output ({getattr(structure.type, '__name__', 'value')}) is nested or holds non-tensors",
         "return a tensor, a flat tuple of tensors or a flat dict of tensors",
     )

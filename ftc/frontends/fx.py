@@ -59,12 +59,14 @@ class _Tracer(fx.Tracer):
 def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str], dict[str, Any]]:
     """The forward parameters the example batch feeds, and defaults for the ones it leaves out."""
     params = list(inspect.signature(model.forward).parameters.values())
-    variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    variadic = [p.name for p in params if p.kind == p.VAR_POSITIONAL]
     if variadic:
         raise FtcError(
             f"forward takes *{variadic[0]}; ftc needs named inputs",
             "give forward explicit parameters, one per input",
         )
+    # **kwargs (Hugging Face models take options through it) is left empty: inputs are named.
+    params = [p for p in params if p.kind != p.VAR_KEYWORD]
     names = [p.name for p in params]
     if isinstance(example, dict):
         unknown = [key for key in example if key not in names]

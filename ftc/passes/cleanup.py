@@ -12,7 +12,11 @@ from dataclasses import replace
 
 from ftc.ir import Graph
 
-RANDOM_MARKERS = ("dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "poisson", "exponential")
+# scaled_dot_product_attention draws its attention dropout when dropout_p > 0.
+RANDOM_MARKERS = (
+    "dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "poisson", "exponential",
+    "scaled_dot_product_attention",
+)  # fmt: skip
 
 
 def draws_random(target: str) -> bool:

@@ -1,0 +1,81 @@
+"""How does compile time grow with model size? GPT-2-shaped models (bench/models/gpt2_scale.py:
+width 1600, 25 heads, vocabulary 50257, context 1024, batch 4) of 12, 24 and 48 blocks (48 is
+GPT-2 XL, 1.5B parameters) are compiled into 8 stages, the model built on the meta device as
+`ftc compile` always does. Each size compiles in a fresh subprocess so peak memory does not mix.
+Printed per size: wall time of the compile, peak resident memory, time per block, and the
+forward-FLOPs balance over the devices (max over mean).
+
+    .venv/bin/python bench/compile_scale.py [--layers 12 24 48] [--stages 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "bench" / "models" / "gpt2_scale.py"
+
+
+def compile_once(layers: int, stages: int) -> dict:
+    """Compile in this process (a fresh one per size); the figures as a dict."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    os.environ["FTC_BENCH_LAYERS"] = str(layers)
+    with tempfile.TemporaryDirectory() as out:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        compiled = compile_model(MODEL, out, CompileOptions(stages=stages, batch_size=4, name=f"gpt2_{layers}"))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    flops: dict[int, int] = {}
+    for stage in compiled.stages:
+        flops[stage["device"]] = flops.get(stage["device"], 0) + stage["cost"]["fwd_flops"]
+    parameters = sum(stage["cost"]["parameters"] for stage in compiled.stages)
+    per_device = list(flops.values())
+    return {
+        "layers": layers,
+        "parameters": parameters,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "flops_balance": max(per_device) / (sum(per_device) / len(per_device)),
+        "gflops_min": min(per_device) / 1e9,
+        "gflops_max": max(per_device) / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[12, 24, 48])
+    parser.add_argument("--stages", type=int, default=8)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the per-size subprocess
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(compile_once(args.one, args.stages)))
+        return
+    rows = []
+    for layers in args.layers:
+        result = subprocess.run(
+            [sys.executable, __file__, "--one", str(layers), "--stages", str(args.stages)],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"GPT-2-shaped models (width 1600, vocab 50257, context 1024, batch 4) into {args.stages} stages")
+    print("(wall time depends on what else the machine runs; CPU time is the compiler's own work)")
+    print("blocks  params  wall s  CPU s  CPU s/block  peak RSS MB  fwd GFLOPs per device  max/mean")
+    for row in rows:
+        print(
+            f"{row['layers']:>6}  {row['parameters'] / 1e9:5.2f}B  {row['wall_s']:6.2f}  {row['cpu_s']:5.2f}"
+            f"  {row['cpu_s'] / row['layers']:11.3f}  {row['peak_rss_mb']:11.0f}"
+            f"  {row['gflops_min']:8.0f} .. {row['gflops_max']:<8.0f}  {row['flops_balance']:8.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""ATen calls as the torch code people write.
+
+torch.export records ATen overloads (`aten.add.Tensor`, `aten.view.default`,
+`aten.scaled_dot_product_attention.default`). Stage code reads better, and stays editable, when
+it says `a + b`, `x.view(batch, 16, -1)`, `F.scaled_dot_product_attention(q, k, v)` or calls the
+nn module the op came from (`self.ln_1(x)`). This module maps the common ops to those spellings;
+any op it does not know, or whose arguments the spelling could not express exactly, stays the
+ATen call, which is always correct.
+
+Why a hand-written table: torch has no public map from ATen overloads back to the Python API
+(the decompositions go the other way), and each entry must be checked against the overload's
+schema, argument by argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+# aten.slice's "to the end" is the largest int64
+_END = 2**63 - 1
+
+
+@dataclass
+class Call:
+    """One IR operation: op is "call_function", "call_method" or "call_module"."""
+
+    op: str
+    target: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+
+# Assertions torch.export records about metadata it already checked while tracing; without users
+# they only cost time, and their device argument names the tracing device.
+DROPPED = {"_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default"}
+
+
+def op_key(op: torch._ops.OpOverload) -> str:
+    """'add.Tensor' for aten.add.Tensor."""
+    return f"{op._schema.name.split('::')[-1]}.{op._overloadname}"
+
+
+def bind(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The op's arguments by schema name, defaults filled in."""
+    bound = {}
+    for index, argument in enumerate(op._schema.arguments):
+        if index < len(args) and not argument.kwarg_only:
+            bound[argument.name] = args[index]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+        else:
+            bound[argument.name] = None
+    return bound
+
+
+def _unless(a: dict, **defaults) -> dict:
+    """Keyword arguments for the values that differ from torch's defaults."""
+    return {name: a[name] for name, default in defaults.items() if not _equal(a[name], default)}
+
+
+def _equal(value: Any, default: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return len(value) == len(default) and all(_equal(v, d) for v, d in zip(value, default))
+    return type(value) is type(default) and value == default
+
+
+def _factory(a: dict) -> dict:
+    """dtype/device/... keywords of a factory op, minus those that say nothing."""
+    kwargs = {}
+    if a.get("dtype") is not None:
+        kwargs["dtype"] = a["dtype"]
+    if a.get("layout") not in (None, torch.strided):
+        kwargs["layout"] = a["layout"]
+    if a.get("device") is not None:
+        kwargs["device"] = a["device"]
+    if a.get("pin_memory"):
+        kwargs["pin_memory"] = True
+    return kwargs
+
+
+def _function(target: str, *names: str, **defaults) -> Callable[[dict], Call]:
+    return lambda a: Call("call_function", target, tuple(a[n] for n in names), _unless(a, **defaults))
+
+
+def _method(target: str, *names: str, **defaults) -> Callable[[dict], Call]:
+    return lambda a: Call("call_method", target, tuple(a[n] for n in names), _unless(a, **defaults))
+
+
+def _spread(target: str, sizes: str) -> Callable[[dict], Call]:
+    """x.view(a, b, c) for view(x, [a, b, c]); x.view([]) for a 0-dim result."""
+    return lambda a: Call("call_method", target, (a["self"], *a[sizes]) if a[sizes] else (a["self"], []))
+
+
+def _operator(name: str) -> Callable[[dict], Call | None]:
+    def lower(a: dict) -> Call | None:
+        if not _equal(a.get("alpha", 1), 1):
+            return None
+        return Call("call_function", f"operator.{name}", (a["self"], a["other"]))
+
+    return lower
+
+
+def _rsub(a: dict) -> Call | None:
+    if not _equal(a["alpha"], 1):
+        return None
+    return Call("call_function", "operator.sub", (a["other"], a["self"]))
+
+
+def _at_dim(source: Any, dim: int, item: Any) -> Call:
+    """source[..., item, :] with `item` at dimension `dim`: `x[:, 1:]`, `x[..., 0, :]`."""
+    index = (*(slice(None),) * dim, item) if dim >= 0 else (Ellipsis, item, *(slice(None),) * (-dim - 1))
+    return Call("call_function", "operator.getitem", (source, index[0] if len(index) == 1 else index))
+
+
+def _slice(a: dict) -> Call:
+    start = None if _equal(a["start"], 0) else a["start"]
+    end = None if _equal(a["end"], _END) else a["end"]
+    step = None if _equal(a["step"], 1) else a["step"]
+    return _at_dim(a["self"], a["dim"], slice(start, end, step))
+
+
+def _select(a: dict) -> Call:
+    return _at_dim(a["self"], a["dim"], a["index"])
+
+
+def _advanced_index(a: dict) -> Call:
+    index = tuple(slice(None) if i is None else i for i in a["indices"])
+    return Call("call_function", "operator.getitem", (a["self"], index))
+
+
+def _reduce(target: str) -> Callable[[dict], Call]:
+    def lower(a: dict) -> Call:
+        dims = a.get("dim")
+        kwargs = _unless(a, keepdim=False) if "keepdim" in a else {}
+        if dims is None:  # all dimensions: x.sum(), or x.sum(None, keepdim=True)
+            args = (a["self"], None) if kwargs else (a["self"],)
+        else:
+            args = (a["self"], dims[0] if len(dims) == 1 else tuple(dims))
+        if a.get("dtype") is not None:
+            kwargs["dtype"] = a["dtype"]
+        return Call("call_method", target, args, kwargs)
+
+    return lower
+
+
+def _softmax(target: str) -> Callable[[dict], Call | None]:
+    def lower(a: dict) -> Call | None:
+        if a.get("half_to_float"):
+            return None
+        kwargs = {"dtype": a["dtype"]} if a.get("dtype") is not None else {}
+        return Call("call_function", target, (a["self"], a["dim"]), kwargs)
+
+    return lower
+
+
+def _embedding(a: dict) -> Call:
+    kwargs = {}
+    if not _equal(a["padding_idx"], -1):
+        kwargs["padding_idx"] = a["padding_idx"]
+    kwargs.update(_unless(a, scale_grad_by_freq=False, sparse=False))
+    return Call("call_function", "F.embedding", (a["indices"], a["weight"]), kwargs)
+
+
+def _layer_norm(a: dict) -> Call:
+    return Call(
+        "call_function",
+        "F.layer_norm",
+        (a["input"], a["normalized_shape"]),
+        _unless(a, weight=None, bias=None, eps=1e-5),
+    )
+
+
+def _to(a: dict) -> Call | None:
+    """x.to(...) for to.dtype, to.device and to.dtype_layout (whose device the frontend has
+    already replaced by the stage's)."""
+    if a.get("layout") not in (None, torch.strided) or a.get("pin_memory"):
+        return None
+    positional = "device" in a and "layout" not in a  # to.device(self, device, dtype, ...)
+    args = (a["self"], a["device"]) if positional else (a["self"],)
+    kwargs = {}
+    if a.get("dtype") is not None:
+        kwargs["dtype"] = a["dtype"]
+    if not positional and a.get("device") is not None:
+        kwargs["device"] = a["device"]
+    kwargs.update(_unless(a, non_blocking=False, copy=False))
+    if a.get("memory_format") is not None:
+        kwargs["memory_format"] = a["memory_format"]
+    return Call("call_method", "to", args, kwargs)
+
+
+def _factory_call(target: str, *names: str) -> Callable[[dict], Call]:
+    return lambda a: Call("call_function", target, tuple(a[n] for n in names), _factory(a))
+
+
+def _new_factory(target: str, *names: str) -> Callable[[dict], Call]:
+    return lambda a: Call("call_method", target, tuple(a[n] for n in names), _factory(a))
+
+
+def _like(target: str, *names: str) -> Callable[[dict], Call]:
+    def lower(a: dict) -> Call:
+        kwargs = _factory(a)
+        if a.get("memory_format") is not None:
+            kwargs["memory_format"] = a["memory_format"]
+        return Call("call_function", target, tuple(a[n] for n in names), kwargs)
+
+    return lower
+
+
+def _contiguous(a: dict) -> Call | None:
+    # the schema's default is the enum's integer (0); a traced call passes the torch object
+    if a["memory_format"] not in (0, torch.contiguous_format):
+        return None
+    return Call("call_method", "contiguous", (a["self"],))
+
+
+def _clone(a: dict) -> Call:
+    kwargs = {"memory_format": a["memory_format"]} if a["memory_format"] is not None else {}
+    return Call("call_method", "clone", (a["self"],), kwargs)
+
+
+def _dropout(a: dict) -> Call:
+    return Call("call_function", "F.dropout", (a["input"],), {"p": a["p"], "training": a["train"]})
+
+
+def _batch_norm(a: dict) -> Call:
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    return Call("call_function", "F.batch_norm", tuple(a[n] for n in names))
+
+
+def _squeeze_dims(a: dict) -> Call:
+    return Call("call_method", "squeeze", (a["self"], tuple(a["dim"])))
+
+
+def _pool(target: str, **defaults) -> Callable[[dict], Call]:
+    """F.max_pool2d(x, kernel, stride=...); ATen's empty stride means "the kernel size", as None does."""
+    return lambda a: Call(
+        "call_function",
+        target,
+        (a["self"], a["kernel_size"]),
+        {"stride": a["stride"] or None, **_unless(a, **defaults)},
+    )
+
+
+def _unary(target: str) -> Callable[[dict], Call]:
+    return lambda a: Call("call_function", target, (a["self"],))
+
+
+# ATen op -> Python operator, for both the .Tensor and the .Scalar overload
+OPERATORS = {
+    "add": "add", "sub": "sub", "mul": "mul", "div": "truediv",
+    "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+    "__and__": "and_", "__or__": "or_", "__xor__": "xor",
+    "bitwise_and": "and_", "bitwise_or": "or_", "bitwise_xor": "xor",
+}  # fmt: skip
+UNARY_FUNCTIONS = (
+    "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "floor", "ceil",
+    "logical_not", "isnan", "isinf",
+)  # fmt: skip
+
+LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
+    **{f"{name}.{overload}": _operator(op) for name, op in OPERATORS.items() for overload in ("Tensor", "Scalar")},
+    "pow.Tensor_Scalar": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
+    "pow.Tensor_Tensor": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
+    "pow.Scalar": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
+    "div.Tensor_mode": _function("torch.div", "self", "other", rounding_mode=None),
+    "rsub.Scalar": _rsub,
+    "rsub.Tensor": _rsub,
+    "neg.default": _unary("operator.neg"),
+    "bitwise_not.default": _unary("operator.invert"),
+    "matmul.default": lambda a: Call("call_function", "operator.matmul", (a["self"], a["other"])),
+    "mm.default": lambda a: Call("call_function", "operator.matmul", (a["self"], a["mat2"])),
+    "bmm.default": lambda a: Call("call_function", "operator.matmul", (a["self"], a["mat2"])),
+    "addmm.default": _function("torch.addmm", "self", "mat1", "mat2", beta=1, alpha=1),
+    "baddbmm.default": _function("torch.baddbmm", "self", "batch1", "batch2", beta=1, alpha=1),
+    "linear.default": lambda a: Call(
+        "call_function", "F.linear", (a["input"], a["weight"]) + (() if a["bias"] is None else (a["bias"],))
+    ),
+    **{f"{name}.default": _unary(f"torch.{name}") for name in UNARY_FUNCTIONS},
+    "relu.default": _unary("F.relu"),
+    "silu.default": _unary("F.silu"),
+    "gelu.default": _function("F.gelu", "self", approximate="none"),
+    "leaky_relu.default": _function("F.leaky_relu", "self", "negative_slope"),
+    "maximum.default": _function("torch.maximum", "self", "other"),
+    "minimum.default": _function("torch.minimum", "self", "other"),
+    "max.other": _function("torch.max", "self", "other"),
+    "min.other": _function("torch.min", "self", "other"),
+    "clamp.default": _method("clamp", "self", min=None, max=None),
+    "softmax.int": _softmax("F.softmax"),
+    "_softmax.default": _softmax("F.softmax"),
+    "log_softmax.int": _softmax("F.log_softmax"),
+    "_log_softmax.default": _softmax("F.log_softmax"),
+    "layer_norm.default": _layer_norm,
+    "rms_norm.default": _function("F.rms_norm", "input", "normalized_shape", weight=None, eps=None),
+    "group_norm.default": _function("F.group_norm", "input", "num_groups", weight=None, bias=None, eps=1e-5),
+    "batch_norm.default": _batch_norm,
+    "embedding.default": _embedding,
+    "scaled_dot_product_attention.default": _function(
+        "F.scaled_dot_product_attention",
+        "query",
+        "key",
+        "value",
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ),
+    "dropout.default": _dropout,
+    "conv1d.default": _function("F.conv1d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv2d.default": _function("F.conv2d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose2d.input": _function(
+        "F.conv_transpose2d", "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"
+    ),
+    "max_pool2d.default": _pool("F.max_pool2d", padding=0, dilation=1, ceil_mode=False),
+    "avg_pool2d.default": _pool(
+        "F.avg_pool2d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+    ),
+    "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
+    "constant_pad_nd.default": _function("F.pad", "self", "pad", value=0),
+    "view.default": _spread("view", "size"),
+    "reshape.default": _spread("reshape", "shape"),
+    "_unsafe_view.default": _spread("reshape", "size"),
+    "expand.default": lambda a: None if a["implicit"] else _spread("expand", "size")(a),
+    "permute.default": _spread("permute", "dims"),
+    "repeat.default": _spread("repeat", "repeats"),
+    "t.default": _method("t", "self"),
+    "transpose.int": _method("transpose", "self", "dim0", "dim1"),
+    "unsqueeze.default": _method("unsqueeze", "self", "dim"),
+    "squeeze.dim": _method("squeeze", "self", "dim"),
+    "squeeze.dims": _squeeze_dims,
+    "squeeze.default": _method("squeeze", "self"),
+    "flatten.using_ints": _method("flatten", "self", "start_dim", "end_dim"),
+    "contiguous.default": _contiguous,
+    "clone.default": _clone,
+    "detach.default": _method("detach", "self"),
+    "split.Tensor": _method("split", "self", "split_size", "dim"),
+    "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),
+    "chunk.default": _method("chunk", "self", "chunks", "dim"),
+    "unbind.int": _method("unbind", "self", "dim"),
+    "slice.Tensor": _slice,
+    "select.int": _select,
+    "index.Tensor": _advanced_index,
+    "narrow.default": _method("narrow", "self", "dim", "start", "length"),
+    "gather.default": _method("gather", "self", "dim", "index"),
+    "index_select.default": _method("index_select", "self", "dim", "index"),
+    "masked_fill.Scalar": _method("masked_fill", "self", "mask", "value"),
+    "masked_fill.Tensor": _method("masked_fill", "self", "mask", "value"),
+    "where.self": _function("torch.where", "condition", "self", "other"),
+    "where.ScalarSelf": _function("torch.where", "condition", "self", "other"),
+    "where.ScalarOther": _function("torch.where", "condition", "self", "other"),
+    "where.Scalar": _function("torch.where", "condition", "self", "other"),
+    "sum.dim_IntList": _reduce("sum"),
+    "sum.default": _reduce("sum"),
+    "mean.dim": _reduce("mean"),
+    "mean.default": _reduce("mean"),
+    "amax.default": _reduce("amax"),
+    "amin.default": _reduce("amin"),
+    "max.dim": _method("max", "self", "dim", keepdim=False),
+    "min.dim": _method("min", "self", "dim", keepdim=False),
+    "diff.default": _function("torch.diff", "self", n=1, dim=-1, prepend=None, append=None),
+    "cumsum.default": lambda a: _method("cumsum", "self", "dim")(a) if a["dtype"] is None else None,
+    "tril.default": _method("tril", "self", diagonal=0),
+    "triu.default": _method("triu", "self", diagonal=0),
+    "cat.default": _function("torch.cat", "tensors", "dim"),
+    "stack.default": _function("torch.stack", "tensors", "dim"),
+    "arange.default": _factory_call("torch.arange", "end"),
+    "arange.start": _factory_call("torch.arange", "start", "end"),
+    "arange.start_step": _factory_call("torch.arange", "start", "end", "step"),
+    "ones.default": _factory_call("torch.ones", "size"),
+    "zeros.default": _factory_call("torch.zeros", "size"),
+    "empty.memory_format": lambda a: (
+        None if a["memory_format"] is not None else _factory_call("torch.empty", "size")(a)
+    ),
+    "full.default": _factory_call("torch.full", "size", "fill_value"),
+    "new_ones.default": _new_factory("new_ones", "self", "size"),
+    "new_zeros.default": _new_factory("new_zeros", "self", "size"),
+    "new_empty.default": _new_factory("new_empty", "self", "size"),
+    "new_full.default": _new_factory("new_full", "self", "size", "fill_value"),
+    "zeros_like.default": _like("torch.zeros_like", "self"),
+    "ones_like.default": _like("torch.ones_like", "self"),
+    "empty_like.default": _like("torch.empty_like", "self"),
+    "full_like.default": _like("torch.full_like", "self", "fill_value"),
+    "to.dtype": _to,
+    "to.device": _to,
+    "to.dtype_layout": _to,
+    "add_.Tensor": lambda a: (
+        None if not _equal(a["alpha"], 1) else Call("call_method", "add_", (a["self"], a["other"]))
+    ),
+    "masked_fill_.Scalar": _method("masked_fill_", "self", "mask", "value"),
+    "mul_.Tensor": _method("mul_", "self", "other"),
+    "copy_.default": _method("copy_", "self", "src", non_blocking=False),
+    "relu_.default": lambda a: Call("call_function", "F.relu", (a["self"],), {"inplace": True}),
+}
+
+
+def whole_view(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any | None:
+    """The tensor itself, for ops that view all of it (alias, `x[:]`), or None. Writing the
+    tensor instead computes the same values and gradients; only the view object is gone."""
+    if op is torch.ops.aten.alias.default:
+        return args[0]
+    if op is torch.ops.aten.slice.Tensor:
+        a = bind(op, args, kwargs)
+        if _equal(a["start"], 0) and _equal(a["end"], _END) and _equal(a["step"], 1):
+            return a["self"]
+    return None
+
+
+def lower(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Call | None:
+    """The op as a torch.*, F.*, operator or tensor-method call, or None to keep the ATen call."""
+    lowering = LOWERINGS.get(op_key(op)) if op.namespace == "aten" else None
+    return lowering(bind(op, args, kwargs)) if lowering else None
+
+
+# torch.nn layers whose forward is exactly one ATen op (given the layer's settings), and the
+# op's argument that is the forward's input. When that op ran inside such a layer and was the
+# only op there, calling the layer says the same (its settings are the ones the op got) and keeps
+# the layer's own behaviour, such as dropout and batch norm following the stage's train()/eval().
+MODULE_CALLS: dict[type, tuple[str, str]] = {
+    nn.Linear: ("linear.default", "input"),
+    nn.Embedding: ("embedding.default", "indices"),
+    nn.LayerNorm: ("layer_norm.default", "input"),
+    nn.GroupNorm: ("group_norm.default", "input"),
+    nn.BatchNorm1d: ("batch_norm.default", "input"),  # in eval mode; training also counts batches
+    nn.BatchNorm2d: ("batch_norm.default", "input"),
+    nn.Dropout: ("dropout.default", "input"),
+    nn.GELU: ("gelu.default", "self"),
+    nn.ReLU: ("relu.default", "self"),
+    nn.SiLU: ("silu.default", "self"),
+    nn.Tanh: ("tanh.default", "self"),
+    nn.Sigmoid: ("sigmoid.default", "self"),
+    nn.LeakyReLU: ("leaky_relu.default", "self"),
+    nn.Softmax: ("softmax.int", "self"),
+    nn.Conv1d: ("conv1d.default", "input"),
+    nn.Conv2d: ("conv2d.default", "input"),
+    nn.Conv3d: ("conv3d.default", "input"),
+    nn.ConvTranspose1d: ("conv_transpose1d.default", "input"),
+    nn.ConvTranspose2d: ("conv_transpose2d.input", "input"),
+    nn.MaxPool2d: ("max_pool2d.default", "self"),
+    nn.AvgPool2d: ("avg_pool2d.default", "self"),
+    nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d.default", "self"),
+}
+
+
+def module_call(
+    op: torch._ops.OpOverload, args: tuple, kwargs: dict, module: nn.Module, path: str, tensor_of: Callable[[Any], Any]
+) -> Call | None:
+    """`self.<path>(x)` when `op`, run as the only op of `module`'s forward, is what that forward
+    computes: the op is the layer's, and every tensor it reads besides the input is one of the
+    layer's own parameters or buffers. `tensor_of(arg)` is the parameter or buffer an argument
+    reads, or None."""
+    expected, input_name = MODULE_CALLS.get(type(module), (None, None))
+    if op_key(op) != expected:
+        return None
+    a = bind(op, args, kwargs)
+    own = {id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))}
+    for name, value in a.items():
+        if name != input_name and isinstance(value, fx.Node) and id(tensor_of(value)) not in own:
+            return None
+    return Call("call_module", path, (a[input_name],))

@@ -1,0 +1,281 @@
+"""The torch.export frontend: every ATen spelling it writes computes what the ATen op computes,
+models compiled through it pass the equivalence check, and what it writes reads like torch code
+(module calls that follow train()/eval(), original parameter names, a symbolic batch size)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftc.check import check_pipeline
+from ftc.frontends.aten import LOWERINGS, Call, lower, op_key, whole_view
+from ftc.interpreter import resolve_function
+from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
+
+from .conftest import EXAMPLES, MODELS
+from .test_equivalence import assert_check_passes, assert_stage_files_standalone_and_working
+
+aten = torch.ops.aten
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+# (op, args, kwargs) with real values: the lowered call must give what the op gives.
+CASES = [
+    (aten.add.Tensor, (_x(2, 3), _x(2, 3)), {}),
+    (aten.add.Tensor, (_x(2, 3), _x(2, 3)), {"alpha": 2}),
+    (aten.add.Scalar, (_x(2, 3), 1.5), {}),
+    (aten.sub.Tensor, (_x(2, 3), _x(3)), {}),
+    (aten.rsub.Scalar, (_x(2, 3), 1.0), {}),
+    (aten.mul.Tensor, (_x(2, 3), 0.5), {}),
+    (aten.div.Tensor, (_x(2, 3), 4.0), {}),
+    (aten.div.Tensor_mode, (_x(2, 3), 0.3), {"rounding_mode": "floor"}),
+    (aten.pow.Tensor_Scalar, (_x(2, 3), 3.0), {}),
+    (aten.eq.Scalar, (torch.tensor([0, 1, 2]), 1), {}),
+    (aten.le.Tensor, (_x(4), _x(4)), {}),
+    (aten.__and__.Tensor, (torch.tensor([True, False]), torch.tensor([True, True])), {}),
+    (aten.bitwise_not.default, (torch.tensor([True, False]),), {}),
+    (aten.neg.default, (_x(3),), {}),
+    (aten.mm.default, (_x(2, 3), _x(3, 4)), {}),
+    (aten.bmm.default, (_x(2, 2, 3), _x(2, 3, 4)), {}),
+    (aten.matmul.default, (_x(2, 2, 3), _x(3, 4)), {}),
+    (aten.addmm.default, (_x(4), _x(2, 3), _x(3, 4)), {}),
+    (aten.addmm.default, (_x(4), _x(2, 3), _x(3, 4)), {"beta": 0.5}),
+    (aten.linear.default, (_x(2, 3), _x(4, 3)), {}),
+    (aten.linear.default, (_x(2, 3), _x(4, 3), _x(4)), {}),
+    (aten.tanh.default, (_x(3),), {}),
+    (aten.rsqrt.default, (_x(3).abs() + 0.1,), {}),
+    (aten.gelu.default, (_x(3),), {}),
+    (aten.gelu.default, (_x(3),), {"approximate": "tanh"}),
+    (aten.relu.default, (_x(3),), {}),
+    (aten.silu.default, (_x(3),), {}),
+    (aten.maximum.default, (_x(3), _x(3)), {}),
+    (aten.min.other, (_x(3), _x(3)), {}),
+    (aten.clamp.default, (_x(3),), {"min": -0.1}),
+    (aten.softmax.int, (_x(2, 3), -1), {}),
+    (aten._softmax.default, (_x(2, 3), 1, False), {}),
+    (aten._log_softmax.default, (_x(2, 3), 1, False), {}),
+    (aten.layer_norm.default, (_x(2, 4), [4], _x(4), _x(4), 1e-5, False), {}),
+    (aten.layer_norm.default, (_x(2, 4), [4]), {}),
+    (aten.group_norm.default, (_x(2, 4, 3), 2, _x(4), _x(4), 1e-5, False), {}),
+    (aten.batch_norm.default, (_x(4, 3), _x(3), _x(3), _x(3), _x(3).abs(), False, 0.1, 1e-5, False), {}),
+    (aten.embedding.default, (_x(10, 4), torch.tensor([[1, 2], [3, 0]])), {}),
+    (aten.embedding.default, (_x(10, 4), torch.tensor([1, 0])), {"padding_idx": 0}),
+    (aten.scaled_dot_product_attention.default, (_x(2, 2, 5, 4), _x(2, 2, 5, 4), _x(2, 2, 5, 4)), {"scale": 0.3}),
+    (aten.scaled_dot_product_attention.default, (_x(1, 2, 5, 4), _x(1, 2, 5, 4), _x(1, 2, 5, 4)), {"is_causal": True}),
+    (aten.dropout.default, (_x(3, 4), 0.5, False), {}),
+    (aten.conv2d.default, (_x(1, 2, 5, 5), _x(3, 2, 3, 3), _x(3), [2, 1], [1, 0], [1, 1], 1), {}),
+    (aten.conv1d.default, (_x(1, 2, 5), _x(3, 2, 3)), {}),
+    (aten.conv_transpose2d.input, (_x(1, 2, 4, 4), _x(2, 3, 2, 2), _x(3), [2, 2]), {}),
+    (aten.max_pool2d.default, (_x(1, 2, 4, 4), [2, 2]), {}),
+    (aten.max_pool2d.default, (_x(1, 2, 5, 5), [3, 3], [1, 1], [1, 1]), {}),
+    (aten.avg_pool2d.default, (_x(1, 2, 4, 4), [2, 2]), {}),
+    (aten.adaptive_avg_pool2d.default, (_x(1, 2, 4, 4), [1, 1]), {}),
+    (aten.constant_pad_nd.default, (_x(2, 3), [1, 2], 0.5), {}),
+    (aten.view.default, (_x(2, 6), [3, -1]), {}),
+    (aten.view.default, (_x(1), []), {}),
+    (aten.reshape.default, (_x(2, 6).t(), [12]), {}),
+    (aten._unsafe_view.default, (_x(2, 6), [4, 3]), {}),
+    (aten.expand.default, (_x(1, 3), [4, -1]), {}),
+    (aten.permute.default, (_x(2, 3, 4), [2, 0, 1]), {}),
+    (aten.repeat.default, (_x(2, 3), [2, 1]), {}),
+    (aten.t.default, (_x(2, 3),), {}),
+    (aten.transpose.int, (_x(2, 3, 4), 0, 2), {}),
+    (aten.unsqueeze.default, (_x(2, 3), -1), {}),
+    (aten.squeeze.dim, (_x(2, 1, 3), 1), {}),
+    (aten.squeeze.dims, (_x(1, 2, 1), [0, 2]), {}),
+    (aten.squeeze.default, (_x(1, 2, 1),), {}),
+    (aten.flatten.using_ints, (_x(2, 3, 4), 1), {}),
+    (aten.contiguous.default, (_x(3, 2).t(),), {}),
+    (aten.clone.default, (_x(3),), {}),
+    (aten.detach.default, (_x(3),), {}),
+    (aten.split.Tensor, (_x(6, 2), 2), {}),
+    (aten.split_with_sizes.default, (_x(2, 6), [1, 5], 1), {}),
+    (aten.chunk.default, (_x(6, 2), 3), {}),
+    (aten.unbind.int, (_x(2, 3), 1), {}),
+    (aten.slice.Tensor, (_x(4, 6), 1, 1, 2**63 - 1), {}),
+    (aten.slice.Tensor, (_x(4, 6), 0, 0, 3, 2), {}),
+    (aten.slice.Tensor, (_x(4, 6, 2), -2, 2, 5), {}),
+    (aten.select.int, (_x(4, 6), 1, -1), {}),
+    (aten.select.int, (_x(4, 6, 2), -1, 0), {}),
+    (aten.index.Tensor, (_x(4, 6), [None, torch.tensor([0, 2])]), {}),
+    (aten.index.Tensor, (_x(4, 6), [torch.tensor([[0], [3]]), torch.tensor([[1, 2]])]), {}),
+    (aten.narrow.default, (_x(4, 6), 1, 2, 3), {}),
+    (aten.gather.default, (_x(3, 4), 1, torch.tensor([[0], [1], [3]])), {}),
+    (aten.index_select.default, (_x(3, 4), 0, torch.tensor([2, 0])), {}),
+    (aten.masked_fill.Scalar, (_x(2, 3), torch.tensor([[True, False, True]]), float("-inf")), {}),
+    (aten.where.self, (torch.tensor([True, False]), _x(2), _x(2)), {}),
+    (aten.where.ScalarOther, (torch.tensor([True, False]), _x(2), -1.0), {}),
+    (aten.sum.dim_IntList, (_x(2, 3, 4), [1, 2], True), {}),
+    (aten.sum.default, (_x(2, 3),), {}),
+    (aten.sum.dim_IntList, (_x(2, 3), None, True), {}),
+    (aten.sum.dim_IntList, (_x(2, 3), []), {}),
+    (aten.mean.dim, (_x(2, 3), [-1]), {}),
+    (aten.amax.default, (_x(2, 3), [1]), {}),
+    (aten.max.dim, (_x(2, 3), 1, True), {}),
+    (aten.cumsum.default, (torch.tensor([[1, 0, 1]]), -1), {}),
+    (aten.diff.default, (torch.tensor([[1, 3, 7]]), 1, -1, torch.tensor([[0]])), {}),
+    (aten.tril.default, (_x(3, 3), -1), {}),
+    (aten.triu.default, (_x(3, 3),), {}),
+    (aten.cat.default, ([_x(2, 3), _x(1, 3)],), {}),
+    (aten.stack.default, ([_x(2, 3), _x(2, 3)], 1), {}),
+    (aten.arange.default, (5,), {"dtype": torch.int64}),
+    (aten.arange.start, (2, 7), {}),
+    (aten.arange.start_step, (0, 9, 2), {"device": torch.device("cpu")}),
+    (aten.ones.default, ([2, 3],), {"dtype": torch.bool}),
+    (aten.zeros.default, ([2],), {}),
+    (aten.full.default, ([2, 2], 7), {}),
+    (aten.new_ones.default, (_x(2), [3]), {"dtype": torch.bool, "pin_memory": False}),
+    (aten.new_zeros.default, (_x(2), [3]), {}),
+    (aten.full_like.default, (torch.tensor([1, 2]), 15), {}),
+    (aten.zeros_like.default, (_x(2, 2),), {"dtype": torch.int32}),
+    (aten.to.dtype, (_x(3), torch.float64), {}),
+    (aten.to.dtype_layout, (_x(3),), {"dtype": torch.int64, "layout": torch.strided, "device": torch.device("cpu")}),
+    (aten.to.device, (_x(3), torch.device("cpu"), torch.float16), {}),
+]
+
+_ints = (torch.tensor([[5, 0, 3]]), torch.tensor([[1, 2, 6]]))
+CASES += [
+    (getattr(aten, n).Tensor, (_x(2, 3), _x(2, 3)), {})
+    for n in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge")
+]
+CASES += [
+    (getattr(aten, n).Scalar, (_x(2, 3), 0.5), {})
+    for n in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge")
+]
+CASES += [
+    (getattr(aten, n).Tensor, _ints, {})
+    for n in ("__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_xor")
+]
+CASES += [
+    (getattr(aten, n).Scalar, (_ints[0], 6), {})
+    for n in ("__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_xor")
+]
+CASES += [
+    (getattr(aten, n).default, (_x(2, 3).abs() + 0.1,), {})
+    for n in (
+        "tanh",
+        "sigmoid",
+        "exp",
+        "log",
+        "sqrt",
+        "abs",
+        "sin",
+        "cos",
+        "erf",
+        "floor",
+        "ceil",
+        "logical_not",
+        "isnan",
+        "isinf",
+    )
+]
+CASES += [
+    (aten.pow.Scalar, (2.0, _x(3)), {}),
+    (aten.pow.Tensor_Tensor, (_x(3).abs(), _x(3)), {}),
+    (aten.rsub.Tensor, (_x(3), _x(3)), {}),
+    (aten.baddbmm.default, (_x(2, 1, 4), _x(2, 2, 3), _x(2, 3, 4)), {"alpha": 0.5}),
+    (aten.leaky_relu.default, (_x(4), 0.2), {}),
+    (aten.minimum.default, (_x(3), _x(3)), {}),
+    (aten.max.other, (_x(3), _x(3)), {}),
+    (aten.log_softmax.int, (_x(2, 3), 0), {}),
+    (aten.rms_norm.default, (_x(2, 4), [4], _x(4)), {"eps": 1e-6}),
+    (aten.amin.default, (_x(2, 3), [0]), {}),
+    (aten.min.dim, (_x(2, 3), 0), {}),
+    (aten.mean.default, (_x(2, 3),), {}),
+    (aten.masked_fill.Tensor, (_x(2, 3), torch.tensor([[True, False, True]]), torch.tensor(2.0)), {}),
+    (aten.where.ScalarSelf, (torch.tensor([True, False]), 1.0, _x(2)), {}),
+    (aten.where.Scalar, (torch.tensor([True, False]), 1.0, 2.0), {}),
+    (aten.new_full.default, (_x(2), [3], 2.5), {}),
+    (aten.ones_like.default, (_x(2, 2),), {}),
+    (aten.empty.memory_format, ([2, 3],), {"dtype": torch.float64}),
+    (aten.new_empty.default, (_x(2), [3]), {}),
+    (aten.empty_like.default, (_x(2, 2),), {}),
+    (aten.add_.Tensor, (_x(3), _x(3)), {}),
+    (aten.mul_.Tensor, (_x(3), _x(3)), {}),
+    (aten.copy_.default, (_x(3), _x(3)), {}),
+    (aten.relu_.default, (_x(3),), {}),
+    (aten.masked_fill_.Scalar, (_x(2, 3), torch.tensor([[True, False, True]]), 0.0), {}),
+]
+
+
+def _run(call: Call):
+    if call.op == "call_method":
+        receiver, *rest = call.args
+        return getattr(receiver, call.target)(*rest, **call.kwargs)
+    return resolve_function(call.target)(*call.args, **call.kwargs)
+
+
+@pytest.mark.parametrize(
+    "op,args,kwargs", CASES, ids=lambda v: op_key(v) if isinstance(v, torch._ops.OpOverload) else ""
+)
+def test_lowered_call_computes_what_the_aten_op_computes(op, args, kwargs):
+    if op._schema.is_mutable:  # an in-place op: each side mutates its own copy
+        expected = op(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    else:
+        expected = op(*args, **kwargs)
+    call = lower(op, args, kwargs)
+    if call is None:  # kept as the ATen call; only where the torch spelling could not be exact
+        assert (op_key(op), kwargs) in [("add.Tensor", {"alpha": 2})], f"{op} was not lowered"
+        return
+    actual = _run(call)
+    expected = expected if isinstance(expected, (tuple, list)) else [expected]
+    actual = actual if isinstance(actual, (tuple, list)) else [actual]
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, (call, a.dtype, e.dtype, a.shape, e.shape)
+        if "empty" not in op_key(op):  # empty tensors hold whatever memory held
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+
+
+def test_whole_views_are_the_tensor_itself():
+    x = _x(4, 6)
+    assert whole_view(aten.alias.default, (x,), {}) is x
+    assert whole_view(aten.slice.Tensor, (x, 1, 0, 2**63 - 1), {}) is x
+    assert whole_view(aten.slice.Tensor, (x, 1, 0, 5), {}) is None
+    assert whole_view(aten.slice.Tensor, (x, 0, 0, 2**63 - 1, 2), {}) is None
+
+
+def test_every_table_entry_has_a_case():
+    covered = {op_key(op) for op, _, _ in CASES}
+    assert not set(LOWERINGS) - covered, sorted(set(LOWERINGS) - covered)
+
+
+EXPORT_CASES = [EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "unet.py", MODELS / "buffers.py"]
+
+
+@pytest.mark.parametrize("model_path", EXPORT_CASES, ids=lambda p: p.stem)
+def test_models_compiled_through_export_compute_what_the_model_computes(model_path, compile_to):
+    folder = compile_to(model_path, 2, batch_size=4, frontend="export")
+    assert json.loads((folder / "ir.json").read_text())["frontend"] == "export"
+    assert_stage_files_standalone_and_working(folder)
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+
+
+def test_export_stages_read_as_torch_code_and_follow_eval_mode(compile_to):
+    """examples/gpt.py through export: nn layers are module calls (so dropout follows eval()),
+    parameters are adopted under the model's own names, and no ATen call is left."""
+    folder = compile_to(EXAMPLES / "gpt.py", 2, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "torch.ops.aten" not in text
+    assert 'self.blocks["0"].attn.qkv(' in text and ".attn.dropout(" in text and "F.dropout" not in text
+    model_file = load_model_file(EXAMPLES / "gpt.py")
+    torch.manual_seed(0)
+    original = model_file.build().eval()
+    executor = LocalExecutor(load_pipeline(folder), original)
+    held = set().union(*(stage.state_dict().keys() for stage in executor.stages))
+    assert held == set(original.state_dict())
+    batch = model_file.inputs(3)
+    with torch.no_grad():
+        expected = original(*batch)
+        for stage in executor.stages:
+            stage.eval()
+        actual = executor.forward(batch)
+    actual = actual[0] if isinstance(actual, tuple) else actual
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
