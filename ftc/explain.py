@@ -1,0 +1,257 @@
+"""`ftc explain`: what a generated pipeline is predicted to cost, stage by stage and device by
+device, and how fast the GPipe and 1F1B schedules would run it.
+
+Everything comes from pipeline.json (the partitioner's per-stage costs at the compile batch
+size) and the runtime's schedule simulator (ftc.runtime.schedule), so nothing is run. A stage's
+time is its forward and backward compute, the forward again in its backward when it recomputes,
+and its communication: the part of its predicted time the partitioner charged for the bytes it
+moves, split between forward and backward in proportion to the activations (forward) and the
+gradients of those that require grad (backward). A micro-batch of B/M samples is taken to cost
+1/M of the stage's time at the compile batch size B, with communication inside the stage's step
+(as the partitioner's cost model has it, no overlap). Throughput is B samples per simulated step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftc.cli import human, table
+from ftc.ir import FtcError
+from ftc.ir.graph import DTYPE_BYTES
+from ftc.runtime.pipeline import Pipeline, load_pipeline
+from ftc.runtime.schedule import BACKWARD, SCHEDULES, Timeline, simulate
+
+DEFAULT_MICRO_BATCHES = (4, 8)
+
+
+@dataclass
+class StageCost:
+    index: int
+    device: int
+    ops: int
+    parameters: int
+    memory: int  # bytes: the manifest's memory estimate, or its parameter bytes without one
+    fwd_time: float  # seconds at the compile batch size
+    bwd_time: float  # the backward, with the forward again when the stage recomputes
+    comm_fwd: float
+    comm_bwd: float
+    bytes_in: int
+    bytes_out: int
+    recompute: bool
+
+    @property
+    def total(self) -> float:
+        return self.fwd_time + self.bwd_time + self.comm_fwd + self.comm_bwd
+
+
+@dataclass
+class SchedulePrediction:
+    schedule: str
+    micro_batches: int
+    timeline: Timeline  # of one step (one batch of the compile batch size), in seconds
+    throughput: float  # samples per second
+
+
+@dataclass
+class Explanation:
+    folder: Path
+    name: str
+    batch_size: int
+    profile: str
+    memory_estimated: bool  # False: `memory` holds parameter bytes only
+    stages: list[StageCost]
+    predictions: list[SchedulePrediction]
+
+    def devices(self) -> dict[int, list[StageCost]]:
+        by_device: dict[int, list[StageCost]] = {}
+        for stage in self.stages:
+            by_device.setdefault(stage.device, []).append(stage)
+        return dict(sorted(by_device.items()))
+
+
+def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Explanation:
+    pipeline = load_pipeline(folder)
+    counts = list(micro_batches or DEFAULT_MICRO_BATCHES)
+    bad = [m for m in counts if m < 1]
+    if bad:
+        raise FtcError(f"--micro-batches must be at least 1, got {bad[0]}")
+    stages, estimated = _stage_costs(pipeline)
+    costs = {s.index: (s.fwd_time + s.comm_fwd, s.bwd_time + s.comm_bwd) for s in stages}
+    batch_size = int(pipeline.manifest.get("batch_size", 1))
+    predictions = []
+    for kind in SCHEDULES:
+        for m in counts:
+            per_micro_batch = {index: (f / m, b / m) for index, (f, b) in costs.items()}
+            timeline = simulate(pipeline.stages, m, kind, per_micro_batch, pipeline.outputs)
+            throughput = batch_size / timeline.makespan if timeline.makespan > 0 else math.inf
+            predictions.append(SchedulePrediction(kind, m, timeline, throughput))
+    return Explanation(
+        folder=pipeline.folder,
+        name=pipeline.name,
+        batch_size=batch_size,
+        profile=pipeline.manifest.get("settings", {}).get("profile", "analytic"),
+        memory_estimated=estimated,
+        stages=stages,
+        predictions=predictions,
+    )
+
+
+def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
+    manifest_path = pipeline.folder / "pipeline.json"
+    values = pipeline.manifest.get("values", {})
+    rows = []
+    estimated = True
+    for entry in pipeline.manifest["stages"]:
+        cost = entry.get("cost")
+        try:
+            fwd, bwd = float(cost["fwd_time"]), float(cost["bwd_time"])
+            predicted = float(cost["predicted_time"])
+            memory = cost.get("memory")
+            if isinstance(memory, dict) and "total" in memory:
+                memory_bytes = int(memory["total"])
+            else:
+                memory_bytes, estimated = int(cost["parameter_bytes"]), False
+            recompute = bool(entry.get("recompute", False))
+            replay = fwd if recompute else 0.0
+            comm = max(predicted - fwd - bwd - replay, 0.0)
+            forward_bytes = _bytes(entry["inputs"] + entry["outputs"], values, gradients=False)
+            backward_bytes = _bytes(entry["inputs"] + entry["outputs"], values, gradients=True)
+            moved = forward_bytes + backward_bytes
+            comm_fwd = comm * forward_bytes / moved if moved else comm
+            rows.append(
+                StageCost(
+                    index=int(entry["index"]),
+                    device=int(entry["device"]),
+                    ops=int(cost["ops"]),
+                    parameters=int(cost["parameters"]),
+                    memory=memory_bytes,
+                    fwd_time=fwd,
+                    bwd_time=bwd + replay,
+                    comm_fwd=comm_fwd,
+                    comm_bwd=comm - comm_fwd,
+                    bytes_in=int(cost["bytes_in"]),
+                    bytes_out=int(cost["bytes_out"]),
+                    recompute=recompute,
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FtcError(
+                f"{manifest_path}: stage {entry.get('index', '?')} has no predicted cost ftc can read ({exc!r})",
+                "recompile the pipeline with `ftc compile`",
+            ) from exc
+    return rows, estimated
+
+
+def _bytes(names: list[str], values: dict, gradients: bool) -> int:
+    """Bytes of the tensors among `names` (or of their gradients: floating ones requiring grad)."""
+    total = 0
+    for name in names:
+        spec = values.get(name, {})
+        if spec.get("kind") != "tensor":
+            continue
+        dtype = spec.get("dtype", "float32")
+        if gradients and not (spec.get("requires_grad") and dtype.startswith(("float", "bfloat", "complex"))):
+            continue
+        total += math.prod(spec.get("shape", [])) * DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def render(explanation: Explanation) -> str:
+    e = explanation
+    devices = e.devices()
+    lines = [
+        f"{e.name}: {len(e.stages)} stages on {len(devices)} devices, batch size {e.batch_size}, "
+        f"{e.profile} profile ({e.folder / 'pipeline.json'})"
+    ]
+    headers = ["stage", "device", "ops", "params", "memory", "fwd ms", "bwd ms", "comm ms", "total ms", "in", "out",
+               "recompute"]  # fmt: skip
+    rows = [
+        [s.index, s.device, s.ops, human(s.parameters), human(s.memory, "B"), ms(s.fwd_time), ms(s.bwd_time),
+         ms(s.comm_fwd + s.comm_bwd), ms(s.total), human(s.bytes_in, "B"), human(s.bytes_out, "B"),
+         "yes" if s.recompute else "no"]
+        for s in e.stages
+    ]  # fmt: skip
+    lines.append(table(headers, rows))
+    if not e.memory_estimated:
+        lines.append("memory: parameter bytes only (the manifest has no memory estimate)")
+    if len(devices) < len(e.stages):
+        device_rows = [
+            [device, ",".join(str(s.index) for s in held), human(sum(s.parameters for s in held)),
+             human(sum(s.memory for s in held), "B"), ms(sum(s.fwd_time for s in held)),
+             ms(sum(s.bwd_time for s in held)), ms(sum(s.comm_fwd + s.comm_bwd for s in held)),
+             ms(sum(s.total for s in held))]
+            for device, held in devices.items()
+        ]  # fmt: skip
+        lines.append("")
+        lines.append(
+            table(["device", "stages", "params", "memory", "fwd ms", "bwd ms", "comm ms", "total ms"], device_rows)
+        )
+    lines.append("")
+    schedule_rows = [
+        [p.schedule, p.micro_batches, ms(p.timeline.makespan), f"{p.throughput:.1f}",
+         f"{p.timeline.bubble_fraction:.3f}"]
+        for p in e.predictions
+    ]  # fmt: skip
+    lines.append(table(["schedule", "micro-batches", "step ms", "samples/s", "bubble"], schedule_rows))
+    return "\n".join(lines)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def plot(explanation: Explanation, path: str | Path) -> Path:
+    """A PNG with two panels: each device's load (forward, backward, communication) and the 1F1B
+    timeline of one step with the most micro-batches explained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise FtcError(f"--plot {path}: the plot is a PNG", "name a .png file")
+    if not path.parent.is_dir():
+        raise FtcError(f"--plot {path}: folder {path.parent} does not exist", "create it or name another file")
+    e = explanation
+    devices = e.devices()
+    prediction = max((p for p in e.predictions if p.schedule == "1f1b"), key=lambda p: p.micro_batches)
+    colors = {"forward": "tab:blue", "backward": "tab:orange", "comm": "tab:gray"}
+    figure, (loads, gantt) = plt.subplots(2, 1, figsize=(10, 3 + 0.5 * len(devices) + 3), constrained_layout=True)
+
+    labels = [f"device {d}" for d in devices]
+    bottom = [0.0] * len(devices)
+    parts = {
+        "forward": [sum(s.fwd_time for s in held) * 1e3 for held in devices.values()],
+        "backward": [sum(s.bwd_time for s in held) * 1e3 for held in devices.values()],
+        "comm": [sum(s.comm_fwd + s.comm_bwd for s in held) * 1e3 for held in devices.values()],
+    }
+    for part, heights in parts.items():
+        loads.bar(labels, heights, bottom=bottom, color=colors[part], label=part)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    loads.set_ylabel(f"ms per batch of {e.batch_size}")
+    loads.set_title(f"{e.name}: load per device ({e.profile} profile)")
+    loads.legend()
+
+    row = {device: k for k, device in enumerate(devices)}
+    for timed in prediction.timeline.actions:
+        kind = "backward" if timed.action.kind == BACKWARD else "forward"
+        start, width = timed.start * 1e3, (timed.end - timed.start) * 1e3
+        gantt.barh(row[timed.device], width, left=start, color=colors[kind], edgecolor="white")
+        gantt.text(
+            start + width / 2, row[timed.device], str(timed.action.micro_batch), ha="center", va="center", fontsize=7
+        )
+    gantt.set_yticks(list(row.values()), labels)
+    gantt.invert_yaxis()
+    gantt.set_xlabel("ms")
+    gantt.set_title(
+        f"1f1b, {prediction.micro_batches} micro-batches: step {prediction.timeline.makespan * 1e3:.3f} ms, "
+        f"bubble {prediction.timeline.bubble_fraction:.3f} (numbers: micro-batch)"
+    )
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+    temporary.replace(path)
+    return path

@@ -1,0 +1,566 @@
+"""Measured profile: every node's forward and backward time and the activation memory it keeps,
+timed on real tensors at the compile batch size.
+
+Two ways to run, both node by node with the IR interpreter:
+
+- in context (the default): the real model is built on the device and the whole graph runs
+  forward, then backward from all floating outputs, `warmup + repeats` times. Forward time is
+  the clock around each node; backward time is attributed through post hooks on the autograd
+  nodes each IR node created: the engine runs them one after another, so the time from one
+  hook to the next belongs to the node whose hook fired, engine bookkeeping included, less
+  the cost of a hook itself (calibrated on a chain of cheap ops). So a stage's predicted time,
+  the sum of its nodes' times, is what running that stage forward and backward costs, with
+  the caches as warm as in training and the engine's per-node overhead, which a node timed
+  alone on its cut inputs would not give (each such backward pays a whole engine start).
+- save-memory (FTPipe's mode, for models larger than the device): the model stays on the meta
+  device; each node gets only the parameters it reads materialized on the device (values from
+  `initial_state`, good for timing), runs forward and its own backward on inputs cut from the
+  graph, and its outputs go back to the host, where all activations live (views and in-place
+  writes keep sharing memory there as in the model, so the values are the model's). Each
+  backward then pays one engine start, which a stage pays once; the start of a trivial
+  backward, measured the same way, is subtracted.
+
+Node times are medians over the repeats, which resist the odd slow run, less what timing a
+node adds (the clock's stamps, the interpreter's dispatch), which stage code does not pay;
+the calibrations (that overhead, a hook, an engine start) take the fastest try, as they want a
+fixed cost, not the noise. On the CPU torch runs with `threads` intra-op threads
+(torch.set_num_threads, restored afterwards; the default 1 models one pipeline stage per core)
+and, with one thread, the clock is that thread's CPU time, so that other programs on a busy
+machine do not show up in the profile; with more, it is time.perf_counter. On CUDA the clock
+is CUDA events, read after a synchronize, so the times are the device's.
+
+Activation memory (Cost.peak_memory) is the bytes of the tensor storages the node's forward
+saves for backward (torch.autograd.graph.saved_tensors_hooks), parameters and buffers left
+out, each storage counted once model-wide, for the first node that saves it: summed over a
+stage's nodes it is what the stage holds per micro-batch between its forward and backward. (In
+save-memory mode every node runs on copies of its inputs, so a tensor two nodes save counts
+for both.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterator
+
+import torch
+from torch.utils._pytree import tree_leaves, tree_map
+
+from ftc.interpreter import Interpreter, tensor_constant
+from ftc.ir import FtcError, Graph, Node, TensorMeta
+from ftc.passes.partition.problem import is_view_op
+from ftc.runtime.model_file import ModelFile
+
+from .cache import ProfileCache
+
+DEVICES = ("cpu", "cuda")
+# Training holds parameters, gradients and optimizer state (two more copies for Adam) plus
+# activations, so a model whose parameters take a quarter of the device is profiled in
+# save-memory mode.
+SAVE_MEMORY_FRACTION = 0.25
+# Tries of each calibration (hook cost, engine start), whatever the settings: they are cheap,
+# and their fastest try must be a warm one.
+CALIBRATION_TRIES = 8
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    device: str = "cpu"
+    threads: int = 1  # intra-op CPU threads while measuring
+    warmup: int = 2
+    repeats: int = 5
+    save_memory: bool | None = None  # None: when the parameters take SAVE_MEMORY_FRACTION of the device
+
+    def check(self) -> None:
+        if self.device not in DEVICES:
+            raise FtcError(f"unknown --device {self.device!r}", f"use one of: {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise FtcError("--device cuda: torch finds no CUDA device here", "measure with --device cpu")
+        for key in ("threads", "repeats"):
+            if getattr(self, key) < 1:
+                raise FtcError(f"--{key} must be at least 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise FtcError(f"warmup must be 0 or more, got {self.warmup}")
+
+
+@dataclass
+class NodeProfile:
+    fwd_time: float = 0.0  # seconds
+    bwd_time: float = 0.0
+    peak_memory: int = 0  # bytes saved for backward
+
+    def to_json(self) -> dict:
+        return {"fwd_time": self.fwd_time, "bwd_time": self.bwd_time, "peak_memory": self.peak_memory}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NodeProfile:
+        return cls(float(data["fwd_time"]), float(data["bwd_time"]), int(data["peak_memory"]))
+
+
+@dataclass
+class Measurement:
+    nodes: dict[str, NodeProfile]  # compute node name -> what it costs
+    save_memory: bool
+    outputs: Any = None  # the model's outputs in the last run, on the host
+
+
+def device_name(device: str) -> str:
+    """What the times were measured on, for the cache key and the compile output."""
+    if device == "cuda":
+        return f"cuda {torch.cuda.get_device_name()}"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"cpu {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"cpu {os.uname().machine}"
+
+
+def device_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def wants_save_memory(graph: Graph, settings: MeasureSettings) -> bool:
+    if settings.save_memory is not None:
+        return settings.save_memory
+    parameter_bytes = sum(t.meta.nbytes for t in graph.state.values())
+    return parameter_bytes > SAVE_MEMORY_FRACTION * device_memory(settings.device)
+
+
+def initial_state(name: str, like: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A value for the parameter or buffer `name` shaped like `like` (any device, meta too):
+    random for floating parameters (seeded by the name, so a tensor read by several nodes gets
+    the same value each time), ones for floating buffers, True for masks, zero for counters."""
+    if like.dtype == torch.bool:
+        return torch.ones(like.shape, dtype=torch.bool, device=device)
+    if not like.is_floating_point():
+        return torch.zeros(like.shape, dtype=like.dtype, device=device)
+    if not isinstance(like, torch.nn.Parameter):
+        return torch.ones(like.shape, dtype=like.dtype, device=device)
+    generator = torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:15], 16))
+    return (torch.randn(like.shape, generator=generator) * 0.02).to(device=device, dtype=like.dtype)
+
+
+def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) -> dict:
+    """Everything a measured profile depends on; the cache files it under this key's sha256.
+    Helper files the model file imports are not part of it: `--no-cache` after changing one."""
+    by_name = graph.by_name()
+    inputs = {}
+    for name in graph.inputs:
+        meta = by_name[name].meta
+        inputs[name] = [meta.shape, meta.dtype] if isinstance(meta, TensorMeta) else None
+    return {
+        "model_sha256": model_file.digest(),
+        "inputs": inputs,
+        "batch_size": graph.batch_size,
+        "frontend": graph.frontend,
+        "device": device_name(settings.device),
+        "torch": torch.__version__,
+        "settings": asdict(settings),
+    }
+
+
+def profile_measured(
+    graph: Graph,
+    model_file: ModelFile,
+    meta_model: torch.nn.Module,
+    settings: MeasureSettings,
+    cache: ProfileCache | None = None,
+) -> tuple[Graph, str]:
+    """The graph with measured costs, read from `cache` when it holds them (measured and stored
+    otherwise), and a line for the compile output that says which."""
+    settings.check()
+    key = profile_key(model_file, graph, settings)
+    where = f"{key['device']}, {settings.threads} thread{'s' if settings.threads > 1 else ''}"
+    if settings.device == "cuda":
+        where = key["device"]
+    if cache is not None:
+        entries = cache.load(key)
+        if entries is not None:
+            try:
+                nodes = {name: NodeProfile.from_json(entry) for name, entry in entries.items()}
+                return apply_profile(graph, nodes), f"profile: read from the cache {cache.path(key)} ({where})"
+            except (FtcError, KeyError, TypeError, ValueError):
+                pass  # an entry missing or malformed: measure again and overwrite it
+    measurement = measure(graph, model_file, meta_model, settings)
+    mode = "save-memory mode, one node at a time" if measurement.save_memory else "in context"
+    note = f"profile: measured on {where} ({mode}, median of {settings.repeats})"
+    if cache is not None:
+        path = cache.store(key, {name: profile.to_json() for name, profile in measurement.nodes.items()})
+        note += f", cached in {path}"
+    return apply_profile(graph, measurement.nodes), note
+
+
+def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, settings: MeasureSettings) -> Measurement:
+    """Time every compute node of `graph` on real tensors of the compile batch size."""
+    settings.check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        torch.manual_seed(0)
+        if wants_save_memory(graph, settings):
+            batch = model_file.inputs(graph.batch_size)  # on the host; nodes move what they read
+            return _SaveMemory(graph, meta_model, settings).measure(batch)
+        model = model_file.build(settings.device)
+        batch = model_file.inputs(graph.batch_size, settings.device)
+        return _InContext(graph, model, settings).measure(batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def apply_profile(graph: Graph, nodes: dict[str, NodeProfile]) -> Graph:
+    """Write measured times and activation memory into the compute nodes' Cost (FLOPs and
+    parameter bytes stay as the analytic profile counted them)."""
+    missing = [node.name for node in graph.nodes if node.is_compute and node.name not in nodes]
+    if missing:
+        raise FtcError(f"the measured profile lacks nodes {missing[:5]}", "measure again with --no-cache")
+    updated = []
+    for node in graph.nodes:
+        if node.is_compute:
+            profile = nodes[node.name]
+            cost = replace(
+                node.cost, fwd_time=profile.fwd_time, bwd_time=profile.bwd_time, peak_memory=profile.peak_memory
+            )
+            node = replace(node, cost=cost)
+        updated.append(node)
+    return replace(graph, nodes=updated)
+
+
+class _Clock:
+    """Stamps, read after `sync`: CUDA events on the device's stream; on the CPU, the calling
+    thread's CPU time when torch computes on that thread alone (time.thread_time: what the work
+    costs on a core of its own, however busy the machine), else time.perf_counter."""
+
+    def __init__(self, settings: MeasureSettings):
+        self.cuda = settings.device == "cuda"
+        self.host = time.thread_time if settings.threads == 1 else time.perf_counter
+
+    def stamp(self) -> Any:
+        if not self.cuda:
+            return self.host()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+
+class _SavedBytes:
+    """Counts the storages autograd saves for backward, once each, for the node saving first."""
+
+    def __init__(self, state: list[torch.Tensor]):
+        self.excluded = {t.untyped_storage().data_ptr() for t in state if t.device.type != "meta"}
+        self.seen: set[int] = set()
+        self.bytes: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def counting(self, name: str) -> Iterator[None]:
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self.excluded and key not in self.seen:
+                self.seen.add(key)
+                self.bytes[name] = self.bytes.get(name, 0) + storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _floating_outputs(output: Any) -> list[torch.Tensor]:
+    return [t for t in _tensors(output) if t.requires_grad and t.grad_fn is not None]
+
+
+class _InContext(Interpreter):
+    def __init__(self, graph: Graph, model: torch.nn.Module, settings: MeasureSettings):
+        super().__init__(graph, model, device=settings.device)
+        self.settings = settings
+        self.clock = _Clock(settings)
+        self.stamps: dict[str, tuple[Any, Any]] = {}  # node -> forward (start, end) of this run
+        self.owner: dict[Any, str] = {}  # autograd node -> the IR node whose forward made it
+        self.saved: _SavedBytes | None = None
+
+    def measure(self, batch: tuple | dict) -> Measurement:
+        state = [*self.model.parameters(), *self.model.buffers()]
+        per_hook = _hook_cost(self.clock, self.settings.device)
+        overhead = _timing_overhead(self)
+        fwd: dict[str, list[float]] = {}
+        bwd: dict[str, list[float]] = {}
+        # Run 0 counts saved tensors (its pack hooks would slow it), then warm-up, then timing.
+        for run in range(1 + self.settings.warmup + self.settings.repeats):
+            self.saved = _SavedBytes(state) if run == 0 else None
+            for param in self.model.parameters():
+                param.grad = None  # as after zero_grad(): each backward allocates the gradients
+            self.stamps, self.owner = {}, {}
+            output = self.run(batch)
+            events: list[tuple[str, Any]] = []
+            for grad_fn, name in self.owner.items():
+                grad_fn.register_hook(lambda *_, name=name: events.append((name, self.clock.stamp())))
+            outputs = _floating_outputs(output)
+            grads = [torch.ones_like(t) for t in outputs]
+            self.clock.sync()
+            start = self.clock.stamp()
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+            self.clock.sync()
+            if run == 0:
+                saved_bytes = self.saved.bytes
+            if run <= self.settings.warmup:
+                continue
+            for name, (begin, finish) in self.stamps.items():
+                fwd.setdefault(name, []).append(max(self.clock.seconds(begin, finish) - overhead, 0.0))
+            spent: dict[str, float] = {}
+            previous = start
+            for name, stamp in events:
+                spent[name] = spent.get(name, 0.0) + max(self.clock.seconds(previous, stamp) - per_hook, 0.0)
+                previous = stamp
+            for name in self.stamps:
+                bwd.setdefault(name, []).append(spent.get(name, 0.0))
+        nodes = {
+            name: NodeProfile(statistics.median(times), statistics.median(bwd[name]), saved_bytes.get(name, 0))
+            for name, times in fwd.items()
+        }
+        return Measurement(nodes, save_memory=False, outputs=tree_map(_to_host, output))
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        if not node.is_compute:
+            return super().run_node(node, args, kwargs)
+        counting = self.saved.counting(node.name) if self.saved else contextlib.nullcontext()
+        with counting:
+            start = self.clock.stamp()
+            out = super().run_node(node, args, kwargs)
+            end = self.clock.stamp()
+        self.stamps[node.name] = (start, end)
+        mutated = args[node.mutates] if node.mutates is not None and node.mutates < len(args) else None
+        self._own(node.name, (out, mutated))
+        return out
+
+    def _own(self, name: str, values: Any) -> None:
+        """Attribute the autograd nodes `values` reach that no earlier node made to `name`."""
+        pending = [t.grad_fn for t in _tensors(values) if t.grad_fn is not None]
+        while pending:
+            grad_fn = pending.pop()
+            if grad_fn in self.owner:
+                continue
+            self.owner[grad_fn] = name
+            pending.extend(next_fn for next_fn, _ in grad_fn.next_functions if next_fn is not None)
+
+
+class _SaveMemory(Interpreter):
+    """Node by node with only that node's state on the device; activations on the host."""
+
+    def __init__(self, graph: Graph, meta_model: torch.nn.Module, settings: MeasureSettings):
+        super().__init__(graph, meta_model, device=settings.device)
+        self.settings = settings
+        self.clock = _Clock(settings)
+        self.nodes: dict[str, NodeProfile] = {}
+        self.engine_start = 0.0
+        self.overhead = 0.0
+        # A tensor reachable under several names (tied weights) gets its value from the first,
+        # as state_dict() and named_parameters() name it.
+        state = (*meta_model.named_parameters(), *meta_model.named_buffers())
+        self.names = {id(tensor): name for name, tensor in reversed(state)}
+
+    def measure(self, batch: tuple | dict) -> Measurement:
+        self.engine_start = self._engine_start()
+        self.overhead = _timing_overhead(self)
+        output = self.run(batch)
+        return Measurement(self.nodes, save_memory=True, outputs=output)
+
+    def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        if node.op == "get_attr":
+            if node.target in self.graph.constants:
+                constant = self.graph.constants[node.target]
+                return tensor_constant(constant.data, constant.dtype)
+            like = self._state(node.target)
+            value = initial_state(self.names.get(id(like), node.target), like, "cpu")
+            return value.requires_grad_(like.requires_grad) if value.is_floating_point() else value
+        if not node.is_compute:
+            return super().run_node(node, args, kwargs)
+        with self._materialized(node) as state:
+            saved = _SavedBytes(state)
+            fwd, bwd = [], []
+            for run in range(self.settings.warmup + self.settings.repeats):
+                leaves: list[torch.Tensor] = []
+                cut_args, cut_kwargs = self._cut((args, kwargs), leaves, mutating=node.mutates is not None)
+                targets = leaves + [t for t in state if t.requires_grad]
+                with saved.counting(node.name) if run == 0 else contextlib.nullcontext():
+                    self.clock.sync()
+                    start = self.clock.stamp()
+                    out = super().run_node(node, cut_args, cut_kwargs)
+                    end = self.clock.stamp()
+                outputs = _floating_outputs(out)
+                grads = [torch.ones_like(t) for t in outputs]
+                back_start = self.clock.stamp()
+                if outputs and targets:
+                    torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+                back_end = self.clock.stamp()
+                self.clock.sync()
+                if run >= self.settings.warmup:
+                    fwd.append(max(self.clock.seconds(start, end) - self.overhead, 0.0))
+                    bwd.append(self.clock.seconds(back_start, back_end) if outputs and targets else 0.0)
+            backward = max(statistics.median(bwd) - self.engine_start, 0.0) if any(bwd) else 0.0
+            self.nodes[node.name] = NodeProfile(statistics.median(fwd), backward, saved.bytes.get(node.name, 0))
+        return self._host_value(node, args, kwargs, out, cut_args)
+
+    def _host_value(self, node: Node, args: tuple, kwargs: dict, out: Any, cut_args: tuple) -> Any:
+        """The node's value for the host-side environment, sharing memory the way the model's
+        does: an in-place write reaches the host tensor it was made to (and so every view of
+        it), and views are taken of the host tensors again, which is cheap."""
+        if node.mutates is not None and node.mutates < len(args) and isinstance(args[node.mutates], torch.Tensor):
+            with torch.no_grad():
+                args[node.mutates].copy_(cut_args[node.mutates])
+            if out is cut_args[node.mutates]:
+                return args[node.mutates]
+        elif node.op != "call_module" and is_view_op(node.target):
+            return super().run_node(node, args, kwargs)
+        return tree_map(_to_host, out)
+
+    def _state(self, target: str) -> torch.Tensor:
+        module_path, _, attr = target.rpartition(".")
+        return getattr(self.model.get_submodule(module_path), attr)
+
+    def _cut(self, value: Any, leaves: list[torch.Tensor], mutating: bool) -> Any:
+        """Copies of the host values on the device, cut from any graph: those that require grad
+        become leaves (collected in `leaves`), cloned when the node writes in place, as autograd
+        forbids in-place writes to leaves."""
+
+        def move(tensor: Any) -> Any:
+            if not isinstance(tensor, torch.Tensor):
+                return tensor
+            moved = tensor.detach().to(self.settings.device, copy=True)
+            if not tensor.requires_grad:
+                return moved
+            leaves.append(moved.requires_grad_())
+            return moved.clone() if mutating else moved
+
+        return tree_map(move, value)
+
+    @contextlib.contextmanager
+    def _materialized(self, node: Node) -> Iterator[list[torch.Tensor]]:
+        """The node's module with its own parameters and buffers on the device, swapped into the
+        meta model while the node runs, then swapped out and freed."""
+        if node.op != "call_module":
+            yield []
+            return
+        parent_path, _, child = node.target.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        meta_module = getattr(parent, child)
+        real = copy.deepcopy(meta_module).to_empty(device=self.settings.device)
+        with torch.no_grad():
+            for name, tensor in (*real.named_parameters(), *real.named_buffers()):
+                like = (
+                    meta_module.get_parameter(name)
+                    if isinstance(tensor, torch.nn.Parameter)
+                    else meta_module.get_buffer(name)
+                )
+                qualified = self.names.get(id(like), f"{node.target}.{name}")
+                tensor.copy_(initial_state(qualified, like, self.settings.device))
+        setattr(parent, child, real)
+        try:
+            yield [*real.parameters(), *real.buffers()]
+        finally:
+            setattr(parent, child, meta_module)
+            del real
+            if self.settings.device == "cuda":
+                torch.cuda.empty_cache()
+
+    def _engine_start(self) -> float:
+        """What one autograd call costs with nothing to compute: a backward through a view."""
+        leaf = torch.zeros(1, device=self.settings.device, requires_grad=True)
+        grad = torch.ones(1, device=self.settings.device)
+        fastest = float("inf")
+        for _ in range(CALIBRATION_TRIES):
+            out = leaf.view(1)
+            start = self.clock.stamp()
+            torch.autograd.grad(out, leaf, grad)
+            end = self.clock.stamp()
+            self.clock.sync()
+            fastest = min(fastest, self.clock.seconds(start, end))
+        return fastest
+
+
+def _hook_cost(clock: _Clock, device: str) -> float:
+    """Seconds one backward hook adds: a chain of cheap ops backpropagated with and without
+    hooks, the fastest of a few tries each (the calibration wants the cost, not the noise)."""
+    chain = 64
+    leaf = torch.zeros(16, device=device, requires_grad=True)
+    fastest = {True: float("inf"), False: float("inf")}
+    for _ in range(CALIBRATION_TRIES):
+        for hooked in (False, True):
+            value = leaf
+            grad_fns = []
+            for _ in range(chain):
+                value = value * 1.0
+                grad_fns.append(value.grad_fn)
+            if hooked:
+                stamps = []
+                for grad_fn in grad_fns:
+                    grad_fn.register_hook(lambda *_: stamps.append(clock.stamp()))
+            clock.sync()
+            start = clock.stamp()
+            value.backward(torch.ones_like(value))
+            end = clock.stamp()
+            clock.sync()
+            fastest[hooked] = min(fastest[hooked], clock.seconds(start, end))
+    return max(fastest[True] - fastest[False], 0.0) / chain
+
+
+def _timing_overhead(interpreter: _InContext | _SaveMemory) -> float:
+    """Seconds that timing a node adds to its op, which stage code calling the op directly does
+    not pay: the clock's stamps and the interpreter's dispatch (converting arguments, finding
+    the callable). It is the time of a node whose op costs next to nothing (operator.pos on an
+    int), the fastest of a few tries of many calls each."""
+    node = Node("calibration", "call_function", "operator.pos", (1,))
+    clock = interpreter.clock
+    calls = 100
+    fastest = float("inf")
+    for _ in range(CALIBRATION_TRIES):
+        stamps = []
+        for _ in range(calls):
+            start = clock.stamp()
+            Interpreter.run_node(interpreter, node, (1,), {})  # what a timed node runs
+            stamps.append((start, clock.stamp()))
+        clock.sync()
+        fastest = min(fastest, sum(clock.seconds(start, end) for start, end in stamps))
+    return fastest / calls
+
+
+def _to_host(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    host = value.detach().to("cpu")
+    return host.requires_grad_() if value.requires_grad else host
+
+
+__all__ = [
+    "DEVICES",
+    "MeasureSettings",
+    "Measurement",
+    "NodeProfile",
+    "apply_profile",
+    "device_name",
+    "initial_state",
+    "measure",
+    "profile_key",
+    "profile_measured",
+    "wants_save_memory",
+]

@@ -1,0 +1,157 @@
+"""`ftc explain`: per-stage figures that add up to the manifest's, schedule predictions that match
+the closed form for equal stages, the PNG, and errors in the CLI's style."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import pytest
+
+from ftc.cli import main
+from ftc.explain import explain
+
+from .conftest import ROOT
+
+GENERATED = ROOT / "generated"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(args, capsys):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", ["gpt", "two_tower"])
+def test_explain_adds_up_to_the_manifest(name, capsys):
+    folder = GENERATED / name
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    code, out, err = run_cli(["explain", folder], capsys)
+    assert code == 0, err
+    assert "samples/s" in out and "bubble" in out and "1f1b" in out and "gpipe" in out
+
+    explanation = explain(folder)
+    assert [s.index for s in explanation.stages] == [s["index"] for s in manifest["stages"]]
+    for stage, entry in zip(explanation.stages, manifest["stages"]):
+        cost = entry["cost"]
+        assert stage.total == pytest.approx(cost["predicted_time"], rel=1e-9, abs=1e-15)
+        assert stage.parameters == cost["parameters"] and stage.ops == cost["ops"]
+        assert (stage.bytes_in, stage.bytes_out) == (cost["bytes_in"], cost["bytes_out"])
+        memory = cost["memory"]["total"] if "memory" in cost else cost["parameter_bytes"]
+        assert stage.memory == memory
+    assert sum(s.fwd_time for s in explanation.stages) == pytest.approx(
+        sum(s["cost"]["fwd_time"] for s in manifest["stages"])
+    )
+    device_totals = [sum(s.total for s in held) for held in explanation.devices().values()]
+    if "device_times" in manifest["predicted"]:
+        assert device_totals == pytest.approx(manifest["predicted"]["device_times"])
+    assert max(device_totals) == pytest.approx(manifest["predicted"]["bottleneck_time"])
+    assert {(p.schedule, p.micro_batches) for p in explanation.predictions} == {
+        (kind, m) for kind in ("gpipe", "1f1b") for m in (4, 8)
+    }
+    for prediction in explanation.predictions:
+        assert prediction.throughput == pytest.approx(manifest["batch_size"] / prediction.timeline.makespan)
+        # No schedule beats the busiest device's work on one batch.
+        busiest = max(sum(s.total for s in held) for held in explanation.devices().values())
+        assert prediction.timeline.makespan >= busiest * (1 - 1e-9)
+
+
+def _synthetic(tmp_path, devices: list[int], fwd: float = 1.0, bwd: float = 2.0, comm: float = 0.0):
+    """A pipeline.json with equal stages: a chain, stage k on devices[k]."""
+    stages = []
+    for k, device in enumerate(devices):
+        stages.append(
+            {
+                "index": k, "file": f"stage{k}.py", "class": f"Stage{k}", "device": device,
+                "inputs": [f"v{k}"], "outputs": [f"v{k + 1}"], "state": [], "recompute": False,
+                "cost": {
+                    "ops": 3, "parameters": 10, "parameter_bytes": 40, "fwd_flops": 0, "bwd_flops": 0,
+                    "fwd_time": fwd, "bwd_time": bwd, "bytes_in": 16, "bytes_out": 16,
+                    "predicted_time": fwd + bwd + comm,
+                },
+            }
+        )  # fmt: skip
+    values = {
+        f"v{k}": {"kind": "tensor", "shape": [4], "dtype": "float32", "batch_dim": 0, "requires_grad": k > 0}
+        for k in range(len(devices) + 1)
+    }
+    manifest = {
+        "format": "ftc-pipeline/1", "name": "chain", "model_file": "chain.py", "batch_size": 16,
+        "settings": {"profile": "analytic", "bandwidth": 1.0}, "inputs": ["v0"], "outputs": [f"v{len(devices)}"],
+        "output_structure": {"kind": "value", "keys": []}, "stages": stages, "values": values,
+    }  # fmt: skip
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("micro_batches", [1, 3, 8])
+def test_bubble_of_equal_stages_is_the_closed_form(stages, micro_batches, tmp_path):
+    folder = _synthetic(tmp_path, list(range(stages)))
+    explanation = explain(folder, [micro_batches])
+    for prediction in explanation.predictions:
+        bubble = (stages - 1) / (micro_batches + stages - 1)
+        assert prediction.timeline.bubble_fraction == pytest.approx(bubble)
+        # (M + P - 1) steps of one micro-batch's forward and backward: 3 s / M each.
+        step = (micro_batches + stages - 1) * 3.0 / micro_batches
+        assert prediction.timeline.makespan == pytest.approx(step)
+        assert prediction.throughput == pytest.approx(16 / step)
+
+
+def test_communication_is_split_and_devices_holding_several_stages_are_totalled(tmp_path, capsys):
+    folder = _synthetic(tmp_path, [0, 1, 0, 1], comm=0.5)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    recomputing = manifest["stages"][3]
+    recomputing["recompute"] = True
+    recomputing["cost"]["predicted_time"] += recomputing["cost"]["fwd_time"]  # the re-forward
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    explanation = explain(folder, [4])
+    for stage in explanation.stages:
+        assert stage.comm_fwd + stage.comm_bwd == pytest.approx(0.5)
+        assert stage.total == pytest.approx(4.5 if stage.recompute else 3.5)
+    assert [s.recompute for s in explanation.stages] == [False, False, False, True]
+    assert explanation.stages[3].bwd_time == pytest.approx(3.0)  # backward 2 s + forward again 1 s
+    # Stage 0 receives v0 (no gradient) and sends v1 (with one): 32 bytes forward, 16 backward.
+    assert explanation.stages[0].comm_fwd == pytest.approx(0.5 * 32 / 48)
+    devices = explanation.devices()
+    assert sorted(devices) == [0, 1] and [s.index for s in devices[0]] == [0, 2]
+    code, out, err = run_cli(["explain", folder, "--micro-batches", 4], capsys)
+    assert code == 0, err
+    device_table = out.split("device  stages", 1)[1]
+    assert "0,2" in device_table and "7000.000" in device_table  # 2 stages x 3.5 s
+    assert "8000.000" in device_table  # 3.5 s + 4.5 s
+    assert "memory: parameter bytes only" in out
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    png = tmp_path / "gpt.png"
+    code, out, err = run_cli(["explain", GENERATED / "gpt", "--micro-batches", 4, "--plot", png], capsys)
+    assert code == 0, err
+    assert f"plot written to {png}" in out
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert height > 300 and width > 300
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_explain_errors(tmp_path, capsys):
+    def user_error(args, fragment):
+        code, out, err = run_cli(["explain", *args], capsys)
+        assert code == 2, (code, out, err)
+        assert "Traceback" not in err and fragment in err, err
+
+    user_error([tmp_path / "missing"], "holds no pipeline.json")
+    user_error([GENERATED / "gpt", "--micro-batches", 0], "must be at least 1")
+    user_error([GENERATED / "gpt", "--plot", tmp_path / "plot.svg"], "the plot is a PNG")
+    user_error([GENERATED / "gpt", "--plot", tmp_path / "no" / "plot.png"], "does not exist")
+    folder = _synthetic(tmp_path, [0, 1])
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    del manifest["stages"][1]["cost"]["fwd_time"]
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    user_error([folder], "stage 1 has no predicted cost")
