@@ -28,6 +28,7 @@ import torch
 
 from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Node, load
+from ftc.passes.partition.problem import may_draw_random
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
 from ftc.runtime.pipeline import Pipeline
 
@@ -132,13 +133,19 @@ class _Reference(Interpreter):
         self.stage_of = {node.name: node.stage for node in graph.nodes if node.op != "get_attr"}
         self.model_inputs = set(graph.inputs)
         self.rng_at_stage: dict[int, torch.Tensor] = {}
+        self.drawn: set[int] = set()  # stages whose first op that may draw random numbers has run
         self.leaves: dict[tuple[str, int], Any] = {}  # (value, reading stage) -> leaf
         self.to_send: list[dict[str, torch.Tensor]] = []  # per stage: gradient of each value it sends
         self.to_return: list[dict[str, torch.Tensor]] = []  # per stage: gradient of each value it reads
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
-        if node.is_compute and node.stage not in self.rng_at_stage:
+        # A stage that is not a contiguous run of the program order (metis) may start before
+        # an earlier stage's last random draw: its random state is the one at its first draw.
+        draws = node.is_compute and may_draw_random(node, self.graph.modules)
+        if node.is_compute and (node.stage not in self.rng_at_stage or (draws and node.stage not in self.drawn)):
             self.rng_at_stage[node.stage] = torch.get_rng_state()
+        if draws:
+            self.drawn.add(node.stage)
         return super().run_node(node, args, kwargs)
 
     def lookup(self, ref, reader: Node) -> Any:

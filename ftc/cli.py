@@ -32,17 +32,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _memory_size(text: str) -> int:
+    from ftc.passes.partition.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except FtcError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.message}; {exc.hint}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from ftc.frontends import FRONTENDS
     from ftc.passes.partition import METHODS
-    from ftc.profiling import DeviceModel
+    from ftc.passes.partition.memory import OPTIMIZER_STATES, SCHEDULES
+    from ftc.passes.recompute import POLICIES
+    from ftc.profiling import DEVICES, PROFILES, DeviceModel
 
     parser = argparse.ArgumentParser(prog="ftc", description="A pipeline-parallel compiler for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compile_ = commands.add_parser("compile", help="compile a model file into per-stage modules")
     compile_.add_argument("model", help="model file (defines build_model() and example_inputs(batch_size))")
-    compile_.add_argument("--stages", type=_positive_int, required=True, help="number of pipeline stages")
+    compile_.add_argument("--stages", type=_positive_int, required=True, help="number of pipeline stages (of devices, for --method mpipe, which may run several stages per device)")
     compile_.add_argument("-o", "--output", required=True, help="folder to write <name>/ into")
     compile_.add_argument("--name", help="pipeline name (default: the model file's stem)")
     compile_.add_argument("--batch-size", type=_positive_int, default=8, help="batch size to trace and cost with (default 8)")
@@ -52,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--tflops", type=_positive_float, default=DeviceModel.tflops, help=f"device peak TFLOP/s for predicted times (default {DeviceModel.tflops})")
     compile_.add_argument("--memory-gbps", type=_positive_float, default=DeviceModel.memory_gbps, help=f"device memory bandwidth, GB/s (default {DeviceModel.memory_gbps})")
     compile_.add_argument("--force", action="store_true", help="overwrite stage files edited by hand")
+    compile_.add_argument("--memory-limit", type=_memory_size, metavar="BYTES", help="memory per device (16GB, 512MiB, ...); stages must fit it (default: no limit)")
+    compile_.add_argument("--optimizer", choices=OPTIMIZER_STATES, default="adam", help="optimizer whose state counts toward memory (default adam)")
+    compile_.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule whose in-flight activations count toward memory (default 1f1b)")
+    compile_.add_argument("--micro-batches", type=_positive_int, help="micro-batches per step, for memory (default: the stage count)")
+    compile_.add_argument("--recompute", choices=POLICIES, default="auto", help="recompute activations in backward: auto (where memory requires it), always, never")
+    compile_.add_argument("--blocks", type=_positive_int, help="mpipe: blocks to pack onto devices (default: 2, 3 and 4 times --stages are tried)")
+    compile_.add_argument("--profile", choices=PROFILES, default="analytic", help="analytic: FLOPs and a roofline on meta tensors (default); measure: time every node on real tensors")
+    compile_.add_argument("--device", choices=DEVICES, default="cpu", help="where --profile measure times the nodes (default cpu)")
+    compile_.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
+    compile_.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
+    compile_.add_argument("--no-cache", action="store_true", help="measure afresh, neither reading nor writing the profile cache ($FTC_CACHE_DIR or ~/.cache/ftc/profiles)")
 
     check = commands.add_parser("check", help="check a generated pipeline against its model (outputs, buffers, gradients)")
     check.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
@@ -59,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-size", type=_positive_int, help="batch size (default: the compile batch size)")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--tolerance", type=_positive_float, default=1e-5, help="largest relative difference allowed (default 1e-5)")
+
+    explain = commands.add_parser("explain", help="predicted per-stage costs, memory, throughput and bubble of a generated pipeline")
+    explain.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
+    explain.add_argument("--micro-batches", type=_positive_int, metavar="M", help="micro-batches per batch to predict the schedules with (default: 4 and 8)")
+    explain.add_argument("--plot", metavar="FILE.png", help="also draw the device loads and the 1F1B timeline into a PNG")
+
+    train = commands.add_parser("train", help="train a generated pipeline per a training config (single, local or dist via torchrun)")
+    train.add_argument("config", help="training config (JSON, e.g. configs/gpt.json)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted for nested: optimizer.lr=0.01); repeatable")
+
+    merge = commands.add_parser("merge-checkpoint", help="merge the latest complete checkpoint's shards into one state_dict")
+    merge.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir)")
+    merge.add_argument("-o", "--output", help="output file, .safetensors or .pt (default DIR/merged.safetensors)")
     return parser  # fmt: skip
 
 
@@ -69,7 +104,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _human(count: float, unit: str = "") -> str:
+def human(count: float, unit: str = "") -> str:
     for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= scale:
             return f"{count / scale:.2f}{suffix}{unit}"
@@ -82,21 +117,33 @@ def run_compile(args: argparse.Namespace) -> int:
     options = CompileOptions(
         stages=args.stages, batch_size=args.batch_size, method=args.method, frontend=args.frontend,
         bandwidth=args.bandwidth, tflops=args.tflops, memory_gbps=args.memory_gbps, name=args.name,
-        force=args.force,
+        force=args.force, profile=args.profile, device=args.device, threads=args.threads,
+        save_memory=args.save_memory or None, cache=not args.no_cache,
+        memory_limit=args.memory_limit, optimizer=args.optimizer, schedule=args.schedule,
+        micro_batches=args.micro_batches, recompute=args.recompute, blocks=args.blocks,
     )  # fmt: skip
     compiled = compile_model(args.model, args.output, options)
     rows = []
     for stage in compiled.stages:
         cost = stage["cost"]
         rows.append([
-            stage["index"], stage["device"], cost["ops"], _human(cost["parameters"]),
-            _human(cost["fwd_flops"]), f"{cost['predicted_time'] * 1e3:.3f}", _human(cost["bytes_out"], "B"),
+            stage["index"], stage["device"], cost["ops"], human(cost["parameters"]),
+            human(cost["fwd_flops"]), f"{cost['predicted_time'] * 1e3:.3f}", human(cost["bytes_out"], "B"),
+            human(cost["memory"]["total"], "B"), "yes" if stage["recompute"] else "",
         ])  # fmt: skip
     print(f"{compiled.graph.name}: {len([n for n in compiled.graph.nodes if n.is_compute])} ops "
           f"({compiled.graph.frontend} frontend), {args.method} into {len(rows)} stages -> {compiled.folder}")  # fmt: skip
-    print(table(["stage", "device", "ops", "params", "fwd FLOPs", "predicted ms", "sends"], rows))
+    for note in compiled.notes:
+        print(note)
+    print(table(["stage", "device", "ops", "params", "fwd FLOPs", "predicted ms", "sends", "memory", "recompute"], rows))
     times = [stage["cost"]["predicted_time"] for stage in compiled.stages]
     print(f"predicted balance (max/mean stage time): {max(times) / (sum(times) / len(times)):.3f}")
+    device_times: dict[int, float] = {}
+    for stage in compiled.stages:
+        device_times[stage["device"]] = device_times.get(stage["device"], 0.0) + stage["cost"]["predicted_time"]
+    if len(device_times) < len(times):  # mixed pipe: devices run several stages
+        loads = list(device_times.values())
+        print(f"predicted balance (max/mean device time): {max(loads) / (sum(loads) / len(loads)):.3f}")
     return 0
 
 
@@ -122,10 +169,46 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import summary, train
+    from ftc.runtime.worker import launch
+
+    config = load_config(args.config, args.set)
+    results = launch(config) if config.mode == "dist" else train(config)
+    print(summary(results))
+    return 0
+
+
+def run_merge_checkpoint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ftc.runtime.checkpoint import merge, save_state_dict
+
+    step, state = merge(Path(args.dir))
+    output = Path(args.output or Path(args.dir) / "merged.safetensors")
+    save_state_dict(output, state)
+    print(f"{args.dir}: step {step}, {len(state)} tensors -> {output}")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from ftc.explain import explain, plot, render
+
+    explanation = explain(args.pipeline, [args.micro_batches] if args.micro_batches else None)
+    if args.plot:
+        plot(explanation, args.plot)
+    print(render(explanation))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compile": run_compile, "check": run_check}[args.command](args)
+        commands = {"compile": run_compile, "check": run_check, "explain": run_explain, "train": run_train, "merge-checkpoint": run_merge_checkpoint}
+        return commands[args.command](args)
     except FtcError as exc:
         print(f"ftc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftc.backend.writer import write_pipeline
@@ -10,8 +10,10 @@ from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
-from ftc.passes.partition import METHODS, assign, build_problem
-from ftc.profiling import DeviceModel, profile_analytic
+from ftc.passes.partition import METHODS, assign, build_problem, partition
+from ftc.passes.partition.memory import OPTIMIZER_STATES, SCHEDULES, MemorySettings
+from ftc.passes.recompute import POLICIES
+from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
 from ftc.runtime.model_file import load_model_file
 
 
@@ -26,6 +28,23 @@ class CompileOptions:
     memory_gbps: float = DeviceModel.memory_gbps
     name: str | None = None
     force: bool = False
+    profile: str = "analytic"  # or "measure": times measured on `device` (ftc/profiling/measure.py)
+    device: str = "cpu"
+    threads: int = 1  # CPU threads while measuring
+    save_memory: bool | None = None  # None: automatic, when the model is large for the device
+    cache: bool = True  # read and write measured profiles in the profile cache
+    memory_limit: int | None = None  # bytes per device (ftc/passes/partition/memory.py)
+    optimizer: str = "adam"  # sizes the optimizer state
+    schedule: str = "1f1b"  # sizes the activations kept in flight
+    micro_batches: int | None = None  # None: as many as stages
+    recompute: str = "auto"  # ftc/passes/recompute.py
+    blocks: int | None = None  # mpipe's block count (None: twice the stages)
+
+    def memory_settings(self) -> MemorySettings:
+        return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.micro_batches, self.recompute)
+
+    def measure_settings(self) -> MeasureSettings:
+        return MeasureSettings(device=self.device, threads=self.threads, save_memory=self.save_memory)
 
     def check(self) -> None:
         for key in ("stages", "batch_size"):
@@ -36,6 +55,18 @@ class CompileOptions:
                 raise FtcError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
         if self.method not in METHODS:
             raise FtcError(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
+        for key, allowed in (("optimizer", OPTIMIZER_STATES), ("schedule", SCHEDULES), ("recompute", POLICIES)):
+            if getattr(self, key) not in allowed:
+                raise FtcError(f"unknown --{key} {getattr(self, key)!r}", f"use one of: {', '.join(allowed)}")
+        for key in ("memory_limit", "micro_batches", "blocks"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise FtcError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.profile not in PROFILES:
+            raise FtcError(f"unknown --profile {self.profile!r}", f"use one of: {', '.join(PROFILES)}")
+        if self.profile == "measure":
+            self.measure_settings().check()
+        elif self.device != "cpu" or self.save_memory:
+            raise FtcError("--device and --save-memory apply to measured profiles", "add --profile measure")
         if self.name is not None and not self.name.isidentifier():
             raise FtcError(f"--name {self.name!r} is not a Python identifier", "use letters, digits and _")
 
@@ -45,6 +76,7 @@ class Compiled:
     graph: Graph
     folder: Path
     stages: list[dict]  # the manifest's stage entries
+    notes: list[str] = field(default_factory=list)  # lines for the compile output (the profile used)
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions) -> Compiled:
@@ -58,18 +90,29 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     graph = name_values(graph, model_file.path.parent)
     validate(graph)
     graph = profile_analytic(graph, model, batch, DeviceModel(options.tflops, options.memory_gbps))
-    problem = build_problem(graph, options.bandwidth)
+    notes = []
+    if options.profile == "measure":
+        cache = ProfileCache() if options.cache else None
+        graph, note = profile_measured(graph, model_file, model, options.measure_settings(), cache)
+        notes.append(note)
+    problem = build_problem(graph, options.bandwidth, options.memory_settings())
     if options.stages > problem.size:
         raise FtcError(
             f"cannot split the {problem.size} ops of {name!r} into {options.stages} stages",
             f"use --stages {problem.size} or fewer",
         )
-    graph = assign(graph, problem, METHODS[options.method](problem, options.stages))
+    result = partition(problem, options.method, options.stages, options.blocks)
+    graph = assign(graph, problem, result)
     validate(graph)
     settings = {
-        key: value for key, value in asdict(options).items() if key in ("bandwidth", "tflops", "memory_gbps")
+        key: value
+        for key, value in asdict(options).items()
+        if key in ("bandwidth", "tflops", "memory_gbps", "profile")
+        or key in ("memory_limit", "optimizer", "schedule", "micro_batches", "recompute")
+        or (options.method == "mpipe" and key == "blocks")
+        or (options.profile == "measure" and key in ("device", "threads"))
     }
     folder, stages = write_pipeline(
-        graph, problem, out_dir, model_file.path, options.method, settings, force=options.force
-    )
-    return Compiled(graph, folder, stages)
+        graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
+    )  # fmt: skip
+    return Compiled(graph, folder, stages, notes)

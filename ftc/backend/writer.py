@@ -18,6 +18,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ftc.ir import FtcError, Graph, TensorMeta, dumps, meta_nbytes
 from ftc.ir.graph import ScalarMeta, SeqMeta
 from ftc.passes.partition.problem import Problem
@@ -73,15 +75,17 @@ def value_spec(meta) -> dict:
     return {"kind": "object"}
 
 
-def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan]) -> list[dict]:
-    """Predicted per-stage figures for the manifest and the CLI table."""
+def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recompute: list[bool]) -> list[dict]:
+    """Predicted per-stage figures for the manifest and the CLI table: time (compute,
+    communication and the re-forward of a recomputing stage) and memory (bytes, memory.py)."""
     by_name = graph.by_name()
     state_bytes = {name: t.meta.nbytes for name, t in graph.state.items()}
-    position = {name: k for k, name in enumerate(problem.ops)}
+    stage_of = np.array([by_name[name].stage for name in problem.ops])
     rows = []
     for plan in plans:
-        first, last = position[plan.nodes[0].name], position[plan.nodes[-1].name]
+        members = stage_of == plan.index
         parameters = [graph.state[name] for name in plan.state if graph.state[name].kind == "parameter"]
+        memory = problem.stage_memory(members, plan.index, len(plans), recompute[plan.index])
         rows.append(
             {
                 "ops": len(plan.nodes),
@@ -93,7 +97,8 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan]) -> list[
                 "bwd_time": sum(n.cost.bwd_time for n in plan.nodes),
                 "bytes_in": sum(meta_nbytes(by_name[name].meta) for name in plan.inputs),
                 "bytes_out": sum(meta_nbytes(by_name[name].meta) for name in plan.outputs),
-                "predicted_time": problem.stage_cost(first, last + 1),
+                "predicted_time": problem.stage_time(members, recompute[plan.index]),
+                "memory": memory.to_json(),
             }
         )
     return rows
@@ -107,7 +112,9 @@ def write_pipeline(
     method: str,
     settings: dict,
     force: bool = False,
+    recompute: list[bool] | None = None,
 ) -> tuple[Path, list[dict]]:
+    """`recompute`: which stages recompute (None: none does)."""
     folder = Path(out_dir) / graph.name
     previous = recorded_stage_files(folder)
     edited = edited_files(folder, previous)
@@ -119,12 +126,16 @@ def write_pipeline(
     folder.mkdir(parents=True, exist_ok=True)
     model_rel = Path(os.path.relpath(Path(model_file).resolve(), folder.resolve())).as_posix()
     plans = plan_stages(graph)
-    costs = stage_costs(graph, problem, plans)
+    recompute = recompute or [False] * len(plans)
+    costs = stage_costs(graph, problem, plans, recompute)
     stage_sources = {f"stage{plan.index}.py": render_stage(graph, plans, plan.index, model_rel) for plan in plans}
     position = {node.name: k for k, node in enumerate(graph.nodes)}
     crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=position.__getitem__)
     by_name = graph.by_name()
-    times = [row["predicted_time"] for row in costs]
+    device_times: dict[int, float] = {}
+    for plan, row in zip(plans, costs):
+        device_times[plan.device] = device_times.get(plan.device, 0.0) + row["predicted_time"]
+    times = [device_times[device] for device in sorted(device_times)]
     manifest = {
         "format": MANIFEST_FORMAT,
         "name": graph.name,
@@ -148,13 +159,14 @@ def write_pipeline(
                 "inputs": plan.inputs,
                 "outputs": plan.outputs,
                 "state": plan.state,
-                "recompute": False,
+                "recompute": recompute[plan.index],
                 "cost": cost,
             }
             for plan, cost in zip(plans, costs)
         ],
         "values": {name: value_spec(by_name[name].meta) for name in crossing},
         "predicted": {
+            "device_times": times,
             "bottleneck_time": max(times),
             "balance": max(times) / (sum(times) / len(times)),
         },

@@ -1,8 +1,17 @@
-"""Partitioners: assign every compute node of the IR to a pipeline stage.
+"""Partitioners: assign every compute node of the IR to a pipeline stage and every stage to a
+device.
 
-Each method maps a `Problem` (problem.py) and a stage count to the first op of each stage;
-`assign` writes them into the graph. Model inputs belong to the first stage; a get_attr node
-takes the stage of its first reader (every stage that reads a parameter adopts it, so it is
+Each method maps a `Problem` (problem.py) and a stage (device) count to a `Partition`:
+
+  pipedream   exact DP over contiguous splits: least bottleneck within the memory limit
+  metis       METIS k-way partition of the op graph, repaired into an acyclic stage graph
+  mpipe       FTPipe's mixed pipe: balanced blocks bin-packed onto devices, so a device may run
+              several stages; then refined
+  uniform     equal numbers of the model's repeated blocks per stage (the hand split)
+  parameters  equal parameter counts per stage (DeepSpeed's partition_method="parameters")
+
+`assign` writes the result into the graph. Model inputs belong to the first stage; a get_attr
+node takes the stage of its first reader (every stage that reads a parameter adopts it, so it is
 never sent).
 """
 
@@ -10,21 +19,35 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ftc.ir import Graph
+from ftc.ir import FtcError, Graph
 
+from .baselines import partition_parameters, partition_uniform
+from .metis import partition_metis
+from .mpipe import partition_mpipe
 from .pipedream import partition_pipedream
-from .problem import Problem, build_problem
+from .problem import Partition, Problem, build_problem
 
-METHODS = {"pipedream": partition_pipedream}
+METHODS = {
+    "pipedream": partition_pipedream,
+    "metis": partition_metis,
+    "mpipe": partition_mpipe,
+    "uniform": partition_uniform,
+    "parameters": partition_parameters,
+}
 
 
-def assign(graph: Graph, problem: Problem, starts: list[int]) -> Graph:
-    """Write the stage of every node from the first op of each stage."""
-    bounds = list(starts) + [problem.size]
-    stage_of = {}
-    for stage, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        for name in problem.ops[start:end]:
-            stage_of[name] = stage
+def partition(problem: Problem, method: str, stages: int, blocks: int | None = None) -> Partition:
+    """Run a method; `stages` is the device count (mpipe may make more stages than devices)."""
+    if blocks is not None and method != "mpipe":
+        raise FtcError(f"--blocks applies to --method mpipe, not {method}", "drop --blocks or use --method mpipe")
+    if method == "mpipe":
+        return partition_mpipe(problem, stages, blocks)
+    return METHODS[method](problem, stages)
+
+
+def assign(graph: Graph, problem: Problem, result: Partition) -> Graph:
+    """Write the stage of every node and the device of every stage."""
+    stage_of = {name: int(result.stage_of[k]) for k, name in enumerate(problem.ops)}
     first_reader: dict[str, int] = {}
     for node in graph.nodes:
         if node.name in stage_of:
@@ -39,7 +62,7 @@ def assign(graph: Graph, problem: Problem, starts: list[int]) -> Graph:
         else:
             stage = stage_of[node.name]
         nodes.append(replace(node, stage=stage))
-    return replace(graph, nodes=nodes, num_stages=len(starts), stage_devices=list(range(len(starts))))
+    return replace(graph, nodes=nodes, num_stages=result.num_stages, stage_devices=list(result.devices))
 
 
-__all__ = ["METHODS", "Problem", "assign", "build_problem"]
+__all__ = ["METHODS", "Partition", "Problem", "assign", "build_problem", "partition"]

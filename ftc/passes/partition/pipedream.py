@@ -1,7 +1,13 @@
 """PipeDream-style partitioning: an exact dynamic program over contiguous splits of the program
 order that minimizes the bottleneck stage cost (see problem.py for the cost model).
 
-    best[s][j] = min over stage starts i < j of max(best[s-1][i], C[i][j])
+    best[s][j] = min over stage starts i < j of max(best[s-1][i], C_s[i][j])
+
+C_s[i][j] is the cost of ops i..j-1 as the stage at position s: compute, communication with
+every other stage, and the forward again when the stage must recompute to fit the per-device
+memory limit (memory.py, ftc/passes/recompute.py); infinite when it cannot fit at all. Memory
+depends on the position (under 1F1B, earlier stages keep more micro-batches in flight), which
+the DP knows, since it builds stages from the first.
 
 Throughput only depends on the bottleneck, but many splits reach it (a heavy layer can fix the
 bottleneck alone). Among those, a second pass picks the most even one, the least sum of
@@ -12,49 +18,114 @@ O(P N^2), vectorized over i.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ftc.ir import FtcError
+from ftc.passes.recompute import recompute_rule
 
-from .problem import Problem
+from .memory import OPTIMIZER_STATES, format_bytes
+from .problem import Partition, Problem
 
 # Stage costs within this relative margin of the bottleneck count as reaching it.
 TOLERANCE = 1e-9
 
+Table = Callable[[int], np.ndarray]  # stage position -> (N+1, N+1) matrix over intervals [i, j)
 
-def partition_pipedream(problem: Problem, stages: int) -> list[int]:
-    """The first op of each stage (starts[0] == 0), for an optimal split into `stages` stages."""
+
+class StageTables:
+    """Per stage position: each interval's cost, whether it recomputes, and its least memory.
+    The memory matrices are built on first use: without a limit (and without --recompute
+    always) the costs do not depend on memory."""
+
+    def __init__(self, problem: Problem, stages: int):
+        self.problem, self.stages = problem, stages
+        self.base = problem.interval_costs()
+        settings = problem.footprint.settings
+        self.memory_bound = settings.limit is not None or settings.recompute == "always"
+        self._parts: tuple[np.ndarray, ...] | None = None
+
+    def _memory(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """(memory without recomputation, with it) of every interval at `position`."""
+        if self._parts is None:
+            settings = self.problem.footprint.settings
+            held, trainable, saved = self.problem.footprint.interval_tables(self.problem.size)
+            static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
+            prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
+            self._parts = (static, saved, self.problem.received_table(), prefix[None, :] - prefix[:, None])
+        static, saved, received, _ = self._parts
+        in_flight = self.problem.footprint.settings.in_flight(position, self.stages)
+        return static + in_flight * saved, static + in_flight * received + saved
+
+    def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        settings = self.problem.footprint.settings
+        return recompute_rule(settings.recompute, settings.limit, *self._memory(position))
+
+    def cost(self, position: int) -> np.ndarray:
+        if not self.memory_bound:
+            return self.base
+        recompute, fits = self._rule(position)
+        forward = self._parts[3]
+        return np.where(fits, self.base + recompute * forward, np.inf)
+
+    def recompute(self, position: int, start: int, end: int) -> bool:
+        return self.memory_bound and bool(self._rule(position)[0][start, end])
+
+    def least_memory(self, position: int) -> np.ndarray:
+        """Each interval's memory with the recompute choice --recompute allows that needs least."""
+        plain, recomputed = self._memory(position)
+        policy = self.problem.footprint.settings.recompute
+        return {"never": plain, "always": recomputed}.get(policy, np.minimum(plain, recomputed))
+
+
+def _cut_points(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     n = problem.size
-    if stages > problem.max_stages():
-        raise FtcError(
-            f"cannot split {n} ops into {stages} stages: at most {problem.max_stages()} stages are possible "
-            "(in-place ops and tuple values must stay with their producer)",
-            f"use --stages {problem.max_stages()} or fewer",
-        )
-    cost = problem.interval_costs()
     can_start = np.ones(n + 1, dtype=bool)
     can_start[1:n] = ~problem.no_cut[: n - 1]
-    starts = np.flatnonzero(can_start[:n])
+    return can_start, np.flatnonzero(can_start[:n])
 
-    # bottleneck[s, j]: best bottleneck of ops 0..j-1 in s+1 stages (inf where impossible)
+
+def min_bottleneck(problem: Problem, stages: int, table: Table) -> tuple[float, list[int]]:
+    """The least, over splits into `stages` stages, of the largest table(s)[start, end], and a
+    split that reaches it (inf when every split has an infinite stage)."""
+    n = problem.size
+    can_start, starts = _cut_points(problem)
     bottleneck = np.full((stages, n + 1), np.inf)
-    bottleneck[0, 1:] = cost[0, 1:]
+    choice = np.zeros((stages, n + 1), dtype=int)
+    bottleneck[0, 1:] = table(0)[0, 1:]
     for s in range(1, stages):
+        cost = table(s)
         for j in range(1, n + 1):
             if not can_start[j]:
                 continue
             i = starts[(starts > 0) & (starts < j)]
             if i.size:
-                bottleneck[s, j] = np.maximum(bottleneck[s - 1, i], cost[i, j]).min()
-    best = bottleneck[stages - 1, n]
+                candidate = np.maximum(bottleneck[s - 1, i], cost[i, j])
+                k = int(np.argmin(candidate))
+                bottleneck[s, j], choice[s, j] = candidate[k], i[k]
+    return float(bottleneck[stages - 1, n]), _walk_back(choice, stages, n)
 
-    # total[s, j]: least sum of squared stage costs of ops 0..j-1 in s+1 stages, each within
-    # the bottleneck
-    limit = best * (1 + TOLERANCE)
+
+def _walk_back(choice: np.ndarray, stages: int, n: int) -> list[int]:
+    result, end = [], n
+    for s in range(stages - 1, 0, -1):
+        end = int(choice[s, end])
+        result.append(end)
+    return [0] + result[::-1]
+
+
+def most_even(problem: Problem, stages: int, table: Table, limit: float) -> list[int]:
+    """Among splits whose every stage costs at most `limit`, one with the least sum of squared
+    stage costs."""
+    n = problem.size
+    can_start, starts = _cut_points(problem)
     total = np.full((stages, n + 1), np.inf)
     choice = np.zeros((stages, n + 1), dtype=int)
-    total[0, 1:] = np.where(cost[0, 1:] <= limit, cost[0, 1:] ** 2, np.inf)
+    first = table(0)[0, 1:]
+    total[0, 1:] = np.where(first <= limit, first**2, np.inf)
     for s in range(1, stages):
+        cost = table(s)
         for j in range(1, n + 1):
             if not can_start[j]:
                 continue
@@ -64,8 +135,72 @@ def partition_pipedream(problem: Problem, stages: int) -> list[int]:
             candidate = np.where(cost[i, j] <= limit, total[s - 1, i] + cost[i, j] ** 2, np.inf)
             k = int(np.argmin(candidate))
             total[s, j], choice[s, j] = candidate[k], i[k]
-    result, end = [], n
-    for s in range(stages - 1, 0, -1):
-        end = int(choice[s, end])
-        result.append(end)
-    return [0] + result[::-1]
+    return _walk_back(choice, stages, n)
+
+
+def check_stage_count(problem: Problem, stages: int) -> None:
+    if stages > problem.max_stages():
+        raise FtcError(
+            f"cannot split {problem.size} ops into {stages} stages: at most {problem.max_stages()} stages are "
+            "possible (in-place ops and tuple values must stay with their producer)",
+            f"use --stages {problem.max_stages()} or fewer",
+        )
+
+
+def split_pipedream(problem: Problem, stages: int) -> tuple[list[int], list[bool]]:
+    """The first op of each stage (starts[0] == 0) of an optimal split into `stages` stages
+    within the memory limit, and which of those stages recompute."""
+    check_stage_count(problem, stages)
+    tables = StageTables(problem, stages)
+    best, _ = min_bottleneck(problem, stages, tables.cost)
+    if not np.isfinite(best):
+        raise memory_error(problem, stages)
+    starts = most_even(problem, stages, tables.cost, best * (1 + TOLERANCE))
+    bounds = [*starts, problem.size]
+    return starts, [tables.recompute(s, i, j) for s, (i, j) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def partition_pipedream(problem: Problem, stages: int) -> Partition:
+    starts, recompute = split_pipedream(problem, stages)
+    return Partition.contiguous(problem.size, starts, recompute)
+
+
+def least_peak(problem: Problem, stages: int) -> tuple[float, list[int]]:
+    """The least possible largest stage memory over splits into `stages` stages, and a split
+    that reaches it."""
+    tables = StageTables(problem, stages)
+    return min_bottleneck(problem, stages, tables.least_memory)
+
+
+def memory_error(problem: Problem, stages: int) -> FtcError:
+    """No split fits: say the least limit that would fit this stage count, and what does."""
+    settings = problem.footprint.settings
+    peak, starts = least_peak(problem, stages)
+    bounds = [*starts, problem.size]
+    tables = StageTables(problem, stages)
+    worst = max(range(stages), key=lambda s: tables.least_memory(s)[bounds[s], bounds[s + 1]])
+    members = np.zeros(problem.size, dtype=bool)
+    members[bounds[worst] : bounds[worst + 1]] = True
+    plain = problem.stage_memory(members, worst, stages, False)
+    recomputed = problem.stage_memory(members, worst, stages, True)
+    allowed = [
+        m for m, ok in ((plain, settings.recompute != "always"), (recomputed, settings.recompute != "never")) if ok
+    ]
+    detail = min(allowed, key=lambda m: m.total).describe()
+    more = next(
+        (
+            k
+            for k in range(stages + 1, min(problem.max_stages(), 2 * stages) + 1)
+            if least_peak(problem, k)[0] <= settings.limit
+        ),
+        None,
+    )
+    hint = f"raise --memory-limit to at least {format_bytes(peak)}"
+    hint += f", or use --stages {more}, which fits" if more else " or use more --stages"
+    if settings.recompute == "never":
+        hint += ", or allow --recompute auto"
+    return FtcError(
+        f"no split of {problem.name} into {stages} stages fits {format_bytes(settings.limit)} per device: the least "
+        f"possible peak is {format_bytes(peak)} (stage {worst} of that split: {detail})",
+        hint,
+    )

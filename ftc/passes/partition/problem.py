@@ -1,7 +1,7 @@
 """The partitioning problem over a graph's program order, and its stage cost model.
 
-Stages are contiguous runs of the compute ops in program order, which is a topological order
-that also keeps in-place mutations where the model put them. A stage's cost is
+The DP (pipedream.py) cuts the compute ops' program order, a topological order that also keeps
+in-place mutations where the model put them, into contiguous runs. A stage's cost is
 
     compute (forward + backward time of its ops)
   + (bytes it receives + bytes it sends) / bandwidth
@@ -20,15 +20,27 @@ from `chunk`, say) between its producer and its last reader; between the value a
 mutates (followed back through views) and that op, so that every reader sees the mutation; and
 between the first and last op that touch a buffer forward updates in place (a step counter, an
 EMA), since each device holds its own copy of a buffer.
+
+Partitioners that do not cut the program order into contiguous runs (metis) price a stage from
+the same definition over any set of ops (`member_cost`), and keep ops that draw random numbers
+in stage order (`random`), so that the stages, run one after another, draw what the model draws.
+
+A stage must also fit the memory of its device (memory.py: parameters, gradients, optimizer
+state, activations in flight); a stage that recomputes (ftc/passes/recompute.py) keeps fewer
+activations and pays its forward again in backward (`stage_time`). The answer of a partitioner
+is a `Partition`: the stage of every op, the device of every stage, which stages recompute.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ftc.ir import FtcError, Graph, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_tensors
+from ftc.ir import FtcError, Graph, Node, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_nbytes, meta_tensors
+from ftc.passes.cleanup import draws_random
+
+from .memory import Footprint, MemorySettings, StageMemory, StateUse, add_rectangle, summed
 
 # Ops whose output may share memory with their first argument: an in-place op on the output
 # also changes the input, so the mutation span reaches back to the first non-view producer.
@@ -61,12 +73,22 @@ def comm_bytes(meta) -> int:
     return 0
 
 
+def may_draw_random(node: Node, modules: dict[str, str]) -> bool:
+    """Whether running the node may draw random numbers: a random function, a dropout module,
+    or a module of the model's own (LEAF_MODULES) whose code ftc does not see."""
+    if node.op != "call_module":
+        return draws_random(node.target)
+    cls = modules.get(node.target, "")
+    return draws_random(cls) or draws_random(node.target) or not cls.startswith("torch.nn.")
+
+
 @dataclass
 class Transfer:
     value: str
     producer: int  # op position; model inputs are at 0 (the first stage)
     consumers: list[int]  # sorted, distinct op positions that read it (outputs: the last op)
-    nbytes: int
+    nbytes: int  # moved across a boundary, forward and backward (comm_bytes)
+    value_bytes: int = 0  # the value itself: what a receiving stage keeps per micro-batch
 
 
 @dataclass
@@ -76,25 +98,72 @@ class Problem:
     transfers: list[Transfer]
     no_cut: np.ndarray  # no_cut[k]: no stage boundary between ops k and k+1
     bandwidth: float  # bytes per second
+    fwd_time: np.ndarray | None = None  # forward seconds of each op (None: zero)
+    footprint: Footprint = field(default_factory=lambda: Footprint(MemorySettings(), np.zeros(0), []))
+    random: np.ndarray | None = None  # random[k]: op k may draw random numbers (None: none does)
+    name: str = "model"
+    # The model's top-level block each op belongs to ("blocks.3" for an item of a ModuleList or
+    # Sequential, "wte" for another child, "" for the root's own ops), for the uniform baseline.
+    units: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return len(self.ops)
+
+    @property
+    def forward(self) -> np.ndarray:
+        """Forward seconds of each op: what a recomputing stage runs again in its backward."""
+        return self.fwd_time if self.fwd_time is not None else np.zeros(self.size)
+
+    @property
+    def saved(self) -> np.ndarray:
+        """Bytes each op saves for backward, per micro-batch."""
+        return self.footprint.saved if self.footprint.saved.size else np.zeros(self.size)
+
+    def member_cost(self, members: np.ndarray) -> float:
+        """Cost of the stage holding the ops of a boolean mask (any set, contiguous or not)."""
+        moved = 0
+        for t in self.transfers:
+            inside = members[t.producer]
+            readers = members[t.consumers]
+            if (inside and not readers.all()) or (not inside and readers.any()):
+                moved += t.nbytes
+        return float(self.time[members].sum()) + moved / self.bandwidth
+
+    def member_received(self, members: np.ndarray) -> int:
+        """Bytes of the values the stage holding the ops of a boolean mask receives."""
+        return sum(t.value_bytes for t in self.transfers if not members[t.producer] and members[t.consumers].any())
+
+    def stage_time(self, members: np.ndarray, recompute: bool) -> float:
+        """member_cost, plus the forward again in backward when the stage recomputes."""
+        return self.member_cost(members) + (float(self.forward[members].sum()) if recompute else 0.0)
+
+    def stage_memory(self, members: np.ndarray, position: int, stages: int, recompute: bool) -> StageMemory:
+        """Memory of the stage holding the ops of a boolean mask at `position` of `stages`."""
+        held, trainable = self.footprint.state_bytes(members)
+        in_flight = self.footprint.settings.in_flight(position, stages)
+        saved = int(self.saved[members].sum())
+        return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute)
+
+    def received_table(self) -> np.ndarray:
+        """R[i, j] = bytes of the values the stage of ops i..j-1 receives, for all intervals."""
+        n = self.size
+        diff = np.zeros((n + 2, n + 2))
+        for t in self.transfers:
+            previous = t.producer
+            for c in (c for c in t.consumers if c > t.producer):
+                add_rectangle(diff, previous + 1, c, c + 1, n, t.value_bytes)
+                previous = c
+        return summed(diff, n)
 
     def max_stages(self) -> int:
         return 1 + int((~self.no_cut[: self.size - 1]).sum()) if self.size else 0
 
     def stage_cost(self, start: int, end: int) -> float:
         """Cost of the stage holding ops start..end-1, straight from the definition."""
-        compute = float(self.time[start:end].sum())
-        moved = 0
-        for t in self.transfers:
-            inside = start <= t.producer < end
-            if inside and any(c >= end for c in t.consumers):
-                moved += t.nbytes
-            if not inside and t.producer < start and any(start <= c < end for c in t.consumers):
-                moved += t.nbytes
-        return compute + moved / self.bandwidth
+        members = np.zeros(self.size, dtype=bool)
+        members[start:end] = True
+        return self.member_cost(members)
 
     def interval_costs(self) -> np.ndarray:
         """C[i, j] = stage_cost(i, j) for all 0 <= i < j <= N, in O(N^2 + edges) with numpy.
@@ -104,31 +173,57 @@ class Problem:
         between consecutive readers. A 2-D difference array sums the rectangles."""
         n = self.size
         diff = np.zeros((n + 2, n + 2))
-
-        def add(i1: int, i2: int, j1: int, j2: int, weight: float) -> None:
-            if i1 > i2 or j1 > j2:
-                return
-            diff[i1, j1] += weight
-            diff[i1, j2 + 1] -= weight
-            diff[i2 + 1, j1] -= weight
-            diff[i2 + 1, j2 + 1] += weight
-
         for t in self.transfers:
             weight = t.nbytes / self.bandwidth
             later = [c for c in t.consumers if c > t.producer]
             if not later:
                 continue
-            add(0, t.producer, t.producer + 1, later[-1], weight)
+            add_rectangle(diff, 0, t.producer, t.producer + 1, later[-1], weight)
             previous = t.producer
             for c in later:
-                add(previous + 1, c, c + 1, n, weight)
+                add_rectangle(diff, previous + 1, c, c + 1, n, weight)
                 previous = c
-        moved = diff.cumsum(axis=0).cumsum(axis=1)[: n + 1, : n + 1]
+        moved = summed(diff, n)
         prefix = np.concatenate([[0.0], np.cumsum(self.time)])
         return prefix[None, :] - prefix[:, None] + moved
 
 
-def build_problem(graph: Graph, bandwidth_gbps: float) -> Problem:
+def improves(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
+    """For local search over (bottleneck, sum of squared costs): a lower bottleneck, or the same
+    one and a lower sum of squares, beyond rounding, so that rounding in running sums cannot
+    undo and redo a move forever."""
+    margin = 1e-9
+    if candidate[0] < best[0] * (1 - margin):
+        return True
+    return candidate[0] <= best[0] * (1 + margin) and candidate[1] < best[1] * (1 - margin)
+
+
+@dataclass
+class Partition:
+    """A partitioner's answer: the stage of every op, numbered in a topological order of the
+    stages, the device of each stage, and which stages recompute."""
+
+    stage_of: np.ndarray  # stage of each op position
+    devices: list[int]
+    recompute: list[bool]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.devices)
+
+    def members(self, stage: int) -> np.ndarray:
+        return self.stage_of == stage
+
+    @classmethod
+    def contiguous(cls, size: int, starts: list[int], recompute: list[bool]) -> Partition:
+        """Stage k holds ops starts[k] .. starts[k+1]-1 and runs on device k."""
+        stage_of = np.zeros(size, dtype=int)
+        for start in starts[1:]:
+            stage_of[start:] += 1
+        return cls(stage_of, list(range(len(starts))), list(recompute))
+
+
+def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = MemorySettings()) -> Problem:
     ops = [node.name for node in graph.nodes if node.is_compute]
     if not ops:
         raise FtcError(f"model {graph.name!r} has no operations to partition")
@@ -148,7 +243,9 @@ def build_problem(graph: Graph, bandwidth_gbps: float) -> Problem:
             readers.setdefault(ref.name, set()).add(last)
     by_name = graph.by_name()
     transfers = [
-        Transfer(name, position[name], sorted(consumers), comm_bytes(by_name[name].meta))
+        Transfer(
+            name, position[name], sorted(consumers), comm_bytes(by_name[name].meta), meta_nbytes(by_name[name].meta)
+        )
         for name, consumers in readers.items()
     ]
     no_cut = np.zeros(len(ops), dtype=bool)
@@ -179,7 +276,52 @@ def build_problem(graph: Graph, bandwidth_gbps: float) -> Problem:
     for positions in readers_of_state.values():
         forbid(min(positions), max(positions))
     time = np.array([by_name[name].cost.fwd_time + by_name[name].cost.bwd_time for name in ops])
-    return Problem(ops, time, transfers, no_cut, bandwidth_gbps * 1e9)
+    fwd_time = np.array([by_name[name].cost.fwd_time for name in ops])
+    random = np.array([may_draw_random(by_name[name], graph.modules) for name in ops], dtype=bool)
+    footprint = Footprint(memory, np.array([_saved_bytes(by_name[name]) for name in ops]), _state_uses(graph, position))
+    units = [_unit(by_name[name], graph.modules) for name in ops]
+    return Problem(ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units)
+
+
+CONTAINERS = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
+
+
+def _unit(node: Node, modules: dict[str, str]) -> str:
+    path = node.target if node.op == "call_module" else node.module_path
+    parts = path.split(".") if path else []
+    if len(parts) > 1 and modules.get(parts[0]) in CONTAINERS:
+        return ".".join(parts[:2])
+    return parts[0] if parts else ""
+
+
+def _saved_bytes(node: Node) -> float:
+    if node.cost.peak_memory is not None:
+        return float(node.cost.peak_memory)
+    if is_view_op(node.target):
+        return 0.0
+    return float(sum(t.nbytes for t in meta_tensors(node.meta) if t.requires_grad and t.is_float))
+
+
+def _state_uses(graph: Graph, position: dict[str, int]) -> list[StateUse]:
+    """Every parameter and buffer forward reads, with the positions of the ops that read it."""
+    by_name = graph.by_name()
+    readers: dict[str, set[int]] = {}
+    for node in graph.nodes:
+        if not node.is_compute:
+            continue
+        names = [by_name[ref].target for ref in node.refs() if by_name[ref].op == "get_attr"]
+        if node.op == "call_module":
+            prefix = node.target + "."
+            names += [name for name in graph.state if name.startswith(prefix)]
+        for name in names:
+            if name in graph.state:
+                readers.setdefault(name, set()).add(position[node.name])
+    uses = []
+    for name, positions in readers.items():
+        tensor = graph.state[name]
+        trainable = tensor.kind == "parameter" and tensor.meta.requires_grad and tensor.meta.is_float
+        uses.append(StateUse(name, tensor.meta.nbytes, trainable, sorted(positions)))
+    return uses
 
 
 def _view_root(arg, by_name) -> str | None:

@@ -1,0 +1,157 @@
+"""The memory a pipeline stage needs on its device, per training step.
+
+    parameters   the parameters and buffers the stage's ops read (a tied tensor counts once)
+  + gradients    one copy of its trainable parameters
+  + optimizer    `--optimizer` state: sgd 0, momentum 1, adam / adamw 2 copies of them
+  + activations  what its ops save for backward, times the micro-batches the schedule keeps in
+                 flight at the stage: under 1F1B the stage at position k of S keeps S - k of them
+                 (at most the micro-batch count), under GPipe all M.
+
+A stage that recomputes keeps only the values it receives per micro-batch in flight, plus one
+micro-batch's activations while it runs that micro-batch's backward.
+
+What an op saves for backward is estimated from the IR: the output of a compute op that
+requires grad and is not a view (views share their source's memory). A profile that measured the
+bytes a node saved (Cost.peak_memory) replaces the estimate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ftc.ir import FtcError
+
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+SCHEDULES = ("1f1b", "gpipe")
+UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'16GB' -> 16e9, '512MiB' -> 512 * 2**20, '1e9' -> 1e9 bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise FtcError(
+            f"{text!r} is not a memory size",
+            "write a number of bytes with an optional unit: 16GB, 512MiB, 80e9",
+        )
+    value = float(match.group(1)) * UNITS[match.group(2).lower()]
+    if not value >= 1:
+        raise FtcError(f"memory size {text!r} is less than one byte")
+    return int(value)
+
+
+def format_bytes(count: float) -> str:
+    for suffix, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {suffix}"
+    return f"{count:.0f} B"
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    limit: int | None = None  # bytes per device; None: no limit
+    optimizer: str = "adam"
+    schedule: str = "1f1b"
+    micro_batches: int | None = None  # None: as many as stages (the fewest that fill the pipeline)
+    recompute: str = "auto"  # "auto" | "always" | "never" (ftc/passes/recompute.py)
+
+    def in_flight(self, position: int, stages: int) -> int:
+        """Micro-batches whose activations the stage at `position` (0-based) of `stages` keeps."""
+        micro_batches = self.micro_batches or stages
+        if self.schedule == "gpipe":
+            return micro_batches
+        return min(stages - position, micro_batches)
+
+
+@dataclass
+class StateUse:
+    """A parameter or buffer and the ops (positions) that read it."""
+
+    name: str
+    nbytes: int
+    trainable: bool
+    readers: list[int]
+
+
+@dataclass
+class StageMemory:
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        return (
+            f"{format_bytes(self.total)}: parameters {format_bytes(self.parameters)}, gradients "
+            f"{format_bytes(self.gradients)}, optimizer {format_bytes(self.optimizer)}, activations "
+            f"{format_bytes(self.activations)}"
+        )
+
+
+@dataclass
+class Footprint:
+    """What the ops of a problem hold in memory; indexed by op position like Problem.ops."""
+
+    settings: MemorySettings
+    saved: np.ndarray  # bytes each op saves for backward, per micro-batch
+    state: list[StateUse]
+
+    def state_bytes(self, members: np.ndarray) -> tuple[int, int]:
+        """(parameter and buffer bytes, trainable bytes) the ops in the boolean mask read."""
+        held = trainable = 0
+        for use in self.state:
+            if members[use.readers].any():
+                held += use.nbytes
+                trainable += use.nbytes if use.trainable else 0
+        return held, trainable
+
+    def memory(
+        self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool
+    ) -> StageMemory:
+        activations = received * in_flight + saved if recompute else saved * in_flight
+        copies = OPTIMIZER_STATES[self.settings.optimizer]
+        return StageMemory(held, trainable, trainable * copies, activations)
+
+    def interval_tables(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(held, trainable, saved) for every interval of ops i..j-1, as (n+1, n+1) matrices:
+        a tensor counts in an interval that holds at least one of its readers."""
+        held, trainable = np.zeros((n + 2, n + 2)), np.zeros((n + 2, n + 2))
+        for use in self.state:
+            previous = -1
+            for reader in sorted(set(use.readers)):
+                # intervals [i, j) with previous < i <= reader < j hold this reader first
+                for table, weight in ((held, use.nbytes), (trainable, use.nbytes if use.trainable else 0)):
+                    add_rectangle(table, previous + 1, reader, reader + 1, n, weight)
+                previous = reader
+        prefix = np.concatenate([[0.0], np.cumsum(self.saved)])
+        saved = prefix[None, :] - prefix[:, None]
+        return summed(held, n), summed(trainable, n), saved
+
+
+def add_rectangle(diff: np.ndarray, i1: int, i2: int, j1: int, j2: int, weight: float) -> None:
+    """Add `weight` to every (i, j) with i1 <= i <= i2 and j1 <= j <= j2 of a 2-D difference array."""
+    if i1 > i2 or j1 > j2 or not weight:
+        return
+    diff[i1, j1] += weight
+    diff[i1, j2 + 1] -= weight
+    diff[i2 + 1, j1] -= weight
+    diff[i2 + 1, j2 + 1] += weight
+
+
+def summed(diff: np.ndarray, n: int) -> np.ndarray:
+    return diff.cumsum(axis=0).cumsum(axis=1)[: n + 1, : n + 1]

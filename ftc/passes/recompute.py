@@ -1,0 +1,76 @@
+"""Recomputation: which stages drop their activations after forward and run forward again in
+backward (activation checkpointing at stage granularity), under `--recompute`:
+
+  never   no stage recomputes; a stage whose activations do not fit is infeasible
+  always  every stage recomputes
+  auto    a stage recomputes only where the memory limit requires it; under 1F1B the last stage
+          keeps one micro-batch in flight, so recomputing saves it nothing and it never does
+
+A recomputing stage keeps only the values it receives per micro-batch in flight (plus one
+micro-batch's activations during its backward) and pays its forward time again in backward;
+the partitioners price stages this way (Problem.stage_time), so they see what recomputation
+costs. The manifest's per-stage "recompute" flag is what the runtime obeys.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ftc.ir import FtcError
+
+if TYPE_CHECKING:
+    from ftc.passes.partition.problem import Problem
+
+POLICIES = ("auto", "always", "never")
+
+
+def recompute_rule(policy: str, limit: int | None, plain, recomputed):
+    """(recompute, fits) for stages whose memory is `plain` without recomputation and
+    `recomputed` with it; elementwise on numpy arrays as on numbers."""
+    bound = np.inf if limit is None else limit
+    plain, recomputed = np.asarray(plain, dtype=float), np.asarray(recomputed, dtype=float)
+    if policy == "never":
+        return np.zeros_like(plain, dtype=bool), plain <= bound
+    if policy == "always":
+        return np.ones_like(plain, dtype=bool), recomputed <= bound
+    recompute = (plain > bound) & (recomputed < plain)
+    return recompute, np.where(recompute, recomputed, plain) <= bound
+
+
+def choose_recompute(problem: Problem, stage_of: np.ndarray, devices: list[int]) -> list[bool]:
+    """The recompute flag of every stage of a partition. The limit holds per device: under
+    `auto`, the stages of a device that does not fit recompute one at a time, the one that
+    saves the most memory first, until the device fits. Raises FtcError naming the device when
+    it cannot fit."""
+    settings = problem.footprint.settings
+    stages = len(devices)
+    members = [stage_of == s for s in range(stages)]
+    plain = [problem.stage_memory(members[s], s, stages, False).total for s in range(stages)]
+    recomputed = [problem.stage_memory(members[s], s, stages, True).total for s in range(stages)]
+    flags = [settings.recompute == "always"] * stages
+    limit = settings.limit
+    for device in sorted(set(devices)):
+        mine = [s for s in range(stages) if devices[s] == device]
+
+        def total() -> int:
+            return sum(recomputed[s] if flags[s] else plain[s] for s in mine)
+
+        if settings.recompute == "auto":
+            candidates = sorted((s for s in mine if recomputed[s] < plain[s]), key=lambda s: recomputed[s] - plain[s])
+            for s in candidates:
+                if limit is None or total() <= limit:
+                    break
+                flags[s] = True
+        if limit is not None and total() > limit:
+            details = "; ".join(
+                f"stage {s}: {problem.stage_memory(members[s], s, stages, flags[s]).describe()}" for s in mine
+            )
+            raise FtcError(
+                f"device {device} of the {problem.name} pipeline needs {total():,} bytes, over the memory "
+                f"limit of {limit:,} ({details})",
+                "raise --memory-limit, use more --stages, allow --recompute, or use --method pipedream, "
+                "which splits within the limit",
+            )
+    return flags

@@ -1,0 +1,484 @@
+"""Every partitioning method, memory limits and recomputation.
+
+The correctness statement (the stages compute exactly what the model computes) is checked for
+every method on every example and edge-case model at P = 2 and 4, with ftc.check against the
+original model. Each model is traced and profiled once per module; the methods partition it
+and write a pipeline each. The memory-limited DP is checked against brute force on small
+random problems, metis against acyclicity on random DAGs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+
+from ftc.backend.writer import write_pipeline
+from ftc.check import check_pipeline
+from ftc.frontends import trace
+from ftc.ir import FtcError, validate
+from ftc.passes.cleanup import eliminate_dead_code
+from ftc.passes.naming import name_values
+from ftc.passes.partition import METHODS, assign, build_problem, partition
+from ftc.passes.partition.memory import Footprint, MemorySettings, StateUse, parse_bytes
+from ftc.passes.partition.metis import atoms_of, partition_metis
+from ftc.passes.partition.pipedream import least_peak, split_pipedream
+from ftc.passes.partition.problem import Partition, Problem, Transfer
+from ftc.passes.recompute import choose_recompute, recompute_rule
+from ftc.profiling import DeviceModel, profile_analytic
+from ftc.runtime.model_file import load_model_file
+
+from .conftest import EXAMPLES, MODELS
+
+REL = 1e-9
+
+MODEL_PATHS = [
+    *(EXAMPLES / f"{name}.py" for name in ("gpt", "mlp", "resnet", "unet", "two_tower")),
+    *(MODELS / f"{name}.py" for name in ("inplace", "buffers", "shared", "leaf", "shape_dependent", "deep_skip", "no_grad")),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small shared machine, intra-op threads only contend (the checks
+    here run an order of magnitude faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def analyzed():
+    """analyzed(path) -> (graph, model file): traced and profiled once per module."""
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            model_file = load_model_file(path)
+            graph, model, batch = trace(model_file, 4, "auto", path.stem)
+            graph = name_values(eliminate_dead_code(graph), model_file.path.parent)
+            validate(graph)
+            cache[path] = (profile_analytic(graph, model, batch, DeviceModel()), model_file)
+        return cache[path]
+
+    return get
+
+
+def write(graph, model_file, out_dir, method, stages, bandwidth=1.0):
+    problem = build_problem(graph, bandwidth)
+    result = partition(problem, method, stages)
+    assigned = assign(graph, problem, result)
+    validate(assigned)
+    folder, _ = write_pipeline(assigned, problem, out_dir, model_file.path, method, {}, recompute=result.recompute)
+    return folder, result, problem
+
+
+def assert_check_passes(folder):
+    report = check_pipeline(folder, batch_size=4)
+    details = [(s.file, s.outputs, s.input_grads, s.gradients, s.buffers, s.problems) for s in report.stages]
+    assert (
+        report.ok
+    ), f"{report.problems}; end to end {report.model_outputs:.2e} {report.model_gradients:.2e}; {details}"
+
+
+def assert_pipeline_order(problem: Problem, result: Partition):
+    """Every value flows to the same or a later stage (stage numbers are a topological order),
+    and ops that draw random numbers run in program order when the stages run in order."""
+    for t in problem.transfers:
+        for c in t.consumers:
+            assert result.stage_of[t.producer] <= result.stage_of[c], (t.value, t.producer, c)
+    if problem.random is not None:
+        drawing = result.stage_of[problem.random]
+        assert (np.diff(drawing) >= 0).all(), drawing
+
+
+# ---------------------------------------------------------------------------------------------
+# Every method computes what the model computes
+
+
+@pytest.mark.parametrize("model_path", MODEL_PATHS, ids=lambda p: p.stem)
+def test_every_method_computes_what_the_model_computes(model_path, analyzed, tmp_path):
+    """Each method at P = 2 and 4 (where the graph has room): the written pipeline passes the
+    check. Methods often agree; a partition already checked for this model is not checked again."""
+    graph, model_file = analyzed(model_path)
+    probe = build_problem(graph, 1.0)
+    checked = set()
+    for method, stages in itertools.product(sorted(METHODS), (2, 4)):
+        if stages > probe.max_stages():
+            continue
+        try:
+            folder, result, problem = write(graph, model_file, tmp_path / f"{method}{stages}", method, stages)
+        except FtcError as exc:
+            # the uniform baseline needs as many blocks as stages; nothing else may refuse
+            assert method == "uniform" and "fewer than" in exc.message, exc
+            continue
+        manifest = json.loads((folder / "pipeline.json").read_text())
+        assert manifest["num_devices"] == stages, method
+        assert len(manifest["stages"]) == result.num_stages >= stages, method
+        assert [s["device"] for s in manifest["stages"]] == result.devices
+        assert all(isinstance(s["recompute"], bool) for s in manifest["stages"])
+        assert_pipeline_order(problem, result)
+        key = (tuple(result.stage_of.tolist()), tuple(result.devices))
+        if key not in checked:
+            checked.add(key)
+            assert_check_passes(folder)
+
+
+def device_bottleneck(problem: Problem, result: Partition) -> float:
+    loads = [0.0] * (max(result.devices) + 1)
+    for s, device in enumerate(result.devices):
+        loads[device] += problem.stage_time(result.members(s), result.recompute[s])
+    return max(loads)
+
+
+def test_mpipe_runs_several_stages_on_one_device(analyzed, tmp_path):
+    """With fast links (100 GB/s) a mixed pipe beats one stage per device: on gpt at P=4 some
+    device runs two stages and the predicted bottleneck device is lower than pipedream's exact
+    contiguous split; on the mlp at P=3 and 4 such pipelines compute what the model computes.
+    At the default 1 GB/s the extra boundaries cost more than they balance, and mpipe keeps
+    pipedream's split, never worse."""
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    for bandwidth in (1.0, 100.0):
+        problem = build_problem(graph, bandwidth)
+        mixed, plain = partition(problem, "mpipe", 4), partition(problem, "pipedream", 4)
+        assert sorted(set(mixed.devices)) == [0, 1, 2, 3]
+        assert device_bottleneck(problem, mixed) <= device_bottleneck(problem, plain) * (1 + 1e-9)
+    assert len(mixed.devices) > len(set(mixed.devices)), mixed.devices
+    assert device_bottleneck(problem, mixed) < device_bottleneck(problem, plain) * 0.99
+    graph, model_file = analyzed(EXAMPLES / "mlp.py")
+    for stages in (3, 4):
+        folder, result, problem = write(graph, model_file, tmp_path / f"P{stages}", "mpipe", stages, bandwidth=100.0)
+        manifest = json.loads((folder / "pipeline.json").read_text())
+        devices = [stage["device"] for stage in manifest["stages"]]
+        assert manifest["num_devices"] == stages and len(devices) > stages, devices
+        assert manifest["predicted"]["bottleneck_time"] == pytest.approx(device_bottleneck(problem, result))
+        assert_pipeline_order(problem, result)
+        assert_check_passes(folder)
+
+
+def test_metis_stages_need_not_be_contiguous(analyzed, tmp_path):
+    """On the two-tower model the two towers are independent until they meet; metis may give
+    them to different stages. Whatever it does, a stage is any set of ops: the backend writes
+    it and the check passes. At least one model among these must yield a non-contiguous stage
+    for this to test anything."""
+    seen_non_contiguous = False
+    for path in (EXAMPLES / "two_tower.py", EXAMPLES / "unet.py", MODELS / "deep_skip.py"):
+        graph, model_file = analyzed(path)
+        for stages in (2, 4):
+            folder, result, problem = write(graph, model_file, tmp_path / f"{path.stem}{stages}", "metis", stages)
+            if (np.diff(result.stage_of) < 0).any():
+                seen_non_contiguous = True
+                assert_check_passes(folder)
+    assert seen_non_contiguous
+
+
+def test_uniform_gives_each_stage_equal_blocks(analyzed):
+    """gpt has 8 transformer blocks: uniform at P=4 puts two in each stage, the embedding in the
+    first and the head in the last; at P=2, four each."""
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    problem = build_problem(graph, 1.0)
+    by_name = graph.by_name()
+    for stages in (2, 4):
+        result = partition(problem, "uniform", stages)
+        blocks = [set() for _ in range(stages)]
+        for k, name in enumerate(problem.ops):
+            path = by_name[name].module_path or by_name[name].target
+            if path.startswith("blocks."):
+                blocks[result.stage_of[k]].add(path.split(".")[1])
+        count = sum(1 for path in graph.modules if path.count(".") == 1 and path.startswith("blocks."))
+        assert count == 8
+        assert [len(b) for b in blocks] == [count // stages] * stages
+        assert result.stage_of[0] == 0 and result.stage_of[-1] == stages - 1
+
+
+def test_parameters_baseline_balances_parameter_bytes(analyzed):
+    """The parameters baseline reaches the least possible largest per-stage parameter bytes over
+    contiguous splits (brute force over the cuts of the mlp)."""
+    graph, _ = analyzed(EXAMPLES / "mlp.py")
+    problem = build_problem(graph, 1.0)
+    weights = np.zeros(problem.size)
+    for use in problem.footprint.state:
+        if use.trainable:
+            weights[min(use.readers)] += use.nbytes
+    cuts = [k for k in range(1, problem.size) if not problem.no_cut[k - 1]]
+    for stages in (2, 3):
+        best = min(
+            max(weights[i:j].sum() for i, j in zip((0, *c), (*c, problem.size)))
+            for c in itertools.combinations(cuts, stages - 1)
+        )
+        result = partition(problem, "parameters", stages)
+        got = max(weights[result.stage_of == s].sum() for s in range(stages))
+        assert got == pytest.approx(best)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the model, the limited DP against brute force, the error
+
+
+def test_parse_bytes():
+    assert parse_bytes("16GB") == 16 * 10**9
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5k") == 1500
+    assert parse_bytes("80e9") == 80 * 10**9
+    for bad in ("", "GB", "12 parsecs", "0"):
+        with pytest.raises(FtcError):
+            parse_bytes(bad)
+
+
+def test_stage_memory_by_hand():
+    """Two ops; op0 reads a 100-byte trainable weight and a 10-byte buffer and saves 7 bytes, op1
+    saves 5 bytes and receives a 3-byte value from op0. Adam: two optimizer copies. Under 1F1B
+    with 2 stages, the first stage keeps 2 micro-batches in flight, the second 1."""
+    state = [StateUse("w", 100, True, [0]), StateUse("b", 10, False, [0])]
+    footprint = Footprint(MemorySettings(optimizer="adam"), np.array([7.0, 5.0]), state)
+    problem = Problem(
+        ["a", "b"], np.ones(2), [Transfer("v", 0, [1], 3, 3)], np.zeros(2, bool), 1.0, footprint=footprint
+    )
+    first, second = np.array([True, False]), np.array([False, True])
+    memory = problem.stage_memory(first, 0, 2, False)
+    assert (memory.parameters, memory.gradients, memory.optimizer, memory.activations) == (110, 100, 200, 14)
+    assert problem.stage_memory(second, 1, 2, False).total == 5
+    assert problem.stage_memory(second, 1, 2, True).activations == 3 * 1 + 5  # kept input + one micro-batch
+    gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=6), footprint.saved, state)
+    problem.footprint = gpipe
+    assert problem.stage_memory(second, 1, 2, False).activations == 6 * 5
+
+
+def random_memory_problem(rng: random.Random) -> Problem:
+    """A random problem with a footprint: op times, forward times, saved bytes, values between
+    ops, parameters (some tied: read by two ops) and a random limit and policy."""
+    n = rng.randint(2, 8)
+    time = np.array([float(rng.randint(1, 9)) for _ in range(n)])
+    fwd = np.array([t * rng.choice([0.3, 0.5]) for t in time])
+    transfers = []
+    for p in range(n - 1):
+        for c in rng.sample(range(p + 1, n), rng.randint(1, min(2, n - 1 - p))):
+            size = rng.randint(1, 20)
+            transfers.append(Transfer(f"v{p}_{c}", p, [c], 2 * size, size))
+    state = [StateUse(f"w{k}", rng.randint(1, 60), rng.random() < 0.8, sorted(rng.sample(range(n), rng.choice([1, 1, 2]))))
+             for k in range(rng.randint(0, 4))]  # fmt: skip
+    settings = MemorySettings(
+        limit=rng.randint(40, 400),
+        optimizer=rng.choice(["sgd", "momentum", "adam"]),
+        schedule=rng.choice(["1f1b", "gpipe"]),
+        micro_batches=rng.choice([None, 2, 8]),
+        recompute=rng.choice(["auto", "always", "never"]),
+    )
+    footprint = Footprint(settings, np.array([float(rng.randint(0, 30)) for _ in range(n)]), state)
+    no_cut = np.array([rng.random() < 0.2 for _ in range(n)], dtype=bool)
+    return Problem([f"op{k}" for k in range(n)], time, transfers, no_cut, rng.choice([1.0, 4.0]), fwd, footprint)
+
+
+def brute_force(problem: Problem, stages: int):
+    """(optimal bottleneck or inf, least peak memory) over every contiguous split, each stage
+    priced from the definitions (Problem.stage_memory, stage_time) and the recompute rule."""
+    settings = problem.footprint.settings
+    cuts = [k for k in range(1, problem.size) if not problem.no_cut[k - 1]]
+    best = peak = np.inf
+    for chosen in itertools.combinations(cuts, stages - 1):
+        bounds = [0, *chosen, problem.size]
+        worst = worst_memory = 0.0
+        for s, (i, j) in enumerate(zip(bounds, bounds[1:])):
+            members = np.zeros(problem.size, dtype=bool)
+            members[i:j] = True
+            plain = problem.stage_memory(members, s, stages, False).total
+            recomputed = problem.stage_memory(members, s, stages, True).total
+            flag, fits = recompute_rule(settings.recompute, settings.limit, plain, recomputed)
+            least = {"never": plain, "always": recomputed}.get(settings.recompute, min(plain, recomputed))
+            worst_memory = max(worst_memory, least)
+            worst = max(worst, problem.stage_time(members, bool(flag)) if fits else np.inf)
+        best, peak = min(best, worst), min(peak, worst_memory)
+    return best, peak
+
+
+def test_memory_limited_dp_matches_brute_force():
+    """On 200 random problems with memory limits, optimizers, schedules and recompute policies:
+    the DP's split is within the limit, reaches the brute-force optimal bottleneck (recompute
+    time included), its recompute flags follow the rule, and when nothing fits it raises
+    FtcError with the brute-force least peak."""
+    rng = random.Random(31337)
+    feasible = infeasible = recomputing = 0
+    for case in range(200):
+        problem = random_memory_problem(rng)
+        settings = problem.footprint.settings
+        for stages in range(1, problem.max_stages() + 1):
+            optimum, peak = brute_force(problem, stages)
+            if not np.isfinite(optimum):
+                with pytest.raises(FtcError) as info:
+                    split_pipedream(problem, stages)
+                assert "least possible peak" in info.value.message
+                assert least_peak(problem, stages)[0] == pytest.approx(peak)
+                infeasible += 1
+                continue
+            starts, flags = split_pipedream(problem, stages)
+            result = Partition.contiguous(problem.size, starts, flags)
+            costs = []
+            for s in range(stages):
+                members = result.members(s)
+                memory = problem.stage_memory(members, s, stages, flags[s]).total
+                assert memory <= settings.limit, (case, stages, s)
+                plain = problem.stage_memory(members, s, stages, False).total
+                recomputed = problem.stage_memory(members, s, stages, True).total
+                assert flags[s] == bool(recompute_rule(settings.recompute, settings.limit, plain, recomputed)[0])
+                costs.append(problem.stage_time(members, flags[s]))
+            assert max(costs) == pytest.approx(optimum, rel=REL), (case, stages, starts)
+            feasible += 1
+            recomputing += any(flags) and settings.recompute == "auto"
+    assert feasible > 300 and infeasible > 200 and recomputing > 30, (feasible, infeasible, recomputing)
+
+
+def test_infeasible_limit_names_the_least_peak(analyzed):
+    """gpt into 4 stages under a 1 MB limit: the error says the least peak that would fit (the
+    brute-force-checked least_peak) and what to do."""
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    problem = build_problem(graph, 1.0, MemorySettings(limit=10**6))
+    with pytest.raises(FtcError) as info:
+        partition(problem, "pipedream", 4)
+    peak, _ = least_peak(problem, 4)
+    assert info.value.message.startswith("no split of gpt into 4 stages fits 1.0 MB per device")
+    assert f"least possible peak is {peak / 1e6:.1f} MB" in info.value.message
+    assert "--memory-limit" in info.value.hint
+    # the least peak is what it says: a limit at it fits, just under it does not
+    fitted = build_problem(graph, 1.0, MemorySettings(limit=int(np.ceil(peak))))
+    assert partition(fitted, "pipedream", 4).num_stages == 4
+    with pytest.raises(FtcError):
+        partition(build_problem(graph, 1.0, MemorySettings(limit=int(peak) - 1)), "pipedream", 4)
+
+
+def test_recompute_auto_turns_on_exactly_where_the_limit_requires(analyzed):
+    """With the gpt split fixed, a limit at the first stage's memory keeps every stage plain; one
+    byte less makes exactly that stage recompute (1F1B: it keeps the most micro-batches), and
+    the last stage never recomputes (one micro-batch in flight, nothing to save)."""
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    problem = build_problem(graph, 1.0)
+    result = partition(problem, "pipedream", 4)
+    plain = [problem.stage_memory(result.members(s), s, 4, False).total for s in range(4)]
+    recomputed = [problem.stage_memory(result.members(s), s, 4, True).total for s in range(4)]
+    assert plain[0] == max(plain) and recomputed[3] >= plain[3]
+    for limit, expected in ((plain[0], [False] * 4), (plain[0] - 1, [True, False, False, False])):
+        problem.footprint = Footprint(MemorySettings(limit=limit), problem.footprint.saved, problem.footprint.state)
+        assert choose_recompute(problem, result.stage_of, result.devices) == expected
+    # the DP, free to move the cuts, recomputes a stage exactly when its plain memory exceeds the limit
+    limit = (plain[0] + plain[1]) // 2
+    problem.footprint = Footprint(MemorySettings(limit=limit), problem.footprint.saved, problem.footprint.state)
+    chosen = partition(problem, "pipedream", 4)
+    for s in range(4):
+        needs = problem.stage_memory(chosen.members(s), s, 4, False).total > limit
+        assert chosen.recompute[s] == needs
+    assert not chosen.recompute[3]
+    # a recomputing stage pays its forward again
+    members = chosen.members(0)
+    assert problem.stage_time(members, True) == pytest.approx(
+        problem.stage_time(members, False) + problem.forward[members].sum()
+    )
+
+
+def test_every_method_keeps_each_device_within_the_limit(analyzed):
+    """Under a limit 20% above the least peak of 4 stages (so some stages must recompute),
+    every method either keeps each device's memory (the sum of its stages', with their
+    recompute flags) within it or refuses with an error naming the limit; the cost-aware
+    methods pipedream and mpipe always fit."""
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    peak, _ = least_peak(build_problem(graph, 1.0, MemorySettings(limit=1)), 4)
+    limit = int(peak * 1.2)
+    problem = build_problem(graph, 1.0, MemorySettings(limit=limit))
+    fitted = set()
+    for method in sorted(METHODS):
+        try:
+            result = partition(problem, method, 4)
+        except FtcError as exc:
+            assert "limit" in exc.message, exc
+            continue
+        used = [0] * 4
+        for s, device in enumerate(result.devices):
+            used[device] += problem.stage_memory(result.members(s), s, result.num_stages, result.recompute[s]).total
+        assert max(used) <= limit, (method, used, limit)
+        fitted.add(method)
+    assert {"pipedream", "mpipe"} <= fitted, fitted
+    assert any(partition(problem, "pipedream", 4).recompute)
+
+
+def test_recompute_never_and_always():
+    problem = random_memory_problem(random.Random(5))
+    footprint = problem.footprint
+    for policy, expected in (("never", False), ("always", True)):
+        problem.footprint = Footprint(MemorySettings(recompute=policy), footprint.saved, footprint.state)
+        result = Partition.contiguous(problem.size, [0], [False])
+        assert choose_recompute(problem, result.stage_of, result.devices) == [expected]
+
+
+# ---------------------------------------------------------------------------------------------
+# metis on random DAGs
+
+
+def random_dag_problem(rng: random.Random) -> Problem:
+    """Ops in a topological order with random edges (some long), random times and bytes, a few
+    forbidden cuts and ops that draw random numbers."""
+    n = rng.randint(8, 60)
+    transfers = []
+    for p in range(n - 1):
+        for c in sorted(rng.sample(range(p + 1, n), rng.randint(1, min(3, n - 1 - p)))):
+            size = rng.randint(1, 1000)
+            transfers.append(Transfer(f"v{p}_{c}", p, [c], size, size))
+    time = np.array([rng.uniform(0.1, 10.0) for _ in range(n)])
+    no_cut = np.array([rng.random() < 0.15 for _ in range(n)], dtype=bool)
+    random_ops = np.array([rng.random() < 0.2 for _ in range(n)], dtype=bool)
+    return Problem([f"op{k}" for k in range(n)], time, transfers, no_cut, 1e3, random=random_ops)
+
+
+def test_metis_output_is_acyclic_on_random_dags():
+    """On 40 random DAGs and P = 2..6: exactly P non-empty stages, every value flows forward in
+    stage order (so the stage graph is acyclic), random ops run in program order, and ops joined
+    by a forbidden cut share a stage."""
+    rng = random.Random(99)
+    non_contiguous = 0
+    for case in range(40):
+        problem = random_dag_problem(rng)
+        for stages in range(2, min(6, problem.max_stages()) + 1):
+            result = partition_metis(problem, stages)
+            assert result.num_stages == stages
+            assert set(result.stage_of.tolist()) == set(range(stages)), (case, stages)
+            assert_pipeline_order(problem, result)
+            graph = nx.DiGraph()
+            graph.add_edges_from(
+                (int(result.stage_of[t.producer]), int(result.stage_of[c]))
+                for t in problem.transfers
+                for c in t.consumers
+                if result.stage_of[t.producer] != result.stage_of[c]
+            )
+            assert nx.is_directed_acyclic_graph(graph)
+            atom = atoms_of(problem)
+            for a in set(atom.tolist()):
+                assert len(set(result.stage_of[atom == a].tolist())) == 1
+            non_contiguous += bool((np.diff(result.stage_of) < 0).any())
+    assert non_contiguous > 50, non_contiguous
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_memory_flags(tmp_path, capsys):
+    """--memory-limit takes units; a limit nothing fits is a usage error (exit 2) naming the
+    least peak; a fitting one writes each stage's memory and recompute flag into pipeline.json."""
+    from ftc.cli import main
+
+    model = str(EXAMPLES / "mlp.py")
+    assert main(["compile", model, "--stages", "2", "-o", str(tmp_path), "--memory-limit", "1kB"]) == 2
+    assert "least possible peak" in capsys.readouterr().err
+    args = ["compile", model, "--stages", "2", "-o", str(tmp_path), "--memory-limit", "1GiB", "--optimizer", "sgd"]
+    assert main([*args, "--method", "mpipe", "--blocks", "3"]) == 0
+    manifest = json.loads((tmp_path / "mlp" / "pipeline.json").read_text())
+    assert manifest["settings"]["memory_limit"] == 2**30 and manifest["settings"]["blocks"] == 3
+    for stage in manifest["stages"]:
+        memory = stage["cost"]["memory"]
+        assert memory["optimizer"] == 0 and memory["gradients"] > 0 and stage["recompute"] is False
+        assert memory["total"] == sum(memory[k] for k in ("parameters", "gradients", "optimizer", "activations"))
+    assert main([*args, "--blocks", "3", "--force"]) == 2
+    assert "--blocks applies to --method mpipe" in capsys.readouterr().err
