@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from ftc.check import check_pipeline
 from ftc.frontends.aten import LOWERINGS, Call, lower, op_key, whole_view
 from ftc.interpreter import resolve_function
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
