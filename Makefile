@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftc-installed
 EXAMPLE ?= gpt
 STAGES ?= 4
+CONFIG ?= configs/$(EXAMPLE).json
+ARGS ?=
 
-.PHONY: demo test regenerate clean
+.PHONY: demo train test regenerate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/ftc compile examples/$(EXAMPLE).py --stages $(STAGES) -o generated/
 	$(BIN)/ftc check generated/$(EXAMPLE)
+	$(BIN)/ftc train configs/$(EXAMPLE).json
+
+# Train per a config: make train CONFIG=configs/mlp.json ARGS="--set steps=50 --set mode=local"
+train: $(STAMP)
+	$(BIN)/ftc train $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,177 @@
+"""Checkpoints: one shard per rank, in the original model's state_dict keys.
+
+    DIR/step-00000100/rank-0.safetensors   the rank's weights and buffers (its stages' state_dict)
+    DIR/step-00000100/rank-0.pt            its optimizer, lr schedule, step and RNG state
+    DIR/step-00000100/manifest.json        written last, by rank 0, once every shard is there
+
+Every file is written to a temporary name and renamed into place, and a step folder counts
+only when its manifest exists, so a run that dies mid-write leaves the previous checkpoint
+intact. Weights load by key, from whichever shard holds them; a parameter tied across ranks
+(the same key in two shards) is stored by both and merged into one copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ftc.ir import FtcError
+
+FORMAT = "ftc-checkpoint/1"
+MANIFEST = "manifest.json"
+STEP_FOLDER = re.compile(r"step-(\d{8})")
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def _atomic(path: Path, write) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def save_state_dict(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A state_dict as .safetensors or, for any other suffix, a torch file; atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage (tied weights under two keys): store copies.
+    plain = {key: value.detach().cpu().contiguous().clone() for key, value in state.items()}
+    if path.suffix == ".safetensors":
+        _atomic(path, lambda temp: save_file(plain, temp))
+    else:
+        _atomic(path, lambda temp: torch.save(plain, temp))
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a .safetensors file or a torch file (a state_dict, weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FtcError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as file:
+                return {key: file.get_tensor(key) for key in file.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FtcError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FtcError(f"checkpoint {path} holds no state_dict (a dict of tensors)")
+    return state
+
+
+def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module], training_state: dict) -> None:
+    """Rank `rank`'s part of the checkpoint at `step`: weights first, then the training state,
+    whose file marks the shard complete."""
+    folder = step_folder(root, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for module in modules:
+        state.update(module.state_dict())
+    save_state_dict(folder / f"rank-{rank}.safetensors", state)
+    _atomic(folder / f"rank-{rank}.pt", lambda temp: torch.save(training_state, temp))
+
+
+def write_manifest(root: Path, step: int, world_size: int, timeout_s: float, extra: dict) -> None:
+    """Rank 0, after its own shard: wait until every rank's shard is complete, then mark the
+    step complete."""
+    folder = step_folder(root, step)
+    deadline = time.monotonic() + timeout_s
+    missing = list(range(world_size))
+    while missing:
+        missing = [r for r in missing if not (folder / f"rank-{r}.pt").exists()]
+        if missing and time.monotonic() > deadline:
+            raise FtcError(f"checkpoint at step {step}: ranks {missing} wrote no shard within {timeout_s:g} s")
+        if missing:
+            time.sleep(0.01)
+    shards = {}
+    for rank in range(world_size):
+        with safe_open(str(folder / f"rank-{rank}.safetensors"), framework="pt") as file:
+            shards[f"rank-{rank}.safetensors"] = sorted(file.keys())
+    write_json(folder / MANIFEST, {"format": FORMAT, "step": step, "world_size": world_size, "shards": shards, **extra})
+
+
+def complete_steps(root: Path) -> list[Path]:
+    """The complete step folders under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if STEP_FOLDER.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    return sorted(folders, key=lambda p: p.name)
+
+
+def latest(root: Path) -> Path | None:
+    folders = complete_steps(root)
+    return folders[-1] if folders else None
+
+
+def prepare(root: Path, resume: bool) -> Path | None:
+    """Before a run: with `resume`, drop unfinished step folders and return the latest complete
+    one; without, remove the old run's step folders so they cannot mix with this run's."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    keep = latest(root) if resume else None
+    for folder in root.iterdir():
+        if STEP_FOLDER.fullmatch(folder.name) and folder != keep and (not resume or not (folder / MANIFEST).is_file()):
+            shutil.rmtree(folder)
+    return keep
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def load_weights(folder: Path, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a complete step folder by key (all keys, or those in `keys`); a key that
+    several shards hold (a tied parameter) must be equal in all of them."""
+    state: dict[str, torch.Tensor] = {}
+    for shard, shard_keys in manifest(folder)["shards"].items():
+        wanted = [k for k in shard_keys if keys is None or k in keys]
+        if not wanted:
+            continue
+        with safe_open(str(Path(folder) / shard), framework="pt") as file:
+            for key in wanted:
+                tensor = file.get_tensor(key)
+                if key in state and not torch.equal(state[key], tensor):
+                    raise FtcError(f"checkpoint {folder}: the shards disagree on {key!r}",
+                                   "a tied parameter drifted apart between ranks; this checkpoint is not usable")  # fmt: skip
+                state[key] = tensor
+    return state
+
+
+def load_training_state(folder: Path, rank: int) -> dict:
+    path = Path(folder) / f"rank-{rank}.pt"
+    if not path.is_file():
+        raise FtcError(f"checkpoint {folder} has no training state for rank {rank}",
+                       "resume with the same number of processes and the same partition")  # fmt: skip
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def merge(root: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The latest complete checkpoint under `root` as one state_dict of the original model."""
+    folder = latest(root)
+    if folder is None:
+        raise FtcError(f"{root} holds no complete checkpoint (a step-*/ folder with {MANIFEST})",
+                       "pass the checkpoint.dir of a training run")  # fmt: skip
+    return manifest(folder)["step"], load_weights(folder)

@@ -1,0 +1,313 @@
+"""Training configs: a typed schema, JSON files that extend each other, `--set` overrides.
+
+A config is a JSON object. `"base": "other.json"` extends another config (relative to the file;
+bases may extend further bases); nested objects (optimizer, lr_schedule, checkpoint, ...) merge
+key by key, everything else is replaced. `--set key=value` overrides one key after all files are
+merged: dotted keys reach into nested objects (`optimizer.lr=0.01`), the value is parsed as JSON
+and taken as a string when it is not JSON (`mode=dist`). Paths are relative to the file that
+names them (to the working directory for `--set`). Unknown keys and wrong types are errors that
+name the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ftc.ir import FtcError
+
+DATA_SETS = ("synthetic", "bytes", "digits", "module")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("gpipe", "1f1b")
+RECOMPUTE = ("pipeline", "always", "never")
+MODES = ("single", "local", "dist")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("cpu", "cuda")
+FAULTS = ("exit", "hang", "nan")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.0  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+
+
+@dataclass
+class LrScheduleConfig:
+    name: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # the lr that linear and cosine decay reach at the last step
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    every: int = 0  # 0: only at the end
+    resume: bool = False
+
+
+@dataclass
+class FaultConfig:
+    """A testing aid: make one rank fail at one step, to check that the others stop cleanly.
+    kind "exit": the process dies; "hang": it stops answering; "nan": its weights turn to NaN."""
+
+    rank: int = 0
+    step: int = 0
+    kind: str = "exit"
+
+
+@dataclass
+class Config:
+    pipeline: str  # the generated pipeline folder (generated/<name>)
+    model: Optional[str] = None  # default: the model file pipeline.json names
+    data: dict = field(default_factory=lambda: {"name": "synthetic"})
+    loss: Optional[str] = None  # a model-file function, torch.nn.functional.<name> or "file.py:function"
+    init: Optional[str] = None  # initial weights: a state_dict file (.safetensors or torch) in the model's keys
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
+    batch_size: int = 8
+    micro_batches: int = 4
+    step_every: int = 1
+    schedule: str = "1f1b"
+    recompute: str = "pipeline"
+    steps: int = 100
+    seed: int = 0
+    mode: str = "local"
+    backend: str = "auto"
+    device: str = "cpu"
+    nprocs: Optional[int] = None  # default: the number of pipeline devices
+    torchrun: list[str] = field(default_factory=list)  # launcher flags; default --standalone
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    results: Optional[str] = None
+    plot: Optional[str] = None
+    timeout_s: float = 60.0
+    log_every: int = 10
+    inject_fault: Optional[FaultConfig] = None
+    source: str = "<config>"  # where the config came from, for messages; not a config key
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        del data["source"]
+        return data
+
+
+# Keys whose values are paths, resolved against the file that names them.
+PATH_KEYS = {
+    ("pipeline",),
+    ("model",),
+    ("init",),
+    ("results",),
+    ("plot",),
+    ("checkpoint", "dir"),
+    ("data", "module"),
+    ("loss",),
+}
+# Of those, the keys that name "file.py:function"; a value without a file part is a plain name.
+FUNCTION_KEYS = {("data", "module"), ("loss",)}
+NOT_KEYS = {"source"}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> Config:
+    """The config in `path` (or the dict `data`, relative to the working directory), its bases
+    merged under it, `overrides` ("key=value") applied on top, validated."""
+    if path is not None:
+        merged = _load_file(Path(path), ())
+        source = str(path)
+    else:
+        merged = _resolve_paths(_check_keys(dict(data or {}), "<dict>"), Path.cwd())
+        source = "<dict>"
+    if overrides:
+        source += f" (with --set {' '.join(overrides)})"
+    for override in overrides:
+        merged = _merge(merged, _resolve_paths(_parse_override(override), Path.cwd()))
+    return _build(merged, source)
+
+
+def _load_file(path: Path, chain: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise FtcError(
+            f"config {path}: its bases form a cycle: {cycle}", 'make the "base" chain end in a file without "base"'
+        )
+    if not path.is_file():
+        raise FtcError(
+            f"config {path} does not exist", "pass the path of a JSON training config (e.g. configs/gpt.json)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise FtcError(f"config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise FtcError(f"config {path} holds a JSON {type(raw).__name__}, not an object")
+    base = raw.pop("base", None)
+    raw = _resolve_paths(_check_keys(raw, str(path)), resolved.parent)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise FtcError(f"config {path}: key 'base' must be a path (a string), not {json.dumps(base)}")
+    return _merge(_load_file(resolved.parent / base, (*chain, resolved)), raw)
+
+
+def _parse_override(text: str) -> dict:
+    key, sep, value_text = text.partition("=")
+    if not sep or not key:
+        raise FtcError(f"--set {text!r} is not key=value", "e.g. --set optimizer.lr=0.01 or --set mode=dist")
+    try:
+        value = json.loads(value_text)
+    except ValueError:
+        value = value_text
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return _check_keys(nested, f"--set {text}")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(raw: dict, folder: Path) -> dict:
+    raw = json.loads(json.dumps(raw))
+    for keys in PATH_KEYS:
+        holder = raw
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or not isinstance(holder.get(keys[-1]), str):
+            continue
+        value = holder[keys[-1]]
+        if keys in FUNCTION_KEYS:
+            file, sep, function = value.rpartition(":")
+            if sep and file:
+                holder[keys[-1]] = f"{(folder / file).resolve()}:{function}"
+        else:
+            holder[keys[-1]] = str((folder / value).resolve())
+    return raw
+
+
+def _check_keys(raw: dict, source: str, schema: type = Config, prefix: str = "") -> dict:
+    """Unknown keys and wrong types, named with their dotted key and their source."""
+    hints = typing.get_type_hints(schema)
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in hints or key in NOT_KEYS:
+            known = ", ".join(k for k in hints if k not in NOT_KEYS)
+            raise FtcError(f"config {source}: unknown key {name!r}", f"the keys here are: {known}")
+        _check_type(value, hints[key], name, source)
+    return raw
+
+
+def _check_type(value: Any, hint: Any, name: str, source: str) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise FtcError(f"config {source}: key {name!r} must be an object, not {json.dumps(value)}")
+        _check_keys(value, source, hint, f"{name}.")
+        return
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise FtcError(f"config {source}: key {name!r} must be a list, not {json.dumps(value)}")
+        for element in value:
+            _check_type(element, item, f"{name}[]", source)
+        return
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+        dict: isinstance(value, dict),
+    }[hint]
+    if not ok:
+        raise FtcError(f"config {source}: key {name!r} must be {expected[hint]}, not {json.dumps(value)}")
+
+
+def _build(raw: dict, source: str) -> Config:
+    if "pipeline" not in raw:
+        raise FtcError(
+            f"config {source}: key 'pipeline' is missing", 'name the generated pipeline folder, e.g. "../generated/gpt"'
+        )
+    values = dict(raw)
+    for key, schema in (
+        ("optimizer", OptimizerConfig),
+        ("lr_schedule", LrScheduleConfig),
+        ("checkpoint", CheckpointConfig),
+        ("inject_fault", FaultConfig),
+    ):
+        if isinstance(values.get(key), dict):
+            values[key] = schema(**values[key])
+    config = Config(**values, source=source)
+    _validate(config)
+    return config
+
+
+def _validate(c: Config) -> None:
+    def fail(key: str, message: str, hint: str | None = None) -> None:
+        raise FtcError(f"config {c.source}: key {key!r} {message}", hint)
+
+    def choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            fail(key, f"is {value!r}; choose one of {', '.join(choices)}")
+
+    if c.schedule == "async":
+        fail("schedule", "is 'async': asynchronous schedules (staleness mitigation) are not implemented yet",
+             "use \"gpipe\" or \"1f1b\"")  # fmt: skip
+    choice("schedule", c.schedule, SCHEDULES)
+    choice("recompute", c.recompute, RECOMPUTE)
+    choice("mode", c.mode, MODES)
+    choice("backend", c.backend, BACKENDS)
+    choice("device", c.device, DEVICES)
+    choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
+    choice("lr_schedule.name", c.lr_schedule.name, LR_SCHEDULES)
+    if not isinstance(c.data.get("name"), str):
+        fail("data", 'needs a "name"', f"one of {', '.join(DATA_SETS)}")
+    choice("data.name", c.data["name"], DATA_SETS)
+    for key in ("batch_size", "micro_batches", "step_every", "steps", "log_every"):
+        if getattr(c, key) < 1:
+            fail(key, f"is {getattr(c, key)}; it must be at least 1")
+    if c.batch_size % c.micro_batches:
+        fail("batch_size", f"({c.batch_size}) is not a multiple of micro_batches ({c.micro_batches})",
+             "every micro-batch has the same size: batch_size / micro_batches")  # fmt: skip
+    if c.nprocs is not None and c.nprocs < 1:
+        fail("nprocs", f"is {c.nprocs}; it must be at least 1")
+    if c.timeout_s <= 0:
+        fail("timeout_s", "must be positive")
+    if c.optimizer.lr <= 0:
+        fail("optimizer.lr", "must be positive")
+    if len(c.optimizer.betas) != 2:
+        fail("optimizer.betas", "must be a list of two numbers")
+    if c.lr_schedule.warmup_steps < 0:
+        fail("lr_schedule.warmup_steps", "must not be negative")
+    if c.checkpoint.every < 0:
+        fail("checkpoint.every", "must not be negative (0: only at the end)")
+    if (c.checkpoint.every or c.checkpoint.resume) and c.checkpoint.dir is None:
+        fail("checkpoint.dir", "is not set, but checkpoint.every or checkpoint.resume asks for checkpoints")
+    if c.backend == "nccl" and c.device != "cuda":
+        fail("backend", "is 'nccl', which needs device \"cuda\"")
+    if c.inject_fault is not None:
+        choice("inject_fault.kind", c.inject_fault.kind, FAULTS)
+        if c.inject_fault.kind != "nan" and c.mode != "dist":
+            fail("inject_fault.kind", f'is {c.inject_fault.kind!r}, which only mode "dist" can survive')

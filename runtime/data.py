@@ -1,0 +1,277 @@
+"""Data sets, the seeded sampler and batching.
+
+A data set is anything with `len()` and `[i]` that gives one sample `(inputs, target)`: inputs a
+tuple of tensors (the model's positional inputs) or a dict of tensors (keyword inputs), target a
+tensor (or a tuple/dict of tensors), all without a batch dimension. `collate` stacks samples
+into a batch.
+
+The sampler is a pure function of (seed, batch number): sample positions run through one
+seeded permutation per epoch, so every rank, every mode and every resumed run draws the same
+batches without talking to each other. That is how the ranks that need inputs (the first
+stages) and the rank that computes the loss (which needs targets) read their own halves of
+the same batch: targets never travel through the pipe.
+
+Built-in data sets (the config's `data.name`; the other `data` keys are its options):
+- "synthetic": `size` samples (default 1024): inputs from the model file's example_inputs(size),
+  targets from its `example_targets(size)` when it defines one, else uniform random numbers in
+  [0, 1) shaped like the model's output (which suits mse, bce-with-logits and cross-entropy with
+  class probabilities); both drawn under torch.manual_seed(`seed`, default 0).
+- "bytes": a byte-level language-modelling corpus from text already on disk: the Python
+  standard library's .py files (sorted by path, test folders left out, concatenated up to
+  `max_bytes`, default 4 MB). Sample i is the window of context+1 bytes at i*context: input
+  [:-1], target [1:]; the context is the sequence length of the model's example_inputs.
+- "digits": scikit-learn's 8x8 handwritten digits (1797 images shipped inside the package): 64
+  features in [0, 1] and the class label. `image: [C, H, W]` resizes the image (bilinear) and
+  repeats it over C channels for image models; `target: "mask"` gives the segmentation mask
+  (pixels above 0.5) of the resized image instead of the label.
+- "module": `module: "path/to/file.py:function"` (or, without `module`, a function named
+  `dataset` in the model file) called with the other `data` options as keyword arguments; it
+  returns a data set as above.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ftc.ir import FtcError
+
+from .model_file import ModelFile, user_frame
+
+SKIPPED_FOLDERS = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
+
+
+class TensorDataset:
+    """Samples cut from batched tensors: inputs (a tuple or dict of tensors) and targets (a tensor,
+    tuple or dict), all with the sample index first."""
+
+    def __init__(self, inputs: tuple | dict, targets: Any):
+        self.inputs = inputs
+        self.targets = targets
+        first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+        self.size = first.shape[0]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        return tree_map(lambda t: t[i], self.inputs), tree_map(lambda t: t[i], self.targets)
+
+
+class ByteWindows:
+    """Next-byte prediction windows over a byte string."""
+
+    def __init__(self, corpus: torch.Tensor, context: int):
+        self.corpus = corpus
+        self.context = context
+
+    def __len__(self) -> int:
+        return (len(self.corpus) - 1) // self.context
+
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+        window = self.corpus[i * self.context : (i + 1) * self.context + 1].long()
+        return (window[:-1],), window[1:]
+
+
+class Sampler:
+    """Batch b is sample positions b*batch_size ... (b+1)*batch_size - 1 of an endless stream that
+    walks a fresh permutation of the data set every epoch; epoch e's permutation comes from
+    seed and e alone."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size < 1:
+            raise FtcError("the data set is empty")
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epoch = -1
+        self._permutation = torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._permutation = torch.randperm(self.size, generator=generator)
+            self._epoch = epoch
+        return self._permutation
+
+    def indices(self, batch: int) -> list[int]:
+        positions = range(batch * self.batch_size, (batch + 1) * self.batch_size)
+        return [int(self.permutation(p // self.size)[p % self.size]) for p in positions]
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return tuple(tree_map(fn, v) for v in tree)
+    raise FtcError(f"a sample holds a {type(tree).__name__}; samples hold tensors (in tuples or dicts)")
+
+
+def collate(samples: Sequence[Any]) -> Any:
+    """Stack samples (tensors, or tuples/dicts of tensors of the same structure) into a batch."""
+    first = samples[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(list(samples))
+    if isinstance(first, dict):
+        return {k: collate([s[k] for s in samples]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(collate([s[i] for s in samples]) for i in range(len(first)))
+    raise FtcError(f"a sample holds a {type(first).__name__}; samples hold tensors (in tuples or dicts)")
+
+
+def load_batch(dataset: Any, indices: list[int], inputs: bool, targets: bool) -> tuple[Any, Any]:
+    """The batch of `indices`: (inputs or None, targets or None), only the halves asked for."""
+    samples = [dataset[i] for i in indices]
+    return (
+        collate([s[0] for s in samples]) if inputs else None,
+        collate([s[1] for s in samples]) if targets else None,
+    )
+
+
+def build_dataset(options: dict, model_file: ModelFile) -> Any:
+    options = dict(options)
+    name = options.pop("name")
+    builder = {"synthetic": synthetic, "bytes": byte_corpus, "digits": digits, "module": from_module}[name]
+    _check_options(builder, (model_file,), options, f"the {name!r} data set")
+    dataset = builder(model_file, **options)
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise FtcError(f"data set {name!r} is a {type(dataset).__name__}, which has no len() and [i]")
+    if len(dataset) < 1:
+        raise FtcError(f"data set {name!r} is empty")
+    return dataset
+
+
+def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0) -> TensorDataset:
+    example_targets = getattr(model_file.module, "example_targets", None)
+    shapes = output_like(model_file, size) if example_targets is None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inputs = model_file.inputs(size)
+        if example_targets is not None:
+            try:
+                targets = example_targets(size)
+            except Exception as exc:
+                raise FtcError(f"{model_file.path}: example_targets({size}) raised {type(exc).__name__}: {exc}"
+                               f"{user_frame(exc, model_file.path)}") from exc  # fmt: skip
+        else:
+            targets = tree_map(lambda t: torch.rand(t.shape, dtype=t.dtype), shapes)
+    return TensorDataset(inputs, targets)
+
+
+def output_like(model_file: ModelFile, batch_size: int) -> Any:
+    """The model's output for a batch, on the meta device (shapes and dtypes only)."""
+    model = model_file.build("meta")
+    with torch.random.fork_rng(devices=[]):
+        inputs = model_file.inputs(batch_size, "meta")
+    with torch.no_grad():
+        output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return tree_map(lambda t: torch.empty(t.shape, dtype=t.dtype), output)
+
+
+def byte_corpus(model_file: ModelFile, max_bytes: int = 4_000_000) -> ByteWindows:
+    inputs = model_file.inputs(1)
+    if isinstance(inputs, dict) or len(inputs) != 1 or inputs[0].dim() != 2 or inputs[0].is_floating_point():
+        raise FtcError(f"{model_file.path}: the bytes data set needs a model that takes one integer tensor "
+                       "[batch, context] of token ids", "use another data set (see ftc.runtime.data)")  # fmt: skip
+    context = inputs[0].shape[1]
+    files = stdlib_sources()
+    chunks, total = [], 0
+    for path in files:
+        data = path.read_bytes()
+        chunks.append(data[: max_bytes - total])
+        total += len(chunks[-1])
+        if total >= max_bytes:
+            break
+    corpus = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    if len(corpus) < context + 1:
+        raise FtcError(f"the bytes corpus ({len(corpus)} bytes) is shorter than one window of {context + 1}")
+    return ByteWindows(corpus, context)
+
+
+def stdlib_sources() -> list[Path]:
+    """The standard library's .py files, sorted by path, without test suites, IDLE and
+    installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in SKIPPED_FOLDERS]
+        files.extend(Path(folder) / name for name in names if name.endswith(".py"))
+    return sorted(files)
+
+
+def digits(model_file: ModelFile, image: list[int] | None = None, target: str = "label") -> TensorDataset:
+    from sklearn.datasets import load_digits
+
+    loaded = load_digits()
+    pixels = torch.tensor(loaded.data, dtype=torch.float32) / 16.0
+    if target not in ("label", "mask"):
+        raise FtcError(f'config key \'data.target\' is {target!r}; choose "label" or "mask"')
+    if image is None:
+        if target == "mask":
+            raise FtcError("config key 'data.target' is \"mask\", which needs data.image [C, H, W]")
+        return TensorDataset((pixels,), torch.tensor(loaded.target, dtype=torch.long))
+    if len(image) != 3:
+        raise FtcError(f"config key 'data.image' is {image}; give [channels, height, width]")
+    channels, height, width = image
+    resized = torch.nn.functional.interpolate(pixels.view(-1, 1, 8, 8), size=(height, width), mode="bilinear")
+    if target == "mask":
+        return TensorDataset((resized.expand(-1, channels, -1, -1).contiguous(),), (resized > 0.5).float())
+    return TensorDataset((resized.expand(-1, channels, -1, -1).contiguous(),), torch.tensor(loaded.target))
+
+
+def from_module(model_file: ModelFile, module: str | None = None, **options: Any) -> Any:
+    if module is None:
+        function = getattr(model_file.module, "dataset", None)
+        where = f"{model_file.path}: dataset"
+        if not callable(function):
+            raise FtcError(f"data set 'module' without data.module needs a function dataset() in {model_file.path}",
+                           "add `def dataset(**options)` to the model file or set data.module to \"file.py:function\"")  # fmt: skip
+    else:
+        file, sep, name = module.rpartition(":")
+        if not sep or not file:
+            raise FtcError(f"config key 'data.module' is {module!r}; give \"path/to/file.py:function\"")
+        where = module
+        function = getattr(_import(Path(file)), name, None)
+        if not callable(function):
+            raise FtcError(f"config key 'data.module': {file} defines no function {name}()")
+    _check_options(function, (), options, where)
+    try:
+        return function(**options)
+    except Exception as exc:
+        raise FtcError(f"{where}({options}) raised {type(exc).__name__}: {exc}") from exc
+
+
+def _check_options(function: Callable, positional: tuple, options: dict, what: str) -> None:
+    try:
+        inspect.signature(function).bind(*positional, **options)
+    except TypeError as exc:
+        raise FtcError(f"config key 'data': {what} does not take the options {sorted(options)}: {exc}",
+                       "see the data-set options in ftc.runtime.data's docstring") from exc  # fmt: skip
+
+
+def _import(path: Path):
+    if not path.is_file():
+        raise FtcError(f"config key 'data.module': {path} does not exist")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"ftc_data_module.{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise FtcError(f"{path}: importing the data module raised {type(exc).__name__}: {exc}") from exc
+    return module

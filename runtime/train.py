@@ -1,0 +1,399 @@
+"""The training loop, the same in every mode.
+
+- "single": the original model in one process, plain PyTorch: each micro-batch's loss divided
+  by micro_batches * step_every, backward, an optimizer step every step_every batches. It is
+  the baseline the pipeline modes must match.
+- "local": every stage in one process, run by the pipeline engine.
+- "dist": this process is one pipeline device (rank) of a torchrun job (see worker.py).
+
+One optimizer step ("step") takes step_every batches of batch_size samples, each split into
+micro_batches micro-batches. Batch b of the run is the sampler's batch b, so a step's data
+depends only on the seed and the step: resumed runs and every rank see the same batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ftc.ir import FtcError
+
+from . import checkpoint
+from .config import Config
+from .data import Sampler, build_dataset, load_batch, tree_map
+from .model_file import ModelFile, load_model_file
+from .engine import Engine
+from .materialize import build_stages
+from .optim import build_optimizer, build_scheduler, lr_factor
+from .pipeline import Pipeline, load_pipeline
+
+
+@dataclass
+class Rank:
+    """Who this process is: its rank, the world, and its share of the pipeline."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    stages: list[int]
+    reads_inputs: bool
+    reads_targets: bool
+
+
+@dataclass
+class Results:
+    config: dict
+    mode: str
+    world_size: int
+    first_step: int
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    samples_per_s: float = 0.0
+    wall_time_s: float = 0.0
+    checkpoint: str | None = None
+    results: str | None = None
+    plot: str | None = None
+
+    def to_json(self) -> dict:
+        last = self.loss[-10:]
+        return {
+            "config": self.config, "mode": self.mode, "world_size": self.world_size,
+            "first_step": self.first_step, "loss": self.loss, "lr": self.lr,
+            "samples_per_s": self.samples_per_s, "wall_time_s": self.wall_time_s,
+            "final": {"loss": self.loss[-1] if self.loss else None,
+                      "mean_loss_last_10": sum(last) / len(last) if last else None,
+                      "steps": self.first_step + len(self.loss)},
+            "checkpoint": self.checkpoint, "plot": self.plot,
+        }  # fmt: skip
+
+
+class SingleProcess:
+    """The original model trained the plain way; the same interface as the pipeline engine."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.micro_batches = micro_batches
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    def train_step(self, step: int, inputs: Any, targets: Any, loss_scale: float = 1.0) -> float:
+        total = 0.0
+        for i in range(self.micro_batches):
+            x = tree_map(lambda t: t.chunk(self.micro_batches)[i], inputs)
+            y = tree_map(lambda t: t.chunk(self.micro_batches)[i], targets)
+            output = self.model(**x) if isinstance(x, dict) else self.model(*x)
+            loss = self.loss_fn(output, y)
+            (loss * (loss_scale / self.micro_batches)).backward()
+            total += loss.item()
+        return total / self.micro_batches
+
+    def sync_shared_grads(self) -> None:
+        """Nothing to do: one process holds every parameter once."""
+
+
+def resolve_loss(config: Config, model_file: ModelFile) -> Callable:
+    if config.loss is None:
+        if model_file.loss_fn is None:
+            raise FtcError(f"{model_file.path} defines no loss_fn and config key 'loss' is not set",
+                           "add `def loss_fn(output, target)` to the model file or set \"loss\"")  # fmt: skip
+        return model_file.loss_fn
+    file, sep, name = config.loss.rpartition(":")
+    if sep and file:
+        spec = importlib.util.spec_from_file_location(f"ftc_loss.{Path(file).stem}", file)
+        if spec is None or not Path(file).is_file():
+            raise FtcError(f"config key 'loss': {file} does not exist")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        function = getattr(module, name, None)
+    else:
+        function = getattr(model_file.module, name, None) or getattr(torch.nn.functional, name, None)
+    if not callable(function):
+        raise FtcError(f"config key 'loss' is {config.loss!r}, which names no function",
+                       "name a function of the model file, of torch.nn.functional, or \"file.py:function\"")  # fmt: skip
+    return function
+
+
+def recompute_set(config: Config, pipeline: Pipeline) -> set[int]:
+    if config.recompute == "always":
+        return {s.index for s in pipeline.stages}
+    if config.recompute == "never":
+        return set()
+    return {s.index for s in pipeline.stages if s.recompute}
+
+
+def pipeline_devices(pipeline: Pipeline) -> int:
+    devices = sorted({s.device for s in pipeline.stages})
+    if devices != list(range(len(devices))):
+        raise FtcError(f"{pipeline.folder}/pipeline.json: stage devices {devices} are not 0..{len(devices) - 1}",
+                       "number the devices from 0 without gaps")  # fmt: skip
+    return len(devices)
+
+
+def plan_rank(config: Config, pipeline: Pipeline, rank: int, world_size: int, device: torch.device) -> Rank:
+    if config.mode != "dist":
+        return Rank(0, 1, device, [s.index for s in pipeline.stages], True, True)
+    stages = [s for s in pipeline.stages if s.device == rank]
+    return Rank(
+        rank, world_size, device, [s.index for s in stages],
+        reads_inputs=any(set(s.inputs) & set(pipeline.inputs) for s in stages),
+        # The engine computes the loss on the last stage's device.
+        reads_targets=pipeline.stages[-1].device == rank,
+    )  # fmt: skip
+
+
+def build_modules(config: Config, model_file: ModelFile, pipeline: Pipeline, me: Rank) -> dict[int, torch.nn.Module]:
+    return build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
+
+
+def build_single(config: Config, model_file: ModelFile, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(config.seed)
+    model = model_file.build()
+    if config.init is not None:
+        model.load_state_dict(checkpoint.load_state_dict(config.init), strict=True)
+    return model.to(device)
+
+
+class Progress:
+    """A \\r status line on a terminal, plus a log line every log_every steps; only the latter
+    when the output is not a terminal."""
+
+    def __init__(self, steps: int, log_every: int, enabled: bool):
+        self.steps = steps
+        self.log_every = log_every
+        self.enabled = enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.status_width = 0  # of the \r line on screen, which the next line must cover
+
+    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        if not self.enabled:
+            return
+        speed = f"{samples_per_s:.1f} samples/s" if samples_per_s else "- samples/s"
+        line = f"step {step + 1:>{len(str(self.steps))}}/{self.steps}  loss {loss:.4f}  lr {lr:.3g}  {speed}"
+        if (step + 1) % self.log_every == 0 or step + 1 == self.steps or step == 0:
+            print(("\r" + line.ljust(self.status_width)) if self.tty else line, flush=True)
+            self.status_width = 0
+        elif self.tty:
+            bar = "#" * (20 * (step + 1) // self.steps)
+            status = f"[{bar:<20}] {line}"
+            print("\r" + status.ljust(self.status_width), end="", flush=True)
+            self.status_width = len(status)
+
+
+class Status:
+    """This rank's state in FTC_STATUS_DIR/rank-<r>.json (when set), so the launcher can say
+    which rank failed, at which step, and why."""
+
+    def __init__(self, rank: int):
+        folder = os.environ.get("FTC_STATUS_DIR")
+        self.path = Path(folder) / f"rank-{rank}.json" if folder else None
+        self.rank = rank
+
+    def write(self, state: str, step: int, error: str | None = None) -> None:
+        if self.path is not None:
+            checkpoint.write_json(self.path, {"rank": self.rank, "state": state, "step": step, "error": error})
+
+
+def inject_fault(config: Config, me: Rank, step: int, modules: list[torch.nn.Module]) -> None:
+    fault = config.inject_fault
+    if fault is None or fault.rank != me.rank or fault.step != step:
+        return
+    if fault.kind == "exit":
+        os._exit(3)
+    if fault.kind == "hang":
+        while True:
+            time.sleep(1)
+    with torch.no_grad():
+        for module in modules:
+            for param in module.parameters():
+                param.fill_(float("nan"))
+
+
+def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | None = None) -> Results:
+    """Train per `config` as rank `rank` of `world_size` (mode "dist": the process group is up);
+    return the results (rank 0 also writes them)."""
+    status = status or Status(rank)
+    started = time.perf_counter()
+    pipeline = load_pipeline(config.pipeline)
+    model_file = load_model_file(config.model or pipeline.model_file)
+    loss_fn = resolve_loss(config, model_file)
+    if config.mode == "dist" and pipeline_devices(pipeline) != world_size:
+        raise FtcError(f"{pipeline.folder} places its stages on {pipeline_devices(pipeline)} devices, "
+                       f"but {world_size} processes run", "set nprocs to the number of pipeline devices")  # fmt: skip
+    device = torch.device(config.device)
+    if config.device == "cuda" and config.mode == "dist":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    me = plan_rank(config, pipeline, rank, world_size, device)
+
+    if config.mode == "single":
+        model = build_single(config, model_file, device)
+        engine: Any = SingleProcess(model, loss_fn, config.micro_batches)
+        modules = [model]
+    else:
+        stage_modules = build_modules(config, model_file, pipeline, me)
+        modules = list(stage_modules.values())
+        engine = Engine(
+            pipeline, stage_modules, schedule=config.schedule, micro_batches=config.micro_batches,
+            loss_fn=loss_fn, seed=config.seed, device=device, recompute=recompute_set(config, pipeline),
+            distributed=config.mode == "dist", timeout_s=config.timeout_s, batch_size=config.batch_size,
+        )  # fmt: skip
+    parameters = engine.parameters()
+    # A rank may hold only parameter-free stages (a pooling, a normalization): it steps nothing.
+    optimizer = build_optimizer(parameters, config.optimizer) if parameters else None
+    scheduler = build_scheduler(optimizer, config.lr_schedule, config.optimizer.lr, config.steps) if optimizer else None
+
+    root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
+    first_step = 0
+    if root is not None:
+        # Rank 0 clears stale step folders before any rank can write one (that needs a step,
+        # which needs rank 0); it keeps the latest complete one, which the others resume from.
+        folder = checkpoint.prepare(root, config.checkpoint.resume) if rank == 0 else checkpoint.latest(root)
+        if folder is not None and config.checkpoint.resume:
+            first_step = resume(folder, me, modules, optimizer, scheduler)
+
+    dataset = build_dataset(config.data, model_file) if me.reads_inputs or me.reads_targets else None
+    sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
+    results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
+    progress = Progress(config.steps, config.log_every, enabled=rank == 0)
+    if rank == 0:
+        print(f"{pipeline.name}: mode {config.mode}, {world_size} process(es), {len(pipeline.stages)} stages, "
+              f"schedule {config.schedule}, batch {config.batch_size} = {config.micro_batches} micro-batches"
+              f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {config.steps} steps, "
+              f"data {config.data['name']}" + (f" ({len(dataset)} samples)" if dataset is not None else ""), flush=True)  # fmt: skip
+        if first_step:
+            print(f"resumed from {checkpoint.step_folder(root, first_step)}", flush=True)
+    samples, timed_from = 0, time.perf_counter()
+    for step in range(first_step, config.steps):
+        status.write("running", step)
+        inject_fault(config, me, step, modules)
+        losses = []
+        for k in range(config.step_every):
+            batch = step * config.step_every + k
+            inputs = targets = None
+            if sampler is not None:
+                inputs, targets = load_batch(dataset, sampler.indices(batch), me.reads_inputs, me.reads_targets)
+                inputs, targets = (
+                    None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets)
+                )
+            losses.append(engine.train_step(batch, inputs, targets, loss_scale=1.0 / config.step_every))
+        loss = sum(losses) / len(losses)
+        if not math.isfinite(loss):
+            raise FtcError(f"the loss is {loss} at step {step}; stopping",
+                           "lower optimizer.lr, add warmup (lr_schedule.warmup_steps) or check the data")  # fmt: skip
+        engine.sync_shared_grads()
+        lr = config.optimizer.lr * lr_factor(step, config.lr_schedule, config.optimizer.lr, config.steps)
+        if optimizer is not None:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.loss.append(loss)
+        results.lr.append(lr)
+        if step == first_step:
+            # The first step pays for warm-up (allocations, connections): throughput starts after it.
+            timed_from, samples = time.perf_counter(), 0
+        else:
+            samples += config.batch_size * config.step_every
+        elapsed = time.perf_counter() - timed_from
+        results.samples_per_s = samples / elapsed if samples else 0.0
+        progress.update(step, loss, lr, results.samples_per_s)
+        done = step + 1
+        if root is not None and (
+            done == config.steps or (config.checkpoint.every and done % config.checkpoint.every == 0)
+        ):
+            save(root, done, me, modules, optimizer, scheduler, config)
+    results.wall_time_s = time.perf_counter() - started
+    if rank == 0:
+        write_results(config, results)
+    status.write("done", config.steps)
+    return results
+
+
+def save(root: Path, step: int, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, config: Config) -> None:
+    state = {
+        "step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "rng": torch.get_rng_state(), "stages": me.stages,
+    }  # fmt: skip
+    if me.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(me.device)
+    checkpoint.save_shard(root, step, me.rank, modules, state)
+    if me.rank == 0:
+        checkpoint.write_manifest(root, step, me.world_size, config.timeout_s, {"mode": config.mode})
+
+
+def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler) -> int:
+    state = checkpoint.load_training_state(folder, me.rank)
+    if state["stages"] != me.stages:
+        raise FtcError(f"checkpoint {folder}: rank {me.rank} held stages {state['stages']}, now {me.stages}",
+                       "resume with the same pipeline and processes, or start a new run with \"init\" "
+                       "set to the merged checkpoint (ftc merge-checkpoint)")  # fmt: skip
+    keys = {key for module in modules for key in module.state_dict()}
+    weights = checkpoint.load_weights(folder, keys)
+    for module in modules:
+        module.load_state_dict({key: weights[key] for key in module.state_dict()}, strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], me.device)
+    return state["step"]
+
+
+def write_results(config: Config, results: Results) -> None:
+    if config.plot:
+        plot_loss(Path(config.plot), results)
+        results.plot = config.plot
+    if config.results:
+        results.results = config.results
+        checkpoint.write_json(Path(config.results), results.to_json())
+
+
+def plot_loss(path: Path, results: Results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    steps = range(results.first_step + 1, results.first_step + len(results.loss) + 1)
+    axes.plot(steps, results.loss, linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_yscale("log")
+    name = Path(results.config["pipeline"]).name
+    axes.set_title(f"{name}: {results.mode}, {results.world_size} process(es), {results.config['schedule']}")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temp, format="png", dpi=100)
+    pyplot.close(figure)
+    os.replace(temp, path)
+
+
+def summary(results: Results) -> str:
+    final = results.to_json()["final"]
+    if not results.loss:
+        return f"nothing to train: the run is at step {final['steps']} of {final['steps']}"
+    lines = [
+        f"final loss {final['loss']:.4f} (mean of the last 10 steps {final['mean_loss_last_10']:.4f}) after {final['steps']} steps",
+        f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
+    ]
+    for label, value in (
+        ("results", results.results),
+        ("loss curve", results.plot),
+        ("checkpoints", results.checkpoint),
+    ):
+        if value:
+            lines.append(f"{label}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Distributed training through torchrun: the launcher (`ftc train` in mode "dist") and the
+per-rank entry point it starts.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N \\
+        -m ftc.runtime.worker CONFIG.json [--set key=value ...]
+
+One process per pipeline device. A rank that fails prints one line naming itself and the step,
+records it in FTC_STATUS_DIR/rank-<r>.json and exits non-zero; torchrun then stops the other
+ranks (those waiting on the failed one also time out on their own after timeout_s), and the
+launcher reports every rank's last state. For several machines, set the config key "torchrun"
+to the rendezvous flags, e.g. ["--nnodes", "2", "--node-rank", "0", "--rdzv-backend", "c10d",
+"--rdzv-endpoint", "host0:29500", "--nproc-per-node", "2"], and start the same command on each
+machine (the checkpoint folder must then be on a shared file system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+from ftc.ir import FtcError
+
+from .config import Config, load_config
+from .pipeline import load_pipeline
+from .train import Results, Status, pipeline_devices, train
+
+
+def backend(config: Config) -> str:
+    if config.backend != "auto":
+        return config.backend
+    return "nccl" if config.device == "cuda" else "gloo"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ftc.runtime.worker", description="one rank of `ftc train` (mode dist)"
+    )
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    status = Status(rank)
+    try:
+        config = load_config(args.config, [*args.set, "mode=dist"])
+        if config.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        else:
+            # The ranks of one machine share its cores; oversubscribing them slows every rank.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.distributed.init_process_group(
+            backend(config), rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=config.timeout_s)
+        )
+        train(config, rank, world_size, status)
+        torch.distributed.destroy_process_group()
+        return 0
+    except Exception as exc:
+        step = _last_step(status)
+        where = f"rank {rank}" + (f" at step {step}" if step >= 0 else "")
+        message = exc.message if isinstance(exc, FtcError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, FtcError):
+            traceback.print_exc()
+        print(
+            f"ftc train: {where}: error: {exc if isinstance(exc, FtcError) else message}", file=sys.stderr, flush=True
+        )
+        status.write("failed", step, message)
+        return 1
+
+
+def _last_step(status: Status) -> int:
+    if status.path is None or not status.path.is_file():
+        return -1
+    return json.loads(status.path.read_text())["step"]
+
+
+def launch(config: Config) -> Results:
+    """Run `config` (mode dist) as a torchrun job; return rank 0's results or raise an FtcError
+    naming the ranks that failed and their steps."""
+    from .checkpoint import write_json
+
+    nprocs = config.nprocs or pipeline_devices(load_pipeline(config.pipeline))
+    run_dir = Path(tempfile.mkdtemp(prefix="ftc-train-"))
+    resolved = run_dir / "config.json"
+    write_json(resolved, config.to_json())
+    # Without a results path of the config's, rank 0 hands its results over in the run folder.
+    results_path = Path(config.results) if config.results else run_dir / "results.json"
+    launcher = config.torchrun or ["--standalone", "--nproc-per-node", str(nprocs)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", *launcher,
+        "-m", "ftc.runtime.worker", str(resolved), "--set", f"results={results_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "FTC_STATUS_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    log = run_dir / "torchrun.log"
+    print(f"launching {nprocs} processes: torchrun {' '.join(launcher)}", flush=True)
+    with open(log, "w") as log_file:
+        # torchrun's own report of a failure is long; its log keeps it, the summary below says
+        # which rank failed and why.
+        code = subprocess.run(command, env=env, stderr=log_file).returncode
+    if code != 0:
+        raise FtcError(_failure_report(run_dir, nprocs, code, log.read_text()), f"torchrun's log: {log}")
+    data = json.loads(results_path.read_text())
+    shutil.rmtree(run_dir)
+    results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
+                      data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"])  # fmt: skip
+    return results
+
+
+def _failure_report(run_dir: Path, nprocs: int, code: int, log: str) -> str:
+    lines = [f"training failed (torchrun exited with {code}):"]
+    # torchrun's summary names the first process that failed: "rank : 2 (local_rank: 2)".
+    root_cause = log.partition("Root Cause")[2]
+    first = re.search(r"rank\s*:\s*(\d+)", root_cause)
+    exit_code = re.search(r"exitcode\s*:\s*(-?\d+)", root_cause)
+    if first:
+        lines.append(
+            f"  torchrun saw rank {first[1]} fail first" + (f" (exit code {exit_code[1]})" if exit_code else "")
+        )
+    for rank in range(nprocs):
+        path = run_dir / f"rank-{rank}.json"
+        if not path.is_file():
+            lines.append(f"  rank {rank}: never started training")
+            continue
+        state = json.loads(path.read_text())
+        if state["state"] == "failed":
+            when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
+            lines.append(f"  rank {rank}: failed {when}: {state['error']}")
+        elif state["state"] == "running":
+            lines.append(f"  rank {rank}: died or was stopped at step {state['step']} without an error of its own")
+        else:
+            lines.append(f"  rank {rank}: finished")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Training configs: bases, overrides, relative paths, and errors that name the key and file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ftc.ir import FtcError
+from ftc.runtime.config import LrScheduleConfig, load_config
+from ftc.runtime.optim import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_base_chain_merges_nested_objects_and_resolves_paths_per_file(tmp_path):
+    write(tmp_path / "shared" / "root.json", {"optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.9}, "steps": 7,
+                                              "results": "out/r.json"})  # fmt: skip
+    write(tmp_path / "shared" / "mid.json", {"base": "root.json", "optimizer": {"lr": 0.1}, "seed": 3})
+    top = write(tmp_path / "run" / "top.json", {"base": "../shared/mid.json", "pipeline": "../gen/p", "steps": 9})
+    config = load_config(top)
+    assert config.optimizer.name == "sgd" and config.optimizer.lr == 0.1 and config.optimizer.momentum == 0.9
+    assert config.steps == 9 and config.seed == 3
+    assert config.pipeline == str((tmp_path / "gen" / "p").resolve())
+    assert config.results == str((tmp_path / "shared" / "out" / "r.json").resolve())
+
+
+def test_set_overrides_parse_json_then_strings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    top = write(tmp_path / "c.json", {"pipeline": "p"})
+    config = load_config(top, ["optimizer.lr=0.25", "mode=dist", "optimizer.betas=[0.8, 0.9]",
+                               "checkpoint.resume=true", "checkpoint.dir=ck", "data.name=bytes", "data.max_bytes=1000"])  # fmt: skip
+    assert config.optimizer.lr == 0.25 and config.mode == "dist" and config.optimizer.betas == [0.8, 0.9]
+    assert config.checkpoint.resume is True and config.checkpoint.dir == str(tmp_path / "ck")
+    assert config.data == {"name": "bytes", "max_bytes": 1000}
+
+
+@pytest.mark.parametrize(
+    "content, overrides, message",
+    [
+        ({"pipeline": "p", "stepz": 3}, [], "unknown key 'stepz'"),
+        ({"pipeline": "p", "optimizer": {"learning_rate": 1}}, [], "unknown key 'optimizer.learning_rate'"),
+        ({"pipeline": "p", "steps": "10"}, [], "key 'steps' must be an integer"),
+        ({"pipeline": "p", "steps": 1.5}, [], "key 'steps' must be an integer"),
+        ({"pipeline": "p", "checkpoint": {"resume": 1}}, [], "key 'checkpoint.resume' must be true or false"),
+        ({"pipeline": "p"}, ["optimizer.lr=fast"], "--set optimizer.lr=fast: key 'optimizer.lr' must be a number"),
+        ({"pipeline": "p"}, ["nope=1"], "--set nope=1: unknown key 'nope'"),
+        ({"pipeline": "p", "schedule": "async"}, [], "asynchronous schedules"),
+        ({"pipeline": "p", "schedule": "zb"}, [], "key 'schedule' is 'zb'"),
+        ({"pipeline": "p", "batch_size": 10, "micro_batches": 4}, [], "not a multiple of micro_batches"),
+        ({"steps": 3}, [], "key 'pipeline' is missing"),
+        ({"pipeline": "p", "data": {"name": "imagenet"}}, [], "key 'data.name' is 'imagenet'"),
+        ({"pipeline": "p", "checkpoint": {"every": 5}}, [], "key 'checkpoint.dir' is not set"),
+        ({"pipeline": "p", "inject_fault": {"rank": 0, "step": 1, "kind": "hang"}}, [], 'only mode "dist"'),
+    ],
+)
+def test_errors_name_the_key_and_the_source(tmp_path, content, overrides, message):
+    path = write(tmp_path / "c.json", content)
+    with pytest.raises(FtcError) as error:
+        load_config(path, overrides)
+    assert message in str(error.value)
+    if not overrides:
+        assert str(path) in str(error.value)
+
+
+def test_unknown_key_in_a_base_names_the_base(tmp_path):
+    base = write(tmp_path / "base.json", {"optimiser": {}})
+    top = write(tmp_path / "top.json", {"base": "base.json", "pipeline": "p"})
+    with pytest.raises(FtcError, match=f"{base}: unknown key 'optimiser'"):
+        load_config(top)
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.json", {"base": "b.json", "pipeline": "p"})
+    write(tmp_path / "b.json", {"base": "a.json"})
+    with pytest.raises(FtcError, match="cycle"):
+        load_config(tmp_path / "a.json")
+
+
+@pytest.mark.parametrize("name", ["gpt", "mlp", "resnet", "unet", "two_tower"])
+def test_shipped_configs_load_and_name_existing_pipelines(name):
+    config = load_config(ROOT / "configs" / f"{name}.json")
+    assert (Path(config.pipeline) / "pipeline.json").is_file()
+    assert config.mode == "dist"
+
+
+def test_lr_schedules_warm_up_then_decay_to_min_lr():
+    cosine = LrScheduleConfig("cosine", warmup_steps=4, min_lr=0.1)
+    assert [lr_factor(s, cosine, 1.0, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(19, cosine, 1.0, 20) == pytest.approx(0.1)
+    assert lr_factor(11, cosine, 1.0, 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    linear = LrScheduleConfig("linear", warmup_steps=0, min_lr=0.0)
+    assert [lr_factor(s, linear, 2.0, 5) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_factor(100, LrScheduleConfig("constant"), 1.0, 5) == 1.0

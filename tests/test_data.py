@@ -1,0 +1,106 @@
+"""Data sets and the seeded sampler, against independent computations of what they should be."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftc.ir import FtcError
+from ftc.runtime.data import Sampler, build_dataset, collate, load_batch
+from ftc.runtime.model_file import load_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def test_sampler_walks_one_permutation_per_epoch_and_is_a_function_of_seed_and_batch():
+    sampler = Sampler(10, 4, seed=5)
+    stream = [i for b in range(5) for i in sampler.indices(b)]  # 20 positions: exactly 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]
+    fresh = Sampler(10, 4, seed=5)
+    assert fresh.indices(3) == sampler.indices(3)  # no hidden state: any batch, any order
+    assert Sampler(10, 4, seed=6).indices(0) != sampler.indices(0)
+
+
+def test_collate_stacks_tuples_and_dicts():
+    samples = [({"a": torch.tensor([i, i])}, torch.tensor(i)) for i in range(3)]
+    inputs, targets = load_batch(samples, [2, 0], inputs=True, targets=True)
+    assert torch.equal(inputs["a"], torch.tensor([[2, 2], [0, 0]])) and torch.equal(targets, torch.tensor([2, 0]))
+    assert load_batch(samples, [1], inputs=False, targets=True)[0] is None
+    assert collate([(torch.zeros(2), torch.ones(1))] * 2)[1].shape == (2, 1)
+
+
+def test_bytes_are_the_sorted_stdlib_sources_in_next_byte_windows():
+    dataset = build_dataset({"name": "bytes", "max_bytes": 5000}, load_model_file(EXAMPLES / "gpt.py"))
+    root = Path(sysconfig.get_paths()["stdlib"])
+    first = min(p for p in root.glob("*.py"))  # __future__.py, before any folder
+    expected = first.read_bytes()
+    (x,), y = dataset[0]
+    assert x.shape == (64,) and x.dtype == torch.int64
+    assert bytes(x.tolist()) == expected[:64] and bytes(y.tolist()) == expected[1:65]
+    (x1,), _ = dataset[1]
+    assert x1[0] == y[-1]
+    assert len(dataset) == (5000 - 1) // 64
+
+
+def test_digits_labels_images_and_masks():
+    from sklearn.datasets import load_digits
+
+    model_file = load_model_file(EXAMPLES / "mlp.py")
+    reference = load_digits()
+    flat = build_dataset({"name": "digits"}, model_file)
+    (x,), y = flat[7]
+    assert torch.allclose(x, torch.tensor(reference.data[7], dtype=torch.float32) / 16) and y == reference.target[7]
+    (image,), label = build_dataset({"name": "digits", "image": [3, 32, 32]}, model_file)[7]
+    assert image.shape == (3, 32, 32) and torch.equal(image[0], image[2]) and label == reference.target[7]
+    (image,), mask = build_dataset({"name": "digits", "image": [1, 16, 16], "target": "mask"}, model_file)[7]
+    assert torch.equal(mask, (image > 0.5).float())
+
+
+def test_synthetic_uses_example_targets_or_output_shaped_noise(tmp_path):
+    model_path = tmp_path / "tiny.py"
+    model_path.write_text(
+        "import torch\n"
+        "def build_model(): return torch.nn.Linear(3, 2)\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 3),)\n"
+    )
+    plain = build_dataset({"name": "synthetic", "size": 6, "seed": 1}, load_model_file(model_path))
+    torch.manual_seed(1)
+    expected_inputs = torch.randn(6, 3)
+    expected_targets = torch.rand(6, 2)
+    (x,), y = plain[4]
+    assert torch.equal(x, expected_inputs[4]) and torch.equal(y, expected_targets[4])
+    model_path.write_text(model_path.read_text() + "def example_targets(batch_size): return torch.arange(batch_size)\n")
+    (x,), y = build_dataset({"name": "synthetic", "size": 6, "seed": 1}, load_model_file(model_path))[4]
+    assert torch.equal(x, expected_inputs[4]) and y == 4
+
+
+def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
+    data_path = tmp_path / "squares.py"
+    data_path.write_text(
+        "import torch\n"
+        "def squares(count, scale=1.0):\n"
+        "    return [((torch.tensor([float(i)]),), torch.tensor([scale * i * i])) for i in range(count)]\n"
+    )
+    model_file = load_model_file(EXAMPLES / "mlp.py")
+    dataset = build_dataset({"name": "module", "module": f"{data_path}:squares", "count": 5, "scale": 2.0}, model_file)
+    assert len(dataset) == 5 and dataset[3][1].item() == 18.0
+    with pytest.raises(FtcError, match="does not take the options"):
+        build_dataset({"name": "module", "module": f"{data_path}:squares", "size": 5}, model_file)
+    with pytest.raises(FtcError, match="needs a function dataset"):
+        build_dataset({"name": "module"}, model_file)
+    with pytest.raises(FtcError, match="does not take the options"):
+        build_dataset({"name": "digits", "colour": True}, model_file)
+
+
+def test_the_two_tower_click_log_plugs_in_as_a_module():
+    dataset = build_dataset({"name": "module", "module": f"{ROOT / 'configs' / 'two_tower_clicks.py'}:clicks", "size": 64},
+                            load_model_file(EXAMPLES / "two_tower.py"))  # fmt: skip
+    inputs, target = dataset[0]
+    assert set(inputs) == {"query", "item"} and inputs["query"].shape == (16,) and target.dtype == torch.float32
+    clicked = torch.stack([dataset[i][1] for i in range(64)])
+    assert 0 < clicked.sum() < 64

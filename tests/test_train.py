@@ -1,0 +1,235 @@
+"""Training: the pipeline modes against plain single-process PyTorch training (mode "single").
+
+A small dropout-free language model with a tied LM head and a BatchNorm is compiled into 2 and 4
+stages; the same config (seed, data, optimizer) then trains it in mode single (the truth), in
+mode local and in mode dist under torchrun with gloo on the CPU. Per-step losses and the final
+weights (the merged checkpoint) must agree to a relative 1e-5. The fault tests make one rank
+exit, hang or produce NaN and check that the run stops with a message naming the rank and the
+step, that the last complete checkpoint survives, and that resuming from it reproduces the
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftc.cli import main as cli_main
+from ftc.runtime import checkpoint
+from ftc.runtime.config import load_config
+from ftc.runtime.data import Sampler, build_dataset, load_batch
+from ftc.runtime.model_file import load_model_file
+from ftc.runtime.train import train
+from ftc.runtime.worker import launch
+
+STEPS = 20
+TINY_LM = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB, CONTEXT, WIDTH, LAYERS = 256, 8, 16, 4
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(WIDTH)
+        self.fc = nn.Linear(WIDTH, 2 * WIDTH)
+        self.norm = nn.BatchNorm1d(2 * WIDTH)
+        self.proj = nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        hidden = F.gelu(self.fc(self.ln(x)))
+        return x + self.proj(self.norm(hidden.transpose(1, 2)).transpose(1, 2))
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, WIDTH)
+        nn.init.normal_(self.wte.weight, std=0.1)
+        self.wpe = nn.Parameter(0.02 * torch.randn(1, CONTEXT, WIDTH))
+        self.blocks = nn.ModuleList([Block() for _ in range(LAYERS)])
+        self.ln = nn.LayerNorm(WIDTH)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln(x), self.wte.weight)
+
+
+def build_model():
+    return TinyLM()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, VOCAB, (batch_size, CONTEXT)),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.reshape(-1, VOCAB), target.reshape(-1))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as each of the 2 dist ranks gets on a 2-core machine; more threads only fight
+    over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model compiled into 2 and 4 stages, and a mixed-pipe copy of the 4-stage
+    pipeline: stages on devices [0, 1, 1, 0]."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = root / "tiny_lm.py"
+    model.write_text(TINY_LM)
+    folders = {p: compile_model(model, root / f"p{p}", CompileOptions(stages=p)).folder for p in (2, 4)}
+    mixed = root / "mixed" / "tiny_lm"
+    shutil.copytree(folders[4], mixed)
+    manifest = json.loads((mixed / "pipeline.json").read_text())
+    for stage, device in zip(manifest["stages"], [0, 1, 1, 0]):
+        stage["device"] = device
+    manifest["num_devices"] = 2
+    (mixed / "pipeline.json").write_text(json.dumps(manifest))
+    folders["mixed"] = mixed
+    return root, model, folders
+
+
+def config(root: Path, pipeline: Path, name: str, **settings):
+    data = {
+        "pipeline": str(pipeline), "data": {"name": "bytes", "max_bytes": 20000},
+        "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+        "lr_schedule": {"name": "cosine", "warmup_steps": 3}, "batch_size": 8, "micro_batches": 4,
+        "steps": STEPS, "seed": 1, "log_every": 10, "timeout_s": 30,
+        "results": str(root / name / "results.json"), "checkpoint": {"dir": str(root / name / "checkpoints")},
+    }  # fmt: skip
+    data.update(settings)
+    return load_config(data=data)
+
+
+@pytest.fixture(scope="module")
+def single(tiny):
+    """The truth: mode single, for step_every 1 and 2 -> (losses, final state_dict)."""
+    root, _, folders = tiny
+    runs = {}
+    for step_every in (1, 2):
+        results = train(config(root, folders[2], f"single{step_every}", mode="single", step_every=step_every))
+        runs[step_every] = (results.loss, checkpoint.merge(root / f"single{step_every}" / "checkpoints")[1])
+    return runs
+
+
+def assert_same_run(losses, state, truth, first_step=0):
+    truth_losses, truth_state = truth
+    assert len(losses) == STEPS - first_step
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(truth_losses[first_step:]), rtol=1e-5, atol=0)
+    assert set(state) == set(truth_state)
+    for key, expected in truth_state.items():
+        if expected.is_floating_point():
+            # Per tensor, in norm: Adam turns the rounding noise of near-zero gradients (a rare
+            # byte's embedding row) into elementwise differences far above 1e-5 of that element.
+            error = (state[key] - expected).norm() / expected.norm().clamp(min=1e-12)
+            assert error <= 1e-5, f"{key}: relative difference {error:.2e}"
+        else:
+            assert torch.equal(state[key], expected), key
+
+
+def test_local_mode_matches_single(tiny, single):
+    root, _, folders = tiny
+    results = train(config(root, folders[4], "local", mode="local", schedule="gpipe", step_every=2, recompute="never"))
+    assert_same_run(results.loss, checkpoint.merge(root / "local" / "checkpoints")[1], single[2])
+
+
+def test_init_loads_a_state_dict_file_into_the_stages(tiny, single):
+    root, model_path, folders = tiny
+    weights = root / "init.safetensors"
+    checkpoint.save_state_dict(weights, single[1][1])
+    cfg = config(root, folders[4], "init", mode="local", steps=1, init=str(weights))
+    results = train(cfg)
+    model_file = load_model_file(model_path)
+    model = model_file.build()
+    model.load_state_dict(single[1][1], strict=True)
+    dataset = build_dataset(cfg.data, model_file)
+    (inputs,), targets = load_batch(dataset, Sampler(len(dataset), 8, cfg.seed).indices(0), True, True)
+    expected = [model_file.loss_fn(model(x), y).item() for x, y in zip(inputs.chunk(4), targets.chunk(4))]
+    assert results.loss[0] == pytest.approx(sum(expected) / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pipeline, schedule, step_every, recompute",
+    # With the crash-and-resume test below (2 processes, gpipe): 2 and 4 processes, both
+    # schedules, with and without step_every and recomputation, and a mixed-pipe partition.
+    [("mixed", "1f1b", 2, "always"), (4, "1f1b", 1, "never"), (4, "gpipe", 2, "always")],
+)
+def test_dist_matches_single(tiny, single, pipeline, schedule, step_every, recompute):
+    root, _, folders = tiny
+    name = f"dist-{pipeline}-{schedule}-{step_every}-{recompute}"
+    settings = dict(mode="dist", schedule=schedule, step_every=step_every, recompute=recompute)
+    results = launch(config(root, folders[pipeline], name, **settings))
+    assert results.world_size == (2 if pipeline == "mixed" else pipeline)
+    assert_same_run(results.loss, checkpoint.merge(root / name / "checkpoints")[1], single[step_every])
+
+
+def ftc_train(cfg, *overrides: str) -> subprocess.CompletedProcess:
+    path = Path(cfg.results).parent / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_json()))
+    command = [sys.executable, "-m", "ftc.cli", "train", str(path), *(a for o in overrides for a in ("--set", o))]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+
+
+def test_a_dead_rank_stops_the_run_keeps_the_last_checkpoint_and_resume_reproduces_the_run(tiny, single):
+    root, model_path, folders = tiny
+    cfg = config(root, folders[2], "crash", mode="dist", schedule="gpipe", recompute="never",
+                 checkpoint={"dir": str(root / "crash" / "checkpoints"), "every": 5})  # fmt: skip
+    failed = ftc_train(cfg, 'inject_fault={"rank": 1, "step": 7, "kind": "exit"}')
+    assert failed.returncode != 0
+    assert "rank 1" in failed.stderr and "step 7" in failed.stderr, failed.stderr
+    merged = root / "crash" / "step5.pt"
+    assert cli_main(["merge-checkpoint", str(root / "crash" / "checkpoints"), "-o", str(merged)]) == 0
+    model = load_model_file(model_path).build()
+    model.load_state_dict(torch.load(merged, weights_only=True), strict=True)
+    assert checkpoint.merge(root / "crash" / "checkpoints")[0] == 5
+
+    resumed = ftc_train(cfg, "checkpoint.resume=true")
+    assert resumed.returncode == 0, resumed.stderr
+    data = json.loads(Path(cfg.results).read_text())
+    assert data["first_step"] == 5
+    assert_same_run(data["loss"], checkpoint.merge(root / "crash" / "checkpoints")[1], single[1], first_step=5)
+
+
+def test_a_hanging_rank_makes_the_others_stop_naming_it(tiny):
+    root, _, folders = tiny
+    cfg = config(
+        root, folders[2], "hang", mode="dist", timeout_s=10, inject_fault={"rank": 1, "step": 3, "kind": "hang"}
+    )
+    failed = ftc_train(cfg)
+    assert failed.returncode != 0
+    report = failed.stderr
+    assert "rank 0: failed at step 3" in report and "rank 1" in report, report
+
+
+def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "nan", mode="dist", inject_fault={"rank": 0, "step": 2, "kind": "nan"})
+    failed = ftc_train(cfg)
+    assert failed.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: failed at step 2: the loss is nan at step 2" in failed.stderr, failed.stderr
