@@ -1,0 +1,201 @@
+"""Moving values between pipeline devices: what one message is, and two transports for it.
+
+A message is one value of one micro-batch going from the device that produced it to a device
+that reads it (an activation), or that value's gradient going back (a gradient). Its payload is a
+list of tensors: the value's leaves (tensors, and Python scalars as one-element tensors) in the
+order its spec in pipeline.json lists them; receive buffers are shaped from that spec with the
+batch dimension set to the micro-batch size, so no shapes are exchanged at run time.
+
+- `LocalTransport`: every device in one process; a send hands over copies, as a wire would.
+- `DistTransport`: torch.distributed point-to-point (gloo on CPU, NCCL on CUDA). Receives are
+  posted ahead of use and sends stay asynchronous until the end of the step, so transfers
+  overlap compute. The engine posts the messages between any two ranks in the same order on
+  both sides (both derive it from the shared schedule), which is what matches them. Every wait
+  has a timeout that names the ranks, the value and the step, because a rank that died or hangs
+  otherwise shows up as a silent hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ftc.ir import FtcError
+
+ACTIVATION = "activation"
+GRADIENT = "gradient"
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str  # ACTIVATION | GRADIENT
+    value: str
+    micro_batch: int
+    src: int
+    dst: int
+
+    def describe(self) -> str:
+        what = f"value {self.value}" if self.kind == ACTIVATION else f"gradient of {self.value}"
+        return f"{what}, micro-batch {self.micro_batch}"
+
+
+class LocalTransport:
+    """All devices in one process: a sent payload is copied into a mailbox until received."""
+
+    def __init__(self) -> None:
+        self.mailbox: dict[Message, list[torch.Tensor]] = {}
+
+    def send(self, message: Message, payload: list[torch.Tensor]) -> None:
+        self.mailbox[message] = [t.detach().clone() for t in payload]
+
+    def post_receive(self, message: Message, buffers: list[torch.Tensor]) -> None:
+        pass
+
+    def receive(self, message: Message, step: int) -> list[torch.Tensor]:
+        try:
+            return self.mailbox.pop(message)
+        except KeyError:
+            raise AssertionError(f"{message} awaited before it was sent: the schedule is inconsistent") from None
+
+    def finish(self, step: int) -> None:
+        if self.mailbox:
+            raise AssertionError(f"messages never received: {sorted(map(str, self.mailbox))}")
+
+
+class DistTransport:
+    """Point-to-point torch.distributed messages, posted asynchronously, awaited with a timeout."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.pending_receives: dict[Message, tuple[list[torch.Tensor], list[dist.Work]]] = {}
+        self.pending_sends: list[tuple[Message, list[torch.Tensor], list[dist.Work]]] = []
+
+    def send(self, message: Message, payload: list[torch.Tensor]) -> None:
+        tensors = [t.detach().contiguous() for t in payload]
+        works = [dist.isend(t, message.dst) for t in tensors]
+        # The tensors stay referenced until their sends complete.
+        self.pending_sends.append((message, tensors, works))
+
+    def post_receive(self, message: Message, buffers: list[torch.Tensor]) -> None:
+        self.pending_receives[message] = (buffers, [dist.irecv(b, message.src) for b in buffers])
+
+    def receive(self, message: Message, step: int) -> list[torch.Tensor]:
+        buffers, works = self.pending_receives.pop(message)
+        for work in works:
+            self._wait(work, f"rank {self.rank} got nothing from rank {message.src}", message, step)
+        return buffers
+
+    def finish(self, step: int) -> None:
+        sends, self.pending_sends = self.pending_sends, []
+        for message, _, works in sends:
+            for work in works:
+                self._wait(work, f"rank {self.rank} could not deliver to rank {message.dst}", message, step)
+        if self.pending_receives:
+            raise AssertionError(f"receives posted but never awaited: {sorted(map(str, self.pending_receives))}")
+
+    def _wait(self, work: dist.Work, failure: str, message: Message, step: int) -> None:
+        hint = "check that rank's log; raise the engine's timeout_s if its stages are that slow"
+        try:
+            completed = work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower():
+                raise FtcError(
+                    f"{failure} ({message.describe()}) at step {step}: that rank died " f"({str(exc).splitlines()[0]})",
+                    "check that rank's log",
+                ) from exc
+            completed = False
+        if not completed:
+            raise FtcError(
+                f"{failure} ({message.describe()}) within {self.timeout_s:g} s at step {step}: that rank died or hangs",
+                hint,
+            )
+
+
+SCALAR_DTYPES = {"int": torch.int64, "bool": torch.int64, "float": torch.float64}
+SEQUENCES = {"tuple": tuple, "list": list, "size": torch.Size}
+
+
+def leaf_specs(name: str, spec: dict, sendable: bool = True) -> list[dict]:
+    """The specs of a value's leaves, depth first. Other objects are leaves too, but a value
+    that holds one cannot be `sendable` to another device."""
+    kind = spec["kind"]
+    if kind in SEQUENCES:
+        return [leaf for item in spec["items"] for leaf in leaf_specs(name, item, sendable)]
+    if kind == "tensor" or kind in SCALAR_DTYPES or not sendable:
+        return [spec]
+    raise FtcError(
+        f"value {name} ({kind}) crosses devices, but only tensors, numbers and tuples or lists of them can be sent",
+        "move the stage boundary (recompile with another partition) or place both stages on one device",
+    )
+
+
+def flatten(value, spec: dict) -> list:
+    if spec["kind"] in SEQUENCES:
+        return [leaf for item, item_spec in zip(value, spec["items"]) for leaf in flatten(item, item_spec)]
+    return [value]
+
+
+def unflatten(leaves: list, spec: dict):
+    """Inverse of flatten: the value from its leaves (consumed from the front of the list)."""
+    if spec["kind"] in SEQUENCES:
+        return SEQUENCES[spec["kind"]](unflatten(leaves, item) for item in spec["items"])
+    return leaves.pop(0)
+
+
+def carries_grad(spec: dict) -> bool:
+    return spec["kind"] == "tensor" and spec["requires_grad"]
+
+
+def wire_shape(spec: dict, micro_batch_size: int) -> list[int]:
+    shape = list(spec["shape"])
+    if spec["batch_dim"] is not None:
+        shape[spec["batch_dim"]] = micro_batch_size
+    return shape
+
+
+def encode(
+    name: str, leaves: list, specs: list[dict], micro_batch_size: int, device: torch.device
+) -> list[torch.Tensor]:
+    """The payload of a value's leaves, checked against the shapes its receivers expect."""
+    payload = []
+    for leaf, spec in zip(leaves, specs):
+        if spec["kind"] != "tensor":
+            payload.append(torch.tensor([leaf], dtype=SCALAR_DTYPES[spec["kind"]], device=device))
+            continue
+        expected = wire_shape(spec, micro_batch_size)
+        if (
+            not isinstance(leaf, torch.Tensor)
+            or list(leaf.shape) != expected
+            or leaf.dtype != getattr(torch, spec["dtype"])
+        ):
+            got = (
+                f"{str(leaf.dtype).removeprefix('torch.')}{list(leaf.shape)}"
+                if isinstance(leaf, torch.Tensor)
+                else type(leaf).__name__
+            )
+            raise FtcError(
+                f"value {name} is {got}, but pipeline.json says {spec['dtype']}{expected} for this micro-batch size",
+                "keep stage outputs as pipeline.json lists them (run `ftc check`), or recompile",
+            )
+        payload.append(leaf)
+    return payload
+
+
+def decode(payload: list[torch.Tensor], specs: list[dict]) -> list:
+    python = {"int": int, "bool": bool, "float": float}
+    return [t if spec["kind"] == "tensor" else python[spec["kind"]](t.item()) for t, spec in zip(payload, specs)]
+
+
+def empty_payload(specs: list[dict], micro_batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    return [
+        (
+            torch.empty(wire_shape(spec, micro_batch_size), dtype=getattr(torch, spec["dtype"]), device=device)
+            if spec["kind"] == "tensor"
+            else torch.empty(1, dtype=SCALAR_DTYPES[spec["kind"]], device=device)
+        )
+        for spec in specs
+    ]

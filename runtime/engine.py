@@ -1,0 +1,620 @@
+"""The pipeline engine: one training step of a generated pipeline, split into micro-batches and
+run by a schedule, either every device in one process (local) or one process per device
+(torchrun).
+
+What a step computes does not depend on where stages run:
+- every stage gets each input as a fresh leaf, so backward runs stage by stage, and the
+  gradients of a value read by several stages are summed (in a fixed order) before they go back
+  to its producer; a value crosses to another device once per micro-batch, and its gradient
+  once back;
+- before each stage forward, torch's RNG is seeded from (seed, step, micro-batch, stage), so
+  dropout masks are the same in local and distributed runs and when a recomputed stage
+  re-runs its forward;
+- a stage in `recompute` runs its forward without autograd, keeping only its inputs, and runs it
+  again (same seed, so same dropout masks) right before its backward;
+- the loss of a micro-batch is loss_fn(outputs, targets) * loss_scale / M on the device of the
+  last stage; parameter gradients accumulate in .grad, and the caller steps the optimizer
+  (after sync_shared_grads, which sums the gradients of weights tied across devices).
+
+evaluate() runs the same forwards only, under torch.no_grad.
+
+Both modes run the same per-device code on the same message plan; only the transport differs
+(runtime/comm.py). The plan (who sends what to whom, before or after which action) is derived on
+every rank from pipeline.json and the simulated schedule (runtime/schedule.py), so the ranks
+agree on it without talking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ftc.ir import FtcError
+
+from . import comm
+from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
+from .pipeline import Pipeline, StageSpec
+from .schedule import BACKWARD, FORWARD, SCHEDULES, Action, simulate
+
+LOSS = -1  # the loss on the last stage's device, as a reader of the model's outputs
+PREFETCH_ACTIONS = 4  # receives are posted this many actions ahead of the one that needs them
+
+
+def stream_seed(seed: int, step: int, micro_batch: int, stage: int) -> int:
+    """The RNG seed of one stage forward: a hash, so neighbouring steps and stages get unrelated
+    streams."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro_batch}/{stage}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _Plan:
+    """Who reads what, and every message of a step with the actions that send and await it."""
+
+    def __init__(self, pipeline: Pipeline, order: list[Action], micro_batches: int):
+        self.specs = {s.index: s for s in pipeline.stages}
+        self.values = pipeline.manifest["values"]
+        self.device_of = {s.index: s.device for s in self.specs.values()}
+        self.loss_stage = pipeline.stages[-1].index
+        self.loss_device = self.device_of[self.loss_stage]
+        self.inputs = list(pipeline.inputs)
+        self.outputs = list(pipeline.outputs)
+        producer = {name: s.index for s in self.specs.values() for name in s.outputs}
+        self.producer = producer
+        missing = [
+            name for s in self.specs.values() for name in s.inputs if name not in producer and name not in self.inputs
+        ]
+        missing += [name for name in self.outputs if name not in producer and name not in self.inputs]
+        if missing:
+            raise FtcError(f"pipeline.json: values {sorted(set(missing))} are read but no stage produces them")
+        unspecified = sorted(name for name in [*producer, *self.inputs] if name not in self.values)
+        if unspecified:
+            raise FtcError(f'pipeline.json: "values" lacks the specs of {unspecified}', "recompile the pipeline")
+        # (device, value) -> the local readers of the value, in the order their gradients add up.
+        uses: dict[tuple[int, str], list[int]] = {}
+        for s in self.specs.values():
+            for name in s.inputs:
+                uses.setdefault((s.device, name), []).append(s.index)
+        for name in self.outputs:
+            uses.setdefault((self.loss_device, name), []).append(LOSS)
+        self.uses = {key: sorted(readers, key=lambda u: (u == LOSS, u)) for key, readers in uses.items()}
+        self.data_devices = {device for device, name in self.uses if name in self.inputs}
+        self.readers: dict[str, list[int]] = {}  # value -> other devices that read it
+        for device, name in sorted(self.uses):
+            if name in producer and device != self.device_of[producer[name]]:
+                self.readers.setdefault(name, []).append(device)
+        self.leaves = {
+            name: comm.leaf_specs(name, spec, sendable=name in self.readers)
+            for name, spec in self.values.items()
+            if name in producer
+        }
+        # value -> the positions of its leaves that carry a gradient back
+        self.gradient_leaves = {
+            name: [k for k, leaf in enumerate(leaves) if comm.carries_grad(leaf)]
+            for name, leaves in self.leaves.items()
+        }
+        self._plan_messages(order, micro_batches)
+
+    def _plan_messages(self, order: list[Action], micro_batches: int) -> None:
+        position = {action: k for k, action in enumerate(order)}
+
+        def reader_action(use: int, kind: str, m: int) -> Action:
+            return Action(kind, self.loss_stage if use == LOSS else use, m)
+
+        self.sends_after: dict[Action, list[Message]] = {}
+        self.awaits_before: dict[Action, list[Message]] = {}
+        self.activation_in: dict[tuple[int, str, int], Message] = {}
+        messages: list[tuple[tuple, Message, Action]] = []
+        for name, devices in self.readers.items():
+            stage = self.producer[name]
+            src = self.device_of[stage]
+            for device in devices:
+                readers = self.uses[(device, name)]
+                for m in range(micro_batches):
+                    forward = Action(FORWARD, stage, m)
+                    first = min((reader_action(u, FORWARD, m) for u in readers), key=position.__getitem__)
+                    message = Message(ACTIVATION, name, m, src, device)
+                    messages.append(((position[forward], name, device), message, first))
+                    self.activation_in[(device, name, m)] = message
+                    if self.gradient_leaves[name]:
+                        last = max((reader_action(u, BACKWARD, m) for u in readers), key=position.__getitem__)
+                        message = Message(GRADIENT, name, m, device, src)
+                        messages.append(((position[last], name, device), message, Action(BACKWARD, stage, m)))
+        # Sends go out in the global order of the actions that send them, so both ends of every
+        # pair of devices post their messages in that same order: all of them when training,
+        # the activations alone when only forwards run.
+        value_position = {name: k for k, name in enumerate(self.values)}
+        messages.sort(key=lambda item: (item[0][0], value_position[item[0][1]], item[0][2]))
+        self.incoming: dict[tuple[bool, int, int], list[Message]] = {}  # (training, dst, src) -> queue
+        self.queue_position: dict[tuple[bool, Message], int] = {}
+        for key, message, reader in messages:
+            self.sends_after.setdefault(order[key[0]], []).append(message)
+            self.awaits_before.setdefault(reader, []).append(message)
+            for training in (True, False) if message.kind == ACTIVATION else (True,):
+                queue = self.incoming.setdefault((training, message.dst, message.src), [])
+                self.queue_position[(training, message)] = len(queue)
+                queue.append(message)
+
+
+class Engine:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        modules: dict[int, torch.nn.Module],
+        *,
+        schedule: str,
+        micro_batches: int,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        seed: int,
+        device: torch.device,
+        recompute: set[int] = frozenset(),
+        distributed: bool = False,
+        timeout_s: float = 60.0,
+        batch_size: int | None = None,
+    ):
+        """`modules`: stage index -> stage module, already on `device`; all stages in local mode,
+        this rank's in distributed mode. `batch_size`: the global batch size, needed by ranks
+        that get neither inputs nor targets in train_step (they size receive buffers from it)."""
+        if schedule not in SCHEDULES:
+            raise FtcError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        stages = pipeline.stages
+        unknown = sorted(set(recompute) - {s.index for s in stages})
+        if unknown:
+            raise FtcError(f"recompute names stages {unknown}, which the pipeline does not have")
+        devices = sorted({s.device for s in stages})
+        if devices != list(range(len(devices))):
+            raise FtcError(
+                f"pipeline.json places stages on devices {devices}; they must be numbered 0..{len(devices) - 1}",
+                "renumber the stages' devices",
+            )
+        self.pipeline = pipeline
+        self.micro_batches = micro_batches
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.device = torch.device(device)
+        self.recompute = frozenset(recompute)
+        self.distributed = distributed
+        self.batch_size = batch_size
+        if distributed:
+            if not dist.is_available() or not dist.is_initialized():
+                raise FtcError(
+                    "distributed mode needs torch.distributed initialized", "launch with torchrun (mode dist)"
+                )
+            rank, world = dist.get_rank(), dist.get_world_size()
+            if world != len(devices):
+                raise FtcError(
+                    f"the pipeline runs on {len(devices)} devices but torchrun started {world} processes",
+                    f"launch with --nproc-per-node {len(devices)}",
+                )
+            self.rank = rank
+            local_devices = [rank]
+            transport = DistTransport(rank, timeout_s)
+        else:
+            self.rank = None
+            local_devices = devices
+            transport = LocalTransport()
+        expected = sorted(s.index for s in stages if s.device in local_devices)
+        if sorted(modules) != expected:
+            where = f"rank {self.rank}" if distributed else "local mode"
+            raise FtcError(f"{where} runs stages {expected}, but modules were given for {sorted(modules)}")
+        self.modules = dict(modules)
+        self.timeline = simulate(stages, micro_batches, schedule, self._costs(), pipeline.outputs)
+        order = [timed.action for timed in self.timeline.actions]
+        self.plan = _Plan(pipeline, order, micro_batches)
+        self.transport = transport
+        self.order = [a for a in order if self.plan.device_of[a.stage] in local_devices]
+        self.runners = {
+            d: _DeviceRunner(self, d, [a for a in self.order if self.plan.device_of[a.stage] == d])
+            for d in local_devices
+        }
+        self.shared = self._shared_groups() if distributed else []
+
+    def _costs(self) -> dict[int, tuple[float, float]] | None:
+        costs = {}
+        for stage in self.pipeline.manifest["stages"]:
+            cost = stage.get("cost") or {}
+            if "fwd_time" not in cost or "bwd_time" not in cost:
+                return None
+            forward, backward = cost["fwd_time"], cost["bwd_time"]
+            costs[stage["index"]] = (forward, backward + (forward if stage["index"] in self.recompute else 0.0))
+        return costs
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """This process's parameters, each once (tied weights held by several stages too)."""
+        seen: dict[int, torch.nn.Parameter] = {}
+        for index in sorted(self.modules):
+            for param in self.modules[index].parameters():
+                seen.setdefault(id(param), param)
+        return list(seen.values())
+
+    def train_step(self, step: int, inputs: tuple | dict | None, targets: Any | None, loss_scale: float = 1.0) -> float:
+        """Forward and backward of one batch through the pipeline; returns the batch's mean loss
+        on every rank. `inputs` is needed where stages read pipeline inputs, `targets` on the
+        device of the last stage."""
+        loss_device = self.plan.loss_device
+        if loss_device in self.runners and targets is None:
+            raise FtcError(f"device {loss_device} computes the loss, but train_step got no targets")
+        self._run(step, inputs, targets, loss_scale, training=True)
+        return self._broadcast_loss()[1]
+
+    def evaluate(self, step: int, inputs: tuple | dict | None, targets: Any | None = None) -> tuple[float | None, Any]:
+        """Forwards only, without gradients (switching dropout and BatchNorm to eval mode is the
+        caller's). Returns the batch's mean loss on every rank (None when the loss device got no
+        targets) and the model's output for the whole batch on the loss device (None elsewhere)."""
+        with torch.no_grad():
+            self._run(step, inputs, targets, 1.0, training=False)
+        has_loss, loss = self._broadcast_loss()
+        runner = self.runners.get(self.plan.loss_device)
+        return (loss if has_loss else None), (runner.batch_output() if runner is not None else None)
+
+    def _run(self, step: int, inputs: Any, targets: Any, loss_scale: float, training: bool) -> None:
+        plan = self.plan
+        reads_inputs = inputs is not None and not plan.data_devices.isdisjoint(self.runners)
+        input_batches = self._split_inputs(inputs) if reads_inputs else None
+        computes_loss = targets is not None and plan.loss_device in self.runners
+        target_batches = self._split_targets(targets) if computes_loss else None
+        micro_batch_size = self._micro_batch_size(inputs, targets)
+        for device, runner in self.runners.items():
+            if device in plan.data_devices and input_batches is None:
+                raise FtcError(f"device {device} runs stages that read the pipeline inputs, but got no inputs")
+            runner.begin(step, micro_batch_size, input_batches, target_batches, loss_scale, training)
+        for action in self.order:
+            if training or action.kind == FORWARD:
+                self.runners[plan.device_of[action.stage]].run(action)
+        self.transport.finish(step)
+
+    def _broadcast_loss(self) -> tuple[bool, float]:
+        """(whether the loss device computed a loss, the batch's mean loss), on every rank."""
+        result = torch.zeros(2, dtype=torch.float64, device=self.device)
+        runner = self.runners.get(self.plan.loss_device)
+        if runner is not None and runner.losses:
+            result[0] = 1.0
+            result[1] = runner.mean_loss()
+        if self.distributed:
+            dist.broadcast(result, src=self.plan.loss_device)
+        return bool(result[0].item()), result[1].item()
+
+    def sync_shared_grads(self) -> None:
+        """Sum the gradients of parameters held on several devices (tied weights) over those
+        devices, so their copies stay equal after the optimizer step. Local mode holds one
+        Parameter per weight: nothing to do."""
+        for group, params in self.shared:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for param in params:
+                size = param.numel()
+                param.grad = flat[offset : offset + size].view_as(param).clone()
+                offset += size
+
+    def _shared_groups(self) -> list[tuple[Any, list[torch.nn.Parameter]]]:
+        """Process groups for parameters that stages on several devices hold. new_group is
+        collective, so every rank creates every group, in the same order."""
+        holders: dict[str, set[int]] = {}
+        for stage in self.pipeline.stages:
+            for key in stage.state:
+                holders.setdefault(key, set()).add(stage.device)
+        by_ranks: dict[tuple[int, ...], list[str]] = {}
+        for key in sorted(holders):
+            if len(holders[key]) > 1:
+                by_ranks.setdefault(tuple(sorted(holders[key])), []).append(key)
+        local: dict[str, torch.nn.Parameter] = {}
+        for index in sorted(self.modules):
+            for name, param in self.modules[index].named_parameters(remove_duplicate=False):
+                local.setdefault(name, param)
+        groups = []
+        for ranks, keys in sorted(by_ranks.items()):
+            group = dist.new_group(list(ranks))
+            params = [local[key] for key in keys if key in local and local[key].requires_grad]
+            if self.rank in ranks and params:
+                groups.append((group, params))
+        return groups
+
+    def _split_inputs(self, inputs: tuple | dict) -> list[dict[str, Any]]:
+        names = self.plan.inputs
+        if isinstance(inputs, dict):
+            missing = [name for name in names if name not in inputs]
+            if missing:
+                raise FtcError(f"the batch lacks pipeline inputs {missing}", f"give {names}")
+            values = {name: inputs[name] for name in names}
+        else:
+            if len(inputs) != len(names):
+                raise FtcError(f"the pipeline takes {len(names)} inputs ({names}), got {len(inputs)}")
+            values = dict(zip(names, inputs))
+        split = {
+            name: self._split(value, self.plan.values.get(name, {}).get("batch_dim"), f"input {name}")
+            for name, value in values.items()
+        }
+        return [{name: pieces[m] for name, pieces in split.items()} for m in range(self.micro_batches)]
+
+    def _split_targets(self, targets: Any) -> list[Any]:
+        if isinstance(targets, torch.Tensor):
+            return list(self._split(targets, 0, "targets"))
+        if isinstance(targets, dict):
+            parts = {key: self._split_targets(value) for key, value in targets.items()}
+            return [{key: pieces[m] for key, pieces in parts.items()} for m in range(self.micro_batches)]
+        if isinstance(targets, (tuple, list)):
+            parts = [self._split_targets(value) for value in targets]
+            return [type(targets)(pieces[m] for pieces in parts) for m in range(self.micro_batches)]
+        return [targets] * self.micro_batches
+
+    def _split(self, value: Any, batch_dim: int | None, what: str) -> list[Any]:
+        if not isinstance(value, torch.Tensor) or batch_dim is None:
+            return [value] * self.micro_batches
+        size = value.shape[batch_dim]
+        if size % self.micro_batches:
+            raise FtcError(
+                f"{what}: batch size {size} does not split into {self.micro_batches} equal micro-batches",
+                "make the batch size a multiple of micro_batches",
+            )
+        return list(value.to(self.device).split(size // self.micro_batches, dim=batch_dim))
+
+    def _micro_batch_size(self, inputs: Any, targets: Any) -> int:
+        batch = None
+        named = inputs.items() if isinstance(inputs, dict) else zip(self.plan.inputs, inputs or ())
+        for name, value in named:
+            batch_dim = self.plan.values.get(name, {}).get("batch_dim")
+            if isinstance(value, torch.Tensor) and batch_dim is not None:
+                batch = value.shape[batch_dim]
+                break
+        if batch is None and isinstance(targets, torch.Tensor):
+            batch = targets.shape[0]
+        if batch is None:
+            batch = self.batch_size
+        if batch is None:
+            raise FtcError(
+                "this rank gets neither inputs nor targets, so it cannot size its receive buffers",
+                "pass batch_size to Engine, or give train_step the inputs on every rank",
+            )
+        if self.batch_size is not None and batch != self.batch_size:
+            raise FtcError(
+                f"the batch has {batch} samples but the engine was built for batch_size {self.batch_size}",
+                "give every step the same batch size (drop the last partial batch)",
+            )
+        return batch // self.micro_batches
+
+
+class _DeviceRunner:
+    """The actions of one device: its stages' forwards and backwards, in its schedule order."""
+
+    def __init__(self, engine: Engine, device: int, order: list[Action]):
+        self.engine = engine
+        self.plan = engine.plan
+        self.device = device
+        self.order = order
+        self.prefetch = engine.distributed
+
+    def begin(self, step, micro_batch_size, input_batches, target_batches, loss_scale, training) -> None:
+        self.step = step
+        self.training = training
+        self.active_order = self.order if training else [a for a in self.order if a.kind == FORWARD]
+        self.outputs: list[dict[str, Any]] = []
+        self.micro_batch_size = micro_batch_size
+        self.input_batches = input_batches
+        self.target_batches = target_batches
+        self.loss_scale = loss_scale
+        self.position = 0
+        self.posted = 0
+        self.peer_posted: dict[int, int] = {}
+        self.values: dict[tuple[str, int], Any] = {}
+        self.use_leaves: dict[tuple[int, str, int], Any] = {}
+        self.saved: dict[tuple[int, int], tuple[tuple, Any, list[int]]] = {}
+        stages_here = sum(1 for s in self.plan.specs.values() if s.device == self.device)
+        self.backwards_left = {m: stages_here for m in range(self.engine.micro_batches)}
+        self.scaled_losses: dict[int, torch.Tensor] = {}
+        self.losses: list[torch.Tensor] = []
+
+    def run(self, action: Action) -> None:
+        if self.prefetch:
+            self._post_receives_through(min(self.position + PREFETCH_ACTIONS, len(self.active_order) - 1))
+        if action.kind == FORWARD:
+            self._forward(action.stage, action.micro_batch)
+        else:
+            self._backward(action.stage, action.micro_batch)
+        for message in self.plan.sends_after.get(action, []):
+            self._send(message)
+        self.position += 1
+
+    def mean_loss(self) -> torch.Tensor:
+        return torch.stack([loss.to(torch.float64) for loss in self.losses]).sum() / self.engine.micro_batches
+
+    # Forward
+
+    def _forward(self, stage: int, m: int) -> None:
+        spec = self.plan.specs[stage]
+        args = tuple(self._reader_leaf(stage, name, m) for name in spec.inputs)
+        module = self.engine.modules[stage]
+        recompute = stage in self.engine.recompute
+        with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
+            outputs = module(*args)
+        self._check_outputs(spec, outputs)
+        for name, value in zip(spec.outputs, outputs):
+            if (self.device, name) in self.plan.uses or name in self.plan.readers:
+                self.values[(name, m)] = value
+        if self.training:
+            versions = [a._version if isinstance(a, torch.Tensor) else None for a in args] if recompute else []
+            self.saved[(stage, m)] = (args, None if recompute else outputs, versions)
+        if stage == self.plan.loss_stage:
+            self._loss(m)
+
+    def _loss(self, m: int) -> None:
+        outputs = {name: self._reader_leaf(LOSS, name, m) for name in self.plan.outputs}
+        if not self.training:
+            self.outputs.append(outputs)
+            if self.target_batches is None:
+                return
+        loss = self.engine.loss_fn(self.engine.pipeline.assemble_output(outputs), self.target_batches[m])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise FtcError(
+                f"loss_fn returned {type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}",
+                "return a scalar tensor",
+            )
+        self.losses.append(loss.detach().reshape(()))
+        if self.training:
+            self.scaled_losses[m] = loss.reshape(()) * self.loss_scale / self.engine.micro_batches
+
+    def batch_output(self) -> Any:
+        """The model's output over the whole batch: the micro-batches' outputs joined along their
+        batch dimensions."""
+        joined = {}
+        for name in self.plan.outputs:
+            parts = [outputs[name] for outputs in self.outputs]
+            batch_dim = self.plan.values[name].get("batch_dim")
+            joined[name] = (
+                torch.cat(parts, dim=batch_dim)
+                if isinstance(parts[0], torch.Tensor) and batch_dim is not None
+                else parts[0]
+            )
+        return self.engine.pipeline.assemble_output(joined)
+
+    def _reader_leaf(self, reader: int, name: str, m: int) -> Any:
+        """The value as `reader` gets it: a fresh leaf, kept for the gradient's way back."""
+        spec = self.plan.values.get(name)
+        leaf = _leaf(self._value(name, m), spec)
+        if self.training and self.plan.gradient_leaves.get(name, []):
+            self.use_leaves[(reader, name, m)] = leaf
+        return leaf
+
+    def _value(self, name: str, m: int) -> Any:
+        if (name, m) not in self.values:
+            if name in self.plan.inputs and name not in self.plan.producer:
+                self.values[(name, m)] = self.input_batches[m][name]
+            else:
+                message = self.plan.activation_in[(self.device, name, m)]
+                payload = self.engine.transport.receive(message, self.step)
+                self.values[(name, m)] = comm.unflatten(
+                    comm.decode(payload, self.plan.leaves[name]), self.plan.values[name]
+                )
+        return self.values[(name, m)]
+
+    # Backward
+
+    def _backward(self, stage: int, m: int) -> None:
+        spec = self.plan.specs[stage]
+        if stage == self.plan.loss_stage:
+            self.scaled_losses.pop(m).backward()
+        args, outputs, versions = self.saved.pop((stage, m))
+        if outputs is None:
+            changed = [name for name, a, v in zip(spec.inputs, args, versions) if v is not None and a._version != v]
+            if changed:
+                raise FtcError(
+                    f"stage {stage} changes its inputs {changed} in place, so it cannot be recomputed",
+                    f"take stage {stage} out of recompute",
+                )
+            with self._seeded(stage, m), torch.enable_grad():
+                outputs = self.engine.modules[stage](*args)
+        tensors, grads = [], []
+        for name, value in zip(spec.outputs, outputs):
+            indices = self.plan.gradient_leaves[name]
+            if not indices:
+                continue
+            leaves = comm.flatten(value, self.plan.values[name])
+            for k, grad in zip(indices, self._output_gradient(name, m)):
+                if grad is not None and isinstance(leaves[k], torch.Tensor) and leaves[k].requires_grad:
+                    tensors.append(leaves[k])
+                    grads.append(grad)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        self.backwards_left[m] -= 1
+        if self.backwards_left[m] == 0:
+            for key in [key for key in self.values if key[1] == m]:
+                del self.values[key]
+
+    def _output_gradient(self, name: str, m: int) -> list[torch.Tensor | None]:
+        """The gradient of a value this device produced: its local readers' first, then each
+        other device's, in device order."""
+        parts = [self._use_gradients(use, name, m) for use in self.plan.uses.get((self.device, name), [])]
+        for reader in self.plan.readers.get(name, []):
+            message = Message(GRADIENT, name, m, reader, self.device)
+            parts.append(self.engine.transport.receive(message, self.step))
+        return _sum(parts, len(self.plan.gradient_leaves[name]))
+
+    def _use_gradients(self, use: int, name: str, m: int) -> list[torch.Tensor | None]:
+        leaves = comm.flatten(self.use_leaves.pop((use, name, m)), self.plan.values[name])
+        return [leaves[k].grad for k in self.plan.gradient_leaves[name]]
+
+    # Messages
+
+    def _send(self, message: Message) -> None:
+        name, m = message.value, message.micro_batch
+        specs = self.plan.leaves[name]
+        if message.kind == ACTIVATION:
+            leaves = comm.flatten(self.values[(name, m)], self.plan.values[name])
+            payload = comm.encode(name, leaves, specs, self.micro_batch_size, self.engine.device)
+        else:
+            uses = self.plan.uses[(self.device, name)]
+            summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))
+            grad_specs = [specs[k] for k in self.plan.gradient_leaves[name]]
+            zeros = comm.empty_payload(grad_specs, self.micro_batch_size, self.engine.device)
+            payload = [g if g is not None else z.zero_() for g, z in zip(summed, zeros)]
+        self.engine.transport.send(message, payload)
+
+    def _post_receives_through(self, position: int) -> None:
+        while self.posted <= position:
+            for message in self.plan.awaits_before.get(self.active_order[self.posted], []):
+                self._post_receives_of(message)
+            self.posted += 1
+
+    def _post_receives_of(self, message: Message) -> None:
+        """Post the receives from message.src up to and including `message`, in the plan's order."""
+        queue = self.plan.incoming[(self.training, self.device, message.src)]
+        start = self.peer_posted.get(message.src, 0)
+        end = self.plan.queue_position[(self.training, message)] + 1
+        for pending in queue[start:end]:
+            specs = self.plan.leaves[pending.value]
+            if pending.kind == GRADIENT:
+                specs = [specs[k] for k in self.plan.gradient_leaves[pending.value]]
+            self.engine.transport.post_receive(
+                pending, comm.empty_payload(specs, self.micro_batch_size, self.engine.device)
+            )
+        self.peer_posted[message.src] = max(start, end)
+
+    @staticmethod
+    def _check_outputs(spec: StageSpec, outputs: Any) -> None:
+        if not isinstance(outputs, tuple) or len(outputs) != len(spec.outputs):
+            raise FtcError(
+                f"{spec.file}: forward returned {type(outputs).__name__}"
+                f"{f' of {len(outputs)}' if isinstance(outputs, tuple) else ''}; pipeline.json lists "
+                f"{len(spec.outputs)} outputs {spec.outputs}",
+                "return a tuple of the values pipeline.json lists, in order",
+            )
+
+    @contextmanager
+    def _seeded(self, stage: int, m: int):
+        """Seeds this device's generator only: torch.manual_seed would also queue seeds for every
+        accelerator type the build knows, with a stack trace each, on every call."""
+        seed = stream_seed(self.engine.seed, self.step, m, stage)
+        device = self.engine.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                torch.cuda.default_generators[
+                    device.index if device.index is not None else torch.cuda.current_device()
+                ].manual_seed(seed)
+            yield
+
+
+def _leaf(value: Any, spec: dict | None) -> Any:
+    """A value as a reader receives it: tensors become fresh leaves, requiring grad where the
+    spec says the value carries a gradient."""
+    if isinstance(value, torch.Tensor):
+        wants_grad = bool(spec and spec.get("kind") == "tensor" and spec["requires_grad"]) and value.is_floating_point()
+        return value.detach().requires_grad_(wants_grad)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        items = spec.get("items") if spec else None
+        return type(value)(_leaf(v, items[k] if items else None) for k, v in enumerate(value))
+    return value
+
+
+def _sum(parts: list[list[torch.Tensor | None]], count: int) -> list[torch.Tensor | None]:
+    totals: list[torch.Tensor | None] = [None] * count
+    for part in parts:
+        for k, grad in enumerate(part):
+            if grad is not None:
+                totals[k] = grad if totals[k] is None else totals[k] + grad
+    return totals
