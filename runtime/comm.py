@@ -71,23 +71,31 @@ class DistTransport:
     def __init__(self, rank: int, timeout_s: float):
         self.rank = rank
         self.timeout_s = timeout_s
-        self.pending_receives: dict[Message, tuple[list[torch.Tensor], list[dist.Work]]] = {}
+        # gloo moves only host tensors: GPU tensors travel through host copies, which also lets
+        # several ranks share one GPU (NCCL refuses that), e.g. to measure per-rank memory.
+        self.via_host = dist.get_backend() == "gloo"
+        self.pending_receives: dict[Message, tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dist.Work]]] = {}
         self.pending_sends: list[tuple[Message, list[torch.Tensor], list[dist.Work]]] = []
 
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.cpu() if self.via_host else tensor
+
     def send(self, message: Message, payload: list[torch.Tensor]) -> None:
-        tensors = [t.detach().contiguous() for t in payload]
+        tensors = [self._wire(t.detach().contiguous()) for t in payload]
         works = [dist.isend(t, message.dst) for t in tensors]
         # The tensors stay referenced until their sends complete.
         self.pending_sends.append((message, tensors, works))
 
     def post_receive(self, message: Message, buffers: list[torch.Tensor]) -> None:
-        self.pending_receives[message] = (buffers, [dist.irecv(b, message.src) for b in buffers])
+        wires = [self._wire(b) for b in buffers]
+        works = [dist.irecv(w, message.src) for w in wires]
+        self.pending_receives[message] = ([(b, w) for b, w in zip(buffers, wires)], works)
 
     def receive(self, message: Message, step: int) -> list[torch.Tensor]:
         buffers, works = self.pending_receives.pop(message)
         for work in works:
             self._wait(work, f"rank {self.rank} got nothing from rank {message.src}", message, step)
-        return buffers
+        return [wire if wire is buffer else buffer.copy_(wire) for buffer, wire in buffers]
 
     def finish(self, step: int) -> None:
         sends, self.pending_sends = self.pending_sends, []

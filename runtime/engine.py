@@ -430,6 +430,9 @@ class _DeviceRunner:
         args = tuple(self._reader_leaf(stage, name, m) for name in spec.inputs)
         module = self.engine.modules[stage]
         recompute = stage in self.engine.recompute
+        # The recomputing forward must see the buffers this one saw (a BatchNorm's running
+        # statistics, a step counter), and must not update them a second time.
+        buffers_before = _buffer_values(module) if recompute and self.training else None
         with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
             outputs = module(*args)
         self._check_outputs(spec, outputs)
@@ -438,7 +441,7 @@ class _DeviceRunner:
                 self.values[(name, m)] = value
         if self.training:
             versions = [a._version if isinstance(a, torch.Tensor) else None for a in args] if recompute else []
-            self.saved[(stage, m)] = (args, None if recompute else outputs, versions)
+            self.saved[(stage, m)] = (args, None if recompute else outputs, versions, buffers_before)
         if stage == self.plan.loss_stage:
             self._loss(m)
 
@@ -498,7 +501,7 @@ class _DeviceRunner:
         spec = self.plan.specs[stage]
         if stage == self.plan.loss_stage:
             self.scaled_losses.pop(m).backward()
-        args, outputs, versions = self.saved.pop((stage, m))
+        args, outputs, versions, buffers_before = self.saved.pop((stage, m))
         if outputs is None:
             changed = [name for name, a, v in zip(spec.inputs, args, versions) if v is not None and a._version != v]
             if changed:
@@ -506,8 +509,11 @@ class _DeviceRunner:
                     f"stage {stage} changes its inputs {changed} in place, so it cannot be recomputed",
                     f"take stage {stage} out of recompute",
                 )
+            module = self.engine.modules[stage]
+            buffers_now = _point_buffers(module, buffers_before)
             with self._seeded(stage, m), torch.enable_grad():
-                outputs = self.engine.modules[stage](*args)
+                outputs = module(*args)
+            _point_buffers(module, buffers_now)
         tensors, grads = [], []
         for name, value in zip(spec.outputs, outputs):
             indices = self.plan.gradient_leaves[name]
@@ -618,3 +624,25 @@ def _sum(parts: list[list[torch.Tensor | None]], count: int) -> list[torch.Tenso
             if grad is not None:
                 totals[k] = grad if totals[k] is None else totals[k] + grad
     return totals
+
+
+
+def _buffer_values(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every buffer, by qualified name (aliases of one buffer share the copy)."""
+    copies: dict[int, torch.Tensor] = {}
+    return {
+        name: copies.setdefault(id(buffer), buffer.detach().clone())
+        for name, buffer in module.named_buffers(remove_duplicate=False)
+    }
+
+
+def _point_buffers(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Make the module's buffers these tensors (no in-place copy, so tensors that autograd saved
+    keep their versions); return the ones they replace."""
+    replaced = {}
+    for name, value in values.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        replaced[name] = owner._buffers[attribute]
+        owner._buffers[attribute] = value
+    return replaced

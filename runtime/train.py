@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from ftc.ir import FtcError
 
@@ -61,6 +62,7 @@ class Results:
     checkpoint: str | None = None
     results: str | None = None
     plot: str | None = None
+    peak_memory_bytes: list[int] | None = None  # per rank, on CUDA: torch.cuda.max_memory_allocated
 
     def to_json(self) -> dict:
         last = self.loss[-10:]
@@ -71,7 +73,7 @@ class Results:
             "final": {"loss": self.loss[-1] if self.loss else None,
                       "mean_loss_last_10": sum(last) / len(last) if last else None,
                       "steps": self.first_step + len(self.loss)},
-            "checkpoint": self.checkpoint, "plot": self.plot,
+            "checkpoint": self.checkpoint, "plot": self.plot, "peak_memory_bytes": self.peak_memory_bytes,
         }  # fmt: skip
 
 
@@ -231,7 +233,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
                        f"but {world_size} processes run", "set nprocs to the number of pipeline devices")  # fmt: skip
     device = torch.device(config.device)
     if config.device == "cuda" and config.mode == "dist":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        # Ranks beyond the GPU count share GPUs round-robin (possible with gloo only).
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     me = plan_rank(config, pipeline, rank, world_size, device)
 
     if config.mode == "single":
@@ -311,6 +314,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         ):
             save(root, done, me, modules, optimizer, scheduler, config)
     results.wall_time_s = time.perf_counter() - started
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        results.peak_memory_bytes = [peak] * world_size
+        if config.mode == "dist":
+            dist.all_gather_object(results.peak_memory_bytes, peak)
     if rank == 0:
         write_results(config, results)
     status.write("done", config.steps)
