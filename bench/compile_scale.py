@@ -2,8 +2,11 @@
 width 1600, 25 heads, vocabulary 50257, context 1024, batch 4) of 12, 24 and 48 blocks (48 is
 GPT-2 XL, 1.5B parameters) are compiled into 8 stages, the model built on the meta device as
 `ftc compile` always does. Each size compiles in a fresh subprocess so peak memory does not mix.
-Printed per size: wall time of the compile, peak resident memory, time per block, and the
-forward-FLOPs balance over the devices (max over mean).
+Printed per size: wall time of the compile, CPU time (black formats large pipelines in worker
+processes, whose CPU time is included), peak resident memory of the compiler and of its largest
+worker, CPU time per block, and the balance over the devices (max over mean) of forward FLOPs
+and of the predicted time the partitioner balances (a roofline that also prices memory-bound
+ops, and the transfers between stages).
 
     .venv/bin/python bench/compile_scale.py [--layers 12 24 48] [--stages 8]
 """
@@ -30,12 +33,14 @@ def compile_once(layers: int, stages: int) -> dict:
 
     os.environ["FTC_BENCH_LAYERS"] = str(layers)
     with tempfile.TemporaryDirectory() as out:
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         compiled = compile_model(MODEL, out, CompileOptions(stages=stages, batch_size=4, name=f"gpt2_{layers}"))
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     flops: dict[int, int] = {}
+    times: dict[int, float] = {}
     for stage in compiled.stages:
         flops[stage["device"]] = flops.get(stage["device"], 0) + stage["cost"]["fwd_flops"]
+        times[stage["device"]] = times.get(stage["device"], 0.0) + stage["cost"]["predicted_time"]
     parameters = sum(stage["cost"]["parameters"] for stage in compiled.stages)
     per_device = list(flops.values())
     return {
@@ -44,10 +49,18 @@ def compile_once(layers: int, stages: int) -> dict:
         "wall_s": wall,
         "cpu_s": cpu,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "flops_balance": max(per_device) / (sum(per_device) / len(per_device)),
+        "time_balance": max(times.values()) / (sum(times.values()) / len(times)),
         "gflops_min": min(per_device) / 1e9,
         "gflops_max": max(per_device) / 1e9,
     }
+
+
+def cpu_seconds() -> float:
+    """User and system time of this process and of its finished workers."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def main() -> None:
@@ -68,12 +81,14 @@ def main() -> None:
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     print(f"GPT-2-shaped models (width 1600, vocab 50257, context 1024, batch 4) into {args.stages} stages")
     print("(wall time depends on what else the machine runs; CPU time is the compiler's own work)")
-    print("blocks  params  wall s  CPU s  CPU s/block  peak RSS MB  fwd GFLOPs per device  max/mean")
+    print("                                       peak RSS MB                           max/mean")
+    print("blocks  params  wall s  CPU s  CPU s/block  compiler  worker  fwd GFLOPs per device  FLOPs  time")
     for row in rows:
         print(
             f"{row['layers']:>6}  {row['parameters'] / 1e9:5.2f}B  {row['wall_s']:6.2f}  {row['cpu_s']:5.2f}"
-            f"  {row['cpu_s'] / row['layers']:11.3f}  {row['peak_rss_mb']:11.0f}"
-            f"  {row['gflops_min']:8.0f} .. {row['gflops_max']:<8.0f}  {row['flops_balance']:8.3f}"
+            f"  {row['cpu_s'] / row['layers']:11.3f}  {row['peak_rss_mb']:8.0f}  {row['worker_rss_mb']:6.0f}"
+            f"  {row['gflops_min']:8.0f} .. {row['gflops_max']:<8.0f}  {row['flops_balance']:5.3f}"
+            f"  {row['time_balance']:5.3f}"
         )
 
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, [*args.set, "mode=dist"])
         if config.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         else:
             # The ranks of one machine share its cores; oversubscribing them slows every rank.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))

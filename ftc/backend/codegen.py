@@ -10,8 +10,12 @@ block of statements that came from it.
 from __future__ import annotations
 
 import builtins
+import gc
 import keyword
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 
 import black
@@ -31,6 +35,9 @@ UNARY = {"neg": "-", "pos": "+", "invert": "~", "not_": "not "}
 RESERVED = {"self", "torch", "F", "operator", "math", "device"}
 CONTAINER_INDEXED = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
 CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict",)
+# black takes about a millisecond a line; past this many characters of stage code (a GPT-2 XL
+# pipeline has 200,000) the stage files are formatted in parallel, one process per core.
+PARALLEL_FORMAT_CHARS = 100_000
 
 
 @cache
@@ -46,6 +53,27 @@ def _templates() -> jinja2.Environment:
 
 def format_python(source: str) -> str:
     return black.format_str(source, mode=black.Mode())
+
+
+def format_files(sources: list[str]) -> list[str]:
+    """format_python over several files. The workers are forks of this process, which has
+    black imported already; where fork is missing (Windows), one file after another."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cores, len(sources))
+    small = sum(map(len, sources)) < PARALLEL_FORMAT_CHARS
+    if workers < 2 or small or "fork" not in multiprocessing.get_all_start_methods():
+        return [format_python(source) for source in sources]
+    # A worker's garbage collections would scan, and so copy, every page of the compiler's
+    # objects it shares with this process; frozen objects are left alone (see gc.freeze).
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(format_python, sources))
+    finally:
+        if freeze:
+            gc.unfreeze()
 
 
 def variable(name: str) -> str:
@@ -276,7 +304,8 @@ class StageWriter:
     def tensor_input(self) -> str | None:
         return next((n for n in self.plan.inputs if isinstance(self.by_name[n].meta, TensorMeta)), None)
 
-    def render(self, model_file: str) -> str:
+    def source(self, model_file: str) -> str:
+        """The stage module before black formats it."""
         blocks = self.blocks()
         init_lines = self.init_lines()
         device_line = self.device_line()
@@ -296,7 +325,7 @@ class StageWriter:
             blocks=blocks,
             returns=[self.local[n] for n in self.plan.outputs],
         )
-        return format_python(source)
+        return source
 
 
 def _uses_stage_device(value) -> bool:
@@ -335,9 +364,10 @@ def _stage_summary(plan: StagePlan) -> str:
     return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
 
 
-def render_stage(graph: Graph, plans: list[StagePlan], index: int, model_file: str) -> str:
+def render_stages(graph: Graph, plans: list[StagePlan], model_file: str) -> list[str]:
+    """Every stage's module, in plan order."""
     crossing = {name for plan in plans for name in (*plan.inputs, *plan.outputs)}
-    return StageWriter(graph, plans[index], crossing).render(model_file)
+    return format_files([StageWriter(graph, plan, crossing).source(model_file) for plan in plans])
 
 
 def render_package_init(graph: Graph, plans: list[StagePlan]) -> str:

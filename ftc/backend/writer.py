@@ -24,7 +24,7 @@ from ftc.ir import FtcError, Graph, TensorMeta, dumps, meta_nbytes
 from ftc.ir.graph import ScalarMeta, SeqMeta
 from ftc.passes.partition.problem import Problem
 
-from .codegen import render_package_init, render_stage
+from .codegen import render_package_init, render_stages
 from .plan import StagePlan, plan_stages
 
 MANIFEST_FORMAT = "ftc-pipeline/1"
@@ -128,7 +128,8 @@ def write_pipeline(
     plans = plan_stages(graph)
     recompute = recompute or [False] * len(plans)
     costs = stage_costs(graph, problem, plans, recompute)
-    stage_sources = {f"stage{plan.index}.py": render_stage(graph, plans, plan.index, model_rel) for plan in plans}
+    sources = render_stages(graph, plans, model_rel)
+    stage_sources = {f"stage{plan.index}.py": source for plan, source in zip(plans, sources)}
     position = {node.name: k for k, node in enumerate(graph.nodes)}
     crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=position.__getitem__)
     by_name = graph.by_name()

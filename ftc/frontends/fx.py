@@ -111,6 +111,9 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     nodes: list[Node] = []
     constants = {}
     outputs = None
+    # A traced model calls a few functions thousands of times; look each one up once.
+    spellings: dict[Any, str] = {}  # function -> function_expr
+    parameters: dict[Any, Any] = {}  # function -> its signature's parameters, or None
 
     def ref_of(value: Any) -> Ref | None:
         return Ref(names[value]) if isinstance(value, fx.Node) else None
@@ -157,11 +160,13 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 constants[node.target] = Constant(data, dtype)
         else:
             if fx_node.op == "call_function":
-                node.target = function_expr(fx_node.target, fx_node.name)
+                if fx_node.target not in spellings:
+                    spellings[fx_node.target] = function_expr(fx_node.target, fx_node.name)
+                node.target = spellings[fx_node.target]
             else:
                 node.target = fx_node.target
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_node.args)
-            node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in _explicit_kwargs(fx_node).items()}
+            node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in _explicit_kwargs(fx_node, parameters).items()}
             module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
             node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
         names[fx_node] = node.name
@@ -178,14 +183,19 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     )
 
 
-def _explicit_kwargs(fx_node: fx.Node) -> dict[str, Any]:
+def _explicit_kwargs(fx_node: fx.Node, parameters: dict[Any, Any]) -> dict[str, Any]:
     """fx records keyword arguments that torch.nn.functional passes along with their default
-    values (F.softmax adds `_stacklevel=3, dtype=None`); drop those equal to the default."""
-    if fx_node.op != "call_function":
+    values (F.softmax adds `_stacklevel=3, dtype=None`); drop those equal to the default.
+    `parameters` holds the signatures looked up so far (function -> parameters or None)."""
+    if fx_node.op != "call_function" or not fx_node.kwargs:
         return dict(fx_node.kwargs)
-    try:
-        params = inspect.signature(fx_node.target).parameters
-    except (TypeError, ValueError):  # builtins without a Python signature
+    if fx_node.target not in parameters:
+        try:
+            parameters[fx_node.target] = inspect.signature(fx_node.target).parameters
+        except (TypeError, ValueError):  # builtins without a Python signature
+            parameters[fx_node.target] = None
+    params = parameters[fx_node.target]
+    if params is None:
         return dict(fx_node.kwargs)
     return {
         key: value

@@ -4,6 +4,9 @@ shape, dtype and requires_grad, and which dimension follows the batch size.
 Running at batch sizes B and 2B is how we tell the batch dimension from the others: a dimension
 that doubles scales with the batch (B, or B*T after a flatten); the runtime rescales it for
 micro-batches of any size.
+
+Repeats of an op (same op, settings and argument metadata: a transformer's blocks) get stand-in
+outputs of the metadata the first one gave (ftc/repeats.py) instead of running again.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, TensorMeta
+from ftc.repeats import Repeats, repeat_key
 
 from .common import dtype_name
 
@@ -22,10 +26,15 @@ from .common import dtype_name
 class _Propagator(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
+        self.repeats = Repeats(model)
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        key = repeat_key(node, self.model, args, kwargs)
+        replayed, out = self.repeats.replay(key)
+        if replayed:
+            return out
         try:
-            return super().run_node(node, args, kwargs)
+            out = super().run_node(node, args, kwargs)
         except FtcError:
             raise
         except Exception as exc:
@@ -35,6 +44,8 @@ class _Propagator(Interpreter):
                 "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
                 "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class",
             ) from exc
+        self.repeats.record(key, node, (args, kwargs), out)
+        return out
 
 
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:

@@ -8,10 +8,15 @@ traffic instead, so a node's time is the roofline max(FLOPs / peak, bytes / memo
 Memory traffic is the bytes of the tensors a node reads and writes (views move nothing); its
 backward is taken as twice that (read the output gradient and the saved inputs, write the input
 gradients), which is an estimate.
+
+Transformer blocks repeat: the same op on arguments of the same shapes costs the same, so one
+profile counts each distinct (op, module settings, argument metadata) once and reuses the counts
+for its repeats, which stand-in outputs (ftc/repeats.py) spare from running at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ftc.interpreter import Interpreter
 from ftc.ir import Cost, Graph, Node
+from ftc.repeats import Repeats, repeat_key
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,20 @@ class _Counter(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
         self.costs: dict[str, tuple[int, int, int]] = {}
+        self.counted: dict[Hashable, tuple[int, int, int]] = {}  # repeat_key -> costs
+        self.repeats = Repeats(model)
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         if not node.is_compute:
             return super().run_node(node, args, kwargs)
+        key = repeat_key(node, self.model, args, kwargs)
+        if key in self.counted:
+            self.costs[node.name] = self.counted[key]
+            replayed, out = self.repeats.replay(key)
+            if replayed:
+                return out
+            # views and other outputs that need the real op: run it, uncounted
+            return super().run_node(node, _cut(args, []), _cut(kwargs, []))
         # One run on inputs cut from the graph gives the forward's FLOPs and bytes and a
         # backward that covers this node alone. On the meta device the cut copies carry all
         # the later nodes need (shapes, dtypes, requires_grad).
@@ -88,9 +104,12 @@ class _Counter(Interpreter):
         if bwd_flops is None:
             # A module that only runs for real (interpreter.run_on_cpu) has no autograd graph
             # on the meta device to count; its backward is taken as twice its forward, as for
-            # a linear layer.
-            bwd_flops = 2 * fwd_flops
+            # a linear layer. It may read tensor values, so its repeats are counted anew.
+            bwd_flops, key = 2 * fwd_flops, None
         self.costs[node.name] = (fwd_flops, bwd_flops, nbytes)
+        if key is not None:
+            self.counted[key] = self.costs[node.name]
+            self.repeats.record(key, node, (args, kwargs), out)
         return out
 
     def _backward_flops(self, node: Node, out: Any, leaves: list[torch.Tensor]) -> int | None:
