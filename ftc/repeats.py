@@ -119,13 +119,14 @@ def _build(template: Any) -> Any:
     return template
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors inside a value (nested tuples, lists and dicts), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in tensors_in(item)]
     if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
+        return [t for item in value.values() for t in tensors_in(item)]
     return []
 
 
@@ -151,6 +152,6 @@ class Repeats:
             module = self.model.get_submodule(node.target)
             state = [*module.parameters(), *module.buffers()]
         try:
-            self.templates[key] = _template(out, _tensors(args), state)
+            self.templates[key] = _template(out, tensors_in(args), state)
         except _Unkeyable:
             self.templates[key] = None

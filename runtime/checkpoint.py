@@ -41,6 +41,10 @@ def _atomic(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temp)
+        # mkstemp makes the file private (0600); give it the permissions a plain write would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, path)
     except BaseException:
         os.unlink(temp)

@@ -31,11 +31,8 @@ Built-in data sets (the config's `data.name`; the other `data` keys are its opti
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
 import os
-import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,7 +41,7 @@ import torch
 
 from ftc.ir import FtcError
 
-from .model_file import ModelFile, user_frame
+from .model_file import ModelFile, import_file, user_frame
 
 SKIPPED_FOLDERS = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
 
@@ -262,16 +259,4 @@ def _check_options(function: Callable, positional: tuple, options: dict, what: s
 def _import(path: Path):
     if not path.is_file():
         raise FtcError(f"config key 'data.module': {path} does not exist")
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    name = f"ftc_data_module.{path.stem}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[name]
-        raise FtcError(f"{path}: importing the data module raised {type(exc).__name__}: {exc}") from exc
-    return module
+    return import_file(path, "ftc_data_module", "data module")

@@ -38,7 +38,7 @@ from ftc.ir import FtcError
 
 from . import comm
 from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
-from .pipeline import Pipeline, StageSpec
+from .pipeline import Pipeline, check_stage_outputs
 from .schedule import BACKWARD, FORWARD, SCHEDULES, Action, simulate
 
 LOSS = -1  # the loss on the last stage's device, as a reader of the model's outputs
@@ -435,7 +435,7 @@ class _DeviceRunner:
         buffers_before = _buffer_values(module) if recompute and self.training else None
         with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
             outputs = module(*args)
-        self._check_outputs(spec, outputs)
+        check_stage_outputs(spec, outputs)
         for name, value in zip(spec.outputs, outputs):
             if (self.device, name) in self.plan.uses or name in self.plan.readers:
                 self.values[(name, m)] = value
@@ -580,15 +580,6 @@ class _DeviceRunner:
             )
         self.peer_posted[message.src] = max(start, end)
 
-    @staticmethod
-    def _check_outputs(spec: StageSpec, outputs: Any) -> None:
-        if not isinstance(outputs, tuple) or len(outputs) != len(spec.outputs):
-            raise FtcError(
-                f"{spec.file}: forward returned {type(outputs).__name__}"
-                f"{f' of {len(outputs)}' if isinstance(outputs, tuple) else ''}; pipeline.json lists "
-                f"{len(spec.outputs)} outputs {spec.outputs}",
-                "return a tuple of the values pipeline.json lists, in order",
-            )
 
     @contextmanager
     def _seeded(self, stage: int, m: int):

@@ -14,7 +14,7 @@ import torch
 
 from ftc.ir import FtcError
 
-from .pipeline import Pipeline
+from .pipeline import Pipeline, check_stage_outputs
 
 
 def _receive(value: Any) -> Any:
@@ -63,13 +63,7 @@ class LocalExecutor:
         for spec, stage in zip(self.specs, self.stages):
             received = {name: _receive(values[name]) for name in spec.inputs}
             result = stage(*(received[name] for name in spec.inputs))
-            if not isinstance(result, tuple) or len(result) != len(spec.outputs):
-                raise FtcError(
-                    f"{spec.file}: forward returned {type(result).__name__}"
-                    f"{f' of {len(result)}' if isinstance(result, tuple) else ''}; pipeline.json lists "
-                    f"{len(spec.outputs)} outputs {spec.outputs}",
-                    "return a tuple of the values pipeline.json lists, in order",
-                )
+            check_stage_outputs(spec, result)
             sent = dict(zip(spec.outputs, result))
             values.update(sent)
             self.received.append(received)

@@ -104,6 +104,23 @@ class ModelFile:
         return f"{module}.{cls.__qualname__}"
 
 
+def import_file(path: Path, package: str, what: str) -> ModuleType:
+    """Execute a Python file as a fresh module named under `package` (with a digest of its path,
+    so files of the same name don't collide and none shadows a real module). An error while
+    importing becomes an FtcError naming the file and `what` it is."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"{package}.{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}") from exc
+    return module
+
+
 def load_model_file(path: str | Path) -> ModelFile:
     path = Path(path)
     if not path.is_file():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,8 @@ from typing import Any
 import torch
 
 from ftc.ir import FtcError
+
+from .model_file import import_file
 
 MANIFEST_FORMAT = "ftc-pipeline/1"
 
@@ -63,16 +62,8 @@ class Pipeline:
         path = self.folder / spec.file
         if not path.is_file():
             raise FtcError(f"{path}: stage file is missing", "recompile the pipeline with `ftc compile`")
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        module_name = f"ftc_stage.{self.name}_{spec.file.removesuffix('.py')}_{digest}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[module_name]
-            raise FtcError(f"{path}: importing the stage raised {type(exc).__name__}: {exc}") from exc
+        # Imported afresh each time: the file may have been edited by hand since.
+        module = import_file(path, f"ftc_stage.{self.name}", "stage")
         cls = getattr(module, spec.class_name, None)
         if cls is None:
             raise FtcError(f"{path}: defines no class {spec.class_name}", "keep the class name pipeline.json lists")
@@ -107,3 +98,14 @@ def load_pipeline(folder: str | Path) -> Pipeline:
             "recompile the pipeline with this version of ftc",
         )
     return Pipeline(folder, manifest)
+
+
+def check_stage_outputs(spec: StageSpec, outputs: Any) -> None:
+    """A stage's forward must return a tuple of the values pipeline.json lists (hand edits may not)."""
+    if not isinstance(outputs, tuple) or len(outputs) != len(spec.outputs):
+        raise FtcError(
+            f"{spec.file}: forward returned {type(outputs).__name__}"
+            f"{f' of {len(outputs)}' if isinstance(outputs, tuple) else ''}; pipeline.json lists "
+            f"{len(spec.outputs)} outputs {spec.outputs}",
+            "return a tuple of the values pipeline.json lists, in order",
+        )

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ftc.interpreter import Interpreter
 from ftc.ir import Cost, Graph, Node
-from ftc.repeats import Repeats, repeat_key
+from ftc.repeats import Repeats, repeat_key, tensors_in
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,6 @@ class DeviceModel:
 
     def time(self, flops: int, nbytes: int) -> float:
         return max(flops / (self.tflops * 1e12), nbytes / (self.memory_gbps * 1e9))
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    return []
 
 
 def _traffic(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
@@ -99,7 +89,7 @@ class _Counter(Interpreter):
         with FlopCounterMode(display=False) as counter:
             out = super().run_node(node, args, kwargs)
         fwd_flops = counter.get_total_flops()
-        nbytes = _traffic(_tensors((args, kwargs)), _tensors(out))
+        nbytes = _traffic(tensors_in((args, kwargs)), tensors_in(out))
         bwd_flops = self._backward_flops(node, out, leaves)
         if bwd_flops is None:
             # A module that only runs for real (interpreter.run_on_cpu) has no autograd graph
@@ -116,7 +106,7 @@ class _Counter(Interpreter):
         params = []
         if node.op == "call_module":
             params = [p for p in self.model.get_submodule(node.target).parameters() if p.requires_grad]
-        outputs = [t for t in _tensors(out) if t.requires_grad]
+        outputs = [t for t in tensors_in(out) if t.requires_grad]
         if any(t.grad_fn is None for t in outputs):
             return None
         targets = leaves + params
