@@ -114,7 +114,8 @@ def launch(config: Config) -> Results:
     data = json.loads(results_path.read_text())
     shutil.rmtree(run_dir)
     results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
-                      data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"])  # fmt: skip
+                      data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
+                      data["peak_memory_bytes"])  # fmt: skip
     return results
 
 
