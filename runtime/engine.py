@@ -165,12 +165,7 @@ class Engine:
         unknown = sorted(set(recompute) - {s.index for s in stages})
         if unknown:
             raise FtcError(f"recompute names stages {unknown}, which the pipeline does not have")
-        devices = sorted({s.device for s in stages})
-        if devices != list(range(len(devices))):
-            raise FtcError(
-                f"pipeline.json places stages on devices {devices}; they must be numbered 0..{len(devices) - 1}",
-                "renumber the stages' devices",
-            )
+        devices = list(range(pipeline.num_devices))
         self.pipeline = pipeline
         self.micro_batches = micro_batches
         self.loss_fn = loss_fn
@@ -579,7 +574,6 @@ class _DeviceRunner:
                 pending, comm.empty_payload(specs, self.micro_batch_size, self.engine.device)
             )
         self.peer_posted[message.src] = max(start, end)
-
 
     @contextmanager
     def _seeded(self, stage: int, m: int):

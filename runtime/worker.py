@@ -33,7 +33,7 @@ from ftc.ir import FtcError
 
 from .config import Config, load_config
 from .pipeline import load_pipeline
-from .train import Results, Status, pipeline_devices, train
+from .train import Results, Status, train
 
 
 def backend(config: Config) -> str:
@@ -90,7 +90,7 @@ def launch(config: Config) -> Results:
     naming the ranks that failed and their steps."""
     from .checkpoint import write_json
 
-    nprocs = config.nprocs or pipeline_devices(load_pipeline(config.pipeline))
+    nprocs = config.nprocs or load_pipeline(config.pipeline).num_devices
     run_dir = Path(tempfile.mkdtemp(prefix="ftc-train-"))
     resolved = run_dir / "config.json"
     write_json(resolved, config.to_json())
