@@ -8,6 +8,7 @@ import sys
 import traceback
 
 from ftc.ir import FtcError
+from ftc.tables import human, table
 
 EXIT_USAGE = 2
 
@@ -95,20 +96,6 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir)")
     merge.add_argument("-o", "--output", help="output file, .safetensors or .pt (default DIR/merged.safetensors)")
     return parser  # fmt: skip
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in [headers, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def human(count: float, unit: str = "") -> str:
-    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(count) >= scale:
-            return f"{count / scale:.2f}{suffix}{unit}"
-    return f"{count:.0f}{unit}"
 
 
 def run_compile(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftc.cli import human, table
+from ftc.tables import human, table
 from ftc.ir import FtcError
 from ftc.ir.graph import DTYPE_BYTES
 from ftc.runtime.pipeline import Pipeline, load_pipeline

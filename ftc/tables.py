@@ -1,0 +1,17 @@
+"""Plain-text tables and human-readable counts for what the command line prints."""
+
+from __future__ import annotations
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human(count: float, unit: str = "") -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{suffix}{unit}"
+    return f"{count:.0f}{unit}"
