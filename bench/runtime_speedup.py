@@ -3,19 +3,25 @@ original model) against the ftc engine with 2 stages (and 4, reported only) and 
 torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B) on the same generated stages, at the
 same global batch, one thread per process.
 
-    .venv/bin/python bench/runtime_speedup.py [--batch 64] [--steps 4] [--micro-batches 4 8 16]
+    .venv/bin/python bench/runtime_speedup.py [--batch 128] [--rounds 5] [--steps 2] [--micro-batches 4 8 16]
 
-Every step is timed between barriers inside one torchrun launch per stage count; the
-single-process baseline is rank 0 training the original model while the other ranks wait, once
-before and once after the pipeline runs. It prints samples/s of the fastest and of the median
-step, the speedup over the single process and, for P stages and M micro-batches, the bubble
-bound P*M/(M+P-1) (the speedup of a perfectly balanced pipeline with free communication) and the
-share of it reached; "same-M" is that share against the single process accumulating over the
-same M micro-batches, which leaves out what small micro-batches cost by themselves. Each process runs one thread, so a P-stage run needs P idle cores: on a
-busy machine the numbers drift (the fastest step is the least disturbed one); the script prints
-the load.
+One torchrun launch per stage count builds every configuration, then times them in rounds, each
+step between barriers. This machine's speed drifts by 10-30% over seconds to minutes, more than
+the differences measured, so nothing is compared across minutes: each configuration's steps
+sit between two steps of the reference (rank 0 training the original model on the whole batch
+while the other ranks wait), its speedup in a round is the faster reference step's time over its
+fastest step, and the
+figure printed is the median over rounds. For P stages and M micro-batches the bubble bound
+P*M/(M+P-1) is the speedup of a perfectly balanced pipeline with free communication on P free
+cores; "of bound" is the share of it reached, "same-M" the same against the single process
+accumulating over M micro-batches (which leaves out what small micro-batches cost by
+themselves), and "of ceiling" the share of what P processes reach here at all: P independent
+copies of the plain loop running at once are timed the same way, and their speedup (P on P
+free cores) scales the bound. ftc and torch.distributed.pipelining at the same schedule and M
+run one after the other in every round, and their speedups are compared round by round.
 
-All processes flush denormal floats to zero (see worker()).
+All processes flush denormal floats to zero (see worker()) and keep freed heap memory
+(KEEP_FREED_MEMORY).
 
 The tied embedding / LM head of the GPT example sits in the first and the last stage: the ftc
 engine all-reduces its gradient every step (sync_shared_grads); torch.distributed.pipelining
@@ -40,6 +46,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "gpt.py"
 SCHEDULES = ("gpipe", "1f1b")
+# glibc malloc hands freed memory back to the OS (trimming the heap top, unmapping large
+# blocks), so a schedule that frees a step's activations all at once faults them in again the
+# next step: thousands of page faults per step here, in some steps and not others, depending on
+# what ran before. Every configuration runs with the heap kept, alike.
+KEEP_FREED_MEMORY = {
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+    "MALLOC_TOP_PAD_": str(1 << 28),
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 25),
+}
 
 
 class _Unwrap(torch.nn.Module):
@@ -55,8 +70,8 @@ class _Unwrap(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def worker(folder: str, out: str, batch: int, steps: int, warmup: int, micro_batches: list[int], compare: bool) -> None:
-    """One rank of a P-stage launch: the baseline and every configuration, step by step."""
+def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: int, micro_batches: list[int], compare: bool) -> None:
+    """One rank of a P-stage launch: builds every configuration, then times them in rounds."""
     import torch.distributed as dist
 
     from ftc.runtime import load_model_file, load_pipeline
@@ -73,33 +88,22 @@ def worker(folder: str, out: str, batch: int, steps: int, warmup: int, micro_bat
     pipeline = load_pipeline(folder)
     model_file = load_model_file(pipeline.model_file)
     torch.manual_seed(1)
-    data = [(model_file.inputs(batch), torch.randint(0, 256, (batch, 64))) for _ in range(warmup + steps)]
-
-    def step_times(run_step) -> list[float]:
-        """Seconds per step, each between barriers, so that a step ends when its last rank does."""
-        times = []
-        for k in range(warmup + steps):
-            dist.barrier()
-            start = time.perf_counter()
-            run_step(k)
-            dist.barrier()
-            if k >= warmup:
-                times.append(time.perf_counter() - start)
-        return times
+    data = [(model_file.inputs(batch), torch.randint(0, 256, (batch, 64))) for _ in range(4)]
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(0)
         return model_file.build()
 
-    def single_process(m: int = 1):
-        """Rank 0 alone trains the original model, accumulating over m micro-batches."""
+    def plain_loop(m: int, ranks: set[int]):
+        """The original model trained by the ranks in `ranks`, each on its own copy and the
+        whole batch (accumulating over m micro-batches); the other ranks wait."""
         model = fresh_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step(k: int) -> None:
-            if rank == 0:
+            if rank in ranks:
                 optimizer.zero_grad()
-                (inputs,), targets = data[k]
+                (inputs,), targets = data[k % len(data)]
                 for part, target in zip(inputs.chunk(m), targets.chunk(m)):
                     (model_file.loss_fn(model(part), target) / m).backward()
                 optimizer.step()
@@ -124,7 +128,7 @@ def worker(folder: str, out: str, batch: int, steps: int, warmup: int, micro_bat
 
         def step(k: int) -> None:
             optimizer.zero_grad()
-            inputs, targets = data[k]
+            inputs, targets = data[k % len(data)]
             engine.train_step(k, inputs if rank == 0 else None, targets if rank == world - 1 else None)
             engine.sync_shared_grads()
             optimizer.step()
@@ -145,7 +149,7 @@ def worker(folder: str, out: str, batch: int, steps: int, warmup: int, micro_bat
 
         def step(k: int) -> None:
             optimizer.zero_grad()
-            inputs, targets = data[k]
+            inputs, targets = data[k % len(data)]
             if rank == 0:
                 runner.step(*inputs)
             elif rank == world - 1:
@@ -156,81 +160,145 @@ def worker(folder: str, out: str, batch: int, steps: int, warmup: int, micro_bat
 
         return step
 
-    results = [{"runtime": "single", "schedule": "-", "micro_batches": 1, "times": step_times(single_process())}]
+    reference = plain_loop(1, {0})
+    configs = [("parallel copies", "-", 1, plain_loop(1, set(range(world))))]
+    configs += [("single", "-", m, plain_loop(m, {0})) for m in micro_batches if m > 1]
     for m in micro_batches:
-        results.append(
-            {"runtime": "single", "schedule": "-", "micro_batches": m, "times": step_times(single_process(m))}
-        )
         for schedule in SCHEDULES:
-            runtimes = {"ftc": ftc_engine}
+            configs.append(("ftc", schedule, m, ftc_engine(schedule, m)))
             if compare:
-                runtimes["torch.pipelining"] = torch_pipelining
-            for name, build in runtimes.items():
-                times = step_times(build(schedule, m))
-                results.append({"runtime": name, "schedule": schedule, "micro_batches": m, "times": times})
-    results.append({"runtime": "single", "schedule": "-", "micro_batches": 1, "times": step_times(single_process())})
+                configs.append(("torch.pipelining", schedule, m, torch_pipelining(schedule, m)))
+
+    def timed(run_step, step_number: int) -> float:
+        """One step between barriers, so that it ends when its last rank does."""
+        dist.barrier()
+        start = time.perf_counter()
+        run_step(step_number)
+        dist.barrier()
+        return time.perf_counter() - start
+
+    for run_step in [reference, *(config[3] for config in configs)]:
+        for k in range(warmup):
+            timed(run_step, k)
+    # This machine's speed drifts by 10-30% over seconds to minutes (other tenants), far more
+    # than the differences measured. So every configuration's steps sit between two steps of
+    # the reference (the single process on the whole batch), and rounds visit the
+    # configurations in turn, starting one further each round.
+    rows = [{"runtime": name, "schedule": schedule, "micro_batches": m, "rounds": []} for name, schedule, m, _ in configs]
+    step_number = warmup
+    reference_times = [timed(reference, step_number)]
+    for round_ in range(rounds):
+        for offset in range(len(configs)):
+            index = (round_ + offset) % len(configs)
+            times = [timed(configs[index][3], step_number + 1 + k) for k in range(steps)]
+            step_number += steps + 1
+            reference_times.append(timed(reference, step_number))
+            rows[index]["rounds"].append({"reference": reference_times[-2:], "times": times})
     if rank == 0:
-        Path(out).write_text(json.dumps(results))
+        Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
 def launch(stages: int, folder: Path, args, compare: bool, out: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **KEEP_FREED_MEMORY}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={stages}"]
-    command += [__file__, "--worker", str(folder), str(out), "--batch", str(args.batch), "--steps", str(args.steps)]
-    command += ["--warmup", str(args.warmup), "--micro-batches", *map(str, args.micro_batches)]
+    command += [__file__, "--worker", str(folder), str(out), "--batch", str(args.batch)]
+    command += ["--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--micro-batches", *map(str, args.micro_batches)]
     command += ["--compare"] if compare else []
     subprocess.run(command, env=env, check=True, capture_output=True)
     return json.loads(out.read_text())
 
 
 def report(stages: int, batch: int, results: list[dict]) -> None:
-    """Speedups over the single process on whole batches; the last column compares with the
-    single process on the same micro-batches instead, which takes out what small micro-batches
-    cost by themselves (less efficient kernels) and leaves the pipelining."""
-    single_times: dict[int, list[float]] = {}
-    for row in results:
-        if row["runtime"] == "single":
-            single_times.setdefault(row["micro_batches"], []).extend(row["times"])
-    single = {m: batch / min(times) for m, times in single_times.items()}
-    header = (
-        f"{'P':>2} {'runtime':>17} {'schedule':>8} {'M':>3} {'samples/s':>10} {'(median)':>9} "
-        f"{'speedup':>8} {'bound':>6} {'of bound':>9} {'same-M':>7}"
+    """Speedup over the single process on the whole batch: per round, the reference step's time
+    (the faster of the two around it) over the configuration's fastest step; the median over
+    rounds. "same-M"
+    compares with the single process accumulating over the same micro-batches instead, which
+    takes out what small micro-batches cost by themselves. "of ceiling" compares with what P
+    processes reach here when they need no pipeline at all (P independent copies of the plain
+    loop at once): the bubble bound scaled by that speedup over P, the share of the reachable
+    speedup that the schedule and runtime got."""
+
+    def speedups(row: dict) -> list[float]:
+        return [min(r["reference"]) / min(r["times"]) for r in row["rounds"]]
+
+    def speedup(row: dict) -> float:
+        return statistics.median(speedups(row))
+
+    references = [t for row in results for r in row["rounds"] for t in r["reference"]]
+    single = {1: 1.0}
+    single.update({row["micro_batches"]: speedup(row) for row in results if row["runtime"] == "single"})
+    (copies,) = [row for row in results if row["runtime"] == "parallel copies"]
+    ceiling = stages * speedup(copies)
+    print(
+        f"\n{stages} processes; the single process on the whole batch: {batch / min(references):.1f} samples/s "
+        f"fastest step, {batch / statistics.median(references):.1f} median; accumulating over M micro-batches: "
+        + ", ".join(f"M={m} {rate:.2f}x" for m, rate in sorted(single.items()) if m > 1)
     )
-    print(f"\n{stages} processes; single process (rank 0 alone, fastest step), by micro-batches: ", end="")
-    print(", ".join(f"M={m} {rate:.1f}" for m, rate in sorted(single.items())) + " samples/s")
+    print(
+        f"{stages} independent copies of the plain loop at once: {ceiling:.2f}x one copy's samples/s "
+        f"(the most {stages} processes reach on this machine; {stages}x on one free core each)"
+    )
+    def of_ceiling(share: float) -> str:
+        # With more processes than cores, a pipeline's idle ranks lend their core to the busy
+        # ones, which independent copies cannot: the ceiling does not bound it.
+        return f"{share:.0%}" if stages <= (os.cpu_count() or 1) else "-"
+
+    header = (
+        f"{'P':>2} {'runtime':>17} {'schedule':>8} {'M':>3} {'samples/s':>10} {'speedup':>8} {'(range)':>11} "
+        f"{'bound':>6} {'of bound':>9} {'same-M':>7} {'of ceiling':>11}"
+    )
     print(header)
     print("-" * len(header))
-    for row in results:
-        if row["runtime"] == "single":
-            continue
+    pipelines = [row for row in results if row["runtime"] not in ("single", "parallel copies")]
+    for row in pipelines:
         m = row["micro_batches"]
-        best = batch / min(row["times"])
-        median = batch / statistics.median(row["times"])
+        best = batch / min(t for r in row["rounds"] for t in r["times"])
         bound = stages * m / (m + stages - 1)
+        rate, spread = speedup(row), speedups(row)
         print(
-            f"{stages:>2} {row['runtime']:>17} {row['schedule']:>8} {m:>3} {best:>10.1f} {median:>9.1f} "
-            f"{best / single[1]:>8.2f} {bound:>6.2f} {best / single[1] / bound:>9.0%} {best / single[m] / bound:>7.0%}"
+            f"{stages:>2} {row['runtime']:>17} {row['schedule']:>8} {m:>3} {best:>10.1f} {rate:>8.2f} "
+            f"{min(spread):>5.2f}-{max(spread):<5.2f} {bound:>6.2f} {rate / bound:>9.0%} "
+            f"{rate / single[m] / bound:>7.0%} {of_ceiling(rate / (bound * ceiling / stages)):>11}"
         )
+    by_key = {(row["runtime"], row["schedule"], row["micro_batches"]): row["rounds"] for row in pipelines}
+    if any(key[0] == "torch.pipelining" for key in by_key):
+        print("\nftc's speedup over torch.distributed.pipelining's, round by round (timed one after the other)")
+        for (runtime, schedule, m), ours in by_key.items():
+            theirs = by_key.get(("torch.pipelining", schedule, m))
+            if runtime != "ftc" or theirs is None:
+                continue
+            ratios = [
+                (min(o["reference"]) / min(o["times"])) / (min(t["reference"]) / min(t["times"]))
+                for o, t in zip(ours, theirs)
+            ]
+            won = sum(ratio > 1 for ratio in ratios)
+            print(
+                f"  {schedule:>5} M={m:<3} median of rounds {statistics.median(ratios):.3f} "
+                f"(range {min(ratios):.3f}-{max(ratios):.3f}); ftc faster in {won} of {len(ratios)} rounds"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--worker", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, args.batch, args.steps, args.warmup, args.micro_batches, args.compare)
+        worker(*args.worker, args.batch, args.rounds, args.steps, args.warmup, args.micro_batches, args.compare)
         return
 
     from ftc.compiler import CompileOptions, compile_model
 
     load_before = os.getloadavg()[0]
+    started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for stages in args.stages:
@@ -238,7 +306,10 @@ def main() -> None:
             out = Path(tmp) / f"p{stages}.json"
             runs.append((stages, launch(stages, folder, args, compare=stages == 2, out=out)))
     load_after = os.getloadavg()[0]
-    print(f"GPT example, global batch {args.batch}, {args.steps} timed steps after {args.warmup}, 1 thread/process")
+    print(
+        f"GPT example, global batch {args.batch}, {args.rounds} rounds of {args.steps} timed steps per "
+        f"configuration after {args.warmup} warm-up, 1 thread/process, {time.perf_counter() - started:.0f} s"
+    )
     print(f"load average (1 min) before {load_before:.2f}, after {load_after:.2f}, on {os.cpu_count()} CPUs")
     for stages, results in runs:
         report(stages, args.batch, results)

@@ -82,5 +82,10 @@ def example_inputs(batch_size):
     }
 
 
+def example_targets(batch_size):
+    """Click labels for a batch, as a click log gives them (the synthetic data set uses this)."""
+    return torch.randint(0, 2, (batch_size,)).float()
+
+
 def loss_fn(output, target):
     return F.binary_cross_entropy_with_logits(output["score"], target)

@@ -33,6 +33,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or a positive number")
+    return value
+
+
 def _memory_size(text: str) -> int:
     from ftc.passes.partition.memory import parse_bytes
 
@@ -63,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--bandwidth", type=_positive_float, default=1.0, metavar="GBPS", help="link bandwidth between stages, GB/s (default 1)")
     compile_.add_argument("--tflops", type=_positive_float, default=DeviceModel.tflops, help=f"device peak TFLOP/s for predicted times (default {DeviceModel.tflops})")
     compile_.add_argument("--memory-gbps", type=_positive_float, default=DeviceModel.memory_gbps, help=f"device memory bandwidth, GB/s (default {DeviceModel.memory_gbps})")
+    compile_.add_argument("--op-overhead-us", type=_non_negative_float, default=DeviceModel.op_overhead_us, metavar="US", help=f"fixed cost of each ATen op beyond its roofline, microseconds (default {DeviceModel.op_overhead_us}, one CPU core)")
+    compile_.add_argument("--stage-overhead-us", type=_non_negative_float, default=DeviceModel.stage_overhead_us, metavar="US", help=f"fixed cost of calling a stage forward and backward, microseconds (default {DeviceModel.stage_overhead_us})")
     compile_.add_argument("--force", action="store_true", help="overwrite stage files edited by hand")
     compile_.add_argument("--memory-limit", type=_memory_size, metavar="BYTES", help="memory per device (16GB, 512MiB, ...); stages must fit it (default: no limit)")
     compile_.add_argument("--optimizer", choices=OPTIMIZER_STATES, default="adam", help="optimizer whose state counts toward memory (default adam)")
@@ -103,7 +115,8 @@ def run_compile(args: argparse.Namespace) -> int:
 
     options = CompileOptions(
         stages=args.stages, batch_size=args.batch_size, method=args.method, frontend=args.frontend,
-        bandwidth=args.bandwidth, tflops=args.tflops, memory_gbps=args.memory_gbps, name=args.name,
+        bandwidth=args.bandwidth, tflops=args.tflops, memory_gbps=args.memory_gbps,
+        op_overhead_us=args.op_overhead_us, stage_overhead_us=args.stage_overhead_us, name=args.name,
         force=args.force, profile=args.profile, device=args.device, threads=args.threads,
         save_memory=args.save_memory or None, cache=not args.no_cache,
         memory_limit=args.memory_limit, optimizer=args.optimizer, schedule=args.schedule,

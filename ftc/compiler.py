@@ -26,6 +26,8 @@ class CompileOptions:
     bandwidth: float = 1.0  # GB/s between stages
     tflops: float = DeviceModel.tflops
     memory_gbps: float = DeviceModel.memory_gbps
+    op_overhead_us: float = DeviceModel.op_overhead_us
+    stage_overhead_us: float = DeviceModel.stage_overhead_us
     name: str | None = None
     force: bool = False
     profile: str = "analytic"  # or "measure": times measured on `device` (ftc/profiling/measure.py)
@@ -53,6 +55,9 @@ class CompileOptions:
         for key in ("bandwidth", "tflops", "memory_gbps"):
             if not getattr(self, key) > 0:
                 raise FtcError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        for key in ("op_overhead_us", "stage_overhead_us"):
+            if not getattr(self, key) >= 0:
+                raise FtcError(f"--{key.replace('_', '-')} must be 0 or more, got {getattr(self, key)}")
         if self.method not in METHODS:
             raise FtcError(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
         for key, allowed in (("optimizer", OPTIMIZER_STATES), ("schedule", SCHEDULES), ("recompute", POLICIES)):
@@ -89,7 +94,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     graph = eliminate_dead_code(graph)
     graph = name_values(graph, model_file.path.parent)
     validate(graph)
-    graph = profile_analytic(graph, model, batch, DeviceModel(options.tflops, options.memory_gbps))
+    device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)
+    graph = profile_analytic(graph, model, batch, device, model_file)
     notes = []
     if options.profile == "measure":
         cache = ProfileCache() if options.cache else None
@@ -107,7 +113,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     settings = {
         key: value
         for key, value in asdict(options).items()
-        if key in ("bandwidth", "tflops", "memory_gbps", "profile")
+        if key in ("bandwidth", "tflops", "memory_gbps", "op_overhead_us", "stage_overhead_us", "profile")
         or key in ("memory_limit", "optimizer", "schedule", "micro_batches", "recompute")
         or (options.method == "mpipe" and key == "blocks")
         or (options.profile == "measure" and key in ("device", "threads"))

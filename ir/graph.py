@@ -241,6 +241,12 @@ class Graph:
     num_stages: int = 0
     # The device (rank) each stage runs on; several stages may share one.
     stage_devices: list[int] = field(default_factory=list)
+    # Costs a profile fills beside the nodes' (fwd_time/bwd_time, FLOPs where counted): what
+    # calling one stage costs beyond its nodes (its forward call, its backward's engine start),
+    # paid by every stage; and the training loss, loss_fn on the model's outputs, which the
+    # runtime computes on the device of the stage that holds them (None: no loss profiled).
+    stage_cost: Cost = field(default_factory=Cost)
+    loss_cost: Cost | None = None
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

@@ -157,6 +157,8 @@ def graph_to_dict(graph: Graph) -> dict:
         },
         "constants": {name: {"data": encode_arg(c.data), "dtype": c.dtype} for name, c in graph.constants.items()},
         "nodes": [node_to_dict(node) for node in graph.nodes],
+        "stage_cost": asdict(graph.stage_cost),
+        "loss_cost": asdict(graph.loss_cost) if graph.loss_cost is not None else None,
         "outputs": {
             "kind": graph.outputs.kind,
             "values": [ref.name for ref in graph.outputs.values],
@@ -184,6 +186,9 @@ def graph_from_dict(data: dict) -> Graph:
         },
         constants={name: Constant(decode_arg(c["data"]), c["dtype"]) for name, c in data["constants"].items()},
         nodes=[node_from_dict(node) for node in data["nodes"]],
+        # IR written before profiles priced stage calls and the loss lacks both: it had neither.
+        stage_cost=Cost(**data.get("stage_cost", {})),
+        loss_cost=Cost(**data["loss_cost"]) if data.get("loss_cost") is not None else None,
         outputs=Outputs(outputs["kind"], [Ref(name) for name in outputs["values"]], outputs["keys"]),
     )
 

@@ -3,6 +3,7 @@ problem and the fix, exit code 2, and no traceback."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,23 @@ def test_compile_prints_the_stage_table(tmp_path, capsys):
     assert "predicted balance (max/mean stage time)" in out
     assert "fwd FLOPs" in out and "sends" in out
     assert (tmp_path / "gen" / "good" / "stage1.py").is_file()
+
+
+def test_overhead_flags_reach_the_predicted_times(tmp_path, capsys):
+    """The per-op and per-stage overheads are the analytic device model's: setting them to 0
+    leaves the roofline, and the manifest records them."""
+    model = write(tmp_path, "good.py", GOOD)
+    totals = {}
+    for op, stage in (("0", "0"), ("8", "30")):
+        folder = tmp_path / f"gen{op}"
+        args = ["compile", model, "--stages", 2, "-o", folder, "--op-overhead-us", op, "--stage-overhead-us", stage]
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
+        manifest = json.loads((folder / "good" / "pipeline.json").read_text())
+        assert manifest["settings"]["op_overhead_us"] == float(op)
+        assert manifest["settings"]["stage_overhead_us"] == float(stage)
+        totals[op] = sum(s["cost"]["bwd_time"] for s in manifest["stages"])
+    assert totals["8"] > totals["0"] + 2 * 30e-6  # every stage's call, and every op's overhead
 
 
 MODEL_FILE_ERRORS = {
@@ -155,6 +173,8 @@ def test_more_stages_than_ops(tmp_path, capsys):
         (["--stages", "2", "--bandwidth", "0"], "must be a positive number"),
         (["--stages", "2", "--bandwidth", "-3"], "must be a positive number"),
         (["--stages", "2", "--tflops", "nan"], "must be a positive number"),
+        (["--stages", "2", "--op-overhead-us", "-1"], "must be 0 or a positive number"),
+        (["--stages", "2", "--stage-overhead-us", "inf"], "must be 0 or a positive number"),
         (["--stages", "2", "--method", "magic"], "invalid choice: 'magic'"),
         (["--stages", "2", "--frontend", "jit"], "invalid choice: 'jit'"),
         (["--stages", "2", "--name", "not a name"], "is not a Python identifier"),

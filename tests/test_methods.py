@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from dataclasses import replace
 
 import networkx as nx
 import numpy as np
@@ -21,14 +22,14 @@ import torch
 from ftc.backend.writer import write_pipeline
 from ftc.check import check_pipeline
 from ftc.frontends import trace
-from ftc.ir import FtcError, validate
+from ftc.ir import Cost, FtcError, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
 from ftc.passes.partition.memory import Footprint, MemorySettings, StateUse, parse_bytes
 from ftc.passes.partition.metis import atoms_of, partition_metis
 from ftc.passes.partition.pipedream import least_peak, split_pipedream
-from ftc.passes.partition.problem import Partition, Problem, Transfer
+from ftc.passes.partition.problem import FixedCost, Partition, Problem, Transfer
 from ftc.passes.recompute import choose_recompute, recompute_rule
 from ftc.profiling import DeviceModel, profile_analytic
 from ftc.runtime.model_file import load_model_file
@@ -140,9 +141,10 @@ def device_bottleneck(problem: Problem, result: Partition) -> float:
 def test_mpipe_runs_several_stages_on_one_device(analyzed, tmp_path):
     """With fast links (100 GB/s) a mixed pipe beats one stage per device: on gpt at P=4 some
     device runs two stages and the predicted bottleneck device is lower than pipedream's exact
-    contiguous split; on the mlp at P=3 and 4 such pipelines compute what the model computes.
-    At the default 1 GB/s the extra boundaries cost more than they balance, and mpipe keeps
-    pipedream's split, never worse."""
+    contiguous split; on the mlp at P=3 and 4 such pipelines compute what the model computes
+    (with stage calls free: at the default 30 us each, a tiny model's extra stages cost more
+    than they balance). At the default 1 GB/s the extra boundaries cost more than they balance,
+    and mpipe keeps pipedream's split, never worse."""
     graph, _ = analyzed(EXAMPLES / "gpt.py")
     for bandwidth in (1.0, 100.0):
         problem = build_problem(graph, bandwidth)
@@ -152,6 +154,7 @@ def test_mpipe_runs_several_stages_on_one_device(analyzed, tmp_path):
     assert len(mixed.devices) > len(set(mixed.devices)), mixed.devices
     assert device_bottleneck(problem, mixed) < device_bottleneck(problem, plain) * 0.99
     graph, model_file = analyzed(EXAMPLES / "mlp.py")
+    graph = replace(graph, stage_cost=Cost())
     for stages in (3, 4):
         folder, result, problem = write(graph, model_file, tmp_path / f"P{stages}", "mpipe", stages, bandwidth=100.0)
         manifest = json.loads((folder / "pipeline.json").read_text())
@@ -160,6 +163,38 @@ def test_mpipe_runs_several_stages_on_one_device(analyzed, tmp_path):
         assert manifest["predicted"]["bottleneck_time"] == pytest.approx(device_bottleneck(problem, result))
         assert_pipeline_order(problem, result)
         assert_check_passes(folder)
+
+
+def chain_problem(times: list[float]) -> Problem:
+    """Ops in a chain whose values cost nothing to send."""
+    transfers = [Transfer(f"a{k}", k, [k + 1], 0) for k in range(len(times) - 1)]
+    return Problem([f"op{k}" for k in range(len(times))], np.array(times), transfers, np.zeros(len(times), bool), 1.0)
+
+
+def test_mpipe_pays_a_stage_call_for_every_stage():
+    """Times 1, 1, 1, 5, 2 on 2 devices. Contiguous, the best is 1+1+1 | 5+2, bottleneck 7; a
+    mixed pipe puts 1+1+1 and 2 on one device and 5 on the other, 5 each. When each stage call
+    costs 3 s, the mixed pipe's three stages make 5 + 2*3 = 11 on the first device against the
+    contiguous split's 7 + 3 = 10, and mpipe must keep the contiguous split."""
+    problem = chain_problem([1.0, 1.0, 1.0, 5.0, 2.0])
+    mixed = partition(problem, "mpipe", 2)
+    assert mixed.devices == [0, 1, 0] and device_bottleneck(problem, mixed) == 5
+    problem.stage_call = FixedCost(0.0, 3.0)
+    plain = partition(problem, "mpipe", 2)
+    assert plain.devices == [0, 1] and device_bottleneck(problem, plain) == 10
+
+
+@pytest.mark.parametrize("method", ["pipedream", "metis", "mpipe"])
+def test_every_cost_aware_method_charges_the_loss_to_the_last_stage(method):
+    """Twelve ops of 1 s in a chain and a loss of 4 s (1 forward, 3 backward) on 2 devices: the
+    best bottleneck is 8, eight ops on the first device and four with the loss on the last; a
+    method blind to the loss would cut in the middle, 6 | 6 + 4 = 10."""
+    problem = chain_problem([1.0] * 12)
+    problem.loss = FixedCost(1.0, 3.0)
+    result = partition(problem, method, 2)
+    assert device_bottleneck(problem, result) == 8
+    last = result.stage_of[-1]
+    assert int((result.stage_of == last).sum()) == 4
 
 
 def test_metis_stages_need_not_be_contiguous(analyzed, tmp_path):

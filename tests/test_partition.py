@@ -12,7 +12,7 @@ import pytest
 
 from ftc.ir import FtcError
 from ftc.passes.partition.pipedream import split_pipedream
-from ftc.passes.partition.problem import Problem, Transfer
+from ftc.passes.partition.problem import FixedCost, Problem, Transfer
 
 REL = 1e-9
 
@@ -81,7 +81,12 @@ def random_problem(rng: random.Random, max_ops: int = 9) -> Problem:
     no_cut = np.zeros(n, dtype=bool)
     if rng.random() < 0.4:
         no_cut = np.array([rng.random() < 0.35 for _ in range(n)], dtype=bool)
-    return Problem([f"op{k}" for k in range(n)], time, transfers, no_cut, bandwidth)
+    problem = Problem([f"op{k}" for k in range(n)], time, transfers, no_cut, bandwidth)
+    # Sometimes what every stage pays for its call, and the loss the last stage pays.
+    if rng.random() < 0.3:
+        problem.stage_call = FixedCost(*(float(rng.randint(0, 2)) for _ in range(2)))
+        problem.loss = FixedCost(*(float(rng.randint(0, 3)) for _ in range(2)))
+    return problem
 
 
 def allowed_cuts(problem: Problem) -> list[int]:
@@ -313,6 +318,22 @@ def test_hand_computed_tie_break_mirrored():
     assert split_costs(problem, [0, 2, 3]) == [3, 3, 10]
     assert split_costs(problem, [0, 1, 3]) == [3, 5, 10]
     assert partition_pipedream(problem, 3) == [0, 2, 3]
+
+
+def test_hand_computed_fixed_costs():
+    """Six ops of 1 s in a chain of free values, a stage call of 0.5 s (0.25 forward, 0.25
+    backward) and a loss of 2 s (0.5 forward, 1.5 backward). With k ops in the first of two
+    stages it costs k + 0.5 and the last 6 - k + 0.5 + 2: the optimum gives the last stage the
+    two ops fewer, [0, 4] at 4.5 each (without the loss, [0, 3])."""
+    transfers = [Transfer(f"a{k}", k, [k + 1], 0) for k in range(5)]
+    problem = Problem([f"op{k}" for k in range(6)], np.ones(6), transfers, np.zeros(6, bool), 1.0)
+    assert partition_pipedream(problem, 2) == [0, 3]
+    problem.stage_call, problem.loss = FixedCost(0.25, 0.25), FixedCost(0.5, 1.5)
+    assert partition_pipedream(problem, 2) == [0, 4]
+    assert split_costs(problem, [0, 4]) == [4.5, 4.5]
+    last = np.arange(6) >= 4
+    assert problem.fixed(last) == FixedCost(0.75, 1.75) and problem.fixed(~last) == FixedCost(0.25, 0.25)
+    assert problem.interval_costs()[0, 6] == 6 + 0.5 + 2  # one stage pays one call and the loss
 
 
 # ---------------------------------------------------------------------------------------------

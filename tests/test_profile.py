@@ -77,6 +77,56 @@ def example_inputs(batch_size):
 """
 
 
+# A loss whose costs are easy to count by hand: output [8, 16] times its transpose, summed.
+LOSSY = """
+import torch
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 16)
+        self.fc2 = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+def build_model():
+    return Net()
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+
+def loss_fn(output, target):
+    return (output @ output.T).sum()
+"""
+
+# A language model's shapes: logits [B, T, V], and a loss that flattens them against token ids.
+TOKENS = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, idx):
+        return self.head(self.embed(idx))
+
+def build_model():
+    return Net()
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 11, (batch_size, 5)),)
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.reshape(-1, 11), target.reshape(-1))
+"""
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     folder = tmp_path / "profiles"
@@ -111,9 +161,14 @@ def test_every_compute_node_gets_a_measured_time(tmp_path, cache_dir):
     assert compiled.graph.node("sum_1").cost.bwd_time == 0.0
     manifest = load_pipeline(compiled.folder).manifest
     assert manifest["settings"]["profile"] == "measure" and manifest["settings"]["threads"] == 1
-    assert sum(s["cost"]["fwd_time"] for s in manifest["stages"]) == pytest.approx(
-        sum(node.cost.fwd_time for node in compute)
-    )
+    # Every stage also pays its call; SMALL has no loss_fn, so no stage pays a loss.
+    stage_cost = compiled.graph.stage_cost
+    assert compiled.graph.loss_cost is None
+    assert stage_cost.bwd_time > 0  # the engine's start
+    for key in ("fwd_time", "bwd_time"):
+        assert sum(s["cost"][key] for s in manifest["stages"]) == pytest.approx(
+            sum(getattr(node.cost, key) for node in compute) + len(manifest["stages"]) * getattr(stage_cost, key)
+        )
 
 
 def _stage_times(folders: list, repeats: int = 15) -> list[list[float]]:
@@ -151,7 +206,8 @@ def _stage_times(folders: list, repeats: int = 15) -> list[list[float]]:
 
 def test_measured_profile_moves_the_partition_where_flops_mislead(tmp_path, cache_dir):
     model = write(tmp_path, "misleading.py", MISLEADING)
-    analytic = compile_model(model, tmp_path / "analytic", CompileOptions(stages=2))
+    # The roofline alone, without the per-op overhead (which the next test checks).
+    analytic = compile_model(model, tmp_path / "analytic", CompileOptions(stages=2, op_overhead_us=0))
     measured = compile_model(model, tmp_path / "measured", CompileOptions(stages=2, **FAST))
     # The analytic profile cuts among the matmuls; the measured one earlier, among the tiny ops.
     first_of_stage_1 = analytic.graph.node(next(n.name for n in analytic.graph.nodes if n.stage == 1))
@@ -165,6 +221,28 @@ def test_measured_profile_moves_the_partition_where_flops_mislead(tmp_path, cach
     cost = {n.name: n.cost.fwd_time + n.cost.bwd_time for n in measured.graph.nodes if n.is_compute}
     p0, p1 = (sum(cost[n.name] for n in analytic.graph.nodes if n.is_compute and n.stage == k) for k in (0, 1))
     assert p0 > 2 * p1
+
+
+def test_the_op_overhead_prices_what_the_roofline_misses(tmp_path):
+    model = write(tmp_path, "misleading.py", MISLEADING)
+    roofline = compile_model(model, tmp_path / "roofline", CompileOptions(stages=2, op_overhead_us=0))
+    priced = compile_model(model, tmp_path / "priced", CompileOptions(stages=2, op_overhead_us=8, tflops=0.1))
+    # By hand: tanh on [8, 8] floats reads and writes 256 bytes each (roofline 512 B / 10 GB/s);
+    # it dispatches 2 ATen ops forward (tanh, and the detach autograd makes to save its output)
+    # and 2 backward (the saved output's detach, tanh_backward), 8 us each.
+    tanh = next(node for node in priced.graph.nodes if node.target == "torch.tanh")
+    assert roofline.graph.node(tanh.name).cost.fwd_time == pytest.approx(512 / 10e9)
+    assert tanh.cost.fwd_time == pytest.approx(2 * 8e-6 + 512 / 10e9)
+    assert tanh.cost.bwd_time == pytest.approx(2 * 8e-6 + 2 * 512 / 10e9)
+    # 160 tanh at 32 us outweigh the four 256x256 layers (each about 30 us of FLOPs and 11 ops),
+    # so the cut falls among the tanh ops, near their middle, not among the layers.
+    ops = [node for node in priced.graph.nodes if node.is_compute]
+    first_of_stage_1 = next(node for node in ops if node.stage == 1)
+    assert first_of_stage_1.target == "torch.tanh"
+    assert 0.35 * len(ops) < ops.index(first_of_stage_1) < 0.65 * len(ops)
+    # The whole model's predicted time is the roofline's plus the ops' overhead.
+    totals = [sum(s["cost"]["predicted_time"] for s in c.stages) for c in (roofline, priced)]
+    assert totals[1] > totals[0] + 160 * 32e-6
 
 
 def test_the_cache_is_read_back_and_missed_when_the_model_changes(tmp_path, cache_dir, capsys):
@@ -203,7 +281,7 @@ def test_an_unreadable_cache_file_is_measured_again(tmp_path, cache_dir, capsys)
     assert main(args) == 0
     capsys.readouterr()
     (cached,) = cache_dir.glob("*.json")
-    cached.write_text('{"format": "ftc-profile/1", "nodes": ')
+    cached.write_text('{"format": "ftc-profile/2", "profile": ')
     assert main(args) == 0
     assert "profile: measured" in capsys.readouterr().out
     assert main(args) == 0
@@ -292,3 +370,64 @@ def test_profile_flag_errors(tmp_path, capsys):
         assert main(base + ["--profile", "measure", "--device", "cuda"]) == 2
         err = capsys.readouterr().err
         assert "no CUDA device" in err and "Traceback" not in err
+
+
+def test_the_analytic_profile_counts_the_loss_by_hand(tmp_path):
+    """LOSSY's loss at batch 8: output @ output.T is a [8, 16] x [16, 8] matmul, 2*8*8*16 = 2048
+    FLOPs forward and twice that backward (a gradient for each operand); forward it dispatches
+    3 ATen ops (t, mm, sum) moving 1540 bytes (mm reads 2 * 512 B and writes 256 B, sum reads
+    256 B and writes 4 B; t is a view), so at 8 us per op its time is 3 * 8 us + 1540 B / 10 GB/s.
+    The last stage pays it, in the manifest too."""
+    model = write(tmp_path, "lossy.py", LOSSY)
+    compiled = compile_model(model, tmp_path / "out", CompileOptions(stages=2, op_overhead_us=8, memory_gbps=10))
+    loss = compiled.graph.loss_cost
+    assert (loss.fwd_flops, loss.bwd_flops) == (2048, 4096)
+    assert loss.fwd_time == pytest.approx(3 * 8e-6 + 1540 / 10e9)
+    assert loss.bwd_time > 0
+    nodes = {n.stage: 0.0 for n in compiled.graph.nodes if n.is_compute}
+    for node in compiled.graph.nodes:
+        if node.is_compute:
+            nodes[node.stage] += node.cost.fwd_time
+    call = compiled.graph.stage_cost.fwd_time
+    assert [s["cost"]["fwd_time"] for s in compiled.stages] == pytest.approx(
+        [nodes[0] + call, nodes[1] + call + loss.fwd_time]
+    )
+
+
+def test_the_loss_target_follows_the_data_sets(tmp_path):
+    """Targets as runtime/data.py makes them: example_targets when the model file has it, else
+    output-shaped numbers, else class indices (a language model's token ids); no loss_fn, or a
+    loss_fn no such target suits (a dict output without example_targets), means no loss cost,
+    and no error."""
+    from ftc.profiling.loss import as_leaves, loss_target
+
+    def target_for(text: str, outputs):
+        path = write(tmp_path, f"model{len(list(tmp_path.iterdir()))}.py", text)
+        return loss_target(load_model_file(path), as_leaves(outputs), 8, "meta")
+
+    logits = torch.empty(8, 5, 11, device="meta", requires_grad=True)
+    tokens = target_for(TOKENS, logits)
+    assert tokens.shape == (8, 5) and tokens.dtype == torch.int64
+    labelled = TOKENS + "\ndef example_targets(batch_size):\n    return torch.zeros(batch_size * 5, dtype=torch.long)\n"
+    assert target_for(labelled, logits).shape == (40,)
+    scores = LOSSY.replace("(output @ output.T).sum()", "(output @ output.T).sum() + target.sum()")
+    assert target_for(scores, torch.empty(8, 16, device="meta", requires_grad=True)).shape == (8, 16)
+    keyed = LOSSY.replace("(output @ output.T).sum()", "F.binary_cross_entropy_with_logits(output['score'], target)")
+    keyed = keyed.replace("import torch.nn as nn", "import torch.nn as nn\nimport torch.nn.functional as F")
+    assert target_for(keyed, {"score": torch.empty(8, device="meta", requires_grad=True)}) is None
+    assert target_for(SMALL, torch.empty(8, 4, device="meta", requires_grad=True)) is None  # no loss_fn
+    with_labels = keyed + "\ndef example_targets(batch_size):\n    return torch.ones(batch_size)\n"
+    assert target_for(with_labels, {"score": torch.empty(8, device="meta", requires_grad=True)}).shape == (8,)
+
+
+def test_the_measured_profile_times_the_loss_and_caches_it(tmp_path, cache_dir):
+    model = write(tmp_path, "lossy.py", LOSSY)
+    first = compile_model(model, tmp_path / "a", CompileOptions(stages=2, **FAST))
+    loss, call = first.graph.loss_cost, first.graph.stage_cost
+    assert loss.fwd_time > 0 and loss.bwd_time > 0 and call.bwd_time > 0
+    assert (loss.fwd_flops, loss.bwd_flops) == (2048, 4096)  # counted by the analytic profile
+    again = compile_model(model, tmp_path / "b", CompileOptions(stages=2, **FAST))
+    assert again.notes[0].startswith("profile: read from the cache")
+    assert (again.graph.loss_cost, again.graph.stage_cost) == (loss, call)
+    tokens = compile_model(write(tmp_path, "tokens.py", TOKENS), tmp_path / "c", CompileOptions(stages=2, **FAST))
+    assert tokens.graph.loss_cost.fwd_time > 0

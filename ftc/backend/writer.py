@@ -86,6 +86,7 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
         members = stage_of == plan.index
         parameters = [graph.state[name] for name in plan.state if graph.state[name].kind == "parameter"]
         memory = problem.stage_memory(members, plan.index, len(plans), recompute[plan.index])
+        fixed = problem.fixed(members)  # the stage call, and the loss on the last stage
         rows.append(
             {
                 "ops": len(plan.nodes),
@@ -93,8 +94,8 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
                 "parameter_bytes": sum(state_bytes[name] for name in plan.state),
                 "fwd_flops": sum(n.cost.fwd_flops for n in plan.nodes),
                 "bwd_flops": sum(n.cost.bwd_flops for n in plan.nodes),
-                "fwd_time": sum(n.cost.fwd_time for n in plan.nodes),
-                "bwd_time": sum(n.cost.bwd_time for n in plan.nodes),
+                "fwd_time": sum(n.cost.fwd_time for n in plan.nodes) + fixed.fwd,
+                "bwd_time": sum(n.cost.bwd_time for n in plan.nodes) + fixed.bwd,
                 "bytes_in": sum(meta_nbytes(by_name[name].meta) for name in plan.inputs),
                 "bytes_out": sum(meta_nbytes(by_name[name].meta) for name in plan.outputs),
                 "predicted_time": problem.stage_time(members, recompute[plan.index]),

@@ -9,6 +9,18 @@ Memory traffic is the bytes of the tensors a node reads and writes (views move n
 backward is taken as twice that (read the output gradient and the saved inputs, write the input
 gradients), which is an estimate.
 
+Eager PyTorch also pays a fixed cost for every ATen op it dispatches (Python, the dispatcher,
+autograd's bookkeeping, a kernel launch) whatever the op computes; on small tensors that cost
+is the whole time. So the profile counts the ATen ops each node dispatches, in its forward and
+in its own backward (on the meta device, with the same cut as the FLOPs), and a node's time is
+
+    roofline + ops * DeviceModel.op_overhead_us
+
+Beyond its nodes, every stage pays for being called (its forward call, its backward's engine
+start: DeviceModel.stage_overhead_us, Graph.stage_cost), and the last stage pays the training
+loss, the model file's loss_fn on the model's outputs, counted the same way, each of its ATen
+ops with its own traffic (ftc/profiling/loss.py, Graph.loss_cost).
+
 Transformer blocks repeat: the same op on arguments of the same shapes costs the same, so one
 profile counts each distinct (op, module settings, argument metadata) once and reuses the counts
 for its repeats, which stand-in outputs (ftc/repeats.py) spare from running at all.
@@ -21,22 +33,78 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ftc.interpreter import Interpreter
 from ftc.ir import Cost, Graph, Node
+from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import Repeats, repeat_key, tensors_in
+from ftc.runtime.model_file import ModelFile
+
+from .loss import as_leaves, loss_target
 
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """The device the analytic times assume. Defaults are one CPU core of a current server."""
+    """The device the analytic times assume. Defaults are one CPU core of a current server.
+
+    The fixed costs were measured on one core of this project's machine (an Intel Xeon server
+    core, torch 2.13, one thread, thread CPU time, fastest of 15 tries): stages of K tiny blocks
+    (Linear 16->16, LayerNorm, GELU, ReLU, a residual add; batch 8, so the roofline is under 1%)
+    ran forward and backward for K = 1 and 32; the time per block over the ATen ops counted per
+    block (7 forward, 13 backward) gave 7.7-10.7 us per op over three runs, and the 1-block
+    stage less its ops' share gave 20-49 us per stage, as did a stage that only returns a view
+    of its input (38 us forward and backward, 6 us of it forward). The same core reaches about
+    0.1 TFLOP/s on a 512x512 matmul and 9-17 GB/s copying 16 MB, the two figures above."""
 
     tflops: float = 0.1  # peak floating-point throughput, TFLOP/s
     memory_gbps: float = 10.0  # memory bandwidth, GB/s
+    op_overhead_us: float = 8.0  # microseconds each dispatched ATen op costs beyond its roofline
+    stage_overhead_us: float = 30.0  # microseconds of calling a stage, forward and backward
 
-    def time(self, flops: int, nbytes: int) -> float:
-        return max(flops / (self.tflops * 1e12), nbytes / (self.memory_gbps * 1e9))
+    def time(self, flops: int, nbytes: int, ops: int = 0) -> float:
+        roofline = max(flops / (self.tflops * 1e12), nbytes / (self.memory_gbps * 1e9))
+        return roofline + ops * self.op_overhead_us / 1e6
+
+    def stage_cost(self) -> Cost:
+        """What calling a stage costs, all of it charged to the backward, whose engine start
+        is most of it (6 of the 38 us above were the forward)."""
+        return Cost(bwd_time=self.stage_overhead_us / 1e6)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched on meta tensors while it is active, and the bytes of the
+    tensors they read and write (view ops, which move nothing, count as ops but add no bytes).
+    Ops on real tensors are left out: a module that only runs for real (interpreter.run_on_cpu)
+    runs on random stand-in values, which may decide which ops its Python dispatches, and drawing
+    them is no cost of the model. Counting meta ops only keeps the profile deterministic; such a
+    module counts the ops that bring its outputs back to meta (its FLOPs are counted in full)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = tensors_in((args, kwargs, out))
+        if any(t.device.type == "meta" for t in tensors):
+            self.ops += 1
+            if not is_view_op(func.__name__.split(".")[0]):
+                self.nbytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+@dataclass(frozen=True)
+class NodeCounts:
+    """What the analytic profile counts for one node."""
+
+    fwd_flops: int
+    bwd_flops: int
+    nbytes: int  # forward memory traffic
+    fwd_ops: int  # ATen ops dispatched
+    bwd_ops: int
 
 
 def _traffic(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
@@ -66,8 +134,8 @@ def _cut(value: Any, leaves: list[torch.Tensor]) -> Any:
 class _Counter(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
-        self.costs: dict[str, tuple[int, int, int]] = {}
-        self.counted: dict[Hashable, tuple[int, int, int]] = {}  # repeat_key -> costs
+        self.costs: dict[str, NodeCounts] = {}
+        self.counted: dict[Hashable, NodeCounts] = {}  # repeat_key -> counts
         self.repeats = Repeats(model)
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
@@ -86,23 +154,24 @@ class _Counter(Interpreter):
         # the later nodes need (shapes, dtypes, requires_grad).
         leaves: list[torch.Tensor] = []
         args, kwargs = _cut(args, leaves), _cut(kwargs, leaves)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, OpCounter() as dispatched:
             out = super().run_node(node, args, kwargs)
         fwd_flops = counter.get_total_flops()
         nbytes = _traffic(tensors_in((args, kwargs)), tensors_in(out))
-        bwd_flops = self._backward_flops(node, out, leaves)
-        if bwd_flops is None:
+        backward = self._backward(node, out, leaves)
+        if backward is None:
             # A module that only runs for real (interpreter.run_on_cpu) has no autograd graph
             # on the meta device to count; its backward is taken as twice its forward, as for
             # a linear layer. It may read tensor values, so its repeats are counted anew.
-            bwd_flops, key = 2 * fwd_flops, None
-        self.costs[node.name] = (fwd_flops, bwd_flops, nbytes)
+            backward, key = (2 * fwd_flops, 2 * dispatched.ops), None
+        self.costs[node.name] = NodeCounts(fwd_flops, backward[0], nbytes, dispatched.ops, backward[1])
         if key is not None:
             self.counted[key] = self.costs[node.name]
             self.repeats.record(key, node, (args, kwargs), out)
         return out
 
-    def _backward_flops(self, node: Node, out: Any, leaves: list[torch.Tensor]) -> int | None:
+    def _backward(self, node: Node, out: Any, leaves: list[torch.Tensor]) -> tuple[int, int] | None:
+        """FLOPs and ATen ops of the node's own backward (None: no autograd graph to count)."""
         params = []
         if node.op == "call_module":
             params = [p for p in self.model.get_submodule(node.target).parameters() if p.requires_grad]
@@ -111,16 +180,21 @@ class _Counter(Interpreter):
             return None
         targets = leaves + params
         if not outputs or not targets:
-            return 0
-        with FlopCounterMode(display=False) as counter:
-            torch.autograd.grad(outputs, targets, [torch.ones_like(t) for t in outputs], allow_unused=True)
-        return counter.get_total_flops()
+            return 0, 0
+        grads = [torch.ones_like(t) for t in outputs]  # made by whoever sends them, not counted
+        with FlopCounterMode(display=False) as counter, OpCounter() as dispatched:
+            torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+        return counter.get_total_flops(), dispatched.ops
 
 
-def profile_analytic(graph: Graph, model: torch.nn.Module, batch: tuple | dict, device: DeviceModel) -> Graph:
-    """Annotate every compute node's Cost. `model` and `batch` live on the meta device."""
+def profile_analytic(
+    graph: Graph, model: torch.nn.Module, batch: tuple | dict, device: DeviceModel, model_file: ModelFile | None = None
+) -> Graph:
+    """Annotate every compute node's Cost, the stage call's and (with the model file that has
+    a loss_fn) the loss's. `model` and `batch` live on the meta device."""
     counter = _Counter(graph, model)
-    counter.run(batch)
+    outputs = counter.run(batch)
+    loss_cost = _loss_cost(model_file, outputs, graph.batch_size, device) if model_file is not None else None
     state_bytes = {name: t.meta.nbytes for name, t in graph.state.items()}
     nodes = []
     for node in graph.nodes:
@@ -128,15 +202,37 @@ def profile_analytic(graph: Graph, model: torch.nn.Module, batch: tuple | dict, 
         if node.op == "get_attr":
             cost.param_bytes = state_bytes.get(node.target, 0)
         elif node.is_compute:
-            fwd_flops, bwd_flops, nbytes = counter.costs[node.name]
-            cost.fwd_flops, cost.bwd_flops = fwd_flops, bwd_flops
-            cost.fwd_time = device.time(fwd_flops, nbytes)
-            cost.bwd_time = device.time(bwd_flops, 2 * nbytes) if bwd_flops or _needs_grad(node) else 0.0
+            counts = counter.costs[node.name]
+            cost.fwd_flops, cost.bwd_flops = counts.fwd_flops, counts.bwd_flops
+            cost.fwd_time = device.time(counts.fwd_flops, counts.nbytes, counts.fwd_ops)
+            backward = counts.bwd_flops or counts.bwd_ops or _needs_grad(node)
+            cost.bwd_time = device.time(counts.bwd_flops, 2 * counts.nbytes, counts.bwd_ops) if backward else 0.0
             if node.op == "call_module":
                 prefix = node.target + "."
                 cost.param_bytes = sum(b for name, b in state_bytes.items() if name.startswith(prefix))
         nodes.append(replace(node, cost=cost))
-    return replace(graph, nodes=nodes)
+    return replace(graph, nodes=nodes, stage_cost=device.stage_cost(), loss_cost=loss_cost)
+
+
+def _loss_cost(model_file: ModelFile, outputs: Any, batch_size: int, device: DeviceModel) -> Cost | None:
+    """The loss on the model's (meta) outputs, forward and backward, counted per ATen op: a loss
+    function is several ops (log_softmax, a gather, a mean ...), so its traffic is each op's
+    reads and writes (None: no loss, ftc/profiling/loss.py)."""
+    leaves = as_leaves(outputs)
+    target = loss_target(model_file, leaves, batch_size, "meta")
+    if target is None:
+        return None
+    with FlopCounterMode(display=False) as fwd_flops, OpCounter() as fwd_ops:
+        loss = model_file.loss_fn(leaves, target)
+    inputs = [t for t in tensors_in(leaves) if t.requires_grad]
+    with FlopCounterMode(display=False) as bwd_flops, OpCounter() as bwd_ops:
+        torch.autograd.grad(loss, inputs, allow_unused=True)
+    return Cost(
+        fwd_flops=fwd_flops.get_total_flops(),
+        bwd_flops=bwd_flops.get_total_flops(),
+        fwd_time=device.time(fwd_flops.get_total_flops(), fwd_ops.nbytes, fwd_ops.ops),
+        bwd_time=device.time(bwd_flops.get_total_flops(), bwd_ops.nbytes, bwd_ops.ops),
+    )
 
 
 def _needs_grad(node: Node) -> bool:

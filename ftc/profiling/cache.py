@@ -1,4 +1,5 @@
-"""The on-disk cache of measured profiles: one JSON file per profile, node name -> costs.
+"""The on-disk cache of measured profiles: one JSON file per profile (measure.Measurement.to_json:
+node name -> costs, the stage call's and the loss's).
 
 Measuring takes real time on real tensors, so a compile that changes only the stage count or
 the partitioner reads the profile back. A profile is filed under the sha256 of its key, a JSON
@@ -18,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-FORMAT = "ftc-profile/1"
+FORMAT = "ftc-profile/2"  # 2: the stage call and the loss beside the nodes
 
 
 def default_cache_dir() -> Path:
@@ -33,22 +34,21 @@ class ProfileCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return self.directory / f"{digest}.json"
 
-    def load(self, key: dict) -> dict[str, dict] | None:
-        """The cached entries (node name -> costs) for `key`, or None when there are none or the
-        file is unreadable."""
+    def load(self, key: dict) -> dict | None:
+        """The cached profile for `key`, or None when there is none or the file is unreadable."""
         try:
             data = json.loads(self.path(key).read_text())
         except (OSError, ValueError):
             return None
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
             return None
-        nodes = data.get("nodes")
-        return nodes if isinstance(nodes, dict) else None
+        profile = data.get("profile")
+        return profile if isinstance(profile, dict) else None
 
-    def store(self, key: dict, nodes: dict[str, dict]) -> Path:
+    def store(self, key: dict, profile: dict) -> Path:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format": FORMAT, "key": key, "nodes": nodes}
+        data = {"format": FORMAT, "key": key, "profile": profile}
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "w") as file:

@@ -8,10 +8,12 @@ Two ways to run, both node by node with the IR interpreter:
   the clock around each node; backward time is attributed through post hooks on the autograd
   nodes each IR node created: the engine runs them one after another, so the time from one
   hook to the next belongs to the node whose hook fired, engine bookkeeping included, less
-  the cost of a hook itself (calibrated on a chain of cheap ops). So a stage's predicted time,
-  the sum of its nodes' times, is what running that stage forward and backward costs, with
-  the caches as warm as in training and the engine's per-node overhead, which a node timed
-  alone on its cut inputs would not give (each such backward pays a whole engine start).
+  the cost of a hook itself (calibrated on a chain of cheap ops), and less one engine start
+  for the first (the whole model's backward starts the engine once; every stage pays its own
+  start, in the stage call below). So a stage's predicted time, the sum of its nodes' times
+  and one stage call, is what running that stage forward and backward costs, with the caches
+  as warm as in training and the engine's per-node overhead, which a node timed alone on its
+  cut inputs would not give (each such backward pays a whole engine start).
 - save-memory (FTPipe's mode, for models larger than the device): the model stays on the meta
   device; each node gets only the parameters it reads materialized on the device (values from
   `initial_state`, good for timing), runs forward and its own backward on inputs cut from the
@@ -20,10 +22,16 @@ Two ways to run, both node by node with the IR interpreter:
   backward then pays one engine start, which a stage pays once; the start of a trivial
   backward, measured the same way, is subtracted.
 
+Beside the nodes, both modes time what every stage pays once (Graph.stage_cost): calling a
+stage module whose forward returns a view of its input, and its backward, which starts the
+engine; and the training loss (Graph.loss_cost), the model file's loss_fn on the model's
+outputs cut from the graph, with a target made as the runtime's data sets make one
+(ftc/profiling/loss.py), forward and backward (less an engine start), as the last stage runs it.
+
 Node times are medians over the repeats, which resist the odd slow run, less what timing a
 node adds (the clock's stamps, the interpreter's dispatch), which stage code does not pay;
-the calibrations (that overhead, a hook, an engine start) take the fastest try, as they want a
-fixed cost, not the noise. On the CPU torch runs with `threads` intra-op threads
+the calibrations (that overhead, a hook, an engine start, a stage call) take the fastest try,
+as they want a fixed cost, not the noise. On the CPU torch runs with `threads` intra-op threads
 (torch.set_num_threads, restored afterwards; the default 1 models one pipeline stage per core)
 and, with one thread, the clock is that thread's CPU time, so that other programs on a busy
 machine do not show up in the profile; with more, it is time.perf_counter. On CUDA the clock
@@ -45,18 +53,19 @@ import hashlib
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ftc.interpreter import Interpreter, tensor_constant
-from ftc.ir import FtcError, Graph, Node, TensorMeta
+from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
 from ftc.runtime.model_file import ModelFile
 
 from .cache import ProfileCache
+from .loss import as_leaves, loss_target
 
 DEVICES = ("cpu", "cuda")
 # Training holds parameters, gradients and optimizer state (two more copies for Adam) plus
@@ -107,6 +116,21 @@ class Measurement:
     nodes: dict[str, NodeProfile]  # compute node name -> what it costs
     save_memory: bool
     outputs: Any = None  # the model's outputs in the last run, on the host
+    stage_call: NodeProfile = field(default_factory=NodeProfile)  # what calling any stage costs
+    loss: NodeProfile | None = None  # loss_fn on the outputs (None: no loss, see loss.py)
+
+    def to_json(self) -> dict:
+        return {
+            "nodes": {name: profile.to_json() for name, profile in self.nodes.items()},
+            "stage_call": self.stage_call.to_json(),
+            "loss": self.loss.to_json() if self.loss is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, save_memory: bool) -> Measurement:
+        nodes = {name: NodeProfile.from_json(entry) for name, entry in data["nodes"].items()}
+        loss = NodeProfile.from_json(data["loss"]) if data["loss"] is not None else None
+        return cls(nodes, save_memory, stage_call=NodeProfile.from_json(data["stage_call"]), loss=loss)
 
 
 def device_name(device: str) -> str:
@@ -187,17 +211,17 @@ def profile_measured(
         entries = cache.load(key)
         if entries is not None:
             try:
-                nodes = {name: NodeProfile.from_json(entry) for name, entry in entries.items()}
-                return apply_profile(graph, nodes), f"profile: read from the cache {cache.path(key)} ({where})"
-            except (FtcError, KeyError, TypeError, ValueError):
+                cached = Measurement.from_json(entries, wants_save_memory(graph, settings))
+                return apply_profile(graph, cached), f"profile: read from the cache {cache.path(key)} ({where})"
+            except (FtcError, KeyError, TypeError, ValueError, AttributeError):
                 pass  # an entry missing or malformed: measure again and overwrite it
     measurement = measure(graph, model_file, meta_model, settings)
     mode = "save-memory mode, one node at a time" if measurement.save_memory else "in context"
     note = f"profile: measured on {where} ({mode}, median of {settings.repeats})"
     if cache is not None:
-        path = cache.store(key, {name: profile.to_json() for name, profile in measurement.nodes.items()})
+        path = cache.store(key, measurement.to_json())
         note += f", cached in {path}"
-    return apply_profile(graph, measurement.nodes), note
+    return apply_profile(graph, measurement), note
 
 
 def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, settings: MeasureSettings) -> Measurement:
@@ -209,17 +233,24 @@ def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, se
         torch.manual_seed(0)
         if wants_save_memory(graph, settings):
             batch = model_file.inputs(graph.batch_size)  # on the host; nodes move what they read
-            return _SaveMemory(graph, meta_model, settings).measure(batch)
-        model = model_file.build(settings.device)
-        batch = model_file.inputs(graph.batch_size, settings.device)
-        return _InContext(graph, model, settings).measure(batch)
+            measurement = _SaveMemory(graph, meta_model, settings).measure(batch)
+        else:
+            model = model_file.build(settings.device)
+            batch = model_file.inputs(graph.batch_size, settings.device)
+            measurement = _InContext(graph, model, settings).measure(batch)
+        clock = _Clock(settings)
+        measurement.stage_call = _stage_call(clock, settings.device)
+        measurement.loss = _time_loss(model_file, measurement.outputs, graph.batch_size, settings, clock)
+        return measurement
     finally:
         torch.set_num_threads(threads)
 
 
-def apply_profile(graph: Graph, nodes: dict[str, NodeProfile]) -> Graph:
-    """Write measured times and activation memory into the compute nodes' Cost (FLOPs and
-    parameter bytes stay as the analytic profile counted them)."""
+def apply_profile(graph: Graph, measurement: Measurement) -> Graph:
+    """Write measured times and activation memory into the compute nodes' Cost, and the stage
+    call's and the loss's times into the graph's (FLOPs and parameter bytes stay as the
+    analytic profile counted them)."""
+    nodes = measurement.nodes
     missing = [node.name for node in graph.nodes if node.is_compute and node.name not in nodes]
     if missing:
         raise FtcError(f"the measured profile lacks nodes {missing[:5]}", "measure again with --no-cache")
@@ -232,7 +263,12 @@ def apply_profile(graph: Graph, nodes: dict[str, NodeProfile]) -> Graph:
             )
             node = replace(node, cost=cost)
         updated.append(node)
-    return replace(graph, nodes=updated)
+    stage_cost = Cost(fwd_time=measurement.stage_call.fwd_time, bwd_time=measurement.stage_call.bwd_time)
+    loss_cost = None
+    if measurement.loss is not None:
+        counted = graph.loss_cost or Cost()
+        loss_cost = replace(counted, fwd_time=measurement.loss.fwd_time, bwd_time=measurement.loss.bwd_time)
+    return replace(graph, nodes=updated, stage_cost=stage_cost, loss_cost=loss_cost)
 
 
 class _Clock:
@@ -302,6 +338,7 @@ class _InContext(Interpreter):
         state = [*self.model.parameters(), *self.model.buffers()]
         per_hook = _hook_cost(self.clock, self.settings.device)
         overhead = _timing_overhead(self)
+        start_cost = _engine_start(self.clock, self.settings.device)
         fwd: dict[str, list[float]] = {}
         bwd: dict[str, list[float]] = {}
         # Run 0 counts saved tensors (its pack hooks would slow it), then warm-up, then timing.
@@ -328,10 +365,11 @@ class _InContext(Interpreter):
             for name, (begin, finish) in self.stamps.items():
                 fwd.setdefault(name, []).append(max(self.clock.seconds(begin, finish) - overhead, 0.0))
             spent: dict[str, float] = {}
-            previous = start
+            previous, engine = start, start_cost  # the first interval holds the engine's start
             for name, stamp in events:
-                spent[name] = spent.get(name, 0.0) + max(self.clock.seconds(previous, stamp) - per_hook, 0.0)
-                previous = stamp
+                seconds = self.clock.seconds(previous, stamp) - per_hook - engine
+                spent[name] = spent.get(name, 0.0) + max(seconds, 0.0)
+                previous, engine = stamp, 0.0
             for name in self.stamps:
                 bwd.setdefault(name, []).append(spent.get(name, 0.0))
         nodes = {
@@ -380,7 +418,7 @@ class _SaveMemory(Interpreter):
         self.names = {id(tensor): name for name, tensor in reversed(state)}
 
     def measure(self, batch: tuple | dict) -> Measurement:
-        self.engine_start = self._engine_start()
+        self.engine_start = _engine_start(self.clock, self.settings.device)
         self.overhead = _timing_overhead(self)
         output = self.run(batch)
         return Measurement(self.nodes, save_memory=True, outputs=output)
@@ -483,19 +521,74 @@ class _SaveMemory(Interpreter):
             if self.settings.device == "cuda":
                 torch.cuda.empty_cache()
 
-    def _engine_start(self) -> float:
-        """What one autograd call costs with nothing to compute: a backward through a view."""
-        leaf = torch.zeros(1, device=self.settings.device, requires_grad=True)
-        grad = torch.ones(1, device=self.settings.device)
-        fastest = float("inf")
-        for _ in range(CALIBRATION_TRIES):
-            out = leaf.view(1)
-            start = self.clock.stamp()
-            torch.autograd.grad(out, leaf, grad)
-            end = self.clock.stamp()
-            self.clock.sync()
-            fastest = min(fastest, self.clock.seconds(start, end))
-        return fastest
+
+def _engine_start(clock: _Clock, device: str) -> float:
+    """What one autograd call costs with nothing to compute: a backward through a view."""
+    leaf = torch.zeros(1, device=device, requires_grad=True)
+    grad = torch.ones(1, device=device)
+    fastest = float("inf")
+    for _ in range(CALIBRATION_TRIES):
+        out = leaf.view(1)
+        start = clock.stamp()
+        torch.autograd.grad(out, leaf, grad)
+        end = clock.stamp()
+        clock.sync()
+        fastest = min(fastest, clock.seconds(start, end))
+    return fastest
+
+
+class _ViewStage(torch.nn.Module):
+    """The least a stage can be: its forward returns a view of its input."""
+
+    def forward(self, value: torch.Tensor) -> tuple[torch.Tensor]:
+        return (value.view_as(value),)
+
+
+def _stage_call(clock: _Clock, device: str) -> NodeProfile:
+    """What calling a stage costs beyond its nodes, forward (the module call) and backward (the
+    engine's start, the gradient of its input): a _ViewStage run the way a pipeline runs a
+    stage, on a received leaf, the fastest of a few tries each."""
+    stage = _ViewStage()
+    grad = torch.ones(16, device=device)
+    fastest = [float("inf"), float("inf")]
+    for _ in range(CALIBRATION_TRIES):
+        received = torch.zeros(16, device=device, requires_grad=True)
+        clock.sync()
+        start = clock.stamp()
+        (out,) = stage(received)
+        middle = clock.stamp()
+        torch.autograd.backward([out], [grad])
+        end = clock.stamp()
+        clock.sync()
+        fastest = [min(fastest[0], clock.seconds(start, middle)), min(fastest[1], clock.seconds(middle, end))]
+    return NodeProfile(fastest[0], fastest[1])
+
+
+def _time_loss(
+    model_file: ModelFile, outputs: Any, batch_size: int, settings: MeasureSettings, clock: _Clock
+) -> NodeProfile | None:
+    """loss_fn on the model's outputs, forward and backward to the outputs, as the last stage
+    runs it: medians over the repeats after warm-up, the backward less an engine start (the
+    stage call has it). None when there is no loss (ftc/profiling/loss.py)."""
+    leaves = as_leaves(tree_map(lambda t: t.to(settings.device) if isinstance(t, torch.Tensor) else t, outputs))
+    target = loss_target(model_file, leaves, batch_size, settings.device)
+    if target is None:
+        return None
+    inputs = [t for t in _tensors(leaves) if t.requires_grad]
+    engine = _engine_start(clock, settings.device)
+    fwd, bwd = [], []
+    for run in range(settings.warmup + settings.repeats):
+        clock.sync()
+        start = clock.stamp()
+        loss = model_file.loss_fn(leaves, target)
+        middle = clock.stamp()
+        torch.autograd.grad(loss, inputs, allow_unused=True)
+        end = clock.stamp()
+        clock.sync()
+        if run >= settings.warmup:
+            fwd.append(clock.seconds(start, middle))
+            bwd.append(max(clock.seconds(middle, end) - engine, 0.0))
+    return NodeProfile(statistics.median(fwd), statistics.median(bwd))
 
 
 def _hook_cost(clock: _Clock, device: str) -> float:

@@ -6,7 +6,7 @@ Runs on device 1. B is the micro-batch size.
 Inputs:
     hidden_1: float32[B, 256]
 Outputs:
-    hidden_2: float32[B, 128]
+    relu_2: float32[B, 128]
 """
 
 import torch
@@ -23,4 +23,5 @@ class Stage1(torch.nn.Module):
         # MLP, mlp.py:27
         relu = F.relu(hidden_1)
         hidden_2 = self.hidden["2"](relu)
-        return (hidden_2,)
+        relu_2 = F.relu(hidden_2)
+        return (relu_2,)

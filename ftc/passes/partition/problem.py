@@ -5,6 +5,9 @@ in-place mutations where the model put them, into contiguous runs. A stage's cos
 
     compute (forward + backward time of its ops)
   + (bytes it receives + bytes it sends) / bandwidth
+  + what calling a stage costs beyond its ops (`stage_call`: its forward call, its backward's
+    engine start), the same for every stage
+  + the training loss (`loss`), for the stage holding the last op
 
 where a value crossing a boundary is charged once to the stage that sends it and once to each
 stage that receives it, whatever the number of readers inside; values that require grad count
@@ -13,7 +16,10 @@ sent straight to each stage that reads it (not forwarded stage to stage), so the
 stage depends only on its own interval, which is what makes the dynamic program exact.
 
 Model inputs live on the first stage. The model's outputs are read by the last stage (the loss
-is computed there), so an output made earlier is sent to it.
+is computed there), so an output made earlier is sent to it, and the last stage pays the loss.
+`stage_call` changes no ranking of splits into a given number of stages (every stage pays it
+once), but it makes small stages cost what they do, and a device that runs several stages
+(mpipe) pays it for each; the loss moves work off the last stage.
 
 Some boundaries are forbidden (`no_cut`): inside a value that holds several tensors (a tuple
 from `chunk`, say) between its producer and its last reader; between the value an in-place op
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ftc.ir import FtcError, Graph, Node, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_nbytes, meta_tensors
+from ftc.ir import Cost, FtcError, Graph, Node, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_nbytes, meta_tensors
 from ftc.passes.cleanup import draws_random
 
 from .memory import Footprint, MemorySettings, StageMemory, StateUse, add_rectangle, summed
@@ -91,6 +97,22 @@ class Transfer:
     value_bytes: int = 0  # the value itself: what a receiving stage keeps per micro-batch
 
 
+@dataclass(frozen=True)
+class FixedCost:
+    """Seconds a stage pays once, whatever ops it holds: in its forward and in its backward."""
+
+    fwd: float = 0.0
+    bwd: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.fwd + self.bwd
+
+    @classmethod
+    def of(cls, cost: Cost | None) -> FixedCost:
+        return cls(cost.fwd_time, cost.bwd_time) if cost is not None else cls()
+
+
 @dataclass
 class Problem:
     ops: list[str]  # compute node names in program order
@@ -105,6 +127,8 @@ class Problem:
     # The model's top-level block each op belongs to ("blocks.3" for an item of a ModuleList or
     # Sequential, "wte" for another child, "" for the root's own ops), for the uniform baseline.
     units: list[str] = field(default_factory=list)
+    stage_call: FixedCost = FixedCost()  # paid by every stage (Graph.stage_cost)
+    loss: FixedCost = FixedCost()  # paid by the stage holding the last op (Graph.loss_cost)
 
     @property
     def size(self) -> int:
@@ -128,7 +152,12 @@ class Problem:
             readers = members[t.consumers]
             if (inside and not readers.all()) or (not inside and readers.any()):
                 moved += t.nbytes
-        return float(self.time[members].sum()) + moved / self.bandwidth
+        return float(self.time[members].sum()) + moved / self.bandwidth + self.fixed(members).total
+
+    def fixed(self, members: np.ndarray) -> FixedCost:
+        """The fixed costs of the stage holding the ops of a boolean mask (see the module doc)."""
+        loss = self.loss if members[self.size - 1] else FixedCost()
+        return FixedCost(self.stage_call.fwd + loss.fwd, self.stage_call.bwd + loss.bwd)
 
     def member_received(self, members: np.ndarray) -> int:
         """Bytes of the values the stage holding the ops of a boolean mask receives."""
@@ -185,7 +214,9 @@ class Problem:
                 previous = c
         moved = summed(diff, n)
         prefix = np.concatenate([[0.0], np.cumsum(self.time)])
-        return prefix[None, :] - prefix[:, None] + moved
+        costs = prefix[None, :] - prefix[:, None] + moved + self.stage_call.total
+        costs[:, n] += self.loss.total
+        return costs
 
 
 def improves(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
@@ -280,7 +311,10 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
     random = np.array([may_draw_random(by_name[name], graph.modules) for name in ops], dtype=bool)
     footprint = Footprint(memory, np.array([_saved_bytes(by_name[name]) for name in ops]), _state_uses(graph, position))
     units = [_unit(by_name[name], graph.modules) for name in ops]
-    return Problem(ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units)
+    return Problem(
+        ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units,
+        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost),
+    )  # fmt: skip
 
 
 CONTAINERS = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")

@@ -1,0 +1,80 @@
+"""The training loss as the profiles see it.
+
+The runtime computes loss_fn(outputs, target) on the device of the stage that holds the model's
+outputs (runtime/engine.py) and starts the backward from it, so that stage pays the loss's
+forward and backward. To price it, a profile runs the model file's loss_fn on the model's
+outputs with a target made the way the runtime's data sets make one (runtime/data.py):
+
+1. the model file's `example_targets(batch_size)`, when it defines one;
+2. else the synthetic data set's rule: uniform numbers in [0, 1) shaped like the outputs (they
+   suit mse, binary cross-entropy and cross-entropy with class probabilities);
+3. else class indices, the other convention of classification losses: a single output tensor
+   without its class dimension, dim 1 (torch's losses) or the last (a language model's logits,
+   which its loss flattens), with values in [0, classes).
+
+The first target on which loss_fn returns a one-element tensor with a gradient is used. A model
+file without a loss_fn, or whose loss_fn accepts none of these (it wants a dict of labels, say),
+gets no loss cost, and no error: the loss is then left out of the stage costs, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from ftc.repeats import tensors_in
+from ftc.runtime.model_file import ModelFile
+
+
+def as_leaves(outputs: Any) -> Any:
+    """The outputs cut from the model's graph, as the loss stage receives them: floating tensors
+    that require grad become leaves."""
+
+    def leaf(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        cut = value.detach()
+        return cut.requires_grad_() if value.requires_grad and value.is_floating_point() else cut
+
+    return tree_map(leaf, outputs)
+
+
+def _candidates(model_file: ModelFile, outputs: Any, batch_size: int, device: str) -> Iterator[Any]:
+    example_targets = getattr(model_file.module, "example_targets", None)
+    if callable(example_targets):
+        try:
+            targets = example_targets(batch_size)
+        except Exception:  # the runtime's data set reports it; here it only means no target
+            return
+        yield tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, targets)
+        return
+    try:
+        yield tree_map(
+            lambda t: torch.rand(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t, outputs
+        )
+    except RuntimeError:
+        pass  # outputs rand cannot fill (integer ones)
+    if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2:
+        for dim in dict.fromkeys((1, outputs.dim() - 1)):
+            shape = [size for d, size in enumerate(outputs.shape) if d != dim]
+            yield torch.randint(0, outputs.shape[dim], shape, device=device)
+
+
+def loss_target(model_file: ModelFile, outputs: Any, batch_size: int, device: str) -> Any | None:
+    """The first target (see the module doc) on which loss_fn gives a scalar with a gradient;
+    None when the model file has no loss_fn or none works. `outputs` are leaves (as_leaves)."""
+    if model_file.loss_fn is None or not any(t.requires_grad for t in tensors_in(outputs)):
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for target in _candidates(model_file, outputs, batch_size, device):
+            try:
+                loss = model_file.loss_fn(outputs, target)
+            except Exception:  # a target of the wrong kind: try the next
+                continue
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad:
+                return target
+    return None
