@@ -283,7 +283,7 @@ def report(stages: int, batch: int, results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 16])
