@@ -57,11 +57,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from ftc.interpreter import Interpreter, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
+from ftc.repeats import tensors_in
 from ftc.runtime.model_file import ModelFile
 
 from .cache import ProfileCache
@@ -317,12 +318,8 @@ class _SavedBytes:
             yield
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
-
-
 def _floating_outputs(output: Any) -> list[torch.Tensor]:
-    return [t for t in _tensors(output) if t.requires_grad and t.grad_fn is not None]
+    return [t for t in tensors_in(output) if t.requires_grad and t.grad_fn is not None]
 
 
 class _InContext(Interpreter):
@@ -393,7 +390,7 @@ class _InContext(Interpreter):
 
     def _own(self, name: str, values: Any) -> None:
         """Attribute the autograd nodes `values` reach that no earlier node made to `name`."""
-        pending = [t.grad_fn for t in _tensors(values) if t.grad_fn is not None]
+        pending = [t.grad_fn for t in tensors_in(values) if t.grad_fn is not None]
         while pending:
             grad_fn = pending.pop()
             if grad_fn in self.owner:
@@ -574,7 +571,7 @@ def _time_loss(
     target = loss_target(model_file, leaves, batch_size, settings.device)
     if target is None:
         return None
-    inputs = [t for t in _tensors(leaves) if t.requires_grad]
+    inputs = [t for t in tensors_in(leaves) if t.requires_grad]
     engine = _engine_start(clock, settings.device)
     fwd, bwd = [], []
     for run in range(settings.warmup + settings.repeats):
