@@ -4,8 +4,8 @@ A schedule is decided by simulating the whole pipeline once, event by event: eve
 idle, picks its next ready action by the schedule's policy. Each device's order is its share of
 that single global execution, so the orders are consistent with each other (every message is
 sent before it is awaited) and cannot deadlock, whatever the stage-to-device map (mixed-pipe
-included). The simulation also predicts the makespan, the bubble and the activations in flight,
-which is what `ftc explain` reads; so this module stays pure Python: no torch.distributed.
+included). The simulation also predicts the makespan and the bubble, which is what `ftc explain`
+reads; so this module stays pure Python: no torch.distributed.
 
 Policies:
 - gpipe: a device runs all its forwards (micro-batch by micro-batch), then all its backwards.
@@ -52,26 +52,12 @@ class Timeline:
     actions: list[TimedAction]  # the global execution order (the simulation's dispatch order)
     makespan: float
     bubble_fraction: float  # idle share of all devices' time over the makespan
-    peak_in_flight: dict[int, int]  # device -> most micro-batches forwarded but not yet backwarded
 
     def orders(self) -> dict[int, list[Action]]:
         orders: dict[int, list[Action]] = {}
         for timed in self.actions:
             orders.setdefault(timed.device, []).append(timed.action)
         return orders
-
-
-def make_schedule(
-    stages: list[StageSpec],
-    micro_batches: int,
-    kind: str,
-    costs: dict[int, tuple[float, float]] | None = None,
-    outputs: Sequence[str] | None = None,
-) -> dict[int, list[Action]]:
-    """Device -> the actions it runs, in order. `costs`: stage index -> (forward, backward) time
-    (unit costs when omitted); `outputs`: the model's output names, which the loss at the last
-    stage needs (by default: the values no stage consumes)."""
-    return simulate(stages, micro_batches, kind, costs, outputs).orders()
 
 
 def simulate(
@@ -81,6 +67,10 @@ def simulate(
     costs: dict[int, tuple[float, float]] | None = None,
     outputs: Sequence[str] | None = None,
 ) -> Timeline:
+    """The simulated execution; `.orders()` gives each device its actions in order. `costs`:
+    stage index -> (forward, backward) time (unit costs when omitted); `outputs`: the model's
+    output names, which the loss at the last stage needs (by default: the values no stage
+    consumes)."""
     if kind not in SCHEDULES:
         raise FtcError(f"unknown schedule {kind!r}", f"use one of {', '.join(SCHEDULES)}")
     if micro_batches < 1:
@@ -220,26 +210,8 @@ class _Simulation:
         makespan = max(t.end for t in timed)
         busy = sum(t.end - t.start for t in timed)
         capacity = makespan * len(self.devices)
-        peak: dict[int, int] = {}
-        for device in self.devices:
-            stages = len(self.stages_on[device])
-            open_: dict[int, int] = {}
-            most = 0
-            for t in timed:
-                if t.device != device:
-                    continue
-                m = t.action.micro_batch
-                if t.action.kind == FORWARD:
-                    open_.setdefault(m, 0)
-                    most = max(most, len(open_))
-                else:
-                    open_[m] += 1
-                    if open_[m] == stages:
-                        del open_[m]
-            peak[device] = most
         return Timeline(
             actions=timed,
             makespan=makespan,
             bubble_fraction=1.0 - busy / capacity if capacity > 0 else 0.0,
-            peak_in_flight=peak,
         )

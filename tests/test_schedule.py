@@ -9,7 +9,7 @@ import pytest
 
 from ftc.ir import FtcError
 from ftc.runtime import StageSpec
-from ftc.runtime.schedule import BACKWARD, FORWARD, SCHEDULES, Action, make_schedule, simulate
+from ftc.runtime.schedule import BACKWARD, FORWARD, SCHEDULES, Action, simulate
 
 
 def chain(devices: list[int]) -> list[StageSpec]:
@@ -83,14 +83,22 @@ def test_uniform_chain_makespan_and_bubble(kind, stages, micro_batches):
 
 @pytest.mark.parametrize("stages, micro_batches", [(2, 4), (4, 8), (4, 2)])
 def test_1f1b_bounds_micro_batches_in_flight(stages, micro_batches):
-    timeline = simulate(chain(list(range(stages))), micro_batches, "1f1b")
-    assert timeline.peak_in_flight == {rank: min(stages - rank, micro_batches) for rank in range(stages)}
-    gpipe = simulate(chain(list(range(stages))), micro_batches, "gpipe")
-    assert gpipe.peak_in_flight == {rank: micro_batches for rank in range(stages)}
+    def peak_in_flight(kind: str) -> dict[int, int]:
+        """Device -> the most micro-batches it has forwarded and not yet backwarded."""
+        peaks = {}
+        for device, order in simulate(chain(list(range(stages))), micro_batches, kind).orders().items():
+            open_, peaks[device] = 0, 0
+            for action in order:
+                open_ += 1 if action.kind == FORWARD else -1
+                peaks[device] = max(peaks[device], open_)
+        return peaks
+
+    assert peak_in_flight("1f1b") == {rank: min(stages - rank, micro_batches) for rank in range(stages)}
+    assert peak_in_flight("gpipe") == {rank: micro_batches for rank in range(stages)}
 
 
 def test_1f1b_alternates_after_warm_up():
-    orders = make_schedule(chain([0, 1, 2]), 5, "1f1b")
+    orders = simulate(chain([0, 1, 2]), 5, "1f1b").orders()
     letters = ["".join(a.kind[0].upper() + str(a.micro_batch) for a in orders[rank]) for rank in range(3)]
     assert letters == [
         "F0F1F2B0F3B1F4B2B3B4",
@@ -117,7 +125,7 @@ def test_random_pipelines_respect_dependencies_and_never_deadlock(kind, seed):
             assert timed[need].end <= timed[action].start
             assert position[need] < position[action]
     device_of = {s.index: s.device for s in stages}
-    for device, order in make_schedule(stages, micro_batches, kind, costs).items():
+    for device, order in timeline.orders().items():
         assert all(device_of[a.stage] == device for a in order)
         spans = [(timed[a].start, timed[a].end) for a in order]
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
@@ -126,8 +134,8 @@ def test_random_pipelines_respect_dependencies_and_never_deadlock(kind, seed):
 
 def test_mixed_pipe_interleaves_and_is_deterministic():
     stages = chain([0, 1, 1, 0])
-    first = make_schedule(stages, 4, "1f1b")
-    assert first == make_schedule(stages, 4, "1f1b")
+    first = simulate(stages, 4, "1f1b").orders()
+    assert first == simulate(stages, 4, "1f1b").orders()
     assert replay(first, dependencies(stages, 4)) == 2 * 4 * 4
     # Device 0 holds the first and the last stage: the last stage (depth 1) alternates one
     # forward and one backward, interleaved with the first stage's actions.
