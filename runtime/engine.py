@@ -39,7 +39,7 @@ from ftc.ir import FtcError
 from . import comm
 from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
 from .pipeline import Pipeline, check_stage_outputs
-from .schedule import BACKWARD, FORWARD, SCHEDULES, Action, simulate
+from .schedule import BACKWARD, FORWARD, Action, simulate
 
 LOSS = -1  # the loss on the last stage's device, as a reader of the model's outputs
 PREFETCH_ACTIONS = 4  # receives are posted this many actions ahead of the one that needs them
@@ -159,8 +159,6 @@ class Engine:
         """`modules`: stage index -> stage module, already on `device`; all stages in local mode,
         this rank's in distributed mode. `batch_size`: the global batch size, needed by ranks
         that get neither inputs nor targets in train_step (they size receive buffers from it)."""
-        if schedule not in SCHEDULES:
-            raise FtcError(f"unknown schedule {schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         stages = pipeline.stages
         unknown = sorted(set(recompute) - {s.index for s in stages})
         if unknown:
@@ -271,7 +269,8 @@ class Engine:
             result[1] = runner.mean_loss()
         if self.distributed:
             dist.broadcast(result, src=self.plan.loss_device)
-        return bool(result[0].item()), result[1].item()
+        has_loss, loss = result.tolist()
+        return bool(has_loss), loss
 
     def sync_shared_grads(self) -> None:
         """Sum the gradients of parameters held on several devices (tied weights) over those
@@ -383,6 +382,7 @@ class _DeviceRunner:
         self.device = device
         self.order = order
         self.prefetch = engine.distributed
+        self.stages_here = sum(1 for s in self.plan.specs.values() if s.device == device)
 
     def begin(self, step, micro_batch_size, input_batches, target_batches, loss_scale, training) -> None:
         self.step = step
@@ -399,8 +399,7 @@ class _DeviceRunner:
         self.values: dict[tuple[str, int], Any] = {}
         self.use_leaves: dict[tuple[int, str, int], Any] = {}
         self.saved: dict[tuple[int, int], tuple[tuple, Any, list[int]]] = {}
-        stages_here = sum(1 for s in self.plan.specs.values() if s.device == self.device)
-        self.backwards_left = {m: stages_here for m in range(self.engine.micro_batches)}
+        self.backwards_left = {m: self.stages_here for m in range(self.engine.micro_batches)}
         self.scaled_losses: dict[int, torch.Tensor] = {}
         self.losses: list[torch.Tensor] = []
 
@@ -551,8 +550,10 @@ class _DeviceRunner:
             uses = self.plan.uses[(self.device, name)]
             summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))
             grad_specs = [specs[k] for k in self.plan.gradient_leaves[name]]
-            zeros = comm.empty_payload(grad_specs, self.micro_batch_size, self.engine.device)
-            payload = [g if g is not None else z.zero_() for g, z in zip(summed, zeros)]
+            payload = [
+                g if g is not None else comm.empty_payload([spec], self.micro_batch_size, self.engine.device)[0].zero_()
+                for g, spec in zip(summed, grad_specs)
+            ]
         self.engine.transport.send(message, payload)
 
     def _post_receives_through(self, position: int) -> None:
@@ -594,7 +595,7 @@ def _leaf(value: Any, spec: dict | None) -> Any:
     """A value as a reader receives it: tensors become fresh leaves, requiring grad where the
     spec says the value carries a gradient."""
     if isinstance(value, torch.Tensor):
-        wants_grad = bool(spec and spec.get("kind") == "tensor" and spec["requires_grad"]) and value.is_floating_point()
+        wants_grad = bool(spec) and comm.carries_grad(spec) and value.is_floating_point()
         return value.detach().requires_grad_(wants_grad)
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
         items = spec.get("items") if spec else None

@@ -88,15 +88,16 @@ class SingleProcess:
         return list(self.model.parameters())
 
     def train_step(self, step: int, inputs: Any, targets: Any, loss_scale: float = 1.0) -> float:
-        total = 0.0
+        losses = []
         for i in range(self.micro_batches):
             x = tree_map(lambda t: t.chunk(self.micro_batches)[i], inputs)
             y = tree_map(lambda t: t.chunk(self.micro_batches)[i], targets)
             output = self.model(**x) if isinstance(x, dict) else self.model(*x)
             loss = self.loss_fn(output, y)
             (loss * (loss_scale / self.micro_batches)).backward()
-            total += loss.item()
-        return total / self.micro_batches
+            losses.append(loss.detach().reshape(()).to(torch.float64))
+        # One read of the device per step, as the engine's mean_loss.
+        return (torch.stack(losses).sum() / self.micro_batches).item()
 
     def sync_shared_grads(self) -> None:
         """Nothing to do: one process holds every parameter once."""
