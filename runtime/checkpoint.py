@@ -68,23 +68,6 @@ def save_state_dict(path: Path, state: dict[str, torch.Tensor]) -> None:
         _atomic(path, lambda temp: torch.save(plain, temp))
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a .safetensors file or a torch file (a state_dict, weights only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FtcError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as file:
-                return {key: file.get_tensor(key) for key in file.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FtcError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FtcError(f"checkpoint {path} holds no state_dict (a dict of tensors)")
-    return state
-
-
 def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module], training_state: dict) -> None:
     """Rank `rank`'s part of the checkpoint at `step`: weights first, then the training state,
     whose file marks the shard complete."""

@@ -31,7 +31,7 @@ from .config import Config
 from .data import Sampler, build_dataset, load_batch, tree_map
 from .model_file import ModelFile, import_file, load_model_file
 from .engine import Engine
-from .materialize import build_stages
+from .materialize import build_stages, load_checkpoint
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
 
@@ -150,7 +150,7 @@ def build_single(config: Config, model_file: ModelFile, device: torch.device) ->
     torch.manual_seed(config.seed)
     model = model_file.build()
     if config.init is not None:
-        model.load_state_dict(checkpoint.load_state_dict(config.init), strict=True)
+        load_checkpoint({0: model}, config.init)  # the pipeline modes' reader, so their errors match
     return model.to(device)
 
 
