@@ -55,7 +55,8 @@ def _memory_size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from ftc.frontends import FRONTENDS
     from ftc.passes.partition import METHODS
-    from ftc.passes.partition.memory import OPTIMIZER_STATES, SCHEDULES
+    from ftc.passes.partition.memory import OPTIMIZER_STATES
+    from ftc.runtime.config import SCHEDULES
     from ftc.passes.recompute import POLICIES
     from ftc.profiling import DEVICES, PROFILES, DeviceModel
 

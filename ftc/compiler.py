@@ -11,9 +11,10 @@ from ftc.ir import FtcError, Graph, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
-from ftc.passes.partition.memory import OPTIMIZER_STATES, SCHEDULES, MemorySettings
+from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings
 from ftc.passes.recompute import POLICIES
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
+from ftc.runtime.config import SCHEDULES
 from ftc.runtime.model_file import load_model_file
 
 

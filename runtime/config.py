@@ -24,7 +24,7 @@ from ftc.ir import FtcError
 DATA_SETS = ("synthetic", "bytes", "digits", "module")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b")  # the synchronous schedules (runtime/schedule.py)
 RECOMPUTE = ("pipeline", "always", "never")
 MODES = ("single", "local", "dist")
 BACKENDS = ("auto", "gloo", "nccl")

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from ftc.ir import FtcError
 
+from .config import SCHEDULES
 from .pipeline import StageSpec
 
-SCHEDULES = ("gpipe", "1f1b")
 FORWARD = "forward"
 BACKWARD = "backward"
 UNIT_COSTS = (1.0, 1.0)

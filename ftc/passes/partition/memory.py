@@ -25,7 +25,6 @@ import numpy as np
 from ftc.ir import FtcError
 
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-SCHEDULES = ("1f1b", "gpipe")
 UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
