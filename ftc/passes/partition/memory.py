@@ -17,6 +17,7 @@ bytes a node saved (Cost.peak_memory) replaces the estimate.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -47,11 +48,13 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def format_bytes(count: float) -> str:
+def format_bytes(count: float, up: bool = False) -> str:
+    """One decimal; `up` rounds up, for a limit that must hold `count`."""
     for suffix, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= scale:
-            return f"{count / scale:.1f} {suffix}"
-    return f"{count:.0f} B"
+            shown = math.ceil(count / scale * 10) / 10 if up else count / scale
+            return f"{shown:.1f} {suffix}"
+    return f"{math.ceil(count) if up else count:.0f} B"
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
         ),
         None,
     )
-    hint = f"raise --memory-limit to at least {format_bytes(peak)}"
+    hint = f"raise --memory-limit to at least {format_bytes(peak, up=True).replace(' ', '')}"
     hint += f", or use --stages {more}, which fits" if more else " or use more --stages"
     if settings.recompute == "never":
         hint += ", or allow --recompute auto"
