@@ -232,16 +232,17 @@ def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, se
     torch.set_num_threads(settings.threads)
     try:
         torch.manual_seed(0)
+        clock = _Clock(settings)
+        engine_start = _engine_start(clock, settings.device)
         if wants_save_memory(graph, settings):
             batch = model_file.inputs(graph.batch_size)  # on the host; nodes move what they read
-            measurement = _SaveMemory(graph, meta_model, settings).measure(batch)
+            measurement = _SaveMemory(graph, meta_model, settings).measure(batch, engine_start)
         else:
             model = model_file.build(settings.device)
             batch = model_file.inputs(graph.batch_size, settings.device)
-            measurement = _InContext(graph, model, settings).measure(batch)
-        clock = _Clock(settings)
+            measurement = _InContext(graph, model, settings).measure(batch, engine_start)
         measurement.stage_call = _stage_call(clock, settings.device)
-        measurement.loss = _time_loss(model_file, measurement.outputs, graph.batch_size, settings, clock)
+        measurement.loss = _time_loss(model_file, measurement.outputs, graph.batch_size, settings, clock, engine_start)
         return measurement
     finally:
         torch.set_num_threads(threads)
@@ -331,11 +332,11 @@ class _InContext(Interpreter):
         self.owner: dict[Any, str] = {}  # autograd node -> the IR node whose forward made it
         self.saved: _SavedBytes | None = None
 
-    def measure(self, batch: tuple | dict) -> Measurement:
+    def measure(self, batch: tuple | dict, engine_start: float) -> Measurement:
+        """`engine_start`: what one autograd call costs with nothing to compute (_engine_start)."""
         state = [*self.model.parameters(), *self.model.buffers()]
         per_hook = _hook_cost(self.clock, self.settings.device)
         overhead = _timing_overhead(self)
-        start_cost = _engine_start(self.clock, self.settings.device)
         fwd: dict[str, list[float]] = {}
         bwd: dict[str, list[float]] = {}
         # Run 0 counts saved tensors (its pack hooks would slow it), then warm-up, then timing.
@@ -362,7 +363,7 @@ class _InContext(Interpreter):
             for name, (begin, finish) in self.stamps.items():
                 fwd.setdefault(name, []).append(max(self.clock.seconds(begin, finish) - overhead, 0.0))
             spent: dict[str, float] = {}
-            previous, engine = start, start_cost  # the first interval holds the engine's start
+            previous, engine = start, engine_start  # the first interval holds the engine's start
             for name, stamp in events:
                 seconds = self.clock.seconds(previous, stamp) - per_hook - engine
                 spent[name] = spent.get(name, 0.0) + max(seconds, 0.0)
@@ -414,8 +415,8 @@ class _SaveMemory(Interpreter):
         state = (*meta_model.named_parameters(), *meta_model.named_buffers())
         self.names = {id(tensor): name for name, tensor in reversed(state)}
 
-    def measure(self, batch: tuple | dict) -> Measurement:
-        self.engine_start = _engine_start(self.clock, self.settings.device)
+    def measure(self, batch: tuple | dict, engine_start: float) -> Measurement:
+        self.engine_start = engine_start
         self.overhead = _timing_overhead(self)
         output = self.run(batch)
         return Measurement(self.nodes, save_memory=True, outputs=output)
@@ -562,7 +563,12 @@ def _stage_call(clock: _Clock, device: str) -> NodeProfile:
 
 
 def _time_loss(
-    model_file: ModelFile, outputs: Any, batch_size: int, settings: MeasureSettings, clock: _Clock
+    model_file: ModelFile,
+    outputs: Any,
+    batch_size: int,
+    settings: MeasureSettings,
+    clock: _Clock,
+    engine_start: float,
 ) -> NodeProfile | None:
     """loss_fn on the model's outputs, forward and backward to the outputs, as the last stage
     runs it: medians over the repeats after warm-up, the backward less an engine start (the
@@ -572,7 +578,6 @@ def _time_loss(
     if target is None:
         return None
     inputs = [t for t in tensors_in(leaves) if t.requires_grad]
-    engine = _engine_start(clock, settings.device)
     fwd, bwd = [], []
     for run in range(settings.warmup + settings.repeats):
         clock.sync()
@@ -584,7 +589,7 @@ def _time_loss(
         clock.sync()
         if run >= settings.warmup:
             fwd.append(clock.seconds(start, middle))
-            bwd.append(max(clock.seconds(middle, end) - engine, 0.0))
+            bwd.append(max(clock.seconds(middle, end) - engine_start, 0.0))
     return NodeProfile(statistics.median(fwd), statistics.median(bwd))
 
 
