@@ -114,7 +114,8 @@ def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
             else:
                 memory_bytes, estimated = int(cost["parameter_bytes"]), False
             recompute = bool(entry.get("recompute", False))
-            replay = fwd if recompute else 0.0
+            # Manifests from before recompute_time: the whole forward, fixed costs included.
+            replay = float(cost.get("recompute_time", fwd if recompute else 0.0))
             comm = max(predicted - fwd - bwd - replay, 0.0)
             forward_bytes = _bytes(entry["inputs"] + entry["outputs"], values, gradients=False)
             backward_bytes = _bytes(entry["inputs"] + entry["outputs"], values, gradients=True)

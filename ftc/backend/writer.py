@@ -99,6 +99,7 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
                 "bytes_in": sum(meta_nbytes(by_name[name].meta) for name in plan.inputs),
                 "bytes_out": sum(meta_nbytes(by_name[name].meta) for name in plan.outputs),
                 "predicted_time": problem.stage_time(members, recompute[plan.index]),
+                "recompute_time": problem.recompute_time(members, recompute[plan.index]),
                 "memory": memory.to_json(),
             }
         )

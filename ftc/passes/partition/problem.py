@@ -165,7 +165,12 @@ class Problem:
 
     def stage_time(self, members: np.ndarray, recompute: bool) -> float:
         """member_cost, plus the forward again in backward when the stage recomputes."""
-        return self.member_cost(members) + (float(self.forward[members].sum()) if recompute else 0.0)
+        return self.member_cost(members) + self.recompute_time(members, recompute)
+
+    def recompute_time(self, members: np.ndarray, recompute: bool) -> float:
+        """The re-forward a recomputing stage pays in backward: its ops' forward (the loss and
+        the stage call's fixed costs are paid once)."""
+        return float(self.forward[members].sum()) if recompute else 0.0
 
     def stage_memory(self, members: np.ndarray, position: int, stages: int, recompute: bool) -> StageMemory:
         """Memory of the stage holding the ops of a boolean mask at `position` of `stages`."""
