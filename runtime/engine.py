@@ -216,6 +216,16 @@ class Engine:
             costs[stage["index"]] = (forward, backward + (forward if stage["index"] in self.recompute else 0.0))
         return costs
 
+    @property
+    def reads_inputs(self) -> bool:
+        """Whether this process runs stages that read the pipeline's inputs."""
+        return not self.plan.data_devices.isdisjoint(self.runners)
+
+    @property
+    def reads_targets(self) -> bool:
+        """Whether this process computes the loss (on the last stage's device)."""
+        return self.plan.loss_device in self.runners
+
     def parameters(self) -> list[torch.nn.Parameter]:
         """This process's parameters, each once (tied weights held by several stages too)."""
         seen: dict[int, torch.nn.Parameter] = {}
@@ -246,7 +256,7 @@ class Engine:
 
     def _run(self, step: int, inputs: Any, targets: Any, loss_scale: float, training: bool) -> None:
         plan = self.plan
-        reads_inputs = inputs is not None and not plan.data_devices.isdisjoint(self.runners)
+        reads_inputs = inputs is not None and self.reads_inputs
         input_batches = self._split_inputs(inputs) if reads_inputs else None
         computes_loss = targets is not None and plan.loss_device in self.runners
         target_batches = self._split_targets(targets) if computes_loss else None

@@ -44,8 +44,6 @@ class Rank:
     world_size: int
     device: torch.device
     stages: list[int]
-    reads_inputs: bool
-    reads_targets: bool
 
 
 @dataclass
@@ -132,18 +130,8 @@ def recompute_set(config: Config, pipeline: Pipeline) -> set[int]:
 
 def plan_rank(config: Config, pipeline: Pipeline, rank: int, world_size: int, device: torch.device) -> Rank:
     if config.mode != "dist":
-        return Rank(0, 1, device, [s.index for s in pipeline.stages], True, True)
-    stages = [s for s in pipeline.stages if s.device == rank]
-    return Rank(
-        rank, world_size, device, [s.index for s in stages],
-        reads_inputs=any(set(s.inputs) & set(pipeline.inputs) for s in stages),
-        # The engine computes the loss on the last stage's device.
-        reads_targets=pipeline.stages[-1].device == rank,
-    )  # fmt: skip
-
-
-def build_modules(config: Config, model_file: ModelFile, pipeline: Pipeline, me: Rank) -> dict[int, torch.nn.Module]:
-    return build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
+        return Rank(0, 1, device, [s.index for s in pipeline.stages])
+    return Rank(rank, world_size, device, [s.index for s in pipeline.stages if s.device == rank])
 
 
 def build_single(config: Config, model_file: ModelFile, device: torch.device) -> torch.nn.Module:
@@ -231,7 +219,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         engine: Any = SingleProcess(model, loss_fn, config.micro_batches)
         modules = [model]
     else:
-        stage_modules = build_modules(config, model_file, pipeline, me)
+        stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
         modules = list(stage_modules.values())
         engine = Engine(
             pipeline, stage_modules, schedule=config.schedule, micro_batches=config.micro_batches,
@@ -252,7 +240,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         if folder is not None and config.checkpoint.resume:
             first_step = resume(folder, me, modules, optimizer, scheduler)
 
-    dataset = build_dataset(config.data, model_file) if me.reads_inputs or me.reads_targets else None
+    # The engine's message plan says which ranks read inputs and which computes the loss.
+    reads_inputs, reads_targets = (True, True) if config.mode == "single" else (engine.reads_inputs, engine.reads_targets)
+    dataset = build_dataset(config.data, model_file) if reads_inputs or reads_targets else None
     sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
@@ -272,7 +262,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             batch = step * config.step_every + k
             inputs = targets = None
             if sampler is not None:
-                inputs, targets = load_batch(dataset, sampler.indices(batch), me.reads_inputs, me.reads_targets)
+                inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets)
                 inputs, targets = (
                     None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets)
                 )
