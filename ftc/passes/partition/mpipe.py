@@ -56,7 +56,12 @@ def partition_mpipe(problem: Problem, devices: int, blocks: int | None = None) -
 
 def _mixed(problem: Problem, devices: int, count: int, cost: np.ndarray) -> Partition | None:
     """Coarsen into `count` blocks, pack, refine; None when no device assignment fits memory."""
-    timing = Problem(problem.ops, problem.time, problem.transfers, problem.no_cut, problem.bandwidth, name=problem.name)
+    # Blocks balance time alone (the memory limit applies to devices, in packing), the loss
+    # included, so that the block holding it comes out smaller.
+    timing = Problem(
+        problem.ops, problem.time, problem.transfers, problem.no_cut, problem.bandwidth,
+        name=problem.name, stage_call=problem.stage_call, loss=problem.loss,
+    )  # fmt: skip
     block_starts, _ = split_pipedream(timing, count)
     tables = StageTables(problem, devices)
     limit = problem.footprint.settings.limit
