@@ -196,6 +196,7 @@ def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: i
             rows[index]["rounds"].append({"reference": reference_times[-2:], "times": times})
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -293,7 +294,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker, args.batch, args.rounds, args.steps, args.warmup, args.micro_batches, args.compare)
-        return
+        sys.stdout.flush()
+        os._exit(0)  # skips the interpreter's teardown of the transport, as ftc.runtime.worker does
 
     from ftc.compiler import CompileOptions, compile_model
 

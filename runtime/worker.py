@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             backend(config), rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=config.timeout_s)
         )
         train(config, rank, world_size, status)
+        # No rank closes its connections while a peer may still be reading from them.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         return 0
     except Exception as exc:
@@ -109,17 +111,29 @@ def launch(config: Config) -> Results:
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
         code = subprocess.run(command, env=env, stderr=log_file).returncode
+    states = [_rank_state(run_dir, rank) for rank in range(nprocs)]
     if code != 0:
-        raise FtcError(_failure_report(run_dir, nprocs, code, log.read_text()), f"torchrun's log: {log}")
+        report = _failure_report(states, code, log.read_text())
+        if not (results_path.is_file() and all(state and state["state"] == "done" for state in states)):
+            raise FtcError(report, f"torchrun's log: {log}")
+        # Training, its results and its checkpoints are complete: a process that then failed
+        # to shut down cleanly is worth a warning, not the loss of the run.
+        print(f"ftc train: warning: every rank finished, but {report}\n  (torchrun's log: {log})", file=sys.stderr)
     data = json.loads(results_path.read_text())
-    shutil.rmtree(run_dir)
+    if code == 0:
+        shutil.rmtree(run_dir)
     results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
                       data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
                       data["peak_memory_bytes"])  # fmt: skip
     return results
 
 
-def _failure_report(run_dir: Path, nprocs: int, code: int, log: str) -> str:
+def _rank_state(run_dir: Path, rank: int) -> dict | None:
+    path = run_dir / f"rank-{rank}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _failure_report(states: list[dict | None], code: int, log: str) -> str:
     lines = [f"training failed (torchrun exited with {code}):"]
     # torchrun's summary names the first process that failed: "rank : 2 (local_rank: 2)".
     root_cause = log.partition("Root Cause")[2]
@@ -129,21 +143,27 @@ def _failure_report(run_dir: Path, nprocs: int, code: int, log: str) -> str:
         lines.append(
             f"  torchrun saw rank {first[1]} fail first" + (f" (exit code {exit_code[1]})" if exit_code else "")
         )
-    for rank in range(nprocs):
-        path = run_dir / f"rank-{rank}.json"
-        if not path.is_file():
+    for rank, state in enumerate(states):
+        if state is None:
             lines.append(f"  rank {rank}: never started training")
-            continue
-        state = json.loads(path.read_text())
-        if state["state"] == "failed":
+        elif state["state"] == "failed":
             when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
             lines.append(f"  rank {rank}: failed {when}: {state['error']}")
         elif state["state"] == "running":
             lines.append(f"  rank {rank}: died or was stopped at step {state['step']} without an error of its own")
+        elif first and int(first[1]) == rank:
+            lines.append(f"  rank {rank}: finished training, then its process failed while shutting down")
         else:
             lines.append(f"  rank {rank}: finished")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The rank's work is done and recorded (results, checkpoints, status). The interpreter's own
+    # teardown would now destroy what is left of the communication library (objects kept alive
+    # by reference cycles, threads of its transport), which at times aborted a finished rank
+    # (SIGABRT, "terminate called without an active exception"); exiting here skips it.
+    os._exit(code)

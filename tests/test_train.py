@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ftc.cli import main as cli_main
+from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
 from ftc.runtime.data import Sampler, build_dataset, load_batch
@@ -233,3 +234,54 @@ def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
     assert failed.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: failed at step 2: the loss is nan at step 2" in failed.stderr, failed.stderr
+
+
+TORCHRUN_ABORT_LOG = """terminate called without an active exception
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -6 (pid: 4242)  (SIGABRT)
+"""
+
+
+def fake_torchrun(monkeypatch, states: list[str], results: dict | None):
+    """Replace torchrun with a run whose ranks end in `states` and whose rank 1 then aborts,
+    as a gloo process can while shutting down."""
+    import ftc.runtime.worker as worker
+
+    def run(command, env, stderr):
+        status_dir = Path(env["FTC_STATUS_DIR"])
+        for rank, state in enumerate(states):
+            checkpoint.write_json(
+                status_dir / f"rank-{rank}.json", {"rank": rank, "state": state, "step": 3, "error": None}
+            )
+        if results is not None:
+            checkpoint.write_json(Path(command[command.index("--set") + 1].partition("=")[2]), results)
+        stderr.write(TORCHRUN_ABORT_LOG)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(worker.subprocess, "run", run)
+
+
+def test_a_rank_that_aborts_after_finishing_keeps_the_run_with_a_warning(tiny, monkeypatch, capsys):
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "abort-at-exit", mode="dist", steps=3)
+    written = {"config": cfg.to_json(), "mode": "dist", "world_size": 2, "first_step": 0, "loss": [5.0, 4.0, 3.0],
+               "lr": [0.1] * 3, "samples_per_s": 10.0, "wall_time_s": 1.0, "checkpoint": None, "plot": None,
+               "peak_memory_bytes": None}  # fmt: skip
+    fake_torchrun(monkeypatch, ["done", "done"], written)
+    results = launch(cfg)
+    assert results.loss == [5.0, 4.0, 3.0]
+    err = capsys.readouterr().err
+    assert "warning: every rank finished" in err
+    assert "rank 1: finished training, then its process failed while shutting down" in err, err
+
+
+def test_a_rank_that_aborts_before_finishing_fails_the_run(tiny, monkeypatch):
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "abort-midway", mode="dist", steps=3)
+    fake_torchrun(monkeypatch, ["done", "running"], None)
+    with pytest.raises(FtcError) as failure:
+        launch(cfg)
+    assert "torchrun saw rank 1 fail first (exit code -6)" in failure.value.message
+    assert "rank 1: died or was stopped at step 3" in failure.value.message
