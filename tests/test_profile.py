@@ -344,10 +344,25 @@ def test_save_memory_mode_computes_the_model_and_similar_costs(path, tmp_path):
     assert not in_context.save_memory
     compute = [node.name for node in graph.nodes if node.is_compute]
     assert set(saving.nodes) == set(in_context.nodes) == set(compute)
+
+    def totals(profile, kind):
+        return sum(getattr(profile.nodes[n], kind) for n in compute)
+
     for kind in ("fwd_time", "bwd_time", "peak_memory"):
-        total_saving = sum(getattr(saving.nodes[n], kind) for n in compute)
-        total_in_context = sum(getattr(in_context.nodes[n], kind) for n in compute)
-        assert 0.1 < total_saving / total_in_context < 10, (kind, total_saving, total_in_context)
+        saving_total, in_context_total = totals(saving, kind), totals(in_context, kind)
+        # These are microsecond timings: a burst of load on the machine (other tests, other
+        # processes) can slow one profile tenfold. The fastest of a few profiles of each mode
+        # is what the modes' costs are compared on.
+        for _ in range(3):
+            if 0.1 < saving_total / in_context_total < 10:
+                break
+            saving_total = min(
+                saving_total, totals(measure(graph, model_file, meta_model, MeasureSettings(save_memory=True)), kind)
+            )
+            in_context_total = min(
+                in_context_total, totals(measure(graph, model_file, meta_model, MeasureSettings()), kind)
+            )
+        assert 0.1 < saving_total / in_context_total < 10, (kind, saving_total, in_context_total)
 
 
 def test_save_memory_mode_is_chosen_for_a_model_large_for_the_device(tmp_path, monkeypatch):
