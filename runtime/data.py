@@ -41,7 +41,7 @@ import torch
 
 from ftc.ir import FtcError
 
-from .model_file import ModelFile, import_file, user_frame
+from .model_file import ModelFile, function_from_file, user_frame
 
 SKIPPED_FOLDERS = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
 
@@ -234,13 +234,8 @@ def from_module(model_file: ModelFile, module: str | None = None, **options: Any
             raise FtcError(f"data set 'module' without data.module needs a function dataset() in {model_file.path}",
                            "add `def dataset(**options)` to the model file or set data.module to \"file.py:function\"")  # fmt: skip
     else:
-        file, sep, name = module.rpartition(":")
-        if not sep or not file:
-            raise FtcError(f"config key 'data.module' is {module!r}; give \"path/to/file.py:function\"")
         where = module
-        function = getattr(_import(Path(file)), name, None)
-        if not callable(function):
-            raise FtcError(f"config key 'data.module': {file} defines no function {name}()")
+        function = function_from_file(module, "data.module", "ftc_data_module")
     _check_options(function, (), options, where)
     try:
         return function(**options)
@@ -254,9 +249,3 @@ def _check_options(function: Callable, positional: tuple, options: dict, what: s
     except TypeError as exc:
         raise FtcError(f"config key 'data': {what} does not take the options {sorted(options)}: {exc}",
                        "see the data-set options in ftc.runtime.data's docstring") from exc  # fmt: skip
-
-
-def _import(path: Path):
-    if not path.is_file():
-        raise FtcError(f"config key 'data.module': {path} does not exist")
-    return import_file(path, "ftc_data_module", "data module")

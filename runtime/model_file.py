@@ -121,6 +121,22 @@ def import_file(path: Path, package: str, what: str) -> ModuleType:
     return module
 
 
+def function_from_file(reference: str, key: str, package: str) -> Callable:
+    """The function that config key `key`'s value "path/to/file.py:function" names, its file
+    imported under `package`; an FtcError naming the key when the value is not of that form,
+    the file is missing or it defines no such function."""
+    file, sep, name = reference.rpartition(":")
+    if not sep or not file or not name:
+        raise FtcError(f"config key '{key}' is {reference!r}", 'give "path/to/file.py:function"')
+    path = Path(file)
+    if not path.is_file():
+        raise FtcError(f"config key '{key}': {file} does not exist", 'give "path/to/file.py:function"')
+    function = getattr(import_file(path, package, f"file of config key '{key}'"), name, None)
+    if not callable(function):
+        raise FtcError(f"config key '{key}': {file} defines no function {name}()")
+    return function
+
+
 def load_model_file(path: str | Path) -> ModelFile:
     path = Path(path)
     if not path.is_file():

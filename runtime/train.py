@@ -29,7 +29,7 @@ from ftc.ir import FtcError
 from . import checkpoint
 from .config import Config
 from .data import Sampler, build_dataset, load_batch, tree_map
-from .model_file import ModelFile, import_file, load_model_file
+from .model_file import ModelFile, function_from_file, load_model_file
 from .engine import Engine
 from .materialize import build_stages, load_checkpoint
 from .optim import build_optimizer, build_scheduler, lr_factor
@@ -107,13 +107,9 @@ def resolve_loss(config: Config, model_file: ModelFile) -> Callable:
             raise FtcError(f"{model_file.path} defines no loss_fn and config key 'loss' is not set",
                            "add `def loss_fn(output, target)` to the model file or set \"loss\"")  # fmt: skip
         return model_file.loss_fn
-    file, sep, name = config.loss.rpartition(":")
-    if sep and file:
-        if not Path(file).is_file():
-            raise FtcError(f"config key 'loss': {file} does not exist")
-        function = getattr(import_file(Path(file), "ftc_loss", "loss module"), name, None)
-    else:
-        function = getattr(model_file.module, name, None) or getattr(torch.nn.functional, name, None)
+    if ":" in config.loss:
+        return function_from_file(config.loss, "loss", "ftc_loss")
+    function = getattr(model_file.module, config.loss, None) or getattr(torch.nn.functional, config.loss, None)
     if not callable(function):
         raise FtcError(f"config key 'loss' is {config.loss!r}, which names no function",
                        "name a function of the model file, of torch.nn.functional, or \"file.py:function\"")  # fmt: skip

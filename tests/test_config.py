@@ -100,3 +100,30 @@ def test_lr_schedules_warm_up_then_decay_to_min_lr():
     linear = LrScheduleConfig("linear", warmup_steps=0, min_lr=0.0)
     assert [lr_factor(s, linear, 2.0, 5) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert lr_factor(100, LrScheduleConfig("constant"), 1.0, 5) == 1.0
+
+
+def test_the_loss_key_names_a_function_of_the_model_file_of_torch_or_of_a_file(tmp_path):
+    import torch.nn.functional as F
+
+    from ftc.runtime.model_file import load_model_file
+    from ftc.runtime.train import resolve_loss
+
+    model_file = load_model_file(ROOT / "examples" / "mlp.py")
+    losses = tmp_path / "losses.py"
+    losses.write_text("def half_mse(output, target):\n    return 0.5 * ((output - target) ** 2).mean()\n")
+
+    def loss(value):
+        return resolve_loss(load_config(data={"pipeline": "p", "loss": value}), model_file)
+
+    assert resolve_loss(load_config(data={"pipeline": "p"}), model_file) is model_file.loss_fn
+    assert loss("loss_fn") is model_file.loss_fn
+    assert loss("mse_loss") is F.mse_loss
+    assert loss(f"{losses}:half_mse").__name__ == "half_mse"
+    for value, error in [
+        ("no_such_loss", "config key 'loss' is 'no_such_loss', which names no function"),
+        (f"{tmp_path / 'nowhere.py'}:half_mse", "config key 'loss': " + str(tmp_path / "nowhere.py") + " does not exist"),
+        (f"{losses}:mae", "losses.py defines no function mae()"),
+    ]:
+        with pytest.raises(FtcError) as failure:
+            loss(value)
+        assert error in failure.value.message

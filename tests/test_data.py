@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
@@ -95,6 +96,13 @@ def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
         build_dataset({"name": "module"}, model_file)
     with pytest.raises(FtcError, match="does not take the options"):
         build_dataset({"name": "digits", "colour": True}, model_file)
+    for module, error in [
+        ("squares", "config key 'data.module' is 'squares'"),
+        (f"{tmp_path / 'nowhere.py'}:squares", "nowhere.py does not exist"),
+        (f"{data_path}:cubes", "squares.py defines no function cubes()"),
+    ]:
+        with pytest.raises(FtcError, match=re.escape(error)):
+            build_dataset({"name": "module", "module": module}, model_file)
 
 
 def test_the_two_tower_click_log_plugs_in_as_a_module():
