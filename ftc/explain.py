@@ -19,7 +19,6 @@ from pathlib import Path
 
 from ftc.tables import human, table
 from ftc.ir import FtcError
-from ftc.ir.graph import DTYPE_BYTES
 from ftc.runtime.pipeline import Pipeline, load_pipeline
 from ftc.runtime.schedule import BACKWARD, SCHEDULES, Timeline, simulate
 
@@ -100,27 +99,20 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
 
 def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
     manifest_path = pipeline.folder / "pipeline.json"
-    values = pipeline.manifest.get("values", {})
     rows = []
     estimated = True
     for entry in pipeline.manifest["stages"]:
         cost = entry.get("cost")
         try:
             fwd, bwd = float(cost["fwd_time"]), float(cost["bwd_time"])
-            predicted = float(cost["predicted_time"])
             memory = cost.get("memory")
             if isinstance(memory, dict) and "total" in memory:
                 memory_bytes = int(memory["total"])
             else:
                 memory_bytes, estimated = int(cost["parameter_bytes"]), False
             recompute = bool(entry.get("recompute", False))
-            # Manifests from before recompute_time: the whole forward, fixed costs included.
-            replay = float(cost.get("recompute_time", fwd if recompute else 0.0))
-            comm = max(predicted - fwd - bwd - replay, 0.0)
-            forward_bytes = _bytes(entry["inputs"] + entry["outputs"], values, gradients=False)
-            backward_bytes = _bytes(entry["inputs"] + entry["outputs"], values, gradients=True)
-            moved = forward_bytes + backward_bytes
-            comm_fwd = comm * forward_bytes / moved if moved else comm
+            replay = float(cost["recompute_time"])
+            comm_fwd, comm_bwd = float(cost["comm_fwd_time"]), float(cost["comm_bwd_time"])
             rows.append(
                 StageCost(
                     index=int(entry["index"]),
@@ -131,7 +123,7 @@ def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
                     fwd_time=fwd,
                     bwd_time=bwd + replay,
                     comm_fwd=comm_fwd,
-                    comm_bwd=comm - comm_fwd,
+                    comm_bwd=comm_bwd,
                     bytes_in=int(cost["bytes_in"]),
                     bytes_out=int(cost["bytes_out"]),
                     recompute=recompute,
@@ -143,20 +135,6 @@ def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
                 "recompile the pipeline with `ftc compile`",
             ) from exc
     return rows, estimated
-
-
-def _bytes(names: list[str], values: dict, gradients: bool) -> int:
-    """Bytes of the tensors among `names` (or of their gradients: floating ones requiring grad)."""
-    total = 0
-    for name in names:
-        spec = values.get(name, {})
-        if spec.get("kind") != "tensor":
-            continue
-        dtype = spec.get("dtype", "float32")
-        if gradients and not (spec.get("requires_grad") and dtype.startswith(("float", "bfloat", "complex"))):
-            continue
-        total += math.prod(spec.get("shape", [])) * DTYPE_BYTES.get(dtype, 4)
-    return total
 
 
 def render(explanation: Explanation) -> str:

@@ -71,7 +71,8 @@ def _synthetic(tmp_path, devices: list[int], fwd: float = 1.0, bwd: float = 2.0,
                 "cost": {
                     "ops": 3, "parameters": 10, "parameter_bytes": 40, "fwd_flops": 0, "bwd_flops": 0,
                     "fwd_time": fwd, "bwd_time": bwd, "bytes_in": 16, "bytes_out": 16,
-                    "predicted_time": fwd + bwd + comm,
+                    "predicted_time": fwd + bwd + comm, "recompute_time": 0.0,
+                    "comm_fwd_time": 0.75 * comm, "comm_bwd_time": 0.25 * comm,
                 },
             }
         )  # fmt: skip
@@ -104,12 +105,13 @@ def test_bubble_of_equal_stages_is_the_closed_form(stages, micro_batches, tmp_pa
         assert prediction.throughput == pytest.approx(16 / step)
 
 
-def test_communication_is_split_and_devices_holding_several_stages_are_totalled(tmp_path, capsys):
+def test_communication_recomputation_and_devices_holding_several_stages_are_totalled(tmp_path, capsys):
     folder = _synthetic(tmp_path, [0, 1, 0, 1], comm=0.5)
     manifest = json.loads((folder / "pipeline.json").read_text())
     recomputing = manifest["stages"][3]
     recomputing["recompute"] = True
-    recomputing["cost"]["predicted_time"] += recomputing["cost"]["fwd_time"]  # the re-forward
+    recomputing["cost"]["recompute_time"] = recomputing["cost"]["fwd_time"]  # the re-forward
+    recomputing["cost"]["predicted_time"] += recomputing["cost"]["fwd_time"]
     (folder / "pipeline.json").write_text(json.dumps(manifest))
     explanation = explain(folder, [4])
     for stage in explanation.stages:
@@ -117,8 +119,7 @@ def test_communication_is_split_and_devices_holding_several_stages_are_totalled(
         assert stage.total == pytest.approx(4.5 if stage.recompute else 3.5)
     assert [s.recompute for s in explanation.stages] == [False, False, False, True]
     assert explanation.stages[3].bwd_time == pytest.approx(3.0)  # backward 2 s + forward again 1 s
-    # Stage 0 receives v0 (no gradient) and sends v1 (with one): 32 bytes forward, 16 backward.
-    assert explanation.stages[0].comm_fwd == pytest.approx(0.5 * 32 / 48)
+    assert explanation.stages[0].comm_fwd == pytest.approx(0.75 * 0.5)
     devices = explanation.devices()
     assert sorted(devices) == [0, 1] and [s.index for s in devices[0]] == [0, 2]
     code, out, err = run_cli(["explain", folder, "--micro-batches", 4], capsys)

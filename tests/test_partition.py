@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from ftc.ir import FtcError
+from ftc.ir import FtcError, SeqMeta, TensorMeta
 from ftc.passes.partition.pipedream import split_pipedream
-from ftc.passes.partition.problem import FixedCost, Problem, Transfer
+from ftc.passes.partition.problem import FixedCost, Problem, Transfer, comm_bytes, gradient_bytes
 
 REL = 1e-9
 
@@ -217,6 +217,28 @@ def test_interval_costs_single_transfer_by_hand():
     for (i, j), cost in expected.items():
         assert problem.stage_cost(i, j) == cost, (i, j)
         assert math.isclose(matrix[i, j], cost, abs_tol=1e-12), (i, j, matrix[i, j])
+
+
+def test_communication_splits_into_values_forward_and_gradients_backward():
+    """The value of test_interval_costs_single_transfer_by_hand with 4 of its 10 bytes moving
+    backward (its gradient): the sender of ops 0..1 pays 6 / 2 = 3 s forward and 2 s backward."""
+    transfer = Transfer("v", 1, [2, 4], 10, grad_bytes=4)
+    problem = Problem([f"op{k}" for k in range(5)], np.zeros(5), [transfer], np.zeros(5, bool), 2.0)
+    members = np.array([True, True, False, False, False])
+    assert problem.member_comm(members) == (3.0, 2.0)
+    assert problem.member_cost(members) == 5.0
+    assert problem.member_comm(~members) == (3.0, 2.0)  # the receiver pays the same
+    assert problem.member_comm(np.ones(5, bool)) == (0.0, 0.0)
+
+
+def test_gradient_bytes_count_floating_tensors_that_require_grad():
+    activation = TensorMeta([8, 16], "float32", requires_grad=True, batch_dim=0)
+    tokens = TensorMeta([8, 16], "int64", batch_dim=0)
+    frozen = TensorMeta([8, 16], "float32", batch_dim=0)
+    assert gradient_bytes(activation) == comm_bytes(activation) - activation.nbytes == 512
+    assert gradient_bytes(tokens) == gradient_bytes(frozen) == 0
+    pair = SeqMeta("tuple", [activation, tokens])
+    assert gradient_bytes(pair) == 512 and comm_bytes(pair) == 2 * 512 + 1024
 
 
 # ---------------------------------------------------------------------------------------------

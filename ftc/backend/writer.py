@@ -87,6 +87,7 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
         parameters = [graph.state[name] for name in plan.state if graph.state[name].kind == "parameter"]
         memory = problem.stage_memory(members, plan.index, len(plans), recompute[plan.index])
         fixed = problem.fixed(members)  # the stage call, and the loss on the last stage
+        comm_fwd, comm_bwd = problem.member_comm(members)
         rows.append(
             {
                 "ops": len(plan.nodes),
@@ -100,6 +101,8 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
                 "bytes_out": sum(meta_nbytes(by_name[name].meta) for name in plan.outputs),
                 "predicted_time": problem.stage_time(members, recompute[plan.index]),
                 "recompute_time": problem.recompute_time(members, recompute[plan.index]),
+                "comm_fwd_time": comm_fwd,
+                "comm_bwd_time": comm_bwd,
                 "memory": memory.to_json(),
             }
         )
@@ -116,7 +119,8 @@ def write_pipeline(
     force: bool = False,
     recompute: list[bool] | None = None,
 ) -> tuple[Path, list[dict]]:
-    """`recompute`: which stages recompute (None: none does)."""
+    """Write the stage modules, ir.json and pipeline.json into out_dir/<name>; return that
+    folder and the manifest. `recompute`: which stages recompute (None: none does)."""
     folder = Path(out_dir) / graph.name
     previous = recorded_stage_files(folder)
     edited = edited_files(folder, previous)
@@ -184,7 +188,7 @@ def write_pipeline(
         _write_atomic(folder / name, text)
     for stale in sorted(set(previous) - set(files)):
         (folder / stale).unlink(missing_ok=True)
-    return folder, manifest["stages"]
+    return folder, manifest
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -211,7 +211,7 @@ def linearize(problem: Problem, stage_of: np.ndarray) -> tuple[Problem, np.ndarr
     for t in problem.transfers:
         consumers = sorted({int(position[c]) for c in t.consumers})
         producer = min(int(position[t.producer]), consumers[0])
-        transfers.append(Transfer(t.value, producer, consumers, t.nbytes, t.value_bytes))
+        transfers.append(Transfer(t.value, producer, consumers, t.nbytes, t.value_bytes, t.grad_bytes))
     atom = atoms_of(problem)[order]
     no_cut = np.append(atom[1:] == atom[:-1], False)
     state = [replace(use, readers=sorted(int(position[r]) for r in use.readers)) for use in problem.footprint.state]

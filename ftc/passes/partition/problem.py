@@ -79,6 +79,11 @@ def comm_bytes(meta) -> int:
     return 0
 
 
+def gradient_bytes(meta) -> int:
+    """The part of comm_bytes that moves backward: gradients of floating tensors that require grad."""
+    return sum(t.nbytes for t in meta_tensors(meta) if t.requires_grad and t.is_float)
+
+
 def may_draw_random(node: Node, modules: dict[str, str]) -> bool:
     """Whether running the node may draw random numbers: a random function, a dropout module,
     or a module of the model's own (LEAF_MODULES) whose code ftc does not see."""
@@ -95,6 +100,7 @@ class Transfer:
     consumers: list[int]  # sorted, distinct op positions that read it (outputs: the last op)
     nbytes: int  # moved across a boundary, forward and backward (comm_bytes)
     value_bytes: int = 0  # the value itself: what a receiving stage keeps per micro-batch
+    grad_bytes: int = 0  # the part of nbytes that moves backward (gradient_bytes)
 
 
 @dataclass(frozen=True)
@@ -146,13 +152,19 @@ class Problem:
 
     def member_cost(self, members: np.ndarray) -> float:
         """Cost of the stage holding the ops of a boolean mask (any set, contiguous or not)."""
-        moved = 0
+        return float(self.time[members].sum()) + sum(self.member_comm(members)) + self.fixed(members).total
+
+    def member_comm(self, members: np.ndarray) -> tuple[float, float]:
+        """Seconds the stage holding the ops of a boolean mask spends sending and receiving, in
+        its forward (values) and in its backward (their gradients)."""
+        moved = backward = 0
         for t in self.transfers:
             inside = members[t.producer]
             readers = members[t.consumers]
             if (inside and not readers.all()) or (not inside and readers.any()):
                 moved += t.nbytes
-        return float(self.time[members].sum()) + moved / self.bandwidth + self.fixed(members).total
+                backward += t.grad_bytes
+        return (moved - backward) / self.bandwidth, backward / self.bandwidth
 
     def fixed(self, members: np.ndarray) -> FixedCost:
         """The fixed costs of the stage holding the ops of a boolean mask (see the module doc)."""
@@ -280,7 +292,8 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
     by_name = graph.by_name()
     transfers = [
         Transfer(
-            name, position[name], sorted(consumers), comm_bytes(by_name[name].meta), meta_nbytes(by_name[name].meta)
+            name, position[name], sorted(consumers), comm_bytes(by_name[name].meta), meta_nbytes(by_name[name].meta),
+            gradient_bytes(by_name[name].meta),
         )
         for name, consumers in readers.items()
     ]
@@ -338,7 +351,7 @@ def _saved_bytes(node: Node) -> float:
         return float(node.cost.peak_memory)
     if is_view_op(node.target):
         return 0.0
-    return float(sum(t.nbytes for t in meta_tensors(node.meta) if t.requires_grad and t.is_float))
+    return float(gradient_bytes(node.meta))
 
 
 def _state_uses(graph: Graph, position: dict[str, int]) -> list[StateUse]:
