@@ -37,10 +37,8 @@ def compile_once(layers: int, stages: int) -> dict:
         compiled = compile_model(MODEL, out, CompileOptions(stages=stages, batch_size=4, name=f"gpt2_{layers}"))
         wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     flops: dict[int, int] = {}
-    times: dict[int, float] = {}
     for stage in compiled.stages:
         flops[stage["device"]] = flops.get(stage["device"], 0) + stage["cost"]["fwd_flops"]
-        times[stage["device"]] = times.get(stage["device"], 0.0) + stage["cost"]["predicted_time"]
     parameters = sum(stage["cost"]["parameters"] for stage in compiled.stages)
     per_device = list(flops.values())
     return {
@@ -51,7 +49,7 @@ def compile_once(layers: int, stages: int) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "flops_balance": max(per_device) / (sum(per_device) / len(per_device)),
-        "time_balance": max(times.values()) / (sum(times.values()) / len(times)),
+        "time_balance": compiled.manifest["predicted"]["balance"],
         "gflops_min": min(per_device) / 1e9,
         "gflops_max": max(per_device) / 1e9,
     }

@@ -139,12 +139,9 @@ def run_compile(args: argparse.Namespace) -> int:
     print(table(["stage", "device", "ops", "params", "fwd FLOPs", "predicted ms", "sends", "memory", "recompute"], rows))
     times = [stage["cost"]["predicted_time"] for stage in compiled.stages]
     print(f"predicted balance (max/mean stage time): {max(times) / (sum(times) / len(times)):.3f}")
-    device_times: dict[int, float] = {}
-    for stage in compiled.stages:
-        device_times[stage["device"]] = device_times.get(stage["device"], 0.0) + stage["cost"]["predicted_time"]
-    if len(device_times) < len(times):  # mixed pipe: devices run several stages
-        loads = list(device_times.values())
-        print(f"predicted balance (max/mean device time): {max(loads) / (sum(loads) / len(loads)):.3f}")
+    predicted = compiled.manifest["predicted"]
+    if len(predicted["device_times"]) < len(times):  # mixed pipe: devices run several stages
+        print(f"predicted balance (max/mean device time): {predicted['balance']:.3f}")
     return 0
 
 

@@ -81,8 +81,12 @@ class CompileOptions:
 class Compiled:
     graph: Graph
     folder: Path
-    stages: list[dict]  # the manifest's stage entries
+    manifest: dict  # pipeline.json
     notes: list[str] = field(default_factory=list)  # lines for the compile output (the profile used)
+
+    @property
+    def stages(self) -> list[dict]:
+        return self.manifest["stages"]
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions) -> Compiled:
@@ -119,7 +123,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         or (options.method == "mpipe" and key == "blocks")
         or (options.profile == "measure" and key in ("device", "threads"))
     }
-    folder, stages = write_pipeline(
+    folder, manifest = write_pipeline(
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip
-    return Compiled(graph, folder, stages, notes)
+    return Compiled(graph, folder, manifest, notes)
