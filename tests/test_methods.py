@@ -28,7 +28,7 @@ from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
 from ftc.passes.partition.memory import Footprint, MemorySettings, StateUse, parse_bytes
 from ftc.passes.partition.metis import atoms_of, partition_metis
-from ftc.passes.partition.pipedream import least_peak, split_pipedream
+from ftc.passes.partition.pipedream import StageTables, least_peak, split_pipedream
 from ftc.passes.partition.problem import FixedCost, Partition, Problem, Transfer
 from ftc.passes.recompute import choose_recompute, recompute_rule
 from ftc.profiling import DeviceModel, profile_analytic
@@ -348,7 +348,7 @@ def test_memory_limited_dp_matches_brute_force():
                 with pytest.raises(FtcError) as info:
                     split_pipedream(problem, stages)
                 assert "least possible peak" in info.value.message
-                assert least_peak(problem, stages)[0] == pytest.approx(peak)
+                assert least_peak(StageTables(problem, stages))[0] == pytest.approx(peak)
                 infeasible += 1
                 continue
             starts, flags = split_pipedream(problem, stages)
@@ -375,7 +375,7 @@ def test_infeasible_limit_names_the_least_peak(analyzed):
     problem = build_problem(graph, 1.0, MemorySettings(limit=10**6))
     with pytest.raises(FtcError) as info:
         partition(problem, "pipedream", 4)
-    peak, _ = least_peak(problem, 4)
+    peak, _ = least_peak(StageTables(problem, 4))
     assert info.value.message.startswith("no split of gpt into 4 stages fits 1.0 MB per device")
     assert f"least possible peak is {peak / 1e6:.1f} MB" in info.value.message
     assert "--memory-limit" in info.value.hint
@@ -420,7 +420,7 @@ def test_every_method_keeps_each_device_within_the_limit(analyzed):
     recompute flags) within it or refuses with an error naming the limit; the cost-aware
     methods pipedream and mpipe always fit."""
     graph, _ = analyzed(EXAMPLES / "gpt.py")
-    peak, _ = least_peak(build_problem(graph, 1.0, MemorySettings(limit=1)), 4)
+    peak, _ = least_peak(StageTables(build_problem(graph, 1.0, MemorySettings(limit=1)), 4))
     limit = int(peak * 1.2)
     problem = build_problem(graph, 1.0, MemorySettings(limit=limit))
     fitted = set()
@@ -437,6 +437,27 @@ def test_every_method_keeps_each_device_within_the_limit(analyzed):
         fitted.add(method)
     assert {"pipedream", "mpipe"} <= fitted, fitted
     assert any(partition(problem, "pipedream", 4).recompute)
+
+
+def test_mpipe_builds_its_quadratic_tables_once(analyzed, monkeypatch):
+    """Interval costs and interval memory take O(N^2) time and memory: mpipe's coarsenings,
+    packings, refinements and its one-stage-per-device candidate share one of each."""
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    calls = {"interval_costs": 0, "interval_tables": 0}
+    for cls, name in ((Problem, "interval_costs"), (Footprint, "interval_tables")):
+        original = getattr(cls, name)
+
+        def counted(self, *args, original=original, name=name):
+            calls[name] += 1
+            return original(self, *args)
+
+        monkeypatch.setattr(cls, name, counted)
+    peak, _ = least_peak(StageTables(build_problem(graph, 1.0, MemorySettings(limit=1)), 4))
+    for limit in (None, int(peak * 1.2)):
+        calls.update(interval_costs=0, interval_tables=0)
+        result = partition(build_problem(graph, 1.0, MemorySettings(limit=limit)), "mpipe", 4)
+        assert result.num_stages >= 4
+        assert calls == {"interval_costs": 1, "interval_tables": 0 if limit is None else 1}, (limit, calls)
 
 
 def test_recompute_never_and_always():

@@ -40,11 +40,11 @@ def partition_mpipe(problem: Problem, devices: int, blocks: int | None = None) -
     # Without --blocks, a few coarsenings are tried: which packs best depends on the model.
     counts = [blocks] if blocks is not None else [2 * devices, 3 * devices, 4 * devices]
     counts = sorted({min(count, problem.max_stages()) for count in counts})
-    cost = problem.interval_costs()
-    candidates = [_mixed(problem, devices, count, cost) for count in counts]
+    tables = StageTables(problem, devices)
+    candidates = [_mixed(problem, devices, count, tables) for count in counts]
     # One stage per device is a mixed pipe too; where the exact DP's split is better, take it.
     try:
-        candidates.append(partition_pipedream(problem, devices))
+        candidates.append(partition_pipedream(problem, devices, tables))
     except FtcError:
         if not any(candidates):
             raise
@@ -54,16 +54,18 @@ def partition_mpipe(problem: Problem, devices: int, blocks: int | None = None) -
     )
 
 
-def _mixed(problem: Problem, devices: int, count: int, cost: np.ndarray) -> Partition | None:
-    """Coarsen into `count` blocks, pack, refine; None when no device assignment fits memory."""
+def _mixed(problem: Problem, devices: int, count: int, tables: StageTables) -> Partition | None:
+    """Coarsen into `count` blocks, pack, refine; None when no device assignment fits memory.
+    `tables`: the problem's StageTables for `devices` stages."""
     # Blocks balance time alone (the memory limit applies to devices, in packing), the loss
-    # included, so that the block holding it comes out smaller.
+    # included, so that the block holding it comes out smaller. Their interval costs are the
+    # problem's: memory settings do not enter them.
     timing = Problem(
         problem.ops, problem.time, problem.transfers, problem.no_cut, problem.bandwidth,
         name=problem.name, stage_call=problem.stage_call, loss=problem.loss,
     )  # fmt: skip
-    block_starts, _ = split_pipedream(timing, count)
-    tables = StageTables(problem, devices)
+    block_starts, _ = split_pipedream(timing, count, StageTables(timing, count, tables.base))
+    cost = tables.base
     limit = problem.footprint.settings.limit
     bounds = [*block_starts, problem.size]
     block_cost = [cost[i, j] for i, j in zip(bounds, bounds[1:])]
@@ -84,7 +86,7 @@ def _mixed(problem: Problem, devices: int, count: int, cost: np.ndarray) -> Part
         memory[d] += block_memory[b]
 
     starts, owners = _runs(block_starts, device_of)
-    starts, owners = _refine(problem, starts, owners, devices, cost)
+    starts, owners = _refine(problem, starts, owners, devices, tables.for_stages(len(starts)))
     first_seen = {d: k for k, d in enumerate(dict.fromkeys(owners))}
     result = Partition.contiguous(problem.size, starts, [False] * len(starts))
     result.devices = [first_seen[d] for d in owners]
@@ -116,11 +118,12 @@ def device_load(problem: Problem, result: Partition) -> tuple[float, float]:
 
 
 def _refine(
-    problem: Problem, starts: list[int], owners: list[int], devices: int, cost: np.ndarray
+    problem: Problem, starts: list[int], owners: list[int], devices: int, tables: StageTables
 ) -> tuple[list[int], list[int]]:
-    """Boundary moves and stage-to-device moves while they lower (bottleneck, sum of squares)."""
+    """Boundary moves and stage-to-device moves while they lower (bottleneck, sum of squares).
+    `tables`: the problem's StageTables for len(starts) stages."""
     n = problem.size
-    tables = StageTables(problem, len(starts))
+    cost = tables.base
     limit = problem.footprint.settings.limit
     bounded = tables.memory_bound and limit is not None
     # A stage's memory is taken at its position in the first stage order; moves keep the order.

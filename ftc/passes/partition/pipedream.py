@@ -37,24 +37,32 @@ Table = Callable[[int], np.ndarray]  # stage position -> (N+1, N+1) matrix over 
 class StageTables:
     """Per stage position: each interval's cost, whether it recomputes, and its least memory.
     The memory matrices are built on first use: without a limit (and without --recompute
-    always) the costs do not depend on memory."""
+    always) the costs do not depend on memory. All of them take O(N^2) time and memory for N
+    ops, so tables for another stage count of the same problem share them (for_stages)."""
 
-    def __init__(self, problem: Problem, stages: int):
+    def __init__(self, problem: Problem, stages: int, base: np.ndarray | None = None):
+        """`base`: problem.interval_costs(), where the caller has it."""
         self.problem, self.stages = problem, stages
-        self.base = problem.interval_costs()
+        self.base = problem.interval_costs() if base is None else base
         settings = problem.footprint.settings
         self.memory_bound = settings.limit is not None or settings.recompute == "always"
-        self._parts: tuple[np.ndarray, ...] | None = None
+        self._parts: list[tuple[np.ndarray, ...]] = []  # shared with for_stages' tables; empty until built
+
+    def for_stages(self, stages: int) -> StageTables:
+        """The tables of the same problem split into `stages` stages, sharing these matrices."""
+        tables = StageTables(self.problem, stages, self.base)
+        tables._parts = self._parts
+        return tables
 
     def _memory(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(memory without recomputation, with it) of every interval at `position`."""
-        if self._parts is None:
+        if not self._parts:
             settings = self.problem.footprint.settings
             held, trainable, saved = self.problem.footprint.interval_tables(self.problem.size)
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
             prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
-            self._parts = (static, saved, self.problem.received_table(), prefix[None, :] - prefix[:, None])
-        static, saved, received, _ = self._parts
+            self._parts.append((static, saved, self.problem.received_table(), prefix[None, :] - prefix[:, None]))
+        static, saved, received, _ = self._parts[0]
         in_flight = self.problem.footprint.settings.in_flight(position, self.stages)
         return static + in_flight * saved, static + in_flight * received + saved
 
@@ -66,7 +74,7 @@ class StageTables:
         if not self.memory_bound:
             return self.base
         recompute, fits = self._rule(position)
-        forward = self._parts[3]
+        forward = self._parts[0][3]
         return np.where(fits, self.base + recompute * forward, np.inf)
 
     def recompute(self, position: int, start: int, end: int) -> bool:
@@ -147,11 +155,14 @@ def check_stage_count(problem: Problem, stages: int) -> None:
         )
 
 
-def split_pipedream(problem: Problem, stages: int) -> tuple[list[int], list[bool]]:
+def split_pipedream(
+    problem: Problem, stages: int, tables: StageTables | None = None
+) -> tuple[list[int], list[bool]]:
     """The first op of each stage (starts[0] == 0) of an optimal split into `stages` stages
-    within the memory limit, and which of those stages recompute."""
+    within the memory limit, and which of those stages recompute. `tables`: the problem's
+    StageTables for `stages`, where the caller has them."""
     check_stage_count(problem, stages)
-    tables = StageTables(problem, stages)
+    tables = tables or StageTables(problem, stages)
     best, _ = min_bottleneck(problem, stages, tables.cost)
     if not np.isfinite(best):
         raise memory_error(problem, stages)
@@ -160,24 +171,23 @@ def split_pipedream(problem: Problem, stages: int) -> tuple[list[int], list[bool
     return starts, [tables.recompute(s, i, j) for s, (i, j) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def partition_pipedream(problem: Problem, stages: int) -> Partition:
-    starts, recompute = split_pipedream(problem, stages)
+def partition_pipedream(problem: Problem, stages: int, tables: StageTables | None = None) -> Partition:
+    starts, recompute = split_pipedream(problem, stages, tables)
     return Partition.contiguous(problem.size, starts, recompute)
 
 
-def least_peak(problem: Problem, stages: int) -> tuple[float, list[int]]:
-    """The least possible largest stage memory over splits into `stages` stages, and a split
-    that reaches it."""
-    tables = StageTables(problem, stages)
-    return min_bottleneck(problem, stages, tables.least_memory)
+def least_peak(tables: StageTables) -> tuple[float, list[int]]:
+    """The least possible largest stage memory over splits of the tables' problem into their
+    stage count, and a split that reaches it."""
+    return min_bottleneck(tables.problem, tables.stages, tables.least_memory)
 
 
 def memory_error(problem: Problem, stages: int) -> FtcError:
     """No split fits: say the least limit that would fit this stage count, and what does."""
     settings = problem.footprint.settings
-    peak, starts = least_peak(problem, stages)
-    bounds = [*starts, problem.size]
     tables = StageTables(problem, stages)
+    peak, starts = least_peak(tables)
+    bounds = [*starts, problem.size]
     worst = max(range(stages), key=lambda s: tables.least_memory(s)[bounds[s], bounds[s + 1]])
     members = np.zeros(problem.size, dtype=bool)
     members[bounds[worst] : bounds[worst + 1]] = True
@@ -191,7 +201,7 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
         (
             k
             for k in range(stages + 1, min(problem.max_stages(), 2 * stages) + 1)
-            if least_peak(problem, k)[0] <= settings.limit
+            if least_peak(tables.for_stages(k))[0] <= settings.limit
         ),
         None,
     )
