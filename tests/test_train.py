@@ -106,7 +106,6 @@ def tiny(tmp_path_factory):
     manifest = json.loads((mixed / "pipeline.json").read_text())
     for stage, device in zip(manifest["stages"], [0, 1, 1, 0]):
         stage["device"] = device
-    manifest["num_devices"] = 2
     (mixed / "pipeline.json").write_text(json.dumps(manifest))
     folders["mixed"] = mixed
     return root, model, folders
