@@ -1,9 +1,9 @@
 """How well do the partitioners balance real work? Every method compiles every example at
 P = 2, 4, 8; every generated stage's forward + backward is then timed on this CPU, one thread,
 on the values it receives when the whole pipeline runs one batch (warm-up, then the fastest of
-repeats); the last stage also computes the model file's loss on the model's outputs and starts
-its backward from it, as the runtime's last stage does (with the target the profiles use,
-ftc/profiling/loss.py). Time is the process's CPU time (time.process_time), not wall-clock: on
+repeated rounds, each the mean of a few calls in a row, as a device runs its micro-batches);
+the last stage also computes the model file's loss on the model's outputs and starts
+its backward from it, as the runtime's last stage does (ftc/profiling/stages.py). Time is the process's CPU time (time.process_time), not wall-clock: on
 a machine shared with other work, wall-clock times of the same stage moved by 10-30% between
 runs here, while CPU time counts only the work done. Printed side by side per method:
 
@@ -13,14 +13,19 @@ runs here, while CPU time counts only the work done. Printed side by side per me
   prediction error     |predicted - measured| / measured per stage (median and worst), after
                        scaling the predictions by one factor fitted per model and profile: the
                        analytic device model's absolute speed (--tflops, --memory-gbps) is
-                       arbitrary, only its proportions are tested; for the measured profile the
-                       factor shows how far its absolute times are off
+                       arbitrary, only its proportions are tested; for the measured and refined
+                       profiles the factor shows how far their absolute times are off
 
 Denormal floats are flushed to zero (torch.set_flush_denormal), as in bench/runtime_speedup.py.
 Stages run in one process here, so nothing is sent: the pipelines are compiled with fast links
 (--bandwidth 1000) so that the partitioners balance compute, which is what is measured. With
 --profile measure available (ftc/profiling/measure.py), pipedream is also compiled from
-measured node times (column "pipedream+measured").
+measured node times (column "pipedream+measured"), and as a user runs `ftc compile --profile
+measure --refine 3` (column "pipedream+refined", ftc/passes/partition/refine.py): the compiler
+then times its candidate stages with the timer used here (ftc/profiling/stages.py), at compile
+time, before and apart from the rounds that measure every method here. Its predictions are in
+seconds of this timer, yet they are scaled by a fitted factor too: this machine's speed drifts
+(the same stages measured up to 2x apart a few minutes apart), and the factor shows by how much.
 
     .venv/bin/python bench/partition_quality.py [--models gpt unet] [--stages 2 4 8] [--repeats 5]
 """
@@ -31,29 +36,26 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ftc.backend.writer import write_pipeline
+from ftc.compiler import CompileOptions, compile_model
 from ftc.frontends import trace
 from ftc.ir import FtcError
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
 from ftc.profiling import DeviceModel, MeasureSettings, profile_analytic, profile_measured
-from ftc.profiling.loss import as_leaves, loss_target
-from ftc.runtime import LocalExecutor, load_pipeline
+from ftc.profiling.stages import StageTimer
 from ftc.runtime.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("gpt", "unet", "resnet", "mlp", "two_tower")
 BANDWIDTH = 1000.0
+REFINE_ROUNDS = 3
 TRANSFORMERS = ("gpt",)  # target: imbalance <= 1.10 at P=4; irregular models: <= 1.15
 
 
@@ -65,100 +67,14 @@ def analyze(path: Path, batch_size: int):
 
 
 def compile_with(graph, model_file, method: str, stages: int, out_dir: Path):
+    method = method.partition("+")[0]
     problem = build_problem(graph, BANDWIDTH)
     result = partition(problem, method, stages)
     assigned = assign(graph, problem, result)
-    folder, manifest_stages = write_pipeline(
+    folder, _ = write_pipeline(
         assigned, problem, out_dir / f"{method}{stages}", model_file.path, method, {}, recompute=result.recompute
     )
     return folder, result, problem
-
-
-def _leaf(value):
-    if isinstance(value, torch.Tensor):
-        leaf = value.detach().clone()
-        return leaf.requires_grad_() if value.requires_grad else leaf
-    return value
-
-
-class StageTimer:
-    """Forward + backward of generated stages on their reference inputs (the values each stage
-    receives when its pipeline runs one batch), the last stage with the loss. Every distinct
-    stage of a model, whatever method made it, is timed in the same rounds, one after another:
-    interference from other work on the machine then falls on all methods alike. Stages with
-    the same code (the same inputs, outputs and state) are timed once."""
-
-    def __init__(self, model_file, batch_size: int):
-        self.model_file, self.batch_size = model_file, batch_size
-        self.runs: dict[tuple, object] = {}
-        self.samples: dict[tuple, list[float]] = {}
-
-    def add(self, folder: Path) -> list[tuple]:
-        """Register the stages of a pipeline; their keys, in stage order."""
-        pipeline = load_pipeline(folder)
-        torch.manual_seed(0)
-        executor = LocalExecutor(pipeline, self.model_file.build().train())
-        torch.manual_seed(1)
-        output = executor.forward(self.model_file.inputs(self.batch_size))
-        target = loss_target(self.model_file, as_leaves(output), self.batch_size, "cpu")
-        keys = []
-        for spec, stage, received in zip(executor.specs, executor.stages, executor.received):
-            last = spec is executor.specs[-1]
-            key = (tuple(spec.inputs), tuple(spec.outputs), tuple(spec.state), len(executor.specs), last)
-            if key not in self.runs:
-                inputs = [received[name] for name in spec.inputs]
-                loss = None
-                if last and target is not None:
-                    # Outputs made by earlier stages reach the loss as received values.
-                    made = {name: value for sent in executor.sent for name, value in sent.items()}
-                    made_before = {name: made[name] for name in pipeline.outputs}
-                    loss = _Loss(self.model_file.loss_fn, target, pipeline, spec.outputs, made_before)
-                self.runs[key] = _runner(stage, inputs, loss)
-            keys.append(key)
-        return keys
-
-    def measure(self, warmup: int, repeats: int) -> dict[tuple, float]:
-        for round_ in range(warmup + repeats):
-            for key, run in self.runs.items():
-                start = time.process_time()
-                run()
-                if round_ >= warmup:
-                    self.samples.setdefault(key, []).append(time.process_time() - start)
-        return {key: min(samples) for key, samples in self.samples.items()}
-
-
-@dataclass
-class _Loss:
-    """The loss the last stage computes: loss_fn on the model's outputs (the stage's own, and
-    those earlier stages made, as received leaves) with the profiles' target."""
-
-    loss_fn: Callable
-    target: Any
-    pipeline: Any
-    names: list[str]  # the stage's outputs, in order
-    made_before: dict[str, Any]  # every model output as the reference run left it
-
-    def __call__(self, outputs: tuple) -> torch.Tensor:
-        values = {name: _leaf(value) for name, value in self.made_before.items()}
-        values.update((name, value) for name, value in zip(self.names, outputs) if name in values)
-        return self.loss_fn(self.pipeline.assemble_output(values), self.target)
-
-
-def _runner(stage, inputs, loss: _Loss | None):
-    def run() -> None:
-        outputs = stage(*(_leaf(value) for value in inputs))
-        sources = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        if loss is not None:
-            # Outputs that are the model's reach the backward through the loss; any other output
-            # of the last stage would be a dead end, and gets a gradient of ones as before.
-            sources = [loss(outputs)] + [
-                t for name, t in zip(loss.names, outputs)
-                if name not in loss.made_before and isinstance(t, torch.Tensor) and t.requires_grad
-            ]  # fmt: skip
-        if sources:
-            torch.autograd.backward(sources, [torch.ones_like(t) for t in sources])
-
-    return run
 
 
 def per_device(times: list[float], devices: list[int]) -> list[float]:
@@ -197,6 +113,8 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calls", type=int, default=4,
+                        help="calls of a stage in a row per round, as a device runs its micro-batches (default 4)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     # At initialisation the gpt example's logits are large, so the loss's softmax gradients in
@@ -204,53 +122,64 @@ def main() -> None:
     # slower (45 ms of backward against 11 ms flushed, where a gradient of ones takes 11 ms):
     # bench/runtime_speedup.py flushes them for the same reason.
     torch.set_flush_denormal(True)
-    methods = sorted(METHODS) + ["pipedream+measured"]
+    methods = sorted(METHODS) + ["pipedream+measured", "pipedream+refined"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             path = ROOT / "examples" / f"{name}.py"
             graph, model_file, meta_model = analyze(path, args.batch_size)
             measured_graph, _ = profile_measured(graph, model_file, meta_model, MeasureSettings(), None)
-            timer = StageTimer(model_file, args.batch_size)
+            timer = StageTimer(model_file, args.batch_size, calls=args.calls)
             rows = []
             for stages in args.stages:
                 for method in methods:
-                    source = measured_graph if method.endswith("+measured") else graph
+                    out_dir = Path(tmp) / name / method
                     try:
-                        folder, result, problem = compile_with(
-                            source, model_file, method.split("+")[0], stages, Path(tmp) / name / method
-                        )
+                        if method.endswith("+refined"):
+                            devices, predicted, folder = compile_refined(path, stages, args.batch_size, out_dir)
+                        else:
+                            source = measured_graph if method.endswith("+measured") else graph
+                            folder, result, problem = compile_with(source, model_file, method, stages, out_dir)
+                            devices, predicted = result.devices, predicted_compute(problem, result)
                     except FtcError as exc:
                         rows.append((stages, method, None, None, None, exc.message))
                         continue
-                    rows.append((stages, method, result, predicted_compute(problem, result), timer.add(folder), ""))
+                    rows.append((stages, method, devices, predicted, timer.add(folder), ""))
             seconds = timer.measure(warmup=2, repeats=args.repeats)
-            scale = {
-                measured_profile: _fit(
-                    [
-                        (p, seconds[k])
-                        for _, method, result, predicted, keys, _ in rows
-                        if result is not None and method.endswith("+measured") == measured_profile
-                        for p, k in zip(predicted, keys)
-                    ]
-                )
-                for measured_profile in (False, True)
-            }
+            scale = {profile: _fit([(p, seconds[k]) for row in rows if row[2] is not None and _profile(row[1]) == profile
+                                    for p, k in zip(row[3], row[4])])
+                     for profile in ("analytic", "measured", "refined")}  # fmt: skip
             print(f"\n{name}: CPU time on this machine, 1 thread, batch {args.batch_size}, fastest of {args.repeats} "
-                  f"(load average {os.getloadavg()[0]:.1f}); predictions scaled by {scale[False]:.3g} (analytic) "
-                  f"and {scale[True]:.3g} (measured profile), fitted over all the model's stages")  # fmt: skip
+                  f"rounds of {args.calls} calls (load average {os.getloadavg()[0]:.1f}); predictions scaled by "
+                  f"{scale['analytic']:.3g} (analytic), {scale['measured']:.3g} (measured profile) and "
+                  f"{scale['refined']:.3g} (refined), fitted over all the model's stages")  # fmt: skip
             print(f"{'P':>2}  {'method':<20} {'stages':>6}  {'measured imb.':>13}  {'predicted imb.':>14}  "
                   f"{'pred. error median':>18}  {'worst':>6}")  # fmt: skip
-            for stages, method, result, predicted, keys, note in rows:
-                if result is None:
+            for stages, method, devices, predicted, keys, note in rows:
+                if devices is None:
                     print(f"{stages:>2}  {method:<20} {'-':>6}  {note}")
                     continue
                 measured = [seconds[k] for k in keys]
-                factor = scale[method.endswith("+measured")]
+                factor = scale[_profile(method)]
                 errors = [abs(factor * a - b) / b for a, b in zip(predicted, measured)]
-                print(f"{stages:>2}  {method:<20} {result.num_stages:>6}  "
-                      f"{imbalance(per_device(measured, result.devices)):>13.3f}  "
-                      f"{imbalance(per_device(predicted, result.devices)):>14.3f}  "
+                print(f"{stages:>2}  {method:<20} {len(devices):>6}  "
+                      f"{imbalance(per_device(measured, devices)):>13.3f}  "
+                      f"{imbalance(per_device(predicted, devices)):>14.3f}  "
                       f"{statistics.median(errors):>18.1%}  {max(errors):>6.1%}")  # fmt: skip
+
+
+def _profile(method: str) -> str:
+    return method.partition("+")[2] or "analytic"
+
+
+def compile_refined(path: Path, stages: int, batch_size: int, out_dir: Path) -> tuple[list[int], list[float], Path]:
+    """`ftc compile --profile measure --refine 3` as a user runs it: each stage's device and
+    predicted compute (forward, backward, stage call and loss; nothing sent), and the folder."""
+    options = CompileOptions(stages=stages, batch_size=batch_size, bandwidth=BANDWIDTH, profile="measure",
+                             refine=REFINE_ROUNDS, cache=False)  # fmt: skip
+    compiled = compile_model(path, out_dir / f"p{stages}", options)
+    devices = [stage["device"] for stage in compiled.stages]
+    predicted = [stage["cost"]["fwd_time"] + stage["cost"]["bwd_time"] for stage in compiled.stages]
+    return devices, predicted, compiled.folder
 
 
 if __name__ == "__main__":

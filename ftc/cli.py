@@ -23,6 +23,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -84,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--recompute", choices=POLICIES, default="auto", help="recompute activations in backward: auto (where memory requires it), always, never")
     compile_.add_argument("--blocks", type=_positive_int, help="mpipe: blocks to pack onto devices (default: 2, 3 and 4 times --stages are tried)")
     compile_.add_argument("--profile", choices=PROFILES, default="analytic", help="analytic: FLOPs and a roofline on meta tensors (default); measure: time every node on real tensors")
-    compile_.add_argument("--device", choices=DEVICES, default="cpu", help="where --profile measure times the nodes (default cpu)")
+    compile_.add_argument("--device", choices=DEVICES, default="cpu", help="where --profile measure times the nodes and --refine the stages (default cpu)")
     compile_.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
     compile_.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
+    compile_.add_argument("--refine", type=_non_negative_int, default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
     compile_.add_argument("--no-cache", action="store_true", help="measure afresh, neither reading nor writing the profile cache ($FTC_CACHE_DIR or ~/.cache/ftc/profiles)")
 
     check = commands.add_parser("check", help="check a generated pipeline against its model (outputs, buffers, gradients)")
@@ -121,7 +132,7 @@ def run_compile(args: argparse.Namespace) -> int:
         force=args.force, profile=args.profile, device=args.device, threads=args.threads,
         save_memory=args.save_memory or None, cache=not args.no_cache,
         memory_limit=args.memory_limit, optimizer=args.optimizer, schedule=args.schedule,
-        micro_batches=args.micro_batches, recompute=args.recompute, blocks=args.blocks,
+        micro_batches=args.micro_batches, recompute=args.recompute, blocks=args.blocks, refine=args.refine,
     )  # fmt: skip
     compiled = compile_model(args.model, args.output, options)
     rows = []

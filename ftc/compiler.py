@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from ftc.backend.writer import write_pipeline
 from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
-from ftc.passes.partition import METHODS, assign, build_problem, partition
+from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
+from ftc.passes.partition.refine import refine
 from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings
 from ftc.passes.recompute import POLICIES
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
+from ftc.profiling.measure import wants_save_memory
+from ftc.profiling.stages import StageTimer
 from ftc.runtime.config import SCHEDULES
-from ftc.runtime.model_file import load_model_file
+from ftc.runtime.model_file import ModelFile, load_model_file
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class CompileOptions:
     micro_batches: int | None = None  # None: as many as stages
     recompute: str = "auto"  # ftc/passes/recompute.py
     blocks: int | None = None  # mpipe's block count (None: twice the stages)
+    refine: int = 0  # splits to time on `device` (ftc/passes/partition/refine.py); 0: none
 
     def memory_settings(self) -> MemorySettings:
         return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.micro_batches, self.recompute)
@@ -69,10 +76,14 @@ class CompileOptions:
                 raise FtcError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
         if self.profile not in PROFILES:
             raise FtcError(f"unknown --profile {self.profile!r}", f"use one of: {', '.join(PROFILES)}")
-        if self.profile == "measure":
+        if self.refine < 0:
+            raise FtcError(f"--refine must be 0 or more, got {self.refine}")
+        if self.profile == "measure" or self.refine:
             self.measure_settings().check()
-        elif self.device != "cpu" or self.save_memory:
-            raise FtcError("--device and --save-memory apply to measured profiles", "add --profile measure")
+        if self.profile != "measure" and self.save_memory:
+            raise FtcError("--save-memory applies to measured profiles", "add --profile measure")
+        if self.profile != "measure" and not self.refine and self.device != "cpu":
+            raise FtcError("--device applies to measured profiles and --refine", "add --profile measure or --refine N")
         if self.name is not None and not self.name.isidentifier():
             raise FtcError(f"--name {self.name!r} is not a Python identifier", "use letters, digits and _")
 
@@ -113,6 +124,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"use --stages {problem.size} or fewer",
         )
     result = partition(problem, options.method, options.stages, options.blocks)
+    if options.refine:
+        graph, problem, result, note = _refine(graph, model_file, options)
+        notes.append(note)
     graph = assign(graph, problem, result)
     validate(graph)
     settings = {
@@ -121,9 +135,51 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         if key in ("bandwidth", "tflops", "memory_gbps", "op_overhead_us", "stage_overhead_us", "profile")
         or key in ("memory_limit", "optimizer", "schedule", "micro_batches", "recompute")
         or (options.method == "mpipe" and key == "blocks")
-        or (options.profile == "measure" and key in ("device", "threads"))
+        or ((options.profile == "measure" or options.refine) and key in ("device", "threads"))
+        or (options.refine and key == "refine")
     }
     folder, manifest = write_pipeline(
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip
     return Compiled(graph, folder, manifest, notes)
+
+
+def _refine(graph: Graph, model_file: ModelFile, options: CompileOptions) -> tuple[Graph, Problem, Partition, str]:
+    """ftc/passes/partition/refine.py with this compile's problem, method and device; the stages
+    of each split are generated into a temporary folder and timed there (ftc/profiling/stages.py)."""
+    settings = options.measure_settings()
+    if wants_save_memory(graph, settings):
+        raise FtcError(
+            f"--refine times whole stages, but {graph.name} is large for {settings.device} (save-memory mode)",
+            "compile without --refine",
+        )
+
+    def build(graph: Graph) -> Problem:
+        return build_problem(graph, options.bandwidth, options.memory_settings())
+
+    def split(problem: Problem) -> Partition:
+        return partition(problem, options.method, options.stages, options.blocks)
+
+    def measure(graph: Graph, problem: Problem, result: Partition) -> list[float]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(settings.threads)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                assigned = assign(graph, problem, result)
+                folder, _ = write_pipeline(assigned, problem, tmp, model_file.path, options.method, {},
+                                           recompute=result.recompute)  # fmt: skip
+                timer = StageTimer(model_file, graph.batch_size, settings.device)
+                keys = timer.add(folder)
+                seconds = timer.measure()
+        finally:
+            torch.set_num_threads(threads)
+        return [seconds[key] for key in keys]
+
+    graph, problem, result, history = refine(graph, build, split, measure, options.refine)
+    kept = min(range(len(history)), key=lambda k: history[k].measured)
+    rounds = ", ".join(f"{r.measured * 1e3:.3f}" for r in history)
+    note = (
+        f"refine: {len(history)} split(s) timed on {settings.device}, busiest device {rounds} ms; kept split "
+        f"{kept + 1} (its stages were predicted within {history[kept].worst_stage_error:.0%} before timing)"
+    )
+    return graph, problem, result, note

@@ -111,9 +111,7 @@ def _runs(starts: list[int], owners: list[int]) -> tuple[list[int], list[int]]:
 
 def device_load(problem: Problem, result: Partition) -> tuple[float, float]:
     """(bottleneck device time, sum of squared device times) of a partition."""
-    loads = np.zeros(max(result.devices) + 1)
-    for s, device in enumerate(result.devices):
-        loads[device] += problem.stage_time(result.members(s), result.recompute[s])
+    loads = problem.device_times(result)
     return float(loads.max()), float(loads @ loads)
 
 

@@ -179,6 +179,13 @@ class Problem:
         """member_cost, plus the forward again in backward when the stage recomputes."""
         return self.member_cost(members) + self.recompute_time(members, recompute)
 
+    def device_times(self, result: Partition) -> np.ndarray:
+        """Seconds each device of a partition spends per batch: the stage_time of its stages."""
+        times = np.zeros(max(result.devices) + 1)
+        for s, device in enumerate(result.devices):
+            times[device] += self.stage_time(result.members(s), result.recompute[s])
+        return times
+
     def recompute_time(self, members: np.ndarray, recompute: bool) -> float:
         """The re-forward a recomputing stage pays in backward: its ops' forward (the loss and
         the stage call's fixed costs are paid once)."""

@@ -1,0 +1,115 @@
+"""Refinement by measurement (`ftc compile --refine ROUNDS`): partition, time the generated
+stages on the device, scale the profile's node times so that each measured stage's predicted
+compute equals its measurement, partition again; after ROUNDS measured splits (or when a split
+comes back), keep the split whose busiest device measured least.
+
+Every profile misses something that real stages pay. The analytic one prices ops by FLOPs,
+bytes and a fixed cost per ATen op, however different ops' fixed costs are; the measured one
+times nodes inside the whole model, where a node that starts the forward or the backward pays
+for the cold caches and the engine's start that each stage pays in its own way. On large
+stages these are a few percent; on stages of a few hundred microseconds they decide the split.
+Timing the stages themselves, as stages/ftc.profiling.stages does, sees all of it.
+
+A stage's measurement corrects the nodes it holds, all by the same factor: which of them was
+mispriced is not known, only their sum. The next split then moves boundaries through corrected
+costs; a boundary that moves into a region measured as part of another stage uses that
+stage's factor, which is why more than one round can help. The split kept is one that was
+measured, so refinement never returns a split it has not seen beat the others; its predicted
+stage times are then its own measurements (plus the communication the cost model adds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ftc.ir import Graph
+
+from .problem import Partition, Problem
+
+# A measured stage corrects its nodes' times by at most this factor either way, so that one
+# disturbed timing cannot make a node look free or enormous.
+MAX_CORRECTION = 8.0
+
+
+@dataclass(frozen=True)
+class RefineRound:
+    """One measured split: its busiest device's time as predicted before the measurement and
+    as measured (seconds per batch, communication as the cost model has it), and the largest
+    relative error of the prediction over its stages."""
+
+    predicted: float
+    measured: float
+    worst_stage_error: float
+
+
+def refine(
+    graph: Graph,
+    build: Callable[[Graph], Problem],
+    split: Callable[[Problem], Partition],
+    measure: Callable[[Graph, Problem, Partition], list[float]],
+    rounds: int,
+) -> tuple[Graph, Problem, Partition, list[RefineRound]]:
+    """The best measured of up to `rounds` splits, with the graph and problem corrected by its
+    measurement, and a record of each round. `build` makes the partition problem of a graph,
+    `split` partitions a problem, and `measure` gives the compute seconds (forward + backward,
+    the stage call and the loss; nothing sent) of each stage of a split of the graph."""
+    problem = build(graph)
+    result = split(problem)
+    seen: set[tuple] = set()
+    best: tuple[float, Graph, Problem, Partition] | None = None
+    history = []
+    for _ in range(rounds):
+        key = (tuple(result.stage_of.tolist()), tuple(result.devices), tuple(result.recompute))
+        if key in seen:
+            break
+        seen.add(key)
+        measured = measure(graph, problem, result)
+        predicted = stage_compute(problem, result)
+        corrected = scale_stage_times(graph, problem, result, measured)
+        corrected_problem = build(corrected)
+        bottleneck = float(corrected_problem.device_times(result).max())
+        errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
+        history.append(RefineRound(float(problem.device_times(result).max()), bottleneck, max(errors, default=0.0)))
+        if best is None or bottleneck < best[0]:
+            best = (bottleneck, corrected, corrected_problem, result)
+        graph, problem = corrected, corrected_problem
+        result = split(problem)
+    if best is None:  # rounds == 0
+        return graph, problem, result, history
+    return best[1], best[2], best[3], history
+
+
+def stage_compute(problem: Problem, result: Partition) -> list[float]:
+    """Each stage's compute seconds as the problem predicts them: its ops' forward and backward
+    and its fixed costs (the stage call, the loss), without communication or recomputation,
+    which a stage timed on its own does not pay."""
+    return [
+        float(problem.time[result.members(s)].sum()) + problem.fixed(result.members(s)).total
+        for s in range(result.num_stages)
+    ]
+
+
+def scale_stage_times(graph: Graph, problem: Problem, result: Partition, measured: list[float]) -> Graph:
+    """The graph with every node's forward and backward time scaled by its stage's factor:
+    (measured - fixed costs) / the nodes' predicted time, within MAX_CORRECTION either way."""
+    factor_of: dict[str, float] = {}
+    for s, seconds in enumerate(measured):
+        members = result.members(s)
+        nodes = float(problem.time[members].sum())
+        if nodes <= 0:
+            continue  # nothing to scale: the stage is all fixed cost
+        wanted = max(seconds - problem.fixed(members).total, 0.0) / nodes
+        factor = float(np.clip(wanted, 1 / MAX_CORRECTION, MAX_CORRECTION))
+        for k in np.flatnonzero(members):
+            factor_of[problem.ops[k]] = factor
+    nodes = []
+    for node in graph.nodes:
+        factor = factor_of.get(node.name)
+        if factor is not None:
+            cost = replace(node.cost, fwd_time=node.cost.fwd_time * factor, bwd_time=node.cost.bwd_time * factor)
+            node = replace(node, cost=cost)
+        nodes.append(node)
+    return replace(graph, nodes=nodes)
