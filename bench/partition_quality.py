@@ -24,8 +24,9 @@ measured node times (column "pipedream+measured"), and as a user runs `ftc compi
 measure --refine 3` (column "pipedream+refined", ftc/passes/partition/refine.py): the compiler
 then times its candidate stages with the timer used here (ftc/profiling/stages.py), at compile
 time, before and apart from the rounds that measure every method here. Its predictions are in
-seconds of this timer, yet they are scaled by a fitted factor too: this machine's speed drifts
-(the same stages measured up to 2x apart a few minutes apart), and the factor shows by how much.
+seconds of this timer, yet they are scaled by a fitted factor too, one per compile: this
+machine's speed drifts (the same stages timed up to 2x apart a few seconds apart), and the
+factors show by how much.
 
     .venv/bin/python bench/partition_quality.py [--models gpt unet] [--stages 2 4 8] [--repeats 5]
 """
@@ -145,13 +146,16 @@ def main() -> None:
                         continue
                     rows.append((stages, method, devices, predicted, timer.add(folder), ""))
             seconds = timer.measure(warmup=2, repeats=args.repeats)
-            scale = {profile: _fit([(p, seconds[k]) for row in rows if row[2] is not None and _profile(row[1]) == profile
-                                    for p, k in zip(row[3], row[4])])
-                     for profile in ("analytic", "measured", "refined")}  # fmt: skip
+            # One factor per moment the predictions were taken at: the profiles once per model,
+            # each refined compile at its own (the machine's speed drifts in between).
+            scale = {source: _fit([(p, seconds[k]) for row in rows if row[2] is not None and _source(row) == source
+                                   for p, k in zip(row[3], row[4])])
+                     for source in {_source(row) for row in rows if row[2] is not None}}  # fmt: skip
+            refined = ", ".join(f"{scale[s]:.3g} at P={s[1]}" for s in sorted(scale) if s[0] == "refined")
             print(f"\n{name}: CPU time on this machine, 1 thread, batch {args.batch_size}, fastest of {args.repeats} "
                   f"rounds of {args.calls} calls (load average {os.getloadavg()[0]:.1f}); predictions scaled by "
-                  f"{scale['analytic']:.3g} (analytic), {scale['measured']:.3g} (measured profile) and "
-                  f"{scale['refined']:.3g} (refined), fitted over all the model's stages")  # fmt: skip
+                  f"{scale.get(('analytic', 0), 1):.3g} (analytic) and {scale.get(('measured', 0), 1):.3g} (measured "
+                  f"profile), fitted over all the model's stages, and refined ones by {refined or '-'}")  # fmt: skip
             print(f"{'P':>2}  {'method':<20} {'stages':>6}  {'measured imb.':>13}  {'predicted imb.':>14}  "
                   f"{'pred. error median':>18}  {'worst':>6}")  # fmt: skip
             for stages, method, devices, predicted, keys, note in rows:
@@ -159,7 +163,7 @@ def main() -> None:
                     print(f"{stages:>2}  {method:<20} {'-':>6}  {note}")
                     continue
                 measured = [seconds[k] for k in keys]
-                factor = scale[_profile(method)]
+                factor = scale[_source((stages, method, devices))]
                 errors = [abs(factor * a - b) / b for a, b in zip(predicted, measured)]
                 print(f"{stages:>2}  {method:<20} {len(devices):>6}  "
                       f"{imbalance(per_device(measured, devices)):>13.3f}  "
@@ -167,8 +171,11 @@ def main() -> None:
                       f"{statistics.median(errors):>18.1%}  {max(errors):>6.1%}")  # fmt: skip
 
 
-def _profile(method: str) -> str:
-    return method.partition("+")[2] or "analytic"
+def _source(row: tuple) -> tuple[str, int]:
+    """Where a row's predictions come from: (profile, 0), or ("refined", P) for the compile at P."""
+    stages, method = row[0], row[1]
+    profile = method.partition("+")[2] or "analytic"
+    return (profile, stages) if profile == "refined" else (profile, 0)
 
 
 def compile_refined(path: Path, stages: int, batch_size: int, out_dir: Path) -> tuple[list[int], list[float], Path]:

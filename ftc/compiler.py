@@ -160,26 +160,31 @@ def _refine(graph: Graph, model_file: ModelFile, options: CompileOptions) -> tup
     def split(problem: Problem) -> Partition:
         return partition(problem, options.method, options.stages, options.blocks)
 
-    def measure(graph: Graph, problem: Problem, result: Partition) -> list[float]:
+    def measure(candidates: list[tuple[Graph, Problem, Partition]]) -> list[list[float]]:
         threads = torch.get_num_threads()
         torch.set_num_threads(settings.threads)
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                assigned = assign(graph, problem, result)
-                folder, _ = write_pipeline(assigned, problem, tmp, model_file.path, options.method, {},
-                                           recompute=result.recompute)  # fmt: skip
                 timer = StageTimer(model_file, graph.batch_size, settings.device)
-                keys = timer.add(folder)
+                keys = []
+                for k, (graph_k, problem, result) in enumerate(candidates):
+                    assigned = assign(graph_k, problem, result)
+                    folder, _ = write_pipeline(assigned, problem, Path(tmp) / str(k), model_file.path,
+                                               options.method, {}, recompute=result.recompute)  # fmt: skip
+                    keys.append(timer.add(folder))
                 seconds = timer.measure()
         finally:
             torch.set_num_threads(threads)
-        return [seconds[key] for key in keys]
+        return [[seconds[key] for key in stage_keys] for stage_keys in keys]
 
     graph, problem, result, history = refine(graph, build, split, measure, options.refine)
-    kept = min(range(len(history)), key=lambda k: history[k].measured)
+    kept = min(range(len(history)), key=lambda k: history[k].remeasured)
     rounds = ", ".join(f"{r.measured * 1e3:.3f}" for r in history)
+    again = ", ".join(f"{r.remeasured * 1e3:.3f}" for r in history)
     note = (
-        f"refine: {len(history)} split(s) timed on {settings.device}, busiest device {rounds} ms; kept split "
-        f"{kept + 1} (its stages were predicted within {history[kept].worst_stage_error:.0%} before timing)"
+        f"refine: {len(history)} split(s) timed on {settings.device}, busiest device {rounds} ms"
+        + (f" (timed together again: {again} ms)" if len(history) > 1 else "")
+        + f"; kept split {kept + 1}, whose stages the profile had predicted within "
+        f"{history[kept].worst_stage_error:.0%}"
     )
     return graph, problem, result, note

@@ -1,7 +1,10 @@
 """Refinement by measurement (`ftc compile --refine ROUNDS`): partition, time the generated
 stages on the device, scale the profile's node times so that each measured stage's predicted
 compute equals its measurement, partition again; after ROUNDS measured splits (or when a split
-comes back), keep the split whose busiest device measured least.
+comes back), time all of them again together and keep the one whose busiest device measured
+least. The second timing is joint because a machine's speed drifts: on this project's shared
+CPU the same stages timed up to 2x apart a few seconds apart, so splits timed in different
+rounds cannot be ranked by those timings; timed in the same rounds, drift falls on all alike.
 
 Every profile misses something that real stages pay. The analytic one prices ops by FLOPs,
 bytes and a fixed cost per ATen op, however different ops' fixed costs are; the measured one
@@ -15,7 +18,7 @@ mispriced is not known, only their sum. The next split then moves boundaries thr
 costs; a boundary that moves into a region measured as part of another stage uses that
 stage's factor, which is why more than one round can help. The split kept is one that was
 measured, so refinement never returns a split it has not seen beat the others; its predicted
-stage times are then its own measurements (plus the communication the cost model adds).
+stage times are then its own (joint) measurements, plus the communication the cost model adds.
 """
 
 from __future__ import annotations
@@ -36,50 +39,62 @@ MAX_CORRECTION = 8.0
 
 @dataclass(frozen=True)
 class RefineRound:
-    """One measured split: its busiest device's time as predicted before the measurement and
-    as measured (seconds per batch, communication as the cost model has it), and the largest
-    relative error of the prediction over its stages."""
+    """One measured split: its busiest device's time (seconds per batch, communication as the
+    cost model has it) as predicted before its timing, as timed in its round, and as timed
+    again with the other rounds' splits; and the largest relative error of the prediction over
+    its stages."""
 
     predicted: float
     measured: float
+    remeasured: float
     worst_stage_error: float
+
+
+Candidate = tuple[Graph, Problem, Partition]  # a split and the profile that made it
+Measure = Callable[[list[Candidate]], list[list[float]]]
 
 
 def refine(
     graph: Graph,
     build: Callable[[Graph], Problem],
     split: Callable[[Problem], Partition],
-    measure: Callable[[Graph, Problem, Partition], list[float]],
+    measure: Measure,
     rounds: int,
 ) -> tuple[Graph, Problem, Partition, list[RefineRound]]:
-    """The best measured of up to `rounds` splits, with the graph and problem corrected by its
-    measurement, and a record of each round. `build` makes the partition problem of a graph,
-    `split` partitions a problem, and `measure` gives the compute seconds (forward + backward,
-    the stage call and the loss; nothing sent) of each stage of a split of the graph."""
+    """The best of up to `rounds` measured splits, with the graph and problem corrected by its
+    timing, and a record of each round. `build` makes the partition problem of a graph, `split`
+    partitions a problem, and `measure` gives, for each of several splits, the compute seconds
+    (forward + backward, the stage call and the loss; nothing sent) of each of its stages,
+    timed in the same rounds."""
     problem = build(graph)
     result = split(problem)
     seen: set[tuple] = set()
-    best: tuple[float, Graph, Problem, Partition] | None = None
-    history = []
+    candidates: list[Candidate] = []
+    timings: list[list[float]] = []
     for _ in range(rounds):
         key = (tuple(result.stage_of.tolist()), tuple(result.devices), tuple(result.recompute))
         if key in seen:
             break
         seen.add(key)
-        measured = measure(graph, problem, result)
-        predicted = stage_compute(problem, result)
-        corrected = scale_stage_times(graph, problem, result, measured)
-        corrected_problem = build(corrected)
-        bottleneck = float(corrected_problem.device_times(result).max())
-        errors = [abs(p - m) / m for p, m in zip(predicted, measured) if m > 0]
-        history.append(RefineRound(float(problem.device_times(result).max()), bottleneck, max(errors, default=0.0)))
-        if best is None or bottleneck < best[0]:
-            best = (bottleneck, corrected, corrected_problem, result)
-        graph, problem = corrected, corrected_problem
+        candidates.append((graph, problem, result))
+        timings.append(measure([(graph, problem, result)])[0])
+        graph = scale_stage_times(graph, problem, result, timings[-1])
+        problem = build(graph)
         result = split(problem)
-    if best is None:  # rounds == 0
-        return graph, problem, result, history
-    return best[1], best[2], best[3], history
+    if not candidates:  # rounds == 0
+        return graph, problem, result, []
+    joint = measure(candidates) if len(candidates) > 1 else timings
+    history, corrected = [], []
+    for (graph, problem, result), alone, together in zip(candidates, timings, joint):
+        scaled = [scale_stage_times(graph, problem, result, seconds) for seconds in (alone, together)]
+        problems = [build(g) for g in scaled]
+        predicted = stage_compute(problem, result)
+        errors = [abs(p - m) / m for p, m in zip(predicted, alone) if m > 0]
+        busiest = [float(p.device_times(result).max()) for p in (problem, *problems)]
+        history.append(RefineRound(*busiest, max(errors, default=0.0)))
+        corrected.append((scaled[1], problems[1], result))
+    kept = min(range(len(history)), key=lambda k: history[k].remeasured)
+    return (*corrected[kept], history)
 
 
 def stage_compute(problem: Problem, result: Partition) -> list[float]:
