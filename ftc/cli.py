@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
 from ftc.ir import FtcError
 from ftc.tables import human, table
@@ -13,24 +14,20 @@ from ftc.tables import human, table
 EXIT_USAGE = 2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
+_positive_int = _int_at_least(1)
 
 
 def _positive_float(text: str) -> float:
@@ -97,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--device", choices=DEVICES, default="cpu", help="where --profile measure times the nodes and --refine the stages (default cpu)")
     compile_.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
     compile_.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
-    compile_.add_argument("--refine", type=_non_negative_int, default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
+    compile_.add_argument("--refine", type=_int_at_least(0), default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
     compile_.add_argument("--no-cache", action="store_true", help="measure afresh, neither reading nor writing the profile cache ($FTC_CACHE_DIR or ~/.cache/ftc/profiles)")
 
     check = commands.add_parser("check", help="check a generated pipeline against its model (outputs, buffers, gradients)")

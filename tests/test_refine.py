@@ -140,7 +140,7 @@ def test_refine_flag_errors(tmp_path, capsys):
     base = ["compile", str(EXAMPLES / "mlp.py"), "--stages", "2", "-o", str(tmp_path / "out")]
     with pytest.raises(SystemExit):
         main(base + ["--refine", "-1"])
-    assert "must be 0 or more" in capsys.readouterr().err
+    assert "must be at least 0" in capsys.readouterr().err
     assert main(base + ["--device", "cuda"]) == 2
     assert "add --profile measure or --refine N" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -71,16 +71,17 @@ def refine(
     seen: set[tuple] = set()
     candidates: list[Candidate] = []
     timings: list[list[float]] = []
-    for _ in range(rounds):
+    for round_ in range(rounds):
         key = (tuple(result.stage_of.tolist()), tuple(result.devices), tuple(result.recompute))
         if key in seen:
             break
         seen.add(key)
         candidates.append((graph, problem, result))
         timings.append(measure([(graph, problem, result)])[0])
-        graph = scale_stage_times(graph, problem, result, timings[-1])
-        problem = build(graph)
-        result = split(problem)
+        if round_ + 1 < rounds:
+            graph = scale_stage_times(graph, problem, result, timings[-1])
+            problem = build(graph)
+            result = split(problem)
     if not candidates:  # rounds == 0
         return graph, problem, result, []
     joint = measure(candidates) if len(candidates) > 1 else timings
