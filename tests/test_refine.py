@@ -183,3 +183,31 @@ def test_the_split_kept_is_the_best_when_timed_together(mlp_graph):
     assert history[0].measured == min(r.measured for r in history)  # drift favours the first
     assert max(truth.stage_seconds(result)) == pytest.approx(truth.best_bottleneck(problem))
     assert stage_compute(problem, result) == pytest.approx(truth.stage_seconds(result))
+
+
+def test_the_stage_timer_runs_each_stage_once_per_key_and_the_last_from_the_loss(tmp_path):
+    """What is timed is the work: the last stage's run gives its parameters the gradients the
+    whole model's loss gives them (same weights, batch and target as the timer draws), and the
+    same split compiled twice is timed once."""
+    from ftc.compiler import CompileOptions, compile_model
+    from ftc.profiling.loss import as_leaves, loss_target
+    from ftc.profiling.stages import StageTimer
+
+    model_file = load_model_file(EXAMPLES / "mlp.py")
+    folders = [compile_model(model_file.path, tmp_path / name, CompileOptions(stages=2)).folder for name in "ab"]
+    timer = StageTimer(model_file, 8, calls=2)
+    keys = timer.add(folders[0])
+    assert timer.add(folders[1]) == keys and len(timer.runs) == 2
+    timer.runs[keys[-1]]()
+    torch.manual_seed(0)
+    model = model_file.build().train()
+    torch.manual_seed(1)
+    output = model(*model_file.inputs(8))
+    model_file.loss_fn(output, loss_target(model_file, as_leaves(output), 8, "cpu")).backward()
+    expected = dict(model.named_parameters())
+    last = dict(timer.stages[keys[-1]].named_parameters())
+    assert last and set(last) < set(expected)
+    for name, param in last.items():
+        torch.testing.assert_close(param.grad, expected[name].grad, rtol=1e-5, atol=1e-7)
+    seconds = timer.measure(warmup=1, repeats=2)
+    assert set(seconds) == set(keys) and all(s > 0 for s in seconds.values())

@@ -39,7 +39,8 @@ class StageTimer:
 
     def __init__(self, model_file: ModelFile, batch_size: int, device: str = "cpu", calls: int = 4):
         self.model_file, self.batch_size, self.device, self.calls = model_file, batch_size, device, calls
-        self.runs: dict[Hashable, Callable[[], None]] = {}
+        self.runs: dict[Hashable, Callable[[], None]] = {}  # key -> one forward + backward
+        self.stages: dict[Hashable, torch.nn.Module] = {}  # key -> the stage module it runs
         self.samples: dict[Hashable, list[float]] = {}
 
     def add(self, folder: Path) -> list[Hashable]:
@@ -62,6 +63,7 @@ class StageTimer:
                     made_before = {name: made[name] for name in pipeline.outputs}
                     loss = _Loss(self.model_file.loss_fn, target, pipeline, spec.outputs, made_before)
                 self.runs[key] = _runner(stage, [received[name] for name in spec.inputs], loss)
+                self.stages[key] = stage
             keys.append(key)
         return keys
 
