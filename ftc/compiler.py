@@ -14,8 +14,8 @@ from ftc.ir import FtcError, Graph, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
-from ftc.passes.partition.refine import refine
 from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings
+from ftc.passes.partition.refine import kept_round, refine
 from ftc.passes.recompute import POLICIES
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
 from ftc.profiling.measure import wants_save_memory
@@ -123,10 +123,11 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"cannot split the {problem.size} ops of {name!r} into {options.stages} stages",
             f"use --stages {problem.size} or fewer",
         )
-    result = partition(problem, options.method, options.stages, options.blocks)
     if options.refine:
         graph, problem, result, note = _refine(graph, model_file, options)
         notes.append(note)
+    else:
+        result = partition(problem, options.method, options.stages, options.blocks)
     graph = assign(graph, problem, result)
     validate(graph)
     settings = {
@@ -178,7 +179,7 @@ def _refine(graph: Graph, model_file: ModelFile, options: CompileOptions) -> tup
         return [[seconds[key] for key in stage_keys] for stage_keys in keys]
 
     graph, problem, result, history = refine(graph, build, split, measure, options.refine)
-    kept = min(range(len(history)), key=lambda k: history[k].remeasured)
+    kept = kept_round(history)
     rounds = ", ".join(f"{r.measured * 1e3:.3f}" for r in history)
     again = ", ".join(f"{r.remeasured * 1e3:.3f}" for r in history)
     note = (

@@ -94,8 +94,12 @@ def refine(
         busiest = [float(p.device_times(result).max()) for p in (problem, *problems)]
         history.append(RefineRound(*busiest, max(errors, default=0.0)))
         corrected.append((scaled[1], problems[1], result))
-    kept = min(range(len(history)), key=lambda k: history[k].remeasured)
-    return (*corrected[kept], history)
+    return (*corrected[kept_round(history)], history)
+
+
+def kept_round(history: list[RefineRound]) -> int:
+    """The round whose split refine keeps: the least busiest device timed together."""
+    return min(range(len(history)), key=lambda k: history[k].remeasured)
 
 
 def stage_compute(problem: Problem, result: Partition) -> list[float]:
