@@ -35,10 +35,13 @@ from .loss import as_leaves, loss_target
 
 class StageTimer:
     """Times the stages of one or more pipelines of the same model. Stages with the same code
-    (the same inputs, outputs and state, at the same place) are timed once."""
+    (the same inputs, outputs and state, at the same place) are timed once. All pipelines adopt
+    the parameters of one model, built (seeded) at the first `add`: timing several candidate
+    splits holds one copy of the weights, not one per split."""
 
     def __init__(self, model_file: ModelFile, batch_size: int, device: str = "cpu", calls: int = 4):
         self.model_file, self.batch_size, self.device, self.calls = model_file, batch_size, device, calls
+        self.model: torch.nn.Module | None = None
         self.runs: dict[Hashable, Callable[[], None]] = {}  # key -> one forward + backward
         self.stages: dict[Hashable, torch.nn.Module] = {}  # key -> the stage module it runs
         self.samples: dict[Hashable, list[float]] = {}
@@ -46,8 +49,10 @@ class StageTimer:
     def add(self, folder: Path) -> list[Hashable]:
         """Register the stages of the pipeline in `folder`; their keys, in stage order."""
         pipeline = load_pipeline(folder)
-        torch.manual_seed(0)
-        executor = LocalExecutor(pipeline, self.model_file.build(self.device).train())
+        if self.model is None:
+            torch.manual_seed(0)
+            self.model = self.model_file.build(self.device).train()
+        executor = LocalExecutor(pipeline, self.model)
         torch.manual_seed(1)
         output = executor.forward(self.model_file.inputs(self.batch_size, self.device))
         target = loss_target(self.model_file, as_leaves(output), self.batch_size, self.device)
