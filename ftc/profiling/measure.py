@@ -31,7 +31,10 @@ outputs cut from the graph, with a target made as the runtime's data sets make o
 Node times are medians over the repeats, which resist the odd slow run, less what timing a
 node adds (the clock's stamps, the interpreter's dispatch), which stage code does not pay;
 the calibrations (that overhead, a hook, an engine start, a stage call) take the fastest try,
-as they want a fixed cost, not the noise. On the CPU torch runs with `threads` intra-op threads
+as they want a fixed cost, not the noise. The engine start is taken anew right before each
+timed backward it is subtracted from: a machine's speed drifts (on a shared one, 2x within
+seconds), and an engine start taken once, in a slow moment, would swallow a fast backward. On
+the CPU torch runs with `threads` intra-op threads
 (torch.set_num_threads, restored afterwards; the default 1 models one pipeline stage per core)
 and, with one thread, the clock is that thread's CPU time, so that other programs on a busy
 machine do not show up in the profile; with more, it is time.perf_counter. On CUDA the clock
@@ -76,6 +79,7 @@ SAVE_MEMORY_FRACTION = 0.25
 # Tries of each calibration (hook cost, engine start), whatever the settings: they are cheap,
 # and their fastest try must be a warm one.
 CALIBRATION_TRIES = 8
+RUN_TRIES = 3  # tries of the engine-start calibration taken before each timed backward
 
 
 @dataclass(frozen=True)
@@ -233,16 +237,15 @@ def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, se
     try:
         torch.manual_seed(0)
         clock = _Clock(settings)
-        engine_start = _engine_start(clock, settings.device)
         if wants_save_memory(graph, settings):
             batch = model_file.inputs(graph.batch_size)  # on the host; nodes move what they read
-            measurement = _SaveMemory(graph, meta_model, settings).measure(batch, engine_start)
+            measurement = _SaveMemory(graph, meta_model, settings).measure(batch)
         else:
             model = model_file.build(settings.device)
             batch = model_file.inputs(graph.batch_size, settings.device)
-            measurement = _InContext(graph, model, settings).measure(batch, engine_start)
+            measurement = _InContext(graph, model, settings).measure(batch)
         measurement.stage_call = _stage_call(clock, settings.device)
-        measurement.loss = _time_loss(model_file, measurement.outputs, graph.batch_size, settings, clock, engine_start)
+        measurement.loss = _time_loss(model_file, measurement.outputs, graph.batch_size, settings, clock)
         return measurement
     finally:
         torch.set_num_threads(threads)
@@ -332,8 +335,7 @@ class _InContext(Interpreter):
         self.owner: dict[Any, str] = {}  # autograd node -> the IR node whose forward made it
         self.saved: _SavedBytes | None = None
 
-    def measure(self, batch: tuple | dict, engine_start: float) -> Measurement:
-        """`engine_start`: what one autograd call costs with nothing to compute (_engine_start)."""
+    def measure(self, batch: tuple | dict) -> Measurement:
         state = [*self.model.parameters(), *self.model.buffers()]
         per_hook = _hook_cost(self.clock, self.settings.device)
         overhead = _timing_overhead(self)
@@ -351,6 +353,7 @@ class _InContext(Interpreter):
                 grad_fn.register_hook(lambda *_, name=name: events.append((name, self.clock.stamp())))
             outputs = _floating_outputs(output)
             grads = [torch.ones_like(t) for t in outputs]
+            engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES)
             self.clock.sync()
             start = self.clock.stamp()
             if outputs:
@@ -408,15 +411,13 @@ class _SaveMemory(Interpreter):
         self.settings = settings
         self.clock = _Clock(settings)
         self.nodes: dict[str, NodeProfile] = {}
-        self.engine_start = 0.0
         self.overhead = 0.0
         # A tensor reachable under several names (tied weights) gets its value from the first,
         # as state_dict() and named_parameters() name it.
         state = (*meta_model.named_parameters(), *meta_model.named_buffers())
         self.names = {id(tensor): name for name, tensor in reversed(state)}
 
-    def measure(self, batch: tuple | dict, engine_start: float) -> Measurement:
-        self.engine_start = engine_start
+    def measure(self, batch: tuple | dict) -> Measurement:
         self.overhead = _timing_overhead(self)
         output = self.run(batch)
         return Measurement(self.nodes, save_memory=True, outputs=output)
@@ -445,6 +446,7 @@ class _SaveMemory(Interpreter):
                     end = self.clock.stamp()
                 outputs = _floating_outputs(out)
                 grads = [torch.ones_like(t) for t in outputs]
+                engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES)
                 back_start = self.clock.stamp()
                 if outputs and targets:
                     torch.autograd.grad(outputs, targets, grads, allow_unused=True)
@@ -452,8 +454,9 @@ class _SaveMemory(Interpreter):
                 self.clock.sync()
                 if run >= self.settings.warmup:
                     fwd.append(max(self.clock.seconds(start, end) - self.overhead, 0.0))
-                    bwd.append(self.clock.seconds(back_start, back_end) if outputs and targets else 0.0)
-            backward = max(statistics.median(bwd) - self.engine_start, 0.0) if any(bwd) else 0.0
+                    seconds = self.clock.seconds(back_start, back_end) - engine_start if outputs and targets else 0.0
+                    bwd.append(max(seconds, 0.0))
+            backward = statistics.median(bwd)
             self.nodes[node.name] = NodeProfile(statistics.median(fwd), backward, saved.bytes.get(node.name, 0))
         return self._host_value(node, args, kwargs, out, cut_args)
 
@@ -520,12 +523,15 @@ class _SaveMemory(Interpreter):
                 torch.cuda.empty_cache()
 
 
-def _engine_start(clock: _Clock, device: str) -> float:
-    """What one autograd call costs with nothing to compute: a backward through a view."""
+def _engine_start(clock: _Clock, device: str, tries: int = CALIBRATION_TRIES) -> float:
+    """What one autograd call costs with nothing to compute: a backward through a view, the
+    fastest of `tries`. Taken right before each backward it is subtracted from, so that both
+    run at the machine's speed of the moment (which drifts, on a shared machine by 2x within
+    seconds: an engine start taken once, in a slow moment, made fast backwards come out at 0)."""
     leaf = torch.zeros(1, device=device, requires_grad=True)
     grad = torch.ones(1, device=device)
     fastest = float("inf")
-    for _ in range(CALIBRATION_TRIES):
+    for _ in range(tries):
         out = leaf.view(1)
         start = clock.stamp()
         torch.autograd.grad(out, leaf, grad)
@@ -568,7 +574,6 @@ def _time_loss(
     batch_size: int,
     settings: MeasureSettings,
     clock: _Clock,
-    engine_start: float,
 ) -> NodeProfile | None:
     """loss_fn on the model's outputs, forward and backward to the outputs, as the last stage
     runs it: medians over the repeats after warm-up, the backward less an engine start (the
@@ -583,12 +588,14 @@ def _time_loss(
         clock.sync()
         start = clock.stamp()
         loss = model_file.loss_fn(leaves, target)
+        forward_end = clock.stamp()
+        engine_start = _engine_start(clock, settings.device, RUN_TRIES)
         middle = clock.stamp()
         torch.autograd.grad(loss, inputs, allow_unused=True)
         end = clock.stamp()
         clock.sync()
         if run >= settings.warmup:
-            fwd.append(clock.seconds(start, middle))
+            fwd.append(clock.seconds(start, forward_end))
             bwd.append(max(clock.seconds(middle, end) - engine_start, 0.0))
     return NodeProfile(statistics.median(fwd), statistics.median(bwd))
 
