@@ -8,10 +8,10 @@ rounds cannot be ranked by those timings; timed in the same rounds, drift falls 
 
 Every profile misses something that real stages pay. The analytic one prices ops by FLOPs,
 bytes and a fixed cost per ATen op, however different ops' fixed costs are; the measured one
-times nodes inside the whole model, where a node that starts the forward or the backward pays
-for the cold caches and the engine's start that each stage pays in its own way. On large
-stages these are a few percent; on stages of a few hundred microseconds they decide the split.
-Timing the stages themselves, as stages/ftc.profiling.stages does, sees all of it.
+times nodes inside the whole model, where the first node of the forward and of the backward
+carry costs that each stage pays in its own way. On large stages these are a few percent; on
+stages of a few hundred microseconds they decide the split. Timing the stages themselves, as
+ftc/profiling/stages.py does, sees all of it.
 
 A stage's measurement corrects the nodes it holds, all by the same factor: which of them was
 mispriced is not known, only their sum. The next split then moves boundaries through corrected
