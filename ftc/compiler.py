@@ -185,7 +185,7 @@ def _refine(graph: Graph, model_file: ModelFile, options: CompileOptions) -> tup
     note = (
         f"refine: {len(history)} split(s) timed on {settings.device}, busiest device {rounds} ms"
         + (f" (timed together again: {again} ms)" if len(history) > 1 else "")
-        + f"; kept split {kept + 1}, whose stages the profile had predicted within "
-        f"{history[kept].worst_stage_error:.0%}"
+        + f"; kept split {kept + 1}, whose stage times the profile had predicted within "
+        f"{history[kept].worst_stage_error:.0%} (after one scale factor)"
     )
     return graph, problem, result, note

@@ -211,3 +211,10 @@ def test_the_stage_timer_runs_each_stage_once_per_key_and_the_last_from_the_loss
         torch.testing.assert_close(param.grad, expected[name].grad, rtol=1e-5, atol=1e-7)
     seconds = timer.measure(warmup=1, repeats=2)
     assert set(seconds) == set(keys) and all(s > 0 for s in seconds.values())
+
+
+def test_a_rounds_prediction_error_ignores_the_profiles_absolute_speed():
+    from ftc.passes.partition.refine import _shape_error
+
+    assert _shape_error([2.0, 4.0], [1.0, 2.0]) == 0.0  # off by 2x everywhere: proportions right
+    assert _shape_error([1.0, 1.0], [1.0, 3.0]) == pytest.approx(1.0)  # k = 2: |2 - 1| / 1

@@ -41,8 +41,9 @@ MAX_CORRECTION = 8.0
 class RefineRound:
     """One measured split: its busiest device's time (seconds per batch, communication as the
     cost model has it) as predicted before its timing, as timed in its round, and as timed
-    again with the other rounds' splits; and the largest relative error of the prediction over
-    its stages."""
+    again with the other rounds' splits; and the largest relative error of the predicted stage
+    times after one factor fitted over the split's stages (a profile's absolute speed may be off,
+    the analytic one's is a guess: what matters to a split is their proportions)."""
 
     predicted: float
     measured: float
@@ -89,10 +90,8 @@ def refine(
     for (graph, problem, result), alone, together in zip(candidates, timings, joint):
         scaled = [scale_stage_times(graph, problem, result, seconds) for seconds in (alone, together)]
         problems = [build(g) for g in scaled]
-        predicted = stage_compute(problem, result)
-        errors = [abs(p - m) / m for p, m in zip(predicted, alone) if m > 0]
         busiest = [float(p.device_times(result).max()) for p in (problem, *problems)]
-        history.append(RefineRound(*busiest, max(errors, default=0.0)))
+        history.append(RefineRound(*busiest, _shape_error(stage_compute(problem, result), alone)))
         corrected.append((scaled[1], problems[1], result))
     return (*corrected[kept_round(history)], history)
 
@@ -100,6 +99,14 @@ def refine(
 def kept_round(history: list[RefineRound]) -> int:
     """The round whose split refine keeps: the least busiest device timed together."""
     return min(range(len(history)), key=lambda k: history[k].remeasured)
+
+
+def _shape_error(predicted: list[float], measured: list[float]) -> float:
+    """max |k * predicted - measured| / measured, k the least-squares factor."""
+    p, m = np.array(predicted), np.array(measured)
+    if not (p @ p > 0 and (m > 0).all()):
+        return 0.0
+    return float((np.abs(p * (p @ m) / (p @ p) - m) / m).max())
 
 
 def stage_compute(problem: Problem, result: Partition) -> list[float]:
