@@ -446,18 +446,18 @@ class _SaveMemory(Interpreter):
                     end = self.clock.stamp()
                 outputs = _floating_outputs(out)
                 grads = [torch.ones_like(t) for t in outputs]
-                engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES)
+                backward = bool(outputs and targets)
+                engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES) if backward else 0.0
                 back_start = self.clock.stamp()
-                if outputs and targets:
+                if backward:
                     torch.autograd.grad(outputs, targets, grads, allow_unused=True)
                 back_end = self.clock.stamp()
                 self.clock.sync()
                 if run >= self.settings.warmup:
                     fwd.append(max(self.clock.seconds(start, end) - self.overhead, 0.0))
-                    seconds = self.clock.seconds(back_start, back_end) - engine_start if outputs and targets else 0.0
+                    seconds = self.clock.seconds(back_start, back_end) - engine_start if backward else 0.0
                     bwd.append(max(seconds, 0.0))
-            backward = statistics.median(bwd)
-            self.nodes[node.name] = NodeProfile(statistics.median(fwd), backward, saved.bytes.get(node.name, 0))
+            self.nodes[node.name] = NodeProfile(statistics.median(fwd), statistics.median(bwd), saved.bytes.get(node.name, 0))
         return self._host_value(node, args, kwargs, out, cut_args)
 
     def _host_value(self, node: Node, args: tuple, kwargs: dict, out: Any, cut_args: tuple) -> Any:
