@@ -49,6 +49,7 @@ from ftc.ir import FtcError
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
+from ftc.passes.partition.refine import stage_compute
 from ftc.profiling import DeviceModel, MeasureSettings, profile_analytic, profile_measured
 from ftc.profiling.stages import StageTimer
 from ftc.runtime.model_file import load_model_file
@@ -93,12 +94,8 @@ def predicted_compute(problem, result) -> list[float]:
     """Compute seconds of each stage as the cost model predicts them (nothing is sent here): its
     ops, the forward again where it recomputes, its call and, for the last, the loss."""
     return [
-        float(
-            problem.time[result.members(s)].sum()
-            + (problem.forward[result.members(s)].sum() if result.recompute[s] else 0)
-            + problem.fixed(result.members(s)).total
-        )
-        for s in range(result.num_stages)
+        compute + problem.recompute_time(result.members(s), result.recompute[s])
+        for s, compute in enumerate(stage_compute(problem, result))
     ]
 
 
