@@ -258,7 +258,7 @@ class Engine:
         plan = self.plan
         reads_inputs = inputs is not None and self.reads_inputs
         input_batches = self._split_inputs(inputs) if reads_inputs else None
-        computes_loss = targets is not None and plan.loss_device in self.runners
+        computes_loss = targets is not None and self.reads_targets
         target_batches = self._split_targets(targets) if computes_loss else None
         micro_batch_size = self._micro_batch_size(inputs, targets)
         for device, runner in self.runners.items():

@@ -118,7 +118,7 @@ def write_pipeline(
     settings: dict,
     force: bool = False,
     recompute: list[bool] | None = None,
-) -> tuple[Path, list[dict]]:
+) -> tuple[Path, dict]:
     """Write the stage modules, ir.json and pipeline.json into out_dir/<name>; return that
     folder and the manifest. `recompute`: which stages recompute (None: none does)."""
     folder = Path(out_dir) / graph.name
