@@ -204,13 +204,14 @@ def check_pipeline(
     torch.manual_seed(seed + 1)
     batch = model_file.inputs(batch_size)
 
+    # Each run gets its own copy of the batch: forward may change its inputs in place.
     torch.manual_seed(seed + 2)
-    expected = original(**batch) if isinstance(batch, dict) else original(*batch)
+    expected = original(**copy.deepcopy(batch)) if isinstance(batch, dict) else original(*copy.deepcopy(batch))
     _loss(expected, seed).backward()
 
     torch.manual_seed(seed + 2)
     reference = _Reference(graph, interpreted, pipeline)
-    reference_output = reference.forward_backward(batch, seed)
+    reference_output = reference.forward_backward(copy.deepcopy(batch), seed)
     problems = []
     if relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
         problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
@@ -220,7 +221,7 @@ def check_pipeline(
     executor = LocalExecutor(pipeline, end_to_end)
     problems += _state_dict_problems(pipeline, executor, original)
     torch.manual_seed(seed + 2)
-    actual = executor.forward(batch)
+    actual = executor.forward(copy.deepcopy(batch))
     executor.backward(_loss(actual, seed))
     model_outputs = relative_difference(_flat(actual), _flat(expected))
     grads = dict(original.named_parameters())

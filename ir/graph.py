@@ -208,6 +208,9 @@ class StateTensor:
     kind: str  # "parameter" | "buffer"
     meta: TensorMeta
     persistent: bool = True  # buffers only: whether it is in state_dict()
+    # A tied alias (`head.weight = embed.weight`): the first name the same tensor has in
+    # named_parameters / named_buffers order, whose value this name always equals; else None.
+    alias_of: str | None = None
 
 
 @dataclass

@@ -153,6 +153,7 @@ def graph_to_dict(graph: Graph) -> dict:
         "modules": graph.modules,
         "state": {
             name: {"kind": t.kind, "meta": asdict(t.meta), "persistent": t.persistent}
+            | ({"alias_of": t.alias_of} if t.alias_of is not None else {})
             for name, t in graph.state.items()
         },
         "constants": {name: {"data": encode_arg(c.data), "dtype": c.dtype} for name, c in graph.constants.items()},
@@ -181,7 +182,7 @@ def graph_from_dict(data: dict) -> Graph:
         stage_devices=data["stage_devices"],
         modules=data["modules"],
         state={
-            name: StateTensor(t["kind"], TensorMeta(**t["meta"]), t["persistent"])
+            name: StateTensor(t["kind"], TensorMeta(**t["meta"]), t["persistent"], t.get("alias_of"))
             for name, t in data["state"].items()
         },
         constants={name: Constant(decode_arg(c["data"]), c["dtype"]) for name, c in data["constants"].items()},

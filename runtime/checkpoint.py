@@ -4,9 +4,11 @@
     DIR/step-00000100/rank-0.pt            its optimizer, lr schedule, step and RNG state
     DIR/step-00000100/manifest.json        written last, by rank 0, once every shard is there
 
-Every file is written to a temporary name and renamed into place, and a step folder counts
-only when its manifest exists, so a run that dies mid-write leaves the previous checkpoint
-intact. Weights load by key, from whichever shard holds them; a parameter tied across ranks
+Ranks write their shards into a hidden staging folder (DIR/.step-00000100.partial); rank 0
+writes the manifest there once every shard is complete and then renames the folder into place,
+so a step-* folder is always complete and a run that dies mid-write leaves the previous
+checkpoint intact. A new run (not resuming) leaves an earlier run's checkpoints alone until its
+own first checkpoint is complete, then removes them: a run that fails early loses nothing. Weights load by key, from whichever shard holds them; a parameter tied across ranks
 (the same key in two shards) is stored by both and merged into one copy.
 """
 
@@ -30,10 +32,15 @@ from ftc.ir import FtcError
 FORMAT = "ftc-checkpoint/1"
 MANIFEST = "manifest.json"
 STEP_FOLDER = re.compile(r"step-(\d{8})")
+STAGING = re.compile(r"\.step-(\d{8})\.(partial|old)")
 
 
 def step_folder(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
+
+
+def staging_folder(root: Path, step: int) -> Path:
+    return Path(root) / f".step-{step:08d}.partial"
 
 
 def _atomic(path: Path, write) -> None:
@@ -71,7 +78,7 @@ def save_state_dict(path: Path, state: dict[str, torch.Tensor]) -> None:
 def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module], training_state: dict) -> None:
     """Rank `rank`'s part of the checkpoint at `step`: weights first, then the training state,
     whose file marks the shard complete."""
-    folder = step_folder(root, step)
+    folder = staging_folder(root, step)
     folder.mkdir(parents=True, exist_ok=True)
     state: dict[str, torch.Tensor] = {}
     for module in modules:
@@ -80,10 +87,11 @@ def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module],
     _atomic(folder / f"rank-{rank}.pt", lambda temp: torch.save(training_state, temp))
 
 
-def write_manifest(root: Path, step: int, world_size: int, timeout_s: float, extra: dict) -> None:
-    """Rank 0, after its own shard: wait until every rank's shard is complete, then mark the
-    step complete."""
-    folder = step_folder(root, step)
+def write_manifest(root: Path, step: int, world_size: int, timeout_s: float, run: str, extra: dict) -> None:
+    """Rank 0, after its own shard: wait until every rank's shard is complete, mark the step
+    complete and move it into place (replacing an earlier run's folder of the same step), then
+    remove the checkpoints of earlier runs (those whose manifest names another `run`)."""
+    folder = staging_folder(root, step)
     deadline = time.monotonic() + timeout_s
     missing = list(range(world_size))
     while missing:
@@ -96,7 +104,25 @@ def write_manifest(root: Path, step: int, world_size: int, timeout_s: float, ext
     for rank in range(world_size):
         with safe_open(str(folder / f"rank-{rank}.safetensors"), framework="pt") as file:
             shards[f"rank-{rank}.safetensors"] = sorted(file.keys())
-    write_json(folder / MANIFEST, {"format": FORMAT, "step": step, "world_size": world_size, "shards": shards, **extra})
+    write_json(folder / MANIFEST, {"format": FORMAT, "step": step, "world_size": world_size, "run": run,
+                                   "shards": shards, **extra})  # fmt: skip
+    final = step_folder(root, step)
+    if final.exists():
+        replaced = final.with_name(f".{final.name}.old")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(folder, final)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(folder, final)
+    for other in complete_steps(root):
+        if run_of(other) != run:
+            shutil.rmtree(other)
+
+
+def run_of(folder: Path) -> str:
+    """The run a complete step folder belongs to ("" for checkpoints from before runs were named)."""
+    return manifest(folder).get("run", "")
 
 
 def complete_steps(root: Path) -> list[Path]:
@@ -114,15 +140,14 @@ def latest(root: Path) -> Path | None:
 
 
 def prepare(root: Path, resume: bool) -> Path | None:
-    """Before a run: with `resume`, drop unfinished step folders and return the latest complete
-    one; without, remove the old run's step folders so they cannot mix with this run's."""
+    """Before a run: drop what a crashed run left half-written; with `resume`, return the
+    latest complete step folder. Complete checkpoints stay until this run completes its first."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    keep = latest(root) if resume else None
     for folder in root.iterdir():
-        if STEP_FOLDER.fullmatch(folder.name) and folder != keep and (not resume or not (folder / MANIFEST).is_file()):
+        if STAGING.fullmatch(folder.name) or (STEP_FOLDER.fullmatch(folder.name) and not (folder / MANIFEST).is_file()):
             shutil.rmtree(folder)
-    return keep
+    return latest(root) if resume else None
 
 
 def manifest(folder: Path) -> dict:
@@ -137,7 +162,12 @@ def load_weights(folder: Path, keys: set[str] | None = None) -> dict[str, torch.
         wanted = [k for k in shard_keys if keys is None or k in keys]
         if not wanted:
             continue
-        with safe_open(str(Path(folder) / shard), framework="pt") as file:
+        try:
+            file = safe_open(str(Path(folder) / shard), framework="pt")
+        except Exception as exc:
+            raise FtcError(f"checkpoint {folder}: cannot read {shard}: {type(exc).__name__}: {exc}",
+                           "the shard is missing or damaged; use an earlier step folder") from exc  # fmt: skip
+        with file:
             for key in wanted:
                 tensor = file.get_tensor(key)
                 if key in state and not torch.equal(state[key], tensor):

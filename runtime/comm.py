@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -158,15 +159,25 @@ def carries_grad(spec: dict) -> bool:
     return spec["kind"] == "tensor" and spec["requires_grad"]
 
 
-def wire_shape(spec: dict, micro_batch_size: int) -> list[int]:
+def wire_shape(spec: dict, batch_scale: Fraction) -> list[int]:
+    """The spec's shape for one micro-batch: its batch dimension (B, or B*T after a flatten)
+    scaled by `batch_scale`, the micro-batch size over the batch size the spec was compiled at."""
     shape = list(spec["shape"])
-    if spec["batch_dim"] is not None:
-        shape[spec["batch_dim"]] = micro_batch_size
+    batch_dim = spec["batch_dim"]
+    if batch_dim is not None:
+        scaled = shape[batch_dim] * batch_scale
+        if scaled.denominator != 1:
+            raise FtcError(
+                f"a value of shape {shape} (batch dimension {batch_dim}) does not scale to a micro-batch "
+                f"{float(batch_scale):g} times the compile batch size",
+                "choose batch_size / micro_batches so that it divides the batch dimension",
+            )
+        shape[batch_dim] = int(scaled)
     return shape
 
 
 def encode(
-    name: str, leaves: list, specs: list[dict], micro_batch_size: int, device: torch.device
+    name: str, leaves: list, specs: list[dict], batch_scale: Fraction, device: torch.device
 ) -> list[torch.Tensor]:
     """The payload of a value's leaves, checked against the shapes its receivers expect."""
     payload = []
@@ -174,7 +185,7 @@ def encode(
         if spec["kind"] != "tensor":
             payload.append(torch.tensor([leaf], dtype=SCALAR_DTYPES[spec["kind"]], device=device))
             continue
-        expected = wire_shape(spec, micro_batch_size)
+        expected = wire_shape(spec, batch_scale)
         if (
             not isinstance(leaf, torch.Tensor)
             or list(leaf.shape) != expected
@@ -198,10 +209,10 @@ def decode(payload: list[torch.Tensor], specs: list[dict]) -> list:
     return [t if spec["kind"] == "tensor" else python[spec["kind"]](t.item()) for t, spec in zip(payload, specs)]
 
 
-def empty_payload(specs: list[dict], micro_batch_size: int, device: torch.device) -> list[torch.Tensor]:
+def empty_payload(specs: list[dict], batch_scale: Fraction, device: torch.device) -> list[torch.Tensor]:
     return [
         (
-            torch.empty(wire_shape(spec, micro_batch_size), dtype=getattr(torch, spec["dtype"]), device=device)
+            torch.empty(wire_shape(spec, batch_scale), dtype=getattr(torch, spec["dtype"]), device=device)
             if spec["kind"] == "tensor"
             else torch.empty(1, dtype=SCALAR_DTYPES[spec["kind"]], device=device)
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class Config:
     results: Optional[str] = None
     plot: Optional[str] = None
     timeout_s: float = 60.0
+    setup_timeout_s: float = 1800.0  # mode dist: how long ranks wait for each other to build data and stages
     log_every: int = 10
     inject_fault: Optional[FaultConfig] = None
     source: str = "<config>"  # where the config came from, for messages; not a config key
@@ -190,8 +192,8 @@ def _resolve_paths(raw: dict, folder: Path) -> dict:
         holder = raw
         for key in keys[:-1]:
             holder = holder.get(key) if isinstance(holder, dict) else None
-        if not isinstance(holder, dict) or not isinstance(holder.get(keys[-1]), str):
-            continue
+        if not isinstance(holder, dict) or not isinstance(holder.get(keys[-1]), str) or not holder[keys[-1]]:
+            continue  # an empty path stays empty, for validation to name
         value = holder[keys[-1]]
         if keys in FUNCTION_KEYS:
             file, sep, function = value.rpartition(":")
@@ -233,10 +235,11 @@ def _check_type(value: Any, hint: Any, name: str, source: str) -> None:
         for element in value:
             _check_type(element, item, f"{name}[]", source)
         return
-    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+    expected = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", dict: "an object"}
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        # JSON (Python's reader) takes NaN and Infinity; no setting wants them.
+        float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
         bool: isinstance(value, bool),
         str: isinstance(value, str),
         dict: isinstance(value, dict),
@@ -293,14 +296,29 @@ def _validate(c: Config) -> None:
              "every micro-batch has the same size: batch_size / micro_batches")  # fmt: skip
     if c.nprocs is not None and c.nprocs < 1:
         fail("nprocs", f"is {c.nprocs}; it must be at least 1")
-    if c.timeout_s <= 0:
-        fail("timeout_s", "must be positive")
-    if c.optimizer.lr <= 0:
+    for key in ("timeout_s", "setup_timeout_s"):
+        if getattr(c, key) <= 0:
+            fail(key, "must be positive")
+    optimizer = c.optimizer
+    if optimizer.lr <= 0:
         fail("optimizer.lr", "must be positive")
-    if len(c.optimizer.betas) != 2:
-        fail("optimizer.betas", "must be a list of two numbers")
+    for key in ("momentum", "weight_decay", "eps"):
+        if getattr(optimizer, key) < 0:
+            fail(f"optimizer.{key}", f"is {getattr(optimizer, key)}; it must not be negative")
+    if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
+        fail("optimizer.betas", f"is {optimizer.betas}; it must be two numbers in [0, 1)", "e.g. [0.9, 0.999]")
+    if optimizer.name == "sgd" and optimizer.nesterov and optimizer.momentum <= 0:
+        fail("optimizer.nesterov", "is true, but Nesterov momentum needs optimizer.momentum above 0",
+             "set optimizer.momentum (e.g. 0.9) or optimizer.nesterov=false")  # fmt: skip
     if c.lr_schedule.warmup_steps < 0:
         fail("lr_schedule.warmup_steps", "must not be negative")
+    if not 0 <= c.lr_schedule.min_lr <= optimizer.lr:
+        fail("lr_schedule.min_lr", f"is {c.lr_schedule.min_lr}; it must lie between 0 and optimizer.lr ({optimizer.lr})")
+    for key, value in (("checkpoint.dir", c.checkpoint.dir), ("results", c.results), ("plot", c.plot)):
+        if value == "":
+            fail(key, "is empty", "give a path, or leave the key out")
+        if key != "checkpoint.dir" and value is not None and Path(value).is_dir():
+            fail(key, f"names a folder, {value}", "give a file path")
     if c.checkpoint.every < 0:
         fail("checkpoint.every", "must not be negative (0: only at the end)")
     if (c.checkpoint.every or c.checkpoint.resume) and c.checkpoint.dir is None:

@@ -12,7 +12,8 @@ stages) and the rank that computes the loss (which needs targets) read their own
 the same batch: targets never travel through the pipe.
 
 Built-in data sets (the config's `data.name`; the other `data` keys are its options):
-- "synthetic": `size` samples (default 1024): inputs from the model file's example_inputs(size),
+- "synthetic": `size` samples (default 1024): inputs from the model file's example_inputs(size)
+  (cut along the dimension that example_inputs(1) has at 1; inputs without one are shared),
   targets from its `example_targets(size)` when it defines one, else uniform random numbers in
   [0, 1) shaped like the model's output (which suits mse, bce-with-logits and cross-entropy with
   class probabilities); both drawn under torch.manual_seed(`seed`, default 0).
@@ -27,13 +28,21 @@ Built-in data sets (the config's `data.name`; the other `data` keys are its opti
 - "module": `module: "path/to/file.py:function"` (or, without `module`, a function named
   `dataset` in the model file) called with the other `data` options as keyword arguments; it
   returns a data set as above.
+
+Every rank that reads data builds the data set itself, under `seeded(config seed)`: Python's,
+NumPy's and torch's generators seeded alike, so a data set drawn from global randomness comes
+out the same everywhere; `fingerprint` lets the ranks check that they agree.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
+import random
+import sys
 import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,26 +50,38 @@ import torch
 
 from ftc.ir import FtcError
 
-from .model_file import ModelFile, function_from_file, user_frame
+from .model_file import ModelFile, function_from_file, user_error, user_frame
 
 SKIPPED_FOLDERS = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
 
 
+class Whole:
+    """A sample's share of a tensor that every sample shares (position ids [1, T], a 0-dim
+    temperature): a batch takes the tensor as it is instead of stacking copies."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class TensorDataset:
     """Samples cut from batched tensors: inputs (a tuple or dict of tensors) and targets (a tensor,
-    tuple or dict), all with the sample index first."""
+    tuple or dict), with the sample index first. A tensor whose first dimension is not the
+    number of samples (`size`; default: the first input's) is shared by every sample."""
 
-    def __init__(self, inputs: tuple | dict, targets: Any):
+    def __init__(self, inputs: tuple | dict, targets: Any, size: int | None = None):
         self.inputs = inputs
         self.targets = targets
         first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
-        self.size = first.shape[0]
+        self.size = first.shape[0] if size is None else size
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, i: int) -> tuple[Any, Any]:
-        return tree_map(lambda t: t[i], self.inputs), tree_map(lambda t: t[i], self.targets)
+        def cut(tensor: torch.Tensor) -> torch.Tensor | Whole:
+            return tensor[i] if tensor.dim() > 0 and tensor.shape[0] == self.size else Whole(tensor)
+
+        return tree_map(cut, self.inputs), tree_map(cut, self.targets)
 
 
 class ByteWindows:
@@ -114,25 +135,93 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     raise FtcError(f"a sample holds a {type(tree).__name__}; samples hold tensors (in tuples or dicts)")
 
 
-def collate(samples: Sequence[Any]) -> Any:
-    """Stack samples (tensors, or tuples/dicts of tensors of the same structure) into a batch."""
+def collate(samples: Sequence[Any], dim: int = 0) -> Any:
+    """Stack samples (tensors, or tuples/dicts of tensors of the same structure) into a batch,
+    along `dim`; a tensor all samples share (Whole) is taken as it is."""
     first = samples[0]
+    if isinstance(first, Whole):
+        return first.tensor
     if isinstance(first, torch.Tensor):
-        return torch.stack(list(samples))
+        return torch.stack(list(samples), dim=dim)
     if isinstance(first, dict):
-        return {k: collate([s[k] for s in samples]) for k in first}
+        return {k: collate([s[k] for s in samples], dim) for k in first}
     if isinstance(first, (tuple, list)):
-        return tuple(collate([s[i] for s in samples]) for i in range(len(first)))
+        return tuple(collate([s[i] for s in samples], dim) for i in range(len(first)))
     raise FtcError(f"a sample holds a {type(first).__name__}; samples hold tensors (in tuples or dicts)")
 
 
-def load_batch(dataset: Any, indices: list[int], inputs: bool, targets: bool) -> tuple[Any, Any]:
-    """The batch of `indices`: (inputs or None, targets or None), only the halves asked for."""
-    samples = [dataset[i] for i in indices]
+def collate_inputs(samples: Sequence[Any], batch_dims: dict[str, int | None]) -> Any:
+    """Stack the samples' model inputs, each along its batch dimension (`batch_dims`, by input
+    name in forward's order: 0 for most, 1 for a sequence-first [T, B, D] input)."""
+    first, names = samples[0], list(batch_dims)
+
+    def dim(key: str | int) -> int:
+        name = names[key] if isinstance(key, int) and key < len(names) else key
+        return batch_dims.get(name) or 0
+
+    if isinstance(first, dict):
+        return {k: collate([s[k] for s in samples], dim(k)) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(collate([s[i] for s in samples], dim(i)) for i in range(len(first)))
+    return (collate(samples, dim(0)),)  # a bare tensor: the one positional input
+
+
+def load_batch(
+    dataset: Any, indices: list[int], inputs: bool, targets: bool, batch_dims: dict[str, int | None] | None = None
+) -> tuple[Any, Any]:
+    """The batch of `indices`: (inputs or None, targets or None), only the halves asked for;
+    inputs stacked along their `batch_dims` (by input name; default: dimension 0)."""
+    samples = []
+    for i in indices:
+        try:
+            sample = dataset[i]
+        except Exception as exc:
+            raise user_error(exc, f"the data set ({type(dataset).__name__})[{i}]",
+                             [inspect.getsourcefile(type(dataset)) or ""], "fix the data set's __getitem__") from exc  # fmt: skip
+        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+            raise FtcError(f"the data set ({type(dataset).__name__})[{i}] is a {type(sample).__name__}"
+                           f"{f' of {len(sample)}' if isinstance(sample, (tuple, list)) else ''}, not a pair (inputs, target)",
+                           "return (inputs, target): inputs a tuple or dict of tensors, target a tensor (or a "
+                           "tuple or dict of them)")  # fmt: skip
+        samples.append(sample)
     return (
-        collate([s[0] for s in samples]) if inputs else None,
+        collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
         collate([s[1] for s in samples]) if targets else None,
     )
+
+
+@contextmanager
+def seeded(seed: int):
+    """Python's, NumPy's (when imported) and torch's CPU generator seeded with `seed` inside,
+    restored after."""
+    numpy = sys.modules.get("numpy")
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        if numpy is not None:
+            numpy.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy_state is not None:
+                numpy.random.set_state(numpy_state)
+
+
+def fingerprint(dataset: Any, indices: list[int]) -> str:
+    """A digest of the samples at `indices` (inputs and targets, values and shapes)."""
+    digest = hashlib.sha256()
+    inputs, targets = load_batch(dataset, indices, True, True)
+
+    def add(tensor: torch.Tensor) -> torch.Tensor:
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return tensor
+
+    tree_map(add, (inputs, targets))
+    return digest.hexdigest()[:16]
 
 
 def build_dataset(options: dict, model_file: ModelFile) -> Any:
@@ -162,7 +251,24 @@ def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0) -> TensorD
                                f"{user_frame(exc, model_file.path)}") from exc  # fmt: skip
         else:
             targets = tree_map(lambda t: torch.rand(t.shape, dtype=t.dtype), shapes)
-    return TensorDataset(inputs, targets)
+    return TensorDataset(_samples_first(inputs, model_file, size), targets, size)
+
+
+def _samples_first(inputs: tuple | dict, model_file: ModelFile, size: int) -> tuple | dict:
+    """`inputs` with each tensor's batch dimension moved first (a sequence-first [T, B, D] input
+    becomes [B, T, D]); the batch dimension is the one example_inputs(1) has at 1."""
+    with torch.device("meta"):
+        one = model_file.inputs(1)
+
+    def first(value: torch.Tensor, single: Any) -> torch.Tensor:
+        if not isinstance(single, torch.Tensor) or single.dim() != value.dim():
+            return value
+        dims = [d for d in range(value.dim()) if value.shape[d] == size and single.shape[d] == 1]
+        return value.movedim(dims[0], 0) if dims else value
+
+    if isinstance(inputs, dict):
+        return {key: first(value, one.get(key) if isinstance(one, dict) else None) for key, value in inputs.items()}
+    return tuple(first(value, single) for value, single in zip(inputs, one))
 
 
 def output_like(model_file: ModelFile, batch_size: int) -> Any:

@@ -27,8 +27,10 @@ agree on it without talking.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -38,6 +40,7 @@ from ftc.ir import FtcError
 
 from . import comm
 from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
+from .model_file import user_error
 from .pipeline import Pipeline, check_stage_outputs
 from .schedule import BACKWARD, FORWARD, Action, simulate
 
@@ -79,7 +82,7 @@ class _Plan:
         for s in self.specs.values():
             for name in s.inputs:
                 uses.setdefault((s.device, name), []).append(s.index)
-        for name in self.outputs:
+        for name in dict.fromkeys(self.outputs):  # a value the model returns twice is read once
             uses.setdefault((self.loss_device, name), []).append(LOSS)
         self.uses = {key: sorted(readers, key=lambda u: (u == LOSS, u)) for key, readers in uses.items()}
         self.data_devices = {device for device, name in self.uses if name in self.inputs}
@@ -297,12 +300,14 @@ class Engine:
                 offset += size
 
     def _shared_groups(self) -> list[tuple[Any, list[torch.nn.Parameter]]]:
-        """Process groups for parameters that stages on several devices hold. new_group is
-        collective, so every rank creates every group, in the same order."""
+        """Process groups for parameters that stages on several devices hold, under one name or
+        under tied aliases (pipeline.json's "tied"). new_group is collective, so every rank
+        creates every group, in the same order."""
+        first_name = self.pipeline.tied
         holders: dict[str, set[int]] = {}
         for stage in self.pipeline.stages:
             for key in stage.state:
-                holders.setdefault(key, set()).add(stage.device)
+                holders.setdefault(first_name.get(key, key), set()).add(stage.device)
         by_ranks: dict[tuple[int, ...], list[str]] = {}
         for key in sorted(holders):
             if len(holders[key]) > 1:
@@ -310,7 +315,7 @@ class Engine:
         local: dict[str, torch.nn.Parameter] = {}
         for index in sorted(self.modules):
             for name, param in self.modules[index].named_parameters(remove_duplicate=False):
-                local.setdefault(name, param)
+                local.setdefault(first_name.get(name, name), param)
         groups = []
         for ranks, keys in sorted(by_ranks.items()):
             group = dist.new_group(list(ranks))
@@ -348,23 +353,30 @@ class Engine:
         return [targets] * self.micro_batches
 
     def _split(self, value: Any, batch_dim: int | None, what: str) -> list[Any]:
-        if not isinstance(value, torch.Tensor) or batch_dim is None:
+        """The micro-batches of a value, each its own tensor: a model that changes its input in
+        place must not change the other micro-batches' (views would share it)."""
+        if not isinstance(value, torch.Tensor):
             return [value] * self.micro_batches
+        if batch_dim is None:
+            return [value.to(self.device).clone() for _ in range(self.micro_batches)]
         size = value.shape[batch_dim]
         if size % self.micro_batches:
             raise FtcError(
                 f"{what}: batch size {size} does not split into {self.micro_batches} equal micro-batches",
                 "make the batch size a multiple of micro_batches",
             )
-        return list(value.to(self.device).split(size // self.micro_batches, dim=batch_dim))
+        return [piece.clone() for piece in value.to(self.device).split(size // self.micro_batches, dim=batch_dim)]
 
     def _micro_batch_size(self, inputs: Any, targets: Any) -> int:
         batch = None
         named = inputs.items() if isinstance(inputs, dict) else zip(self.plan.inputs, inputs or ())
         for name, value in named:
-            batch_dim = self.plan.values.get(name, {}).get("batch_dim")
+            spec = self.plan.values.get(name, {})
+            batch_dim = spec.get("batch_dim")
             if isinstance(value, torch.Tensor) and batch_dim is not None:
-                batch = value.shape[batch_dim]
+                # B, or B*T when the input is flattened: its compiled size says per how many samples.
+                compiled = self.pipeline.manifest["batch_size"]
+                batch = value.shape[batch_dim] * compiled // spec["shape"][batch_dim]
                 break
         if batch is None and isinstance(targets, torch.Tensor):
             batch = targets.shape[0]
@@ -399,7 +411,8 @@ class _DeviceRunner:
         self.training = training
         self.active_order = self.order if training else [a for a in self.order if a.kind == FORWARD]
         self.outputs: list[dict[str, Any]] = []
-        self.micro_batch_size = micro_batch_size
+        # Shapes in pipeline.json are for the compile batch size.
+        self.batch_scale = Fraction(micro_batch_size, self.engine.pipeline.manifest["batch_size"])
         self.input_batches = input_batches
         self.target_batches = target_batches
         self.loss_scale = loss_scale
@@ -437,8 +450,16 @@ class _DeviceRunner:
         # The recomputing forward must see the buffers this one saw (a BatchNorm's running
         # statistics, a step counter), and must not update them a second time.
         buffers_before = _buffer_values(module) if recompute and self.training else None
-        with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
-            outputs = module(*args)
+        try:
+            with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
+                outputs = module(*args)
+        except FtcError:
+            raise
+        except Exception as exc:
+            raise user_error(exc, f"stage {stage} ({spec.file}), micro-batch {m},",
+                             [self.engine.pipeline.folder / spec.file, self.engine.pipeline.model_file],
+                             "check the data against the model file's example_inputs (shapes, dtypes); "
+                             "`ftc check` runs the stages on example inputs") from exc  # fmt: skip
         check_stage_outputs(spec, outputs)
         for name, value in zip(spec.outputs, outputs):
             if (self.device, name) in self.plan.uses or name in self.plan.readers:
@@ -455,7 +476,7 @@ class _DeviceRunner:
             self.outputs.append(outputs)
             if self.target_batches is None:
                 return
-        loss = self.engine.loss_fn(self.engine.pipeline.assemble_output(outputs), self.target_batches[m])
+        loss = call_loss(self.engine.loss_fn, self.engine.pipeline.assemble_output(outputs), self.target_batches[m])
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise FtcError(
                 f"loss_fn returned {type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}",
@@ -555,13 +576,13 @@ class _DeviceRunner:
         specs = self.plan.leaves[name]
         if message.kind == ACTIVATION:
             leaves = comm.flatten(self.values[(name, m)], self.plan.values[name])
-            payload = comm.encode(name, leaves, specs, self.micro_batch_size, self.engine.device)
+            payload = comm.encode(name, leaves, specs, self.batch_scale, self.engine.device)
         else:
             uses = self.plan.uses[(self.device, name)]
             summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))
             grad_specs = [specs[k] for k in self.plan.gradient_leaves[name]]
             payload = [
-                g if g is not None else comm.empty_payload([spec], self.micro_batch_size, self.engine.device)[0].zero_()
+                g if g is not None else comm.empty_payload([spec], self.batch_scale, self.engine.device)[0].zero_()
                 for g, spec in zip(summed, grad_specs)
             ]
         self.engine.transport.send(message, payload)
@@ -582,7 +603,7 @@ class _DeviceRunner:
             if pending.kind == GRADIENT:
                 specs = [specs[k] for k in self.plan.gradient_leaves[pending.value]]
             self.engine.transport.post_receive(
-                pending, comm.empty_payload(specs, self.micro_batch_size, self.engine.device)
+                pending, comm.empty_payload(specs, self.batch_scale, self.engine.device)
             )
         self.peer_posted[message.src] = max(start, end)
 
@@ -630,6 +651,19 @@ def _buffer_values(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         name: copies.setdefault(id(buffer), buffer.detach().clone())
         for name, buffer in module.named_buffers(remove_duplicate=False)
     }
+
+
+def call_loss(loss_fn: Callable, output: Any, target: Any) -> Any:
+    """loss_fn(output, target), its failure named as the loss's, with its line."""
+    try:
+        return loss_fn(output, target)
+    except FtcError:
+        raise
+    except Exception as exc:
+        source = inspect.getsourcefile(loss_fn) if inspect.isfunction(loss_fn) else None
+        raise user_error(exc, f"the loss {getattr(loss_fn, '__qualname__', loss_fn)}(output, target)",
+                         [source] if source else [], "check that the data set's targets fit the loss "
+                         "(shapes, dtypes) and the model's output") from exc  # fmt: skip
 
 
 def _point_buffers(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

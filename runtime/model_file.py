@@ -187,3 +187,11 @@ def user_frame(exc: BaseException, path: Path) -> str:
         if frame.filename == resolved or Path(frame.filename).resolve() == path.resolve():
             return f" (at {path}:{frame.lineno}: {(frame.line or '').strip()})"
     return ""
+
+
+def user_error(exc: Exception, what: str, files: list[Path], hint: str) -> FtcError:
+    """An FtcError for user code (a model, a stage, a loss, a data set) that raised `exc`: what
+    raised, why, and where in `files` (the innermost line in each that is on the traceback)."""
+    places = "".join(dict.fromkeys(user_frame(exc, Path(file)) for file in files))
+    reason = (str(exc).strip().splitlines() or [""])[0]
+    return FtcError(f"{what} raised {type(exc).__name__}: {reason}{places}", hint)

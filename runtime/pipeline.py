@@ -55,6 +55,12 @@ class Pipeline:
         ]
 
     @property
+    def tied(self) -> dict[str, str]:
+        """Each tied alias's first name (`head.weight` -> `embed.weight`): one tensor under
+        several state names. Pipelines written before ftc recorded ties have none."""
+        return {name: group[0] for group in self.manifest.get("tied", []) for name in group[1:]}
+
+    @property
     def num_devices(self) -> int:
         """How many devices the stages are placed on; they must be numbered 0..n-1."""
         devices = sorted({s["device"] for s in self.manifest["stages"]})

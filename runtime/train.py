@@ -13,10 +13,13 @@ depends only on the seed and the step: resumed runs and every rank see the same 
 
 from __future__ import annotations
 
+import datetime
+import inspect
 import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +31,9 @@ from ftc.ir import FtcError
 
 from . import checkpoint
 from .config import Config
-from .data import Sampler, build_dataset, load_batch, tree_map
-from .model_file import ModelFile, function_from_file, load_model_file
-from .engine import Engine
+from .data import Sampler, build_dataset, fingerprint, load_batch, seeded, tree_map
+from .engine import Engine, call_loss
+from .model_file import ModelFile, function_from_file, load_model_file, user_error
 from .materialize import build_stages, load_checkpoint
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
@@ -77,21 +80,40 @@ class Results:
 class SingleProcess:
     """The original model trained the plain way; the same interface as the pipeline engine."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int, batch_dims: dict[str, int | None]):
         self.model = model
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
+        self.batch_dims = batch_dims  # input name -> its batch dimension (None: shared by all samples)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
 
+    def _micro_inputs(self, inputs: tuple | dict, i: int) -> tuple | dict:
+        def cut(tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
+            # A copy, as the pipeline gives each micro-batch: forward may change its input in place.
+            return (tensor if dim is None else tensor.chunk(self.micro_batches, dim)[i]).clone()
+
+        if isinstance(inputs, dict):
+            return {name: cut(value, self.batch_dims.get(name, 0)) for name, value in inputs.items()}
+        dims = list(self.batch_dims.values())
+        return tuple(cut(value, dims[k] if k < len(dims) else 0) for k, value in enumerate(inputs))
+
     def train_step(self, step: int, inputs: Any, targets: Any, loss_scale: float = 1.0) -> float:
         losses = []
         for i in range(self.micro_batches):
-            x = tree_map(lambda t: t.chunk(self.micro_batches)[i], inputs)
+            x = self._micro_inputs(inputs, i)
             y = tree_map(lambda t: t.chunk(self.micro_batches)[i], targets)
-            output = self.model(**x) if isinstance(x, dict) else self.model(*x)
-            loss = self.loss_fn(output, y)
+            try:
+                output = self.model(**x) if isinstance(x, dict) else self.model(*x)
+            except Exception as exc:
+                raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i},",
+                                 [inspect.getsourcefile(type(self.model)) or ""],
+                                 "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
+            loss = call_loss(self.loss_fn, output, y)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise FtcError(f"loss_fn returned {type(loss).__name__}"
+                               f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}", "return a scalar tensor")  # fmt: skip
             (loss * (loss_scale / self.micro_batches)).backward()
             losses.append(loss.detach().reshape(()).to(torch.float64))
         # One read of the device per step, as the engine's mean_loss.
@@ -109,7 +131,8 @@ def resolve_loss(config: Config, model_file: ModelFile) -> Callable:
         return model_file.loss_fn
     if ":" in config.loss:
         return function_from_file(config.loss, "loss", "ftc_loss")
-    function = getattr(model_file.module, config.loss, None) or getattr(torch.nn.functional, config.loss, None)
+    name = config.loss.removeprefix("torch.nn.functional.").removeprefix("F.")
+    function = getattr(model_file.module, config.loss, None) or getattr(torch.nn.functional, name, None)
     if not callable(function):
         raise FtcError(f"config key 'loss' is {config.loss!r}, which names no function",
                        "name a function of the model file, of torch.nn.functional, or \"file.py:function\"")  # fmt: skip
@@ -193,26 +216,47 @@ def inject_fault(config: Config, me: Rank, step: int, modules: list[torch.nn.Mod
                 param.fill_(float("nan"))
 
 
+def training_device(config: Config, rank: int) -> torch.device:
+    """The config's device; in mode dist on CUDA, this rank's GPU (ranks beyond the GPU count
+    share GPUs round-robin, which only gloo allows)."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise FtcError(f"config {config.source}: key 'device' is \"cuda\", but torch here sees no CUDA device "
+                       f"(torch {torch.__version__})", 'set device to "cpu", or install a CUDA build of torch')  # fmt: skip
+    if config.device == "cuda" and config.mode == "dist":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return torch.device(config.device)
+
+
 def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | None = None) -> Results:
     """Train per `config` as rank `rank` of `world_size` (mode "dist": the process group is up);
     return the results (rank 0 also writes them)."""
     status = status or Status(rank)
     started = time.perf_counter()
+    # Made while the ranks are in step (new_group is collective), waited on once all are set up.
+    setup_group = (
+        dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=config.setup_timeout_s))
+        if config.mode == "dist"
+        else None
+    )
     pipeline = load_pipeline(config.pipeline)
     model_file = load_model_file(config.model or pipeline.model_file)
     loss_fn = resolve_loss(config, model_file)
     if config.mode == "dist" and pipeline.num_devices != world_size:
         raise FtcError(f"{pipeline.folder} places its stages on {pipeline.num_devices} devices, "
                        f"but {world_size} processes run", "set nprocs to the number of pipeline devices")  # fmt: skip
-    device = torch.device(config.device)
-    if config.device == "cuda" and config.mode == "dist":
-        # Ranks beyond the GPU count share GPUs round-robin (possible with gloo only).
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    recorded = pipeline.manifest.get("model_file_sha256")
+    if rank == 0 and recorded is not None and recorded != model_file.digest():
+        print(f"ftc train: warning: {model_file.path} is not the model file {pipeline.folder} was compiled from "
+              "(it changed since, or is another file): the stages run the code of compile time, and only the values "
+              "passed between stages are checked\n  fix: recompile with `ftc compile`; `ftc check` compares the "
+              "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
+    device = training_device(config, rank)
+    batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     me = plan_rank(config, pipeline, rank, world_size, device)
 
     if config.mode == "single":
         model = build_single(config, model_file, device)
-        engine: Any = SingleProcess(model, loss_fn, config.micro_batches)
+        engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims)
         modules = [model]
     else:
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
@@ -228,18 +272,24 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.optimizer.lr, config.steps) if optimizer else None
 
     root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
-    first_step = 0
+    first_step, run = 0, uuid.uuid4().hex[:12]
     if root is not None:
-        # Rank 0 clears stale step folders before any rank can write one (that needs a step,
-        # which needs rank 0); it keeps the latest complete one, which the others resume from.
+        # Rank 0 clears half-written step folders before any rank can write one (that needs a
+        # step, which needs rank 0); complete ones stay, the latest for the others to resume from.
         folder = checkpoint.prepare(root, config.checkpoint.resume) if rank == 0 else checkpoint.latest(root)
         if folder is not None and config.checkpoint.resume:
-            first_step = resume(folder, me, modules, optimizer, scheduler)
+            first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied)
+            run = checkpoint.run_of(folder)
 
     # The engine's message plan says which ranks read inputs and which computes the loss.
     reads_inputs, reads_targets = (True, True) if config.mode == "single" else (engine.reads_inputs, engine.reads_targets)
-    dataset = build_dataset(config.data, model_file) if reads_inputs or reads_targets else None
+    dataset = None
+    if reads_inputs or reads_targets:
+        with seeded(config.seed):
+            dataset = build_dataset(config.data, model_file)
     sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
+    if config.mode == "dist":
+        agree_on_data(setup_group, dataset, sampler, world_size)
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
@@ -258,7 +308,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             batch = step * config.step_every + k
             inputs = targets = None
             if sampler is not None:
-                inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets)
+                inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets, batch_dims)
                 inputs, targets = (
                     None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets)
                 )
@@ -287,7 +337,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         if root is not None and (
             done == config.steps or (config.checkpoint.every and done % config.checkpoint.every == 0)
         ):
-            save(root, done, me, modules, optimizer, scheduler, config)
+            save(root, done, me, modules, optimizer, scheduler, config, run, pipeline.tied)
     results.wall_time_s = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -300,20 +350,72 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     return results
 
 
-def save(root: Path, step: int, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, config: Config) -> None:
+def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size: int) -> None:
+    """Wait until every rank has built its stages and data (`group`'s timeout is setup_timeout_s:
+    building a corpus may take long, while timeout_s bounds one message), and check that the
+    ranks reading inputs and the one reading targets built the same data set: each builds its own."""
+    mine = fingerprint(dataset, sampler.indices(0)) if dataset is not None else None
+    prints: list[str | None] = [None] * world_size
+    dist.all_gather_object(prints, mine, group=group)
+    readers = {rank: value for rank, value in enumerate(prints) if value is not None}
+    if len(set(readers.values())) > 1:
+        listed = ", ".join(f"rank {rank}: {value}" for rank, value in readers.items())
+        raise FtcError(f"the ranks built different data sets (digest of the first batch: {listed})",
+                       "make the data set deterministic: every rank builds it, with Python's, NumPy's and torch's "
+                       "generators seeded from the config's seed; seed any other randomness it uses")  # fmt: skip
+    dist.destroy_process_group(group)
+
+
+def save(
+    root: Path, step: int, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, config: Config, run: str,
+    tied: dict[str, str],
+) -> None:
     state = {
         "step": step, "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
-        "rng": torch.get_rng_state(), "stages": me.stages,
+        "rng": torch.get_rng_state(), "stages": me.stages, "parameters": parameter_names(modules, optimizer, tied),
     }  # fmt: skip
     if me.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(me.device)
     checkpoint.save_shard(root, step, me.rank, modules, state)
     if me.rank == 0:
-        checkpoint.write_manifest(root, step, me.world_size, config.timeout_s, {"mode": config.mode})
+        checkpoint.write_manifest(root, step, me.world_size, config.timeout_s, run, {"mode": config.mode})
 
 
-def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler) -> int:
+def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, str]) -> list[str]:
+    """The optimizer's parameters by name, in its order (a tied weight by its first name), so a
+    checkpoint's optimizer state maps onto the same weights in any mode."""
+    if optimizer is None:
+        return []
+    names: dict[int, str] = {}
+    for module in modules:
+        for name, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), tied.get(name, name))
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _optimizer_state(state: dict, folder: Path, rank: int, now: list[str]) -> dict:
+    """The checkpoint's optimizer state reordered to this run's parameter order (mode single
+    orders them as the model registers them, the pipeline stage by stage)."""
+    saved, optimizer_state = state.get("parameters"), state["optimizer"]
+    if saved is None or saved == now:
+        return optimizer_state
+    if sorted(saved) != sorted(now):
+        missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+        raise FtcError(f"checkpoint {folder}: rank {rank} trained other parameters than it holds now "
+                       f"(new here: {missing[:5]}; only in the checkpoint: {extra[:5]})",
+                       "resume with the same pipeline and processes, or start a new run with \"init\" "
+                       "set to the merged checkpoint (ftc merge-checkpoint)")  # fmt: skip
+    position = {name: k for k, name in enumerate(saved)}
+    (group,) = optimizer_state["param_groups"]
+    return {
+        "state": {k: optimizer_state["state"][position[name]] for k, name in enumerate(now)
+                  if position[name] in optimizer_state["state"]},
+        "param_groups": [{**group, "params": list(range(len(now)))}],
+    }  # fmt: skip
+
+
+def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, tied: dict[str, str]) -> int:
     state = checkpoint.load_training_state(folder, me.rank)
     if state["stages"] != me.stages:
         raise FtcError(f"checkpoint {folder}: rank {me.rank} held stages {state['stages']}, now {me.stages}",
@@ -321,11 +423,23 @@ def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, sc
                        "set to the merged checkpoint (ftc merge-checkpoint)")  # fmt: skip
     keys = {key for module in modules for key in module.state_dict()}
     weights = checkpoint.load_weights(folder, keys)
+    missing = sorted(keys - set(weights))
+    if missing:
+        raise FtcError(f"checkpoint {folder} lacks {len(missing)} of rank {me.rank}'s weights ({', '.join(missing[:5])})",
+                       "it is another model's checkpoint: resume with the model and pipeline that wrote it, or "
+                       "set checkpoint.dir to a new folder")  # fmt: skip
     for module in modules:
         module.load_state_dict({key: weights[key] for key in module.state_dict()}, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        # The config's settings (lr, betas, weight decay, schedule) govern the resumed steps; the
+        # checkpoint gives the optimizer's state and the schedule's position.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(_optimizer_state(state, folder, me.rank, parameter_names(modules, optimizer, tied)))
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.base_lrs = [group["initial_lr"] for group in settings]
+        for group, fresh, factor in zip(optimizer.param_groups, settings, scheduler.lr_lambdas):
+            group.update(fresh)
+            group["lr"] = fresh["initial_lr"] * factor(scheduler.last_epoch)
     torch.set_rng_state(state["rng"])
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], me.device)

@@ -33,7 +33,8 @@ from ftc.ir import FtcError
 
 from .config import Config, load_config
 from .pipeline import load_pipeline
-from .train import Results, Status, train
+from .model_file import load_model_file
+from .train import Results, Status, resolve_loss, train, training_device
 
 
 def backend(config: Config) -> str:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, [*args.set, "mode=dist"])
         if config.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+            torch.cuda.set_device(training_device(config, rank))
         else:
             # The ranks of one machine share its cores; oversubscribing them slows every rank.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -92,7 +93,10 @@ def launch(config: Config) -> Results:
     naming the ranks that failed and their steps."""
     from .checkpoint import write_json
 
-    nprocs = config.nprocs or load_pipeline(config.pipeline).num_devices
+    pipeline = load_pipeline(config.pipeline)
+    # What every rank would fail on alike is said once, before any process starts.
+    resolve_loss(config, load_model_file(config.model or pipeline.model_file))
+    nprocs = config.nprocs or pipeline.num_devices
     run_dir = Path(tempfile.mkdtemp(prefix="ftc-train-"))
     resolved = run_dir / "config.json"
     write_json(resolved, config.to_json())

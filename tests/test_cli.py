@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from ftc.check import check_pipeline
 from ftc.cli import main
 
 from .conftest import EXAMPLES, ROOT
@@ -231,3 +232,58 @@ def test_console_script_end_to_end(tmp_path):
     done = subprocess.run([*ftc, "check", tmp_path / "mlp"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "check passed" in done.stdout
+
+
+COUNTER = """
+import torch
+import torch.nn as nn
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.b(torch.relu(self.a(x)))
+
+
+def build_model():
+    return Counter()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_reassigned_buffer_is_refused_by_fx_and_compiled_by_export(tmp_path, capsys):
+    model = write(tmp_path, "counter.py", COUNTER)
+    refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)
+    assert_user_error(refused, "torch.fx could not trace the model", "forward assigns buffer calls")
+    # export writes the buffer back onto itself after the last op; that no-op must not keep the
+    # model from splitting.
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)[0] == 0
+    assert json.loads((tmp_path / "auto" / "counter" / "ir.json").read_text())["frontend"] == "export"
+    assert check_pipeline(tmp_path / "auto" / "counter").ok
+
+
+def test_a_nested_output_is_named(tmp_path, capsys):
+    text = GOOD.replace("return nn.Sequential(", "return Nested(nn.Sequential(") + """
+
+class Nested(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": h, "hidden": (h, h)}
+"""
+    text = text.replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))")
+    model = write(tmp_path, "nested.py", text)
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "model output ['hidden'] is a tuple: the output is nested")

@@ -30,6 +30,7 @@ CASES = [
     (MODELS / "shape_dependent.py", (1, 2, 4, 8)),
     (MODELS / "deep_skip.py", (1, 2, 4, 8)),
     (MODELS / "no_grad.py", (1, 2, 3)),
+    (MODELS / "odd_structure.py", (1, 2)),
 ]
 PARAMS = [pytest.param(path, stages, id=f"{path.stem}-P{stages}") for path, counts in CASES for stages in counts]
 

@@ -52,6 +52,12 @@ CASES = [
     (aten.gelu.default, (_x(3),), {"approximate": "tanh"}),
     (aten.relu.default, (_x(3),), {}),
     (aten.silu.default, (_x(3),), {}),
+    (aten.hardswish.default, (_x(5) * 4,), {}),
+    (aten.hardsigmoid.default, (_x(5) * 4,), {}),
+    (aten.view_as_complex.default, (_x(2, 3, 2),), {}),
+    (aten.view_as_real.default, (torch.randn(2, 3, dtype=torch.complex64),), {}),
+    (aten.type_as.default, (_x(3), torch.tensor([1.0], dtype=torch.float64)), {}),
+    (aten.unflatten.int, (_x(2, 6), -1, [2, 3]), {}),
     (aten.maximum.default, (_x(3), _x(3)), {}),
     (aten.min.other, (_x(3), _x(3)), {}),
     (aten.clamp.default, (_x(3),), {"min": -0.1}),
@@ -245,7 +251,9 @@ def test_every_table_entry_has_a_case():
     assert not set(LOWERINGS) - covered, sorted(set(LOWERINGS) - covered)
 
 
-EXPORT_CASES = [EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "unet.py", MODELS / "buffers.py"]
+EXPORT_CASES = [
+    EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "unet.py", MODELS / "buffers.py", MODELS / "odd_structure.py"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("model_path", EXPORT_CASES, ids=lambda p: p.stem)

@@ -1,7 +1,9 @@
 """Training: the pipeline modes against plain single-process PyTorch training (mode "single").
 
-A small dropout-free language model with a tied LM head and a BatchNorm is compiled into 2 and 4
-stages; the same config (seed, data, optimizer) then trains it in mode single (the truth), in
+A small dropout-free language model is compiled into 2 and 4 stages: its LM head is tied to the
+embedding under two names (`head.weight = wte.weight`, as Hugging Face ties), a position
+parameter is read by the first and the last stage under one name, and a BatchNorm keeps running
+statistics; the same config (seed, data, optimizer) then trains it in mode single (the truth), in
 mode local and in mode dist under torchrun with gloo on the CPU. Per-step losses and the final
 weights (the merged checkpoint) must agree to a relative 1e-5. The fault tests make one rank
 exit, hang or produce NaN and check that the run stops with a message naming the rank and the
@@ -60,12 +62,14 @@ class TinyLM(nn.Module):
         self.wpe = nn.Parameter(0.02 * torch.randn(1, CONTEXT, WIDTH))
         self.blocks = nn.ModuleList([Block() for _ in range(LAYERS)])
         self.ln = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.wte.weight
 
     def forward(self, idx):
         x = self.wte(idx) + self.wpe
         for block in self.blocks:
             x = block(x)
-        return F.linear(self.ln(x), self.wte.weight)
+        return self.head(self.ln(x) + self.wpe)
 
 
 def build_model():

@@ -148,7 +148,7 @@ class StageWriter:
                     expr = f"getattr(self, {part!r})" if expr == "self" else f"{expr}[{part!r}]"
             else:
                 parent_class = self.graph.modules.get(prefix, "")
-                if parent_class in CONTAINER_INDEXED and part.isdigit():
+                if parent_class in CONTAINER_INDEXED and part.isdigit() and self._position(full) == int(part):
                     expr += f"[{part}]"
                 elif parent_class in CONTAINER_KEYED:
                     expr += f"[{part!r}]"
@@ -159,6 +159,13 @@ class StageWriter:
             container_ours = container_ours and self.adopted_kind.get(full) == "container"
             prefix = full
         return expr
+
+    def _position(self, path: str) -> int:
+        """A submodule's position among its parent's children. A sliced Sequential keeps its
+        keys (`backbone[2:]` holds "2", "3", ...), so a digit key may not be its index."""
+        parent = path.rpartition(".")[0]
+        siblings = [p for p in self.graph.modules if p and p.rpartition(".")[0] == parent]
+        return siblings.index(path)
 
     def ref(self, name: str) -> str:
         source = self.by_name[name]

@@ -156,6 +156,7 @@ def write_pipeline(
         "outputs": [ref.name for ref in graph.outputs.values],
         "output_structure": {"kind": graph.outputs.kind, "keys": graph.outputs.keys},
         "num_devices": len(set(graph.stage_devices)),
+        "tied": tied_groups(graph),
         "stages": [
             {
                 "index": plan.index,
@@ -189,6 +190,16 @@ def write_pipeline(
     for stale in sorted(set(previous) - set(files)):
         (folder / stale).unlink(missing_ok=True)
     return folder, manifest
+
+
+def tied_groups(graph: Graph) -> list[list[str]]:
+    """The state names of each tensor known under several names (`head.weight = embed.weight`),
+    first name first: stages on other devices hold separate copies the runtime keeps equal."""
+    groups: dict[str, list[str]] = {}
+    for name, tensor in graph.state.items():
+        if tensor.alias_of is not None:
+            groups.setdefault(tensor.alias_of, [tensor.alias_of]).append(name)
+    return [groups[first] for first in sorted(groups)]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -101,8 +101,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         reasons.append(f"{tracer}: {type(exc).__name__}: {first_line}")
     where = "".join(places)
     return FtcError(
-        f"{model_file.path}: {'neither ' + ' nor '.join(names) if len(names) > 1 else tracers} could trace "
-        f"the model{where} ({'; '.join(reasons)})",
+        f"{model_file.path}: {'neither ' + ' nor '.join(names) + ' could' if len(names) > 1 else tracers + ' could not'} "
+        f"trace the model{where} ({'; '.join(reasons)})",
         "make forward's Python independent of tensor values and shapes (use torch ops such as "
         "torch.where instead of `if`), or list the class that contains that code in LEAF_MODULES "
         "so it is kept whole; --frontend export handles shape-dependent Python",

@@ -99,17 +99,22 @@ def module_table(model: torch.nn.Module, model_file: ModelFile) -> dict[str, str
 
 
 def state_table(model: torch.nn.Module) -> dict[str, StateTensor]:
-    """Every state_dict key (tied aliases included) plus non-persistent buffers."""
+    """Every state_dict key (tied aliases included, each naming its first name) plus
+    non-persistent buffers."""
     state = {}
+    first_name: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        state[name] = StateTensor("parameter", tensor_meta(param))
+        state[name] = StateTensor("parameter", tensor_meta(param), alias_of=first_name.setdefault(id(param), name))
     for module_path, module in model.named_modules(remove_duplicate=False):
         for buffer_name, buffer in module._buffers.items():
             if buffer is None:
                 continue
             name = f"{module_path}.{buffer_name}" if module_path else buffer_name
             persistent = buffer_name not in module._non_persistent_buffers_set
-            state[name] = StateTensor("buffer", tensor_meta(buffer), persistent)
+            state[name] = StateTensor("buffer", tensor_meta(buffer), persistent, first_name.setdefault(id(buffer), name))
+    for name, tensor in state.items():
+        if tensor.alias_of == name:
+            tensor.alias_of = None
     return state
 
 

@@ -109,6 +109,11 @@ def trace_export(
         elif fx_node.op == "call_function":
             if _dropped(fx_node) and not fx_node.users:
                 continue
+            if _copies_onto_itself(fx_node):
+                # export writes a buffer that forward updated in place back onto itself
+                # (`count.copy_(count.add_(1))`): a no-op that would tie the update to the end.
+                names[fx_node] = names[fx_node.args[0]]
+                continue
             whole = whole_view(fx_node.target, fx_node.args, fx_node.kwargs) if _is_aten(fx_node) else None
             if isinstance(whole, fx.Node):
                 names[fx_node] = names[whole]
@@ -166,6 +171,16 @@ def _batch_dim_by_input(fed: list[str], dynamic: tuple | dict) -> dict[str, int]
 
 def _is_aten(fx_node: fx.Node) -> bool:
     return isinstance(fx_node.target, torch._ops.OpOverload) and fx_node.target.namespace == "aten"
+
+
+def _copies_onto_itself(fx_node: fx.Node) -> bool:
+    """aten.copy_(dst, src) where src is dst after in-place ops on it."""
+    if fx_node.target is not torch.ops.aten.copy_.default or len(fx_node.args) < 2:
+        return False
+    source = fx_node.args[1]
+    while isinstance(source, fx.Node) and isinstance(source.target, torch._ops.OpOverload) and _mutated(source.target) == 0:
+        source = source.args[0]
+    return source is fx_node.args[0]
 
 
 def _dropped(fx_node: fx.Node) -> bool:

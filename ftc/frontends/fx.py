@@ -100,10 +100,15 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
     tracer = _Tracer(model_file)
+    state = state_table(model)
     fx_graph = tracer.trace(model, concrete_args=defaults or None)
     root = tracer.root
     modules = module_table(model, model_file)
-    state = state_table(model)
+    assigned = [name for name, value in _named_buffer_slots(model) if isinstance(value, fx.Proxy)]
+    if assigned:
+        raise BufferAssigned(
+            f"forward assigns buffer {', '.join(assigned)} (+= or =), which fx does not record; export does"
+        )
 
     names: dict[fx.Node, str] = {}
     # fx's names are unique already; reserving them keeps our renames from colliding.
@@ -127,8 +132,13 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         if fx_node.op == "placeholder":
             param = next(params)
             if param not in fed:
-                skipped.add(fx_node)
-                skipped.update(fx_node.users)
+                # Its guard chain (`eq` then `_assert` for a non-None default) goes with it.
+                pending = [fx_node]
+                while pending:
+                    guard = pending.pop()
+                    if guard not in skipped:
+                        skipped.add(guard)
+                        pending.extend(guard.users)
                 continue
             names[fx_node] = param if param == fx_node.name else unique_name(param, taken)
             nodes.append(Node(names[fx_node], "input", param))
@@ -181,6 +191,17 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         constants=constants,
         frontend="fx",
     )
+
+
+class BufferAssigned(Exception):
+    """fx cannot trace this model; not an FtcError, so that --frontend auto tries export."""
+
+
+def _named_buffer_slots(model: torch.nn.Module):
+    """(qualified name, whatever the buffer slot holds now): tracing may have put a Proxy there."""
+    for prefix, module in model.named_modules():
+        for name, value in module._buffers.items():
+            yield (f"{prefix}.{name}" if prefix else name), value
 
 
 def _explicit_kwargs(fx_node: fx.Node, parameters: dict[Any, Any]) -> dict[str, Any]:
@@ -243,6 +264,12 @@ def _readable_name(fx_node: fx.Node, names: dict[fx.Node, str], taken: set[str],
 def _outputs(structure: Any, ref_of) -> Outputs:
     def value_ref(value: Any, where: str) -> Ref:
         ref = ref_of(value)
+        if isinstance(value, (tuple, list, dict)):
+            raise FtcError(
+                f"model output {where} is a {type(value).__name__}: the output is nested",
+                "return a tensor, a flat tuple of tensors or a flat dict of tensors (e.g. unpack "
+                "hidden_states into their own keys, or leave them out)",
+            )
         if ref is None:
             raise FtcError(
                 f"model output {where} is {type(value).__name__} ({value!r:.40}), not a value computed in forward",

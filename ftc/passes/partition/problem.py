@@ -317,7 +317,13 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
     for node in graph.nodes:
         if node.is_compute and node.mutates is not None and node.mutates < len(node.args):
             root = _view_root(node.args[node.mutates], by_name)
-            if root is not None and root in position:
+            if root is not None and by_name[root].op == "input":
+                # Every stage reads a model input from the data as it was: the mutation and every
+                # op that reads the input (or a view of it) share one stage.
+                touching = [position[n.name] for n in graph.nodes
+                            if n.is_compute and any(_view_root(Ref(r), by_name) == root for r in n.refs())]  # fmt: skip
+                forbid(min(touching), max(touching))
+            elif root is not None and root in position:
                 forbid(position[root], position[node.name])
             elif root is not None and by_name[root].op == "get_attr":
                 mutated_state.add(by_name[root].target)

@@ -1,0 +1,80 @@
+"""Checkpoints across runs, in one process (mode single and local; tests/test_train.py covers
+dist):
+
+- a run resumed in another mode continues the uninterrupted run exactly, though mode single
+  orders the optimizer's parameters as the model registers them and the pipeline stage by stage;
+- a resumed run takes the config's optimizer settings (a changed lr applies), not the checkpoint's;
+- a new run in a folder holding an earlier run's checkpoints keeps them until its own first
+  checkpoint is complete: a run that fails before that loses nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftc.compiler import CompileOptions, compile_model
+from ftc.ir import FtcError
+from ftc.runtime import checkpoint
+from ftc.runtime.config import load_config
+from ftc.runtime.train import train
+
+from .conftest import MODELS
+
+# Its head is registered before the body it runs after.
+MODEL = (MODELS / "classifier.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    (root / "model.py").write_text(MODEL)
+    return root, compile_model(root / "model.py", root / "generated", CompileOptions(stages=2)).folder
+
+
+def config(root, folder, name, **settings):
+    data = {
+        "pipeline": str(folder), "data": {"name": "synthetic", "size": 64}, "batch_size": 8, "micro_batches": 2,
+        "optimizer": {"name": "adam", "lr": 0.01}, "steps": 6, "log_every": 10,
+        "checkpoint": {"dir": str(root / name), "every": 3},
+    }  # fmt: skip
+    data.update(settings)
+    return load_config(data=data)
+
+
+def test_resuming_in_another_mode_continues_the_run_exactly(pipeline):
+    root, folder = pipeline
+    whole = train(config(root, folder, "whole", mode="single")).loss
+    with pytest.raises(FtcError, match="the loss is nan at step 3"):
+        train(config(root, folder, "switch", mode="single", inject_fault={"kind": "nan", "step": 3}))
+    resumed = train(config(root, folder, "switch", mode="local", checkpoint={"dir": str(root / "switch"), "resume": True}))
+    assert len(resumed.loss) == 3
+    torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor(whole[3:]), rtol=1e-5, atol=0)
+
+
+def test_a_resumed_run_takes_the_configs_learning_rate(pipeline):
+    root, folder = pipeline
+    # One batch's samples, every step: with lr near zero the loss stays where it was.
+    settings = dict(mode="local", data={"name": "synthetic", "size": 8}, micro_batches=1)
+    first = train(config(root, folder, "lr", **settings, steps=3, optimizer={"name": "sgd", "lr": 1.0}))
+    assert first.loss[-1] < first.loss[0] * 0.9
+    resumed = train(config(root, folder, "lr", **settings, optimizer={"name": "sgd", "lr": 1e-12},
+                           checkpoint={"dir": str(root / "lr"), "resume": True}))  # fmt: skip
+    torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor([resumed.loss[0]] * 3), rtol=1e-5, atol=0)
+
+
+def test_a_new_run_keeps_the_earlier_runs_checkpoints_until_it_has_its_own(pipeline):
+    root, folder = pipeline
+    train(config(root, folder, "reuse", mode="local"))
+    assert [p.name for p in checkpoint.complete_steps(root / "reuse")] == ["step-00000003", "step-00000006"]
+    earlier = checkpoint.merge(root / "reuse")[1]
+
+    with pytest.raises(FtcError, match="the loss is nan at step 1"):
+        train(config(root, folder, "reuse", mode="local", inject_fault={"kind": "nan", "step": 1}))
+    step, kept = checkpoint.merge(root / "reuse")
+    assert step == 6 and all(torch.equal(kept[key], earlier[key]) for key in earlier)
+
+    train(config(root, folder, "reuse", mode="local", steps=4))
+    assert [p.name for p in checkpoint.complete_steps(root / "reuse")] == ["step-00000003", "step-00000004"]
+    assert not [p for p in (root / "reuse").iterdir() if p.name.startswith(".")]
+    assert checkpoint.run_of(root / "reuse" / "step-00000003") == checkpoint.run_of(root / "reuse" / "step-00000004")

@@ -1,0 +1,108 @@
+"""Mistakes in the user's code, data and files while training: a clear error (or warning) that
+names the file, function or line, never an "internal error" from deep inside.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftc.compiler import CompileOptions, compile_model
+from ftc.ir import FtcError
+from ftc.runtime.config import load_config
+from ftc.runtime.train import train
+
+from .conftest import MODELS
+
+MODEL = (MODELS / "classifier.py").read_text() + """
+
+def wrong_loss(output, target):
+    return F.cross_entropy(output, target.float().unsqueeze(1))
+
+
+class Broken:
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        if i % 2:
+            raise IndexError(f"sample {i} is missing")
+        return (torch.randn(8),), torch.tensor(0)
+
+
+def broken(**options):
+    return Broken()
+
+
+class Labelled:
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"x": torch.randn(8), "labels": torch.tensor(0)}
+
+
+def labelled(**options):
+    return Labelled()
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    (root / "model.py").write_text(MODEL)
+    return root, compile_model(root / "model.py", root / "generated", CompileOptions(stages=2)).folder
+
+
+def run(folder, **settings):
+    data = {"pipeline": str(folder), "mode": "local", "steps": 2, "log_every": 10}
+    data.update(settings)
+    return train(load_config(data=data))
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_a_failing_loss_is_named_with_its_line(pipeline, mode):
+    root, folder = pipeline
+    with pytest.raises(FtcError) as error:
+        run(folder, mode=mode, loss="wrong_loss")
+    assert "the loss wrong_loss(output, target) raised" in error.value.message
+    assert f"{root / 'model.py'}:" in error.value.message and "target.float()" in error.value.message
+
+
+def test_a_failing_data_set_is_named(pipeline):
+    root, folder = pipeline
+    with pytest.raises(FtcError, match=r"the data set \(Broken\)\[\d+\] raised IndexError: sample \d+ is missing"):
+        run(folder, data={"name": "module", "module": f"{root / 'model.py'}:broken"})
+
+
+def test_a_sample_that_is_not_a_pair_is_named(pipeline):
+    root, folder = pipeline
+    with pytest.raises(FtcError, match=r"\(Labelled\)\[\d+\] is a dict, not a pair \(inputs, target\)"):
+        run(folder, data={"name": "module", "module": f"{root / 'model.py'}:labelled"})
+
+
+def test_inputs_that_do_not_fit_the_stage_name_the_stage_file(pipeline):
+    _, folder = pipeline
+    with pytest.raises(FtcError, match=r"stage 0 \(stage0.py\), micro-batch 0, raised RuntimeError"):
+        run(folder, data={"name": "module", "module": f"{_wide_model(folder)}:wide"}, model=str(_wide_model(folder)))
+
+
+def _wide_model(folder):
+    """The model file with a data set whose inputs have 9 features, not 8."""
+    path = folder.parent.parent / "wide.py"
+    text = (folder.parent.parent / "model.py").read_text()
+    path.write_text(text + "\n\ndef wide(**options):\n    return [((torch.randn(9),), torch.tensor(0))] * 16\n")
+    return path
+
+
+def test_a_changed_model_file_is_warned_about(pipeline, capsys):
+    _, folder = pipeline
+    run(folder, model=str(_wide_model(folder)), steps=1)
+    assert "is not the model file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_says_so(pipeline):
+    _, folder = pipeline
+    with pytest.raises(FtcError, match="key 'device' is \"cuda\", but torch here sees no CUDA device"):
+        run(folder, device="cuda")

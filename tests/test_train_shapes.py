@@ -1,0 +1,153 @@
+"""Training models whose values are shaped unlike [batch, ...]: a local-mode pipeline must give
+plain single-process training's losses (mode single, the truth) on each.
+
+- `folded`: the batch folded into another dimension ([B*T, D]) crosses the stage boundary;
+- `shared_inputs`: keyword inputs without a batch dimension (position ids [1, T], a 0-dim
+  temperature) that every micro-batch takes whole, and the same tensor returned twice;
+- `sequence_first`: the input is [T, B, D], batch in dimension 1 (nn.MultiheadAttention's
+  default layout), at a batch size equal to T (8), where stacking on the wrong dimension would
+  still run;
+- `mutated_input`: forward changes its input in place (`x.mul_`) and reads it again later, so
+  every reader of the input must share the mutating op's stage and every micro-batch must be its
+  own tensor.
+
+`ftc check` must pass on each, too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftc.check import check_pipeline
+from ftc.compiler import CompileOptions, compile_model
+from ftc.runtime.config import load_config
+from ftc.runtime.train import train
+
+HEADER = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+T, D = 8, 16
+"""
+
+MODELS = {
+    "folded": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(*[nn.Linear(D, D) for _ in range(3)])
+        self.b = nn.Sequential(*[nn.Linear(D, D) for _ in range(3)])
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.reshape(-1, D)))).view(-1, T, D)
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, T, D),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, T, D)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+""",
+    "shared_inputs": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, D)
+        self.position = nn.Embedding(T, D)
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+        self.head = nn.Linear(D, 32)
+
+    def forward(self, ids, position_ids, temperature):
+        x = self.embed(ids) + self.position(position_ids)
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        logits = self.head(x) / temperature
+        return logits, logits
+
+
+def example_inputs(batch_size):
+    return {"ids": torch.randint(0, 32, (batch_size, T)), "position_ids": torch.arange(T).unsqueeze(0),
+            "temperature": torch.tensor(2.0)}
+
+
+def example_targets(batch_size):
+    return torch.randint(0, 32, (batch_size, T))
+
+
+def loss_fn(output, target):
+    first, second = output
+    return F.cross_entropy(first.reshape(-1, 32), target.reshape(-1)) + second.square().mean()
+""",
+    "sequence_first": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(D, 2)
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(3)])
+
+    def forward(self, x):
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return x.mean(0)
+
+
+def example_inputs(batch_size):
+    return (torch.randn(T, batch_size, D),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, D)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+""",
+    "mutated_input": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        x.mul_(0.5)
+        h = self.b(F.relu(self.a(x)))
+        return self.d(F.relu(self.c(h + x)))
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, D),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, D)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_local_pipeline_matches_single_process(tmp_path, name):
+    path = tmp_path / f"{name}.py"
+    path.write_text(HEADER + MODELS[name] + "\n\ndef build_model():\n    return Model()\n")
+    folder = compile_model(path, tmp_path / "generated", CompileOptions(stages=2)).folder
+    assert check_pipeline(folder).ok
+    losses = {}
+    for mode in ("single", "local"):
+        config = load_config(data={
+            "pipeline": str(folder), "data": {"name": "synthetic", "size": 64}, "mode": mode, "steps": 3,
+            "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "sgd", "lr": 0.1}, "log_every": 10,
+        })  # fmt: skip
+        losses[mode] = train(config).loss
+    assert len(losses["local"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
