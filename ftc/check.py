@@ -35,7 +35,23 @@ from ftc.runtime.pipeline import Pipeline
 DEFAULT_TOLERANCE = 1e-5
 
 
-def relative_difference(actual: Any, expected: Any) -> float:
+# A parameter gradient that is zero in exact arithmetic (a key projection's bias: softmax ignores
+# a constant added to every score; a bias before a train-mode BatchNorm) is float32 rounding
+# noise, about 1e-7 of the terms summed, which the order of accumulation changes. Gradients are
+# therefore compared relative to at least this fraction of the model's largest gradient element,
+# which keeps such noise below 1e-5 and still flags a wrong gradient of any tensor not many
+# orders of magnitude below the rest.
+GRADIENT_FLOOR = 1e-2
+
+
+def gradient_floor(model: torch.nn.Module) -> float:
+    grads = [p.grad.detach().abs().max().item() for p in model.parameters() if p.grad is not None and p.grad.numel()]
+    return GRADIENT_FLOOR * max(grads, default=0.0)
+
+
+def relative_difference(actual: Any, expected: Any, floor: float = 1e-6) -> float:
+    """The largest elementwise difference over the expected tensor's largest element (at least
+    `floor`); tuples and lists element by element; other values must be equal."""
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
             return float("inf")
@@ -51,11 +67,11 @@ def relative_difference(actual: Any, expected: Any) -> float:
         if not finite.any():
             return 0.0
         diff = (actual[finite] - expected[finite]).abs().max().item()
-        return diff / max(expected[finite].abs().max().item(), 1e-6)
+        return diff / max(expected[finite].abs().max().item(), floor, 1e-6)
     if isinstance(expected, (tuple, list)):
         if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
             return float("inf")
-        return max((relative_difference(a, e) for a, e in zip(actual, expected)), default=0.0)
+        return max((relative_difference(a, e, floor) for a, e in zip(actual, expected)), default=0.0)
     return 0.0 if actual == expected else float("inf")
 
 
@@ -200,6 +216,7 @@ def check_pipeline(
     torch.manual_seed(seed)
     original = model_file.build()
     original.train()
+    _require_same_structure(graph, original, model_file.path, Path(folder))
     interpreted, isolated, end_to_end = (copy.deepcopy(original) for _ in range(3))
     torch.manual_seed(seed + 1)
     batch = model_file.inputs(batch_size)
@@ -225,11 +242,28 @@ def check_pipeline(
     executor.backward(_loss(actual, seed))
     model_outputs = relative_difference(_flat(actual), _flat(expected))
     grads = dict(original.named_parameters())
+    floor = gradient_floor(original)
     model_gradients = max(
-        (relative_difference(p.grad, grads[name].grad) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
+        (relative_difference(p.grad, grads[name].grad, floor) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
         default=0.0,
     )
     return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems)
+
+
+def _require_same_structure(graph: Graph, model: torch.nn.Module, model_path: Path, folder: Path) -> None:
+    """The model must have the modules and tensors the pipeline was compiled against, or no
+    comparison means anything."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    state = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    state |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    missing = sorted(called - set(modules)) + sorted(set(graph.state) - state)
+    if missing:
+        raise FtcError(
+            f"{model_path} builds a model without {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}, "
+            f"which {folder} was compiled against: it is another model",
+            "pass the model file the pipeline was compiled from (--model), or recompile the pipeline",
+        )
 
 
 def _check_stages_alone(
@@ -268,6 +302,7 @@ def _check_stages_alone(
 
     # Parameters shared by stages (tied weights) have summed their gradients by now.
     params = dict(original.named_parameters(remove_duplicate=False))
+    floor = gradient_floor(original)
     buffers = dict(original.named_buffers(remove_duplicate=False))
     for report, stage in zip(reports, executor.stages):
         for name, param in stage.named_parameters(remove_duplicate=False):
@@ -277,7 +312,7 @@ def _check_stages_alone(
             if expected is None or param.grad is None:
                 report.problems.append(f"gradient of {name} is {'missing' if param.grad is None else 'unexpected'}")
                 continue
-            report.gradients = max(report.gradients, relative_difference(param.grad, expected))
+            report.gradients = max(report.gradients, relative_difference(param.grad, expected, floor))
         for name, buffer in stage.named_buffers(remove_duplicate=False):
             if name in buffers:
                 report.buffers = max(report.buffers, relative_difference(buffer, buffers[name]))

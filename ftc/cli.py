@@ -53,7 +53,7 @@ def _memory_size(text: str) -> int:
     try:
         return parse_bytes(text)
     except FtcError as exc:
-        raise argparse.ArgumentTypeError(f"{exc.message}; {exc.hint}") from None
+        raise argparse.ArgumentTypeError(exc.message + (f"; {exc.hint}" if exc.hint else "")) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -150,9 +150,10 @@ def _refine(graph: Graph, model_file: ModelFile, options: CompileOptions) -> tup
     of each split are generated into a temporary folder and timed there (ftc/profiling/stages.py)."""
     settings = options.measure_settings()
     if wants_save_memory(graph, settings):
+        reason = "--save-memory was given" if settings.save_memory else f"{graph.name} is large for {settings.device}"
         raise FtcError(
-            f"--refine times whole stages, but {graph.name} is large for {settings.device} (save-memory mode)",
-            "compile without --refine",
+            f"--refine times whole stages on the device, which save-memory mode avoids ({reason})",
+            "compile without --refine" + (", or without --save-memory" if settings.save_memory else ""),
         )
 
     def build(graph: Graph) -> Problem:

@@ -165,10 +165,12 @@ class Node:
 
 
 def unique_name(base: str, taken: set[str]) -> str:
-    """`base`, or `base_1`, `base_2`, ... whichever is not in `taken`; the result is added to it."""
+    """`base`, or `base_1`, `base_2`, ... whichever is not in `taken`; the result is added to it.
+    An in-place op's name keeps one underscore: `add_`, `add_1`."""
+    stem = base[:-1] if base.endswith("_") and not base.endswith("__") else base
     name, k = base, 1
     while name in taken:
-        name = f"{base}_{k}"
+        name = f"{stem}_{k}"
         k += 1
     taken.add(name)
     return name

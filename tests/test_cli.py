@@ -287,3 +287,11 @@ class Nested(nn.Module):
     model = write(tmp_path, "nested.py", text)
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "model output ['hidden'] is a tuple: the output is nested")
+
+
+def test_check_against_another_model_says_so(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    other = write(tmp_path, "counter.py", COUNTER)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    result = run_cli(["check", tmp_path / "gen" / "good", "--model", other], capsys)
+    assert_user_error(result, "counter.py builds a model without", "it is another model")

@@ -61,3 +61,11 @@ def test_ranks_with_different_data_stop_naming_them(pipeline):
     root, folder = pipeline
     with pytest.raises(FtcError, match="the ranks built different data sets .*rank 0: .*rank 1: "):
         launch(config(root, folder, "per_rank_data", "dist"))
+
+
+def test_a_process_count_that_does_not_fit_is_refused_before_launch(pipeline):
+    root, folder = pipeline
+    cfg = config(root, folder, "numpy_data", "dist")
+    cfg.nprocs = 3
+    with pytest.raises(FtcError, match="key 'nprocs' is 3, but .* places its stages on 2 devices"):
+        launch(cfg)

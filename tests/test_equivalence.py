@@ -109,3 +109,19 @@ def test_buffer_updated_in_forward_stays_with_its_readers(compile_to):
     manifest = json.loads((folder / "pipeline.json").read_text())
     holders = [stage["index"] for stage in manifest["stages"] if "ema" in stage["state"]]
     assert len(holders) == 1, holders
+
+
+def test_check_judges_gradients_against_the_models_gradient_scale():
+    """A gradient that is zero in exact arithmetic holds only rounding noise, which two correct
+    computations produce differently; a wrong gradient must still fail."""
+    from ftc.check import gradient_floor, relative_difference
+
+    model = torch.nn.Linear(4, 4)
+    model.weight.grad = torch.full((4, 4), 0.5)
+    model.bias.grad = torch.full((4,), 1.5e-8)
+    floor = gradient_floor(model)
+    noise = model.bias.grad + 4e-9
+    assert relative_difference(noise, model.bias.grad, floor) < 1e-5
+    assert relative_difference(noise, model.bias.grad) > 1e-3  # without the floor: "different"
+    small = torch.full((4,), 1e-3)
+    assert relative_difference(small * 1.1, small, floor) > 1e-3

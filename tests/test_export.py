@@ -60,6 +60,8 @@ CASES = [
     (aten.unflatten.int, (_x(2, 6), -1, [2, 3]), {}),
     (aten.maximum.default, (_x(3), _x(3)), {}),
     (aten.min.other, (_x(3), _x(3)), {}),
+    (aten.argmax.default, (_x(2, 5), -1), {}),
+    (aten.argmin.default, (_x(2, 5),), {"keepdim": True, "dim": 0}),
     (aten.clamp.default, (_x(3),), {"min": -0.1}),
     (aten.softmax.int, (_x(2, 3), -1), {}),
     (aten._softmax.default, (_x(2, 3), 1, False), {}),

@@ -295,6 +295,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "leaky_relu.default": _function("F.leaky_relu", "self", "negative_slope"),
     "maximum.default": _function("torch.maximum", "self", "other"),
     "minimum.default": _function("torch.minimum", "self", "other"),
+    "argmax.default": _function("torch.argmax", "self", dim=None, keepdim=False),
+    "argmin.default": _function("torch.argmin", "self", dim=None, keepdim=False),
     "max.other": _function("torch.max", "self", "other"),
     "min.other": _function("torch.min", "self", "other"),
     "clamp.default": _method("clamp", "self", min=None, max=None),

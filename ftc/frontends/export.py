@@ -89,7 +89,10 @@ def trace_export(
                 input_of[fx_node] = input_name
                 nodes.append(Node(names[fx_node], "input", input_name))
                 continue
-            node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", spec.target)
+            # A tied tensor by its first name (`model.embed_tokens.weight`), whichever alias
+            # export happened to pick (`lm_head.weight`).
+            target = state[spec.target].alias_of or spec.target if spec.target in state else spec.target
+            node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", target)
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 data, dtype = constant_from_tensor(program.constants[spec.target], where)
                 node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state))

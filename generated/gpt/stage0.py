@@ -99,8 +99,8 @@ class Stage0(torch.nn.Module):
         transpose_2 = k_3.transpose(-2, -1)
         matmul_2 = q_3 @ transpose_2
         floordiv_7 = width_1 // 4
-        pow__1 = floordiv_7**0.5
-        truediv_1 = 1.0 / pow__1
+        pow_1 = floordiv_7**0.5
+        truediv_1 = 1.0 / pow_1
         scores_2 = matmul_2 * truediv_1
         getitem_2 = self.blocks["1"].attn.mask[:, :, :time_2, :time_2]
         invert_1 = ~getitem_2

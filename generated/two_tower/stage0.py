@@ -31,8 +31,8 @@ class Stage0(torch.nn.Module):
         embed = self.embed(query)
         tokens = embed * mask
         sum_ = tokens.sum(1)
-        sum__1 = mask.sum(1)
-        clamp = sum__1.clamp(min=1.0)
+        sum_1 = mask.sum(1)
+        clamp = sum_1.clamp(min=1.0)
         pooled = sum_ / clamp
         query_fc = self.query_fc(pooled)
         q = F.relu(query_fc, inplace=True)

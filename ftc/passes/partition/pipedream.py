@@ -209,8 +209,11 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
     hint += f", or use --stages {more}, which fits" if more else " or use more --stages"
     if settings.recompute == "never":
         hint += ", or allow --recompute auto"
+    shown_peak = format_bytes(peak)
+    if shown_peak == format_bytes(settings.limit):  # a limit just below the peak: say how far below
+        shown_peak = f"{peak:,.0f} B against {settings.limit:,} B"
     return FtcError(
         f"no split of {problem.name} into {stages} stages fits {format_bytes(settings.limit)} per device: the least "
-        f"possible peak is {format_bytes(peak)} (stage {worst} of that split: {detail})",
+        f"possible peak is {shown_peak} (stage {worst} of that split: {detail})",
         hint,
     )
