@@ -288,3 +288,47 @@ def test_export_stages_read_as_torch_code_and_follow_eval_mode(compile_to):
         actual = executor.forward(batch)
     actual = actual[0] if isinstance(actual, tuple) else actual
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+TRANSFORMER_STACK = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=3)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, idx):
+        return self.head(self.encoder(self.embed(idx)).mean(dim=1))
+
+
+def build_model():
+    return Encoder()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 64, (batch_size, 16)),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["auto", "listed_as_leaf"])
+def test_a_whole_transformer_stack_is_lowered_by_export_so_it_can_be_split(tmp_path, compile_to, leaf):
+    path = tmp_path / "stack.py"
+    path.write_text(TRANSFORMER_STACK + ("\nLEAF_MODULES = (nn.TransformerEncoder,)\n" if leaf else ""))
+    folder = compile_to(path, 3 if leaf else 4)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    assert manifest["frontend"] == ("fx" if leaf else "export")
+    assert len(manifest["stages"]) == (3 if leaf else 4)
+    if not leaf:
+        assert manifest["predicted"]["balance"] < 1.3  # the stack's layers spread over the stages
+    assert_check_passes(folder, batch_size=4)

@@ -1,7 +1,9 @@
 """Frontends: a model file in, an IR graph with value metadata out.
 
 `fx` (torch.fx symbolic tracing) reads the model's Python; `export` (torch.export, non-strict)
-handles models fx cannot trace, such as Python that depends on shapes. `auto` tries fx first.
+handles models fx cannot trace, such as Python that depends on shapes. `auto` tries fx first,
+and export as well when fx's graph calls a whole torch.nn transformer stack (nn.Transformer,
+nn.TransformerEncoder, nn.TransformerDecoder) as one op that no split could cut.
 The model is built on the meta device, so no weights are allocated whatever its size.
 """
 
@@ -58,6 +60,20 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
             fx_error = exc
             model = model_file.build("meta")  # fx may have left tracing state on the modules
         else:
+            stacks = _whole_stacks(graph, model, model_file) if frontend == "auto" else []
+            if not stacks:
+                graph.batch_size = batch_size
+                return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+            # fx keeps torch.nn's layers whole, and a whole transformer stack is one op no split
+            # can cut; export lowers it into ops. fx's graph stays the answer if export fails.
+            fx_graph, fx_model = graph, model
+            model = model_file.build("meta")
+            try:
+                with _quiet():
+                    graph = trace_export(model, model_file, batch, double_batch, name)
+            except Exception:
+                logging.getLogger("ftc").info("kept %s whole: torch.export could not trace the model", ", ".join(stacks))
+                graph, model = fx_graph, fx_model
             graph.batch_size = batch_size
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
@@ -71,6 +87,21 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         raise untraceable(model_file, "torch.export", exc) from exc
     graph.batch_size = batch_size
     return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+
+
+# torch.nn modules that hold a whole stack of layers in one call.
+STACKS = (torch.nn.Transformer, torch.nn.TransformerEncoder, torch.nn.TransformerDecoder)
+
+
+def _whole_stacks(graph: Graph, model: torch.nn.Module, model_file: ModelFile) -> list[str]:
+    """The module paths of fx's graph that call a whole layer stack (not listed in LEAF_MODULES)."""
+    return [
+        node.target
+        for node in graph.nodes
+        if node.op == "call_module"
+        and isinstance(module := model.get_submodule(node.target), STACKS)
+        and not isinstance(module, model_file.leaf_modules)
+    ]
 
 
 @contextlib.contextmanager
