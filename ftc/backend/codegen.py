@@ -23,7 +23,7 @@ import jinja2
 
 from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors, unique_name
 
-from .plan import Adoption, StagePlan
+from .plan import Adoption, StagePlan, module_children
 
 BINARY = {
     "add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%", "pow": "**",
@@ -112,6 +112,9 @@ class StageWriter:
         self.by_name = graph.by_name()
         self.imports: set[str] = set()
         self.adopted_kind = self._adopted_kinds(plan.adopted)
+        # A submodule's position among its parent's children. A sliced Sequential keeps its keys
+        # (`backbone()[2:]` holds "2", "3", ...), so a digit key need not be its index.
+        self.position = {path: k for paths in module_children(graph).values() for k, path in enumerate(paths)}
         self.read = {name for node in plan.nodes for name in node.refs()} | set(plan.outputs)
         self.local = self._local_names(crossing)
 
@@ -148,7 +151,7 @@ class StageWriter:
                     expr = f"getattr(self, {part!r})" if expr == "self" else f"{expr}[{part!r}]"
             else:
                 parent_class = self.graph.modules.get(prefix, "")
-                if parent_class in CONTAINER_INDEXED and part.isdigit() and self._position(full) == int(part):
+                if parent_class in CONTAINER_INDEXED and part.isdigit() and self.position[full] == int(part):
                     expr += f"[{part}]"
                 elif parent_class in CONTAINER_KEYED:
                     expr += f"[{part!r}]"
@@ -159,13 +162,6 @@ class StageWriter:
             container_ours = container_ours and self.adopted_kind.get(full) == "container"
             prefix = full
         return expr
-
-    def _position(self, path: str) -> int:
-        """A submodule's position among its parent's children. A sliced Sequential keeps its
-        keys (`backbone[2:]` holds "2", "3", ...), so a digit key may not be its index."""
-        parent = path.rpartition(".")[0]
-        siblings = [p for p in self.graph.modules if p and p.rpartition(".")[0] == parent]
-        return siblings.index(path)
 
     def ref(self, name: str) -> str:
         source = self.by_name[name]

@@ -112,6 +112,15 @@ def _place_unread_state(graph: Graph, used: list[set[str]]) -> None:
         used[home].add(name)
 
 
+def module_children(graph: Graph) -> dict[str, list[str]]:
+    """Module path -> its child modules' paths, in registration order."""
+    children: dict[str, list[str]] = {}
+    for path in graph.modules:
+        if path:
+            children.setdefault(path.rpartition(".")[0], []).append(path)
+    return children
+
+
 @dataclass
 class _ModuleTree:
     """The model's module hierarchy, as adoption needs it; the same for every stage."""
@@ -122,10 +131,7 @@ class _ModuleTree:
 
     @classmethod
     def of(cls, graph: Graph) -> _ModuleTree:
-        children: dict[str, list[str]] = {}
-        for path in graph.modules:
-            if path:
-                children.setdefault(path.rpartition(".")[0], []).append(path)
+        children = module_children(graph)
         tensors_of: dict[str, list[str]] = {}
         for name in graph.state:
             tensors_of.setdefault(name.rpartition(".")[0], []).append(name)
