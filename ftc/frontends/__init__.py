@@ -61,19 +61,8 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
             model = model_file.build("meta")  # fx may have left tracing state on the modules
         else:
             stacks = _whole_stacks(graph, model, model_file) if frontend == "auto" else []
-            if not stacks:
-                graph.batch_size = batch_size
-                return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
-            # fx keeps torch.nn's layers whole, and a whole transformer stack is one op no split
-            # can cut; export lowers it into ops. fx's graph stays the answer if export fails.
-            fx_graph, fx_model = graph, model
-            model = model_file.build("meta")
-            try:
-                with _quiet():
-                    graph = trace_export(model, model_file, batch, double_batch, name)
-            except Exception:
-                logging.getLogger("ftc").info("kept %s whole: torch.export could not trace the model", ", ".join(stacks))
-                graph, model = fx_graph, fx_model
+            if stacks:
+                graph, model = _lower_stacks(graph, model, model_file, batch, double_batch, name, stacks)
             graph.batch_size = batch_size
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
@@ -102,6 +91,18 @@ def _whole_stacks(graph: Graph, model: torch.nn.Module, model_file: ModelFile) -
         and isinstance(module := model.get_submodule(node.target), STACKS)
         and not isinstance(module, model_file.leaf_modules)
     ]
+
+
+def _lower_stacks(graph, model, model_file, batch, double_batch, name, stacks) -> tuple[Graph, torch.nn.Module]:
+    """fx keeps torch.nn's layers whole, and a whole transformer stack is one op no split can
+    cut; export lowers it into ops. fx's graph (and model) stay the answer if export fails."""
+    fresh = model_file.build("meta")  # fx may have left tracing state on the modules
+    try:
+        with _quiet():
+            return trace_export(fresh, model_file, batch, double_batch, name), fresh
+    except Exception:
+        logging.getLogger("ftc").info("kept %s whole: torch.export could not trace the model", ", ".join(stacks))
+        return graph, model
 
 
 @contextlib.contextmanager

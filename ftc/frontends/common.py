@@ -103,18 +103,20 @@ def state_table(model: torch.nn.Module) -> dict[str, StateTensor]:
     non-persistent buffers."""
     state = {}
     first_name: dict[int, str] = {}
+
+    def alias_of(tensor: torch.Tensor, name: str) -> str | None:
+        first = first_name.setdefault(id(tensor), name)
+        return first if first != name else None
+
     for name, param in model.named_parameters(remove_duplicate=False):
-        state[name] = StateTensor("parameter", tensor_meta(param), alias_of=first_name.setdefault(id(param), name))
+        state[name] = StateTensor("parameter", tensor_meta(param), alias_of=alias_of(param, name))
     for module_path, module in model.named_modules(remove_duplicate=False):
         for buffer_name, buffer in module._buffers.items():
             if buffer is None:
                 continue
             name = f"{module_path}.{buffer_name}" if module_path else buffer_name
             persistent = buffer_name not in module._non_persistent_buffers_set
-            state[name] = StateTensor("buffer", tensor_meta(buffer), persistent, first_name.setdefault(id(buffer), name))
-    for name, tensor in state.items():
-        if tensor.alias_of == name:
-            tensor.alias_of = None
+            state[name] = StateTensor("buffer", tensor_meta(buffer), persistent, alias_of(buffer, name))
     return state
 
 

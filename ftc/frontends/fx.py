@@ -104,7 +104,8 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     fx_graph = tracer.trace(model, concrete_args=defaults or None)
     root = tracer.root
     modules = module_table(model, model_file)
-    assigned = [name for name, value in _named_buffer_slots(model) if isinstance(value, fx.Proxy)]
+    # `self.count += 1` leaves fx's Proxy in the buffer's slot.
+    assigned = [name for name, value in model.named_buffers() if isinstance(value, fx.Proxy)]
     if assigned:
         raise BufferAssigned(
             f"forward assigns buffer {', '.join(assigned)} (+= or =), which fx does not record; export does"
@@ -195,13 +196,6 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
 
 class BufferAssigned(Exception):
     """fx cannot trace this model; not an FtcError, so that --frontend auto tries export."""
-
-
-def _named_buffer_slots(model: torch.nn.Module):
-    """(qualified name, whatever the buffer slot holds now): tracing may have put a Proxy there."""
-    for prefix, module in model.named_modules():
-        for name, value in module._buffers.items():
-            yield (f"{prefix}.{name}" if prefix else name), value
 
 
 def _explicit_kwargs(fx_node: fx.Node, parameters: dict[Any, Any]) -> dict[str, Any]:
