@@ -233,7 +233,8 @@ def check_pipeline(
     if relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
         problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
-    stages = _check_stages_alone(pipeline, isolated, reference, original)
+    floor = gradient_floor(original)
+    stages = _check_stages_alone(pipeline, isolated, reference, original, floor)
 
     executor = LocalExecutor(pipeline, end_to_end)
     problems += _state_dict_problems(pipeline, executor, original)
@@ -242,7 +243,6 @@ def check_pipeline(
     executor.backward(_loss(actual, seed))
     model_outputs = relative_difference(_flat(actual), _flat(expected))
     grads = dict(original.named_parameters())
-    floor = gradient_floor(original)
     model_gradients = max(
         (relative_difference(p.grad, grads[name].grad, floor) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
         default=0.0,
@@ -267,8 +267,10 @@ def _require_same_structure(graph: Graph, model: torch.nn.Module, model_path: Pa
 
 
 def _check_stages_alone(
-    pipeline: Pipeline, model: torch.nn.Module, reference: _Reference, original: torch.nn.Module
+    pipeline: Pipeline, model: torch.nn.Module, reference: _Reference, original: torch.nn.Module, floor: float
 ) -> list[StageReport]:
+    """Each stage on the reference's values; parameter gradients compared with `floor`
+    (gradient_floor of the original model)."""
     executor = LocalExecutor(pipeline, model)
     values = reference.env
     reports = []
@@ -302,7 +304,6 @@ def _check_stages_alone(
 
     # Parameters shared by stages (tied weights) have summed their gradients by now.
     params = dict(original.named_parameters(remove_duplicate=False))
-    floor = gradient_floor(original)
     buffers = dict(original.named_buffers(remove_duplicate=False))
     for report, stage in zip(reports, executor.stages):
         for name, param in stage.named_parameters(remove_duplicate=False):
