@@ -477,11 +477,6 @@ class _DeviceRunner:
             if self.target_batches is None:
                 return
         loss = call_loss(self.engine.loss_fn, self.engine.pipeline.assemble_output(outputs), self.target_batches[m])
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise FtcError(
-                f"loss_fn returned {type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}",
-                "return a scalar tensor",
-            )
         self.losses.append(loss.detach().reshape(()))
         if self.training:
             self.scaled_losses[m] = loss.reshape(()) * self.loss_scale / self.engine.micro_batches
@@ -653,10 +648,11 @@ def _buffer_values(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def call_loss(loss_fn: Callable, output: Any, target: Any) -> Any:
-    """loss_fn(output, target), its failure named as the loss's, with its line."""
+def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
+    """loss_fn(output, target), which must be a one-element tensor; a failure is named as the
+    loss's, with its line."""
     try:
-        return loss_fn(output, target)
+        loss = loss_fn(output, target)
     except FtcError:
         raise
     except Exception as exc:
@@ -664,6 +660,10 @@ def call_loss(loss_fn: Callable, output: Any, target: Any) -> Any:
         raise user_error(exc, f"the loss {getattr(loss_fn, '__qualname__', loss_fn)}(output, target)",
                          [source] if source else [], "check that the data set's targets fit the loss "
                          "(shapes, dtypes) and the model's output") from exc  # fmt: skip
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
+        raise FtcError(f"loss_fn returned {type(loss).__name__}{shape}", "return a scalar tensor")
+    return loss
 
 
 def _point_buffers(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -111,9 +111,6 @@ class SingleProcess:
                                  [inspect.getsourcefile(type(self.model)) or ""],
                                  "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
             loss = call_loss(self.loss_fn, output, y)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise FtcError(f"loss_fn returned {type(loss).__name__}"
-                               f"{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}", "return a scalar tensor")  # fmt: skip
             (loss * (loss_scale / self.micro_batches)).backward()
             losses.append(loss.detach().reshape(()).to(torch.float64))
         # One read of the device per step, as the engine's mean_loss.
