@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -14,37 +15,26 @@ from ftc.tables import human, table
 EXIT_USAGE = 2
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
-        return value
+def _number(convert: type, valid: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """An argparse type: `convert(text)`, refused unless `valid`, naming the `requirement`."""
+    noun = "an integer" if convert is int else "a number"
 
-    return parse
-
-
-_positive_int = _int_at_least(1)
-
-
-def _finite_float(zero_allowed: bool) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (value >= 0 if zero_allowed else value > 0) or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} must be {'0 or ' if zero_allowed else ''}a positive number")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
         return value
 
     return parse
 
 
-_positive_float = _finite_float(zero_allowed=False)
-_non_negative_float = _finite_float(zero_allowed=True)
+_positive_int = _number(int, lambda v: v >= 1, "at least 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "at least 0")
+_positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
+_non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "0 or a positive number")
 
 
 def _memory_size(text: str) -> int:
@@ -91,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--device", choices=DEVICES, default="cpu", help="where --profile measure times the nodes and --refine the stages (default cpu)")
     compile_.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
     compile_.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
-    compile_.add_argument("--refine", type=_int_at_least(0), default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
+    compile_.add_argument("--refine", type=_non_negative_int, default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
     compile_.add_argument("--no-cache", action="store_true", help="measure afresh, neither reading nor writing the profile cache ($FTC_CACHE_DIR or ~/.cache/ftc/profiles)")
 
     check = commands.add_parser("check", help="check a generated pipeline against its model (outputs, buffers, gradients)")
