@@ -8,8 +8,9 @@ Ranks write their shards into a hidden staging folder (DIR/.step-00000100.partia
 writes the manifest there once every shard is complete and then renames the folder into place,
 so a step-* folder is always complete and a run that dies mid-write leaves the previous
 checkpoint intact. A new run (not resuming) leaves an earlier run's checkpoints alone until its
-own first checkpoint is complete, then removes them: a run that fails early loses nothing. Weights load by key, from whichever shard holds them; a parameter tied across ranks
-(the same key in two shards) is stored by both and merged into one copy.
+own first checkpoint is complete, then removes them: a run that fails early loses nothing.
+Weights load by key, from whichever shard holds them; a parameter tied across ranks (the same
+key in two shards) is stored by both and merged into one copy.
 """
 
 from __future__ import annotations
