@@ -61,6 +61,9 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(DROPOUT)
         self.blocks = nn.ModuleList([Block() for _ in range(LAYERS)])
         self.ln_f = nn.LayerNorm(WIDTH)
+        # GPT-2's initialization: nn.Embedding's default N(0, 1) would, through the tied head,
+        # give logits of standard deviation sqrt(WIDTH) and a first loss near 80, not ln(VOCAB).
+        nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe, std=0.02)
 
     def forward(self, idx):

@@ -254,7 +254,8 @@ def test_every_table_entry_has_a_case():
 
 
 EXPORT_CASES = [
-    EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "unet.py", MODELS / "buffers.py", MODELS / "odd_structure.py"
+    EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "unet.py", MODELS / "buffers.py", MODELS / "odd_structure.py",
+    MODELS / "no_grad.py",
 ]  # fmt: skip
 
 
@@ -265,6 +266,17 @@ def test_models_compiled_through_export_compute_what_the_model_computes(model_pa
     assert_stage_files_standalone_and_working(folder)
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
+
+
+def test_a_no_grad_block_through_export_stays_a_no_grad_block_and_can_be_split(compile_to):
+    """export turns `with torch.no_grad():` into a higher-order op around a subgraph; ftc inlines
+    it, so a stage boundary may fall around it, and writes the block back as a no_grad block
+    (the EMA buffer's update and `g` stay outside autograd: check compares the gradients)."""
+    folder = compile_to(MODELS / "no_grad.py", 3, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(3))
+    assert text.count("with torch.no_grad():") >= 1 and "higher_order" not in text
+    assert "self.ema.copy_(" in text
+    assert_check_passes(folder, batch_size=4)
 
 
 def test_export_stages_read_as_torch_code_and_follow_eval_mode(compile_to):

@@ -18,6 +18,7 @@ scaled_dot_product_attention when training) and any Python branch on them.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import Counter
 from typing import Any
@@ -61,6 +62,7 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     with torch.device("meta"):
         program = torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic)
+    _inline_grad_mode_blocks(program.graph_module)
     signature = program.graph_signature
     modules = module_table(model, model_file)
     state = state_table(model)
@@ -148,13 +150,15 @@ def trace_export(
             elif isinstance(target, torch._ops.HigherOrderOperator):
                 raise FtcError(
                     f"torch.export produced the higher-order op {target.name()} at {source or where}",
-                    "ftc cannot split inside it yet; put that code in a LEAF_MODULES class",
+                    "ftc cannot lower it; compile with --frontend fx (which keeps LEAF_MODULES classes whole) "
+                    "or move that code out of forward",
                 )
             else:
                 node.target = function_expr(target, fx_node.name)
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_args)
             node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_kwargs.items()}
             node.name = unique_name(label, taken)
+            node.grad_enabled = fx_node.meta.get("ftc_grad_enabled", True)
             node.module_path, node.module_class, node.source = module_path, modules.get(module_path, ""), source
         else:
             raise FtcError(f"torch.export produced a {fx_node.op} node {fx_node.name!r}, which ftc does not lower")
@@ -165,6 +169,42 @@ def trace_export(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export",
     )  # fmt: skip
+
+
+def _inline_grad_mode_blocks(module: fx.GraphModule) -> None:
+    """Inline export's `wrap_with_set_grad_enabled` calls (a `with torch.no_grad():` block in
+    forward becomes one call of a submodule graph) into the caller's graph, so ftc can split
+    around and between their ops; every inlined node keeps the block's grad mode in
+    meta["ftc_grad_enabled"], which codegen turns back into a `with torch.no_grad():` block."""
+    graph = module.graph
+    for call in list(graph.nodes):
+        if call.op != "call_function" or call.target is not torch.ops.higher_order.wrap_with_set_grad_enabled:
+            continue
+        enabled, body_node, *operands = call.args
+        body = getattr(module, body_node.target)
+        _inline_grad_mode_blocks(body)  # nested blocks first, within the body's own graph
+        env: dict[fx.Node, Any] = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], operands))
+        results: Any = None
+        with graph.inserting_before(call):
+            for inner in body.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    results = fx.map_arg(inner.args[0], env.__getitem__)
+                    continue
+                if inner.op != "call_function":
+                    raise FtcError(f"torch.export produced a {inner.op} node {inner.name!r} inside a grad-mode block")
+                copy = graph.node_copy(inner, env.__getitem__)
+                copy.meta["ftc_grad_enabled"] = inner.meta.get("ftc_grad_enabled", bool(enabled))
+                env[inner] = copy
+        for user in list(call.users):
+            if user.target is not operator.getitem:
+                raise FtcError(f"torch.export used the result of grad-mode block {call.name!r} as a whole")
+            user.replace_all_uses_with(results[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(call)
+        if not body_node.users:
+            graph.erase_node(body_node)
 
 
 def _batch_dim_by_input(fed: list[str], dynamic: tuple | dict) -> dict[str, int]:

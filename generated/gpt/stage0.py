@@ -24,7 +24,7 @@ class Stage0(torch.nn.Module):
         self.blocks["1"] = model.get_submodule("blocks.1")
 
     def forward(self, idx):
-        # GPT, gpt.py:67-68
+        # GPT, gpt.py:70-71
         time = idx.size(1)
         wte = self.wte(idx)
         getitem = self.wpe[:, :time]

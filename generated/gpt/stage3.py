@@ -114,7 +114,7 @@ class Stage3(torch.nn.Module):
         gelu_1 = F.gelu(fc_1)
         proj_3 = self.blocks["7"].proj(gelu_1)
         add_1 = x_1 + proj_3
-        # GPT, gpt.py:72
+        # GPT, gpt.py:75
         ln_f = self.ln_f(add_1)
         linear = F.linear(ln_f, self.wte.weight)
         return (linear,)
