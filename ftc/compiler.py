@@ -113,6 +113,12 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)
     graph = profile_analytic(graph, model, batch, device, model_file)
     notes = []
+    if graph.training_branches:
+        notes.append(
+            f"note: forward branches on self.training at {', '.join(graph.training_branches)}; the stages keep "
+            "the training-mode branch in eval() too (torch.nn layers such as nn.Dropout, and self.training "
+            "passed to a function, follow the stage's mode)"
+        )
     if options.profile == "measure":
         cache = ProfileCache() if options.cache else None
         graph, note = profile_measured(graph, model_file, model, options.measure_settings(), cache)

@@ -118,6 +118,8 @@ class Interpreter:
         if isinstance(arg, TorchExpr):
             if arg.expr == "device":  # the device the stage runs on
                 return torch.device(self.device or "cpu")
+            if arg.expr == "self.training":  # the stage's mode: the model's, when run whole
+                return self.model.training
             if arg.expr not in self.objects:  # written by a frontend from a torch object
                 self.objects[arg.expr] = eval(arg.expr, dict(TARGET_NAMESPACE), {})
             return self.objects[arg.expr]

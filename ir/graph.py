@@ -252,6 +252,9 @@ class Graph:
     # runtime computes on the device of the stage that holds them (None: no loss profiled).
     stage_cost: Cost = field(default_factory=Cost)
     loss_cost: Cost | None = None
+    # Model-file places ('gpt.py:42') that branch on `self.training` (`if self.training:`):
+    # the graph keeps the branch the traced (training) mode took, whatever mode a stage runs in.
+    training_branches: list[str] = field(default_factory=list)
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

@@ -165,7 +165,7 @@ def graph_to_dict(graph: Graph) -> dict:
             "values": [ref.name for ref in graph.outputs.values],
             "keys": graph.outputs.keys,
         },
-    }
+    } | ({"training_branches": graph.training_branches} if graph.training_branches else {})
 
 
 def graph_from_dict(data: dict) -> Graph:
@@ -191,6 +191,7 @@ def graph_from_dict(data: dict) -> Graph:
         stage_cost=Cost(**data.get("stage_cost", {})),
         loss_cost=Cost(**data["loss_cost"]) if data.get("loss_cost") is not None else None,
         outputs=Outputs(outputs["kind"], [Ref(name) for name in outputs["values"]], outputs["keys"]),
+        training_branches=data.get("training_branches", []),
     )
 
 

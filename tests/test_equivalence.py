@@ -125,3 +125,62 @@ def test_check_judges_gradients_against_the_models_gradient_scale():
     assert relative_difference(noise, model.bias.grad) > 1e-3  # without the floor: "different"
     small = torch.full((4,), 1e-3)
     assert relative_difference(small * 1.1, small, floor) > 1e-3
+
+
+def test_self_training_passed_to_a_function_follows_the_stage_mode(compile_to):
+    """fx would bake `self.training` in as the traced mode's True; the stages pass their own
+    `self.training` instead, so eval() turns their functional dropout off as it does the model's."""
+    folder = compile_to(MODELS / "training_flag.py", 2, batch_size=4, frontend="fx")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert text.count("training=self.training") == 6 and "training=True" not in text
+    model_file = load_model_file(MODELS / "training_flag.py")
+    torch.manual_seed(0)
+    original = model_file.build().eval()
+    executor = LocalExecutor(load_pipeline(folder), original)
+    batch = model_file.inputs(6)
+    with torch.no_grad():
+        for stage in executor.stages:
+            stage.eval()
+        torch.testing.assert_close(executor.forward(batch), original(*batch), rtol=1e-6, atol=1e-7)
+        for stage in executor.stages:
+            stage.train()
+        assert (executor.forward(batch) == 0).any()  # training mode drops units again
+    assert_check_passes(folder, batch_size=4)
+
+
+BRANCHES_ON_TRAINING = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training:
+            h = h * 2
+        return self.b(h)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+def test_a_branch_on_self_training_is_named_when_compiling(tmp_path):
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "branchy.py"
+    path.write_text(BRANCHES_ON_TRAINING)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2))
+    assert any("self.training at branchy.py:14" in note for note in compiled.notes), compiled.notes
+    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == ["branchy.py:14"]
+    assert "h * 2" in "".join(stage.read_text() for stage in compiled.folder.glob("stage*.py"))

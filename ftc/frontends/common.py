@@ -58,11 +58,46 @@ def function_expr(fn: Any, node_name: str) -> str:
     )
 
 
+# A stage's own train()/eval() flag, as generated code and the interpreter read it.
+STAGE_TRAINING = TorchExpr("self.training")
+
+
+class TrainingFlag:
+    """Stands in for a traced module's `self.training` while fx traces it. Passed to a function
+    (`F.dropout(h, p, self.training)`), it is written into stage code as the stage's own
+    `self.training`, so the stage follows train()/eval(). Branched on (`if self.training:`), it
+    is read as the mode the model was traced in, and the places are kept in `branches` so the
+    compiler can say which code stays fixed to that mode."""
+
+    def __init__(self, value: bool, model_file: ModelFile, branches: list[str]):
+        self.value, self.model_file, self.branches = value, model_file, branches
+
+    def _read(self) -> bool:
+        where = user_source(self.model_file) or self.model_file.path.name
+        if where not in self.branches:
+            self.branches.append(where)
+        return self.value
+
+    def __bool__(self) -> bool:
+        return self._read()
+
+    def __eq__(self, other: object) -> bool:
+        return self._read() == other
+
+    def __hash__(self) -> int:
+        return hash(self._read())
+
+    def __repr__(self) -> str:
+        return "self.training"
+
+
 def ir_arg(value: Any, ref_of, node_name: str) -> Any:
     """A traced argument as an IR argument. `ref_of(x)` returns a Ref for a graph value or None."""
     ref = ref_of(value)
     if ref is not None:
         return ref
+    if isinstance(value, TrainingFlag):
+        return STAGE_TRAINING
     if value is None or value is Ellipsis or isinstance(value, (bool, int, float, str, TorchExpr)):
         return value
     if isinstance(value, torch.Size):

@@ -6,6 +6,7 @@ else is traced through, so the IR sees the model's Python forward as individual 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -16,6 +17,7 @@ from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, unique_name
 from ftc.runtime.model_file import ModelFile
 
 from .common import (
+    TrainingFlag,
     constant_from_tensor,
     function_expr,
     ir_arg,
@@ -54,6 +56,24 @@ class _Tracer(fx.Tracer):
                 "remove autocast from forward and apply it around the whole model when training",
             )
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, TrainingFlag):
+            return a  # written into stage code as the stage's `self.training` (common.ir_arg)
+        return super().create_arg(a)
+
+    @contextlib.contextmanager
+    def training_flags(self, model: torch.nn.Module, branches: list[str]):
+        """While tracing, every module traced through reads a TrainingFlag as `self.training`."""
+        traced = [m for m in model.modules() if (m is model or not self.is_leaf_module(m, "")) and "training" in vars(m)]
+        saved = [vars(m)["training"] for m in traced]
+        try:
+            for m in traced:
+                object.__setattr__(m, "training", TrainingFlag(vars(m)["training"], self.model_file, branches))
+            yield
+        finally:
+            for m, value in zip(traced, saved):
+                object.__setattr__(m, "training", value)
 
 
 def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str], dict[str, Any]]:
@@ -101,7 +121,9 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     fed, defaults = input_names(model, example)
     tracer = _Tracer(model_file)
     state = state_table(model)
-    fx_graph = tracer.trace(model, concrete_args=defaults or None)
+    branches: list[str] = []
+    with tracer.training_flags(model, branches):
+        fx_graph = tracer.trace(model, concrete_args=defaults or None)
     root = tracer.root
     modules = module_table(model, model_file)
     # `self.count += 1` leaves fx's Proxy in the buffer's slot.
@@ -191,6 +213,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         modules=modules,
         constants=constants,
         frontend="fx",
+        training_branches=branches,
     )
 
 
