@@ -113,6 +113,12 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)
     graph = profile_analytic(graph, model, batch, device, model_file)
     notes = []
+    if graph.frontend == "export" and model_file.leaf_modules:
+        leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
+        notes.append(
+            f"note: torch.export traced into LEAF_MODULES ({leaves}), which only fx keeps whole; "
+            "their ops may be split across stages"
+        )
     if graph.training_branches:
         notes.append(
             f"note: forward branches on self.training at {', '.join(graph.training_branches)}; the stages keep "

@@ -344,3 +344,44 @@ def test_a_whole_transformer_stack_is_lowered_by_export_so_it_can_be_split(tmp_p
     if not leaf:
         assert manifest["predicted"]["balance"] < 1.3  # the stack's layers spread over the stages
     assert_check_passes(folder, batch_size=4)
+
+
+LISTED_LEAF = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+LEAF_MODULES = (Block,)
+
+
+def build_model():
+    return nn.Sequential(Block(), Block())
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+def test_export_says_it_traces_into_leaf_modules(tmp_path):
+    """torch.export has no notion of LEAF_MODULES: the compile output says so rather than
+    silently splitting a class the user asked to keep whole."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "listed.py"
+    path.write_text(LISTED_LEAF)
+    exported = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert any("traced into LEAF_MODULES (Block)" in note for note in exported.notes), exported.notes
+    traced = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", force=True))
+    assert not any("LEAF_MODULES" in note for note in traced.notes)
+    assert_check_passes(exported.folder, batch_size=3)

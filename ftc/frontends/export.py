@@ -141,7 +141,7 @@ def trace_export(
                     call = module_call(target, fx_args, fx_kwargs, submodule, module_path, state_tensors.get)
                 if call is not None:  # the node stands for the module call, made in the caller's scope
                     module_path, source = _scope(fx_node, model_file, outer=1)
-                    label = call.target.replace(".", "_")  # as fx names module calls
+                    label = _call_label(call.target, submodule)
                 call = call or lower(target, fx_args, fx_kwargs)
                 if call is None:
                     node.target = function_expr(target, fx_node.name)
@@ -205,6 +205,14 @@ def _inline_grad_mode_blocks(module: fx.GraphModule) -> None:
         graph.erase_node(call)
         if not body_node.users:
             graph.erase_node(body_node)
+
+
+def _call_label(module_path: str, module: torch.nn.Module) -> str:
+    """A module call's value name as fx makes it: the path with "_" for "." (and for any other
+    character a name cannot hold, as in ModuleDict keys), led by the class ("linear_0_b") where
+    the path starts with a Sequential's index."""
+    label = re.sub(r"\W", "_", module_path)
+    return f"{type(module).__name__.lower()}_{label}" if label[:1].isdigit() else label
 
 
 def _batch_dim_by_input(fed: list[str], dynamic: tuple | dict) -> dict[str, int]:
