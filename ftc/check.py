@@ -137,6 +137,13 @@ def _leaf(value: Any) -> Any:
     return value
 
 
+def _backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Backpropagate each gradient from its value, giving autograd copies: it may adopt a
+    gradient tensor itself as a parameter's .grad (for a value that is a view of a parameter,
+    `self.proj.t()`) and add later gradients into it, which would change the check's records."""
+    torch.autograd.backward([value for value, _ in pairs], [grad.clone() for _, grad in pairs])
+
+
 class _Reference(Interpreter):
     """Interprets the IR as a pipeline: a value read by another stage reaches it as a fresh leaf
     (as the executor does), so that after `backward` the reference knows, per stage, the
@@ -193,7 +200,7 @@ class _Reference(Interpreter):
             self.to_send[spec.index] = grads
             pairs = [(self.env[name], grad) for name, grad in grads.items() if self.env[name].requires_grad]
             if pairs:
-                torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+                _backward(pairs)
             for name in spec.inputs:
                 leaf = self.leaves.get((name, spec.index))
                 if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
@@ -296,7 +303,7 @@ def _check_stages_alone(
             if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad
         ]
         if pairs:
-            torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+            _backward(pairs)
         for name, expected in reference.to_return[spec.index].items():
             leaf = received[name]
             got = leaf.grad if leaf.grad is not None else torch.zeros_like(expected)
