@@ -1,8 +1,9 @@
-"""A view of a parameter computed early and read late: `back = self.proj.t()` is taken at the
-start of forward and used by the last layer, so a split sends the view from the first stage to
-the last as a value, and its gradient comes back to the stage that holds `proj`, which also
-uses `proj` itself. Autograd may adopt that gradient tensor as `proj.grad` and add the other
-use's gradient into it in place: whoever still holds the tensor sees it change.
+"""A view of a parameter made in the middle and read at the end: `proj` projects the input in
+the first layers, `back = self.proj.t()` is taken halfway and used by the last layer. Split in
+three, the middle stage sends the view to the last as a value, and its gradient comes back to
+the middle stage, while the first stage's use of `proj` adds its own gradient. Autograd may
+adopt the view's gradient tensor itself as `proj.grad` and add the other gradient into it in
+place: whoever still holds that tensor sees it change.
 
 Inputs are float [B, 12]; output [B, 12]. Loss: MSE against a float target [B, 12].
 """
@@ -19,12 +20,14 @@ class ParamView(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Parameter(torch.randn(IN, WIDTH) * 0.2)
-        self.body = nn.ModuleList([nn.Linear(WIDTH, WIDTH) for _ in range(4)])
+        self.body = nn.ModuleList([nn.Linear(WIDTH, WIDTH) for _ in range(6)])
 
     def forward(self, x):
-        back = self.proj.t()
         h = x @ self.proj
-        for layer in self.body:
+        for layer in self.body[:2]:
+            h = torch.tanh(layer(h)) + h
+        back = self.proj.t()
+        for layer in self.body[2:]:
             h = torch.tanh(layer(h)) + h
         return h @ back
 
