@@ -245,6 +245,36 @@ def test_the_op_overhead_prices_what_the_roofline_misses(tmp_path):
     assert totals[1] > totals[0] + 160 * 32e-6
 
 
+WEIGHT_BOUND = """
+import torch
+import torch.nn as nn
+
+
+def build_model():
+    return nn.Sequential(nn.Embedding(100_000, 64), nn.Linear(64, 4096), nn.Linear(4096, 4096))
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 100_000, (batch_size,)),)
+"""
+
+
+def test_the_roofline_counts_the_weights_a_layer_reads_and_whose_gradients_it_writes(tmp_path):
+    """At batch 1 a 4096x4096 Linear is a matrix-vector product: its time is reading the 64 MB
+    weight (and, backward, reading it again and writing its gradient), not its FLOPs. An
+    embedding reads only its looked-up rows but writes its whole table's gradient."""
+    model = write(tmp_path, "weight_bound.py", WEIGHT_BOUND)
+    compiled = compile_model(model, tmp_path / "out", CompileOptions(stages=2, batch_size=1, op_overhead_us=0))
+    nodes = {node.target: node for node in compiled.graph.nodes if node.op == "call_module"}
+    bandwidth = 10e9  # DeviceModel's default memory_gbps
+    wide = 4 * (4096 * 4096 + 4096)
+    assert nodes["2"].cost.fwd_time == pytest.approx((wide + 4 * 2 * 4096) / bandwidth)
+    assert nodes["2"].cost.bwd_time == pytest.approx((2 * wide + 2 * 4 * 2 * 4096) / bandwidth)
+    table = 4 * 100_000 * 64
+    assert nodes["0"].cost.fwd_time < table / 100 / bandwidth
+    assert nodes["0"].cost.bwd_time >= 2 * table / bandwidth
+
+
 def test_the_cache_is_read_back_and_missed_when_the_model_changes(tmp_path, cache_dir, capsys):
     model = write(tmp_path, "small.py", SMALL)
     args = ["compile", model, "--stages", 2, "-o", tmp_path / "out", "--profile", "measure", "--force"]

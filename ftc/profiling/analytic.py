@@ -5,9 +5,11 @@ tensors; the backward is the real autograd graph of that one node (gradients of 
 inputs that require grad and of its module's parameters), so it is counted, not estimated.
 FlopCounter counts matmul-like ops only; elementwise ops, norms and embeddings cost memory
 traffic instead, so a node's time is the roofline max(FLOPs / peak, bytes / memory bandwidth).
-Memory traffic is the bytes of the tensors a node reads and writes (views move nothing); its
-backward is taken as twice that (read the output gradient and the saved inputs, write the input
-gradients), which is an estimate.
+Memory traffic is the bytes of the tensors a node reads and writes (views move nothing), plus
+the weights of a module it calls (an embedding reads only the rows it looks up, its output);
+its backward is taken as twice the tensors' traffic (read the output gradient and the saved
+inputs, write the input gradients) plus twice the weights (read them for the input gradient,
+write their gradients; an embedding writes its whole table's gradient), which is an estimate.
 
 Eager PyTorch also pays a fixed cost for every ATen op it dispatches (Python, the dispatcher,
 autograd's bookkeeping, a kernel launch) whatever the op computes; on small tensors that cost
@@ -105,6 +107,7 @@ class NodeCounts:
     nbytes: int  # forward memory traffic
     fwd_ops: int  # ATen ops dispatched
     bwd_ops: int
+    bwd_nbytes: int = 0  # backward memory traffic
 
 
 def _traffic(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
@@ -112,6 +115,19 @@ def _traffic(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
     if not written:
         return 0
     return sum(t.numel() * t.element_size() for t in (*inputs, *written))
+
+
+# Layers that read only the rows of their weight that they look up.
+_SPARSE_READERS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+def _weight_bytes(node: Node, model: torch.nn.Module) -> tuple[int, int]:
+    """What a called module's own trainable weights add to its forward and backward traffic."""
+    if node.op != "call_module":
+        return 0, 0
+    module = model.get_submodule(node.target)
+    weights = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return (0 if isinstance(module, _SPARSE_READERS) else weights), 2 * weights
 
 
 def _cut(value: Any, leaves: list[torch.Tensor]) -> Any:
@@ -164,7 +180,10 @@ class _Counter(Interpreter):
             # on the meta device to count; its backward is taken as twice its forward, as for
             # a linear layer. It may read tensor values, so its repeats are counted anew.
             backward, key = (2 * fwd_flops, 2 * dispatched.ops), None
-        self.costs[node.name] = NodeCounts(fwd_flops, backward[0], nbytes, dispatched.ops, backward[1])
+        fwd_weights, bwd_weights = _weight_bytes(node, self.model)
+        self.costs[node.name] = NodeCounts(
+            fwd_flops, backward[0], nbytes + fwd_weights, dispatched.ops, backward[1], 2 * nbytes + bwd_weights
+        )
         if key is not None:
             self.counted[key] = self.costs[node.name]
             self.repeats.record(key, node, (args, kwargs), out)
@@ -206,7 +225,7 @@ def profile_analytic(
             cost.fwd_flops, cost.bwd_flops = counts.fwd_flops, counts.bwd_flops
             cost.fwd_time = device.time(counts.fwd_flops, counts.nbytes, counts.fwd_ops)
             backward = counts.bwd_flops or counts.bwd_ops or _needs_grad(node)
-            cost.bwd_time = device.time(counts.bwd_flops, 2 * counts.nbytes, counts.bwd_ops) if backward else 0.0
+            cost.bwd_time = device.time(counts.bwd_flops, counts.bwd_nbytes, counts.bwd_ops) if backward else 0.0
             if node.op == "call_module":
                 prefix = node.target + "."
                 cost.param_bytes = sum(b for name, b in state_bytes.items() if name.startswith(prefix))
