@@ -32,6 +32,7 @@ CASES = [
     (MODELS / "no_grad.py", (1, 2, 3)),
     (MODELS / "odd_structure.py", (1, 2)),
     (MODELS / "param_view.py", (1, 2, 3)),
+    (MODELS / "param_containers.py", (1, 2, 4, 8)),
 ]
 PARAMS = [pytest.param(path, stages, id=f"{path.stem}-P{stages}") for path, counts in CASES for stages in counts]
 

@@ -34,7 +34,8 @@ UNARY = {"neg": "-", "pos": "+", "invert": "~", "not_": "not "}
 # Names generated code uses itself; values with these names get a trailing underscore.
 RESERVED = {"self", "torch", "F", "operator", "math", "device"}
 CONTAINER_INDEXED = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
-CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict",)
+CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict", "torch.nn.modules.container.ParameterDict")
+PARAMETER_LIST = "torch.nn.modules.container.ParameterList"  # its keys are its positions
 # black takes about a millisecond a line; past this many characters of stage code (a GPT-2 XL
 # pipeline has 200,000) the stage files are formatted in parallel, one process per core.
 PARALLEL_FORMAT_CHARS = 100_000
@@ -147,11 +148,16 @@ class StageWriter:
             if container_ours:
                 if part.isidentifier() and not keyword.iskeyword(part):
                     expr += f".{part}"
-                else:  # the stage itself is a plain Module; our containers are ModuleDicts
-                    expr = f"getattr(self, {part!r})" if expr == "self" else f"{expr}[{part!r}]"
+                elif expr == "self" or full in self.graph.state:
+                    # the stage is a plain Module; a tensor in our ModuleDict is an attribute
+                    expr = f"getattr({expr}, {part!r})"
+                else:  # a submodule of our ModuleDict
+                    expr = f"{expr}[{part!r}]"
             else:
                 parent_class = self.graph.modules.get(prefix, "")
                 if parent_class in CONTAINER_INDEXED and part.isdigit() and self.position[full] == int(part):
+                    expr += f"[{part}]"
+                elif parent_class == PARAMETER_LIST and part.isdigit():
                     expr += f"[{part}]"
                 elif parent_class in CONTAINER_KEYED:
                     expr += f"[{part!r}]"
