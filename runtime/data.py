@@ -43,6 +43,7 @@ import random
 import sys
 import sysconfig
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -128,6 +129,8 @@ class Sampler:
 def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     if isinstance(tree, torch.Tensor):
         return fn(tree)
+    if isinstance(tree, Whole):  # already every sample's share
+        return tree
     if isinstance(tree, dict):
         return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
@@ -135,18 +138,51 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     raise FtcError(f"a sample holds a {type(tree).__name__}; samples hold tensors (in tuples or dicts)")
 
 
-def collate(samples: Sequence[Any], dim: int = 0) -> Any:
+def dim_of(dims: Any, key: str | int) -> Any:
+    """The batch dimension(s) of a tree's item `key`: `dims` is a tree of the same structure, or
+    one dimension (an int, or None) for every tensor in it."""
+    if isinstance(dims, dict):
+        return dims.get(key, 0)
+    if isinstance(dims, (tuple, list)):
+        return dims[key] if isinstance(key, int) and key < len(dims) else 0
+    return dims
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One model output as pipeline.json describes it: what a synthetic target is shaped like."""
+
+    shape: tuple[int, ...]  # with size 1 in the batch dimension
+    dtype: str
+    batch_dim: int | None
+
+
+def map_with_dims(fn: Callable[[Any, int | None], Any], tree: Any, dims: Any) -> Any:
+    """fn(leaf, its batch dimension) over a tree of tensors (or OutputSpecs) and its batch
+    dimensions (dim_of)."""
+    if isinstance(tree, dict):
+        return {k: map_with_dims(fn, v, dim_of(dims, k)) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return tuple(map_with_dims(fn, v, dim_of(dims, i)) for i, v in enumerate(tree))
+    if isinstance(tree, (torch.Tensor, OutputSpec)):
+        return fn(tree, dims if isinstance(dims, int) or dims is None else 0)
+    return tree
+
+
+def collate(samples: Sequence[Any], dims: Any = 0) -> Any:
     """Stack samples (tensors, or tuples/dicts of tensors of the same structure) into a batch,
-    along `dim`; a tensor all samples share (Whole) is taken as it is."""
+    each tensor along its batch dimension (`dims`, see dim_of; None stacks along 0); a tensor all
+    samples share (Whole) is taken as it is."""
     first = samples[0]
     if isinstance(first, Whole):
         return first.tensor
     if isinstance(first, torch.Tensor):
+        dim = dims if isinstance(dims, int) else 0
         return torch.stack(list(samples), dim=dim)
     if isinstance(first, dict):
-        return {k: collate([s[k] for s in samples], dim) for k in first}
+        return {k: collate([s[k] for s in samples], dim_of(dims, k)) for k in first}
     if isinstance(first, (tuple, list)):
-        return tuple(collate([s[i] for s in samples], dim) for i in range(len(first)))
+        return tuple(collate([s[i] for s in samples], dim_of(dims, i)) for i in range(len(first)))
     raise FtcError(f"a sample holds a {type(first).__name__}; samples hold tensors (in tuples or dicts)")
 
 
@@ -167,10 +203,12 @@ def collate_inputs(samples: Sequence[Any], batch_dims: dict[str, int | None]) ->
 
 
 def load_batch(
-    dataset: Any, indices: list[int], inputs: bool, targets: bool, batch_dims: dict[str, int | None] | None = None
+    dataset: Any, indices: list[int], inputs: bool, targets: bool, batch_dims: dict[str, int | None] | None = None,
+    target_dims: Any = 0,
 ) -> tuple[Any, Any]:
     """The batch of `indices`: (inputs or None, targets or None), only the halves asked for;
-    inputs stacked along their `batch_dims` (by input name; default: dimension 0)."""
+    inputs stacked along their `batch_dims` (by input name; default: dimension 0), targets along
+    `target_dims` (target_batch_dims)."""
     samples = []
     for i in indices:
         try:
@@ -186,7 +224,7 @@ def load_batch(
         samples.append(sample)
     return (
         collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
-        collate([s[1] for s in samples]) if targets else None,
+        collate([s[1] for s in samples], target_dims) if targets else None,
     )
 
 
@@ -224,12 +262,14 @@ def fingerprint(dataset: Any, indices: list[int]) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_dataset(options: dict, model_file: ModelFile) -> Any:
+def build_dataset(options: dict, model_file: ModelFile, outputs: Any = None) -> Any:
+    """The config's data set. `outputs`: the model's output specs (pipeline.json's values, in the
+    output's structure), which synthetic targets are shaped like without example_targets."""
     options = dict(options)
     name = options.pop("name")
     builder = {"synthetic": synthetic, "bytes": byte_corpus, "digits": digits, "module": from_module}[name]
     _check_options(builder, (model_file,), options, f"the {name!r} data set")
-    dataset = builder(model_file, **options)
+    dataset = synthetic(model_file, **options, outputs=outputs) if name == "synthetic" else builder(model_file, **options)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise FtcError(f"data set {name!r} is a {type(dataset).__name__}, which has no len() and [i]")
     if len(dataset) < 1:
@@ -237,21 +277,103 @@ def build_dataset(options: dict, model_file: ModelFile) -> Any:
     return dataset
 
 
-def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0) -> TensorDataset:
+def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0, *, outputs: Any = None) -> TensorDataset:
+    """`size` samples of example_inputs, with example_targets or, without it, uniform [0, 1)
+    targets shaped like the model's outputs (`outputs`: their specs, see build_dataset)."""
     example_targets = getattr(model_file.module, "example_targets", None)
-    shapes = output_like(model_file, size) if example_targets is None else None
+    if example_targets is None and outputs is None:
+        outputs = _outputs_on_meta(model_file)
+    dims = target_batch_dims(model_file, outputs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inputs = model_file.inputs(size)
         if example_targets is not None:
-            try:
-                targets = example_targets(size)
-            except Exception as exc:
-                raise FtcError(f"{model_file.path}: example_targets({size}) raised {type(exc).__name__}: {exc}"
-                               f"{user_frame(exc, model_file.path)}") from exc  # fmt: skip
+            targets = _example_targets(model_file, size)
         else:
-            targets = tree_map(lambda t: torch.rand(t.shape, dtype=t.dtype), shapes)
+            targets = map_with_dims(lambda spec, _: torch.rand(_sized(spec, size), dtype=getattr(torch, spec.dtype)), outputs, 0)
+    # Each target's batch dimension first, so that TensorDataset cuts samples from it; a target
+    # without one is given whole to every batch.
+    targets = map_with_dims(lambda t, dim: Whole(t) if dim is None else t.movedim(dim, 0), targets, dims)
     return TensorDataset(_samples_first(inputs, model_file, size), targets, size)
+
+
+def target_batch_dims(model_file: ModelFile, outputs: Any = None) -> Any:
+    """How targets are batched, as a tree of dimensions (see dim_of): as example_targets batches
+    them (the dimension that doubles from example_targets(1) to example_targets(2), None where
+    none does); without it, as the model's outputs that synthetic targets are shaped like
+    (`outputs`: their specs); otherwise along dimension 0."""
+    if getattr(model_file.module, "example_targets", None) is not None:
+        with torch.random.fork_rng(devices=[]):
+            one, two = _example_targets(model_file, 1), _example_targets(model_file, 2)
+        return _grown_dims(one, two)
+    if outputs is not None:
+        return map_with_dims(lambda spec, _: spec.batch_dim, outputs, 0)
+    return 0
+
+
+def _example_targets(model_file: ModelFile, size: int) -> Any:
+    try:
+        return model_file.module.example_targets(size)
+    except Exception as exc:
+        raise FtcError(f"{model_file.path}: example_targets({size}) raised {type(exc).__name__}: {exc}"
+                       f"{user_frame(exc, model_file.path)}") from exc  # fmt: skip
+
+
+def _grown_dims(one: Any, two: Any) -> Any:
+    if isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor):
+        grown = [d for d in range(min(one.dim(), two.dim())) if two.shape[d] == 2 * one.shape[d] > 0]
+        return grown[0] if grown else None
+    if isinstance(one, dict) and isinstance(two, dict):
+        return {key: _grown_dims(value, two.get(key)) for key, value in one.items()}
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)):
+        return tuple(_grown_dims(a, b) for a, b in zip(one, two))
+    return 0
+
+
+def output_specs(pipeline: Any) -> Any:
+    """The model's outputs as pipeline.json describes them, in the output's structure (None when
+    one is not a tensor, or has its batch folded into a dimension, [B*T, V])."""
+    values, compiled = pipeline.manifest["values"], pipeline.manifest["batch_size"]
+    specs = {}
+    for name in pipeline.outputs:
+        spec = values.get(name)
+        if spec is None or spec.get("kind") != "tensor":
+            return None
+        dim, shape = spec.get("batch_dim"), list(spec["shape"])
+        if dim is not None:
+            if shape[dim] != compiled:
+                return None
+            shape[dim] = 1
+        specs[name] = OutputSpec(tuple(shape), spec["dtype"], dim)
+    return pipeline.assemble_output(specs)
+
+
+def _outputs_on_meta(model_file: ModelFile) -> Any:
+    """Output specs like output_specs', for a caller without a pipeline: the model run on the
+    meta device at batch sizes 1 and 2 (the batch dimension is the one that doubles)."""
+    model = model_file.build("meta")
+    runs = []
+    try:
+        for size in (1, 2):
+            with torch.random.fork_rng(devices=[]):
+                inputs = model_file.inputs(size, "meta")
+            with torch.no_grad():
+                runs.append(model(**inputs) if isinstance(inputs, dict) else model(*inputs))
+    except Exception as exc:
+        raise FtcError(f"{model_file.path}: synthetic targets are shaped like the model's outputs, but the model does "
+                       f"not run on the meta device ({type(exc).__name__}: {exc})",
+                       "define example_targets(batch_size) in the model file") from exc  # fmt: skip
+    dims = _grown_dims(*runs)
+    return map_with_dims(lambda t, dim: OutputSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), dim), runs[0], dims)
+
+
+def _sized(spec: OutputSpec, size: int) -> list[int]:
+    shape = list(spec.shape)
+    if spec.batch_dim is not None:
+        shape[spec.batch_dim] = size
+    return shape
+
+
 
 
 def _samples_first(inputs: tuple | dict, model_file: ModelFile, size: int) -> tuple | dict:
@@ -269,16 +391,6 @@ def _samples_first(inputs: tuple | dict, model_file: ModelFile, size: int) -> tu
     if isinstance(inputs, dict):
         return {key: first(value, one.get(key) if isinstance(one, dict) else None) for key, value in inputs.items()}
     return tuple(first(value, single) for value, single in zip(inputs, one))
-
-
-def output_like(model_file: ModelFile, batch_size: int) -> Any:
-    """The model's output for a batch, on the meta device (shapes and dtypes only)."""
-    model = model_file.build("meta")
-    with torch.random.fork_rng(devices=[]):
-        inputs = model_file.inputs(batch_size, "meta")
-    with torch.no_grad():
-        output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return tree_map(lambda t: torch.empty(t.shape, dtype=t.dtype), output)
 
 
 def byte_corpus(model_file: ModelFile, max_bytes: int = 4_000_000) -> ByteWindows:

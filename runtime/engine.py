@@ -40,6 +40,7 @@ from ftc.ir import FtcError
 
 from . import comm
 from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
+from .data import dim_of
 from .model_file import user_error
 from .pipeline import Pipeline, check_stage_outputs
 from .schedule import BACKWARD, FORWARD, Action, simulate
@@ -158,10 +159,12 @@ class Engine:
         distributed: bool = False,
         timeout_s: float = 60.0,
         batch_size: int | None = None,
+        target_dims: Any = 0,
     ):
         """`modules`: stage index -> stage module, already on `device`; all stages in local mode,
         this rank's in distributed mode. `batch_size`: the global batch size, needed by ranks
-        that get neither inputs nor targets in train_step (they size receive buffers from it)."""
+        that get neither inputs nor targets in train_step (they size receive buffers from it).
+        `target_dims`: the targets' batch dimensions (data.target_batch_dims)."""
         stages = pipeline.stages
         unknown = sorted(set(recompute) - {s.index for s in stages})
         if unknown:
@@ -175,6 +178,7 @@ class Engine:
         self.recompute = frozenset(recompute)
         self.distributed = distributed
         self.batch_size = batch_size
+        self.target_dims = target_dims
         if distributed:
             if not dist.is_available() or not dist.is_initialized():
                 raise FtcError(
@@ -342,13 +346,16 @@ class Engine:
         return [{name: pieces[m] for name, pieces in split.items()} for m in range(self.micro_batches)]
 
     def _split_targets(self, targets: Any) -> list[Any]:
+        return self._split_tree(targets, self.target_dims)
+
+    def _split_tree(self, targets: Any, dims: Any) -> list[Any]:
         if isinstance(targets, torch.Tensor):
-            return list(self._split(targets, 0, "targets"))
+            return list(self._split(targets, dims if isinstance(dims, int) or dims is None else 0, "targets"))
         if isinstance(targets, dict):
-            parts = {key: self._split_targets(value) for key, value in targets.items()}
+            parts = {key: self._split_tree(value, dim_of(dims, key)) for key, value in targets.items()}
             return [{key: pieces[m] for key, pieces in parts.items()} for m in range(self.micro_batches)]
         if isinstance(targets, (tuple, list)):
-            parts = [self._split_targets(value) for value in targets]
+            parts = [self._split_tree(value, dim_of(dims, i)) for i, value in enumerate(targets)]
             return [type(targets)(pieces[m] for pieces in parts) for m in range(self.micro_batches)]
         return [targets] * self.micro_batches
 
@@ -378,8 +385,8 @@ class Engine:
                 compiled = self.pipeline.manifest["batch_size"]
                 batch = value.shape[batch_dim] * compiled // spec["shape"][batch_dim]
                 break
-        if batch is None and isinstance(targets, torch.Tensor):
-            batch = targets.shape[0]
+        if batch is None and isinstance(targets, torch.Tensor) and isinstance(self.target_dims, int):
+            batch = targets.shape[self.target_dims]
         if batch is None:
             batch = self.batch_size
         if batch is None:

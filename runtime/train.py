@@ -31,7 +31,17 @@ from ftc.ir import FtcError
 
 from . import checkpoint
 from .config import Config
-from .data import Sampler, build_dataset, fingerprint, load_batch, seeded, tree_map
+from .data import (
+    Sampler,
+    build_dataset,
+    fingerprint,
+    load_batch,
+    map_with_dims,
+    output_specs,
+    seeded,
+    target_batch_dims,
+    tree_map,
+)
 from .engine import Engine, call_loss
 from .model_file import ModelFile, function_from_file, load_model_file, user_error
 from .materialize import build_stages, load_checkpoint
@@ -80,11 +90,15 @@ class Results:
 class SingleProcess:
     """The original model trained the plain way; the same interface as the pipeline engine."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int, batch_dims: dict[str, int | None]):
+    def __init__(
+        self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int, batch_dims: dict[str, int | None],
+        target_dims: Any = 0,
+    ):  # fmt: skip
         self.model = model
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
         self.batch_dims = batch_dims  # input name -> its batch dimension (None: shared by all samples)
+        self.target_dims = target_dims  # the targets' batch dimensions (data.target_batch_dims)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
@@ -103,7 +117,7 @@ class SingleProcess:
         losses = []
         for i in range(self.micro_batches):
             x = self._micro_inputs(inputs, i)
-            y = tree_map(lambda t: t.chunk(self.micro_batches)[i], targets)
+            y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
             try:
                 output = self.model(**x) if isinstance(x, dict) else self.model(*x)
             except Exception as exc:
@@ -249,11 +263,13 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
               "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
     device = training_device(config, rank)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
+    outputs = output_specs(pipeline) if config.data["name"] == "synthetic" else None
+    target_dims = target_batch_dims(model_file, outputs)
     me = plan_rank(config, pipeline, rank, world_size, device)
 
     if config.mode == "single":
         model = build_single(config, model_file, device)
-        engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims)
+        engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims)
         modules = [model]
     else:
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
@@ -262,6 +278,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             pipeline, stage_modules, schedule=config.schedule, micro_batches=config.micro_batches,
             loss_fn=loss_fn, seed=config.seed, device=device, recompute=recompute_set(config, pipeline),
             distributed=config.mode == "dist", timeout_s=config.timeout_s, batch_size=config.batch_size,
+            target_dims=target_dims,
         )  # fmt: skip
     parameters = engine.parameters()
     # A rank may hold only parameter-free stages (a pooling, a normalization): it steps nothing.
@@ -283,7 +300,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     dataset = None
     if reads_inputs or reads_targets:
         with seeded(config.seed):
-            dataset = build_dataset(config.data, model_file)
+            dataset = build_dataset(config.data, model_file, outputs)
     sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, world_size)
@@ -305,7 +322,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             batch = step * config.step_every + k
             inputs = targets = None
             if sampler is not None:
-                inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets, batch_dims)
+                inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets, batch_dims, target_dims)
                 inputs, targets = (
                     None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets)
                 )

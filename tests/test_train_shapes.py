@@ -9,7 +9,15 @@ plain single-process training's losses (mode single, the truth) on each.
   still run;
 - `mutated_input`: forward changes its input in place (`x.mul_`) and reads it again later, so
   every reader of the input must share the mutating op's stage and every micro-batch must be its
-  own tensor.
+  own tensor;
+- `sequence_first_output`: the output and its targets are [T, B, D] (T = 5), so targets must be
+  stacked and split along dimension 1 as example_targets lays them out;
+- `batchless_output`: one fixed graph of N nodes ([N, F] in, [N, C] out, no batch dimension
+  anywhere; GNN-style), whose synthetic targets, shaped like the output, go whole to every
+  micro-batch;
+- `value_reading_leaf`: a LEAF_MODULES block that branches on a tensor's value and no
+  example_targets, so synthetic targets must come from pipeline.json's output shapes, not from
+  running the model on the meta device.
 
 `ftc check` must pass on each, too.
 """
@@ -128,6 +136,85 @@ def example_inputs(batch_size):
 
 def example_targets(batch_size):
     return torch.randn(batch_size, D)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+""",
+    "sequence_first_output": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+def example_inputs(batch_size):
+    return (torch.randn(5, batch_size, D),)
+
+
+def example_targets(batch_size):
+    return torch.randn(5, batch_size, D)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+""",
+    "batchless_output": """
+N = 12
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("edges", torch.arange(N).roll(1))
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x + x[self.edges]))
+        return self.head(x)
+
+
+def example_inputs(batch_size):
+    return (torch.randn(N, D),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+""",
+    "value_reading_leaf": """
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small, self.large = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        if x.abs().mean() > 10:
+            return self.large(x)
+        return torch.tanh(self.small(x))
+
+
+LEAF_MODULES = (Gate,)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+        self.gate = Gate()
+
+    def forward(self, x):
+        return self.b(self.gate(torch.tanh(self.a(x))))
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, D),)
 
 
 def loss_fn(output, target):
