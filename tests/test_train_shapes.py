@@ -17,7 +17,10 @@ plain single-process training's losses (mode single, the truth) on each.
   micro-batch;
 - `value_reading_leaf`: a LEAF_MODULES block that branches on a tensor's value and no
   example_targets, so synthetic targets must come from pipeline.json's output shapes, not from
-  running the model on the meta device.
+  running the model on the meta device;
+- `returned_state`: forward returns a parameter, a buffer and a tensor made in forward as they
+  are (`return h, self.temperature, ...`), an input no layer reads is given, and an input is
+  returned as an output.
 
 `ftc check` must pass on each, too.
 """
@@ -219,6 +222,32 @@ def example_inputs(batch_size):
 
 def loss_fn(output, target):
     return F.mse_loss(output, target)
+""",
+    "returned_state": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+        self.register_buffer("center", torch.full((D,), 0.25))
+
+    def forward(self, x, unused, passed):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x, self.temperature, self.center, torch.ones(3), passed
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, D), torch.randn(batch_size, 2), torch.randn(batch_size, 3))
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, D)
+
+
+def loss_fn(output, target):
+    h, temperature, center, ones, passed = output
+    return F.mse_loss(h * temperature - center, target) + passed.mean() * ones.sum()
 """,
 }
 

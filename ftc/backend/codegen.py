@@ -332,7 +332,7 @@ class StageWriter:
             init_lines=init_lines,
             device_line=device_line,
             blocks=blocks,
-            returns=[self.local[n] for n in self.plan.outputs],
+            returns=[self.ref(n) for n in self.plan.outputs],
         )
         return source
 

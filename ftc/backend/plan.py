@@ -64,6 +64,13 @@ def plan_stages(graph: Graph) -> list[StagePlan]:
             else:
                 readers.setdefault(name, set()).add(node.stage)
 
+    # A parameter, buffer or constant the model returns as it is (`return h, self.temperature`)
+    # is returned by the last stage, which computes the loss.
+    returned_state = [name for name in graph_outputs if by_name[name].op == "get_attr"]
+    for name in returned_state:
+        target = by_name[name].target
+        (constants if target in graph.constants else used)[graph.num_stages - 1].add(target)
+
     _place_unread_state(graph, used)
 
     tree = _ModuleTree.of(graph)
@@ -80,6 +87,8 @@ def plan_stages(graph: Graph) -> list[StagePlan]:
             for node in nodes
             if readers.get(node.name, set()) - {stage} or node.name in graph_outputs
         ]
+        if stage == graph.num_stages - 1:
+            outputs += sorted(returned_state, key=position.__getitem__)
         plans.append(
             StagePlan(
                 index=stage,

@@ -137,7 +137,11 @@ def write_pipeline(
     sources = render_stages(graph, plans, model_rel)
     stage_sources = {f"stage{plan.index}.py": source for plan, source in zip(plans, sources)}
     position = {node.name: k for k, node in enumerate(graph.nodes)}
-    crossing = sorted({name for plan in plans for name in plan.inputs + plan.outputs}, key=position.__getitem__)
+    # Every value the runtime handles: what crosses stages, and the model's inputs and outputs
+    # (an input no stage reads, or one returned as an output, still comes from the data).
+    handled = {name for plan in plans for name in plan.inputs + plan.outputs}
+    handled |= set(graph.inputs) | {ref.name for ref in graph.outputs.values}
+    crossing = sorted(handled, key=position.__getitem__)
     by_name = graph.by_name()
     device_times: dict[int, float] = {}
     for plan, row in zip(plans, costs):
