@@ -110,12 +110,79 @@ def load_pipeline(folder: str | Path) -> Pipeline:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as exc:
         raise FtcError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise FtcError(
-            f"{manifest_path}: format {manifest.get('format')!r} is not {MANIFEST_FORMAT!r}",
+            f"{manifest_path}: format {found!r} is not {MANIFEST_FORMAT!r}",
             "recompile the pipeline with this version of ftc",
         )
+    validate_manifest(manifest, manifest_path)
     return Pipeline(folder, manifest)
+
+
+_NAMES = "a list of value names"
+_TOP_LEVEL = {
+    "name": (str, "a string"), "model_file": (str, "a string"), "batch_size": (int, "a positive integer"),
+    "inputs": (list, _NAMES), "outputs": (list, _NAMES), "output_structure": (dict, "an object"),
+    "stages": (list, "a list of stages"), "values": (dict, "an object of value specs"),
+}  # fmt: skip
+_STAGE = {
+    "index": (int, "the stage's position in the list"), "file": (str, "a file name"), "class": (str, "a class name"),
+    "device": (int, "a device number"), "inputs": (list, _NAMES), "outputs": (list, _NAMES),
+    "state": (list, "a list of parameter and buffer names"), "recompute": (bool, "true or false"),
+}  # fmt: skip
+
+
+def validate_manifest(manifest: dict, path: Path) -> None:
+    """pipeline.json is written by `ftc compile` and may be edited by hand: every command that
+    reads it first checks what they all rely on, so that a bad edit is named here, not met as
+    a failure deep inside one of them."""
+
+    def bad(where: str, what: str) -> FtcError:
+        return FtcError(f"{path}: {where} {what}", "undo the hand edit, or recompile the pipeline with `ftc compile`")
+
+    def check_keys(data: dict, keys: dict, where: str) -> None:
+        for key, (kind, meaning) in keys.items():
+            value = data.get(key)
+            wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+            if kind is list and not wrong:
+                wrong = key in ("inputs", "outputs", "state") and not all(isinstance(v, str) for v in value)
+            if wrong or (key == "batch_size" and value < 1):
+                raise bad(f"{where}key {key!r}", f"is {json.dumps(value) if key in data else 'missing'}; it must be {meaning}")
+
+    check_keys(manifest, _TOP_LEVEL, "")
+    if manifest["output_structure"].get("kind") not in ("value", "tuple", "dict"):
+        raise bad("key 'output_structure'", "must have kind \"value\", \"tuple\" or \"dict\"")
+    if not manifest["stages"]:
+        raise bad("key 'stages'", "is empty")
+    produced: dict[str, int] = {}
+    available = set(manifest["inputs"])
+    for position, stage in enumerate(manifest["stages"]):
+        where = f"stage {position}:"
+        if not isinstance(stage, dict):
+            raise bad(where, "is not an object")
+        check_keys(stage, _STAGE, f"{where} ")
+        if stage["index"] != position:
+            raise bad(f"{where} key 'index'", f"is {stage['index']}; stages are listed in order, so it must be {position}")
+        if stage["device"] < 0:
+            raise bad(f"{where} key 'device'", f"is {stage['device']}; devices are numbered from 0")
+        unknown = [name for name in stage["inputs"] if name not in available]
+        if unknown:
+            raise bad(f"{where} inputs", f"{unknown} are neither model inputs nor outputs of an earlier stage")
+        for name in stage["outputs"]:
+            if name in produced:
+                raise bad(f"{where} output {name!r}", f"is also an output of stage {produced[name]}")
+            produced[name] = position
+        available |= set(stage["outputs"])
+    missing = [name for name in manifest["outputs"] if name not in available]
+    if missing:
+        raise bad("key 'outputs'", f"lists {missing}, which no stage returns")
+    devices = sorted({stage["device"] for stage in manifest["stages"]})
+    if devices != list(range(len(devices))):
+        raise bad("stages' devices", f"are {devices}; they must be numbered 0..{len(devices) - 1}")
+    unspecified = [name for name in [*manifest["inputs"], *produced] if name not in manifest["values"]]
+    if unspecified:
+        raise bad("key 'values'", f"lacks the specs of {unspecified}")
 
 
 def check_stage_outputs(spec: StageSpec, outputs: Any) -> None:

@@ -295,3 +295,29 @@ def test_check_against_another_model_says_so(tmp_path, capsys):
     assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
     result = run_cli(["check", tmp_path / "gen" / "good", "--model", other], capsys)
     assert_user_error(result, "counter.py builds a model without", "it is another model")
+
+
+MANIFEST_EDITS = [
+    (lambda m: m["stages"][1]["inputs"].__setitem__(0, "renamed"), "stage 1: inputs ['renamed'] are neither"),
+    (lambda m: m["stages"].pop(), "key 'outputs' lists ['classifier'], which no stage returns"),
+    (lambda m: m["stages"][3].__setitem__("device", 5), "stages' devices are [0, 1, 2, 5]"),
+    (lambda m: m["stages"][1].__setitem__("device", "1"), "stage 1: key 'device' is \"1\""),
+    (lambda m: m.pop("batch_size"), "key 'batch_size' is missing"),
+    (lambda m: m["stages"][0].pop("state"), "stage 0: key 'state' is missing"),
+    (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MANIFEST_EDITS, ids=range(len(MANIFEST_EDITS)))
+def test_a_hand_edited_manifest_is_refused_by_every_command_with_the_key_named(edit, message, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "mlp"
+    shutil.copytree(ROOT / "generated" / "mlp", folder)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    assert "relu_2" in manifest["stages"][1]["outputs"]  # the edits above assume the committed split
+    edit(manifest)
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    for command in (["check", folder], ["explain", folder]):
+        code, _, err = run_cli(command, capsys)
+        assert code == 2 and message in err and "internal error" not in err, err

@@ -169,7 +169,10 @@ def write_edge_pipeline(folder, model_path):
                 "recompute": False,
             }
         )
-    manifest = {"format": "ftc-pipeline/1", "name": "edge", "model_file": str(model_path), "stages": stages}
+    manifest = {
+        "format": "ftc-pipeline/1", "name": "edge", "model_file": str(model_path), "batch_size": 1, "inputs": [],
+        "outputs": [], "output_structure": {"kind": "tuple"}, "stages": stages, "values": {},
+    }  # fmt: skip
     (folder / "pipeline.json").write_text(json.dumps(manifest))
     pipeline = load_pipeline(folder)
     meta_model = load_model_file(model_path).build("meta")
