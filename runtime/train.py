@@ -323,6 +323,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             inputs = targets = None
             if sampler is not None:
                 inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets, batch_dims, target_dims)
+                if inputs is not None:
+                    check_inputs(inputs, pipeline, config)
                 inputs, targets = (
                     None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets)
                 )
@@ -362,6 +364,28 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         write_results(config, results)
     status.write("done", config.steps)
     return results
+
+
+def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> None:
+    """The data set's inputs must be what the pipeline was compiled for, but for the batch size:
+    a stage meets another size as a wrong shape somewhere inside, far from its cause."""
+    values = pipeline.manifest["values"]
+    named = inputs.items() if isinstance(inputs, dict) else zip(pipeline.inputs, inputs)
+    for name, value in named:
+        spec = values.get(name, {})
+        if not isinstance(value, torch.Tensor) or spec.get("kind") != "tensor":
+            continue
+        dim, shape = spec.get("batch_dim"), list(spec["shape"])
+        got = list(value.shape)
+        same_shape = len(got) == len(shape) and all(a == b for d, (a, b) in enumerate(zip(got, shape)) if d != dim)
+        if not same_shape or str(value.dtype).removeprefix("torch.") != spec["dtype"]:
+            wanted = ["B" if d == dim else str(n) for d, n in enumerate(shape)]
+            raise FtcError(
+                f"input {name!r} from data set {config.data['name']!r} is {str(value.dtype).removeprefix('torch.')}"
+                f"{got}, but {pipeline.folder} was compiled for {spec['dtype']}[{', '.join(wanted)}]",
+                "make the data set give what the model file's example_inputs gives (data options such as "
+                "data.image), or change example_inputs and recompile",
+            )
 
 
 def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size: int) -> None:

@@ -81,10 +81,24 @@ def test_a_sample_that_is_not_a_pair_is_named(pipeline):
         run(folder, data={"name": "module", "module": f"{root / 'model.py'}:labelled"})
 
 
-def test_inputs_that_do_not_fit_the_stage_name_the_stage_file(pipeline):
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_inputs_unlike_the_compiled_ones_are_named_before_any_stage_runs(pipeline, mode):
     _, folder = pipeline
-    with pytest.raises(FtcError, match=r"stage 0 \(stage0.py\), micro-batch 0, raised RuntimeError"):
-        run(folder, data={"name": "module", "module": f"{_wide_model(folder)}:wide"}, model=str(_wide_model(folder)))
+    expected = r"input 'x' from data set 'module' is float32\[8, 9\], but .* was compiled for float32\[B, 8\]"
+    with pytest.raises(FtcError, match=expected):
+        run(folder, mode=mode, data={"name": "module", "module": f"{_wide_model(folder)}:wide"}, model=str(_wide_model(folder)))
+
+
+def test_a_stage_that_raises_is_named_by_its_file(pipeline, tmp_path):
+    import shutil
+
+    _, folder = pipeline
+    edited = tmp_path / folder.name
+    shutil.copytree(folder, edited)
+    stage = edited / "stage0.py"
+    stage.write_text(stage.read_text().replace("    def forward(self, x):\n", "    def forward(self, x):\n        raise ValueError('edited')\n"))
+    with pytest.raises(FtcError, match=r"stage 0 \(stage0.py\), micro-batch 0, raised ValueError: edited"):
+        run(edited, model=str(folder.parent.parent / "model.py"))
 
 
 def _wide_model(folder):
