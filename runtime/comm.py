@@ -113,13 +113,13 @@ class DistTransport:
         except RuntimeError as exc:
             if "timed out" not in str(exc).lower():
                 raise FtcError(
-                    f"{failure} ({message.describe()}) at step {step}: that rank died " f"({str(exc).splitlines()[0]})",
+                    f"{failure} ({message.describe()}) in batch {step + 1}: that rank died " f"({str(exc).splitlines()[0]})",
                     "check that rank's log",
                 ) from exc
             completed = False
         if not completed:
             raise FtcError(
-                f"{failure} ({message.describe()}) within {self.timeout_s:g} s at step {step}: that rank died or hangs",
+                f"{failure} ({message.describe()}) within {self.timeout_s:g} s in batch {step + 1}: that rank died or hangs",
                 hint,
             )
 

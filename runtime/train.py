@@ -315,8 +315,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             print(f"resumed from {checkpoint.step_folder(root, first_step)}", flush=True)
     samples, timed_from = 0, time.perf_counter()
     for step in range(first_step, config.steps):
-        status.write("running", step)
-        inject_fault(config, me, step, modules)
+        # Steps as people see them, in the progress lines and in errors, count from 1.
+        status.write("running", step + 1)
+        inject_fault(config, me, step + 1, modules)
         losses = []
         for k in range(config.step_every):
             batch = step * config.step_every + k
@@ -331,7 +332,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             losses.append(engine.train_step(batch, inputs, targets, loss_scale=1.0 / config.step_every))
         loss = sum(losses) / len(losses)
         if not math.isfinite(loss):
-            raise FtcError(f"the loss is {loss} at step {step}; stopping",
+            raise FtcError(f"the loss is {loss} at step {step + 1}; stopping",
                            "lower optimizer.lr, add warmup (lr_schedule.warmup_steps) or check the data")  # fmt: skip
         engine.sync_shared_grads()
         lr = config.optimizer.lr * lr_factor(step, config.lr_schedule, config.optimizer.lr, config.steps)

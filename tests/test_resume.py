@@ -45,8 +45,8 @@ def config(root, folder, name, **settings):
 def test_resuming_in_another_mode_continues_the_run_exactly(pipeline):
     root, folder = pipeline
     whole = train(config(root, folder, "whole", mode="single")).loss
-    with pytest.raises(FtcError, match="the loss is nan at step 3"):
-        train(config(root, folder, "switch", mode="single", inject_fault={"kind": "nan", "step": 3}))
+    with pytest.raises(FtcError, match="the loss is nan at step 4"):
+        train(config(root, folder, "switch", mode="single", inject_fault={"kind": "nan", "step": 4}))
     resumed = train(config(root, folder, "switch", mode="local", checkpoint={"dir": str(root / "switch"), "resume": True}))
     assert len(resumed.loss) == 3
     torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor(whole[3:]), rtol=1e-5, atol=0)
@@ -69,8 +69,8 @@ def test_a_new_run_keeps_the_earlier_runs_checkpoints_until_it_has_its_own(pipel
     assert [p.name for p in checkpoint.complete_steps(root / "reuse")] == ["step-00000003", "step-00000006"]
     earlier = checkpoint.merge(root / "reuse")[1]
 
-    with pytest.raises(FtcError, match="the loss is nan at step 1"):
-        train(config(root, folder, "reuse", mode="local", inject_fault={"kind": "nan", "step": 1}))
+    with pytest.raises(FtcError, match="the loss is nan at step 2"):
+        train(config(root, folder, "reuse", mode="local", inject_fault={"kind": "nan", "step": 2}))
     step, kept = checkpoint.merge(root / "reuse")
     assert step == 6 and all(torch.equal(kept[key], earlier[key]) for key in earlier)
 
