@@ -128,7 +128,7 @@ def run_compile(args: argparse.Namespace) -> int:
             human(cost["memory"]["total"], "B"), "yes" if stage["recompute"] else "",
         ])  # fmt: skip
     print(f"{compiled.graph.name}: {len([n for n in compiled.graph.nodes if n.is_compute])} ops "
-          f"({compiled.graph.frontend} frontend), {args.method} into {len(rows)} stages -> {compiled.folder}")  # fmt: skip
+          f"({compiled.graph.frontend} frontend), {args.method} into {len(rows)} stage{'s' if len(rows) > 1 else ''} -> {compiled.folder}")  # fmt: skip
     for note in compiled.notes:
         print(note)
     print(table(["stage", "device", "ops", "params", "fwd FLOPs", "predicted ms", "sends", "memory", "recompute"], rows))
@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     except FtcError as exc:
         print(f"ftc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader went away (`ftc explain ... | head`): what it wanted was printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug in ftc, not in the user's input
         if os.environ.get("FTC_DEBUG"):
             traceback.print_exc()

@@ -106,6 +106,10 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     name = options.name or model_file.stem
     if not name.isidentifier():
         raise FtcError(f"the model file's name {model_file.stem!r} is not a Python identifier", "pass --name NAME")
+    target = Path(out_dir) / name
+    blocking = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # found before minutes of tracing and profiling, not after
+        raise FtcError(f"the output folder {target} cannot be made: {blocking} is a file", "pass another -o or --name")
     graph, model, batch = trace(model_file, options.batch_size, options.frontend, name)
     graph = eliminate_dead_code(graph)
     graph = name_values(graph, model_file.path.parent)

@@ -53,9 +53,14 @@ class ModelFile:
                 with torch.device(device):
                     model = self.build_model()
         except Exception as exc:
+            on_meta = device is not None and torch.device(device).type == "meta"
             raise FtcError(
-                f"{self.path}: build_model() raised {type(exc).__name__}: {exc}{user_frame(exc, self.path)}",
-                "make build_model() run on its own (python -c 'import model; model.build_model()')",
+                f"{self.path}: build_model() raised {type(exc).__name__}: {exc}{user_frame(exc, self.path)}"
+                + (" while building on the meta device" if on_meta else ""),
+                "ftc builds the model under torch.device(\"meta\"), where tensors have shapes but no values: build it "
+                "from its configuration, without reading tensor values (.item(), .numpy(), if on a tensor) or loading "
+                "weights in build_model() (pass them as the training config's `init`)"
+                if on_meta else "make build_model() run on its own (python -c 'import model; model.build_model()')",
             ) from exc
         if not isinstance(model, torch.nn.Module):
             raise FtcError(

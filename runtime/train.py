@@ -522,7 +522,8 @@ def summary(results: Results) -> str:
     if not results.loss:
         return f"nothing to train: the run is at step {final['steps']} of {final['steps']}"
     lines = [
-        f"final loss {final['loss']:.4f} (mean of the last 10 steps {final['mean_loss_last_10']:.4f}) after {final['steps']} steps",
+        f"final loss {final['loss']:.4f} (mean of the last {min(10, len(results.loss))} steps "
+        f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps",
         f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
     ]
     for label, value in (

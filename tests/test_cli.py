@@ -90,6 +90,15 @@ MODEL_FILE_ERRORS = {
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
     "inputs_wrong_type": (GOOD.replace("(torch.randn(batch_size, 8),)", "'text'"), "example_inputs() returned str"),
     "unknown_keyword": (GOOD.replace("(torch.randn(batch_size, 8),)", "{'x': torch.randn(batch_size, 8)}"), "keyword inputs ['x']"),
+    "reads_values_on_meta": (
+        GOOD.replace("    return nn.Sequential(", "    print(torch.ones(2).sum().item())\n    return nn.Sequential("),
+        "while building on the meta device",
+    ),
+    "inputs_through_kwargs": (
+        "import torch\nclass M(torch.nn.Module):\n    def forward(self, **extra):\n        return extra['2nd'] * 2\n"
+        "def build_model():\n    return M()\ndef example_inputs(batch_size):\n    return {'2nd': torch.randn(batch_size, 2)}\n",
+        "which forward takes only through **extra",
+    ),
 }
 
 
@@ -321,3 +330,22 @@ def test_a_hand_edited_manifest_is_refused_by_every_command_with_the_key_named(e
     for command in (["check", folder], ["explain", folder]):
         code, _, err = run_cli(command, capsys)
         assert code == 2 and message in err and "internal error" not in err, err
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_before_compiling(tmp_path, capsys):
+    model = write(tmp_path, "model.py", GOOD)
+    (tmp_path / "afile").write_text("")
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "afile" / "sub"], capsys)
+    assert_user_error(result, "cannot be made", "afile is a file")
+
+
+def test_output_cut_short_by_the_reader_is_no_error(tmp_path):
+    """`ftc explain ... | head`: once head has its lines the pipe closes; that is no error."""
+    script = (
+        "import ftc.cli as cli\n"
+        "cli.run_explain = lambda args: [print('row ' * 20) for _ in range(100_000)] and 0\n"
+        "raise SystemExit(cli.main(['explain', 'folder']))\n"
+    )
+    (tmp_path / "long.py").write_text(script)
+    result = subprocess.run(f"{sys.executable} long.py | head -1", shell=True, capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.startswith("row") and "Error" not in result.stderr and "error" not in result.stderr, result.stderr

@@ -132,10 +132,16 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         first_line = first_line if len(first_line) <= 120 else first_line[:117] + "..."
         reasons.append(f"{tracer}: {type(exc).__name__}: {first_line}")
     where = "".join(places)
+    fix = "make forward's Python independent of tensor values and shapes (use torch ops such as torch.where instead of `if`)"
+    if names == ["torch.export"] and model_file.leaf_modules:
+        leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
+        fix += f"; torch.export traces into LEAF_MODULES ({leaves}): --frontend fx or auto keeps them whole"
+    else:
+        fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
+    if "torch.export" not in names:
+        fix += "; --frontend export handles shape-dependent Python"
     return FtcError(
         f"{model_file.path}: {'neither ' + ' nor '.join(names) + ' could' if len(names) > 1 else tracers + ' could not'} "
         f"trace the model{where} ({'; '.join(reasons)})",
-        "make forward's Python independent of tensor values and shapes (use torch ops such as "
-        "torch.where instead of `if`), or list the class that contains that code in LEAF_MODULES "
-        "so it is kept whole; --frontend export handles shape-dependent Python",
+        fix,
     )

@@ -86,10 +86,17 @@ def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str
             "give forward explicit parameters, one per input",
         )
     # **kwargs (Hugging Face models take options through it) is left empty: inputs are named.
+    keywords = [p.name for p in params if p.kind == p.VAR_KEYWORD]
     params = [p for p in params if p.kind != p.VAR_KEYWORD]
     names = [p.name for p in params]
     if isinstance(example, dict):
         unknown = [key for key in example if key not in names]
+        if unknown and keywords:
+            raise FtcError(
+                f"example_inputs() gives keyword inputs {unknown}, which forward takes only through **{keywords[0]}; "
+                "ftc needs one named parameter per input (stage code passes inputs by name)",
+                f"give forward a parameter for each of {unknown} (keys must be Python names)",
+            )
         if unknown:
             raise FtcError(
                 f"example_inputs() gives keyword inputs {unknown} that forward does not take (it takes {names})",
