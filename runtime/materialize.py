@@ -113,14 +113,16 @@ def build_stages(
         stages = _build_whole(model_file, classes, seed)
     _move(stages, torch.device(device))
     if checkpoint is not None:
-        load_checkpoint(stages, checkpoint)
+        model_keys = {key for spec in pipeline.stages for key in spec.state} | set(pipeline.tied)
+        load_checkpoint(stages, checkpoint, model_keys)
     return stages
 
 
-def load_checkpoint(stages: dict[int, torch.nn.Module], checkpoint: str | Path) -> None:
+def load_checkpoint(stages: dict[int, torch.nn.Module], checkpoint: str | Path, model_keys: set[str] | None = None) -> None:
     """Copy into the stages' parameters and buffers, in place, the checkpoint's tensors for their
     state_dict keys (the original model's keys). `checkpoint` is a safetensors file or a torch
-    state_dict file; it may hold keys of other stages too."""
+    state_dict file; it may hold keys of other stages too, but only the model's (`model_keys`,
+    when given: as strict as the model's own load_state_dict)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FtcError(f"checkpoint {path} does not exist", "pass the path of a .safetensors or torch .pt file")
@@ -130,6 +132,13 @@ def load_checkpoint(stages: dict[int, torch.nn.Module], checkpoint: str | Path) 
         for key, tensor in stage.state_dict(keep_vars=True).items():
             groups.setdefault(id(tensor), (tensor, []))[1].append(key)
     source = _read_checkpoint(path)
+    unknown = sorted(set(source.keys) - model_keys) if model_keys is not None else []
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        raise FtcError(
+            f"checkpoint {path} holds {len(unknown)} key(s) the model does not have: {shown}",
+            "pass a checkpoint of this model (one of a larger or other model would load only in part)",
+        )
     missing = [keys for _, keys in groups.values() if not any(key in source.keys for key in keys)]
     if missing:
         names = [keys[0] for keys in missing]

@@ -168,7 +168,8 @@ def build_single(config: Config, model_file: ModelFile, device: torch.device) ->
     torch.manual_seed(config.seed)
     model = model_file.build()
     if config.init is not None:
-        load_checkpoint({0: model}, config.init)  # the pipeline modes' reader, so their errors match
+        # the pipeline modes' reader, so their errors match
+        load_checkpoint({0: model}, config.init, set(model.state_dict(keep_vars=True)))
     return model.to(device)
 
 

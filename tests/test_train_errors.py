@@ -120,3 +120,19 @@ def test_cuda_without_cuda_says_so(pipeline):
     _, folder = pipeline
     with pytest.raises(FtcError, match="key 'device' is \"cuda\", but torch here sees no CUDA device"):
         run(folder, device="cuda")
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_an_init_checkpoint_with_keys_the_model_lacks_is_refused(pipeline, tmp_path, mode):
+    """As load_state_dict(strict=True): a checkpoint of a larger model would load in part."""
+    root, folder = pipeline
+    from ftc.runtime import load_model_file
+
+    state = load_model_file(root / "model.py").build().state_dict()
+    state["bogus.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "init.pt")
+    with pytest.raises(FtcError, match=r"holds 1 key\(s\) the model does not have: bogus.weight"):
+        run(folder, mode=mode, init=str(tmp_path / "init.pt"))
+    del state["bogus.weight"]
+    torch.save(state, tmp_path / "init.pt")
+    assert len(run(folder, mode=mode, init=str(tmp_path / "init.pt")).loss) == 2
