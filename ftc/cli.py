@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted for nested: optimizer.lr=0.01); repeatable")
 
     merge = commands.add_parser("merge-checkpoint", help="merge the latest complete checkpoint's shards into one state_dict")
-    merge.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir)")
-    merge.add_argument("-o", "--output", help="output file, .safetensors or .pt (default DIR/merged.safetensors)")
+    merge.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir; its latest step), or one step-* folder in it")
+    merge.add_argument("-o", "--output", help="output file, .safetensors or .pt, or a folder (default DIR/merged.safetensors)")
     return parser  # fmt: skip
 
 
@@ -180,6 +180,11 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
 
     step, state = merge(Path(args.dir))
     output = Path(args.output or Path(args.dir) / "merged.safetensors")
+    if output.is_dir():
+        output = output / "merged.safetensors"
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise FtcError(f"-o {args.output}: {blocking} is a file, not a folder", "pass a file path in a folder")
     save_state_dict(output, state)
     print(f"{args.dir}: step {step}, {len(state)} tensors -> {output}")
     return 0

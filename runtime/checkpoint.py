@@ -187,8 +187,9 @@ def load_training_state(folder: Path, rank: int) -> dict:
 
 
 def merge(root: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    """The latest complete checkpoint under `root` as one state_dict of the original model."""
-    folder = latest(root)
+    """The latest complete checkpoint under `root` (or the step folder `root` itself) as one
+    state_dict of the original model."""
+    folder = root if (root / MANIFEST).is_file() else latest(root)
     if folder is None:
         raise FtcError(f"{root} holds no complete checkpoint (a step-*/ folder with {MANIFEST})",
                        "pass the checkpoint.dir of a training run")  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ftc.compiler import CompileOptions, compile_model
 from ftc.ir import FtcError
@@ -78,3 +79,18 @@ def test_a_new_run_keeps_the_earlier_runs_checkpoints_until_it_has_its_own(pipel
     assert [p.name for p in checkpoint.complete_steps(root / "reuse")] == ["step-00000003", "step-00000004"]
     assert not [p for p in (root / "reuse").iterdir() if p.name.startswith(".")]
     assert checkpoint.run_of(root / "reuse" / "step-00000003") == checkpoint.run_of(root / "reuse" / "step-00000004")
+
+
+def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp_path):
+    from ftc.cli import main
+
+    root, folder = pipeline
+    train(config(root, folder, "merge", mode="local", steps=4, checkpoint={"dir": str(root / "merge"), "every": 2}))
+    assert checkpoint.merge(root / "merge")[0] == 4
+    step, earlier = checkpoint.merge(root / "merge" / "step-00000002")
+    assert step == 2
+    assert main(["merge-checkpoint", str(root / "merge" / "step-00000002"), "-o", str(tmp_path)]) == 0
+    merged = load_file(tmp_path / "merged.safetensors")
+    assert set(merged) == set(earlier) and all(torch.equal(merged[key], earlier[key]) for key in earlier)
+    (tmp_path / "afile").write_text("")
+    assert main(["merge-checkpoint", str(root / "merge"), "-o", str(tmp_path / "afile" / "x.pt")]) == 2
