@@ -20,7 +20,9 @@ gradient. Relative difference: max |a - b| / max(max |b|, 1e-6), per tensor.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Node, load
 from ftc.passes.partition.problem import may_draw_random
-from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
+from ftc.runtime import LocalExecutor, comm, load_model_file, load_pipeline
 from ftc.runtime.pipeline import Pipeline
 
 DEFAULT_TOLERANCE = 1e-5
@@ -241,13 +243,17 @@ def check_pipeline(
         problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
     floor = gradient_floor(original)
-    stages = _check_stages_alone(pipeline, isolated, reference, original, floor)
+    stages = _check_stages_alone(pipeline, isolated, reference, original, floor, batch_size)
 
     executor = LocalExecutor(pipeline, end_to_end)
     problems += _state_dict_problems(pipeline, executor, original)
     torch.manual_seed(seed + 2)
-    actual = executor.forward(copy.deepcopy(batch))
-    executor.backward(_loss(actual, seed))
+    try:
+        actual = executor.forward(copy.deepcopy(batch))
+        executor.backward(_loss(actual, seed))
+    except Exception as exc:  # a hand-edited stage: what failed is the check's finding
+        problems.append(f"the stages run end to end raised {type(exc).__name__}: {exc}")
+        return CheckReport(Path(folder), batch_size, tolerance, stages, math.inf, math.inf, problems)
     model_outputs = relative_difference(_flat(actual), _flat(expected))
     grads = dict(original.named_parameters())
     model_gradients = max(
@@ -274,8 +280,9 @@ def _require_same_structure(graph: Graph, model: torch.nn.Module, model_path: Pa
 
 
 def _check_stages_alone(
-    pipeline: Pipeline, model: torch.nn.Module, reference: _Reference, original: torch.nn.Module, floor: float
-) -> list[StageReport]:
+    pipeline: Pipeline, model: torch.nn.Module, reference: _Reference, original: torch.nn.Module, floor: float,
+    batch_size: int,
+) -> list[StageReport]:  # fmt: skip
     """Each stage on the reference's values; parameter gradients compared with `floor`
     (gradient_floor of the original model)."""
     executor = LocalExecutor(pipeline, model)
@@ -297,6 +304,7 @@ def _check_stages_alone(
             continue
         sent = dict(zip(spec.outputs, result))
         report.outputs = max((relative_difference(sent[n], values[n]) for n in spec.outputs), default=0.0)
+        report.problems += _wire_problems(sent, pipeline, batch_size)
         pairs = [
             (sent[name], grad)
             for name, grad in reference.to_send[spec.index].items()
@@ -325,6 +333,26 @@ def _check_stages_alone(
             if name in buffers:
                 report.buffers = max(report.buffers, relative_difference(buffer, buffers[name]))
     return reports
+
+
+def _wire_problems(sent: dict[str, Any], pipeline: Pipeline, batch_size: int) -> list[str]:
+    """What the runtime would refuse to send: tensors unlike pipeline.json's specs (a hand edit
+    that changes a dtype or a shape computes the same numbers here, but cannot cross devices)."""
+    scale = Fraction(batch_size, pipeline.manifest["batch_size"])
+    problems = []
+    for name, value in sent.items():
+        spec = pipeline.manifest["values"].get(name)
+        if spec is None:
+            continue
+        leaves = zip(comm.flatten(value, spec), comm.leaf_specs(name, spec, sendable=False))
+        for leaf, leaf_spec in leaves:
+            if leaf_spec["kind"] != "tensor":
+                continue
+            try:
+                comm.encode(name, [leaf], [leaf_spec], scale, torch.device("cpu"))
+            except FtcError as exc:
+                problems.append(exc.message)
+    return problems
 
 
 def _state_dict_problems(pipeline: Pipeline, executor: LocalExecutor, original: torch.nn.Module) -> list[str]:

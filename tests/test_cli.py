@@ -349,3 +349,17 @@ def test_output_cut_short_by_the_reader_is_no_error(tmp_path):
     (tmp_path / "long.py").write_text(script)
     result = subprocess.run(f"{sys.executable} long.py | head -1", shell=True, capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.startswith("row") and "Error" not in result.stderr and "error" not in result.stderr, result.stderr
+
+
+def test_check_fails_a_stage_whose_output_the_runtime_could_not_send(tmp_path, capsys):
+    """A hand edit that changes a sent value's dtype computes the same numbers, but the runtime
+    refuses to send it: check says so rather than passing."""
+    import shutil
+
+    folder = tmp_path / "mlp"
+    shutil.copytree(ROOT / "generated" / "mlp", folder)
+    stage = folder / "stage1.py"
+    assert "return (relu_2,)" in stage.read_text()
+    stage.write_text(stage.read_text().replace("return (relu_2,)", "return (relu_2.double(),)"))
+    code, out, err = run_cli(["check", folder, "--model", EXAMPLES / "mlp.py"], capsys)
+    assert code == 1 and "value relu_2 is float64[8, 128], but pipeline.json says float32[8, 128]" in out, (out, err)
