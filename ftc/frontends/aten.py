@@ -352,6 +352,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),
     "chunk.default": _method("chunk", "self", "chunks", "dim"),
     "unbind.int": _method("unbind", "self", "dim"),
+    "roll.default": _method("roll", "self", "shifts", dims=[]),
+    "flip.default": _method("flip", "self", "dims"),
     "slice.Tensor": _slice,
     "select.int": _select,
     "index.Tensor": _advanced_index,
