@@ -262,6 +262,10 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
               "(it changed since, or is another file): the stages run the code of compile time, and only the values "
               "passed between stages are checked\n  fix: recompile with `ftc compile`; `ftc check` compares the "
               "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and config.lr_schedule.warmup_steps >= config.steps > 0:
+        print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
+              f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
+              f"({config.optimizer.lr:g}), and no decay follows", file=sys.stderr, flush=True)  # fmt: skip
     device = training_device(config, rank)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     outputs = output_specs(pipeline) if config.data["name"] == "synthetic" else None

@@ -115,6 +115,14 @@ def test_a_changed_model_file_is_warned_about(pipeline, capsys):
     assert "is not the model file" in capsys.readouterr().err
 
 
+def test_a_warmup_longer_than_the_run_is_warned_about(pipeline, capsys):
+    _, folder = pipeline
+    run(folder, steps=2, lr_schedule={"warmup_steps": 5})
+    assert "lr_schedule.warmup_steps (5) is not below steps (2)" in capsys.readouterr().err
+    run(folder, steps=2, lr_schedule={"warmup_steps": 1})
+    assert "warmup_steps" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_says_so(pipeline):
     _, folder = pipeline
