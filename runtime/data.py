@@ -364,7 +364,15 @@ def _outputs_on_meta(model_file: ModelFile) -> Any:
                        f"not run on the meta device ({type(exc).__name__}: {exc})",
                        "define example_targets(batch_size) in the model file") from exc  # fmt: skip
     dims = _grown_dims(*runs)
-    return map_with_dims(lambda t, dim: OutputSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), dim), runs[0], dims)
+
+    def spec(t: torch.Tensor, dim: int | None) -> OutputSpec:
+        if dim is not None and t.shape[dim] != 1:
+            raise FtcError(f"{model_file.path}: synthetic targets are shaped like the model's outputs, but an output "
+                           f"of shape {list(t.shape)} at batch size 1 has the batch folded into a dimension",
+                           "define example_targets(batch_size) in the model file")  # fmt: skip
+        return OutputSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), dim)
+
+    return map_with_dims(spec, runs[0], dims)
 
 
 def _sized(spec: OutputSpec, size: int) -> list[int]:
@@ -372,8 +380,6 @@ def _sized(spec: OutputSpec, size: int) -> list[int]:
     if spec.batch_dim is not None:
         shape[spec.batch_dim] = size
     return shape
-
-
 
 
 def _samples_first(inputs: tuple | dict, model_file: ModelFile, size: int) -> tuple | dict:

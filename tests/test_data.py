@@ -112,3 +112,15 @@ def test_the_two_tower_click_log_plugs_in_as_a_module():
     assert set(inputs) == {"query", "item"} and inputs["query"].shape == (16,) and target.dtype == torch.float32
     clicked = torch.stack([dataset[i][1] for i in range(64)])
     assert 0 < clicked.sum() < 64
+
+
+def test_synthetic_targets_for_a_folded_output_ask_for_example_targets(tmp_path):
+    """An output [B*T, D] has no per-sample shape to draw targets from: the error says so."""
+    model_path = tmp_path / "folded.py"
+    model_path.write_text(
+        "import torch\n"
+        "def build_model(): return torch.nn.Flatten(0, 1)\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 4, 3),)\n"
+    )
+    with pytest.raises(FtcError, match="has the batch folded into a dimension"):
+        build_dataset({"name": "synthetic", "size": 6}, load_model_file(model_path))
