@@ -179,11 +179,18 @@ def load_weights(folder: Path, keys: set[str] | None = None) -> dict[str, torch.
 
 
 def load_training_state(folder: Path, rank: int) -> dict:
+    """Rank `rank`'s training state (optimizer state by parameter name, scheduler, step, RNG),
+    memory-mapped: only the tensors used are read."""
     path = Path(folder) / f"rank-{rank}.pt"
     if not path.is_file():
-        raise FtcError(f"checkpoint {folder} has no training state for rank {rank}",
-                       "resume with the same number of processes and the same partition")  # fmt: skip
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise FtcError(f"checkpoint {folder}: rank-{rank}.pt, rank {rank}'s training state, is missing",
+                       "the step folder was damaged after it was written: delete it to resume from the one before")  # fmt: skip
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def training_states(folder: Path) -> list[dict]:
+    """Every rank's training state in a step folder, rank by rank."""
+    return [load_training_state(folder, rank) for rank in range(manifest(folder)["world_size"])]
 
 
 def merge(root: Path) -> tuple[int, dict[str, torch.Tensor]]:

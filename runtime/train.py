@@ -438,33 +438,42 @@ def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, s
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
-def _optimizer_state(state: dict, folder: Path, rank: int, now: list[str]) -> dict:
-    """The checkpoint's optimizer state reordered to this run's parameter order (mode single
-    orders them as the model registers them, the pipeline stage by stage)."""
-    saved, optimizer_state = state.get("parameters"), state["optimizer"]
-    if saved is None or saved == now:
-        return optimizer_state
-    if sorted(saved) != sorted(now):
-        missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
-        raise FtcError(f"checkpoint {folder}: rank {rank} trained other parameters than it holds now "
-                       f"(new here: {missing[:5]}; only in the checkpoint: {extra[:5]})",
-                       "resume with the same pipeline and processes, or start a new run with \"init\" "
-                       "set to the merged checkpoint (ftc merge-checkpoint)")  # fmt: skip
-    position = {name: k for k, name in enumerate(saved)}
-    (group,) = optimizer_state["param_groups"]
+def _optimizer_state(states: list[dict], folder: Path, now: list[str]) -> dict:
+    """The optimizer state for this run's parameters `now`, in its order, gathered by name from
+    the checkpoint's ranks (`states`): a run may resume with other ranks than wrote it, mode
+    single from a pipeline's checkpoint and the reverse (a tied parameter's state is the same
+    on every rank that holds it)."""
+    by_name: dict[str, Any] = {}
+    for state in states:
+        saved, optimizer_state = state.get("parameters") or [], state["optimizer"]
+        if optimizer_state is None:  # a rank of parameter-free stages
+            continue
+        for k, name in enumerate(saved):
+            if k in optimizer_state["state"]:
+                by_name.setdefault(name, optimizer_state["state"][k])
+    trained = {name for state in states for name in state.get("parameters") or []}
+    missing = sorted(set(now) - trained)
+    if missing:
+        raise FtcError(f"checkpoint {folder} holds no optimizer state for {len(missing)} of this rank's parameters "
+                       f"({', '.join(missing[:5])})",
+                       "it is another model's checkpoint: resume with the model that wrote it, or start a new run "
+                       "with \"init\" set to a merged checkpoint (ftc merge-checkpoint)")  # fmt: skip
+    (group,) = next(state["optimizer"]["param_groups"] for state in states if state["optimizer"] is not None)
     return {
-        "state": {k: optimizer_state["state"][position[name]] for k, name in enumerate(now)
-                  if position[name] in optimizer_state["state"]},
+        "state": {k: by_name[name] for k, name in enumerate(now) if name in by_name},
         "param_groups": [{**group, "params": list(range(len(now)))}],
-    }  # fmt: skip
+    }
 
 
 def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, tied: dict[str, str]) -> int:
-    state = checkpoint.load_training_state(folder, me.rank)
-    if state["stages"] != me.stages:
-        raise FtcError(f"checkpoint {folder}: rank {me.rank} held stages {state['stages']}, now {me.stages}",
-                       "resume with the same pipeline and processes, or start a new run with \"init\" "
-                       "set to the merged checkpoint (ftc merge-checkpoint)")  # fmt: skip
+    """Load this rank's weights and training state from a complete step folder, whichever mode
+    and processes wrote it: weights and optimizer state go by name."""
+    written = checkpoint.manifest(folder)["world_size"]
+    own = checkpoint.load_training_state(folder, me.rank) if me.rank < written else None
+    now = parameter_names(modules, optimizer, tied)
+    # The same layout reads its own shard only; another gathers what it holds from every shard.
+    states = [own] if own is not None and set(now) <= set(own.get("parameters") or []) else checkpoint.training_states(folder)
+    state = own if own is not None else states[0]
     keys = {key for module in modules for key in module.state_dict()}
     weights = checkpoint.load_weights(folder, keys)
     missing = sorted(keys - set(weights))
@@ -478,14 +487,15 @@ def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, sc
         # The config's settings (lr, betas, weight decay, schedule) govern the resumed steps; the
         # checkpoint gives the optimizer's state and the schedule's position.
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(_optimizer_state(state, folder, me.rank, parameter_names(modules, optimizer, tied)))
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(_optimizer_state(states, folder, now))
+        # Every rank steps the same schedule; one with parameters saved it.
+        scheduler.load_state_dict(next(s["scheduler"] for s in [state, *states] if s["scheduler"] is not None))
         scheduler.base_lrs = [group["initial_lr"] for group in settings]
         for group, fresh, factor in zip(optimizer.param_groups, settings, scheduler.lr_lambdas):
             group.update(fresh)
             group["lr"] = fresh["initial_lr"] * factor(scheduler.last_epoch)
     torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state:
+    if "cuda_rng" in state and me.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], me.device)
     return state["step"]
 

@@ -219,6 +219,25 @@ def test_a_dead_rank_stops_the_run_keeps_the_last_checkpoint_and_resume_reproduc
     assert_same_run(data["loss"], checkpoint.merge(root / "crash" / "checkpoints")[1], single[1], first_step=5)
 
 
+def test_a_checkpoint_resumes_with_other_processes_and_another_partition(tiny, single):
+    """Weights by key, optimizer state by parameter name: mode single's checkpoint resumes in
+    dist (1 rank -> 2), and that run's resumes in local mode on the 4-stage pipeline, each
+    continuing the single-process run exactly."""
+    root, _, folders = tiny
+    folder = root / "across" / "checkpoints"
+    every = {"dir": str(folder), "every": 5}
+    with pytest.raises(FtcError, match="the loss is nan at step 6"):
+        train(config(root, folders[2], "across", mode="single", checkpoint=every, inject_fault={"step": 6, "kind": "nan"}))
+    cfg = config(root, folders[2], "across", mode="dist", checkpoint={**every, "resume": True})
+    resumed = ftc_train(cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(json.loads(Path(cfg.results).read_text())["loss"], checkpoint.merge(folder)[1], single[1], first_step=5)
+    for later in ("step-00000015", "step-00000020"):
+        shutil.rmtree(folder / later)
+    local = train(config(root, folders[4], "across", mode="local", checkpoint={**every, "resume": True}))
+    assert_same_run(local.loss, checkpoint.merge(folder)[1], single[1], first_step=10)
+
+
 def test_a_hanging_rank_makes_the_others_stop_naming_it(tiny):
     root, _, folders = tiny
     cfg = config(
