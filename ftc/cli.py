@@ -169,7 +169,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     results = launch(config) if config.mode == "dist" else train(config)
-    print(summary(results))
+    print(summary(results) if results is not None else "this machine's ranks finished; rank 0's machine writes the results")
     return 0
 
 

@@ -127,12 +127,31 @@ def run_of(folder: Path) -> str:
 
 
 def complete_steps(root: Path) -> list[Path]:
-    """The complete step folders under `root`, oldest first."""
+    """The complete step folders under `root`, oldest first: a manifest, and every shard and
+    training state it names (a folder damaged after it was written is not complete)."""
+    return [folder for folder in _step_folders(root) if missing_files(folder) == []]
+
+
+def damaged_steps(root: Path) -> dict[Path, list[str]]:
+    """Step folders that lack some of their files (only a hand could have removed them, as a
+    step folder appears whole), with what they lack."""
+    return {folder: missing for folder in _step_folders(root) if (missing := missing_files(folder))}
+
+
+def _step_folders(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    folders = [p for p in root.iterdir() if STEP_FOLDER.fullmatch(p.name) and (p / MANIFEST).is_file()]
-    return sorted(folders, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if STEP_FOLDER.fullmatch(p.name) and p.is_dir()), key=lambda p: p.name)
+
+
+def missing_files(folder: Path) -> list[str]:
+    try:
+        data = manifest(folder)
+    except (OSError, ValueError):
+        return [MANIFEST]
+    names = [*data.get("shards", {}), *(f"rank-{rank}.pt" for rank in range(data.get("world_size", 0)))]
+    return [name for name in names if not (folder / name).is_file()]
 
 
 def latest(root: Path) -> Path | None:
@@ -146,7 +165,7 @@ def prepare(root: Path, resume: bool) -> Path | None:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for folder in root.iterdir():
-        if STAGING.fullmatch(folder.name) or (STEP_FOLDER.fullmatch(folder.name) and not (folder / MANIFEST).is_file()):
+        if STAGING.fullmatch(folder.name):
             shutil.rmtree(folder)
     return latest(root) if resume else None
 

@@ -83,13 +83,13 @@ class DistTransport:
 
     def send(self, message: Message, payload: list[torch.Tensor]) -> None:
         tensors = [self._wire(t.detach().contiguous()) for t in payload]
-        works = [dist.isend(t, message.dst) for t in tensors]
+        works = self._post(dist.isend, tensors, message.dst, f"rank {self.rank} could not send to rank {message.dst}", message)
         # The tensors stay referenced until their sends complete.
         self.pending_sends.append((message, tensors, works))
 
     def post_receive(self, message: Message, buffers: list[torch.Tensor]) -> None:
         wires = [self._wire(b) for b in buffers]
-        works = [dist.irecv(w, message.src) for w in wires]
+        works = self._post(dist.irecv, wires, message.src, f"rank {self.rank} could not receive from rank {message.src}", message)
         self.pending_receives[message] = ([(b, w) for b, w in zip(buffers, wires)], works)
 
     def receive(self, message: Message, step: int) -> list[torch.Tensor]:
@@ -105,6 +105,15 @@ class DistTransport:
                 self._wait(work, f"rank {self.rank} could not deliver to rank {message.dst}", message, step)
         if self.pending_receives:
             raise AssertionError(f"receives posted but never awaited: {sorted(map(str, self.pending_receives))}")
+
+    @staticmethod
+    def _post(operation, tensors: list[torch.Tensor], peer: int, failure: str, message: Message) -> list[dist.Work]:
+        """isend or irecv each tensor; gloo fails right here when the peer's connection is gone."""
+        try:
+            return [operation(t, peer) for t in tensors]
+        except RuntimeError as exc:
+            raise FtcError(f"{failure} ({message.describe()}): that rank died ({str(exc).splitlines()[0]})",
+                           "check that rank's log") from exc  # fmt: skip
 
     def _wait(self, work: dist.Work, failure: str, message: Message, step: int) -> None:
         hint = "check that rank's log; raise the engine's timeout_s if its stages are that slow"

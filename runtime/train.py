@@ -243,8 +243,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     """Train per `config` as rank `rank` of `world_size` (mode "dist": the process group is up);
     return the results (rank 0 also writes them)."""
     status = status or Status(rank)
+    status.write("setting up", -1)
     started = time.perf_counter()
-    # Made while the ranks are in step (new_group is collective), waited on once all are set up.
+    # For the waits that may be long (building the stages and the data set; writing checkpoints),
+    # which timeout_s, the bound of one message, must not cut short. Made while the ranks are in
+    # step: new_group is collective.
     setup_group = (
         dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=config.setup_timeout_s))
         if config.mode == "dist"
@@ -296,6 +299,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         # Rank 0 clears half-written step folders before any rank can write one (that needs a
         # step, which needs rank 0); complete ones stay, the latest for the others to resume from.
         folder = checkpoint.prepare(root, config.checkpoint.resume) if rank == 0 else checkpoint.latest(root)
+        if rank == 0 and config.checkpoint.resume:
+            for damaged, missing in checkpoint.damaged_steps(root).items():
+                print(f"ftc train: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr, flush=True)
         if folder is not None and config.checkpoint.resume:
             first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied)
             run = checkpoint.run_of(folder)
@@ -359,7 +365,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         if root is not None and (
             done == config.steps or (config.checkpoint.every and done % config.checkpoint.every == 0)
         ):
-            save(root, done, me, modules, optimizer, scheduler, config, run, pipeline.tied)
+            status.write("checkpointing", done)
+            save(root, done, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group)
     results.wall_time_s = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -400,20 +407,27 @@ def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size:
     ranks reading inputs and the one reading targets built the same data set: each builds its own."""
     mine = fingerprint(dataset, sampler.indices(0)) if dataset is not None else None
     prints: list[str | None] = [None] * world_size
-    dist.all_gather_object(prints, mine, group=group)
+    try:
+        dist.all_gather_object(prints, mine, group=group)
+    except RuntimeError as exc:
+        raise FtcError(f"not every rank finished setting up (building its stages and data set) within setup_timeout_s "
+                       f"({str(exc).splitlines()[0]})",
+                       "raise setup_timeout_s if building takes this long; a rank that failed says why in its own "
+                       "line") from exc  # fmt: skip
     readers = {rank: value for rank, value in enumerate(prints) if value is not None}
     if len(set(readers.values())) > 1:
         listed = ", ".join(f"rank {rank}: {value}" for rank, value in readers.items())
         raise FtcError(f"the ranks built different data sets (digest of the first batch: {listed})",
                        "make the data set deterministic: every rank builds it, with Python's, NumPy's and torch's "
                        "generators seeded from the config's seed; seed any other randomness it uses")  # fmt: skip
-    dist.destroy_process_group(group)
 
 
 def save(
     root: Path, step: int, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, config: Config, run: str,
-    tied: dict[str, str],
+    tied: dict[str, str], group: Any = None,
 ) -> None:
+    """Every rank writes its shard; once all have (`group`, mode dist: a writer of a large shard is
+    slow, not dead), rank 0 seals the step."""
     state = {
         "step": step, "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
@@ -422,8 +436,16 @@ def save(
     if me.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(me.device)
     checkpoint.save_shard(root, step, me.rank, modules, state)
+    if group is not None:
+        try:
+            dist.barrier(group=group)
+        except RuntimeError as exc:
+            raise FtcError(f"not every rank wrote its checkpoint shard of step {step} within setup_timeout_s "
+                           f"({str(exc).splitlines()[0]})",
+                           "a rank that failed says why in its own line; raise setup_timeout_s if shards take "
+                           "this long to write") from exc  # fmt: skip
     if me.rank == 0:
-        checkpoint.write_manifest(root, step, me.world_size, config.timeout_s, run, {"mode": config.mode})
+        checkpoint.write_manifest(root, step, me.world_size, config.setup_timeout_s, run, {"mode": config.mode})
 
 
 def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, str]) -> list[str]:

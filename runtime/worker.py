@@ -88,9 +88,10 @@ def _last_step(status: Status) -> int:
     return json.loads(status.path.read_text())["step"]
 
 
-def launch(config: Config) -> Results:
-    """Run `config` (mode dist) as a torchrun job; return rank 0's results or raise an FtcError
-    naming the ranks that failed and their steps."""
+def launch(config: Config) -> Results | None:
+    """Run `config` (mode dist) as a torchrun job; return rank 0's results (None on a machine of
+    several whose ranks do not include rank 0) or raise an FtcError naming the ranks that failed
+    and their steps."""
     from .checkpoint import write_json
 
     pipeline = load_pipeline(config.pipeline)
@@ -100,6 +101,14 @@ def launch(config: Config) -> Results:
         raise FtcError(f"config key 'nprocs' is {config.nprocs}, but {pipeline.folder} places its stages on "
                        f"{pipeline.num_devices} devices", f"set nprocs={pipeline.num_devices} or leave it out")  # fmt: skip
     nprocs = config.nprocs or pipeline.num_devices
+    if config.torchrun:
+        nodes, per_node = _flag(config.torchrun, "nnodes"), _flag(config.torchrun, "nproc-per-node")
+        if per_node is not None and per_node.isdigit():
+            nprocs = int(per_node)  # this machine's processes
+            if nodes is not None and nodes.isdigit() and int(nodes) * nprocs != pipeline.num_devices:
+                raise FtcError(f"config key 'torchrun' starts {nodes} x {per_node} processes, but {pipeline.folder} "
+                               f"places its stages on {pipeline.num_devices} devices",
+                               f"make --nnodes times --nproc-per-node {pipeline.num_devices}")  # fmt: skip
     run_dir = Path(tempfile.mkdtemp(prefix="ftc-train-"))
     resolved = run_dir / "config.json"
     write_json(resolved, config.to_json())
@@ -118,7 +127,7 @@ def launch(config: Config) -> Results:
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
         code = subprocess.run(command, env=env, stderr=log_file).returncode
-    states = [_rank_state(run_dir, rank) for rank in range(nprocs)]
+    states = [_rank_state(run_dir, rank) for rank in range(pipeline.num_devices)]
     if code != 0:
         report = _failure_report(states, code, log.read_text())
         if not (results_path.is_file() and all(state and state["state"] == "done" for state in states)):
@@ -126,13 +135,26 @@ def launch(config: Config) -> Results:
         # Training, its results and its checkpoints are complete: a process that then failed
         # to shut down cleanly is worth a warning, not the loss of the run.
         print(f"ftc train: warning: every rank finished, but {report}\n  (torchrun's log: {log})", file=sys.stderr)
-    data = json.loads(results_path.read_text())
     if code == 0:
         shutil.rmtree(run_dir)
+    if states[0] is None:
+        # Several machines: rank 0 runs on another one, which writes the results.
+        return None
+    data = json.loads(results_path.read_text())
     results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
                       data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
                       data["peak_memory_bytes"])  # fmt: skip
     return results
+
+
+def _flag(arguments: list[str], name: str) -> str | None:
+    """The value of torchrun's `--name V` or `--name=V` (dashes or underscores)."""
+    spellings = {f"--{name}", f"--{name.replace('-', '_')}"}
+    for k, argument in enumerate(arguments):
+        key, _, value = argument.partition("=")
+        if key in spellings:
+            return value or (arguments[k + 1] if k + 1 < len(arguments) else None)
+    return None
 
 
 def _rank_state(run_dir: Path, rank: int) -> dict | None:
@@ -152,10 +174,14 @@ def _failure_report(states: list[dict | None], code: int, log: str) -> str:
         )
     for rank, state in enumerate(states):
         if state is None:
-            lines.append(f"  rank {rank}: never started training")
+            lines.append(f"  rank {rank}: left no status here (it never started, or ran on another machine)")
         elif state["state"] == "failed":
             when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
             lines.append(f"  rank {rank}: failed {when}: {state['error']}")
+        elif state["state"] == "setting up":
+            lines.append(f"  rank {rank}: died or was stopped while building its stages and data set")
+        elif state["state"] == "checkpointing":
+            lines.append(f"  rank {rank}: died or was stopped while writing the checkpoint of step {state['step']}")
         elif state["state"] == "running":
             lines.append(f"  rank {rank}: died or was stopped at step {state['step']} without an error of its own")
         elif first and int(first[1]) == rank:

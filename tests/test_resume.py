@@ -94,3 +94,16 @@ def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp
     assert set(merged) == set(earlier) and all(torch.equal(merged[key], earlier[key]) for key in earlier)
     (tmp_path / "afile").write_text("")
     assert main(["merge-checkpoint", str(root / "merge"), "-o", str(tmp_path / "afile" / "x.pt")]) == 2
+
+
+def test_a_damaged_latest_step_is_skipped_with_a_warning(pipeline, capsys):
+    """A step folder that lost a file after it was written (only a hand removes one) is not
+    complete: resume and merge take the step before, and the run says which folder it skipped."""
+    root, folder = pipeline
+    whole = train(config(root, folder, "damaged", mode="local")).loss
+    (root / "damaged" / "step-00000006" / "rank-0.safetensors").unlink()
+    assert checkpoint.merge(root / "damaged")[0] == 3
+    capsys.readouterr()
+    resumed = train(config(root, folder, "damaged", mode="local", checkpoint={"dir": str(root / "damaged"), "resume": True}))
+    assert "skipped" in capsys.readouterr().err
+    torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor(whole[3:]), rtol=1e-5, atol=0)

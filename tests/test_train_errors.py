@@ -144,3 +144,13 @@ def test_an_init_checkpoint_with_keys_the_model_lacks_is_refused(pipeline, tmp_p
     del state["bogus.weight"]
     torch.save(state, tmp_path / "init.pt")
     assert len(run(folder, mode=mode, init=str(tmp_path / "init.pt")).loss) == 2
+
+
+def test_torchrun_flags_that_start_another_number_of_processes_are_refused_before_launch(pipeline):
+    from ftc.runtime.worker import launch
+
+    _, folder = pipeline
+    flags = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:29577", "--nproc-per-node", "3"]
+    config = load_config(data={"pipeline": str(folder), "mode": "dist", "steps": 1, "torchrun": flags})
+    with pytest.raises(FtcError, match=r"config key 'torchrun' starts 1 x 3 processes, but .* on 2 devices"):
+        launch(config)
