@@ -535,12 +535,14 @@ def plot_loss(path: Path, results: Results) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
     steps = range(results.first_step + 1, results.first_step + len(results.loss) + 1)
     axes.plot(steps, results.loss, linewidth=1)
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
     axes.set_yscale("log")
     name = Path(results.config["pipeline"]).name
