@@ -125,9 +125,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         )
     if graph.training_branches:
         notes.append(
-            f"note: forward branches on self.training at {', '.join(graph.training_branches)}; the stages keep "
-            "the training-mode branch in eval() too (torch.nn layers such as nn.Dropout, and self.training "
-            "passed to a function, follow the stage's mode)"
+            f"note: forward uses the value of self.training at {', '.join(graph.training_branches)} (a branch, "
+            "`and`/`or`, arithmetic): the stages keep what it computed in training mode, in eval() too (torch.nn "
+            "layers such as nn.Dropout, and self.training passed to a function as it is, follow the stage's mode)"
         )
     if options.profile == "measure":
         cache = ProfileCache() if options.cache else None

@@ -196,3 +196,18 @@ def test_a_parameter_view_sent_across_stages_is_checked_against_unchanged_gradie
     manifest = json.loads((folder / "pipeline.json").read_text())
     assert "back" in manifest["stages"][1]["outputs"] and "back" in manifest["stages"][2]["inputs"]
     assert_check_passes(folder, batch_size=4)
+
+
+def test_self_training_used_as_a_number_traces_and_is_named(tmp_path):
+    """`1 - 0.1 * self.training` and `int(self.training)` trace with fx as the traced mode's
+    numbers (they did before the stand-in flag), and the compile note names both lines."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "numeric.py"
+    path.write_text(BRANCHES_ON_TRAINING.replace(
+        "        if self.training:\n            h = h * 2\n",
+        "        h = h * (1.0 - 0.1 * self.training)\n        h = h * (1 + int(self.training))\n",
+    ))  # fmt: skip
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    assert compiled.graph.training_branches == ["numeric.py:14", "numeric.py:15"]
+    assert_check_passes(compiled.folder, batch_size=3)

@@ -4,6 +4,7 @@ recording the model's modules and state, and finding the user's source line for 
 from __future__ import annotations
 
 import builtins
+import operator
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,39 @@ class TrainingFlag:
 
     def __repr__(self) -> str:
         return "self.training"
+
+    # Used as a number (`1 - 0.1 * self.training`, `int(self.training)`), it is that number in
+    # the traced mode, and the place is named like a branch.
+    def __int__(self) -> int:
+        return int(self._read())
+
+    __index__ = __int__
+
+    def __float__(self) -> float:
+        return float(self._read())
+
+
+def _as_number(operator_name: str):
+    def apply(self: TrainingFlag, *others: Any) -> Any:
+        return getattr(operator, operator_name)(self._read(), *others)
+
+    return apply
+
+
+def _as_number_reflected(operator_name: str):
+    def apply(self: TrainingFlag, other: Any) -> Any:
+        return getattr(operator, operator_name)(other, self._read())
+
+    return apply
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lt", "le", "gt", "ge"):
+    _key = f"{_name}_" if _name in ("and", "or") else _name
+    setattr(TrainingFlag, f"__{_name}__", _as_number(_key))
+    if _name not in ("lt", "le", "gt", "ge"):
+        setattr(TrainingFlag, f"__r{_name}__", _as_number_reflected(_key))
+for _name in ("neg", "pos", "invert", "abs"):
+    setattr(TrainingFlag, f"__{_name}__", _as_number(_name))
 
 
 def ir_arg(value: Any, ref_of, node_name: str) -> Any:
