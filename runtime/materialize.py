@@ -113,16 +113,25 @@ def build_stages(
         stages = _build_whole(model_file, classes, seed)
     _move(stages, torch.device(device))
     if checkpoint is not None:
-        model_keys = {key for spec in pipeline.stages for key in spec.state} | set(pipeline.tied)
-        load_checkpoint(stages, checkpoint, model_keys)
+        # pipeline.json lists parameters and buffers; those a stage does not save (non-persistent
+        # buffers) are not checkpoint keys: the rank holding one refuses it, as the model would.
+        unsaved = {name for stage in stages.values() for name, _ in stage.named_buffers()} - {
+            key for stage in stages.values() for key in stage.state_dict()
+        }
+        model_keys = ({key for spec in pipeline.stages for key in spec.state} | set(pipeline.tied)) - unsaved
+        load_checkpoint(stages, checkpoint, model_keys, pipeline.tied)
     return stages
 
 
-def load_checkpoint(stages: dict[int, torch.nn.Module], checkpoint: str | Path, model_keys: set[str] | None = None) -> None:
+def load_checkpoint(
+    stages: dict[int, torch.nn.Module], checkpoint: str | Path, model_keys: set[str] | None = None,
+    tied: dict[str, str] | None = None,
+) -> None:  # fmt: skip
     """Copy into the stages' parameters and buffers, in place, the checkpoint's tensors for their
     state_dict keys (the original model's keys). `checkpoint` is a safetensors file or a torch
     state_dict file; it may hold keys of other stages too, but only the model's (`model_keys`,
-    when given: as strict as the model's own load_state_dict)."""
+    when given: as strict as the model's own load_state_dict). A tied tensor (`tied`: alias ->
+    first name) may be saved under any one of its names, as Hugging Face saves them."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FtcError(f"checkpoint {path} does not exist", "pass the path of a .safetensors or torch .pt file")
@@ -131,6 +140,11 @@ def load_checkpoint(stages: dict[int, torch.nn.Module], checkpoint: str | Path, 
     for stage in stages.values():
         for key, tensor in stage.state_dict(keep_vars=True).items():
             groups.setdefault(id(tensor), (tensor, []))[1].append(key)
+    # A rank may hold one name of a tied tensor whose other name another rank holds.
+    tied = tied or {}
+    for _, keys in groups.values():
+        first = {tied.get(key, key) for key in keys}
+        keys += [name for name in sorted(first | {a for a, f in tied.items() if f in first}) if name not in keys]
     source = _read_checkpoint(path)
     unknown = sorted(set(source.keys) - model_keys) if model_keys is not None else []
     if unknown:

@@ -135,12 +135,14 @@ def launch(config: Config) -> Results | None:
         # Training, its results and its checkpoints are complete: a process that then failed
         # to shut down cleanly is worth a warning, not the loss of the run.
         print(f"ftc train: warning: every rank finished, but {report}\n  (torchrun's log: {log})", file=sys.stderr)
-    if code == 0:
-        shutil.rmtree(run_dir)
     if states[0] is None:
         # Several machines: rank 0 runs on another one, which writes the results.
+        if code == 0:
+            shutil.rmtree(run_dir)
         return None
     data = json.loads(results_path.read_text())
+    if code == 0:
+        shutil.rmtree(run_dir)
     results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
                       data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
                       data["peak_memory_bytes"])  # fmt: skip

@@ -174,6 +174,33 @@ def test_init_loads_a_state_dict_file_into_the_stages(tiny, single):
     assert results.loss[0] == pytest.approx(sum(expected) / 4, rel=1e-5)
 
 
+def test_dist_without_a_results_path_prints_the_results(tiny):
+    """Rank 0 hands its results over in the launcher's run folder when the config names none."""
+    root, _, folders = tiny
+    data = config(root, folders[2], "noresults", mode="dist", steps=2).to_json()
+    del data["results"], data["checkpoint"]
+    path = root / "noresults.json"
+    path.write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, "-m", "ftc.cli", "train", str(path)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "final loss" in done.stdout, done.stderr
+
+
+def test_init_with_a_tied_weight_under_one_name_loads_in_dist_as_in_local(tiny, single):
+    """Hugging Face saves one name of a tied pair; in dist the embedding's rank and the head's
+    rank each hold their own copy under their own name, and both must find it."""
+    root, _, folders = tiny
+    for kept, dropped in (("wte.weight", "head.weight"), ("head.weight", "wte.weight")):
+        state = {key: value for key, value in single[1][1].items() if key != dropped}
+        weights = root / f"init_{kept}.safetensors"
+        checkpoint.save_state_dict(weights, state)
+        local = train(config(root, folders[2], f"init_local_{kept}", mode="local", steps=2, init=str(weights)))
+        cfg = config(root, folders[2], f"init_dist_{kept}", mode="dist", steps=2, init=str(weights))
+        done = ftc_train(cfg)
+        assert done.returncode == 0, done.stderr
+        torch.testing.assert_close(torch.tensor(json.loads(Path(cfg.results).read_text())["loss"]),
+                                   torch.tensor(local.loss), rtol=1e-5, atol=0)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "pipeline, schedule, step_every, recompute",
     # With the crash-and-resume test below (2 processes, gpipe): 2 and 4 processes, both

@@ -154,3 +154,19 @@ def test_torchrun_flags_that_start_another_number_of_processes_are_refused_befor
     config = load_config(data={"pipeline": str(folder), "mode": "dist", "steps": 1, "torchrun": flags})
     with pytest.raises(FtcError, match=r"config key 'torchrun' starts 1 x 3 processes, but .* on 2 devices"):
         launch(config)
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_an_init_checkpoint_with_a_non_persistent_buffer_is_refused_in_every_mode(mode, tmp_path):
+    """The GPT example's causal mask is a non-persistent buffer: the model's own
+    load_state_dict(strict=True) refuses it, and so does every mode (local did not)."""
+    from .conftest import EXAMPLES, ROOT
+    from ftc.runtime import load_model_file
+
+    model = load_model_file(EXAMPLES / "gpt.py").build()
+    state = {**model.state_dict(), "blocks.0.attn.mask": model.blocks[0].attn.mask}
+    torch.save(state, tmp_path / "init.pt")
+    data = {"pipeline": str(ROOT / "generated" / "gpt"), "mode": mode, "steps": 1, "init": str(tmp_path / "init.pt"),
+            "data": {"name": "bytes", "max_bytes": 5000}}  # fmt: skip
+    with pytest.raises(FtcError, match="holds 1 key\\(s\\) the model does not have: blocks.0.attn.mask"):
+        train(load_config(data=data))
