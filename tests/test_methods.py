@@ -267,22 +267,23 @@ def test_parse_bytes():
 
 
 def test_stage_memory_by_hand():
-    """Two ops; op0 reads a 100-byte trainable weight and a 10-byte buffer and saves 7 bytes, op1
-    saves 5 bytes and receives a 3-byte value from op0. Adam: two optimizer copies. Under 1F1B
-    with 2 stages, the first stage keeps 2 micro-batches in flight, the second 1."""
+    """Two ops; at the compile batch size op0 reads a 100-byte trainable weight and a 10-byte
+    buffer and saves 70 bytes, op1 saves 50 bytes and receives a 30-byte value from op0. Adam: two
+    optimizer copies. Under 1F1B with 2 stages and 2 micro-batches (as many as stages), a
+    micro-batch holds half of each, the first stage keeps 2 micro-batches in flight, the second 1."""
     state = [StateUse("w", 100, True, [0]), StateUse("b", 10, False, [0])]
-    footprint = Footprint(MemorySettings(optimizer="adam"), np.array([7.0, 5.0]), state)
+    footprint = Footprint(MemorySettings(optimizer="adam"), np.array([70.0, 50.0]), state)
     problem = Problem(
-        ["a", "b"], np.ones(2), [Transfer("v", 0, [1], 3, 3)], np.zeros(2, bool), 1.0, footprint=footprint
+        ["a", "b"], np.ones(2), [Transfer("v", 0, [1], 30, 30)], np.zeros(2, bool), 1.0, footprint=footprint
     )
     first, second = np.array([True, False]), np.array([False, True])
     memory = problem.stage_memory(first, 0, 2, False)
-    assert (memory.parameters, memory.gradients, memory.optimizer, memory.activations) == (110, 100, 200, 14)
-    assert problem.stage_memory(second, 1, 2, False).total == 5
-    assert problem.stage_memory(second, 1, 2, True).activations == 3 * 1 + 5  # kept input + one micro-batch
-    gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=6), footprint.saved, state)
+    assert (memory.parameters, memory.gradients, memory.optimizer, memory.activations) == (110, 100, 200, 2 * 35)
+    assert problem.stage_memory(second, 1, 2, False).total == 25
+    assert problem.stage_memory(second, 1, 2, True).activations == 15 * 1 + 25  # kept input + one micro-batch
+    gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=5), footprint.saved, state)
     problem.footprint = gpipe
-    assert problem.stage_memory(second, 1, 2, False).activations == 6 * 5
+    assert problem.stage_memory(second, 1, 2, False).activations == 5 * 10  # the whole batch
 
 
 def random_memory_problem(rng: random.Random) -> Problem:
@@ -294,8 +295,8 @@ def random_memory_problem(rng: random.Random) -> Problem:
     transfers = []
     for p in range(n - 1):
         for c in rng.sample(range(p + 1, n), rng.randint(1, min(2, n - 1 - p))):
-            size = rng.randint(1, 20)
-            transfers.append(Transfer(f"v{p}_{c}", p, [c], 2 * size, size))
+            size = rng.randint(1, 20)  # a value's bytes at the compile batch size: a micro-batch holds 1/M
+            transfers.append(Transfer(f"v{p}_{c}", p, [c], 2 * size, 4 * size))
     state = [StateUse(f"w{k}", rng.randint(1, 60), rng.random() < 0.8, sorted(rng.sample(range(n), rng.choice([1, 1, 2]))))
              for k in range(rng.randint(0, 4))]  # fmt: skip
     settings = MemorySettings(
@@ -305,7 +306,7 @@ def random_memory_problem(rng: random.Random) -> Problem:
         micro_batches=rng.choice([None, 2, 8]),
         recompute=rng.choice(["auto", "always", "never"]),
     )
-    footprint = Footprint(settings, np.array([float(rng.randint(0, 30)) for _ in range(n)]), state)
+    footprint = Footprint(settings, np.array([float(rng.randint(0, 120)) for _ in range(n)]), state)
     no_cut = np.array([rng.random() < 0.2 for _ in range(n)], dtype=bool)
     return Problem([f"op{k}" for k in range(n)], time, transfers, no_cut, rng.choice([1.0, 4.0]), fwd, footprint)
 

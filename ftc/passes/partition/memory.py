@@ -3,9 +3,14 @@
     parameters   the parameters and buffers the stage's ops read (a tied tensor counts once)
   + gradients    one copy of its trainable parameters
   + optimizer    `--optimizer` state: sgd 0, momentum 1, adam / adamw 2 copies of them
-  + activations  what its ops save for backward, times the micro-batches the schedule keeps in
-                 flight at the stage: under 1F1B the stage at position k of S keeps S - k of them
-                 (at most the micro-batch count), under GPipe all M.
+  + activations  what its ops save for backward for one micro-batch, times the micro-batches the
+                 schedule keeps in flight at the stage: under 1F1B the stage at position k of S
+                 keeps S - k of them (at most the micro-batch count), under GPipe all M.
+
+The IR's sizes are for the compile batch size, which the runtime splits into M micro-batches
+(`--micro-batches`; as many as stages when not given), so one micro-batch saves 1/M of them, as
+the time model takes one micro-batch to cost 1/M of the stage's time. Under GPipe a stage thus
+holds the whole batch's activations, under 1F1B at most (S - k)/M of them.
 
 A stage that recomputes keeps only the values it receives per micro-batch in flight, plus one
 micro-batch's activations while it runs that micro-batch's backward.
@@ -72,6 +77,10 @@ class MemorySettings:
             return micro_batches
         return min(stages - position, micro_batches)
 
+    def share(self, stages: int) -> float:
+        """The part of the compile batch one micro-batch holds."""
+        return 1.0 / (self.micro_batches or stages)
+
 
 @dataclass
 class StateUse:
@@ -110,7 +119,7 @@ class Footprint:
     """What the ops of a problem hold in memory; indexed by op position like Problem.ops."""
 
     settings: MemorySettings
-    saved: np.ndarray  # bytes each op saves for backward, per micro-batch
+    saved: np.ndarray  # bytes each op saves for backward, at the compile batch size
     state: list[StateUse]
 
     def state_bytes(self, members: np.ndarray) -> tuple[int, int]:
@@ -123,9 +132,11 @@ class Footprint:
         return held, trainable
 
     def memory(
-        self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool
+        self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool, share: float = 1.0
     ) -> StageMemory:
-        activations = received * in_flight + saved if recompute else saved * in_flight
+        """`saved` and `received`: bytes at the compile batch size, of which a micro-batch holds `share`."""
+        per_batch = received * in_flight + saved if recompute else saved * in_flight
+        activations = math.ceil(per_batch * share)
         copies = OPTIMIZER_STATES[self.settings.optimizer]
         return StageMemory(held, trainable, trainable * copies, activations)
 

@@ -63,8 +63,9 @@ class StageTables:
             prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
             self._parts.append((static, saved, self.problem.received_table(), prefix[None, :] - prefix[:, None]))
         static, saved, received, _ = self._parts[0]
-        in_flight = self.problem.footprint.settings.in_flight(position, self.stages)
-        return static + in_flight * saved, static + in_flight * received + saved
+        settings = self.problem.footprint.settings
+        in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
+        return static + np.ceil(in_flight * saved * share), static + np.ceil((in_flight * received + saved) * share)
 
     def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         settings = self.problem.footprint.settings

@@ -99,7 +99,7 @@ class Transfer:
     producer: int  # op position; model inputs are at 0 (the first stage)
     consumers: list[int]  # sorted, distinct op positions that read it (outputs: the last op)
     nbytes: int  # moved across a boundary, forward and backward (comm_bytes)
-    value_bytes: int = 0  # the value itself: what a receiving stage keeps per micro-batch
+    value_bytes: int = 0  # the value itself at the compile batch size (a receiving recomputing stage keeps it)
     grad_bytes: int = 0  # the part of nbytes that moves backward (gradient_bytes)
 
 
@@ -196,7 +196,8 @@ class Problem:
         held, trainable = self.footprint.state_bytes(members)
         in_flight = self.footprint.settings.in_flight(position, stages)
         saved = int(self.saved[members].sum())
-        return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute)
+        share = self.footprint.settings.share(stages)
+        return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute, share)
 
     def received_table(self) -> np.ndarray:
         """R[i, j] = bytes of the values the stage of ops i..j-1 receives, for all intervals."""
