@@ -72,13 +72,16 @@ class Explanation:
 
 def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Explanation:
     pipeline = load_pipeline(folder)
-    counts = list(micro_batches or DEFAULT_MICRO_BATCHES)
-    bad = [m for m in counts if m < 1]
+    batch_size = int(pipeline.manifest.get("batch_size", 1))
+    # The runtime splits the batch into equal micro-batches, so only divisors of it run.
+    counts = list(micro_batches or [m for m in DEFAULT_MICRO_BATCHES if batch_size % m == 0] or [batch_size])
+    bad = [m for m in counts if m < 1 or batch_size % m]
     if bad:
-        raise FtcError(f"--micro-batches must be at least 1, got {bad[0]}")
+        raise FtcError(f"--micro-batches {bad[0]} does not split the batch of {batch_size} (pipeline.json's batch_size) "
+                       "into equal micro-batches, as the runtime does",
+                       f"pass a divisor of {batch_size}, or compile with another --batch-size")  # fmt: skip
     stages, estimated = _stage_costs(pipeline)
     costs = {s.index: (s.fwd_time + s.comm_fwd, s.bwd_time + s.comm_bwd) for s in stages}
-    batch_size = int(pipeline.manifest.get("batch_size", 1))
     predictions = []
     for kind in SCHEDULES:
         for m in counts:

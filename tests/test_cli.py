@@ -185,6 +185,9 @@ def test_more_stages_than_ops(tmp_path, capsys):
         (["--stages", "2", "--tflops", "nan"], "must be a positive number"),
         (["--stages", "2", "--op-overhead-us", "-1"], "must be 0 or a positive number"),
         (["--stages", "2", "--stage-overhead-us", "inf"], "must be 0 or a positive number"),
+        (["--stages", "2", "--tflops", "1e-320"], "--tflops must be between 1e-9 and 1e9"),
+        (["--stages", "2", "--op-overhead-us", "1e308"], "--op-overhead-us must be between 0 and 1e9"),
+        (["--stages", "2", "--memory-limit", "1e400"], "is too large"),
         (["--stages", "2", "--method", "magic"], "invalid choice: 'magic'"),
         (["--stages", "2", "--frontend", "jit"], "invalid choice: 'jit'"),
         (["--stages", "2", "--name", "not a name"], "is not a Python identifier"),
@@ -363,3 +366,17 @@ def test_check_fails_a_stage_whose_output_the_runtime_could_not_send(tmp_path, c
     stage.write_text(stage.read_text().replace("return (relu_2,)", "return (relu_2.double(),)"))
     code, out, err = run_cli(["check", folder, "--model", EXAMPLES / "mlp.py"], capsys)
     assert code == 1 and "value relu_2 is float64[8, 128], but pipeline.json says float32[8, 128]" in out, (out, err)
+
+
+def test_explain_refuses_micro_batch_counts_the_runtime_cannot_split(capsys):
+    code, _, err = run_cli(["explain", ROOT / "generated" / "gpt", "--micro-batches", "3"], capsys)
+    assert code == 2 and "--micro-batches 3 does not split the batch of 8" in err, err
+
+
+def test_stage_files_without_a_manifest_are_not_overwritten_without_force(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    (tmp_path / "gen" / "good").mkdir(parents=True)
+    (tmp_path / "gen" / "good" / "stage0.py").write_text("print('my own code')\n")
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "holds stage files but no pipeline.json")
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--force"], capsys)[0] == 0

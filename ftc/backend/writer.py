@@ -38,6 +38,11 @@ def recorded_stage_files(folder: Path) -> dict[str, str]:
     """Stage file -> the sha256 the last compile into `folder` recorded ({} for a new folder)."""
     manifest_path = folder / "pipeline.json"
     if not manifest_path.is_file():
+        if any(folder.glob("stage*.py")) or (folder / "__init__.py").is_file():
+            raise FtcError(
+                f"{folder} holds stage files but no pipeline.json, so hand edits cannot be told apart",
+                "remove the folder or pass --force to overwrite it",
+            )
         return {}
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -122,7 +127,12 @@ def write_pipeline(
     """Write the stage modules, ir.json and pipeline.json into out_dir/<name>; return that
     folder and the manifest. `recompute`: which stages recompute (None: none does)."""
     folder = Path(out_dir) / graph.name
-    previous = recorded_stage_files(folder)
+    try:
+        previous = recorded_stage_files(folder)
+    except FtcError:
+        if not force:
+            raise
+        previous = {}
     edited = edited_files(folder, previous)
     if edited and not force:
         raise FtcError(

@@ -50,6 +50,8 @@ def parse_bytes(text: str) -> int:
     value = float(match.group(1)) * UNITS[match.group(2).lower()]
     if not value >= 1:
         raise FtcError(f"memory size {text!r} is less than one byte")
+    if not math.isfinite(value):
+        raise FtcError(f"memory size {text!r} is too large", "write a finite number of bytes")
     return int(value)
 
 
