@@ -256,6 +256,10 @@ def check_pipeline(
         return CheckReport(Path(folder), batch_size, tolerance, stages, math.inf, math.inf, problems)
     model_outputs = relative_difference(_flat(actual), _flat(expected))
     grads = dict(original.named_parameters())
+    unexpected = sorted(name for name, p in end_to_end.named_parameters() if p.grad is not None and grads[name].grad is None)
+    if unexpected:
+        problems.append(f"the pipeline gives gradients to {', '.join(unexpected[:5])}, which the model does not "
+                        "(a no_grad or inference_mode block lost?)")  # fmt: skip
     model_gradients = max(
         (relative_difference(p.grad, grads[name].grad, floor) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
         default=0.0,

@@ -5,12 +5,14 @@ models compiled through it pass the equivalence check, and what it writes reads 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from ftc.frontends.aten import LOWERINGS, Call, lower, op_key, whole_view
 from ftc.interpreter import resolve_function
+from ftc.ir import FtcError
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
 
 from .conftest import EXAMPLES, MODELS
@@ -388,3 +390,58 @@ def test_export_says_it_traces_into_leaf_modules(tmp_path):
     traced = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", force=True))
     assert not any("LEAF_MODULES" in note for note in traced.notes)
     assert_check_passes(exported.folder, batch_size=3)
+
+
+INFERENCE_MODE = """
+import torch
+import torch.nn as nn
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.inference_mode():
+            gate = self.b(h.detach()).sigmoid()
+        return self.head(h * gate.clone())
+
+
+def build_model():
+    return Gated()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 16),)
+"""
+
+
+def test_check_names_gradients_the_model_does_not_have(tmp_path):
+    """torch.export leaves no trace of a `torch.inference_mode()` block, so `b` gets gradients in
+    the stages that it never gets in the model: ftc check must say so, end to end too."""
+    from ftc.check import check_pipeline
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "gated.py"
+    path.write_text(INFERENCE_MODE)
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export")).folder
+    report = check_pipeline(folder)
+    assert not report.ok
+    assert any("gives gradients to b.bias, b.weight" in problem for problem in report.problems), report.problems
+
+
+@pytest.mark.parametrize(
+    "model, options, message",
+    [
+        (EXAMPLES / "two_tower.py", {"batch_size": 4}, "two_tower.py:69: forward makes a tensor from Python values"),
+        (EXAMPLES / "mlp.py", {"batch_size": 1}, "torch.export cannot trace at batch size 1"),
+    ],
+    ids=["literal_tensor", "batch_1"],
+)
+def test_what_export_cannot_do_is_named(model, options, message, tmp_path):
+    from ftc.compiler import CompileOptions, compile_model
+
+    with pytest.raises(FtcError, match=re.escape(message)):
+        compile_model(model, tmp_path, CompileOptions(stages=2, frontend="export", **options))

@@ -71,6 +71,12 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     except FtcError:
         raise
     except Exception as exc:
+        if batch_size == 1 and "Constraints violated" in str(exc):
+            raise FtcError(
+                f"{model_file.path}: torch.export cannot trace at batch size 1 (it fixes dimensions of size 1, "
+                "so the batch dimension cannot stay symbolic)",
+                "compile with --batch-size 2 or more",
+            ) from exc
         if frontend == "auto":
             raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc

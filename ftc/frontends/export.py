@@ -96,6 +96,16 @@ def trace_export(
             target = state[spec.target].alias_of or spec.target if spec.target in state else spec.target
             node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", target)
             if spec.kind == InputKind.CONSTANT_TENSOR:
+                if program.constants[spec.target].device.type == "meta":
+                    users = [user.meta.get("stack_trace") or "" for user in fx_node.users]
+                    line = next((f"{model_file.path.name}:{n}" for text in users
+                                 for f, n in _FRAME.findall(text) if f.endswith(model_file.path.name)), where)  # fmt: skip
+                    raise FtcError(
+                        f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
+                        "tracing on the meta device, keeps without its values",
+                        "compile with --frontend fx (or auto), or make it a buffer in __init__ "
+                        "(self.register_buffer(name, tensor, persistent=False))",
+                    )
                 data, dtype = constant_from_tensor(program.constants[spec.target], where)
                 node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state))
                 constants[node.target] = Constant(data, dtype)
