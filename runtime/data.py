@@ -155,6 +155,7 @@ class OutputSpec:
     shape: tuple[int, ...]  # with size 1 in the batch dimension
     dtype: str
     batch_dim: int | None
+    classes: int | None = None  # a synthetic target of class indices in [0, classes), not uniform numbers
 
 
 def map_with_dims(fn: Callable[[Any, int | None], Any], tree: Any, dims: Any) -> Any:
@@ -263,8 +264,8 @@ def fingerprint(dataset: Any, indices: list[int]) -> str:
 
 
 def build_dataset(options: dict, model_file: ModelFile, outputs: Any = None) -> Any:
-    """The config's data set. `outputs`: the model's output specs (pipeline.json's values, in the
-    output's structure), which synthetic targets are shaped like without example_targets."""
+    """The config's data set. `outputs`: what synthetic targets look like without example_targets
+    (synthetic_targets of the output specs pipeline.json gives, output_specs)."""
     options = dict(options)
     name = options.pop("name")
     builder = {"synthetic": synthetic, "bytes": byte_corpus, "digits": digits, "module": from_module}[name]
@@ -278,8 +279,9 @@ def build_dataset(options: dict, model_file: ModelFile, outputs: Any = None) -> 
 
 
 def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0, *, outputs: Any = None) -> TensorDataset:
-    """`size` samples of example_inputs, with example_targets or, without it, uniform [0, 1)
-    targets shaped like the model's outputs (`outputs`: their specs, see build_dataset)."""
+    """`size` samples of example_inputs, with example_targets or, without it, targets drawn as
+    `outputs` says (synthetic_targets; without them, uniform [0, 1) shaped like the outputs of
+    the model run on the meta device)."""
     example_targets = getattr(model_file.module, "example_targets", None)
     if example_targets is None and outputs is None:
         outputs = _outputs_on_meta(model_file)
@@ -290,7 +292,7 @@ def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0, *, outputs
         if example_targets is not None:
             targets = _example_targets(model_file, size)
         else:
-            targets = map_with_dims(lambda spec, _: torch.rand(_sized(spec, size), dtype=getattr(torch, spec.dtype)), outputs, 0)
+            targets = map_with_dims(lambda spec, _: _drawn(spec, _sized(spec, size)), outputs, 0)
     # Each target's batch dimension first, so that TensorDataset cuts samples from it; a target
     # without one is given whole to every batch.
     targets = map_with_dims(lambda t, dim: Whole(t) if dim is None else t.movedim(dim, 0), targets, dims)
@@ -373,6 +375,42 @@ def _outputs_on_meta(model_file: ModelFile) -> Any:
         return OutputSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), dim)
 
     return map_with_dims(spec, runs[0], dims)
+
+
+def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
+    """What synthetic targets look like (OutputSpecs), for the model's outputs (`outputs`): uniform
+    numbers in [0, 1) shaped like them (mse, binary cross-entropy, cross-entropy on class
+    probabilities), or, when loss_fn refuses those and the output is one tensor, class indices
+    without its class dimension (dim 1, torch's losses, or the last, a language model's logits)
+    in [0, classes). The first that loss_fn takes at batch size 2 is it (as the compiler's loss
+    profile chooses, ftc/profiling/loss.py)."""
+    if outputs is None or loss_fn is None:
+        return outputs
+    fake = map_with_dims(lambda spec, _: torch.randn(_sized(spec, 2)).requires_grad_()
+                         if getattr(torch, spec.dtype).is_floating_point else _drawn(spec, _sized(spec, 2)), outputs, 0)  # fmt: skip
+    candidates = [outputs]
+    if isinstance(outputs, OutputSpec) and len(outputs.shape) >= 2:
+        for dim in dict.fromkeys((1, len(outputs.shape) - 1)):
+            if dim == outputs.batch_dim:
+                continue
+            batch_dim = outputs.batch_dim if outputs.batch_dim is None or outputs.batch_dim < dim else outputs.batch_dim - 1
+            shape = tuple(n for d, n in enumerate(outputs.shape) if d != dim)
+            candidates.append(OutputSpec(shape, "int64", batch_dim, classes=outputs.shape[dim]))
+    with torch.random.fork_rng(devices=[]):
+        for candidate in candidates:
+            try:
+                loss = loss_fn(fake, map_with_dims(lambda spec, _: _drawn(spec, _sized(spec, 2)), candidate, 0))
+            except Exception:  # a target of the wrong kind: try the next
+                continue
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                return candidate
+    return outputs
+
+
+def _drawn(spec: OutputSpec, shape: list[int]) -> torch.Tensor:
+    if spec.classes is not None:
+        return torch.randint(0, spec.classes, shape)
+    return torch.rand(shape, dtype=getattr(torch, spec.dtype))
 
 
 def _sized(spec: OutputSpec, size: int) -> list[int]:

@@ -39,6 +39,7 @@ from .data import (
     map_with_dims,
     output_specs,
     seeded,
+    synthetic_targets,
     target_batch_dims,
     tree_map,
 )
@@ -271,7 +272,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
               f"({config.optimizer.lr:g}), and no decay follows", file=sys.stderr, flush=True)  # fmt: skip
     device = training_device(config, rank)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
-    outputs = output_specs(pipeline) if config.data["name"] == "synthetic" else None
+    outputs = synthetic_targets(output_specs(pipeline), loss_fn) if config.data["name"] == "synthetic" else None
     target_dims = target_batch_dims(model_file, outputs)
     me = plan_rank(config, pipeline, rank, world_size, device)
 

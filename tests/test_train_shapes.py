@@ -18,6 +18,9 @@ plain single-process training's losses (mode single, the truth) on each.
 - `value_reading_leaf`: a LEAF_MODULES block that branches on a tensor's value and no
   example_targets, so synthetic targets must come from pipeline.json's output shapes, not from
   running the model on the meta device;
+- `language_model`: logits [B, T, V] and a cross-entropy over flattened tokens, without
+  example_targets: synthetic targets must be token ids [B, T], as the loss takes them, not
+  numbers shaped like the logits;
 - `returned_state`: forward returns a parameter, a buffer and a tensor made in forward as they
   are (`return h, self.temperature, ...`), an input no layer reads is given, and an input is
   returned as an output.
@@ -222,6 +225,31 @@ def example_inputs(batch_size):
 
 def loss_fn(output, target):
     return F.mse_loss(output, target)
+""",
+    "language_model": """
+V = 11
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(3)])
+        self.head = nn.Linear(D, V)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return self.head(x)
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, V, (batch_size, T)),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.reshape(-1, V), target.reshape(-1))
 """,
     "returned_state": """
 class Model(nn.Module):
