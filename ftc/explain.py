@@ -218,22 +218,32 @@ def plot(explanation: Explanation, path: str | Path) -> Path:
     loads.legend()
 
     row = {device: k for k, device in enumerate(devices)}
-    for timed in prediction.timeline.actions:
+    texts = bar_labels(prediction.timeline.actions)
+    several = "." in texts[0] if texts else False
+    for timed, text in zip(prediction.timeline.actions, texts):
         kind = "backward" if timed.action.kind == BACKWARD else "forward"
         start, width = timed.start * 1e3, (timed.end - timed.start) * 1e3
         gantt.barh(row[timed.device], width, left=start, color=colors[kind], edgecolor="white")
-        gantt.text(
-            start + width / 2, row[timed.device], str(timed.action.micro_batch), ha="center", va="center", fontsize=7
-        )
+        gantt.text(start + width / 2, row[timed.device], text, ha="center", va="center", fontsize=7)
     gantt.set_yticks(list(row.values()), labels)
     gantt.invert_yaxis()
     gantt.set_xlabel("ms")
     gantt.set_title(
         f"1f1b, {prediction.micro_batches} micro-batches: step {prediction.timeline.makespan * 1e3:.3f} ms, "
-        f"bubble {prediction.timeline.bubble_fraction:.3f} (numbers: micro-batch)"
+        f"bubble {prediction.timeline.bubble_fraction:.3f} (numbers: {'stage.' if several else ''}micro-batch)"
     )
     temporary = path.with_name(f".{path.name}.tmp")
     figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
     temporary.replace(path)
     return path
+
+
+def bar_labels(actions: list) -> list[str]:
+    """The timeline's bar texts: the micro-batch, or "stage.micro-batch" where a device owns
+    several stages (mixed-pipe), so that a bar says whose it is."""
+    owned: dict[int, set[int]] = {}
+    for timed in actions:
+        owned.setdefault(timed.device, set()).add(timed.action.stage)
+    several = any(len(stages) > 1 for stages in owned.values())
+    return [f"{t.action.stage}.{t.action.micro_batch}" if several else str(t.action.micro_batch) for t in actions]

@@ -156,3 +156,15 @@ def test_explain_errors(tmp_path, capsys):
     del manifest["stages"][1]["cost"]["fwd_time"]
     (folder / "pipeline.json").write_text(json.dumps(manifest))
     user_error([folder], "stage 1 has no predicted cost")
+
+
+def test_timeline_bars_name_the_stage_where_a_device_owns_several(tmp_path):
+    from ftc.explain import bar_labels
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "plain").mkdir()
+    shared = explain(_synthetic(tmp_path / "shared", [0, 1, 0, 1]), [2]).predictions[0].timeline.actions
+    labels = bar_labels(shared)
+    assert "0.0" in labels and "2.1" in labels and all("." in label for label in labels)
+    plain = explain(_synthetic(tmp_path / "plain", [0, 1]), [2]).predictions[0].timeline.actions
+    assert sorted(bar_labels(plain)) == ["0", "0", "0", "0", "1", "1", "1", "1"]
