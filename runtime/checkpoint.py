@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +87,14 @@ def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module],
     _atomic(folder / f"rank-{rank}.pt", lambda temp: torch.save(training_state, temp))
 
 
-def write_manifest(root: Path, step: int, world_size: int, timeout_s: float, run: str, extra: dict) -> None:
-    """Rank 0, after its own shard: wait until every rank's shard is complete, mark the step
+def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict) -> None:
+    """Rank 0, once every rank's shard is complete (train.save waits for that): mark the step
     complete and move it into place (replacing an earlier run's folder of the same step), then
     remove the checkpoints of earlier runs (those whose manifest names another `run`)."""
     folder = staging_folder(root, step)
-    deadline = time.monotonic() + timeout_s
-    missing = list(range(world_size))
-    while missing:
-        missing = [r for r in missing if not (folder / f"rank-{r}.pt").exists()]
-        if missing and time.monotonic() > deadline:
-            raise FtcError(f"checkpoint at step {step}: ranks {missing} wrote no shard within {timeout_s:g} s")
-        if missing:
-            time.sleep(0.01)
+    missing = [rank for rank in range(world_size) if not (folder / f"rank-{rank}.pt").is_file()]
+    if missing:
+        raise FtcError(f"checkpoint at step {step}: ranks {missing} wrote no shard")
     shards = {}
     for rank in range(world_size):
         with safe_open(str(folder / f"rank-{rank}.safetensors"), framework="pt") as file:
