@@ -292,7 +292,7 @@ def synthetic(model_file: ModelFile, size: int = 1024, seed: int = 0, *, outputs
         if example_targets is not None:
             targets = _example_targets(model_file, size)
         else:
-            targets = map_with_dims(lambda spec, _: _drawn(spec, _sized(spec, size)), outputs, 0)
+            targets = map_with_dims(lambda spec, _: drawn(spec, _sized(spec, size)), outputs, 0)
     # Each target's batch dimension first, so that TensorDataset cuts samples from it; a target
     # without one is given whole to every batch.
     targets = map_with_dims(lambda t, dim: Whole(t) if dim is None else t.movedim(dim, 0), targets, dims)
@@ -386,20 +386,13 @@ def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
     profile chooses, ftc/profiling/loss.py)."""
     if outputs is None or loss_fn is None:
         return outputs
-    fake = map_with_dims(lambda spec, _: torch.randn(_sized(spec, 2)).requires_grad_()
-                         if getattr(torch, spec.dtype).is_floating_point else _drawn(spec, _sized(spec, 2)), outputs, 0)  # fmt: skip
-    candidates = [outputs]
-    if isinstance(outputs, OutputSpec) and len(outputs.shape) >= 2:
-        for dim in dict.fromkeys((1, len(outputs.shape) - 1)):
-            if dim == outputs.batch_dim:
-                continue
-            batch_dim = outputs.batch_dim if outputs.batch_dim is None or outputs.batch_dim < dim else outputs.batch_dim - 1
-            shape = tuple(n for d, n in enumerate(outputs.shape) if d != dim)
-            candidates.append(OutputSpec(shape, "int64", batch_dim, classes=outputs.shape[dim]))
+    candidates = [outputs, *class_index_targets(outputs)] if isinstance(outputs, OutputSpec) else [outputs]
     with torch.random.fork_rng(devices=[]):
+        fake = map_with_dims(lambda spec, _: torch.randn(_sized(spec, 2)).requires_grad_()
+                             if getattr(torch, spec.dtype).is_floating_point else drawn(spec, _sized(spec, 2)), outputs, 0)  # fmt: skip
         for candidate in candidates:
             try:
-                loss = loss_fn(fake, map_with_dims(lambda spec, _: _drawn(spec, _sized(spec, 2)), candidate, 0))
+                loss = loss_fn(fake, map_with_dims(lambda spec, _: drawn(spec, _sized(spec, 2)), candidate, 0))
             except Exception:  # a target of the wrong kind: try the next
                 continue
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
@@ -407,7 +400,23 @@ def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
     return outputs
 
 
-def _drawn(spec: OutputSpec, shape: list[int]) -> torch.Tensor:
+def class_index_targets(output: OutputSpec) -> list[OutputSpec]:
+    """Targets of class indices for one output tensor: without its class dimension, dim 1
+    (torch's losses) or the last (a language model's logits), never the batch dimension."""
+    if len(output.shape) < 2:
+        return []
+    targets = []
+    for dim in dict.fromkeys((1, len(output.shape) - 1)):
+        if dim == output.batch_dim:
+            continue
+        batch_dim = output.batch_dim if output.batch_dim is None or output.batch_dim < dim else output.batch_dim - 1
+        shape = tuple(n for d, n in enumerate(output.shape) if d != dim)
+        targets.append(OutputSpec(shape, "int64", batch_dim, classes=output.shape[dim]))
+    return targets
+
+
+def drawn(spec: OutputSpec, shape: list[int]) -> torch.Tensor:
+    """A synthetic target of `shape` as the spec says: class indices or uniform [0, 1) numbers."""
     if spec.classes is not None:
         return torch.randint(0, spec.classes, shape)
     return torch.rand(shape, dtype=getattr(torch, spec.dtype))

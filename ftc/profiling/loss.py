@@ -26,6 +26,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ftc.repeats import tensors_in
+from ftc.runtime.data import OutputSpec, class_index_targets, drawn
 from ftc.runtime.model_file import ModelFile
 
 
@@ -57,10 +58,11 @@ def _candidates(model_file: ModelFile, outputs: Any, batch_size: int, device: st
         )
     except RuntimeError:
         pass  # outputs rand cannot fill (integer ones)
-    if isinstance(outputs, torch.Tensor) and outputs.dim() >= 2:
-        for dim in dict.fromkeys((1, outputs.dim() - 1)):
-            shape = [size for d, size in enumerate(outputs.shape) if d != dim]
-            yield torch.randint(0, outputs.shape[dim], shape, device=device)
+    if isinstance(outputs, torch.Tensor):
+        # The runtime's synthetic data set draws class indices by the same rule.
+        whole = OutputSpec(tuple(outputs.shape), str(outputs.dtype).removeprefix("torch."), None)
+        for spec in class_index_targets(whole):
+            yield drawn(spec, list(spec.shape)).to(device)
 
 
 def loss_target(model_file: ModelFile, outputs: Any, batch_size: int, device: str) -> Any | None:
