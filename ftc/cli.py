@@ -176,13 +176,14 @@ def run_train(args: argparse.Namespace) -> int:
 def run_merge_checkpoint(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ftc.compiler import file_in_the_way
     from ftc.runtime.checkpoint import merge, save_state_dict
 
     step, state = merge(Path(args.dir))
     output = Path(args.output or Path(args.dir) / "merged.safetensors")
     if output.is_dir():
         output = output / "merged.safetensors"
-    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(output.parent)
     if blocking is not None:
         raise FtcError(f"-o {args.output}: {blocking} is a file, not a folder", "pass a file path in a folder")
     save_state_dict(output, state)

@@ -102,6 +102,11 @@ class Compiled:
         return self.manifest["stages"]
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file (not folder) at `folder` or above it that keeps `folder` from being made."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions) -> Compiled:
     options.check()
     model_file = load_model_file(model_path)
@@ -109,7 +114,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     if not name.isidentifier():
         raise FtcError(f"the model file's name {model_file.stem!r} is not a Python identifier", "pass --name NAME")
     target = Path(out_dir) / name
-    blocking = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(target)
     if blocking is not None:  # found before minutes of tracing and profiling, not after
         raise FtcError(f"the output folder {target} cannot be made: {blocking} is a file", "pass another -o or --name")
     graph, model, batch = trace(model_file, options.batch_size, options.frontend, name)
