@@ -97,9 +97,7 @@ def trace_export(
             node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", target)
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 if program.constants[spec.target].device.type == "meta":
-                    users = [user.meta.get("stack_trace") or "" for user in fx_node.users]
-                    line = next((f"{model_file.path.name}:{n}" for text in users
-                                 for f, n in _FRAME.findall(text) if f.endswith(model_file.path.name)), where)  # fmt: skip
+                    line = next((source for user in fx_node.users if (source := _scope(user, model_file)[1])), where)
                     raise FtcError(
                         f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
                         "tracing on the meta device, keeps without its values",
