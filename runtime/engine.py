@@ -67,17 +67,8 @@ class _Plan:
         self.loss_device = self.device_of[self.loss_stage]
         self.inputs = list(pipeline.inputs)
         self.outputs = list(pipeline.outputs)
-        producer = {name: s.index for s in self.specs.values() for name in s.outputs}
-        self.producer = producer
-        missing = [
-            name for s in self.specs.values() for name in s.inputs if name not in producer and name not in self.inputs
-        ]
-        missing += [name for name in self.outputs if name not in producer and name not in self.inputs]
-        if missing:
-            raise FtcError(f"pipeline.json: values {sorted(set(missing))} are read but no stage produces them")
-        unspecified = sorted(name for name in [*producer, *self.inputs] if name not in self.values)
-        if unspecified:
-            raise FtcError(f'pipeline.json: "values" lacks the specs of {unspecified}', "recompile the pipeline")
+        # load_pipeline has checked that every value read is produced or an input, with a spec.
+        self.producer = producer = {name: s.index for s in self.specs.values() for name in s.outputs}
         # (device, value) -> the local readers of the value, in the order their gradients add up.
         uses: dict[tuple[int, str], list[int]] = {}
         for s in self.specs.values():
