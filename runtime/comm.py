@@ -8,15 +8,19 @@ batch dimension set to the micro-batch size, so no shapes are exchanged at run t
 
 - `LocalTransport`: every device in one process; a send hands over copies, as a wire would.
 - `DistTransport`: torch.distributed point-to-point (gloo on CPU, NCCL on CUDA). Receives are
-  posted ahead of use and sends stay asynchronous until the end of the step, so transfers
-  overlap compute. The engine posts the messages between any two ranks in the same order on
-  both sides (both derive it from the shared schedule), which is what matches them. Every wait
-  has a timeout that names the ranks, the value and the step, because a rank that died or hangs
-  otherwise shows up as a silent hang.
+  posted ahead of use and sends are never waited for where they are made, so transfers
+  overlap compute. A sent payload is held until a later message from its receiver proves it
+  delivered (the receiver sent that message after awaiting this one), at the latest until the
+  end of the step: a rank holds the values it sent only while they are in flight. The engine
+  posts the messages between any two ranks in the same order on both sides (both derive it
+  from the shared schedule), which is what matches them. Every wait has a timeout that names
+  the ranks, the value and the step, because a rank that died or hangs otherwise shows up as a
+  silent hang.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from fractions import Fraction
@@ -61,6 +65,9 @@ class LocalTransport:
         except KeyError:
             raise AssertionError(f"{message} awaited before it was sent: the schedule is inconsistent") from None
 
+    def release_sends(self, delivered: Callable[[Message], bool], step: int) -> None:
+        pass  # a sent payload is a copy in the mailbox until received
+
     def finish(self, step: int) -> None:
         if self.mailbox:
             raise AssertionError(f"messages never received: {sorted(map(str, self.mailbox))}")
@@ -97,6 +104,18 @@ class DistTransport:
         for work in works:
             self._wait(work, f"rank {self.rank} got nothing from rank {message.src}", message, step)
         return [wire if wire is buffer else buffer.copy_(wire) for buffer, wire in buffers]
+
+    def release_sends(self, delivered: Callable[[Message], bool], step: int) -> None:
+        """Complete and drop the pending sends that `delivered` says their receiver has got
+        (so their waits return at once), freeing the tensors they hold."""
+        kept = []
+        for message, tensors, works in self.pending_sends:
+            if not delivered(message):
+                kept.append((message, tensors, works))
+                continue
+            for work in works:
+                self._wait(work, f"rank {self.rank} could not deliver to rank {message.dst}", message, step)
+        self.pending_sends = kept
 
     def finish(self, step: int) -> None:
         sends, self.pending_sends = self.pending_sends, []

@@ -126,7 +126,14 @@ class _Plan:
         messages.sort(key=lambda item: (item[0][0], value_position[item[0][1]], item[0][2]))
         self.incoming: dict[tuple[bool, int, int], list[Message]] = {}  # (training, dst, src) -> queue
         self.queue_position: dict[tuple[bool, Message], int] = {}
+        # Positions in the global order of the action after which a message is sent and of the
+        # one before which it is awaited: a message from b to a sent at or after the action where
+        # b awaited a message from a proves that one delivered.
+        self.sent_at: dict[Message, int] = {}
+        self.awaited_at: dict[Message, int] = {}
         for key, message, reader in messages:
+            self.sent_at[message] = key[0]
+            self.awaited_at[message] = position[reader]
             self.sends_after.setdefault(order[key[0]], []).append(message)
             self.awaits_before.setdefault(reader, []).append(message)
             for training in (True, False) if message.kind == ACTIVATION else (True,):
@@ -423,6 +430,12 @@ class _DeviceRunner:
         self.backwards_left = {m: self.stages_here for m in range(self.engine.micro_batches)}
         self.scaled_losses: dict[int, torch.Tensor] = {}
         self.losses: list[torch.Tensor] = []
+        self.state_storages = {
+            tensor.untyped_storage().data_ptr()
+            for index, module in self.engine.modules.items()
+            if self.plan.device_of[index] == self.device
+            for tensor in (*module.parameters(), *module.buffers())
+        }
 
     def run(self, action: Action) -> None:
         if self.prefetch:
@@ -507,7 +520,7 @@ class _DeviceRunner:
                 self.values[(name, m)] = self.input_batches[m][name]
             else:
                 message = self.plan.activation_in[(self.device, name, m)]
-                payload = self.engine.transport.receive(message, self.step)
+                payload = self._receive(message)
                 self.values[(name, m)] = comm.unflatten(
                     comm.decode(payload, self.plan.leaves[name]), self.plan.values[name]
                 )
@@ -555,7 +568,7 @@ class _DeviceRunner:
         parts = [self._use_gradients(use, name, m) for use in self.plan.uses.get((self.device, name), [])]
         for reader in self.plan.readers.get(name, []):
             message = Message(GRADIENT, name, m, reader, self.device)
-            parts.append(self.engine.transport.receive(message, self.step))
+            parts.append(self._receive(message))
         return _sum(parts, len(self.plan.gradient_leaves[name]))
 
     def _use_gradients(self, use: int, name: str, m: int) -> list[torch.Tensor | None]:
@@ -570,6 +583,9 @@ class _DeviceRunner:
         if message.kind == ACTIVATION:
             leaves = comm.flatten(self.values[(name, m)], self.plan.values[name])
             payload = comm.encode(name, leaves, specs, self.batch_scale, self.engine.device)
+            # A send may go out after the next forward has run: a value that is a parameter or a
+            # buffer (or a view of one, as `self.step.add_(1)` returns) is sent as it is now.
+            payload = [t.clone() if t.untyped_storage().data_ptr() in self.state_storages else t for t in payload]
         else:
             uses = self.plan.uses[(self.device, name)]
             summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))
@@ -579,6 +595,15 @@ class _DeviceRunner:
                 for g, spec in zip(summed, grad_specs)
             ]
         self.engine.transport.send(message, payload)
+
+    def _receive(self, message: Message) -> list[torch.Tensor]:
+        """The message's payload. Its arrival proves that the messages its sender had awaited
+        before sending it were delivered, so the transport lets go of those: a rank holds the
+        values it sent only while they are in flight, not until the end of the step."""
+        payload = self.engine.transport.receive(message, self.step)
+        sent_at, peer, awaited_at = self.plan.sent_at[message], message.src, self.plan.awaited_at
+        self.engine.transport.release_sends(lambda sent: sent.dst == peer and awaited_at[sent] <= sent_at, self.step)
+        return payload
 
     def _post_receives_through(self, position: int) -> None:
         while self.posted <= position:

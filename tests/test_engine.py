@@ -189,6 +189,7 @@ def dist_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("engine")
     shape_dependent = compile_model(MODELS / "shape_dependent.py", root / "compiled", CompileOptions(stages=4)).folder
+    sent_buffer = compile_model(MODELS / "sent_buffer.py", root / "compiled", CompileOptions(stages=2)).folder
     gpt = GENERATED / "gpt"
     lm = ["randint", 256, [64]]
     four = [
@@ -196,6 +197,7 @@ def dist_runs(tmp_path_factory):
             name="gpt_gpipe_recompute", folder=str(gpt), schedule="gpipe", micro_batches=4, recompute=[1, 2], target=lm
         ),
         dict(name="gpt_1f1b", folder=str(gpt), schedule="1f1b", micro_batches=4, target=lm),
+        dict(name="gpt_1f1b_m8", folder=str(gpt), schedule="1f1b", micro_batches=8, batch=8, target=lm),
         dict(
             name="two_tower_1f1b",
             folder=str(GENERATED / "two_tower"),
@@ -229,6 +231,14 @@ def dist_runs(tmp_path_factory):
             recompute=[0],
             target=lm,
         ),
+        dict(
+            name="sent_buffer_gpipe",
+            folder=str(sent_buffer),
+            schedule="gpipe",
+            micro_batches=4,
+            batch=8,
+            target=["randint", 3, []],
+        ),
         dict(name="wrong_world", folder=str(gpt), schedule="gpipe", micro_batches=2, target=lm),
         dict(
             name="timeout",
@@ -250,10 +260,12 @@ def dist_runs(tmp_path_factory):
 DIST_CASES = [
     "gpt_gpipe_recompute",
     "gpt_1f1b",
+    "gpt_1f1b_m8",
     "two_tower_1f1b",
     "shape_dependent_gpipe",
     "gpt_0110_1f1b",
     "gpt_0101_gpipe",
+    "sent_buffer_gpipe",
 ]
 
 
@@ -283,6 +295,18 @@ def test_distributed_matches_local(dist_runs, name):
             assert relative_error(grad, local["grads"][key]) < RELATIVE, (name, key)
             seen.add(key)
     assert seen == set(local["grads"])
+
+
+def test_sent_values_are_let_go_once_delivered(dist_runs):
+    """Under 1F1B with 8 micro-batches a middle stage sends 16 values a training step (8
+    activations, 8 gradients). Its transport holds one only until a later message from the
+    receiver proves it delivered, so at most what the schedule keeps in flight, not all 16 until
+    the step ends."""
+    root, _ = dist_runs
+    held = [torch.load(root / f"gpt_1f1b_m8.{rank}.pt")["most_pending_sends"] for rank in range(4)]
+    sends_per_step = [8, 16, 16, 8]
+    assert all(0 < count < sends for count, sends in zip(held, sends_per_step)), held
+    assert max(held) <= 5, held
 
 
 def test_distributed_needs_one_process_per_device(dist_runs):

@@ -86,6 +86,7 @@ def run_case(case: dict, distributed: bool) -> dict:
     )
     parameters = engine.parameters()
     optimizer = torch.optim.SGD(parameters, lr=LEARNING_RATE) if parameters else None
+    most_pending = _count_pending_sends(engine) if distributed else [0]
     losses = []
     for step, (inputs, targets) in enumerate(case_batches(case, model_file)):
         for param in parameters:
@@ -99,9 +100,29 @@ def run_case(case: dict, distributed: bool) -> dict:
         for name, param in module.named_parameters(remove_duplicate=False):
             if param.grad is not None:
                 grads[name] = param.grad.clone()
+    most_pending_in_training = most_pending[0]
     model.eval()
     evaluation_loss, output = engine.evaluate(case["steps"], inputs, targets)
-    return {"losses": losses, "grads": grads, "evaluation": (evaluation_loss, output)}
+    return {
+        "losses": losses,
+        "grads": grads,
+        "evaluation": (evaluation_loss, output),
+        "most_pending_sends": most_pending_in_training,
+    }
+
+
+def _count_pending_sends(engine: Engine) -> list[int]:
+    """A one-element list that keeps the most sends the transport held at once."""
+    most = [0]
+    transport = engine.transport
+    send = transport.send
+
+    def counting_send(message, payload):
+        send(message, payload)
+        most[0] = max(most[0], len(transport.pending_sends))
+
+    transport.send = counting_send
+    return most
 
 
 def run_timeout_case(case: dict, out_dir: str) -> None:
