@@ -60,6 +60,7 @@ class Explanation:
     batch_size: int
     profile: str
     memory_estimated: bool  # False: `memory` holds parameter bytes only
+    memory_plan: str  # the settings the memory estimate is for
     stages: list[StageCost]
     predictions: list[SchedulePrediction]
 
@@ -95,9 +96,23 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
         batch_size=batch_size,
         profile=pipeline.manifest.get("settings", {}).get("profile", "analytic"),
         memory_estimated=estimated,
+        memory_plan=_memory_plan(pipeline),
         stages=stages,
         predictions=predictions,
     )
+
+
+def _memory_plan(pipeline: Pipeline) -> str:
+    """The schedule, micro-batches and optimizer the compiler estimated memory for."""
+    settings = pipeline.manifest.get("settings", {})
+    micro_batches = settings.get("micro_batches") or len(pipeline.stages)
+    plan = (
+        f"{settings.get('schedule', '1f1b')} with {micro_batches} micro-batches of "
+        f"{pipeline.manifest['batch_size'] / micro_batches:g} samples, {settings.get('optimizer', 'adam')} "
+        "optimizer state"
+    )
+    limit = settings.get("memory_limit")
+    return plan + (f", under a limit of {human(limit, 'B')} per device" if limit else "")
 
 
 def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
@@ -158,6 +173,9 @@ def render(explanation: Explanation) -> str:
     lines.append(table(headers, rows))
     if not e.memory_estimated:
         lines.append("memory: parameter bytes only (the manifest has no memory estimate)")
+    else:
+        lines.append(f"memory: estimated at compile time for {e.memory_plan}; other schedules and micro-batch "
+                     "counts hold other activations (recompile with --schedule, --micro-batches to see them)")  # fmt: skip
     if len(devices) < len(e.stages):
         device_rows = [
             [device, ",".join(str(s.index) for s in held), human(sum(s.parameters for s in held)),

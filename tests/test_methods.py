@@ -26,7 +26,7 @@ from ftc.ir import Cost, FtcError, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
-from ftc.passes.partition.memory import Footprint, MemorySettings, StateUse, parse_bytes
+from ftc.passes.partition.memory import WORKING_COPIES, Footprint, MemorySettings, StateUse, parse_bytes
 from ftc.passes.partition.metis import atoms_of, partition_metis
 from ftc.passes.partition.pipedream import StageTables, least_peak, split_pipedream
 from ftc.passes.partition.problem import FixedCost, Partition, Problem, Transfer
@@ -268,22 +268,29 @@ def test_parse_bytes():
 
 def test_stage_memory_by_hand():
     """Two ops; at the compile batch size op0 reads a 100-byte trainable weight and a 10-byte
-    buffer and saves 70 bytes, op1 saves 50 bytes and receives a 30-byte value from op0. Adam: two
-    optimizer copies. Under 1F1B with 2 stages and 2 micro-batches (as many as stages), a
-    micro-batch holds half of each, the first stage keeps 2 micro-batches in flight, the second 1."""
+    buffer, saves 70 bytes and sends a 30-byte value to op1, which saves 50 bytes; their largest
+    outputs are 40 and 20 bytes. Adam: two optimizer copies. Under 1F1B with 2 stages and 2
+    micro-batches (as many as stages), a micro-batch holds half of each, the first stage keeps 2
+    micro-batches in flight, the second 1; a backward also holds WORKING_COPIES of its
+    stage's largest output (the working set)."""
+    W = WORKING_COPIES
     state = [StateUse("w", 100, True, [0]), StateUse("b", 10, False, [0])]
-    footprint = Footprint(MemorySettings(optimizer="adam"), np.array([70.0, 50.0]), state)
+    footprint = Footprint(MemorySettings(optimizer="adam"), np.array([70.0, 50.0]), state, np.array([40.0, 20.0]))
     problem = Problem(
         ["a", "b"], np.ones(2), [Transfer("v", 0, [1], 30, 30)], np.zeros(2, bool), 1.0, footprint=footprint
     )
     first, second = np.array([True, False]), np.array([False, True])
     memory = problem.stage_memory(first, 0, 2, False)
-    assert (memory.parameters, memory.gradients, memory.optimizer, memory.activations) == (110, 100, 200, 2 * 35)
-    assert problem.stage_memory(second, 1, 2, False).total == 25
-    assert problem.stage_memory(second, 1, 2, True).activations == 15 * 1 + 25  # kept input + one micro-batch
-    gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=5), footprint.saved, state)
+    assert (memory.parameters, memory.gradients, memory.optimizer) == (110, 100, 200)
+    assert memory.activations == (2 * 70 + W * 40) / 2  # saved per micro-batch in flight, working set
+    # A recomputing stage keeps what it sends and receives per micro-batch in flight, one
+    # micro-batch's saved values and the working set.
+    assert problem.stage_memory(first, 0, 2, True).activations == (2 * 30 + 70 + W * 40) / 2
+    assert problem.stage_memory(second, 1, 2, False).total == ((50 + 30) * 1 + W * 20) / 2
+    assert problem.stage_memory(second, 1, 2, True).activations == (30 * 1 + 50 + W * 20) / 2
+    gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=5), footprint.saved, state, footprint.largest)
     problem.footprint = gpipe
-    assert problem.stage_memory(second, 1, 2, False).activations == 5 * 10  # the whole batch
+    assert problem.stage_memory(second, 1, 2, False).activations == ((50 + 30) * 5 + W * 20) / 5  # the whole batch
 
 
 def random_memory_problem(rng: random.Random) -> Problem:
@@ -300,13 +307,15 @@ def random_memory_problem(rng: random.Random) -> Problem:
     state = [StateUse(f"w{k}", rng.randint(1, 60), rng.random() < 0.8, sorted(rng.sample(range(n), rng.choice([1, 1, 2]))))
              for k in range(rng.randint(0, 4))]  # fmt: skip
     settings = MemorySettings(
-        limit=rng.randint(40, 400),
+        limit=rng.randint(60, 700),
         optimizer=rng.choice(["sgd", "momentum", "adam"]),
         schedule=rng.choice(["1f1b", "gpipe"]),
         micro_batches=rng.choice([None, 2, 8]),
         recompute=rng.choice(["auto", "always", "never"]),
     )
-    footprint = Footprint(settings, np.array([float(rng.randint(0, 120)) for _ in range(n)]), state)
+    saved = [float(rng.randint(0, 120)) for _ in range(n)]
+    largest = np.array([rng.choice([0.0, 0.1, 0.25]) * bytes_ for bytes_ in saved])
+    footprint = Footprint(settings, np.array(saved), state, largest)
     no_cut = np.array([rng.random() < 0.2 for _ in range(n)], dtype=bool)
     return Problem([f"op{k}" for k in range(n)], time, transfers, no_cut, rng.choice([1.0, 4.0]), fwd, footprint)
 
@@ -366,7 +375,7 @@ def test_memory_limited_dp_matches_brute_force():
             assert max(costs) == pytest.approx(optimum, rel=REL), (case, stages, starts)
             feasible += 1
             recomputing += any(flags) and settings.recompute == "auto"
-    assert feasible > 300 and infeasible > 200 and recomputing > 30, (feasible, infeasible, recomputing)
+    assert feasible > 300 and infeasible > 200 and recomputing > 20, (feasible, infeasible, recomputing)
 
 
 def test_infeasible_limit_names_the_least_peak(analyzed):
@@ -398,11 +407,11 @@ def test_recompute_auto_turns_on_exactly_where_the_limit_requires(analyzed):
     recomputed = [problem.stage_memory(result.members(s), s, 4, True).total for s in range(4)]
     assert plain[0] == max(plain) and recomputed[3] >= plain[3]
     for limit, expected in ((plain[0], [False] * 4), (plain[0] - 1, [True, False, False, False])):
-        problem.footprint = Footprint(MemorySettings(limit=limit), problem.footprint.saved, problem.footprint.state)
+        problem.footprint = replace(problem.footprint, settings=MemorySettings(limit=limit))
         assert choose_recompute(problem, result.stage_of, result.devices) == expected
     # the DP, free to move the cuts, recomputes a stage exactly when its plain memory exceeds the limit
     limit = (plain[0] + plain[1]) // 2
-    problem.footprint = Footprint(MemorySettings(limit=limit), problem.footprint.saved, problem.footprint.state)
+    problem.footprint = replace(problem.footprint, settings=MemorySettings(limit=limit))
     chosen = partition(problem, "pipedream", 4)
     for s in range(4):
         needs = problem.stage_memory(chosen.members(s), s, 4, False).total > limit
@@ -465,7 +474,7 @@ def test_recompute_never_and_always():
     problem = random_memory_problem(random.Random(5))
     footprint = problem.footprint
     for policy, expected in (("never", False), ("always", True)):
-        problem.footprint = Footprint(MemorySettings(recompute=policy), footprint.saved, footprint.state)
+        problem.footprint = replace(footprint, settings=MemorySettings(recompute=policy))
         result = Partition.contiguous(problem.size, [0], [False])
         assert choose_recompute(problem, result.stage_of, result.devices) == [expected]
 

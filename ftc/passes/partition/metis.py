@@ -215,7 +215,7 @@ def linearize(problem: Problem, stage_of: np.ndarray) -> tuple[Problem, np.ndarr
     atom = atoms_of(problem)[order]
     no_cut = np.append(atom[1:] == atom[:-1], False)
     state = [replace(use, readers=sorted(int(position[r]) for r in use.readers)) for use in problem.footprint.state]
-    footprint = replace(problem.footprint, saved=problem.saved[order], state=state)
+    footprint = replace(problem.footprint, saved=problem.saved[order], state=state, largest=problem.largest[order])
     reordered = replace(
         problem,
         ops=[problem.ops[k] for k in order],

@@ -25,7 +25,7 @@ import numpy as np
 from ftc.ir import FtcError
 from ftc.passes.recompute import recompute_rule
 
-from .memory import OPTIMIZER_STATES, format_bytes
+from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes
 from .problem import Partition, Problem
 
 # Stage costs within this relative margin of the bottleneck count as reaching it.
@@ -61,11 +61,15 @@ class StageTables:
             held, trainable, saved = self.problem.footprint.interval_tables(self.problem.size)
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
             prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
-            self._parts.append((static, saved, self.problem.received_table(), prefix[None, :] - prefix[:, None]))
-        static, saved, received, _ = self._parts[0]
+            tables = (self.problem.received_table(), prefix[None, :] - prefix[:, None])
+            self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table()))
+        static, saved, received, _, sent, largest = self._parts[0]
         settings = self.problem.footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
-        return static + np.ceil(in_flight * saved * share), static + np.ceil((in_flight * received + saved) * share)
+        return tuple(
+            static + np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute) * share)
+            for recompute in (False, True)
+        )
 
     def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         settings = self.problem.footprint.settings

@@ -197,7 +197,38 @@ class Problem:
         in_flight = self.footprint.settings.in_flight(position, stages)
         saved = int(self.saved[members].sum())
         share = self.footprint.settings.share(stages)
-        return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute, share)
+        largest = float(self.largest[members].max()) if members.any() else 0.0
+        return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute,
+                                     share, self.member_sent(members), largest)  # fmt: skip
+
+    @property
+    def largest(self) -> np.ndarray:
+        """Bytes of each op's output's gradient, per compile batch."""
+        return self.footprint.largest if self.footprint.largest.size else np.zeros(self.size)
+
+    def member_sent(self, members: np.ndarray) -> int:
+        """Bytes of the values the stage holding the ops of a boolean mask sends to other stages."""
+        return sum(t.value_bytes for t in self.transfers if members[t.producer] and not members[t.consumers].all())
+
+    def sent_table(self) -> np.ndarray:
+        """S[i, j] = bytes of the values the stage of ops i..j-1 sends, for all intervals: a value
+        made inside that a later op outside reads."""
+        n = self.size
+        diff = np.zeros((n + 2, n + 2))
+        for t in self.transfers:
+            last = max(t.consumers)
+            if last > t.producer:
+                # intervals [i, j) with i <= producer < j <= last
+                add_rectangle(diff, 0, t.producer, t.producer + 1, last, t.value_bytes)
+        return summed(diff, n)
+
+    def largest_table(self) -> np.ndarray:
+        """L[i, j] = the largest op output's gradient bytes among ops i..j-1, for all intervals."""
+        n = self.size
+        table = np.zeros((n + 1, n + 1))
+        for i in range(n):
+            table[i, i + 1 :] = np.maximum.accumulate(self.largest[i:])
+        return table
 
     def received_table(self) -> np.ndarray:
         """R[i, j] = bytes of the values the stage of ops i..j-1 receives, for all intervals."""
@@ -341,7 +372,12 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
     time = np.array([by_name[name].cost.fwd_time + by_name[name].cost.bwd_time for name in ops])
     fwd_time = np.array([by_name[name].cost.fwd_time for name in ops])
     random = np.array([may_draw_random(by_name[name], graph.modules) for name in ops], dtype=bool)
-    footprint = Footprint(memory, np.array([_saved_bytes(by_name[name]) for name in ops]), _state_uses(graph, position))
+    footprint = Footprint(
+        memory,
+        np.array([_saved_bytes(by_name[name]) for name in ops]),
+        _state_uses(graph, position),
+        np.array([float(gradient_bytes(by_name[name].meta)) for name in ops]),
+    )
     units = [_unit(by_name[name], graph.modules) for name in ops]
     return Problem(
         ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units,
