@@ -47,8 +47,13 @@ GRADIENT_FLOOR = 1e-2
 
 
 def gradient_floor(model: torch.nn.Module) -> float:
-    grads = [p.grad.detach().abs().max().item() for p in model.parameters() if p.grad is not None and p.grad.numel()]
+    grads = [_dense(p.grad).abs().max().item() for p in model.parameters() if p.grad is not None and p.grad.numel()]
     return GRADIENT_FLOOR * max(grads, default=0.0)
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.Embedding(sparse=True)) as the dense tensor it stands for."""
+    return tensor.to_dense() if tensor.is_sparse else tensor
 
 
 def relative_difference(actual: Any, expected: Any, floor: float = 1e-6) -> float:
@@ -57,6 +62,7 @@ def relative_difference(actual: Any, expected: Any, floor: float = 1e-6) -> floa
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
             return float("inf")
+        actual, expected = _dense(actual), _dense(expected)
         if not expected.is_floating_point():
             return 0.0 if torch.equal(actual, expected) else float("inf")
         actual, expected = actual.detach(), expected.detach()

@@ -159,6 +159,68 @@ def recompute_set(config: Config, pipeline: Pipeline) -> set[int]:
     return {s.index for s in pipeline.stages if s.recompute}
 
 
+def check_sparse_gradients(config: Config, modules: list[torch.nn.Module]) -> None:
+    """nn.Embedding(sparse=True) and nn.EmbeddingBag(sparse=True) make sparse gradients, which
+    Adam and AdamW refuse and SGD cannot combine with weight decay: say so before training."""
+    sparse = sorted({
+        f"{name}.weight" if name else "weight"
+        for module in modules
+        for name, layer in module.named_modules()
+        if isinstance(layer, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and layer.sparse and layer.weight.requires_grad
+    })  # fmt: skip
+    if not sparse:
+        return
+    if config.optimizer.name in ("adam", "adamw"):
+        raise FtcError(f"config {config.source}: optimizer.name {config.optimizer.name} cannot update the sparse "
+                       f"gradients of {', '.join(sparse)} (an embedding built with sparse=True)",
+                       "set optimizer.name to sgd, or build the embedding with sparse=False")  # fmt: skip
+    if config.optimizer.weight_decay:
+        raise FtcError(f"config {config.source}: optimizer.weight_decay {config.optimizer.weight_decay:g} cannot apply "
+                       f"to the sparse gradients of {', '.join(sparse)} (an embedding built with sparse=True)",
+                       "set optimizer.weight_decay to 0, or build the embedding with sparse=False")  # fmt: skip
+
+
+def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
+    """Where the config trains with more memory per stage than a pipeline compiled under
+    --memory-limit was planned for (pipeline.json's settings); one line each, empty when it fits
+    the plan or no limit was set."""
+    settings = pipeline.manifest.get("settings", {})
+    if settings.get("memory_limit") is None:
+        return []
+    planned_micro_batches = settings.get("micro_batches") or len(pipeline.stages)
+    planned_sample_share = pipeline.manifest["batch_size"] / planned_micro_batches
+    optimizer = config.optimizer.name
+    if optimizer == "sgd" and config.optimizer.momentum:
+        optimizer = "momentum"
+    # Copies of the parameters each keeps (the compiler's OPTIMIZER_STATES, which the runtime,
+    # reading only generated folders, does not import).
+    states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+    differences = []
+    if config.schedule == "gpipe" and settings.get("schedule") == "1f1b":
+        differences.append("schedule gpipe (planned: 1f1b; gpipe keeps every micro-batch's activations)")
+    if config.batch_size / config.micro_batches > planned_sample_share:
+        differences.append(
+            f"micro-batches of {config.batch_size / config.micro_batches:g} samples (batch_size / micro_batches; "
+            f"planned: {planned_sample_share:g})"
+        )
+    elif config.schedule == "gpipe" and config.batch_size > pipeline.manifest["batch_size"]:
+        differences.append(f"batch_size {config.batch_size} under gpipe (planned: {pipeline.manifest['batch_size']})")
+    planned_optimizer = settings.get("optimizer", "adam")
+    if states.get(optimizer, 2) > states.get(planned_optimizer, 2):
+        differences.append(f"optimizer {optimizer} (planned: {planned_optimizer}, which keeps less state)")
+    if config.recompute == "never" and any(s.recompute for s in pipeline.stages):
+        planned = [s.index for s in pipeline.stages if s.recompute]
+        differences.append(f"recompute never (planned: stages {planned} recompute)")
+    if not differences:
+        return []
+    return [
+        f"{pipeline.folder} was partitioned to fit {settings['memory_limit'] / 1e6:.1f} MB per device (--memory-limit), "
+        f"but config {config.source} trains with " + "; ".join(differences) + ": stages may need more memory "
+        "than the limit\n  fix: recompile with these settings (ftc compile --schedule, --micro-batches, "
+        "--batch-size, --optimizer), or train with the planned ones (`ftc explain` shows the plan)"
+    ]
+
+
 def plan_rank(config: Config, pipeline: Pipeline, rank: int, world_size: int, device: torch.device) -> Rank:
     if config.mode != "dist":
         return Rank(0, 1, device, [s.index for s in pipeline.stages])
@@ -270,6 +332,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
               f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
               f"({config.optimizer.lr:g}), and no decay follows", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and config.mode != "single":
+        for line in memory_plan_differences(config, pipeline):
+            print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
     device = training_device(config, rank)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     outputs = synthetic_targets(output_specs(pipeline), loss_fn) if config.data["name"] == "synthetic" else None
@@ -290,6 +355,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             target_dims=target_dims,
         )  # fmt: skip
     parameters = engine.parameters()
+    check_sparse_gradients(config, modules)
     # A rank may hold only parameter-free stages (a pooling, a normalization): it steps nothing.
     optimizer = build_optimizer(parameters, config.optimizer) if parameters else None
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.optimizer.lr, config.steps) if optimizer else None

@@ -135,3 +135,29 @@ def test_the_loss_key_names_a_function_of_the_model_file_of_torch_or_of_a_file(t
         with pytest.raises(FtcError) as failure:
             loss(value)
         assert error in failure.value.message
+
+
+def test_training_outside_the_memory_plan_is_named(tmp_path):
+    """A pipeline partitioned under --memory-limit for 1f1b, 2 micro-batches of 4 samples and
+    sgd: a config that needs more memory per stage gets one warning naming each difference."""
+    from ftc.compiler import CompileOptions, compile_model
+    from ftc.runtime import load_pipeline
+    from ftc.runtime.train import memory_plan_differences
+
+    options = CompileOptions(stages=2, batch_size=8, memory_limit=10**9, schedule="1f1b", micro_batches=2, optimizer="sgd")
+    pipeline = load_pipeline(compile_model(ROOT / "examples" / "mlp.py", tmp_path, options).folder)
+    planned = {"pipeline": str(pipeline.folder), "batch_size": 8, "micro_batches": 2, "schedule": "1f1b",
+               "optimizer": {"name": "sgd"}}  # fmt: skip
+    assert memory_plan_differences(load_config(data=planned), pipeline) == []
+    smaller = {**planned, "micro_batches": 4, "optimizer": {"name": "sgd", "momentum": 0.0}}
+    assert memory_plan_differences(load_config(data=smaller), pipeline) == []
+    (warning,) = memory_plan_differences(
+        load_config(data={**planned, "schedule": "gpipe", "batch_size": 16, "optimizer": {"name": "adamw"}}), pipeline
+    )
+    assert "partitioned to fit 1000.0 MB per device (--memory-limit)" in warning
+    assert "schedule gpipe (planned: 1f1b" in warning
+    assert "micro-batches of 8 samples (batch_size / micro_batches; planned: 4)" in warning
+    assert "optimizer adamw (planned: sgd" in warning
+    assert "fix: recompile with these settings" in warning
+    unlimited = load_pipeline(compile_model(ROOT / "examples" / "mlp.py", tmp_path / "free", CompileOptions(stages=2)).folder)
+    assert memory_plan_differences(load_config(data={**planned, "schedule": "gpipe"}), unlimited) == []

@@ -170,3 +170,21 @@ def test_an_init_checkpoint_with_a_non_persistent_buffer_is_refused_in_every_mod
             "data": {"name": "bytes", "max_bytes": 5000}}  # fmt: skip
     with pytest.raises(FtcError, match="holds 1 key\\(s\\) the model does not have: blocks.0.attn.mask"):
         train(load_config(data=data))
+
+
+def test_sparse_gradients_are_checked_and_an_optimizer_that_refuses_them_is_named(tmp_path):
+    """nn.Embedding(sparse=True): `ftc check` compares its sparse gradient, SGD trains it, and
+    AdamW or weight decay, which torch refuses for sparse gradients, are refused up front."""
+    from ftc.check import check_pipeline
+
+    folder = compile_model(MODELS / "sparse_embedding.py", tmp_path, CompileOptions(stages=2)).folder
+    assert check_pipeline(folder).ok
+    sgd = {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}
+    results = run(folder, optimizer=sgd, batch_size=8, micro_batches=2, data={"name": "synthetic", "size": 16})
+    assert len(results.loss) == 2
+    with pytest.raises(FtcError) as info:
+        run(folder, optimizer={"name": "adamw", "lr": 0.1}, batch_size=8, data={"name": "synthetic", "size": 16})
+    assert "optimizer.name adamw cannot update the sparse gradients of embedding.weight" in info.value.message
+    with pytest.raises(FtcError) as info:
+        run(folder, optimizer={**sgd, "weight_decay": 0.01}, batch_size=8, data={"name": "synthetic", "size": 16})
+    assert "optimizer.weight_decay 0.01 cannot apply to the sparse gradients" in info.value.message
