@@ -120,6 +120,8 @@ class Interpreter:
                 return torch.device(self.device or "cpu")
             if arg.expr == "self.training":  # the stage's mode: the model's, when run whole
                 return self.model.training
+            if "self.training" in arg.expr:  # an expression of the mode (ftc/frontends/aten.py)
+                return eval(arg.expr, dict(TARGET_NAMESPACE), {"self": self.model})
             if arg.expr not in self.objects:  # written by a frontend from a torch object
                 self.objects[arg.expr] = eval(arg.expr, dict(TARGET_NAMESPACE), {})
             return self.objects[arg.expr]

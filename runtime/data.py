@@ -380,13 +380,15 @@ def _outputs_on_meta(model_file: ModelFile) -> Any:
 def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
     """What synthetic targets look like (OutputSpecs), for the model's outputs (`outputs`): uniform
     numbers in [0, 1) shaped like them (mse, binary cross-entropy, cross-entropy on class
-    probabilities), or, when loss_fn refuses those and the output is one tensor, class indices
-    without its class dimension (dim 1, torch's losses, or the last, a language model's logits)
-    in [0, classes). The first that loss_fn takes at batch size 2 is it (as the compiler's loss
-    profile chooses, ftc/profiling/loss.py)."""
+    probabilities), or, when loss_fn refuses those, class indices without the class dimension
+    (dim 1, torch's losses, or the last, a language model's logits) in [0, classes) of one output
+    tensor; where the model returns several (a dict, as Hugging Face models do), also one tensor
+    shaped like one of them, in their order. The first that loss_fn takes at batch size 2 is it
+    (as the compiler's loss profile chooses, ftc/profiling/loss.py)."""
     if outputs is None or loss_fn is None:
         return outputs
-    candidates = [outputs, *class_index_targets(outputs)] if isinstance(outputs, OutputSpec) else [outputs]
+    leaves = [outputs] if isinstance(outputs, OutputSpec) else _output_leaves(outputs)
+    candidates = [outputs] + [c for leaf in leaves for c in (leaf, *class_index_targets(leaf)) if c is not outputs]
     with torch.random.fork_rng(devices=[]):
         fake = map_with_dims(lambda spec, _: torch.randn(_sized(spec, 2)).requires_grad_()
                              if getattr(torch, spec.dtype).is_floating_point else drawn(spec, _sized(spec, 2)), outputs, 0)  # fmt: skip
@@ -398,6 +400,13 @@ def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 return candidate
     return outputs
+
+
+def _output_leaves(outputs: Any) -> list[OutputSpec]:
+    if isinstance(outputs, OutputSpec):
+        return [outputs]
+    items = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (tuple, list)) else []
+    return [leaf for item in items for leaf in _output_leaves(item)]
 
 
 def class_index_targets(output: OutputSpec) -> list[OutputSpec]:

@@ -380,3 +380,17 @@ def test_stage_files_without_a_manifest_are_not_overwritten_without_force(tmp_pa
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "holds stage files but no pipeline.json")
     assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--force"], capsys)[0] == 0
+
+
+def test_a_trace_that_fails_inside_a_library_names_the_library_line(tmp_path, capsys):
+    """The model file's own lines are fine; a library it imports branches on a tensor's value.
+    The error names that library's line for each tracer, as Hugging Face models' LayerDrop."""
+    write(tmp_path, "layers.py", "import torch\n\n\ndef maybe_skip(x):\n    if x.sum() > 0:\n"
+                                 "        return x\n    return x * 2\n")  # fmt: skip
+    model = write(tmp_path, "skipping.py", "import sys\nimport torch\n\nsys.path.insert(0, __file__.rsplit('/', 1)[0])\n"
+                  "from layers import maybe_skip\n\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n"
+                  "        super().__init__()\n        self.a = torch.nn.Linear(4, 4)\n\n    def forward(self, x):\n"
+                  "        return maybe_skip(self.a(x))\n\n\ndef build_model():\n    return Net()\n\n\n"
+                  "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n")  # fmt: skip
+    refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "out"], capsys)
+    assert_user_error(refused, "neither torch.fx nor torch.export could trace the model", "layers.py:5: if x.sum() > 0:")

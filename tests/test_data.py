@@ -124,3 +124,20 @@ def test_synthetic_targets_for_a_folded_output_ask_for_example_targets(tmp_path)
     )
     with pytest.raises(FtcError, match="has the batch folded into a dimension"):
         build_dataset({"name": "synthetic", "size": 6}, load_model_file(model_path))
+
+
+def test_synthetic_targets_for_a_dict_output_are_one_tensor_the_loss_takes():
+    """A model returning {"logits": [B, T, V]} (as Hugging Face models do) with a language
+    model's cross-entropy on output["logits"]: the targets are class indices [B, T] in [0, V),
+    not a dict shaped like the output."""
+    from ftc.runtime.data import OutputSpec, synthetic_targets
+
+    def lm_loss(output, target):
+        logits = output["logits"]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    outputs = {"logits": OutputSpec((4, 8, 32), "float32", 0), "hidden": OutputSpec((4, 8, 16), "float32", 0)}
+    assert synthetic_targets(outputs, lm_loss) == OutputSpec((4, 8), "int64", 0, classes=32)
+    # a loss that takes targets shaped like the whole output still gets them
+    both = lambda output, target: sum((output[k] - target[k]).pow(2).mean() for k in output)  # noqa: E731
+    assert synthetic_targets(outputs, both) == outputs

@@ -351,6 +351,38 @@ def test_a_whole_transformer_stack_is_lowered_by_export_so_it_can_be_split(tmp_p
     assert_check_passes(folder, batch_size=4)
 
 
+def test_traced_attention_and_functional_dropout_follow_eval_mode(tmp_path, compile_to):
+    """nn.TransformerEncoderLayer passes its dropout to scaled_dot_product_attention only when
+    training, and F.dropout(training=self.training) passes the flag: traced in training mode, the
+    stages say `... if self.training else 0.0` and `training=self.training`, so in eval() they
+    compute what the model computes, and deterministically."""
+    path = tmp_path / "stack.py"
+    source = TRANSFORMER_STACK.replace("dropout=0.0", "dropout=0.2").replace(
+        "return self.head(self.encoder(self.embed(idx)).mean(dim=1))",
+        "return self.head(F.dropout(self.encoder(self.embed(idx)).mean(dim=1), 0.3, training=self.training))",
+    )
+    path.write_text(source)
+    folder = compile_to(path, 2)
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "dropout_p=0.2 if self.training else 0.0" in text
+    assert "training=self.training" in text
+    model_file = load_model_file(path)
+    torch.manual_seed(0)
+    original = model_file.build().eval()
+    executor = LocalExecutor(load_pipeline(folder), original)
+    for stage in executor.stages:
+        stage.eval()
+    batch = model_file.inputs(3)
+    with torch.no_grad():
+        expected = original(*batch)
+        actual = executor.forward(batch)
+        again = executor.forward(batch)
+    actual = actual[0] if isinstance(actual, tuple) else actual
+    again = again[0] if isinstance(again, tuple) else again
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(actual, again)
+
+
 LISTED_LEAF = """
 import torch
 import torch.nn as nn
@@ -445,3 +477,21 @@ def test_what_export_cannot_do_is_named(model, options, message, tmp_path):
 
     with pytest.raises(FtcError, match=re.escape(message)):
         compile_model(model, tmp_path, CompileOptions(stages=2, frontend="export", **options))
+
+
+def test_stage_comments_cite_lines_of_the_model_file_only(tmp_path, compile_to):
+    """Code that the model file imports from a file whose name ends like the model file's
+    (`my_net.py` beside `net.py`, as transformers' `modeling_llama.py` beside `llama.py`) is
+    not cited as the model file's lines."""
+    (tmp_path / "my_net.py").write_text(
+        "import torch\n\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.a = torch.nn.Linear(8, 8)\n        self.b = torch.nn.Linear(8, 8)\n\n"
+        "    def forward(self, x):\n        return self.b(torch.relu(self.a(x)) * 2.0)\n"
+    )
+    (tmp_path / "net.py").write_text(
+        "import sys\nimport torch\n\nsys.path.insert(0, __file__.rsplit('/', 1)[0])\nfrom my_net import Net\n\n\n"
+        "def build_model():\n    return Net()\n\n\ndef example_inputs(batch_size):\n    return (torch.randn(batch_size, 8),)\n"
+    )
+    folder = compile_to(tmp_path / "net.py", 2, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "net.py:" not in text.replace("my_net.py:", "")

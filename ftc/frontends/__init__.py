@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sysconfig
+import traceback
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from ftc.ir import FtcError, Graph
+from ftc.runtime import model_file as model_file_module
 from ftc.runtime.model_file import ModelFile, user_frame
 
 from .export import trace_export
@@ -125,6 +129,22 @@ def _quiet():
         logger.setLevel(level)
 
 
+def library_frame(exc: BaseException, model_path: Path) -> str:
+    """' (at file.py:LINE: source)' for the innermost traceback frame outside torch, ftc and
+    Python's standard library when it is not in the model file: where a library the model file
+    calls (transformers' modeling code, say) did what the tracer could not follow; '' otherwise."""
+    skipped = [Path(torch.__file__).parent, Path(__file__).parents[1], Path(model_file_module.__file__).parent,
+               Path(sysconfig.get_paths()["stdlib"])]  # fmt: skip
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = Path(frame.filename)
+        if frame.filename.startswith("<") or any(path.is_relative_to(root) for root in skipped):
+            continue
+        if path.resolve() == model_path.resolve():
+            return ""
+        return f" (at {path}:{frame.lineno}: {(frame.line or '').strip()})"
+    return ""
+
+
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:
     """One error for a failed trace: where in the model file it failed and why, per tracer."""
     names = ["torch.fx", "torch.export"] if len(errors) == 2 else [tracers]
@@ -136,7 +156,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
             places.append(place)
         first_line = (str(exc).strip().splitlines() or [""])[0]
         first_line = first_line if len(first_line) <= 120 else first_line[:117] + "..."
-        reasons.append(f"{tracer}: {type(exc).__name__}: {first_line}")
+        # Failing inside a library the model calls, the library's line says what to change.
+        reasons.append(f"{tracer}: {type(exc).__name__}: {first_line}{library_frame(exc, model_file.path)}")
     where = "".join(places)
     fix = "make forward's Python independent of tensor values and shapes (use torch ops such as torch.where instead of `if`)"
     if names == ["torch.export"] and model_file.leaf_modules:

@@ -21,6 +21,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ftc.ir import TorchExpr
+
+from .common import STAGE_TRAINING
+
 # aten.slice's "to the end" is the largest int64
 _END = 2**63 - 1
 
@@ -226,7 +230,24 @@ def _clone(a: dict) -> Call:
 
 
 def _dropout(a: dict) -> Call:
-    return Call("call_function", "F.dropout", (a["input"],), {"p": a["p"], "training": a["train"]})
+    # Traced in training mode, `training=True` stands for the model's `self.training` (HF's
+    # `F.dropout(x, p, training=self.training)`): the stage follows its own train()/eval().
+    training = STAGE_TRAINING if a["train"] is True else a["train"]
+    return Call("call_function", "F.dropout", (a["input"],), {"p": a["p"], "training": training})
+
+
+def _attention(a: dict) -> Call:
+    """F.scaled_dot_product_attention; attention code passes its dropout probability only when
+    training (`dropout_p=self.dropout if self.training else 0.0` in torch.nn and HF), so a traced
+    probability becomes that expression again."""
+    call = _function(
+        "F.scaled_dot_product_attention", "query", "key", "value",
+        attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    )(a)  # fmt: skip
+    dropout = call.kwargs.get("dropout_p")
+    if isinstance(dropout, (int, float)) and dropout > 0:
+        call.kwargs["dropout_p"] = TorchExpr(f"{float(dropout)!r} if self.training else 0.0")
+    return call
 
 
 def _batch_norm(a: dict) -> Call:
@@ -309,17 +330,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "group_norm.default": _function("F.group_norm", "input", "num_groups", weight=None, bias=None, eps=1e-5),
     "batch_norm.default": _batch_norm,
     "embedding.default": _embedding,
-    "scaled_dot_product_attention.default": _function(
-        "F.scaled_dot_product_attention",
-        "query",
-        "key",
-        "value",
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-        scale=None,
-        enable_gqa=False,
-    ),
+    "scaled_dot_product_attention.default": _attention,
     "dropout.default": _dropout,
     "conv1d.default": _function("F.conv1d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "conv2d.default": _function("F.conv2d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),

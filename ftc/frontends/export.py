@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import re
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -277,9 +278,11 @@ def _scope(fx_node: fx.Node, model_file: ModelFile, outer: int = 0) -> tuple[str
     paths = [""] + paths[: len(paths) - outer]
     module_path = paths[-1]
     source = ""
+    name, own = model_file.path.name, model_file.path.resolve()
     for filename, line in _FRAME.findall(fx_node.meta.get("stack_trace") or ""):
-        if filename.endswith(model_file.path.name):
-            source = f"{model_file.path.name}:{line}"
+        # by the file itself: transformers' modeling_llama.py is not a model file llama.py
+        if Path(filename).name == name and Path(filename).resolve() == own:
+            source = f"{name}:{line}"
     return module_path, source
 
 
