@@ -278,7 +278,7 @@ OPERATORS = {
     "add": "add", "sub": "sub", "mul": "mul", "div": "truediv",
     "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
     "__and__": "and_", "__or__": "or_", "__xor__": "xor",
-    "bitwise_and": "and_", "bitwise_or": "or_", "bitwise_xor": "xor",
+    "bitwise_and": "and_", "bitwise_or": "or_", "bitwise_xor": "xor", "remainder": "mod",
 }  # fmt: skip
 UNARY_FUNCTIONS = (
     "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "floor", "ceil",
@@ -372,6 +372,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "gather.default": _method("gather", "self", "dim", "index"),
     "index_select.default": _method("index_select", "self", "dim", "index"),
     "masked_fill.Scalar": _method("masked_fill", "self", "mask", "value"),
+    "masked_scatter.default": _method("masked_scatter", "self", "mask", "source"),
+    "_weight_norm.default": _function("torch._weight_norm", "v", "g", dim=0),
     "masked_fill.Tensor": _method("masked_fill", "self", "mask", "value"),
     "where.self": _function("torch.where", "condition", "self", "other"),
     "where.ScalarSelf": _function("torch.where", "condition", "self", "other"),
