@@ -383,8 +383,10 @@ def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
     probabilities), or, when loss_fn refuses those, class indices without the class dimension
     (dim 1, torch's losses, or the last, a language model's logits) in [0, classes) of one output
     tensor; where the model returns several (a dict, as Hugging Face models do), also one tensor
-    shaped like one of them, in their order. The first that loss_fn takes at batch size 2 is it
-    (as the compiler's loss profile chooses, ftc/profiling/loss.py)."""
+    shaped like one of them, in their order. The first that loss_fn takes at batch size 2 is it.
+    The compiler's loss profile (ftc/profiling/loss.py) follows the same rule for one output
+    tensor; for several it tries only targets shaped like all of them, so a dict output's loss
+    needs example_targets to be priced."""
     if outputs is None or loss_fn is None:
         return outputs
     leaves = [outputs] if isinstance(outputs, OutputSpec) else _output_leaves(outputs)
