@@ -105,7 +105,7 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
 def _memory_plan(pipeline: Pipeline) -> str:
     """The schedule, micro-batches and optimizer the compiler estimated memory for."""
     settings = pipeline.manifest.get("settings", {})
-    micro_batches = settings.get("micro_batches") or len(pipeline.stages)
+    micro_batches = pipeline.planned_micro_batches
     plan = (
         f"{settings.get('schedule', '1f1b')} with {micro_batches} micro-batches of "
         f"{pipeline.manifest['batch_size'] / micro_batches:g} samples, {settings.get('optimizer', 'adam')} "

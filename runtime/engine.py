@@ -410,6 +410,14 @@ class _DeviceRunner:
         self.order = order
         self.prefetch = engine.distributed
         self.stages_here = sum(1 for s in self.plan.specs.values() if s.device == device)
+        # The memory of this device's parameters and buffers: updates (the optimizer's, a forward
+        # that counts in a buffer) write into it in place, so it stays the same between steps.
+        self.state_storages = {
+            tensor.untyped_storage().data_ptr()
+            for index, module in engine.modules.items()
+            if self.plan.device_of[index] == device
+            for tensor in (*module.parameters(), *module.buffers())
+        }
 
     def begin(self, step, micro_batch_size, input_batches, target_batches, loss_scale, training) -> None:
         self.step = step
@@ -430,12 +438,6 @@ class _DeviceRunner:
         self.backwards_left = {m: self.stages_here for m in range(self.engine.micro_batches)}
         self.scaled_losses: dict[int, torch.Tensor] = {}
         self.losses: list[torch.Tensor] = []
-        self.state_storages = {
-            tensor.untyped_storage().data_ptr()
-            for index, module in self.engine.modules.items()
-            if self.plan.device_of[index] == self.device
-            for tensor in (*module.parameters(), *module.buffers())
-        }
 
     def run(self, action: Action) -> None:
         if self.prefetch:

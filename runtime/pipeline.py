@@ -61,6 +61,12 @@ class Pipeline:
         return {name: group[0] for group in self.manifest.get("tied", []) for name in group[1:]}
 
     @property
+    def planned_micro_batches(self) -> int:
+        """The micro-batch count the compiler estimated memory for (--micro-batches; by
+        default one per stage)."""
+        return self.manifest.get("settings", {}).get("micro_batches") or len(self.stages)
+
+    @property
     def num_devices(self) -> int:
         """How many devices the stages are placed on (numbered 0..n-1, as load_pipeline checked)."""
         return len({s["device"] for s in self.manifest["stages"]})

@@ -187,8 +187,7 @@ def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     settings = pipeline.manifest.get("settings", {})
     if settings.get("memory_limit") is None:
         return []
-    planned_micro_batches = settings.get("micro_batches") or len(pipeline.stages)
-    planned_sample_share = pipeline.manifest["batch_size"] / planned_micro_batches
+    planned_sample_share = pipeline.manifest["batch_size"] / pipeline.planned_micro_batches
     optimizer = config.optimizer.name
     if optimizer == "sgd" and config.optimizer.momentum:
         optimizer = "momentum"
