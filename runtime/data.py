@@ -378,23 +378,14 @@ def _outputs_on_meta(model_file: ModelFile) -> Any:
 
 
 def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
-    """What synthetic targets look like (OutputSpecs), for the model's outputs (`outputs`): uniform
-    numbers in [0, 1) shaped like them (mse, binary cross-entropy, cross-entropy on class
-    probabilities), or, when loss_fn refuses those, class indices without the class dimension
-    (dim 1, torch's losses, or the last, a language model's logits) in [0, classes) of one output
-    tensor; where the model returns several (a dict, as Hugging Face models do), also one tensor
-    shaped like one of them, in their order. The first that loss_fn takes at batch size 2 is it.
-    The compiler's loss profile (ftc/profiling/loss.py) follows the same rule for one output
-    tensor; for several it tries only targets shaped like all of them, so a dict output's loss
-    needs example_targets to be priced."""
+    """What synthetic targets look like (OutputSpecs), for the model's outputs (`outputs`): the
+    first of target_candidates that loss_fn takes at batch size 2."""
     if outputs is None or loss_fn is None:
         return outputs
-    leaves = [outputs] if isinstance(outputs, OutputSpec) else _output_leaves(outputs)
-    candidates = [outputs] + [c for leaf in leaves for c in (leaf, *class_index_targets(leaf)) if c is not outputs]
     with torch.random.fork_rng(devices=[]):
         fake = map_with_dims(lambda spec, _: torch.randn(_sized(spec, 2)).requires_grad_()
                              if getattr(torch, spec.dtype).is_floating_point else drawn(spec, _sized(spec, 2)), outputs, 0)  # fmt: skip
-        for candidate in candidates:
+        for candidate in target_candidates(outputs):
             try:
                 loss = loss_fn(fake, map_with_dims(lambda spec, _: drawn(spec, _sized(spec, 2)), candidate, 0))
             except Exception:  # a target of the wrong kind: try the next
@@ -402,6 +393,18 @@ def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 return candidate
     return outputs
+
+
+def target_candidates(outputs: Any) -> list[Any]:
+    """The targets a loss_fn may want for outputs described by `outputs` (a tree of OutputSpecs),
+    in the order they are tried: uniform numbers in [0, 1) shaped like all the outputs (mse,
+    binary cross-entropy, cross-entropy on class probabilities); then, for each output tensor in
+    order (a dict output, as Hugging Face models return, has several), one tensor shaped like it
+    and its class indices (class_index_targets). The synthetic data set and the compiler's loss
+    profile (ftc/profiling/loss.py) both follow this rule, so the loss the profile prices is the
+    loss training computes."""
+    leaves = _output_leaves(outputs)
+    return [outputs] + [c for leaf in leaves for c in (leaf, *class_index_targets(leaf)) if c is not outputs]
 
 
 def _output_leaves(outputs: Any) -> list[OutputSpec]:

@@ -441,9 +441,9 @@ def test_the_analytic_profile_counts_the_loss_by_hand(tmp_path):
 
 def test_the_loss_target_follows_the_data_sets(tmp_path):
     """Targets as runtime/data.py makes them: example_targets when the model file has it, else
-    output-shaped numbers, else class indices (a language model's token ids); no loss_fn, or a
-    loss_fn no such target suits (a dict output without example_targets), means no loss cost,
-    and no error."""
+    output-shaped numbers, else, per output tensor, one shaped like it or its class indices (a
+    language model's token ids); no loss_fn, or a loss_fn no such target suits (one that wants a
+    dict of labels), means no loss cost, and no error."""
     from ftc.profiling.loss import as_leaves, loss_target
 
     def target_for(text: str, outputs):
@@ -459,10 +459,21 @@ def test_the_loss_target_follows_the_data_sets(tmp_path):
     assert target_for(scores, torch.empty(8, 16, device="meta", requires_grad=True)).shape == (8, 16)
     keyed = LOSSY.replace("(output @ output.T).sum()", "F.binary_cross_entropy_with_logits(output['score'], target)")
     keyed = keyed.replace("import torch.nn as nn", "import torch.nn as nn\nimport torch.nn.functional as F")
-    assert target_for(keyed, {"score": torch.empty(8, device="meta", requires_grad=True)}) is None
+    # A dict output (a Hugging Face model's) whose loss takes one tensor: shaped like one output,
+    # or its class indices, as the synthetic data set draws them.
+    scored = {"hidden": torch.empty(8, 3, device="meta", requires_grad=True),
+              "score": torch.empty(8, device="meta", requires_grad=True)}  # fmt: skip
+    assert target_for(keyed, scored).shape == (8,) and target_for(keyed, scored).is_floating_point()
+    hf_style = TOKENS.replace("def loss_fn(output, target):", "def loss_fn(output, target):\n    output = output['logits']")
+    tokens = target_for(hf_style, {"logits": logits, "hidden": torch.empty(8, 5, 4, device="meta", requires_grad=True)})
+    assert tokens.shape == (8, 5) and tokens.dtype == torch.int64
+    labels = LOSSY.replace("return (output @ output.T).sum()",
+                           "assert isinstance(target, dict) and 'label' in target, 'labels come in a dict'\n"
+                           "    return (output['score'] * target['label']).sum()")  # fmt: skip
+    assert target_for(labels, scored) is None  # a dict of labels: only example_targets can say
     assert target_for(SMALL, torch.empty(8, 4, device="meta", requires_grad=True)) is None  # no loss_fn
-    with_labels = keyed + "\ndef example_targets(batch_size):\n    return torch.ones(batch_size)\n"
-    assert target_for(with_labels, {"score": torch.empty(8, device="meta", requires_grad=True)}).shape == (8,)
+    with_labels = labels + "\ndef example_targets(batch_size):\n    return {'label': torch.ones(batch_size)}\n"
+    assert target_for(with_labels, scored)["label"].shape == (8,)
 
 
 def test_the_measured_profile_times_the_loss_and_caches_it(tmp_path, cache_dir):

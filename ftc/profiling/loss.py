@@ -6,15 +6,14 @@ forward and backward. To price it, a profile runs the model file's loss_fn on th
 outputs with a target made the way the runtime's data sets make one (runtime/data.py):
 
 1. the model file's `example_targets(batch_size)`, when it defines one;
-2. else the synthetic data set's rule: uniform numbers in [0, 1) shaped like the outputs (they
-   suit mse, binary cross-entropy and cross-entropy with class probabilities);
-3. else class indices, the other convention of classification losses: a single output tensor
-   without its class dimension, dim 1 (torch's losses) or the last (a language model's logits,
-   which its loss flattens), with values in [0, classes).
+2. else the synthetic data set's candidates (runtime/data.py target_candidates): uniform
+   numbers in [0, 1) shaped like all the outputs, then, for each output tensor, one tensor shaped
+   like it and its class indices (without the class dimension: dim 1, torch's losses, or the
+   last, a language model's logits, which its loss flattens).
 
 The first target on which loss_fn returns a one-element tensor with a gradient is used. A model
 file without a loss_fn, or whose loss_fn accepts none of these (it wants a dict of labels, say),
-gets no loss cost, and no error: the loss is then left out of the stage costs, as before.
+gets no loss cost, and no error: the loss is then left out of the stage costs.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ftc.repeats import tensors_in
-from ftc.runtime.data import OutputSpec, class_index_targets, drawn
+from ftc.runtime.data import OutputSpec, drawn, map_with_dims, target_candidates
 from ftc.runtime.model_file import ModelFile
 
 
@@ -52,17 +51,19 @@ def _candidates(model_file: ModelFile, outputs: Any, batch_size: int, device: st
             return
         yield tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, targets)
         return
-    try:
-        yield tree_map(
-            lambda t: torch.rand(t.shape, dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t, outputs
-        )
-    except RuntimeError:
-        pass  # outputs rand cannot fill (integer ones)
-    if isinstance(outputs, torch.Tensor):
-        # The runtime's synthetic data set draws class indices by the same rule.
-        whole = OutputSpec(tuple(outputs.shape), str(outputs.dtype).removeprefix("torch."), None)
-        for spec in class_index_targets(whole):
-            yield drawn(spec, list(spec.shape)).to(device)
+    specs = tree_map(lambda t: _spec(t, batch_size) if isinstance(t, torch.Tensor) else t, outputs)
+    for candidate in target_candidates(specs):
+        try:
+            yield map_with_dims(lambda spec, _: drawn(spec, list(spec.shape)).to(device), candidate, 0)
+        except RuntimeError:
+            pass  # uniform numbers for an integer output: not a target
+
+
+def _spec(output: torch.Tensor, batch_size: int) -> OutputSpec:
+    """An output as the synthetic data set describes it, at the profile's full batch size: its
+    batch dimension is taken to be the first, when that has the batch's size."""
+    batch_dim = 0 if output.dim() and output.shape[0] == batch_size else None
+    return OutputSpec(tuple(output.shape), str(output.dtype).removeprefix("torch."), batch_dim)
 
 
 def loss_target(model_file: ModelFile, outputs: Any, batch_size: int, device: str) -> Any | None:
