@@ -256,6 +256,8 @@ def test_whole_views_are_the_tensor_itself():
     assert whole_view(aten.slice.Tensor, (x, 1, 0, 2**63 - 1), {}) is x
     assert whole_view(aten.slice.Tensor, (x, 1, 0, 5), {}) is None
     assert whole_view(aten.slice.Tensor, (x, 0, 0, 2**63 - 1, 2), {}) is None
+    assert whole_view(aten.dropout.default, (x, 0.0, True), {}) is x  # ATen returns it unchanged
+    assert whole_view(aten.dropout.default, (x, 0.1, True), {}) is None
 
 
 def test_every_table_entry_has_a_case():

@@ -424,10 +424,14 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
 
 
 def whole_view(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any | None:
-    """The tensor itself, for ops that view all of it (alias, `x[:]`), or None. Writing the
-    tensor instead computes the same values and gradients; only the view object is gone."""
+    """The tensor itself, for ops that view all of it (alias, `x[:]`) or return it (dropout with
+    p = 0, which ATen returns unchanged: HF configs set attention_dropout=0.0), or None. Writing
+    the tensor instead computes the same values and gradients; only the view object is gone."""
     if op is torch.ops.aten.alias.default:
         return args[0]
+    if op is torch.ops.aten.dropout.default:
+        a = bind(op, args, kwargs)
+        return a["input"] if isinstance(a["p"], (int, float)) and a["p"] == 0 else None
     if op is torch.ops.aten.slice.Tensor:
         a = bind(op, args, kwargs)
         if _equal(a["start"], 0) and _equal(a["end"], _END) and _equal(a["step"], 1):
