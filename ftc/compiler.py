@@ -10,7 +10,7 @@ import torch
 
 from ftc.backend.writer import write_pipeline
 from ftc.frontends import trace
-from ftc.ir import FtcError, Graph, validate
+from ftc.ir import FtcError, Graph, TensorMeta, validate
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
@@ -135,6 +135,13 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"note: forward uses the value of self.training at {', '.join(graph.training_branches)} (a branch, "
             "`and`/`or`, arithmetic): the stages keep what it computed in training mode, in eval() too (torch.nn "
             "layers such as nn.Dropout, and self.training passed to a function as it is, follow the stage's mode)"
+        )
+    packed = [node.name for node in graph.nodes if node.op == "input" and isinstance(node.meta, TensorMeta)
+              and node.meta.batch_dim is not None and node.meta.shape[node.meta.batch_dim] != graph.batch_size]  # fmt: skip
+    if packed:
+        notes.append(
+            f"note: input {packed[0]!r} has several rows per sample along its batch dimension (a packed input): the "
+            "stages run, but `ftc train` cannot stack or micro-batch it; give the model one row per sample"
         )
     if options.profile == "measure":
         cache = ProfileCache() if options.cache else None

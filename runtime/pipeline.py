@@ -67,6 +67,20 @@ class Pipeline:
         return self.manifest.get("settings", {}).get("micro_batches") or len(self.stages)
 
     @property
+    def packed_inputs(self) -> dict[str, int]:
+        """Inputs with several rows per sample along their batch dimension (EmbeddingBag's flat
+        indices, a flattened [B*T] token list), by rows per sample: a batch of them is not a
+        stack of samples, and a micro-batch not a slice."""
+        values, batch = self.manifest["values"], self.manifest["batch_size"]
+        packed = {}
+        for name in self.inputs:
+            spec = values.get(name, {})
+            dim = spec.get("batch_dim")
+            if spec.get("kind") == "tensor" and dim is not None and spec["shape"][dim] != batch:
+                packed[name] = spec["shape"][dim] / batch
+        return packed
+
+    @property
     def num_devices(self) -> int:
         """How many devices the stages are placed on (numbered 0..n-1, as load_pipeline checked)."""
         return len({s["device"] for s in self.manifest["stages"]})

@@ -180,6 +180,20 @@ def check_sparse_gradients(config: Config, modules: list[torch.nn.Module]) -> No
                        "set optimizer.weight_decay to 0, or build the embedding with sparse=False")  # fmt: skip
 
 
+def check_unpacked_inputs(pipeline: Pipeline) -> None:
+    """Data sets stack one sample per row of each input's batch dimension, and the engine cuts
+    micro-batches by slicing it: an input with several rows per sample (pipeline.packed_inputs)
+    would meet a wrong batch size deep in the data set, or wrong offsets in a stage."""
+    packed = pipeline.packed_inputs
+    if packed:
+        name, rows = next(iter(packed.items()))
+        raise FtcError(f"{pipeline.folder}: input {name!r} has {rows:g} rows per sample along its batch dimension (a "
+                       "packed input, such as EmbeddingBag's flat indices with offsets): training stacks one sample "
+                       "per row and cuts micro-batches by slicing rows, which cannot split it",
+                       "give the model one row per sample: e.g. indices [batch, bag_size] (EmbeddingBag takes 2-D "
+                       "input; pad with padding_idx), or tokens [batch, T] reshaped inside forward")  # fmt: skip
+
+
 def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     """Where the config trains with more memory per stage than a pipeline compiled under
     --memory-limit was planned for (pipeline.json's settings); one line each, empty when it fits
@@ -334,6 +348,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if rank == 0 and config.mode != "single":
         for line in memory_plan_differences(config, pipeline):
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+    check_unpacked_inputs(pipeline)
     device = training_device(config, rank)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     outputs = synthetic_targets(output_specs(pipeline), loss_fn) if config.data["name"] == "synthetic" else None

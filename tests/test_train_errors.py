@@ -188,3 +188,19 @@ def test_sparse_gradients_are_checked_and_an_optimizer_that_refuses_them_is_name
     with pytest.raises(FtcError) as info:
         run(folder, optimizer={**sgd, "weight_decay": 0.01}, batch_size=8, data={"name": "synthetic", "size": 16})
     assert "optimizer.weight_decay 0.01 cannot apply to the sparse gradients" in info.value.message
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_a_packed_input_is_named_at_compile_and_refused_by_train(tmp_path, mode):
+    """EmbeddingBag's flat indices have 3 rows per sample: the stages run (ftc check), but no data
+    set can stack them nor the engine slice them into micro-batches, so training refuses them
+    by name before any data is drawn, instead of a batch-size error deep in the data set."""
+    from ftc.check import check_pipeline
+
+    compiled = compile_model(MODELS / "packed_bag.py", tmp_path, CompileOptions(stages=2))
+    assert any("input 'ids' has several rows per sample" in note for note in compiled.notes)
+    assert check_pipeline(compiled.folder).ok
+    with pytest.raises(FtcError) as info:
+        run(compiled.folder, mode=mode, batch_size=8, data={"name": "synthetic", "size": 16})
+    assert "input 'ids' has 3 rows per sample along its batch dimension" in info.value.message
+    assert "EmbeddingBag takes 2-D input" in info.value.hint
