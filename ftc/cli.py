@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--recompute", choices=POLICIES, default="auto", help="recompute activations in backward: auto (where memory requires it), always, never")
     compile_.add_argument("--blocks", type=_positive_int, help="mpipe: blocks to pack onto devices (default: 2, 3 and 4 times --stages are tried)")
     compile_.add_argument("--profile", choices=PROFILES, default="analytic", help="analytic: FLOPs and a roofline on meta tensors (default); measure: time every node on real tensors")
-    compile_.add_argument("--device", choices=DEVICES, default="cpu", help="where --profile measure times the nodes and --refine the stages (default cpu)")
+    compile_.add_argument("--device", choices=DEVICES, default="cpu", help="the training device: where --profile measure times the nodes and --refine the stages, and how the memory estimate counts the optimizer step (default cpu)")
     compile_.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
     compile_.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
     compile_.add_argument("--refine", type=_non_negative_int, default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")

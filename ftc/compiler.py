@@ -51,7 +51,8 @@ class CompileOptions:
     refine: int = 0  # splits to time on `device` (ftc/passes/partition/refine.py); 0: none
 
     def memory_settings(self) -> MemorySettings:
-        return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.micro_batches, self.recompute)
+        return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.micro_batches, self.recompute,
+                              self.device)  # fmt: skip
 
     def measure_settings(self) -> MeasureSettings:
         return MeasureSettings(device=self.device, threads=self.threads, save_memory=self.save_memory)
@@ -167,6 +168,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         or key in ("memory_limit", "optimizer", "schedule", "micro_batches", "recompute")
         or (options.method == "mpipe" and key == "blocks")
         or ((options.profile == "measure" or options.refine) and key in ("device", "threads"))
+        or (options.memory_limit is not None and key == "device")
         or (options.refine and key == "refine")
     }
     folder, manifest = write_pipeline(

@@ -221,6 +221,10 @@ def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     planned_optimizer = settings.get("optimizer", "adam")
     if states.get(optimizer, 2) > states.get(planned_optimizer, 2):
         differences.append(f"optimizer {optimizer} (planned: {planned_optimizer}, which keeps less state)")
+    planned_device = settings.get("device", "cpu")
+    if config.device == "cuda" and planned_device != "cuda" and optimizer in ("adam", "adamw"):
+        differences.append(f"device cuda (planned: {planned_device}; {optimizer}'s step on CUDA makes one copy of "
+                           "all the parameters, on the CPU two of the largest)")  # fmt: skip
     if config.recompute == "never" and any(s.recompute for s in pipeline.stages):
         planned = [s.index for s in pipeline.stages if s.recompute]
         differences.append(f"recompute never (planned: stages {planned} recompute)")
@@ -230,7 +234,7 @@ def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
         f"{pipeline.folder} was partitioned to fit {settings['memory_limit'] / 1e6:.1f} MB per device (--memory-limit), "
         f"but config {config.source} trains with " + "; ".join(differences) + ": stages may need more memory "
         "than the limit\n  fix: recompile with these settings (ftc compile --schedule, --micro-batches, "
-        "--batch-size, --optimizer), or train with the planned ones (`ftc explain` shows the plan)"
+        "--batch-size, --optimizer, --device), or train with the planned ones (`ftc explain` shows the plan)"
     ]
 
 

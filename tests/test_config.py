@@ -152,12 +152,14 @@ def test_training_outside_the_memory_plan_is_named(tmp_path):
     smaller = {**planned, "micro_batches": 4, "optimizer": {"name": "sgd", "momentum": 0.0}}
     assert memory_plan_differences(load_config(data=smaller), pipeline) == []
     (warning,) = memory_plan_differences(
-        load_config(data={**planned, "schedule": "gpipe", "batch_size": 16, "optimizer": {"name": "adamw"}}), pipeline
+        load_config(data={**planned, "schedule": "gpipe", "batch_size": 16, "optimizer": {"name": "adamw"},
+                          "device": "cuda"}), pipeline  # fmt: skip
     )
     assert "partitioned to fit 1000.0 MB per device (--memory-limit)" in warning
     assert "schedule gpipe (planned: 1f1b" in warning
     assert "micro-batches of 8 samples (batch_size / micro_batches; planned: 4)" in warning
     assert "optimizer adamw (planned: sgd" in warning
+    assert "device cuda (planned: cpu; adamw's step on CUDA makes one copy of all the parameters" in warning
     assert "fix: recompile with these settings" in warning
     unlimited = load_pipeline(compile_model(ROOT / "examples" / "mlp.py", tmp_path / "free", CompileOptions(stages=2)).folder)
     assert memory_plan_differences(load_config(data={**planned, "schedule": "gpipe"}), unlimited) == []

@@ -272,7 +272,8 @@ def test_stage_memory_by_hand():
     outputs are 40 and 20 bytes. Adam: two optimizer copies. Under 1F1B with 2 stages and 2
     micro-batches (as many as stages), a micro-batch holds half of each, the first stage keeps 2
     micro-batches in flight, the second 1; a backward also holds WORKING_COPIES of its
-    stage's largest output (the working set)."""
+    stage's largest output and a new gradient of its largest weight (the working set). Adam's
+    step on the CPU makes two copies of the largest weight at a time, on CUDA one of them all."""
     W = WORKING_COPIES
     state = [StateUse("w", 100, True, [0]), StateUse("b", 10, False, [0])]
     footprint = Footprint(MemorySettings(optimizer="adam"), np.array([70.0, 50.0]), state, np.array([40.0, 20.0]))
@@ -282,15 +283,21 @@ def test_stage_memory_by_hand():
     first, second = np.array([True, False]), np.array([False, True])
     memory = problem.stage_memory(first, 0, 2, False)
     assert (memory.parameters, memory.gradients, memory.optimizer) == (110, 100, 200)
-    assert memory.activations == (2 * 70 + W * 40) / 2  # saved per micro-batch in flight, working set
+    assert memory.activations == (2 * 70 + W * 40) / 2 + 100  # saved per micro-batch in flight, working set
+    assert memory.temporaries == 2 * 100 and memory.total == 410 + max(memory.activations, 200)
     # A recomputing stage keeps what it sends and receives per micro-batch in flight, one
     # micro-batch's saved values and the working set.
-    assert problem.stage_memory(first, 0, 2, True).activations == (2 * 30 + 70 + W * 40) / 2
+    assert problem.stage_memory(first, 0, 2, True).activations == (2 * 30 + 70 + W * 40) / 2 + 100
     assert problem.stage_memory(second, 1, 2, False).total == ((50 + 30) * 1 + W * 20) / 2
     assert problem.stage_memory(second, 1, 2, True).activations == (30 * 1 + 50 + W * 20) / 2
     gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=5), footprint.saved, state, footprint.largest)
     problem.footprint = gpipe
     assert problem.stage_memory(second, 1, 2, False).activations == ((50 + 30) * 5 + W * 20) / 5  # the whole batch
+    # Adam on CUDA steps foreach: one copy of all the stage's weights; SGD steps in place.
+    two_weights = [*state, StateUse("w2", 300, True, [0])]
+    for settings, step in ((MemorySettings(device="cuda"), 400), (MemorySettings(), 600), (MemorySettings(optimizer="sgd"), 0)):
+        problem.footprint = Footprint(settings, footprint.saved, two_weights, footprint.largest)
+        assert problem.stage_memory(first, 0, 2, False).temporaries == step
 
 
 def random_memory_problem(rng: random.Random) -> Problem:
@@ -546,5 +553,6 @@ def test_cli_memory_flags(tmp_path, capsys):
         memory = stage["cost"]["memory"]
         assert memory["optimizer"] == 0 and memory["gradients"] > 0 and stage["recompute"] is False
         assert memory["total"] == sum(memory[k] for k in ("parameters", "gradients", "optimizer", "activations"))
+        assert memory["temporaries"] == 0  # SGD steps in place
     assert main([*args, "--blocks", "3", "--force"]) == 2
     assert "--blocks applies to --method mpipe" in capsys.readouterr().err

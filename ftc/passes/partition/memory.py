@@ -3,20 +3,20 @@
     parameters   the parameters and buffers the stage's ops read (a tied tensor counts once)
   + gradients    one copy of its trainable parameters
   + optimizer    `--optimizer` state: sgd 0, momentum 1, adam / adamw 2 copies of them
-  + activations  per micro-batch in flight: what its ops save for backward and the values it
+  + the larger of
+    activations  per micro-batch in flight: what its ops save for backward and the values it
                  receives (the runtime keeps them until the micro-batch's backward), times the
                  micro-batches the schedule keeps in flight at the stage: under 1F1B the stage at
                  position k of S keeps S - k of them (at most the micro-batch count), under
                  GPipe all M; plus the backward's working set, once: the gradients a backward
                  holds beside what forward saved, WORKING_COPIES times the stage's largest op
-                 output (one micro-batch's).
+                 output (one micro-batch's), and a weight gradient being accumulated into .grad
+                 (the new one is made beside it: the stage's largest trainable tensor);
+    temporaries  of the optimizer step, which runs after the activations are freed (step_bytes).
 
-Not counted: the optimizer step's temporaries, which come after the activations are freed and
-exceed them only where activations are small (Adam's per-tensor temporaries on the CPU, about one
-copy of the parameters with foreach Adam on CUDA); the receive buffers the runtime posts a few
-actions ahead (runtime/engine.py PREFETCH_ACTIONS); allocator caching and fragmentation. Checked
-against torch.profiler's allocation counts of dist training on the CPU: within 0.80-1.15 of the
-measured peak on stages whose activations dominate (see the README).
+Not counted: the receive buffers the runtime posts a few actions ahead (runtime/engine.py
+PREFETCH_ACTIONS); allocator caching and fragmentation. Checked against torch.profiler's
+allocation counts of dist training on the CPU (see the README).
 
 The IR's sizes are for the compile batch size, which the runtime splits into M micro-batches
 (`--micro-batches`; as many as stages when not given), so one micro-batch saves 1/M of them, as
@@ -89,6 +89,7 @@ class MemorySettings:
     schedule: str = "1f1b"
     micro_batches: int | None = None  # None: as many as stages (the fewest that fill the pipeline)
     recompute: str = "auto"  # "auto" | "always" | "never" (ftc/passes/recompute.py)
+    device: str = "cpu"  # "cpu" | "cuda": how torch's optimizers step there (step_bytes)
 
     def in_flight(self, position: int, stages: int) -> int:
         """Micro-batches whose activations the stage at `position` (0-based) of `stages` keeps."""
@@ -118,19 +119,21 @@ class StageMemory:
     gradients: int
     optimizer: int
     activations: int
+    temporaries: int = 0  # the optimizer step's, alive when the activations are not
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + max(self.activations, self.temporaries)
 
     def to_json(self) -> dict:
         return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
+        step = f", optimizer step temporaries {format_bytes(self.temporaries)}" if self.temporaries > self.activations else ""
         return (
             f"{format_bytes(self.total)}: parameters {format_bytes(self.parameters)}, gradients "
             f"{format_bytes(self.gradients)}, optimizer {format_bytes(self.optimizer)}, activations "
-            f"{format_bytes(self.activations)}"
+            f"{format_bytes(self.activations)}{step}"
         )
 
 
@@ -143,6 +146,15 @@ class Footprint:
     state: list[StateUse]
     largest: np.ndarray = field(default_factory=lambda: np.zeros(0))  # bytes of each op's output's gradient
 
+    def largest_parameter(self, n: int) -> np.ndarray:
+        """Bytes of the largest trainable tensor each of the n ops reads (0: none): a stage's
+        largest is the largest of its ops', wherever else the tensor is read."""
+        largest = np.zeros(n)
+        for use in self.state:
+            if use.trainable:
+                largest[use.readers] = np.maximum(largest[use.readers], use.nbytes)
+        return largest
+
     def state_bytes(self, members: np.ndarray) -> tuple[int, int]:
         """(parameter and buffer bytes, trainable bytes) the ops in the boolean mask read."""
         held = trainable = 0
@@ -154,13 +166,15 @@ class Footprint:
 
     def memory(
         self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool,
-        share: float = 1.0, sent: int = 0, largest: float = 0.0,
+        share: float = 1.0, sent: int = 0, largest: float = 0.0, parameter: int = 0,
     ) -> StageMemory:
         """`saved`, `received`, `sent` (the values the stage sends) and `largest` (its largest
-        op output): bytes at the compile batch size, of which a micro-batch holds `share`."""
+        op output): bytes at the compile batch size, of which a micro-batch holds `share`;
+        `parameter`: its largest trainable tensor."""
         activations = math.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute) * share)
         copies = OPTIMIZER_STATES[self.settings.optimizer]
-        return StageMemory(held, trainable, trainable * copies, activations)
+        step = step_bytes(self.settings, trainable, parameter)
+        return StageMemory(held, trainable, trainable * copies, activations + parameter, int(step))
 
     def interval_tables(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(held, trainable, saved) for every interval of ops i..j-1, as (n+1, n+1) matrices:
@@ -176,6 +190,19 @@ class Footprint:
         prefix = np.concatenate([[0.0], np.cumsum(self.saved)])
         saved = prefix[None, :] - prefix[:, None]
         return summed(held, n), summed(trainable, n), saved
+
+
+def step_bytes(settings: MemorySettings, trainable, parameter):
+    """The temporaries of one optimizer step over `trainable` bytes of parameters whose largest
+    tensor has `parameter` bytes (numbers or arrays). The runtime takes torch's default
+    implementation (runtime/optim.py): per tensor on the CPU, foreach on CUDA (one list op over all
+    of a device's tensors). Adam and AdamW make denom = sqrt(v) / c + eps beside v: per tensor, two
+    copies of one tensor at a time (the largest sets the peak; measured on the CPU); foreach, one
+    copy of all of them. SGD, with or without momentum, steps in place (weight decay or Nesterov,
+    which the compiler is not told of, make one copy of the gradients)."""
+    if settings.optimizer not in ("adam", "adamw"):
+        return 0 * trainable
+    return trainable if settings.device == "cuda" else 2 * parameter
 
 
 def activation_bytes(saved, received, sent, largest, in_flight, recompute):

@@ -25,7 +25,7 @@ import numpy as np
 from ftc.ir import FtcError
 from ftc.passes.recompute import recompute_rule
 
-from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes
+from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes, step_bytes
 from .problem import Partition, Problem
 
 # Stage costs within this relative margin of the bottleneck count as reaching it.
@@ -62,12 +62,18 @@ class StageTables:
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
             prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
             tables = (self.problem.received_table(), prefix[None, :] - prefix[:, None])
-            self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table()))
-        static, saved, received, _, sent, largest = self._parts[0]
+            parameter = self.problem.largest_parameter_table()
+            step = step_bytes(settings, trainable, parameter)
+            self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
+                                parameter, step))  # fmt: skip
+        static, saved, received, _, sent, largest, parameter, step = self._parts[0]
         settings = self.problem.footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
         return tuple(
-            static + np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute) * share)
+            static + np.maximum(
+                np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute) * share) + parameter,
+                step,
+            )
             for recompute in (False, True)
         )
 

@@ -198,8 +198,9 @@ class Problem:
         saved = int(self.saved[members].sum())
         share = self.footprint.settings.share(stages)
         largest = float(self.largest[members].max()) if members.any() else 0.0
+        parameter = int(self.footprint.largest_parameter(self.size)[members].max()) if members.any() else 0
         return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute,
-                                     share, self.member_sent(members), largest)  # fmt: skip
+                                     share, self.member_sent(members), largest, parameter)  # fmt: skip
 
     @property
     def largest(self) -> np.ndarray:
@@ -224,11 +225,11 @@ class Problem:
 
     def largest_table(self) -> np.ndarray:
         """L[i, j] = the largest op output's gradient bytes among ops i..j-1, for all intervals."""
-        n = self.size
-        table = np.zeros((n + 1, n + 1))
-        for i in range(n):
-            table[i, i + 1 :] = np.maximum.accumulate(self.largest[i:])
-        return table
+        return _interval_max(self.largest)
+
+    def largest_parameter_table(self) -> np.ndarray:
+        """P[i, j] = bytes of the largest trainable tensor ops i..j-1 read, for all intervals."""
+        return _interval_max(self.footprint.largest_parameter(self.size))
 
     def received_table(self) -> np.ndarray:
         """R[i, j] = bytes of the values the stage of ops i..j-1 receives, for all intervals."""
@@ -308,6 +309,15 @@ class Partition:
         for start in starts[1:]:
             stage_of[start:] += 1
         return cls(stage_of, list(range(len(starts))), list(recompute))
+
+
+def _interval_max(values: np.ndarray) -> np.ndarray:
+    """M[i, j] = max(values[i:j]) for all intervals (0 for the empty ones)."""
+    n = len(values)
+    table = np.zeros((n + 1, n + 1))
+    for i in range(n):
+        table[i, i + 1 :] = np.maximum.accumulate(values[i:])
+    return table
 
 
 def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = MemorySettings()) -> Problem:
