@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except FtcError as exc:
         print(f"ftc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ftc {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader went away (`ftc explain ... | head`): what it wanted was printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -16,16 +16,19 @@ machine (the checkpoint folder must then be on a shared file system).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -126,8 +129,15 @@ def launch(config: Config) -> Results | None:
     with open(log, "w") as log_file:
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
-        code = subprocess.run(command, env=env, stderr=log_file).returncode
+        code, stopped_by = _run_torchrun(command, env, log_file)
     states = [_rank_state(run_dir, rank) for rank in range(pipeline.num_devices)]
+    if stopped_by is not None:
+        steps = sorted({state["step"] for state in states if state and state["step"] >= 0})
+        where = f" at step {steps[-1]}" if steps else " before training"
+        kept = (f"the complete checkpoints in {config.checkpoint.dir} are intact: resume with "
+                "--set checkpoint.resume=true") if config.checkpoint.dir else "no checkpoint.dir was set"  # fmt: skip
+        raise FtcError(f"training stopped by {stopped_by}{where}: the launcher passed it on to torchrun, which "
+                       f"stopped the ranks (torchrun exited with {code})", kept)  # fmt: skip
     if code != 0:
         report = _failure_report(states, code, log.read_text())
         if not (results_path.is_file() and all(state and state["state"] == "done" for state in states)):
@@ -147,6 +157,39 @@ def launch(config: Config) -> Results | None:
                       data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
                       data["peak_memory_bytes"])  # fmt: skip
     return results
+
+
+def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, str | None]:
+    """Run torchrun to its end; (its exit code, the name of the signal that stopped the launcher,
+    or None). A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on
+    which it stops its workers; and torchrun gets SIGTERM when the launcher dies (even by
+    SIGKILL), so no rank trains on unwatched."""
+    process = subprocess.Popen(command, env=env, stderr=log_file, preexec_fn=_terminate_with_parent())
+    stopped_by: list[str] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        process.send_signal(signal.SIGTERM)
+
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, forward) for signum in caught}
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return code, (stopped_by[0] if stopped_by else None)
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """What the child runs before torchrun starts: ask Linux to send it SIGTERM when the launcher
+    dies (prctl PR_SET_PDEATHSIG); None where there is no prctl. Looked up here, in the parent:
+    the forked child should only make the call."""
+    try:
+        prctl = ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _flag(arguments: list[str], name: str) -> str | None:
