@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -283,6 +284,30 @@ def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
     assert failed.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank}: failed at step 2: the loss is nan at step 2" in failed.stderr, failed.stderr
+
+
+def test_stopping_the_launcher_stops_every_rank_and_says_so(tiny):
+    """SIGTERM to `ftc train` (as a job scheduler sends) reaches torchrun, which stops the ranks;
+    the launcher names the signal and the step, and no process trains on unwatched."""
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "stopped", mode="dist", steps=10**6, log_every=1)
+    path = Path(cfg.results).parent / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_json()))
+    command = [sys.executable, "-m", "ftc.cli", "train", str(path)]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    for line in launcher.stdout:  # training has begun once a step is logged
+        if line.startswith("step"):
+            break
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, err
+    assert "training stopped by SIGTERM at step" in err and "the launcher passed it on to torchrun" in err, err
+    assert "resume with --set checkpoint.resume=true" in err
+    # torchrun and its workers carry the results path on their command lines
+    running = subprocess.run(["pgrep", "-f", f"results={cfg.results}"], capture_output=True, text=True).stdout.split()
+    assert running == [], f"processes of the stopped run still running: {running}"
 
 
 TORCHRUN_ABORT_LOG = """terminate called without an active exception
