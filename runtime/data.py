@@ -430,10 +430,14 @@ def class_index_targets(output: OutputSpec) -> list[OutputSpec]:
 
 
 def drawn(spec: OutputSpec, shape: list[int]) -> torch.Tensor:
-    """A synthetic target of `shape` as the spec says: class indices or uniform [0, 1) numbers."""
+    """A synthetic target of `shape` as the spec says: class indices or uniform [0, 1) numbers
+    (for an integer or bool output, such as an argmax the model also returns, those are 0)."""
     if spec.classes is not None:
         return torch.randint(0, spec.classes, shape)
-    return torch.rand(shape, dtype=getattr(torch, spec.dtype))
+    dtype = getattr(torch, spec.dtype)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return torch.zeros(shape, dtype=dtype)
+    return torch.rand(shape, dtype=dtype)
 
 
 def _sized(spec: OutputSpec, size: int) -> list[int]:

@@ -141,3 +141,39 @@ def test_synthetic_targets_for_a_dict_output_are_one_tensor_the_loss_takes():
     # a loss that takes targets shaped like the whole output still gets them
     both = lambda output, target: sum((output[k] - target[k]).pow(2).mean() for k in output)  # noqa: E731
     assert synthetic_targets(outputs, both) == outputs
+
+
+def test_an_integer_output_beside_the_logits_gets_targets_and_trains(tmp_path):
+    """A model that also returns its argmax: synthetic targets are drawn for the logits the loss
+    reads (an integer output's uniform [0, 1) numbers are 0), with and without example_targets,
+    and mode local trains like mode single."""
+    from ftc.compiler import CompileOptions, compile_model
+    from ftc.runtime.config import load_config
+    from ftc.runtime.data import OutputSpec, drawn
+    from ftc.runtime.train import train
+
+    assert torch.equal(drawn(OutputSpec((2, 3), "int64", 0), [2, 3]), torch.zeros(2, 3, dtype=torch.long))
+    text = (
+        "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.l1, self.l2 = nn.Linear(16, 32), nn.Linear(32, 4)\n"
+        "    def forward(self, x):\n"
+        "        logits = self.l2(F.relu(self.l1(x)))\n"
+        "        return logits, logits.argmax(-1)\n"
+        "def build_model(): return Net()\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 16),)\n"
+        "def loss_fn(output, target): return F.cross_entropy(output[0], target)\n"
+    )
+    labelled = text + "def example_targets(batch_size): return torch.randint(0, 4, (batch_size,))\n"
+    for name, source in (("unlabelled", text), ("labelled", labelled)):
+        (tmp_path / f"{name}.py").write_text(source)
+        folder = compile_model(tmp_path / f"{name}.py", tmp_path / "out", CompileOptions(stages=2)).folder
+        losses = {}
+        for mode in ("single", "local"):
+            data = {"pipeline": str(folder), "mode": mode, "steps": 3, "batch_size": 8, "micro_batches": 2,
+                    "data": {"name": "synthetic", "size": 32}, "log_every": 10}  # fmt: skip
+            losses[mode] = train(load_config(data=data)).loss
+        assert len(losses["local"]) == 3 and all(torch.isfinite(torch.tensor(losses["local"])))
+        torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
