@@ -124,7 +124,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     validate(graph)
     device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)
     graph = profile_analytic(graph, model, batch, device, model_file)
-    notes = []
+    notes = [f"note: {line}" for line in graph.trace_notes]
     if graph.frontend == "export" and model_file.leaf_modules:
         leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
         notes.append(

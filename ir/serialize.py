@@ -165,7 +165,9 @@ def graph_to_dict(graph: Graph) -> dict:
             "values": [ref.name for ref in graph.outputs.values],
             "keys": graph.outputs.keys,
         },
-    } | ({"training_branches": graph.training_branches} if graph.training_branches else {})
+    } | ({"training_branches": graph.training_branches} if graph.training_branches else {}) | (
+        {"trace_notes": graph.trace_notes} if graph.trace_notes else {}
+    )
 
 
 def graph_from_dict(data: dict) -> Graph:
@@ -192,6 +194,7 @@ def graph_from_dict(data: dict) -> Graph:
         loss_cost=Cost(**data["loss_cost"]) if data.get("loss_cost") is not None else None,
         outputs=Outputs(outputs["kind"], [Ref(name) for name in outputs["values"]], outputs["keys"]),
         training_branches=data.get("training_branches", []),
+        trace_notes=data.get("trace_notes", []),
     )
 
 

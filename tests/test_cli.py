@@ -275,10 +275,13 @@ def example_inputs(batch_size):
 def test_a_reassigned_buffer_is_refused_by_fx_and_compiled_by_export(tmp_path, capsys):
     model = write(tmp_path, "counter.py", COUNTER)
     refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)
-    assert_user_error(refused, "torch.fx could not trace the model", "forward assigns buffer calls")
+    assert_user_error(refused, "torch.fx could not trace the model", "forward assigns buffer calls",
+                      "fix: compile with --frontend export or auto, or update the buffer in place")  # fmt: skip
     # export writes the buffer back onto itself after the last op; that no-op must not keep the
-    # model from splitting.
-    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)[0] == 0
+    # model from splitting. --frontend auto says why it took export.
+    code, out, _ = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)
+    assert code == 0
+    assert "note: traced with torch.export, as torch.fx could not: BufferAssigned: forward assigns buffer calls" in out
     assert json.loads((tmp_path / "auto" / "counter" / "ir.json").read_text())["frontend"] == "export"
     assert check_pipeline(tmp_path / "auto" / "counter").ok
 

@@ -211,3 +211,16 @@ def test_self_training_used_as_a_number_traces_and_is_named(tmp_path):
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
     assert compiled.graph.training_branches == ["numeric.py:14", "numeric.py:15"]
     assert_check_passes(compiled.folder, batch_size=3)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_checkpointed_blocks_train_every_weight_and_the_compile_says_so(tmp_path, frontend):
+    """torch.utils.checkpoint (reentrant and not) is traced as a plain call: no stage runs a
+    block under no_grad, every gradient equals the model's, and the compile names the calls."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    compiled = compile_model(MODELS / "checkpointed.py", tmp_path, CompileOptions(stages=3, frontend=frontend))
+    (note,) = [n for n in compiled.notes if "torch.utils.checkpoint" in n]
+    assert "checkpointed.py:30: traced as a plain call" in note
+    assert not any("no_grad" in path.read_text() for path in compiled.folder.glob("stage*.py"))
+    assert_check_passes(compiled.folder, batch_size=8)

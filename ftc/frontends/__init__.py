@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint as checkpoint_module
 
 from ftc.ir import FtcError, Graph
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.model_file import ModelFile, user_frame
 
+from .common import user_source
 from .export import trace_export
-from .fx import trace_fx
+from .fx import BufferAssigned, trace_fx
 from .meta import annotate_meta
 
 FRONTENDS = ("auto", "fx", "export")
@@ -53,6 +55,18 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     model = model_file.build("meta")
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
+    checkpoints: list[str] = []
+    with _checkpoints_as_calls(model_file, checkpoints):
+        traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name)
+    if checkpoints:
+        traced.graph.trace_notes.append(
+            f"forward calls torch.utils.checkpoint at {', '.join(dict.fromkeys(checkpoints))}: traced as a plain call; "
+            "ftc recomputes whole stages instead, where --recompute says (the stage code keeps no checkpoint)"
+        )
+    return traced
+
+
+def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name) -> Traced:
     if frontend in ("auto", "fx"):
         try:
             graph = trace_fx(model, model_file, batch, name)
@@ -85,7 +99,42 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
             raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc
     graph.batch_size = batch_size
+    if frontend == "auto":
+        graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error)}")
     return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+
+
+@contextlib.contextmanager
+def _checkpoints_as_calls(model_file: ModelFile, sources: list[str]):
+    """While tracing, torch.utils.checkpoint runs its function as a plain call, and the model-file
+    line of each call is added to `sources`. Its reentrant form runs the function under no_grad
+    inside an autograd.Function, which a tracer would record as a no_grad block (frozen weights
+    in the stage code); either form is a memory saving that stage-level recomputation replaces."""
+    reentrant = checkpoint_module.CheckpointFunction.apply
+    generator = checkpoint_module._checkpoint_without_reentrant_generator
+
+    def plain_call(function, _preserve_rng_state, *args):
+        sources.append(user_source(model_file) or model_file.path.name)
+        return function(*args)
+
+    def no_hooks(*_args, **_kwargs):
+        sources.append(user_source(model_file) or model_file.path.name)
+        yield
+
+    checkpoint_module.CheckpointFunction.apply = plain_call
+    checkpoint_module._checkpoint_without_reentrant_generator = no_hooks
+    try:
+        yield
+    finally:
+        checkpoint_module.CheckpointFunction.apply = reentrant
+        checkpoint_module._checkpoint_without_reentrant_generator = generator
+
+
+def _one_line(model_file: ModelFile, exc: BaseException) -> str:
+    """fx's error in one line: where in the model file, and what."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    first_line = first_line if len(first_line) <= 120 else first_line[:117] + "..."
+    return f"{type(exc).__name__}: {first_line}{user_frame(exc, model_file.path) or library_frame(exc, model_file.path)}"
 
 
 # torch.nn modules that hold a whole stack of layers in one call.
@@ -167,6 +216,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
     if "torch.export" not in names:
         fix += "; --frontend export handles shape-dependent Python"
+    if names == ["torch.fx"] and isinstance(errors[0], BufferAssigned):
+        fix = "compile with --frontend export or auto, or update the buffer in place (self.count.add_(1))"
     return FtcError(
         f"{model_file.path}: {'neither ' + ' nor '.join(names) + ' could' if len(names) > 1 else tracers + ' could not'} "
         f"trace the model{where} ({'; '.join(reasons)})",
