@@ -547,7 +547,22 @@ def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, s
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
-def _optimizer_state(states: list[dict], folder: Path, now: list[str]) -> dict:
+# The state torch's optimizers keep per parameter, by kind: Adam and AdamW read each other's.
+_OPTIMIZER_KINDS = {"SGD": "SGD (momentum)", "Adam": "Adam", "AdamW": "Adam"}
+
+
+def _state_kind(states: Any) -> str | None:
+    """The kind of per-parameter optimizer state (see _OPTIMIZER_KINDS), None when it holds no
+    tensors (SGD without momentum)."""
+    for state in states:
+        if "exp_avg" in state:
+            return "Adam"
+        if isinstance(state.get("momentum_buffer"), torch.Tensor):
+            return "SGD (momentum)"
+    return None
+
+
+def _optimizer_state(optimizer: Any, states: list[dict], folder: Path, now: list[str]) -> dict:
     """The optimizer state for this run's parameters `now`, in its order, gathered by name from
     the checkpoint's ranks (`states`): a run may resume with other ranks than wrote it, mode
     single from a pipeline's checkpoint and the reverse (a tied parameter's state is the same
@@ -560,6 +575,14 @@ def _optimizer_state(states: list[dict], folder: Path, now: list[str]) -> dict:
         for k, name in enumerate(saved):
             if k in optimizer_state["state"]:
                 by_name.setdefault(name, optimizer_state["state"][k])
+    written, kind = _state_kind(by_name.values()), _OPTIMIZER_KINDS.get(type(optimizer).__name__)
+    if written is None:
+        by_name = {}  # nothing to carry over (SGD without momentum): any optimizer starts afresh
+    elif kind is not None and written != kind:
+        raise FtcError(f"checkpoint {folder} holds {written} optimizer state, but the config's optimizer.name is "
+                       f"{type(optimizer).__name__.lower()}, which cannot take it over",
+                       f"resume with the optimizer that wrote it, or start a new run from its weights: "
+                       f"`ftc merge-checkpoint {folder}` and set \"init\" to the merged file")  # fmt: skip
     trained = {name for state in states for name in state.get("parameters") or []}
     missing = sorted(set(now) - trained)
     if missing:
@@ -596,7 +619,7 @@ def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, sc
         # The config's settings (lr, betas, weight decay, schedule) govern the resumed steps; the
         # checkpoint gives the optimizer's state and the schedule's position.
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(_optimizer_state(states, folder, now))
+        optimizer.load_state_dict(_optimizer_state(optimizer, states, folder, now))
         # Every rank steps the same schedule; one with parameters saved it.
         scheduler.load_state_dict(next(s["scheduler"] for s in [state, *states] if s["scheduler"] is not None))
         scheduler.base_lrs = [group["initial_lr"] for group in settings]

@@ -4,6 +4,7 @@ dist):
 - a run resumed in another mode continues the uninterrupted run exactly, though mode single
   orders the optimizer's parameters as the model registers them and the pipeline stage by stage;
 - a resumed run takes the config's optimizer settings (a changed lr applies), not the checkpoint's;
+  an optimizer whose state is of another kind (Adam after SGD with momentum) is refused;
 - a new run in a folder holding an earlier run's checkpoints keeps them until its own first
   checkpoint is complete: a run that fails before that loses nothing.
 """
@@ -62,6 +63,24 @@ def test_a_resumed_run_takes_the_configs_learning_rate(pipeline):
     resumed = train(config(root, folder, "lr", **settings, optimizer={"name": "sgd", "lr": 1e-12},
                            checkpoint={"dir": str(root / "lr"), "resume": True}))  # fmt: skip
     torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor([resumed.loss[0]] * 3), rtol=1e-5, atol=0)
+
+
+def test_resuming_with_an_optimizer_of_another_kind_is_refused_by_name(pipeline):
+    """Adam's state cannot become SGD's momentum (torch raised KeyError: 'step'), nor the reverse
+    (it was dropped without a word); AdamW takes Adam's, and SGD without momentum leaves none."""
+    root, folder = pipeline
+    train(config(root, folder, "kinds", mode="local", steps=3, optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9}))
+    resume = {"dir": str(root / "kinds"), "resume": True}
+    for name in ("adam", "adamw"):
+        with pytest.raises(FtcError) as info:
+            train(config(root, folder, "kinds", mode="local", optimizer={"name": name}, checkpoint=resume))
+        assert "holds SGD (momentum) optimizer state, but the config's optimizer.name is " + name in info.value.message
+        assert "ftc merge-checkpoint" in info.value.hint
+    train(config(root, folder, "adam", mode="local", steps=3))
+    assert len(train(config(root, folder, "adam", optimizer={"name": "adamw"}, checkpoint={**resume, "dir": str(root / "adam")})).loss) == 3
+    train(config(root, folder, "plain", mode="local", steps=3, optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.0}))
+    resumed = train(config(root, folder, "plain", mode="local", checkpoint={**resume, "dir": str(root / "plain")}))
+    assert len(resumed.loss) == 3
 
 
 def test_a_new_run_keeps_the_earlier_runs_checkpoints_until_it_has_its_own(pipeline):
