@@ -179,6 +179,10 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
     from ftc.compiler import file_in_the_way
     from ftc.runtime.checkpoint import merge, save_state_dict
 
+    from ftc.runtime.checkpoint import damaged_steps
+
+    for damaged, missing in damaged_steps(Path(args.dir)).items():
+        print(f"ftc merge-checkpoint: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr)
     step, state = merge(Path(args.dir))
     output = Path(args.output or Path(args.dir) / "merged.safetensors")
     if output.is_dir():

@@ -142,8 +142,10 @@ def _step_folders(root: Path) -> list[Path]:
 def missing_files(folder: Path) -> list[str]:
     try:
         data = manifest(folder)
-    except (OSError, ValueError):
+    except OSError:
         return [MANIFEST]
+    except ValueError:
+        return [f"a valid {MANIFEST}"]
     names = [*data.get("shards", {}), *(f"rank-{rank}.pt" for rank in range(data.get("world_size", 0)))]
     return [name for name in names if not (folder / name).is_file()]
 
@@ -198,7 +200,12 @@ def load_training_state(folder: Path, rank: int) -> dict:
     if not path.is_file():
         raise FtcError(f"checkpoint {folder}: rank-{rank}.pt, rank {rank}'s training state, is missing",
                        "the step folder was damaged after it was written: delete it to resume from the one before")  # fmt: skip
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:
+        raise FtcError(f"checkpoint {folder}: cannot read rank-{rank}.pt, rank {rank}'s training state "
+                       f"({type(exc).__name__}: {exc})",
+                       "the step folder was damaged after it was written: delete it to resume from the one before")  # fmt: skip
 
 
 def training_states(folder: Path) -> list[dict]:

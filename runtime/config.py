@@ -294,6 +294,8 @@ def _validate(c: Config) -> None:
     if c.batch_size % c.micro_batches:
         fail("batch_size", f"({c.batch_size}) is not a multiple of micro_batches ({c.micro_batches})",
              "every micro-batch has the same size: batch_size / micro_batches")  # fmt: skip
+    if not 0 <= c.seed < 2**32:
+        fail("seed", f"is {c.seed}; torch takes seeds from 0 to 2**32 - 1")
     if c.nprocs is not None and c.nprocs < 1:
         fail("nprocs", f"is {c.nprocs}; it must be at least 1")
     for key in ("timeout_s", "setup_timeout_s"):

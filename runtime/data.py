@@ -45,7 +45,7 @@ import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -223,10 +223,42 @@ def load_batch(
                            "return (inputs, target): inputs a tuple or dict of tensors, target a tensor (or a "
                            "tuple or dict of them)")  # fmt: skip
         samples.append(sample)
-    return (
-        collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
-        collate([s[1] for s in samples], target_dims) if targets else None,
-    )
+    try:
+        return (
+            collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
+            collate([s[1] for s in samples], target_dims) if targets else None,
+        )
+    except RuntimeError as exc:  # torch.stack: samples of different shapes
+        raise FtcError(f"the data set ({type(dataset).__name__}) gave samples that do not stack into one batch: "
+                       f"{_unlike_samples(samples, indices)}",
+                       "make every sample's inputs and target the same shapes (pad or crop them in the data "
+                       "set)") from exc  # fmt: skip
+
+
+def _unlike_samples(samples: list, indices: list[int]) -> str:
+    """Where the batch's first sample and another differ: 'inputs[0] is [64] in sample 5, [65]
+    in sample 3' (the data set's indices)."""
+    def leaves(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+        if isinstance(tree, torch.Tensor):
+            yield path, tree
+        elif isinstance(tree, Whole):
+            yield path, tree.tensor
+        elif isinstance(tree, dict):
+            for key, value in tree.items():
+                yield from leaves(value, f"{path}[{key!r}]")
+        elif isinstance(tree, (tuple, list)):
+            for k, value in enumerate(tree):
+                yield from leaves(value, f"{path}[{k}]")
+
+    first = dict(leaves(samples[0][0], "inputs")) | dict(leaves(samples[0][1], "target"))
+    for sample, index in zip(samples[1:], indices[1:]):
+        other = dict(leaves(sample[0], "inputs")) | dict(leaves(sample[1], "target"))
+        for path, tensor in first.items():
+            if path not in other:
+                return f"{path} is in sample {indices[0]}, not in sample {index}"
+            if other[path].shape != tensor.shape:
+                return f"{path} is {list(tensor.shape)} in sample {indices[0]}, {list(other[path].shape)} in sample {index}"
+    return "their structures differ"
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -178,6 +179,26 @@ def check_sparse_gradients(config: Config, modules: list[torch.nn.Module]) -> No
         raise FtcError(f"config {config.source}: optimizer.weight_decay {config.optimizer.weight_decay:g} cannot apply "
                        f"to the sparse gradients of {', '.join(sparse)} (an embedding built with sparse=True)",
                        "set optimizer.weight_decay to 0, or build the embedding with sparse=False")  # fmt: skip
+
+
+def check_writable(config: Config) -> None:
+    """The folders the run writes into (checkpoint.dir, and those of results and plot) exist or
+    can be made, and take files: found before training, not at its first checkpoint or its end."""
+    places = [("checkpoint.dir", Path(config.checkpoint.dir))] if config.checkpoint.dir else []
+    places += [(key, Path(getattr(config, key)).parent) for key in ("results", "plot") if getattr(config, key)]
+    for key, folder in places:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".ftc-write-test-"):
+                pass
+        except OSError as exc:
+            raise FtcError(f"config {config.source}: key {key!r}: cannot write into {folder} "
+                           f"({type(exc).__name__}: {exc.strerror or exc})",
+                           f"set {key} to a path in a folder this user can write") from exc  # fmt: skip
+    for key in ("results", "plot"):
+        path = getattr(config, key)
+        if path and Path(path).is_dir():
+            raise FtcError(f"config {config.source}: key {key!r} is {path}, a folder", "give it a file path")
 
 
 def check_unpacked_inputs(pipeline: Pipeline) -> None:
@@ -353,6 +374,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         for line in memory_plan_differences(config, pipeline):
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
     check_unpacked_inputs(pipeline)
+    if rank == 0:
+        check_writable(config)
     device = training_device(config, rank)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     # Synthetic targets shaped like the outputs, where the model file does not say what they are.

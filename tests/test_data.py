@@ -177,3 +177,19 @@ def test_an_integer_output_beside_the_logits_gets_targets_and_trains(tmp_path):
             losses[mode] = train(load_config(data=data)).loss
         assert len(losses["local"]) == 3 and all(torch.isfinite(torch.tensor(losses["local"])))
         torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+
+
+def test_samples_that_do_not_stack_are_named_by_index_and_shape():
+    from ftc.runtime.data import load_batch
+
+    class Ragged:
+        def __getitem__(self, i):
+            return (torch.zeros(65 if i == 3 else 64),), torch.tensor(1)
+
+        def __len__(self):
+            return 8
+
+    with pytest.raises(FtcError) as info:
+        load_batch(Ragged(), [5, 1, 3, 2], inputs=True, targets=True)
+    assert "the data set (Ragged) gave samples that do not stack into one batch" in info.value.message
+    assert "inputs[0] is [64] in sample 5, [65] in sample 3" in info.value.message

@@ -204,3 +204,32 @@ def test_a_packed_input_is_named_at_compile_and_refused_by_train(tmp_path, mode)
         run(compiled.folder, mode=mode, batch_size=8, data={"name": "synthetic", "size": 16})
     assert "input 'ids' has 3 rows per sample along its batch dimension" in info.value.message
     assert "EmbeddingBag takes 2-D input" in info.value.hint
+
+
+def test_folders_the_run_cannot_write_are_named_before_training(pipeline, tmp_path):
+    """A results, plot or checkpoint path under a file: refused up front, naming the key, not
+    after the steps have trained (the results were lost) or at the first checkpoint."""
+    _, folder = pipeline
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for key, value in (("results", blocker / "results.json"), ("plot", blocker / "loss.png"),
+                       ("checkpoint", {"dir": str(blocker / "checkpoints")})):  # fmt: skip
+        with pytest.raises(FtcError) as info:
+            run(folder, **{key: value if isinstance(value, dict) else str(value)})
+        name = "checkpoint.dir" if key == "checkpoint" else key
+        assert f"key {name!r}: cannot write into {blocker}" in info.value.message
+    with pytest.raises(FtcError, match="key 'seed' is -1; torch takes seeds from 0 to 2\\*\\*32 - 1"):
+        run(folder, seed=-1)
+
+
+def test_a_damaged_training_state_is_named(pipeline, tmp_path):
+    from ftc.runtime import checkpoint
+
+    _, folder = pipeline
+    run(folder, checkpoint={"dir": str(tmp_path / "ck")})
+    (step,) = checkpoint.complete_steps(tmp_path / "ck")
+    state = step / "rank-0.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(FtcError) as info:
+        run(folder, checkpoint={"dir": str(tmp_path / "ck"), "resume": True})
+    assert f"checkpoint {step}: cannot read rank-0.pt, rank 0's training state" in info.value.message
