@@ -14,6 +14,7 @@ import torch
 
 from ftc.ir import FtcError
 
+from .materialize import check_tied
 from .pipeline import Pipeline, check_stage_outputs
 
 
@@ -30,6 +31,7 @@ class LocalExecutor:
     def __init__(self, pipeline: Pipeline, model: torch.nn.Module, device: torch.device | str | None = None):
         self.pipeline = pipeline
         self.specs = pipeline.stages
+        check_tied(model, pipeline)
         self.stages = [pipeline.stage_class(spec)(model) for spec in self.specs]
         if device is not None:
             self.stages = [stage.to(device) for stage in self.stages]

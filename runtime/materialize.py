@@ -101,7 +101,7 @@ def build_stages(
     classes = {index: pipeline.stage_class(specs[index]) for index in stage_indices}
     python_random = _PythonRandomState.save()
     try:
-        stages = _build_owned(model_file, classes, seed, python_random)
+        stages = _build_owned(model_file, classes, seed, python_random, pipeline)
     except _Unsupported as exc:
         log.warning(
             "%s: building the whole model on the CPU to keep stages %s, because %s",
@@ -110,7 +110,7 @@ def build_stages(
             exc,
         )
         python_random.restore()
-        stages = _build_whole(model_file, classes, seed)
+        stages = _build_whole(model_file, classes, seed, pipeline)
     _move(stages, torch.device(device))
     if checkpoint is not None:
         # pipeline.json lists parameters and buffers; those a stage does not save (non-persistent
@@ -179,7 +179,8 @@ class _Unsupported(Exception):
 
 
 def _build_owned(
-    model_file: ModelFile, classes: dict[int, type], seed: int, python_random: _PythonRandomState
+    model_file: ModelFile, classes: dict[int, type], seed: int, python_random: _PythonRandomState,
+    pipeline: Pipeline | None = None,
 ) -> dict[int, torch.nn.Module]:
     recorder = _Recorder()
     try:
@@ -188,7 +189,7 @@ def _build_owned(
     except Exception as exc:
         raise _Unsupported(f"building it on the meta device failed: {_reason(exc)}") from exc
     owned: set[int] = set()
-    for stage in _construct(classes, meta_model).values():
+    for stage in _construct(classes, meta_model, pipeline).values():
         for tensor in _state_tensors(stage):
             storage = recorder.ids.get(_storage_key(tensor))
             if storage is not None:
@@ -218,12 +219,16 @@ def _build_owned(
     return stages
 
 
-def _build_whole(model_file: ModelFile, classes: dict[int, type], seed: int) -> dict[int, torch.nn.Module]:
+def _build_whole(
+    model_file: ModelFile, classes: dict[int, type], seed: int, pipeline: Pipeline | None = None
+) -> dict[int, torch.nn.Module]:
     torch.manual_seed(seed)
-    return _construct(classes, model_file.build())
+    return _construct(classes, model_file.build(), pipeline)
 
 
-def _construct(classes: dict[int, type], model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+def _construct(classes: dict[int, type], model: torch.nn.Module, pipeline: Pipeline | None = None) -> dict[int, torch.nn.Module]:
+    if pipeline is not None:
+        check_tied(model, pipeline)
     stages = {}
     for index, cls in classes.items():
         try:
@@ -235,6 +240,28 @@ def _construct(classes: dict[int, type], model: torch.nn.Module) -> dict[int, to
                 "then run `ftc check`",
             ) from exc
     return stages
+
+
+def check_tied(model: torch.nn.Module, pipeline: Pipeline) -> None:
+    """pipeline.json's "tied" (alias -> first name) must name one tensor of the model: the
+    engine sums the gradients of the names across devices, which for two tensors trains
+    neither as the model would."""
+    manifest = pipeline.folder / "pipeline.json"
+    for alias, first in pipeline.tied.items():
+        tensors = []
+        for name in (alias, first):
+            try:
+                tensors.append(model.get_parameter(name))
+            except AttributeError:
+                try:
+                    tensors.append(model.get_buffer(name))
+                except AttributeError:
+                    raise FtcError(f"{manifest}: \"tied\" names {name!r}, which is no parameter or buffer of the model",
+                                   "undo the hand edit, or recompile the pipeline with `ftc compile`") from None  # fmt: skip
+        if tensors[0] is not tensors[1]:
+            raise FtcError(f"{manifest}: \"tied\" lists {alias!r} with {first!r}, but the model holds them as two "
+                           f"tensors ({list(tensors[0].shape)} and {list(tensors[1].shape)}): their gradients would be "
+                           "summed across devices", "undo the hand edit, or recompile the pipeline with `ftc compile`")  # fmt: skip
 
 
 @dataclass

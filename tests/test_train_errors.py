@@ -4,6 +4,9 @@ names the file, function or line, never an "internal error" from deep inside.
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 import pytest
 import torch
 
@@ -12,7 +15,7 @@ from ftc.ir import FtcError
 from ftc.runtime.config import load_config
 from ftc.runtime.train import train
 
-from .conftest import MODELS
+from .conftest import EXAMPLES, MODELS
 
 MODEL = (MODELS / "classifier.py").read_text() + """
 
@@ -233,3 +236,26 @@ def test_a_damaged_training_state_is_named(pipeline, tmp_path):
     with pytest.raises(FtcError) as info:
         run(folder, checkpoint={"dir": str(tmp_path / "ck"), "resume": True})
     assert f"checkpoint {step}: cannot read rank-0.pt, rank 0's training state" in info.value.message
+
+
+def test_a_hand_tied_pair_of_tensors_the_model_keeps_apart_is_refused(tmp_path):
+    """"tied" says two names are one tensor, whose gradients the engine sums across devices: two
+    biases of the same shape on different stages trained apart from single mode in dist. Both
+    `ftc check` and `ftc train` now refuse the edit, naming the pair."""
+    import json
+    import shutil
+
+    from ftc.check import check_pipeline
+
+    original = compile_model(EXAMPLES / "mlp.py", tmp_path / "gen", CompileOptions(stages=2)).folder
+    folder = tmp_path / "edited" / "mlp"
+    shutil.copytree(original, folder)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    manifest["tied"] = [["hidden.2.bias", "hidden.3.bias"]]
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    message = "\"tied\" lists 'hidden.3.bias' with 'hidden.2.bias', but the model holds them as two tensors ([128] and [128])"
+    with pytest.raises(FtcError, match=re.escape(message)):
+        check_pipeline(folder, model_path=EXAMPLES / "mlp.py")
+    for mode in ("local", "single"):
+        with pytest.raises(FtcError, match=re.escape(message)) if mode == "local" else contextlib.nullcontext():
+            run(folder, mode=mode, model=str(EXAMPLES / "mlp.py"), batch_size=8, data={"name": "digits"})
