@@ -4,7 +4,8 @@ A config is a JSON object. `"base": "other.json"` extends another config (relati
 bases may extend further bases); nested objects (optimizer, lr_schedule, checkpoint, ...) merge
 key by key, everything else is replaced. `--set key=value` overrides one key after all files are
 merged: dotted keys reach into nested objects (`optimizer.lr=0.01`), the value is parsed as JSON
-and taken as a string when it is not JSON (`mode=dist`). Paths are relative to the file that
+and taken as a string when it is not JSON (`mode=dist`); an object given whole replaces the one
+there (`--set 'optimizer={"name": "adam"}'` keeps no weight_decay of the files'). Paths are relative to the file that
 names them (to the working directory for `--set`). Unknown keys and wrong types are errors that
 name the key and where it came from.
 """
@@ -132,7 +133,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     if overrides:
         source += f" (with --set {' '.join(overrides)})"
     for override in overrides:
-        merged = _merge(merged, _resolve_paths(_parse_override(override), Path.cwd()))
+        depth = override.partition("=")[0].count(".") + 1
+        merged = _set(merged, _resolve_paths(_parse_override(override), Path.cwd()), depth)
     return _build(merged, source)
 
 
@@ -183,6 +185,15 @@ def _merge(base: dict, top: dict) -> dict:
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
+    return merged
+
+
+def _set(base: dict, top: dict, depth: int) -> dict:
+    """`base` with the one key path of `top` (`depth` keys deep) set to top's value: an object
+    given whole (`--set optimizer={...}`) replaces the one there, where a base merges."""
+    (key, value), = top.items()
+    merged = dict(base)
+    merged[key] = value if depth == 1 else _set(base.get(key) if isinstance(base.get(key), dict) else {}, value, depth - 1)
     return merged
 
 

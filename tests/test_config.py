@@ -43,6 +43,21 @@ def test_set_overrides_parse_json_then_strings(tmp_path, monkeypatch):
     assert config.data == {"name": "bytes", "max_bytes": 1000}
 
 
+def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
+    """Dotted keys change one setting; an object given whole is the whole object (the base's
+    weight decay and warmup are not carried into it), while bases still merge key by key."""
+    base = write(tmp_path / "base.json", {"optimizer": {"name": "adamw", "weight_decay": 0.3, "lr": 0.5},
+                                          "lr_schedule": {"name": "cosine", "warmup_steps": 10}})  # fmt: skip
+    top = write(tmp_path / "c.json", {"base": "base.json", "pipeline": "p", "optimizer": {"lr": 0.25}})
+    merged = load_config(top, ["optimizer.name=adam"])
+    assert (merged.optimizer.name, merged.optimizer.lr, merged.optimizer.weight_decay) == ("adam", 0.25, 0.3)
+    whole = load_config(top, ['optimizer={"name": "adam", "lr": 0.01}', 'lr_schedule={"name": "constant"}'])
+    default = load_config(data={"pipeline": "p"})
+    assert (whole.optimizer.name, whole.optimizer.lr) == ("adam", 0.01)
+    assert whole.optimizer.weight_decay == default.optimizer.weight_decay
+    assert whole.lr_schedule.warmup_steps == default.lr_schedule.warmup_steps
+
+
 @pytest.mark.parametrize(
     "content, overrides, message",
     [
