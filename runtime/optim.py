@@ -23,12 +23,14 @@ def build_optimizer(parameters: list[torch.nn.Parameter], config: OptimizerConfi
 
 def lr_factor(step: int, config: LrScheduleConfig, lr: float, steps: int) -> float:
     """The multiplier of the base lr at optimizer step `step` (0-based) of `steps`: a linear
-    warmup from 1/warmup_steps to 1, then constant, or a linear or cosine decay to min_lr."""
+    warmup from 1/warmup_steps to 1, then constant, or a linear or cosine decay that would reach
+    min_lr at step `steps`, one past the last (as transformers' schedules do), so that the last
+    step still learns."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.name == "constant":
         return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, steps - 1 - config.warmup_steps))
+    progress = min(1.0, (step - config.warmup_steps) / max(1, steps - config.warmup_steps))
     floor = config.min_lr / lr
     if config.name == "linear":
         return 1.0 - (1.0 - floor) * progress

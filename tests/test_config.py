@@ -115,13 +115,16 @@ def test_shipped_configs_load_and_name_existing_pipelines(name):
     assert config.mode == "dist"
 
 
-def test_lr_schedules_warm_up_then_decay_to_min_lr():
+def test_lr_schedules_warm_up_then_decay_toward_min_lr_which_the_step_after_the_last_would_reach():
+    """Steps 0..steps-1 train; the decay reaches min_lr at `steps`, so the last step still learns
+    (with min_lr 0 it took a step of size 0)."""
     cosine = LrScheduleConfig("cosine", warmup_steps=4, min_lr=0.1)
     assert [lr_factor(s, cosine, 1.0, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_factor(19, cosine, 1.0, 20) == pytest.approx(0.1)
-    assert lr_factor(11, cosine, 1.0, 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lr_factor(19, cosine, 1.0, 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert lr_factor(20, cosine, 1.0, 20) == pytest.approx(0.1)
+    assert lr_factor(11, cosine, 1.0, 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 16)))
     linear = LrScheduleConfig("linear", warmup_steps=0, min_lr=0.0)
-    assert [lr_factor(s, linear, 2.0, 5) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [lr_factor(s, linear, 2.0, 5) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     assert lr_factor(100, LrScheduleConfig("constant"), 1.0, 5) == 1.0
 
 
