@@ -224,7 +224,7 @@ def check_pipeline(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> CheckReport:
     pipeline = load_pipeline(folder)
-    model_file = load_model_file(model_path or pipeline.model_file)
+    model_file = load_model_file(pipeline.model_file_or(model_path))
     batch_size = batch_size or pipeline.manifest["batch_size"]
     graph = load(Path(folder) / "ir.json")
 

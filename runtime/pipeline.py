@@ -89,6 +89,18 @@ class Pipeline:
     def model_file(self) -> Path:
         return (self.folder / self.manifest["model_file"]).resolve()
 
+    def model_file_or(self, given: str | Path | None) -> Path:
+        """The model file a command was given, else the one this pipeline was compiled from,
+        which must still be where pipeline.json says (relative to the folder)."""
+        if given:
+            return Path(given)
+        if not self.model_file.is_file():
+            raise FtcError(f"{self.folder} was compiled from {self.model_file}, which does not exist (pipeline.json "
+                           "names it relative to the folder: was the folder moved or copied?)",
+                           "pass the model file: `ftc check --model FILE`, or the training config's \"model\" key "
+                           "(--set model=FILE)")  # fmt: skip
+        return self.model_file
+
     def stage_class(self, spec: StageSpec) -> type[torch.nn.Module]:
         path = self.folder / spec.file
         if not path.is_file():

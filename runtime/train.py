@@ -355,7 +355,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         else None
     )
     pipeline = load_pipeline(config.pipeline)
-    model_file = load_model_file(config.model or pipeline.model_file)
+    model_file = load_model_file(pipeline.model_file_or(config.model))
     loss_fn = resolve_loss(config, model_file)
     if config.mode == "dist" and pipeline.num_devices != world_size:
         raise FtcError(f"{pipeline.folder} places its stages on {pipeline.num_devices} devices, "

@@ -99,7 +99,7 @@ def launch(config: Config) -> Results | None:
 
     pipeline = load_pipeline(config.pipeline)
     # What every rank would fail on alike is said once, before any process starts.
-    resolve_loss(config, load_model_file(config.model or pipeline.model_file))
+    resolve_loss(config, load_model_file(pipeline.model_file_or(config.model)))
     if config.nprocs is not None and not config.torchrun and config.nprocs != pipeline.num_devices:
         raise FtcError(f"config key 'nprocs' is {config.nprocs}, but {pipeline.folder} places its stages on "
                        f"{pipeline.num_devices} devices", f"set nprocs={pipeline.num_devices} or leave it out")  # fmt: skip

@@ -259,3 +259,21 @@ def test_a_hand_tied_pair_of_tensors_the_model_keeps_apart_is_refused(tmp_path):
     for mode in ("local", "single"):
         with pytest.raises(FtcError, match=re.escape(message)) if mode == "local" else contextlib.nullcontext():
             run(folder, mode=mode, model=str(EXAMPLES / "mlp.py"), batch_size=8, data={"name": "digits"})
+
+
+def test_a_moved_pipeline_folder_asks_for_its_model_file(pipeline, tmp_path):
+    """pipeline.json names the model file relative to the folder: a copy elsewhere loses it, and
+    the error says how to give it; given, the copy checks and trains."""
+    import shutil
+
+    from ftc.check import check_pipeline
+
+    root, folder = pipeline
+    moved = tmp_path / "deeper" / "still" / folder.name
+    shutil.copytree(folder, moved)
+    with pytest.raises(FtcError) as info:
+        check_pipeline(moved)
+    assert "which does not exist (pipeline.json names it relative to the folder" in info.value.message
+    assert "`ftc check --model FILE`" in info.value.hint and "--set model=FILE" in info.value.hint
+    assert check_pipeline(moved, model_path=root / "model.py").ok
+    assert len(run(moved, model=str(root / "model.py")).loss) == 2
