@@ -415,6 +415,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         if folder is not None and config.checkpoint.resume:
             first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied)
             run = checkpoint.run_of(folder)
+        elif rank == 0 and config.checkpoint.resume:
+            print(f"ftc train: warning: checkpoint.resume is true, but {root} holds no complete checkpoint: training "
+                  "starts at step 1", file=sys.stderr, flush=True)  # fmt: skip
 
     # The engine's message plan says which ranks read inputs and which computes the loss.
     reads_inputs, reads_targets = (True, True) if config.mode == "single" else (engine.reads_inputs, engine.reads_targets)
@@ -423,6 +426,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         with seeded(config.seed):
             dataset = build_dataset(config.data, model_file, outputs)
     sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
+    if rank == 0 and dataset is not None and len(dataset) < config.batch_size:
+        print(f"ftc train: warning: data set {config.data['name']!r} has {len(dataset)} samples, fewer than batch_size "
+              f"({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, world_size)
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)

@@ -277,3 +277,12 @@ def test_a_moved_pipeline_folder_asks_for_its_model_file(pipeline, tmp_path):
     assert "`ftc check --model FILE`" in info.value.hint and "--set model=FILE" in info.value.hint
     assert check_pipeline(moved, model_path=root / "model.py").ok
     assert len(run(moved, model=str(root / "model.py")).loss) == 2
+
+
+def test_resuming_from_nothing_and_a_data_set_smaller_than_a_batch_are_warned_about(pipeline, tmp_path, capsys):
+    _, folder = pipeline
+    run(folder, checkpoint={"dir": str(tmp_path / "empty"), "resume": True}, batch_size=8,
+        data={"name": "synthetic", "size": 5})  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"checkpoint.resume is true, but {tmp_path / 'empty'} holds no complete checkpoint" in err
+    assert "data set 'synthetic' has 5 samples, fewer than batch_size (8): every batch repeats samples" in err
