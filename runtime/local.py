@@ -8,12 +8,14 @@ only without the transport.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
 
 from ftc.ir import FtcError
 
+from .comm import wire_shape
 from .materialize import check_tied
 from .pipeline import Pipeline, check_stage_outputs
 
@@ -62,16 +64,41 @@ class LocalExecutor:
         if missing:
             raise FtcError(f"the batch lacks pipeline inputs {missing}")
         self.sent, self.received = [], []
+        scale = self._batch_scale(values)
         for spec, stage in zip(self.specs, self.stages):
             received = {name: _receive(values[name]) for name in spec.inputs}
             result = stage(*(received[name] for name in spec.inputs))
             check_stage_outputs(spec, result)
             sent = dict(zip(spec.outputs, result))
+            self._check_shapes(spec.file, sent, scale)
             values.update(sent)
             self.received.append(received)
             self.sent.append(sent)
         self._outputs = {name: _receive(values[name]) for name in self.pipeline.outputs}
         return self.pipeline.assemble_output(self._outputs)
+
+    def _batch_scale(self, inputs: dict[str, Any]) -> Fraction:
+        """This batch's size over the compile batch size, read from an input with a batch dimension."""
+        specs = self.pipeline.manifest["values"]
+        for name in self.pipeline.inputs:
+            spec, value = specs.get(name, {}), inputs.get(name)
+            if spec.get("kind") == "tensor" and spec.get("batch_dim") is not None and isinstance(value, torch.Tensor):
+                return Fraction(value.shape[spec["batch_dim"]], spec["shape"][spec["batch_dim"]])
+        return Fraction(1)
+
+    def _check_shapes(self, file: str, sent: dict[str, Any], scale: Fraction) -> None:
+        """A stage's tensor outputs must have the shapes pipeline.json gives them (a hand edit may
+        change one, which the next stage or the backward would meet far from its cause)."""
+        specs = self.pipeline.manifest["values"]
+        for name, value in sent.items():
+            spec = specs.get(name, {})
+            if spec.get("kind") != "tensor" or not isinstance(value, torch.Tensor):
+                continue
+            expected = wire_shape(spec, scale)
+            if list(value.shape) != expected or str(value.dtype).removeprefix("torch.") != spec["dtype"]:
+                raise FtcError(f"{file}: value {name} is {str(value.dtype).removeprefix('torch.')}{list(value.shape)}, "
+                               f"but pipeline.json says {spec['dtype']}{expected} for this batch size",
+                               "keep stage outputs as pipeline.json lists them, or recompile with `ftc compile`")  # fmt: skip
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss` (computed from forward's output) through the stages in reverse."""

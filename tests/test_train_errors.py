@@ -286,3 +286,23 @@ def test_resuming_from_nothing_and_a_data_set_smaller_than_a_batch_are_warned_ab
     err = capsys.readouterr().err
     assert f"checkpoint.resume is true, but {tmp_path / 'empty'} holds no complete checkpoint" in err
     assert "data set 'synthetic' has 5 samples, fewer than batch_size (8): every batch repeats samples" in err
+
+
+def test_a_hand_edited_stage_output_of_another_shape_fails_the_check_by_name(tmp_path):
+    """`return (hidden_2[:, :64],)` in stage 0: ftc check names the value and both shapes (its
+    backward raised torch's shape mismatch as an internal error)."""
+    import shutil
+
+    from ftc.check import check_pipeline
+
+    original = compile_model(EXAMPLES / "mlp.py", tmp_path / "gen", CompileOptions(stages=2)).folder
+    folder = tmp_path / "edited" / "mlp"
+    shutil.copytree(original, folder)
+    stage = folder / "stage0.py"
+    text = stage.read_text()
+    assert "return (hidden_2,)" in text
+    stage.write_text(text.replace("return (hidden_2,)", "return (hidden_2[:, :64],)"))
+    report = check_pipeline(folder, model_path=EXAMPLES / "mlp.py")
+    assert not report.ok
+    problems = report.stages[0].problems + report.problems
+    assert any("value hidden_2 is float32[8, 64], but pipeline.json says float32[8, 128]" in p for p in problems), problems
