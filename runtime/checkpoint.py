@@ -87,10 +87,11 @@ def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module],
     _atomic(folder / f"rank-{rank}.pt", lambda temp: torch.save(training_state, temp))
 
 
-def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict) -> None:
+def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict, keep: int | None = None) -> None:
     """Rank 0, once every rank's shard is complete (train.save waits for that): mark the step
     complete and move it into place (replacing an earlier run's folder of the same step), then
-    remove the checkpoints of earlier runs (those whose manifest names another `run`)."""
+    remove the checkpoints of earlier runs (those whose manifest names another `run`) and, with
+    `keep`, all but this run's latest `keep`."""
     folder = staging_folder(root, step)
     missing = [rank for rank in range(world_size) if not (folder / f"rank-{rank}.pt").is_file()]
     if missing:
@@ -113,6 +114,9 @@ def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict
     for other in complete_steps(root):
         if run_of(other) != run:
             shutil.rmtree(other)
+    if keep is not None:
+        for older in complete_steps(root)[:-keep]:
+            shutil.rmtree(older)
 
 
 def run_of(folder: Path) -> str:

@@ -57,6 +57,7 @@ class CheckpointConfig:
     dir: Optional[str] = None
     every: int = 0  # 0: only at the end
     resume: bool = False
+    keep: Optional[int] = None  # the latest `keep` step folders stay; None: all
 
 
 @dataclass
@@ -305,6 +306,8 @@ def _validate(c: Config) -> None:
     if c.batch_size % c.micro_batches:
         fail("batch_size", f"({c.batch_size}) is not a multiple of micro_batches ({c.micro_batches})",
              "every micro-batch has the same size: batch_size / micro_batches")  # fmt: skip
+    if c.checkpoint.keep is not None and c.checkpoint.keep < 1:
+        fail("checkpoint.keep", f"is {c.checkpoint.keep}; keep at least 1 checkpoint, or leave it out to keep all")
     if not 0 <= c.seed < 2**32:
         fail("seed", f"is {c.seed}; torch takes seeds from 0 to 2**32 - 1")
     if c.nprocs is not None and c.nprocs < 1:

@@ -561,7 +561,7 @@ def save(
                            "a rank that failed says why in its own line; raise setup_timeout_s if shards take "
                            "this long to write") from exc  # fmt: skip
     if me.rank == 0:
-        checkpoint.write_manifest(root, step, me.world_size, run, {"mode": config.mode})
+        checkpoint.write_manifest(root, step, me.world_size, run, {"mode": config.mode}, config.checkpoint.keep)
 
 
 def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, str]) -> list[str]:

@@ -126,3 +126,9 @@ def test_a_damaged_latest_step_is_skipped_with_a_warning(pipeline, capsys):
     resumed = train(config(root, folder, "damaged", mode="local", checkpoint={"dir": str(root / "damaged"), "resume": True}))
     assert "skipped" in capsys.readouterr().err
     torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor(whole[3:]), rtol=1e-5, atol=0)
+
+
+def test_keep_leaves_the_latest_checkpoints(pipeline):
+    root, folder = pipeline
+    train(config(root, folder, "keep", mode="local", checkpoint={"dir": str(root / "keep"), "every": 1, "keep": 2}))
+    assert [p.name for p in checkpoint.complete_steps(root / "keep")] == ["step-00000005", "step-00000006"]
