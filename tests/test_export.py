@@ -502,3 +502,28 @@ def test_stage_comments_cite_lines_of_the_model_file_only(tmp_path, compile_to):
     folder = compile_to(tmp_path / "net.py", 2, frontend="export")
     text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
     assert "net.py:" not in text.replace("my_net.py:", "")
+
+
+def test_export_names_the_lines_that_branch_on_self_training(tmp_path):
+    """export gives no hook on reading self.training (fx's stand-in flag does), so the branches
+    are read from the model's own source; self.training passed to a call is not one."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "branchy.py"
+    path.write_text(
+        "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)\n"
+        "    def forward(self, x):\n"
+        "        h = F.dropout(self.a(x), 0.1, self.training)\n"
+        "        if self.training:\n"
+        "            h = h * 2\n"
+        "        return self.b(h * (1 - 0.5 * self.training))\n"
+        "def build_model(): return Net()\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 8),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert compiled.graph.training_branches == ["branchy.py:10", "branchy.py:12"]
+    assert any("self.training at branchy.py:10, branchy.py:12" in note for note in compiled.notes)

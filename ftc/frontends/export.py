@@ -18,8 +18,11 @@ scaled_dot_product_attention when training) and any Python branch on them.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import operator
 import re
+import textwrap
 from pathlib import Path
 from collections import Counter
 from typing import Any
@@ -176,8 +179,37 @@ def trace_export(
 
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
-        constants=constants, frontend="export",
+        constants=constants, frontend="export", training_branches=training_branches(model, model_file),
     )  # fmt: skip
+
+
+def training_branches(model: torch.nn.Module, model_file: ModelFile) -> list[str]:
+    """'file.py:LINE' of the places in the forwards of the model's own classes (defined in the
+    model file or beside it) that read `self.training` other than as an argument of a call: a
+    branch, `and`/`or`, arithmetic. export, unlike fx, gives no hook on the read, so this reads
+    the source; the traced graph keeps what training mode computed there."""
+    model_dir = model_file.path.resolve().parent
+    places: list[str] = []
+    for cls in dict.fromkeys(type(m) for m in model.modules()):
+        forward = cls.__dict__.get("forward")
+        try:
+            path = Path(inspect.getsourcefile(forward)).resolve() if forward else None
+            if path is None or not path.is_relative_to(model_dir) or path.is_relative_to(Path(torch.__file__).parent):
+                continue
+            lines, first = inspect.getsourcelines(forward)
+            tree = ast.parse(textwrap.dedent("".join(lines)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        arguments = {id(a) for call in ast.walk(tree) if isinstance(call, ast.Call)
+                     for a in [*call.args, *(k.value for k in call.keywords)]}  # fmt: skip
+        for node in ast.walk(tree):
+            reads = (isinstance(node, ast.Attribute) and node.attr == "training" and isinstance(node.value, ast.Name)
+                     and node.value.id == "self" and isinstance(node.ctx, ast.Load))  # fmt: skip
+            if reads and id(node) not in arguments:
+                place = f"{path.name}:{first + node.lineno - 1}"
+                if place not in places:
+                    places.append(place)
+    return places
 
 
 def _inline_grad_mode_blocks(module: fx.GraphModule) -> None:
