@@ -323,7 +323,7 @@ def fake_torchrun(monkeypatch, states: list[str], results: dict | None):
     as a gloo process can while shutting down."""
     import ftc.runtime.worker as worker
 
-    def run(command, env, stderr):
+    def run(command, env, stderr):  # runs torchrun to its end: (exit code, stopping signal)
         status_dir = Path(env["FTC_STATUS_DIR"])
         for rank, state in enumerate(states):
             checkpoint.write_json(
@@ -332,9 +332,9 @@ def fake_torchrun(monkeypatch, states: list[str], results: dict | None):
         if results is not None:
             checkpoint.write_json(Path(command[command.index("--set") + 1].partition("=")[2]), results)
         stderr.write(TORCHRUN_ABORT_LOG)
-        return subprocess.CompletedProcess(command, 1)
+        return 1, None
 
-    monkeypatch.setattr(worker.subprocess, "run", run)
+    monkeypatch.setattr(worker, "_run_torchrun", run)
 
 
 def test_a_rank_that_aborts_after_finishing_keeps_the_run_with_a_warning(tiny, monkeypatch, capsys):
