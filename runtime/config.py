@@ -321,6 +321,9 @@ def _validate(c: Config) -> None:
     for key in ("momentum", "weight_decay", "eps"):
         if getattr(optimizer, key) < 0:
             fail(f"optimizer.{key}", f"is {getattr(optimizer, key)}; it must not be negative")
+    if optimizer.momentum >= 1:
+        fail("optimizer.momentum", f"is {optimizer.momentum}; momentum of 1 or more makes the update grow without "
+             "bound", "e.g. 0.9")  # fmt: skip
     if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
         fail("optimizer.betas", f"is {optimizer.betas}; it must be two numbers in [0, 1)", "e.g. [0.9, 0.999]")
     if optimizer.name == "sgd" and optimizer.nesterov and optimizer.momentum <= 0:

@@ -70,6 +70,8 @@ def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
         ({"pipeline": "p"}, ["optimizer.lr=NaN"], "key 'optimizer.lr' must be a finite number, not NaN"),
         ({"pipeline": "p"}, ["timeout_s=Infinity"], "key 'timeout_s' must be a finite number"),
         ({"pipeline": "p", "optimizer": {"betas": [1.5, 0.9]}}, [], "key 'optimizer.betas' is [1.5, 0.9]"),
+        ({"pipeline": "p", "optimizer": {"momentum": 2}}, [], "key 'optimizer.momentum' is 2; momentum of 1 or more"),
+        ({"pipeline": "p", "checkpoint": {"keep": 0}}, [], "key 'checkpoint.keep' is 0"),
         ({"pipeline": "p", "optimizer": {"weight_decay": -1}}, [], "key 'optimizer.weight_decay' is -1"),
         ({"pipeline": "p", "optimizer": {"name": "sgd", "nesterov": True}}, [], "key 'optimizer.nesterov' is true"),
         ({"pipeline": "p", "optimizer": {"lr": 0.1}, "lr_schedule": {"min_lr": 5}}, [], "key 'lr_schedule.min_lr' is 5"),
