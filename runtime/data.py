@@ -461,15 +461,16 @@ def class_index_targets(output: OutputSpec) -> list[OutputSpec]:
     return targets
 
 
-def drawn(spec: OutputSpec, shape: list[int]) -> torch.Tensor:
+def drawn(spec: OutputSpec, shape: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
     """A synthetic target of `shape` as the spec says: class indices or uniform [0, 1) numbers
-    (for an integer or bool output, such as an argmax the model also returns, those are 0)."""
+    (for an integer or bool output, such as an argmax the model also returns, those are 0),
+    made on `device` (the compiler's loss profile draws a language model's on the meta device)."""
     if spec.classes is not None:
-        return torch.randint(0, spec.classes, shape)
+        return torch.randint(0, spec.classes, shape, device=device)
     dtype = getattr(torch, spec.dtype)
     if not (dtype.is_floating_point or dtype.is_complex):
-        return torch.zeros(shape, dtype=dtype)
-    return torch.rand(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.rand(shape, dtype=dtype, device=device)
 
 
 def _sized(spec: OutputSpec, size: int) -> list[int]:

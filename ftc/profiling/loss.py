@@ -54,7 +54,7 @@ def _candidates(model_file: ModelFile, outputs: Any, batch_size: int, device: st
     specs = tree_map(lambda t: _spec(t, batch_size) if isinstance(t, torch.Tensor) else t, outputs)
     for candidate in target_candidates(specs):
         try:
-            yield map_with_dims(lambda spec, _: drawn(spec, list(spec.shape)).to(device), candidate, 0)
+            yield map_with_dims(lambda spec, _: drawn(spec, list(spec.shape), device), candidate, 0)
         except RuntimeError:
             pass  # uniform numbers for an integer output: not a target
 
