@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import keyword
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,8 +53,16 @@ class CompileOptions:
     refine: int = 0  # splits to time on `device` (ftc/passes/partition/refine.py); 0: none
 
     def memory_settings(self) -> MemorySettings:
-        return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.micro_batches, self.recompute,
-                              self.device)  # fmt: skip
+        return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.planned_micro_batches(),
+                              self.recompute, self.device)  # fmt: skip
+
+    def planned_micro_batches(self) -> int:
+        """--micro-batches, or the fewest that fill the pipeline (one per device) and split the
+        batch into equal micro-batches, as the runtime does: the smallest divisor of the batch
+        size from the device count up (the batch size itself when it is smaller)."""
+        if self.micro_batches is not None:
+            return self.micro_batches
+        return next(m for m in range(min(self.stages, self.batch_size), self.batch_size + 1) if self.batch_size % m == 0)
 
     def measure_settings(self) -> MeasureSettings:
         return MeasureSettings(device=self.device, threads=self.threads, save_memory=self.save_memory)
@@ -77,6 +87,11 @@ class CompileOptions:
         for key in ("memory_limit", "micro_batches", "blocks"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise FtcError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.micro_batches is not None and self.batch_size % self.micro_batches:
+            divisors = [m for m in range(1, self.batch_size + 1) if self.batch_size % m == 0]
+            raise FtcError(f"--micro-batches {self.micro_batches} does not split --batch-size {self.batch_size} into "
+                           "equal micro-batches, as the runtime does",
+                           f"use one of {', '.join(map(str, divisors))}, or another --batch-size")  # fmt: skip
         if self.profile not in PROFILES:
             raise FtcError(f"unknown --profile {self.profile!r}", f"use one of: {', '.join(PROFILES)}")
         if self.refine < 0:
@@ -85,10 +100,10 @@ class CompileOptions:
             self.measure_settings().check()
         if self.profile != "measure" and self.save_memory:
             raise FtcError("--save-memory applies to measured profiles", "add --profile measure")
-        if self.profile != "measure" and not self.refine and self.device != "cpu":
-            raise FtcError("--device applies to measured profiles and --refine", "add --profile measure or --refine N")
-        if self.name is not None and not self.name.isidentifier():
-            raise FtcError(f"--name {self.name!r} is not a Python identifier", "use letters, digits and _")
+        if self.profile != "measure" and not self.refine and self.threads != 1:
+            raise FtcError("--threads applies to measured profiles and --refine", "add --profile measure or --refine N")
+        if self.name is not None:
+            check_package_name(self.name, "--name", "use letters, digits and _")
 
 
 @dataclass
@@ -103,6 +118,17 @@ class Compiled:
         return self.manifest["stages"]
 
 
+def check_package_name(name: str, where: str, fix: str, stdlib: bool = True) -> None:
+    """The generated folder is a Python package named `name`: an identifier, not a keyword, and
+    not torch, which its stage code imports, nor (`stdlib`) a standard library module, which it
+    may import too: the package would hide them from code run beside it."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise FtcError(f"{where} {name!r} is not a Python identifier a package can have", fix)
+    if name == "torch" or (stdlib and name in sys.stdlib_module_names):
+        raise FtcError(f"{where} {name!r} is the name of a module the stage code or Python imports: the generated "
+                       "package would hide it", fix)  # fmt: skip
+
+
 def file_in_the_way(folder: Path) -> Path | None:
     """The file (not folder) at `folder` or above it that keeps `folder` from being made."""
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
@@ -112,8 +138,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     options.check()
     model_file = load_model_file(model_path)
     name = options.name or model_file.stem
-    if not name.isidentifier():
-        raise FtcError(f"the model file's name {model_file.stem!r} is not a Python identifier", "pass --name NAME")
+    if options.name is None:  # a model file named like a module (test.py) compiled before, and still does
+        check_package_name(name, "the model file's name", "pass --name NAME", stdlib=False)
     target = Path(out_dir) / name
     blocking = file_in_the_way(target)
     if blocking is not None:  # found before minutes of tracing and profiling, not after
@@ -168,9 +194,10 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         or key in ("memory_limit", "optimizer", "schedule", "micro_batches", "recompute")
         or (options.method == "mpipe" and key == "blocks")
         or ((options.profile == "measure" or options.refine) and key in ("device", "threads"))
-        or (options.memory_limit is not None and key == "device")
+        or ((options.memory_limit is not None or options.device != "cpu") and key == "device")
         or (options.refine and key == "refine")
     }
+    settings["micro_batches"] = options.planned_micro_batches()  # what the memory estimate is for
     folder, manifest = write_pipeline(
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip

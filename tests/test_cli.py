@@ -397,3 +397,37 @@ def test_a_trace_that_fails_inside_a_library_names_the_library_line(tmp_path, ca
                   "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n")  # fmt: skip
     refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "out"], capsys)
     assert_user_error(refused, "neither torch.fx nor torch.export could trace the model", "layers.py:5: if x.sum() > 0:")
+
+
+def test_compile_plans_memory_for_micro_batches_the_runtime_can_run(tmp_path, capsys):
+    """A micro-batch count that does not divide the batch is refused, as explain and train do;
+    by default the plan takes the smallest divisor of the batch from the device count up (mpipe:
+    devices, not stages), and the manifest records it."""
+    mlp = EXAMPLES / "mlp.py"
+    refused = run_cli(["compile", mlp, "--stages", 4, "--micro-batches", 16, "-o", tmp_path / "a"], capsys)
+    assert_user_error(refused, "--micro-batches 16 does not split --batch-size 8 into equal micro-batches",
+                      "use one of 1, 2, 4, 8")  # fmt: skip
+    for args, planned in ((["--stages", 3, "--batch-size", 5], 5), (["--stages", 3], 4),
+                          (["--stages", 4, "--method", "mpipe", "--bandwidth", 1000], 4)):  # fmt: skip
+        folder = tmp_path / f"plan{planned}{len(args)}"
+        assert run_cli(["compile", mlp, *args, "-o", folder], capsys)[0] == 0
+        assert json.loads((folder / "mlp" / "pipeline.json").read_text())["settings"]["micro_batches"] == planned
+
+
+def test_compile_option_combinations_that_mean_nothing_or_break_the_package_are_refused(tmp_path, capsys):
+    mlp = EXAMPLES / "mlp.py"
+    for name, why in (("torch", "is the name of a module the stage code or Python imports"),
+                      ("class", "is not a Python identifier a package can have")):  # fmt: skip
+        result = run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path, "--name", name], capsys)
+        assert_user_error(result, f"--name {name!r} {why}")
+    threads = run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path, "--threads", 2], capsys)
+    assert_user_error(threads, "--threads applies to measured profiles and --refine")
+    # --device cuda plans the memory of training there (Adam's foreach step) without a GPU
+    memory = {}
+    for device in ("cpu", "cuda"):
+        assert run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path / device, "--device", device], capsys)[0] == 0
+        stages = json.loads((tmp_path / device / "mlp" / "pipeline.json").read_text())["stages"]
+        memory[device] = [s["cost"]["memory"] for s in stages]
+    for cpu, cuda in zip(memory["cpu"], memory["cuda"]):
+        assert cuda["temporaries"] == cuda["gradients"]  # foreach Adam: one copy of the stage's weights
+        assert cpu["temporaries"] != cuda["temporaries"]  # per tensor on the CPU: two copies of the largest
