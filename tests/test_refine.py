@@ -141,7 +141,7 @@ def test_refine_flag_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--refine", "-1"])
     assert "must be at least 0" in capsys.readouterr().err
-    assert main(base + ["--device", "cuda"]) == 2
+    assert main(base + ["--threads", "2"]) == 2
     assert "add --profile measure or --refine N" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(base + ["--device", "cuda", "--refine", "1"]) == 2
