@@ -46,7 +46,7 @@ def test_set_overrides_parse_json_then_strings(tmp_path, monkeypatch):
 def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
     """Dotted keys change one setting; an object given whole is the whole object (the base's
     weight decay and warmup are not carried into it), while bases still merge key by key."""
-    base = write(tmp_path / "base.json", {"optimizer": {"name": "adamw", "weight_decay": 0.3, "lr": 0.5},
+    write(tmp_path / "base.json", {"optimizer": {"name": "adamw", "weight_decay": 0.3, "lr": 0.5},
                                           "lr_schedule": {"name": "cosine", "warmup_steps": 10}})  # fmt: skip
     top = write(tmp_path / "c.json", {"base": "base.json", "pipeline": "p", "optimizer": {"lr": 0.25}})
     merged = load_config(top, ["optimizer.name=adam"])
