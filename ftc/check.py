@@ -314,7 +314,8 @@ def _check_stages_alone(
             continue
         sent = dict(zip(spec.outputs, result))
         report.outputs = max((relative_difference(sent[n], values[n]) for n in spec.outputs), default=0.0)
-        report.problems += _wire_problems(sent, pipeline, batch_size)
+        scale = Fraction(batch_size, pipeline.manifest["batch_size"])
+        report.problems += comm.unsendable(sent, pipeline.manifest["values"], scale)
         if report.problems:  # a value of another shape than pipeline.json's cannot take its gradient
             continue
         pairs = [
@@ -345,26 +346,6 @@ def _check_stages_alone(
             if name in buffers:
                 report.buffers = max(report.buffers, relative_difference(buffer, buffers[name]))
     return reports
-
-
-def _wire_problems(sent: dict[str, Any], pipeline: Pipeline, batch_size: int) -> list[str]:
-    """What the runtime would refuse to send: tensors unlike pipeline.json's specs (a hand edit
-    that changes a dtype or a shape computes the same numbers here, but cannot cross devices)."""
-    scale = Fraction(batch_size, pipeline.manifest["batch_size"])
-    problems = []
-    for name, value in sent.items():
-        spec = pipeline.manifest["values"].get(name)
-        if spec is None:
-            continue
-        leaves = zip(comm.flatten(value, spec), comm.leaf_specs(name, spec, sendable=False))
-        for leaf, leaf_spec in leaves:
-            if leaf_spec["kind"] != "tensor":
-                continue
-            try:
-                comm.encode(name, [leaf], [leaf_spec], scale, torch.device("cpu"))
-            except FtcError as exc:
-                problems.append(exc.message)
-    return problems
 
 
 def _state_dict_problems(pipeline: Pipeline, executor: LocalExecutor, original: torch.nn.Module) -> list[str]:

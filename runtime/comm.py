@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -230,6 +231,25 @@ def encode(
             )
         payload.append(leaf)
     return payload
+
+
+def unsendable(sent: dict[str, Any], values: dict[str, dict], batch_scale: Fraction) -> list[str]:
+    """What encode would refuse of a stage's outputs `sent` (by name; `values`: pipeline.json's
+    specs), one message each: a hand edit that changes a dtype or a shape can compute in one
+    process, but not cross devices."""
+    problems = []
+    for name, value in sent.items():
+        spec = values.get(name)
+        if spec is None:
+            continue
+        for leaf, leaf_spec in zip(flatten(value, spec), leaf_specs(name, spec, sendable=False)):
+            if leaf_spec["kind"] != "tensor":
+                continue
+            try:
+                encode(name, [leaf], [leaf_spec], batch_scale, torch.device("cpu"))
+            except FtcError as exc:
+                problems.append(exc.message)
+    return problems
 
 
 def decode(payload: list[torch.Tensor], specs: list[dict]) -> list:

@@ -15,7 +15,7 @@ import torch
 
 from ftc.ir import FtcError
 
-from .comm import wire_shape
+from .comm import unsendable
 from .materialize import check_tied
 from .pipeline import Pipeline, check_stage_outputs
 
@@ -87,18 +87,12 @@ class LocalExecutor:
         return Fraction(1)
 
     def _check_shapes(self, file: str, sent: dict[str, Any], scale: Fraction) -> None:
-        """A stage's tensor outputs must have the shapes pipeline.json gives them (a hand edit may
-        change one, which the next stage or the backward would meet far from its cause)."""
-        specs = self.pipeline.manifest["values"]
-        for name, value in sent.items():
-            spec = specs.get(name, {})
-            if spec.get("kind") != "tensor" or not isinstance(value, torch.Tensor):
-                continue
-            expected = wire_shape(spec, scale)
-            if list(value.shape) != expected or str(value.dtype).removeprefix("torch.") != spec["dtype"]:
-                raise FtcError(f"{file}: value {name} is {str(value.dtype).removeprefix('torch.')}{list(value.shape)}, "
-                               f"but pipeline.json says {spec['dtype']}{expected} for this batch size",
-                               "keep stage outputs as pipeline.json lists them, or recompile with `ftc compile`")  # fmt: skip
+        """A stage's outputs must be what pipeline.json says (a hand edit may change a shape, which
+        the next stage or the backward would meet far from its cause)."""
+        problems = unsendable(sent, self.pipeline.manifest["values"], scale)
+        if problems:
+            raise FtcError(f"{file}: {problems[0]}", "keep stage outputs as pipeline.json lists them, or recompile "
+                           "with `ftc compile`")  # fmt: skip
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss` (computed from forward's output) through the stages in reverse."""
