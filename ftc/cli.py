@@ -177,9 +177,7 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ftc.compiler import file_in_the_way
-    from ftc.runtime.checkpoint import merge, save_state_dict
-
-    from ftc.runtime.checkpoint import damaged_steps
+    from ftc.runtime.checkpoint import damaged_steps, merge, save_state_dict
 
     for damaged, missing in damaged_steps(Path(args.dir)).items():
         print(f"ftc merge-checkpoint: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr)
