@@ -132,9 +132,13 @@ def _checkpoints_as_calls(model_file: ModelFile, sources: list[str]):
 
 def _one_line(model_file: ModelFile, exc: BaseException) -> str:
     """fx's error in one line: where in the model file, and what."""
+    where = user_frame(exc, model_file.path) or library_frame(exc, model_file.path)
+    return f"{type(exc).__name__}: {_first_line(exc)}{where}"
+
+
+def _first_line(exc: BaseException) -> str:
     first_line = (str(exc).strip().splitlines() or [""])[0]
-    first_line = first_line if len(first_line) <= 120 else first_line[:117] + "..."
-    return f"{type(exc).__name__}: {first_line}{user_frame(exc, model_file.path) or library_frame(exc, model_file.path)}"
+    return first_line if len(first_line) <= 120 else first_line[:117] + "..."
 
 
 # torch.nn modules that hold a whole stack of layers in one call.
@@ -203,10 +207,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         place = user_frame(exc, model_file.path)
         if place and place not in places:
             places.append(place)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        first_line = first_line if len(first_line) <= 120 else first_line[:117] + "..."
         # Failing inside a library the model calls, the library's line says what to change.
-        reasons.append(f"{tracer}: {type(exc).__name__}: {first_line}{library_frame(exc, model_file.path)}")
+        reasons.append(f"{tracer}: {type(exc).__name__}: {_first_line(exc)}{library_frame(exc, model_file.path)}")
     where = "".join(places)
     fix = "make forward's Python independent of tensor values and shapes (use torch ops such as torch.where instead of `if`)"
     if names == ["torch.export"] and model_file.leaf_modules:
