@@ -187,9 +187,10 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         result = partition(problem, options.method, options.stages, options.blocks)
     graph = assign(graph, problem, result)
     validate(graph)
+    # micro_batches: the count the memory estimate is for, given or the default plan
     settings = {
         key: value
-        for key, value in asdict(options).items()
+        for key, value in (asdict(options) | {"micro_batches": options.planned_micro_batches()}).items()
         if key in ("bandwidth", "tflops", "memory_gbps", "op_overhead_us", "stage_overhead_us", "profile")
         or key in ("memory_limit", "optimizer", "schedule", "micro_batches", "recompute")
         or (options.method == "mpipe" and key == "blocks")
@@ -197,7 +198,6 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         or ((options.memory_limit is not None or options.device != "cpu") and key == "device")
         or (options.refine and key == "refine")
     }
-    settings["micro_batches"] = options.planned_micro_batches()  # what the memory estimate is for
     folder, manifest = write_pipeline(
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip
