@@ -45,9 +45,10 @@ import sysconfig
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from ftc.ir import FtcError
 
@@ -238,26 +239,20 @@ def load_batch(
 def _unlike_samples(samples: list, indices: list[int]) -> str:
     """Where the batch's first sample and another differ: 'inputs[0] is [64] in sample 5, [65]
     in sample 3' (the data set's indices)."""
-    def leaves(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
-        if isinstance(tree, torch.Tensor):
-            yield path, tree
-        elif isinstance(tree, Whole):
-            yield path, tree.tensor
-        elif isinstance(tree, dict):
-            for key, value in tree.items():
-                yield from leaves(value, f"{path}[{key!r}]")
-        elif isinstance(tree, (tuple, list)):
-            for k, value in enumerate(tree):
-                yield from leaves(value, f"{path}[{k}]")
 
-    first = dict(leaves(samples[0][0], "inputs")) | dict(leaves(samples[0][1], "target"))
+    def shapes(sample: tuple) -> dict[str, list[int]]:
+        return {f"{half}{keystr(path)}": list((leaf.tensor if isinstance(leaf, Whole) else leaf).shape)
+                for half, tree in zip(("inputs", "target"), sample)
+                for path, leaf in tree_flatten_with_path(tree)[0] if isinstance(leaf, (torch.Tensor, Whole))}  # fmt: skip
+
+    first = shapes(samples[0])
     for sample, index in zip(samples[1:], indices[1:]):
-        other = dict(leaves(sample[0], "inputs")) | dict(leaves(sample[1], "target"))
-        for path, tensor in first.items():
+        other = shapes(sample)
+        for path, shape in first.items():
             if path not in other:
                 return f"{path} is in sample {indices[0]}, not in sample {index}"
-            if other[path].shape != tensor.shape:
-                return f"{path} is {list(tensor.shape)} in sample {indices[0]}, {list(other[path].shape)} in sample {index}"
+            if other[path] != shape:
+                return f"{path} is {shape} in sample {indices[0]}, {other[path]} in sample {index}"
     return "their structures differ"
 
 
