@@ -62,12 +62,12 @@ class Pipeline:
 
     @property
     def planned_micro_batches(self) -> int:
-        """The micro-batch count the compiler estimated memory for (--micro-batches; by
-        default one per stage)."""
+        """The micro-batch count the compiler estimated memory for (pipeline.json's settings;
+        one per stage for pipelines compiled before it was recorded)."""
         return self.manifest.get("settings", {}).get("micro_batches") or len(self.stages)
 
     @property
-    def packed_inputs(self) -> dict[str, int]:
+    def packed_inputs(self) -> dict[str, float]:
         """Inputs with several rows per sample along their batch dimension (EmbeddingBag's flat
         indices, a flattened [B*T] token list), by rows per sample: a batch of them is not a
         stack of samples, and a micro-batch not a slice."""

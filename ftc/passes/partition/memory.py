@@ -19,7 +19,7 @@ PREFETCH_ACTIONS); allocator caching and fragmentation. Checked against torch.pr
 allocation counts of dist training on the CPU (see the README).
 
 The IR's sizes are for the compile batch size, which the runtime splits into M micro-batches
-(`--micro-batches`; as many as stages when not given), so one micro-batch saves 1/M of them, as
+(`--micro-batches`, or the compiler's default plan: compiler.py planned_micro_batches), so one micro-batch saves 1/M of them, as
 the time model takes one micro-batch to cost 1/M of the stage's time. Under GPipe a stage thus
 holds the whole batch's activations, under 1F1B at most (S - k)/M of them.
 
