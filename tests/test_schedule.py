@@ -9,7 +9,7 @@ import pytest
 
 from ftc.ir import FtcError
 from ftc.runtime import StageSpec
-from ftc.runtime.schedule import BACKWARD, FORWARD, SCHEDULES, Action, simulate
+from ftc.runtime.schedule import BACKWARD, FORWARD, ONE_F_ONE_B_POLICIES, SCHEDULES, Action, simulate
 
 
 def chain(devices: list[int]) -> list[StageSpec]:
@@ -107,14 +107,80 @@ def test_1f1b_alternates_after_warm_up():
     ]
 
 
-@pytest.mark.parametrize("kind", SCHEDULES)
+def timed_replay(orders: dict[int, list[Action]], deps: dict[Action, set[Action]], costs: dict) -> float:
+    """The makespan of running each device's order as given: an action starts when its device
+    is free and its dependencies have ended."""
+    end: dict[Action, float] = {}
+    free = dict.fromkeys(orders, 0.0)
+    position = dict.fromkeys(orders, 0)
+    while len(end) < len(deps):
+        progress = False
+        for device, order in orders.items():
+            while position[device] < len(order) and deps[order[position[device]]] <= end.keys():
+                action = order[position[device]]
+                start = max([free[device], *(end[need] for need in deps[action])])
+                end[action] = free[device] = start + costs[action.stage][action.kind == BACKWARD]
+                position[device] += 1
+                progress = True
+        assert progress, "the orders deadlock"
+    return max(end.values())
+
+
+def textbook_1f1b(stages: int, micro_batches: int) -> dict[int, list[Action]]:
+    """PipeDream-flush as its paper draws it for a chain: rank r warms up with P - r - 1
+    forwards, then strictly alternates one forward and one backward, then drains."""
+    orders = {}
+    for rank in range(stages):
+        warm_up = min(stages - rank - 1, micro_batches)
+        order = [Action(FORWARD, rank, m) for m in range(warm_up)]
+        for m in range(micro_batches):
+            if warm_up + m < micro_batches:
+                order.append(Action(FORWARD, rank, warm_up + m))
+            order.append(Action(BACKWARD, rank, m))
+        orders[rank] = order
+    return orders
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_1f1b_is_never_slower_than_the_textbook_order_on_uneven_chains(seed):
+    rng = random.Random(seed)
+    stages, micro_batches = rng.randint(2, 6), rng.choice([2, 4, 8, 16])
+    costs = {}
+    for k in range(stages):
+        forward = rng.uniform(0.5, 1.5)
+        costs[k] = (forward, forward * rng.uniform(1.5, 2.5))
+    last_forward, last_backward = costs[stages - 1]
+    costs[stages - 1] = (1.5 * last_forward, 1.5 * last_backward)  # the loss makes the last stage heavier
+    pipeline = chain(list(range(stages)))
+    deps = dependencies(pipeline, micro_batches)
+    timeline = simulate(pipeline, micro_batches, "1f1b", costs)
+
+    assert timed_replay(timeline.orders(), deps, costs) == pytest.approx(timeline.makespan)
+    assert timeline.makespan <= timed_replay(textbook_1f1b(stages, micro_batches), deps, costs) * (1 + 1e-12)
+
+
+def test_waiting_for_the_forward_beats_running_a_backward_in_between():
+    """The last stage is the fastest: when the devices before it run a ready backward instead of
+    waiting a moment for their next forward, it starves (the textbook order does not)."""
+    pipeline, costs = chain([0, 1, 2]), {0: (1.5, 4.5), 1: (1.5, 4.5), 2: (1.0, 3.0)}
+    by_policy = {policy: simulate(pipeline, 8, "1f1b", costs, policy=policy) for policy in ONE_F_ONE_B_POLICIES}
+    textbook = timed_replay(textbook_1f1b(3, 8), dependencies(pipeline, 8), costs)
+
+    assert by_policy["in order"].orders() == textbook_1f1b(3, 8)
+    assert by_policy["in order"].makespan == pytest.approx(textbook)
+    assert by_policy["forward first"].makespan > 1.05 * textbook
+    assert by_policy["backward first"].makespan > 1.10 * textbook
+    assert simulate(pipeline, 8, "1f1b", costs).orders() == textbook_1f1b(3, 8)
+
+
+@pytest.mark.parametrize("kind, policy", [(kind, None) for kind in SCHEDULES] + [("1f1b", p) for p in ONE_F_ONE_B_POLICIES])
 @pytest.mark.parametrize("seed", range(12))
-def test_random_pipelines_respect_dependencies_and_never_deadlock(kind, seed):
+def test_random_pipelines_respect_dependencies_and_never_deadlock(kind, policy, seed):
     rng = random.Random(seed)
     stages = random_pipeline(rng)
     micro_batches = rng.randint(1, 6)
     costs = {s.index: (rng.uniform(0.0, 2.0), rng.uniform(0.0, 4.0)) for s in stages}
-    timeline = simulate(stages, micro_batches, kind, costs)
+    timeline = simulate(stages, micro_batches, kind, costs, policy=policy)
     deps = dependencies(stages, micro_batches)
 
     assert sorted(map(repr, (t.action for t in timeline.actions))) == sorted(map(repr, deps))
@@ -149,5 +215,7 @@ def test_bad_arguments():
         simulate(chain([0, 1]), 2, "pipedream")
     with pytest.raises(FtcError, match="at least 1"):
         simulate(chain([0, 1]), 0, "gpipe")
+    with pytest.raises(FtcError, match="unknown 1f1b policy 'eager'"):
+        simulate(chain([0, 1]), 2, "1f1b", policy="eager")
     with pytest.raises(FtcError, match="no .forward, backward. cost given for stages .1."):
         simulate(chain([0, 1]), 2, "gpipe", {0: (1.0, 1.0)})
