@@ -25,12 +25,12 @@ from .graph import (
     meta_tensors,
     unique_name,
 )
-from .serialize import dumps, graph_from_dict, graph_to_dict, load, loads, save
+from .serialize import dumps, graph_from_dict, graph_to_dict, load, loads, save, strict_json
 from .validate import dataflow, validate
 
 __all__ = [
     "COMPUTE_OPS", "FORMAT", "OPS", "Arg", "Constant", "Cost", "FtcError", "Graph", "Meta", "Node",
     "OtherMeta", "Outputs", "Ref", "ScalarMeta", "SeqMeta", "StateTensor", "TensorMeta",
     "TorchExpr", "arg_refs", "dataflow", "dumps", "graph_from_dict", "graph_to_dict", "load",
-    "loads", "map_refs", "meta_nbytes", "meta_tensors", "save", "unique_name", "validate",
+    "loads", "map_refs", "meta_nbytes", "meta_tensors", "save", "strict_json", "unique_name", "validate",
 ]  # fmt: skip

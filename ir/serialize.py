@@ -203,7 +203,22 @@ def dumps(graph: Graph) -> str:
 
 
 def loads(text: str) -> Graph:
-    return graph_from_dict(json.loads(text))
+    return graph_from_dict(strict_json(text))
+
+
+def strict_json(text: str) -> Any:
+    """json.loads, except that an object with a key twice is a ValueError naming the key: these
+    files are edited by hand, and json.loads would silently keep the last value."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
 
 
 def save(graph: Graph, path) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ftc.ir import FtcError
+from ftc.ir import FtcError, strict_json
 
 DATA_SETS = ("synthetic", "bytes", "digits", "module")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -151,7 +151,7 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> dict:
             f"config {path} does not exist", "pass the path of a JSON training config (e.g. configs/gpt.json)"
         )
     try:
-        raw = json.loads(path.read_text())
+        raw = strict_json(path.read_text())
     except ValueError as exc:
         raise FtcError(f"config {path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):

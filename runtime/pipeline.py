@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ftc.ir import FtcError
+from ftc.ir import FtcError, strict_json
 
 from .model_file import import_file
 
@@ -132,7 +132,7 @@ def load_pipeline(folder: str | Path) -> Pipeline:
             "pass a folder written by `ftc compile` (generated/<name>)",
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = strict_json(manifest_path.read_text())
     except ValueError as exc:
         raise FtcError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:

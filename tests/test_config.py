@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 from ftc.ir import FtcError
 from ftc.runtime.config import LrScheduleConfig, load_config
+from ftc.runtime.pipeline import load_pipeline
 from ftc.runtime.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +103,22 @@ def test_unknown_key_in_a_base_names_the_base(tmp_path):
     top = write(tmp_path / "top.json", {"base": "base.json", "pipeline": "p"})
     with pytest.raises(FtcError, match=f"{base}: unknown key 'optimiser'"):
         load_config(top)
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text('{"pipeline": "p", "optimizer": {"lr": 0.1, "lr": 0.01}}')
+    with pytest.raises(FtcError, match=f"config {config} is not valid JSON: key 'lr' appears twice"):
+        load_config(config)
+
+
+def test_a_manifest_key_given_twice_is_an_error(tmp_path):
+    folder = tmp_path / "mlp"
+    shutil.copytree(ROOT / "generated" / "mlp", folder)
+    text = (folder / "pipeline.json").read_text()
+    (folder / "pipeline.json").write_text(text.replace('"batch_size":', '"batch_size": 3, "batch_size":', 1))
+    with pytest.raises(FtcError, match="pipeline.json is not valid JSON: key 'batch_size' appears twice"):
+        load_pipeline(folder)
 
 
 def test_base_cycle_is_an_error(tmp_path):
