@@ -94,7 +94,7 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
         folder=pipeline.folder,
         name=pipeline.name,
         batch_size=batch_size,
-        profile=pipeline.manifest.get("settings", {}).get("profile", "analytic"),
+        profile=_profile(pipeline.manifest.get("settings", {})),
         memory_estimated=estimated,
         memory_plan=_memory_plan(pipeline),
         stages=stages,
@@ -155,12 +155,19 @@ def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
     return rows, estimated
 
 
+def _profile(settings: dict) -> str:
+    """Where the stage times come from: "analytic profile", "measure profile on cpu, refined"..."""
+    device = f" on {settings['device']}" if settings.get("device") else ""
+    refined = f", refined by timing up to {settings['refine']} splits" if settings.get("refine") else ""
+    return f"{settings.get('profile', 'analytic')} profile{device}{refined}"
+
+
 def render(explanation: Explanation) -> str:
     e = explanation
     devices = e.devices()
     lines = [
         f"{e.name}: {len(e.stages)} stages on {len(devices)} devices, batch size {e.batch_size}, "
-        f"{e.profile} profile ({e.folder / 'pipeline.json'})"
+        f"{e.profile} ({e.folder / 'pipeline.json'})"
     ]
     headers = ["stage", "device", "ops", "params", "memory", "fwd ms", "bwd ms", "comm ms", "total ms", "in", "out",
                "recompute"]  # fmt: skip
@@ -171,6 +178,9 @@ def render(explanation: Explanation) -> str:
         for s in e.stages
     ]  # fmt: skip
     lines.append(table(headers, rows))
+    if e.profile == "analytic profile":
+        lines.append("times: estimated from FLOPs and bytes moved; compile with --profile measure, or --refine N, "
+                     "to time the stages on the device")  # fmt: skip
     if not e.memory_estimated:
         lines.append("memory: parameter bytes only (the manifest has no memory estimate)")
     else:
@@ -232,7 +242,7 @@ def plot(explanation: Explanation, path: str | Path) -> Path:
         loads.bar(labels, heights, bottom=bottom, color=colors[part], label=part)
         bottom = [b + h for b, h in zip(bottom, heights)]
     loads.set_ylabel(f"ms per batch of {e.batch_size}")
-    loads.set_title(f"{e.name}: load per device ({e.profile} profile)")
+    loads.set_title(f"{e.name}: load per device ({e.profile})")
     loads.legend()
 
     row = {device: k for k, device in enumerate(devices)}

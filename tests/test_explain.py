@@ -33,6 +33,8 @@ def test_explain_adds_up_to_the_manifest(name, capsys):
     code, out, err = run_cli(["explain", folder], capsys)
     assert code == 0, err
     assert "samples/s" in out and "bubble" in out and "1f1b" in out and "gpipe" in out
+    assert "analytic profile" in out.splitlines()[0]
+    assert "times: estimated from FLOPs and bytes moved; compile with --profile measure, or --refine N" in out
 
     explanation = explain(folder)
     assert [s.index for s in explanation.stages] == [s["index"] for s in manifest["stages"]]

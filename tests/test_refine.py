@@ -134,6 +134,10 @@ def test_compile_refine_end_to_end(tmp_path, capsys):
     manifest = json.loads((out / "mlp" / "pipeline.json").read_text())
     assert manifest["settings"]["refine"] == 2 and manifest["settings"]["device"] == "cpu"
     assert check_pipeline(out / "mlp", batch_size=4).ok
+    assert main(["explain", str(out / "mlp")]) == 0
+    header, *rest = capsys.readouterr().out.splitlines()
+    assert "analytic profile on cpu, refined by timing up to 2 splits" in header
+    assert not any(line.startswith("times: estimated") for line in rest)
 
 
 def test_refine_flag_errors(tmp_path, capsys):
