@@ -19,6 +19,7 @@ from ftc.passes.partition import METHODS, Partition, Problem, assign, build_prob
 from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings
 from ftc.passes.partition.refine import kept_round, refine
 from ftc.passes.recompute import POLICIES
+from ftc.passes.unpack import unpack_containers_early
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
 from ftc.profiling.measure import wants_save_memory
 from ftc.profiling.stages import StageTimer
@@ -145,7 +146,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     if blocking is not None:  # found before minutes of tracing and profiling, not after
         raise FtcError(f"the output folder {target} cannot be made: {blocking} is a file", "pass another -o or --name")
     graph, model, batch = trace(model_file, options.batch_size, options.frontend, name)
-    graph = eliminate_dead_code(graph)
+    graph = unpack_containers_early(eliminate_dead_code(graph))
     graph = name_values(graph, model_file.path.parent)
     validate(graph)
     device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)

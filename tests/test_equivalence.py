@@ -33,6 +33,7 @@ CASES = [
     (MODELS / "odd_structure.py", (1, 2)),
     (MODELS / "param_view.py", (1, 2, 3)),
     (MODELS / "param_containers.py", (1, 2, 4, 8)),
+    (MODELS / "odd_ops.py", (1, 2, 3)),
 ]
 PARAMS = [pytest.param(path, stages, id=f"{path.stem}-P{stages}") for path, counts in CASES for stages in counts]
 
@@ -102,6 +103,18 @@ def test_original_state_dict_loads_into_stages(model_path, compile_to):
     flat = lambda v: list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else [v]  # noqa: E731
     for a, e in zip(flat(actual), flat(expected)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_odd_ops_split_and_read_as_their_public_names(compile_to):
+    folder = compile_to(MODELS / "odd_ops.py", 3, batch_size=4)
+    code = "\n".join(path.read_text() for path in sorted(folder.glob("stage*.py")))
+    assert "torch._C" not in code
+    for public in ("torch.linalg.vector_norm(", "torch.special.expit(", "torch.fft.rfft(", "~mask"):
+        assert public in code
+    # The dict the gate returns stays in the gate's stage: its items are what cross.
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    crossing = {name for stage in manifest["stages"][1:] for name in stage["inputs"]}
+    assert all(manifest["values"][name]["kind"] == "tensor" for name in crossing)
 
 
 def test_buffer_updated_in_forward_stays_with_its_readers(compile_to):

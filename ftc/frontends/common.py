@@ -24,6 +24,10 @@ _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _FTC_DIR = str(Path(__file__).resolve().parents[1])
 
 
+# torch's public function namespaces whose functions are bound from torch._C._<namespace>
+PUBLIC_NAMESPACES = ("linalg", "special", "fft")
+
+
 def function_expr(fn: Any, node_name: str) -> str:
     """The shortest importable spelling of a function for generated code: "F.gelu", "torch.cat",
     "operator.add", "getattr", "torch.ops.aten.view.default"."""
@@ -43,6 +47,10 @@ def function_expr(fn: Any, node_name: str) -> str:
             candidates.append(f"F.{name}")
         if getattr(torch, name, None) is fn:
             candidates.append(f"torch.{name}")
+        for namespace in PUBLIC_NAMESPACES:
+            if module == f"torch._C._{namespace}":
+                # torch.linalg.vector_norm is torch._C._linalg.linalg_vector_norm
+                candidates.append(f"torch.{namespace}.{name.removeprefix(namespace + '_')}")
         if module and module.startswith("torch"):
             candidates.append(f"{module}.{name}")
     for expr in candidates:
@@ -189,6 +197,13 @@ def state_table(model: torch.nn.Module) -> dict[str, StateTensor]:
     return state
 
 
+# The augmented assignments (x += y); operator.invert, operator.is_, operator.index are not.
+IN_PLACE_OPERATORS = {
+    f"operator.{name}" for name in ("iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul",
+                                    "ior", "ipow", "irshift", "isub", "itruediv", "ixor")
+}  # fmt: skip
+
+
 def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | None) -> int | None:
     """Index of the argument an op mutates in place (always the first), or None."""
     short = target.rsplit(".", 1)[-1]
@@ -199,7 +214,7 @@ def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | No
     if op == "call_method":
         return 0 if short.endswith("_") and not short.startswith("_") else None
     if op == "call_function":
-        if target.startswith("operator.i") or target in ("operator.setitem", "setattr"):
+        if target in IN_PLACE_OPERATORS or target in ("operator.setitem", "setattr"):
             return 0
         if target.startswith("torch.ops."):
             return None  # the export frontend reads mutation from the op schema instead

@@ -159,11 +159,30 @@ def most_even(problem: Problem, stages: int, table: Table, limit: float) -> list
 
 def check_stage_count(problem: Problem, stages: int) -> None:
     if stages > problem.max_stages():
+        first, last = _longest_glued_run(problem)
+        glued = (
+            f"; ops {problem.ops[first]} .. {problem.ops[last]} ({last - first + 1} of them) must share a stage"
+            if last > first
+            else ""
+        )
         raise FtcError(
             f"cannot split {problem.size} ops into {stages} stages: at most {problem.max_stages()} stages are "
-            "possible (in-place ops and tuple values must stay with their producer)",
-            f"use --stages {problem.max_stages()} or fewer",
+            f"possible{glued} (an in-place op stays with the value it changes, a buffer or parameter forward changes "
+            "with its readers, a tuple or dict with its readers)",
+            f"use --stages {problem.max_stages()} or fewer; with fx, --frontend export may allow more (it passes a "
+            "parameter or buffer changed in forward on as a value)",
         )
+
+
+def _longest_glued_run(problem: Problem) -> tuple[int, int]:
+    """The first and last op of the longest run of ops no stage boundary may separate."""
+    best, start = (0, 0), 0
+    for k in range(problem.size):
+        if k == 0 or not problem.no_cut[k - 1]:
+            start = k
+        if k - start > best[1] - best[0]:
+            best = (start, k)
+    return best
 
 
 def split_pipedream(

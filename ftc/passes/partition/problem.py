@@ -22,7 +22,8 @@ once), but it makes small stages cost what they do, and a device that runs sever
 (mpipe) pays it for each; the loss moves work off the last stage.
 
 Some boundaries are forbidden (`no_cut`): inside a value that holds several tensors (a tuple
-from `chunk`, say) between its producer and its last reader; between the value an in-place op
+from `chunk`, say), or an object the runtime cannot send (a dict a leaf module returns), between
+its producer and its last reader; between the value an in-place op
 mutates (followed back through views) and that op, so that every reader sees the mutation; and
 between the first and last op that touch a buffer forward updates in place (a step counter, an
 EMA), since each device holds its own copy of a buffer.
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ftc.ir import Cost, FtcError, Graph, Node, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_nbytes, meta_tensors
+from ftc.ir import Cost, FtcError, Graph, Node, OtherMeta, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_nbytes, meta_tensors
 from ftc.passes.cleanup import draws_random
 
 from .memory import Footprint, MemorySettings, StageMemory, StateUse, add_rectangle, summed
@@ -353,7 +354,7 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
 
     for t in transfers:
         meta = by_name[t.value].meta
-        if isinstance(meta, SeqMeta) and meta_tensors(meta):
+        if (isinstance(meta, SeqMeta) and meta_tensors(meta)) or _holds_object(meta):
             forbid(t.producer, t.consumers[-1])
     mutated_state = set()
     for node in graph.nodes:
@@ -393,6 +394,14 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units,
         FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost),
     )  # fmt: skip
+
+
+def _holds_object(meta) -> bool:
+    """Whether a value holds something the runtime cannot send (a dict a leaf module returns):
+    its producer and readers share a stage."""
+    if isinstance(meta, SeqMeta):
+        return any(_holds_object(item) for item in meta.items)
+    return isinstance(meta, OtherMeta)
 
 
 CONTAINERS = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
