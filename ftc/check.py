@@ -11,7 +11,12 @@ Four copies of the model start from the same seed and weights:
    sent values, the gradients it returns, its parameters' gradients and its buffers are compared
    with the reference, so a wrong stage is pinned down even though later stages depend on it;
 4. the whole pipeline runs end to end in the local executor: the model's outputs and every
-   parameter gradient are compared with the original's.
+   parameter gradient are compared with the original's;
+5. the model and the stages run forward once more in eval mode, from the weights and buffers
+   they started with, and their outputs are compared: a stage that keeps what the training-mode
+   trace saw (dropout on, batch norm on batch statistics) shows here. A model whose forward
+   branches on self.training (ir.json's training_branches, named when compiling) is told, not
+   failed: its stages keep the training branch by design.
 
 The loss is a fixed random projection of every floating output, so every output gets a
 gradient. Relative difference: max |a - b| / max(max |b|, 1e-6), per tensor.
@@ -107,6 +112,8 @@ class CheckReport:
     model_outputs: float  # end to end, against the original model
     model_gradients: float
     problems: list[str]
+    eval_outputs: float = 0.0  # end to end in eval mode
+    eval_expected: bool = True  # whether eval mode must match (no branch on self.training)
 
     def stage_ok(self, stage: StageReport) -> bool:
         return stage.worst <= self.tolerance and not stage.problems
@@ -117,6 +124,7 @@ class CheckReport:
             not self.problems
             and self.model_outputs <= self.tolerance
             and self.model_gradients <= self.tolerance
+            and (self.eval_outputs <= self.tolerance or not self.eval_expected)
             and all(self.stage_ok(s) for s in self.stages)
         )
 
@@ -232,7 +240,7 @@ def check_pipeline(
     original = model_file.build()
     original.train()
     _require_same_structure(graph, original, model_file.path, Path(folder))
-    interpreted, isolated, end_to_end = (copy.deepcopy(original) for _ in range(3))
+    interpreted, isolated, end_to_end, evaluated = (copy.deepcopy(original) for _ in range(4))
     torch.manual_seed(seed + 1)
     batch = model_file.inputs(batch_size)
 
@@ -270,7 +278,27 @@ def check_pipeline(
         (relative_difference(p.grad, grads[name].grad, floor) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
         default=0.0,
     )
-    return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems)
+    try:
+        eval_outputs = _eval_difference(pipeline, evaluated, batch, seed)
+    except Exception as exc:  # a stage that runs in training mode only
+        problems.append(f"the stages run end to end in eval mode raised {type(exc).__name__}: {exc}")
+        eval_outputs = math.inf
+    return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems,
+                       eval_outputs, eval_expected=not graph.training_branches)  # fmt: skip
+
+
+def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, batch: Any, seed: int) -> float:
+    """The stages' outputs against the model's, both in eval mode under no_grad."""
+    executor = LocalExecutor(pipeline, copy.deepcopy(model))
+    model.eval()
+    for stage in executor.stages:
+        stage.eval()
+    with torch.no_grad():
+        torch.manual_seed(seed + 2)
+        expected = model(**copy.deepcopy(batch)) if isinstance(batch, dict) else model(*copy.deepcopy(batch))
+        torch.manual_seed(seed + 2)
+        actual = executor.forward(copy.deepcopy(batch))
+    return relative_difference(_flat(actual), _flat(expected))
 
 
 def _require_same_structure(graph: Graph, model: torch.nn.Module, model_path: Path, folder: Path) -> None:

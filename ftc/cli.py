@@ -158,6 +158,12 @@ def run_check(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"  {problem}")
     print(f"end to end: model outputs {report.model_outputs:.2e}, parameter gradients {report.model_gradients:.2e}")
+    eval_line = f"eval mode: model outputs {report.eval_outputs:.2e}"
+    if not report.eval_expected:
+        eval_line += " (not judged: forward branches on self.training, and the stages keep the training branch)"
+    elif report.eval_outputs > report.tolerance:
+        eval_line += " FAIL (a stage keeps the training mode it was traced in)"
+    print(eval_line)
     print("check passed" if report.ok else "check FAILED")
     return 0 if report.ok else 1
 

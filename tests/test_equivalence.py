@@ -34,6 +34,7 @@ CASES = [
     (MODELS / "param_view.py", (1, 2, 3)),
     (MODELS / "param_containers.py", (1, 2, 4, 8)),
     (MODELS / "odd_ops.py", (1, 2, 3)),
+    (MODELS / "eval_mode.py", (1, 2, 3)),
 ]
 PARAMS = [pytest.param(path, stages, id=f"{path.stem}-P{stages}") for path, counts in CASES for stages in counts]
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from ftc.frontends.aten import LOWERINGS, Call, lower, op_key, whole_view
+from ftc.frontends.common import STAGE_TRAINING
+from ftc.check import check_pipeline
 from ftc.interpreter import resolve_function
 from ftc.ir import FtcError
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
@@ -217,7 +219,16 @@ CASES += [
     (aten.copy_.default, (_x(3), _x(3)), {}),
     (aten.relu_.default, (_x(3),), {}),
     (aten.masked_fill_.Scalar, (_x(2, 3), torch.tensor([[True, False, True]]), 0.0), {}),
-]
+    (aten.instance_norm.default, (_x(2, 3, 4), _x(3), _x(3), _x(3), _x(3).abs(), False, 0.1, 1e-5, False), {}),
+    (aten.instance_norm.default, (_x(2, 3, 4), None, None, None, None, True, 0.1, 1e-5, False), {}),
+    (aten.gru.input, (_x(2, 3, 4), _x(1, 2, 5), [_x(15, 4), _x(15, 5), _x(15), _x(15)], True, 1, 0.0, False, False, True), {}),
+    (aten.lstm.input, (_x(3, 2, 4), [_x(1, 2, 5), _x(1, 2, 5)], [_x(20, 4), _x(20, 5), _x(20), _x(20)], True, 1, 0.0,
+                       False, False, False), {}),
+    (aten.rnn_tanh.input, (_x(2, 3, 4), _x(2, 2, 5), [_x(5, 4), _x(5, 5), _x(5, 5), _x(5, 5)], False, 2, 0.0, False,
+                           False, True), {}),
+    (aten.rnn_relu.input, (_x(2, 3, 4), _x(1, 2, 5), [_x(5, 4), _x(5, 5), _x(5), _x(5)], True, 1, 0.0, False, False,
+                           True), {}),
+]  # fmt: skip
 
 
 def _run(call: Call):
@@ -260,6 +271,22 @@ def test_whole_views_are_the_tensor_itself():
     assert whole_view(aten.dropout.default, (x, 0.1, True), {}) is None
 
 
+def test_a_training_flag_the_trace_saw_set_follows_the_stage_mode():
+    """Traced in training mode, `train=True` is the layer's self.training: the stage code passes
+    its own, so that eval() turns off dropout and batch statistics, as the layer does."""
+    x, w = _x(4, 3), _x(3)
+    gru = lower(aten.gru.input, (_x(2, 3, 4), _x(2, 2, 5), [], True, 2, 0.3, True, False, True), {})
+    assert gru.target == "torch.gru" and gru.kwargs["train"] == STAGE_TRAINING and gru.kwargs["dropout"] == 0.3
+    assert lower(aten.dropout.default, (x, 0.5, True), {}).kwargs["training"] == STAGE_TRAINING
+    assert lower(aten.batch_norm.default, (x, w, w, w, w, True, 0.1, 1e-5, False), {}).args[5] == STAGE_TRAINING
+    norm = lower(aten.instance_norm.default, (_x(2, 3, 4), w, w, w, w, True, 0.1, 1e-5, False), {})
+    assert norm.kwargs["use_input_stats"] == STAGE_TRAINING
+    # Without running statistics, batch statistics are used in eval mode too.
+    assert lower(aten.batch_norm.default, (x, w, w, None, None, True, 0.1, 1e-5, False), {}).args[5] is True
+    assert "use_input_stats" not in lower(aten.instance_norm.default, (_x(2, 3, 4), None, None, None, None, True, 0.1,
+                                                                          1e-5, False), {}).kwargs  # fmt: skip
+
+
 def test_every_table_entry_has_a_case():
     covered = {op_key(op) for op, _, _ in CASES}
     assert not set(LOWERINGS) - covered, sorted(set(LOWERINGS) - covered)
@@ -267,7 +294,7 @@ def test_every_table_entry_has_a_case():
 
 EXPORT_CASES = [
     EXAMPLES / "gpt.py", EXAMPLES / "resnet.py", EXAMPLES / "unet.py", MODELS / "buffers.py", MODELS / "odd_structure.py",
-    MODELS / "no_grad.py",
+    MODELS / "no_grad.py", MODELS / "eval_mode.py",
 ]  # fmt: skip
 
 
@@ -278,6 +305,17 @@ def test_models_compiled_through_export_compute_what_the_model_computes(model_pa
     assert_stage_files_standalone_and_working(folder)
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
+
+
+def test_check_fails_a_stage_that_keeps_the_training_mode_in_eval(compile_to):
+    folder = compile_to(MODELS / "eval_mode.py", 2, batch_size=4, frontend="export")
+    code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "train=self.training" in code and "self.norm(" in code
+    for path in folder.glob("stage*.py"):  # the hand edit: the training mode baked in again
+        path.write_text(path.read_text().replace("train=self.training", "train=True"))
+    report = check_pipeline(folder, batch_size=4)
+    assert report.model_outputs == 0.0 and report.model_gradients == 0.0  # training mode cannot tell
+    assert report.eval_outputs > 1e-3 and not report.ok
 
 
 def test_a_no_grad_block_through_export_stays_a_no_grad_block_and_can_be_split(compile_to):

@@ -232,8 +232,7 @@ def _clone(a: dict) -> Call:
 def _dropout(a: dict) -> Call:
     # Traced in training mode, `training=True` stands for the model's `self.training` (HF's
     # `F.dropout(x, p, training=self.training)`): the stage follows its own train()/eval().
-    training = STAGE_TRAINING if a["train"] is True else a["train"]
-    return Call("call_function", "F.dropout", (a["input"],), {"p": a["p"], "training": training})
+    return Call("call_function", "F.dropout", (a["input"],), {"p": a["p"], "training": _traced_training(a["train"])})
 
 
 def _attention(a: dict) -> Call:
@@ -250,9 +249,35 @@ def _attention(a: dict) -> Call:
     return call
 
 
+def _traced_training(flag: Any) -> Any:
+    """A training flag the trace (in training mode) saw as True, as the stage's own
+    `self.training`, so that the stage follows its train()/eval() as the layer did."""
+    return STAGE_TRAINING if flag is True else flag
+
+
 def _batch_norm(a: dict) -> Call:
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    return Call("call_function", "F.batch_norm", tuple(a[n] for n in names))
+    # Without running statistics the layer normalizes by the batch in eval mode too.
+    training = a["training"] if a["running_mean"] is None else _traced_training(a["training"])
+    names = ("input", "running_mean", "running_var", "weight", "bias")
+    return Call("call_function", "F.batch_norm", (*(a[n] for n in names), training, a["momentum"], a["eps"]))
+
+
+def _instance_norm(a: dict) -> Call:
+    # use_input_stats is `self.training or not self.track_running_stats` in torch.nn.
+    stats = a["use_input_stats"] if a["running_mean"] is None else _traced_training(a["use_input_stats"])
+    a = {**a, "use_input_stats": stats}
+    return _function("F.instance_norm", "input", running_mean=None, running_var=None, weight=None, bias=None,
+                     use_input_stats=True, momentum=0.1, eps=1e-5)(a)  # fmt: skip
+
+
+def _recurrent(target: str) -> Callable[[dict], Call]:
+    """torch.gru, torch.lstm, ...: the op's own binding, its flat weight list spelled out, and
+    the dropout between layers following the stage's train()/eval()."""
+    flags = ("has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
+    return lambda a: Call(
+        "call_function", target, (a["input"], a["hx"], a["params"]),
+        {**{n: a[n] for n in flags}, "train": _traced_training(a["train"])},
+    )  # fmt: skip
 
 
 def _squeeze_dims(a: dict) -> Call:
@@ -329,6 +354,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "rms_norm.default": _function("F.rms_norm", "input", "normalized_shape", weight=None, eps=None),
     "group_norm.default": _function("F.group_norm", "input", "num_groups", weight=None, bias=None, eps=1e-5),
     "batch_norm.default": _batch_norm,
+    "instance_norm.default": _instance_norm,
+    **{f"{name}.input": _recurrent(f"torch.{name}") for name in ("gru", "lstm", "rnn_tanh", "rnn_relu")},
     "embedding.default": _embedding,
     "scaled_dot_product_attention.default": _attention,
     "dropout.default": _dropout,
@@ -454,6 +481,9 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
     nn.Embedding: ("embedding.default", "indices"),
     nn.LayerNorm: ("layer_norm.default", "input"),
     nn.GroupNorm: ("group_norm.default", "input"),
+    nn.InstanceNorm1d: ("instance_norm.default", "input"),
+    nn.InstanceNorm2d: ("instance_norm.default", "input"),
+    nn.InstanceNorm3d: ("instance_norm.default", "input"),
     nn.BatchNorm1d: ("batch_norm.default", "input"),  # in eval mode; training also counts batches
     nn.BatchNorm2d: ("batch_norm.default", "input"),
     nn.Dropout: ("dropout.default", "input"),
