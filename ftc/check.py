@@ -344,6 +344,7 @@ def _check_stages_alone(
         report.outputs = max((relative_difference(sent[n], values[n]) for n in spec.outputs), default=0.0)
         scale = Fraction(batch_size, pipeline.manifest["batch_size"])
         report.problems += comm.unsendable(sent, pipeline.manifest["values"], scale)
+        report.problems += comm.gradient_problems(sent, pipeline.manifest["values"])
         if report.problems:  # a value of another shape than pipeline.json's cannot take its gradient
             continue
         pairs = [
@@ -362,6 +363,8 @@ def _check_stages_alone(
     params = dict(original.named_parameters(remove_duplicate=False))
     buffers = dict(original.named_buffers(remove_duplicate=False))
     for report, stage in zip(reports, executor.stages):
+        if report.problems:  # its backward did not run: its missing gradients would only repeat that
+            continue
         for name, param in stage.named_parameters(remove_duplicate=False):
             expected = params[name].grad if name in params else None
             if expected is None and param.grad is None:

@@ -252,6 +252,24 @@ def unsendable(sent: dict[str, Any], values: dict[str, dict], batch_scale: Fract
     return problems
 
 
+def gradient_problems(sent: dict[str, Any], values: dict[str, dict]) -> list[str]:
+    """Stage outputs `sent` (by name, computed with autograd on) whose need of a gradient is not
+    what pipeline.json says: the runtime sends a gradient back exactly where the spec says so, so
+    a hand edit of `requires_grad` would freeze every stage before (or fail)."""
+    problems = []
+    for name, value in sent.items():
+        spec = values.get(name)
+        if spec is None:
+            continue
+        for leaf, leaf_spec in zip(flatten(value, spec), leaf_specs(name, spec, sendable=False)):
+            if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+                continue
+            if leaf.requires_grad != bool(leaf_spec.get("requires_grad")):
+                problems.append(f"value {name} {'needs' if leaf.requires_grad else 'has no'} gradient, but "
+                                f"pipeline.json says requires_grad {str(bool(leaf_spec.get('requires_grad'))).lower()}")  # fmt: skip
+    return problems
+
+
 def decode(payload: list[torch.Tensor], specs: list[dict]) -> list:
     python = {"int": int, "bool": bool, "float": float}
     return [t if spec["kind"] == "tensor" else python[spec["kind"]](t.item()) for t, spec in zip(payload, specs)]

@@ -474,6 +474,11 @@ class _DeviceRunner:
                              "check the data against the model file's example_inputs (shapes, dtypes); "
                              "`ftc check` runs the stages on example inputs") from exc  # fmt: skip
         check_stage_outputs(spec, outputs)
+        if self.training and not recompute:
+            problems = comm.gradient_problems(dict(zip(spec.outputs, outputs)), self.plan.values)
+            if problems:
+                raise FtcError(f"{spec.file}: {problems[0]}", "keep stage outputs as pipeline.json lists them "
+                               "(run `ftc check`), or recompile")  # fmt: skip
         for name, value in zip(spec.outputs, outputs):
             if (self.device, name) in self.plan.uses or name in self.plan.readers:
                 self.values[(name, m)] = value

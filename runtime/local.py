@@ -15,8 +15,8 @@ import torch
 
 from ftc.ir import FtcError
 
-from .comm import unsendable
-from .materialize import check_tied
+from .comm import gradient_problems, unsendable
+from .materialize import check_tied, construct_stage
 from .pipeline import Pipeline, check_stage_outputs
 
 
@@ -34,7 +34,7 @@ class LocalExecutor:
         self.pipeline = pipeline
         self.specs = pipeline.stages
         check_tied(model, pipeline)
-        self.stages = [pipeline.stage_class(spec)(model) for spec in self.specs]
+        self.stages = [construct_stage(pipeline.stage_class(spec), model, pipeline, spec) for spec in self.specs]
         if device is not None:
             self.stages = [stage.to(device) for stage in self.stages]
         # What each stage sent and received in the last forward, kept until its backward.
@@ -90,6 +90,8 @@ class LocalExecutor:
         """A stage's outputs must be what pipeline.json says (a hand edit may change a shape, which
         the next stage or the backward would meet far from its cause)."""
         problems = unsendable(sent, self.pipeline.manifest["values"], scale)
+        if torch.is_grad_enabled():
+            problems += gradient_problems(sent, self.pipeline.manifest["values"])
         if problems:
             raise FtcError(f"{file}: {problems[0]}", "keep stage outputs as pipeline.json lists them, or recompile "
                            "with `ftc compile`")  # fmt: skip

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from ftc.ir import FtcError
 
 from .model_file import ModelFile
-from .pipeline import Pipeline
+from .pipeline import Pipeline, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -229,17 +229,49 @@ def _build_whole(
 def _construct(classes: dict[int, type], model: torch.nn.Module, pipeline: Pipeline | None = None) -> dict[int, torch.nn.Module]:
     if pipeline is not None:
         check_tied(model, pipeline)
+    specs = {spec.index: spec for spec in pipeline.stages} if pipeline is not None else {}
     stages = {}
     for index, cls in classes.items():
-        try:
-            stages[index] = cls(model)
-        except Exception as exc:
-            raise FtcError(
-                f"stage {index} ({cls.__module__}.{cls.__name__}): __init__ raised {type(exc).__name__}: {exc}",
-                "make the stage adopt the model's submodules, parameters and buffers by their qualified names, "
-                "then run `ftc check`",
-            ) from exc
+        stages[index] = construct_stage(cls, model, pipeline, specs.get(index))
     return stages
+
+
+def construct_stage(cls: type, model: torch.nn.Module, pipeline: Pipeline | None, spec: StageSpec | None) -> torch.nn.Module:
+    """`cls(model)`, with an error naming the stage file when its __init__ fails, and checked
+    against pipeline.json's list of what the stage holds (`spec.state`), which says what the
+    runtime initializes, loads, saves and sums across devices."""
+    where = spec.file if spec is not None else f"{cls.__module__}.{cls.__name__}"
+    try:
+        stage = cls(model)
+    except Exception as exc:
+        raise FtcError(
+            f"{where}: {cls.__name__}.__init__ raised {type(exc).__name__}: {exc}",
+            "make the stage adopt the model's submodules, parameters and buffers by their qualified names, "
+            "then run `ftc check`",
+        ) from exc
+    if not isinstance(stage, torch.nn.Module):
+        raise FtcError(f"{where}: {cls.__name__} is not a torch.nn.Module", "keep the generated class's base class")
+    if pipeline is not None and spec is not None:
+        _check_state_list(stage, model, pipeline, spec)
+    return stage
+
+
+def _check_state_list(stage: torch.nn.Module, model: torch.nn.Module, pipeline: Pipeline, spec: StageSpec) -> None:
+    held = {name for name, _ in stage.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in stage.named_buffers(remove_duplicate=False)}
+    of_model = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    of_model |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    listed = set(spec.state)
+    missing, unlisted = sorted(listed - held), sorted((held & of_model) - listed)
+    if missing or unlisted:
+        what = "; ".join(part for part in (
+            f"it lists {', '.join(missing[:4])}, which {spec.file} does not hold" if missing else "",
+            f"{spec.file} holds {', '.join(unlisted[:4])}, which it does not list" if unlisted else "",
+        ) if part)  # fmt: skip
+        raise FtcError(f"{pipeline.folder / 'pipeline.json'}: stage {spec.index}'s \"state\" is not what the stage holds "
+                       f"({what}); the runtime initializes, loads, saves and syncs by that list",
+                       "undo the hand edit of \"state\" (or make it name exactly the parameters and buffers the stage "
+                       "adopts), then run `ftc check`")  # fmt: skip
 
 
 def check_tied(model: torch.nn.Module, pipeline: Pipeline) -> None:
@@ -262,6 +294,23 @@ def check_tied(model: torch.nn.Module, pipeline: Pipeline) -> None:
             raise FtcError(f"{manifest}: \"tied\" lists {alias!r} with {first!r}, but the model holds them as two "
                            f"tensors ({list(tensors[0].shape)} and {list(tensors[1].shape)}): their gradients would be "
                            "summed across devices", "undo the hand edit, or recompile the pipeline with `ftc compile`")  # fmt: skip
+    # The other way round: one parameter under several names held on several devices must be
+    # tied, or its copies would train apart (a shared buffer nothing updates stays equal).
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), []).append(name)
+    devices: dict[str, set[int]] = {}
+    for spec in pipeline.stages:
+        for key in spec.state:
+            devices.setdefault(key, set()).add(spec.device)
+    for group in names.values():
+        held = [name for name in group if name in devices]
+        canonical = {pipeline.tied.get(name, name) for name in held}
+        if len(canonical) > 1 and len(set().union(*(devices[name] for name in held))) > 1:
+            raise FtcError(f"{manifest}: the model holds {' and '.join(map(repr, held))} as one tensor, on devices "
+                           f"{sorted(set().union(*(devices[name] for name in held)))}, but \"tied\" does not list them "
+                           "together: their gradients would not be summed, and the copies would train apart",
+                           "undo the hand edit of \"tied\", or recompile the pipeline with `ftc compile`")  # fmt: skip
 
 
 @dataclass

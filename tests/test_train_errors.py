@@ -5,6 +5,7 @@ names the file, function or line, never an "internal error" from deep inside.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 
 import pytest
@@ -306,3 +307,97 @@ def test_a_hand_edited_stage_output_of_another_shape_fails_the_check_by_name(tmp
     assert not report.ok
     problems = report.stages[0].problems + report.problems
     assert any("value hidden_2 is float32[8, 64], but pipeline.json says float32[8, 128]" in p for p in problems), problems
+
+
+def edited_copy(tmp_path, model_path, stages, edit, **options):
+    """A fresh compile of `model_path` into a copy whose pipeline.json `edit` changes."""
+    import json
+    import shutil
+
+    original = compile_model(model_path, tmp_path / "gen", CompileOptions(stages=stages, **options)).folder
+    folder = tmp_path / "edited" / original.name
+    shutil.copytree(original, folder)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    edit(manifest)
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_hand_edited_requires_grad_is_refused_not_trained_frozen(tmp_path):
+    """requires_grad false on a value stage 0 sends: the runtime sends no gradient back, so
+    stage 0 trained frozen, in local and dist alike, and `ftc check` passed."""
+    from ftc.check import check_pipeline
+
+    folder = edited_copy(tmp_path, EXAMPLES / "mlp.py", 2, lambda m: m["values"]["hidden_2"].update(requires_grad=False))
+    message = "value hidden_2 needs gradient, but pipeline.json says requires_grad false"
+    report = check_pipeline(folder, model_path=EXAMPLES / "mlp.py")
+    assert not report.ok and report.stages[0].problems == [message]  # and no list of missing gradients after it
+    with pytest.raises(FtcError, match=f"stage0.py: {message}"):
+        run(folder, model=str(EXAMPLES / "mlp.py"), batch_size=8, data={"name": "digits"})
+
+
+def test_a_hand_edited_state_list_is_refused(tmp_path):
+    """A stage's "state" says what the runtime initializes, loads, saves and sums across
+    devices: dropping the tied wte.weight from GPT's last stage made dist train apart from local,
+    and a key a stage does not hold made dist hang in an all-reduce only one rank joined."""
+    from ftc.check import check_pipeline
+
+    def drop(manifest):
+        manifest["stages"][1]["state"].remove("hidden.3.weight")
+
+    folder = edited_copy(tmp_path, EXAMPLES / "mlp.py", 2, drop)
+    message = "stage 1's \"state\" is not what the stage holds (stage1.py holds hidden.3.weight, which it does not list)"
+    with pytest.raises(FtcError, match=re.escape(message)):
+        check_pipeline(folder, model_path=EXAMPLES / "mlp.py")
+    with pytest.raises(FtcError, match=re.escape(message)):
+        run(folder, model=str(EXAMPLES / "mlp.py"), batch_size=8, data={"name": "digits"})
+
+
+TIED_BY_ASSIGNMENT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.body = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(3)])
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+def build_model():
+    return TiedLM()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 50, (batch_size, 6)),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.reshape(-1, 50), target.reshape(-1))
+"""
+
+
+def test_a_weight_tied_under_two_names_on_two_devices_must_stay_tied(tmp_path):
+    """Deleting pipeline.json's "tied" left embed.weight and head.weight, one tensor of the
+    model, untied on two devices: dist trained them apart while check and local passed."""
+    from ftc.check import check_pipeline
+
+    model = tmp_path / "tied_lm.py"
+    model.write_text(TIED_BY_ASSIGNMENT)
+    kept = edited_copy(tmp_path / "kept", model, 2, lambda m: None, method="uniform")
+    assert json.loads((kept / "pipeline.json").read_text())["tied"] == [["embed.weight", "head.weight"]]
+    assert check_pipeline(kept).ok
+    folder = edited_copy(tmp_path / "untied", model, 2, lambda m: m.update(tied=[]), method="uniform")
+    message = ("the model holds 'embed.weight' and 'head.weight' as one tensor, on devices [0, 1], but \"tied\" does "
+               "not list them together")  # fmt: skip
+    with pytest.raises(FtcError, match=re.escape(message)):
+        check_pipeline(folder)
+    with pytest.raises(FtcError, match=re.escape(message)):
+        run(folder, batch_size=8)
