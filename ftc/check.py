@@ -42,6 +42,10 @@ from ftc.runtime.pipeline import Pipeline
 DEFAULT_TOLERANCE = 1e-5
 
 
+class ModelFails(FtcError):
+    """The original model cannot run the check's batch (a BatchNorm1d on one sample, say)."""
+
+
 # A parameter gradient that is zero in exact arithmetic (a key projection's bias: softmax ignores
 # a constant added to every score; a bias before a train-mode BatchNorm) is float32 rounding
 # noise, about 1e-7 of the terms summed, which the order of accumulation changes. Gradients are
@@ -246,7 +250,11 @@ def check_pipeline(
 
     # Each run gets its own copy of the batch: forward may change its inputs in place.
     torch.manual_seed(seed + 2)
-    expected = original(**copy.deepcopy(batch)) if isinstance(batch, dict) else original(*copy.deepcopy(batch))
+    try:
+        expected = original(**copy.deepcopy(batch)) if isinstance(batch, dict) else original(*copy.deepcopy(batch))
+    except Exception as exc:
+        raise ModelFails(f"the model itself fails at batch size {batch_size} ({type(exc).__name__}: {exc})",
+                         "check at a batch size the model runs at (--batch-size)") from exc  # fmt: skip
     _loss(expected, seed).backward()
 
     torch.manual_seed(seed + 2)

@@ -472,7 +472,8 @@ class _DeviceRunner:
             raise user_error(exc, f"stage {stage} ({spec.file}), micro-batch {m},",
                              [self.engine.pipeline.folder / spec.file, self.engine.pipeline.model_file],
                              "check the data against the model file's example_inputs (shapes, dtypes); "
-                             "`ftc check` runs the stages on example inputs") from exc  # fmt: skip
+                             f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
+                             "runs the stages on example inputs of this micro-batch size") from exc  # fmt: skip
         check_stage_outputs(spec, outputs)
         if self.training and not recompute:
             problems = comm.gradient_problems(dict(zip(spec.outputs, outputs)), self.plan.values)

@@ -233,6 +233,22 @@ def test_hand_edits_are_protected_and_checked(tmp_path, capsys):
     assert stage.read_text() == original
 
 
+def test_check_runs_at_the_micro_batch_size_too(tmp_path, capsys):
+    """A stage that holds only at the compile batch size (a hand-written `.view(8, -1)`) passed
+    the check and failed in training, whose micro-batches are smaller."""
+    assert run_cli(["compile", EXAMPLES / "mlp.py", "--stages", 2, "-o", tmp_path], capsys)[0] == 0
+    folder = tmp_path / "mlp"
+    assert json.loads((folder / "pipeline.json").read_text())["settings"]["micro_batches"] == 2
+    code, out, _ = run_cli(["check", folder], capsys)
+    assert code == 0 and "batch size 8," in out and "batch size 4," in out
+    assert "check passed at batch sizes 8 and 4" in out
+    stage = folder / "stage1.py"
+    stage.write_text(stage.read_text().replace("relu = F.relu(hidden_2)", "relu = F.relu(hidden_2.view(8, -1))"))
+    code, out, _ = run_cli(["check", folder], capsys)
+    assert code == 1 and "check FAILED at batch sizes 8 and 4" in out
+    assert run_cli(["check", folder, "--batch-size", 8], capsys)[0] == 0
+
+
 def test_console_script_end_to_end(tmp_path):
     """The installed `ftc` command itself: compile and check the MLP example."""
     ftc = [sys.executable, "-m", "ftc.cli"]
