@@ -110,6 +110,9 @@ class Pipeline:
         cls = getattr(module, spec.class_name, None)
         if cls is None:
             raise FtcError(f"{path}: defines no class {spec.class_name}", "keep the class name pipeline.json lists")
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            raise FtcError(f"{path}: {spec.class_name} is a {type(cls).__name__}, not a torch.nn.Module class",
+                           "keep the stage class pipeline.json lists, a subclass of torch.nn.Module")  # fmt: skip
         return cls
 
     def assemble_output(self, values: dict[str, Any]) -> Any:
@@ -176,8 +179,23 @@ def validate_manifest(manifest: dict, path: Path) -> None:
                 raise bad(f"{where}key {key!r}", f"is {json.dumps(value) if key in data else 'missing'}; it must be {meaning}")
 
     check_keys(manifest, _TOP_LEVEL, "")
-    if manifest["output_structure"].get("kind") not in ("value", "tuple", "dict"):
+    structure = manifest["output_structure"]
+    if structure.get("kind") not in ("value", "tuple", "dict"):
         raise bad("key 'output_structure'", "must have kind \"value\", \"tuple\" or \"dict\"")
+    if structure["kind"] == "value" and len(manifest["outputs"]) != 1:
+        raise bad("key 'output_structure'", f"is one value, but 'outputs' lists {len(manifest['outputs'])}")
+    keys = structure.get("keys")
+    if structure["kind"] == "dict" and not (
+        isinstance(keys, list) and all(isinstance(k, str) for k in keys) and len(keys) == len(manifest["outputs"])
+    ):
+        raise bad("key 'output_structure'", f"is a dict, so its 'keys' must list {len(manifest['outputs'])} names, "
+                  "one per output")  # fmt: skip
+    tied = manifest.get("tied", [])
+    if not isinstance(tied, list) or not all(
+        isinstance(group, list) and len(group) > 1 and all(isinstance(n, str) for n in group) for group in tied
+    ):
+        raise bad("key 'tied'", f"is {json.dumps(tied)}; it must be a list of groups, each a list of two or more "
+                  "names of one tensor")  # fmt: skip
     if not manifest["stages"]:
         raise bad("key 'stages'", "is empty")
     produced: dict[str, int] = {}
@@ -208,6 +226,44 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     unspecified = [name for name in [*manifest["inputs"], *produced] if name not in manifest["values"]]
     if unspecified:
         raise bad("key 'values'", f"lacks the specs of {unspecified}")
+    for name, spec in manifest["values"].items():
+        problem = _spec_problem(spec)
+        if problem:
+            raise bad(f"value {name!r}", problem)
+    for position, stage in enumerate(manifest["stages"]):
+        cost = stage.get("cost", {})
+        for key in ("fwd_time", "bwd_time"):
+            value = cost.get(key, 0.0) if isinstance(cost, dict) else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise bad(f"stage {position}: cost {key!r}", f"is {json.dumps(value)}; it must be a time in seconds, 0 or more")
+
+
+_SCALARS = ("int", "bool", "float")
+_SEQUENCES = ("tuple", "list", "size")
+
+
+def _spec_problem(spec: Any) -> str:
+    """What is wrong with a value spec (runtime/comm.py reads them to size receive buffers), or ""."""
+    if not isinstance(spec, dict) or spec.get("kind") not in ("tensor", *_SCALARS, *_SEQUENCES, "object"):
+        return f"has kind {json.dumps(spec.get('kind') if isinstance(spec, dict) else spec)}; it must be one of " \
+               f"tensor, {', '.join((*_SCALARS, *_SEQUENCES))}, object"  # fmt: skip
+    if spec["kind"] in _SEQUENCES:
+        items = spec.get("items")
+        if not isinstance(items, list):
+            return "is a sequence without a list of 'items'"
+        return next((problem for problem in map(_spec_problem, items) if problem), "")
+    if spec["kind"] != "tensor":
+        return ""
+    shape, dtype, batch_dim = spec.get("shape"), spec.get("dtype"), spec.get("batch_dim", "missing")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"has shape {json.dumps(shape)}; it must be a list of sizes"
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        return f"has dtype {json.dumps(dtype)}; it must name a torch dtype (float32, int64, ...)"
+    if batch_dim is not None and not (isinstance(batch_dim, int) and not isinstance(batch_dim, bool) and 0 <= batch_dim < len(shape)):
+        return f"has batch_dim {json.dumps(batch_dim)}; it must be null or a dimension of its shape {shape}"
+    if not isinstance(spec.get("requires_grad"), bool):
+        return f"has requires_grad {json.dumps(spec.get('requires_grad'))}; it must be true or false"
+    return ""
 
 
 def check_stage_outputs(spec: StageSpec, outputs: Any) -> None:

@@ -336,6 +336,14 @@ MANIFEST_EDITS = [
     (lambda m: m.pop("batch_size"), "key 'batch_size' is missing"),
     (lambda m: m["stages"][0].pop("state"), "stage 0: key 'state' is missing"),
     (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']"),
+    (lambda m: m["values"].__setitem__("relu_2", {}), "value 'relu_2' has kind null; it must be one of tensor"),
+    (lambda m: m["values"]["relu_2"].pop("shape"), "value 'relu_2' has shape null; it must be a list of sizes"),
+    (lambda m: m["values"]["relu_2"].__setitem__("shape", "8x128"), "value 'relu_2' has shape \"8x128\""),
+    (lambda m: m["values"]["relu_2"].__setitem__("dtype", "floaty"), "value 'relu_2' has dtype \"floaty\"; it must name"),
+    (lambda m: m["values"]["relu_2"].__setitem__("batch_dim", 5), "value 'relu_2' has batch_dim 5; it must be null or"),
+    (lambda m: m.__setitem__("output_structure", {"kind": "dict"}), "key 'output_structure' is a dict, so its 'keys'"),
+    (lambda m: m.__setitem__("tied", ["hidden.0.weight", "hidden.1.weight"]), "key 'tied' is [\"hidden.0.weight\""),
+    (lambda m: m["stages"][0]["cost"].__setitem__("fwd_time", "fast"), "stage 0: cost 'fwd_time' is \"fast\""),
 ]
 
 
@@ -352,6 +360,18 @@ def test_a_hand_edited_manifest_is_refused_by_every_command_with_the_key_named(e
     for command in (["check", folder], ["explain", folder]):
         code, _, err = run_cli(command, capsys)
         assert code == 2 and message in err and "internal error" not in err, err
+
+
+def test_a_stage_class_that_is_no_module_class_is_named(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "mlp"
+    shutil.copytree(ROOT / "generated" / "mlp", folder)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    manifest["stages"][1]["class"] = "F"  # the stage file's `import torch.nn.functional as F`
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    result = run_cli(["check", folder, "--model", EXAMPLES / "mlp.py"], capsys)
+    assert_user_error(result, "stage1.py: F is a module, not a torch.nn.Module class")
 
 
 def test_an_output_folder_that_cannot_be_made_is_named_before_compiling(tmp_path, capsys):
