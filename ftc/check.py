@@ -349,14 +349,15 @@ def _check_stages_alone(
             report.problems.append(f"forward must return a tuple of {len(spec.outputs)} values {spec.outputs}")
             continue
         sent = dict(zip(spec.outputs, result))
-        report.outputs = max((relative_difference(sent[n], values[n]) for n in spec.outputs), default=0.0)
+        report.outputs = max((relative_difference(_as_shaped(sent[n], values[n]), values[n]) for n in spec.outputs),
+                             default=0.0)  # fmt: skip
         scale = Fraction(batch_size, pipeline.manifest["batch_size"])
         report.problems += comm.unsendable(sent, pipeline.manifest["values"], scale)
         report.problems += comm.gradient_problems(sent, pipeline.manifest["values"])
         if report.problems:  # a value of another shape than pipeline.json's cannot take its gradient
             continue
         pairs = [
-            (sent[name], grad)
+            (sent[name], _as_shaped(grad, sent[name]))
             for name, grad in reference.to_send[spec.index].items()
             if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad
         ]
@@ -385,6 +386,17 @@ def _check_stages_alone(
             if name in buffers:
                 report.buffers = max(report.buffers, relative_difference(buffer, buffers[name]))
     return reports
+
+
+def _as_shaped(value: Any, like: Any) -> Any:
+    """`value` in the shape of `like` where a hand edit reshaped a value at a stage boundary (the
+    next stage shapes it back) and the elements are as many; otherwise `value` as it is."""
+    if (
+        isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor) and value.shape != like.shape
+        and value.numel() == like.numel()
+    ):  # fmt: skip
+        return value.reshape(like.shape)
+    return value
 
 
 def _state_dict_problems(pipeline: Pipeline, executor: LocalExecutor, original: torch.nn.Module) -> list[str]:

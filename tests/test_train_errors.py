@@ -401,3 +401,26 @@ def test_a_weight_tied_under_two_names_on_two_devices_must_stay_tied(tmp_path):
         check_pipeline(folder)
     with pytest.raises(FtcError, match=re.escape(message)):
         run(folder, batch_size=8)
+
+
+def test_a_value_reshaped_at_a_stage_boundary_and_back_passes_the_check(tmp_path):
+    """Stage 0 sends GPT's hidden state flattened to [B*T, C], stage 1 views it back: the
+    pipeline computes what the model does (and trains so), but check raised an internal error
+    backpropagating the model-shaped gradient into the flattened value."""
+    from ftc.check import check_pipeline
+
+    def flatten_boundary(manifest):
+        (name,) = manifest["stages"][0]["outputs"]
+        manifest["values"][name]["shape"] = [8 * 64, 128]
+
+    folder = edited_copy(tmp_path, EXAMPLES / "gpt.py", 2, flatten_boundary)
+    (name,) = json.loads((folder / "pipeline.json").read_text())["stages"][0]["outputs"]
+    sender, receiver = folder / "stage0.py", folder / "stage1.py"
+    assert f"return ({name},)" in sender.read_text()
+    sender.write_text(sender.read_text().replace(f"return ({name},)", f"return ({name}.reshape(-1, 128),)"))
+    head = f"    def forward(self, {name}):\n"
+    assert head in receiver.read_text()
+    receiver.write_text(receiver.read_text().replace(head, f"{head}        {name} = {name}.view(-1, 64, 128)\n"))
+    for batch_size in (8, 4):
+        report = check_pipeline(folder, batch_size=batch_size)
+        assert report.ok and report.stages[0].outputs == 0.0 and report.stages[1].input_grads == 0.0
