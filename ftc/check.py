@@ -260,8 +260,8 @@ def check_pipeline(
     torch.manual_seed(seed + 2)
     reference = _Reference(graph, interpreted, pipeline)
     reference_output = reference.forward_backward(copy.deepcopy(batch), seed)
-    problems = []
-    if relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
+    problems = _output_problems(graph, pipeline)
+    if not problems and relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
         problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
     floor = gradient_floor(original)
@@ -293,6 +293,19 @@ def check_pipeline(
         eval_outputs = math.inf
     return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems,
                        eval_outputs, eval_expected=not graph.training_branches)  # fmt: skip
+
+
+def _output_problems(graph: Graph, pipeline: Pipeline) -> list[str]:
+    """pipeline.json's model outputs must be ir.json's: a hand edit that reorders them (or the
+    keys of a dict output) hands the loss other tensors than the model's."""
+    structure = pipeline.manifest["output_structure"]
+    ours = (structure["kind"], list(pipeline.outputs), list(structure.get("keys", [])))
+    traced = (graph.outputs.kind, [ref.name for ref in graph.outputs.values], list(graph.outputs.keys))
+    if ours == traced:
+        return []
+    return [f"pipeline.json's outputs {ours[1]} (output_structure {ours[0]}{f' with keys {ours[2]}' if ours[2] else ''}) "
+            f"are not the model's: ir.json has {traced[1]} ({traced[0]}{f' with keys {traced[2]}' if traced[2] else ''}); "
+            "undo the hand edit of \"outputs\" or \"output_structure\""]  # fmt: skip
 
 
 def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, batch: Any, seed: int) -> float:

@@ -243,6 +243,8 @@ def unsendable(sent: dict[str, Any], values: dict[str, dict], batch_scale: Fract
         if spec is None:
             continue
         for leaf, leaf_spec in zip(flatten(value, spec), leaf_specs(name, spec, sendable=False)):
+            if leaf_spec["kind"] in SCALAR_DTYPES and type(leaf).__name__ != leaf_spec["kind"]:
+                problems.append(f"value {name} is {type(leaf).__name__} {leaf!r}, but pipeline.json says {leaf_spec['kind']}")
             if leaf_spec["kind"] != "tensor":
                 continue
             try:

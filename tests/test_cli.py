@@ -362,6 +362,25 @@ def test_a_hand_edited_manifest_is_refused_by_every_command_with_the_key_named(e
         assert code == 2 and message in err and "internal error" not in err, err
 
 
+@pytest.mark.parametrize("edit", ["reorder outputs", "reorder keys"])
+def test_reordered_model_outputs_are_named_as_the_hand_edit_they_are(edit, tmp_path, capsys):
+    """Reordered outputs were blamed on ir.json; reordered dict keys passed the check, and the
+    loss then read other tensors than the model's."""
+    import shutil
+
+    folder = tmp_path / "two_tower"
+    shutil.copytree(ROOT / "generated" / "two_tower", folder)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    if edit == "reorder outputs":
+        manifest["outputs"] = manifest["outputs"][::-1]
+    else:
+        manifest["output_structure"]["keys"] = manifest["output_structure"]["keys"][::-1]
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    code, out, _ = run_cli(["check", folder, "--model", EXAMPLES / "two_tower.py", "--batch-size", 4], capsys)
+    assert code == 1 and "check FAILED" in out and "ir.json itself" not in out
+    assert "are not the model's: ir.json has ['score', 'query_embedding', 'item_embedding']" in out
+
+
 def test_a_stage_class_that_is_no_module_class_is_named(tmp_path, capsys):
     import shutil
 

@@ -424,3 +424,22 @@ def test_a_value_reshaped_at_a_stage_boundary_and_back_passes_the_check(tmp_path
     for batch_size in (8, 4):
         report = check_pipeline(folder, batch_size=batch_size)
         assert report.ok and report.stages[0].outputs == 0.0 and report.stages[1].input_grads == 0.0
+
+
+def test_a_hand_edited_kind_of_a_number_sent_between_stages_is_named(tmp_path):
+    """metis sends GPT's sequence length (an int) across stages; made a bool by hand it passed
+    the check and was sent as 1 in dist."""
+    from ftc.check import check_pipeline
+
+    edited = []
+
+    def as_bool(manifest):
+        name = next(name for name, spec in manifest["values"].items() if spec["kind"] == "int"
+                    and not spec["batch_dependent"])  # fmt: skip
+        manifest["values"][name]["kind"] = "bool"
+        edited.append(name)
+
+    folder = edited_copy(tmp_path, EXAMPLES / "gpt.py", 3, as_bool, method="metis")
+    report = check_pipeline(folder, batch_size=4)
+    problems = [p for s in report.stages for p in s.problems]
+    assert not report.ok and f"value {edited[0]} is int 64, but pipeline.json says bool" in problems
