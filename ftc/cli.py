@@ -176,6 +176,7 @@ def _print_check(report) -> None:
     rows = [
         [s.index, s.file, f"{s.outputs:.2e}", f"{s.input_grads:.2e}", f"{s.gradients:.2e}", f"{s.buffers:.2e}",
          "ok" if report.stage_ok(s) else "FAIL"]
+        if s.compared else [s.index, s.file, "-", "-", "-", "-", "-"]
         for s in report.stages
     ]  # fmt: skip
     print(f"{report.folder}: each stage alone on the reference values, batch size {report.batch_size}, "
@@ -186,6 +187,8 @@ def _print_check(report) -> None:
             print(f"  stage {s.index}: {problem}")
     for problem in report.problems:
         print(f"  {problem}")
+    for note in report.notes:
+        print(f"  note: {note}")
     print(f"end to end: model outputs {report.model_outputs:.2e}, parameter gradients {report.model_gradients:.2e}")
     eval_line = f"eval mode: model outputs {report.eval_outputs:.2e}"
     if not report.eval_expected:

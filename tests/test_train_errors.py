@@ -443,3 +443,35 @@ def test_a_hand_edited_kind_of_a_number_sent_between_stages_is_named(tmp_path):
     report = check_pipeline(folder, batch_size=4)
     problems = [p for s in report.stages for p in s.problems]
     assert not report.ok and f"value {edited[0]} is int 64, but pipeline.json says bool" in problems
+
+
+def test_a_layer_moved_between_stages_by_hand_is_checked_end_to_end(tmp_path):
+    """hidden.3 moved from stage 1 into stage 0: the pipeline computes what the model does, but
+    check compared each stage alone at ir.json's boundaries and failed it. It now compares the
+    pipeline end to end only, and says so; a wrong move still fails."""
+    from ftc.check import check_pipeline
+
+    def move(manifest):
+        first, second = manifest["stages"]
+        first["outputs"], second["inputs"] = ["hidden_3"], ["hidden_3"]
+        for key in ("hidden.3.bias", "hidden.3.weight"):
+            second["state"].remove(key)
+            first["state"].append(key)
+        manifest["values"]["hidden_3"] = dict(manifest["values"]["hidden_2"])
+
+    folder = edited_copy(tmp_path, EXAMPLES / "mlp.py", 2, move)
+    stage0, stage1 = folder / "stage0.py", folder / "stage1.py"
+    stage0.write_text(stage0.read_text()
+                      .replace('model.get_submodule("hidden.2")\n', 'model.get_submodule("hidden.2")\n'
+                               '        self.hidden["3"] = model.get_submodule("hidden.3")\n')
+                      .replace("return (hidden_2,)", 'hidden_3 = self.hidden["3"](F.relu(hidden_2))\n'
+                               "        return (hidden_3,)"))  # fmt: skip
+    text = stage1.read_text()
+    stage1.write_text(text.replace('        self.hidden["3"] = model.get_submodule("hidden.3")\n', "")
+                      .replace("def forward(self, hidden_2):", "def forward(self, hidden_3):")
+                      .replace('        relu = F.relu(hidden_2)\n        hidden_3 = self.hidden["3"](relu)\n', ""))  # fmt: skip
+    report = check_pipeline(folder, model_path=EXAMPLES / "mlp.py")
+    assert report.ok and not any(s.compared for s in report.stages)
+    assert report.notes and "stages [1] read other values than ir.json's split gives them" in report.notes[0]
+    stage1.write_text(stage1.read_text().replace("relu_1 = F.relu(hidden_3)", "relu_1 = F.gelu(hidden_3)"))
+    assert not check_pipeline(folder, model_path=EXAMPLES / "mlp.py").ok
