@@ -320,6 +320,35 @@ class Nested(nn.Module):
     assert_user_error(result, "model output ['hidden'] is a tuple: the output is nested")
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_named_tuple_output_is_named(frontend, tmp_path, capsys):
+    """fx named an internal module ("ftc_model_file.named_out_<hash>.Out cannot be imported")
+    and export failed inside pytree (`issubclass() arg 1 must be a class`)."""
+    text = GOOD.replace("return nn.Sequential(", "return Named(nn.Sequential(") + """
+
+from typing import NamedTuple
+
+
+class Out(NamedTuple):
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Named(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        h = self.body(x)
+        return Out(h, torch.tanh(h))
+"""
+    text = text.replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))")
+    model = write(tmp_path, "named.py", text)
+    result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "the model builds a NamedTuple (Out) in forward", "return a plain tuple or a dict")
+
+
 def test_check_against_another_model_says_so(tmp_path, capsys):
     model = write(tmp_path, "good.py", GOOD)
     other = write(tmp_path, "counter.py", COUNTER)

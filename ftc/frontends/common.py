@@ -59,11 +59,21 @@ def function_expr(fn: Any, node_name: str) -> str:
                 return expr
         except (FtcError, AttributeError, NameError, SyntaxError):
             continue
+    if isinstance(fn, type) and issubclass(fn, tuple) and hasattr(fn, "_fields"):
+        raise named_tuple_error(fn.__name__)
     where = f"{module}.{name}" if module and name else repr(fn)
     raise FtcError(
         f"node {node_name!r} calls {where}, which generated stage code cannot import "
         "(stage modules import only torch and the standard library)",
         "let tracing go through it (remove torch.fx.wrap), or put it in a module listed in LEAF_MODULES",
+    )
+
+
+def named_tuple_error(name: str) -> FtcError:
+    return FtcError(
+        f"the model builds a NamedTuple ({name}) in forward: pipeline values and outputs are tensors, numbers, "
+        "plain tuples and lists, and dicts",
+        "return a plain tuple or a dict of tensors instead (`return tuple(out)`, or `out._asdict()`)",
     )
 
 

@@ -37,7 +37,7 @@ from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, uni
 from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, lower, module_call, op_key, whole_view
-from .common import constant_from_tensor, function_expr, ir_arg, module_table, state_table
+from .common import constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
 
 # The device the stage runs on; generated code binds `device` from a stage input.
@@ -327,9 +327,14 @@ def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:
     flat = all(child.is_leaf() for child in structure.children()) and len(refs) == structure.num_leaves
     if structure.is_leaf() and len(refs) == 1:
         return Outputs("value", refs)
-    if flat and isinstance(structure.context, list) and structure.type is not None and issubclass(structure.type, dict):
+    # pytree files a NamedTuple under the type `namedtuple` with the class as its context
+    named = structure.context if isinstance(structure.context, type) and issubclass(structure.context, tuple) else None
+    if named is not None:
+        raise named_tuple_error(named.__name__)
+    container = structure.type if isinstance(structure.type, type) else None
+    if flat and isinstance(structure.context, list) and container is not None and issubclass(container, dict):
         return Outputs("dict", refs, [str(key) for key in structure.context])
-    if flat and structure.type is not None and issubclass(structure.type, (tuple, list)):  # namedtuples too
+    if flat and container is not None and issubclass(container, (tuple, list)):
         return Outputs("tuple", refs)
     raise FtcError(
         f"the model's output ({getattr(structure.type, '__name__', 'value')}) is nested or holds non-tensors",
