@@ -320,6 +320,47 @@ class Nested(nn.Module):
     assert_user_error(result, "model output ['hidden'] is a tuple: the output is nested")
 
 
+KWARGS_MODEL = """
+import torch
+import torch.nn as nn
+
+
+class Options(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x, *, mask=None, **kwargs):
+        h = self.a(x) * READ
+        if mask is not None:
+            h = h * mask
+        return self.b(torch.relu(h))
+
+
+def build_model():
+    return Options()
+
+
+def example_inputs(batch_size):
+    return {"x": torch.randn(batch_size, 8), "mask": torch.ones(batch_size, 8)}
+"""
+
+
+def test_forward_options_through_kwargs_take_their_defaults(tmp_path, capsys):
+    """fx traced **kwargs as a value and dropped everything that read it, the output included
+    (an internal error); `.get(key, default)` is now the default, other reads are named."""
+    from ftc.check import check_pipeline
+
+    model = write(tmp_path, "options.py", KWARGS_MODEL.replace("READ", 'kwargs.get("scale", 2.0)'))
+    assert run_cli(["compile", model, "--stages", 2, "--frontend", "fx", "-o", tmp_path / "gen"], capsys)[0] == 0
+    assert "a * 2.0" in (tmp_path / "gen" / "options" / "stage0.py").read_text()
+    assert check_pipeline(tmp_path / "gen" / "options").ok
+    model = write(tmp_path, "strict.py", KWARGS_MODEL.replace("READ", 'kwargs["scale"]'))
+    result = run_cli(["compile", model, "--stages", 2, "--frontend", "fx", "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "forward reads **kwargs other than by .get(key, default)", "give forward a named parameter")
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_a_named_tuple_output_is_named(frontend, tmp_path, capsys):
     """fx named an internal module ("ftc_model_file.named_out_<hash>.Out cannot be imported")

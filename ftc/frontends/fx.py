@@ -123,6 +123,28 @@ def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str
     return fed, defaults
 
 
+def _empty_var_keyword(fx_graph: fx.Graph, model: torch.nn.Module, model_file: ModelFile) -> None:
+    """forward's **kwargs is empty in a pipeline (inputs are named): `kwargs.get(key, default)`
+    is its default. fx traces the dict as a value, whose readers would otherwise go with it."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        return
+    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    (holder,) = [n for n, p in zip(placeholders, params) if p.kind == p.VAR_KEYWORD]
+    for user in list(holder.users):
+        if user.op == "call_method" and user.target == "get" and len(user.args) in (2, 3) and not user.kwargs:
+            default = user.args[2] if len(user.args) == 3 else None
+            for reader in list(user.users):
+                reader.args = fx.node.map_arg(reader.args, lambda n: default if n is user else n)
+                reader.kwargs = fx.node.map_arg(reader.kwargs, lambda n: default if n is user else n)
+            fx_graph.erase_node(user)
+            continue
+        where = user.meta.get("ftc_source") or model_file.path.name
+        raise FtcError(f"{where}: forward reads **{holder.target.lstrip('*')} other than by .get(key, default) "
+                       f"(node {user.name!r}), which is empty in a pipeline: inputs are named",
+                       "give forward a named parameter for that option, with its default")  # fmt: skip
+
+
 def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dict, name: str) -> Graph:
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
@@ -132,6 +154,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     with tracer.training_flags(model, branches):
         fx_graph = tracer.trace(model, concrete_args=defaults or None)
     root = tracer.root
+    _empty_var_keyword(fx_graph, model, model_file)
     modules = module_table(model, model_file)
     # `self.count += 1` leaves fx's Proxy in the buffer's slot.
     assigned = [name for name, value in model.named_buffers() if isinstance(value, fx.Proxy)]
