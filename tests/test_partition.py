@@ -390,3 +390,51 @@ def test_more_stages_than_ops():
     problem = Problem(["a", "b"], np.ones(2), [], np.zeros(2, bool), 1.0)
     with pytest.raises(FtcError, match="at most 2 stages"):
         partition_pipedream(problem, 3)
+
+
+LATE_INPUT = """
+import torch
+import torch.nn as nn
+
+
+class LateInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Linear(256, 256) for _ in range(6)])
+        self.proj = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.body(x) + self.proj(x)
+
+
+def build_model():
+    return LateInput()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 256),)
+"""
+
+
+@pytest.mark.parametrize("method", ["pipedream", "metis"])
+def test_a_model_input_read_by_a_later_stage_costs_no_transfer(tmp_path, method):
+    """Every device whose stages read a model input loads it with the batch: charging the first
+    stage for sending `x` and the last for receiving it inflated both (and metis's DP did not
+    charge it while its reported times did)."""
+    import json
+
+    from ftc.compiler import CompileOptions, compile_model
+
+    (tmp_path / "late_input.py").write_text(LATE_INPUT)
+    options = CompileOptions(stages=3, batch_size=64, method=method, bandwidth=1.0)
+    folder = compile_model(tmp_path / "late_input.py", tmp_path / "gen", options).folder
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    values, model_inputs = manifest["values"], set(manifest["inputs"])
+    assert any(model_inputs & set(stage["inputs"]) for stage in manifest["stages"][1:])
+    readers = {name: [s for s in manifest["stages"] if name in s["inputs"]] for name in values}
+    for stage in manifest["stages"]:
+        crossing = [n for n in stage["inputs"] if n not in model_inputs]
+        crossing += [n for n in stage["outputs"] if any(r["index"] != stage["index"] for r in readers[n])]
+        moved = sum(math.prod(values[n]["shape"]) * 4 * (2 if values[n]["requires_grad"] else 1) for n in crossing)
+        cost = stage["cost"]
+        assert cost["comm_fwd_time"] + cost["comm_bwd_time"] == pytest.approx(moved / 1e9)

@@ -34,7 +34,7 @@ import pymetis
 from ftc.passes.recompute import choose_recompute
 
 from .pipedream import check_stage_count, split_pipedream
-from .problem import Partition, Problem, Transfer, improves
+from .problem import Partition, Problem, improves
 
 # METIS takes integer weights; times and bytes are scaled to this range.
 WEIGHT_SCALE = 10**6
@@ -211,7 +211,7 @@ def linearize(problem: Problem, stage_of: np.ndarray) -> tuple[Problem, np.ndarr
     for t in problem.transfers:
         consumers = sorted({int(position[c]) for c in t.consumers})
         producer = min(int(position[t.producer]), consumers[0])
-        transfers.append(Transfer(t.value, producer, consumers, t.nbytes, t.value_bytes, t.grad_bytes))
+        transfers.append(replace(t, producer=producer, consumers=consumers))
     atom = atoms_of(problem)[order]
     no_cut = np.append(atom[1:] == atom[:-1], False)
     state = [replace(use, readers=sorted(int(position[r]) for r in use.readers)) for use in problem.footprint.state]

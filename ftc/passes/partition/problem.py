@@ -15,7 +15,8 @@ twice (the activation forward, its gradient backward). A value read several stag
 sent straight to each stage that reads it (not forwarded stage to stage), so the cost of a
 stage depends only on its own interval, which is what makes the dynamic program exact.
 
-Model inputs live on the first stage. The model's outputs are read by the last stage (the loss
+Model inputs cost no transfer: every device whose stages read one loads it with the batch (a
+stage after the first still holds it, as a value it received). The model's outputs are read by the last stage (the loss
 is computed there), so an output made earlier is sent to it, and the last stage pays the loss.
 `stage_call` changes no ranking of splits into a given number of stages (every stage pays it
 once), but it makes small stages cost what they do, and a device that runs several stages
@@ -102,6 +103,7 @@ class Transfer:
     nbytes: int  # moved across a boundary, forward and backward (comm_bytes)
     value_bytes: int = 0  # the value itself at the compile batch size (a receiving recomputing stage keeps it)
     grad_bytes: int = 0  # the part of nbytes that moves backward (gradient_bytes)
+    from_data: bool = False  # a model input: every device that reads it loads it with the batch, none sends it
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,8 @@ class Problem:
 
     def member_sent(self, members: np.ndarray) -> int:
         """Bytes of the values the stage holding the ops of a boolean mask sends to other stages."""
-        return sum(t.value_bytes for t in self.transfers if members[t.producer] and not members[t.consumers].all())
+        return sum(t.value_bytes for t in self.transfers
+                   if not t.from_data and members[t.producer] and not members[t.consumers].all())  # fmt: skip
 
     def sent_table(self) -> np.ndarray:
         """S[i, j] = bytes of the values the stage of ops i..j-1 sends, for all intervals: a value
@@ -219,7 +222,7 @@ class Problem:
         diff = np.zeros((n + 2, n + 2))
         for t in self.transfers:
             last = max(t.consumers)
-            if last > t.producer:
+            if last > t.producer and not t.from_data:
                 # intervals [i, j) with i <= producer < j <= last
                 add_rectangle(diff, 0, t.producer, t.producer + 1, last, t.value_bytes)
         return summed(diff, n)
@@ -340,13 +343,11 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         if ref.name in position:
             readers.setdefault(ref.name, set()).add(last)
     by_name = graph.by_name()
-    transfers = [
-        Transfer(
-            name, position[name], sorted(consumers), comm_bytes(by_name[name].meta), meta_nbytes(by_name[name].meta),
-            gradient_bytes(by_name[name].meta),
-        )
-        for name, consumers in readers.items()
-    ]
+    transfers = []
+    for name, consumers in readers.items():
+        meta, from_data = by_name[name].meta, by_name[name].op == "input"
+        moved, gradient = (0, 0) if from_data else (comm_bytes(meta), gradient_bytes(meta))
+        transfers.append(Transfer(name, position[name], sorted(consumers), moved, meta_nbytes(meta), gradient, from_data))
     no_cut = np.zeros(len(ops), dtype=bool)
 
     def forbid(first: int, final: int) -> None:
