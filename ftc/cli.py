@@ -242,8 +242,23 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags whose value may start with "-": argparse takes `--memory-limit -5MB` for two options
+# ("expected one argument"); joined as `--memory-limit=-5MB`, the value's own check names it.
+SIZE_FLAGS = ("--memory-limit", "--bandwidth", "--tflops", "--memory-gbps", "--op-overhead-us", "--stage-overhead-us")
+
+
+def _join_dashed_values(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in SIZE_FLAGS and arg.startswith("-") and arg[1:2].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_dashed_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         commands = {"compile": run_compile, "check": run_check, "explain": run_explain, "train": run_train, "merge-checkpoint": run_merge_checkpoint}
         return commands[args.command](args)

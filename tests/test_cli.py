@@ -188,6 +188,8 @@ def test_more_stages_than_ops(tmp_path, capsys):
         (["--stages", "2", "--tflops", "1e-320"], "--tflops must be between 1e-9 and 1e9"),
         (["--stages", "2", "--op-overhead-us", "1e308"], "--op-overhead-us must be between 0 and 1e9"),
         (["--stages", "2", "--memory-limit", "1e400"], "is too large"),
+        (["--stages", "2", "--memory-limit", "-5MB"], "'-5MB' is not a memory size"),
+        (["--stages", "2", "--tflops", "-1e-3"], "must be a positive number"),
         (["--stages", "2", "--method", "magic"], "invalid choice: 'magic'"),
         (["--stages", "2", "--frontend", "jit"], "invalid choice: 'jit'"),
         (["--stages", "2", "--name", "not a name"], "is not a Python identifier"),

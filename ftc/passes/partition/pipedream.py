@@ -227,16 +227,13 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
         m for m, ok in ((plain, settings.recompute != "always"), (recomputed, settings.recompute != "never")) if ok
     ]
     detail = min(allowed, key=lambda m: m.total).describe()
-    more = next(
-        (
-            k
-            for k in range(stages + 1, min(problem.max_stages(), 2 * stages) + 1)
-            if least_peak(tables.for_stages(k))[0] <= settings.limit
-        ),
-        None,
-    )
+    tried = min(problem.max_stages(), 2 * stages)
+    more = next((k for k in range(stages + 1, tried + 1) if least_peak(tables.for_stages(k))[0] <= settings.limit), None)
     hint = f"raise --memory-limit to at least {format_bytes(peak, up=True).replace(' ', '')}"
-    hint += f", or use --stages {more}, which fits" if more else " or use more --stages"
+    if more:
+        hint += f", or use --stages {more}, which fits"
+    elif tried < problem.max_stages():  # more stages than were tried may fit
+        hint += f", or use more than {tried} --stages"
     if settings.recompute == "never":
         hint += ", or allow --recompute auto"
     shown_peak = format_bytes(peak)
