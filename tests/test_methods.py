@@ -462,6 +462,17 @@ def test_every_method_keeps_each_device_within_the_limit(analyzed):
     assert any(partition(problem, "pipedream", 4).recompute)
 
 
+def test_a_baseline_over_the_limit_points_to_pipedream_only_where_pipedream_fits(analyzed):
+    graph, _ = analyzed(EXAMPLES / "gpt.py")
+    peak, _ = least_peak(StageTables(build_problem(graph, 1.0, MemorySettings(limit=1, recompute="never")), 4))
+    for limit, hint in ((int(np.ceil(peak)), "or use --method pipedream, which splits within the limit"),
+                        (int(peak) - 1, "(no split into 4 stages fits: the least possible peak is")):  # fmt: skip
+        problem = build_problem(graph, 1.0, MemorySettings(limit=limit, recompute="never"))
+        with pytest.raises(FtcError) as info:
+            partition(problem, "uniform", 4)
+        assert hint in info.value.hint
+
+
 def test_mpipe_builds_its_quadratic_tables_once(analyzed, monkeypatch):
     """Interval costs and interval memory take O(N^2) time and memory: mpipe's coarsenings,
     packings, refinements and its one-stage-per-device candidate share one of each."""

@@ -70,7 +70,18 @@ def choose_recompute(problem: Problem, stage_of: np.ndarray, devices: list[int])
             raise FtcError(
                 f"device {device} of the {problem.name} pipeline needs {total():,} bytes, over the memory "
                 f"limit of {limit:,} ({details})",
-                "raise --memory-limit, use more --stages, allow --recompute, or use --method pipedream, "
-                "which splits within the limit",
+                "raise --memory-limit, use more --stages, allow --recompute" + _pipedream_hint(problem, stages),
             )
     return flags
+
+
+def _pipedream_hint(problem: Problem, stages: int) -> str:
+    """Whether pipedream's split, which minds the limit, fits it with this many stages."""
+    # imported here: pipedream.py imports this module for recompute_rule
+    from ftc.passes.partition.memory import format_bytes
+    from ftc.passes.partition.pipedream import StageTables, least_peak
+
+    peak, _ = least_peak(StageTables(problem, stages))
+    if peak <= problem.footprint.settings.limit:
+        return ", or use --method pipedream, which splits within the limit"
+    return f" (no split into {stages} stages fits: the least possible peak is {format_bytes(peak)})"
