@@ -11,7 +11,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def human(count: float, unit: str = "") -> str:
-    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(count) >= scale:
             return f"{count / scale:.2f}{suffix}{unit}"
     return f"{count:.0f}{unit}"

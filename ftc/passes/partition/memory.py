@@ -75,7 +75,7 @@ def parse_bytes(text: str) -> int:
 
 def format_bytes(count: float, up: bool = False) -> str:
     """One decimal; `up` rounds up, for a limit that must hold `count`."""
-    for suffix, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for suffix, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= scale:
             shown = math.ceil(count / scale * 10) / 10 if up else count / scale
             return f"{shown:.1f} {suffix}"
