@@ -14,7 +14,7 @@ gradients of those that require grad (backward). A micro-batch of B/M samples is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftc.tables import human, table
@@ -63,6 +63,8 @@ class Explanation:
     memory_plan: str  # the settings the memory estimate is for
     stages: list[StageCost]
     predictions: list[SchedulePrediction]
+    device_memory: dict[int, float] = field(default_factory=dict)  # a tensor its stages share counted once
+    device_parameters: dict[int, int] = field(default_factory=dict)
 
     def devices(self) -> dict[int, list[StageCost]]:
         by_device: dict[int, list[StageCost]] = {}
@@ -99,6 +101,8 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
         memory_plan=_memory_plan(pipeline),
         stages=stages,
         predictions=predictions,
+        device_memory=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_memory", []))),
+        device_parameters=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_parameters", []))),
     )
 
 
@@ -188,8 +192,8 @@ def render(explanation: Explanation) -> str:
                      "counts hold other activations (recompile with --schedule, --micro-batches to see them)")  # fmt: skip
     if len(devices) < len(e.stages):
         device_rows = [
-            [device, ",".join(str(s.index) for s in held), human(sum(s.parameters for s in held)),
-             human(sum(s.memory for s in held), "B"), ms(sum(s.fwd_time for s in held)),
+            [device, ",".join(str(s.index) for s in held), human(e.device_parameters.get(device, sum(s.parameters for s in held))),
+             human(e.device_memory.get(device, sum(s.memory for s in held)), "B"), ms(sum(s.fwd_time for s in held)),
              ms(sum(s.bwd_time for s in held)), ms(sum(s.comm_fwd + s.comm_bwd for s in held)),
              ms(sum(s.total for s in held))]
             for device, held in devices.items()

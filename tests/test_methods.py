@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from ftc.backend.plan import plan_stages
 from ftc.backend.writer import write_pipeline
 from ftc.check import check_pipeline
 from ftc.frontends import trace
@@ -573,3 +574,30 @@ def test_cli_memory_flags(tmp_path, capsys):
         assert memory["temporaries"] == 0  # SGD steps in place
     assert main([*args, "--blocks", "3", "--force"]) == 2
     assert "--blocks applies to --method mpipe" in capsys.readouterr().err
+
+
+def test_a_tensor_two_stages_of_one_device_share_counts_once_against_the_limit(analyzed):
+    """shared.py's embedding is read by the first op and the tied head at the end: with the
+    first and last stage on one device (mixed-pipe) the device holds one table, one gradient and
+    one optimizer state, which the sum of the two stages' estimates counted twice."""
+    graph, _ = analyzed(MODELS / "shared.py")
+    n = len(build_problem(graph, 1.0).ops)
+    result = Partition.contiguous(n, [0, n // 3, 2 * n // 3], [False] * 3)
+    result = replace(result, devices=[0, 1, 0])
+    settings = MemorySettings(recompute="never", optimizer="adam")
+    problem = build_problem(graph, 1.0, settings)
+    stages = [problem.stage_memory(result.members(s), s, 3, False).total for s in (0, 2)]
+    shared = problem.footprint.shared_bytes([result.members(0), result.members(2)])
+    # what the stage code of both stages adopts: the table, the block called at three places, the
+    # scale; each with its gradient and Adam's two moments
+    plans = plan_stages(assign(graph, problem, result))
+    both = set(plans[0].state) & set(plans[2].state)
+    assert {"embed.weight", "block.0.weight", "scale"} <= both
+    assert shared == sum(graph.state[key].meta.nbytes * (2 + 2) for key in both)
+    for limit, fits in ((sum(stages) - shared, True), (sum(stages) - shared - 1, False)):
+        limited = build_problem(graph, 1.0, replace(settings, limit=limit))
+        if fits:
+            assert choose_recompute(limited, result.stage_of, result.devices) == [False] * 3
+        else:
+            with pytest.raises(FtcError, match="device 0 of the shared pipeline needs"):
+                choose_recompute(limited, result.stage_of, result.devices)

@@ -157,6 +157,12 @@ def write_pipeline(
     for plan, row in zip(plans, costs):
         device_times[plan.device] = device_times.get(plan.device, 0.0) + row["predicted_time"]
     times = [device_times[device] for device in sorted(device_times)]
+    stage_of = np.array([by_name[name].stage for name in problem.ops])
+    device_memory = [
+        sum(row["memory"]["total"] for plan, row in zip(plans, costs) if plan.device == device)
+        - problem.footprint.shared_bytes([stage_of == plan.index for plan in plans if plan.device == device])
+        for device in sorted(device_times)
+    ]
     manifest = {
         "format": MANIFEST_FORMAT,
         "name": graph.name,
@@ -191,6 +197,13 @@ def write_pipeline(
             "device_times": times,
             "bottleneck_time": max(times),
             "balance": max(times) / (sum(times) / len(times)),
+            # a tensor several stages of one device read is counted once
+            "device_memory": device_memory,
+            "device_parameters": [
+                sum(math.prod(graph.state[key].meta.shape) for key in {k for plan in plans if plan.device == device
+                    for k in plan.state} if graph.state[key].kind == "parameter")
+                for device in sorted(device_times)
+            ],  # fmt: skip
         },
     }
     files = {

@@ -53,9 +53,10 @@ def choose_recompute(problem: Problem, stage_of: np.ndarray, devices: list[int])
     limit = settings.limit
     for device in sorted(set(devices)):
         mine = [s for s in range(stages) if devices[s] == device]
+        shared = problem.footprint.shared_bytes([members[s] for s in mine])
 
         def total() -> int:
-            return sum(recomputed[s] if flags[s] else plain[s] for s in mine)
+            return sum(recomputed[s] if flags[s] else plain[s] for s in mine) - shared
 
         if settings.recompute == "auto":
             candidates = sorted((s for s in mine if recomputed[s] < plain[s]), key=lambda s: recomputed[s] - plain[s])

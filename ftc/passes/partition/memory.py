@@ -164,6 +164,18 @@ class Footprint:
                 trainable += use.nbytes if use.trainable else 0
         return held, trainable
 
+    def shared_bytes(self, stages: list[np.ndarray]) -> int:
+        """Bytes that the memory of the stages of one device (boolean masks) counts more than
+        once: a parameter or buffer several of them read is one tensor on the device (with one
+        gradient and one optimizer state), which each stage's estimate counts."""
+        copies = OPTIMIZER_STATES[self.settings.optimizer]
+        shared = 0
+        for use in self.state:
+            holders = sum(1 for members in stages if members[use.readers].any())
+            if holders > 1:
+                shared += (holders - 1) * use.nbytes * ((2 + copies) if use.trainable else 1)
+        return shared
+
     def memory(
         self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool,
         share: float = 1.0, sent: int = 0, largest: float = 0.0, parameter: int = 0,
