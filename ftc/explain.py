@@ -133,7 +133,9 @@ def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
             else:
                 memory_bytes, estimated = int(cost["parameter_bytes"]), False
             recompute = bool(entry.get("recompute", False))
-            replay = float(cost["recompute_time"])
+            replay = float(cost["recompute_time"]) if recompute else 0.0
+            if recompute and not replay:  # switched on by hand: the forward again (its fixed costs too: an upper bound)
+                replay = fwd
             comm_fwd, comm_bwd = float(cost["comm_fwd_time"]), float(cost["comm_bwd_time"])
             rows.append(
                 StageCost(

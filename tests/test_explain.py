@@ -170,3 +170,17 @@ def test_timeline_bars_name_the_stage_where_a_device_owns_several(tmp_path):
     assert "0.0" in labels and "2.1" in labels and all("." in label for label in labels)
     plain = explain(_synthetic(tmp_path / "plain", [0, 1]), [2]).predictions[0].timeline.actions
     assert sorted(bar_labels(plain)) == ["0", "0", "0", "0", "1", "1", "1", "1"]
+
+
+def test_a_recompute_flag_switched_by_hand_changes_the_predicted_backward(tmp_path):
+    import shutil
+
+    folder = tmp_path / "mlp"
+    shutil.copytree(GENERATED / "mlp", folder)
+    before = explain(folder).stages[0]
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    assert not manifest["stages"][0]["recompute"]
+    manifest["stages"][0]["recompute"] = True
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    after = explain(folder).stages[0]
+    assert after.recompute and after.bwd_time == pytest.approx(before.bwd_time + before.fwd_time)
