@@ -238,20 +238,25 @@ def unsendable(sent: dict[str, Any], values: dict[str, dict], batch_scale: Fract
     specs), one message each: a hand edit that changes a dtype or a shape can compute in one
     process, but not cross devices."""
     problems = []
+    for name, leaf, leaf_spec in _leaves_with_specs(sent, values):
+        if leaf_spec["kind"] in SCALAR_DTYPES and type(leaf).__name__ != leaf_spec["kind"]:
+            problems.append(f"value {name} is {type(leaf).__name__} {leaf!r}, but pipeline.json says {leaf_spec['kind']}")
+        if leaf_spec["kind"] != "tensor":
+            continue
+        try:
+            encode(name, [leaf], [leaf_spec], batch_scale, torch.device("cpu"))
+        except FtcError as exc:
+            problems.append(exc.message)
+    return problems
+
+
+def _leaves_with_specs(sent: dict[str, Any], values: dict[str, dict]):
+    """(value name, leaf, leaf spec) of the values `sent` that pipeline.json specifies."""
     for name, value in sent.items():
         spec = values.get(name)
-        if spec is None:
-            continue
-        for leaf, leaf_spec in zip(flatten(value, spec), leaf_specs(name, spec, sendable=False)):
-            if leaf_spec["kind"] in SCALAR_DTYPES and type(leaf).__name__ != leaf_spec["kind"]:
-                problems.append(f"value {name} is {type(leaf).__name__} {leaf!r}, but pipeline.json says {leaf_spec['kind']}")
-            if leaf_spec["kind"] != "tensor":
-                continue
-            try:
-                encode(name, [leaf], [leaf_spec], batch_scale, torch.device("cpu"))
-            except FtcError as exc:
-                problems.append(exc.message)
-    return problems
+        if spec is not None:
+            for leaf, leaf_spec in zip(flatten(value, spec), leaf_specs(name, spec, sendable=False)):
+                yield name, leaf, leaf_spec
 
 
 def gradient_problems(sent: dict[str, Any], values: dict[str, dict]) -> list[str]:
@@ -259,16 +264,12 @@ def gradient_problems(sent: dict[str, Any], values: dict[str, dict]) -> list[str
     what pipeline.json says: the runtime sends a gradient back exactly where the spec says so, so
     a hand edit of `requires_grad` would freeze every stage before (or fail)."""
     problems = []
-    for name, value in sent.items():
-        spec = values.get(name)
-        if spec is None:
+    for name, leaf, leaf_spec in _leaves_with_specs(sent, values):
+        if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
             continue
-        for leaf, leaf_spec in zip(flatten(value, spec), leaf_specs(name, spec, sendable=False)):
-            if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-                continue
-            if leaf.requires_grad != bool(leaf_spec.get("requires_grad")):
-                problems.append(f"value {name} {'needs' if leaf.requires_grad else 'has no'} gradient, but "
-                                f"pipeline.json says requires_grad {str(bool(leaf_spec.get('requires_grad'))).lower()}")  # fmt: skip
+        if leaf.requires_grad != bool(leaf_spec.get("requires_grad")):
+            problems.append(f"value {name} {'needs' if leaf.requires_grad else 'has no'} gradient, but "
+                            f"pipeline.json says requires_grad {str(bool(leaf_spec.get('requires_grad'))).lower()}")  # fmt: skip
     return problems
 
 
