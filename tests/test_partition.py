@@ -438,3 +438,18 @@ def test_a_model_input_read_by_a_later_stage_costs_no_transfer(tmp_path, method)
         moved = sum(math.prod(values[n]["shape"]) * 4 * (2 if values[n]["requires_grad"] else 1) for n in crossing)
         cost = stage["cost"]
         assert cost["comm_fwd_time"] + cost["comm_bwd_time"] == pytest.approx(moved / 1e9)
+
+
+def test_a_value_that_stays_on_its_device_costs_no_transfer():
+    """Mixed-pipe: stages 0 and 2 share device 0, so `v` (made in stage 0, read in stage 2) is
+    handed over in memory; `u` goes to device 1 and back (`w`), and is charged both ways."""
+    from dataclasses import replace
+
+    from ftc.passes.partition.problem import Partition
+
+    transfers = [Transfer("u", 0, [1], 10), Transfer("v", 0, [2], 100), Transfer("w", 1, [2], 1000)]
+    problem = Problem(["a", "b", "c"], np.zeros(3), transfers, np.zeros(3, bool), 1.0)
+    result = replace(Partition.contiguous(3, [0, 1, 2], [False] * 3), devices=[0, 1, 0])
+    assert list(problem.device_times(result)) == [10 + 1000, 10 + 1000]
+    # one stage per device: every crossing value moves
+    assert list(problem.device_times(Partition.contiguous(3, [0, 1, 2], [False] * 3))) == [110, 1010, 1100]

@@ -92,7 +92,8 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
         parameters = [graph.state[name] for name in plan.state if graph.state[name].kind == "parameter"]
         memory = problem.stage_memory(members, plan.index, len(plans), recompute[plan.index])
         fixed = problem.fixed(members)  # the stage call, and the loss on the last stage
-        comm_fwd, comm_bwd = problem.member_comm(members)
+        device = np.isin(stage_of, [other.index for other in plans if other.device == plan.device])
+        comm_fwd, comm_bwd = problem.member_comm(members, device)
         rows.append(
             {
                 "ops": len(plan.nodes),
@@ -104,7 +105,7 @@ def stage_costs(graph: Graph, problem: Problem, plans: list[StagePlan], recomput
                 "bwd_time": sum(n.cost.bwd_time for n in plan.nodes) + fixed.bwd,
                 "bytes_in": sum(meta_nbytes(by_name[name].meta) for name in plan.inputs),
                 "bytes_out": sum(meta_nbytes(by_name[name].meta) for name in plan.outputs),
-                "predicted_time": problem.stage_time(members, recompute[plan.index]),
+                "predicted_time": problem.stage_time(members, recompute[plan.index], device),
                 "recompute_time": problem.recompute_time(members, recompute[plan.index]),
                 "comm_fwd_time": comm_fwd,
                 "comm_bwd_time": comm_bwd,

@@ -11,7 +11,9 @@ in-place mutations where the model put them, into contiguous runs. A stage's cos
 
 where a value crossing a boundary is charged once to the stage that sends it and once to each
 stage that receives it, whatever the number of readers inside; values that require grad count
-twice (the activation forward, its gradient backward). A value read several stages later is
+twice (the activation forward, its gradient backward). Between stages that mixed-pipe puts on
+one device a value is handed over in memory, free (`device_times`, and the manifest's figures;
+mpipe's search itself prices stages one by one). A value read several stages later is
 sent straight to each stage that reads it (not forwarded stage to stage), so the cost of a
 stage depends only on its own interval, which is what makes the dynamic program exact.
 
@@ -153,18 +155,25 @@ class Problem:
         """Bytes each op saves for backward, per micro-batch."""
         return self.footprint.saved if self.footprint.saved.size else np.zeros(self.size)
 
-    def member_cost(self, members: np.ndarray) -> float:
-        """Cost of the stage holding the ops of a boolean mask (any set, contiguous or not)."""
-        return float(self.time[members].sum()) + sum(self.member_comm(members)) + self.fixed(members).total
+    def member_cost(self, members: np.ndarray, device: np.ndarray | None = None) -> float:
+        """Cost of the stage holding the ops of a boolean mask (any set, contiguous or not);
+        `device`: the ops of every stage on its device (see member_comm)."""
+        return float(self.time[members].sum()) + sum(self.member_comm(members, device)) + self.fixed(members).total
 
-    def member_comm(self, members: np.ndarray) -> tuple[float, float]:
+    def member_comm(self, members: np.ndarray, device: np.ndarray | None = None) -> tuple[float, float]:
         """Seconds the stage holding the ops of a boolean mask spends sending and receiving, in
-        its forward (values) and in its backward (their gradients)."""
+        its forward (values) and in its backward (their gradients). With `device`, the ops of
+        every stage on the stage's device (mixed-pipe), a value that stays on the device is
+        free: the runtime hands it over in memory."""
         moved = backward = 0
         for t in self.transfers:
             inside = members[t.producer]
             readers = members[t.consumers]
-            if (inside and not readers.all()) or (not inside and readers.any()):
+            if device is not None and device[t.producer] and device[t.consumers].all():
+                continue
+            sends = inside and not readers.all()
+            receives = not inside and readers.any() and (device is None or not device[t.producer])
+            if sends or receives:
                 moved += t.nbytes
                 backward += t.grad_bytes
         return (moved - backward) / self.bandwidth, backward / self.bandwidth
@@ -178,15 +187,15 @@ class Problem:
         """Bytes of the values the stage holding the ops of a boolean mask receives."""
         return sum(t.value_bytes for t in self.transfers if not members[t.producer] and members[t.consumers].any())
 
-    def stage_time(self, members: np.ndarray, recompute: bool) -> float:
+    def stage_time(self, members: np.ndarray, recompute: bool, device: np.ndarray | None = None) -> float:
         """member_cost, plus the forward again in backward when the stage recomputes."""
-        return self.member_cost(members) + self.recompute_time(members, recompute)
+        return self.member_cost(members, device) + self.recompute_time(members, recompute)
 
     def device_times(self, result: Partition) -> np.ndarray:
         """Seconds each device of a partition spends per batch: the stage_time of its stages."""
         times = np.zeros(max(result.devices) + 1)
         for s, device in enumerate(result.devices):
-            times[device] += self.stage_time(result.members(s), result.recompute[s])
+            times[device] += self.stage_time(result.members(s), result.recompute[s], result.device_members(device))
         return times
 
     def recompute_time(self, members: np.ndarray, recompute: bool) -> float:
@@ -305,6 +314,10 @@ class Partition:
 
     def members(self, stage: int) -> np.ndarray:
         return self.stage_of == stage
+
+    def device_members(self, device: int) -> np.ndarray:
+        """The ops of every stage on `device`."""
+        return np.isin(self.stage_of, [s for s, d in enumerate(self.devices) if d == device])
 
     @classmethod
     def contiguous(cls, size: int, starts: list[int], recompute: list[bool]) -> Partition:
