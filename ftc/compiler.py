@@ -50,7 +50,7 @@ class CompileOptions:
     schedule: str = "1f1b"  # sizes the activations kept in flight
     micro_batches: int | None = None  # None: as many as stages
     recompute: str = "auto"  # ftc/passes/recompute.py
-    blocks: int | None = None  # mpipe's block count (None: twice the stages)
+    blocks: int | None = None  # mpipe's block count (None: 2, 3 and 4 times the stages, the best kept)
     refine: int = 0  # splits to time on `device` (ftc/passes/partition/refine.py); 0: none
 
     def memory_settings(self) -> MemorySettings:

@@ -49,7 +49,7 @@ class OptimizerConfig:
 class LrScheduleConfig:
     name: str = "constant"
     warmup_steps: int = 0
-    min_lr: float = 0.0  # the lr that linear and cosine decay reach at the last step
+    min_lr: float = 0.0  # the lr that linear and cosine decay reach one step after the last
 
 
 @dataclass

@@ -710,5 +710,13 @@ def summary(results: Results) -> str:
         ("checkpoints", results.checkpoint),
     ):
         if value:
-            lines.append(f"{label}: {value}")
+            lines.append(f"{label}: {_shown(value)}")
     return "\n".join(lines)
+
+
+def _shown(path: str) -> str:
+    """A path as short as it is unambiguous: relative to the working folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
