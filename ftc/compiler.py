@@ -7,6 +7,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -145,12 +146,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     blocking = file_in_the_way(target)
     if blocking is not None:  # found before minutes of tracing and profiling, not after
         raise FtcError(f"the output folder {target} cannot be made: {blocking} is a file", "pass another -o or --name")
-    graph, model, batch = trace(model_file, options.batch_size, options.frontend, name)
-    graph = unpack_containers_early(eliminate_dead_code(graph))
-    graph = name_values(graph, model_file.path.parent)
-    validate(graph)
-    device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)
-    graph = profile_analytic(graph, model, batch, device, model_file)
+    graph, model, batch = _traced(model_file, options, name, options.frontend)
+    if options.frontend == "auto" and graph.frontend == "fx":
+        graph, model, batch = _finer_through_export((graph, model, batch), model_file, options, name)
     notes = [f"note: {line}" for line in graph.trace_notes]
     if graph.frontend == "export" and model_file.leaf_modules:
         leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
@@ -203,6 +201,35 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip
     return Compiled(graph, folder, manifest, notes)
+
+
+def _traced(model_file: ModelFile, options: CompileOptions, name: str, frontend: str) -> tuple[Graph, Any, Any]:
+    """The model traced by `frontend`, cleaned up, named, validated and analytically profiled."""
+    graph, model, batch = trace(model_file, options.batch_size, frontend, name)
+    graph = unpack_containers_early(eliminate_dead_code(graph))
+    graph = name_values(graph, model_file.path.parent)
+    validate(graph)
+    device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)
+    return profile_analytic(graph, model, batch, device, model_file), model, batch
+
+
+def _finer_through_export(fx_traced: tuple, model_file: ModelFile, options: CompileOptions, name: str) -> tuple:
+    """--frontend auto, where fx's graph cannot be cut into --stages stages: torch.export's may
+    be (fx keeps every reader of a parameter or buffer that forward updates in place with the
+    update; export passes the updated tensor on as a value). fx's graph otherwise."""
+    fx_stages = build_problem(fx_traced[0], options.bandwidth).max_stages()
+    if options.stages <= fx_stages:
+        return fx_traced
+    try:
+        exported = _traced(model_file, options, name, "export")
+    except FtcError:
+        return fx_traced
+    export_stages = build_problem(exported[0], options.bandwidth).max_stages()
+    if export_stages <= fx_stages:
+        return fx_traced
+    exported[0].trace_notes.append(f"traced with torch.export, whose graph splits into up to {export_stages} stages "
+                                   f"where torch.fx's allows {fx_stages}")  # fmt: skip
+    return exported
 
 
 def _refine(graph: Graph, model_file: ModelFile, options: CompileOptions) -> tuple[Graph, Problem, Partition, str]:

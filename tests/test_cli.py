@@ -349,6 +349,52 @@ def example_inputs(batch_size):
 """
 
 
+CLAMPED_WEIGHT = """
+import torch
+import torch.nn as nn
+
+
+class Clamped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) * 0.1)
+        self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(6)])
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.w.clamp_(-0.3, 0.3)
+        h = x @ self.w
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return h @ self.w.t()
+
+
+def build_model():
+    return Clamped()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 16),)
+"""
+
+
+def test_auto_takes_export_where_fx_cannot_cut_enough_stages(tmp_path, capsys):
+    """fx keeps every reader of a parameter forward clamps in place with the clamp (here: the
+    whole model), so it allows 2 stages; export passes the clamped weight on as a value."""
+    from ftc.check import check_pipeline
+
+    model = write(tmp_path, "clamped.py", CLAMPED_WEIGHT)
+    result = run_cli(["compile", model, "--stages", 3, "--frontend", "fx", "-o", tmp_path / "fx"], capsys)
+    assert_user_error(result, "at most 2 stages are possible", "--frontend export may allow more")
+    code, out, err = run_cli(["compile", model, "--stages", 3, "-o", tmp_path / "auto"], capsys)
+    assert code == 0, err
+    assert "note: traced with torch.export, whose graph splits into up to" in out and "torch.fx's allows 2" in out
+    assert json.loads((tmp_path / "auto" / "clamped" / "ir.json").read_text())["frontend"] == "export"
+    assert check_pipeline(tmp_path / "auto" / "clamped").ok
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "two"], capsys)[0] == 0  # fx suffices
+    assert json.loads((tmp_path / "two" / "clamped" / "ir.json").read_text())["frontend"] == "fx"
+
+
 def test_forward_options_through_kwargs_take_their_defaults(tmp_path, capsys):
     """fx traced **kwargs as a value and dropped everything that read it, the output included
     (an internal error); `.get(key, default)` is now the default, other reads are named."""
