@@ -297,13 +297,17 @@ def check_pipeline(
         (relative_difference(p.grad, grads[name].grad, floor) for name, p in end_to_end.named_parameters() if grads[name].grad is not None),
         default=0.0,
     )
+    eval_expected = not graph.training_branches
     try:
         eval_outputs = _eval_difference(pipeline, evaluated, batch, seed)
+    except ModelFails as exc:  # nothing to compare with
+        notes.append(f"eval mode not compared: {exc.message}")
+        eval_outputs, eval_expected = math.nan, False
     except Exception as exc:  # a stage that runs in training mode only
         problems.append(f"the stages run end to end in eval mode raised {type(exc).__name__}: {exc}")
         eval_outputs = math.inf
     return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems,
-                       eval_outputs, eval_expected=not graph.training_branches, notes=notes)  # fmt: skip
+                       eval_outputs, eval_expected=eval_expected, notes=notes)  # fmt: skip
 
 
 def _moved_boundaries(graph: Graph, pipeline: Pipeline) -> list[int]:
@@ -340,7 +344,10 @@ def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, batch: Any, see
         stage.eval()
     with torch.no_grad():
         torch.manual_seed(seed + 2)
-        expected = model(**copy.deepcopy(batch)) if isinstance(batch, dict) else model(*copy.deepcopy(batch))
+        try:
+            expected = model(**copy.deepcopy(batch)) if isinstance(batch, dict) else model(*copy.deepcopy(batch))
+        except Exception as exc:
+            raise ModelFails(f"the model itself fails in eval mode ({type(exc).__name__}: {exc})") from exc
         torch.manual_seed(seed + 2)
         actual = executor.forward(copy.deepcopy(batch))
     return relative_difference(_flat(actual), _flat(expected))

@@ -475,3 +475,40 @@ def test_a_layer_moved_between_stages_by_hand_is_checked_end_to_end(tmp_path):
     assert report.notes and "stages [1] read other values than ir.json's split gives them" in report.notes[0]
     stage1.write_text(stage1.read_text().replace("relu_1 = F.relu(hidden_3)", "relu_1 = F.gelu(hidden_3)"))
     assert not check_pipeline(folder, model_path=EXAMPLES / "mlp.py").ok
+
+
+EVAL_FAILS = """
+import torch
+import torch.nn as nn
+
+
+class TrainOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("inference is not supported")
+        return self.b(torch.relu(self.a(x)))
+
+
+def build_model():
+    return TrainOnly()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_model_that_fails_in_eval_mode_is_not_compared_there_and_says_so(tmp_path):
+    from ftc.check import check_pipeline
+
+    (tmp_path / "train_only.py").write_text(EVAL_FAILS)
+    folder = compile_model(tmp_path / "train_only.py", tmp_path / "gen", CompileOptions(stages=2)).folder
+    report = check_pipeline(folder)
+    assert report.ok and report.notes == [
+        "eval mode not compared: the model itself fails in eval mode (RuntimeError: inference is not supported)"
+    ]
