@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,7 @@ def validate_manifest(manifest: dict, path: Path) -> None:
         cost = stage.get("cost", {})
         for key in ("fwd_time", "bwd_time"):
             value = cost.get(key, 0.0) if isinstance(cost, dict) else None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise bad(f"stage {position}: cost {key!r}", f"is {json.dumps(value)}; it must be a time in seconds, 0 or more")
 
 

@@ -462,6 +462,7 @@ MANIFEST_EDITS = [
     (lambda m: m.__setitem__("output_structure", {"kind": "dict"}), "key 'output_structure' is a dict, so its 'keys'"),
     (lambda m: m.__setitem__("tied", ["hidden.0.weight", "hidden.1.weight"]), "key 'tied' is [\"hidden.0.weight\""),
     (lambda m: m["stages"][0]["cost"].__setitem__("fwd_time", "fast"), "stage 0: cost 'fwd_time' is \"fast\""),
+    (lambda m: m["stages"][0]["cost"].__setitem__("bwd_time", float("inf")), "stage 0: cost 'bwd_time' is Infinity"),
 ]
 
 
