@@ -210,6 +210,7 @@ class Engine:
             for d in local_devices
         }
         self.shared = self._shared_groups() if distributed else []
+        self.gradients_checked: set[int] = set()  # stages whose sent values' requires_grad was compared
 
     def _costs(self) -> dict[int, tuple[float, float]] | None:
         costs = {}
@@ -475,7 +476,8 @@ class _DeviceRunner:
                              f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
                              "runs the stages on example inputs of this micro-batch size") from exc  # fmt: skip
         check_stage_outputs(spec, outputs)
-        if self.training and not recompute:
+        if self.training and not recompute and stage not in self.engine.gradients_checked:
+            self.engine.gradients_checked.add(stage)  # a hand edit shows on the first forward: not each step
             problems = comm.gradient_problems(dict(zip(spec.outputs, outputs)), self.plan.values)
             if problems:
                 raise FtcError(f"{spec.file}: {problems[0]}", "keep stage outputs as pipeline.json lists them "

@@ -249,8 +249,6 @@ def construct_stage(cls: type, model: torch.nn.Module, pipeline: Pipeline | None
             "make the stage adopt the model's submodules, parameters and buffers by their qualified names, "
             "then run `ftc check`",
         ) from exc
-    if not isinstance(stage, torch.nn.Module):
-        raise FtcError(f"{where}: {cls.__name__} is not a torch.nn.Module", "keep the generated class's base class")
     if pipeline is not None and spec is not None:
         _check_state_list(stage, model, pipeline, spec)
     return stage
@@ -306,9 +304,10 @@ def check_tied(model: torch.nn.Module, pipeline: Pipeline) -> None:
     for group in names.values():
         held = [name for name in group if name in devices]
         canonical = {pipeline.tied.get(name, name) for name in held}
-        if len(canonical) > 1 and len(set().union(*(devices[name] for name in held))) > 1:
+        on = sorted(set().union(*(devices[name] for name in held)))
+        if len(canonical) > 1 and len(on) > 1:
             raise FtcError(f"{manifest}: the model holds {' and '.join(map(repr, held))} as one tensor, on devices "
-                           f"{sorted(set().union(*(devices[name] for name in held)))}, but \"tied\" does not list them "
+                           f"{on}, but \"tied\" does not list them "
                            "together: their gradients would not be summed, and the copies would train apart",
                            "undo the hand edit of \"tied\", or recompile the pipeline with `ftc compile`")  # fmt: skip
 
