@@ -4,6 +4,7 @@ torch.distributed.pipelining (ScheduleGPipe, Schedule1F1B) on the same generated
 same global batch, one thread per process.
 
     .venv/bin/python bench/runtime_speedup.py [--batch 128] [--rounds 5] [--steps 2] [--micro-batches 4 8 16]
+                                              [--async-segment 4]
 
 One torchrun launch per stage count builds every configuration, then times them in rounds, each
 step between barriers. This machine's speed drifts by 10-30% over seconds to minutes, more than
@@ -23,9 +24,16 @@ run one after the other in every round, and their speedups are compared round by
 All processes flush denormal floats to zero (see worker()) and keep freed heap memory
 (KEEP_FREED_MEMORY).
 
+Rows of schedule "async" (runtime/staleness.py; `--async-segment S`, default 4, 0 leaves them
+out) run S steps per call, flushing the pipeline once per S steps instead of once per step, each
+stage updating its weights as its backwards of a step finish; their speedup counts the S batches
+a call trains, and their bound is that of one pipeline of S*M micro-batches, P*S*M/(S*M+P-1).
+
 The tied embedding / LM head of the GPT example sits in the first and the last stage: the ftc
 engine all-reduces its gradient every step (sync_shared_grads); torch.distributed.pipelining
-has no notion of tied weights, so its runs skip that (and would train the copies apart).
+has no notion of tied weights, so its runs skip that (and would train the copies apart), and so
+do the async rows (`ftc train` refuses async for this model: each stage would update its own
+copy; the timing is that of a model without the tie).
 """
 
 from __future__ import annotations
@@ -70,12 +78,15 @@ class _Unwrap(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: int, micro_batches: list[int], compare: bool) -> None:
+def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: int, micro_batches: list[int], compare: bool,
+           segment: int) -> None:  # fmt: skip
     """One rank of a P-stage launch: builds every configuration, then times them in rounds."""
     import torch.distributed as dist
 
     from ftc.runtime import load_model_file, load_pipeline
+    from ftc.runtime.config import StalenessConfig
     from ftc.runtime.engine import Engine
+    from ftc.runtime.staleness import StaleWeights
 
     torch.set_num_threads(1)
     # At initialisation the example's logits are large, so the softmax gradients reaching the
@@ -135,6 +146,38 @@ def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: i
 
         return step
 
+    def ftc_async(m: int):
+        """Schedule async: one call runs `segment` steps as one pipeline fill and drain, each stage
+        updating its weights as its backwards of a step finish."""
+        model = fresh_model()
+        modules = {s.index: pipeline.stage_class(s)(model) for s in pipeline.stages if s.device == rank}
+        parameters = [p for module in modules.values() for p in module.parameters()]
+        optimizer = torch.optim.SGD(parameters, lr=1e-3)
+        stale = StaleWeights(modules, optimizer, lambda step: 1e-3, StalenessConfig(flush_every=segment), m)
+        engine = Engine(
+            pipeline,
+            modules,
+            schedule="async",
+            micro_batches=m * segment,
+            loss_fn=model_file.loss_fn,
+            seed=0,
+            device=torch.device("cpu"),
+            distributed=True,
+            batch_size=batch * segment,
+            stale=stale,
+            batch_micro_batches=m,
+        )
+        batches = [data[k % len(data)] for k in range(segment)]
+        inputs = tuple(torch.cat(parts) for parts in zip(*(b[0] for b in batches)))
+        targets = torch.cat([b[1] for b in batches])
+
+        def step(k: int) -> None:
+            stale.begin(k * segment)
+            engine.train_losses(k * segment, inputs if rank == 0 else None, targets if rank == world - 1 else None,
+                                loss_scale=segment)  # fmt: skip
+
+        return step
+
     def torch_pipelining(schedule: str, m: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -168,6 +211,8 @@ def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: i
             configs.append(("ftc", schedule, m, ftc_engine(schedule, m)))
             if compare:
                 configs.append(("torch.pipelining", schedule, m, torch_pipelining(schedule, m)))
+        if segment:
+            configs.append(("ftc", "async", m, ftc_async(m)))
 
     def timed(run_step, step_number: int) -> float:
         """One step between barriers, so that it ends when its last rank does."""
@@ -184,7 +229,11 @@ def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: i
     # than the differences measured. So every configuration's steps sit between two steps of
     # the reference (the single process on the whole batch), and rounds visit the
     # configurations in turn, starting one further each round.
-    rows = [{"runtime": name, "schedule": schedule, "micro_batches": m, "rounds": []} for name, schedule, m, _ in configs]
+    rows = [
+        {"runtime": name, "schedule": schedule, "micro_batches": m, "batches": segment if schedule == "async" else 1,
+         "rounds": []}
+        for name, schedule, m, _ in configs
+    ]  # fmt: skip
     step_number = warmup
     reference_times = [timed(reference, step_number)]
     for round_ in range(rounds):
@@ -207,6 +256,7 @@ def launch(stages: int, folder: Path, args, compare: bool, out: Path) -> list[di
     command += ["--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--micro-batches", *map(str, args.micro_batches)]
     command += ["--compare"] if compare else []
+    command += ["--async-segment", str(args.async_segment)]
     subprocess.run(command, env=env, check=True, capture_output=True)
     return json.loads(out.read_text())
 
@@ -222,7 +272,7 @@ def report(stages: int, batch: int, results: list[dict]) -> None:
     speedup that the schedule and runtime got."""
 
     def speedups(row: dict) -> list[float]:
-        return [min(r["reference"]) / min(r["times"]) for r in row["rounds"]]
+        return [min(r["reference"]) * row.get("batches", 1) / min(r["times"]) for r in row["rounds"]]
 
     def speedup(row: dict) -> float:
         return statistics.median(speedups(row))
@@ -254,9 +304,10 @@ def report(stages: int, batch: int, results: list[dict]) -> None:
     print("-" * len(header))
     pipelines = [row for row in results if row["runtime"] not in ("single", "parallel copies")]
     for row in pipelines:
-        m = row["micro_batches"]
-        best = batch / min(t for r in row["rounds"] for t in r["times"])
-        bound = stages * m / (m + stages - 1)
+        m, batches = row["micro_batches"], row.get("batches", 1)
+        best = batch * batches / min(t for r in row["rounds"] for t in r["times"])
+        # One fill and drain per call: per step under gpipe and 1f1b, per segment under async.
+        bound = stages * m * batches / (m * batches + stages - 1)
         rate, spread = speedup(row), speedups(row)
         print(
             f"{stages:>2} {row['runtime']:>17} {row['schedule']:>8} {m:>3} {best:>10.1f} {rate:>8.2f} "
@@ -264,21 +315,33 @@ def report(stages: int, batch: int, results: list[dict]) -> None:
             f"{rate / single[m] / bound:>7.0%} {of_ceiling(rate / (bound * ceiling / stages)):>11}"
         )
     by_key = {(row["runtime"], row["schedule"], row["micro_batches"]): row["rounds"] for row in pipelines}
+    by_batches = {(row["runtime"], row["schedule"], row["micro_batches"]): row.get("batches", 1) for row in pipelines}
     if any(key[0] == "torch.pipelining" for key in by_key):
         print("\nftc's speedup over torch.distributed.pipelining's, round by round (timed one after the other)")
         for (runtime, schedule, m), ours in by_key.items():
             theirs = by_key.get(("torch.pipelining", schedule, m))
             if runtime != "ftc" or theirs is None:
                 continue
-            ratios = [
-                (min(o["reference"]) / min(o["times"])) / (min(t["reference"]) / min(t["times"]))
-                for o, t in zip(ours, theirs)
-            ]
-            won = sum(ratio > 1 for ratio in ratios)
-            print(
-                f"  {schedule:>5} M={m:<3} median of rounds {statistics.median(ratios):.3f} "
-                f"(range {min(ratios):.3f}-{max(ratios):.3f}); ftc faster in {won} of {len(ratios)} rounds"
-            )
+            print(f"  {schedule:>5} M={m:<3} {compared(ours, theirs, 1, 'ftc')}")
+    segments = [batches for (_, schedule, _), batches in by_batches.items() if schedule == "async"]
+    if segments:
+        print(f"\nftc async ({segments[0]} steps per flush) over ftc 1f1b, round by round (timed one after the other)")
+        for (runtime, schedule, m), ours in by_key.items():
+            theirs = by_key.get(("ftc", "1f1b", m))
+            if schedule == "async" and theirs is not None:
+                print(f"  M={m:<3} {compared(ours, theirs, by_batches[(runtime, schedule, m)], 'async')}")
+
+
+def compared(ours: list[dict], theirs: list[dict], batches: int, name: str) -> str:
+    """Our speedup over theirs in each round (timed one after the other), summarized; `batches`:
+    how many batches one of our calls trains."""
+    ratios = [
+        (min(o["reference"]) * batches / min(o["times"])) / (min(t["reference"]) / min(t["times"]))
+        for o, t in zip(ours, theirs)
+    ]
+    won = sum(ratio > 1 for ratio in ratios)
+    return (f"median of rounds {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}); "
+            f"{name} faster in {won} of {len(ratios)} rounds")  # fmt: skip
 
 
 def main() -> None:
@@ -291,9 +354,12 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--worker", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--async-segment", type=int, default=4,
+                        help="steps per flush of the async rows (0: no async rows)")  # fmt: skip
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, args.batch, args.rounds, args.steps, args.warmup, args.micro_batches, args.compare)
+        worker(*args.worker, args.batch, args.rounds, args.steps, args.warmup, args.micro_batches, args.compare,
+               args.async_segment)  # fmt: skip
         sys.stdout.flush()
         os._exit(0)  # skips the interpreter's teardown of the transport, as ftc.runtime.worker does
 

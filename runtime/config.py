@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ftc.ir import FtcError, strict_json
 
@@ -27,6 +27,7 @@ DATA_SETS = ("synthetic", "bytes", "digits", "module")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULES = ("gpipe", "1f1b")  # the synchronous schedules (runtime/schedule.py)
+TRAINING_SCHEDULES = (*SCHEDULES, "async")  # async: PipeDream-style, no flush (runtime/staleness.py)
 RECOMPUTE = ("pipeline", "always", "never")
 MODES = ("single", "local", "dist")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -61,6 +62,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class StalenessConfig:
+    """Schedule "async" only (runtime/staleness.py)."""
+
+    flush_every: int = 16  # steps between pipeline flushes (checkpoints and the end flush too)
+    predict: bool = False  # forwards use weights extrapolated over the updates they will miss
+    gap_aware: bool = False  # stale gradients are divided by 1 + |gap| / (lr * RMS of the gradient)
+
+
+@dataclass
 class FaultConfig:
     """A testing aid: make one rank fail at one step, to check that the others stop cleanly.
     kind "exit": the process dies; "hang": it stops answering; "nan": its weights turn to NaN."""
@@ -83,6 +93,7 @@ class Config:
     micro_batches: int = 4
     step_every: int = 1
     schedule: str = "1f1b"
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
     recompute: str = "pipeline"
     steps: int = 100
     seed: int = 0
@@ -270,6 +281,7 @@ def _build(raw: dict, source: str) -> Config:
         ("optimizer", OptimizerConfig),
         ("lr_schedule", LrScheduleConfig),
         ("checkpoint", CheckpointConfig),
+        ("staleness", StalenessConfig),
         ("inject_fault", FaultConfig),
     ):
         if isinstance(values.get(key), dict):
@@ -287,10 +299,8 @@ def _validate(c: Config) -> None:
         if value not in choices:
             fail(key, f"is {value!r}; choose one of {', '.join(choices)}")
 
-    if c.schedule == "async":
-        fail("schedule", "is 'async': asynchronous schedules (staleness mitigation) are not implemented yet",
-             "use \"gpipe\" or \"1f1b\"")  # fmt: skip
-    choice("schedule", c.schedule, SCHEDULES)
+    choice("schedule", c.schedule, TRAINING_SCHEDULES)
+    _validate_staleness(c, fail)
     choice("recompute", c.recompute, RECOMPUTE)
     choice("mode", c.mode, MODES)
     choice("backend", c.backend, BACKENDS)
@@ -348,3 +358,19 @@ def _validate(c: Config) -> None:
         choice("inject_fault.kind", c.inject_fault.kind, FAULTS)
         if c.inject_fault.kind != "nan" and c.mode != "dist":
             fail("inject_fault.kind", f'is {c.inject_fault.kind!r}, which only mode "dist" can survive')
+
+
+def _validate_staleness(c: Config, fail: Callable[..., None]) -> None:
+    staleness, default = c.staleness, StalenessConfig()
+    if c.schedule != "async":
+        for key in ("flush_every", "predict", "gap_aware"):
+            if getattr(staleness, key) != getattr(default, key):
+                fail(f"staleness.{key}", f"is set, but schedule {c.schedule!r} is synchronous: nothing is stale",
+                     'set "schedule": "async", or leave staleness out')  # fmt: skip
+        return
+    if staleness.flush_every < 1:
+        fail("staleness.flush_every", f"is {staleness.flush_every}; it must be at least 1 (1: a flush every step, "
+             "which is 1f1b)")  # fmt: skip
+    if staleness.predict and c.optimizer.name == "sgd" and c.optimizer.momentum == 0:
+        fail("staleness.predict", "is true, but plain SGD keeps no update direction to predict with",
+             "set optimizer.momentum (e.g. 0.9), use adam or adamw, or staleness.predict=false")  # fmt: skip

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from fractions import Fraction
@@ -43,7 +44,8 @@ from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
 from .data import dim_of
 from .model_file import user_error
 from .pipeline import Pipeline, check_stage_outputs
-from .schedule import BACKWARD, FORWARD, Action, simulate
+from .schedule import BACKWARD, FORWARD, IN_ORDER, Action, simulate
+from .staleness import StaleWeights
 
 LOSS = -1  # the loss on the last stage's device, as a reader of the model's outputs
 PREFETCH_ACTIONS = 4  # receives are posted this many actions ahead of the one that needs them
@@ -158,11 +160,19 @@ class Engine:
         timeout_s: float = 60.0,
         batch_size: int | None = None,
         target_dims: Any = 0,
+        stale: StaleWeights | None = None,
+        batch_micro_batches: int | None = None,
     ):
         """`modules`: stage index -> stage module, already on `device`; all stages in local mode,
         this rank's in distributed mode. `batch_size`: the global batch size, needed by ranks
         that get neither inputs nor targets in train_step (they size receive buffers from it).
-        `target_dims`: the targets' batch dimensions (data.target_batch_dims)."""
+        `target_dims`: the targets' batch dimensions (data.target_batch_dims).
+
+        Schedule "async" (runtime/staleness.py): one run covers a segment of several steps, its
+        `micro_batches` all of theirs; `stale` gives each stage forward its weights and updates
+        the stages as their backwards finish each step; `batch_micro_batches`, the micro-batches
+        of one data batch, keeps the dropout seeds those of the same micro-batch in a
+        synchronous run."""
         stages = pipeline.stages
         unknown = sorted(set(recompute) - {s.index for s in stages})
         if unknown:
@@ -200,7 +210,17 @@ class Engine:
             where = f"rank {self.rank}" if distributed else "local mode"
             raise FtcError(f"{where} runs stages {expected}, but modules were given for {sorted(modules)}")
         self.modules = dict(modules)
-        self.timeline = simulate(stages, micro_batches, schedule, self._costs(), pipeline.outputs)
+        if (schedule == "async") != (stale is not None):
+            raise FtcError("schedule async and stale weights go together")
+        self.stale = stale
+        self.batch_micro_batches = batch_micro_batches or micro_batches
+        # The textbook order (a stage of depth d forwards micro-batch g right after its backward
+        # of g - d) is what staleness.py's versions describe.
+        self.timeline = (
+            simulate(stages, micro_batches, "1f1b", self._costs(), pipeline.outputs, policy=IN_ORDER)
+            if stale is not None
+            else simulate(stages, micro_batches, schedule, self._costs(), pipeline.outputs)
+        )
         order = [timed.action for timed in self.timeline.actions]
         self.plan = _Plan(pipeline, order, micro_batches)
         self.transport = transport
@@ -233,12 +253,7 @@ class Engine:
         return self.plan.loss_device in self.runners
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """This process's parameters, each once (tied weights held by several stages too)."""
-        seen: dict[int, torch.nn.Parameter] = {}
-        for index in sorted(self.modules):
-            for param in self.modules[index].parameters():
-                seen.setdefault(id(param), param)
-        return list(seen.values())
+        return unique_parameters(self.modules)
 
     def train_step(self, step: int, inputs: tuple | dict | None, targets: Any | None, loss_scale: float = 1.0) -> float:
         """Forward and backward of one batch through the pipeline; returns the batch's mean loss
@@ -249,6 +264,22 @@ class Engine:
             raise FtcError(f"device {loss_device} computes the loss, but train_step got no targets")
         self._run(step, inputs, targets, loss_scale, training=True)
         return self._broadcast_loss()[1]
+
+    def train_losses(self, step: int, inputs: BatchStream | tuple | dict | None, targets: Any | None,
+                     loss_scale: float = 1.0) -> list[float]:  # fmt: skip
+        """As train_step, but the loss of every micro-batch, in order, on every rank; `inputs`
+        may be a BatchStream, which gives the targets too."""
+        loss_device = self.plan.loss_device
+        if loss_device in self.runners and targets is None and not isinstance(inputs, BatchStream):
+            raise FtcError(f"device {loss_device} computes the loss, but train_step got no targets")
+        self._run(step, inputs, targets, loss_scale, training=True)
+        losses = torch.zeros(self.micro_batches, dtype=torch.float64, device=self.device)
+        runner = self.runners.get(loss_device)
+        if runner is not None:
+            losses.copy_(torch.stack([loss.to(torch.float64) for loss in runner.losses]))
+        if self.distributed:
+            dist.broadcast(losses, src=loss_device)
+        return losses.tolist()
 
     def evaluate(self, step: int, inputs: tuple | dict | None, targets: Any | None = None) -> tuple[float | None, Any]:
         """Forwards only, without gradients (switching dropout and BatchNorm to eval mode is the
@@ -262,11 +293,17 @@ class Engine:
 
     def _run(self, step: int, inputs: Any, targets: Any, loss_scale: float, training: bool) -> None:
         plan = self.plan
-        reads_inputs = inputs is not None and self.reads_inputs
-        input_batches = self._split_inputs(inputs) if reads_inputs else None
-        computes_loss = targets is not None and self.reads_targets
-        target_batches = self._split_targets(targets) if computes_loss else None
-        micro_batch_size = self._micro_batch_size(inputs, targets)
+        if isinstance(inputs, BatchStream):
+            streamed = _StreamedMicroBatches(self, inputs)
+            input_batches = _Part(streamed, 0) if self.reads_inputs else None
+            target_batches = _Part(streamed, 1) if self.reads_targets else None
+            micro_batch_size = self._micro_batch_size(None, None)
+        else:
+            reads_inputs = inputs is not None and self.reads_inputs
+            input_batches = self._split_inputs(inputs, self.micro_batches) if reads_inputs else None
+            computes_loss = targets is not None and self.reads_targets
+            target_batches = self._split_targets(targets, self.micro_batches) if computes_loss else None
+            micro_batch_size = self._micro_batch_size(inputs, targets)
         for device, runner in self.runners.items():
             if device in plan.data_devices and input_batches is None:
                 raise FtcError(f"device {device} runs stages that read the pipeline inputs, but got no inputs")
@@ -327,7 +364,7 @@ class Engine:
                 groups.append((group, params))
         return groups
 
-    def _split_inputs(self, inputs: tuple | dict) -> list[dict[str, Any]]:
+    def _split_inputs(self, inputs: tuple | dict, count: int) -> list[dict[str, Any]]:
         names = self.plan.inputs
         if isinstance(inputs, dict):
             missing = [name for name in names if name not in inputs]
@@ -339,39 +376,39 @@ class Engine:
                 raise FtcError(f"the pipeline takes {len(names)} inputs ({names}), got {len(inputs)}")
             values = dict(zip(names, inputs))
         split = {
-            name: self._split(value, self.plan.values.get(name, {}).get("batch_dim"), f"input {name}")
+            name: self._split(value, self.plan.values.get(name, {}).get("batch_dim"), f"input {name}", count)
             for name, value in values.items()
         }
-        return [{name: pieces[m] for name, pieces in split.items()} for m in range(self.micro_batches)]
+        return [{name: pieces[m] for name, pieces in split.items()} for m in range(count)]
 
-    def _split_targets(self, targets: Any) -> list[Any]:
-        return self._split_tree(targets, self.target_dims)
+    def _split_targets(self, targets: Any, count: int) -> list[Any]:
+        return self._split_tree(targets, self.target_dims, count)
 
-    def _split_tree(self, targets: Any, dims: Any) -> list[Any]:
+    def _split_tree(self, targets: Any, dims: Any, count: int) -> list[Any]:
         if isinstance(targets, torch.Tensor):
-            return list(self._split(targets, dims if isinstance(dims, int) or dims is None else 0, "targets"))
+            return list(self._split(targets, dims if isinstance(dims, int) or dims is None else 0, "targets", count))
         if isinstance(targets, dict):
-            parts = {key: self._split_tree(value, dim_of(dims, key)) for key, value in targets.items()}
-            return [{key: pieces[m] for key, pieces in parts.items()} for m in range(self.micro_batches)]
+            parts = {key: self._split_tree(value, dim_of(dims, key), count) for key, value in targets.items()}
+            return [{key: pieces[m] for key, pieces in parts.items()} for m in range(count)]
         if isinstance(targets, (tuple, list)):
-            parts = [self._split_tree(value, dim_of(dims, i)) for i, value in enumerate(targets)]
-            return [type(targets)(pieces[m] for pieces in parts) for m in range(self.micro_batches)]
-        return [targets] * self.micro_batches
+            parts = [self._split_tree(value, dim_of(dims, i), count) for i, value in enumerate(targets)]
+            return [type(targets)(pieces[m] for pieces in parts) for m in range(count)]
+        return [targets] * count
 
-    def _split(self, value: Any, batch_dim: int | None, what: str) -> list[Any]:
+    def _split(self, value: Any, batch_dim: int | None, what: str, count: int) -> list[Any]:
         """The micro-batches of a value, each its own tensor: a model that changes its input in
         place must not change the other micro-batches' (views would share it)."""
         if not isinstance(value, torch.Tensor):
-            return [value] * self.micro_batches
+            return [value] * count
         if batch_dim is None:
-            return [value.to(self.device).clone() for _ in range(self.micro_batches)]
+            return [value.to(self.device).clone() for _ in range(count)]
         size = value.shape[batch_dim]
-        if size % self.micro_batches:
+        if size % count:
             raise FtcError(
-                f"{what}: batch size {size} does not split into {self.micro_batches} equal micro-batches",
+                f"{what}: batch size {size} does not split into {count} equal micro-batches",
                 "make the batch size a multiple of micro_batches",
             )
-        return [piece.clone() for piece in value.to(self.device).split(size // self.micro_batches, dim=batch_dim)]
+        return [piece.clone() for piece in value.to(self.device).split(size // count, dim=batch_dim)]
 
     def _micro_batch_size(self, inputs: Any, targets: Any) -> int:
         batch = None
@@ -399,6 +436,58 @@ class Engine:
                 "give every step the same batch size (drop the last partial batch)",
             )
         return batch // self.micro_batches
+
+
+class BatchStream:
+    """The data of a run over several batches (schedule async): `load(b)` gives batch b's
+    (inputs, targets), each None where this process reads none. Batches are loaded as the stages
+    reach their micro-batches, so a run holds a few of them at a time, however many it covers."""
+
+    def __init__(self, load: Callable[[int], tuple[Any, Any]], first_batch: int):
+        self.load = load
+        self.first_batch = first_batch
+
+
+class _StreamedMicroBatches:
+    """A BatchStream split into micro-batches: run micro-batch m is piece m % M of the stream's
+    batch m // M (M: the engine's batch_micro_batches)."""
+
+    KEEP = 8  # batches kept split; stages of one process are at most a few batches apart
+
+    def __init__(self, engine: Engine, stream: BatchStream):
+        self.engine = engine
+        self.stream = stream
+        self.batches: OrderedDict[int, tuple[list | None, list | None]] = OrderedDict()
+
+    def get(self, part: int, m: int) -> Any:
+        per_batch = self.engine.batch_micro_batches
+        batch = m // per_batch
+        if batch in self.batches:
+            self.batches.move_to_end(batch)
+        else:
+            inputs, targets = self.stream.load(self.stream.first_batch + batch)
+            self.batches[batch] = (
+                None if inputs is None else self.engine._split_inputs(inputs, per_batch),
+                None if targets is None else self.engine._split_targets(targets, per_batch),
+            )
+            if len(self.batches) > self.KEEP:
+                self.batches.popitem(last=False)
+        pieces = self.batches[batch][part]
+        if pieces is None:
+            raise FtcError(f"the data of batch {self.stream.first_batch + batch + 1} lacks the "
+                           f"{('inputs', 'targets')[part]} this process reads")  # fmt: skip
+        return pieces[m % per_batch]
+
+
+class _Part:
+    """The inputs (part 0) or the targets (part 1) of streamed micro-batches, by index."""
+
+    def __init__(self, streamed: _StreamedMicroBatches, part: int):
+        self.streamed = streamed
+        self.part = part
+
+    def __getitem__(self, m: int) -> Any:
+        return self.streamed.get(self.part, m)
 
 
 class _DeviceRunner:
@@ -466,7 +555,7 @@ class _DeviceRunner:
         buffers_before = _buffer_values(module) if recompute and self.training else None
         try:
             with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
-                outputs = module(*args)
+                outputs = self._call(stage, m, args)
         except FtcError:
             raise
         except Exception as exc:
@@ -516,6 +605,12 @@ class _DeviceRunner:
             )
         return self.engine.pipeline.assemble_output(joined)
 
+    def _call(self, stage: int, m: int, args: tuple) -> Any:
+        module, stale = self.engine.modules[stage], self.engine.stale
+        if stale is None or not self.training:
+            return module(*args)
+        return torch.func.functional_call(module, stale.forward_weights(stage, m), args, tie_weights=True)
+
     def _reader_leaf(self, reader: int, name: str, m: int) -> Any:
         """The value as `reader` gets it: a fresh leaf, kept for the gradient's way back."""
         spec = self.plan.values.get(name)
@@ -553,7 +648,7 @@ class _DeviceRunner:
             module = self.engine.modules[stage]
             buffers_now = _point_buffers(module, buffers_before)
             with self._seeded(stage, m), torch.enable_grad():
-                outputs = module(*args)
+                outputs = self._call(stage, m, args)
             _point_buffers(module, buffers_now)
         tensors, grads = [], []
         for name, value in zip(spec.outputs, outputs):
@@ -567,6 +662,8 @@ class _DeviceRunner:
                     grads.append(grad)
         if tensors:
             torch.autograd.backward(tensors, grads)
+        if self.engine.stale is not None:
+            self.engine.stale.after_backward(stage, m)
         self.backwards_left[m] -= 1
         if self.backwards_left[m] == 0:
             for key in [key for key in self.values if key[1] == m]:
@@ -639,7 +736,8 @@ class _DeviceRunner:
     def _seeded(self, stage: int, m: int):
         """Seeds this device's generator only: torch.manual_seed would also queue seeds for every
         accelerator type the build knows, with a stack trace each, on every call."""
-        seed = stream_seed(self.engine.seed, self.step, m, stage)
+        per_batch = self.engine.batch_micro_batches
+        seed = stream_seed(self.engine.seed, self.step + m // per_batch, m % per_batch, stage)
         device = self.engine.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.default_generator.manual_seed(seed)
@@ -648,6 +746,16 @@ class _DeviceRunner:
                     device.index if device.index is not None else torch.cuda.current_device()
                 ].manual_seed(seed)
             yield
+
+
+def unique_parameters(modules: dict[int, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The parameters of these stages, each once (tied weights held by several stages too), in
+    stage order."""
+    seen: dict[int, torch.nn.Parameter] = {}
+    for index in sorted(modules):
+        for param in modules[index].parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
 
 
 def _leaf(value: Any, spec: dict | None) -> Any:

@@ -14,6 +14,7 @@ depends only on the seed and the step: resumed runs and every rank see the same 
 from __future__ import annotations
 
 import datetime
+import functools
 import inspect
 import math
 import os
@@ -44,11 +45,12 @@ from .data import (
     target_batch_dims,
     tree_map,
 )
-from .engine import Engine, call_loss
+from .engine import BatchStream, Engine, call_loss, unique_parameters
 from .model_file import ModelFile, function_from_file, load_model_file, user_error
 from .materialize import build_stages, load_checkpoint
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
+from .staleness import GAP_SQUARES, StaleWeights
 
 
 @dataclass
@@ -232,6 +234,9 @@ def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     differences = []
     if config.schedule == "gpipe" and settings.get("schedule") == "1f1b":
         differences.append("schedule gpipe (planned: 1f1b; gpipe keeps every micro-batch's activations)")
+    if config.schedule == "async":
+        differences.append("schedule async (planned: synchronous; async keeps up to two more copies of each stage's "
+                           "trainable parameters, the stashed weight versions)")  # fmt: skip
     if config.batch_size / config.micro_batches > planned_sample_share:
         differences.append(
             f"micro-batches of {config.batch_size / config.micro_batches:g} samples (batch_size / micro_batches; "
@@ -384,24 +389,44 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     target_dims = target_batch_dims(model_file, outputs)
     me = plan_rank(config, pipeline, rank, world_size, device)
 
+    # Mode single is the synchronous baseline whatever the schedule: it has no pipeline.
+    asynchronous = config.schedule == "async" and config.mode != "single"
     if config.mode == "single":
         model = build_single(config, model_file, device)
         engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims)
         modules = [model]
     else:
+        if asynchronous:
+            check_async(pipeline, model_file)
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
         modules = list(stage_modules.values())
-        engine = Engine(
-            pipeline, stage_modules, schedule=config.schedule, micro_batches=config.micro_batches,
-            loss_fn=loss_fn, seed=config.seed, device=device, recompute=recompute_set(config, pipeline),
-            distributed=config.mode == "dist", timeout_s=config.timeout_s, batch_size=config.batch_size,
-            target_dims=target_dims,
+        make_engine = functools.partial(
+            Engine, pipeline, stage_modules, schedule=config.schedule, loss_fn=loss_fn, seed=config.seed,
+            device=device, recompute=recompute_set(config, pipeline), distributed=config.mode == "dist",
+            timeout_s=config.timeout_s, target_dims=target_dims,
         )  # fmt: skip
-    parameters = engine.parameters()
+        if not asynchronous:
+            engine = make_engine(micro_batches=config.micro_batches, batch_size=config.batch_size)
+    parameters = unique_parameters(stage_modules) if asynchronous else engine.parameters()
     check_sparse_gradients(config, modules)
     # A rank may hold only parameter-free stages (a pooling, a normalization): it steps nothing.
     optimizer = build_optimizer(parameters, config.optimizer) if parameters else None
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.optimizer.lr, config.steps) if optimizer else None
+    if asynchronous:
+        stale = StaleWeights(stage_modules, optimizer, lambda step: learning_rate(config, step), config.staleness,
+                             config.micro_batches * config.step_every)  # fmt: skip
+        engines: dict[int, Engine] = {}
+
+        def segment_engine(steps: int) -> Engine:
+            """The engine of a segment of `steps` steps (their micro-batches in one run)."""
+            if steps not in engines:
+                batches = steps * config.step_every
+                engines[steps] = make_engine(micro_batches=batches * config.micro_batches,
+                                             batch_size=batches * config.batch_size, stale=stale,
+                                             batch_micro_batches=config.micro_batches)  # fmt: skip
+            return engines[steps]
+
+        engine = segment_engine(segment_end(config, 0))
 
     root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
     first_step, run = 0, uuid.uuid4().hex[:12]
@@ -431,6 +456,17 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
               f"({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, world_size)
+    def load(batches: list[int]) -> tuple[Any, Any]:
+        """The samples of these batches as one batch, on the device: (inputs, targets), None for
+        what this rank does not read."""
+        if sampler is None:
+            return None, None
+        indices = [i for batch in batches for i in sampler.indices(batch)]
+        inputs, targets = load_batch(dataset, indices, reads_inputs, reads_targets, batch_dims, target_dims)
+        if inputs is not None:
+            check_inputs(inputs, pipeline, config)
+        return tuple(None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets))
+
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
@@ -441,48 +477,50 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         if first_step:
             print(f"resumed from {checkpoint.step_folder(root, first_step)}", flush=True)
     samples, timed_from = 0, time.perf_counter()
-    for step in range(first_step, config.steps):
-        # Steps as people see them, in the progress lines and in errors, count from 1.
-        status.write("running", step + 1)
-        inject_fault(config, me, step + 1, modules)
-        losses = []
-        for k in range(config.step_every):
-            batch = step * config.step_every + k
-            inputs = targets = None
-            if sampler is not None:
-                inputs, targets = load_batch(dataset, sampler.indices(batch), reads_inputs, reads_targets, batch_dims, target_dims)
-                if inputs is not None:
-                    check_inputs(inputs, pipeline, config)
-                inputs, targets = (
-                    None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets)
-                )
-            losses.append(engine.train_step(batch, inputs, targets, loss_scale=1.0 / config.step_every))
-        loss = sum(losses) / len(losses)
-        if not math.isfinite(loss):
-            raise FtcError(f"the loss is {loss} at step {step + 1}; stopping",
-                           "lower optimizer.lr, add warmup (lr_schedule.warmup_steps) or check the data")  # fmt: skip
-        engine.sync_shared_grads()
-        lr = config.optimizer.lr * lr_factor(step, config.lr_schedule, config.optimizer.lr, config.steps)
+    step = first_step
+    while step < config.steps:
+        # Async: a segment of steps runs as one pipeline fill and drain; the others: one step.
+        end = segment_end(config, step) if asynchronous else step + 1
+        for later in range(step, end):
+            # Steps as people see them, in the progress lines and in errors, count from 1.
+            status.write("running", later + 1)
+            inject_fault(config, me, later + 1, modules)
+        if asynchronous:
+            losses = train_segment(segment_engine(end - step), stale, config, step, end, load)
+        else:
+            batch_losses = [
+                engine.train_step(batch, *load([batch]), loss_scale=1.0 / config.step_every)
+                for batch in range(step * config.step_every, end * config.step_every)
+            ]
+            losses = [sum(batch_losses) / len(batch_losses)]
+        for done, loss in enumerate(losses, start=step + 1):
+            if not math.isfinite(loss):
+                raise FtcError(f"the loss is {loss} at step {done}; stopping",
+                               "lower optimizer.lr, add warmup (lr_schedule.warmup_steps) or check the data")  # fmt: skip
+        if not asynchronous:
+            engine.sync_shared_grads()
         if optimizer is not None:
-            optimizer.step()
-            scheduler.step()
+            if not asynchronous:  # async segments stepped each stage as its backwards finished
+                optimizer.step()
+            for _ in range(end - step):
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        results.loss.append(loss)
-        results.lr.append(lr)
-        if step == first_step:
-            # The first step pays for warm-up (allocations, connections): throughput starts after it.
+        if step == first_step and (not asynchronous or end < config.steps):
+            # The first step (segment) pays for warm-up (allocations, connections): throughput starts after it.
             timed_from, samples = time.perf_counter(), 0
         else:
-            samples += config.batch_size * config.step_every
-        elapsed = time.perf_counter() - timed_from
-        results.samples_per_s = samples / elapsed if samples else 0.0
-        progress.update(step, loss, lr, results.samples_per_s)
-        done = step + 1
+            samples += config.batch_size * config.step_every * (end - step)
+        results.samples_per_s = samples / (time.perf_counter() - timed_from) if samples else 0.0
+        for done, loss in enumerate(losses, start=step + 1):
+            results.loss.append(loss)
+            results.lr.append(learning_rate(config, done - 1))
+            progress.update(done - 1, loss, results.lr[-1], results.samples_per_s)
+        step = end
         if root is not None and (
-            done == config.steps or (config.checkpoint.every and done % config.checkpoint.every == 0)
+            end == config.steps or (config.checkpoint.every and end % config.checkpoint.every == 0)
         ):
-            status.write("checkpointing", done)
-            save(root, done, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group)
+            status.write("checkpointing", end)
+            save(root, end, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group)
     results.wall_time_s = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -493,6 +531,57 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         write_results(config, results)
     status.write("done", config.steps)
     return results
+
+
+def learning_rate(config: Config, step: int) -> float:
+    return config.optimizer.lr * lr_factor(step, config.lr_schedule, config.optimizer.lr, config.steps)
+
+
+def segment_end(config: Config, step: int) -> int:
+    """Schedule async: the step (exclusive) where the segment starting at `step` flushes: after
+    staleness.flush_every steps, at a checkpoint, or at the end; the same boundaries whichever
+    step a run resumed from. An injected fault (a testing aid) starts a segment, so that it
+    strikes at its step, not at the start of the segment holding it."""
+    every = [config.staleness.flush_every] + ([config.checkpoint.every] if config.checkpoint.every else [])
+    ends = [config.steps] + [(step // n + 1) * n for n in every]
+    fault = config.inject_fault
+    if fault is not None and fault.step - 1 > step:
+        ends.append(fault.step - 1)
+    return min(ends)
+
+
+def train_segment(engine: Engine, stale: StaleWeights, config: Config, first: int, end: int, load) -> list[float]:
+    """Steps first..end-1 as one async pipeline run; the loss of each step (the mean of its
+    micro-batches')."""
+    stale.begin(first)
+    stream = BatchStream(lambda batch: load([batch]), first * config.step_every)
+    # The engine divides each micro-batch's loss by all its micro-batches; a step's are 1 / (end - first) of them.
+    losses = engine.train_losses(first * config.step_every, stream, None, loss_scale=end - first)
+    per_step = config.micro_batches * config.step_every
+    return [sum(losses[k : k + per_step]) / per_step for k in range(0, len(losses), per_step)]
+
+
+def check_async(pipeline: Pipeline, model_file: ModelFile) -> None:
+    """Schedule async updates each stage on its own: a trainable parameter held by several
+    stages (tied weights, a module used at two places) would get different versions."""
+    first_name = pipeline.tied
+    holders: dict[str, list[int]] = {}
+    for stage in pipeline.stages:
+        for key in stage.state:
+            holders.setdefault(first_name.get(key, key), []).append(stage.index)
+    shared = {key: stages for key, stages in holders.items() if len(set(stages)) > 1}
+    if not shared:
+        return
+    trainable = {name for name, p in model_file.build("meta").named_parameters(remove_duplicate=False) if p.requires_grad}
+    shared = {key: stages for key, stages in shared.items() if key in trainable
+              or any(alias in trainable for alias, first in first_name.items() if first == key)}  # fmt: skip
+    if shared:
+        key, stages = sorted(shared.items())[0]
+        others = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+        raise FtcError(f"{pipeline.folder}: schedule async updates each stage's weights on its own, but stages "
+                       f"{sorted(set(stages))} share parameter {key}{others}",
+                       "use schedule 1f1b or gpipe (they sum the gradients of shared weights), or recompile so that "
+                       "one stage holds each shared weight")  # fmt: skip
 
 
 def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> None:
@@ -576,7 +665,8 @@ def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, s
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
-# The state torch's optimizers keep per parameter, by kind: Adam and AdamW read each other's.
+# The state torch's optimizers keep per parameter, by kind: Adam and AdamW read each other's;
+# SGD's is its momentum buffer, or async gap-aware's running mean of squares (staleness.py).
 _OPTIMIZER_KINDS = {"SGD": "SGD (momentum)", "Adam": "Adam", "AdamW": "Adam"}
 
 
@@ -586,7 +676,7 @@ def _state_kind(states: Any) -> str | None:
     for state in states:
         if "exp_avg" in state:
             return "Adam"
-        if isinstance(state.get("momentum_buffer"), torch.Tensor):
+        if isinstance(state.get("momentum_buffer"), torch.Tensor) or GAP_SQUARES in state:
             return "SGD (momentum)"
     return None
 

@@ -1,0 +1,285 @@
+"""Schedule "async" (PipeDream-style, weight stashing, flushes every staleness.flush_every steps)
+against an independent reference.
+
+The truth is tests/async_reference.py: the async semantics written out in plain PyTorch on the
+ORIGINAL model (torch.func.functional_call with each parameter taken from its stage's weight
+version for each micro-batch), sharing no code with ftc's engine, stages or staleness module.
+The model is a dropout-free, BatchNorm-free tiny language model with no parameter shared between
+stages (async refuses tied weights across stages), compiled into 2 and 4 stages.
+
+What is checked against what:
+- the reference itself: with flush_every 1 nothing is stale, so it must train exactly as mode
+  single (losses and final weights to a relative 1e-5); the weight version it gives each
+  (stage, micro-batch) must be the one a stage running micro-batches in 1F1B order (a stage of
+  depth d forwards g right after its backward of g - d, and updates after the backward of a
+  step's last micro-batch) has at that forward, simulated op by op; and with flush_every > 1 it
+  must differ from mode single (it is stale).
+- mode local (2 and 4 stages) and mode dist (4 processes, torchrun, gloo) against the reference:
+  per-step losses (results.loss) and the merged final checkpoint, to a relative 1e-5; adamw and
+  SGD with nesterov momentum, cosine lr with warmup, step_every 1 and 2, micro-batches per step
+  below and above the pipeline depth, segments of unequal length (12 steps, flush_every 5); and
+  each run's losses must differ from mode single's by more than 1e-4 (staleness happened).
+- checkpoint.every 6 of 12 steps: the run flushes there (the reference's segments end there
+  too), the checkpoint at step 6 holds the reference's weights after step 6, and a run stopped
+  at step 8 (injected NaN) and resumed (in dist) continues the uninterrupted reference exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftc.ir import FtcError
+from ftc.runtime import checkpoint
+from ftc.runtime.config import load_config
+from ftc.runtime.train import train
+from ftc.runtime.worker import launch
+
+from .async_reference import async_reference, segment_ends, stage_parameters
+
+STEPS = 12
+OPTIMIZERS = {
+    "adamw": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+    "sgd": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+}
+UNTIED_LM = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB, CONTEXT, WIDTH, LAYERS = 256, 8, 16, 4
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(WIDTH)
+        self.fc = nn.Linear(WIDTH, 2 * WIDTH)
+        self.proj = nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, x):
+        return x + self.proj(F.gelu(self.fc(self.ln(x))))
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, WIDTH)
+        nn.init.normal_(self.wte.weight, std=0.1)
+        self.wpe = nn.Parameter(0.02 * torch.randn(1, CONTEXT, WIDTH))
+        self.blocks = nn.ModuleList([Block() for _ in range(LAYERS)])
+        self.ln = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def build_model():
+    return TinyLM()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, VOCAB, (batch_size, CONTEXT)),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.reshape(-1, VOCAB), target.reshape(-1))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as each dist rank gets on a 2-core machine; more threads only fight over the
+    cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """The model compiled into 2 and 4 stages -> (root, model path, {stages: folder})."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    root = tmp_path_factory.mktemp("async")
+    model = root / "untied_lm.py"
+    model.write_text(UNTIED_LM)
+    folders = {p: compile_model(model, root / f"p{p}", CompileOptions(stages=p)).folder for p in (2, 4)}
+    return root, model, folders
+
+
+def config(root: Path, pipeline: Path, name: str, **settings):
+    data = {
+        "pipeline": str(pipeline), "data": {"name": "bytes", "max_bytes": 20000}, "optimizer": OPTIMIZERS["adamw"],
+        "lr_schedule": {"name": "cosine", "warmup_steps": 3}, "batch_size": 8, "micro_batches": 4,
+        "steps": STEPS, "seed": 1, "log_every": 10, "timeout_s": 30,
+        "results": str(root / name / "results.json"), "checkpoint": {"dir": str(root / name / "checkpoints")},
+    }  # fmt: skip
+    data.update(settings)
+    return load_config(data=data)
+
+
+def single_run(root: Path, pipeline: Path, name: str, **settings) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Mode single (synchronous, no pipeline) with these settings -> (losses, final state_dict)."""
+    settings = {k: v for k, v in settings.items() if k not in ("schedule", "staleness", "mode")}
+    results = train(config(root, pipeline, name, mode="single", **settings))
+    return results.loss, checkpoint.merge(root / name / "checkpoints")[1]
+
+
+def assert_same_run(losses, state, truth_losses, truth_state, first_step=0):
+    """As tests/test_train.py's: losses and weights to a relative 1e-5 (weights per tensor, in
+    norm: Adam turns the rounding noise of near-zero gradients into large elementwise
+    differences)."""
+    assert len(losses) == STEPS - first_step
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(truth_losses[first_step:]), rtol=1e-5, atol=0)
+    assert set(state) == set(truth_state)
+    for key, expected in truth_state.items():
+        if expected.is_floating_point():
+            error = (state[key] - expected).norm() / expected.norm().clamp(min=1e-12)
+            assert error <= 1e-5, f"{key}: relative difference {error:.2e}"
+        else:
+            assert torch.equal(state[key], expected), key
+
+
+def max_relative_difference(losses, others) -> float:
+    a, b = torch.tensor(losses, dtype=torch.float64), torch.tensor(others, dtype=torch.float64)
+    return ((a - b).abs() / b.abs()).max().item()
+
+
+def test_the_model_shares_no_parameter_between_stages(untied):
+    _, _, folders = untied
+    for stages, folder in folders.items():
+        manifest = json.loads((folder / "pipeline.json").read_text())
+        assert len(manifest["stages"]) == stages and manifest["tied"] in ([], {})
+        keys = [key for stage in manifest["stages"] for key in stage["state"]]
+        assert len(keys) == len(set(keys)), f"{stages} stages: a key is in two stages"
+        assert {stage["device"] for stage in manifest["stages"]} == set(range(stages))
+
+
+@pytest.mark.parametrize("step_every, optimizer", [(1, "adamw"), (2, "sgd")])
+def test_reference_without_staleness_is_mode_single(untied, step_every, optimizer):
+    """flush_every 1: every segment is one step, so no forward sees weights behind its step."""
+    root, model, folders = untied
+    settings = dict(step_every=step_every, optimizer=OPTIMIZERS[optimizer])
+    truth = single_run(root, folders[4], f"ref-single-{step_every}", **settings)
+    cfg = config(root, folders[4], "unused", mode="local", schedule="async", staleness={"flush_every": 1}, **settings)
+    run = async_reference(cfg, model)
+    assert run.stale_forwards == 0
+    assert_same_run(run.losses, run.state, *truth)
+    # and the same settings with flushes every 4 steps are stale: 3 of every 4 steps, stages of
+    # depth 4, 3, 2, 1 run 3 + 2 + 1 + 0 of the step's forwards on the previous weights
+    stale = async_reference(config(root, folders[4], "unused", mode="local", schedule="async",
+                                   staleness={"flush_every": 4}, **settings), model)  # fmt: skip
+    assert stale.stale_forwards == 3 * 3 * 6
+    assert max_relative_difference(stale.losses, truth[0]) > 1e-4
+
+
+def one_f_one_b_versions(depth: int, micro_batches: int, per_step: int, first_step: int) -> list[int]:
+    """A stage of depth `depth` running a segment's micro-batches in 1F1B order (`depth`
+    forwards, then each backward followed by the next forward), updating after the backward of
+    each step's last micro-batch: the version (updates done) at each forward, by micro-batch."""
+    versions, updates = {}, first_step
+    for g in range(min(depth, micro_batches)):
+        versions[g] = updates
+    for k in range(micro_batches):
+        if k % per_step == per_step - 1:  # backward of a step's last micro-batch, then the update
+            updates += 1
+        if k + depth < micro_batches:
+            versions[k + depth] = updates
+    return [versions[g] for g in range(micro_batches)]
+
+
+@pytest.mark.parametrize("micro_batches, step_every, flush_every, lag", [(2, 1, 3, 2), (4, 2, 5, 1), (1, 1, 4, 3)])
+def test_reference_versions_follow_1f1b_order(untied, micro_batches, step_every, flush_every, lag):
+    """The reference's closed form max(0, (g - d + 1) // Mt) against the 1F1B op order, with Mt
+    below the depth (up to 2 and 3 updates behind) and above it."""
+    root, model, folders = untied
+    cfg = config(root, folders[4], "unused", mode="local", schedule="async", steps=7, micro_batches=micro_batches,
+                 step_every=step_every, staleness={"flush_every": flush_every})  # fmt: skip
+    run = async_reference(cfg, model)
+    per_step = micro_batches * step_every
+    expected, lags, first = [], [], 0
+    for end in segment_ends(cfg):
+        n = (end - first) * per_step
+        by_stage = {stage: one_f_one_b_versions(4 - stage, n, per_step, first) for stage in range(4)}
+        for g in range(n):
+            expected.append({stage: by_stage[stage][g] for stage in range(4)})
+            lags.append([first + g // per_step - by_stage[stage][g] for stage in range(4)])
+        first = end
+    assert run.versions_used == expected
+    # the first stage (depth 4) falls `lag` updates behind at most; the last (depth 1) never
+    assert max(lag_ for lags_ in lags for lag_ in lags_) == max(row[0] for row in lags) == lag
+    assert all(row[3] == 0 for row in lags)
+
+
+def test_segments_end_at_flushes_checkpoints_and_the_end(untied):
+    root, _, folders = untied
+    cfg = config(root, folders[2], "unused", mode="local", schedule="async", staleness={"flush_every": 4},
+                 checkpoint={"dir": str(root / "unused"), "every": 6})  # fmt: skip
+    assert segment_ends(cfg) == [4, 6, 8, 12]
+    assert segment_ends(cfg, first_step=6) == [8, 12]
+    uneven = config(root, folders[2], "unused", schedule="async", staleness={"flush_every": 5})
+    assert segment_ends(uneven) == [5, 10, 12]
+    assert stage_parameters(folders[2], ["wte.weight", "head.weight"]) == [["wte.weight"], ["head.weight"]]
+
+
+# mode, stages, step_every, micro_batches, optimizer, flush_every
+CASES = [
+    ("local", 2, 1, 4, "adamw", 4),
+    ("local", 2, 2, 4, "sgd", 5),  # segments of 5, 5 and 2 steps
+    ("local", 4, 1, 2, "adamw", 4),  # 2 micro-batches a step, depth 4: up to 2 updates behind
+    ("dist", 4, 2, 4, "adamw", 4),
+    ("dist", 4, 1, 2, "sgd", 5),
+]
+
+
+@pytest.mark.parametrize("mode, stages, step_every, micro_batches, optimizer, flush_every", CASES)
+def test_async_matches_the_reference(untied, mode, stages, step_every, micro_batches, optimizer, flush_every):
+    root, model, folders = untied
+    name = f"async-{mode}-{stages}-{step_every}-{micro_batches}-{optimizer}-{flush_every}"
+    settings = dict(step_every=step_every, micro_batches=micro_batches, optimizer=OPTIMIZERS[optimizer])
+    cfg = config(root, folders[stages], name, mode=mode, schedule="async", staleness={"flush_every": flush_every},
+                 **settings)  # fmt: skip
+    truth = async_reference(cfg, model)
+    assert truth.stale_forwards > 0
+    results = launch(cfg) if mode == "dist" else train(cfg)
+    if mode == "dist":
+        assert results.world_size == stages
+    assert_same_run(results.loss, checkpoint.merge(root / name / "checkpoints")[1], truth.losses, truth.state)
+    synchronous, _ = single_run(root, folders[stages], f"{name}-single", **settings)
+    difference = max_relative_difference(results.loss, synchronous)
+    assert difference > 1e-4, f"the async run's losses are within {difference:.1e} of mode single's: nothing was stale"
+
+
+def test_a_checkpoint_flushes_and_resuming_continues_the_reference(untied):
+    """Checkpoints every 6 of 12 steps, flushes every 4: segments [0, 4), [4, 6), [6, 8), [8, 12).
+    A local run gets NaN weights at step 8, inside the segment [6, 8), and must stop naming step
+    8 (an injected fault starts a segment), after the checkpoint at step 6; resumed in dist, it
+    must continue the uninterrupted reference exactly."""
+    root, model, folders = untied
+    folder = root / "async-resume" / "checkpoints"
+    settings = dict(schedule="async", staleness={"flush_every": 4}, checkpoint={"dir": str(folder), "every": 6})
+    truth = async_reference(config(root, folders[4], "async-resume", mode="local", **settings), model)
+    assert sorted(truth.segment_states) == [4, 6, 8, 12]
+    with pytest.raises(FtcError, match="the loss is nan at step 8"):
+        train(config(root, folders[4], "async-resume", mode="local", inject_fault={"step": 8, "kind": "nan"},
+                     **settings))  # fmt: skip
+    step, saved = checkpoint.merge(folder)
+    assert step == 6
+    for key, expected in truth.segment_states[6].items():
+        error = (saved[key] - expected).norm() / expected.norm().clamp(min=1e-12)
+        assert error <= 1e-5, f"the checkpoint at step 6, {key}: relative difference {error:.2e}"
+
+    settings["checkpoint"] = {**settings["checkpoint"], "resume": True}
+    results = launch(config(root, folders[4], "async-resume", mode="dist", **settings))
+    assert results.first_step == 6
+    assert_same_run(results.loss, checkpoint.merge(folder)[1], truth.losses, truth.state, first_step=6)
+    assert [p.name for p in sorted(folder.glob("step-*"))] == ["step-00000006", "step-00000012"]
