@@ -20,7 +20,8 @@ from pathlib import Path
 from ftc.tables import human, table
 from ftc.ir import FtcError
 from ftc.runtime.pipeline import Pipeline, load_pipeline
-from ftc.runtime.schedule import BACKWARD, SCHEDULES, Timeline, simulate
+from ftc.runtime.config import StalenessConfig
+from ftc.runtime.schedule import BACKWARD, IN_ORDER, SCHEDULES, Timeline, simulate
 
 DEFAULT_MICRO_BATCHES = (4, 8)
 
@@ -49,8 +50,13 @@ class StageCost:
 class SchedulePrediction:
     schedule: str
     micro_batches: int
-    timeline: Timeline  # of one step (one batch of the compile batch size), in seconds
+    timeline: Timeline  # of one step (one batch of the compile batch size), in seconds; async: of a segment
     throughput: float  # samples per second
+    steps: int = 1  # the steps the timeline runs: async's steps per flush
+
+    @property
+    def step_time(self) -> float:
+        return self.timeline.makespan / self.steps
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Explanation:
     predictions: list[SchedulePrediction]
     device_memory: dict[int, float] = field(default_factory=dict)  # a tensor its stages share counted once
     device_parameters: dict[int, int] = field(default_factory=dict)
+    shared_state: dict[str, list[int]] = field(default_factory=dict)  # state key -> the stages holding it, if several
 
     def devices(self) -> dict[int, list[StageCost]]:
         by_device: dict[int, list[StageCost]] = {}
@@ -92,6 +99,14 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
             timeline = simulate(pipeline.stages, m, kind, per_micro_batch, pipeline.outputs)
             throughput = batch_size / timeline.makespan if timeline.makespan > 0 else math.inf
             predictions.append(SchedulePrediction(kind, m, timeline, throughput))
+    # Async: one fill and drain per staleness.flush_every steps (its default), in the textbook
+    # 1F1B order the runtime runs it in.
+    steps = StalenessConfig().flush_every
+    for m in counts:
+        per_micro_batch = {index: (f / m, b / m) for index, (f, b) in costs.items()}
+        timeline = simulate(pipeline.stages, m * steps, "1f1b", per_micro_batch, pipeline.outputs, policy=IN_ORDER)
+        throughput = steps * batch_size / timeline.makespan if timeline.makespan > 0 else math.inf
+        predictions.append(SchedulePrediction("async", m, timeline, throughput, steps))
     return Explanation(
         folder=pipeline.folder,
         name=pipeline.name,
@@ -103,7 +118,16 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
         predictions=predictions,
         device_memory=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_memory", []))),
         device_parameters=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_parameters", []))),
+        shared_state=_shared_state(pipeline),
     )
+
+
+def _shared_state(pipeline: Pipeline) -> dict[str, list[int]]:
+    holders: dict[str, list[int]] = {}
+    for stage in pipeline.stages:
+        for key in stage.state:
+            holders.setdefault(pipeline.tied.get(key, key), []).append(stage.index)
+    return {key: sorted(set(stages)) for key, stages in sorted(holders.items()) if len(set(stages)) > 1}
 
 
 def _memory_plan(pipeline: Pipeline) -> str:
@@ -206,11 +230,16 @@ def render(explanation: Explanation) -> str:
         )
     lines.append("")
     schedule_rows = [
-        [p.schedule, p.micro_batches, ms(p.timeline.makespan), f"{p.throughput:.1f}",
-         f"{p.timeline.bubble_fraction:.3f}"]
+        [p.schedule if p.steps == 1 else f"{p.schedule} (flush every {p.steps} steps)", p.micro_batches,
+         ms(p.step_time), f"{p.throughput:.1f}", f"{p.timeline.bubble_fraction:.3f}"]
         for p in e.predictions
     ]  # fmt: skip
     lines.append(table(["schedule", "micro-batches", "step ms", "samples/s", "bubble"], schedule_rows))
+    if e.shared_state:
+        key, stages = next(iter(e.shared_state.items()))
+        lines.append(f"async: stages {stages} both hold {key}"
+                     + (f" (and {len(e.shared_state) - 1} more)" if len(e.shared_state) > 1 else "")
+                     + "; where that is a trainable parameter (a tied weight), `ftc train` refuses schedule async")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -53,13 +53,14 @@ def test_explain_adds_up_to_the_manifest(name, capsys):
         assert device_totals == pytest.approx(manifest["predicted"]["device_times"])
     assert max(device_totals) == pytest.approx(manifest["predicted"]["bottleneck_time"])
     assert {(p.schedule, p.micro_batches) for p in explanation.predictions} == {
-        (kind, m) for kind in ("gpipe", "1f1b") for m in (4, 8)
+        (kind, m) for kind in ("gpipe", "1f1b", "async") for m in (4, 8)
     }
     for prediction in explanation.predictions:
-        assert prediction.throughput == pytest.approx(manifest["batch_size"] / prediction.timeline.makespan)
+        assert prediction.steps == (16 if prediction.schedule == "async" else 1)
+        assert prediction.throughput == pytest.approx(prediction.steps * manifest["batch_size"] / prediction.timeline.makespan)
         # No schedule beats the busiest device's work on one batch.
         busiest = max(sum(s.total for s in held) for held in explanation.devices().values())
-        assert prediction.timeline.makespan >= busiest * (1 - 1e-9)
+        assert prediction.step_time >= busiest * (1 - 1e-9)
 
 
 def _synthetic(tmp_path, devices: list[int], fwd: float = 1.0, bwd: float = 2.0, comm: float = 0.0):
@@ -99,12 +100,14 @@ def test_bubble_of_equal_stages_is_the_closed_form(stages, micro_batches, tmp_pa
     folder = _synthetic(tmp_path, list(range(stages)))
     explanation = explain(folder, [micro_batches])
     for prediction in explanation.predictions:
-        bubble = (stages - 1) / (micro_batches + stages - 1)
+        # One fill and drain per step, per 16 steps under async: of n = M (16 M) micro-batches.
+        n = micro_batches * prediction.steps
+        bubble = (stages - 1) / (n + stages - 1)
         assert prediction.timeline.bubble_fraction == pytest.approx(bubble)
-        # (M + P - 1) steps of one micro-batch's forward and backward: 3 s / M each.
-        step = (micro_batches + stages - 1) * 3.0 / micro_batches
-        assert prediction.timeline.makespan == pytest.approx(step)
-        assert prediction.throughput == pytest.approx(16 / step)
+        # (n + P - 1) slots of one micro-batch's forward and backward: 3 s / M each.
+        assert prediction.timeline.makespan == pytest.approx((n + stages - 1) * 3.0 / micro_batches)
+        assert prediction.throughput == pytest.approx(16 * prediction.steps / prediction.timeline.makespan)
+    assert {p.schedule for p in explanation.predictions} == {"gpipe", "1f1b", "async"}
 
 
 def test_communication_recomputation_and_devices_holding_several_stages_are_totalled(tmp_path, capsys):
