@@ -30,10 +30,9 @@ stage updating its weights as its backwards of a step finish; their speedup coun
 a call trains, and their bound is that of one pipeline of S*M micro-batches, P*S*M/(S*M+P-1).
 
 The tied embedding / LM head of the GPT example sits in the first and the last stage: the ftc
-engine all-reduces its gradient every step (sync_shared_grads); torch.distributed.pipelining
-has no notion of tied weights, so its runs skip that (and would train the copies apart), and so
-do the async rows (`ftc train` refuses async for this model: each stage would update its own
-copy; the timing is that of a model without the tie).
+engine all-reduces its gradient every step (sync_shared_grads; async: once per step, when the
+last holder's backward of the step is done); torch.distributed.pipelining has no notion of tied
+weights, so its runs skip that (and would train the copies apart).
 """
 
 from __future__ import annotations
@@ -87,6 +86,7 @@ def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: i
     from ftc.runtime.config import StalenessConfig
     from ftc.runtime.engine import Engine
     from ftc.runtime.staleness import StaleWeights
+    from ftc.runtime.train import async_shared_sets
 
     torch.set_num_threads(1)
     # At initialisation the example's logits are large, so the softmax gradients reaching the
@@ -153,7 +153,8 @@ def worker(folder: str, out: str, batch: int, rounds: int, steps: int, warmup: i
         modules = {s.index: pipeline.stage_class(s)(model) for s in pipeline.stages if s.device == rank}
         parameters = [p for module in modules.values() for p in module.parameters()]
         optimizer = torch.optim.SGD(parameters, lr=1e-3)
-        stale = StaleWeights(modules, optimizer, lambda step: 1e-3, StalenessConfig(flush_every=segment), m)
+        stale = StaleWeights(modules, optimizer, lambda step: 1e-3, StalenessConfig(flush_every=segment), m,
+                             pipeline.tied, async_shared_sets(pipeline, distributed=True))  # fmt: skip
         engine = Engine(
             pipeline,
             modules,

@@ -71,7 +71,6 @@ class Explanation:
     predictions: list[SchedulePrediction]
     device_memory: dict[int, float] = field(default_factory=dict)  # a tensor its stages share counted once
     device_parameters: dict[int, int] = field(default_factory=dict)
-    shared_state: dict[str, list[int]] = field(default_factory=dict)  # state key -> the stages holding it, if several
 
     def devices(self) -> dict[int, list[StageCost]]:
         by_device: dict[int, list[StageCost]] = {}
@@ -118,16 +117,7 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
         predictions=predictions,
         device_memory=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_memory", []))),
         device_parameters=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_parameters", []))),
-        shared_state=_shared_state(pipeline),
     )
-
-
-def _shared_state(pipeline: Pipeline) -> dict[str, list[int]]:
-    holders: dict[str, list[int]] = {}
-    for stage in pipeline.stages:
-        for key in stage.state:
-            holders.setdefault(pipeline.tied.get(key, key), []).append(stage.index)
-    return {key: sorted(set(stages)) for key, stages in sorted(holders.items()) if len(set(stages)) > 1}
 
 
 def _memory_plan(pipeline: Pipeline) -> str:
@@ -235,11 +225,6 @@ def render(explanation: Explanation) -> str:
         for p in e.predictions
     ]  # fmt: skip
     lines.append(table(["schedule", "micro-batches", "step ms", "samples/s", "bubble"], schedule_rows))
-    if e.shared_state:
-        key, stages = next(iter(e.shared_state.items()))
-        lines.append(f"async: stages {stages} both hold {key}"
-                     + (f" (and {len(e.shared_state) - 1} more)" if len(e.shared_state) > 1 else "")
-                     + "; where that is a trainable parameter (a tied weight), `ftc train` refuses schedule async")  # fmt: skip
     return "\n".join(lines)
 
 

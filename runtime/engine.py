@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -229,8 +230,23 @@ class Engine:
             d: _DeviceRunner(self, d, [a for a in self.order if self.plan.device_of[a.stage] == d])
             for d in local_devices
         }
-        self.shared = self._shared_groups() if distributed else []
+        # Async sums shared parameters' gradients itself (staleness.py), per step as it goes.
+        self.shared = self._shared_groups() if distributed and stale is None else []
+        self.position = {action: k for k, action in enumerate(order)}
+        self.shared_due = self._shared_due() if stale is not None else []
         self.gradients_checked: set[int] = set()  # stages whose sent values' requires_grad was compared
+
+    def _shared_due(self) -> list[tuple[int, int, int]]:
+        """When each shared set's update of each step falls due: after the last backward of the
+        step's last micro-batch among the set's stages, in the global order (position, set, step
+        offset); every process holding the set applies it at that point of the order."""
+        per_step = self.stale.step_micro_batches
+        due = []
+        for index, entry in enumerate(self.stale.shared):
+            for offset in range(self.micro_batches // per_step):
+                last = (offset + 1) * per_step - 1
+                due.append((max(self.position[Action(BACKWARD, s, last)] for s in entry.stages), index, offset))
+        return due
 
     def _costs(self) -> dict[int, tuple[float, float]] | None:
         costs = {}
@@ -308,9 +324,16 @@ class Engine:
             if device in plan.data_devices and input_batches is None:
                 raise FtcError(f"device {device} runs stages that read the pipeline inputs, but got no inputs")
             runner.begin(step, micro_batch_size, input_batches, target_batches, loss_scale, training)
+        stale = self.stale if training else None
+        if stale is not None:
+            stale.start(self.shared_due)
         for action in self.order:
             if training or action.kind == FORWARD:
+                if stale is not None:
+                    stale.apply_due(self.position[action])
                 self.runners[plan.device_of[action.stage]].run(action)
+        if stale is not None:
+            stale.apply_due(math.inf)
         self.transport.finish(step)
 
     def _broadcast_loss(self) -> tuple[bool, float]:

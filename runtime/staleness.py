@@ -33,23 +33,63 @@ stale. Staleness mitigation:
   optimizer's state, so checkpoints carry it; for Adam and AdamW, whose steps are normalized,
   C = lr. A gradient taken at the current weights gets G = 1.
 
+Parameters several stages hold (a tied embedding and LM head, a module used at two places) are
+updated once per step with the sum of all their holders' gradients, so the copies stay equal:
+after the last of the holders' backwards of the step's last micro-batch in the global order,
+every holder applies the update before its next action (in mode dist after an all-reduce over
+the holders' ranks, which reach that point of the order in that same order, so it cannot
+deadlock). Every parameter thus changes at a fixed point of the simulated order, which is what
+makes local and dist runs, and a resumed one, train alike; a holder forwards with the shared
+weights as of that point (the embedding's stage, which finishes a step last, sees the head's
+update of the step it just finished; the head's stage sees it a few micro-batches late).
+
 The engine calls forward_weights before a stage forward (the weights to run it with, by name,
-for torch.func.functional_call) and after_backward after the backward.
+for torch.func.functional_call), after_backward after the backward, and apply_due before
+each action, with the action's position in the global order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ftc.ir import FtcError
 
 from .config import StalenessConfig
+from .pipeline import Pipeline
 
 GAP_DECAY = 0.999  # of SGD's running mean of squared gradients (as Adam's default beta2)
 GAP_SQUARES = "gap_aware_sq"  # SGD's per-parameter state: that running mean, not bias-corrected
 GAP_UPDATES = "gap_aware_updates"  # and how many updates it has seen
+
+
+@dataclass
+class SharedSet:
+    """Parameters that the same stages hold (tied weights, a module used at two places), by
+    their first names (pipeline.json's "tied"); `group`: the process group of their devices'
+    ranks in mode dist when they span several, else None."""
+
+    keys: list[str]
+    stages: list[int]
+    group: Any = None
+
+
+def shared_sets(pipeline: Pipeline) -> list[SharedSet]:
+    """The state keys (first names) held by several stages, grouped by the stages holding them;
+    buffers too (StaleWeights keeps the trainable parameters)."""
+    holders: dict[str, set[int]] = {}
+    for stage in pipeline.stages:
+        for key in stage.state:
+            holders.setdefault(pipeline.tied.get(key, key), set()).add(stage.index)
+    by_stages: dict[tuple[int, ...], list[str]] = {}
+    for key, stages in sorted(holders.items()):
+        if len(stages) > 1:
+            by_stages.setdefault(tuple(sorted(stages)), []).append(key)
+    return [SharedSet(keys, list(stages)) for stages, keys in sorted(by_stages.items())]
 
 
 class StaleWeights:
@@ -62,10 +102,14 @@ class StaleWeights:
         lr_at: Callable[[int], float],
         settings: StalenessConfig,
         step_micro_batches: int,
+        first_name: dict[str, str] | None = None,
+        shared: list[SharedSet] = (),
     ):
-        """`modules`: this process's stages (no parameter in two of them: runtime/train.py
-        refuses that); `optimizer`: one optimizer over all their parameters, stepped for one stage
-        at a time; `lr_at(step)`: the learning rate of optimizer step `step`."""
+        """`modules`: this process's stages; `optimizer`: one optimizer over all their
+        parameters, stepped for one stage (or one shared set) at a time; `lr_at(step)`: the
+        learning rate of optimizer step `step`; `first_name`: pipeline.json's tied aliases ->
+        their first names; `shared`: every set of parameters several stages hold."""
+        first_name = first_name or {}
         self.params = {
             stage: [(name, p) for name, p in module.named_parameters() if p.requires_grad]
             for stage, module in modules.items()
@@ -75,20 +119,49 @@ class StaleWeights:
         self.lr_at = lr_at
         self.settings = settings
         self.step_micro_batches = step_micro_batches
+        # The shared sets with a stage here, their trainable parameters by first name.
+        trainable = {first_name.get(name, name): p for params in self.params.values() for name, p in params}
+        self.shared: list[SharedSet] = []
+        self.shared_params: dict[str, torch.nn.Parameter] = {}
+        for entry in shared:
+            keys = [key for key in entry.keys if key in trainable]
+            if keys and not set(entry.stages).isdisjoint(modules):
+                self.shared.append(SharedSet(keys, entry.stages, entry.group))
+                self.shared_params.update((key, trainable[key]) for key in keys)
+        self.set_of = {key: k for k, entry in enumerate(self.shared) for key in entry.keys}
+        self.key_of = {(stage, name): first_name.get(name, name) for stage, params in self.params.items() for name, _ in params}
         self.first_step = 0
-        self.updates = {stage: 0 for stage in modules}
-        # stage -> ((version, lookahead), the weights of that version): the latest one made
-        self.current: dict[int, tuple[tuple[int, int], dict[str, torch.Tensor]]] = {}
+        self.updates = {stage: 0 for stage in modules}  # of the stage's own parameters, this segment
+        self.shared_updates = [0] * len(self.shared)
+        self.changes = {stage: 0 for stage in modules}  # updates of any of the stage's parameters
+        # stage -> (key, the weights made for it): the latest made
+        self.current: dict[int, tuple[tuple, dict[str, torch.Tensor]]] = {}
         self.in_flight: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (stage, micro-batch) -> weights used
         self.gradients: dict[int, dict[str, torch.Tensor]] = {}  # stage -> this step's summed gradients
+        self.shared_gradients: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (set, step) -> sums by key
+        self.due: list[tuple[int, int, int]] = []  # (position, set, step offset) of the run's shared updates
 
     def begin(self, first_step: int) -> None:
         """A new segment, starting at optimizer step `first_step` (the pipeline is empty)."""
-        if self.in_flight or self.gradients:
+        if self.in_flight or self.gradients or self.shared_gradients or self.due:
             raise AssertionError(f"a segment began with micro-batches in flight: {sorted(self.in_flight)}")
         self.first_step = first_step
         self.updates = dict.fromkeys(self.updates, 0)
+        self.shared_updates = [0] * len(self.shared)
         self.current = {}
+
+    def start(self, due: list[tuple[int, int, int]]) -> None:
+        """The engine's run of the segment begins: when each shared set's step updates fall due,
+        (position in the run's global order after which it applies, set, step offset)."""
+        self.due = sorted(due)
+
+    def apply_due(self, position: float) -> None:
+        """Apply the shared updates due before the action at `position` of the global order (all
+        of them at the run's end): every holder of a set applies them at the same point of the
+        order, in mode dist after summing the holders' gradients over their ranks."""
+        while self.due and self.due[0][0] < position:
+            _, index, offset = self.due.pop(0)
+            self._update_shared(index, self.first_step + offset)
 
     def step_of(self, micro_batch: int) -> int:
         return self.first_step + micro_batch // self.step_micro_batches
@@ -99,21 +172,20 @@ class StaleWeights:
         weights = self.in_flight.get((stage, micro_batch))
         if weights is not None:
             return weights
-        version = self.first_step + self.updates[stage]
-        lookahead = self.step_of(micro_batch) - version if self.settings.predict else 0
-        key = (version, lookahead)
+        step = self.step_of(micro_batch)
+        key = (self.changes[stage], step if self.settings.predict else None)
         if stage not in self.current or self.current[stage][0] != key:
-            self.current[stage] = (key, self._weights(stage, version, lookahead))
+            self.current[stage] = (key, self._weights(stage, step))
         weights = self.current[stage][1]
         self.in_flight[(stage, micro_batch)] = weights
         return weights
 
     def after_backward(self, stage: int, micro_batch: int) -> None:
-        """Take the micro-batch's gradients off its weights into the step's sum; after a step's
-        last micro-batch, update the stage."""
+        """Take the micro-batch's gradients off its weights into the step's sums; after a step's
+        last micro-batch, update the stage's own parameters."""
         weights = self.in_flight.pop((stage, micro_batch))
         step = self.step_of(micro_batch)
-        summed = self.gradients.setdefault(stage, {})
+        own = self.gradients.setdefault(stage, {})
         for name, param in self.params[stage]:
             leaf = weights[name]
             grad, leaf.grad = leaf.grad, None
@@ -124,22 +196,27 @@ class StaleWeights:
                                "set staleness.gap_aware=false, or build the embedding with sparse=False")  # fmt: skip
             if self.settings.gap_aware:
                 grad = grad / self._gap(param, leaf, step)
-            summed[name] = grad if name not in summed else summed[name] + grad
+            key = self.key_of[(stage, name)]
+            summed = self.shared_gradients.setdefault((self.set_of[key], step), {}) if key in self.set_of else own
+            summed[key] = grad if key not in summed else summed[key] + grad
         if micro_batch % self.step_micro_batches == self.step_micro_batches - 1:
             self._update(stage, step)
 
-    def _weights(self, stage: int, version: int, lookahead: int) -> dict[str, torch.Tensor]:
-        """Fresh leaves holding the stage's weights (copies: the update writes the parameters in
-        place), moved `lookahead` updates ahead when predicting."""
-        learning_rate = sum(self.lr_at(step) for step in range(version, version + lookahead))
+    def _weights(self, stage: int, step: int) -> dict[str, torch.Tensor]:
+        """Fresh leaves holding the stage's weights (copies: the updates write the parameters
+        in place); when predicting, each moved ahead over the updates it will miss before the
+        gradient taken at it is applied (in `step`'s update)."""
         weights = {}
         with torch.no_grad():
             for name, param in self.params[stage]:
+                key = self.key_of[(stage, name)]
+                updates = self.shared_updates[self.set_of[key]] if key in self.set_of else self.updates[stage]
+                version = self.first_step + updates
                 weight = param.detach().clone()
-                if lookahead:
+                if self.settings.predict and step > version:
                     direction = self._direction(param)
                     if direction is not None:
-                        weight -= learning_rate * direction
+                        weight -= sum(self.lr_at(u) for u in range(version, step)) * direction
                 weights[name] = weight.requires_grad_()
         return weights
 
@@ -176,11 +253,36 @@ class StaleWeights:
     def _update(self, stage: int, step: int) -> None:
         summed = self.gradients.pop(stage, {})
         self.updates[stage] += 1
-        if self.optimizer is None or not summed:
+        self.changes[stage] += 1
+        own = [(param, summed.get(self.key_of[(stage, name)])) for name, param in self.params[stage]
+               if self.key_of[(stage, name)] not in self.set_of]  # fmt: skip
+        self._step(own, step)
+
+    def _update_shared(self, index: int, step: int) -> None:
+        entry = self.shared[index]
+        summed = self.shared_gradients.pop((index, step), {})
+        params = [(key, self.shared_params[key]) for key in entry.keys]
+        if entry.group is not None:
+            grads = [summed.get(key) for key, _ in params]
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
+                              for g, (_, p) in zip(grads, params)])  # fmt: skip
+            dist.all_reduce(flat, group=entry.group)
+            summed, offset = {}, 0
+            for key, param in params:
+                summed[key] = flat[offset : offset + param.numel()].view_as(param)
+                offset += param.numel()
+        self.shared_updates[index] += 1
+        for stage in entry.stages:
+            if stage in self.changes:
+                self.changes[stage] += 1
+        self._step([(param, summed.get(key)) for key, param in params], step)
+
+    def _step(self, params: list[tuple[torch.nn.Parameter, torch.Tensor | None]], step: int) -> None:
+        """One optimizer step of these parameters alone (the others hold no gradient)."""
+        if self.optimizer is None or all(grad is None for _, grad in params):
             return
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
-        params = [(param, summed.get(name)) for name, param in self.params[stage]]
         for param, grad in params:
             param.grad = grad
             if grad is not None and self.settings.gap_aware and isinstance(self.optimizer, torch.optim.SGD):

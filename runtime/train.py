@@ -50,7 +50,7 @@ from .model_file import ModelFile, function_from_file, load_model_file, user_err
 from .materialize import build_stages, load_checkpoint
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
-from .staleness import GAP_SQUARES, StaleWeights
+from .staleness import GAP_SQUARES, SharedSet, StaleWeights, shared_sets
 
 
 @dataclass
@@ -396,8 +396,6 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims)
         modules = [model]
     else:
-        if asynchronous:
-            check_async(pipeline, model_file)
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
         modules = list(stage_modules.values())
         make_engine = functools.partial(
@@ -414,7 +412,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.optimizer.lr, config.steps) if optimizer else None
     if asynchronous:
         stale = StaleWeights(stage_modules, optimizer, lambda step: learning_rate(config, step), config.staleness,
-                             config.micro_batches * config.step_every)  # fmt: skip
+                             config.micro_batches * config.step_every, pipeline.tied,
+                             async_shared_sets(pipeline, config.mode == "dist"))  # fmt: skip
         engines: dict[int, Engine] = {}
 
         def segment_engine(steps: int) -> Engine:
@@ -561,27 +560,18 @@ def train_segment(engine: Engine, stale: StaleWeights, config: Config, first: in
     return [sum(losses[k : k + per_step]) / per_step for k in range(0, len(losses), per_step)]
 
 
-def check_async(pipeline: Pipeline, model_file: ModelFile) -> None:
-    """Schedule async updates each stage on its own: a trainable parameter held by several
-    stages (tied weights, a module used at two places) would get different versions."""
-    first_name = pipeline.tied
-    holders: dict[str, list[int]] = {}
-    for stage in pipeline.stages:
-        for key in stage.state:
-            holders.setdefault(first_name.get(key, key), []).append(stage.index)
-    shared = {key: stages for key, stages in holders.items() if len(set(stages)) > 1}
-    if not shared:
-        return
-    trainable = {name for name, p in model_file.build("meta").named_parameters(remove_duplicate=False) if p.requires_grad}
-    shared = {key: stages for key, stages in shared.items() if key in trainable
-              or any(alias in trainable for alias, first in first_name.items() if first == key)}  # fmt: skip
-    if shared:
-        key, stages = sorted(shared.items())[0]
-        others = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
-        raise FtcError(f"{pipeline.folder}: schedule async updates each stage's weights on its own, but stages "
-                       f"{sorted(set(stages))} share parameter {key}{others}",
-                       "use schedule 1f1b or gpipe (they sum the gradients of shared weights), or recompile so that "
-                       "one stage holds each shared weight")  # fmt: skip
+def async_shared_sets(pipeline: Pipeline, distributed: bool) -> list[SharedSet]:
+    """Schedule async: the parameter sets several stages hold, with a process group for those
+    whose stages sit on several devices in mode dist (new_group is collective: every rank
+    makes every group, in the same order)."""
+    sets = shared_sets(pipeline)
+    if distributed:
+        device_of = {s.index: s.device for s in pipeline.stages}
+        for entry in sets:
+            devices = sorted({device_of[stage] for stage in entry.stages})
+            if len(devices) > 1:
+                entry.group = dist.new_group(devices)
+    return sets
 
 
 def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> None:

@@ -12,10 +12,9 @@ import torch
 
 from ftc.ir import FtcError
 from ftc.runtime.config import StalenessConfig, load_config
-from ftc.runtime.model_file import load_model_file
 from ftc.runtime.pipeline import load_pipeline
-from ftc.runtime.staleness import StaleWeights
-from ftc.runtime.train import check_async, segment_end, train
+from ftc.runtime.staleness import StaleWeights, shared_sets
+from ftc.runtime.train import segment_end, train
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = [torch.randn(4, 3, generator=torch.Generator().manual_seed(g)) for g in range(6)]
@@ -153,12 +152,10 @@ def test_segments_end_at_flushes_checkpoints_and_the_last_step():
     assert segment_end(config, 10) == 15  # a run resumed at step 10 flushes where this one does
 
 
-def test_async_refuses_a_weight_that_two_stages_share():
-    pipeline = load_pipeline(ROOT / "generated" / "gpt")  # its LM head is tied to the embedding
-    with pytest.raises(FtcError, match=r"schedule async updates each stage's weights on its own, but stages \[0, 3\] "
-                                       r"share parameter wte.weight"):  # fmt: skip
-        check_async(pipeline, load_model_file(ROOT / "examples" / "gpt.py"))
-    check_async(load_pipeline(ROOT / "generated" / "mlp"), load_model_file(ROOT / "examples" / "mlp.py"))
+def test_shared_sets_group_the_weights_several_stages_hold_by_their_first_names():
+    gpt = load_pipeline(ROOT / "generated" / "gpt")  # its LM head reads the embedding's weight
+    assert [(entry.keys, entry.stages) for entry in shared_sets(gpt)] == [(["wte.weight"], [0, 3])]
+    assert shared_sets(load_pipeline(ROOT / "generated" / "mlp")) == []
 
 
 def test_async_with_a_flush_every_step_trains_exactly_as_1f1b(tmp_path):
