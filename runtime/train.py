@@ -470,7 +470,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
         print(f"{pipeline.name}: mode {config.mode}, {world_size} process(es), {len(pipeline.stages)} stages, "
-              f"schedule {config.schedule}, batch {config.batch_size} = {config.micro_batches} micro-batches"
+              f"schedule {config.schedule}{async_settings(config)}, batch {config.batch_size} = {config.micro_batches} micro-batches"
               f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {config.steps} steps, "
               f"data {config.data['name']}" + (f" ({len(dataset)} samples)" if dataset is not None else ""), flush=True)  # fmt: skip
         if first_step:
@@ -530,6 +530,14 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         write_results(config, results)
     status.write("done", config.steps)
     return results
+
+
+def async_settings(config: Config) -> str:
+    if config.schedule != "async" or config.mode == "single":
+        return ""
+    staleness = config.staleness
+    mitigations = [name for name, on in (("weight prediction", staleness.predict), ("gap-aware", staleness.gap_aware)) if on]
+    return f" (a flush every {staleness.flush_every} steps, weight stashing{''.join(', ' + m for m in mitigations)})"
 
 
 def learning_rate(config: Config, step: int) -> float:

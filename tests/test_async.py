@@ -2,23 +2,30 @@
 against an independent reference.
 
 The truth is tests/async_reference.py: the async semantics written out in plain PyTorch on the
-ORIGINAL model (torch.func.functional_call with each parameter taken from its stage's weight
-version for each micro-batch), sharing no code with ftc's engine, stages or staleness module.
-The model is a dropout-free, BatchNorm-free tiny language model with no parameter shared between
-stages (async refuses tied weights across stages), compiled into 2 and 4 stages.
+ORIGINAL model (torch.func.functional_call with each parameter name taken from the weight version
+its stage sees for each micro-batch, in the global 1F1B order), sharing no code with ftc's
+engine, stages or staleness module. The models are dropout-free, BatchNorm-free tiny language
+models compiled into 2 and 4 stages: one with no parameter shared between stages, and the same
+with its LM head tied to its embedding (`self.head.weight = self.wte.weight`), whose two names
+sit in the first and the last stage, also placed mixed-pipe (stages on devices [0, 1, 1, 0]).
 
 What is checked against what:
 - the reference itself: with flush_every 1 nothing is stale, so it must train exactly as mode
-  single (losses and final weights to a relative 1e-5); the weight version it gives each
-  (stage, micro-batch) must be the one a stage running micro-batches in 1F1B order (a stage of
-  depth d forwards g right after its backward of g - d, and updates after the backward of a
-  step's last micro-batch) has at that forward, simulated op by op; and with flush_every > 1 it
+  single (losses and final weights to a relative 1e-5), tied or not; the weight version it gives
+  each (stage, micro-batch) must be the one a stage running micro-batches in 1F1B order (a stage
+  of depth d forwards g right after its backward of g - d, and updates after the backward of a
+  step's last micro-batch) has at that forward, simulated op by op; for the tied weight, the
+  version each holder sees must count the updates applied before its forward in the global
+  order (after the last holder's backward of the step's last micro-batch), which puts the head's
+  stage between the embedding's stage and its own other weights; and with flush_every > 1 it
   must differ from mode single (it is stale).
 - mode local (2 and 4 stages) and mode dist (4 processes, torchrun, gloo) against the reference:
   per-step losses (results.loss) and the merged final checkpoint, to a relative 1e-5; adamw and
   SGD with nesterov momentum, cosine lr with warmup, step_every 1 and 2, micro-batches per step
   below and above the pipeline depth, segments of unequal length (12 steps, flush_every 5); and
-  each run's losses must differ from mode single's by more than 1e-4 (staleness happened).
+  each run's losses must differ from mode single's by more than 1e-4 (staleness happened). The
+  same for the tied model (local 2 and 4 stages and mixed-pipe, dist 4 stages and mixed-pipe),
+  whose merged checkpoint must also hold wte.weight == head.weight exactly.
 - checkpoint.every 6 of 12 steps: the run flushes there (the reference's segments end there
   too), the checkpoint at step 6 holds the reference's weights after step 6, and a run stopped
   at step 8 (injected NaN) and resumed (in dist) continues the uninterrupted reference exactly.
@@ -27,6 +34,7 @@ What is checked against what:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,10 +43,12 @@ import torch
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
+from ftc.runtime.pipeline import load_pipeline
+from ftc.runtime.schedule import BACKWARD, FORWARD, Action
 from ftc.runtime.train import train
 from ftc.runtime.worker import launch
 
-from .async_reference import async_reference, segment_ends, stage_parameters
+from .async_reference import async_reference, global_order, segment_ends, stage_parameters
 
 STEPS = 12
 OPTIMIZERS = {
@@ -92,6 +102,9 @@ def example_inputs(batch_size):
 def loss_fn(output, target):
     return F.cross_entropy(output.reshape(-1, VOCAB), target.reshape(-1))
 """
+TIE = "        self.head.weight = self.wte.weight\n"
+TIED_LM = UNTIED_LM.replace("bias=False)\n", "bias=False)\n" + TIE, 1)
+assert TIE in TIED_LM
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,6 +126,28 @@ def untied(tmp_path_factory):
     model = root / "untied_lm.py"
     model.write_text(UNTIED_LM)
     folders = {p: compile_model(model, root / f"p{p}", CompileOptions(stages=p)).folder for p in (2, 4)}
+    return root, model, folders
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """The tied model compiled into 2 and 4 stages, and a mixed-pipe copy of the 4-stage
+    pipeline (stages on devices [0, 1, 1, 0]: the embedding's and the head's stages share device
+    0) -> (root, model path, {2, 4, "mixed": folder})."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    root = tmp_path_factory.mktemp("async-tied")
+    model = root / "tied_lm.py"
+    model.write_text(TIED_LM)
+    folders = {p: compile_model(model, root / f"p{p}", CompileOptions(stages=p)).folder for p in (2, 4)}
+    mixed = root / "mixed" / folders[4].name
+    shutil.copytree(folders[4], mixed)
+    manifest = json.loads((mixed / "pipeline.json").read_text())
+    for stage, device in zip(manifest["stages"], [0, 1, 1, 0]):
+        stage["device"] = device
+    manifest["num_devices"] = 2
+    (mixed / "pipeline.json").write_text(json.dumps(manifest))
+    folders["mixed"] = mixed
     return root, model, folders
 
 
@@ -283,3 +318,148 @@ def test_a_checkpoint_flushes_and_resuming_continues_the_reference(untied):
     assert results.first_step == 6
     assert_same_run(results.loss, checkpoint.merge(folder)[1], truth.losses, truth.state, first_step=6)
     assert [p.name for p in sorted(folder.glob("step-*"))] == ["step-00000006", "step-00000012"]
+
+
+# The tied model: wte.weight (the first stage) and head.weight (the last) are one parameter.
+TIED_NAMES = ("wte.weight", "head.weight")
+
+
+def test_the_tied_model_shares_its_embedding_between_the_first_and_last_stage(tied):
+    _, _, folders = tied
+    for key, folder in folders.items():
+        manifest = json.loads((folder / "pipeline.json").read_text())
+        assert manifest["tied"] in ([list(TIED_NAMES)], [list(reversed(TIED_NAMES))]), key
+        stages = sorted(manifest["stages"], key=lambda stage: stage["index"])
+        assert "wte.weight" in stages[0]["state"] and "head.weight" in stages[-1]["state"], key
+        names = [name for stage in stages for name in stage["state"]]
+        assert len(names) == len(set(names)), f"{key}: a name is in two stages"
+        held = stage_parameters(folder, list(TIED_NAMES))
+        assert held[0] == ["wte.weight"] and held[-1] == ["head.weight"], key
+    assert [stage.device for stage in load_pipeline(folders["mixed"]).stages] == [0, 1, 1, 0]
+    assert load_pipeline(folders["mixed"]).num_devices == 2
+
+
+def tied_key(folder: Path) -> str:
+    """The tied weight's canonical key: the first name of its pipeline.json "tied" group."""
+    return json.loads((folder / "pipeline.json").read_text())["tied"][0][0]
+
+
+def holders_agree(run) -> bool:
+    """Whether the stages holding the tied weight ran every micro-batch on the same version of it."""
+    return all(len(set(used.values())) == 1 for used in run.shared_versions_used)
+
+
+@pytest.mark.parametrize("step_every, optimizer", [(1, "adamw"), (2, "sgd")])
+def test_tied_reference_without_staleness_is_mode_single(tied, step_every, optimizer):
+    """flush_every 1: the tied weight too is at its step's version in both its stages, so the
+    run is mode single's (which sums the gradients of both uses of one tensor)."""
+    root, model, folders = tied
+    settings = dict(step_every=step_every, optimizer=OPTIMIZERS[optimizer])
+    truth = single_run(root, folders[4], f"tied-ref-single-{step_every}", **settings)
+    run = async_reference(config(root, folders[4], "unused", mode="local", schedule="async",
+                                 staleness={"flush_every": 1}, **settings), model)  # fmt: skip
+    assert run.stale_forwards == 0 and holders_agree(run)
+    key = tied_key(folders[4])
+    assert all(used.keys() == {(0, key), (3, key)} for used in run.shared_versions_used)
+    assert_same_run(run.losses, run.state, *truth)
+    assert torch.equal(run.state["wte.weight"], run.state["head.weight"])
+    stale = async_reference(config(root, folders[4], "unused", mode="local", schedule="async",
+                                   staleness={"flush_every": 4}, **settings), model)  # fmt: skip
+    assert stale.stale_forwards > 0 and not holders_agree(stale)
+    assert torch.equal(stale.state["wte.weight"], stale.state["head.weight"])
+    assert max_relative_difference(stale.losses, truth[0]) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "folder, micro_batches, step_every, flush_every", [(4, 2, 1, 3), (4, 4, 2, 5), ("mixed", 2, 1, 3), (2, 1, 1, 4)]
+)
+def test_tied_reference_versions_follow_the_global_order(tied, folder, micro_batches, step_every, flush_every):
+    """Each stage's version at each forward, counted from the segment's global order: its own
+    parameters have the updates applied after its backwards of the steps' last micro-batches
+    before that forward; the tied weight those applied after the LATER of the two holders'
+    backwards (the embedding's stage's). So the embedding's stage sees the tied weight as its own
+    other weights, and the head's stage sees it no older than the embedding's stage does for the
+    same micro-batch (it forwards it later) and no newer than its own other weights: strictly
+    between, for some micro-batches."""
+    root, model, folders = tied
+    cfg = config(root, folders[folder], "unused", mode="local", schedule="async", steps=7, micro_batches=micro_batches,
+                 step_every=step_every, staleness={"flush_every": flush_every})  # fmt: skip
+    run = async_reference(cfg, model)
+    pipeline = load_pipeline(folders[folder])
+    last_stage = pipeline.stages[-1].index
+    key = tied_key(folders[folder])
+    per_step = micro_batches * step_every
+    own, shared, first = [], [], 0
+    for end in segment_ends(cfg):
+        n = (end - first) * per_step
+        order = global_order(pipeline, cfg, n)
+        assert len(order) == len(set(order)) == 2 * n * len(pipeline.stages)
+        at = {action: q for q, action in enumerate(order)}
+        # the position of each step's update of the parameters held by these stages
+        due = lambda stages: [max(at[Action(BACKWARD, s, (k + 1) * per_step - 1)] for s in stages)  # noqa: E731
+                              for k in range(end - first)]  # fmt: skip
+        own_due = {s.index: due([s.index]) for s in pipeline.stages}
+        shared_due = due([0, last_stage])
+        for g in range(n):
+            forward = {s.index: at[Action(FORWARD, s.index, g)] for s in pipeline.stages}
+            own.append({s: first + sum(p < q for p in own_due[s]) for s, q in forward.items()})
+            shared.append({(s, key): first + sum(p < forward[s] for p in shared_due) for s in (0, last_stage)})
+        first = end
+    assert run.versions_used == own
+    assert run.shared_versions_used == shared
+    embedding = [used[(0, key)] for used in shared]
+    head = [used[(last_stage, key)] for used in shared]
+    head_own = [used[last_stage] for used in own]
+    assert embedding == [used[0] for used in own]
+    assert all(e <= h <= o for e, h, o in zip(embedding, head, head_own))
+    assert any(e < h for e, h in zip(embedding, head)) and any(h < o for h, o in zip(head, head_own))
+    # a (stage, micro-batch) forward is stale when any weight it used is behind the micro-batch's step
+    steps_of = [t0 + k // per_step for t0, t1 in zip([0, *segment_ends(cfg)], segment_ends(cfg))
+                for k in range((t1 - t0) * per_step)]  # fmt: skip
+    behind = {(g, s) for g, (used, step) in enumerate(zip(own, steps_of)) for s, v in used.items() if v < step}
+    behind |= {(g, s) for g, (used, step) in enumerate(zip(shared, steps_of)) for (s, _), v in used.items() if v < step}
+    assert run.stale_forwards == len(behind)
+
+
+# mode, stages ("mixed": 4 stages on devices [0, 1, 1, 0]), step_every, micro_batches, optimizer, flush_every
+TIED_CASES = [
+    ("local", 2, 1, 4, "adamw", 4),
+    ("local", 4, 1, 2, "sgd", 5),  # the head's stage up to 2 updates of the tied weight behind its own
+    ("local", "mixed", 1, 4, "adamw", 4),  # the tied weight's two stages on one device
+    ("dist", 4, 2, 4, "sgd", 5),  # the tied weight's update all-reduced between ranks 0 and 3
+    ("dist", "mixed", 1, 2, "adamw", 4),  # 2 ranks; the tied weight's two stages on rank 0
+]
+
+
+@pytest.mark.parametrize("mode, stages, step_every, micro_batches, optimizer, flush_every", TIED_CASES)
+def test_async_with_a_tied_weight_matches_the_reference(tied, mode, stages, step_every, micro_batches, optimizer,
+                                                       flush_every):  # fmt: skip
+    root, model, folders = tied
+    name = f"tied-async-{mode}-{stages}-{step_every}-{micro_batches}-{optimizer}-{flush_every}"
+    settings = dict(step_every=step_every, micro_batches=micro_batches, optimizer=OPTIMIZERS[optimizer])
+    cfg = config(root, folders[stages], name, mode=mode, schedule="async", staleness={"flush_every": flush_every},
+                 **settings)  # fmt: skip
+    truth = async_reference(cfg, model)
+    assert truth.stale_forwards > 0 and not holders_agree(truth)
+    results = launch(cfg) if mode == "dist" else train(cfg)
+    if mode == "dist":
+        assert results.world_size == load_pipeline(folders[stages]).num_devices
+    state = checkpoint.merge(root / name / "checkpoints")[1]
+    assert_same_run(results.loss, state, truth.losses, truth.state)
+    assert torch.equal(state["wte.weight"], state["head.weight"]), "the tied copies drifted apart"
+    synchronous, _ = single_run(root, folders[stages], f"{name}-single", **settings)
+    difference = max_relative_difference(results.loss, synchronous)
+    assert difference > 1e-4, f"the async run's losses are within {difference:.1e} of mode single's: nothing was stale"
+
+
+def test_async_with_recomputation_matches_the_reference(tied):
+    """Every stage recomputes its forward before its backward: on the weights its first forward
+    used (stashed), so the run is the reference's; recomputing changes the simulated stage costs,
+    hence the global order, which the reference takes the same way."""
+    root, model, folders = tied
+    cfg = config(root, folders[4], "tied-async-recompute", mode="local", schedule="async", recompute="always",
+                 micro_batches=2, staleness={"flush_every": 4})  # fmt: skip
+    truth = async_reference(cfg, model)
+    results = train(cfg)
+    assert_same_run(results.loss, checkpoint.merge(root / "tied-async-recompute" / "checkpoints")[1], truth.losses,
+                    truth.state)  # fmt: skip
