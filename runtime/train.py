@@ -375,6 +375,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
               f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
               f"({config.optimizer.lr:g}), and no decay follows", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and config.mode == "single" and config.schedule == "async":
+        print("ftc train: note: mode single trains the original model synchronously: schedule async applies to "
+              "modes local and dist", file=sys.stderr, flush=True)  # fmt: skip
     if rank == 0 and config.mode != "single":
         for line in memory_plan_differences(config, pipeline):
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)

@@ -131,7 +131,7 @@ def test_base_cycle_is_an_error(tmp_path):
         load_config(tmp_path / "a.json")
 
 
-@pytest.mark.parametrize("name", ["gpt", "mlp", "resnet", "unet", "two_tower"])
+@pytest.mark.parametrize("name", ["gpt", "gpt_async", "mlp", "resnet", "unet", "two_tower"])
 def test_shipped_configs_load_and_name_existing_pipelines(name):
     config = load_config(ROOT / "configs" / f"{name}.json")
     assert (Path(config.pipeline) / "pipeline.json").is_file()
