@@ -39,9 +39,10 @@ after the last of the holders' backwards of the step's last micro-batch in the g
 every holder applies the update before its next action (in mode dist after an all-reduce over
 the holders' ranks, which reach that point of the order in that same order, so it cannot
 deadlock). Every parameter thus changes at a fixed point of the simulated order, which is what
-makes local and dist runs, and a resumed one, train alike; a holder forwards with the shared
-weights as of that point (the embedding's stage, which finishes a step last, sees the head's
-update of the step it just finished; the head's stage sees it a few micro-batches late).
+makes local and dist runs, and a resumed one, train alike. In a chain, the embedding's stage
+finishes each step last, so it sees the shared update together with its own; the head's stage
+sees it a few micro-batches after its own update. (Where a device holds several stages, the
+simulation interleaves them and the versions follow from that order in the same way.)
 
 The engine calls forward_weights before a stage forward (the weights to run it with, by name,
 for torch.func.functional_call), after_backward after the backward, and apply_due before
