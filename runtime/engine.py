@@ -16,6 +16,10 @@ What a step computes does not depend on where stages run:
   last stage; parameter gradients accumulate in .grad, and the caller steps the optimizer
   (after sync_shared_grads, which sums the gradients of weights tied across devices).
 
+Schedule async (runtime/staleness.py) runs several steps as one such run: its micro-batches are
+all of theirs, in textbook 1F1B order, each stage forwards with the weights StaleWeights gives
+it and the stages update as their backwards finish each step, so the caller steps nothing.
+
 evaluate() runs the same forwards only, under torch.no_grad.
 
 Both modes run the same per-device code on the same message plan; only the transport differs
