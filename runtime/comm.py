@@ -43,9 +43,14 @@ class Message:
     src: int
     dst: int
 
-    def describe(self) -> str:
+    def describe(self, step: int | None = None, per_batch: int | None = None) -> str:
+        """What the message carries; with the run's first batch `step` (0-based) and the
+        micro-batches of one batch (`per_batch`; an async run spans several batches), where."""
         what = f"value {self.value}" if self.kind == ACTIVATION else f"gradient of {self.value}"
-        return f"{what}, micro-batch {self.micro_batch}"
+        if step is None:
+            return f"{what}, micro-batch {self.micro_batch}"
+        per_batch = per_batch or self.micro_batch + 1
+        return f"{what}, micro-batch {self.micro_batch % per_batch} of batch {step + self.micro_batch // per_batch + 1}"
 
 
 class LocalTransport:
@@ -80,6 +85,7 @@ class DistTransport:
     def __init__(self, rank: int, timeout_s: float):
         self.rank = rank
         self.timeout_s = timeout_s
+        self.per_batch: int | None = None  # micro-batches per batch, for messages (the engine sets it)
         # gloo moves only host tensors: GPU tensors travel through host copies, which also lets
         # several ranks share one GPU (NCCL refuses that), e.g. to measure per-rank memory.
         self.via_host = dist.get_backend() == "gloo"
@@ -142,13 +148,13 @@ class DistTransport:
         except RuntimeError as exc:
             if "timed out" not in str(exc).lower():
                 raise FtcError(
-                    f"{failure} ({message.describe()}) in batch {step + 1}: that rank died " f"({str(exc).splitlines()[0]})",
+                    f"{failure} ({message.describe(step, self.per_batch)}): that rank died ({str(exc).splitlines()[0]})",
                     "check that rank's log",
                 ) from exc
             completed = False
         if not completed:
             raise FtcError(
-                f"{failure} ({message.describe()}) within {self.timeout_s:g} s in batch {step + 1}: that rank died or hangs",
+                f"{failure} ({message.describe(step, self.per_batch)}) within {self.timeout_s:g} s: that rank died or hangs",
                 hint,
             )
 

@@ -366,7 +366,7 @@ def _validate_staleness(c: Config, fail: Callable[..., None]) -> None:
         for key in ("flush_every", "predict", "gap_aware"):
             if getattr(staleness, key) != getattr(default, key):
                 fail(f"staleness.{key}", f"is set, but schedule {c.schedule!r} is synchronous: nothing is stale",
-                     'set "schedule": "async", or leave staleness out')  # fmt: skip
+                     "set \"schedule\": \"async\", or leave staleness out (on the command line: --set 'staleness={}')")  # fmt: skip
         return
     if staleness.flush_every < 1:
         fail("staleness.flush_every", f"is {staleness.flush_every}; it must be at least 1 (1: a flush every step, "

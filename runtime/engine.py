@@ -36,6 +36,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import timedelta
 from fractions import Fraction
 from typing import Any
 
@@ -192,6 +193,7 @@ class Engine:
         self.distributed = distributed
         self.batch_size = batch_size
         self.target_dims = target_dims
+        self.timeout_s = timeout_s
         if distributed:
             if not dist.is_available() or not dist.is_initialized():
                 raise FtcError(
@@ -219,6 +221,8 @@ class Engine:
             raise FtcError("schedule async and stale weights go together")
         self.stale = stale
         self.batch_micro_batches = batch_micro_batches or micro_batches
+        if isinstance(transport, DistTransport):
+            transport.per_batch = self.batch_micro_batches
         # The textbook order (a stage of depth d forwards micro-batch g right after its backward
         # of g - d) is what staleness.py's versions describe.
         self.timeline = (
@@ -359,7 +363,12 @@ class Engine:
         for group, params in self.shared:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
+            try:
+                dist.all_reduce(flat, group=group)
+            except RuntimeError as exc:
+                raise FtcError(f"summing the gradients of weights tied across ranks failed: a rank holding them died "
+                               f"or hangs ({str(exc).splitlines()[0]})",
+                               "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             offset = 0
             for param in params:
                 size = param.numel()
@@ -385,7 +394,7 @@ class Engine:
                 local.setdefault(first_name.get(name, name), param)
         groups = []
         for ranks, keys in sorted(by_ranks.items()):
-            group = dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks), timeout=timedelta(seconds=self.timeout_s))
             params = [local[key] for key in keys if key in local and local[key].requires_grad]
             if self.rank in ranks and params:
                 groups.append((group, params))
@@ -636,7 +645,9 @@ class _DeviceRunner:
         module, stale = self.engine.modules[stage], self.engine.stale
         if stale is None or not self.training:
             return module(*args)
-        return torch.func.functional_call(module, stale.forward_weights(stage, m), args, tie_weights=True)
+        outputs = torch.func.functional_call(module, stale.forward_weights(stage, m), args, tie_weights=True)
+        stale.check_unwritten(stage, m)
+        return outputs
 
     def _reader_leaf(self, reader: int, name: str, m: int) -> Any:
         """The value as `reader` gets it: a fresh leaf, kept for the gradient's way back."""

@@ -77,6 +77,7 @@ class SharedSet:
     keys: list[str]
     stages: list[int]
     group: Any = None
+    ranks: list[int] | None = None  # the group's ranks
 
 
 def shared_sets(pipeline: Pipeline) -> list[SharedSet]:
@@ -127,7 +128,7 @@ class StaleWeights:
         for entry in shared:
             keys = [key for key in entry.keys if key in trainable]
             if keys and not set(entry.stages).isdisjoint(modules):
-                self.shared.append(SharedSet(keys, entry.stages, entry.group))
+                self.shared.append(SharedSet(keys, entry.stages, entry.group, entry.ranks))
                 self.shared_params.update((key, trainable[key]) for key in keys)
         self.set_of = {key: k for k, entry in enumerate(self.shared) for key in entry.keys}
         self.key_of = {(stage, name): first_name.get(name, name) for stage, params in self.params.items() for name, _ in params}
@@ -181,6 +182,15 @@ class StaleWeights:
         self.in_flight[(stage, micro_batch)] = weights
         return weights
 
+    def check_unwritten(self, stage: int, micro_batch: int) -> None:
+        """A forward that writes a parameter in place (an nn.Embedding's max_norm, a clamp_ under
+        no_grad) would write the stashed copy, and the change would be lost: refuse it."""
+        for name, weight in self.in_flight[(stage, micro_batch)].items():
+            if weight._version != 0:
+                raise FtcError(f"stage {stage} changes parameter {name} in place in its forward (e.g. an embedding's "
+                               "max_norm, a clamp_ under no_grad); schedule async runs forwards on stashed copies of "
+                               "the weights, so the change would be lost", "train with schedule 1f1b or gpipe")  # fmt: skip
+
     def after_backward(self, stage: int, micro_batch: int) -> None:
         """Take the micro-batch's gradients off its weights into the step's sums; after a step's
         last micro-batch, update the stage's own parameters."""
@@ -217,7 +227,7 @@ class StaleWeights:
                 if self.settings.predict and step > version:
                     direction = self._direction(param)
                     if direction is not None:
-                        weight -= sum(self.lr_at(u) for u in range(version, step)) * direction
+                        weight = weight - sum(self.lr_at(u) for u in range(version, step)) * direction
                 weights[name] = weight.requires_grad_()
         return weights
 
@@ -267,7 +277,12 @@ class StaleWeights:
             grads = [summed.get(key) for key, _ in params]
             flat = torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
                               for g, (_, p) in zip(grads, params)])  # fmt: skip
-            dist.all_reduce(flat, group=entry.group)
+            try:
+                dist.all_reduce(flat, group=entry.group)
+            except RuntimeError as exc:
+                raise FtcError(f"summing the gradients of {', '.join(entry.keys)} over ranks {entry.ranks} at step "
+                               f"{step + 1} failed: one of those ranks died or hangs ({str(exc).splitlines()[0]})",
+                               "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             summed, offset = {}, 0
             for key, param in params:
                 summed[key] = flat[offset : offset + param.numel()].view_as(param)

@@ -173,6 +173,10 @@ def check_sparse_gradients(config: Config, modules: list[torch.nn.Module]) -> No
     })  # fmt: skip
     if not sparse:
         return
+    if config.schedule == "async" and config.mode != "single" and config.staleness.gap_aware:
+        raise FtcError(f"config {config.source}: staleness.gap_aware cannot scale the sparse gradients of "
+                       f"{', '.join(sparse)}", "set staleness.gap_aware=false, or build the embedding with "
+                       "sparse=False")  # fmt: skip
     if config.optimizer.name in ("adam", "adamw"):
         raise FtcError(f"config {config.source}: optimizer.name {config.optimizer.name} cannot update the sparse "
                        f"gradients of {', '.join(sparse)} (an embedding built with sparse=True)",
@@ -235,8 +239,9 @@ def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     if config.schedule == "gpipe" and settings.get("schedule") == "1f1b":
         differences.append("schedule gpipe (planned: 1f1b; gpipe keeps every micro-batch's activations)")
     if config.schedule == "async":
-        differences.append("schedule async (planned: synchronous; async keeps up to two more copies of each stage's "
-                           "trainable parameters, the stashed weight versions)")  # fmt: skip
+        differences.append("schedule async (planned: synchronous; async keeps more copies of each stage's trainable "
+                           "parameters, the stashed weight versions: two when micro_batches * step_every is at "
+                           "least the stage's depth, up to the depth when it is less)")  # fmt: skip
     if config.batch_size / config.micro_batches > planned_sample_share:
         differences.append(
             f"micro-batches of {config.batch_size / config.micro_batches:g} samples (batch_size / micro_batches; "
@@ -416,7 +421,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if asynchronous:
         stale = StaleWeights(stage_modules, optimizer, lambda step: learning_rate(config, step), config.staleness,
                              config.micro_batches * config.step_every, pipeline.tied,
-                             async_shared_sets(pipeline, config.mode == "dist"))  # fmt: skip
+                             async_shared_sets(pipeline, config.mode == "dist", config.timeout_s))  # fmt: skip
         engines: dict[int, Engine] = {}
 
         def segment_engine(steps: int) -> Engine:
@@ -483,9 +488,10 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     while step < config.steps:
         # Async: a segment of steps runs as one pipeline fill and drain; the others: one step.
         end = segment_end(config, step) if asynchronous else step + 1
+        # Steps as people see them, in the progress lines and in errors, count from 1; an async
+        # segment's failure is reported at its first step (its steps overlap).
+        status.write("running", step + 1)
         for later in range(step, end):
-            # Steps as people see them, in the progress lines and in errors, count from 1.
-            status.write("running", later + 1)
             inject_fault(config, me, later + 1, modules)
         if asynchronous:
             losses = train_segment(segment_engine(end - step), stale, config, step, end, load)
@@ -571,7 +577,7 @@ def train_segment(engine: Engine, stale: StaleWeights, config: Config, first: in
     return [sum(losses[k : k + per_step]) / per_step for k in range(0, len(losses), per_step)]
 
 
-def async_shared_sets(pipeline: Pipeline, distributed: bool) -> list[SharedSet]:
+def async_shared_sets(pipeline: Pipeline, distributed: bool, timeout_s: float = 60.0) -> list[SharedSet]:
     """Schedule async: the parameter sets several stages hold, with a process group for those
     whose stages sit on several devices in mode dist (new_group is collective: every rank
     makes every group, in the same order)."""
@@ -581,7 +587,8 @@ def async_shared_sets(pipeline: Pipeline, distributed: bool) -> list[SharedSet]:
         for entry in sets:
             devices = sorted({device_of[stage] for stage in entry.stages})
             if len(devices) > 1:
-                entry.group = dist.new_group(devices)
+                entry.group = dist.new_group(devices, timeout=datetime.timedelta(seconds=timeout_s))
+                entry.ranks = devices
     return sets
 
 
@@ -668,7 +675,7 @@ def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, s
 
 # The state torch's optimizers keep per parameter, by kind: Adam and AdamW read each other's;
 # SGD's is its momentum buffer, or async gap-aware's running mean of squares (staleness.py).
-_OPTIMIZER_KINDS = {"SGD": "SGD (momentum)", "Adam": "Adam", "AdamW": "Adam"}
+_OPTIMIZER_KINDS = {"SGD": "SGD", "Adam": "Adam", "AdamW": "Adam"}
 
 
 def _state_kind(states: Any) -> str | None:
@@ -678,7 +685,7 @@ def _state_kind(states: Any) -> str | None:
         if "exp_avg" in state:
             return "Adam"
         if isinstance(state.get("momentum_buffer"), torch.Tensor) or GAP_SQUARES in state:
-            return "SGD (momentum)"
+            return "SGD"
     return None
 
 

@@ -205,3 +205,15 @@ def test_resuming_gap_aware_sgd_carries_its_running_mean_and_continues_exactly(t
     resumed = train(mlp_config(tmp_path, "parts", checkpoint={"dir": folder, "every": 3, "resume": True}, **settings))
     assert resumed.first_step == 3
     assert resumed.loss == whole.loss[3:]
+
+
+def test_async_refuses_a_forward_that_writes_a_parameter_in_place(tmp_path):
+    """An embedding's max_norm renormalizes its weight in forward: under async that write would
+    land on the stashed copy and be lost."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    folder = compile_model(ROOT / "tests" / "models" / "max_norm.py", tmp_path / "gen", CompileOptions(stages=2)).folder
+    config = load_config(data={"pipeline": str(folder), "schedule": "async", "mode": "local", "steps": 2,
+                               "batch_size": 8, "micro_batches": 4, "log_every": 100})  # fmt: skip
+    with pytest.raises(FtcError, match="stage 0 changes parameter emb.weight in place in its forward"):
+        train(config)
