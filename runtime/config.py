@@ -67,7 +67,7 @@ class StalenessConfig:
 
     flush_every: int = 16  # steps between pipeline flushes (checkpoints and the end flush too)
     predict: bool = False  # forwards use weights extrapolated over the updates they will miss
-    gap_aware: bool = False  # stale gradients are divided by 1 + |gap| / (lr * RMS of the gradient)
+    gap_aware: bool = False  # stale gradients are divided by 1 + |gap| / (one update's size)
 
 
 @dataclass

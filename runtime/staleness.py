@@ -235,7 +235,7 @@ class StaleWeights:
         """The direction of the optimizer's next update of `param` (the update is -lr times it),
         as far as its state tells; None before its first update."""
         state = self.optimizer.state.get(param, {})
-        group = self._group(param)
+        group = self.group_of[id(param)]
         if "momentum_buffer" in state and state["momentum_buffer"] is not None:
             return state["momentum_buffer"]
         if "exp_avg" in state:
@@ -313,6 +313,3 @@ class StaleWeights:
         squares = torch.zeros_like(param) if squares is None else squares
         state[GAP_SQUARES] = squares.mul_(GAP_DECAY).addcmul_(grad, grad, value=1 - GAP_DECAY)
         state[GAP_UPDATES] = state.get(GAP_UPDATES, 0) + 1
-
-    def _group(self, param: torch.nn.Parameter) -> dict:
-        return self.group_of[id(param)]
