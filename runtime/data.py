@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import os
 import random
 import sys
@@ -125,6 +126,12 @@ class Sampler:
     def indices(self, batch: int) -> list[int]:
         positions = range(batch * self.batch_size, (batch + 1) * self.batch_size)
         return [int(self.permutation(p // self.size)[p % self.size]) for p in positions]
+
+
+def epoch_steps(epochs: int, size: int, samples_per_step: int) -> int:
+    """The steps that draw `epochs` passes over a data set of `size` samples: the sampler's stream
+    runs on across epochs, so the last step may take its tail from the next epoch's permutation."""
+    return max(1, math.ceil(epochs * size / samples_per_step))
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:

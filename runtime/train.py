@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,7 @@ from .config import Config
 from .data import (
     Sampler,
     build_dataset,
+    epoch_steps,
     fingerprint,
     load_batch,
     map_with_dims,
@@ -376,10 +377,6 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
               "(it changed since, or is another file): the stages run the code of compile time, and only the values "
               "passed between stages are checked\n  fix: recompile with `ftc compile`; `ftc check` compares the "
               "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
-    if rank == 0 and config.lr_schedule.warmup_steps >= config.steps > 0:
-        print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
-              f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
-              f"({config.optimizer.lr:g}), and no decay follows", file=sys.stderr, flush=True)  # fmt: skip
     if rank == 0 and config.mode == "single" and config.schedule == "async":
         print("ftc train: note: mode single trains the original model synchronously: schedule async applies to "
               "modes local and dist", file=sys.stderr, flush=True)  # fmt: skip
@@ -395,6 +392,17 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     shaped = config.data["name"] == "synthetic" and getattr(model_file.module, "example_targets", None) is None
     outputs = synthetic_targets(output_specs(pipeline), loss_fn) if shaped else None
     target_dims = target_batch_dims(model_file, outputs)
+    dataset = None
+    if config.epochs is not None:
+        # Every rank counts the steps itself (the data set's size decides them), so ranks that
+        # read no data build the data set too, once.
+        with seeded(config.seed):
+            dataset = build_dataset(config.data, model_file, outputs)
+        config = replace(config, steps=epoch_steps(config.epochs, len(dataset), config.batch_size * config.step_every))
+    if rank == 0 and config.lr_schedule.warmup_steps >= config.steps > 0:
+        print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
+              f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
+              f"({config.optimizer.lr:g}), and no decay follows", file=sys.stderr, flush=True)  # fmt: skip
     me = plan_rank(config, pipeline, rank, world_size, device)
 
     # Mode single is the synchronous baseline whatever the schedule: it has no pipeline.
@@ -453,8 +461,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
 
     # The engine's message plan says which ranks read inputs and which computes the loss.
     reads_inputs, reads_targets = (True, True) if config.mode == "single" else (engine.reads_inputs, engine.reads_targets)
-    dataset = None
-    if reads_inputs or reads_targets:
+    if not (reads_inputs or reads_targets):
+        dataset = None
+    elif dataset is None:
         with seeded(config.seed):
             dataset = build_dataset(config.data, model_file, outputs)
     sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
@@ -477,9 +486,10 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
+        epochs = f" ({config.epochs} epochs)" if config.epochs is not None else ""
         print(f"{pipeline.name}: mode {config.mode}, {world_size} process(es), {len(pipeline.stages)} stages, "
               f"schedule {config.schedule}{async_settings(config)}, batch {config.batch_size} = {config.micro_batches} micro-batches"
-              f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {config.steps} steps, "
+              f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {config.steps} steps{epochs}, "
               f"data {config.data['name']}" + (f" ({len(dataset)} samples)" if dataset is not None else ""), flush=True)  # fmt: skip
         if first_step:
             print(f"resumed from {checkpoint.step_folder(root, first_step)}", flush=True)

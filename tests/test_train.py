@@ -160,6 +160,20 @@ def test_local_mode_matches_single(tiny, single):
     assert_same_run(results.loss, checkpoint.merge(root / "local" / "checkpoints")[1], single[2])
 
 
+def test_epochs_decide_the_steps_on_every_rank(tiny):
+    """1 epoch of the byte corpus cut to 1000 bytes: (1000 - 1) // 8 = 124 windows, 16 per step
+    (batch 8, step_every 2), so 8 steps; in dist the middle ranks, which read no data, count the
+    same steps. The truth: mode single with steps given."""
+    root, _, folders = tiny
+    data = {"name": "bytes", "max_bytes": 1000}
+    truth = train(config(root, folders[2], "steps8", mode="single", step_every=2, steps=8, data=data))
+    results = launch(config(root, folders[4], "epochs1", mode="dist", step_every=2, epochs=1, steps=3, data=data))
+    assert len(results.loss) == 8 and results.config["steps"] == 8 and results.config["epochs"] == 1
+    torch.testing.assert_close(torch.tensor(results.loss), torch.tensor(truth.loss), rtol=1e-5, atol=0)
+    with pytest.raises(FtcError, match="key 'epochs' is 0"):
+        config(root, folders[2], "epochs0", epochs=0)
+
+
 def test_init_loads_a_state_dict_file_into_the_stages(tiny, single):
     root, model_path, folders = tiny
     weights = root / "init.safetensors"
