@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--memory-gbps", type=_positive_float, default=DeviceModel.memory_gbps, help=f"device memory bandwidth, GB/s (default {DeviceModel.memory_gbps})")
     compile_.add_argument("--op-overhead-us", type=_non_negative_float, default=DeviceModel.op_overhead_us, metavar="US", help=f"fixed cost of each ATen op beyond its roofline, microseconds (default {DeviceModel.op_overhead_us}, one CPU core)")
     compile_.add_argument("--stage-overhead-us", type=_non_negative_float, default=DeviceModel.stage_overhead_us, metavar="US", help=f"fixed cost of calling a stage forward and backward, microseconds (default {DeviceModel.stage_overhead_us})")
-    compile_.add_argument("--force", action="store_true", help="overwrite stage files edited by hand")
+    compile_.add_argument("--force", action="store_true", help="overwrite stage files and a pipeline.json edited by hand")
     compile_.add_argument("--memory-limit", type=_memory_size, metavar="BYTES", help="memory per device (16GB, 512MiB, ...); stages must fit it (default: no limit)")
     compile_.add_argument("--optimizer", choices=OPTIMIZER_STATES, default="adam", help="optimizer whose state counts toward memory (default adam)")
     compile_.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule whose in-flight activations count toward memory (default 1f1b)")

@@ -235,6 +235,83 @@ def test_hand_edits_are_protected_and_checked(tmp_path, capsys):
     assert stage.read_text() == original
 
 
+def edit_manifest(folder, edit, indent=1):
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    edit(manifest)
+    (folder / "pipeline.json").write_text(json.dumps(manifest, indent=indent) + "\n")
+
+
+def test_a_hand_edited_manifest_is_not_overwritten_without_force(tmp_path, capsys):
+    """Recompiling replaced a hand-edited pipeline.json (its device map, say) without a word."""
+    model = write(tmp_path, "good.py", GOOD)
+    out_dir = tmp_path / "gen"
+    compile_args = ["compile", model, "--stages", 2, "-o", out_dir]
+    assert run_cli(compile_args, capsys)[0] == 0
+    folder = out_dir / "good"
+    edit_manifest(folder, lambda m: m["stages"][1].update(device=0))  # both stages on one device
+    edited = (folder / "pipeline.json").read_text()
+
+    # The runtime accepts this edit: the manifest's own digest is for the compiler only.
+    assert run_cli(["check", folder], capsys)[0] == 0
+    result = run_cli(compile_args, capsys)
+    assert_user_error(result, "edited by hand", "pipeline.json", "copy these files elsewhere", "--force")
+    assert "ftc wrote them: pipeline.json\n" in result[2]  # the stage files are untouched
+    assert (folder / "pipeline.json").read_text() == edited
+
+    stage = folder / "stage1.py"
+    stage.write_text(stage.read_text() + "# tuned by hand\n")
+    assert_user_error(run_cli(compile_args, capsys), "ftc wrote them: pipeline.json, stage1.py")
+
+    assert run_cli([*compile_args, "--force"], capsys)[0] == 0
+    assert json.loads((folder / "pipeline.json").read_text())["stages"][1]["device"] == 1
+    assert run_cli(compile_args, capsys)[0] == 0  # what --force wrote is ftc's own again
+
+
+def test_an_untouched_or_only_reformatted_folder_recompiles_to_the_same_bytes(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    compile_args = ["compile", model, "--stages", 2, "-o", tmp_path / "gen"]
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(compile_args, capsys)[0] == 0
+    written = {path.name: path.read_bytes() for path in folder.iterdir()}
+    code, _, err = run_cli(compile_args, capsys)
+    assert code == 0 and err == "", err
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == written
+
+    edit_manifest(folder, lambda m: None, indent=4)  # the same content, laid out another way
+    assert run_cli(compile_args, capsys)[0] == 0
+    assert (folder / "pipeline.json").read_bytes() == written["pipeline.json"]
+
+
+def test_a_manifest_from_before_its_own_digest_recompiles(tmp_path, capsys):
+    """Folders the previous version wrote have no manifest_sha256: they cannot be told apart,
+    and must not be taken for hand-edited."""
+    model = write(tmp_path, "good.py", GOOD)
+    compile_args = ["compile", model, "--stages", 2, "-o", tmp_path / "gen"]
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(compile_args, capsys)[0] == 0
+    written = (folder / "pipeline.json").read_text()
+    edit_manifest(folder, lambda m: m.pop("manifest_sha256"))
+    assert run_cli(["check", folder], capsys)[0] == 0
+    assert run_cli(compile_args, capsys)[0] == 0
+    assert (folder / "pipeline.json").read_text() == written
+
+
+def test_a_recompile_removes_stale_stage_files_and_nothing_a_manifest_merely_lists(tmp_path, capsys):
+    """With fewer stages the old last stage goes; a path a hand-edited manifest lists as a stage
+    file is the user's, and --force leaves it."""
+    model = write(tmp_path, "good.py", GOOD)
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(["compile", model, "--stages", 3, "-o", tmp_path / "gen"], capsys)[0] == 0
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    assert sorted(path.name for path in folder.glob("stage*.py")) == ["stage0.py", "stage1.py"]
+
+    notes = tmp_path / "notes.py"
+    notes.write_text("kept\n")
+    edit_manifest(folder, lambda m: m["stages"][1].update(file="../../notes.py"))
+    assert run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "gen", "--force"], capsys)[0] == 0
+    assert notes.read_text() == "kept\n"
+
+
 def test_check_runs_at_the_micro_batch_size_too(tmp_path, capsys):
     """A stage that holds only at the compile batch size (a hand-written `.view(8, -1)`) passed
     the check and failed in training, whose micro-batches are smaller."""
@@ -557,6 +634,18 @@ def test_stage_files_without_a_manifest_are_not_overwritten_without_force(tmp_pa
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "holds stage files but no pipeline.json")
     assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--force"], capsys)[0] == 0
+
+
+def test_a_manifest_a_hand_edit_left_unreadable_is_not_overwritten_without_force(tmp_path, capsys):
+    model = write(tmp_path, "good.py", GOOD)
+    compile_args = ["compile", model, "--stages", 2, "-o", tmp_path / "gen"]
+    assert run_cli(compile_args, capsys)[0] == 0
+    manifest = tmp_path / "gen" / "good" / "pipeline.json"
+    manifest.write_text(manifest.read_text().replace('"device": 1', '"device": 0,', 1))  # a stray comma: no longer JSON
+    assert_user_error(run_cli(compile_args, capsys), "good/pipeline.json is not a manifest ftc wrote", "--force")
+    assert '"device": 0,' in manifest.read_text()
+    assert run_cli([*compile_args, "--force"], capsys)[0] == 0
+    assert json.loads(manifest.read_text())["stages"][1]["device"] == 1
 
 
 def test_a_trace_that_fails_inside_a_library_names_the_library_line(tmp_path, capsys):

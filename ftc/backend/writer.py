@@ -6,8 +6,9 @@
     DIR/<name>/__init__.py     imports the stages, so the folder is a package
 
 Same IR in, same bytes out: nothing depends on time, absolute paths or dict order. The manifest
-records each stage file's sha256, so a later compile can tell hand-edited stages and refuse to
-overwrite them without --force. Files are replaced atomically (temporary file, then rename).
+records each stage file's sha256 and its own, so a later compile can tell the files users edit by
+hand (stages, and pipeline.json's device map, recompute flags, ...) and refuse to overwrite them
+without --force. Files are replaced atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
-from ftc.ir import FtcError, Graph, TensorMeta, dumps, meta_nbytes
+from ftc.ir import FtcError, Graph, TensorMeta, dumps, meta_nbytes, strict_json
 from ftc.ir.graph import ScalarMeta, SeqMeta
 from ftc.passes.partition.problem import Problem
 
@@ -28,39 +30,70 @@ from .codegen import render_package_init, render_stages
 from .plan import StagePlan, plan_stages
 
 MANIFEST_FORMAT = "ftc-pipeline/1"
+# The manifest's own sha256: pipeline.json is edited by hand too, and a recompile must not lose that.
+MANIFEST_DIGEST = "manifest_sha256"
 
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def recorded_stage_files(folder: Path) -> dict[str, str]:
-    """Stage file -> the sha256 the last compile into `folder` recorded ({} for a new folder)."""
+def manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1) + "\n"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The sha256 of the manifest as ftc writes it, less its own digest. Taken over the parsed
+    content (json round-trips it exactly), so only a change of content counts as an edit."""
+    return sha256(manifest_text({key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}))
+
+
+def previous_manifest(folder: Path) -> dict:
+    """The manifest the last compile into `folder` wrote ({} for a new folder)."""
     manifest_path = folder / "pipeline.json"
     if not manifest_path.is_file():
         if any(folder.glob("stage*.py")) or (folder / "__init__.py").is_file():
             raise FtcError(
                 f"{folder} holds stage files but no pipeline.json, so hand edits cannot be told apart",
-                "remove the folder or pass --force to overwrite it",
+                "copy away what you want to keep, then remove the folder or pass --force to overwrite it",
             )
         return {}
     try:
-        manifest = json.loads(manifest_path.read_text())
-        return {stage["file"]: stage["sha256"] for stage in manifest["stages"]}
-    except (ValueError, KeyError, TypeError) as exc:
+        manifest = strict_json(manifest_path.read_text())
+    except ValueError:
+        manifest = None
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    readable = isinstance(stages, list) and all(
+        isinstance(stage, dict) and isinstance(stage.get("file"), str) for stage in stages
+    )
+    if not readable:
         raise FtcError(
             f"{manifest_path} is not a manifest ftc wrote, so hand edits cannot be told apart",
-            "remove the folder or pass --force to overwrite it",
-        ) from exc
+            "copy away what you want to keep, then remove the folder or pass --force to overwrite it",
+        )
+    return manifest
 
 
-def edited_files(folder: Path, recorded: dict[str, str]) -> list[str]:
-    """Stage files in `folder` whose content differs from the sha256 the last compile recorded."""
-    return sorted(
-        file
-        for file, digest in recorded.items()
-        if (folder / file).is_file() and sha256((folder / file).read_text()) != digest
-    )
+def edited_files(folder: Path, manifest: dict) -> list[str]:
+    """The files in `folder` that differ from the digests in the manifest the last compile wrote.
+    A stage listed without a digest was added by hand; a manifest without its own digest was
+    written before ftc recorded one, so it cannot be told apart and passes."""
+    edited = [
+        stage["file"]
+        for stage in manifest.get("stages", [])
+        if (folder / stage["file"]).is_file() and sha256((folder / stage["file"]).read_text()) != stage.get("sha256")
+    ]
+    recorded = manifest.get(MANIFEST_DIGEST)
+    if recorded is not None and recorded != manifest_digest(manifest):
+        edited.append("pipeline.json")
+    return sorted(edited)
+
+
+def stale_stage_files(manifest: dict, written: dict[str, str]) -> list[str]:
+    """Stage files the last compile wrote that this one does not. Only names ftc gives stage files
+    count: a hand-edited manifest may list any path, and --force must not delete it."""
+    listed = {stage["file"] for stage in manifest.get("stages", [])}
+    return sorted(file for file in listed - set(written) if re.fullmatch(r"stage\d+\.py", file))
 
 
 def value_spec(meta) -> dict:
@@ -129,7 +162,7 @@ def write_pipeline(
     folder and the manifest. `recompute`: which stages recompute (None: none does)."""
     folder = Path(out_dir) / graph.name
     try:
-        previous = recorded_stage_files(folder)
+        previous = previous_manifest(folder)
     except FtcError:
         if not force:
             raise
@@ -137,8 +170,9 @@ def write_pipeline(
     edited = edited_files(folder, previous)
     if edited and not force:
         raise FtcError(
-            f"{folder}: stage files were edited by hand since ftc wrote them: {', '.join(edited)}",
-            "move your edits elsewhere, or pass --force to overwrite them",
+            f"{folder}: files were edited by hand since ftc wrote them: {', '.join(edited)}",
+            "to keep your edits, copy these files elsewhere or compile into another folder (-o); "
+            "to overwrite them, pass --force",
         )
     folder.mkdir(parents=True, exist_ok=True)
     model_rel = Path(os.path.relpath(Path(model_file).resolve(), folder.resolve())).as_posix()
@@ -207,15 +241,16 @@ def write_pipeline(
             ],  # fmt: skip
         },
     }
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     files = {
         **stage_sources,
         "__init__.py": render_package_init(graph, plans),
         "ir.json": dumps(graph),
-        "pipeline.json": json.dumps(manifest, indent=1) + "\n",
+        "pipeline.json": manifest_text(manifest),
     }
     for name, text in files.items():
         _write_atomic(folder / name, text)
-    for stale in sorted(set(previous) - set(files)):
+    for stale in stale_stage_files(previous, files):
         (folder / stale).unlink(missing_ok=True)
     return folder, manifest
 
