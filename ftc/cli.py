@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     from ftc.frontends import FRONTENDS
     from ftc.passes.partition import METHODS
     from ftc.passes.partition.memory import OPTIMIZER_STATES
-    from ftc.runtime.config import SCHEDULES
+    from ftc.runtime.config import SCHEDULES, StalenessConfig
     from ftc.passes.recompute import POLICIES
     from ftc.profiling import DEVICES, PROFILES, DeviceModel
 
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="predicted per-stage costs, memory, throughput and bubble of a generated pipeline")
     explain.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
     explain.add_argument("--micro-batches", type=_positive_int, metavar="M", help="micro-batches per batch to predict the schedules with (default: 4 and 8)")
+    explain.add_argument("--flush-every", type=_positive_int, default=StalenessConfig.flush_every, metavar="N", help=f"steps between pipeline flushes for the async rows, the training config's staleness.flush_every (default {StalenessConfig.flush_every})")
     explain.add_argument("--plot", metavar="FILE.png", help="also draw the device loads and the 1F1B timeline into a PNG")
 
     train = commands.add_parser("train", help="train a generated pipeline per a training config (single, local or dist via torchrun)")
@@ -235,7 +236,7 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from ftc.explain import explain, plot, render
 
-    explanation = explain(args.pipeline, [args.micro_batches] if args.micro_batches else None)
+    explanation = explain(args.pipeline, [args.micro_batches] if args.micro_batches else None, args.flush_every)
     if args.plot:
         plot(explanation, args.plot)
     print(render(explanation))

@@ -1,14 +1,17 @@
 """`ftc explain`: what a generated pipeline is predicted to cost, stage by stage and device by
-device, and how fast the GPipe and 1F1B schedules would run it.
+device, and how fast the GPipe, 1F1B and async schedules would run it.
 
 Everything comes from pipeline.json (the partitioner's per-stage costs at the compile batch
 size) and the runtime's schedule simulator (ftc.runtime.schedule), so nothing is run. A stage's
 time is its forward and backward compute, the forward again in its backward when it recomputes,
-and its communication: the part of its predicted time the partitioner charged for the bytes it
-moves, split between forward and backward in proportion to the activations (forward) and the
-gradients of those that require grad (backward). A micro-batch of B/M samples is taken to cost
-1/M of the stage's time at the compile batch size B, with communication inside the stage's step
-(as the partitioner's cost model has it, no overlap). Throughput is B samples per simulated step.
+and its communication: the bytes of the values it sends to and receives from stages on other
+devices over the compile's --bandwidth, the activations forward and the gradients of those that
+require grad backward (ftc/communication.py). It follows the device map as pipeline.json has it,
+so stages put on one device by hand pass their values in memory, free. A micro-batch of B/M
+samples is taken to cost 1/M of the stage's time at the compile batch size B, with communication
+inside the stage's step (as the partitioner's cost model has it, no overlap). Throughput is B
+samples per simulated step; async simulates the steps between two flushes (staleness.flush_every)
+as one run, which pays one fill and drain.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftc.communication import stage_communication
 from ftc.tables import human, table
 from ftc.ir import FtcError
 from ftc.runtime.pipeline import Pipeline, load_pipeline
@@ -69,7 +73,8 @@ class Explanation:
     memory_plan: str  # the settings the memory estimate is for
     stages: list[StageCost]
     predictions: list[SchedulePrediction]
-    device_memory: dict[int, float] = field(default_factory=dict)  # a tensor its stages share counted once
+    # The compiler's figures, where the device map is the compiled one: a tensor its stages share counted once
+    device_memory: dict[int, float] = field(default_factory=dict)
     device_parameters: dict[int, int] = field(default_factory=dict)
 
     def devices(self) -> dict[int, list[StageCost]]:
@@ -79,7 +84,16 @@ class Explanation:
         return dict(sorted(by_device.items()))
 
 
-def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Explanation:
+def explain(
+    folder: str | Path, micro_batches: list[int] | None = None, flush_every: int = StalenessConfig().flush_every
+) -> Explanation:
+    """`flush_every`: the async rows' steps between pipeline flushes (training config key
+    staleness.flush_every)."""
+    if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+        raise FtcError(
+            f"--flush-every {flush_every!r} is not a positive integer",
+            "pass the training config's staleness.flush_every: the steps between flushes, 1 or more",
+        )
     pipeline = load_pipeline(folder)
     batch_size = int(pipeline.manifest.get("batch_size", 1))
     # The runtime splits the batch into equal micro-batches, so only divisors of it run.
@@ -98,14 +112,14 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
             timeline = simulate(pipeline.stages, m, kind, per_micro_batch, pipeline.outputs)
             throughput = batch_size / timeline.makespan if timeline.makespan > 0 else math.inf
             predictions.append(SchedulePrediction(kind, m, timeline, throughput))
-    # Async: one fill and drain per staleness.flush_every steps (its default), in the textbook
-    # 1F1B order the runtime runs it in.
-    steps = StalenessConfig().flush_every
+    # Async: one fill and drain per flush_every steps, in the textbook 1F1B order the runtime runs it in.
     for m in counts:
         per_micro_batch = {index: (f / m, b / m) for index, (f, b) in costs.items()}
-        timeline = simulate(pipeline.stages, m * steps, "1f1b", per_micro_batch, pipeline.outputs, policy=IN_ORDER)
-        throughput = steps * batch_size / timeline.makespan if timeline.makespan > 0 else math.inf
-        predictions.append(SchedulePrediction("async", m, timeline, throughput, steps))
+        timeline = simulate(
+            pipeline.stages, m * flush_every, "1f1b", per_micro_batch, pipeline.outputs, policy=IN_ORDER
+        )
+        throughput = flush_every * batch_size / timeline.makespan if timeline.makespan > 0 else math.inf
+        predictions.append(SchedulePrediction("async", m, timeline, throughput, flush_every))
     return Explanation(
         folder=pipeline.folder,
         name=pipeline.name,
@@ -115,9 +129,19 @@ def explain(folder: str | Path, micro_batches: list[int] | None = None) -> Expla
         memory_plan=_memory_plan(pipeline),
         stages=stages,
         predictions=predictions,
-        device_memory=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_memory", []))),
-        device_parameters=dict(enumerate(pipeline.manifest.get("predicted", {}).get("device_parameters", []))),
+        **_device_figures(pipeline.manifest.get("predicted", {}), stages),
     )
+
+
+def _device_figures(predicted: dict, stages: list[StageCost]) -> dict[str, dict[int, float]]:
+    """The manifest's per-device memory and parameters, where its devices hold the stages they held
+    when compiled (else none: they would be other devices' figures)."""
+    held: dict[int, list[int]] = {}
+    for stage in stages:
+        held.setdefault(stage.device, []).append(stage.index)
+    if predicted.get("device_stages") != [held[device] for device in sorted(held)]:
+        return {}
+    return {key: dict(enumerate(predicted.get(key, []))) for key in ("device_memory", "device_parameters")}
 
 
 def _memory_plan(pipeline: Pipeline) -> str:
@@ -135,6 +159,7 @@ def _memory_plan(pipeline: Pipeline) -> str:
 
 def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
     manifest_path = pipeline.folder / "pipeline.json"
+    communication = stage_communication(pipeline)
     rows = []
     estimated = True
     for entry in pipeline.manifest["stages"]:
@@ -150,7 +175,7 @@ def _stage_costs(pipeline: Pipeline) -> tuple[list[StageCost], bool]:
             replay = float(cost["recompute_time"]) if recompute else 0.0
             if recompute and not replay:  # switched on by hand: the forward again (its fixed costs too: an upper bound)
                 replay = fwd
-            comm_fwd, comm_bwd = float(cost["comm_fwd_time"]), float(cost["comm_bwd_time"])
+            comm_fwd, comm_bwd = communication[int(entry["index"])]
             rows.append(
                 StageCost(
                     index=int(entry["index"]),
@@ -218,14 +243,21 @@ def render(explanation: Explanation) -> str:
         lines.append(
             table(["device", "stages", "params", "memory", "fwd ms", "bwd ms", "comm ms", "total ms"], device_rows)
         )
+        if not e.device_memory:
+            lines.append("devices: the sums of their stages' figures, which count a tensor several stages of a "
+                         "device read once per stage (pipeline.json has no device figures for this device map)")  # fmt: skip
     lines.append("")
     schedule_rows = [
-        [p.schedule if p.steps == 1 else f"{p.schedule} (flush every {p.steps} steps)", p.micro_batches,
+        [p.schedule if p.schedule != "async" else f"async (flush every {_steps(p.steps)})", p.micro_batches,
          ms(p.step_time), f"{p.throughput:.1f}", f"{p.timeline.bubble_fraction:.3f}"]
         for p in e.predictions
     ]  # fmt: skip
     lines.append(table(["schedule", "micro-batches", "step ms", "samples/s", "bubble"], schedule_rows))
     return "\n".join(lines)
+
+
+def _steps(count: int) -> str:
+    return "step" if count == 1 else f"{count} steps"
 
 
 def ms(seconds: float) -> str:

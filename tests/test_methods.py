@@ -601,3 +601,67 @@ def test_a_tensor_two_stages_of_one_device_share_counts_once_against_the_limit(a
         else:
             with pytest.raises(FtcError, match="device 0 of the shared pipeline needs"):
                 choose_recompute(limited, result.stage_of, result.devices)
+
+
+def test_mpipe_packs_the_holders_of_a_tied_tensor_together_when_it_fits_counted_once():
+    """Four ops in a chain, one block each, times 2, 3, 1, 2 s on 2 devices; ops 0 and 3 read a
+    tied 100-byte weight W (an embedding and its head), ops 1 and 2 nothing; momentum: one
+    optimizer copy. Each holder's stage needs W, its gradient, its momentum and the new gradient
+    of its largest weight: 400 bytes. The only split into 2 devices of 4 s each puts ops 0 and 3
+    on one device and 1, 2 on the other, where one W, its gradient and momentum (300) and the two
+    stages' new gradients (200) make 500 bytes: a limit of 500 holds them when W counts once,
+    not twice (800). Counted twice, the packing keeps them apart, at 5 s."""
+    weight = 100
+    state = [StateUse("embed.weight", weight, True, [0, 3])]
+    settings = MemorySettings(limit=5 * weight, optimizer="momentum", recompute="never")
+    footprint = Footprint(settings, np.zeros(4), state, np.zeros(4))
+    transfers = [Transfer(f"a{k}", k, [k + 1], 0) for k in range(3)]
+    problem = Problem([f"op{k}" for k in range(4)], np.array([2.0, 3.0, 1.0, 2.0]), transfers, np.zeros(4, bool), 1.0,
+                      footprint=footprint)  # fmt: skip
+    result = partition(problem, "mpipe", 2)
+    assert list(result.stage_of) == [0, 1, 1, 2] and result.devices == [0, 1, 0]
+    assert device_bottleneck(problem, result) == 4
+    stages = [problem.stage_memory(result.members(s), s, 3, False).total for s in range(3)]
+    assert stages == [4 * weight, 0, 4 * weight]
+    holders = [result.members(0), result.members(2)]
+    assert sum(stages) - problem.footprint.shared_bytes(holders) == 5 * weight
+    assert choose_recompute(problem, result.stage_of, result.devices) == [False] * 3
+
+
+def test_shared_bytes_of_intervals_match_those_of_masks():
+    """On random problems with tied tensors, the interval form mpipe packs with and the boolean
+    mask form the device check uses agree, for random sets of disjoint intervals."""
+    rng = random.Random(7)
+    for _ in range(200):
+        footprint = random_memory_problem(rng).footprint
+        n = len(footprint.saved)
+        cuts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1))) if n > 1 else []
+        bounds = [0, *cuts, n]
+        intervals = [pair for pair in zip(bounds, bounds[1:]) if rng.random() < 0.6]
+        masks = []
+        for i, j in intervals:
+            members = np.zeros(n, dtype=bool)
+            members[i:j] = True
+            masks.append(members)
+        copies = {"sgd": 0, "momentum": 1, "adam": 2}[footprint.settings.optimizer]
+        expected = 0
+        for use in footprint.state:
+            holders = sum(1 for i, j in intervals if any(i <= r < j for r in use.readers))
+            expected += max(holders - 1, 0) * use.nbytes * ((2 + copies) if use.trainable else 1)
+        assert footprint.shared_interval_bytes(intervals) == footprint.shared_bytes(masks) == expected
+
+
+def test_mpipe_refinement_moves_a_stage_onto_the_device_of_the_tensor_it_shares():
+    """Ops of 2, 4 and 2 s, the first and last reading a tied 100-byte weight (400 bytes per
+    holder's stage, as above), start on devices 0, 1, 1: loads 2 and 6 s. Moving the last stage to
+    device 0 makes 4 and 4, with 500 bytes on device 0 (W counted once), within a limit of 500."""
+    from ftc.passes.partition.mpipe import _refine
+
+    weight = 100
+    state = [StateUse("embed.weight", weight, True, [0, 2])]
+    settings = MemorySettings(limit=5 * weight, optimizer="momentum", recompute="never")
+    footprint = Footprint(settings, np.zeros(3), state, np.zeros(3))
+    transfers = [Transfer(f"a{k}", k, [k + 1], 0) for k in range(2)]
+    problem = Problem(["op0", "op1", "op2"], np.array([2.0, 4.0, 2.0]), transfers, np.zeros(3, bool), 1.0,
+                      footprint=footprint)  # fmt: skip
+    assert _refine(problem, [0, 1, 2], [0, 1, 1], 2, StageTables(problem, 3)) == ([0, 1, 2], [0, 1, 0])

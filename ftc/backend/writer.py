@@ -232,6 +232,11 @@ def write_pipeline(
             "device_times": times,
             "bottleneck_time": max(times),
             "balance": max(times) / (sum(times) / len(times)),
+            # the stages of each device the figures below are for (a device map edited by hand
+            # makes them another device's)
+            "device_stages": [
+                [plan.index for plan in plans if plan.device == device] for device in sorted(device_times)
+            ],
             # a tensor several stages of one device read is counted once
             "device_memory": device_memory,
             "device_parameters": [

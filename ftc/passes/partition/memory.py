@@ -34,9 +34,11 @@ bytes a node saved (Cost.peak_memory) replaces the estimate.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -110,7 +112,7 @@ class StateUse:
     name: str
     nbytes: int
     trainable: bool
-    readers: list[int]
+    readers: list[int]  # in increasing order
 
 
 @dataclass
@@ -168,13 +170,33 @@ class Footprint:
         """Bytes that the memory of the stages of one device (boolean masks) counts more than
         once: a parameter or buffer several of them read is one tensor on the device (with one
         gradient and one optimizer state), which each stage's estimate counts."""
-        copies = OPTIMIZER_STATES[self.settings.optimizer]
+        return sum(
+            (holders - 1) * charge
+            for use, charge in self.shareable
+            if (holders := sum(1 for members in stages if members[use.readers].any())) > 1
+        )
+
+    def shared_interval_bytes(self, intervals: list[tuple[int, int]]) -> int:
+        """shared_bytes of the stages of one device that hold ops i..j-1 each, for every (i, j)
+        in `intervals`."""
         shared = 0
-        for use in self.state:
-            holders = sum(1 for members in stages if members[use.readers].any())
-            if holders > 1:
-                shared += (holders - 1) * use.nbytes * ((2 + copies) if use.trainable else 1)
+        for use, charge in self.shareable:
+            holders = 0
+            for i, j in intervals:
+                first = bisect.bisect_left(use.readers, i)
+                holders += first < len(use.readers) and use.readers[first] < j
+            shared += max(holders - 1, 0) * charge
         return shared
+
+    @cached_property
+    def shareable(self) -> list[tuple[StateUse, int]]:
+        """The parameters and buffers several ops read, which several stages of one device can
+        share, each with the bytes a stage's estimate charges for it: the tensor, and for a
+        trainable one its gradient and optimizer state."""
+        copies = OPTIMIZER_STATES[self.settings.optimizer]
+        return [
+            (use, use.nbytes * ((2 + copies) if use.trainable else 1)) for use in self.state if len(use.readers) > 1
+        ]
 
     def memory(
         self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool,

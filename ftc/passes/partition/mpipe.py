@@ -5,15 +5,17 @@ one contiguous run per device still balance.
    the forbidden cuts (the DP of pipedream.py with L stages and no memory limit). `--blocks`
    sets L; by default 2P, 3P and 4P are each tried and the best result kept.
 2. Pack the blocks onto the P devices, longest first, each onto the least loaded device whose
-   memory still has room for it (the classic longest-processing-time rule for makespan).
+   memory still has room for it (the classic longest-processing-time rule for makespan); a
+   tensor several blocks of a device read (a tied embedding and head) counts once there, as in
+   the device's memory check.
 3. Stages are the maximal runs of consecutive blocks on one device, in program order; several
    stages may share a device (pipeline.json "device": [0, 1, 1, 0] ...), which the runtime runs
    with interleaved 1F1B.
 4. Refine: move each boundary between adjacent stages to whichever allowed cut lowers the
    predicted bottleneck device (the sum of its stages' costs, communication included; then the
    sum of squared device times), and each stage to whichever device lowers it, while every
-   device's memory fits; repeat until nothing moves. Neighbouring stages that end up on one
-   device become one stage.
+   device's memory fits (shared tensors counted once); repeat until nothing moves. Neighbouring
+   stages that end up on one device become one stage.
 5. One stage per device is a mixed pipe too: where pipedream's exact split predicts a lower
    bottleneck (blocks that already balance), that split is the answer.
 
@@ -71,19 +73,28 @@ def _mixed(problem: Problem, devices: int, count: int, tables: StageTables) -> P
     block_cost = [cost[i, j] for i, j in zip(bounds, bounds[1:])]
     # Where a block will sit in the pipeline is not known before packing: estimate its memory
     # at the position its share of the program order suggests.
+    intervals = list(zip(bounds, bounds[1:]))
     block_memory = [
         tables.least_memory(b * devices // count)[i, j] if limit is not None else 0.0
-        for b, (i, j) in enumerate(zip(bounds, bounds[1:]))
+        for b, (i, j) in enumerate(intervals)
     ]
-    load, memory = [0.0] * devices, [0.0] * devices
+    load = [0.0] * devices
+    held: list[list[int]] = [[] for _ in range(devices)]
+
+    def memory_with(d: int, b: int) -> float:
+        """Device d's memory once it also holds block b: a tensor several of its blocks read counts once."""
+        blocks = [*held[d], b]
+        shared = problem.footprint.shared_interval_bytes([intervals[k] for k in blocks])
+        return sum(block_memory[k] for k in blocks) - shared
+
     device_of = [0] * count
     for b in sorted(range(count), key=lambda b: (-block_cost[b], b)):
         by_load = sorted(range(devices), key=lambda d: (load[d], d))
-        fitting = [d for d in by_load if limit is None or memory[d] + block_memory[b] <= limit]
-        d = fitting[0] if fitting else min(range(devices), key=lambda d: (memory[d], d))
+        fitting = [d for d in by_load if limit is None or memory_with(d, b) <= limit]
+        d = fitting[0] if fitting else min(range(devices), key=lambda d: (memory_with(d, b), d))
         device_of[b] = d
         load[d] += block_cost[b]
-        memory[d] += block_memory[b]
+        held[d].append(b)
 
     starts, owners = _runs(block_starts, device_of)
     starts, owners = _refine(problem, starts, owners, devices, tables.for_stages(len(starts)))
@@ -128,18 +139,29 @@ def _refine(
     memory_tables = [tables.least_memory(s) for s in range(len(starts))] if bounded else []
     allowed = [k for k in range(1, n) if not problem.no_cut[k - 1]]
     bounds, owners = [*starts, n], list(owners)
+    # used: the sum of each device's stage estimates, which count a tensor several of them read
+    # once each (`shared` takes the excess off)
     times, used = np.zeros(devices), np.zeros(devices)
     for s, (i, j) in enumerate(zip(bounds, bounds[1:])):
         times[owners[s]] += cost[i, j]
         used[owners[s]] += memory_tables[s][i, j] if bounded else 0.0
     best = (times.max(), float(times @ times))
 
-    def accept(trial_times: np.ndarray, trial_used: np.ndarray) -> bool:
+    def shared(trial_bounds: list[int], trial_owners: list[int]) -> np.ndarray:
+        """Per device, the bytes its stages' memory counts more than once (a tensor several read)."""
+        held: list[list[tuple[int, int]]] = [[] for _ in range(devices)]
+        for s, d in enumerate(trial_owners):
+            held[d].append((trial_bounds[s], trial_bounds[s + 1]))
+        return np.array([problem.footprint.shared_interval_bytes(intervals) for intervals in held])
+
+    def accept(
+        trial_times: np.ndarray, trial_used: np.ndarray, trial_bounds: list[int], trial_owners: list[int]
+    ) -> bool:
         nonlocal best, times, used
-        if bounded and trial_used.max() > limit:
-            return False
         candidate = (trial_times.max(), float(trial_times @ trial_times))
         if not improves(candidate, best):
+            return False
+        if bounded and (trial_used - shared(trial_bounds, trial_owners)).max() > limit:
             return False
         best, times, used = candidate, trial_times, trial_used
         return True
@@ -158,7 +180,7 @@ def _refine(
                 if bounded:
                     trial_used[a] += memory_tables[k - 1][left, cut] - memory_tables[k - 1][left, old]
                     trial_used[b] += memory_tables[k][cut, right] - memory_tables[k][old, right]
-                if accept(trial_times, trial_used):
+                if accept(trial_times, trial_used, [*bounds[:k], cut, *bounds[k + 1 :]], owners):
                     bounds[k], improved = cut, True
         for k in range(len(owners)):
             i, j = bounds[k], bounds[k + 1]
@@ -171,6 +193,6 @@ def _refine(
                 if bounded:
                     trial_used[owners[k]] -= memory_tables[k][i, j]
                     trial_used[d] += memory_tables[k][i, j]
-                if accept(trial_times, trial_used):
+                if accept(trial_times, trial_used, bounds, [*owners[:k], d, *owners[k + 1 :]]):
                     owners[k], improved = d, True
     return _runs(bounds[:-1], owners)
