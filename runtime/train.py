@@ -208,6 +208,20 @@ def check_writable(config: Config) -> None:
             raise FtcError(f"config {config.source}: key {key!r} is {path}, a folder", "give it a file path")
 
 
+def check_trainable(pipeline: Pipeline, model_file: ModelFile) -> None:
+    """Training needs a loss that some parameter's gradient flows into; pipeline.json records
+    whether each output of the model needs a gradient. Without one, backward would fail deep
+    inside autograd; a model whose parameters are frozen only in part trains them as usual."""
+    values = pipeline.manifest["values"]
+    if any(values.get(name, {}).get("requires_grad") for name in pipeline.outputs):
+        return
+    raise FtcError(f"{model_file.path}: no output of the model depends on a trainable parameter (every parameter has "
+                   "requires_grad=False, or forward computes the outputs under torch.no_grad): training would have "
+                   "nothing to update",
+                   "leave requires_grad=True on the parameters to train (build_model), then recompile with "
+                   f"`ftc compile` ({pipeline.folder} records the outputs' requires_grad of compile time)")  # fmt: skip
+
+
 def check_unpacked_inputs(pipeline: Pipeline) -> None:
     """Data sets stack one sample per row of each input's batch dimension, and the engine cuts
     micro-batches by slicing it: an input with several rows per sample (pipeline.packed_inputs)
@@ -384,6 +398,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         for line in memory_plan_differences(config, pipeline):
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
     check_unpacked_inputs(pipeline)
+    check_trainable(pipeline, model_file)
     if rank == 0:
         check_writable(config)
     device = training_device(config, rank)

@@ -4,13 +4,14 @@ per-rank entry point it starts.
     python -m torch.distributed.run --standalone --nproc-per-node N \\
         -m ftc.runtime.worker CONFIG.json [--set key=value ...]
 
-One process per pipeline device. A rank that fails prints one line naming itself and the step,
-records it in FTC_STATUS_DIR/rank-<r>.json and exits non-zero; torchrun then stops the other
-ranks (those waiting on the failed one also time out on their own after timeout_s), and the
-launcher reports every rank's last state. For several machines, set the config key "torchrun"
-to the rendezvous flags, e.g. ["--nnodes", "2", "--node-rank", "0", "--rdzv-backend", "c10d",
-"--rdzv-endpoint", "host0:29500", "--nproc-per-node", "2"], and start the same command on each
-machine (the checkpoint folder must then be on a shared file system).
+One process per pipeline device. Each rank writes its stderr to FTC_STATUS_DIR/rank-<r>.stderr,
+whose warnings the launcher prints once each (relay.py). A rank that fails prints one line
+naming itself and the step, records it in FTC_STATUS_DIR/rank-<r>.json and exits non-zero;
+torchrun then stops the other ranks (those waiting on the failed one also time out on their own
+after timeout_s), and the launcher reports every rank's last state. For several machines, set
+the config key "torchrun" to the rendezvous flags, e.g. ["--nnodes", "2", "--node-rank", "0",
+"--rdzv-backend", "c10d", "--rdzv-endpoint", "host0:29500", "--nproc-per-node", "2"], and start
+the same command on each machine (the checkpoint folder must then be on a shared file system).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from ftc.ir import FtcError
 from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
-from .train import Results, Status, resolve_loss, train, training_device
+from .relay import WarningRelay, send_stderr
+from .train import Results, Status, check_trainable, resolve_loss, train, training_device
 
 
 def backend(config: Config) -> str:
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     status = Status(rank)
+    if status.path is not None:
+        send_stderr(status.path.parent, rank)
     try:
         config = load_config(args.config, [*args.set, "mode=dist"])
         if config.device == "cuda":
@@ -99,7 +103,9 @@ def launch(config: Config) -> Results | None:
 
     pipeline = load_pipeline(config.pipeline)
     # What every rank would fail on alike is said once, before any process starts.
-    resolve_loss(config, load_model_file(pipeline.model_file_or(config.model)))
+    model_file = load_model_file(pipeline.model_file_or(config.model))
+    resolve_loss(config, model_file)
+    check_trainable(pipeline, model_file)
     if config.nprocs is not None and not config.torchrun and config.nprocs != pipeline.num_devices:
         raise FtcError(f"config key 'nprocs' is {config.nprocs}, but {pipeline.folder} places its stages on "
                        f"{pipeline.num_devices} devices", f"set nprocs={pipeline.num_devices} or leave it out")  # fmt: skip
@@ -126,10 +132,11 @@ def launch(config: Config) -> Results | None:
     env.setdefault("OMP_NUM_THREADS", "1")
     log = run_dir / "torchrun.log"
     print(f"launching {nprocs} processes: torchrun {' '.join(launcher)}", flush=True)
-    with open(log, "w") as log_file:
+    with open(log, "w") as log_file, WarningRelay(run_dir, nprocs):
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
         code, stopped_by = _run_torchrun(command, env, log_file)
+    logs = f"each rank's stderr: {run_dir}/rank-<r>.stderr; torchrun's log: {log}"
     states = [_rank_state(run_dir, rank) for rank in range(pipeline.num_devices)]
     if stopped_by is not None:
         steps = sorted({state["step"] for state in states if state and state["step"] >= 0})
@@ -141,10 +148,10 @@ def launch(config: Config) -> Results | None:
     if code != 0:
         report = _failure_report(states, code, log.read_text())
         if not (results_path.is_file() and all(state and state["state"] == "done" for state in states)):
-            raise FtcError(report, f"torchrun's log: {log}")
+            raise FtcError(report, logs)
         # Training, its results and its checkpoints are complete: a process that then failed
         # to shut down cleanly is worth a warning, not the loss of the run.
-        print(f"ftc train: warning: every rank finished, but {report}\n  (torchrun's log: {log})", file=sys.stderr)
+        print(f"ftc train: warning: every rank finished, but {report}\n  ({logs})", file=sys.stderr)
     if states[0] is None:
         # Several machines: rank 0 runs on another one, which writes the results.
         if code == 0:

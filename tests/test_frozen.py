@@ -1,0 +1,171 @@
+"""Frozen parameters (requires_grad=False) in training.
+
+A model with some frozen layers trains as usual, though its stages 0 and 2 hold only frozen
+parameters (their optimizers have nothing to update): in modes local and dist its per-step losses
+and final weights (the merged checkpoint) must equal mode single's to a relative 1e-5, the frozen
+weights must stay as built, schedule async must match the plain-PyTorch async reference
+(tests/async_reference.py), and a run stopped at a checkpoint and resumed on another layout of
+ranks must continue the uninterrupted single-process run. A model whose every parameter is
+frozen is refused before training, in every mode, naming its model file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftc.compiler import CompileOptions, compile_model
+from ftc.ir import FtcError
+from ftc.runtime import checkpoint
+from ftc.runtime.config import load_config
+from ftc.runtime.model_file import load_model_file
+from ftc.runtime.train import build_single, train
+from ftc.runtime.worker import launch
+
+from .async_reference import async_reference
+
+STEPS = 6
+MODEL = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FROZEN = {FROZEN}
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(16, 16) for _ in range(4)])
+        for k in FROZEN:
+            self.layers[k].requires_grad_(False)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def build_model():
+    return Stack()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 16),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """Layers 0 and 2 frozen, compiled into 4 stages of one layer each (method uniform); and everything frozen."""
+    root = tmp_path_factory.mktemp("frozen")
+    (root / "part.py").write_text(MODEL.replace("{FROZEN}", "(0, 2)"))
+    (root / "all.py").write_text(MODEL.replace("{FROZEN}", "(0, 1, 2, 3)"))
+    part = compile_model(root / "part.py", root / "generated", CompileOptions(stages=4, method="uniform")).folder
+    every = compile_model(root / "all.py", root / "generated", CompileOptions(stages=2)).folder
+    return root, part, every
+
+
+def config(root, pipeline, name, **settings):
+    data = {
+        "pipeline": str(pipeline), "data": {"name": "synthetic"},
+        "optimizer": {"name": "adamw", "lr": 0.05, "weight_decay": 0.01}, "lr_schedule": {"name": "constant"},
+        "batch_size": 8, "micro_batches": 4, "steps": STEPS, "seed": 3, "log_every": 10, "timeout_s": 30,
+        "results": str(root / name / "results.json"),
+        "checkpoint": {"dir": str(root / name / "checkpoints"), "every": 3},
+    }  # fmt: skip
+    data.update(settings)
+    return load_config(data=data)
+
+
+@pytest.fixture(scope="module")
+def single(frozen):
+    root, part, _ = frozen
+    results = train(config(root, part, "single", mode="single"))
+    return results.loss, checkpoint.merge(root / "single" / "checkpoints")[1]
+
+
+def assert_same(losses, state, truth_losses, truth_state):
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(truth_losses), rtol=1e-5, atol=0)
+    assert set(state) == set(truth_state)
+    for key, expected in truth_state.items():
+        error = (state[key] - expected).norm() / expected.norm().clamp(min=1e-12)
+        assert error <= 1e-5, f"{key}: relative difference {error:.2e}"
+
+
+def test_stages_of_frozen_layers_only_exist(frozen):
+    _, part, _ = frozen
+    stages = json.loads((part / "pipeline.json").read_text())["stages"]
+    layers = [sorted({name.split(".")[1] for name in stage["state"]}) for stage in stages]
+    assert layers == [["0"], ["1"], ["2"], ["3"]]
+
+
+def test_single_trains_only_the_unfrozen_layers(frozen, single):
+    root, part, _ = frozen
+    losses, state = single
+    cfg = config(root, part, "initial", mode="single")
+    initial = build_single(cfg, load_model_file(root / "part.py"), torch.device("cpu"))
+    for key, value in initial.state_dict().items():
+        frozen_layer = key.split(".")[1] in ("0", "2")
+        assert torch.equal(state[key], value) == frozen_layer, key
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("mode, schedule", [("local", "1f1b"), ("local", "gpipe"), ("dist", "1f1b")])
+def test_a_partly_frozen_model_trains_as_in_mode_single(frozen, single, mode, schedule):
+    root, part, _ = frozen
+    name = f"{mode}-{schedule}"
+    cfg = config(root, part, name, mode=mode, schedule=schedule)
+    results = launch(cfg) if mode == "dist" else train(cfg)
+    assert_same(results.loss, checkpoint.merge(root / name / "checkpoints")[1], *single)
+
+
+@pytest.mark.parametrize("mode", ["local", "dist"])
+def test_a_partly_frozen_model_trains_async_as_the_reference(frozen, mode):
+    root, part, _ = frozen
+    name = f"async-{mode}"
+    cfg = config(root, part, name, mode=mode, schedule="async", micro_batches=2, staleness={"flush_every": 3})
+    truth = async_reference(cfg, root / "part.py")
+    assert truth.stale_forwards > 0
+    results = launch(cfg) if mode == "dist" else train(cfg)
+    assert_same(results.loss, checkpoint.merge(root / name / "checkpoints")[1], truth.losses, truth.state)
+
+
+def test_a_partly_frozen_run_resumes_on_other_ranks(frozen, single):
+    """Stopped after the checkpoint of step 3 in mode local (one optimizer for every stage),
+    resumed in dist, where the ranks of the frozen stages have no optimizer."""
+    root, part, _ = frozen
+    name = "resume"
+    with pytest.raises(FtcError, match="the loss is nan at step 5"):
+        train(config(root, part, name, mode="local", inject_fault={"step": 5, "kind": "nan"}))
+    assert checkpoint.merge(root / name / "checkpoints")[0] == 3
+    cfg = config(root, part, name, mode="dist", checkpoint={"dir": str(root / name / "checkpoints"), "every": 3,
+                                                             "resume": True})  # fmt: skip
+    results = launch(cfg)
+    assert results.first_step == 3
+    assert_same(results.loss, checkpoint.merge(root / name / "checkpoints")[1], single[0][3:], single[1])
+
+
+@pytest.mark.parametrize("mode", ["single", "local", "dist"])
+def test_a_model_with_every_parameter_frozen_is_refused_before_training(frozen, mode):
+    root, _, every = frozen
+    cfg = config(root, every, f"all-{mode}", mode=mode)
+    with pytest.raises(FtcError) as refused:
+        launch(cfg) if mode == "dist" else train(cfg)
+    assert f"{root / 'all.py'}: no output of the model depends on a trainable parameter" in refused.value.message
+    assert "requires_grad=True" in refused.value.hint
+    assert not (root / f"all-{mode}" / "checkpoints").exists()
