@@ -38,6 +38,7 @@ from ftc.ir import FtcError, Graph, Node, load
 from ftc.passes.partition.problem import may_draw_random
 from ftc.runtime import LocalExecutor, comm, load_model_file, load_pipeline
 from ftc.runtime.pipeline import Pipeline
+from ftc.runtime.seeding import seed_generators
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -242,7 +243,7 @@ def check_pipeline(
     batch_size = batch_size or pipeline.manifest["batch_size"]
     graph = load(Path(folder) / "ir.json")
 
-    torch.manual_seed(seed)
+    seed_generators(seed)
     original = model_file.build()
     original.train()
     _require_same_structure(graph, original, model_file.path, Path(folder))

@@ -29,9 +29,9 @@ Built-in data sets (the config's `data.name`; the other `data` keys are its opti
   `dataset` in the model file) called with the other `data` options as keyword arguments; it
   returns a data set as above.
 
-Every rank that reads data builds the data set itself, under `seeded(config seed)`: Python's,
-NumPy's and torch's generators seeded alike, so a data set drawn from global randomness comes
-out the same everywhere; `fingerprint` lets the ranks check that they agree.
+Every rank that reads data builds the data set itself, under `seeding.seeded(config seed)`:
+Python's, NumPy's and torch's generators seeded alike, so a data set drawn from global randomness
+comes out the same everywhere; `fingerprint` lets the ranks check that they agree.
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ import hashlib
 import inspect
 import math
 import os
-import random
-import sys
 import sysconfig
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -261,26 +258,6 @@ def _unlike_samples(samples: list, indices: list[int]) -> str:
             if other[path] != shape:
                 return f"{path} is {shape} in sample {indices[0]}, {other[path]} in sample {index}"
     return "their structures differ"
-
-
-@contextmanager
-def seeded(seed: int):
-    """Python's, NumPy's (when imported) and torch's CPU generator seeded with `seed` inside,
-    restored after."""
-    numpy = sys.modules.get("numpy")
-    python_state = random.getstate()
-    numpy_state = numpy.random.get_state() if numpy is not None else None
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        if numpy is not None:
-            numpy.random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            if numpy_state is not None:
-                numpy.random.set_state(numpy_state)
 
 
 def fingerprint(dataset: Any, indices: list[int]) -> str:

@@ -1,6 +1,8 @@
 """Building only a rank's stages: every rank builds the model, keeps real tensors only for the
-parameters and buffers its stages adopt, and gives them exactly the values that
-`torch.manual_seed(seed); build_model()` gives them on the CPU (or a checkpoint's values).
+parameters and buffers its stages adopt, and gives them exactly the values that build_model()
+gives them on the CPU with Python's `random`, NumPy's and torch's generators seeded with the
+config's seed (or a checkpoint's values). Both builds below run all of build_model()'s Python,
+seeded alike, so its draws from Python's and NumPy's generators are the reference build's.
 
 Exact seeded values depend on the order of every draw from the generator, the draws made for the
 tensors this rank does not keep included. So the model is built twice under a TorchDispatchMode
@@ -33,8 +35,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import random
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ from ftc.ir import FtcError
 
 from .model_file import ModelFile
 from .pipeline import Pipeline, StageSpec
+from .seeding import seed_generators
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def build_stages(
     checkpoint: str | Path | None = None,
 ) -> dict[int, torch.nn.Module]:
     """Stage index -> stage module for `stage_indices`, its parameters and buffers real tensors on
-    `device`: the values `torch.manual_seed(seed); build_model()` gives them on the CPU, or the
+    `device`: the values `seed_generators(seed); build_model()` gives them on the CPU, or the
     checkpoint's. Stages that share a module or a tied parameter share the tensor objects."""
     specs = {spec.index: spec for spec in pipeline.stages}
     unknown = [index for index in stage_indices if index not in specs]
@@ -99,9 +100,8 @@ def build_stages(
             f"pick stages among {sorted(specs)}",
         )
     classes = {index: pipeline.stage_class(specs[index]) for index in stage_indices}
-    python_random = _PythonRandomState.save()
     try:
-        stages = _build_owned(model_file, classes, seed, python_random, pipeline)
+        stages = _build_owned(model_file, classes, seed, pipeline)
     except _Unsupported as exc:
         log.warning(
             "%s: building the whole model on the CPU to keep stages %s, because %s",
@@ -109,7 +109,6 @@ def build_stages(
             ", ".join(map(str, stage_indices)),
             exc,
         )
-        python_random.restore()
         stages = _build_whole(model_file, classes, seed, pipeline)
     _move(stages, torch.device(device))
     if checkpoint is not None:
@@ -179,9 +178,10 @@ class _Unsupported(Exception):
 
 
 def _build_owned(
-    model_file: ModelFile, classes: dict[int, type], seed: int, python_random: _PythonRandomState,
-    pipeline: Pipeline | None = None,
+    model_file: ModelFile, classes: dict[int, type], seed: int, pipeline: Pipeline | None = None
 ) -> dict[int, torch.nn.Module]:
+    # Seeded as the replay is, so that a build that branches on a draw runs the same ops.
+    seed_generators(seed)
     recorder = _Recorder()
     try:
         with _LooksReal(recorder), recorder:
@@ -198,8 +198,7 @@ def _build_owned(
     _log_stepping_stones(meta_model, recorder, plan, owned)
     del meta_model, recorder
 
-    python_random.restore()
-    torch.manual_seed(seed)
+    seed_generators(seed)
     replayer = _Replayer(plan)
     try:
         with _LooksReal(replayer), replayer:
@@ -222,7 +221,7 @@ def _build_owned(
 def _build_whole(
     model_file: ModelFile, classes: dict[int, type], seed: int, pipeline: Pipeline | None = None
 ) -> dict[int, torch.nn.Module]:
-    torch.manual_seed(seed)
+    seed_generators(seed)
     return _construct(classes, model_file.build(), pipeline)
 
 
@@ -716,26 +715,6 @@ def _move(stages: dict[int, torch.nn.Module], device: torch.device) -> None:
                     moved[id(buffer)] = buffer.to(device)
                     held.append(buffer)
                 module._buffers[name] = moved[id(buffer)]
-
-
-class _PythonRandomState:
-    """Python's and NumPy's generator states: the record build must not consume the draws a
-    model's build_model() may take from them."""
-
-    def __init__(self, python: object, numpy: object | None) -> None:
-        self.python = python
-        self.numpy = numpy
-
-    @classmethod
-    def save(cls) -> _PythonRandomState:
-        numpy = sys.modules.get("numpy")
-        return cls(random.getstate(), numpy.random.get_state() if numpy is not None else None)
-
-    def restore(self) -> None:
-        random.setstate(self.python)
-        numpy = sys.modules.get("numpy")
-        if numpy is not None and self.numpy is not None:
-            numpy.random.set_state(self.numpy)
 
 
 @dataclass

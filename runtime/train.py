@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from ftc.ir import FtcError
 
-from . import checkpoint
+from . import checkpoint, shared_copies
 from .config import Config
 from .data import (
     Sampler,
@@ -41,7 +41,6 @@ from .data import (
     load_batch,
     map_with_dims,
     output_specs,
-    seeded,
     synthetic_targets,
     target_batch_dims,
     tree_map,
@@ -51,6 +50,7 @@ from .model_file import ModelFile, function_from_file, load_model_file, user_err
 from .materialize import build_stages, load_checkpoint
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
+from .seeding import seed_generators, seeded
 from .staleness import GAP_SQUARES, SharedSet, StaleWeights, shared_sets
 
 
@@ -291,7 +291,7 @@ def plan_rank(config: Config, pipeline: Pipeline, rank: int, world_size: int, de
 
 
 def build_single(config: Config, model_file: ModelFile, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(config.seed)
+    seed_generators(config.seed)
     model = model_file.build()
     if config.init is not None:
         # the pipeline modes' reader, so their errors match
@@ -428,6 +428,10 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         modules = [model]
     else:
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
+        if config.mode == "dist":
+            # Mode local builds the model once: there, what stages share is one tensor.
+            digests = gather_setup(setup_group, shared_copies.digests(pipeline, stage_modules), world_size)
+            shared_copies.check_equal(pipeline, digests)
         modules = list(stage_modules.values())
         make_engine = functools.partial(
             Engine, pipeline, stage_modules, schedule=config.schedule, loss_fn=loss_fn, seed=config.seed,
@@ -639,19 +643,25 @@ def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> No
             )
 
 
-def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size: int) -> None:
-    """Wait until every rank has built its stages and data (`group`'s timeout is setup_timeout_s:
-    building a corpus may take long, while timeout_s bounds one message), and check that the
-    ranks reading inputs and the one reading targets built the same data set: each builds its own."""
-    mine = fingerprint(dataset, sampler.indices(0)) if dataset is not None else None
-    prints: list[str | None] = [None] * world_size
+def gather_setup(group: Any, mine: Any, world_size: int) -> list[Any]:
+    """Every rank's `mine`, once every rank has got this far in setting up (`group`'s timeout is
+    setup_timeout_s: building stages or a corpus may take long, while timeout_s bounds one message)."""
+    gathered: list[Any] = [None] * world_size
     try:
-        dist.all_gather_object(prints, mine, group=group)
+        dist.all_gather_object(gathered, mine, group=group)
     except RuntimeError as exc:
         raise FtcError(f"not every rank finished setting up (building its stages and data set) within setup_timeout_s "
                        f"({str(exc).splitlines()[0]})",
                        "raise setup_timeout_s if building takes this long; a rank that failed says why in its own "
                        "line") from exc  # fmt: skip
+    return gathered
+
+
+def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size: int) -> None:
+    """Wait until every rank has built its data, and check that the ranks reading inputs and the
+    one reading targets built the same data set: each builds its own."""
+    mine = fingerprint(dataset, sampler.indices(0)) if dataset is not None else None
+    prints: list[str | None] = gather_setup(group, mine, world_size)
     readers = {rank: value for rank, value in enumerate(prints) if value is not None}
     if len(set(readers.values())) > 1:
         listed = ", ".join(f"rank {rank}: {value}" for rank, value in readers.items())

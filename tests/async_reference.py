@@ -59,11 +59,12 @@ import torch
 from torch.func import functional_call
 
 from ftc.runtime.config import Config
-from ftc.runtime.data import Sampler, build_dataset, load_batch, seeded
+from ftc.runtime.data import Sampler, build_dataset, load_batch
 from ftc.runtime.model_file import load_model_file
 from ftc.runtime.optim import build_optimizer, lr_factor
 from ftc.runtime.pipeline import Pipeline, load_pipeline
 from ftc.runtime.schedule import BACKWARD, FORWARD, IN_ORDER, Action, simulate
+from ftc.runtime.seeding import seeded
 from ftc.runtime.train import build_single
 
 

@@ -1,8 +1,9 @@
 """build_stages builds only a rank's stages. The truth is the whole model built on the CPU after
-torch.manual_seed(seed): for every example and every device's stage set, the stages' parameters
-and buffers are bitwise its values; tied and shared tensors stay one object; the tensors of other
-stages are never allocated; checkpoints load (safetensors and torch), bad ones are named; models
-that defeat the per-op replay fall back to a whole build with a warning that says why."""
+seeding Python's `random`, NumPy's and torch's generators with seed: for every example and every
+device's stage set, the stages' parameters and buffers are bitwise its values; tied and shared
+tensors stay one object; the tensors of other stages are never allocated; checkpoints load
+(safetensors and torch), bad ones are named; models that defeat the per-op replay fall back to a
+whole build with a warning that says why."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import random
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -195,18 +197,19 @@ def named_state(module):
 
 
 def seeded_model(model_file, seed=SEED):
-    """The truth: the whole model built on the CPU after torch.manual_seed(seed), and the
-    generator's state after that build. (EDGE_MODEL also draws from Python's `random`, which
-    build_stages must draw from as one build does: tests seed it before each build.)"""
+    """The truth: the whole model built on the CPU after seeding Python's, NumPy's and torch's
+    generators with `seed`, and torch's generator state after that build. (EDGE_MODEL also draws
+    from Python's `random`.)"""
     random.seed(seed)
+    numpy.random.seed(seed)
     torch.manual_seed(seed)
     model = model_file.build()
     return model, torch.get_rng_state()
 
 
 def build(model_file, pipeline, indices, device="cpu", checkpoint=None):
-    """build_stages, with Python's `random` seeded as seeded_model seeds it."""
-    random.seed(SEED)
+    """build_stages, after Python's `random` was left elsewhere: build_stages seeds it itself."""
+    random.seed(SEED + 1)
     return build_stages(model_file, pipeline, indices, device, SEED, checkpoint)
 
 

@@ -67,6 +67,7 @@ from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
 from ftc.runtime.model_file import ModelFile
+from ftc.runtime.seeding import seed_generators
 
 from .cache import ProfileCache
 from .loss import as_leaves, loss_target
@@ -235,7 +236,7 @@ def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, se
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        torch.manual_seed(0)
+        seed_generators(0)
         clock = _Clock(settings)
         if wants_save_memory(graph, settings):
             batch = model_file.inputs(graph.batch_size)  # on the host; nodes move what they read

@@ -29,6 +29,7 @@ import torch
 
 from ftc.runtime import LocalExecutor, load_pipeline
 from ftc.runtime.model_file import ModelFile
+from ftc.runtime.seeding import seed_generators
 
 from .loss import as_leaves, loss_target
 
@@ -50,7 +51,7 @@ class StageTimer:
         """Register the stages of the pipeline in `folder`; their keys, in stage order."""
         pipeline = load_pipeline(folder)
         if self.model is None:
-            torch.manual_seed(0)
+            seed_generators(0)
             self.model = self.model_file.build(self.device).train()
         executor = LocalExecutor(pipeline, self.model)
         torch.manual_seed(1)
