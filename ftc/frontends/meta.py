@@ -11,6 +11,7 @@ outputs of the metadata the first one gave (ftc/repeats.py) instead of running a
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +22,20 @@ from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, 
 from ftc.repeats import Repeats, repeat_key
 
 from .common import dtype_name
+
+
+META_ONLY_FIX = (
+    "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
+    "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class"
+)
+# What torch says when code needs tensor values, or an op lacks a meta kernel: meta-only failures.
+VALUE_ERROR_TYPES = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException"}
+VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
+
+
+def fails_only_on_meta(exc: Exception) -> bool:
+    """Whether `exc` is a failure of the meta device, as opposed to one on any device."""
+    return type(exc).__name__ in VALUE_ERROR_TYPES or VALUE_ERROR_WORDS.search(str(exc).lower()) is not None
 
 
 class _Propagator(Interpreter):
@@ -41,11 +56,18 @@ class _Propagator(Interpreter):
             raise FtcError(
                 f"node {node.name!r} ({node.source or node.module_path or 'forward'}) failed on the meta device: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
-                "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class",
+                META_ONLY_FIX if fails_only_on_meta(exc) else self._plain_failure_fix(),
             ) from exc
         self.repeats.record(key, node, (args, kwargs), out)
         return out
+
+    def _plain_failure_fix(self) -> str:
+        shapes = ", ".join(f"{name} {list(self.env[name].shape)}" for name in self.graph.inputs
+                           if isinstance(self.env[name], torch.Tensor))  # fmt: skip
+        return (
+            f"forward fails there with the input shapes example_inputs() gives ({shapes}), on any device: run the "
+            "model on example_inputs() in plain PyTorch to see the error, and fix the model or example_inputs()"
+        )
 
 
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
