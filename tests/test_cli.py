@@ -123,13 +123,13 @@ FORWARD_FAILS = {
     "shape_mismatch": (
         "self.b(self.a(x)[:, :3])",
         "node 'b' (failing.py:13) failed on the meta device: RuntimeError: mat1 and mat2 shapes cannot be multiplied",
-        "fix: forward fails there with the input shapes example_inputs() gives (x [8, 8]), on any device: run the "
-        "model on example_inputs() in plain PyTorch",
+        "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device, not only on the "
+        "meta device: run the model on example_inputs() in plain PyTorch",
     ),
     "broadcast": (
         "self.b(self.a(x)) + x",
         "failed on the meta device: RuntimeError:",
-        "fix: forward fails there with the input shapes example_inputs() gives (x [8, 8])",
+        "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device",
     ),
     "item": (
         "self.b(self.a(x)) * x.sum().item()",
@@ -148,6 +148,18 @@ def test_forward_failing_on_the_meta_device_gets_the_fix_for_its_cause(case, tmp
     result = run_cli(["compile", model, "--stages", 2, "--frontend", "fx", "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, *fragments)
     assert ("data-dependent" in result[2]) == (case == "item")
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
+def test_forward_that_no_tracer_follows_for_a_shape_error_is_named_as_such(frontend, tmp_path, capsys):
+    """A shape mismatch behind shape-dependent Python (fx fails on the branch, export on the
+    mismatch) was reported as untraceable Python, with the fix to remove branching on shapes."""
+    body = "self.b(self.a(x)[:, :3] if x.shape[0] > 1 else self.a(x))"
+    model = write(tmp_path, "failing.py", FAILING.replace("BODY", body))
+    result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
+    fix = "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device"
+    assert_user_error(result, "failing.py: forward raised RuntimeError:", f"(at {model}:13: return {body})", fix)
+    assert "could not trace" not in result[2]
 
 
 def test_overhead_flags_reach_the_predicted_times(tmp_path, capsys):

@@ -11,6 +11,7 @@ runs with the random generators seeded (draws.py), so that every compile gives t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import sysconfig
@@ -29,7 +30,7 @@ from .common import user_source
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import trace_export
 from .fx import BufferAssigned, trace_fx
-from .meta import annotate_meta
+from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -98,7 +99,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             raise
         except Exception as exc:
             if frontend == "fx":
-                raise untraceable(model_file, "torch.fx", exc) from exc
+                raise forward_failure(model_file, batch) or untraceable(model_file, "torch.fx", exc) from exc
             fx_error = exc
             model = model_file.build("meta")  # fx may have left tracing state on the modules
         else:
@@ -113,6 +114,9 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     except FtcError:
         raise
     except Exception as exc:
+        failure = forward_failure(model_file, batch)
+        if failure is not None:
+            raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):
             raise FtcError(
                 f"{model_file.path}: torch.export cannot trace at batch size 1 (it fixes dimensions of size 1, "
@@ -222,6 +226,24 @@ def library_frame(exc: BaseException, model_path: Path) -> str:
             return ""
         return f" (at {path}:{frame.lineno}: {(frame.line or '').strip()})"
     return ""
+
+
+def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | None:
+    """An error for a forward that fails on example_inputs() however it runs (a shape mismatch),
+    which is why no tracer could follow it; None when forward runs on the meta device."""
+    model = model_file.build("meta")  # a tracer that gave up may have left its state on the modules
+    try:
+        with _quiet():
+            model(**batch) if isinstance(batch, dict) else model(*batch)
+    except Exception as exc:
+        if fails_only_on_meta(exc):
+            return None
+        names = inspect.signature(model.forward).parameters
+        inputs = batch if isinstance(batch, dict) else dict(zip(names, batch))
+        where = user_frame(exc, model_file.path)
+        return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {_first_line(exc)}{where}",
+                        plain_failure_fix(inputs))  # fmt: skip
+    return None
 
 
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:

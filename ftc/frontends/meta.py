@@ -38,6 +38,16 @@ def fails_only_on_meta(exc: Exception) -> bool:
     return type(exc).__name__ in VALUE_ERROR_TYPES or VALUE_ERROR_WORDS.search(str(exc).lower()) is not None
 
 
+def plain_failure_fix(inputs: dict[str, Any]) -> str:
+    """The fix for forward failing on example_inputs() on any device (a shape mismatch, say)."""
+    shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in inputs.items() if isinstance(t, torch.Tensor))
+    return (
+        f"forward fails with the input shapes example_inputs() gives ({shapes}) on any device, not only on the "
+        "meta device: run the model on example_inputs() in plain PyTorch to see the error, and fix the model or "
+        "example_inputs()"
+    )
+
+
 class _Propagator(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
@@ -53,21 +63,14 @@ class _Propagator(Interpreter):
         except FtcError:
             raise
         except Exception as exc:
+            inputs = {name: self.env[name] for name in self.graph.inputs}
             raise FtcError(
                 f"node {node.name!r} ({node.source or node.module_path or 'forward'}) failed on the meta device: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                META_ONLY_FIX if fails_only_on_meta(exc) else self._plain_failure_fix(),
+                META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
             ) from exc
         self.repeats.record(key, node, (args, kwargs), out)
         return out
-
-    def _plain_failure_fix(self) -> str:
-        shapes = ", ".join(f"{name} {list(self.env[name].shape)}" for name in self.graph.inputs
-                           if isinstance(self.env[name], torch.Tensor))  # fmt: skip
-        return (
-            f"forward fails there with the input shapes example_inputs() gives ({shapes}), on any device: run the "
-            "model on example_inputs() in plain PyTorch to see the error, and fix the model or example_inputs()"
-        )
 
 
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
