@@ -60,6 +60,108 @@ def test_compile_prints_the_stage_table(tmp_path, capsys):
     assert (tmp_path / "gen" / "good" / "stage1.py").is_file()
 
 
+NUMPY_INIT = """
+import numpy
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.from_numpy(numpy.linspace(-1, 1, 8).astype("float32")))
+        self.register_buffer("pe", torch.from_numpy(numpy.ones((8,), "float32")))
+
+    def forward(self, x):
+        return self.a(x) + self.bias + self.pe
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_state_made_with_from_numpy_is_named_with_the_fix(tmp_path, capsys):
+    """torch.from_numpy ignores the meta device ftc builds under; forward then failed on the meta
+    device with a hint about .item() and branching."""
+    model = write(tmp_path, "numpy_init.py", NUMPY_INIT)
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "makes parameter 'bias' (on cpu), buffer 'pe' (on cpu) while ftc builds the model on "
+                      "the meta device", "create them with torch.tensor(array) or torch.as_tensor(array)")  # fmt: skip
+    model.write_text(NUMPY_INIT.replace("torch.from_numpy(", "torch.as_tensor("))
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+
+
+FAILING = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return BODY
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+FORWARD_FAILS = {
+    "shape_mismatch": (
+        "self.b(self.a(x)[:, :3])",
+        "node 'b' (failing.py:13) failed on the meta device: RuntimeError: mat1 and mat2 shapes cannot be multiplied",
+        "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device, not only on the "
+        "meta device: run the model on example_inputs() in plain PyTorch",
+    ),
+    "broadcast": (
+        "self.b(self.a(x)) + x",
+        "failed on the meta device: RuntimeError:",
+        "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device",
+    ),
+    "item": (
+        "self.b(self.a(x)) * x.sum().item()",
+        "failed on the meta device: RuntimeError: Tensor.item() cannot be called on meta tensors",
+        "fix: ftc runs the model on the meta device (shapes only): avoid data-dependent Python",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARD_FAILS))
+def test_forward_failing_on_the_meta_device_gets_the_fix_for_its_cause(case, tmp_path, capsys):
+    """The hint about data-dependent Python is for what only the meta device cannot run; a plain
+    shape error fails on any device, and the hint says so, with the shapes it ran with."""
+    body, *fragments = FORWARD_FAILS[case]
+    model = write(tmp_path, "failing.py", FAILING.replace("BODY", body))
+    result = run_cli(["compile", model, "--stages", 2, "--frontend", "fx", "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, *fragments)
+    assert ("data-dependent" in result[2]) == (case == "item")
+
+
+@pytest.mark.parametrize("frontend", ["auto", "fx", "export"])
+def test_forward_that_no_tracer_follows_for_a_shape_error_is_named_as_such(frontend, tmp_path, capsys):
+    """A shape mismatch behind shape-dependent Python (fx fails on the branch, export on the
+    mismatch) was reported as untraceable Python, with the fix to remove branching on shapes."""
+    body = "self.b(self.a(x)[:, :3] if x.shape[0] > 1 else self.a(x))"
+    model = write(tmp_path, "failing.py", FAILING.replace("BODY", body))
+    result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
+    fix = "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device"
+    assert_user_error(result, "failing.py: forward raised RuntimeError:", f"(at {model}:13: return {body})", fix)
+    assert "could not trace" not in result[2]
+
+
 def test_overhead_flags_reach_the_predicted_times(tmp_path, capsys):
     """The per-op and per-stage overheads are the analytic device model's: setting them to 0
     leaves the roofline, and the manifest records them."""

@@ -4,12 +4,14 @@
 handles models fx cannot trace, such as Python that depends on shapes. `auto` tries fx first,
 and export as well when fx's graph calls a whole torch.nn transformer stack (nn.Transformer,
 nn.TransformerEncoder, nn.TransformerDecoder) as one op that no split could cut.
-The model is built on the meta device, so no weights are allocated whatever its size.
+The model is built on the meta device, so no weights are allocated whatever its size. Tracing
+runs with the random generators seeded (draws.py), so that every compile gives the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import sysconfig
@@ -25,9 +27,10 @@ from ftc.runtime import model_file as model_file_module
 from ftc.runtime.model_file import ModelFile, user_frame
 
 from .common import user_source
+from .draws import draws_note, drawn_from, trace_seeded
 from .export import trace_export
 from .fx import BufferAssigned, trace_fx
-from .meta import annotate_meta
+from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -41,7 +44,8 @@ class Traced(NamedTuple):
 def trace(model_file: ModelFile, batch_size: int, frontend: str = "auto", name: str | None = None) -> Traced:
     """Trace the model file's model into an IR graph annotated with value metadata."""
     try:
-        return _trace(model_file, batch_size, frontend, name)
+        with trace_seeded():
+            return _trace(model_file, batch_size, frontend, name)
     except FtcError as exc:
         if str(model_file.path) in exc.message:
             raise
@@ -53,42 +57,66 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
     model = model_file.build("meta")
+    _check_on_meta(model, model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
+    draws: list[str] = []
     with _checkpoints_as_calls(model_file, checkpoints):
-        traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name)
+        traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws)
     if checkpoints:
         traced.graph.trace_notes.append(
             f"forward calls torch.utils.checkpoint at {', '.join(dict.fromkeys(checkpoints))}: traced as a plain call; "
             "ftc recomputes whole stages instead, where --recompute says (the stage code keeps no checkpoint)"
         )
+    if draws:
+        traced.graph.trace_notes.append(draws_note(draws))
     return traced
 
 
-def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name) -> Traced:
+def _check_on_meta(model: torch.nn.Module, model_file: ModelFile) -> None:
+    """Parameters and buffers that build_model() made off the meta device, which the meta run
+    of forward cannot mix with meta tensors."""
+    state = [*(("parameter", name, t) for name, t in model.named_parameters()),
+             *(("buffer", name, t) for name, t in model.named_buffers())]  # fmt: skip
+    off_meta = [f"{kind} {name!r} (on {t.device})" for kind, name, t in state if t.device.type != "meta"]
+    if off_meta:
+        raise FtcError(
+            f"{model_file.path}: build_model() makes {', '.join(off_meta)} while ftc builds the model on the meta "
+            "device, so forward cannot run there",
+            f"create {'them' if len(off_meta) > 1 else 'it'} with torch.tensor(array) or torch.as_tensor(array), "
+            "which follow torch.device(\"meta\"), instead of torch.from_numpy(array), which ignores it (and pass "
+            "no device= in build_model())",
+        )
+
+
+def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws) -> Traced:
     if frontend in ("auto", "fx"):
         try:
-            graph = trace_fx(model, model_file, batch, name)
+            with drawn_from(draws):
+                graph = trace_fx(model, model_file, batch, name)
         except FtcError:
             raise
         except Exception as exc:
             if frontend == "fx":
-                raise untraceable(model_file, "torch.fx", exc) from exc
+                raise forward_failure(model_file, batch) or untraceable(model_file, "torch.fx", exc) from exc
             fx_error = exc
             model = model_file.build("meta")  # fx may have left tracing state on the modules
         else:
             stacks = _whole_stacks(graph, model, model_file) if frontend == "auto" else []
             if stacks:
-                graph, model = _lower_stacks(graph, model, model_file, batch, double_batch, name, stacks)
+                graph, model = _lower_stacks(graph, model, model_file, batch, double_batch, name, stacks, draws)
             graph.batch_size = batch_size
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
-        with _quiet():
+        with _quiet(), drawn_from(draws):
             graph = trace_export(model, model_file, batch, double_batch, name)
     except FtcError:
         raise
     except Exception as exc:
+        failure = forward_failure(model_file, batch)
+        if failure is not None:
+            raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):
             raise FtcError(
                 f"{model_file.path}: torch.export cannot trace at batch size 1 (it fixes dimensions of size 1, "
@@ -156,12 +184,14 @@ def _whole_stacks(graph: Graph, model: torch.nn.Module, model_file: ModelFile) -
     ]
 
 
-def _lower_stacks(graph, model, model_file, batch, double_batch, name, stacks) -> tuple[Graph, torch.nn.Module]:
+def _lower_stacks(
+    graph, model, model_file, batch, double_batch, name, stacks, draws
+) -> tuple[Graph, torch.nn.Module]:
     """fx keeps torch.nn's layers whole, and a whole transformer stack is one op no split can
     cut; export lowers it into ops. fx's graph (and model) stay the answer if export fails."""
     fresh = model_file.build("meta")  # fx may have left tracing state on the modules
     try:
-        with _quiet():
+        with _quiet(), drawn_from(draws):
             return trace_export(fresh, model_file, batch, double_batch, name), fresh
     except Exception:
         logging.getLogger("ftc").info("kept %s whole: torch.export could not trace the model", ", ".join(stacks))
@@ -196,6 +226,24 @@ def library_frame(exc: BaseException, model_path: Path) -> str:
             return ""
         return f" (at {path}:{frame.lineno}: {(frame.line or '').strip()})"
     return ""
+
+
+def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | None:
+    """An error for a forward that fails on example_inputs() however it runs (a shape mismatch),
+    which is why no tracer could follow it; None when forward runs on the meta device."""
+    model = model_file.build("meta")  # a tracer that gave up may have left its state on the modules
+    try:
+        with _quiet():
+            model(**batch) if isinstance(batch, dict) else model(*batch)
+    except Exception as exc:
+        if fails_only_on_meta(exc):
+            return None
+        names = inspect.signature(model.forward).parameters
+        inputs = batch if isinstance(batch, dict) else dict(zip(names, batch))
+        where = user_frame(exc, model_file.path)
+        return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {_first_line(exc)}{where}",
+                        plain_failure_fix(inputs))  # fmt: skip
+    return None
 
 
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:

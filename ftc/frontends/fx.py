@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, unique_name
 from ftc.runtime.model_file import ModelFile
@@ -176,9 +178,9 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     def ref_of(value: Any) -> Ref | None:
         return Ref(names[value]) if isinstance(value, fx.Node) else None
 
-    # fx keeps a placeholder per forward parameter, in order; those given a default through
-    # concrete_args only feed fx's own _assert_is_none guards, which we drop with them.
-    params = iter(inspect.signature(model.forward).parameters)
+    # fx keeps placeholders in forward's parameter order; those of defaults given through
+    # concrete_args only feed fx's own guards on the default's value, which we drop with them.
+    params = _placeholder_params(model, defaults)
     skipped: set[fx.Node] = set()
     for fx_node in fx_graph.nodes:
         where = f"node {fx_node.name!r} ({fx_node.meta.get('ftc_source') or model_file.path.name})"
@@ -245,6 +247,14 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         frontend="fx",
         training_branches=branches,
     )
+
+
+def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Iterator[str]:
+    """The forward parameter each of fx's placeholders stands for, in order. fx makes one
+    placeholder per pytree leaf of a concrete_args value: a tuple default gives several, an empty
+    one none."""
+    for param in inspect.signature(model.forward).parameters:
+        yield from [param] * (len(pytree.tree_leaves(defaults[param])) if param in defaults else 1)
 
 
 class BufferAssigned(Exception):

@@ -11,6 +11,7 @@ outputs of the metadata the first one gave (ftc/repeats.py) instead of running a
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +22,30 @@ from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, 
 from ftc.repeats import Repeats, repeat_key
 
 from .common import dtype_name
+
+
+META_ONLY_FIX = (
+    "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
+    "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class"
+)
+# What torch says when code needs tensor values, or an op lacks a meta kernel: meta-only failures.
+VALUE_ERROR_TYPES = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException"}
+VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
+
+
+def fails_only_on_meta(exc: Exception) -> bool:
+    """Whether `exc` is a failure of the meta device, as opposed to one on any device."""
+    return type(exc).__name__ in VALUE_ERROR_TYPES or VALUE_ERROR_WORDS.search(str(exc).lower()) is not None
+
+
+def plain_failure_fix(inputs: dict[str, Any]) -> str:
+    """The fix for forward failing on example_inputs() on any device (a shape mismatch, say)."""
+    shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in inputs.items() if isinstance(t, torch.Tensor))
+    return (
+        f"forward fails with the input shapes example_inputs() gives ({shapes}) on any device, not only on the "
+        "meta device: run the model on example_inputs() in plain PyTorch to see the error, and fix the model or "
+        "example_inputs()"
+    )
 
 
 class _Propagator(Interpreter):
@@ -38,11 +63,11 @@ class _Propagator(Interpreter):
         except FtcError:
             raise
         except Exception as exc:
+            inputs = {name: self.env[name] for name in self.graph.inputs}
             raise FtcError(
                 f"node {node.name!r} ({node.source or node.module_path or 'forward'}) failed on the meta device: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
-                "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class",
+                META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
             ) from exc
         self.repeats.record(key, node, (args, kwargs), out)
         return out
