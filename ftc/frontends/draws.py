@@ -13,7 +13,7 @@ import random
 import sys
 from typing import Any, Iterator
 
-from ftc.runtime.data import seeded
+from ftc.runtime.seeding import seeded
 
 TRACE_SEED = 0
 
