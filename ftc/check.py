@@ -12,7 +12,8 @@ Four copies of the model start from the same seed and weights:
    with the reference, so a wrong stage is pinned down even though later stages depend on it;
 4. the whole pipeline runs end to end in the local executor: the model's outputs and every
    parameter gradient are compared with the original's;
-5. the model and the stages run forward once more in eval mode, from the weights and buffers
+5. the model and the stages run forward once more in eval mode (set by the model's own eval(), an
+   override of train() included, on the modules the stages adopt), from the weights and buffers
    they started with, and their outputs are compared: a stage that keeps what the training-mode
    trace saw (dropout on, batch norm on batch statistics) shows here. A model whose forward
    branches on self.training (ir.json's training_branches, named when compiling) is told, not
@@ -37,6 +38,7 @@ from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Node, load
 from ftc.passes.partition.problem import may_draw_random
 from ftc.runtime import LocalExecutor, comm, load_model_file, load_pipeline
+from ftc.runtime.mode import set_mode
 from ftc.runtime.pipeline import Pipeline
 from ftc.runtime.seeding import seed_generators
 
@@ -280,6 +282,7 @@ def check_pipeline(
         stages = _check_stages_alone(pipeline, isolated, reference, original, floor, batch_size)
 
     executor = LocalExecutor(pipeline, end_to_end)
+    set_mode(end_to_end, executor.stages, True)
     problems += _state_dict_problems(pipeline, executor, original)
     torch.manual_seed(seed + 2)
     try:
@@ -339,10 +342,10 @@ def _output_problems(graph: Graph, pipeline: Pipeline) -> list[str]:
 
 def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, batch: Any, seed: int) -> float:
     """The stages' outputs against the model's, both in eval mode under no_grad."""
-    executor = LocalExecutor(pipeline, copy.deepcopy(model))
+    staged = copy.deepcopy(model)
+    executor = LocalExecutor(pipeline, staged)
     model.eval()
-    for stage in executor.stages:
-        stage.eval()
+    set_mode(staged, executor.stages, False)
     with torch.no_grad():
         torch.manual_seed(seed + 2)
         try:
@@ -377,6 +380,7 @@ def _check_stages_alone(
     """Each stage on the reference's values; parameter gradients compared with `floor`
     (gradient_floor of the original model)."""
     executor = LocalExecutor(pipeline, model)
+    set_mode(model, executor.stages, True)
     values = reference.env
     reports = []
     for spec, stage in zip(pipeline.stages, executor.stages):

@@ -14,6 +14,7 @@ import torch
 from ftc.backend.writer import write_pipeline
 from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, TensorMeta, validate
+from ftc.own_train import own_train_warnings
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
@@ -162,6 +163,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             "`and`/`or`, arithmetic): the stages keep what it computed in training mode, in eval() too (torch.nn "
             "layers such as nn.Dropout, and self.training passed to a function as it is, follow the stage's mode)"
         )
+    notes += [f"warning: {line}" for line in own_train_warnings(graph, model)]
     packed = [node.name for node in graph.nodes if node.op == "input" and isinstance(node.meta, TensorMeta)
               and node.meta.batch_dim is not None and node.meta.shape[node.meta.batch_dim] != graph.batch_size]  # fmt: skip
     if packed:

@@ -307,8 +307,9 @@ class Engine:
 
     def evaluate(self, step: int, inputs: tuple | dict | None, targets: Any | None = None) -> tuple[float | None, Any]:
         """Forwards only, without gradients (switching dropout and BatchNorm to eval mode is the
-        caller's). Returns the batch's mean loss on every rank (None when the loss device got no
-        targets) and the model's output for the whole batch on the loss device (None elsewhere)."""
+        caller's: mode.set_mode(model, stages, False), which honours the model's own train()).
+        Returns the batch's mean loss on every rank (None when the loss device got no targets) and
+        the model's output for the whole batch on the loss device (None elsewhere)."""
         with torch.no_grad():
             self._run(step, inputs, targets, 1.0, training=False)
         has_loss, loss = self._broadcast_loss()

@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ftc.ir import FtcError
 
+from .mode import set_mode
 from .model_file import ModelFile
 from .pipeline import Pipeline, StageSpec
 from .seeding import seed_generators
@@ -211,6 +212,7 @@ def _build_owned(
             f"and {replayer.position} on the CPU"
         )
     stages = _construct(classes, model)
+    set_mode(model, stages.values(), True)
     for index, stage in stages.items():
         for name, tensor in _named_state_tensors(stage):
             if tensor.is_meta:
@@ -222,7 +224,10 @@ def _build_whole(
     model_file: ModelFile, classes: dict[int, type], seed: int, pipeline: Pipeline | None = None
 ) -> dict[int, torch.nn.Module]:
     seed_generators(seed)
-    return _construct(classes, model_file.build(), pipeline)
+    model = model_file.build()
+    stages = _construct(classes, model, pipeline)
+    set_mode(model, stages.values(), True)
+    return stages
 
 
 def _construct(classes: dict[int, type], model: torch.nn.Module, pipeline: Pipeline | None = None) -> dict[int, torch.nn.Module]:

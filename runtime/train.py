@@ -48,6 +48,7 @@ from .data import (
 from .engine import BatchStream, Engine, call_loss, unique_parameters
 from .model_file import ModelFile, function_from_file, load_model_file, user_error
 from .materialize import build_stages, load_checkpoint
+from .mode import train_model
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
 from .seeding import seed_generators, seeded
@@ -296,6 +297,8 @@ def build_single(config: Config, model_file: ModelFile, device: torch.device) ->
     if config.init is not None:
         # the pipeline modes' reader, so their errors match
         load_checkpoint({0: model}, config.init, set(model.state_dict(keep_vars=True)))
+    # As a plain loop does: the model's own train() may keep some layers in eval mode.
+    train_model(model, True)
     return model.to(device)
 
 

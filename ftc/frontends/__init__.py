@@ -56,7 +56,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     if frontend not in FRONTENDS:
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
-    model = model_file.build("meta")
+    model = _in_training_mode(model_file)
     _check_on_meta(model, model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
@@ -90,6 +90,22 @@ def _check_on_meta(model: torch.nn.Module, model_file: ModelFile) -> None:
         )
 
 
+def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
+    """The model on the meta device after `model.train()`, as a training loop starts: the model's
+    own train() may keep layers in eval mode (frozen BatchNorm), and the trace must see them so."""
+    model = model_file.build("meta")
+    try:
+        model.train()
+    except Exception as exc:
+        raise FtcError(
+            f"{model_file.path}: {type(model).__name__}.train() raised {type(exc).__name__}: {exc}"
+            f"{user_frame(exc, model_file.path)} on the meta device",
+            "ftc calls model.train() as a training loop does, on a model built under torch.device(\"meta\"): "
+            "make train() set modes without reading tensor values",
+        ) from exc
+    return model
+
+
 def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws) -> Traced:
     if frontend in ("auto", "fx"):
         try:
@@ -101,7 +117,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             if frontend == "fx":
                 raise forward_failure(model_file, batch) or untraceable(model_file, "torch.fx", exc) from exc
             fx_error = exc
-            model = model_file.build("meta")  # fx may have left tracing state on the modules
+            model = _in_training_mode(model_file)  # fx may have left tracing state on the modules
         else:
             stacks = _whole_stacks(graph, model, model_file) if frontend == "auto" else []
             if stacks:
@@ -189,7 +205,7 @@ def _lower_stacks(
 ) -> tuple[Graph, torch.nn.Module]:
     """fx keeps torch.nn's layers whole, and a whole transformer stack is one op no split can
     cut; export lowers it into ops. fx's graph (and model) stay the answer if export fails."""
-    fresh = model_file.build("meta")  # fx may have left tracing state on the modules
+    fresh = _in_training_mode(model_file)  # fx may have left tracing state on the modules
     try:
         with _quiet(), drawn_from(draws):
             return trace_export(fresh, model_file, batch, double_batch, name), fresh

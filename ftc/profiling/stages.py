@@ -52,7 +52,8 @@ class StageTimer:
         pipeline = load_pipeline(folder)
         if self.model is None:
             seed_generators(0)
-            self.model = self.model_file.build(self.device).train()
+            self.model = self.model_file.build(self.device)
+            self.model.train()  # an override of train() may return None
         executor = LocalExecutor(pipeline, self.model)
         torch.manual_seed(1)
         output = executor.forward(self.model_file.inputs(self.batch_size, self.device))

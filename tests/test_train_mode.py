@@ -1,0 +1,277 @@
+"""Training honours the model's own train(): the frozen-BatchNorm fine-tuning pattern.
+
+The model overrides train() to keep its first BatchNorm in eval mode (frozen running statistics),
+and one of its submodules' classes overrides train() to keep its own BatchNorm frozen too; a third
+BatchNorm trains as usual. Compiled into 2 stages, it trains a few steps in modes single, local
+and dist; the truth is a plain PyTorch loop on the original model (`model.train()`, the same data,
+optimizer and seed): per-step losses and final weights and buffers agree, and the frozen layers'
+statistics never move.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftc.ir import FtcError
+from ftc.runtime import checkpoint
+from ftc.runtime.config import load_config
+from ftc.runtime.data import Sampler, build_dataset, load_batch
+from ftc.runtime.mode import train_model
+from ftc.runtime.model_file import load_model_file
+from ftc.runtime.train import train
+from ftc.runtime.worker import launch
+
+STEPS, BATCH, MICRO_BATCHES, SEED = 4, 8, 2, 3
+FROZEN = ("bn1", "block.bn")  # the root's override freezes bn1, Block's override its bn
+FROZEN_BN = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.block = Block()
+        self.c2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8 * 8, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn1.eval()
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(x)))
+        h = self.block(h)
+        h = F.relu(self.bn2(self.c2(h)))
+        return self.head(h.flatten(1))
+
+
+def build_model():
+    return M()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 3, 8) * 3 + 1,)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, 2)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    from ftc.compiler import CompileOptions, compile_model
+
+    root = tmp_path_factory.mktemp("frozen")
+    model = root / "frozen_bn.py"
+    model.write_text(FROZEN_BN)
+    return root, model, compile_model(model, root / "out", CompileOptions(stages=2)).folder
+
+
+def config(root, pipeline, name, **settings):
+    data = {
+        "pipeline": str(pipeline), "data": {"name": "synthetic", "size": 64},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "batch_size": BATCH,
+        "micro_batches": MICRO_BATCHES, "steps": STEPS, "seed": SEED, "timeout_s": 30,
+        "checkpoint": {"dir": str(root / name / "checkpoints")},
+    }  # fmt: skip
+    data.update(settings)
+    return load_config(data=data)
+
+
+@pytest.fixture(scope="module")
+def truth(frozen):
+    """A plain PyTorch loop: (per-step losses, final state_dict)."""
+    root, model_path, pipeline = frozen
+    cfg = config(root, pipeline, "truth")
+    model_file = load_model_file(model_path)
+    torch.manual_seed(SEED)
+    model = model_file.build()
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dataset = build_dataset(cfg.data, model_file)
+    sampler = Sampler(len(dataset), BATCH, SEED)
+    losses = []
+    for step in range(STEPS):
+        (inputs,), targets = load_batch(dataset, sampler.indices(step), True, True)
+        total = 0.0
+        for x, y in zip(inputs.chunk(MICRO_BATCHES), targets.chunk(MICRO_BATCHES)):
+            loss = model_file.loss_fn(model(x), y)
+            (loss / MICRO_BATCHES).backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total / MICRO_BATCHES)
+    return losses, model.state_dict()
+
+
+def assert_like_truth(losses, state, truth):
+    truth_losses, truth_state = truth
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(truth_losses), rtol=1e-5, atol=0)
+    assert set(state) == set(truth_state)
+    for key, expected in truth_state.items():
+        torch.testing.assert_close(state[key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    for name in FROZEN:
+        assert state[f"{name}.num_batches_tracked"].item() == 0, f"{name}'s statistics moved, though train() freezes it"
+        assert torch.equal(state[f"{name}.running_mean"], torch.zeros(8)), name
+    assert state["bn2.num_batches_tracked"].item() == STEPS * MICRO_BATCHES
+
+
+def test_the_truth_keeps_the_frozen_layers_frozen(truth):
+    _, state = truth
+    assert [state[f"{name}.num_batches_tracked"].item() for name in FROZEN] == [0, 0]
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_single_and_local_honour_the_models_train(frozen, truth, mode):
+    root, _, pipeline = frozen
+    results = train(config(root, pipeline, mode, mode=mode))
+    assert_like_truth(results.loss, checkpoint.merge(root / mode / "checkpoints")[1], truth)
+
+
+def test_dist_honours_the_models_train(frozen, truth):
+    root, _, pipeline = frozen
+    results = launch(config(root, pipeline, "dist", mode="dist"))
+    assert results.world_size == 2
+    assert_like_truth(results.loss, checkpoint.merge(root / "dist" / "checkpoints")[1], truth)
+
+
+MC_DROPOUT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.drop.train()  # Monte Carlo dropout: on in eval mode too
+        return self
+
+    def forward(self, x):
+        return self.head(self.drop(F.relu(self.fc(x))))
+
+
+def build_model():
+    return M()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 6),)
+"""
+
+
+def test_check_compares_stages_and_model_in_the_modes_the_models_train_sets(tmp_path):
+    """The model keeps its dropout on in eval mode; the stages must too, or eval mode differs."""
+    from ftc.check import check_pipeline
+    from ftc.compiler import CompileOptions, compile_model
+
+    model = tmp_path / "mc_dropout.py"
+    model.write_text(MC_DROPOUT)
+    report = check_pipeline(compile_model(model, tmp_path / "out", CompileOptions(stages=2)).folder)
+    assert report.eval_expected and report.eval_outputs <= report.tolerance, report.problems
+    assert report.ok, report.problems
+
+
+TRACED_DROPOUT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+
+    def forward(self, x):
+        return F.dropout(F.relu(self.fc(x)), 0.5, self.training)
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+        self.head = nn.Linear(16, 2)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.inner.train()
+        return self
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def build_model():
+    return M()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 6),)
+"""
+
+
+def test_compiling_warns_where_the_stages_cannot_follow_the_models_train(tmp_path):
+    """Inner's functional dropout is traced into stage code that reads the stage's one flag, the
+    model's; M.train() keeps Inner in train mode in eval mode, which that code cannot follow."""
+    from ftc.check import check_pipeline
+    from ftc.compiler import CompileOptions, compile_model
+
+    model = tmp_path / "traced_dropout.py"
+    model.write_text(TRACED_DROPOUT)
+    compiled = compile_model(model, tmp_path / "out", CompileOptions(stages=2))
+    warnings = [note for note in compiled.notes if note.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "M.train() puts inner (Inner) in train mode while the model is in eval mode" in warnings[0]
+    assert "traced_dropout.py:13" in warnings[0]
+    assert not check_pipeline(compiled.folder).ok  # what the warning foretold
+
+
+def test_compiling_a_frozen_batch_norm_model_warns_of_nothing(frozen):
+    root, model, _ = frozen
+    from ftc.compiler import CompileOptions, compile_model
+
+    for frontend in ("fx", "export"):
+        compiled = compile_model(model, root / frontend, CompileOptions(stages=2, frontend=frontend))
+        assert not [note for note in compiled.notes if note.startswith("warning:")], compiled.notes
+
+
+def test_a_train_override_that_raises_is_named():
+    class Reads(torch.nn.Module):
+        def train(self, mode=True):
+            raise RuntimeError("Tensor.item() on a meta tensor")
+
+    with pytest.raises(FtcError, match=r"Reads.train\(True\) raised RuntimeError: Tensor.item\(\) on a meta tensor"):
+        train_model(Reads(), True)
