@@ -211,7 +211,7 @@ def render(explanation: Explanation) -> str:
     e = explanation
     devices = e.devices()
     lines = [
-        f"{e.name}: {len(e.stages)} stages on {len(devices)} devices, batch size {e.batch_size}, "
+        f"{e.name}: {len(e.stages)} stage{'s' if len(e.stages) > 1 else ''} on {len(devices)} device{'s' if len(devices) > 1 else ''}, batch size {e.batch_size}, "
         f"{e.profile} ({e.folder / 'pipeline.json'})"
     ]
     headers = ["stage", "device", "ops", "params", "memory", "fwd ms", "bwd ms", "comm ms", "total ms", "in", "out",

@@ -31,6 +31,19 @@ import torch.distributed as dist
 
 from ftc.ir import FtcError
 
+
+class PeerFailure(FtcError):
+    """What a rank raises when another rank died or hangs (a receive, a send or a collective
+    failed or timed out): the launcher reports that other rank as the cause, this one as its
+    consequence."""
+
+
+def peer_reason(exc: Exception) -> str:
+    """The first line of a communication library's error, without gloo's boilerplate advice."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line.split(" This is typically caused by a remote worker crashing.")[0]
+
+
 ACTIVATION = "activation"
 GRADIENT = "gradient"
 
@@ -138,7 +151,7 @@ class DistTransport:
         try:
             return [operation(t, peer) for t in tensors]
         except RuntimeError as exc:
-            raise FtcError(f"{failure} ({message.describe()}): that rank died ({str(exc).splitlines()[0]})",
+            raise PeerFailure(f"{failure} ({message.describe()}): that rank died ({peer_reason(exc)})",
                            "check that rank's log") from exc  # fmt: skip
 
     def _wait(self, work: dist.Work, failure: str, message: Message, step: int) -> None:
@@ -147,13 +160,13 @@ class DistTransport:
             completed = work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
             if "timed out" not in str(exc).lower():
-                raise FtcError(
-                    f"{failure} ({message.describe(step, self.per_batch)}): that rank died ({str(exc).splitlines()[0]})",
+                raise PeerFailure(
+                    f"{failure} ({message.describe(step, self.per_batch)}): that rank died ({peer_reason(exc)})",
                     "check that rank's log",
                 ) from exc
             completed = False
         if not completed:
-            raise FtcError(
+            raise PeerFailure(
                 f"{failure} ({message.describe(step, self.per_batch)}) within {self.timeout_s:g} s: that rank died or hangs",
                 hint,
             )

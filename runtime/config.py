@@ -96,7 +96,7 @@ class Config:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     recompute: str = "pipeline"
     steps: int = 100
-    epochs: Optional[int] = None  # when set, decides the steps: passes over the data set (runtime/data.py)
+    epochs: Optional[float] = None  # when set, decides the steps: passes over the data set (runtime/data.py)
     seed: int = 0
     mode: str = "local"
     backend: str = "auto"
@@ -314,8 +314,9 @@ def _validate(c: Config) -> None:
     for key in ("batch_size", "micro_batches", "step_every", "steps", "log_every"):
         if getattr(c, key) < 1:
             fail(key, f"is {getattr(c, key)}; it must be at least 1")
-    if c.epochs is not None and c.epochs < 1:
-        fail("epochs", f"is {c.epochs}; it must be at least 1", "or leave it out and set steps")
+    if c.epochs is not None and c.epochs <= 0:
+        fail("epochs", f"is {c.epochs}; it must be above 0 (0.5: half a pass over the data set)",
+             "or leave it out and set steps")  # fmt: skip
     if c.batch_size % c.micro_batches:
         fail("batch_size", f"({c.batch_size}) is not a multiple of micro_batches ({c.micro_batches})",
              "every micro-batch has the same size: batch_size / micro_batches")  # fmt: skip

@@ -125,7 +125,7 @@ class Sampler:
         return [int(self.permutation(p // self.size)[p % self.size]) for p in positions]
 
 
-def epoch_steps(epochs: int, size: int, samples_per_step: int) -> int:
+def epoch_steps(epochs: float, size: int, samples_per_step: int) -> int:
     """The steps that draw `epochs` passes over a data set of `size` samples: the sampler's stream
     runs on across epochs, so the last step may take its tail from the next epoch's permutation."""
     return max(1, math.ceil(epochs * size / samples_per_step))

@@ -367,8 +367,8 @@ class Engine:
             try:
                 dist.all_reduce(flat, group=group)
             except RuntimeError as exc:
-                raise FtcError(f"summing the gradients of weights tied across ranks failed: a rank holding them died "
-                               f"or hangs ({str(exc).splitlines()[0]})",
+                raise comm.PeerFailure(f"summing the gradients of weights tied across ranks failed: a rank holding them died "
+                               f"or hangs ({comm.peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             offset = 0
             for param in params:

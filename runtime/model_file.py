@@ -198,5 +198,14 @@ def user_error(exc: Exception, what: str, files: list[Path], hint: str) -> FtcEr
     """An FtcError for user code (a model, a stage, a loss, a data set) that raised `exc`: what
     raised, why, and where in `files` (the innermost line in each that is on the traceback)."""
     places = "".join(dict.fromkeys(user_frame(exc, Path(file)) for file in files))
-    reason = (str(exc).strip().splitlines() or [""])[0]
-    return FtcError(f"{what} raised {type(exc).__name__}: {reason}{places}", hint)
+    lines = [line.rstrip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
+    # A message's further lines often say what was wrong (the user's own multi-line message); a
+    # very long one (torch's advice after its error) is cut short.
+    more = lines[1:USER_MESSAGE_LINES]
+    if len(lines) > USER_MESSAGE_LINES:
+        more.append(f"... ({len(lines) - USER_MESSAGE_LINES} more lines)")
+    details = "".join(f"\n    {line}" for line in more)
+    return FtcError(f"{what} raised {type(exc).__name__}: {lines[0]}{places}{details}", hint)
+
+
+USER_MESSAGE_LINES = 8

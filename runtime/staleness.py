@@ -60,6 +60,7 @@ import torch.distributed as dist
 
 from ftc.ir import FtcError
 
+from .comm import PeerFailure, peer_reason
 from .config import StalenessConfig
 from .pipeline import Pipeline
 
@@ -280,8 +281,8 @@ class StaleWeights:
             try:
                 dist.all_reduce(flat, group=entry.group)
             except RuntimeError as exc:
-                raise FtcError(f"summing the gradients of {', '.join(entry.keys)} over ranks {entry.ranks} at step "
-                               f"{step + 1} failed: one of those ranks died or hangs ({str(exc).splitlines()[0]})",
+                raise PeerFailure(f"summing the gradients of {', '.join(entry.keys)} over ranks {entry.ranks} at step "
+                               f"{step + 1} failed: one of those ranks died or hangs ({peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             summed, offset = {}, 0
             for key, param in params:

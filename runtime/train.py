@@ -32,6 +32,7 @@ import torch.distributed as dist
 from ftc.ir import FtcError
 
 from . import checkpoint, shared_copies
+from .comm import PeerFailure, peer_reason
 from .config import Config
 from .data import (
     Sampler,
@@ -337,9 +338,16 @@ class Status:
         self.path = Path(folder) / f"rank-{rank}.json" if folder else None
         self.rank = rank
 
-    def write(self, state: str, step: int, error: str | None = None) -> None:
+    def write(self, state: str, step: int, error: str | None = None, caused_by_peer: bool = False) -> None:
+        """`caused_by_peer`: the error is another rank's failure seen from here (PeerFailure)."""
         if self.path is not None:
-            checkpoint.write_json(self.path, {"rank": self.rank, "state": state, "step": step, "error": error})
+            checkpoint.write_json(self.path, {"rank": self.rank, "state": state, "step": step, "error": error,
+                                              "caused_by_peer": caused_by_peer})  # fmt: skip
+
+
+def counted(count: float, noun: str, nouns: str | None = None) -> str:
+    """'1 step', '3 steps', '0.5 epochs'."""
+    return f"{count:g} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def inject_fault(config: Config, me: Rank, step: int, modules: list[torch.nn.Module]) -> None:
@@ -508,10 +516,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
-        epochs = f" ({config.epochs} epochs)" if config.epochs is not None else ""
-        print(f"{pipeline.name}: mode {config.mode}, {world_size} process(es), {len(pipeline.stages)} stages, "
-              f"schedule {config.schedule}{async_settings(config)}, batch {config.batch_size} = {config.micro_batches} micro-batches"
-              f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {config.steps} steps{epochs}, "
+        epochs = f" ({counted(config.epochs, 'epoch')})" if config.epochs is not None else ""
+        print(f"{pipeline.name}: mode {config.mode}, {counted(world_size, 'process', 'processes')}, "
+              f"{counted(len(pipeline.stages), 'stage')}, schedule {config.schedule}{async_settings(config)}, "
+              f"batch {config.batch_size} = {counted(config.micro_batches, 'micro-batch', 'micro-batches')}"
+              f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {counted(config.steps, 'step')}{epochs}, "
               f"data {config.data['name']}" + (f" ({len(dataset)} samples)" if dataset is not None else ""), flush=True)  # fmt: skip
         if first_step:
             print(f"resumed from {checkpoint.step_folder(root, first_step)}", flush=True)
@@ -653,8 +662,8 @@ def gather_setup(group: Any, mine: Any, world_size: int) -> list[Any]:
     try:
         dist.all_gather_object(gathered, mine, group=group)
     except RuntimeError as exc:
-        raise FtcError(f"not every rank finished setting up (building its stages and data set) within setup_timeout_s "
-                       f"({str(exc).splitlines()[0]})",
+        raise PeerFailure(f"not every rank finished setting up (building its stages and data set) within setup_timeout_s "
+                       f"({peer_reason(exc)})",
                        "raise setup_timeout_s if building takes this long; a rank that failed says why in its own "
                        "line") from exc  # fmt: skip
     return gathered
@@ -691,8 +700,8 @@ def save(
         try:
             dist.barrier(group=group)
         except RuntimeError as exc:
-            raise FtcError(f"not every rank wrote its checkpoint shard of step {step} within setup_timeout_s "
-                           f"({str(exc).splitlines()[0]})",
+            raise PeerFailure(f"not every rank wrote its checkpoint shard of step {step} within setup_timeout_s "
+                           f"({peer_reason(exc)})",
                            "a rank that failed says why in its own line; raise setup_timeout_s if shards take "
                            "this long to write") from exc  # fmt: skip
     if me.rank == 0:
@@ -821,7 +830,7 @@ def plot_loss(path: Path, results: Results) -> None:
     axes.set_ylabel("loss")
     axes.set_yscale("log")
     name = Path(results.config["pipeline"]).name
-    axes.set_title(f"{name}: {results.mode}, {results.world_size} process(es), {results.config['schedule']}")
+    axes.set_title(f"{name}: {results.mode}, {counted(results.world_size, 'process', 'processes')}, {results.config['schedule']}")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

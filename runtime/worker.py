@@ -35,6 +35,7 @@ import torch
 
 from ftc.ir import FtcError
 
+from .comm import PeerFailure
 from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ftc train: {where}: error: {exc if isinstance(exc, FtcError) else message}", file=sys.stderr, flush=True
         )
-        status.write("failed", step, message)
+        # torch's own errors of a collective whose peer is gone (outside our wrapped calls) count
+        # as the peer's failure too.
+        caused_by_peer = isinstance(exc, (PeerFailure, torch.distributed.DistError))
+        status.write("failed", step, message, caused_by_peer)
         return 1
 
 
@@ -215,32 +219,58 @@ def _rank_state(run_dir: Path, rank: int) -> dict | None:
 
 
 def _failure_report(states: list[dict | None], code: int, log: str) -> str:
-    lines = [f"training failed (torchrun exited with {code}):"]
+    """Every rank's last state, the ranks that caused the failure first: those that raised an
+    error of their own, else those that died or hang (the others' errors then only say that a
+    peer went silent)."""
     # torchrun's summary names the first process that failed: "rank : 2 (local_rank: 2)".
     root_cause = log.partition("Root Cause")[2]
     first = re.search(r"rank\s*:\s*(\d+)", root_cause)
     exit_code = re.search(r"exitcode\s*:\s*(-?\d+)", root_cause)
-    if first:
-        lines.append(
-            f"  torchrun saw rank {first[1]} fail first" + (f" (exit code {exit_code[1]})" if exit_code else "")
-        )
-    for rank, state in enumerate(states):
-        if state is None:
-            lines.append(f"  rank {rank}: left no status here (it never started, or ran on another machine)")
-        elif state["state"] == "failed":
-            when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
-            lines.append(f"  rank {rank}: failed {when}: {state['error']}")
-        elif state["state"] == "setting up":
-            lines.append(f"  rank {rank}: died or was stopped while building its stages and data set")
-        elif state["state"] == "checkpointing":
-            lines.append(f"  rank {rank}: died or was stopped while writing the checkpoint of step {state['step']}")
-        elif state["state"] == "running":
-            lines.append(f"  rank {rank}: died or was stopped at step {state['step']} without an error of its own")
-        elif first and int(first[1]) == rank:
-            lines.append(f"  rank {rank}: finished training, then its process failed while shutting down")
-        else:
-            lines.append(f"  rank {rank}: finished")
+    first_rank = int(first[1]) if first else None
+    raised = [rank for rank, state in enumerate(states)
+              if state and state["state"] == "failed" and not state.get("caused_by_peer")]  # fmt: skip
+    silent = [rank for rank, state in enumerate(states) if state and state["state"] in _UNFINISHED]
+    causes = raised or silent
+    headline = f"training failed (torchrun exited with {code})"
+    if causes:
+        headline += f", caused by {_ranks(causes)}"
+    lines = [headline + ":"]
+    for rank in causes + [rank for rank in range(len(states)) if rank not in causes]:
+        lines.append(f"  rank {rank}: " + _rank_line(states[rank], rank == first_rank, causes))
+    first_state = states[first_rank] if first_rank is not None and first_rank < len(states) else None
+    if first and not (first_state and first_state["state"] == "failed"):
+        # Its exit code tells how a rank without an error of its own ended (a signal, an abort).
+        lines.append(f"  torchrun saw rank {first_rank} fail first"
+                     + (f" (exit code {exit_code[1]})" if exit_code else ""))  # fmt: skip
     return "\n".join(lines)
+
+
+_UNFINISHED = {
+    "setting up": "died or was stopped while building its stages and data set",
+    "checkpointing": "died or was stopped while writing the checkpoint of step {step}",
+    "running": "died or was stopped at step {step} without an error of its own",
+}
+
+
+def _rank_line(state: dict | None, failed_first: bool, causes: list[int]) -> str:
+    if state is None:
+        return "left no status here (it never started, or ran on another machine)"
+    if state["state"] in _UNFINISHED:
+        return _UNFINISHED[state["state"]].format(step=state["step"])
+    if state["state"] == "failed":
+        when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
+        # An error's further lines (a user's multi-line message) stay indented under its rank.
+        error = state["error"].replace("\n", "\n  ")
+        if state.get("caused_by_peer") and causes:
+            return f"stopped {when} because {_ranks(causes)} failed: {error}"
+        return f"failed {when}: {error}"
+    if failed_first:
+        return "finished training, then its process failed while shutting down"
+    return "finished"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ def test_infeasible_limit_names_the_least_peak(analyzed):
     peak, _ = least_peak(StageTables(problem, 4))
     assert info.value.message.startswith("no split of gpt into 4 stages fits 1.0 MB per device")
     assert f"least possible peak is {peak / 1e6:.1f} MB" in info.value.message
-    assert "--memory-limit" in info.value.hint and "or use more than 8 --stages" in info.value.hint
+    assert "--memory-limit" in info.value.hint and "or try --stages 9 or more (up to 8 do not fit)" in info.value.hint
     # no more stages are suggested where none are possible
     mlp, _ = analyzed(EXAMPLES / "mlp.py")
     tight = build_problem(mlp, 1.0, MemorySettings(limit=10**4))

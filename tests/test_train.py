@@ -31,7 +31,7 @@ from ftc.runtime.config import load_config
 from ftc.runtime.data import Sampler, build_dataset, load_batch
 from ftc.runtime.model_file import load_model_file
 from ftc.runtime.train import train
-from ftc.runtime.worker import launch
+from ftc.runtime.worker import _failure_report, launch
 
 STEPS = 20
 TINY_LM = """
@@ -174,6 +174,14 @@ def test_epochs_decide_the_steps_on_every_rank(tiny):
         config(root, folders[2], "epochs0", epochs=0)
 
 
+def test_a_fraction_of_an_epoch_rounds_up_to_whole_steps(tiny):
+    """Half of the 124 windows, 16 per step: 62 / 16 rounds up to 4 steps."""
+    root, _, folders = tiny
+    data = {"name": "bytes", "max_bytes": 1000}
+    results = train(config(root, folders[2], "half", mode="local", step_every=2, epochs=0.5, data=data))
+    assert len(results.loss) == 4 and results.config["steps"] == 4 and results.config["epochs"] == 0.5
+
+
 def test_init_loads_a_state_dict_file_into_the_stages(tiny, single):
     root, model_path, folders = tiny
     weights = root / "init.safetensors"
@@ -247,7 +255,7 @@ def test_a_dead_rank_stops_the_run_keeps_the_last_checkpoint_and_resume_reproduc
                  checkpoint={"dir": str(root / "crash" / "checkpoints"), "every": 5})  # fmt: skip
     failed = ftc_train(cfg, 'inject_fault={"rank": 1, "step": 7, "kind": "exit"}')
     assert failed.returncode != 0
-    assert "rank 1" in failed.stderr and "step 7" in failed.stderr, failed.stderr
+    assert "caused by rank 1:\n  rank 1: died or was stopped at step 7" in failed.stderr, failed.stderr
     merged = root / "crash" / "step5.pt"
     assert cli_main(["merge-checkpoint", str(root / "crash" / "checkpoints"), "-o", str(merged)]) == 0
     model = load_model_file(model_path).build()
@@ -288,7 +296,9 @@ def test_a_hanging_rank_makes_the_others_stop_naming_it(tiny):
     failed = ftc_train(cfg)
     assert failed.returncode != 0
     report = failed.stderr
-    assert "rank 0: failed at step 3" in report and "rank 1" in report, report
+    # rank 1 is named as the cause, rank 0's error as its consequence
+    assert "caused by rank 1:\n  rank 1: died or was stopped at step 3" in report, report
+    assert "rank 0: stopped at step 3 because rank 1 failed: rank 0 got nothing from rank 1" in report, report
 
 
 def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
@@ -363,6 +373,24 @@ def test_a_rank_that_aborts_after_finishing_keeps_the_run_with_a_warning(tiny, m
     err = capsys.readouterr().err
     assert "warning: every rank finished" in err
     assert "rank 1: finished training, then its process failed while shutting down" in err, err
+
+
+def test_the_report_leads_with_the_rank_whose_own_error_stopped_the_run():
+    """torchrun may see the rank that lost its peer fail first; the report still leads with the
+    rank that raised, and keeps every line of its error."""
+    log = TORCHRUN_ABORT_LOG.replace("rank      : 1 (local_rank: 1)", "rank      : 0 (local_rank: 0)")
+    states = [
+        {"rank": 0, "state": "failed", "step": 4, "error": "rank 0 got nothing from rank 1: that rank died",
+         "caused_by_peer": True},
+        {"rank": 1, "state": "failed", "step": 4, "error": "stage 1 raised ValueError: bad value\n    detail",
+         "caused_by_peer": False},
+    ]  # fmt: skip
+    assert _failure_report(states, 1, log).splitlines() == [
+        "training failed (torchrun exited with 1), caused by rank 1:",
+        "  rank 1: failed at step 4: stage 1 raised ValueError: bad value",
+        "      detail",
+        "  rank 0: stopped at step 4 because rank 1 failed: rank 0 got nothing from rank 1: that rank died",
+    ]
 
 
 def test_a_rank_that_aborts_before_finishing_fails_the_run(tiny, monkeypatch):

@@ -105,6 +105,24 @@ def test_a_stage_that_raises_is_named_by_its_file(pipeline, tmp_path):
         run(edited, model=str(folder.parent.parent / "model.py"))
 
 
+def test_every_line_of_a_multi_line_error_from_user_code_is_kept(pipeline, tmp_path):
+    import shutil
+
+    _, folder = pipeline
+    edited = tmp_path / folder.name
+    shutil.copytree(folder, edited)
+    stage = edited / "stage1.py"
+    raising = "        raise ValueError('bad value\\n' + '\\n'.join(f'detail {k}' for k in range(12)))\n"
+    text = stage.read_text()
+    head = text.index("\n", text.index("    def forward(self")) + 1
+    stage.write_text(text[:head] + raising + text[head:])
+    with pytest.raises(FtcError) as error:
+        run(edited, model=str(folder.parent.parent / "model.py"))
+    lines = error.value.message.splitlines()
+    assert lines[0].startswith("stage 1 (stage1.py), micro-batch 0, raised ValueError: bad value (at ")
+    assert lines[1:] == [f"    detail {k}" for k in range(7)] + ["    ... (5 more lines)"]
+
+
 def _wide_model(folder):
     """The model file with a data set whose inputs have 9 features, not 8."""
     path = folder.parent.parent / "wide.py"

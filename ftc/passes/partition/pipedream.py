@@ -233,7 +233,7 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
     if more:
         hint += f", or use --stages {more}, which fits"
     elif tried < problem.max_stages():  # more stages than were tried may fit
-        hint += f", or use more than {tried} --stages"
+        hint += f", or try --stages {tried + 1} or more (up to {tried} do not fit)"
     if settings.recompute == "never":
         hint += ", or allow --recompute auto"
     shown_peak = format_bytes(peak)
