@@ -171,6 +171,36 @@ def test_every_compute_node_gets_a_measured_time(tmp_path, cache_dir):
         )
 
 
+TRAIN_ONLY = """
+import torch
+import torch.nn as nn
+
+
+class TrainOnly(nn.Linear):
+    def forward(self, x):
+        if not self.training:  # the mode decides what such a module computes, and what it costs
+            raise RuntimeError("timed in eval mode")
+        return super().forward(x)
+
+
+LEAF_MODULES = (TrainOnly,)
+
+
+def build_model():
+    return nn.Sequential(TrainOnly(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()  # returned in eval mode
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_the_measured_profile_times_the_model_in_training_mode(tmp_path, cache_dir):
+    model = write(tmp_path, "train_only.py", TRAIN_ONLY)
+    compiled = compile_model(model, tmp_path / "out", CompileOptions(stages=2, **FAST))
+    assert all(node.cost.fwd_time > 0 for node in compiled.graph.nodes if node.is_compute)
+
+
 def _stage_times(folders: list, repeats: int = 15) -> list[list[float]]:
     """Forward + backward seconds of every stage of every pipeline, timed side by side on one
     thread (the repeats interleave the pipelines, so a busy moment hits all of them)."""

@@ -66,6 +66,7 @@ from ftc.interpreter import Interpreter, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
+from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile
 from ftc.runtime.seeding import seed_generators
 
@@ -243,6 +244,8 @@ def measure(graph: Graph, model_file: ModelFile, meta_model: torch.nn.Module, se
             measurement = _SaveMemory(graph, meta_model, settings).measure(batch)
         else:
             model = model_file.build(settings.device)
+            # Timed in the mode training runs it in (the model's own train(), an override included).
+            train_model(model, True)
             batch = model_file.inputs(graph.batch_size, settings.device)
             measurement = _InContext(graph, model, settings).measure(batch)
         measurement.stage_call = _stage_call(clock, settings.device)
