@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import inspect
+import json
 import math
 import os
 import sys
@@ -798,12 +799,28 @@ def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, sc
 
 
 def write_results(config: Config, results: Results) -> None:
+    if not results.loss and _reached_by_earlier_results(config, results.first_step):
+        # Resuming a finished run trains nothing: its results and loss curve stay, not an empty
+        # pair written over them (mode dist's launcher then reads the kept results).
+        results.results, results.plot = config.results, config.plot if config.plot and Path(config.plot).is_file() else None
+        return
     if config.plot:
         plot_loss(Path(config.plot), results)
         results.plot = config.plot
     if config.results:
         results.results = config.results
         checkpoint.write_json(Path(config.results), results.to_json())
+
+
+def _reached_by_earlier_results(config: Config, step: int) -> bool:
+    """Whether config.results already holds the results of a run that ended at `step`."""
+    if not config.results or step == 0:
+        return False
+    try:
+        earlier = json.loads(Path(config.results).read_text())
+        return earlier["final"]["steps"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def plot_loss(path: Path, results: Results) -> None:
@@ -834,7 +851,8 @@ def plot_loss(path: Path, results: Results) -> None:
 def summary(results: Results) -> str:
     final = results.to_json()["final"]
     if not results.loss:
-        return f"nothing to train: the run is at step {final['steps']} of {final['steps']}"
+        steps = results.config.get("steps", final["steps"])
+        return f"nothing to train: the run is at step {final['steps']}, and the config asks for {steps} steps"
     lines = [
         f"final loss {final['loss']:.4f} (mean of the last {min(10, len(results.loss))} steps "
         f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps",

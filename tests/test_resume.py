@@ -11,6 +11,8 @@ dist):
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +21,7 @@ from ftc.compiler import CompileOptions, compile_model
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
-from ftc.runtime.train import train
+from ftc.runtime.train import summary, train
 
 from .conftest import MODELS
 
@@ -132,3 +134,18 @@ def test_keep_leaves_the_latest_checkpoints(pipeline):
     root, folder = pipeline
     train(config(root, folder, "keep", mode="local", checkpoint={"dir": str(root / "keep"), "every": 1, "keep": 2}))
     assert [p.name for p in checkpoint.complete_steps(root / "keep")] == ["step-00000005", "step-00000006"]
+
+
+def test_resuming_a_finished_run_keeps_its_results(pipeline):
+    """Run again with resume after the last step, a run trains nothing; its results JSON and loss
+    curve stay as the finished run wrote them (they were overwritten with an empty loss list)."""
+    root, folder = pipeline
+    files = {"results": str(root / "done" / "results.json"), "plot": str(root / "done" / "loss.png")}
+    finished = train(config(root, folder, "done", mode="local", **files))
+    written = (root / "done" / "results.json").read_text()
+    again = train(config(root, folder, "done", mode="local", checkpoint={"dir": str(root / "done"), "resume": True},
+                         **files))  # fmt: skip
+    assert again.loss == [] and again.first_step == 6
+    assert (root / "done" / "results.json").read_text() == written
+    assert json.loads(written)["loss"] == finished.loss
+    assert summary(again) == "nothing to train: the run is at step 6, and the config asks for 6 steps"
