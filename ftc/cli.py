@@ -223,7 +223,9 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
         print(f"ftc merge-checkpoint: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr)
     step, state = merge(Path(args.dir))
     output = Path(args.output or Path(args.dir) / "merged.safetensors")
-    if output.is_dir():
+    # A folder, existing or not: a name without a suffix (or ending in a slash) would otherwise
+    # become a torch file of that name.
+    if output.is_dir() or (not output.exists() and (output.suffix == "" or str(args.output).endswith(("/", "\\")))):
         output = output / "merged.safetensors"
     blocking = file_in_the_way(output.parent)
     if blocking is not None:
