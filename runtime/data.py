@@ -228,6 +228,14 @@ def load_batch(
                            "return (inputs, target): inputs a tuple or dict of tensors, target a tensor (or a "
                            "tuple or dict of them)")  # fmt: skip
         samples.append(sample)
+    for i, sample in zip(indices, samples):
+        for half, tree in zip(("inputs", "target"), sample):
+            for path, leaf in tree_flatten_with_path(tree)[0]:
+                if not isinstance(leaf, (torch.Tensor, Whole)):
+                    raise FtcError(f"the data set ({type(dataset).__name__})[{i}]'s {half}{keystr(path)} is of type "
+                                   f"{type(leaf).__name__}, not a tensor",
+                                   "return tensors: e.g. torch.tensor(label) for a number, torch.as_tensor(array) "
+                                   "for a NumPy array")  # fmt: skip
     try:
         return (
             collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
@@ -284,7 +292,13 @@ def build_dataset(options: dict, model_file: ModelFile, outputs: Any = None) -> 
     dataset = synthetic(model_file, **options, outputs=outputs) if name == "synthetic" else builder(model_file, **options)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise FtcError(f"data set {name!r} is a {type(dataset).__name__}, which has no len() and [i]")
-    if len(dataset) < 1:
+    try:
+        size = len(dataset)
+    except Exception as exc:  # a __len__ that raises, or returns no integer (len() refuses a float)
+        raise user_error(exc, f"len() of data set {name!r} ({type(dataset).__name__})",
+                         [inspect.getsourcefile(type(dataset)) or ""], "make __len__ return the number of "
+                         "samples, an int") from exc  # fmt: skip
+    if size < 1:
         raise FtcError(f"data set {name!r} is empty")
     return dataset
 

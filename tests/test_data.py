@@ -193,3 +193,31 @@ def test_samples_that_do_not_stack_are_named_by_index_and_shape():
         load_batch(Ragged(), [5, 1, 3, 2], inputs=True, targets=True)
     assert "the data set (Ragged) gave samples that do not stack into one batch" in info.value.message
     assert "inputs[0] is [64] in sample 5, [65] in sample 3" in info.value.message
+
+
+def test_a_plain_number_or_array_in_a_sample_and_a_failing_len_are_named(tmp_path):
+    """A label given as a Python int (as torchvision data sets give them) or inputs given as a
+    NumPy array are named with the sample and where in it, with the conversion to use; a
+    __len__ that fails (returns a float) is the data set's error, not a traceback from len()."""
+    import numpy
+
+    samples = [((torch.zeros(2),), 3), ((numpy.zeros(2, dtype=numpy.float32),), torch.tensor(1))]
+    with pytest.raises(FtcError) as info:
+        load_batch(samples, [0], inputs=True, targets=True)
+    assert "the data set (list)[0]'s target is of type int, not a tensor" in info.value.message
+    assert "torch.tensor(label)" in info.value.hint
+    with pytest.raises(FtcError, match=re.escape("the data set (list)[1]'s inputs[0] is of type ndarray")):
+        load_batch(samples, [1], inputs=True, targets=False)
+
+    (tmp_path / "sized.py").write_text(
+        "class Sized:\n"
+        "    def __len__(self):\n"
+        "        return 8.0\n"
+        "    def __getitem__(self, i):\n"
+        "        raise IndexError(i)\n"
+        "def sized():\n"
+        "    return Sized()\n"
+    )
+    with pytest.raises(FtcError) as info:
+        build_dataset({"name": "module", "module": f"{tmp_path / 'sized.py'}:sized"}, load_model_file(EXAMPLES / "mlp.py"))
+    assert "len() of data set 'module' (Sized) raised TypeError" in info.value.message
