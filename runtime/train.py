@@ -472,6 +472,10 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         # Rank 0 clears half-written step folders before any rank can write one (that needs a
         # step, which needs rank 0); complete ones stay, the latest for the others to resume from.
         folder = checkpoint.prepare(root, config.checkpoint.resume) if rank == 0 else checkpoint.latest(root)
+        if config.mode == "dist" and config.checkpoint.resume:
+            # Every rank resumes from rank 0's choice: prepare may have just put a step folder in
+            # place (checkpoint.prepare), after another rank looked for the latest.
+            folder = gather_setup(setup_group, folder, world_size)[0]
         if rank == 0 and config.checkpoint.resume:
             for damaged, missing in checkpoint.damaged_steps(root).items():
                 print(f"ftc train: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr, flush=True)

@@ -153,3 +153,31 @@ def test_resuming_a_finished_run_keeps_its_results(pipeline):
     assert (root / "done" / "results.json").read_text() == written
     assert json.loads(written)["loss"] == finished.loss
     assert summary(again) == "nothing to train: the run is at step 6, and the config asks for 6 steps"
+
+
+def test_a_run_stopped_while_replacing_a_step_folder_keeps_the_complete_one(pipeline):
+    """write_manifest replaces an earlier run's folder of the same step by renaming it to .old
+    and the new one into place; a run stopped between the two renames left only those hidden
+    folders, and the next start deleted both. The complete new folder is put in place (and
+    the replaced one, when the new one is not complete), so resume finds that step."""
+    import shutil
+
+    root, folder = pipeline
+    train(config(root, folder, "swap-old", mode="local", optimizer={"name": "adam", "lr": 0.05}))
+    train(config(root, folder, "swap", mode="local"))
+    final = root / "swap" / "step-00000006"
+    new = checkpoint.merge(final)[1]
+    # Stopped between the renames: the earlier run's step 6 is .old, the new one still staged.
+    shutil.copytree(root / "swap-old" / "step-00000006", root / "swap" / ".step-00000006.old")
+    final.rename(root / "swap" / ".step-00000006.partial")
+    assert checkpoint.prepare(root / "swap", resume=True) == final
+    assert all(torch.equal(value, new[key]) for key, value in checkpoint.merge(final)[1].items())
+    assert not [p for p in (root / "swap").iterdir() if p.name.startswith(".")]
+
+    # Stopped before the new manifest: the replaced folder comes back.
+    old = checkpoint.merge(root / "swap-old" / "step-00000006")[1]
+    final.rename(root / "swap" / ".step-00000006.partial")
+    (root / "swap" / ".step-00000006.partial" / "manifest.json").unlink()
+    shutil.copytree(root / "swap-old" / "step-00000006", root / "swap" / ".step-00000006.old")
+    assert checkpoint.prepare(root / "swap", resume=True) == final
+    assert all(torch.equal(value, old[key]) for key, value in checkpoint.merge(final)[1].items())
