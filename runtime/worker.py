@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import json
 import os
@@ -48,20 +49,25 @@ def backend(config: Config) -> str:
     return "nccl" if config.device == "cuda" else "gloo"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ftc.runtime.worker", description="one rank of `ftc train` (mode dist)"
     )
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    parser.add_argument("--source", help="where the config came from, as messages name it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     status = Status(rank)
     if status.path is not None:
         send_stderr(status.path.parent, rank)
     try:
-        config = load_config(args.config, [*args.set, "mode=dist"])
+        config = rank_config(args)
         if config.device == "cuda":
             torch.cuda.set_device(training_device(config, rank))
         else:
@@ -87,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         status.write("failed", step, message)
         return 1
+
+
+def rank_config(args: argparse.Namespace) -> Config:
+    """The launcher's config, as this rank reads it from the run folder; named in messages as
+    the launcher's (the user's file and --set), not as the run folder's copy."""
+    config = load_config(args.config, [*args.set, "mode=dist"])
+    return dataclasses.replace(config, source=args.source) if args.source else config
 
 
 def _last_step(status: Status) -> int:
@@ -126,7 +139,7 @@ def launch(config: Config) -> Results | None:
     launcher = config.torchrun or ["--standalone", "--nproc-per-node", str(nprocs)]
     command = [
         sys.executable, "-m", "torch.distributed.run", *launcher,
-        "-m", "ftc.runtime.worker", str(resolved), "--set", f"results={results_path}",
+        "-m", "ftc.runtime.worker", str(resolved), "--set", f"results={results_path}", f"--source={config.source}",
     ]  # fmt: skip
     env = {**os.environ, "FTC_STATUS_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
