@@ -43,10 +43,19 @@ from .relay import WarningRelay, send_stderr
 from .train import Results, Status, check_trainable, resolve_loss, train, training_device
 
 
-def backend(config: Config) -> str:
+def backend(config: Config, local_ranks: int = 1) -> str:
+    """The process group's backend for `local_ranks` ranks on this machine: NCCL on CUDA when
+    each rank has a GPU of its own; ranks that share GPUs (training_device deals them out
+    round-robin) need gloo, as NCCL refuses two ranks on one GPU."""
+    gpus = torch.cuda.device_count() if config.device == "cuda" else 0
+    if config.backend == "nccl" and local_ranks > gpus:
+        raise FtcError(f"config {config.source}: key 'backend' is \"nccl\", but {local_ranks} ranks share this "
+                       f"machine's {gpus} GPU(s), and NCCL takes one rank per GPU",
+                       'set backend to "auto" or "gloo" (which lets ranks share a GPU), or run on as many GPUs as '
+                       "ranks")  # fmt: skip
     if config.backend != "auto":
         return config.backend
-    return "nccl" if config.device == "cuda" else "gloo"
+    return "nccl" if config.device == "cuda" and local_ranks <= gpus else "gloo"
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         send_stderr(status.path.parent, rank)
     try:
         config = rank_config(args)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # this machine's ranks
         if config.device == "cuda":
             torch.cuda.set_device(training_device(config, rank))
         else:
             # The ranks of one machine share its cores; oversubscribing them slows every rank.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.distributed.init_process_group(
-            backend(config), rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=config.timeout_s)
+            backend(config, local), rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=config.timeout_s)
         )
         train(config, rank, world_size, status)
         # No rank closes its connections while a peer may still be reading from them.
@@ -131,6 +140,9 @@ def launch(config: Config) -> Results | None:
                 raise FtcError(f"config key 'torchrun' starts {nodes} x {per_node} processes, but {pipeline.folder} "
                                f"places its stages on {pipeline.num_devices} devices",
                                f"make --nnodes times --nproc-per-node {pipeline.num_devices}")  # fmt: skip
+    if config.device == "cuda":
+        training_device(config, 0)  # torch sees a GPU
+        backend(config, nprocs)  # NCCL, asked for, takes one rank per GPU: said once, not by every rank
     run_dir = Path(tempfile.mkdtemp(prefix="ftc-train-"))
     resolved = run_dir / "config.json"
     write_json(resolved, config.to_json())

@@ -134,6 +134,22 @@ def test_cuda_without_cuda_says_so(pipeline):
         run(folder, device="cuda")
 
 
+def test_ranks_that_share_a_gpu_get_gloo_and_nccl_asked_for_is_refused(pipeline, monkeypatch):
+    """README: ranks beyond the GPU count share GPUs round-robin, which only gloo allows; with
+    backend auto, 4 ranks on 1 GPU asked NCCL for a group that it refuses (a duplicate GPU)."""
+    from ftc.runtime.worker import backend
+
+    _, folder = pipeline
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = load_config(data={"pipeline": str(folder), "mode": "dist", "device": "cuda"})
+    assert backend(config, 2) == "nccl" and backend(config, 4) == "gloo"
+    assert backend(load_config(data={"pipeline": str(folder), "mode": "dist"}), 4) == "gloo"
+    nccl = load_config(data={"pipeline": str(folder), "mode": "dist", "device": "cuda", "backend": "nccl"})
+    assert backend(nccl, 2) == "nccl"
+    with pytest.raises(FtcError, match="key 'backend' is \"nccl\", but 4 ranks share this machine's 2 GPU"):
+        backend(nccl, 4)
+
+
 @pytest.mark.parametrize("mode", ["single", "local"])
 def test_an_init_checkpoint_with_keys_the_model_lacks_is_refused(pipeline, tmp_path, mode):
     """As load_state_dict(strict=True): a checkpoint of a larger model would load in part."""
