@@ -228,7 +228,9 @@ def load_batch(
                            "return (inputs, target): inputs a tuple or dict of tensors, target a tensor (or a "
                            "tuple or dict of them)")  # fmt: skip
         samples.append(sample)
+    first_paths = None
     for i, sample in zip(indices, samples):
+        paths = []
         for half, tree in zip(("inputs", "target"), sample):
             for path, leaf in tree_flatten_with_path(tree)[0]:
                 if not isinstance(leaf, (torch.Tensor, Whole)):
@@ -236,6 +238,16 @@ def load_batch(
                                    f"{type(leaf).__name__}, not a tensor",
                                    "return tensors: e.g. torch.tensor(label) for a number, torch.as_tensor(array) "
                                    "for a NumPy array")  # fmt: skip
+                paths.append(f"{half}{keystr(path)}")
+        paths.sort()  # dict keys in any order
+        first_paths = paths if first_paths is None else first_paths
+        if paths != first_paths:
+            # Stacking goes by the first sample's structure: another's extra tensors were dropped,
+            # a missing one failed as a bare KeyError or IndexError.
+            raise FtcError(f"the data set ({type(dataset).__name__}) gave samples that do not stack into one batch: "
+                           f"{_unlike_samples(samples, indices)}",
+                           "give every sample the same inputs and target (the same tuple lengths and dict "
+                           "keys)")  # fmt: skip
     try:
         return (
             collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
@@ -265,6 +277,8 @@ def _unlike_samples(samples: list, indices: list[int]) -> str:
                 return f"{path} is in sample {indices[0]}, not in sample {index}"
             if other[path] != shape:
                 return f"{path} is {shape} in sample {indices[0]}, {other[path]} in sample {index}"
+        for path in other.keys() - first.keys():
+            return f"{path} is in sample {index}, not in sample {indices[0]}"
     return "their structures differ"
 
 

@@ -221,3 +221,21 @@ def test_a_plain_number_or_array_in_a_sample_and_a_failing_len_are_named(tmp_pat
     with pytest.raises(FtcError) as info:
         build_dataset({"name": "module", "module": f"{tmp_path / 'sized.py'}:sized"}, load_model_file(EXAMPLES / "mlp.py"))
     assert "len() of data set 'module' (Sized) raised TypeError" in info.value.message
+
+
+def test_samples_of_different_structures_are_named_not_dropped_or_raw():
+    """Stacking follows the first sample: a later one with an extra input was cut to the first's
+    inputs without a word, and one lacking a dict key or a tuple item failed as a bare KeyError
+    or IndexError. Dict keys in another order are the same structure."""
+    x, label = torch.zeros(2), torch.tensor(1)
+    cases = [
+        ([((x,), label), ((x, x), label)], "inputs[1] is in sample 1, not in sample 0"),
+        ([((x, x), label), ((x,), label)], "inputs[1] is in sample 0, not in sample 1"),
+        ([((x,), {"a": label}), ((x,), {"b": label})], "target['a'] is in sample 0, not in sample 1"),
+    ]
+    for samples, where in cases:
+        with pytest.raises(FtcError) as info:
+            load_batch(samples, [0, 1], inputs=True, targets=True)
+        assert f"the data set (list) gave samples that do not stack into one batch: {where}" in info.value.message
+    reordered = [({"x": x, "y": label}, label), ({"y": label, "x": x}, label)]
+    assert load_batch(reordered, [0, 1], inputs=True, targets=True)[0]["y"].shape == (2,)
