@@ -840,7 +840,8 @@ def plot_loss(path: Path, results: Results) -> None:
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
-    axes.set_yscale("log")
+    # A log scale drops losses at or below zero (a negative log-likelihood, a custom loss).
+    axes.set_yscale("log" if all(loss > 0 for loss in results.loss) else "linear")
     name = Path(results.config["pipeline"]).name
     axes.set_title(f"{name}: {results.mode}, {results.world_size} process(es), {results.config['schedule']}")
     axes.grid(alpha=0.3)

@@ -181,3 +181,16 @@ def test_a_run_stopped_while_replacing_a_step_folder_keeps_the_complete_one(pipe
     shutil.copytree(root / "swap-old" / "step-00000006", root / "swap" / ".step-00000006.old")
     assert checkpoint.prepare(root / "swap", resume=True) == final
     assert all(torch.equal(value, old[key]) for key, value in checkpoint.merge(final)[1].items())
+
+
+def test_the_loss_curve_of_losses_at_or_below_zero_is_not_log_scaled(tmp_path):
+    """On a log scale they vanished from the curve (matplotlib: 'Data has no positive values')."""
+    import warnings
+
+    from ftc.runtime.train import Results, plot_loss
+
+    results = Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=[-1.0, -2.0, -3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_loss(tmp_path / "loss.png", results)
+    assert (tmp_path / "loss.png").stat().st_size > 0
