@@ -480,7 +480,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             for damaged, missing in checkpoint.damaged_steps(root).items():
                 print(f"ftc train: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr, flush=True)
         if folder is not None and config.checkpoint.resume:
-            first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied)
+            model_keys = {key for stage in pipeline.stages for key in stage.state} | set(pipeline.tied)
+            model_keys |= {key for module in modules for key in module.state_dict()}  # mode single: the model's
+            first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied, model_keys)
             run = checkpoint.run_of(folder)
         elif rank == 0 and config.checkpoint.resume:
             print(f"ftc train: warning: checkpoint.resume is true, but {root} holds no complete checkpoint: training "
@@ -767,9 +769,22 @@ def _optimizer_state(optimizer: Any, states: list[dict], folder: Path, now: list
     }
 
 
-def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, tied: dict[str, str]) -> int:
+def resume(
+    folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, tied: dict[str, str],
+    model_keys: set[str] | None = None,
+) -> int:  # fmt: skip
     """Load this rank's weights and training state from a complete step folder, whichever mode
-    and processes wrote it: weights and optimizer state go by name."""
+    and processes wrote it: weights and optimizer state go by name. `model_keys`: every state key
+    of the model (all ranks'), which the checkpoint must not exceed."""
+    if model_keys is not None:
+        # Each rank loads only its own keys; a checkpoint of a larger model (another model with
+        # this one's names, and more) would lose its other weights without a word.
+        unknown = sorted({key for keys in checkpoint.manifest(folder)["shards"].values() for key in keys} - model_keys)
+        if unknown:
+            raise FtcError(f"checkpoint {folder} holds {len(unknown)} weights the model does not have "
+                           f"({', '.join(unknown[:5])})",
+                           "it is another model's checkpoint: resume with the model and pipeline that wrote it, or "
+                           "set checkpoint.dir to a new folder")  # fmt: skip
     written = checkpoint.manifest(folder)["world_size"]
     own = checkpoint.load_training_state(folder, me.rank) if me.rank < written else None
     now = parameter_names(modules, optimizer, tied)

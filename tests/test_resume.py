@@ -12,6 +12,7 @@ dist):
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -194,3 +195,17 @@ def test_the_loss_curve_of_losses_at_or_below_zero_is_not_log_scaled(tmp_path):
         warnings.simplefilter("error")
         plot_loss(tmp_path / "loss.png", results)
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_resuming_a_larger_models_checkpoint_is_refused_by_name(pipeline, tmp_path):
+    """Each rank loads its own keys by name, so a checkpoint of another model holding this one's
+    names and more resumed without a word, its other weights dropped (init, by contrast, is
+    strict both ways)."""
+    root, folder = pipeline
+    larger = MODEL.replace("self.head = nn.Linear(16, 4)", "self.head = nn.Linear(16, 4)\n        self.extra = nn.Linear(16, 16)")
+    (tmp_path / "larger.py").write_text(larger.replace("self.head(self.body(x))", "self.head(self.extra(self.body(x)))"))
+    larger = compile_model(tmp_path / "larger.py", tmp_path / "generated", CompileOptions(stages=2)).folder
+    train(config(root, larger, "larger", mode="local", steps=3))
+    for mode in ("local", "single"):
+        with pytest.raises(FtcError, match=re.escape("holds 2 weights the model does not have (extra.bias, extra.w")):
+            train(config(root, folder, "larger", mode=mode, checkpoint={"dir": str(root / "larger"), "resume": True}))
