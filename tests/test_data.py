@@ -239,3 +239,23 @@ def test_samples_of_different_structures_are_named_not_dropped_or_raw():
         assert f"the data set (list) gave samples that do not stack into one batch: {where}" in info.value.message
     reordered = [({"x": x, "y": label}, label), ({"y": label, "x": x}, label)]
     assert load_batch(reordered, [0, 1], inputs=True, targets=True)[0]["y"].shape == (2,)
+
+
+def test_built_in_data_set_options_of_a_wrong_type_are_named_as_config_keys():
+    """A size of "100" or 2.5 was blamed on the model file's example_inputs, an image of "abc"
+    and a seed of "a" ended as internal errors."""
+    model_file = load_model_file(EXAMPLES / "mlp.py")
+    for options, error in [
+        ({"name": "synthetic", "size": "100"}, "config key 'data.size' must be an integer, not \"100\""),
+        ({"name": "synthetic", "size": 2.5}, "config key 'data.size' must be an integer, not 2.5"),
+        ({"name": "synthetic", "size": 0}, "config key 'data.size' is 0; it must be at least 1"),
+        ({"name": "synthetic", "seed": "a"}, "config key 'data.seed' must be an integer"),
+        ({"name": "synthetic", "outputs": 1}, "config key 'data.outputs' is not an option of this data set"),
+        ({"name": "digits", "image": "abc"}, "config key 'data.image' must be a list of integers above 0"),
+        ({"name": "digits", "image": [1, 0, 8]}, "config key 'data.image' must be a list of integers above 0"),
+        ({"name": "digits", "target": 3}, "config key 'data.target' must be a string, not 3"),
+        ({"name": "bytes", "max_bytes": "x"}, "config key 'data.max_bytes' must be an integer"),
+    ]:
+        with pytest.raises(FtcError, match=re.escape(error)):
+            build_dataset(options, model_file)
+    assert len(build_dataset({"name": "digits", "image": None}, model_file)) == 1797
