@@ -863,7 +863,9 @@ def plot_loss(path: Path, results: Results) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temp, format="png", dpi=100)
+    # The format the path names (loss.pdf, loss.svg), PNG for any other.
+    kind = path.suffix.lstrip(".").lower()
+    figure.savefig(temp, format=kind if kind in figure.canvas.get_supported_filetypes() else "png", dpi=100)
     pyplot.close(figure)
     os.replace(temp, path)
 

@@ -194,7 +194,17 @@ def test_the_loss_curve_of_losses_at_or_below_zero_is_not_log_scaled(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plot_loss(tmp_path / "loss.png", results)
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_loss_curve_takes_the_format_its_path_names(tmp_path):
+    """A plot path of loss.pdf or loss.svg held PNG bytes under that name."""
+    from ftc.runtime.train import Results, plot_loss
+
+    results = Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=[3.0, 2.0])
+    for name, start in [("loss.pdf", b"%PDF"), ("loss.svg", b"<?xml"), ("loss.curve", b"\x89PNG")]:
+        plot_loss(tmp_path / name, results)
+        assert (tmp_path / name).read_bytes().startswith(start), name
 
 
 def test_resuming_a_larger_models_checkpoint_is_refused_by_name(pipeline, tmp_path):
