@@ -635,6 +635,17 @@ def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> No
     """The data set's inputs must be what the pipeline was compiled for, but for the batch size:
     a stage meets another size as a wrong shape somewhere inside, far from its cause."""
     values = pipeline.manifest["values"]
+    given = list(inputs) if isinstance(inputs, dict) else pipeline.inputs[: len(inputs)] + [
+        f"#{k}" for k in range(len(pipeline.inputs), len(inputs))]  # fmt: skip
+    if given != pipeline.inputs and sorted(given) != sorted(pipeline.inputs):
+        # An input the pipeline does not take would be dropped by the pipeline modes while mode
+        # single passes it to forward (an optional mask, say): the modes would train apart.
+        shown = (f"{{{', '.join(repr(k) for k in inputs)}}}" if isinstance(inputs, dict)
+                 else f"a tuple of {len(inputs)}")  # fmt: skip
+        raise FtcError(f"data set {config.data['name']!r} gives inputs {shown}, but {pipeline.folder} was compiled "
+                       f"for the inputs {pipeline.inputs} (the model file's example_inputs)",
+                       "make the data set give the inputs example_inputs gives, or change example_inputs and "
+                       "recompile")  # fmt: skip
     named = inputs.items() if isinstance(inputs, dict) else zip(pipeline.inputs, inputs)
     for name, value in named:
         spec = values.get(name, {})

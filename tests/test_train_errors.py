@@ -48,6 +48,15 @@ class Labelled:
 
 def labelled(**options):
     return Labelled()
+
+
+def extra_input(**options):
+    # forward(x) takes no mask: a forward(x, mask=None) would use it in mode single only.
+    return [({"x": torch.randn(8), "mask": torch.ones(8)}, torch.tensor(0))] * 16
+
+
+def two_inputs(**options):
+    return [((torch.randn(8), torch.ones(8)), torch.tensor(0))] * 16
 """
 
 
@@ -528,3 +537,16 @@ def test_a_model_that_fails_in_eval_mode_is_not_compared_there_and_says_so(tmp_p
     assert report.ok and report.notes == [
         "eval mode not compared: the model itself fails in eval mode (RuntimeError: inference is not supported)"
     ]
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_inputs_the_pipeline_does_not_take_are_refused_in_every_mode(pipeline, mode):
+    """The pipeline modes passed the compiled inputs on and dropped the rest, while mode single
+    gave forward all of them: an optional mask the data set adds would train single and the
+    pipeline apart (here forward takes none, so single failed in forward and local trained)."""
+    _, folder = pipeline
+    for function, shown in [("extra_input", "{'x', 'mask'}"), ("two_inputs", "a tuple of 2")]:
+        with pytest.raises(FtcError) as info:
+            run(folder, mode=mode, data={"name": "module", "module": f"{folder.parent.parent / 'model.py'}:{function}"})
+        assert f"data set 'module' gives inputs {shown}, but" in info.value.message
+        assert "was compiled for the inputs ['x']" in info.value.message
