@@ -114,6 +114,10 @@ def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp
     assert main(["merge-checkpoint", str(root / "merge" / "step-00000002"), "-o", str(tmp_path)]) == 0
     merged = load_file(tmp_path / "merged.safetensors")
     assert set(merged) == set(earlier) and all(torch.equal(merged[key], earlier[key]) for key in earlier)
+    # By default beside a step folder, not in it (keep, or a new run, removes step folders).
+    assert main(["merge-checkpoint", str(root / "merge" / "step-00000002")]) == 0
+    assert set(load_file(root / "merge" / "merged-step-00000002.safetensors")) == set(earlier)
+    assert not (root / "merge" / "step-00000002" / "merged.safetensors").exists()
     # A folder that does not exist yet is made, not taken for a file's name.
     for new in ("new", "slashed/"):
         assert main(["merge-checkpoint", str(root / "merge"), "-o", str(tmp_path / new) + ("/" if new.endswith("/") else "")]) == 0
