@@ -159,9 +159,11 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> dict:
             f"config {path}: its bases form a cycle: {cycle}", 'make the "base" chain end in a file without "base"'
         )
     if not path.is_file():
-        raise FtcError(
-            f"config {path} does not exist", "pass the path of a JSON training config (e.g. configs/gpt.json)"
-        )
+        what = "is a folder" if path.is_dir() else "does not exist"
+        if chain:  # a base: say which config names it
+            raise FtcError(f"config {chain[-1]}: its \"base\" {path} {what}",
+                           "name a JSON config file, relative to the config that names it")  # fmt: skip
+        raise FtcError(f"config {path} {what}", "pass the path of a JSON training config (e.g. configs/gpt.json)")
     try:
         raw = strict_json(path.read_text())
     except ValueError as exc:
