@@ -361,6 +361,11 @@ def _validate(c: Config) -> None:
         fail("backend", "is 'nccl', which needs device \"cuda\"")
     if c.inject_fault is not None:
         choice("inject_fault.kind", c.inject_fault.kind, FAULTS)
+        # A fault that can never strike would let a test of the fault pass without one.
+        if c.inject_fault.step < 1:
+            fail("inject_fault.step", f"is {c.inject_fault.step}; steps count from 1, as the log does")
+        if c.inject_fault.rank < 0:
+            fail("inject_fault.rank", f"is {c.inject_fault.rank}; ranks count from 0")
         if c.inject_fault.kind != "nan" and c.mode != "dist":
             fail("inject_fault.kind", f'is {c.inject_fault.kind!r}, which only mode "dist" can survive')
 

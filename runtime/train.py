@@ -343,6 +343,15 @@ class Status:
             checkpoint.write_json(self.path, {"rank": self.rank, "state": state, "step": step, "error": error})
 
 
+def check_fault_rank(config: Config, world_size: int) -> None:
+    """An injected fault must name a rank of the run (modes single and local: rank 0), or it
+    never strikes and a test of the fault passes without one."""
+    fault = config.inject_fault
+    if fault is not None and fault.rank >= world_size:
+        raise FtcError(f"config {config.source}: key 'inject_fault.rank' is {fault.rank}, but the run has "
+                       f"{world_size} process(es) (mode {config.mode}), ranks 0 to {world_size - 1}")  # fmt: skip
+
+
 def inject_fault(config: Config, me: Rank, step: int, modules: list[torch.nn.Module]) -> None:
     fault = config.inject_fault
     if fault is None or fault.rank != me.rank or fault.step != step:
@@ -401,6 +410,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if rank == 0 and config.mode != "single":
         for line in memory_plan_differences(config, pipeline):
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+    check_fault_rank(config, world_size if config.mode == "dist" else 1)
     check_unpacked_inputs(pipeline)
     check_trainable(pipeline, model_file)
     if rank == 0:

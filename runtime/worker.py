@@ -40,7 +40,7 @@ from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
 from .relay import WarningRelay, send_stderr
-from .train import Results, Status, check_trainable, resolve_loss, train, training_device
+from .train import Results, Status, check_fault_rank, check_trainable, resolve_loss, train, training_device
 
 
 def backend(config: Config, local_ranks: int = 1) -> str:
@@ -140,6 +140,7 @@ def launch(config: Config) -> Results | None:
                 raise FtcError(f"config key 'torchrun' starts {nodes} x {per_node} processes, but {pipeline.folder} "
                                f"places its stages on {pipeline.num_devices} devices",
                                f"make --nnodes times --nproc-per-node {pipeline.num_devices}")  # fmt: skip
+    check_fault_rank(config, pipeline.num_devices)
     if config.device == "cuda":
         training_device(config, 0)  # torch sees a GPU
         backend(config, nprocs)  # NCCL, asked for, takes one rank per GPU: said once, not by every rank

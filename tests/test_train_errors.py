@@ -550,3 +550,17 @@ def test_inputs_the_pipeline_does_not_take_are_refused_in_every_mode(pipeline, m
             run(folder, mode=mode, data={"name": "module", "module": f"{folder.parent.parent / 'model.py'}:{function}"})
         assert f"data set 'module' gives inputs {shown}, but" in info.value.message
         assert "was compiled for the inputs ['x']" in info.value.message
+
+
+def test_an_injected_fault_that_could_never_strike_is_refused(pipeline):
+    """inject_fault without a step (0), or on a rank the run does not have (any but 0 in mode
+    local), never struck: a test of the fault passed without one."""
+    _, folder = pipeline
+    with pytest.raises(FtcError, match="key 'inject_fault.step' is 0; steps count from 1"):
+        run(folder, inject_fault={"kind": "nan"})
+    with pytest.raises(FtcError, match=re.escape("key 'inject_fault.rank' is 1, but the run has 1 process(es)")):
+        run(folder, inject_fault={"kind": "nan", "rank": 1, "step": 1})
+    from ftc.runtime.worker import launch
+
+    with pytest.raises(FtcError, match=re.escape("key 'inject_fault.rank' is 2, but the run has 2 process(es)")):
+        launch(load_config(data={"pipeline": str(folder), "mode": "dist", "inject_fault": {"rank": 2, "step": 1}}))
