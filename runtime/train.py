@@ -842,7 +842,8 @@ def write_results(config: Config, results: Results) -> None:
     if not results.loss and _reached_by_earlier_results(config, results.first_step):
         # Resuming a finished run trains nothing: its results and loss curve stay, not an empty
         # pair written over them (mode dist's launcher then reads the kept results).
-        results.results, results.plot = config.results, config.plot if config.plot and Path(config.plot).is_file() else None
+        results.results = config.results
+        results.plot = config.plot if config.plot and Path(config.plot).is_file() else None
         return
     if config.plot:
         plot_loss(Path(config.plot), results)
