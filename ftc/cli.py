@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge-checkpoint", help="merge the latest complete checkpoint's shards into one state_dict")
     merge.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir; its latest step), or one step-* folder in it")
-    merge.add_argument("-o", "--output", help="output file, .safetensors or .pt, or a folder (default DIR/merged.safetensors)")
+    merge.add_argument("-o", "--output", help="output file, .safetensors or .pt, or a folder (default "
+                       "DIR/merged.safetensors; for a step folder DIR/step-N, DIR/merged-step-N.safetensors)")
     return parser  # fmt: skip
 
 
@@ -222,8 +223,14 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
     for damaged, missing in damaged_steps(Path(args.dir)).items():
         print(f"ftc merge-checkpoint: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr)
     step, state = merge(Path(args.dir))
-    output = Path(args.output or Path(args.dir) / "merged.safetensors")
-    if output.is_dir():
+    folder = Path(args.dir)
+    # Beside a step folder, not in it: keep, or a new run in the folder, removes step folders.
+    step = (folder / "manifest.json").is_file()
+    default = folder.parent / f"merged-{folder.name}.safetensors" if step else folder / "merged.safetensors"
+    output = Path(args.output) if args.output else default
+    # A folder, existing or not: a name without a suffix (or ending in a slash) would otherwise
+    # become a torch file of that name.
+    if output.is_dir() or (not output.exists() and (output.suffix == "" or str(args.output).endswith(("/", "\\")))):
         output = output / "merged.safetensors"
     blocking = file_in_the_way(output.parent)
     if blocking is not None:

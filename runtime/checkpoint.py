@@ -164,8 +164,17 @@ def prepare(root: Path, resume: bool) -> Path | None:
     latest complete step folder. Complete checkpoints stay until this run completes its first."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for folder in root.iterdir():
-        if STAGING.fullmatch(folder.name):
+    # A run stopped inside write_manifest's swap of a step folder it was replacing (an earlier
+    # run's of the same step) leaves no step folder but a complete staging one (with its
+    # manifest) and the replaced one (".old"): the complete one is put in place, the newer
+    # first, rather than both being deleted.
+    staged = sorted((p for p in root.iterdir() if STAGING.fullmatch(p.name)),
+                    key=lambda p: (p.name.split(".")[1], p.name.endswith(".old")))  # fmt: skip
+    for folder in staged:
+        final = step_folder(root, int(STAGING.fullmatch(folder.name)[1]))
+        if not final.exists() and missing_files(folder) == []:
+            os.replace(folder, final)
+        else:
             shutil.rmtree(folder)
     return latest(root) if resume else None
 

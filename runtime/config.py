@@ -159,9 +159,11 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> dict:
             f"config {path}: its bases form a cycle: {cycle}", 'make the "base" chain end in a file without "base"'
         )
     if not path.is_file():
-        raise FtcError(
-            f"config {path} does not exist", "pass the path of a JSON training config (e.g. configs/gpt.json)"
-        )
+        what = "is a folder" if path.is_dir() else "does not exist"
+        if chain:  # a base: say which config names it
+            raise FtcError(f"config {chain[-1]}: its \"base\" {path} {what}",
+                           "name a JSON config file, relative to the config that names it")  # fmt: skip
+        raise FtcError(f"config {path} {what}", "pass the path of a JSON training config (e.g. configs/gpt.json)")
     try:
         raw = strict_json(path.read_text())
     except ValueError as exc:
@@ -360,6 +362,11 @@ def _validate(c: Config) -> None:
         fail("backend", "is 'nccl', which needs device \"cuda\"")
     if c.inject_fault is not None:
         choice("inject_fault.kind", c.inject_fault.kind, FAULTS)
+        # A fault that can never strike would let a test of the fault pass without one.
+        if c.inject_fault.step < 1:
+            fail("inject_fault.step", f"is {c.inject_fault.step}; steps count from 1, as the log does")
+        if c.inject_fault.rank < 0:
+            fail("inject_fault.rank", f"is {c.inject_fault.rank}; ranks count from 0")
         if c.inject_fault.kind != "nan" and c.mode != "dist":
             fail("inject_fault.kind", f'is {c.inject_fault.kind!r}, which only mode "dist" can survive')
 

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import math
 import os
 import sysconfig
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -228,6 +230,26 @@ def load_batch(
                            "return (inputs, target): inputs a tuple or dict of tensors, target a tensor (or a "
                            "tuple or dict of them)")  # fmt: skip
         samples.append(sample)
+    first_paths = None
+    for i, sample in zip(indices, samples):
+        paths = []
+        for half, tree in zip(("inputs", "target"), sample):
+            for path, leaf in tree_flatten_with_path(tree)[0]:
+                if not isinstance(leaf, (torch.Tensor, Whole)):
+                    raise FtcError(f"the data set ({type(dataset).__name__})[{i}]'s {half}{keystr(path)} is of type "
+                                   f"{type(leaf).__name__}, not a tensor",
+                                   "return tensors: e.g. torch.tensor(label) for a number, torch.as_tensor(array) "
+                                   "for a NumPy array")  # fmt: skip
+                paths.append(f"{half}{keystr(path)}")
+        paths.sort()  # dict keys in any order
+        first_paths = paths if first_paths is None else first_paths
+        if paths != first_paths:
+            # Stacking goes by the first sample's structure: another's extra tensors were dropped,
+            # a missing one failed as a bare KeyError or IndexError.
+            raise FtcError(f"the data set ({type(dataset).__name__}) gave samples that do not stack into one batch: "
+                           f"{_unlike_samples(samples, indices)}",
+                           "give every sample the same inputs and target (the same tuple lengths and dict "
+                           "keys)")  # fmt: skip
     try:
         return (
             collate_inputs([s[0] for s in samples], batch_dims or {}) if inputs else None,
@@ -257,6 +279,8 @@ def _unlike_samples(samples: list, indices: list[int]) -> str:
                 return f"{path} is in sample {indices[0]}, not in sample {index}"
             if other[path] != shape:
                 return f"{path} is {shape} in sample {indices[0]}, {other[path]} in sample {index}"
+        for path in other.keys() - first.keys():
+            return f"{path} is in sample {index}, not in sample {indices[0]}"
     return "their structures differ"
 
 
@@ -281,10 +305,18 @@ def build_dataset(options: dict, model_file: ModelFile, outputs: Any = None) -> 
     name = options.pop("name")
     builder = {"synthetic": synthetic, "bytes": byte_corpus, "digits": digits, "module": from_module}[name]
     _check_options(builder, (model_file,), options, f"the {name!r} data set")
+    if builder is not from_module:
+        _check_option_values(builder, options)
     dataset = synthetic(model_file, **options, outputs=outputs) if name == "synthetic" else builder(model_file, **options)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise FtcError(f"data set {name!r} is a {type(dataset).__name__}, which has no len() and [i]")
-    if len(dataset) < 1:
+    try:
+        size = len(dataset)
+    except Exception as exc:  # a __len__ that raises, or returns no integer (len() refuses a float)
+        raise user_error(exc, f"len() of data set {name!r} ({type(dataset).__name__})",
+                         [inspect.getsourcefile(type(dataset)) or ""], "make __len__ return the number of "
+                         "samples, an int") from exc  # fmt: skip
+    if size < 1:
         raise FtcError(f"data set {name!r} is empty")
     return dataset
 
@@ -542,6 +574,36 @@ def from_module(model_file: ModelFile, module: str | None = None, **options: Any
         return function(**options)
     except Exception as exc:
         raise FtcError(f"{where}({options}) raised {type(exc).__name__}: {exc}") from exc
+
+
+# The built-in data sets' options: what each must be (their signatures' annotations), and the
+# least a count may be. A wrong one failed far from the config: a size of "100" in the model
+# file's example_inputs, an image of "abc" as an internal error.
+_OPTION_KINDS = {int: "an integer", str: "a string", list[int]: "a list of integers"}
+_OPTION_MINIMUM = {"size": 1, "max_bytes": 1}
+
+
+def _check_option_values(builder: Callable, options: dict) -> None:
+    hints = typing.get_type_hints(builder)
+    for key, value in options.items():
+        hint = hints.get(key)
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        kind = next((arg for arg in (hint, *typing.get_args(hint)) if arg in _OPTION_KINDS), None)
+        if kind is None:  # synthetic's outputs: the runtime's, not an option
+            raise FtcError(f"config key 'data.{key}' is not an option of this data set",
+                           "see the data-set options in ftc.runtime.data's docstring")  # fmt: skip
+        if kind is int:
+            fits = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is str:
+            fits = isinstance(value, str)
+        else:
+            fits = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        if not fits:
+            raise FtcError(f"config key 'data.{key}' must be {_OPTION_KINDS[kind]}"
+                           f"{' above 0' if kind == list[int] else ''}, not {json.dumps(value)}")  # fmt: skip
+        if kind is int and value < _OPTION_MINIMUM.get(key, value):
+            raise FtcError(f"config key 'data.{key}' is {value}; it must be at least {_OPTION_MINIMUM[key]}")
 
 
 def _check_options(function: Callable, positional: tuple, options: dict, what: str) -> None:

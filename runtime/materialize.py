@@ -133,6 +133,11 @@ def load_checkpoint(
     when given: as strict as the model's own load_state_dict). A tied tensor (`tied`: alias ->
     first name) may be saved under any one of its names, as Hugging Face saves them."""
     path = Path(checkpoint)
+    if path.is_dir():
+        # A training run's checkpoint folder (or one of its step folders) holds one shard per rank.
+        raise FtcError(f"checkpoint {path} is a folder, not a state_dict file",
+                       f"merge a training run's checkpoints into one file with `ftc merge-checkpoint {path} -o "
+                       "merged.safetensors` and pass that file, or continue the run with checkpoint.resume")  # fmt: skip
     if not path.is_file():
         raise FtcError(f"checkpoint {path} does not exist", "pass the path of a .safetensors or torch .pt file")
     # Keys that name one tensor object (tied parameters) need only one of them in the checkpoint.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import inspect
+import json
 import math
 import os
 import sys
@@ -350,6 +351,15 @@ def counted(count: float, noun: str, nouns: str | None = None) -> str:
     return f"{count:g} {noun if count == 1 else nouns or noun + 's'}"
 
 
+def check_fault_rank(config: Config, world_size: int) -> None:
+    """An injected fault must name a rank of the run (modes single and local: rank 0), or it
+    never strikes and a test of the fault passes without one."""
+    fault = config.inject_fault
+    if fault is not None and fault.rank >= world_size:
+        raise FtcError(f"config {config.source}: key 'inject_fault.rank' is {fault.rank}, but the run has "
+                       f"{world_size} process(es) (mode {config.mode}), ranks 0 to {world_size - 1}")  # fmt: skip
+
+
 def inject_fault(config: Config, me: Rank, step: int, modules: list[torch.nn.Module]) -> None:
     fault = config.inject_fault
     if fault is None or fault.rank != me.rank or fault.step != step:
@@ -408,6 +418,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if rank == 0 and config.mode != "single":
         for line in memory_plan_differences(config, pipeline):
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+    check_fault_rank(config, world_size if config.mode == "dist" else 1)
     check_unpacked_inputs(pipeline)
     check_trainable(pipeline, model_file)
     if rank == 0:
@@ -479,11 +490,17 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         # Rank 0 clears half-written step folders before any rank can write one (that needs a
         # step, which needs rank 0); complete ones stay, the latest for the others to resume from.
         folder = checkpoint.prepare(root, config.checkpoint.resume) if rank == 0 else checkpoint.latest(root)
+        if config.mode == "dist" and config.checkpoint.resume:
+            # Every rank resumes from rank 0's choice: prepare may have just put a step folder in
+            # place (checkpoint.prepare), after another rank looked for the latest.
+            folder = gather_setup(setup_group, folder, world_size)[0]
         if rank == 0 and config.checkpoint.resume:
             for damaged, missing in checkpoint.damaged_steps(root).items():
                 print(f"ftc train: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr, flush=True)
         if folder is not None and config.checkpoint.resume:
-            first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied)
+            model_keys = {key for stage in pipeline.stages for key in stage.state} | set(pipeline.tied)
+            model_keys |= {key for module in modules for key in module.state_dict()}  # mode single: the model's
+            first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied, model_keys)
             run = checkpoint.run_of(folder)
         elif rank == 0 and config.checkpoint.resume:
             print(f"ftc train: warning: checkpoint.resume is true, but {root} holds no complete checkpoint: training "
@@ -637,6 +654,17 @@ def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> No
     """The data set's inputs must be what the pipeline was compiled for, but for the batch size:
     a stage meets another size as a wrong shape somewhere inside, far from its cause."""
     values = pipeline.manifest["values"]
+    given = list(inputs) if isinstance(inputs, dict) else pipeline.inputs[: len(inputs)] + [
+        f"#{k}" for k in range(len(pipeline.inputs), len(inputs))]  # fmt: skip
+    if given != pipeline.inputs and sorted(given) != sorted(pipeline.inputs):
+        # An input the pipeline does not take would be dropped by the pipeline modes while mode
+        # single passes it to forward (an optional mask, say): the modes would train apart.
+        shown = (f"{{{', '.join(repr(k) for k in inputs)}}}" if isinstance(inputs, dict)
+                 else f"a tuple of {len(inputs)}")  # fmt: skip
+        raise FtcError(f"data set {config.data['name']!r} gives inputs {shown}, but {pipeline.folder} was compiled "
+                       f"for the inputs {pipeline.inputs} (the model file's example_inputs)",
+                       "make the data set give the inputs example_inputs gives, or change example_inputs and "
+                       "recompile")  # fmt: skip
     named = inputs.items() if isinstance(inputs, dict) else zip(pipeline.inputs, inputs)
     for name, value in named:
         spec = values.get(name, {})
@@ -771,9 +799,22 @@ def _optimizer_state(optimizer: Any, states: list[dict], folder: Path, now: list
     }
 
 
-def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, tied: dict[str, str]) -> int:
+def resume(
+    folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, tied: dict[str, str],
+    model_keys: set[str] | None = None,
+) -> int:  # fmt: skip
     """Load this rank's weights and training state from a complete step folder, whichever mode
-    and processes wrote it: weights and optimizer state go by name."""
+    and processes wrote it: weights and optimizer state go by name. `model_keys`: every state key
+    of the model (all ranks'), which the checkpoint must not exceed."""
+    if model_keys is not None:
+        # Each rank loads only its own keys; a checkpoint of a larger model (another model with
+        # this one's names, and more) would lose its other weights without a word.
+        unknown = sorted({key for keys in checkpoint.manifest(folder)["shards"].values() for key in keys} - model_keys)
+        if unknown:
+            raise FtcError(f"checkpoint {folder} holds {len(unknown)} weights the model does not have "
+                           f"({', '.join(unknown[:5])})",
+                           "it is another model's checkpoint: resume with the model and pipeline that wrote it, or "
+                           "set checkpoint.dir to a new folder")  # fmt: skip
     written = checkpoint.manifest(folder)["world_size"]
     own = checkpoint.load_training_state(folder, me.rank) if me.rank < written else None
     now = parameter_names(modules, optimizer, tied)
@@ -807,12 +848,29 @@ def resume(folder: Path, me: Rank, modules: list[torch.nn.Module], optimizer, sc
 
 
 def write_results(config: Config, results: Results) -> None:
+    if not results.loss and _reached_by_earlier_results(config, results.first_step):
+        # Resuming a finished run trains nothing: its results and loss curve stay, not an empty
+        # pair written over them (mode dist's launcher then reads the kept results).
+        results.results = config.results
+        results.plot = config.plot if config.plot and Path(config.plot).is_file() else None
+        return
     if config.plot:
         plot_loss(Path(config.plot), results)
         results.plot = config.plot
     if config.results:
         results.results = config.results
         checkpoint.write_json(Path(config.results), results.to_json())
+
+
+def _reached_by_earlier_results(config: Config, step: int) -> bool:
+    """Whether config.results already holds the results of a run that ended at `step`."""
+    if not config.results or step == 0:
+        return False
+    try:
+        earlier = json.loads(Path(config.results).read_text())
+        return earlier["final"]["steps"] == step
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def plot_loss(path: Path, results: Results) -> None:
@@ -828,14 +886,17 @@ def plot_loss(path: Path, results: Results) -> None:
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
-    axes.set_yscale("log")
+    # A log scale drops losses at or below zero (a negative log-likelihood, a custom loss).
+    axes.set_yscale("log" if all(loss > 0 for loss in results.loss) else "linear")
     name = Path(results.config["pipeline"]).name
     axes.set_title(f"{name}: {results.mode}, {counted(results.world_size, 'process', 'processes')}, {results.config['schedule']}")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temp, format="png", dpi=100)
+    # The format the path names (loss.pdf, loss.svg), PNG for any other.
+    kind = path.suffix.lstrip(".").lower()
+    figure.savefig(temp, format=kind if kind in figure.canvas.get_supported_filetypes() else "png", dpi=100)
     pyplot.close(figure)
     os.replace(temp, path)
 
@@ -843,7 +904,8 @@ def plot_loss(path: Path, results: Results) -> None:
 def summary(results: Results) -> str:
     final = results.to_json()["final"]
     if not results.loss:
-        return f"nothing to train: the run is at step {final['steps']} of {final['steps']}"
+        steps = results.config.get("steps", final["steps"])
+        return f"nothing to train: the run is at step {final['steps']}, and the config asks for {steps} steps"
     lines = [
         f"final loss {final['loss']:.4f} (mean of the last {min(10, len(results.loss))} steps "
         f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import json
 import os
@@ -40,37 +41,51 @@ from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
 from .relay import WarningRelay, send_stderr
-from .train import Results, Status, check_trainable, resolve_loss, train, training_device
+from .train import Results, Status, check_fault_rank, check_trainable, resolve_loss, train, training_device
 
 
-def backend(config: Config) -> str:
+def backend(config: Config, local_ranks: int = 1) -> str:
+    """The process group's backend for `local_ranks` ranks on this machine: NCCL on CUDA when
+    each rank has a GPU of its own; ranks that share GPUs (training_device deals them out
+    round-robin) need gloo, as NCCL refuses two ranks on one GPU."""
+    gpus = torch.cuda.device_count() if config.device == "cuda" else 0
+    if config.backend == "nccl" and local_ranks > gpus:
+        raise FtcError(f"config {config.source}: key 'backend' is \"nccl\", but {local_ranks} ranks share this "
+                       f"machine's {gpus} GPU(s), and NCCL takes one rank per GPU",
+                       'set backend to "auto" or "gloo" (which lets ranks share a GPU), or run on as many GPUs as '
+                       "ranks")  # fmt: skip
     if config.backend != "auto":
         return config.backend
-    return "nccl" if config.device == "cuda" else "gloo"
+    return "nccl" if config.device == "cuda" and local_ranks <= gpus else "gloo"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ftc.runtime.worker", description="one rank of `ftc train` (mode dist)"
     )
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    parser.add_argument("--source", help="where the config came from, as messages name it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     status = Status(rank)
     if status.path is not None:
         send_stderr(status.path.parent, rank)
     try:
-        config = load_config(args.config, [*args.set, "mode=dist"])
+        config = rank_config(args)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # this machine's ranks
         if config.device == "cuda":
             torch.cuda.set_device(training_device(config, rank))
         else:
             # The ranks of one machine share its cores; oversubscribing them slows every rank.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.distributed.init_process_group(
-            backend(config), rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=config.timeout_s)
+            backend(config, local), rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=config.timeout_s)
         )
         train(config, rank, world_size, status)
         # No rank closes its connections while a peer may still be reading from them.
@@ -91,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         caused_by_peer = isinstance(exc, (PeerFailure, torch.distributed.DistError))
         status.write("failed", step, message, caused_by_peer)
         return 1
+
+
+def rank_config(args: argparse.Namespace) -> Config:
+    """The launcher's config, as this rank reads it from the run folder; named in messages as
+    the launcher's (the user's file and --set), not as the run folder's copy."""
+    config = load_config(args.config, [*args.set, "mode=dist"])
+    return dataclasses.replace(config, source=args.source) if args.source else config
 
 
 def _last_step(status: Status) -> int:
@@ -122,6 +144,10 @@ def launch(config: Config) -> Results | None:
                 raise FtcError(f"config key 'torchrun' starts {nodes} x {per_node} processes, but {pipeline.folder} "
                                f"places its stages on {pipeline.num_devices} devices",
                                f"make --nnodes times --nproc-per-node {pipeline.num_devices}")  # fmt: skip
+    check_fault_rank(config, pipeline.num_devices)
+    if config.device == "cuda":
+        training_device(config, 0)  # torch sees a GPU
+        backend(config, nprocs)  # NCCL, asked for, takes one rank per GPU: said once, not by every rank
     run_dir = Path(tempfile.mkdtemp(prefix="ftc-train-"))
     resolved = run_dir / "config.json"
     write_json(resolved, config.to_json())
@@ -130,7 +156,7 @@ def launch(config: Config) -> Results | None:
     launcher = config.torchrun or ["--standalone", "--nproc-per-node", str(nprocs)]
     command = [
         sys.executable, "-m", "torch.distributed.run", *launcher,
-        "-m", "ftc.runtime.worker", str(resolved), "--set", f"results={results_path}",
+        "-m", "ftc.runtime.worker", str(resolved), "--set", f"results={results_path}", f"--source={config.source}",
     ]  # fmt: skip
     env = {**os.environ, "FTC_STATUS_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")

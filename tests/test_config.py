@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -129,6 +130,17 @@ def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path / "b.json", {"base": "a.json"})
     with pytest.raises(FtcError, match="cycle"):
         load_config(tmp_path / "a.json")
+
+
+def test_a_missing_base_or_a_folder_is_named_with_the_config_naming_it(tmp_path):
+    """A base of "." or a missing file said "config DIR does not exist", naming neither the
+    config whose "base" it is nor that DIR is a folder."""
+    for base, what in [(".", "is a folder"), ("gone.json", "does not exist")]:
+        write(tmp_path / "c.json", {"base": base, "pipeline": "p"})
+        with pytest.raises(FtcError, match=f'config {re.escape(str(tmp_path / "c.json"))}: its "base" .* {what}'):
+            load_config(tmp_path / "c.json")
+    with pytest.raises(FtcError, match="config .*nowhere.json does not exist"):
+        load_config(tmp_path / "nowhere.json")
 
 
 @pytest.mark.parametrize("name", ["gpt", "gpt_async", "mlp", "resnet", "unet", "two_tower"])

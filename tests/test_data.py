@@ -193,3 +193,69 @@ def test_samples_that_do_not_stack_are_named_by_index_and_shape():
         load_batch(Ragged(), [5, 1, 3, 2], inputs=True, targets=True)
     assert "the data set (Ragged) gave samples that do not stack into one batch" in info.value.message
     assert "inputs[0] is [64] in sample 5, [65] in sample 3" in info.value.message
+
+
+def test_a_plain_number_or_array_in_a_sample_and_a_failing_len_are_named(tmp_path):
+    """A label given as a Python int (as torchvision data sets give them) or inputs given as a
+    NumPy array are named with the sample and where in it, with the conversion to use; a
+    __len__ that fails (returns a float) is the data set's error, not a traceback from len()."""
+    import numpy
+
+    samples = [((torch.zeros(2),), 3), ((numpy.zeros(2, dtype=numpy.float32),), torch.tensor(1))]
+    with pytest.raises(FtcError) as info:
+        load_batch(samples, [0], inputs=True, targets=True)
+    assert "the data set (list)[0]'s target is of type int, not a tensor" in info.value.message
+    assert "torch.tensor(label)" in info.value.hint
+    with pytest.raises(FtcError, match=re.escape("the data set (list)[1]'s inputs[0] is of type ndarray")):
+        load_batch(samples, [1], inputs=True, targets=False)
+
+    (tmp_path / "sized.py").write_text(
+        "class Sized:\n"
+        "    def __len__(self):\n"
+        "        return 8.0\n"
+        "    def __getitem__(self, i):\n"
+        "        raise IndexError(i)\n"
+        "def sized():\n"
+        "    return Sized()\n"
+    )
+    with pytest.raises(FtcError) as info:
+        build_dataset({"name": "module", "module": f"{tmp_path / 'sized.py'}:sized"}, load_model_file(EXAMPLES / "mlp.py"))
+    assert "len() of data set 'module' (Sized) raised TypeError" in info.value.message
+
+
+def test_samples_of_different_structures_are_named_not_dropped_or_raw():
+    """Stacking follows the first sample: a later one with an extra input was cut to the first's
+    inputs without a word, and one lacking a dict key or a tuple item failed as a bare KeyError
+    or IndexError. Dict keys in another order are the same structure."""
+    x, label = torch.zeros(2), torch.tensor(1)
+    cases = [
+        ([((x,), label), ((x, x), label)], "inputs[1] is in sample 1, not in sample 0"),
+        ([((x, x), label), ((x,), label)], "inputs[1] is in sample 0, not in sample 1"),
+        ([((x,), {"a": label}), ((x,), {"b": label})], "target['a'] is in sample 0, not in sample 1"),
+    ]
+    for samples, where in cases:
+        with pytest.raises(FtcError) as info:
+            load_batch(samples, [0, 1], inputs=True, targets=True)
+        assert f"the data set (list) gave samples that do not stack into one batch: {where}" in info.value.message
+    reordered = [({"x": x, "y": label}, label), ({"y": label, "x": x}, label)]
+    assert load_batch(reordered, [0, 1], inputs=True, targets=True)[0]["y"].shape == (2,)
+
+
+def test_built_in_data_set_options_of_a_wrong_type_are_named_as_config_keys():
+    """A size of "100" or 2.5 was blamed on the model file's example_inputs, an image of "abc"
+    and a seed of "a" ended as internal errors."""
+    model_file = load_model_file(EXAMPLES / "mlp.py")
+    for options, error in [
+        ({"name": "synthetic", "size": "100"}, "config key 'data.size' must be an integer, not \"100\""),
+        ({"name": "synthetic", "size": 2.5}, "config key 'data.size' must be an integer, not 2.5"),
+        ({"name": "synthetic", "size": 0}, "config key 'data.size' is 0; it must be at least 1"),
+        ({"name": "synthetic", "seed": "a"}, "config key 'data.seed' must be an integer"),
+        ({"name": "synthetic", "outputs": 1}, "config key 'data.outputs' is not an option of this data set"),
+        ({"name": "digits", "image": "abc"}, "config key 'data.image' must be a list of integers above 0"),
+        ({"name": "digits", "image": [1, 0, 8]}, "config key 'data.image' must be a list of integers above 0"),
+        ({"name": "digits", "target": 3}, "config key 'data.target' must be a string, not 3"),
+        ({"name": "bytes", "max_bytes": "x"}, "config key 'data.max_bytes' must be an integer"),
+    ]:
+        with pytest.raises(FtcError, match=re.escape(error)):
+            build_dataset(options, model_file)
+    assert len(build_dataset({"name": "digits", "image": None}, model_file)) == 1797

@@ -387,6 +387,11 @@ def test_bad_checkpoints_are_named(tmp_path, edge):
     with pytest.raises(FtcError, match="does not exist"):
         build(model_file, pipeline, [2], checkpoint=tmp_path / "nowhere.pt")
 
+    # A training run's checkpoint folder, which said "does not exist" though it does.
+    with pytest.raises(FtcError, match="is a folder, not a state_dict file") as info:
+        build(model_file, pipeline, [2], checkpoint=tmp_path)
+    assert "ftc merge-checkpoint" in info.value.hint
+
 
 @pytest.mark.parametrize(
     "extra, reason",

@@ -11,6 +11,9 @@ dist):
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +22,7 @@ from ftc.compiler import CompileOptions, compile_model
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
-from ftc.runtime.train import train
+from ftc.runtime.train import summary, train
 
 from .conftest import MODELS
 
@@ -111,6 +114,14 @@ def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp
     assert main(["merge-checkpoint", str(root / "merge" / "step-00000002"), "-o", str(tmp_path)]) == 0
     merged = load_file(tmp_path / "merged.safetensors")
     assert set(merged) == set(earlier) and all(torch.equal(merged[key], earlier[key]) for key in earlier)
+    # By default beside a step folder, not in it (keep, or a new run, removes step folders).
+    assert main(["merge-checkpoint", str(root / "merge" / "step-00000002")]) == 0
+    assert set(load_file(root / "merge" / "merged-step-00000002.safetensors")) == set(earlier)
+    assert not (root / "merge" / "step-00000002" / "merged.safetensors").exists()
+    # A folder that does not exist yet is made, not taken for a file's name.
+    for new in ("new", "slashed/"):
+        assert main(["merge-checkpoint", str(root / "merge"), "-o", str(tmp_path / new) + ("/" if new.endswith("/") else "")]) == 0
+        assert set(load_file(tmp_path / new / "merged.safetensors")) == set(earlier)
     (tmp_path / "afile").write_text("")
     assert main(["merge-checkpoint", str(root / "merge"), "-o", str(tmp_path / "afile" / "x.pt")]) == 2
 
@@ -132,3 +143,83 @@ def test_keep_leaves_the_latest_checkpoints(pipeline):
     root, folder = pipeline
     train(config(root, folder, "keep", mode="local", checkpoint={"dir": str(root / "keep"), "every": 1, "keep": 2}))
     assert [p.name for p in checkpoint.complete_steps(root / "keep")] == ["step-00000005", "step-00000006"]
+
+
+def test_resuming_a_finished_run_keeps_its_results(pipeline):
+    """Run again with resume after the last step, a run trains nothing; its results JSON and loss
+    curve stay as the finished run wrote them (they were overwritten with an empty loss list)."""
+    root, folder = pipeline
+    files = {"results": str(root / "done" / "results.json"), "plot": str(root / "done" / "loss.png")}
+    finished = train(config(root, folder, "done", mode="local", **files))
+    written = (root / "done" / "results.json").read_text()
+    again = train(config(root, folder, "done", mode="local", checkpoint={"dir": str(root / "done"), "resume": True},
+                         **files))  # fmt: skip
+    assert again.loss == [] and again.first_step == 6
+    assert (root / "done" / "results.json").read_text() == written
+    assert json.loads(written)["loss"] == finished.loss
+    assert summary(again) == "nothing to train: the run is at step 6, and the config asks for 6 steps"
+
+
+def test_a_run_stopped_while_replacing_a_step_folder_keeps_the_complete_one(pipeline):
+    """write_manifest replaces an earlier run's folder of the same step by renaming it to .old
+    and the new one into place; a run stopped between the two renames left only those hidden
+    folders, and the next start deleted both. The complete new folder is put in place (and
+    the replaced one, when the new one is not complete), so resume finds that step."""
+    import shutil
+
+    root, folder = pipeline
+    train(config(root, folder, "swap-old", mode="local", optimizer={"name": "adam", "lr": 0.05}))
+    train(config(root, folder, "swap", mode="local"))
+    final = root / "swap" / "step-00000006"
+    new = checkpoint.merge(final)[1]
+    # Stopped between the renames: the earlier run's step 6 is .old, the new one still staged.
+    shutil.copytree(root / "swap-old" / "step-00000006", root / "swap" / ".step-00000006.old")
+    final.rename(root / "swap" / ".step-00000006.partial")
+    assert checkpoint.prepare(root / "swap", resume=True) == final
+    assert all(torch.equal(value, new[key]) for key, value in checkpoint.merge(final)[1].items())
+    assert not [p for p in (root / "swap").iterdir() if p.name.startswith(".")]
+
+    # Stopped before the new manifest: the replaced folder comes back.
+    old = checkpoint.merge(root / "swap-old" / "step-00000006")[1]
+    final.rename(root / "swap" / ".step-00000006.partial")
+    (root / "swap" / ".step-00000006.partial" / "manifest.json").unlink()
+    shutil.copytree(root / "swap-old" / "step-00000006", root / "swap" / ".step-00000006.old")
+    assert checkpoint.prepare(root / "swap", resume=True) == final
+    assert all(torch.equal(value, old[key]) for key, value in checkpoint.merge(final)[1].items())
+
+
+def test_the_loss_curve_of_losses_at_or_below_zero_is_not_log_scaled(tmp_path):
+    """On a log scale they vanished from the curve (matplotlib: 'Data has no positive values')."""
+    import warnings
+
+    from ftc.runtime.train import Results, plot_loss
+
+    results = Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=[-1.0, -2.0, -3.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_loss(tmp_path / "loss.png", results)
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_loss_curve_takes_the_format_its_path_names(tmp_path):
+    """A plot path of loss.pdf or loss.svg held PNG bytes under that name."""
+    from ftc.runtime.train import Results, plot_loss
+
+    results = Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=[3.0, 2.0])
+    for name, start in [("loss.pdf", b"%PDF"), ("loss.svg", b"<?xml"), ("loss.curve", b"\x89PNG")]:
+        plot_loss(tmp_path / name, results)
+        assert (tmp_path / name).read_bytes().startswith(start), name
+
+
+def test_resuming_a_larger_models_checkpoint_is_refused_by_name(pipeline, tmp_path):
+    """Each rank loads its own keys by name, so a checkpoint of another model holding this one's
+    names and more resumed without a word, its other weights dropped (init, by contrast, is
+    strict both ways)."""
+    root, folder = pipeline
+    larger = MODEL.replace("self.head = nn.Linear(16, 4)", "self.head = nn.Linear(16, 4)\n        self.extra = nn.Linear(16, 16)")
+    (tmp_path / "larger.py").write_text(larger.replace("self.head(self.body(x))", "self.head(self.extra(self.body(x)))"))
+    larger = compile_model(tmp_path / "larger.py", tmp_path / "generated", CompileOptions(stages=2)).folder
+    train(config(root, larger, "larger", mode="local", steps=3))
+    for mode in ("local", "single"):
+        with pytest.raises(FtcError, match=re.escape("holds 2 weights the model does not have (extra.bias, extra.w")):
+            train(config(root, folder, "larger", mode=mode, checkpoint={"dir": str(root / "larger"), "resume": True}))

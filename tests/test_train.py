@@ -401,3 +401,19 @@ def test_a_rank_that_aborts_before_finishing_fails_the_run(tiny, monkeypatch):
         launch(cfg)
     assert "torchrun saw rank 1 fail first (exit code -6)" in failure.value.message
     assert "rank 1: died or was stopped at step 3" in failure.value.message
+
+
+def test_the_ranks_name_the_config_as_the_launcher_got_it(tiny, monkeypatch):
+    """The ranks read the config from a copy in the run folder; their messages (a warning, an
+    error naming a key) named that copy, /tmp/ftc-train-.../config.json, with the launcher's own
+    --set, instead of the user's file and --set."""
+    import ftc.runtime.worker as worker
+
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "source", mode="dist", steps=3)
+    commands = []
+    monkeypatch.setattr(worker, "_run_torchrun", lambda command, env, stderr: (commands.append(command), (1, None))[1])
+    with pytest.raises(FtcError):
+        launch(cfg)
+    ranks = worker.rank_config(worker.parse_arguments(commands[0][commands[0].index("ftc.runtime.worker") + 1 :]))
+    assert ranks.source == cfg.source == "<dict>" and ranks.mode == "dist" and ranks.steps == 3

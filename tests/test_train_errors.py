@@ -48,6 +48,15 @@ class Labelled:
 
 def labelled(**options):
     return Labelled()
+
+
+def extra_input(**options):
+    # forward(x) takes no mask: a forward(x, mask=None) would use it in mode single only.
+    return [({"x": torch.randn(8), "mask": torch.ones(8)}, torch.tensor(0))] * 16
+
+
+def two_inputs(**options):
+    return [((torch.randn(8), torch.ones(8)), torch.tensor(0))] * 16
 """
 
 
@@ -150,6 +159,22 @@ def test_cuda_without_cuda_says_so(pipeline):
     _, folder = pipeline
     with pytest.raises(FtcError, match="key 'device' is \"cuda\", but torch here sees no CUDA device"):
         run(folder, device="cuda")
+
+
+def test_ranks_that_share_a_gpu_get_gloo_and_nccl_asked_for_is_refused(pipeline, monkeypatch):
+    """README: ranks beyond the GPU count share GPUs round-robin, which only gloo allows; with
+    backend auto, 4 ranks on 1 GPU asked NCCL for a group that it refuses (a duplicate GPU)."""
+    from ftc.runtime.worker import backend
+
+    _, folder = pipeline
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = load_config(data={"pipeline": str(folder), "mode": "dist", "device": "cuda"})
+    assert backend(config, 2) == "nccl" and backend(config, 4) == "gloo"
+    assert backend(load_config(data={"pipeline": str(folder), "mode": "dist"}), 4) == "gloo"
+    nccl = load_config(data={"pipeline": str(folder), "mode": "dist", "device": "cuda", "backend": "nccl"})
+    assert backend(nccl, 2) == "nccl"
+    with pytest.raises(FtcError, match="key 'backend' is \"nccl\", but 4 ranks share this machine's 2 GPU"):
+        backend(nccl, 4)
 
 
 @pytest.mark.parametrize("mode", ["single", "local"])
@@ -530,3 +555,30 @@ def test_a_model_that_fails_in_eval_mode_is_not_compared_there_and_says_so(tmp_p
     assert report.ok and report.notes == [
         "eval mode not compared: the model itself fails in eval mode (RuntimeError: inference is not supported)"
     ]
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_inputs_the_pipeline_does_not_take_are_refused_in_every_mode(pipeline, mode):
+    """The pipeline modes passed the compiled inputs on and dropped the rest, while mode single
+    gave forward all of them: an optional mask the data set adds would train single and the
+    pipeline apart (here forward takes none, so single failed in forward and local trained)."""
+    _, folder = pipeline
+    for function, shown in [("extra_input", "{'x', 'mask'}"), ("two_inputs", "a tuple of 2")]:
+        with pytest.raises(FtcError) as info:
+            run(folder, mode=mode, data={"name": "module", "module": f"{folder.parent.parent / 'model.py'}:{function}"})
+        assert f"data set 'module' gives inputs {shown}, but" in info.value.message
+        assert "was compiled for the inputs ['x']" in info.value.message
+
+
+def test_an_injected_fault_that_could_never_strike_is_refused(pipeline):
+    """inject_fault without a step (0), or on a rank the run does not have (any but 0 in mode
+    local), never struck: a test of the fault passed without one."""
+    _, folder = pipeline
+    with pytest.raises(FtcError, match="key 'inject_fault.step' is 0; steps count from 1"):
+        run(folder, inject_fault={"kind": "nan"})
+    with pytest.raises(FtcError, match=re.escape("key 'inject_fault.rank' is 1, but the run has 1 process(es)")):
+        run(folder, inject_fault={"kind": "nan", "rank": 1, "step": 1})
+    from ftc.runtime.worker import launch
+
+    with pytest.raises(FtcError, match=re.escape("key 'inject_fault.rank' is 2, but the run has 2 process(es)")):
+        launch(load_config(data={"pipeline": str(folder), "mode": "dist", "inject_fault": {"rank": 2, "step": 1}}))
