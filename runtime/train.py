@@ -690,11 +690,17 @@ def gather_setup(group: Any, mine: Any, world_size: int) -> list[Any]:
     try:
         dist.all_gather_object(gathered, mine, group=group)
     except RuntimeError as exc:
-        raise PeerFailure(f"not every rank finished setting up (building its stages and data set) within setup_timeout_s "
-                       f"({peer_reason(exc)})",
+        raise PeerFailure(f"not every rank finished setting up (building its stages and data set) "
+                          f"{_within_setup_timeout(exc)} ({peer_reason(exc)})",
                        "raise setup_timeout_s if building takes this long; a rank that failed says why in its own "
                        "line") from exc  # fmt: skip
     return gathered
+
+
+def _within_setup_timeout(exc: Exception) -> str:
+    """How a wait of setup_timeout_s ended: it ran out, or a rank's connection closed (it died)."""
+    said = str(exc).lower()
+    return "within setup_timeout_s" if "timed out" in said or "timeout" in said else "(a rank died)"
 
 
 def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size: int) -> None:
@@ -728,8 +734,8 @@ def save(
         try:
             dist.barrier(group=group)
         except RuntimeError as exc:
-            raise PeerFailure(f"not every rank wrote its checkpoint shard of step {step} within setup_timeout_s "
-                           f"({peer_reason(exc)})",
+            raise PeerFailure(f"not every rank wrote its checkpoint shard of step {step} {_within_setup_timeout(exc)} "
+                              f"({peer_reason(exc)})",
                            "a rank that failed says why in its own line; raise setup_timeout_s if shards take "
                            "this long to write") from exc  # fmt: skip
     if me.rank == 0:
