@@ -1,6 +1,7 @@
 """A model pruned with torch.nn.utils.prune holds `weight` as a plain attribute computed from
 `weight_orig` and the mask (a non-leaf tensor), which copy.deepcopy refuses: `ftc check`, which
-compares the stages with copies of the model, stopped with an internal error."""
+compares the stages with copies of the model, and measuring in save-memory mode, which copies
+the meta model's layers, stopped with an internal error."""
 
 from __future__ import annotations
 
@@ -41,3 +42,12 @@ def test_a_pruned_model_checks_against_itself(tmp_path):
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2))
     report = check_pipeline(compiled.folder, batch_size=4)  # outputs and gradients against the model's
     assert report.ok, report
+
+
+def test_a_pruned_model_is_measured_one_layer_at_a_time(tmp_path):
+    """Save-memory mode copies each layer off the meta model to time it: the same refusal."""
+    path = tmp_path / "pruned.py"
+    path.write_text(MODEL)
+    options = CompileOptions(stages=2, profile="measure", save_memory=True, cache=False)
+    compiled = compile_model(path, tmp_path / "out", options)
+    assert check_pipeline(compiled.folder, batch_size=4).ok

@@ -51,7 +51,6 @@ for both.)
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import os
 import statistics
@@ -62,7 +61,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils._pytree import tree_map
 
-from ftc.interpreter import Interpreter, tensor_constant
+from ftc.interpreter import Interpreter, copy_module, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
@@ -504,7 +503,7 @@ class _SaveMemory(Interpreter):
         parent_path, _, child = node.target.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         meta_module = getattr(parent, child)
-        real = copy.deepcopy(meta_module).to_empty(device=self.settings.device)
+        real = copy_module(meta_module).to_empty(device=self.settings.device)
         with torch.no_grad():
             for name, tensor in (*real.named_parameters(), *real.named_buffers()):
                 like = (
