@@ -429,7 +429,7 @@ class _SaveMemory(Interpreter):
                 return tensor_constant(constant.data, constant.dtype)
             like = self._state(node.target)
             value = initial_state(self.names.get(id(like), node.target), like, "cpu")
-            return value.requires_grad_(like.requires_grad) if value.is_floating_point() else value
+            return value.requires_grad_(like.requires_grad) if value.is_floating_point() or value.is_complex() else value
         if not node.is_compute:
             return super().run_node(node, args, kwargs)
         with self._materialized(node) as state:
