@@ -1,7 +1,9 @@
-"""A custom torch.autograd.Function in forward: both tracers record its forward's ops, not its
-backward (fx even under the no_grad that Function.apply sets), so the stages would train with
-other gradients than the model. The compile must refuse it by name; the workaround it names (a
-LEAF_MODULES module that makes the call, kept whole by fx) must give the model's gradients."""
+"""Code in forward that changes gradients: a custom torch.autograd.Function (both tracers record
+its forward's ops, not its backward; fx even under the no_grad that Function.apply sets) and a
+gradient hook on a tensor (`h.register_hook(fn)`, which fx dropped as an op without users and
+export did not record). The stages would train with other gradients than the model, silently at
+compile time. The compile must refuse each by name; the workaround it names (a LEAF_MODULES
+module that does it, kept whole by fx) must give the model's gradients."""
 
 from __future__ import annotations
 
@@ -59,6 +61,16 @@ def test_a_custom_function_in_forward_is_refused_by_name(frontend, tmp_path):
     with pytest.raises(FtcError) as caught:
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
     assert "custom autograd.Function HalfGradient at ste.py:" in caught.value.message
+    assert "LEAF_MODULES" in caught.value.hint
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_gradient_hook_in_forward_is_refused_by_name(frontend, tmp_path):
+    path = tmp_path / "hooked.py"
+    path.write_text(MODEL.replace("CALL", "torch.tanh(layer(x))\n            x.register_hook(lambda grad: grad * 0.1)"))
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert "forward calls Tensor.register_hook at hooked.py:" in caught.value.message
     assert "LEAF_MODULES" in caught.value.hint
 
 
