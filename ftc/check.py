@@ -344,16 +344,20 @@ def _output_problems(graph: Graph, pipeline: Pipeline) -> list[str]:
 
 def _copy_of(original: torch.nn.Module, model_file, seed: int) -> torch.nn.Module:
     """A copy of the freshly built model. deepcopy refuses a model that holds a tensor computed
-    from a parameter as a plain attribute (torch.nn.utils.prune's `weight`, weight_norm's), so
-    such a model is built again, as seeded, with the original's state loaded into it."""
+    from a parameter as a plain attribute (torch.nn.utils.prune's `weight`, weight_norm's), and
+    gives a TorchScript module parameters that are not leaves (so they get no gradients): such a
+    model is built again, as seeded, with the original's state loaded into it."""
     try:
-        return copy.deepcopy(original)
+        copied = copy.deepcopy(original)
+        if all(param.is_leaf for param in copied.parameters()):
+            return copied
     except RuntimeError:
-        seed_generators(seed)
-        model = model_file.build()
-        model.load_state_dict(original.state_dict())
-        model.train()
-        return model
+        pass
+    seed_generators(seed)
+    model = model_file.build()
+    model.load_state_dict(original.state_dict())
+    model.train()
+    return model
 
 
 def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, staged: torch.nn.Module, batch: Any, seed: int) -> float:

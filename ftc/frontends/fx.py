@@ -44,6 +44,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
         if isinstance(m, self.model_file.leaf_modules):
             return True
+        if isinstance(m, torch.jit.ScriptModule):
+            return True  # TorchScript cannot be traced through, but runs whole like a torch.nn layer
         return m.__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS)
 
     def create_node(self, *args, **kwargs) -> fx.Node:

@@ -503,6 +503,12 @@ class _SaveMemory(Interpreter):
         parent_path, _, child = node.target.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         meta_module = getattr(parent, child)
+        if isinstance(meta_module, torch.jit.ScriptModule):
+            raise FtcError(
+                f"save-memory mode cannot measure {node.target} alone: it is a TorchScript module, whose "
+                "weights cannot be moved off the meta device one module at a time (to_empty)",
+                "measure without --save-memory (the whole model on the device), or use --profile analytic",
+            )
         real = copy_module(meta_module).to_empty(device=self.settings.device)
         with torch.no_grad():
             for name, tensor in (*real.named_parameters(), *real.named_buffers()):
