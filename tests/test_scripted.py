@@ -14,6 +14,8 @@ from ftc.ir import FtcError
 from ftc.runtime.config import load_config
 from ftc.runtime.train import train
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 MODEL = """
 import pytest
 import torch
