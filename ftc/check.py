@@ -249,7 +249,9 @@ def check_pipeline(
     original = model_file.build()
     original.train()
     _require_same_structure(graph, original, model_file.path, Path(folder))
-    interpreted, isolated, end_to_end, evaluated = (copy.deepcopy(original) for _ in range(4))
+    interpreted, isolated, end_to_end, evaluated, evaluated_stages = (
+        _copy_of(original, model_file, seed) for _ in range(5)
+    )
     torch.manual_seed(seed + 1)
     batch = model_file.inputs(batch_size)
 
@@ -303,7 +305,7 @@ def check_pipeline(
     )
     eval_expected = not graph.training_branches
     try:
-        eval_outputs = _eval_difference(pipeline, evaluated, batch, seed)
+        eval_outputs = _eval_difference(pipeline, evaluated, evaluated_stages, batch, seed)
     except ModelFails as exc:  # nothing to compare with
         notes.append(f"eval mode not compared: {exc.message}")
         eval_outputs, eval_expected = math.nan, False
@@ -340,9 +342,27 @@ def _output_problems(graph: Graph, pipeline: Pipeline) -> list[str]:
             "undo the hand edit of \"outputs\" or \"output_structure\""]  # fmt: skip
 
 
-def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, batch: Any, seed: int) -> float:
-    """The stages' outputs against the model's, both in eval mode under no_grad."""
-    staged = copy.deepcopy(model)
+def _copy_of(original: torch.nn.Module, model_file, seed: int) -> torch.nn.Module:
+    """A copy of the freshly built model. deepcopy refuses a model that holds a tensor computed
+    from a parameter as a plain attribute (torch.nn.utils.prune's `weight`, weight_norm's), and
+    gives a TorchScript module parameters that are not leaves (so they get no gradients): such a
+    model is built again, as seeded, with the original's state loaded into it."""
+    try:
+        copied = copy.deepcopy(original)
+        if all(param.is_leaf for param in copied.parameters()):
+            return copied
+    except RuntimeError:
+        pass
+    seed_generators(seed)
+    model = model_file.build()
+    model.load_state_dict(original.state_dict())
+    model.train()
+    return model
+
+
+def _eval_difference(pipeline: Pipeline, model: torch.nn.Module, staged: torch.nn.Module, batch: Any, seed: int) -> float:
+    """The stages' outputs against the model's, both in eval mode under no_grad; `staged` is a
+    copy of `model` for the stages to adopt."""
     executor = LocalExecutor(pipeline, staged)
     model.eval()
     set_mode(staged, executor.stages, False)

@@ -134,6 +134,18 @@ class Interpreter:
         return arg
 
 
+def copy_module(module: torch.nn.Module) -> torch.nn.Module:
+    """copy.deepcopy of a module, also where it holds a tensor computed from a parameter as a
+    plain attribute (torch.nn.utils.prune's `weight`, which its forward pre-hook recomputes),
+    which deepcopy refuses: such a tensor is copied detached."""
+    memo = {}
+    for submodule in module.modules():
+        for value in vars(submodule).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """Run a meta-device module for real, on the CPU, with random weights and inputs of the
     right shapes; return its outputs as meta tensors.
@@ -141,7 +153,7 @@ def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     For modules whose Python reads tensor values (`if x.sum() > 0:`), which LEAF_MODULES may
     hold: the meta device knows shapes only. One module is materialized at a time, so this
     works for models of any size whose single leaf modules fit in memory."""
-    real = copy.deepcopy(module).to_empty(device="cpu")
+    real = copy_module(module).to_empty(device="cpu")
     with torch.no_grad():
         for param in real.parameters():
             param.normal_(0.0, 0.02)

@@ -284,7 +284,7 @@ def gradient_problems(sent: dict[str, Any], values: dict[str, dict]) -> list[str
     a hand edit of `requires_grad` would freeze every stage before (or fail)."""
     problems = []
     for name, leaf, leaf_spec in _leaves_with_specs(sent, values):
-        if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+        if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
             continue
         if leaf.requires_grad != bool(leaf_spec.get("requires_grad")):
             problems.append(f"value {name} {'needs' if leaf.requires_grad else 'has no'} gradient, but "

@@ -94,7 +94,10 @@ class ModelFile:
             if not isinstance(value, torch.Tensor):
                 raise FtcError(
                     f"{self.path}: example_inputs() input {key!r} is a {type(value).__name__}, not a tensor",
-                    "pass only tensors; put other settings in build_model()",
+                    (f"leave {key!r} out of example_inputs(): an input not given takes forward's default, which "
+                     "ftc writes into the stage code (so a default of None stays None)")
+                    if value is None and isinstance(batch, dict)
+                    else "pass only tensors; put other settings in build_model() or in forward's defaults",
                 )
         if device is not None:
             move = lambda t: t.to(device)  # noqa: E731

@@ -190,6 +190,10 @@ MODEL_FILE_ERRORS = {
     ),
     "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
+    "inputs_none": (  # an optional input given as None: leaving it out is the fix
+        GOOD.replace("(torch.randn(batch_size, 8),)", "{'input': torch.randn(batch_size, 8), 'mask': None}"),
+        "fix: leave 'mask' out of example_inputs()",
+    ),
     "inputs_wrong_type": (GOOD.replace("(torch.randn(batch_size, 8),)", "'text'"), "example_inputs() returned str"),
     "unknown_keyword": (GOOD.replace("(torch.randn(batch_size, 8),)", "{'x': torch.randn(batch_size, 8)}"), "keyword inputs ['x']"),
     "reads_values_on_meta": (

@@ -27,6 +27,7 @@ from ftc.runtime import model_file as model_file_module
 from ftc.runtime.model_file import ModelFile, user_frame
 
 from .common import user_source
+from .gradient_code import gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import trace_export
 from .fx import BufferAssigned, trace_fx
@@ -109,7 +110,7 @@ def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
 def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws) -> Traced:
     if frontend in ("auto", "fx"):
         try:
-            with drawn_from(draws):
+            with drawn_from(draws), gradient_code_refused(model_file):
                 graph = trace_fx(model, model_file, batch, name)
         except FtcError:
             raise
@@ -125,7 +126,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             graph.batch_size = batch_size
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
-        with _quiet(), drawn_from(draws):
+        with _quiet(), drawn_from(draws), gradient_code_refused(model_file):
             graph = trace_export(model, model_file, batch, double_batch, name)
     except FtcError:
         raise
@@ -207,7 +208,7 @@ def _lower_stacks(
     cut; export lowers it into ops. fx's graph (and model) stay the answer if export fails."""
     fresh = _in_training_mode(model_file)  # fx may have left tracing state on the modules
     try:
-        with _quiet(), drawn_from(draws):
+        with _quiet(), drawn_from(draws), gradient_code_refused(model_file):
             return trace_export(fresh, model_file, batch, double_batch, name), fresh
     except Exception:
         logging.getLogger("ftc").info("kept %s whole: torch.export could not trace the model", ", ".join(stacks))

@@ -28,6 +28,7 @@ from .common import (
     state_table,
     user_source,
 )
+from .gradient_code import GRADIENT_HOOKS, hook_refused
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
@@ -43,6 +44,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
         if isinstance(m, self.model_file.leaf_modules):
             return True
+        if isinstance(m, torch.jit.ScriptModule):
+            return True  # TorchScript cannot be traced through, but runs whole like a torch.nn layer
         return m.__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS)
 
     def create_node(self, *args, **kwargs) -> fx.Node:
@@ -58,6 +61,12 @@ class _Tracer(fx.Tracer):
                 "remove autocast from forward and apply it around the whole model when training",
             )
         return node
+
+    def create_proxy(self, kind: str, target: Any, *args, **kwargs) -> fx.Proxy:
+        # Before fx reads the hook's arguments: it cannot record a callable (a lambda) anyway.
+        if kind == "call_method" and target in GRADIENT_HOOKS:
+            raise hook_refused(self.model_file, target, user_source(self.model_file) or self.model_file.path.name)
+        return super().create_proxy(kind, target, *args, **kwargs)
 
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, TrainingFlag):

@@ -31,11 +31,27 @@ META_ONLY_FIX = (
 # What torch says when code needs tensor values, or an op lacks a meta kernel: meta-only failures.
 VALUE_ERROR_TYPES = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException"}
 VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
+# What torch says when an op's output shape depends on values (a boolean-mask index goes through
+# nonzero): torch's own text then advises a private config flag, which is no fix for the user.
+VALUE_SHAPE_TYPES = {"DataDependentOutputException", "DynamicOutputShapeException"}
+VALUE_SHAPE_WORDS = re.compile(r"nonzero|masked_select|unique|data-independent implementation")
+VALUE_SHAPE_FIX = (
+    "the meta device has shapes but no values, so it cannot size such a result: put the module that makes it "
+    "in LEAF_MODULES (ftc then runs that module for real to learn its output shapes), or compute densely "
+    "(torch.where, gather, scatter_add, multiplying by a mask) so that shapes do not depend on values"
+)
 
 
 def fails_only_on_meta(exc: Exception) -> bool:
     """Whether `exc` is a failure of the meta device, as opposed to one on any device."""
     return type(exc).__name__ in VALUE_ERROR_TYPES or VALUE_ERROR_WORDS.search(str(exc).lower()) is not None
+
+
+def _value_shaped(exc: Exception) -> bool:
+    """Whether `exc` says an op's output shape depends on tensor values."""
+    if type(exc).__name__ in VALUE_SHAPE_TYPES:
+        return True
+    return fails_only_on_meta(exc) and VALUE_SHAPE_WORDS.search(str(exc)) is not None
 
 
 def plain_failure_fix(inputs: dict[str, Any]) -> str:
@@ -63,6 +79,14 @@ class _Propagator(Interpreter):
         except FtcError:
             raise
         except Exception as exc:
+            where = node.source or node.module_path or "forward"
+            if _value_shaped(exc):
+                raise FtcError(
+                    f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "
+                    "(boolean-mask indexing `x[mask]`, nonzero, masked_select, unique): "
+                    f"{type(exc).__name__} on the meta device",
+                    VALUE_SHAPE_FIX,
+                ) from exc
             inputs = {name: self.env[name] for name in self.graph.inputs}
             raise FtcError(
                 f"node {node.name!r} ({node.source or node.module_path or 'forward'}) failed on the meta device: "

@@ -37,7 +37,7 @@ def as_leaves(outputs: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         cut = value.detach()
-        return cut.requires_grad_() if value.requires_grad and value.is_floating_point() else cut
+        return cut.requires_grad_() if value.requires_grad and (value.is_floating_point() or value.is_complex()) else cut
 
     return tree_map(leaf, outputs)
 

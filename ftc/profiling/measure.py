@@ -51,7 +51,6 @@ for both.)
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import os
 import statistics
@@ -62,7 +61,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils._pytree import tree_map
 
-from ftc.interpreter import Interpreter, tensor_constant
+from ftc.interpreter import Interpreter, copy_module, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
@@ -433,7 +432,7 @@ class _SaveMemory(Interpreter):
                 return tensor_constant(constant.data, constant.dtype)
             like = self._state(node.target)
             value = initial_state(self.names.get(id(like), node.target), like, "cpu")
-            return value.requires_grad_(like.requires_grad) if value.is_floating_point() else value
+            return value.requires_grad_(like.requires_grad) if value.is_floating_point() or value.is_complex() else value
         if not node.is_compute:
             return super().run_node(node, args, kwargs)
         with self._materialized(node) as state:
@@ -507,7 +506,13 @@ class _SaveMemory(Interpreter):
         parent_path, _, child = node.target.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         meta_module = getattr(parent, child)
-        real = copy.deepcopy(meta_module).to_empty(device=self.settings.device)
+        if isinstance(meta_module, torch.jit.ScriptModule):
+            raise FtcError(
+                f"save-memory mode cannot measure {node.target} alone: it is a TorchScript module, whose "
+                "weights cannot be moved off the meta device one module at a time (to_empty)",
+                "measure without --save-memory (the whole model on the device), or use --profile analytic",
+            )
+        real = copy_module(meta_module).to_empty(device=self.settings.device)
         with torch.no_grad():
             for name, tensor in (*real.named_parameters(), *real.named_buffers()):
                 like = (

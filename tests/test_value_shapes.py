@@ -1,0 +1,72 @@
+"""Ops whose output shape depends on tensor values, as in a mixture of experts with top-1
+routing (`flat[idx == e]`): the meta device cannot size them. The compile must say so in the
+user's terms (torch's own text advises a private config flag), and the fix it names (the router
+in LEAF_MODULES, run for real to learn its shapes) must give the model's numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftc.check import check_pipeline
+from ftc.compiler import CompileOptions, compile_model
+from ftc.ir import FtcError
+
+MODEL = """
+import torch
+import torch.nn as nn
+
+
+class TopOneExperts(nn.Module):
+    def __init__(self, width, count):
+        super().__init__()
+        self.router = nn.Linear(width, count)
+        self.experts = nn.ModuleList([nn.Linear(width, width) for _ in range(count)])
+
+    def forward(self, x):
+        weight, chosen = self.router(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            picked = chosen == index
+            out[picked] = expert(x[picked]) * weight[picked].unsqueeze(-1)
+        return out
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.moes = nn.ModuleList([TopOneExperts(8, 3) for _ in range(2)])
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for moe in self.moes:
+            h = h + moe(h)
+        return self.out(h)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])  # fx cannot trace `out[picked] = ...`
+def test_a_value_shaped_op_is_named_with_a_fix(frontend, tmp_path):
+    path = tmp_path / "moe.py"
+    path.write_text(MODEL)
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert "moe.py:" in caught.value.message and "shape depends on tensor values" in caught.value.message
+    assert "meta_nonzero" not in caught.value.message
+    assert "LEAF_MODULES" in caught.value.hint
+
+
+def test_a_value_shaped_op_in_a_leaf_module_compiles_exactly(tmp_path):
+    path = tmp_path / "moe_leaf.py"
+    path.write_text(MODEL + "\nLEAF_MODULES = (TopOneExperts,)\n")
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    assert check_pipeline(compiled.folder, batch_size=4).ok  # against the original model
