@@ -294,6 +294,23 @@ def _pool(target: str, **defaults) -> Callable[[dict], Call]:
     )
 
 
+# ATen's integer reduction (at::Reduction) as torch.nn.functional's string
+REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+def _loss(target: str, *names: str, **defaults) -> Callable[[dict], Call | None]:
+    """F.cross_entropy(x, y, ...) and the other losses: ATen's `reduction` is an integer enum,
+    F's a string; the other arguments keep their names (HF computes a model's loss this way
+    when it is given `labels`)."""
+
+    def lower(a: dict) -> Call | None:
+        if a["reduction"] not in REDUCTIONS:
+            return None
+        return _function(target, *names, **defaults)({**a, "reduction": REDUCTIONS[a["reduction"]]})
+
+    return lower
+
+
 def _unary(target: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, (a["self"],))
 
@@ -381,6 +398,17 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     ),
     "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
     "constant_pad_nd.default": _function("F.pad", "self", "pad", value=0),
+    "pad.default": _function("F.pad", "self", "pad", mode="constant", value=None),
+    "cross_entropy_loss.default": _loss(
+        "F.cross_entropy", "self", "target", weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0
+    ),
+    "nll_loss.default": _loss("F.nll_loss", "self", "target", weight=None, reduction="mean", ignore_index=-100),
+    "binary_cross_entropy_with_logits.default": _loss(
+        "F.binary_cross_entropy_with_logits", "self", "target", weight=None, pos_weight=None, reduction="mean"
+    ),
+    "mse_loss.default": _loss("F.mse_loss", "self", "target", reduction="mean"),
+    "l1_loss.default": _loss("F.l1_loss", "self", "target", reduction="mean"),
+    "smooth_l1_loss.default": _loss("F.smooth_l1_loss", "self", "target", reduction="mean", beta=1.0),
     "view.default": _spread("view", "size"),
     "reshape.default": _spread("reshape", "shape"),
     "_unsafe_view.default": _spread("reshape", "size"),
