@@ -1,4 +1,4 @@
-"""Hugging Face transformers models (GPT-2, BERT, T5 from small configs, no downloads): torch.fx
+"""Hugging Face transformers models (GPT-2, BERT, T5, and Mixtral at P = 2, from small configs, no downloads): torch.fx
 cannot trace transformers 5, so `ftc compile` falls back to torch.export; the stages must pass
 the equivalence check (outputs, returned and parameter gradients, buffers) at the compile batch
 size and another, and the GPT-2 stages must read as torch code."""
@@ -25,6 +25,14 @@ def test_hf_model_stages_compute_what_the_model_computes(model_path, stages, com
     assert_stage_files_standalone_and_working(folder)
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
+
+
+def test_mixtral_experts_take_the_cpu_path_and_compute_what_the_model_computes(compile_to):
+    """transformers' MoE layer branches on the device type (histc on float input on the CPU, on
+    int input elsewhere); traced on the meta device it wrote the int call, which the CPU refuses."""
+    folder = compile_to(MODELS / "hf_mixtral.py", 2, batch_size=4)
+    assert len(json.loads((folder / "pipeline.json").read_text())["stages"]) == 2
+    assert_check_passes(folder, batch_size=4)
 
 
 def test_gpt2_stages_read_as_torch_code(compile_to):

@@ -424,6 +424,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "flatten.using_ints": _method("flatten", "self", "start_dim", "end_dim"),
     "contiguous.default": _contiguous,
     "clone.default": _clone,
+    "lift_fresh_copy.default": _method("clone", "self"),
     "detach.default": _method("detach", "self"),
     "split.Tensor": _method("split", "self", "split_size", "dim"),
     "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),
