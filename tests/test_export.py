@@ -586,6 +586,39 @@ def test_what_export_cannot_do_is_named(model, options, message, tmp_path):
         compile_model(model, tmp_path, CompileOptions(stages=2, frontend="export", **options))
 
 
+NESTED_OUTPUT = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        return {"logits": self.b(h), "hidden_states": (x, h)}
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_nested_output_is_named_by_its_key(tmp_path):
+    from ftc.compiler import CompileOptions, compile_model
+
+    (tmp_path / "nested.py").write_text(NESTED_OUTPUT)
+    with pytest.raises(FtcError, match="is nested or holds non-tensors: 'hidden_states' is not a tensor") as error:
+        compile_model(tmp_path / "nested.py", tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "output_hidden_states" in error.value.hint
+
+
 def test_stage_comments_cite_lines_of_the_model_file_only(tmp_path, compile_to):
     """Code that the model file imports from a file whose name ends like the model file's
     (`my_net.py` beside `net.py`, as transformers' `modeling_llama.py` beside `llama.py`) is

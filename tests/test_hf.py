@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from ftc.ir import FtcError
+
 from .conftest import MODELS
 from .test_equivalence import assert_check_passes, assert_stage_files_standalone_and_working
 
@@ -33,6 +35,15 @@ def test_mixtral_experts_take_the_cpu_path_and_compute_what_the_model_computes(c
     folder = compile_to(MODELS / "hf_mixtral.py", 2, batch_size=4)
     assert len(json.loads((folder / "pipeline.json").read_text())["stages"]) == 2
     assert_check_passes(folder, batch_size=4)
+
+
+def test_a_model_that_returns_its_cache_is_told_to_set_use_cache_off(tmp_path, compile_to):
+    """use_cache left on: forward returns a DynamicCache, which torch.export refuses deep inside."""
+    path = tmp_path / "cached.py"
+    path.write_text((MODELS / "hf_gpt2.py").read_text().replace("use_cache=False", "use_cache=True"))
+    with pytest.raises(FtcError, match=r"forward returns a DynamicCache \(transformers\.cache_utils\.DynamicCache\)") as error:
+        compile_to(path, 2, batch_size=4)
+    assert "use_cache=False" in error.value.hint
 
 
 def test_gpt2_stages_read_as_torch_code(compile_to):

@@ -383,7 +383,30 @@ def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:
         return Outputs("dict", refs, [str(key) for key in structure.context])
     if flat and container is not None and issubclass(container, (tuple, list)):
         return Outputs("tuple", refs)
+    nested = ""
+    if isinstance(structure.context, list) and len(structure.context) == len(structure.children()):
+        keys = [str(key) for key, child in zip(structure.context, structure.children()) if not child.is_leaf()]
+        nested = f": {', '.join(map(repr, keys))} {'is' if len(keys) == 1 else 'are'} not a tensor" if keys else ""
     raise FtcError(
-        f"the model's output ({getattr(structure.type, '__name__', 'value')}) is nested or holds non-tensors",
-        "return a tensor, a flat tuple of tensors or a flat dict of tensors",
+        f"the model's output ({getattr(structure.type, '__name__', 'value')}) is nested or holds non-tensors{nested}",
+        f"return a tensor, a flat tuple of tensors or a flat dict of tensors{HF_OUTPUTS}",
+    )
+
+
+# What makes a Hugging Face model return more than tensors.
+HF_OUTPUTS = (
+    " (a Hugging Face model returns tuples with output_hidden_states or output_attentions set, and its "
+    "key/value cache, past_key_values, unless its config says use_cache=False)"
+)
+
+
+def not_a_tensor_output(exc: BaseException) -> FtcError | None:
+    """torch.export's refusal of an output that is not a tensor (transformers' DynamicCache, when
+    the config leaves use_cache on), as an error that says so; None for other errors."""
+    found = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(exc))
+    if found is None:
+        return None
+    return FtcError(
+        f"forward returns a {found.group(1).rsplit('.', 1)[-1]} ({found.group(1)}), which is not a tensor",
+        f"return a tensor, a flat tuple of tensors or a flat dict of tensors{HF_OUTPUTS}",
     )
