@@ -118,6 +118,22 @@ CASES = [
     (aten.contiguous.default, (_x(3, 2).t(),), {}),
     (aten.clone.default, (_x(3),), {}),
     (aten.lift_fresh_copy.default, (_x(3),), {}),
+    (aten.detach_.default, (_x(3),), {}),
+    (aten.numpy_T.default, (_x(2, 3),), {}),
+    (aten.expand_as.default, (_x(1, 3), _x(4, 3)), {}),
+    (aten.repeat_interleave.self_int, (_x(2, 3), 2), {"dim": 1}),
+    (aten.repeat_interleave.self_Tensor, (_x(2, 3), torch.tensor([1, 0, 2])), {"dim": 1, "output_size": 3}),
+    (aten.floor_divide.default, (torch.tensor([7, -3, 5]), 2), {}),
+    (aten.floor_divide.default, (_x(4) * 5, _x(4).abs() + 0.5), {}),
+    (aten.div_.Tensor, (_x(2, 3), _x(2, 3)), {}),
+    (aten.topk.default, (_x(3, 6), 2), {}),
+    (aten.topk.default, (_x(3, 6), 3, 0, False), {}),
+    (aten.sort.default, (torch.tensor([3, 1, 2, 1, 0]),), {}),
+    (aten.sort.default, (_x(3, 4), 0, True), {}),
+    (aten.histc.default, (torch.tensor([0.0, 1.0, 3.0, 3.0, 2.0]), 4, 0, 3), {}),
+    (aten.index_put_.default, (_x(5, 2), [torch.tensor([4, 0])], _x(2, 2)), {}),
+    (aten.index_put_.default, (_x(5, 2), [torch.tensor([1, 1])], _x(2, 2), True), {}),
+    (aten.index_put_.default, (_x(5, 2), [None, torch.tensor([1])], _x(5, 1)), {"accumulate": True}),  # kept
     (aten.detach.default, (_x(3),), {}),
     (aten.split.Tensor, (_x(6, 2), 2), {}),
     (aten.split_with_sizes.default, (_x(2, 6), [1, 5], 1), {}),
@@ -147,6 +163,7 @@ CASES = [
     (aten.amax.default, (_x(2, 3), [1]), {}),
     (aten.max.dim, (_x(2, 3), 1, True), {}),
     (aten.cumsum.default, (torch.tensor([[1, 0, 1]]), -1), {}),
+    (aten.cumsum.default, (torch.tensor([[1.0, 0.0, 2.0]]), 0), {"dtype": torch.int32}),
     (aten.diff.default, (torch.tensor([[1, 3, 7]]), 1, -1, torch.tensor([[0]])), {}),
     (aten.tril.default, (_x(3, 3), -1), {}),
     (aten.triu.default, (_x(3, 3),), {}),
@@ -201,6 +218,7 @@ CASES += [
         "logical_not",
         "isnan",
         "isinf",
+        "sign",
     )
 ]
 CASES += [
@@ -270,7 +288,9 @@ def test_lowered_call_computes_what_the_aten_op_computes(op, args, kwargs):
         expected = op(*args, **kwargs)
     call = lower(op, args, kwargs)
     if call is None:  # kept as the ATen call; only where the torch spelling could not be exact
-        assert (op_key(op), kwargs) in [("add.Tensor", {"alpha": 2})], f"{op} was not lowered"
+        assert (op_key(op), kwargs) in [("add.Tensor", {"alpha": 2}), ("index_put_.default", {"accumulate": True})], (
+            f"{op} was not lowered"
+        )
         return
     actual = _run(call)
     expected = expected if isinstance(expected, (tuple, list)) else [expected]

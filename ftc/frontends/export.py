@@ -395,8 +395,9 @@ def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:
 
 # What makes a Hugging Face model return more than tensors.
 HF_OUTPUTS = (
-    " (a Hugging Face model returns tuples with output_hidden_states or output_attentions set, and its "
-    "key/value cache, past_key_values, unless its config says use_cache=False)"
+    "; a Hugging Face model returns tuples with output_hidden_states or output_attentions set, and its "
+    "key/value cache, past_key_values, unless its config says use_cache=False; otherwise wrap the model in "
+    "a module whose forward returns the tensors the loss needs"
 )
 
 
