@@ -55,6 +55,9 @@ def test_gpt2_stages_read_as_torch_code(compile_to):
     assert 'self.transformer.h["0"].attn.resid_dropout(' in text  # dropout follows train()/eval()
     assert "F.scaled_dot_product_attention(" in text and "torch.addmm(" in text
     assert "batch = input_ids.size(0)" in text  # the batch size is read, not baked in
+    # why fx failed, in words (fx itself says "code: co_varnames is too small")
+    notes = json.loads((folder / "ir.json").read_text())["trace_notes"]
+    assert any("GPT2LMHeadModel.forward is wrapped by a decorator taking *args (transformers" in n for n in notes)
     manifest = json.loads((folder / "pipeline.json").read_text())
     keys = {key for stage in manifest["stages"] for key in stage["state"]}
     assert "transformer.h.0.attn.c_attn.weight" in keys and "lm_head.weight" in keys
