@@ -29,7 +29,7 @@ from ftc.runtime.model_file import ModelFile, user_frame
 from .common import user_source
 from .gradient_code import gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
-from .export import trace_export
+from .export import not_a_tensor_output, trace_export
 from .fx import BufferAssigned, trace_fx
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
@@ -131,7 +131,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     except FtcError:
         raise
     except Exception as exc:
-        failure = forward_failure(model_file, batch)
+        failure = not_a_tensor_output(exc) or forward_failure(model_file, batch)
         if failure is not None:
             raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):

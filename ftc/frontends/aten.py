@@ -294,6 +294,32 @@ def _pool(target: str, **defaults) -> Callable[[dict], Call]:
     )
 
 
+# ATen's integer reduction (at::Reduction) as torch.nn.functional's string
+REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
+
+
+def _loss(target: str, *names: str, **defaults) -> Callable[[dict], Call | None]:
+    """F.cross_entropy(x, y, ...) and the other losses: ATen's `reduction` is an integer enum,
+    F's a string; the other arguments keep their names (HF computes a model's loss this way
+    when it is given `labels`)."""
+
+    def lower(a: dict) -> Call | None:
+        if a["reduction"] not in REDUCTIONS:
+            return None
+        return _function(target, *names, **defaults)({**a, "reduction": REDUCTIONS[a["reduction"]]})
+
+    return lower
+
+
+def _numpy_t(a: dict) -> Call | None:
+    """x.t() for `x.T` (aten.numpy_T, all dimensions reversed) where x has at most 2."""
+    x = a["self"]
+    value = x.meta.get("val") if isinstance(x, fx.Node) else x
+    if not isinstance(value, torch.Tensor) or value.dim() > 2:
+        return None
+    return Call("call_method", "t", (x,))
+
+
 def _unary(target: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, (a["self"],))
 
@@ -307,7 +333,7 @@ OPERATORS = {
 }  # fmt: skip
 UNARY_FUNCTIONS = (
     "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "floor", "ceil",
-    "logical_not", "isnan", "isinf",
+    "logical_not", "isnan", "isinf", "sign",
 )  # fmt: skip
 
 LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
@@ -381,6 +407,17 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     ),
     "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
     "constant_pad_nd.default": _function("F.pad", "self", "pad", value=0),
+    "pad.default": _function("F.pad", "self", "pad", mode="constant", value=None),
+    "cross_entropy_loss.default": _loss(
+        "F.cross_entropy", "self", "target", weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0
+    ),
+    "nll_loss.default": _loss("F.nll_loss", "self", "target", weight=None, reduction="mean", ignore_index=-100),
+    "binary_cross_entropy_with_logits.default": _loss(
+        "F.binary_cross_entropy_with_logits", "self", "target", weight=None, pos_weight=None, reduction="mean"
+    ),
+    "mse_loss.default": _loss("F.mse_loss", "self", "target", reduction="mean"),
+    "l1_loss.default": _loss("F.l1_loss", "self", "target", reduction="mean"),
+    "smooth_l1_loss.default": _loss("F.smooth_l1_loss", "self", "target", reduction="mean", beta=1.0),
     "view.default": _spread("view", "size"),
     "reshape.default": _spread("reshape", "shape"),
     "_unsafe_view.default": _spread("reshape", "size"),
@@ -396,6 +433,23 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "flatten.using_ints": _method("flatten", "self", "start_dim", "end_dim"),
     "contiguous.default": _contiguous,
     "clone.default": _clone,
+    "lift_fresh_copy.default": _method("clone", "self"),
+    "detach_.default": _method("detach_", "self"),
+    "numpy_T.default": _numpy_t,
+    "expand_as.default": _method("expand_as", "self", "other"),
+    "repeat_interleave.self_int": _method("repeat_interleave", "self", "repeats", dim=None, output_size=None),
+    "repeat_interleave.self_Tensor": _method("repeat_interleave", "self", "repeats", dim=None, output_size=None),
+    "floor_divide.default": lambda a: Call("call_function", "operator.floordiv", (a["self"], a["other"])),
+    "div_.Tensor": _method("div_", "self", "other"),
+    "topk.default": _function("torch.topk", "self", "k", dim=-1, largest=True, sorted=True),
+    "sort.default": _function("torch.sort", "self", dim=-1, descending=False),
+    "histc.default": _function("torch.histc", "self", bins=100, min=0, max=0),
+    # Tensor.index_put_ takes no None among the indices (ATen's "all of this dimension")
+    "index_put_.default": lambda a: (
+        None if any(i is None for i in a["indices"]) else _method(
+            "index_put_", "self", "indices", "values", accumulate=False
+        )(a)
+    ),
     "detach.default": _method("detach", "self"),
     "split.Tensor": _method("split", "self", "split_size", "dim"),
     "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),
@@ -426,7 +480,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "max.dim": _method("max", "self", "dim", keepdim=False),
     "min.dim": _method("min", "self", "dim", keepdim=False),
     "diff.default": _function("torch.diff", "self", n=1, dim=-1, prepend=None, append=None),
-    "cumsum.default": lambda a: _method("cumsum", "self", "dim")(a) if a["dtype"] is None else None,
+    "cumsum.default": _method("cumsum", "self", "dim", dtype=None),
     "tril.default": _method("tril", "self", diagonal=0),
     "triu.default": _method("triu", "self", diagonal=0),
     "cat.default": _function("torch.cat", "tensors", "dim"),

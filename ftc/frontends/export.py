@@ -27,8 +27,11 @@ from pathlib import Path
 from collections import Counter
 from typing import Any
 
+import contextlib
+
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils._pytree import TreeSpec
 
@@ -42,6 +45,13 @@ from .fx import input_names
 
 # The device the stage runs on; generated code binds `device` from a stage input.
 STAGE_DEVICE = TorchExpr("device")
+
+# The device forward sees while torch.export traces it. The model is built on the meta device,
+# but library code branches on `x.device.type` (transformers' MoE layers count tokens per expert
+# with `torch.histc` on float input on the CPU, on int input elsewhere, which the CPU refuses), so
+# forward runs on fake tensors that say "cpu" without allocating anything; the graph's device
+# arguments become the stage's device.
+TRACE_DEVICE = torch.device("cpu")
 
 
 def _batch_dims(single: tuple | dict, double: tuple | dict) -> tuple | dict:
@@ -64,7 +74,7 @@ def trace_export(
     fed, _ = input_names(model, batch)
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
-    with torch.device("meta"):
+    with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         program = torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic)
     _inline_grad_mode_blocks(program.graph_module)
     signature = program.graph_signature
@@ -100,11 +110,11 @@ def trace_export(
             target = state[spec.target].alias_of or spec.target if spec.target in state else spec.target
             node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", target)
             if spec.kind == InputKind.CONSTANT_TENSOR:
-                if program.constants[spec.target].device.type == "meta":
+                if _without_values(program.constants[spec.target]):
                     line = next((source for user in fx_node.users if (source := _scope(user, model_file)[1])), where)
                     raise FtcError(
                         f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
-                        "tracing on the meta device, keeps without its values",
+                        "tracing on tensors without data (the model is built on the meta device), keeps without its values",
                         "compile with --frontend fx (or auto), or make it a buffer in __init__ "
                         "(self.register_buffer(name, tensor, persistent=False))",
                     )
@@ -285,8 +295,45 @@ def _call_key(fx_node: fx.Node) -> str:
     return next(reversed(stack), "")
 
 
+@contextlib.contextmanager
+def _on_fake_device(model: torch.nn.Module, inputs: Any, device: torch.device):
+    """The meta model's parameters and buffers, and the meta `inputs`, as fake tensors on `device`
+    (no memory) while the block runs; yields the fake inputs. Tied tensors stay one tensor."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            return t
+        if id(t) not in fakes:
+            value = FakeTensor(mode, t.detach(), device)
+            fakes[id(t)] = torch.nn.Parameter(value, t.requires_grad) if isinstance(t, torch.nn.Parameter) else value
+        return fakes[id(t)]
+
+    # setattr, not the tables: a module may keep its own list of them (an RNN's _flat_weights)
+    saved = [
+        (module, key, t)
+        for module in model.modules()
+        for table in (module._parameters, module._buffers)
+        for key, t in table.items()
+        if t is not None
+    ]
+    try:
+        for module, key, t in saved:
+            setattr(module, key, fake(t))
+        yield torch.utils._pytree.tree_map_only(torch.Tensor, fake, inputs)
+    finally:
+        for module, key, t in saved:
+            setattr(module, key, t)
+
+
+def _without_values(t: torch.Tensor) -> bool:
+    """A tensor made while tracing, whose values the trace did not keep."""
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
+
+
 def _stage_device(value: Any) -> Any:
-    if isinstance(value, torch.device) and value.type == "meta":
+    if isinstance(value, torch.device) and value.type in ("meta", TRACE_DEVICE.type):
         return STAGE_DEVICE
     if isinstance(value, (tuple, list)):
         return type(value)(_stage_device(v) for v in value)
@@ -336,7 +383,31 @@ def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:
         return Outputs("dict", refs, [str(key) for key in structure.context])
     if flat and container is not None and issubclass(container, (tuple, list)):
         return Outputs("tuple", refs)
+    nested = ""
+    if isinstance(structure.context, list) and len(structure.context) == len(structure.children()):
+        keys = [str(key) for key, child in zip(structure.context, structure.children()) if not child.is_leaf()]
+        nested = f": {', '.join(map(repr, keys))} {'is' if len(keys) == 1 else 'are'} not a tensor" if keys else ""
     raise FtcError(
-        f"the model's output ({getattr(structure.type, '__name__', 'value')}) is nested or holds non-tensors",
-        "return a tensor, a flat tuple of tensors or a flat dict of tensors",
+        f"the model's output ({getattr(structure.type, '__name__', 'value')}) is nested or holds non-tensors{nested}",
+        f"return a tensor, a flat tuple of tensors or a flat dict of tensors{HF_OUTPUTS}",
+    )
+
+
+# What makes a Hugging Face model return more than tensors.
+HF_OUTPUTS = (
+    "; a Hugging Face model returns tuples with output_hidden_states or output_attentions set, and its "
+    "key/value cache, past_key_values, unless its config says use_cache=False; otherwise wrap the model in "
+    "a module whose forward returns the tensors the loss needs"
+)
+
+
+def not_a_tensor_output(exc: BaseException) -> FtcError | None:
+    """torch.export's refusal of an output that is not a tensor (transformers' DynamicCache, when
+    the config leaves use_cache on), as an error that says so; None for other errors."""
+    found = re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", str(exc))
+    if found is None:
+        return None
+    return FtcError(
+        f"forward returns a {found.group(1).rsplit('.', 1)[-1]} ({found.group(1)}), which is not a tensor",
+        f"return a tensor, a flat tuple of tensors or a flat dict of tensors{HF_OUTPUTS}",
     )

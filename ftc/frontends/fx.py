@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -156,6 +157,24 @@ def _empty_var_keyword(fx_graph: fx.Graph, model: torch.nn.Module, model_file: M
                        "give forward a named parameter for that option, with its default")  # fmt: skip
 
 
+class StarArgs(TypeError):
+    """Not an FtcError, so that --frontend auto goes on to export."""
+
+
+def star_args(model: torch.nn.Module) -> StarArgs:
+    """fx's failure on a forward that takes *args and more parameters than its code names (a
+    decorator's `wrapper(self, *args, **kwargs)`, as transformers wraps forward), which fx
+    reports as 'code: co_varnames is too small'."""
+    forward = type(model).forward
+    code = getattr(forward, "__code__", None)
+    wrapped = code is not None and forward is not inspect.unwrap(forward)
+    if not wrapped:
+        return StarArgs(f"{type(model).__name__}.forward takes *args")
+    package = code.co_filename.split("site-packages/", 1)[1].split("/")[0] if "site-packages/" in code.co_filename else ""
+    where = " ".join(filter(None, [package, Path(code.co_filename).name]))
+    return StarArgs(f"{type(model).__name__}.forward is wrapped by a decorator taking *args ({where})")
+
+
 def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dict, name: str) -> Graph:
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
@@ -163,7 +182,10 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     state = state_table(model)
     branches: list[str] = []
     with tracer.training_flags(model, branches):
-        fx_graph = tracer.trace(model, concrete_args=defaults or None)
+        try:
+            fx_graph = tracer.trace(model, concrete_args=defaults or None)
+        except ValueError as exc:
+            raise (star_args(model) if "co_varnames is too small" in str(exc) else exc) from exc
     root = tracer.root
     _empty_var_keyword(fx_graph, model, model_file)
     modules = module_table(model, model_file)
