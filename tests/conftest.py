@@ -21,5 +21,23 @@ def compile_to(tmp_path):
     return run
 
 
+def assert_local_trains_like_single(folder: Path) -> None:
+    """Three Adam steps of `folder`'s pipeline on synthetic data, 2 micro-batches: mode local's
+    losses equal plain single-process training's (relative 1e-5)."""
+    import torch
+
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import train
+
+    losses = {}
+    for mode in ("single", "local"):
+        config = load_config(data={
+            "pipeline": str(folder), "data": {"name": "synthetic", "size": 32}, "mode": mode, "steps": 3,
+            "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "adam", "lr": 0.01}, "log_every": 10,
+        })  # fmt: skip
+        losses[mode] = train(config).loss
+    torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+
+
 def stdlib_modules() -> set[str]:
     return set(sys.stdlib_module_names)

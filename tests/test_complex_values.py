@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from ftc.check import check_pipeline
 from ftc.compiler import CompileOptions, compile_model
-from ftc.runtime.config import load_config
-from ftc.runtime.train import train
+
+from .conftest import assert_local_trains_like_single
 
 MODEL = """
 import torch
@@ -58,11 +56,4 @@ def test_a_complex_value_between_stages_carries_its_gradient(tmp_path):
     crossing = json.loads((folder / "pipeline.json").read_text())["values"].values()
     assert any(spec.get("dtype") == "complex64" and spec.get("requires_grad") for spec in crossing)
     assert check_pipeline(folder, batch_size=4).ok
-    losses = {}
-    for mode in ("single", "local"):
-        config = load_config(data={
-            "pipeline": str(folder), "data": {"name": "synthetic", "size": 32}, "mode": mode, "steps": 3,
-            "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "adam", "lr": 0.01}, "log_every": 10,
-        })  # fmt: skip
-        losses[mode] = train(config).loss
-    torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+    assert_local_trains_like_single(folder)

@@ -6,13 +6,12 @@ gradients (a false failure). Compile, check and local training against mode sing
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ftc.check import check_pipeline
 from ftc.compiler import CompileOptions, compile_model
 from ftc.ir import FtcError
-from ftc.runtime.config import load_config
-from ftc.runtime.train import train
+
+from .conftest import assert_local_trains_like_single
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -63,14 +62,7 @@ def test_a_scripted_submodule_compiles_checks_and_trains(tmp_path):
     folder = compile_model(path, tmp_path / "generated", CompileOptions(stages=2, frontend="fx")).folder
     assert 'self.gates["3"](' in (folder / "stage1.py").read_text()
     assert check_pipeline(folder, batch_size=4).ok
-    losses = {}
-    for mode in ("single", "local"):
-        config = load_config(data={
-            "pipeline": str(folder), "data": {"name": "synthetic", "size": 32}, "mode": mode, "steps": 3,
-            "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "adam", "lr": 0.01}, "log_every": 10,
-        })  # fmt: skip
-        losses[mode] = train(config).loss
-    torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+    assert_local_trains_like_single(folder)
 
 
 def test_save_memory_mode_names_a_scripted_submodule(tmp_path):
