@@ -75,3 +75,12 @@ def test_save_memory_mode_names_a_scripted_submodule(tmp_path):
         compile_model(path, tmp_path / "generated", options)
     assert "cannot measure gates.0 alone: it is a TorchScript module" in caught.value.message
     assert "--save-memory" in caught.value.hint
+
+
+def test_export_names_the_scripted_submodules_it_cannot_trace(tmp_path):
+    path = tmp_path / "scripted.py"
+    path.write_text(MODEL)
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "generated", CompileOptions(stages=2, frontend="export"))
+    assert "torch.export cannot trace TorchScript submodules ('gates.0', 'gates.1', 'gates.2', 'gates.3'): TypeError" in caught.value.message
+    assert "--frontend fx" in caught.value.hint

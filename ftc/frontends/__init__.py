@@ -140,6 +140,19 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
                 "so the batch dimension cannot stay symbolic)",
                 "compile with --batch-size 2 or more",
             ) from exc
+        scripted: list[str] = []  # the outermost ones: what the model file scripted
+        for path, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule) and not any(path.startswith(f"{s}.") for s in scripted):
+                scripted.append(path)
+        if scripted:
+            raise FtcError(
+                f"{model_file.path}: torch.export cannot trace TorchScript submodules "
+                f"({', '.join(repr(path) for path in scripted)}): {_one_line(model_file, exc)}",
+                "compile with --frontend fx (or auto), which keeps them whole"
+                if frontend == "export"
+                else f"torch.fx could not trace the model either ({_one_line(model_file, fx_error)}): fix that, "
+                "or use the plain nn.Module instead of its torch.jit.script form",
+            ) from exc
         if frontend == "auto":
             raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc
