@@ -225,8 +225,8 @@ def run_merge_checkpoint(args: argparse.Namespace) -> int:
     step, state = merge(Path(args.dir))
     folder = Path(args.dir)
     # Beside a step folder, not in it: keep, or a new run in the folder, removes step folders.
-    step = (folder / "manifest.json").is_file()
-    default = folder.parent / f"merged-{folder.name}.safetensors" if step else folder / "merged.safetensors"
+    is_step_folder = (folder / "manifest.json").is_file()
+    default = folder.parent / f"merged-{folder.name}.safetensors" if is_step_folder else folder / "merged.safetensors"
     output = Path(args.output) if args.output else default
     # A folder, existing or not: a name without a suffix (or ending in a slash) would otherwise
     # become a torch file of that name.

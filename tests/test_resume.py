@@ -103,7 +103,7 @@ def test_a_new_run_keeps_the_earlier_runs_checkpoints_until_it_has_its_own(pipel
     assert checkpoint.run_of(root / "reuse" / "step-00000003") == checkpoint.run_of(root / "reuse" / "step-00000004")
 
 
-def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp_path):
+def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp_path, capsys):
     from ftc.cli import main
 
     root, folder = pipeline
@@ -115,7 +115,9 @@ def test_merge_checkpoint_takes_a_step_folder_and_an_output_folder(pipeline, tmp
     merged = load_file(tmp_path / "merged.safetensors")
     assert set(merged) == set(earlier) and all(torch.equal(merged[key], earlier[key]) for key in earlier)
     # By default beside a step folder, not in it (keep, or a new run, removes step folders).
+    capsys.readouterr()
     assert main(["merge-checkpoint", str(root / "merge" / "step-00000002")]) == 0
+    assert ": step 2, " in capsys.readouterr().out
     assert set(load_file(root / "merge" / "merged-step-00000002.safetensors")) == set(earlier)
     assert not (root / "merge" / "step-00000002" / "merged.safetensors").exists()
     # A folder that does not exist yet is made, not taken for a file's name.
