@@ -38,6 +38,19 @@ class PeerFailure(FtcError):
     consequence."""
 
 
+def differentiable(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` can require grad: floating and complex ones (a spectrum between stages),
+    not integer or bool ones."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def timed_out(exc: Exception) -> bool:
+    """Whether a communication library's error says a wait ran out, rather than a peer's
+    connection closing (it died)."""
+    said = str(exc).lower()
+    return "timed out" in said or "timeout" in said
+
+
 def peer_reason(exc: Exception) -> str:
     """The first line of a communication library's error, without gloo's boilerplate advice."""
     line = (str(exc).strip().splitlines() or [""])[0]
@@ -159,7 +172,7 @@ class DistTransport:
         try:
             completed = work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
-            if "timed out" not in str(exc).lower():
+            if not timed_out(exc):
                 raise PeerFailure(
                     f"{failure} ({message.describe(step, self.per_batch)}): that rank died ({peer_reason(exc)})",
                     "check that rank's log",
@@ -284,7 +297,7 @@ def gradient_problems(sent: dict[str, Any], values: dict[str, dict]) -> list[str
     a hand edit of `requires_grad` would freeze every stage before (or fail)."""
     problems = []
     for name, leaf, leaf_spec in _leaves_with_specs(sent, values):
-        if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
+        if leaf_spec["kind"] != "tensor" or not isinstance(leaf, torch.Tensor) or not differentiable(leaf):
             continue
         if leaf.requires_grad != bool(leaf_spec.get("requires_grad")):
             problems.append(f"value {name} {'needs' if leaf.requires_grad else 'has no'} gradient, but "

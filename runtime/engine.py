@@ -801,9 +801,7 @@ def _leaf(value: Any, spec: dict | None) -> Any:
     """A value as a reader receives it: tensors become fresh leaves, requiring grad where the
     spec says the value carries a gradient."""
     if isinstance(value, torch.Tensor):
-        # Complex values carry gradients too (a spectrum between stages): only integer and bool
-        # tensors cannot require grad.
-        wants_grad = bool(spec) and comm.carries_grad(spec) and (value.is_floating_point() or value.is_complex())
+        wants_grad = bool(spec) and comm.carries_grad(spec) and comm.differentiable(value)
         return value.detach().requires_grad_(wants_grad)
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
         items = spec.get("items") if spec else None

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from ftc.ir import FtcError
 
 from . import checkpoint, shared_copies
-from .comm import PeerFailure, peer_reason
+from .comm import PeerFailure, peer_reason, timed_out
 from .config import Config
 from .data import (
     Sampler,
@@ -699,8 +699,7 @@ def gather_setup(group: Any, mine: Any, world_size: int) -> list[Any]:
 
 def _within_setup_timeout(exc: Exception) -> str:
     """How a wait of setup_timeout_s ended: it ran out, or a rank's connection closed (it died)."""
-    said = str(exc).lower()
-    return "within setup_timeout_s" if "timed out" in said or "timeout" in said else "(a rank died)"
+    return "within setup_timeout_s" if timed_out(exc) else "(a rank died)"
 
 
 def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size: int) -> None:

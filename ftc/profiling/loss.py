@@ -25,6 +25,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ftc.repeats import tensors_in
+from ftc.runtime.comm import differentiable
 from ftc.runtime.data import OutputSpec, drawn, map_with_dims, target_candidates
 from ftc.runtime.model_file import ModelFile
 
@@ -37,7 +38,7 @@ def as_leaves(outputs: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         cut = value.detach()
-        return cut.requires_grad_() if value.requires_grad and (value.is_floating_point() or value.is_complex()) else cut
+        return cut.requires_grad_() if value.requires_grad and differentiable(value) else cut
 
     return tree_map(leaf, outputs)
 

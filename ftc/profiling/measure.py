@@ -65,6 +65,7 @@ from ftc.interpreter import Interpreter, copy_module, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
+from ftc.runtime.comm import differentiable
 from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile
 from ftc.runtime.seeding import seed_generators
@@ -432,7 +433,7 @@ class _SaveMemory(Interpreter):
                 return tensor_constant(constant.data, constant.dtype)
             like = self._state(node.target)
             value = initial_state(self.names.get(id(like), node.target), like, "cpu")
-            return value.requires_grad_(like.requires_grad) if value.is_floating_point() or value.is_complex() else value
+            return value.requires_grad_(like.requires_grad) if differentiable(value) else value
         if not node.is_compute:
             return super().run_node(node, args, kwargs)
         with self._materialized(node) as state:
