@@ -9,10 +9,13 @@ module to `mode`, undoing such an override: the stages' mode is therefore set th
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
 from ftc.ir import FtcError
+
+from .model_file import user_frame
 
 
 def set_mode(model: torch.nn.Module, stages: Iterable[torch.nn.Module], training: bool) -> None:
@@ -27,14 +30,17 @@ def set_mode(model: torch.nn.Module, stages: Iterable[torch.nn.Module], training
                 module.training = model.training
 
 
-def train_model(model: torch.nn.Module, training: bool) -> None:
-    """`model.train(training)`, with an error naming the model's class where an override raises."""
+def train_model(model: torch.nn.Module, training: bool, model_path: Path | None = None) -> None:
+    """`model.train(training)`, with an error naming the model's class (and the line of the model
+    file at `model_path`) where an override raises."""
     try:
         model.train(training)
     except Exception as exc:
+        file = f"{model_path}: " if model_path is not None else ""
+        line = user_frame(exc, model_path) if model_path is not None else ""
         raise FtcError(
-            f"{type(model).__name__}.train({training}) raised {type(exc).__name__}: {exc}",
-            "ftc calls the model's train() as a training loop does (in modes local and dist, with the tensors of "
-            "the stages a process does not run on the meta device): make train() set modes without reading tensor "
-            "values",
+            f"{file}{type(model).__name__}.train({training}) raised {type(exc).__name__}: {exc}{line}",
+            "ftc calls the model's train() as a training loop does, where its tensors may be on the meta device "
+            "(when compiling; in modes local and dist, those of the stages a process does not run): make train() "
+            "set modes without reading tensor values",
         ) from exc

@@ -24,6 +24,7 @@ import torch.utils.checkpoint as checkpoint_module
 
 from ftc.ir import FtcError, Graph
 from ftc.runtime import model_file as model_file_module
+from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile, user_frame
 
 from .common import user_source
@@ -95,15 +96,7 @@ def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
     """The model on the meta device after `model.train()`, as a training loop starts: the model's
     own train() may keep layers in eval mode (frozen BatchNorm), and the trace must see them so."""
     model = model_file.build("meta")
-    try:
-        model.train()
-    except Exception as exc:
-        raise FtcError(
-            f"{model_file.path}: {type(model).__name__}.train() raised {type(exc).__name__}: {exc}"
-            f"{user_frame(exc, model_file.path)} on the meta device",
-            "ftc calls model.train() as a training loop does, on a model built under torch.device(\"meta\"): "
-            "make train() set modes without reading tensor values",
-        ) from exc
+    train_model(model, True, model_file.path)
     return model
 
 

@@ -19,6 +19,7 @@ scaled_dot_product_attention when training) and any Python branch on them.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import operator
 import re
@@ -26,8 +27,6 @@ import textwrap
 from pathlib import Path
 from collections import Counter
 from typing import Any
-
-import contextlib
 
 import torch
 import torch.fx as fx

@@ -89,7 +89,7 @@ class _Propagator(Interpreter):
                 ) from exc
             inputs = {name: self.env[name] for name in self.graph.inputs}
             raise FtcError(
-                f"node {node.name!r} ({node.source or node.module_path or 'forward'}) failed on the meta device: "
+                f"node {node.name!r} ({where}) failed on the meta device: "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                 META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
             ) from exc
