@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     from ftc.frontends import FRONTENDS
     from ftc.passes.partition import METHODS
     from ftc.passes.partition.memory import OPTIMIZER_STATES
-    from ftc.runtime.config import SCHEDULES, StalenessConfig
+    from ftc.runtime.config import TRAINING_SCHEDULES, StalenessConfig
     from ftc.passes.recompute import POLICIES
     from ftc.profiling import DEVICES, PROFILES, DeviceModel
 
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--force", action="store_true", help="overwrite stage files and a pipeline.json edited by hand")
     compile_.add_argument("--memory-limit", type=_memory_size, metavar="BYTES", help="memory per device (16GB, 512MiB, ...); stages must fit it (default: no limit)")
     compile_.add_argument("--optimizer", choices=OPTIMIZER_STATES, default="adam", help="optimizer whose state counts toward memory (default adam)")
-    compile_.add_argument("--schedule", choices=SCHEDULES, default="1f1b", help="schedule whose in-flight activations count toward memory (default 1f1b)")
+    compile_.add_argument("--schedule", choices=TRAINING_SCHEDULES, default="1f1b", help="schedule whose in-flight activations (and, for async, stashed weights) count toward memory (default 1f1b)")
     compile_.add_argument("--micro-batches", type=_positive_int, help="micro-batches per step, for memory (default: the smallest divisor of the batch size from the device count up)")
     compile_.add_argument("--recompute", choices=POLICIES, default="auto", help="recompute activations in backward: auto (where memory requires it), always, never")
     compile_.add_argument("--blocks", type=_positive_int, help="mpipe: blocks to pack onto devices (default: 2, 3 and 4 times --stages are tried)")

@@ -25,7 +25,7 @@ from ftc.passes.unpack import unpack_containers_early
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
 from ftc.profiling.measure import wants_save_memory
 from ftc.profiling.stages import StageTimer
-from ftc.runtime.config import SCHEDULES
+from ftc.runtime.config import TRAINING_SCHEDULES
 from ftc.runtime.model_file import ModelFile, load_model_file
 
 
@@ -49,7 +49,7 @@ class CompileOptions:
     cache: bool = True  # read and write measured profiles in the profile cache
     memory_limit: int | None = None  # bytes per device (ftc/passes/partition/memory.py)
     optimizer: str = "adam"  # sizes the optimizer state
-    schedule: str = "1f1b"  # sizes the activations kept in flight
+    schedule: str = "1f1b"  # sizes the activations kept in flight (async: and the stashed weights)
     micro_batches: int | None = None  # None: as many as stages
     recompute: str = "auto"  # ftc/passes/recompute.py
     blocks: int | None = None  # mpipe's block count (None: 2, 3 and 4 times the stages, the best kept)
@@ -84,7 +84,7 @@ class CompileOptions:
                 raise FtcError(f"--{key.replace('_', '-')} must be between 0 and 1e9, got {getattr(self, key)}")
         if self.method not in METHODS:
             raise FtcError(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
-        for key, allowed in (("optimizer", OPTIMIZER_STATES), ("schedule", SCHEDULES), ("recompute", POLICIES)):
+        for key, allowed in (("optimizer", OPTIMIZER_STATES), ("schedule", TRAINING_SCHEDULES), ("recompute", POLICIES)):
             if getattr(self, key) not in allowed:
                 raise FtcError(f"unknown --{key} {getattr(self, key)!r}", f"use one of: {', '.join(allowed)}")
         for key in ("memory_limit", "micro_batches", "blocks"):

@@ -254,12 +254,14 @@ def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     # reading only generated folders, does not import).
     states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
     differences = []
-    if config.schedule == "gpipe" and settings.get("schedule") == "1f1b":
-        differences.append("schedule gpipe (planned: 1f1b; gpipe keeps every micro-batch's activations)")
-    if config.schedule == "async":
-        differences.append("schedule async (planned: synchronous; async keeps more copies of each stage's trainable "
-                           "parameters, the stashed weight versions: two when micro_batches * step_every is at "
-                           "least the stage's depth, up to the depth when it is less)")  # fmt: skip
+    planned_schedule = settings.get("schedule", "1f1b")
+    if config.schedule == "gpipe" and planned_schedule != "gpipe":
+        differences.append(f"schedule gpipe (planned: {planned_schedule}; gpipe keeps every micro-batch's activations)")
+    if config.schedule == "async" and planned_schedule != "async":
+        differences.append(f"schedule async (planned: {planned_schedule}; async keeps more copies of each stage's "
+                           "trainable parameters, the stashed weight versions: two when micro_batches * step_every "
+                           "is at least the stage's depth, up to the depth when it is less, and the stage's depth "
+                           "in micro-batches in flight; compile with --schedule async)")  # fmt: skip
     if config.batch_size / config.micro_batches > planned_sample_share:
         differences.append(
             f"micro-batches of {config.batch_size / config.micro_batches:g} samples (batch_size / micro_batches; "

@@ -241,8 +241,21 @@ def _loss_cost(model_file: ModelFile, outputs: Any, batch_size: int, device: Dev
     target = loss_target(model_file, leaves, batch_size, "meta")
     if target is None:
         return None
+    # What the loss saves for backward beyond its inputs (the outputs and targets, which the
+    # runtime holds anyway): the engine keeps it from the loss's forward to its backward.
+    given = {id(t.untyped_storage()) for t in (*tensors_in(leaves), *tensors_in(target))}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()  # torch keeps this object while the storage lives
+        if id(storage) not in given:
+            saved[id(storage)] = storage.nbytes()
+        return tensor
+
     with FlopCounterMode(display=False) as fwd_flops, OpCounter() as fwd_ops:
         loss = model_file.loss_fn(leaves, target)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model_file.loss_fn(leaves, target)  # apart: the hooks change which ops autograd dispatches
     inputs = [t for t in tensors_in(leaves) if t.requires_grad]
     with FlopCounterMode(display=False) as bwd_flops, OpCounter() as bwd_ops:
         torch.autograd.grad(loss, inputs, allow_unused=True)
@@ -251,6 +264,7 @@ def _loss_cost(model_file: ModelFile, outputs: Any, batch_size: int, device: Dev
         bwd_flops=bwd_flops.get_total_flops(),
         fwd_time=device.time(fwd_flops.get_total_flops(), fwd_ops.nbytes, fwd_ops.ops),
         bwd_time=device.time(bwd_flops.get_total_flops(), bwd_ops.nbytes, bwd_ops.ops),
+        peak_memory=sum(saved.values()),
     )
 
 

@@ -3,20 +3,28 @@
     parameters   the parameters and buffers the stage's ops read (a tied tensor counts once)
   + gradients    one copy of its trainable parameters
   + optimizer    `--optimizer` state: sgd 0, momentum 1, adam / adamw 2 copies of them
+  + stashed      `--schedule async` only: a copy of them per weight version its micro-batches
+                 in flight use (MemorySettings.weight_versions), and one for the gradient a
+                 backward leaves on the stashed copy until it is summed into the step's
   + the larger of
     activations  per micro-batch in flight: what its ops save for backward and the values it
-                 receives (the runtime keeps them until the micro-batch's backward), times the
-                 micro-batches the schedule keeps in flight at the stage: under 1F1B the stage at
-                 position k of S keeps S - k of them (at most the micro-batch count), under
-                 GPipe all M; plus the backward's working set, once: the gradients a backward
-                 holds beside what forward saved, WORKING_COPIES times the stage's largest op
-                 output (one micro-batch's), and a weight gradient being accumulated into .grad
-                 (the new one is made beside it: the stage's largest trainable tensor);
-    temporaries  of the optimizer step, which runs after the activations are freed (step_bytes).
+                 receives (the runtime keeps them until the micro-batch's backward), and on the
+                 stage that computes the loss, what the loss saves (a log_softmax's output, as
+                 large as the logits), times the micro-batches the schedule keeps in flight at
+                 the stage: under 1F1B the stage at position k of S keeps S - k of them (at most
+                 the micro-batch count), under GPipe all M, under async S - k (a segment of
+                 flush_every steps is one 1F1B pipeline); plus the backward's working set, once:
+                 the gradients a backward holds beside what forward saved, WORKING_COPIES times
+                 the stage's largest op output (one micro-batch's), and a weight gradient being
+                 accumulated into .grad (the new one is made beside it: the stage's largest
+                 trainable tensor);
+    temporaries  of the optimizer step, which runs after the activations are freed (step_bytes);
+                 under async each stage steps while micro-batches are in flight, so they add.
 
 Not counted: the receive buffers the runtime posts a few actions ahead (runtime/engine.py
-PREFETCH_ACTIONS); allocator caching and fragmentation. Checked against torch.profiler's
-allocation counts of dist training on the CPU (see the README).
+PREFETCH_ACTIONS); allocator caching and fragmentation. Checked against the live storages of
+every device while the real engine trains (tests/memory_truth.py, tests/test_memory_truth.py;
+the README has the figures).
 
 The IR's sizes are for the compile batch size, which the runtime splits into M micro-batches
 (`--micro-batches`, or the compiler's default plan: compiler.py planned_micro_batches), so one micro-batch saves 1/M of them, as
@@ -24,8 +32,9 @@ the time model takes one micro-batch to cost 1/M of the stage's time. Under GPip
 holds the whole batch's activations, under 1F1B at most (S - k)/M of them.
 
 A stage that recomputes keeps only the values it receives and the values it sends per
-micro-batch in flight (its outputs, made without autograd, wait for the micro-batch's backward),
-plus one micro-batch's activations while it runs that micro-batch's backward, and the working set.
+micro-batch in flight (its outputs, made without autograd, wait for the micro-batch's backward;
+on the loss stage, the model's outputs the loss holds, and what the loss saves), plus one
+micro-batch's activations while it runs that micro-batch's backward, and the working set.
 
 What an op saves for backward is estimated from the IR: the output of a compute op that
 requires grad and is not a view (views share their source's memory). A profile that measured the
@@ -98,7 +107,27 @@ class MemorySettings:
         micro_batches = self.micro_batches or stages
         if self.schedule == "gpipe":
             return micro_batches
+        if self.schedule == "async":
+            # One 1F1B pipeline over a whole segment (staleness.flush_every steps): the stage's
+            # depth in flight whatever the micro-batches of one step.
+            return stages - position
         return min(stages - position, micro_batches)
+
+    def weight_versions(self, position: int, stages: int) -> int:
+        """Copies of its trainable parameters the stage at `position` keeps beside them under
+        async (weight stashing, runtime/staleness.py): one per version its micro-batches in
+        flight were run with (the current one too, a copy), two when the micro-batches of a
+        step reach its depth, up to the depth when fewer; 0 for the synchronous schedules."""
+        if self.schedule != "async":
+            return 0
+        depth = stages - position
+        return min(depth, math.ceil((depth - 1) / (self.micro_batches or stages)) + 1)
+
+    def stash_copies(self, position: int, stages: int) -> int:
+        """Copies of the trainable parameters async adds: the stashed weights and the gradient
+        a backward leaves on them until it is summed into the step's (the `gradients` term)."""
+        versions = self.weight_versions(position, stages)
+        return versions + 1 if versions else 0
 
     def share(self, stages: int) -> float:
         """The part of the compile batch one micro-batch holds."""
@@ -122,19 +151,22 @@ class StageMemory:
     optimizer: int
     activations: int
     temporaries: int = 0  # the optimizer step's, alive when the activations are not
+    stashed: int = 0  # async: stashed weight versions and their gradients
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + max(self.activations, self.temporaries)
+        return (self.parameters + self.gradients + self.optimizer + self.stashed
+                + max(self.activations, self.temporaries))  # fmt: skip
 
     def to_json(self) -> dict:
         return {**asdict(self), "total": self.total}
 
     def describe(self) -> str:
         step = f", optimizer step temporaries {format_bytes(self.temporaries)}" if self.temporaries > self.activations else ""
+        stashed = f", stashed weights {format_bytes(self.stashed)}" if self.stashed else ""
         return (
             f"{format_bytes(self.total)}: parameters {format_bytes(self.parameters)}, gradients "
-            f"{format_bytes(self.gradients)}, optimizer {format_bytes(self.optimizer)}, activations "
+            f"{format_bytes(self.gradients)}, optimizer {format_bytes(self.optimizer)}{stashed}, activations "
             f"{format_bytes(self.activations)}{step}"
         )
 
@@ -147,6 +179,17 @@ class Footprint:
     saved: np.ndarray  # bytes each op saves for backward, at the compile batch size
     state: list[StateUse]
     largest: np.ndarray = field(default_factory=lambda: np.zeros(0))  # bytes of each op's output's gradient
+    # The training loss, computed on the stage holding the last op right after its forward and
+    # kept until the micro-batch's backward: what the loss saves beyond its inputs (a
+    # log_softmax's output: the logits' size again), and the model's outputs it reads, as
+    # (producing op, bytes) (a recomputing stage made them without autograd, so they are not
+    # among its saved values, but the loss holds them).
+    loss_saved: float = 0.0
+    outputs: list[tuple[int, float]] = field(default_factory=list)
+
+    def loss_outputs(self, first: int) -> float:
+        """Bytes of the model's outputs that a loss stage whose first op is `first` made."""
+        return float(sum(nbytes for producer, nbytes in self.outputs if producer >= first))
 
     def largest_parameter(self, n: int) -> np.ndarray:
         """Bytes of the largest trainable tensor each of the n ops reads (0: none): a stage's
@@ -201,14 +244,22 @@ class Footprint:
     def memory(
         self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool,
         share: float = 1.0, sent: int = 0, largest: float = 0.0, parameter: int = 0,
+        loss_saved: float = 0.0, outputs: float = 0.0, stash_copies: int = 0,
     ) -> StageMemory:
-        """`saved`, `received`, `sent` (the values the stage sends) and `largest` (its largest
-        op output): bytes at the compile batch size, of which a micro-batch holds `share`;
-        `parameter`: its largest trainable tensor."""
-        activations = math.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute) * share)
+        """`saved`, `received`, `sent` (the values the stage sends), `largest` (its largest op
+        output), `loss_saved` and `outputs` (the loss's, on the stage that computes it): bytes
+        at the compile batch size, of which a micro-batch holds `share`; `parameter`: its
+        largest trainable tensor; `stash_copies`: MemorySettings.stash_copies."""
+        activations = math.ceil(
+            activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs) * share
+        )
         copies = OPTIMIZER_STATES[self.settings.optimizer]
-        step = step_bytes(self.settings, trainable, parameter)
-        return StageMemory(held, trainable, trainable * copies, activations + parameter, int(step))
+        step = int(step_bytes(self.settings, trainable, parameter))
+        if self.settings.schedule == "async":
+            # each stage steps right after its backward of a step's last micro-batch, while the
+            # other micro-batches in flight keep their activations
+            activations, step = activations + step, 0
+        return StageMemory(held, trainable, trainable * copies, activations + parameter, step, trainable * stash_copies)
 
     def interval_tables(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(held, trainable, saved) for every interval of ops i..j-1, as (n+1, n+1) matrices:
@@ -239,13 +290,14 @@ def step_bytes(settings: MemorySettings, trainable, parameter):
     return trainable if settings.device == "cuda" else 2 * parameter
 
 
-def activation_bytes(saved, received, sent, largest, in_flight, recompute):
+def activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved=0.0, outputs=0.0):
     """The activations a stage holds at its peak, at the compile batch size (numbers or, for
-    every interval at once, arrays)."""
+    every interval at once, arrays). `loss_saved` and `outputs`: Footprint's, for the stage
+    that computes the loss (0 elsewhere)."""
     working = WORKING_COPIES * largest
     if recompute:
-        return (received + sent) * in_flight + saved + working
-    return (saved + received) * in_flight + working
+        return (received + sent + outputs + loss_saved) * in_flight + saved + working
+    return (saved + received + loss_saved) * in_flight + working
 
 
 def add_rectangle(diff: np.ndarray, i1: int, i2: int, j1: int, j2: int, weight: float) -> None:

@@ -64,18 +64,32 @@ class StageTables:
             tables = (self.problem.received_table(), prefix[None, :] - prefix[:, None])
             parameter = self.problem.largest_parameter_table()
             step = step_bytes(settings, trainable, parameter)
+            n = self.problem.size
+            footprint = self.problem.footprint
+            # The loss's memory, for the intervals that hold the last op (the stage computing it).
+            loss_saved, outputs = np.zeros_like(saved), np.zeros_like(saved)
+            loss_saved[:, n] = footprint.loss_saved
+            outputs[:, n] = [footprint.loss_outputs(i) for i in range(n + 1)]
             self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
-                                parameter, step))  # fmt: skip
-        static, saved, received, _, sent, largest, parameter, step = self._parts[0]
+                                parameter, step, trainable, loss_saved, outputs))  # fmt: skip
+        static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs = self._parts[0]
         settings = self.problem.footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
+        stash = trainable * settings.stash_copies(position, self.stages)
+        if settings.schedule == "async":  # the step runs while other micro-batches are in flight
+            return tuple(
+                static + stash + parameter + step
+                + np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs) * share)
+                for recompute in (False, True)
+            )  # fmt: skip
         return tuple(
             static + np.maximum(
-                np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute) * share) + parameter,
+                np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs)
+                        * share) + parameter,
                 step,
             )
             for recompute in (False, True)
-        )
+        )  # fmt: skip
 
     def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         settings = self.problem.footprint.settings

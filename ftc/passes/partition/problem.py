@@ -211,8 +211,14 @@ class Problem:
         share = self.footprint.settings.share(stages)
         largest = float(self.largest[members].max()) if members.any() else 0.0
         parameter = int(self.footprint.largest_parameter(self.size)[members].max()) if members.any() else 0
+        loss_saved, outputs = 0.0, 0.0
+        if members[self.size - 1]:  # the stage that computes the loss
+            loss_saved = self.footprint.loss_saved
+            outputs = self.footprint.loss_outputs(int(np.flatnonzero(members)[0]))
+        stash = self.footprint.settings.stash_copies(position, stages)
         return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute,
-                                     share, self.member_sent(members), largest, parameter)  # fmt: skip
+                                     share, self.member_sent(members), largest, parameter, loss_saved, outputs,
+                                     stash)  # fmt: skip
 
     @property
     def largest(self) -> np.ndarray:
@@ -402,6 +408,9 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         np.array([_saved_bytes(by_name[name]) for name in ops]),
         _state_uses(graph, position),
         np.array([float(gradient_bytes(by_name[name].meta)) for name in ops]),
+        float(graph.loss_cost.peak_memory or 0) if graph.loss_cost is not None else 0.0,
+        [(position[ref.name], float(meta_nbytes(by_name[ref.name].meta)))
+         for ref in {ref.name: ref for ref in graph.outputs.values}.values() if ref.name in position],
     )
     units = [_unit(by_name[name], graph.modules) for name in ops]
     return Problem(
