@@ -193,6 +193,8 @@ def test_the_loss_key_names_a_function_of_the_model_file_of_torch_or_of_a_file(t
 def test_training_outside_the_memory_plan_is_named(tmp_path):
     """A pipeline partitioned under --memory-limit for 1f1b, 2 micro-batches of 4 samples and
     sgd: a config that needs more memory per stage gets one warning naming each difference."""
+    from dataclasses import replace
+
     from ftc.compiler import CompileOptions, compile_model
     from ftc.runtime import load_pipeline
     from ftc.runtime.train import memory_plan_differences
@@ -214,5 +216,12 @@ def test_training_outside_the_memory_plan_is_named(tmp_path):
     assert "optimizer adamw (planned: sgd" in warning
     assert "device cuda (planned: cpu; adamw's step on CUDA makes one copy of all the parameters" in warning
     assert "fix: recompile with these settings" in warning
+    (warning,) = memory_plan_differences(load_config(data={**planned, "schedule": "async"}), pipeline)
+    assert "schedule async (planned: 1f1b; async keeps more copies" in warning and "--schedule async" in warning
+    # a pipeline compiled for async (stashed weights, each stage's depth in flight) fits async and 1f1b
+    options = replace(options, schedule="async")
+    for_async = load_pipeline(compile_model(ROOT / "examples" / "mlp.py", tmp_path / "async", options).folder)
+    for schedule in ("async", "1f1b"):
+        assert memory_plan_differences(load_config(data={**planned, "schedule": schedule}), for_async) == []
     unlimited = load_pipeline(compile_model(ROOT / "examples" / "mlp.py", tmp_path / "free", CompileOptions(stages=2)).folder)
     assert memory_plan_differences(load_config(data={**planned, "schedule": "gpipe"}), unlimited) == []
