@@ -38,7 +38,9 @@ micro-batch's activations while it runs that micro-batch's backward, and the wor
 
 What an op saves for backward is estimated from the IR: the output of a compute op that
 requires grad and is not a view (views share their source's memory). A profile that measured the
-bytes a node saved (Cost.peak_memory) replaces the estimate.
+bytes a node saved (Cost.peak_memory) replaces the estimate; then the values a stage sends (and
+the model outputs the loss reads) count besides, since the runtime holds them until the
+micro-batch's backward whether autograd saved them or not (Footprint.outputs_saved).
 """
 
 from __future__ import annotations
@@ -186,6 +188,10 @@ class Footprint:
     # among its saved values, but the loss holds them).
     loss_saved: float = 0.0
     outputs: list[tuple[int, float]] = field(default_factory=list)
+    # Whether `saved` counts every op's output (the IR's estimate), so that the values a stage
+    # sends are among them; a measured profile counts what autograd saves, which may leave a
+    # stage's outputs out (a convolution's, a residual add's).
+    outputs_saved: bool = True
 
     def loss_outputs(self, first: int) -> float:
         """Bytes of the model's outputs that a loss stage whose first op is `first` made."""
@@ -251,8 +257,9 @@ class Footprint:
         at the compile batch size, of which a micro-batch holds `share`; `parameter`: its
         largest trainable tensor; `stash_copies`: MemorySettings.stash_copies."""
         activations = math.ceil(
-            activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs) * share
-        )
+            activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
+                             self.outputs_saved) * share
+        )  # fmt: skip
         copies = OPTIMIZER_STATES[self.settings.optimizer]
         step = int(step_bytes(self.settings, trainable, parameter))
         if self.settings.schedule == "async":
@@ -290,14 +297,18 @@ def step_bytes(settings: MemorySettings, trainable, parameter):
     return trainable if settings.device == "cuda" else 2 * parameter
 
 
-def activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved=0.0, outputs=0.0):
+def activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved=0.0, outputs=0.0,
+                     outputs_saved=True):  # fmt: skip
     """The activations a stage holds at its peak, at the compile batch size (numbers or, for
     every interval at once, arrays). `loss_saved` and `outputs`: Footprint's, for the stage
-    that computes the loss (0 elsewhere)."""
+    that computes the loss (0 elsewhere). `outputs_saved`: Footprint's; where False (a measured
+    profile), the values the stage sends and the outputs the loss reads, which the runtime
+    holds until the micro-batch's backward whether or not autograd saved them, count too."""
     working = WORKING_COPIES * largest
     if recompute:
         return (received + sent + outputs + loss_saved) * in_flight + saved + working
-    return (saved + received + loss_saved) * in_flight + working
+    held = 0 if outputs_saved else sent + outputs
+    return (saved + received + loss_saved + held) * in_flight + working
 
 
 def add_rectangle(diff: np.ndarray, i1: int, i2: int, j1: int, j2: int, weight: float) -> None:

@@ -73,23 +73,19 @@ class StageTables:
             self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
                                 parameter, step, trainable, loss_saved, outputs))  # fmt: skip
         static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs = self._parts[0]
-        settings = self.problem.footprint.settings
+        footprint = self.problem.footprint
+        settings = footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
         stash = trainable * settings.stash_copies(position, self.stages)
-        if settings.schedule == "async":  # the step runs while other micro-batches are in flight
-            return tuple(
-                static + stash + parameter + step
-                + np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs) * share)
-                for recompute in (False, True)
-            )  # fmt: skip
-        return tuple(
-            static + np.maximum(
-                np.ceil(activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs)
-                        * share) + parameter,
-                step,
-            )
-            for recompute in (False, True)
-        )  # fmt: skip
+
+        def activations(recompute: bool) -> np.ndarray:
+            held = activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
+                                    footprint.outputs_saved)  # fmt: skip
+            return np.ceil(held * share) + parameter
+
+        if settings.schedule == "async":  # each stage steps while other micro-batches are in flight
+            return tuple(static + stash + activations(recompute) + step for recompute in (False, True))
+        return tuple(static + np.maximum(activations(recompute), step) for recompute in (False, True))
 
     def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         settings = self.problem.footprint.settings

@@ -411,6 +411,7 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         float(graph.loss_cost.peak_memory or 0) if graph.loss_cost is not None else 0.0,
         [(position[ref.name], float(meta_nbytes(by_name[ref.name].meta)))
          for ref in {ref.name: ref for ref in graph.outputs.values}.values() if ref.name in position],
+        all(by_name[name].cost.peak_memory is None for name in ops),
     )
     units = [_unit(by_name[name], graph.modules) for name in ops]
     return Problem(
