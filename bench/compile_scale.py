@@ -1,14 +1,15 @@
 """How does compile time grow with model size? GPT-2-shaped models (bench/models/gpt2_scale.py:
 width 1600, 25 heads, vocabulary 50257, context 1024, batch 4) of 12, 24 and 48 blocks (48 is
-GPT-2 XL, 1.5B parameters) are compiled into 8 stages, the model built on the meta device as
-`ftc compile` always does. Each size compiles in a fresh subprocess so peak memory does not mix.
+GPT-2 XL, 1.5B parameters) are compiled into 8 stages by each partitioning method (pipedream,
+metis, mpipe by default), the model built on the meta device as `ftc compile` always does. Each
+size and method compiles in a fresh subprocess so peak memory does not mix.
 Printed per size: wall time of the compile, CPU time (black formats large pipelines in worker
 processes, whose CPU time is included), peak resident memory of the compiler and of its largest
 worker, CPU time per block, and the balance over the devices (max over mean) of forward FLOPs
 and of the predicted time the partitioner balances (a roofline that also prices memory-bound
 ops, and the transfers between stages).
 
-    .venv/bin/python bench/compile_scale.py [--layers 12 24 48] [--stages 8]
+    .venv/bin/python bench/compile_scale.py [--layers 12 24 48] [--stages 8] [--methods pipedream metis mpipe]
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "bench" / "models" / "gpt2_scale.py"
 
 
-def compile_once(layers: int, stages: int) -> dict:
+def compile_once(layers: int, stages: int, method: str) -> dict:
     """Compile in this process (a fresh one per size); the figures as a dict."""
     from ftc.compiler import CompileOptions, compile_model
 
     os.environ["FTC_BENCH_LAYERS"] = str(layers)
     with tempfile.TemporaryDirectory() as out:
         start, cpu_start = time.perf_counter(), cpu_seconds()
-        compiled = compile_model(MODEL, out, CompileOptions(stages=stages, batch_size=4, name=f"gpt2_{layers}"))
+        compiled = compile_model(MODEL, out, CompileOptions(stages=stages, batch_size=4, method=method,
+                                                                 name=f"gpt2_{layers}"))
         wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     flops: dict[int, int] = {}
     for stage in compiled.stages:
@@ -43,6 +45,8 @@ def compile_once(layers: int, stages: int) -> dict:
     per_device = list(flops.values())
     return {
         "layers": layers,
+        "method": method,
+        "stages": len(compiled.stages),
         "parameters": parameters,
         "wall_s": wall,
         "cpu_s": cpu,
@@ -65,25 +69,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[12, 24, 48])
     parser.add_argument("--stages", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["pipedream", "metis", "mpipe"])
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the per-size subprocess
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(compile_once(args.one, args.stages)))
+        print(json.dumps(compile_once(args.one, args.stages, args.methods[0])))
         return
     rows = []
     for layers in args.layers:
-        result = subprocess.run(
-            [sys.executable, __file__, "--one", str(layers), "--stages", str(args.stages)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        for method in args.methods:
+            result = subprocess.run(
+                [sys.executable, __file__, "--one", str(layers), "--stages", str(args.stages), "--methods", method],
+                capture_output=True, text=True, check=True, cwd=ROOT,
+            )  # fmt: skip
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     print(f"GPT-2-shaped models (width 1600, vocab 50257, context 1024, batch 4) into {args.stages} stages")
     print("(wall time depends on what else the machine runs; CPU time is the compiler's own work)")
-    print("                                       peak RSS MB                           max/mean")
-    print("blocks  params  wall s  CPU s  CPU s/block  compiler  worker  fwd GFLOPs per device  FLOPs  time")
+    print("                                                        peak RSS MB                           max/mean")
+    print("blocks  params  method     stages  wall s  CPU s  CPU s/block  compiler  worker  fwd GFLOPs per device  FLOPs  time")
     for row in rows:
         print(
-            f"{row['layers']:>6}  {row['parameters'] / 1e9:5.2f}B  {row['wall_s']:6.2f}  {row['cpu_s']:5.2f}"
+            f"{row['layers']:>6}  {row['parameters'] / 1e9:5.2f}B  {row['method']:9}  {row['stages']:>6}"
+            f"  {row['wall_s']:6.2f}  {row['cpu_s']:5.2f}"
             f"  {row['cpu_s'] / row['layers']:11.3f}  {row['peak_rss_mb']:8.0f}  {row['worker_rss_mb']:6.0f}"
             f"  {row['gflops_min']:8.0f} .. {row['gflops_max']:<8.0f}  {row['flops_balance']:5.3f}"
             f"  {row['time_balance']:5.3f}"
