@@ -16,6 +16,7 @@ measured 0.52-1.0 of it (README, Memory).
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -158,3 +159,19 @@ def test_the_tracker_counts_each_storage_once_and_frees_it():
         assert tracker.live[0] == 4040
         del x, view, z
     assert tracker.live[0] == 0 and tracker.peak[0] == 8000
+
+
+def test_compile_and_explain_take_schedule_async(tmp_path, capsys):
+    """`ftc compile --schedule async` sizes memory for async (stashed weights on every device but
+    the ones without trainable parameters), and `ftc explain` names the plan."""
+    from ftc.cli import main
+
+    assert main(["compile", str(EXAMPLES / "mlp.py"), "--stages", "2", "-o", str(tmp_path), "--schedule", "async",
+                 "--micro-batches", "4", "--optimizer", "sgd"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["explain", str(tmp_path / "mlp")]) == 0
+    assert "memory: estimated at compile time for async with 4 micro-batches" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "mlp" / "pipeline.json").read_text())
+    for stage in manifest["stages"]:
+        memory = stage["cost"]["memory"]
+        assert memory["stashed"] >= 2 * memory["gradients"] > 0, memory  # a version and its gradient at least
