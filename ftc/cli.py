@@ -268,7 +268,16 @@ def _join_dashed_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(_join_dashed_values(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Building the parser imports torch (a second or more): Ctrl-C then is an interruption
+        # too, not a traceback from inside torch's import.
+        parser = _parser()
+    except KeyboardInterrupt:
+        command = f"ftc {argv[0]}" if argv and not argv[0].startswith("-") else "ftc"
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(_join_dashed_values(argv))
     try:
         commands = {"compile": run_compile, "check": run_check, "explain": run_explain, "train": run_train, "merge-checkpoint": run_merge_checkpoint}
         return commands[args.command](args)

@@ -4,6 +4,7 @@ problem and the fix, exit code 2, and no traceback."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -740,6 +741,86 @@ def test_stage_files_without_a_manifest_are_not_overwritten_without_force(tmp_pa
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "holds stage files but no pipeline.json")
     assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--force"], capsys)[0] == 0
+
+
+def test_a_recompile_never_overwrites_files_ftc_did_not_write_or_an_edited_package_file(tmp_path, capsys):
+    """A recompile with more stages overwrote the user's own stage2.py beside a 2-stage pipeline,
+    and every recompile replaced a hand-edited __init__.py (or ir.json), without a word."""
+    model = write(tmp_path, "good.py", GOOD)
+    compile_args = ["compile", model, "--stages", 2, "-o", tmp_path / "gen"]
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(compile_args, capsys)[0] == 0
+    (folder / "notes.md").write_text("my notes\n")
+    (folder / "stage2.py").write_text("print('my own experiment')\n")
+    more = ["compile", model, "--stages", 3, "-o", tmp_path / "gen"]
+    assert_user_error(run_cli(more, capsys), f"{folder}: stage2.py was not written by ftc", "--force")
+    assert (folder / "stage2.py").read_text() == "print('my own experiment')\n"
+    (folder / "stage2.py").unlink()
+    assert run_cli(more, capsys)[0] == 0
+    assert (folder / "notes.md").read_text() == "my notes\n"  # a file ftc never writes is left alone
+
+    for name in ("__init__.py", "ir.json"):
+        original = (folder / name).read_text()
+        (folder / name).write_text(original.replace("\n", "\n\n", 1))
+        assert_user_error(run_cli(more, capsys), "edited by hand", f"ftc wrote them: {name}\n", "--force")
+        assert run_cli([*more, "--force"], capsys)[0] == 0
+        assert (folder / name).read_text() == original
+
+
+def test_an_interrupted_compile_leaves_the_folder_whole(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a compile wrote its files left new stage files beside the old pipeline.json:
+    a folder that looked complete, trained the wrong code and read as hand-edited."""
+    from pathlib import Path
+
+    from ftc.backend import writer
+
+    model = write(tmp_path, "good.py", GOOD)
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    three = ["compile", model, "--stages", 3, "-o", tmp_path / "gen"]
+
+    # Interrupted while the files are written: nothing of the new compile is left.
+    real_write = Path.write_text
+    written = []
+
+    def interrupted_write(path, text, *args, **kwargs):
+        written.append(path.name)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted_write)
+    code, _, err = run_cli(three, capsys)
+    assert code == 130 and "ftc compile: interrupted" in err
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    monkeypatch.undo()
+
+    # Interrupted while they are put in place: the signal waits until the folder is whole.
+    real_replace = writer.os.replace
+
+    def interrupted_replace(source, target):
+        signal.raise_signal(signal.SIGINT)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(writer.os, "replace", interrupted_replace)
+    code, _, err = run_cli(three, capsys)
+    assert code == 130 and "ftc compile: interrupted" in err
+    monkeypatch.undo()
+    assert sorted(path.name for path in folder.iterdir()) == ["__init__.py", "ir.json", "pipeline.json", "stage0.py", "stage1.py", "stage2.py"]
+    assert len(json.loads((folder / "pipeline.json").read_text())["stages"]) == 3
+    assert run_cli(three, capsys)[0] == 0  # every file is the one the manifest records
+
+
+def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monkeypatch):
+    import ftc.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ftc.cli, "_parser", interrupted)
+    code, out, err = run_cli(["compile", "model.py", "--stages", 2, "-o", "gen"], capsys)
+    assert code == 130 and err == "ftc compile: interrupted\n" and "Traceback" not in out
 
 
 def test_a_manifest_a_hand_edit_left_unreadable_is_not_overwritten_without_force(tmp_path, capsys):
