@@ -270,7 +270,9 @@ def _check_state_list(stage: torch.nn.Module, model: torch.nn.Module, pipeline: 
     of_model |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     listed = set(spec.state)
     missing, unlisted = sorted(listed - held), sorted((held & of_model) - listed)
-    added = sorted(held - of_model - listed)
+    # Parameters and saved buffers: a non-persistent buffer of the stage's own (a constant the
+    # compiler wrote into it) is neither trained nor saved.
+    added = sorted(set(stage.state_dict(keep_vars=True)) - of_model - listed)
     if added:
         # A layer added by hand: trained, but the runtime would neither initialize it alike on
         # every rank nor save and resume it unless pipeline.json lists it.

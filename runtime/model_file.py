@@ -152,22 +152,30 @@ def load_model_file(path: str | Path) -> ModelFile:
     if path.suffix != ".py":
         raise FtcError(f"model file {path} is not a .py file", "pass a Python file that follows the model-file contract")
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    name = f"{MODULE_PREFIX}{path.stem}_{digest}"
+    package, root = _package_of(path)
+    # A model file inside a package (a folder with __init__.py) is imported as the package's
+    # module, so that its relative imports (`from .blocks import Block`) resolve; any other under
+    # a name of its own, which never shadows a real module.
+    name = f"{package}.{path.stem}" if package else f"{MODULE_PREFIX}{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    # A model file may import helpers that sit beside it.
-    sys.path.insert(0, str(path.resolve().parent))
+    # A model file may import helpers that sit beside it, or its package's modules.
+    search = [str(path.resolve().parent)] + ([str(root)] if package else [])
+    sys.path[:0] = search
     try:
+        if package:
+            importlib.import_module(package)
+        sys.modules[name] = module
         spec.loader.exec_module(module)
     except Exception as exc:
-        del sys.modules[name]
+        sys.modules.pop(name, None)
         raise FtcError(
             f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
-            f"run `python {path}` and fix the error",
+            f"run `python -m {name}` from {root} and fix the error" if package else f"run `python {path}` and fix the error",
         ) from exc
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        for folder in search:
+            sys.path.remove(folder)
     functions = {}
     for required in ("build_model", "example_inputs"):
         fn = getattr(module, required, None)
@@ -186,6 +194,24 @@ def load_model_file(path: str | Path) -> ModelFile:
     ):
         raise FtcError(f"{path}: LEAF_MODULES must be a tuple of torch.nn.Module classes", "e.g. LEAF_MODULES = (Block,)")
     return ModelFile(path, module, functions["build_model"], functions["example_inputs"], loss_fn, tuple(leaf_modules))
+
+
+def _package_of(path: Path) -> tuple[str | None, Path | None]:
+    """("outer.inner", the folder above `outer`) for a file in the package outer/inner/ (folders
+    with an __init__.py whose names are identifiers), else (None, None), as also when a package
+    `outer` from another folder is imported already."""
+    parts: list[str] = []
+    folder = path.resolve().parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if not parts:
+        return None, None
+    # A package of that name imported from elsewhere (another `models`) would take the imports.
+    loaded = sys.modules.get(parts[0])
+    if loaded is not None and folder / parts[0] not in {Path(p).resolve() for p in getattr(loaded, "__path__", [])}:
+        return None, None
+    return ".".join(parts), folder
 
 
 def user_frame(exc: BaseException, path: Path) -> str:

@@ -823,6 +823,45 @@ def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monk
     assert code == 130 and err == "ftc compile: interrupted\n" and "Traceback" not in out
 
 
+def test_a_model_file_in_a_package_imports_its_siblings_relatively(tmp_path, capsys):
+    """`from .blocks import Block` in a model file inside a package failed with "No module named
+    'ftc_model_file'", and the fix it gave (`python model.py`) fails on relative imports too."""
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import train
+
+    package = tmp_path / "my project" / "netpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    write(package, "blocks.py", """
+        import torch.nn as nn
+
+        def block(width):
+            return nn.Sequential(nn.Linear(width, width), nn.ReLU())
+    """)
+    model = write(package, "net.py", """
+        import torch
+        import torch.nn as nn
+
+        from .blocks import block
+
+        def build_model(width=8):
+            from . import blocks  # a relative import while building, after the model file's import
+            return nn.Sequential(nn.Linear(4, width), *[blocks.block(width) for _ in range(3)], nn.Linear(width, 2))
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 4),)
+    """)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    assert run_cli(["check", tmp_path / "gen" / "net"], capsys)[0] == 0
+    results = train(load_config(data={"pipeline": str(tmp_path / "gen" / "net"), "mode": "local", "steps": 2,
+                                      "batch_size": 4, "micro_batches": 2, "loss": "mse_loss"}))  # fmt: skip
+    assert len(results.loss) == 2
+
+    write(package, "broken.py", "from .missing import nothing\n")
+    assert_user_error(run_cli(["compile", package / "broken.py", "--stages", 2, "-o", tmp_path / "gen"], capsys),
+                      "importing the model file raised ModuleNotFoundError", "run `python -m netpkg.broken`")  # fmt: skip
+
+
 def test_a_manifest_a_hand_edit_left_unreadable_is_not_overwritten_without_force(tmp_path, capsys):
     model = write(tmp_path, "good.py", GOOD)
     compile_args = ["compile", model, "--stages", 2, "-o", tmp_path / "gen"]
