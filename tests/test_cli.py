@@ -342,6 +342,20 @@ def test_hand_edits_are_protected_and_checked(tmp_path, capsys):
     assert stage.read_text() == original
 
 
+def test_a_changed_stage_is_not_blamed_on_the_training_mode(tmp_path, capsys):
+    """A stage edited to compute something else (its output doubled) failed in eval mode with
+    "(a stage keeps the training mode it was traced in)", a cause that was not the one."""
+    model = write(tmp_path, "good.py", GOOD)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    stage = tmp_path / "gen" / "good" / "stage1.py"
+    assert stage.read_text().count("return (") == 1
+    stage.write_text(stage.read_text().replace("return (", "return (2 * "))
+    code, out, _ = run_cli(["check", tmp_path / "gen" / "good", "--batch-size", 4], capsys)
+    assert code == 1
+    eval_line = next(line for line in out.splitlines() if line.startswith("eval mode:"))
+    assert eval_line.endswith(" FAIL") and "training mode" not in eval_line
+
+
 def edit_manifest(folder, edit, indent=1):
     manifest = json.loads((folder / "pipeline.json").read_text())
     edit(manifest)
