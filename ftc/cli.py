@@ -211,9 +211,30 @@ def run_train(args: argparse.Namespace) -> int:
     from ftc.runtime.worker import launch
 
     config = load_config(args.config, args.set)
-    results = launch(config) if config.mode == "dist" else train(config)
+    if config.mode == "dist":
+        results = launch(config)  # which passes Ctrl-C on to the ranks and reports it itself
+    else:
+        try:
+            results = train(config)
+        except KeyboardInterrupt:
+            print(f"ftc train: interrupted; {_checkpoint_left(config)}", file=sys.stderr)
+            return 130
     print(summary(results) if results is not None else "this machine's ranks finished; rank 0's machine writes the results")
     return 0
+
+
+def _checkpoint_left(config) -> str:
+    """What an interrupted run leaves to resume from (a step folder is written whole or not at all)."""
+    from pathlib import Path
+
+    from ftc.runtime.checkpoint import latest
+
+    if not config.checkpoint.dir:
+        return "no checkpoint.dir was set, so there is no checkpoint to resume from"
+    last = latest(Path(config.checkpoint.dir))
+    if last is None:
+        return f"no checkpoint was complete in {config.checkpoint.dir} yet"
+    return f"the latest complete checkpoint is {last}: resume with --set checkpoint.resume=true"
 
 
 def run_merge_checkpoint(args: argparse.Namespace) -> int:

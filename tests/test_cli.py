@@ -826,6 +826,28 @@ def test_an_interrupted_compile_leaves_the_folder_whole(tmp_path, capsys, monkey
     assert run_cli(three, capsys)[0] == 0  # every file is the one the manifest records
 
 
+def test_an_interrupted_local_run_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in mode local said only "interrupted", where mode dist names the checkpoints and
+    how to resume."""
+    import ftc.runtime.train
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"pipeline": str(ROOT / "generated" / "mlp"), "mode": "local", "steps": 2,
+                                  "batch_size": 8, "data": {"name": "digits"}, "checkpoint": {"dir": "checkpoints"}}))  # fmt: skip
+    assert run_cli(["train", config], capsys)[0] == 0
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ftc.runtime.train, "train", interrupted)
+    code, _, err = run_cli(["train", config, "--set", "steps=4"], capsys)
+    assert code == 130
+    assert err == (f"ftc train: interrupted; the latest complete checkpoint is {tmp_path / 'checkpoints' / 'step-00000002'}: "
+                   "resume with --set checkpoint.resume=true\n")  # fmt: skip
+    code, _, err = run_cli(["train", config, "--set", f"checkpoint.dir={tmp_path / 'elsewhere'}"], capsys)
+    assert code == 130 and f"no checkpoint was complete in {tmp_path / 'elsewhere'} yet" in err
+
+
 def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monkeypatch):
     import ftc.cli
 
