@@ -176,7 +176,8 @@ def launch(config: Config) -> Results | None:
         raise FtcError(f"training stopped by {stopped_by}{where}: the launcher passed it on to torchrun, which "
                        f"stopped the ranks (torchrun exited with {code})", kept)  # fmt: skip
     if code != 0:
-        report = _failure_report(states, code, log.read_text())
+        nodes = _flag(config.torchrun, "nnodes")
+        report = _failure_report(states, code, log.read_text(), several_machines=nodes not in (None, "1", "1:1"))
         if not (results_path.is_file() and all(state and state["state"] == "done" for state in states)):
             raise FtcError(report, logs)
         # Training, its results and its checkpoints are complete: a process that then failed
@@ -244,7 +245,7 @@ def _rank_state(run_dir: Path, rank: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _failure_report(states: list[dict | None], code: int, log: str) -> str:
+def _failure_report(states: list[dict | None], code: int, log: str, several_machines: bool = False) -> str:
     """Every rank's last state, the ranks that caused the failure first: those that raised an
     error of their own, else those that died or hang (the others' errors then only say that a
     peer went silent)."""
@@ -258,8 +259,13 @@ def _failure_report(states: list[dict | None], code: int, log: str) -> str:
     silent = [rank for rank, state in enumerate(states) if state and state["state"] in _UNFINISHED]
     causes = raised or silent
     headline = f"training failed (torchrun exited with {code})"
+    elsewhere = [rank for rank, state in enumerate(states) if state is None]
     if causes:
         headline += f", caused by {_ranks(causes)}"
+    elif several_machines and elsewhere and any(state and state.get("caused_by_peer") for state in states):
+        # Several machines: this one's ranks only lost a peer; what failed ran on another one.
+        headline += (f", caused by a rank of another machine ({_ranks(elsewhere)} ran elsewhere: "
+                     "`ftc train` there reports them)")  # fmt: skip
     lines = [headline + ":"]
     for rank in causes + [rank for rank in range(len(states)) if rank not in causes]:
         lines.append(f"  rank {rank}: " + _rank_line(states[rank], rank == first_rank, causes))
@@ -287,8 +293,8 @@ def _rank_line(state: dict | None, failed_first: bool, causes: list[int]) -> str
         when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
         # An error's further lines (a user's multi-line message) stay indented under its rank.
         error = state["error"].replace("\n", "\n  ")
-        if state.get("caused_by_peer") and causes:
-            return f"stopped {when} because {_ranks(causes)} failed: {error}"
+        if state.get("caused_by_peer"):
+            return f"stopped {when} because {_ranks(causes) if causes else 'a peer'} failed: {error}"
         return f"failed {when}: {error}"
     if failed_first:
         return "finished training, then its process failed while shutting down"
