@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # a bug in ftc, not in the user's input
+        if isinstance(exc, OSError) and exc.filename is not None:
+            # The file system refused a file (a read-only or virtual folder, a full disk): the
+            # user's to fix, not a bug of ftc's.
+            print(f"ftc {args.command}: error: {exc.filename}: {exc.strerror or exc}\n  fix: check that the path "
+                  "exists and can be written, or pass another", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         if os.environ.get("FTC_DEBUG"):
             traceback.print_exc()
         else:

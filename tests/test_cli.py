@@ -848,6 +848,23 @@ def test_an_interrupted_local_run_names_the_checkpoint_to_resume_from(tmp_path, 
     assert code == 130 and f"no checkpoint was complete in {tmp_path / 'elsewhere'} yet" in err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, where no file can be made")
+def test_an_output_the_file_system_refuses_is_a_user_error_named_before_compiling(tmp_path, capsys, monkeypatch):
+    """-o in a folder nobody can write to failed with "internal error: FileNotFoundError" after the
+    whole compile; explain --plot and merge-checkpoint -o there did too."""
+    import ftc.compiler
+
+    traced = []
+    monkeypatch.setattr(ftc.compiler, "_traced", lambda *args: traced.append(args))
+    model = write(tmp_path, "good.py", GOOD)
+    result = run_cli(["compile", model, "--stages", 2, "-o", "/proc/gen"], capsys)
+    assert_user_error(result, "the output folder /proc/gen/good cannot be written: /proc:", "pass another -o")
+    assert traced == []  # refused before tracing
+    result = run_cli(["explain", ROOT / "generated" / "mlp", "--plot", "/proc/loads.png"], capsys)
+    assert_user_error(result, "/proc/", "check that the path exists and can be written")
+    assert "internal error" not in result[2]
+
+
 def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monkeypatch):
     import ftc.cli
 
