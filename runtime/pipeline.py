@@ -167,8 +167,8 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     reads it first checks what they all rely on, so that a bad edit is named here, not met as
     a failure deep inside one of them."""
 
-    def bad(where: str, what: str) -> FtcError:
-        return FtcError(f"{path}: {where} {what}", "undo the hand edit, or recompile the pipeline with `ftc compile`")
+    def bad(where: str, what: str, hint: str = "undo the hand edit, or recompile the pipeline with `ftc compile`") -> FtcError:
+        return FtcError(f"{path}: {where} {what}", hint)
 
     def check_keys(data: dict, keys: dict, where: str) -> None:
         for key, (kind, meaning) in keys.items():
@@ -226,7 +226,11 @@ def validate_manifest(manifest: dict, path: Path) -> None:
         raise bad("stages' devices", f"are {devices}; they must be numbered 0..{len(devices) - 1}")
     unspecified = [name for name in [*manifest["inputs"], *produced] if name not in manifest["values"]]
     if unspecified:
-        raise bad("key 'values'", f"lacks the specs of {unspecified}")
+        example = next(iter(manifest["values"].items()), None)
+        like = f" (like {json.dumps({example[0]: example[1]})})" if example else ""
+        raise bad("key 'values'", f"lacks the specs of {unspecified}",
+                  f"a value a stage sends needs one: add \"{unspecified[0]}\" to \"values\" with its shape at batch size "
+                  f"{manifest['batch_size']}, dtype, batch_dim and requires_grad{like}; or undo the hand edit")  # fmt: skip
     for name, spec in manifest["values"].items():
         problem = _spec_problem(spec)
         if problem:

@@ -651,7 +651,9 @@ MANIFEST_EDITS = [
     (lambda m: m["stages"][1].__setitem__("device", "1"), "stage 1: key 'device' is \"1\""),
     (lambda m: m.pop("batch_size"), "key 'batch_size' is missing"),
     (lambda m: m["stages"][0].pop("state"), "stage 0: key 'state' is missing"),
-    (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']"),
+    (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']\n  fix: a value a stage sends "
+     "needs one: add \"relu_2\" to \"values\" with its shape at batch size 8, dtype, batch_dim and requires_grad (like "
+     "{\"x\": {\"kind\": \"tensor\", \"shape\": [8, 64]"),
     (lambda m: m["values"].__setitem__("relu_2", {}), "value 'relu_2' has kind null; it must be one of tensor"),
     (lambda m: m["values"]["relu_2"].pop("shape"), "value 'relu_2' has shape null; it must be a list of sizes"),
     (lambda m: m["values"]["relu_2"].__setitem__("shape", "8x128"), "value 'relu_2' has shape \"8x128\""),
