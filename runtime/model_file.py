@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from dataclasses import dataclass
@@ -183,6 +184,11 @@ def load_model_file(path: str | Path) -> ModelFile:
             signature = "build_model() -> torch.nn.Module" if required == "build_model" else "example_inputs(batch_size)"
             raise FtcError(f"{path}: defines no function {required}()", f"add `def {signature}` (see the model-file contract in README.md)")
         functions[required] = fn
+    needed = _required_parameters(functions["build_model"])
+    if needed:
+        raise FtcError(f"{path}: build_model() requires {', '.join(needed)}, but ftc calls it with no arguments",
+                       f"give {'it' if len(needed) == 1 else 'them'} a default: def build_model("
+                       + ", ".join(f"{name}=..." for name in needed) + ")")  # fmt: skip
     loss_fn = getattr(module, "loss_fn", None)
     if loss_fn is not None and not callable(loss_fn):
         raise FtcError(f"{path}: loss_fn is not a function", "define `def loss_fn(output, target)` or remove it")
@@ -194,6 +200,16 @@ def load_model_file(path: str | Path) -> ModelFile:
     ):
         raise FtcError(f"{path}: LEAF_MODULES must be a tuple of torch.nn.Module classes", "e.g. LEAF_MODULES = (Block,)")
     return ModelFile(path, module, functions["build_model"], functions["example_inputs"], loss_fn, tuple(leaf_modules))
+
+
+def _required_parameters(function: Callable) -> list[str]:
+    """The parameters of `function` that a call without arguments leaves unfilled."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: its call will say
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
 
 
 def _package_of(path: Path) -> tuple[str | None, Path | None]:

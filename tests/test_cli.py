@@ -189,6 +189,10 @@ MODEL_FILE_ERRORS = {
         GOOD.replace("return nn.Sequential", "raise ValueError('bad width')\n    return nn.Sequential"),
         "build_model() raised ValueError: bad width",
     ),
+    "build_needs_arguments": (  # said as the call, not as a failure on the meta device
+        GOOD.replace("def build_model():", "def build_model(width, *, depth=2):"),
+        "build_model() requires width, but ftc calls it with no arguments\n  fix: give it a default: def build_model(width=...)",
+    ),
     "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
     "inputs_none": (  # an optional input given as None: leaving it out is the fix
