@@ -113,20 +113,27 @@ class ModelFile:
         return f"{module}.{cls.__qualname__}"
 
 
-def import_file(path: Path, package: str, what: str) -> ModuleType:
+def import_file(path: Path, package: str, what: str, siblings: bool = False) -> ModuleType:
     """Execute a Python file as a fresh module named under `package` (with a digest of its path,
     so files of the same name don't collide and none shadows a real module). An error while
-    importing becomes an FtcError naming the file and `what` it is."""
+    importing becomes an FtcError naming the file and `what` it is. `siblings`: the file may
+    import modules beside it, as a model file may."""
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     name = f"{package}.{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    if siblings:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}") from exc
+        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}{user_frame(exc, path)}") from exc
+    finally:
+        if siblings:
+            sys.path.remove(folder)
     return module
 
 
@@ -140,7 +147,7 @@ def function_from_file(reference: str, key: str, package: str) -> Callable:
     path = Path(file)
     if not path.is_file():
         raise FtcError(f"config key '{key}': {file} does not exist", 'give "path/to/file.py:function"')
-    function = getattr(import_file(path, package, f"file of config key '{key}'"), name, None)
+    function = getattr(import_file(path, package, f"file of config key '{key}'", siblings=True), name, None)
     if not callable(function):
         raise FtcError(f"config key '{key}': {file} defines no function {name}()")
     return function
