@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         step = _last_step(status)
         where = f"rank {rank}" + (f" at step {step}" if step >= 0 else "")
-        message = exc.message if isinstance(exc, FtcError) else f"{type(exc).__name__}: {exc}"
+        # With its fix (the launcher's report of this rank is all a user may see of the error),
+        # but for a lost peer's, which the failing peer's own line explains.
+        if isinstance(exc, FtcError):
+            message = exc.message if isinstance(exc, PeerFailure) else str(exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, FtcError):
             traceback.print_exc()
         print(

@@ -414,6 +414,14 @@ def test_a_layer_added_to_a_stage_by_hand_must_be_listed_then_trains_saves_and_r
         run(folder, **settings)
     assert f"{stage} holds extra.bias, extra.weight, which the model does not have" in error.value.message
     assert "add 'extra.bias', 'extra.weight' to stage 1's \"state\" in pipeline.json" in error.value.hint
+    # In dist the rank's report carries the fix too: it is all the launcher's terminal shows.
+    from ftc.runtime.worker import launch
+
+    with pytest.raises(FtcError) as error:
+        launch(load_config(data={"pipeline": str(folder), "mode": "dist", "steps": 2, "batch_size": 8,
+                                 "model": str(EXAMPLES / "mlp.py"), "data": {"name": "digits"}}))  # fmt: skip
+    assert "rank 1: failed before training: " in error.value.message
+    assert "\n    fix: add 'extra.bias', 'extra.weight' to stage 1's \"state\"" in error.value.message
 
     manifest = json.loads((folder / "pipeline.json").read_text())
     manifest["stages"][1]["state"] += ["extra.bias", "extra.weight"]
