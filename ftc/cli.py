@@ -108,8 +108,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+# Rates past these are no device's or link's (an H200 moves 4.8 TB/s and does 2 PFLOP/s dense):
+# such a value was given in another unit (bytes/s or FLOP/s for GB/s or TFLOP/s).
+IMPLAUSIBLE_RATES = {"bandwidth": (1e5, "GB/s"), "memory_gbps": (1e5, "GB/s"), "tflops": (1e5, "TFLOP/s")}
+
+
+def _implausible_rates(args: argparse.Namespace) -> list[str]:
+    lines = []
+    for key, (limit, unit) in IMPLAUSIBLE_RATES.items():
+        value = getattr(args, key)
+        if value > limit:
+            flag = "--" + key.replace("_", "-")
+            lines.append(f"ftc compile: warning: {flag} {value:g} means {value:g} {unit}, more than any device or link has: "
+                         f"{flag} is in {unit} (for 16 {unit}, pass {flag} 16)")  # fmt: skip
+    return lines
+
+
 def run_compile(args: argparse.Namespace) -> int:
     from ftc.compiler import CompileOptions, compile_model
+
+    for line in _implausible_rates(args):
+        print(line, file=sys.stderr)
 
     options = CompileOptions(
         stages=args.stages, batch_size=args.batch_size, method=args.method, frontend=args.frontend,

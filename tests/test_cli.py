@@ -871,6 +871,16 @@ def test_an_output_the_file_system_refuses_is_a_user_error_named_before_compilin
     assert "internal error" not in result[2]
 
 
+def test_a_rate_given_in_another_unit_is_warned_about(tmp_path, capsys):
+    """--bandwidth 1e9 (meant as bytes/s) compiled silently as 1e9 GB/s: communication free."""
+    model = write(tmp_path, "good.py", GOOD)
+    code, _, err = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--bandwidth", "1e9"], capsys)
+    assert code == 0
+    assert "warning: --bandwidth 1e+09 means 1e+09 GB/s, more than any device or link has: --bandwidth is in GB/s" in err
+    code, _, err = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--bandwidth", "900"], capsys)
+    assert code == 0 and "warning" not in err
+
+
 def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monkeypatch):
     import ftc.cli
 
