@@ -113,13 +113,22 @@ class ModelFile:
         return f"{module}.{cls.__qualname__}"
 
 
-def import_file(path: Path, package: str, what: str, siblings: bool = False) -> ModuleType:
+def import_file(path: Path, package: str, what: str, siblings: bool = False, folder_package: bool = False) -> ModuleType:
     """Execute a Python file as a fresh module named under `package` (with a digest of its path,
     so files of the same name don't collide and none shadows a real module). An error while
     importing becomes an FtcError naming the file and `what` it is. `siblings`: the file may
-    import modules beside it, as a model file may."""
+    import modules beside it, as a model file may. `folder_package`: the file is a module of a
+    package that is its folder (a generated pipeline), so that `from .mine import f` imports the
+    folder's mine.py."""
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     name = f"{package}.{path.stem}_{digest}"
+    if folder_package:
+        package = f"{package.replace('.', '_')}_{hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:12]}"
+        if package not in sys.modules:
+            holder = ModuleType(package)
+            holder.__path__ = [str(path.resolve().parent)]
+            sys.modules[package] = holder
+        name = f"{package}.{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

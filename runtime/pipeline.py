@@ -107,7 +107,8 @@ class Pipeline:
         if not path.is_file():
             raise FtcError(f"{path}: stage file is missing", "recompile the pipeline with `ftc compile`")
         # Imported afresh each time: the file may have been edited by hand since.
-        module = import_file(path, f"ftc_stage.{self.name}", "stage")
+        # A hand-edited stage may import a module of the user's from the folder, either way.
+        module = import_file(path, f"ftc_stage.{self.name}", "stage", siblings=True, folder_package=True)
         cls = getattr(module, spec.class_name, None)
         if cls is None:
             raise FtcError(f"{path}: defines no class {spec.class_name}", "keep the class name pipeline.json lists")

@@ -360,6 +360,24 @@ def test_a_changed_stage_is_not_blamed_on_the_training_mode(tmp_path, capsys):
     assert eval_line.endswith(" FAIL") and "training mode" not in eval_line
 
 
+def test_a_hand_edited_stage_imports_a_module_of_the_users_from_the_folder(tmp_path, capsys):
+    """A stage edited to use a helper module put in the generated folder could import it neither
+    way: "No module named 'mine'", "No module named 'ftc_stage'"."""
+    model = write(tmp_path, "good.py", GOOD)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    folder = tmp_path / "gen" / "good"
+    (folder / "mine.py").write_text("def same(x):\n    return x\n")
+    stage = folder / "stage1.py"
+    original = stage.read_text()
+    assert original.count("return (") == 1
+    for spelling in ("from .mine import same", "from mine import same"):
+        stage.write_text(original.replace("import torch\n", f"import torch\n{spelling}\n", 1).replace("return (", "return (same("
+                         ).replace(",)\n", "),)\n"))  # fmt: skip
+        assert "return (same(" in stage.read_text()
+        code, out, err = run_cli(["check", folder], capsys)
+        assert code == 0 and "check passed" in out, (spelling, out, err)
+
+
 def edit_manifest(folder, edit, indent=1):
     manifest = json.loads((folder / "pipeline.json").read_text())
     edit(manifest)
