@@ -113,7 +113,9 @@ class ModelFile:
         return f"{module}.{cls.__qualname__}"
 
 
-def import_file(path: Path, package: str, what: str, siblings: bool = False, folder_package: bool = False) -> ModuleType:
+def import_file(
+    path: Path, package: str, what: str, siblings: bool = False, folder_package: bool = False, hint: str = ""
+) -> ModuleType:
     """Execute a Python file as a fresh module named under `package` (with a digest of its path,
     so files of the same name don't collide and none shadows a real module). An error while
     importing becomes an FtcError naming the file and `what` it is. `siblings`: the file may
@@ -139,7 +141,7 @@ def import_file(path: Path, package: str, what: str, siblings: bool = False, fol
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}{user_frame(exc, path)}") from exc
+        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}{user_frame(exc, path)}", hint) from exc
     finally:
         if siblings:
             sys.path.remove(folder)

@@ -108,7 +108,9 @@ class Pipeline:
             raise FtcError(f"{path}: stage file is missing", "recompile the pipeline with `ftc compile`")
         # Imported afresh each time: the file may have been edited by hand since.
         # A hand-edited stage may import a module of the user's from the folder, either way.
-        module = import_file(path, f"ftc_stage.{self.name}", "stage", siblings=True, folder_package=True)
+        module = import_file(path, f"ftc_stage.{self.name}", "stage", siblings=True, folder_package=True,
+                             hint=f"fix the hand edit of {spec.file} and run `ftc check`, or recompile the pipeline "
+                             "(`ftc compile ... --force` replaces edited stage files)")  # fmt: skip
         cls = getattr(module, spec.class_name, None)
         if cls is None:
             raise FtcError(f"{path}: defines no class {spec.class_name}", "keep the class name pipeline.json lists")

@@ -377,6 +377,10 @@ def test_a_hand_edited_stage_imports_a_module_of_the_users_from_the_folder(tmp_p
         code, out, err = run_cli(["check", folder], capsys)
         assert code == 0 and "check passed" in out, (spelling, out, err)
 
+    stage.write_text(original.replace("return (", "return ((", 1))  # a typo: no fix line was given
+    assert_user_error(run_cli(["check", folder], capsys), "stage1.py: importing the stage raised SyntaxError",
+                      "fix: fix the hand edit of stage1.py and run `ftc check`, or recompile")  # fmt: skip
+
 
 def edit_manifest(folder, edit, indent=1):
     manifest = json.loads((folder / "pipeline.json").read_text())
