@@ -166,7 +166,7 @@ def launch(config: Config) -> Results | None:
     env = {**os.environ, "FTC_STATUS_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     log = run_dir / "torchrun.log"
-    print(f"launching {nprocs} processes: torchrun {' '.join(launcher)}", flush=True)
+    print(f"launching {nprocs} process{'es' if nprocs != 1 else ''}: torchrun {' '.join(launcher)}", flush=True)
     with open(log, "w") as log_file, WarningRelay(run_dir, nprocs):
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
