@@ -327,7 +327,8 @@ def signals_held():
         yield
         return
     held: list[int] = []
-    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # A handler installed outside Python (None here) could not be put back: that signal is left be.
+    caught = [signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(signum) is not None]
     previous = {signum: signal.signal(signum, lambda signum, _frame: held.append(signum)) for signum in caught}
     try:
         yield
