@@ -108,8 +108,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+# Rates past these are no device's or link's (an H200 moves 4.8 TB/s and does 2 PFLOP/s dense):
+# such a value was given in another unit (bytes/s or FLOP/s for GB/s or TFLOP/s).
+IMPLAUSIBLE_RATES = {"bandwidth": (1e5, "GB/s"), "memory_gbps": (1e5, "GB/s"), "tflops": (1e5, "TFLOP/s")}
+
+
+def _implausible_rates(args: argparse.Namespace) -> list[str]:
+    lines = []
+    for key, (limit, unit) in IMPLAUSIBLE_RATES.items():
+        value = getattr(args, key)
+        if value > limit:
+            flag = "--" + key.replace("_", "-")
+            lines.append(f"ftc compile: warning: {flag} {value:g} means {value:g} {unit}, more than any device or link has: "
+                         f"{flag} is in {unit} (for 16 {unit}, pass {flag} 16)")  # fmt: skip
+    return lines
+
+
 def run_compile(args: argparse.Namespace) -> int:
     from ftc.compiler import CompileOptions, compile_model
+
+    for line in _implausible_rates(args):
+        print(line, file=sys.stderr)
 
     options = CompileOptions(
         stages=args.stages, batch_size=args.batch_size, method=args.method, frontend=args.frontend,
@@ -198,7 +217,9 @@ def _print_check(report) -> None:
     elif not report.eval_expected:
         eval_line += " (not judged: forward branches on self.training, and the stages keep the training branch)"
     elif report.eval_outputs > report.tolerance:
-        eval_line += " FAIL (a stage keeps the training mode it was traced in)"
+        # Only where training mode matches is a difference in eval mode down to the mode.
+        eval_line += " FAIL" + (" (a stage keeps the training mode it was traced in)"
+                                if report.model_outputs <= report.tolerance else "")  # fmt: skip
     print(eval_line)
     print("check passed" if report.ok else "check FAILED")
 
@@ -209,9 +230,30 @@ def run_train(args: argparse.Namespace) -> int:
     from ftc.runtime.worker import launch
 
     config = load_config(args.config, args.set)
-    results = launch(config) if config.mode == "dist" else train(config)
+    if config.mode == "dist":
+        results = launch(config)  # which passes Ctrl-C on to the ranks and reports it itself
+    else:
+        try:
+            results = train(config)
+        except KeyboardInterrupt:
+            print(f"ftc train: interrupted; {_checkpoint_left(config)}", file=sys.stderr)
+            return 130
     print(summary(results) if results is not None else "this machine's ranks finished; rank 0's machine writes the results")
     return 0
+
+
+def _checkpoint_left(config) -> str:
+    """What an interrupted run leaves to resume from (a step folder is written whole or not at all)."""
+    from pathlib import Path
+
+    from ftc.runtime.checkpoint import latest
+
+    if not config.checkpoint.dir:
+        return "no checkpoint.dir was set, so there is no checkpoint to resume from"
+    last = latest(Path(config.checkpoint.dir))
+    if last is None:
+        return f"no checkpoint was complete in {config.checkpoint.dir} yet"
+    return f"the latest complete checkpoint is {last}: resume with --set checkpoint.resume=true"
 
 
 def run_merge_checkpoint(args: argparse.Namespace) -> int:
@@ -268,7 +310,16 @@ def _join_dashed_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(_join_dashed_values(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Building the parser imports torch (a second or more): Ctrl-C then is an interruption
+        # too, not a traceback from inside torch's import.
+        parser = _parser()
+    except KeyboardInterrupt:
+        command = f"ftc {argv[0]}" if argv and not argv[0].startswith("-") else "ftc"
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(_join_dashed_values(argv))
     try:
         commands = {"compile": run_compile, "check": run_check, "explain": run_explain, "train": run_train, "merge-checkpoint": run_merge_checkpoint}
         return commands[args.command](args)
@@ -283,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:  # a bug in ftc, not in the user's input
+        if isinstance(exc, OSError) and exc.filename is not None:
+            # The file system refused a file (a read-only or virtual folder, a full disk): the
+            # user's to fix, not a bug of ftc's.
+            print(f"ftc {args.command}: error: {exc.filename}: {exc.strerror or exc}\n  fix: check that the path "
+                  "exists and can be written, or pass another", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         if os.environ.get("FTC_DEBUG"):
             traceback.print_exc()
         else:

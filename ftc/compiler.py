@@ -137,6 +137,19 @@ def file_in_the_way(folder: Path) -> Path | None:
     return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
+def folder_not_writable(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (or, where it does not exist yet, into the
+    nearest folder above it that does, where it would be made), or None. Tried with a file made
+    and removed there: permissions alone do not tell (root, read-only and virtual file systems)."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("."))
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ftc-write-test-"):
+            pass
+    except OSError as exc:
+        return f"{existing}: {exc.strerror or exc}"
+    return None
+
+
 def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileOptions) -> Compiled:
     options.check()
     model_file = load_model_file(model_path)
@@ -147,6 +160,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     blocking = file_in_the_way(target)
     if blocking is not None:  # found before minutes of tracing and profiling, not after
         raise FtcError(f"the output folder {target} cannot be made: {blocking} is a file", "pass another -o or --name")
+    unwritable = folder_not_writable(target)
+    if unwritable is not None:
+        raise FtcError(f"the output folder {target} cannot be written: {unwritable}", "pass another -o (a folder you can write)")
     graph, model, batch = _traced(model_file, options, name, options.frontend)
     if options.frontend == "auto" and graph.frontend == "fx":
         graph, model, batch = _finer_through_export((graph, model, batch), model_file, options, name)

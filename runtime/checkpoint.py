@@ -95,7 +95,12 @@ def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict
     folder = staging_folder(root, step)
     missing = [rank for rank in range(world_size) if not (folder / f"rank-{rank}.pt").is_file()]
     if missing:
-        raise FtcError(f"checkpoint at step {step}: ranks {missing} wrote no shard")
+        # Every rank has written its shard by now (train.save waits for them): where it is not
+        # here, it went to another folder of that name, on another machine's disk.
+        raise FtcError(f"checkpoint at step {step}: ranks {missing} wrote no shard into {folder}, though they "
+                       "reported their shards written",
+                       f"with several machines, checkpoint.dir ({Path(root).resolve()}) must be one folder every machine "
+                       "shares (a shared file system, at that path on each)")  # fmt: skip
     shards = {}
     for rank in range(world_size):
         with safe_open(str(folder / f"rank-{rank}.safetensors"), framework="pt") as file:

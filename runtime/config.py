@@ -251,7 +251,9 @@ def _check_type(value: Any, hint: Any, name: str, source: str) -> None:
         origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise FtcError(f"config {source}: key {name!r} must be an object, not {json.dumps(value)}")
+            raise FtcError(f"config {source}: key {name!r} must be an object, not {json.dumps(value)}",
+                           f"an empty object takes its defaults: --set '{name}={{}}'"
+                           + (" (no checkpoints)" if name == "checkpoint" else "") if value is None else None)  # fmt: skip
         _check_keys(value, source, hint, f"{name}.")
         return
     if origin is list:

@@ -270,6 +270,18 @@ def _check_state_list(stage: torch.nn.Module, model: torch.nn.Module, pipeline: 
     of_model |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     listed = set(spec.state)
     missing, unlisted = sorted(listed - held), sorted((held & of_model) - listed)
+    # Parameters and saved buffers: a non-persistent buffer of the stage's own (a constant the
+    # compiler wrote into it) is neither trained nor saved.
+    added = sorted(set(stage.state_dict(keep_vars=True)) - of_model - listed)
+    if added:
+        # A layer added by hand: trained, but the runtime would neither initialize it alike on
+        # every rank nor save and resume it unless pipeline.json lists it.
+        raise FtcError(f"{pipeline.folder / spec.file} holds {', '.join(added[:4])}{' ...' if len(added) > 4 else ''}, "
+                       f"which the model does not have and pipeline.json's stage {spec.index} \"state\" does not "
+                       "list; the runtime initializes, loads, saves and syncs by that list",
+                       f"add {', '.join(repr(name) for name in added[:4])}{' ...' if len(added) > 4 else ''} to stage "
+                       f"{spec.index}'s \"state\" in pipeline.json to train the new layer (or remove it from the "
+                       "stage)")  # fmt: skip
     if missing or unlisted:
         what = "; ".join(part for part in (
             f"it lists {', '.join(missing[:4])}, which {spec.file} does not hold" if missing else "",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from dataclasses import dataclass
@@ -112,20 +113,38 @@ class ModelFile:
         return f"{module}.{cls.__qualname__}"
 
 
-def import_file(path: Path, package: str, what: str) -> ModuleType:
+def import_file(
+    path: Path, package: str, what: str, siblings: bool = False, folder_package: bool = False, hint: str = ""
+) -> ModuleType:
     """Execute a Python file as a fresh module named under `package` (with a digest of its path,
     so files of the same name don't collide and none shadows a real module). An error while
-    importing becomes an FtcError naming the file and `what` it is."""
+    importing becomes an FtcError naming the file and `what` it is. `siblings`: the file may
+    import modules beside it, as a model file may. `folder_package`: the file is a module of a
+    package that is its folder (a generated pipeline), so that `from .mine import f` imports the
+    folder's mine.py."""
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     name = f"{package}.{path.stem}_{digest}"
+    if folder_package:
+        package = f"{package.replace('.', '_')}_{hashlib.sha256(str(path.resolve().parent).encode()).hexdigest()[:12]}"
+        if package not in sys.modules:
+            holder = ModuleType(package)
+            holder.__path__ = [str(path.resolve().parent)]
+            sys.modules[package] = holder
+        name = f"{package}.{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    folder = str(path.resolve().parent)
+    if siblings:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}") from exc
+        raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}{user_frame(exc, path)}", hint) from exc
+    finally:
+        if siblings:
+            sys.path.remove(folder)
     return module
 
 
@@ -139,7 +158,7 @@ def function_from_file(reference: str, key: str, package: str) -> Callable:
     path = Path(file)
     if not path.is_file():
         raise FtcError(f"config key '{key}': {file} does not exist", 'give "path/to/file.py:function"')
-    function = getattr(import_file(path, package, f"file of config key '{key}'"), name, None)
+    function = getattr(import_file(path, package, f"file of config key '{key}'", siblings=True), name, None)
     if not callable(function):
         raise FtcError(f"config key '{key}': {file} defines no function {name}()")
     return function
@@ -152,22 +171,30 @@ def load_model_file(path: str | Path) -> ModelFile:
     if path.suffix != ".py":
         raise FtcError(f"model file {path} is not a .py file", "pass a Python file that follows the model-file contract")
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    name = f"{MODULE_PREFIX}{path.stem}_{digest}"
+    package, root = _package_of(path)
+    # A model file inside a package (a folder with __init__.py) is imported as the package's
+    # module, so that its relative imports (`from .blocks import Block`) resolve; any other under
+    # a name of its own, which never shadows a real module.
+    name = f"{package}.{path.stem}" if package else f"{MODULE_PREFIX}{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    # A model file may import helpers that sit beside it.
-    sys.path.insert(0, str(path.resolve().parent))
+    # A model file may import helpers that sit beside it, or its package's modules.
+    search = [str(path.resolve().parent)] + ([str(root)] if package else [])
+    sys.path[:0] = search
     try:
+        if package:
+            importlib.import_module(package)
+        sys.modules[name] = module
         spec.loader.exec_module(module)
     except Exception as exc:
-        del sys.modules[name]
+        sys.modules.pop(name, None)
         raise FtcError(
             f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
-            f"run `python {path}` and fix the error",
+            f"run `python -m {name}` from {root} and fix the error" if package else f"run `python {path}` and fix the error",
         ) from exc
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        for folder in search:
+            sys.path.remove(folder)
     functions = {}
     for required in ("build_model", "example_inputs"):
         fn = getattr(module, required, None)
@@ -175,6 +202,11 @@ def load_model_file(path: str | Path) -> ModelFile:
             signature = "build_model() -> torch.nn.Module" if required == "build_model" else "example_inputs(batch_size)"
             raise FtcError(f"{path}: defines no function {required}()", f"add `def {signature}` (see the model-file contract in README.md)")
         functions[required] = fn
+    needed = _required_parameters(functions["build_model"])
+    if needed:
+        raise FtcError(f"{path}: build_model() requires {', '.join(needed)}, but ftc calls it with no arguments",
+                       f"give {'it' if len(needed) == 1 else 'them'} a default: def build_model("
+                       + ", ".join(f"{name}=..." for name in needed) + ")")  # fmt: skip
     loss_fn = getattr(module, "loss_fn", None)
     if loss_fn is not None and not callable(loss_fn):
         raise FtcError(f"{path}: loss_fn is not a function", "define `def loss_fn(output, target)` or remove it")
@@ -186,6 +218,34 @@ def load_model_file(path: str | Path) -> ModelFile:
     ):
         raise FtcError(f"{path}: LEAF_MODULES must be a tuple of torch.nn.Module classes", "e.g. LEAF_MODULES = (Block,)")
     return ModelFile(path, module, functions["build_model"], functions["example_inputs"], loss_fn, tuple(leaf_modules))
+
+
+def _required_parameters(function: Callable) -> list[str]:
+    """The parameters of `function` that a call without arguments leaves unfilled."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: its call will say
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
+def _package_of(path: Path) -> tuple[str | None, Path | None]:
+    """("outer.inner", the folder above `outer`) for a file in the package outer/inner/ (folders
+    with an __init__.py whose names are identifiers), else (None, None), as also when a package
+    `outer` from another folder is imported already."""
+    parts: list[str] = []
+    folder = path.resolve().parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if not parts:
+        return None, None
+    # A package of that name imported from elsewhere (another `models`) would take the imports.
+    loaded = sys.modules.get(parts[0])
+    if loaded is not None and folder / parts[0] not in {Path(p).resolve() for p in getattr(loaded, "__path__", [])}:
+        return None, None
+    return ".".join(parts), folder
 
 
 def user_frame(exc: BaseException, path: Path) -> str:

@@ -107,7 +107,10 @@ class Pipeline:
         if not path.is_file():
             raise FtcError(f"{path}: stage file is missing", "recompile the pipeline with `ftc compile`")
         # Imported afresh each time: the file may have been edited by hand since.
-        module = import_file(path, f"ftc_stage.{self.name}", "stage")
+        # A hand-edited stage may import a module of the user's from the folder, either way.
+        module = import_file(path, f"ftc_stage.{self.name}", "stage", siblings=True, folder_package=True,
+                             hint=f"fix the hand edit of {spec.file} and run `ftc check`, or recompile the pipeline "
+                             "(`ftc compile ... --force` replaces edited stage files)")  # fmt: skip
         cls = getattr(module, spec.class_name, None)
         if cls is None:
             raise FtcError(f"{path}: defines no class {spec.class_name}", "keep the class name pipeline.json lists")
@@ -167,8 +170,8 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     reads it first checks what they all rely on, so that a bad edit is named here, not met as
     a failure deep inside one of them."""
 
-    def bad(where: str, what: str) -> FtcError:
-        return FtcError(f"{path}: {where} {what}", "undo the hand edit, or recompile the pipeline with `ftc compile`")
+    def bad(where: str, what: str, hint: str = "undo the hand edit, or recompile the pipeline with `ftc compile`") -> FtcError:
+        return FtcError(f"{path}: {where} {what}", hint)
 
     def check_keys(data: dict, keys: dict, where: str) -> None:
         for key, (kind, meaning) in keys.items():
@@ -226,7 +229,11 @@ def validate_manifest(manifest: dict, path: Path) -> None:
         raise bad("stages' devices", f"are {devices}; they must be numbered 0..{len(devices) - 1}")
     unspecified = [name for name in [*manifest["inputs"], *produced] if name not in manifest["values"]]
     if unspecified:
-        raise bad("key 'values'", f"lacks the specs of {unspecified}")
+        example = next(iter(manifest["values"].items()), None)
+        like = f" (like {json.dumps({example[0]: example[1]})})" if example else ""
+        raise bad("key 'values'", f"lacks the specs of {unspecified}",
+                  f"a value a stage sends needs one: add \"{unspecified[0]}\" to \"values\" with its shape at batch size "
+                  f"{manifest['batch_size']}, dtype, batch_dim and requires_grad{like}; or undo the hand edit")  # fmt: skip
     for name, spec in manifest["values"].items():
         problem = _spec_problem(spec)
         if problem:

@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         step = _last_step(status)
         where = f"rank {rank}" + (f" at step {step}" if step >= 0 else "")
-        message = exc.message if isinstance(exc, FtcError) else f"{type(exc).__name__}: {exc}"
+        # With its fix (the launcher's report of this rank is all a user may see of the error),
+        # but for a lost peer's, which the failing peer's own line explains.
+        if isinstance(exc, FtcError):
+            message = exc.message if isinstance(exc, PeerFailure) else str(exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, FtcError):
             traceback.print_exc()
         print(
@@ -161,7 +166,7 @@ def launch(config: Config) -> Results | None:
     env = {**os.environ, "FTC_STATUS_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
     log = run_dir / "torchrun.log"
-    print(f"launching {nprocs} processes: torchrun {' '.join(launcher)}", flush=True)
+    print(f"launching {nprocs} process{'es' if nprocs != 1 else ''}: torchrun {' '.join(launcher)}", flush=True)
     with open(log, "w") as log_file, WarningRelay(run_dir, nprocs):
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
@@ -176,7 +181,8 @@ def launch(config: Config) -> Results | None:
         raise FtcError(f"training stopped by {stopped_by}{where}: the launcher passed it on to torchrun, which "
                        f"stopped the ranks (torchrun exited with {code})", kept)  # fmt: skip
     if code != 0:
-        report = _failure_report(states, code, log.read_text())
+        nodes = _flag(config.torchrun, "nnodes")
+        report = _failure_report(states, code, log.read_text(), several_machines=nodes not in (None, "1", "1:1"))
         if not (results_path.is_file() and all(state and state["state"] == "done" for state in states)):
             raise FtcError(report, logs)
         # Training, its results and its checkpoints are complete: a process that then failed
@@ -244,7 +250,7 @@ def _rank_state(run_dir: Path, rank: int) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _failure_report(states: list[dict | None], code: int, log: str) -> str:
+def _failure_report(states: list[dict | None], code: int, log: str, several_machines: bool = False) -> str:
     """Every rank's last state, the ranks that caused the failure first: those that raised an
     error of their own, else those that died or hang (the others' errors then only say that a
     peer went silent)."""
@@ -258,8 +264,13 @@ def _failure_report(states: list[dict | None], code: int, log: str) -> str:
     silent = [rank for rank, state in enumerate(states) if state and state["state"] in _UNFINISHED]
     causes = raised or silent
     headline = f"training failed (torchrun exited with {code})"
+    elsewhere = [rank for rank, state in enumerate(states) if state is None]
     if causes:
         headline += f", caused by {_ranks(causes)}"
+    elif several_machines and elsewhere and any(state and state.get("caused_by_peer") for state in states):
+        # Several machines: this one's ranks only lost a peer; what failed ran on another one.
+        headline += (f", caused by a rank of another machine ({_ranks(elsewhere)} ran elsewhere: "
+                     "`ftc train` there reports them)")  # fmt: skip
     lines = [headline + ":"]
     for rank in causes + [rank for rank in range(len(states)) if rank not in causes]:
         lines.append(f"  rank {rank}: " + _rank_line(states[rank], rank == first_rank, causes))
@@ -287,8 +298,8 @@ def _rank_line(state: dict | None, failed_first: bool, causes: list[int]) -> str
         when = f"at step {state['step']}" if state["step"] >= 0 else "before training"
         # An error's further lines (a user's multi-line message) stay indented under its rank.
         error = state["error"].replace("\n", "\n  ")
-        if state.get("caused_by_peer") and causes:
-            return f"stopped {when} because {_ranks(causes)} failed: {error}"
+        if state.get("caused_by_peer"):
+            return f"stopped {when} because {_ranks(causes) if causes else 'a peer'} failed: {error}"
         return f"failed {when}: {error}"
     if failed_first:
         return "finished training, then its process failed while shutting down"

@@ -4,6 +4,7 @@ problem and the fix, exit code 2, and no traceback."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -188,6 +189,10 @@ MODEL_FILE_ERRORS = {
         GOOD.replace("return nn.Sequential", "raise ValueError('bad width')\n    return nn.Sequential"),
         "build_model() raised ValueError: bad width",
     ),
+    "build_needs_arguments": (  # said as the call, not as a failure on the meta device
+        GOOD.replace("def build_model():", "def build_model(width, *, depth=2):"),
+        "build_model() requires width, but ftc calls it with no arguments\n  fix: give it a default: def build_model(width=...)",
+    ),
     "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
     "inputs_none": (  # an optional input given as None: leaving it out is the fix
@@ -339,6 +344,42 @@ def test_hand_edits_are_protected_and_checked(tmp_path, capsys):
 
     assert run_cli(["compile", model, "--stages", 2, "-o", out_dir, "--force"], capsys)[0] == 0
     assert stage.read_text() == original
+
+
+def test_a_changed_stage_is_not_blamed_on_the_training_mode(tmp_path, capsys):
+    """A stage edited to compute something else (its output doubled) failed in eval mode with
+    "(a stage keeps the training mode it was traced in)", a cause that was not the one."""
+    model = write(tmp_path, "good.py", GOOD)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    stage = tmp_path / "gen" / "good" / "stage1.py"
+    assert stage.read_text().count("return (") == 1
+    stage.write_text(stage.read_text().replace("return (", "return (2 * "))
+    code, out, _ = run_cli(["check", tmp_path / "gen" / "good", "--batch-size", 4], capsys)
+    assert code == 1
+    eval_line = next(line for line in out.splitlines() if line.startswith("eval mode:"))
+    assert eval_line.endswith(" FAIL") and "training mode" not in eval_line
+
+
+def test_a_hand_edited_stage_imports_a_module_of_the_users_from_the_folder(tmp_path, capsys):
+    """A stage edited to use a helper module put in the generated folder could import it neither
+    way: "No module named 'mine'", "No module named 'ftc_stage'"."""
+    model = write(tmp_path, "good.py", GOOD)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    folder = tmp_path / "gen" / "good"
+    (folder / "mine.py").write_text("def same(x):\n    return x\n")
+    stage = folder / "stage1.py"
+    original = stage.read_text()
+    assert original.count("return (") == 1
+    for spelling in ("from .mine import same", "from mine import same"):
+        stage.write_text(original.replace("import torch\n", f"import torch\n{spelling}\n", 1).replace("return (", "return (same("
+                         ).replace(",)\n", "),)\n"))  # fmt: skip
+        assert "return (same(" in stage.read_text()
+        code, out, err = run_cli(["check", folder], capsys)
+        assert code == 0 and "check passed" in out, (spelling, out, err)
+
+    stage.write_text(original.replace("return (", "return ((", 1))  # a typo: no fix line was given
+    assert_user_error(run_cli(["check", folder], capsys), "stage1.py: importing the stage raised SyntaxError",
+                      "fix: fix the hand edit of stage1.py and run `ftc check`, or recompile")  # fmt: skip
 
 
 def edit_manifest(folder, edit, indent=1):
@@ -636,7 +677,9 @@ MANIFEST_EDITS = [
     (lambda m: m["stages"][1].__setitem__("device", "1"), "stage 1: key 'device' is \"1\""),
     (lambda m: m.pop("batch_size"), "key 'batch_size' is missing"),
     (lambda m: m["stages"][0].pop("state"), "stage 0: key 'state' is missing"),
-    (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']"),
+    (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']\n  fix: a value a stage sends "
+     "needs one: add \"relu_2\" to \"values\" with its shape at batch size 8, dtype, batch_dim and requires_grad (like "
+     "{\"x\": {\"kind\": \"tensor\", \"shape\": [8, 64]"),
     (lambda m: m["values"].__setitem__("relu_2", {}), "value 'relu_2' has kind null; it must be one of tensor"),
     (lambda m: m["values"]["relu_2"].pop("shape"), "value 'relu_2' has shape null; it must be a list of sizes"),
     (lambda m: m["values"]["relu_2"].__setitem__("shape", "8x128"), "value 'relu_2' has shape \"8x128\""),
@@ -740,6 +783,174 @@ def test_stage_files_without_a_manifest_are_not_overwritten_without_force(tmp_pa
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "holds stage files but no pipeline.json")
     assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--force"], capsys)[0] == 0
+
+
+def test_a_recompile_never_overwrites_files_ftc_did_not_write_or_an_edited_package_file(tmp_path, capsys):
+    """A recompile with more stages overwrote the user's own stage2.py beside a 2-stage pipeline,
+    and every recompile replaced a hand-edited __init__.py (or ir.json), without a word."""
+    model = write(tmp_path, "good.py", GOOD)
+    compile_args = ["compile", model, "--stages", 2, "-o", tmp_path / "gen"]
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(compile_args, capsys)[0] == 0
+    (folder / "notes.md").write_text("my notes\n")
+    (folder / "stage2.py").write_text("print('my own experiment')\n")
+    more = ["compile", model, "--stages", 3, "-o", tmp_path / "gen"]
+    assert_user_error(run_cli(more, capsys), f"{folder}: stage2.py was not written by ftc", "--force")
+    assert (folder / "stage2.py").read_text() == "print('my own experiment')\n"
+    (folder / "stage2.py").unlink()
+    assert run_cli(more, capsys)[0] == 0
+    assert (folder / "notes.md").read_text() == "my notes\n"  # a file ftc never writes is left alone
+
+    for name in ("__init__.py", "ir.json"):
+        original = (folder / name).read_text()
+        (folder / name).write_text(original.replace("\n", "\n\n", 1))
+        assert_user_error(run_cli(more, capsys), "edited by hand", f"ftc wrote them: {name}\n", "--force")
+        assert run_cli([*more, "--force"], capsys)[0] == 0
+        assert (folder / name).read_text() == original
+
+
+def test_an_interrupted_compile_leaves_the_folder_whole(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while a compile wrote its files left new stage files beside the old pipeline.json:
+    a folder that looked complete, trained the wrong code and read as hand-edited."""
+    from pathlib import Path
+
+    from ftc.backend import writer
+
+    model = write(tmp_path, "good.py", GOOD)
+    folder = tmp_path / "gen" / "good"
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    three = ["compile", model, "--stages", 3, "-o", tmp_path / "gen"]
+
+    # Interrupted while the files are written: nothing of the new compile is left.
+    real_write = Path.write_text
+    written = []
+
+    def interrupted_write(path, text, *args, **kwargs):
+        written.append(path.name)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted_write)
+    code, _, err = run_cli(three, capsys)
+    assert code == 130 and "ftc compile: interrupted" in err
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    monkeypatch.undo()
+
+    # Interrupted while they are put in place: the signal waits until the folder is whole.
+    real_replace = writer.os.replace
+
+    def interrupted_replace(source, target):
+        signal.raise_signal(signal.SIGINT)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(writer.os, "replace", interrupted_replace)
+    code, _, err = run_cli(three, capsys)
+    assert code == 130 and "ftc compile: interrupted" in err
+    monkeypatch.undo()
+    assert sorted(path.name for path in folder.iterdir()) == ["__init__.py", "ir.json", "pipeline.json", "stage0.py", "stage1.py", "stage2.py"]
+    assert len(json.loads((folder / "pipeline.json").read_text())["stages"]) == 3
+    assert run_cli(three, capsys)[0] == 0  # every file is the one the manifest records
+
+
+def test_an_interrupted_local_run_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in mode local said only "interrupted", where mode dist names the checkpoints and
+    how to resume."""
+    import ftc.runtime.train
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"pipeline": str(ROOT / "generated" / "mlp"), "mode": "local", "steps": 2,
+                                  "batch_size": 8, "data": {"name": "digits"}, "checkpoint": {"dir": "checkpoints"}}))  # fmt: skip
+    assert run_cli(["train", config], capsys)[0] == 0
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ftc.runtime.train, "train", interrupted)
+    code, _, err = run_cli(["train", config, "--set", "steps=4"], capsys)
+    assert code == 130
+    assert err == (f"ftc train: interrupted; the latest complete checkpoint is {tmp_path / 'checkpoints' / 'step-00000002'}: "
+                   "resume with --set checkpoint.resume=true\n")  # fmt: skip
+    code, _, err = run_cli(["train", config, "--set", f"checkpoint.dir={tmp_path / 'elsewhere'}"], capsys)
+    assert code == 130 and f"no checkpoint was complete in {tmp_path / 'elsewhere'} yet" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, where no file can be made")
+def test_an_output_the_file_system_refuses_is_a_user_error_named_before_compiling(tmp_path, capsys, monkeypatch):
+    """-o in a folder nobody can write to failed with "internal error: FileNotFoundError" after the
+    whole compile; explain --plot and merge-checkpoint -o there did too."""
+    import ftc.compiler
+
+    traced = []
+    monkeypatch.setattr(ftc.compiler, "_traced", lambda *args: traced.append(args))
+    model = write(tmp_path, "good.py", GOOD)
+    result = run_cli(["compile", model, "--stages", 2, "-o", "/proc/gen"], capsys)
+    assert_user_error(result, "the output folder /proc/gen/good cannot be written: /proc:", "pass another -o")
+    assert traced == []  # refused before tracing
+    result = run_cli(["explain", ROOT / "generated" / "mlp", "--plot", "/proc/loads.png"], capsys)
+    assert_user_error(result, "/proc/", "check that the path exists and can be written")
+    assert "internal error" not in result[2]
+
+
+def test_a_rate_given_in_another_unit_is_warned_about(tmp_path, capsys):
+    """--bandwidth 1e9 (meant as bytes/s) compiled silently as 1e9 GB/s: communication free."""
+    model = write(tmp_path, "good.py", GOOD)
+    code, _, err = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--bandwidth", "1e9"], capsys)
+    assert code == 0
+    assert "warning: --bandwidth 1e+09 means 1e+09 GB/s, more than any device or link has: --bandwidth is in GB/s" in err
+    code, _, err = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--bandwidth", "900"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monkeypatch):
+    import ftc.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ftc.cli, "_parser", interrupted)
+    code, out, err = run_cli(["compile", "model.py", "--stages", 2, "-o", "gen"], capsys)
+    assert code == 130 and err == "ftc compile: interrupted\n" and "Traceback" not in out
+
+
+def test_a_model_file_in_a_package_imports_its_siblings_relatively(tmp_path, capsys):
+    """`from .blocks import Block` in a model file inside a package failed with "No module named
+    'ftc_model_file'", and the fix it gave (`python model.py`) fails on relative imports too."""
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import train
+
+    package = tmp_path / "my project" / "netpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    write(package, "blocks.py", """
+        import torch.nn as nn
+
+        def block(width):
+            return nn.Sequential(nn.Linear(width, width), nn.ReLU())
+    """)
+    model = write(package, "net.py", """
+        import torch
+        import torch.nn as nn
+
+        from .blocks import block
+
+        def build_model(width=8):
+            from . import blocks  # a relative import while building, after the model file's import
+            return nn.Sequential(nn.Linear(4, width), *[blocks.block(width) for _ in range(3)], nn.Linear(width, 2))
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 4),)
+    """)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    assert run_cli(["check", tmp_path / "gen" / "net"], capsys)[0] == 0
+    results = train(load_config(data={"pipeline": str(tmp_path / "gen" / "net"), "mode": "local", "steps": 2,
+                                      "batch_size": 4, "micro_batches": 2, "loss": "mse_loss"}))  # fmt: skip
+    assert len(results.loss) == 2
+
+    write(package, "broken.py", "from .missing import nothing\n")
+    assert_user_error(run_cli(["compile", package / "broken.py", "--stages", 2, "-o", tmp_path / "gen"], capsys),
+                      "importing the model file raised ModuleNotFoundError", "run `python -m netpkg.broken`")  # fmt: skip
 
 
 def test_a_manifest_a_hand_edit_left_unreadable_is_not_overwritten_without_force(tmp_path, capsys):

@@ -46,6 +46,15 @@ def test_set_overrides_parse_json_then_strings(tmp_path, monkeypatch):
     assert config.data == {"name": "bytes", "max_bytes": 1000}
 
 
+def test_turning_off_a_base_configs_checkpoints_is_said_how(tmp_path):
+    """`--set checkpoint=null` (as results=null turns results off) was refused with no way out named."""
+    top = write(tmp_path / "c.json", {"pipeline": "p", "checkpoint": {"dir": "ck", "every": 5}})
+    with pytest.raises(FtcError) as error:
+        load_config(top, ["checkpoint=null"])
+    assert error.value.hint == "an empty object takes its defaults: --set 'checkpoint={}' (no checkpoints)"
+    assert load_config(top, ["checkpoint={}"]).checkpoint.dir is None
+
+
 def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
     """Dotted keys change one setting; an object given whole is the whole object (the base's
     weight decay and warmup are not carried into it), while bases still merge key by key."""

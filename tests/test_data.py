@@ -105,6 +105,21 @@ def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
             build_dataset({"name": "module", "module": module}, model_file)
 
 
+def test_a_data_set_file_imports_modules_beside_it(tmp_path):
+    """A "module" data set's file could not import a helper beside it (a model file can):
+    "No module named 'square_helpers'"."""
+    (tmp_path / "square_helpers.py").write_text("def square(i):\n    return i * i\n")
+    data_path = tmp_path / "squares_beside.py"
+    data_path.write_text(
+        "import torch\n"
+        "from square_helpers import square\n"
+        "def squares(count):\n"
+        "    return [((torch.tensor([float(i)]),), torch.tensor([float(square(i))])) for i in range(count)]\n"
+    )
+    dataset = build_dataset({"name": "module", "module": f"{data_path}:squares", "count": 4}, load_model_file(EXAMPLES / "mlp.py"))
+    assert dataset[3][1].item() == 9.0
+
+
 def test_the_two_tower_click_log_plugs_in_as_a_module():
     dataset = build_dataset({"name": "module", "module": f"{ROOT / 'configs' / 'two_tower_clicks.py'}:clicks", "size": 64},
                             load_model_file(EXAMPLES / "two_tower.py"))  # fmt: skip

@@ -225,3 +225,18 @@ def test_resuming_a_larger_models_checkpoint_is_refused_by_name(pipeline, tmp_pa
     for mode in ("local", "single"):
         with pytest.raises(FtcError, match=re.escape("holds 2 weights the model does not have (extra.bias, extra.w")):
             train(config(root, folder, "larger", mode=mode, checkpoint={"dir": str(root / "larger"), "resume": True}))
+
+
+def test_shards_missing_after_every_rank_wrote_one_point_to_a_folder_not_shared(tmp_path):
+    """Two machines with checkpoint.dir on their own disks: rank 0 found rank 1's shard missing
+    and said only "wrote no shard"."""
+    from ftc.ir import FtcError
+    from ftc.runtime import checkpoint
+
+    folder = checkpoint.staging_folder(tmp_path, 5)
+    folder.mkdir()
+    (folder / "rank-0.pt").write_bytes(b"")
+    with pytest.raises(FtcError) as error:
+        checkpoint.write_manifest(tmp_path, 5, 2, "run", {})
+    assert "ranks [1] wrote no shard into" in error.value.message
+    assert f"checkpoint.dir ({tmp_path.resolve()}) must be one folder every machine shares" in error.value.hint

@@ -393,6 +393,27 @@ def test_the_report_leads_with_the_rank_whose_own_error_stopped_the_run():
     ]
 
 
+def test_on_a_machine_whose_ranks_only_lost_a_peer_the_report_points_to_the_other_machine():
+    """2 machines x 2 ranks, rank 2 died: the report of the machine with ranks 0 and 1 named no
+    cause and read "rank 0 ... that rank died" for rank 1, which had only lost rank 2."""
+    states = [
+        {"rank": 0, "state": "failed", "step": 4, "error": "rank 0 got nothing from rank 1: that rank died",
+         "caused_by_peer": True},
+        {"rank": 1, "state": "failed", "step": 4, "error": "rank 1 got nothing from rank 2: that rank died",
+         "caused_by_peer": True},
+        None,
+        None,
+    ]  # fmt: skip
+    assert _failure_report(states, 1, "", several_machines=True).splitlines() == [
+        "training failed (torchrun exited with 1), caused by a rank of another machine (ranks 2, 3 ran elsewhere: "
+        "`ftc train` there reports them):",
+        "  rank 0: stopped at step 4 because a peer failed: rank 0 got nothing from rank 1: that rank died",
+        "  rank 1: stopped at step 4 because a peer failed: rank 1 got nothing from rank 2: that rank died",
+        "  rank 2: left no status here (it never started, or ran on another machine)",
+        "  rank 3: left no status here (it never started, or ran on another machine)",
+    ]
+
+
 def test_a_rank_that_aborts_before_finishing_fails_the_run(tiny, monkeypatch):
     root, _, folders = tiny
     cfg = config(root, folders[2], "abort-midway", mode="dist", steps=3)

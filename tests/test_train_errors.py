@@ -396,6 +396,43 @@ def test_a_hand_edited_state_list_is_refused(tmp_path):
         run(folder, model=str(EXAMPLES / "mlp.py"), batch_size=8, data={"name": "digits"})
 
 
+def test_a_layer_added_to_a_stage_by_hand_must_be_listed_then_trains_saves_and_resumes(tmp_path):
+    """A Linear added in a stage's __init__ trained and was saved, but pipeline.json did not
+    list it: resuming then failed with "it is another model's checkpoint", and dist ranks
+    initialized it apart from the seeded build."""
+    from safetensors import safe_open
+
+    folder = edited_copy(tmp_path, EXAMPLES / "mlp.py", 2, lambda manifest: None)
+    stage = folder / "stage1.py"
+    source = stage.read_text()
+    assert source.count("        return (classifier,)") == 1
+    source = source.replace("    def forward(", "        self.extra = torch.nn.Linear(10, 10)\n\n    def forward(", 1)
+    stage.write_text(source.replace("        return (classifier,)", "        return (classifier + self.extra(classifier),)"))
+    settings = dict(model=str(EXAMPLES / "mlp.py"), batch_size=8, data={"name": "digits"},
+                    checkpoint={"dir": str(tmp_path / "checkpoints")})  # fmt: skip
+    with pytest.raises(FtcError) as error:
+        run(folder, **settings)
+    assert f"{stage} holds extra.bias, extra.weight, which the model does not have" in error.value.message
+    assert "add 'extra.bias', 'extra.weight' to stage 1's \"state\" in pipeline.json" in error.value.hint
+    # In dist the rank's report carries the fix too: it is all the launcher's terminal shows.
+    from ftc.runtime.worker import launch
+
+    with pytest.raises(FtcError) as error:
+        launch(load_config(data={"pipeline": str(folder), "mode": "dist", "steps": 2, "batch_size": 8,
+                                 "model": str(EXAMPLES / "mlp.py"), "data": {"name": "digits"}}))  # fmt: skip
+    assert "rank 1: failed before training: " in error.value.message
+    assert "\n    fix: add 'extra.bias', 'extra.weight' to stage 1's \"state\"" in error.value.message
+
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    manifest["stages"][1]["state"] += ["extra.bias", "extra.weight"]
+    (folder / "pipeline.json").write_text(json.dumps(manifest))
+    run(folder, **settings)
+    with safe_open(str(tmp_path / "checkpoints" / "step-00000002" / "rank-0.safetensors"), "pt") as saved:
+        assert {"extra.weight", "extra.bias"} <= set(saved.keys())
+    resumed = run(folder, **{**settings, "steps": 3, "checkpoint": {**settings["checkpoint"], "resume": True}})
+    assert resumed.first_step == 2 and len(resumed.loss) == 1  # step 3 (first_step counts from 0)
+
+
 TIED_BY_ASSIGNMENT = """
 import torch
 import torch.nn as nn

@@ -8,7 +8,10 @@
 Same IR in, same bytes out: nothing depends on time, absolute paths or dict order. The manifest
 records each stage file's sha256 and its own, so a later compile can tell the files users edit by
 hand (stages, and pipeline.json's device map, recompute flags, ...) and refuse to overwrite them
-without --force. Files are replaced atomically (temporary file, then rename).
+without --force; files in the folder that ftc did not write (the user's own stage2.py, say) are
+never overwritten without it either. A compile writes every file to a temporary first and then
+renames them all into place with Ctrl-C and termination signals held back, pipeline.json last, so
+an interrupted compile leaves the folder as the last one wrote it, not half new.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import json
 import math
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,9 @@ from .plan import StagePlan, plan_stages
 MANIFEST_FORMAT = "ftc-pipeline/1"
 # The manifest's own sha256: pipeline.json is edited by hand too, and a recompile must not lose that.
 MANIFEST_DIGEST = "manifest_sha256"
+# The sha256s of the folder's other files ftc writes (the package __init__.py, ir.json), which a
+# recompile must not overwrite either when they were edited by hand.
+FILE_DIGESTS = "files_sha256"
 
 
 def sha256(text: str) -> str:
@@ -86,7 +95,22 @@ def edited_files(folder: Path, manifest: dict) -> list[str]:
     recorded = manifest.get(MANIFEST_DIGEST)
     if recorded is not None and recorded != manifest_digest(manifest):
         edited.append("pipeline.json")
+    others = manifest.get(FILE_DIGESTS)
+    for name, digest in (others.items() if isinstance(others, dict) else ()):
+        if name in ("__init__.py", "ir.json") and (folder / name).is_file() and sha256((folder / name).read_text()) != digest:
+            edited.append(name)
     return sorted(edited)
+
+
+def foreign_files(folder: Path, manifest: dict, names: list[str]) -> list[str]:
+    """Those of `names` (the files a compile is about to write) that exist in `folder` but that
+    the last compile into it did not write: the user's own (a stage2.py of theirs beside a
+    2-stage pipeline). Without a manifest, every one of them is."""
+    if not manifest:
+        ours: set[str] = set()
+    else:
+        ours = {"pipeline.json", "__init__.py", "ir.json"} | {stage["file"] for stage in manifest.get("stages", [])}
+    return sorted(name for name in names if (folder / name).exists() and name not in ours)
 
 
 def stale_stage_files(manifest: dict, written: dict[str, str]) -> list[str]:
@@ -174,9 +198,18 @@ def write_pipeline(
             "to keep your edits, copy these files elsewhere or compile into another folder (-o); "
             "to overwrite them, pass --force",
         )
+    plans = plan_stages(graph)
+    names = [f"stage{plan.index}.py" for plan in plans] + ["__init__.py", "ir.json", "pipeline.json"]
+    foreign = foreign_files(folder, previous, names) if not force else []
+    if foreign:
+        raise FtcError(
+            f"{folder}: {', '.join(foreign)} {'was' if len(foreign) == 1 else 'were'} not written by ftc's last compile "
+            "into this folder, and this compile would overwrite "
+            f"{'it' if len(foreign) == 1 else 'them'}",
+            "move your files elsewhere or compile into another folder (-o); to overwrite them, pass --force",
+        )
     folder.mkdir(parents=True, exist_ok=True)
     model_rel = Path(os.path.relpath(Path(model_file).resolve(), folder.resolve())).as_posix()
-    plans = plan_stages(graph)
     recompute = recompute or [False] * len(plans)
     costs = stage_costs(graph, problem, plans, recompute)
     sources = render_stages(graph, plans, model_rel)
@@ -246,17 +279,11 @@ def write_pipeline(
             ],  # fmt: skip
         },
     }
+    package = {"__init__.py": render_package_init(graph, plans), "ir.json": dumps(graph)}
+    manifest[FILE_DIGESTS] = {name: sha256(text) for name, text in package.items()}
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
-    files = {
-        **stage_sources,
-        "__init__.py": render_package_init(graph, plans),
-        "ir.json": dumps(graph),
-        "pipeline.json": manifest_text(manifest),
-    }
-    for name, text in files.items():
-        _write_atomic(folder / name, text)
-    for stale in stale_stage_files(previous, files):
-        (folder / stale).unlink(missing_ok=True)
+    files = {**stage_sources, **package, "pipeline.json": manifest_text(manifest)}
+    write_files(folder, files, stale_stage_files(previous, files))
     return folder, manifest
 
 
@@ -270,7 +297,43 @@ def tied_groups(graph: Graph) -> list[list[str]]:
     return [groups[first] for first in sorted(groups)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def write_files(folder: Path, files: dict[str, str], stale: list[str]) -> None:
+    """Write `files` (name -> text) into `folder` and remove the `stale` ones, as one step as far
+    as Ctrl-C goes: every file goes to a temporary first (an interruption there removes them and
+    leaves the folder as it was), then all are renamed into place, pipeline.json last, with
+    SIGINT, SIGTERM and SIGHUP held back until the folder is whole."""
+    temporaries: dict[str, Path] = {}
+    try:
+        for name, text in files.items():
+            temporary = folder / f".{name}.tmp"
+            temporaries[name] = temporary
+            temporary.write_text(text)
+        with signals_held():
+            for name in sorted(files, key=lambda name: name == "pipeline.json"):
+                os.replace(temporaries.pop(name), folder / name)
+            for name in stale:
+                (folder / name).unlink(missing_ok=True)
+    finally:
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs, then deliver the first that
+    came (Ctrl-C then raises KeyboardInterrupt after the block, not inside it). Outside the main
+    thread, where Python cannot set handlers, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    # A handler installed outside Python (None here) could not be put back: that signal is left be.
+    caught = [signum for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(signum) is not None]
+    previous = {signum: signal.signal(signum, lambda signum, _frame: held.append(signum)) for signum in caught}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
