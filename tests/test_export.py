@@ -715,3 +715,31 @@ def test_export_follows_self_training_into_the_models_own_functions(tmp_path):
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
     assert compiled.graph.training_branches == ["stochastic_depth.py:8", "helpers.py:2"]
     assert check_pipeline(compiled.folder).ok
+
+
+def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(tmp_path):
+    """`dropout_p=p if self.training else 0.0` becomes that expression again in the stage code
+    (aten.py), so the stages follow eval() there: the line is no branch to name, and `ftc check`
+    judges eval mode (it reported the line and left eval mode unjudged)."""
+    from ftc.check import check_pipeline
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "vit_attention.py"
+    path.write_text(
+        "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(40, 2)\n"
+        "    def forward(self, x):\n"
+        "        q, k, v = self.qkv(x).view(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)\n"
+        "        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2 if self.training else 0.0)\n"
+        "        b = F.scaled_dot_product_attention(q, k, v, None, 0.3 if self.training else 0.0)\n"
+        "        return self.head((a + b).flatten(1))\n"
+        "def build_model(): return Net()\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 5, 8),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert compiled.graph.training_branches == []
+    report = check_pipeline(compiled.folder)
+    assert report.ok and report.eval_expected

@@ -238,7 +238,15 @@ def _flag_reads(function: Any, is_flag: Any, model_dir: Path, places: list[str],
         if isinstance(call, ast.Call):
             argument_of.update({id(a): (call, i) for i, a in enumerate(call.args)})
             argument_of.update({id(k.value): (call, k.arg) for k in call.keywords if k.arg})
+    # export writes a traced attention dropout back as `p if self.training else 0.0` (aten.py),
+    # so the flag that chose it there follows the stage's mode.
+    attention_dropout = {id(inner) for call in ast.walk(tree) if isinstance(call, ast.Call)
+                         and _called_name(call.func) == "scaled_dot_product_attention"
+                         for value in [*call.args[4:5], *(k.value for k in call.keywords if k.arg == "dropout_p")]
+                         for inner in ast.walk(value)}  # fmt: skip
     for node in sorted((n for n in ast.walk(tree) if is_flag(n)), key=lambda n: (n.lineno, n.col_offset)):
+        if id(node) in attention_dropout:
+            continue
         if id(node) in argument_of:
             call, position = argument_of[id(node)]
             callee = _resolve_callee(call.func, function)
@@ -250,6 +258,11 @@ def _flag_reads(function: Any, is_flag: Any, model_dir: Path, places: list[str],
         place = f"{path.name}:{first + node.lineno - 1}"
         if place not in places:
             places.append(place)
+
+
+def _called_name(expression: ast.expr) -> str | None:
+    """`f` for a call of `f` or of `a.b.f`."""
+    return expression.attr if isinstance(expression, ast.Attribute) else getattr(expression, "id", None)
 
 
 def _resolve_callee(expression: ast.expr, function: Any) -> Any:
