@@ -187,6 +187,10 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     state = state_table(model)
     branches: list[str] = []
     explained: list[str] = []  # reads of self.training that chose an attention's dropout
+    # fx records ops on the tensors it hands out (get_attr proxies); a parameter or buffer forward
+    # takes another way (`self.teacher.parameters()`, `named_buffers()`) is the real tensor, and an
+    # in-place write to it runs once while tracing and is lost. Its version counter tells.
+    versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
     with tracer.training_flags(model, branches):
         try:
             fx_graph = tracer.trace(model, concrete_args=defaults or None)
@@ -200,6 +204,13 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     if assigned:
         raise BufferAssigned(
             f"forward assigns buffer {', '.join(assigned)} (+= or =), which fx does not record; export does"
+        )
+    state_now = [*model.named_parameters(), *model.named_buffers()]
+    written = [name for name, t in state_now if isinstance(t, torch.Tensor) and t._version != versions.get(name, t._version)]
+    if written:
+        more = f" and {len(written) - 1} more" if len(written) > 1 else ""
+        raise StateWrittenUntraced(
+            f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
         )
 
     names: dict[fx.Node, str] = {}
@@ -323,6 +334,11 @@ def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Ite
 
 class BufferAssigned(Exception):
     """fx cannot trace this model; not an FtcError, so that --frontend auto tries export."""
+
+
+class StateWrittenUntraced(BufferAssigned):
+    """forward writes a parameter or buffer that fx never saw (an EMA teacher updated from
+    `zip(self.teacher.parameters(), self.student.parameters())`); export records the write."""
 
 
 def _explicit_kwargs(fx_node: fx.Node, parameters: dict[Any, Any]) -> dict[str, Any]:
