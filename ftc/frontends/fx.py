@@ -267,6 +267,12 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 value = _fetch(root, fx_node.target)
                 if not isinstance(value, torch.Tensor):
                     raise FtcError(f"{where}: reads attribute {fx_node.target!r}, which is not a tensor")
+                if value.device.type == "meta" and fx_node.target.startswith("_tensor_constant"):
+                    # fx made this constant from a tensor forward computed out of state it never saw
+                    # as traced values (`for p in self.parameters()`); export traces it.
+                    raise StateUntraced(
+                        f"{where}: fx would fix as a constant a tensor made from parameters() or buffers()"
+                    )
                 data, dtype = constant_from_tensor(value, where)
                 node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state) | taken)
                 node.name = node.target
@@ -334,6 +340,11 @@ def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Ite
 
 class BufferAssigned(Exception):
     """fx cannot trace this model; not an FtcError, so that --frontend auto tries export."""
+
+
+class StateUntraced(BufferAssigned):
+    """forward computes with state fx never saw as traced values (an L2 term over
+    `self.parameters()`); export traces it."""
 
 
 class StateWrittenUntraced(BufferAssigned):
