@@ -23,7 +23,8 @@ class Net(nn.Module):
     def forward(self, x):
         q, k, v = self.qkv(x).view(x.shape[0], 3, 8).unbind(1)
         B, D = q.shape
-        return self.out(q * k + v) * B / D
+        a, b = q[:, :4], k[:, 4:]
+        return self.out(q * k + v) * B / D + torch.cat([a, b], 1)
 
 
 def build_model():
@@ -43,5 +44,6 @@ def test_tuple_targets_name_only_the_items_of_the_statements_value(tmp_path, fro
     code = (compiled.folder / "stage0.py").read_text()
     assert "q = unbind[0]" in code and "k = unbind[1]" in code and "v = unbind[2]" in code, code
     assert "q = shape" not in code and "q = size" not in code, code
+    assert re.search(r"\ba = q\[", code) and re.search(r"\bb = k\[", code), code  # a tuple of expressions
     if frontend == "fx":  # export reads the sizes from its symbolic shapes instead
         assert re.search(r"B = shape\w*\[0\]", code) and re.search(r"D = shape\w*\[1\]", code), code

@@ -82,6 +82,13 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         # nested tuples included: `h, (hn, cn) = self.lstm(x)`. Only from that value: an
         # item taken on the way (`x.shape[0]` in `q, k, v = f(x.shape[0]).unbind(0)`) is no
         # item of the target.
+        # `q, k, v = qkv[0], qkv[1], qkv[2]` (timm's attention): one op per element, in order.
+        value = getattr(stmt, "value", None)
+        if isinstance(value, ast.Tuple) and isinstance(targets, list) and len(targets) == len(value.elts) == len(group):
+            for node, item in zip(group, targets):
+                if isinstance(item, str):
+                    wanted[node.name] = item
+            return
         last = max((i for i, node in enumerate(group) if node.target != "operator.getitem"), default=None)
         if last is None:
             return
