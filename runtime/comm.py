@@ -80,13 +80,15 @@ class Message:
 
 
 class LocalTransport:
-    """All devices in one process: a sent payload is copied into a mailbox until received."""
+    """All devices in one process: a sent payload is copied into a mailbox until received, dense
+    and contiguous as the wire delivers it in dist (a strided view copied with its strides would
+    be summed in another order by the reader, and local would drift from dist in the last bits)."""
 
     def __init__(self) -> None:
         self.mailbox: dict[Message, list[torch.Tensor]] = {}
 
     def send(self, message: Message, payload: list[torch.Tensor]) -> None:
-        self.mailbox[message] = [t.detach().clone() for t in payload]
+        self.mailbox[message] = [t.detach().clone(memory_format=torch.contiguous_format) for t in payload]
 
     def post_receive(self, message: Message, buffers: list[torch.Tensor]) -> None:
         pass

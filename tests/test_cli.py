@@ -14,7 +14,7 @@ import pytest
 from ftc.check import check_pipeline
 from ftc.cli import main
 
-from .conftest import EXAMPLES, ROOT
+from .conftest import EXAMPLES, MODELS, ROOT
 
 GOOD = """
 import torch
@@ -1011,3 +1011,67 @@ def test_compile_option_combinations_that_mean_nothing_or_break_the_package_are_
     for cpu, cuda in zip(memory["cpu"], memory["cuda"]):
         assert cuda["temporaries"] == cuda["gradients"]  # foreach Adam: one copy of the stage's weights
         assert cpu["temporaries"] != cuda["temporaries"]  # per tensor on the CPU: two copies of the largest
+
+
+def test_an_ema_teacher_updated_in_forward_is_refused_by_fx_and_trains_through_export(tmp_path, capsys):
+    """`pt.mul_(0.9).add_(ps, alpha=0.1)` over `self.teacher.parameters()` in forward: fx sees real
+    tensors there, so the update ran once while tracing and the stages trained without it (losses
+    parted from the plain model's at step 2, ftc check passed). fx refuses it by name; auto takes
+    export, and local mode trains as mode single does."""
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import train
+
+    model = MODELS / "ema_teacher.py"
+    refused = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)
+    assert_user_error(refused, "torch.fx could not trace the model", "forward writes teacher.0.weight and 3 more in place",
+                      "fix: compile with --frontend export or auto")  # fmt: skip
+    code, out, _ = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)
+    assert code == 0 and "as torch.fx could not: StateWrittenUntraced" in out
+    folder = tmp_path / "auto" / "ema_teacher"
+    losses = {}
+    for mode in ("single", "local"):
+        cfg = load_config(data={
+            "pipeline": str(folder), "data": {"name": "synthetic", "size": 16}, "batch_size": 8,
+            "micro_batches": 2, "steps": 3, "seed": 1, "mode": mode, "optimizer": {"name": "adamw", "lr": 0.05},
+        })  # fmt: skip
+        losses[mode] = train(cfg).loss
+    assert losses["local"] == pytest.approx(losses["single"], rel=1e-6)
+
+
+REGULARIZED = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        l2 = sum(p.pow(2).sum() for name, p in self.named_parameters() if name.endswith("weight"))
+        return self.b(F.relu(self.a(x))), l2
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_term_computed_from_named_parameters_compiles_through_export(tmp_path, capsys):
+    """An L2 term over `self.named_parameters()` returned beside the logits: fx sees real (meta)
+    tensors there and made the sum a constant it could not write ("a tensor constant is only
+    known on the meta device ... register it as a buffer", the wrong fix, and auto stopped
+    there). fx now says what it is, and auto compiles it through export."""
+    model = write(tmp_path, "regularized.py", REGULARIZED)
+    refused = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)
+    assert_user_error(refused, "fx would fix as a constant a tensor made from parameters() or buffers()",
+                      "fix: compile with --frontend export or auto")  # fmt: skip
+    code, out, _ = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)
+    assert code == 0 and "as torch.fx could not: StateUntraced" in out
+    assert check_pipeline(tmp_path / "auto" / "regularized").ok

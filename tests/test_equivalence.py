@@ -202,6 +202,63 @@ def test_a_branch_on_self_training_is_named_when_compiling(tmp_path):
     assert "h * 2" in "".join(stage.read_text() for stage in compiled.folder.glob("stage*.py"))
 
 
+ATTENTION_DROPOUT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    def __init__(self, p, monte_carlo=False):
+        super().__init__()
+        self.qkv, self.p, self.monte_carlo = nn.Linear(8, 24), p, monte_carlo
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.monte_carlo:
+            return F.scaled_dot_product_attention(q, k, v, None, self.p).flatten(1)
+        return F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.p if self.training else 0.0,
+        ).flatten(1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Attention(0.25), Attention(0.5, monte_carlo=True)
+        self.head = nn.Linear(40, 2)
+
+    def forward(self, x):
+        return self.head(self.first(x) + self.second(x))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 5, 8),)
+"""
+
+
+def test_attention_dropout_chosen_by_self_training_follows_the_stage_mode(tmp_path):
+    """`dropout_p=p if self.training else 0.0` (torch.nn, timm, nanoGPT) is a branch fx sees only
+    as the traced number: it is written back as that expression, so the stages stop dropping in
+    eval mode and the eval figure is judged; a probability chosen without self.training (Monte
+    Carlo dropout) stays a number."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "attention_dropout.py"
+    path.write_text(ATTENTION_DROPOUT)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    code = "".join(stage.read_text() for stage in compiled.folder.glob("stage*.py"))
+    assert "dropout_p=0.25 if self.training else 0.0" in code and "None, 0.5" in code
+    assert compiled.graph.training_branches == [] and not any("self.training at" in n for n in compiled.notes)
+    report = check_pipeline(compiled.folder)
+    assert report.ok and report.eval_expected  # eval mode judged: the first attention drops nothing there
+
+
 def test_a_parameter_view_sent_across_stages_is_checked_against_unchanged_gradients(compile_to):
     """`self.proj.t()` made in the middle stage and read by the last, `proj` also used by the
     first: the check must compare against gradients autograd has not since adopted as

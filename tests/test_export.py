@@ -680,3 +680,66 @@ def test_export_names_the_lines_that_branch_on_self_training(tmp_path):
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
     assert compiled.graph.training_branches == ["branchy.py:10", "branchy.py:12"]
     assert any("self.training at branchy.py:10, branchy.py:12" in note for note in compiled.notes)
+
+
+def test_export_follows_self_training_into_the_models_own_functions(tmp_path):
+    """timm's stochastic depth, `drop_path(x, p, self.training)`, branches inside a helper of the
+    model file (or a module beside it): that branch is named as fx names it, so `ftc check` does
+    not judge the eval figure the stages cannot follow; torch's own functions are not followed."""
+    from ftc.check import check_pipeline
+    from ftc.compiler import CompileOptions, compile_model
+
+    (tmp_path / "helpers.py").write_text(
+        "def drop_path(x, p, training):\n"
+        "    return x if not training else x * x.new_empty(x.shape[0], 1).bernoulli_(1 - p) / (1 - p)\n"
+    )
+    path = tmp_path / "stochastic_depth.py"
+    path.write_text(
+        "import sys\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+        "sys.path.insert(0, __file__.rsplit('/', 1)[0])\nimport helpers\n"
+        "def scaled(x, p, training):\n"
+        "    if p == 0.0 or not training:\n"
+        "        return x\n"
+        "    return helpers.drop_path(x, p, training)\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)\n"
+        "    def forward(self, x):\n"
+        "        h = F.dropout(self.a(x), 0.1, self.training)\n"
+        "        h = x + scaled(h, 0.2, training=self.training)\n"
+        "        return self.b(h)\n"
+        "def build_model(): return Net()\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 8),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert compiled.graph.training_branches == ["stochastic_depth.py:8", "helpers.py:2"]
+    assert check_pipeline(compiled.folder).ok
+
+
+def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(tmp_path):
+    """`dropout_p=p if self.training else 0.0` becomes that expression again in the stage code
+    (aten.py), so the stages follow eval() there: the line is no branch to name, and `ftc check`
+    judges eval mode (it reported the line and left eval mode unjudged)."""
+    from ftc.check import check_pipeline
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "vit_attention.py"
+    path.write_text(
+        "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(40, 2)\n"
+        "    def forward(self, x):\n"
+        "        q, k, v = self.qkv(x).view(x.shape[0], 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)\n"
+        "        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2 if self.training else 0.0)\n"
+        "        b = F.scaled_dot_product_attention(q, k, v, None, 0.3 if self.training else 0.0)\n"
+        "        return self.head((a + b).flatten(1))\n"
+        "def build_model(): return Net()\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 5, 8),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert compiled.graph.training_branches == []
+    report = check_pipeline(compiled.folder)
+    assert report.ok and report.eval_expected

@@ -31,7 +31,7 @@ from .common import user_source
 from .gradient_code import gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
-from .fx import BufferAssigned, trace_fx
+from .fx import BufferAssigned, StateUntraced, StateWrittenUntraced, trace_fx
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
 FRONTENDS = ("auto", "fx", "export")
@@ -289,7 +289,11 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
     if "torch.export" not in names:
         fix += "; --frontend export handles shape-dependent Python"
-    if names == ["torch.fx"] and isinstance(errors[0], BufferAssigned):
+    if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
+        fix = "compile with --frontend export or auto"
+    elif names == ["torch.fx"] and isinstance(errors[0], StateUntraced):
+        fix = "compile with --frontend export or auto"
+    elif names == ["torch.fx"] and isinstance(errors[0], BufferAssigned):
         fix = "compile with --frontend export or auto, or update the buffer in place (self.count.add_(1))"
     return FtcError(
         f"{model_file.path}: {'neither ' + ' nor '.join(names) + ' could' if len(names) > 1 else tracers + ' could not'} "

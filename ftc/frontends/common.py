@@ -88,13 +88,15 @@ class TrainingFlag:
     is read as the mode the model was traced in, and the places are kept in `branches` so the
     compiler can say which code stays fixed to that mode."""
 
-    def __init__(self, value: bool, model_file: ModelFile, branches: list[str]):
-        self.value, self.model_file, self.branches = value, model_file, branches
+    def __init__(self, value: bool, model_file: ModelFile, branches: list[str], reads: list[str] | None = None):
+        self.value, self.model_file, self.branches, self.reads = value, model_file, branches, reads
 
     def _read(self) -> bool:
         where = user_source(self.model_file) or self.model_file.path.name
         if where not in self.branches:
             self.branches.append(where)
+        if self.reads is not None:
+            self.reads.append(where)  # every read, in order: the tracer ties them to the next op
         return self.value
 
     def __bool__(self) -> bool:

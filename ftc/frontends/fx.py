@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 from pathlib import Path
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, unique_name
+from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
 
 from .common import (
@@ -41,6 +43,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, model_file: ModelFile):
         super().__init__()
         self.model_file = model_file
+        self.flag_reads: list[str] = []  # places self.training was read since the last op was recorded
 
     def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
         if isinstance(m, self.model_file.leaf_modules):
@@ -55,6 +58,8 @@ class _Tracer(fx.Tracer):
         # fx records no context managers, but `with torch.no_grad():` in forward really runs
         # while tracing, so the grad mode at this moment is the one the op ran under.
         node.meta["ftc_grad_enabled"] = torch.is_grad_enabled()
+        node.meta["ftc_flag_reads"] = list(self.flag_reads)
+        self.flag_reads.clear()
         if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
             raise FtcError(
                 f"{node.meta['ftc_source'] or self.model_file.path.name}: forward runs ops under "
@@ -81,7 +86,7 @@ class _Tracer(fx.Tracer):
         saved = [vars(m)["training"] for m in traced]
         try:
             for m in traced:
-                object.__setattr__(m, "training", TrainingFlag(vars(m)["training"], self.model_file, branches))
+                object.__setattr__(m, "training", TrainingFlag(vars(m)["training"], self.model_file, branches, self.flag_reads))
             yield
         finally:
             for m, value in zip(traced, saved):
@@ -181,6 +186,11 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     tracer = _Tracer(model_file)
     state = state_table(model)
     branches: list[str] = []
+    explained: list[str] = []  # reads of self.training that chose an attention's dropout
+    # fx records ops on the tensors it hands out (get_attr proxies); a parameter or buffer forward
+    # takes another way (`self.teacher.parameters()`, `named_buffers()`) is the real tensor, and an
+    # in-place write to it runs once while tracing and is lost. Its version counter tells.
+    versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
     with tracer.training_flags(model, branches):
         try:
             fx_graph = tracer.trace(model, concrete_args=defaults or None)
@@ -194,6 +204,13 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     if assigned:
         raise BufferAssigned(
             f"forward assigns buffer {', '.join(assigned)} (+= or =), which fx does not record; export does"
+        )
+    state_now = [*model.named_parameters(), *model.named_buffers()]
+    written = [name for name, t in state_now if isinstance(t, torch.Tensor) and t._version != versions.get(name, t._version)]
+    if written:
+        more = f" and {len(written) - 1} more" if len(written) > 1 else ""
+        raise StateWrittenUntraced(
+            f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
         )
 
     names: dict[fx.Node, str] = {}
@@ -250,6 +267,12 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 value = _fetch(root, fx_node.target)
                 if not isinstance(value, torch.Tensor):
                     raise FtcError(f"{where}: reads attribute {fx_node.target!r}, which is not a tensor")
+                if value.device.type == "meta" and fx_node.target.startswith("_tensor_constant"):
+                    # fx made this constant from a tensor forward computed out of state it never saw
+                    # as traced values (`for p in self.parameters()`); export traces it.
+                    raise StateUntraced(
+                        f"{where}: fx would fix as a constant a tensor made from parameters() or buffers()"
+                    )
                 data, dtype = constant_from_tensor(value, where)
                 node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state) | taken)
                 node.name = node.target
@@ -263,11 +286,18 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 node.target = fx_node.target
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_node.args)
             node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in _explicit_kwargs(fx_node, parameters).items()}
+            if fx_node.op == "call_function" and fx_node.target is F.scaled_dot_product_attention:
+                explained.extend(_attention_dropout(node, fx_node.meta.get("ftc_flag_reads", [])))
             module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
             node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
         names[fx_node] = node.name
         nodes.append(node)
 
+    # A place whose every read chose an attention's dropout probability now follows the stage's
+    # mode; the others still keep what training mode computed there.
+    reads = Counter(place for fx_node in fx_graph.nodes for place in fx_node.meta.get("ftc_flag_reads", []))
+    reads.update(tracer.flag_reads)  # read after the last op
+    explained_reads = Counter(explained)
     return Graph(
         name=name,
         nodes=nodes,
@@ -276,8 +306,28 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         modules=modules,
         constants=constants,
         frontend="fx",
-        training_branches=branches,
+        training_branches=[place for place in branches if explained_reads[place] < reads[place]],
     )
+
+
+def _attention_dropout(node: Node, flag_reads: list[str]) -> list[str]:
+    """`F.scaled_dot_product_attention(..., dropout_p=p if self.training else 0.0)`, the way
+    torch.nn, timm and nanoGPT pass attention dropout: the flag is read right before the call,
+    and the traced call has a positive constant probability. It becomes that expression again,
+    so the stage follows its own train()/eval(); returns the reads it explains. A probability
+    chosen without reading self.training (Monte Carlo dropout) stays as it is."""
+    if not flag_reads:
+        return []
+    if "dropout_p" in node.kwargs:
+        dropout, put = node.kwargs["dropout_p"], lambda v: node.kwargs.__setitem__("dropout_p", v)
+    elif len(node.args) > 4:
+        dropout, put = node.args[4], lambda v: setattr(node, "args", (*node.args[:4], v, *node.args[5:]))
+    else:
+        return []
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or dropout <= 0:
+        return []
+    put(TorchExpr(f"{float(dropout)!r} if self.training else 0.0"))
+    return flag_reads
 
 
 def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Iterator[str]:
@@ -290,6 +340,16 @@ def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Ite
 
 class BufferAssigned(Exception):
     """fx cannot trace this model; not an FtcError, so that --frontend auto tries export."""
+
+
+class StateUntraced(BufferAssigned):
+    """forward computes with state fx never saw as traced values (an L2 term over
+    `self.parameters()`); export traces it."""
+
+
+class StateWrittenUntraced(BufferAssigned):
+    """forward writes a parameter or buffer that fx never saw (an EMA teacher updated from
+    `zip(self.teacher.parameters(), self.student.parameters())`); export records the write."""
 
 
 def _explicit_kwargs(fx_node: fx.Node, parameters: dict[Any, Any]) -> dict[str, Any]:

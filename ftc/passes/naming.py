@@ -79,19 +79,29 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             wanted[group[-1].name] = targets
             return
         # Tuple targets name the items unpacked (getitem) from the statement's last value,
-        # nested tuples included: `h, (hn, cn) = self.lstm(x)`.
-        spec: dict[str, str | list | None] = {}
-        for node in group:
+        # nested tuples included: `h, (hn, cn) = self.lstm(x)`. Only from that value: an
+        # item taken on the way (`x.shape[0]` in `q, k, v = f(x.shape[0]).unbind(0)`) is no
+        # item of the target.
+        # `q, k, v = qkv[0], qkv[1], qkv[2]` (timm's attention): one op per element, in order.
+        value = getattr(stmt, "value", None)
+        if isinstance(value, ast.Tuple) and isinstance(targets, list) and len(targets) == len(value.elts) == len(group):
+            for node, item in zip(group, targets):
+                if isinstance(item, str):
+                    wanted[node.name] = item
+            return
+        last = max((i for i, node in enumerate(group) if node.target != "operator.getitem"), default=None)
+        if last is None:
+            return
+        spec: dict[str, str | list | None] = {group[last].name: targets}
+        for node in group[last + 1 :]:
             source = node.args[0] if node.args else None
             index = node.args[1] if len(node.args) > 1 else None
-            if node.target == "operator.getitem" and isinstance(source, Ref) and isinstance(spec.get(source.name), list):
+            if isinstance(source, Ref) and isinstance(spec.get(source.name), list):
                 items = spec[source.name]
                 item = items[index] if isinstance(index, int) and 0 <= index < len(items) else None
                 if isinstance(item, str):
                     wanted[node.name] = item
                 spec[node.name] = item
-            else:
-                spec = {node.name: targets}
 
     open_groups: dict[str, tuple[ast.stmt | None, list[Node]]] = {}
     for node in graph.nodes:
