@@ -204,7 +204,7 @@ def training_branches(model: torch.nn.Module, model_file: ModelFile) -> list[str
     for cls in dict.fromkeys(type(m) for m in model.modules()):
         forward = cls.__dict__.get("forward")
         if forward is not None:
-            _flag_reads(forward, lambda n: _is_self_training(n), model_dir, places, depth=0)
+            _flag_reads(forward, _is_self_training, model_dir, places, depth=0)
     return places
 
 
