@@ -252,6 +252,11 @@ class Graph:
     # runtime computes on the device of the stage that holds them (None: no loss profiled).
     stage_cost: Cost = field(default_factory=Cost)
     loss_cost: Cost | None = None
+    # Op kind (Graph.kind) -> what a stage pays once for holding any op of that kind, beyond
+    # the ops' own costs: a stage that a device runs between other work finds the code and data
+    # of its first op of each kind out of the caches, where in the whole model a later op of the
+    # kind finds them warm. Measured profiles fill it; empty: no such cost.
+    kind_costs: dict[str, Cost] = field(default_factory=dict)
     # Model-file places ('gpt.py:42') that branch on `self.training` (`if self.training:`):
     # the graph keeps the branch the traced (training) mode took, whatever mode a stage runs in.
     training_branches: list[str] = field(default_factory=list)
@@ -267,6 +272,13 @@ class Graph:
 
     def by_name(self) -> dict[str, Node]:
         return {node.name: node for node in self.nodes}
+
+    def kind(self, node: Node) -> str:
+        """What runs a compute node's code: the class of the module it calls, or its op and
+        target ("call_function:F.relu", "call_method:view")."""
+        if node.op == "call_module":
+            return self.modules.get(node.target, node.target)
+        return f"{node.op}:{node.target}"
 
     @property
     def inputs(self) -> list[str]:

@@ -143,38 +143,39 @@ def node_from_dict(data: dict) -> Node:
 
 
 def graph_to_dict(graph: Graph) -> dict:
-    return {
-        "format": FORMAT,
-        "name": graph.name,
-        "frontend": graph.frontend,
-        "batch_size": graph.batch_size,
-        "num_stages": graph.num_stages,
-        "stage_devices": graph.stage_devices,
-        "modules": graph.modules,
-        "state": {
-            name: {"kind": t.kind, "meta": asdict(t.meta), "persistent": t.persistent}
-            | ({"alias_of": t.alias_of} if t.alias_of is not None else {})
-            for name, t in graph.state.items()
-        },
-        "constants": {name: {"data": encode_arg(c.data), "dtype": c.dtype} for name, c in graph.constants.items()},
-        "nodes": [node_to_dict(node) for node in graph.nodes],
-        "stage_cost": asdict(graph.stage_cost),
-        "loss_cost": asdict(graph.loss_cost) if graph.loss_cost is not None else None,
-        "outputs": {
-            "kind": graph.outputs.kind,
-            "values": [ref.name for ref in graph.outputs.values],
-            "keys": graph.outputs.keys,
-        },
-    } | ({"training_branches": graph.training_branches} if graph.training_branches else {}) | (
-        {"trace_notes": graph.trace_notes} if graph.trace_notes else {}
+    return (
+        {
+            "format": FORMAT,
+            "name": graph.name,
+            "frontend": graph.frontend,
+            "batch_size": graph.batch_size,
+            "num_stages": graph.num_stages,
+            "stage_devices": graph.stage_devices,
+            "modules": graph.modules,
+            "state": {
+                name: {"kind": t.kind, "meta": asdict(t.meta), "persistent": t.persistent}
+                | ({"alias_of": t.alias_of} if t.alias_of is not None else {})
+                for name, t in graph.state.items()
+            },
+            "constants": {name: {"data": encode_arg(c.data), "dtype": c.dtype} for name, c in graph.constants.items()},
+            "nodes": [node_to_dict(node) for node in graph.nodes],
+            "stage_cost": asdict(graph.stage_cost),
+            "loss_cost": asdict(graph.loss_cost) if graph.loss_cost is not None else None,
+            "outputs": {
+                "kind": graph.outputs.kind,
+                "values": [ref.name for ref in graph.outputs.values],
+                "keys": graph.outputs.keys,
+            },
+        }
+        | ({"kind_costs": {kind: asdict(cost) for kind, cost in graph.kind_costs.items()}} if graph.kind_costs else {})
+        | ({"training_branches": graph.training_branches} if graph.training_branches else {})
+        | ({"trace_notes": graph.trace_notes} if graph.trace_notes else {})
     )
 
 
 def graph_from_dict(data: dict) -> Graph:
     if data.get("format") != FORMAT:
-        raise FtcError(
-            f"IR format {data.get('format')!r} is not {FORMAT!r}; recompile the model with this ftc"
-        )
+        raise FtcError(f"IR format {data.get('format')!r} is not {FORMAT!r}; recompile the model with this ftc")
     outputs = data["outputs"]
     return Graph(
         name=data["name"],
@@ -192,6 +193,7 @@ def graph_from_dict(data: dict) -> Graph:
         # IR written before profiles priced stage calls and the loss lacks both: it had neither.
         stage_cost=Cost(**data.get("stage_cost", {})),
         loss_cost=Cost(**data["loss_cost"]) if data.get("loss_cost") is not None else None,
+        kind_costs={kind: Cost(**cost) for kind, cost in data.get("kind_costs", {}).items()},
         outputs=Outputs(outputs["kind"], [Ref(name) for name in outputs["values"]], outputs["keys"]),
         training_branches=data.get("training_branches", []),
         trace_notes=data.get("trace_notes", []),

@@ -169,6 +169,7 @@ def rich_graph() -> Graph:
         batch_size=4,
         num_stages=2,
         stage_devices=[0, 0],
+        kind_costs={"torch.nn.Linear": Cost(fwd_time=2.5e-6, bwd_time=1e-5)},
     )
 
 

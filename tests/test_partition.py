@@ -12,7 +12,7 @@ import pytest
 
 from ftc.ir import FtcError, SeqMeta, TensorMeta
 from ftc.passes.partition.pipedream import split_pipedream
-from ftc.passes.partition.problem import FixedCost, Problem, Transfer, comm_bytes, gradient_bytes
+from ftc.passes.partition.problem import FixedCost, KindCost, Problem, Transfer, comm_bytes, gradient_bytes
 
 REL = 1e-9
 
@@ -86,6 +86,13 @@ def random_problem(rng: random.Random, max_ops: int = 9) -> Problem:
     if rng.random() < 0.3:
         problem.stage_call = FixedCost(*(float(rng.randint(0, 2)) for _ in range(2)))
         problem.loss = FixedCost(*(float(rng.randint(0, 3)) for _ in range(2)))
+    # Sometimes kinds of op that a stage pays for once, however many of their ops it holds.
+    if rng.random() < 0.4:
+        kind_of = [rng.randrange(3) for _ in range(n)]
+        problem.kinds = [
+            KindCost(np.flatnonzero(np.array(kind_of) == kind), FixedCost(float(rng.randint(0, 2)), float(rng.randint(1, 3))))
+            for kind in sorted(set(kind_of))
+        ]  # fmt: skip
     return problem
 
 
@@ -356,6 +363,20 @@ def test_hand_computed_fixed_costs():
     last = np.arange(6) >= 4
     assert problem.fixed(last) == FixedCost(0.75, 1.75) and problem.fixed(~last) == FixedCost(0.25, 0.25)
     assert problem.interval_costs()[0, 6] == 6 + 0.5 + 2  # one stage pays one call and the loss
+
+
+def test_hand_computed_kind_costs():
+    """Six ops of 1 s alternating two kinds, L at 0, 2, 4 (a stage holding any pays 3 s once)
+    and R at 1, 3, 5 (0.5 s once): a stage pays each kind it holds once, whatever the number of
+    its ops. (The random problems of the brute-force tests hold kinds too.)"""
+    transfers = [Transfer(f"a{k}", k, [k + 1], 0) for k in range(5)]
+    problem = Problem([f"op{k}" for k in range(6)], np.ones(6), transfers, np.zeros(6, bool), 1.0)
+    problem.kinds = [KindCost(np.array([0, 2, 4]), FixedCost(1.0, 2.0)), KindCost(np.array([1, 3, 5]), FixedCost(0.0, 0.5))]
+    assert split_costs(problem, [0, 3]) == [6.5, 6.5]
+    assert problem.fixed(np.arange(6) == 5) == FixedCost(0.0, 0.5)
+    assert problem.interval_costs()[0, 6] == 6 + 3.5
+    assert problem.interval_costs()[3, 4] == 1 + 0.5 and problem.interval_costs()[4, 5] == 1 + 3
+    assert partition_pipedream(problem, 2) == [0, 3]  # 6.5 each; [0, 2] and [0, 4] give 7.5
 
 
 # ---------------------------------------------------------------------------------------------

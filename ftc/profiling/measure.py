@@ -28,6 +28,17 @@ engine; and the training loss (Graph.loss_cost), the model file's loss_fn on the
 outputs cut from the graph, with a target made as the runtime's data sets make one
 (ftc/profiling/loss.py), forward and backward (less an engine start), as the last stage runs it.
 
+In context, a node's time is what it costs inside the whole model's run, where the code and
+data of its kind of op (its module class, its function) are warm from the kind's earlier ops.
+A stage runs between other work (the rest of its device's schedule), so its first op of each
+kind finds them cold: on this project's CPU a stage of one Linear (8 x 256 features) took 41 us
+beyond the Linear's time in a chain of them, where a stage of one ReLU took what the stage call
+predicts. For every kind the model runs more than once, a few of its ops are also timed alone,
+called again and again as a one-op stage is; what they take beyond their in-context time is
+the kind's cost to a stage (Graph.kind_costs), which the partitioner charges once to each stage
+holding the kind (ftc/passes/partition/problem.py), and which the op that met the kind first
+in the whole model's run, cold, no longer carries in its own time.
+
 Node times are medians over the repeats, which resist the odd slow run, less what timing a
 node adds (the clock's stamps, the interpreter's dispatch), which stage code does not pay;
 the calibrations (that overhead, a hook, an engine start, a stage call) take the fastest try,
@@ -62,7 +73,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from ftc.interpreter import Interpreter, copy_module, tensor_constant
-from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta
+from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta, map_refs
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
 from ftc.runtime.comm import differentiable
@@ -82,6 +93,7 @@ SAVE_MEMORY_FRACTION = 0.25
 # and their fastest try must be a warm one.
 CALIBRATION_TRIES = 8
 RUN_TRIES = 3  # tries of the engine-start calibration taken before each timed backward
+KIND_SAMPLES = 3  # ops of a kind timed alone, for its cost to a stage (_InContext._kind_costs)
 
 
 @dataclass(frozen=True)
@@ -125,19 +137,22 @@ class Measurement:
     outputs: Any = None  # the model's outputs in the last run, on the host
     stage_call: NodeProfile = field(default_factory=NodeProfile)  # what calling any stage costs
     loss: NodeProfile | None = None  # loss_fn on the outputs (None: no loss, see loss.py)
+    kinds: dict[str, NodeProfile] = field(default_factory=dict)  # Graph.kind_costs (in context only)
 
     def to_json(self) -> dict:
         return {
             "nodes": {name: profile.to_json() for name, profile in self.nodes.items()},
             "stage_call": self.stage_call.to_json(),
             "loss": self.loss.to_json() if self.loss is not None else None,
+            "kinds": {kind: profile.to_json() for kind, profile in self.kinds.items()},
         }
 
     @classmethod
     def from_json(cls, data: dict, save_memory: bool) -> Measurement:
         nodes = {name: NodeProfile.from_json(entry) for name, entry in data["nodes"].items()}
         loss = NodeProfile.from_json(data["loss"]) if data["loss"] is not None else None
-        return cls(nodes, save_memory, stage_call=NodeProfile.from_json(data["stage_call"]), loss=loss)
+        kinds = {kind: NodeProfile.from_json(entry) for kind, entry in data["kinds"].items()}
+        return cls(nodes, save_memory, stage_call=NodeProfile.from_json(data["stage_call"]), loss=loss, kinds=kinds)
 
 
 def device_name(device: str) -> str:
@@ -277,7 +292,8 @@ def apply_profile(graph: Graph, measurement: Measurement) -> Graph:
     if measurement.loss is not None:
         counted = graph.loss_cost or Cost()
         loss_cost = replace(counted, fwd_time=measurement.loss.fwd_time, bwd_time=measurement.loss.bwd_time)
-    return replace(graph, nodes=updated, stage_cost=stage_cost, loss_cost=loss_cost)
+    kind_costs = {kind: Cost(fwd_time=p.fwd_time, bwd_time=p.bwd_time) for kind, p in measurement.kinds.items()}
+    return replace(graph, nodes=updated, stage_cost=stage_cost, loss_cost=loss_cost, kind_costs=kind_costs)
 
 
 class _Clock:
@@ -381,7 +397,69 @@ class _InContext(Interpreter):
             name: NodeProfile(statistics.median(times), statistics.median(bwd[name]), saved_bytes.get(name, 0))
             for name, times in fwd.items()
         }
-        return Measurement(nodes, save_memory=False, outputs=tree_map(_to_host, output))
+        kinds = self._kind_costs(nodes, overhead)
+        return Measurement(nodes, save_memory=False, outputs=tree_map(_to_host, output), kinds=kinds)
+
+    def _kind_costs(self, nodes: dict[str, NodeProfile], overhead: float) -> dict[str, NodeProfile]:
+        """Graph.kind_costs, and `nodes` made warm: for every kind of op the model runs more
+        than once, what an op of the kind costs alone, called again and again as a stage of
+        its own is (on its inputs of the last run, cut from the graph), beyond its time in the
+        whole model. Where the whole model's run finds the kind warm (forward: any op of the
+        kind but the first; backward: any but the last, which backward reaches first), that
+        excess is what a stage pays for its first op of the kind: the median over up to
+        KIND_SAMPLES ops. The op that found the kind cold in the whole model carries it in its
+        time, which the kind's cost now counts: it is taken off that op."""
+        by_kind: dict[str, list[str]] = {}
+        for node in self.graph.nodes:
+            if node.is_compute and node.name in nodes:
+                by_kind.setdefault(self.graph.kind(node), []).append(node.name)
+        kinds = {}
+        for kind, names in by_kind.items():
+            if len(names) < 2:
+                continue
+            warm_forward, warm_backward = names[1 : 1 + KIND_SAMPLES], names[-1 - KIND_SAMPLES : -1]
+            alone = {name: self._alone(name, overhead) for name in dict.fromkeys(warm_forward + warm_backward)}
+            cost = NodeProfile(
+                statistics.median(max(alone[n].fwd_time - nodes[n].fwd_time, 0.0) for n in warm_forward),
+                statistics.median(max(alone[n].bwd_time - nodes[n].bwd_time, 0.0) for n in warm_backward),
+            )
+            if not cost.fwd_time and not cost.bwd_time:
+                continue
+            kinds[kind] = cost
+            first, last = nodes[names[0]], nodes[names[-1]]
+            first.fwd_time = max(first.fwd_time - cost.fwd_time, 0.0)
+            last.bwd_time = max(last.bwd_time - cost.bwd_time, 0.0)
+        return kinds
+
+    def _alone(self, name: str, overhead: float) -> NodeProfile:
+        """Node `name` run by itself on its inputs of the last run, cut from the graph, forward
+        and backward, `warmup + repeats` times in a row: medians, the forward less what timing
+        adds, the backward less an engine start (the stage call has it)."""
+        node = self.graph.node(name)
+        read = lambda ref: self.env[ref.name]  # noqa: E731
+        args, kwargs = map_refs(node.args, read), map_refs(node.kwargs, read)
+        state = [*self.model.get_submodule(node.target).parameters()] if node.op == "call_module" else []
+        fwd, bwd = [], []
+        for run in range(self.settings.warmup + self.settings.repeats):
+            leaves: list[torch.Tensor] = []
+            cut_args, cut_kwargs = _cut((args, kwargs), leaves, node.mutates is not None, self.settings.device)
+            start = self.clock.stamp()
+            out = self.execute(node, cut_args, cut_kwargs)
+            end = self.clock.stamp()
+            outputs = _floating_outputs(out)
+            # Gradients are returned, not accumulated, as the whole model's runs allocate them.
+            targets = leaves + [t for t in state if t.requires_grad]
+            backward = bool(outputs and targets)
+            engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES) if backward else 0.0
+            back_start = self.clock.stamp()
+            if backward:
+                torch.autograd.grad(outputs, targets, [torch.ones_like(t) for t in outputs], allow_unused=True)
+            back_end = self.clock.stamp()
+            self.clock.sync()
+            if run >= self.settings.warmup:
+                fwd.append(max(self.clock.seconds(start, end) - overhead, 0.0))
+                bwd.append(max(self.clock.seconds(back_start, back_end) - engine_start, 0.0) if backward else 0.0)
+        return NodeProfile(statistics.median(fwd), statistics.median(bwd))
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         if not node.is_compute:
@@ -441,7 +519,7 @@ class _SaveMemory(Interpreter):
             fwd, bwd = [], []
             for run in range(self.settings.warmup + self.settings.repeats):
                 leaves: list[torch.Tensor] = []
-                cut_args, cut_kwargs = self._cut((args, kwargs), leaves, mutating=node.mutates is not None)
+                cut_args, cut_kwargs = _cut((args, kwargs), leaves, node.mutates is not None, self.settings.device)
                 targets = leaves + [t for t in state if t.requires_grad]
                 with saved.counting(node.name) if run == 0 else contextlib.nullcontext():
                     self.clock.sync()
@@ -481,22 +559,6 @@ class _SaveMemory(Interpreter):
         module_path, _, attr = target.rpartition(".")
         return getattr(self.model.get_submodule(module_path), attr)
 
-    def _cut(self, value: Any, leaves: list[torch.Tensor], mutating: bool) -> Any:
-        """Copies of the host values on the device, cut from any graph: those that require grad
-        become leaves (collected in `leaves`), cloned when the node writes in place, as autograd
-        forbids in-place writes to leaves."""
-
-        def move(tensor: Any) -> Any:
-            if not isinstance(tensor, torch.Tensor):
-                return tensor
-            moved = tensor.detach().to(self.settings.device, copy=True)
-            if not tensor.requires_grad:
-                return moved
-            leaves.append(moved.requires_grad_())
-            return moved.clone() if mutating else moved
-
-        return tree_map(move, value)
-
     @contextlib.contextmanager
     def _materialized(self, node: Node) -> Iterator[list[torch.Tensor]]:
         """The node's module with its own parameters and buffers on the device, swapped into the
@@ -531,6 +593,23 @@ class _SaveMemory(Interpreter):
             del real
             if self.settings.device == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _cut(value: Any, leaves: list[torch.Tensor], mutating: bool, device: str) -> Any:
+    """Copies of the values on the device, cut from any graph: those that require grad become
+    leaves (collected in `leaves`), cloned when the node writes in place, as autograd forbids
+    in-place writes to leaves."""
+
+    def move(tensor: Any) -> Any:
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        moved = tensor.detach().to(device, copy=True)
+        if not tensor.requires_grad:
+            return moved
+        leaves.append(moved.requires_grad_())
+        return moved.clone() if mutating else moved
+
+    return tree_map(move, value)
 
 
 def _engine_start(clock: _Clock, device: str, tries: int = CALIBRATION_TRIES) -> float:

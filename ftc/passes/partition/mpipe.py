@@ -64,7 +64,7 @@ def _mixed(problem: Problem, devices: int, count: int, tables: StageTables) -> P
     # problem's: memory settings do not enter them.
     timing = Problem(
         problem.ops, problem.time, problem.transfers, problem.no_cut, problem.bandwidth,
-        name=problem.name, stage_call=problem.stage_call, loss=problem.loss,
+        name=problem.name, stage_call=problem.stage_call, loss=problem.loss, kinds=problem.kinds,
     )  # fmt: skip
     block_starts, _ = split_pipedream(timing, count, StageTables(timing, count, tables.base))
     cost = tables.base

@@ -7,6 +7,11 @@ in-place mutations where the model put them, into contiguous runs. A stage's cos
   + (bytes it receives + bytes it sends) / bandwidth
   + what calling a stage costs beyond its ops (`stage_call`: its forward call, its backward's
     engine start), the same for every stage
+  + for each kind of op the stage holds (`kinds`: a module class, a function), what its first
+    op of that kind pays beyond the op's own time (Graph.kind_costs): a measured profile times
+    ops in the whole model, where a later op of a kind finds that kind's code and data warm,
+    and a stage cut out of it finds them cold once per call (a Linear stage on this project's
+    CPU paid 18 us so, at 8 x 256 features, beyond its ops and the call)
   + the training loss (`loss`), for the stage holding the last op
 
 where a value crossing a boundary is charged once to the stage that sends it and once to each
@@ -124,6 +129,14 @@ class FixedCost:
         return cls(cost.fwd_time, cost.bwd_time) if cost is not None else cls()
 
 
+@dataclass(frozen=True)
+class KindCost:
+    """What a stage pays once for holding any of the ops at `positions` (one kind of op)."""
+
+    positions: np.ndarray  # sorted op positions of the kind
+    cost: FixedCost
+
+
 @dataclass
 class Problem:
     ops: list[str]  # compute node names in program order
@@ -140,6 +153,7 @@ class Problem:
     units: list[str] = field(default_factory=list)
     stage_call: FixedCost = FixedCost()  # paid by every stage (Graph.stage_cost)
     loss: FixedCost = FixedCost()  # paid by the stage holding the last op (Graph.loss_cost)
+    kinds: list[KindCost] = field(default_factory=list)  # paid by a stage holding any op of the kind
 
     @property
     def size(self) -> int:
@@ -180,8 +194,11 @@ class Problem:
 
     def fixed(self, members: np.ndarray) -> FixedCost:
         """The fixed costs of the stage holding the ops of a boolean mask (see the module doc)."""
-        loss = self.loss if members[self.size - 1] else FixedCost()
-        return FixedCost(self.stage_call.fwd + loss.fwd, self.stage_call.bwd + loss.bwd)
+        paid = [self.stage_call]
+        if members[self.size - 1]:
+            paid.append(self.loss)
+        paid.extend(kind.cost for kind in self.kinds if members[kind.positions].any())
+        return FixedCost(sum(cost.fwd for cost in paid), sum(cost.bwd for cost in paid))
 
     def member_received(self, members: np.ndarray) -> int:
         """Bytes of the values the stage holding the ops of a boolean mask receives."""
@@ -288,6 +305,13 @@ class Problem:
             for c in later:
                 add_rectangle(diff, previous + 1, c, c + 1, n, weight)
                 previous = c
+        # A kind's cost, like a received value's: [i, j) holds an op of the kind when its first
+        # op of the kind at or after i comes before j.
+        for kind in self.kinds:
+            previous = -1
+            for p in kind.positions:
+                add_rectangle(diff, previous + 1, p, p + 1, n, kind.cost.total)
+                previous = p
         moved = summed(diff, n)
         prefix = np.concatenate([[0.0], np.cumsum(self.time)])
         costs = prefix[None, :] - prefix[:, None] + moved + self.stage_call.total
@@ -414,9 +438,14 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         all(by_name[name].cost.peak_memory is None for name in ops),
     )
     units = [_unit(by_name[name], graph.modules) for name in ops]
+    kind_positions: dict[str, list[int]] = {}
+    for k, name in enumerate(ops):
+        kind_positions.setdefault(graph.kind(by_name[name]), []).append(k)
+    kinds = [KindCost(np.array(kind_positions[kind]), FixedCost.of(cost))
+             for kind, cost in graph.kind_costs.items() if kind in kind_positions and cost.fwd_time + cost.bwd_time]  # fmt: skip
     return Problem(
         ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units,
-        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost),
+        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost), kinds,
     )  # fmt: skip
 
 
