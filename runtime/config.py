@@ -44,6 +44,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8  # adam, adamw
+    # The largest L2 norm of all gradients together, before each step (torch.nn.utils.
+    # clip_grad_norm_ over the whole model); None: gradients are not clipped.
+    clip_grad_norm: Optional[float] = None
 
 
 @dataclass
@@ -347,6 +350,14 @@ def _validate(c: Config) -> None:
     if optimizer.name == "sgd" and optimizer.nesterov and optimizer.momentum <= 0:
         fail("optimizer.nesterov", "is true, but Nesterov momentum needs optimizer.momentum above 0",
              "set optimizer.momentum (e.g. 0.9) or optimizer.nesterov=false")  # fmt: skip
+    if optimizer.clip_grad_norm is not None:
+        if optimizer.clip_grad_norm <= 0:
+            fail("optimizer.clip_grad_norm", f"is {optimizer.clip_grad_norm}; it must be positive",
+                 "e.g. 1.0, or leave it out (null) not to clip")  # fmt: skip
+        if c.schedule == "async":
+            fail("optimizer.clip_grad_norm", "is set, but schedule async updates each stage as its backwards finish, "
+                 "so no step sees all gradients at once to take their norm",
+                 "use schedule gpipe or 1f1b, or leave optimizer.clip_grad_norm out")  # fmt: skip
     if c.lr_schedule.warmup_steps < 0:
         fail("lr_schedule.warmup_steps", "must not be negative")
     if not 0 <= c.lr_schedule.min_lr <= optimizer.lr:

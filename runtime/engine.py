@@ -361,7 +361,7 @@ class Engine:
         """Sum the gradients of parameters held on several devices (tied weights) over those
         devices, so their copies stay equal after the optimizer step. Local mode holds one
         Parameter per weight: nothing to do."""
-        for group, params in self.shared:
+        for group, _, params in self.shared:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             try:
@@ -376,10 +376,31 @@ class Engine:
                 param.grad = flat[offset : offset + size].view_as(param).clone()
                 offset += size
 
-    def _shared_groups(self) -> list[tuple[Any, list[torch.nn.Parameter]]]:
+    def clip_gradients(self, max_norm: float) -> float:
+        """torch.nn.utils.clip_grad_norm_ over the whole model: the L2 norm of all gradients
+        together, summed over the ranks, where a weight that several ranks hold (each holds the
+        sum after sync_shared_grads) counts once, at the lowest of them; every gradient is then
+        scaled by max_norm / norm where that is below 1, as torch scales it. Returns the norm
+        before clipping."""
+        counted_elsewhere = {id(p) for _, ranks, params in self.shared if self.rank != ranks[0] for p in params}
+        grads = [p.grad for p in unique_parameters(self.modules) if p.grad is not None]
+        counted = [p.grad for p in unique_parameters(self.modules) if p.grad is not None and id(p) not in counted_elsewhere]
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in counted:
+            squares += torch.linalg.vector_norm(grad).double() ** 2
+        if self.distributed:
+            try:
+                dist.all_reduce(squares)
+            except RuntimeError as exc:
+                raise comm.PeerFailure(f"summing the gradient norms for optimizer.clip_grad_norm failed: a rank died "
+                                       f"or hangs ({comm.peer_reason(exc)})",
+                                       "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
+        return scale_gradients(grads, squares.sqrt(), max_norm)
+
+    def _shared_groups(self) -> list[tuple[Any, tuple[int, ...], list[torch.nn.Parameter]]]:
         """Process groups for parameters that stages on several devices hold, under one name or
-        under tied aliases (pipeline.json's "tied"). new_group is collective, so every rank
-        creates every group, in the same order."""
+        under tied aliases (pipeline.json's "tied"), with their ranks. new_group is collective,
+        so every rank creates every group, in the same order."""
         first_name = self.pipeline.tied
         holders: dict[str, set[int]] = {}
         for stage in self.pipeline.stages:
@@ -398,7 +419,7 @@ class Engine:
             group = dist.new_group(list(ranks), timeout=timedelta(seconds=self.timeout_s))
             params = [local[key] for key in keys if key in local and local[key].requires_grad]
             if self.rank in ranks and params:
-                groups.append((group, params))
+                groups.append((group, ranks, params))
         return groups
 
     def _split_inputs(self, inputs: tuple | dict, count: int) -> list[dict[str, Any]]:
@@ -795,6 +816,15 @@ def unique_parameters(modules: dict[int, torch.nn.Module]) -> list[torch.nn.Para
         for param in modules[index].parameters():
             seen.setdefault(id(param), param)
     return list(seen.values())
+
+
+def scale_gradients(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> float:
+    """The step of torch.nn.utils.clip_grad_norm_ after its norm: every gradient times
+    max_norm / (norm + 1e-6), at most 1 (always multiplied, as torch does). Returns the norm."""
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for grad in grads:
+        grad.mul_(factor.to(grad.dtype))
+    return float(norm)
 
 
 def _leaf(value: Any, spec: dict | None) -> Any:

@@ -81,6 +81,7 @@ class Results:
     results: str | None = None
     plot: str | None = None
     peak_memory_bytes: list[int] | None = None  # per rank, on CUDA: torch.cuda.max_memory_allocated
+    grad_norm: list[float] = field(default_factory=list)  # per step, before clipping (optimizer.clip_grad_norm)
 
     def to_json(self) -> dict:
         last = self.loss[-10:]
@@ -92,7 +93,7 @@ class Results:
                       "mean_loss_last_10": sum(last) / len(last) if last else None,
                       "steps": self.first_step + len(self.loss)},
             "checkpoint": self.checkpoint, "plot": self.plot, "peak_memory_bytes": self.peak_memory_bytes,
-        }  # fmt: skip
+        } | ({"grad_norm": self.grad_norm} if self.grad_norm else {})  # fmt: skip
 
 
 class SingleProcess:
@@ -141,6 +142,9 @@ class SingleProcess:
     def sync_shared_grads(self) -> None:
         """Nothing to do: one process holds every parameter once."""
 
+    def clip_gradients(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
 
 def resolve_loss(config: Config, model_file: ModelFile) -> Callable:
     if config.loss is None:
@@ -168,7 +172,8 @@ def recompute_set(config: Config, pipeline: Pipeline) -> set[int]:
 
 def check_sparse_gradients(config: Config, modules: list[torch.nn.Module]) -> None:
     """nn.Embedding(sparse=True) and nn.EmbeddingBag(sparse=True) make sparse gradients, which
-    Adam and AdamW refuse and SGD cannot combine with weight decay: say so before training."""
+    Adam and AdamW refuse, SGD cannot combine with weight decay, and clipping cannot take the
+    norm of: say so before training."""
     sparse = sorted({
         f"{name}.weight" if name else "weight"
         for module in modules
@@ -185,6 +190,11 @@ def check_sparse_gradients(config: Config, modules: list[torch.nn.Module]) -> No
         raise FtcError(f"config {config.source}: optimizer.name {config.optimizer.name} cannot update the sparse "
                        f"gradients of {', '.join(sparse)} (an embedding built with sparse=True)",
                        "set optimizer.name to sgd, or build the embedding with sparse=False")  # fmt: skip
+    if config.optimizer.clip_grad_norm is not None:
+        raise FtcError(f"config {config.source}: optimizer.clip_grad_norm cannot take the norm of the sparse "
+                       f"gradients of {', '.join(sparse)} (an embedding built with sparse=True; torch's "
+                       "clip_grad_norm_ cannot either)",
+                       "leave optimizer.clip_grad_norm out, or build the embedding with sparse=False")  # fmt: skip
     if config.optimizer.weight_decay:
         raise FtcError(f"config {config.source}: optimizer.weight_decay {config.optimizer.weight_decay:g} cannot apply "
                        f"to the sparse gradients of {', '.join(sparse)} (an embedding built with sparse=True)",
@@ -317,11 +327,12 @@ class Progress:
         self.tty = enabled and sys.stdout.isatty()
         self.status_width = 0  # of the \r line on screen, which the next line must cover
 
-    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, samples_per_s: float, grad_norm: float | None = None) -> None:
         if not self.enabled:
             return
         speed = f"{samples_per_s:.1f} samples/s" if samples_per_s else "- samples/s"
-        line = f"step {step + 1:>{len(str(self.steps))}}/{self.steps}  loss {loss:.4f}  lr {lr:.3g}  {speed}"
+        norm = f"  grad norm {grad_norm:.3g}" if grad_norm is not None else ""
+        line = f"step {step + 1:>{len(str(self.steps))}}/{self.steps}  loss {loss:.4f}{norm}  lr {lr:.3g}  {speed}"
         if (step + 1) % self.log_every == 0 or step + 1 == self.steps or step == 0:
             print(("\r" + line.ljust(self.status_width)) if self.tty else line, flush=True)
             self.status_width = 0
@@ -567,6 +578,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
                                "lower optimizer.lr, add warmup (lr_schedule.warmup_steps) or check the data")  # fmt: skip
         if not asynchronous:
             engine.sync_shared_grads()
+            if config.optimizer.clip_grad_norm is not None:
+                results.grad_norm.append(engine.clip_gradients(config.optimizer.clip_grad_norm))
         if optimizer is not None:
             if not asynchronous:  # async segments stepped each stage as its backwards finished
                 optimizer.step()
@@ -582,7 +595,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         for done, loss in enumerate(losses, start=step + 1):
             results.loss.append(loss)
             results.lr.append(learning_rate(config, done - 1))
-            progress.update(done - 1, loss, results.lr[-1], results.samples_per_s)
+            norm = results.grad_norm[-1] if results.grad_norm else None
+            progress.update(done - 1, loss, results.lr[-1], results.samples_per_s, norm)
         step = end
         if root is not None and (
             end == config.steps or (config.checkpoint.every and end % config.checkpoint.every == 0)

@@ -239,6 +239,27 @@ def test_dist_matches_single(tiny, single, pipeline, schedule, step_every, recom
     assert_same_run(results.loss, checkpoint.merge(root / name / "checkpoints")[1], single[step_every])
 
 
+def test_clipping_takes_the_norm_of_the_whole_model_across_ranks(tiny):
+    """optimizer.clip_grad_norm against torch.nn.utils.clip_grad_norm_ on the single model, after
+    accumulating two batches. In 2 processes the tied embedding and head, and the position
+    parameter, sit on both ranks and count once in the norm. The max norm lies below every
+    step's norm, so every step clips, and SGD's updates follow the clipped gradients' size
+    (Adam's would hide a wrong factor)."""
+    root, _, folders = tiny
+    sgd = {"name": "sgd", "lr": 0.2, "momentum": 0.9, "clip_grad_norm": 0.05}
+    settings = dict(optimizer=sgd, schedule="1f1b", step_every=2)
+    truth = train(config(root, folders[2], "clip-single", mode="single", **settings))
+    truth_state = checkpoint.merge(root / "clip-single" / "checkpoints")[1]
+    assert len(truth.grad_norm) == STEPS and min(truth.grad_norm) > 0.05
+    unclipped = train(config(root, folders[2], "noclip", mode="single", **{**settings, "optimizer": {**sgd, "clip_grad_norm": None}}))
+    assert not unclipped.grad_norm and abs(unclipped.loss[-1] - truth.loss[-1]) > 1e-3  # clipping changes the run
+    for name, pipeline, mode in (("clip-local", 4, "local"), ("clip-dist", 2, "dist")):
+        cfg = config(root, folders[pipeline], name, mode=mode, **settings)
+        results = launch(cfg) if mode == "dist" else train(cfg)
+        torch.testing.assert_close(torch.tensor(results.grad_norm), torch.tensor(truth.grad_norm), rtol=1e-5, atol=0)
+        assert_same_run(results.loss, checkpoint.merge(root / name / "checkpoints")[1], (truth.loss, truth_state))
+
+
 def ftc_train(cfg, *overrides: str) -> subprocess.CompletedProcess:
     path = Path(cfg.results).parent / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
