@@ -65,6 +65,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on samples held out of training (runtime/train.py, evaluate)."""
+
+    every: int = 0  # steps between evaluations, and one after the last step; 0: none
+    batches: int = 4  # held-out batches of batch_size per evaluation, the same ones each time
+    fraction: float = 0.1  # of the data set, its last samples, held out of training when every > 0
+
+
+@dataclass
 class StalenessConfig:
     """Schedule "async" only (runtime/staleness.py)."""
 
@@ -97,6 +106,7 @@ class Config:
     step_every: int = 1
     schedule: str = "1f1b"
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     recompute: str = "pipeline"
     steps: int = 100
     epochs: Optional[float] = None  # when set, decides the steps: passes over the data set (runtime/data.py)
@@ -290,6 +300,7 @@ def _build(raw: dict, source: str) -> Config:
         ("lr_schedule", LrScheduleConfig),
         ("checkpoint", CheckpointConfig),
         ("staleness", StalenessConfig),
+        ("eval", EvalConfig),
         ("inject_fault", FaultConfig),
     ):
         if isinstance(values.get(key), dict):
@@ -321,6 +332,12 @@ def _validate(c: Config) -> None:
     for key in ("batch_size", "micro_batches", "step_every", "steps", "log_every"):
         if getattr(c, key) < 1:
             fail(key, f"is {getattr(c, key)}; it must be at least 1")
+    if c.eval.every < 0:
+        fail("eval.every", f"is {c.eval.every}; it must not be negative (0: no evaluation)")
+    if c.eval.batches < 1:
+        fail("eval.batches", f"is {c.eval.batches}; it must be at least 1")
+    if not 0 < c.eval.fraction < 1:
+        fail("eval.fraction", f"is {c.eval.fraction}; it must lie between 0 and 1 (0.1: the last tenth of the data set)")
     if c.epochs is not None and c.epochs <= 0:
         fail("epochs", f"is {c.epochs}; it must be above 0 (0.5: half a pass over the data set)",
              "or leave it out and set steps")  # fmt: skip

@@ -127,6 +127,23 @@ class Sampler:
         return [int(self.permutation(p // self.size)[p % self.size]) for p in positions]
 
 
+def split_held_out(size: int, fraction: float, source: str) -> int:
+    """How many of a data set's `size` samples training draws from (the first ones); the rest,
+    `fraction` of them (at least one), are held out for evaluation."""
+    held = max(1, round(size * fraction))
+    if held >= size:
+        raise FtcError(f"config {source}: key 'eval.fraction' ({fraction:g}) holds out all {size} samples of the "
+                       "data set", "lower eval.fraction, or use a larger data set")  # fmt: skip
+    return size - held
+
+
+def held_out_indices(train_size: int, size: int, batch: int, batch_size: int) -> list[int]:
+    """Held-out batch `batch`: the held-out samples in order, from where the previous batch
+    ended, wrapping around."""
+    held = size - train_size
+    return [train_size + (batch * batch_size + k) % held for k in range(batch_size)]
+
+
 def epoch_steps(epochs: float, size: int, samples_per_step: int) -> int:
     """The steps that draw `epochs` passes over a data set of `size` samples: the sampler's stream
     runs on across epochs, so the last step may take its tail from the next epoch's permutation."""

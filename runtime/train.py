@@ -39,6 +39,8 @@ from .data import (
     Sampler,
     build_dataset,
     epoch_steps,
+    held_out_indices,
+    split_held_out,
     fingerprint,
     load_batch,
     map_with_dims,
@@ -82,6 +84,7 @@ class Results:
     plot: str | None = None
     peak_memory_bytes: list[int] | None = None  # per rank, on CUDA: torch.cuda.max_memory_allocated
     grad_norm: list[float] = field(default_factory=list)  # per step, before clipping (optimizer.clip_grad_norm)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss), config eval
 
     def to_json(self) -> dict:
         last = self.loss[-10:]
@@ -91,9 +94,12 @@ class Results:
             "samples_per_s": self.samples_per_s, "wall_time_s": self.wall_time_s,
             "final": {"loss": self.loss[-1] if self.loss else None,
                       "mean_loss_last_10": sum(last) / len(last) if last else None,
-                      "steps": self.first_step + len(self.loss)},
+                      "steps": self.first_step + len(self.loss)}
+                     | ({"eval_loss": self.eval_loss[-1][1]} if self.eval_loss else {}),
             "checkpoint": self.checkpoint, "plot": self.plot, "peak_memory_bytes": self.peak_memory_bytes,
-        } | ({"grad_norm": self.grad_norm} if self.grad_norm else {})  # fmt: skip
+        } | ({"grad_norm": self.grad_norm} if self.grad_norm else {}) | (
+            {"eval": [{"step": step, "loss": loss} for step, loss in self.eval_loss]} if self.eval_loss else {}
+        )  # fmt: skip
 
 
 class SingleProcess:
@@ -144,6 +150,18 @@ class SingleProcess:
 
     def clip_gradients(self, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def evaluate(self, step: int, inputs: Any, targets: Any) -> tuple[float, Any]:
+        """The batch's mean loss over its micro-batches, without gradients (eval mode is the
+        caller's), as the engine's evaluate."""
+        losses = []
+        with torch.no_grad():
+            for i in range(self.micro_batches):
+                x = self._micro_inputs(inputs, i)
+                y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
+                output = self.model(**x) if isinstance(x, dict) else self.model(*x)
+                losses.append(call_loss(self.loss_fn, output, y).reshape(()).to(torch.float64))
+        return (torch.stack(losses).sum() / self.micro_batches).item(), None
 
 
 def resolve_loss(config: Config, model_file: ModelFile) -> Callable:
@@ -343,6 +361,14 @@ class Progress:
             self.status_width = len(status)
 
 
+    def note(self, line: str) -> None:
+        """A line of its own (an evaluation's result), over the status line where one shows."""
+        if not self.enabled:
+            return
+        print(("\r" + line.ljust(self.status_width)) if self.tty else line, flush=True)
+        self.status_width = 0
+
+
 class Status:
     """This rank's state in FTC_STATUS_DIR/rank-<r>.json (when set), so the launcher can say
     which rank failed, at which step, and why."""
@@ -448,7 +474,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         # read no data build the data set too, once.
         with seeded(config.seed):
             dataset = build_dataset(config.data, model_file, outputs)
-        config = replace(config, steps=epoch_steps(config.epochs, len(dataset), config.batch_size * config.step_every))
+        trained = split_held_out(len(dataset), config.eval.fraction, config.source) if config.eval.every else len(dataset)
+        config = replace(config, steps=epoch_steps(config.epochs, trained, config.batch_size * config.step_every))
     if rank == 0 and config.lr_schedule.warmup_steps >= config.steps > 0:
         print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
               f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
@@ -496,6 +523,10 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             return engines[steps]
 
         engine = segment_engine(segment_end(config, 0))
+    # Async engines run segments of steps with stale weights: evaluation runs a plain one (made
+    # here, where every rank is in step, as its process groups need).
+    eval_engine = make_engine(micro_batches=config.micro_batches, batch_size=config.batch_size, schedule="1f1b") if (
+        asynchronous and config.eval.every) else engine  # fmt: skip
 
     root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
     first_step, run = 0, uuid.uuid4().hex[:12]
@@ -526,7 +557,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     elif dataset is None:
         with seeded(config.seed):
             dataset = build_dataset(config.data, model_file, outputs)
-    sampler = Sampler(len(dataset), config.batch_size, config.seed) if dataset is not None else None
+    # With evaluation, training draws from the data set's first samples, evaluation its last.
+    trained = None
+    if dataset is not None:
+        trained = split_held_out(len(dataset), config.eval.fraction, config.source) if config.eval.every else len(dataset)
+    sampler = Sampler(trained, config.batch_size, config.seed) if dataset is not None else None
     if rank == 0 and dataset is not None and len(dataset) < config.batch_size:
         print(f"ftc train: warning: data set {config.data['name']!r} has {len(dataset)} samples, fewer than batch_size "
               f"({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
@@ -537,7 +572,14 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         what this rank does not read."""
         if sampler is None:
             return None, None
-        indices = [i for batch in batches for i in sampler.indices(batch)]
+        return load_samples([i for batch in batches for i in sampler.indices(batch)])
+
+    def load_held_out(batch: int) -> tuple[Any, Any]:
+        if sampler is None:
+            return None, None
+        return load_samples(held_out_indices(trained, len(dataset), batch, config.batch_size))
+
+    def load_samples(indices: list[int]) -> tuple[Any, Any]:
         inputs, targets = load_batch(dataset, indices, reads_inputs, reads_targets, batch_dims, target_dims)
         if inputs is not None:
             check_inputs(inputs, pipeline, config)
@@ -547,11 +589,13 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
         epochs = f" ({counted(config.epochs, 'epoch')})" if config.epochs is not None else ""
+        held_out = f", the last {len(dataset) - trained} held out for eval" if dataset is not None and config.eval.every else ""
         print(f"{pipeline.name}: mode {config.mode}, {counted(world_size, 'process', 'processes')}, "
               f"{counted(len(pipeline.stages), 'stage')}, schedule {config.schedule}{async_settings(config)}, "
               f"batch {config.batch_size} = {counted(config.micro_batches, 'micro-batch', 'micro-batches')}"
               f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {counted(config.steps, 'step')}{epochs}, "
-              f"data {config.data['name']}" + (f" ({len(dataset)} samples)" if dataset is not None else ""), flush=True)  # fmt: skip
+              f"data {config.data['name']}" + (f" ({len(dataset)} samples{held_out})" if dataset is not None else ""),
+              flush=True)  # fmt: skip
         if first_step:
             print(f"resumed from {checkpoint.step_folder(root, first_step)}", flush=True)
     samples, timed_from = 0, time.perf_counter()
@@ -597,6 +641,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             results.lr.append(learning_rate(config, done - 1))
             norm = results.grad_norm[-1] if results.grad_norm else None
             progress.update(done - 1, loss, results.lr[-1], results.samples_per_s, norm)
+        # After the last step, and where a multiple of eval.every falls in this step (or segment).
+        if config.eval.every and (end == config.steps or end // config.eval.every > step // config.eval.every):
+            results.eval_loss.append((end, evaluate(eval_engine, modules, end, config.eval.batches, load_held_out)))
+            progress.note(f"eval after step {end}: loss {results.eval_loss[-1][1]:.4f} "
+                          f"({counted(config.eval.batches, 'held-out batch', 'held-out batches')})")  # fmt: skip
         step = end
         if root is not None and (
             end == config.steps or (config.checkpoint.every and end % config.checkpoint.every == 0)
@@ -613,6 +662,21 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         write_results(config, results)
     status.write("done", config.steps)
     return results
+
+
+def evaluate(engine: Any, modules: list[torch.nn.Module], step: int, batches: int, load: Callable) -> float:
+    """The mean loss of `batches` held-out batches, every module in eval mode (dropout off,
+    normalization by its running statistics), their flags restored after: the model's own
+    train() is not called, so the modes an override of it chose for training stay."""
+    flags = [(module, module.training) for stage in modules for module in stage.modules()]
+    for module, _ in flags:
+        module.training = False
+    try:
+        losses = [engine.evaluate(step, *load(batch))[0] for batch in range(batches)]
+    finally:
+        for module, training in flags:
+            module.training = training
+    return sum(losses) / len(losses)
 
 
 def async_settings(config: Config) -> str:
@@ -903,12 +967,16 @@ def plot_loss(path: Path, results: Results) -> None:
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
     steps = range(results.first_step + 1, results.first_step + len(results.loss) + 1)
-    axes.plot(steps, results.loss, linewidth=1)
+    axes.plot(steps, results.loss, linewidth=1, label="training")
+    if results.eval_loss:
+        axes.plot(*zip(*results.eval_loss), marker="o", linewidth=1, label="held out")
+        axes.legend()
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
     # A log scale drops losses at or below zero (a negative log-likelihood, a custom loss).
-    axes.set_yscale("log" if all(loss > 0 for loss in results.loss) else "linear")
+    shown = results.loss + [loss for _, loss in results.eval_loss]
+    axes.set_yscale("log" if all(loss > 0 for loss in shown) else "linear")
     name = Path(results.config["pipeline"]).name
     axes.set_title(f"{name}: {results.mode}, {counted(results.world_size, 'process', 'processes')}, {results.config['schedule']}")
     axes.grid(alpha=0.3)
@@ -929,7 +997,8 @@ def summary(results: Results) -> str:
         return f"nothing to train: the run is at step {final['steps']}, and the config asks for {steps} steps"
     lines = [
         f"final loss {final['loss']:.4f} (mean of the last {min(10, len(results.loss))} steps "
-        f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps",
+        f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps"
+        + (f", held-out loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""),
         f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
     ]
     for label, value in (

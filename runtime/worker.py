@@ -198,7 +198,8 @@ def launch(config: Config) -> Results | None:
         shutil.rmtree(run_dir)
     results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
                       data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
-                      data["peak_memory_bytes"], data.get("grad_norm", []))  # fmt: skip
+                      data["peak_memory_bytes"], data.get("grad_norm", []),
+                      [(entry["step"], entry["loss"]) for entry in data.get("eval", [])])  # fmt: skip
     return results
 
 

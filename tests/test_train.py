@@ -260,6 +260,39 @@ def test_clipping_takes_the_norm_of_the_whole_model_across_ranks(tiny):
         assert_same_run(results.loss, checkpoint.merge(root / name / "checkpoints")[1], (truth.loss, truth_state))
 
 
+def test_evaluation_on_held_out_samples_matches_the_model_in_eval_mode(tiny):
+    """eval: every 10 steps and after the last, 2 batches of the last tenth of the byte corpus,
+    which training never draws. The truth: the final merged weights loaded into the original
+    model in eval mode (BatchNorm by its running statistics) and its loss on those samples.
+    Local (4 stages) and dist (2 processes) evaluate as mode single does, and evaluating leaves
+    training as it was (the per-step losses are single's)."""
+    root, model_path, folders = tiny
+    settings = dict(eval={"every": 10, "batches": 2, "fraction": 0.1}, schedule="gpipe")
+    single = train(config(root, folders[2], "eval-single", mode="single", **settings))
+    assert [step for step, _ in single.eval_loss] == [10, 20]
+    cfg = config(root, folders[2], "eval-single", mode="single", **settings)
+    model_file = load_model_file(model_path)
+    model = model_file.build()
+    model.load_state_dict(checkpoint.merge(root / "eval-single" / "checkpoints")[1])
+    model.eval()
+    dataset = build_dataset(cfg.data, model_file)
+    held = round(len(dataset) * 0.1)
+    losses = []
+    with torch.no_grad():
+        for batch in range(2):
+            indices = [len(dataset) - held + (batch * 8 + k) % held for k in range(8)]
+            (inputs,), targets = load_batch(dataset, indices, True, True)
+            losses += [model_file.loss_fn(model(x), y).item() for x, y in zip(inputs.chunk(4), targets.chunk(4))]
+    assert single.eval_loss[-1][1] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    for name, pipeline, mode in (("eval-local", 4, "local"), ("eval-dist", 2, "dist")):
+        cfg = config(root, folders[pipeline], name, mode=mode, **settings)
+        results = launch(cfg) if mode == "dist" else train(cfg)
+        assert [step for step, _ in results.eval_loss] == [10, 20]
+        torch.testing.assert_close(torch.tensor([loss for _, loss in results.eval_loss]),
+                                   torch.tensor([loss for _, loss in single.eval_loss]), rtol=1e-5, atol=0)  # fmt: skip
+        torch.testing.assert_close(torch.tensor(results.loss), torch.tensor(single.loss), rtol=1e-5, atol=0)
+
+
 def ftc_train(cfg, *overrides: str) -> subprocess.CompletedProcess:
     path = Path(cfg.results).parent / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
