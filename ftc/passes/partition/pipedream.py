@@ -25,7 +25,7 @@ import numpy as np
 from ftc.ir import FtcError
 from ftc.passes.recompute import recompute_rule
 
-from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes, step_bytes
+from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes, interval_sums, step_bytes
 from .problem import Partition, Problem
 
 # Stage costs within this relative margin of the bottleneck count as reaching it.
@@ -71,8 +71,10 @@ class StageTables:
             loss_saved[:, n] = footprint.loss_saved
             outputs[:, n] = [footprint.loss_outputs(i) for i in range(n + 1)]
             self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
-                                parameter, step, trainable, loss_saved, outputs))  # fmt: skip
-        static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs = self._parts[0]
+                                parameter, step, trainable, loss_saved, outputs,
+                                interval_sums(self.problem.transient)))  # fmt: skip
+        (static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs,
+         transient) = self._parts[0]  # fmt: skip
         footprint = self.problem.footprint
         settings = footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
@@ -80,7 +82,7 @@ class StageTables:
 
         def activations(recompute: bool) -> np.ndarray:
             held = activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
-                                    footprint.outputs_saved)  # fmt: skip
+                                    footprint.outputs_saved, transient)  # fmt: skip
             return np.ceil(held * share) + parameter
 
         if settings.schedule == "async":  # each stage steps while other micro-batches are in flight
