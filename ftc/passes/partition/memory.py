@@ -17,9 +17,13 @@
                  backward's working set (the gradients a backward holds beside what forward
                  saved, WORKING_COPIES times the stage's largest op output, one micro-batch's)
                  and the forward's transients (what its ops make that nothing saves: the stage's
-                 forward names every value, so they live until it returns); plus a weight
-                 gradient being accumulated into .grad (the new one is made beside it: the
-                 stage's largest trainable tensor);
+                 forward names every value, so they live until it returns); plus the gradients
+                 of the values it received that its backward sent back (held until the stage
+                 before receives them); plus a weight gradient being accumulated into .grad (the
+                 new one is made beside it: the stage's largest trainable tensor), and two
+                 partial gradients of every trainable tensor that several of its ops read
+                 (autograd holds the one from the later reader until the earlier one's meets
+                 it, and adds them before .grad);
     temporaries  of the optimizer step, which runs after the activations are freed (step_bytes);
                  under async each stage steps while micro-batches are in flight, so they add.
 
@@ -213,6 +217,28 @@ class Footprint:
                 largest[use.readers] = np.maximum(largest[use.readers], use.nbytes)
         return largest
 
+    def partial_gradients(self, members: np.ndarray) -> int:
+        """Bytes of the partial gradients of the trainable tensors that several ops in the
+        boolean mask read: backward holds the gradient from the later reader until the
+        earlier reader's is made and the two are summed, before either reaches .grad (measured:
+        two_tower's projection head, called on both towers, held twice its weights in new
+        gradients beside .grad), so two copies of each."""
+        return sum(2 * use.nbytes for use in self.state if use.trainable and members[use.readers].sum() > 1)
+
+    def partial_gradient_table(self, n: int) -> np.ndarray:
+        """partial_gradients of every interval of ops i..j-1, as an (n+1, n+1) matrix: a tensor
+        counts in the intervals that hold two of its readers, taken by the first two inside."""
+        table = np.zeros((n + 2, n + 2))
+        for use in self.state:
+            if not use.trainable:
+                continue
+            readers = sorted(set(use.readers))
+            for k in range(len(readers) - 1):
+                previous = readers[k - 1] if k else -1
+                # intervals [i, j) with previous < i <= readers[k] and j > readers[k + 1]
+                add_rectangle(table, previous + 1, readers[k], readers[k + 1] + 1, n, 2 * use.nbytes)
+        return summed(table, n)
+
     def state_bytes(self, members: np.ndarray) -> tuple[int, int]:
         """(parameter and buffer bytes, trainable bytes) the ops in the boolean mask read."""
         held = trainable = 0
@@ -258,12 +284,13 @@ class Footprint:
         self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool,
         share: float = 1.0, sent: int = 0, largest: float = 0.0, parameter: int = 0,
         loss_saved: float = 0.0, outputs: float = 0.0, stash_copies: int = 0, transient: float = 0.0,
+        partials: int = 0,
     ) -> StageMemory:
         """`saved`, `received`, `sent` (the values the stage sends), `largest` (its largest op
         output), `loss_saved` and `outputs` (the loss's, on the stage that computes it),
         `transient` (what its ops make that nothing saves): bytes at the compile batch size, of
         which a micro-batch holds `share`; `parameter`: its largest trainable tensor;
-        `stash_copies`: MemorySettings.stash_copies."""
+        `stash_copies`: MemorySettings.stash_copies; `partials`: partial_gradients."""
         activations = math.ceil(
             activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
                              self.outputs_saved, transient) * share
@@ -274,7 +301,8 @@ class Footprint:
             # each stage steps right after its backward of a step's last micro-batch, while the
             # other micro-batches in flight keep their activations
             activations, step = activations + step, 0
-        return StageMemory(held, trainable, trainable * copies, activations + parameter, step, trainable * stash_copies)
+        return StageMemory(held, trainable, trainable * copies, activations + parameter + partials, step,
+                           trainable * stash_copies)  # fmt: skip
 
     def interval_tables(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(held, trainable, saved) for every interval of ops i..j-1, as (n+1, n+1) matrices:

@@ -57,14 +57,15 @@ class StageTables:
     def _memory(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(memory without recomputation, with it) of every interval at `position`."""
         if not self._parts:
-            settings = self.problem.footprint.settings
-            held, trainable, saved = self.problem.footprint.interval_tables(self.problem.size)
+            settings, n = self.problem.footprint.settings, self.problem.size
+            held, trainable, saved = self.problem.footprint.interval_tables(n)
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
             prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
             tables = (self.problem.received_table(), prefix[None, :] - prefix[:, None])
+            # a new gradient of the largest weight, and partial ones of weights read twice
             parameter = self.problem.largest_parameter_table()
+            partials = self.problem.footprint.partial_gradient_table(n)
             step = step_bytes(settings, trainable, parameter)
-            n = self.problem.size
             footprint = self.problem.footprint
             # The loss's memory, for the intervals that hold the last op (the stage computing it).
             loss_saved, outputs = np.zeros_like(saved), np.zeros_like(saved)
@@ -72,9 +73,9 @@ class StageTables:
             outputs[:, n] = [footprint.loss_outputs(i) for i in range(n + 1)]
             self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
                                 parameter, step, trainable, loss_saved, outputs,
-                                interval_sums(self.problem.transient)))  # fmt: skip
+                                interval_sums(self.problem.transient), partials))  # fmt: skip
         (static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs,
-         transient) = self._parts[0]  # fmt: skip
+         transient, partials) = self._parts[0]  # fmt: skip
         footprint = self.problem.footprint
         settings = footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
@@ -83,7 +84,7 @@ class StageTables:
         def activations(recompute: bool) -> np.ndarray:
             held = activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
                                     footprint.outputs_saved, transient)  # fmt: skip
-            return np.ceil(held * share) + parameter
+            return np.ceil(held * share) + parameter + partials
 
         if settings.schedule == "async":  # each stage steps while other micro-batches are in flight
             return tuple(static + stash + activations(recompute) + step for recompute in (False, True))

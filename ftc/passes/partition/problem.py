@@ -219,7 +219,7 @@ class Problem:
         transient = float(self.transient[members].sum())
         return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute,
                                      share, self.member_sent(members), largest, parameter, loss_saved, outputs,
-                                     stash, transient)  # fmt: skip
+                                     stash, transient, self.footprint.partial_gradients(members))  # fmt: skip
 
     @property
     def transient(self) -> np.ndarray:
