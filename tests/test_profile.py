@@ -184,7 +184,8 @@ def test_the_analytic_profile_counts_the_memory_autograd_saves(tmp_path, cache_d
     measured = compile_model(path, tmp_path / "measured", CompileOptions(stages=2, batch_size=8, **FAST))
     for node in (node for node in analytic.graph.nodes if node.is_compute):
         truth = measured.graph.node(node.name).cost
-        assert (node.cost.peak_memory, node.cost.transient_memory) == (truth.peak_memory, truth.transient_memory), node.name
+        counted = (node.cost.peak_memory, node.cost.transient_memory)
+        assert counted == (truth.peak_memory, truth.transient_memory), node.name
     nodes = list(analytic.graph.nodes)
     saved = sum(node.cost.peak_memory for node in nodes if node.is_compute)
     outputs = sum(gradient_bytes(node.meta) for node in nodes if node.is_compute and not is_view_op(node.target))
