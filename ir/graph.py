@@ -118,6 +118,11 @@ class Cost:
     param_bytes: bytes of the parameters and buffers this node reads (its module's, or the one
       it fetches); a stage's total counts each tensor once.
     fwd_time / bwd_time: seconds, predicted from the analytic model or measured.
+    peak_memory: bytes of the storages this node's forward saves for backward (each storage
+      counted for the first node that saves it); None: not profiled, take every output as saved.
+    transient_memory: bytes of the storages this node's forward makes that nothing saves for
+      backward; a stage's forward keeps them until it returns (stage code keeps every value it
+      names until then). None: not profiled.
     """
 
     fwd_flops: int = 0
@@ -126,6 +131,7 @@ class Cost:
     fwd_time: float = 0.0
     bwd_time: float = 0.0
     peak_memory: int | None = None
+    transient_memory: int | None = None
 
 
 @dataclass

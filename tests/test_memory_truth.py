@@ -9,8 +9,8 @@ The tolerance: a device's measured peak must not exceed its estimate by more tha
 (the estimate must not under-count what a memory limit is for), and must reach at least LOWEST
 of it (an estimate off by a factor wastes devices). The estimate may over-count: it adds the
 largest transients of a step (all micro-batches in flight, the gradients, the backward's working
-set, the optimizer's temporaries) as if they met, which they do only in part; the examples
-measured 0.52-1.0 of it (README, Memory).
+set, the optimizer's temporaries) as if they met, which they do only in part; the cases here
+measured 0.605-1.0 of it (README, Memory), 0.50 before both profiles counted what autograd saves.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.conftest import EXAMPLES, MODELS
 from tests.memory_truth import measure
 
 SLACK = 64 * 1024  # bytes: small tensors the estimate does not model (a loss scalar, Adam's step counters)
-LOWEST = 0.45
+LOWEST = 0.6
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,6 +93,32 @@ def test_a_measured_profile_counts_what_the_runtime_holds(tmp_path, model, stage
                       recompute="never", profile="measure", cache=False)  # fmt: skip
     measured = measure(result.folder, schedule=schedule, micro_batches=micro_batches, optimizer="adam")
     assert_within(result, measured, f"{model} measured profile {schedule} M={micro_batches}")
+
+
+@pytest.mark.parametrize("example", ["gpt", "resnet"])
+def test_what_nothing_saves_and_the_gradients_sent_back(tmp_path, example):
+    """Counting only what autograd saves leaves out two things a device holds: what a forward
+    makes that nothing saves (stage code names every value, so it lives until the forward
+    returns) and the gradients a backward sends back, which the sender holds until the stage
+    before receives them (under 1F1B, after its own next forward). Without them, gpt's devices
+    1-3 held 1.02x their estimate under 1F1B at M = 4, resnet's device 2 1.04-1.07x."""
+    result = compiled(tmp_path, EXAMPLES / f"{example}.py", 4, "1f1b", 4, "adam", recompute="never",
+                      profile="measure", cache=False)  # fmt: skip
+    measured = measure(result.folder, schedule="1f1b", micro_batches=4, optimizer="adam")
+    assert_within(result, measured, f"{example} measured profile 1f1b M=4")
+
+
+@pytest.mark.parametrize("schedule, micro_batches, optimizer", [("1f1b", 4, "adam"), ("gpipe", 8, "sgd")])
+def test_a_weight_two_ops_of_a_stage_read(tmp_path, schedule, micro_batches, optimizer):
+    """two_tower's projection head is called on both towers; mpipe puts both calls on device 1,
+    whose backward holds a partial gradient of the head's weights from each call until they
+    are summed, beside .grad: +26 kB over the estimate before it counted them."""
+    result = compiled(tmp_path, EXAMPLES / "two_tower.py", 2, schedule, micro_batches, optimizer, method="mpipe",
+                      recompute="never")  # fmt: skip
+    stage = next(s for s in result.stages if s["device"] == 1)
+    assert stage["cost"]["memory"]["activations"] >= 2 * stage["cost"]["memory"]["gradients"] > 0
+    measured = measure(result.folder, schedule=schedule, micro_batches=micro_batches, optimizer=optimizer)
+    assert_within(result, measured, f"two_tower mpipe {schedule} M={micro_batches} {optimizer}")
 
 
 @pytest.mark.parametrize("schedule, micro_batches, optimizer", [("1f1b", 4, "adam"), ("gpipe", 8, "sgd"),

@@ -273,7 +273,8 @@ def test_stage_memory_by_hand():
     outputs are 40 and 20 bytes. Adam: two optimizer copies. Under 1F1B with 2 stages and 2
     micro-batches (as many as stages), a micro-batch holds half of each, the first stage keeps 2
     micro-batches in flight, the second 1; a backward also holds WORKING_COPIES of its
-    stage's largest output and a new gradient of its largest weight (the working set). Adam's
+    stage's largest output and a new gradient of its largest weight (the working set), and a
+    stage that receives holds the gradient its backward sends back until it is received. Adam's
     step on the CPU makes two copies of the largest weight at a time, on CUDA one of them all."""
     W = WORKING_COPIES
     state = [StateUse("w", 100, True, [0]), StateUse("b", 10, False, [0])]
@@ -289,11 +290,11 @@ def test_stage_memory_by_hand():
     # A recomputing stage keeps what it sends and receives per micro-batch in flight, one
     # micro-batch's saved values and the working set.
     assert problem.stage_memory(first, 0, 2, True).activations == (2 * 30 + 70 + W * 40) / 2 + 100
-    assert problem.stage_memory(second, 1, 2, False).total == ((50 + 30) * 1 + W * 20) / 2
-    assert problem.stage_memory(second, 1, 2, True).activations == (30 * 1 + 50 + W * 20) / 2
+    assert problem.stage_memory(second, 1, 2, False).total == ((50 + 30) * 1 + W * 20 + 30) / 2
+    assert problem.stage_memory(second, 1, 2, True).activations == (30 * 1 + 50 + W * 20 + 30) / 2
     gpipe = Footprint(MemorySettings(schedule="gpipe", micro_batches=5), footprint.saved, state, footprint.largest)
     problem.footprint = gpipe
-    assert problem.stage_memory(second, 1, 2, False).activations == ((50 + 30) * 5 + W * 20) / 5  # the whole batch
+    assert problem.stage_memory(second, 1, 2, False).activations == ((50 + 30) * 5 + W * 20 + 30) / 5  # the whole batch
     # Adam on CUDA steps foreach: one copy of all the stage's weights; SGD steps in place.
     two_weights = [*state, StateUse("w2", 300, True, [0])]
     for settings, step in ((MemorySettings(device="cuda"), 400), (MemorySettings(), 600), (MemorySettings(optimizer="sgd"), 0)):

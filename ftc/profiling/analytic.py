@@ -23,9 +23,20 @@ start: DeviceModel.stage_overhead_us, Graph.stage_cost), and the last stage pays
 loss, the model file's loss_fn on the model's outputs, counted the same way, each of its ATen
 ops with its own traffic (ftc/profiling/loss.py, Graph.loss_cost).
 
+Activation memory (Cost.peak_memory) is what autograd saves for backward, as the measured
+profile counts it (ftc/profiling/measure.py): the storages each node's forward saves
+(torch.autograd.graph.saved_tensors_hooks on the meta device), parameters and buffers left out,
+each storage counted once model-wide, for the first node that saves it. Meta storages have no
+address, but torch keeps one storage object per storage while it lives, so views and in-place
+results are known by that object. A ReLU after a convolution saves its output, which the next
+convolution saves again as its input: one storage; the convolution's output, which nothing
+saves, is not held at all.
+
 Transformer blocks repeat: the same op on arguments of the same shapes costs the same, so one
 profile counts each distinct (op, module settings, argument metadata) once and reuses the counts
-for its repeats, which stand-in outputs (ftc/repeats.py) spare from running at all.
+for its repeats, which stand-in outputs (ftc/repeats.py) spare from running at all. A repeat
+saves the same things in the same places (its n-th input, its m-th output, a tensor of its
+own), which it charges unless an earlier node saved that storage already.
 """
 
 from __future__ import annotations
@@ -147,32 +158,109 @@ def _cut(value: Any, leaves: list[torch.Tensor]) -> Any:
     return value
 
 
+# Where a tensor a node saves for backward lives: ("input", i) the storage of the node's i-th input
+# tensor, ("output", i) of its i-th output tensor, ("own", bytes) a storage of its own making.
+SavedRole = tuple[str, int]
+
+
+class _SavedStorages:
+    """The storages autograd saves, each charged once, to the first node that saves it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.state = {id(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
+        # A node runs on copies of its inputs cut from the graph (_cut), so what it returns in
+        # place or as a view lives in a copy's storage: id(copy's storage) -> (copy's, original's),
+        # both kept so that no id is reused while the run lasts.
+        self.origin: dict[int, tuple[Any, Any]] = {}
+        self.charged: dict[int, Any] = {}  # id(storage) -> storage, kept for the same reason
+        self.made: dict[str, dict[int, Any]] = {}  # node -> the storages its outputs are new in
+
+    def resolve(self, tensor: torch.Tensor) -> Any:
+        """The storage a tensor lives in, in the model's own run (not a cut copy's)."""
+        storage = tensor.untyped_storage()
+        while id(storage) in self.origin:
+            storage = self.origin[id(storage)][1]
+        return storage
+
+    def record_made(self, name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Remember the storages a node's outputs live in that none of its inputs shares (not a
+        view, not an in-place result) and that are no parameter or buffer."""
+        reused = {id(self.resolve(t)) for t in inputs} | self.state
+        self.made[name] = {id(s): s for s in map(self.resolve, outputs) if id(s) not in reused}
+
+    def transient(self, name: str) -> int:
+        """Bytes of the storages the node made that no node saved (call after the whole run)."""
+        return sum(s.nbytes() for key, s in self.made.get(name, {}).items() if key not in self.charged)
+
+    def cut(self, args: tuple, kwargs: dict, leaves: list[torch.Tensor]) -> tuple[tuple, dict]:
+        """_cut of a node's arguments, remembering which storage each copy stands for."""
+        cut_args, cut_kwargs = _cut(args, leaves), _cut(kwargs, leaves)
+        for original, copy in zip(tensors_in((args, kwargs)), tensors_in((cut_args, cut_kwargs))):
+            if copy.untyped_storage() is not original.untyped_storage():
+                self.origin[id(copy.untyped_storage())] = (copy.untyped_storage(), original.untyped_storage())
+        return cut_args, cut_kwargs
+
+    def roles(self, saved: list[Any], inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[SavedRole, ...]:
+        """Where the storages a node saved (`saved`, from its pack hook) live; parameters and
+        buffers of the model left out."""
+        roles: dict[int, SavedRole] = {}
+        for storage in saved:
+            if id(storage) in roles or id(storage) in self.state:
+                continue
+            found = [("input", i) for i, t in enumerate(inputs) if t.untyped_storage() is storage]
+            found += [("output", i) for i, t in enumerate(outputs) if t.untyped_storage() is storage]
+            roles[id(storage)] = found[0] if found else ("own", storage.nbytes())
+        return tuple(roles.values())
+
+    def charge(self, roles: tuple[SavedRole, ...], inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+        """Bytes of the storages a node saves in `roles` that no earlier node saved."""
+        total = 0
+        for kind, index in roles:
+            if kind == "own":
+                total += index
+                continue
+            storage = self.resolve((inputs if kind == "input" else outputs)[index])
+            if id(storage) not in self.state and id(storage) not in self.charged:
+                self.charged[id(storage)] = storage
+                total += storage.nbytes()
+        return total
+
+
 class _Counter(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
         self.costs: dict[str, NodeCounts] = {}
         self.counted: dict[Hashable, NodeCounts] = {}  # repeat_key -> counts
         self.repeats = Repeats(model)
+        self.storages = _SavedStorages(model)
+        self.saved_roles: dict[Hashable, tuple[SavedRole, ...]] = {}  # repeat_key -> where it saves
+        self.saved: dict[str, int] = {}  # node -> bytes of the storages it saves first
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         if not node.is_compute:
             return super().run_node(node, args, kwargs)
         key = repeat_key(node, self.model, args, kwargs)
+        inputs = tensors_in((args, kwargs))
         if key in self.counted:
             self.costs[node.name] = self.counted[key]
             replayed, out = self.repeats.replay(key)
-            if replayed:
-                return out
-            # views and other outputs that need the real op: run it, uncounted
-            return super().run_node(node, _cut(args, []), _cut(kwargs, []))
+            if not replayed:
+                # views and other outputs that need the real op: run it, uncounted
+                out = super().run_node(node, *self.storages.cut(args, kwargs, []))
+            self.saved[node.name] = self.storages.charge(self.saved_roles[key], inputs, tensors_in(out))
+            self.storages.record_made(node.name, inputs, tensors_in(out))
+            return out
         # One run on inputs cut from the graph gives the forward's FLOPs and bytes and a
         # backward that covers this node alone. On the meta device the cut copies carry all
         # the later nodes need (shapes, dtypes, requires_grad).
+        roles = self._saved_roles(node, args, kwargs)
         leaves: list[torch.Tensor] = []
-        args, kwargs = _cut(args, leaves), _cut(kwargs, leaves)
+        args, kwargs = self.storages.cut(args, kwargs, leaves)
         with FlopCounterMode(display=False) as counter, OpCounter() as dispatched:
             out = super().run_node(node, args, kwargs)
         fwd_flops = counter.get_total_flops()
+        self.saved[node.name] = self.storages.charge(roles, inputs, tensors_in(out))
+        self.storages.record_made(node.name, inputs, tensors_in(out))
         nbytes = _traffic(tensors_in((args, kwargs)), tensors_in(out))
         backward = self._backward(node, out, leaves)
         if backward is None:
@@ -186,8 +274,24 @@ class _Counter(Interpreter):
         )
         if key is not None:
             self.counted[key] = self.costs[node.name]
+            self.saved_roles[key] = roles
             self.repeats.record(key, node, (args, kwargs), out)
         return out
+
+    def _saved_roles(self, node: Node, args: tuple, kwargs: dict) -> tuple[SavedRole, ...]:
+        """Where the tensors the node saves for backward live, from a run of its own on other cut
+        copies: pack hooks change which ops autograd dispatches (a saved output is not detached),
+        so the counted run goes without them."""
+        args, kwargs = self.storages.cut(args, kwargs, [])
+        saved: list[Any] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            saved.append(tensor.untyped_storage())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = super().run_node(node, args, kwargs)
+        return self.storages.roles(saved, tensors_in((args, kwargs)), tensors_in(out))
 
     def _backward(self, node: Node, out: Any, leaves: list[torch.Tensor]) -> tuple[int, int] | None:
         """FLOPs and ATen ops of the node's own backward (None: no autograd graph to count)."""
@@ -226,6 +330,8 @@ def profile_analytic(
             cost.fwd_time = device.time(counts.fwd_flops, counts.nbytes, counts.fwd_ops)
             backward = counts.bwd_flops or counts.bwd_ops or _needs_grad(node)
             cost.bwd_time = device.time(counts.bwd_flops, counts.bwd_nbytes, counts.bwd_ops) if backward else 0.0
+            cost.peak_memory = counter.saved[node.name]
+            cost.transient_memory = counter.storages.transient(node.name)
             if node.op == "call_module":
                 prefix = node.target + "."
                 cost.param_bytes = sum(b for name, b in state_bytes.items() if name.startswith(prefix))

@@ -56,7 +56,10 @@ saves for backward (torch.autograd.graph.saved_tensors_hooks), parameters and bu
 out, each storage counted once model-wide, for the first node that saves it: summed over a
 stage's nodes it is what the stage holds per micro-batch between its forward and backward. (In
 save-memory mode every node runs on copies of its inputs, so a tensor two nodes save counts
-for both.)
+for both.) In context, Cost.transient_memory is the bytes of the storages a node's outputs are
+new in (no view or in-place result of an input) that no node saves: a stage's forward keeps
+them until it returns. Save-memory mode leaves it unset (the memory estimate then takes every
+output of the node as such).
 """
 
 from __future__ import annotations
@@ -121,13 +124,17 @@ class NodeProfile:
     fwd_time: float = 0.0  # seconds
     bwd_time: float = 0.0
     peak_memory: int = 0  # bytes saved for backward
+    transient_memory: int | None = None  # bytes of new outputs nothing saves (None: not counted)
 
     def to_json(self) -> dict:
-        return {"fwd_time": self.fwd_time, "bwd_time": self.bwd_time, "peak_memory": self.peak_memory}
+        return {"fwd_time": self.fwd_time, "bwd_time": self.bwd_time, "peak_memory": self.peak_memory,
+                "transient_memory": self.transient_memory}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> NodeProfile:
-        return cls(float(data["fwd_time"]), float(data["bwd_time"]), int(data["peak_memory"]))
+        transient = data.get("transient_memory")  # absent from profiles cached before it was counted
+        return cls(float(data["fwd_time"]), float(data["bwd_time"]), int(data["peak_memory"]),
+                   None if transient is None else int(transient))  # fmt: skip
 
 
 @dataclass
@@ -282,9 +289,8 @@ def apply_profile(graph: Graph, measurement: Measurement) -> Graph:
     for node in graph.nodes:
         if node.is_compute:
             profile = nodes[node.name]
-            cost = replace(
-                node.cost, fwd_time=profile.fwd_time, bwd_time=profile.bwd_time, peak_memory=profile.peak_memory
-            )
+            cost = replace(node.cost, fwd_time=profile.fwd_time, bwd_time=profile.bwd_time,
+                           peak_memory=profile.peak_memory, transient_memory=profile.transient_memory)  # fmt: skip
             node = replace(node, cost=cost)
         updated.append(node)
     stage_cost = Cost(fwd_time=measurement.stage_call.fwd_time, bwd_time=measurement.stage_call.bwd_time)
@@ -327,6 +333,21 @@ class _SavedBytes:
         self.excluded = {t.untyped_storage().data_ptr() for t in state if t.device.type != "meta"}
         self.seen: set[int] = set()
         self.bytes: dict[str, int] = {}
+        self.made: dict[str, dict[int, int]] = {}  # node -> data_ptr -> bytes of its new outputs
+
+    def record_made(self, name: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Remember the storages a node's outputs are new in: none of its inputs shares them (no
+        view, no in-place result), no parameter or buffer."""
+        reused = {t.untyped_storage().data_ptr() for t in inputs} | self.excluded
+        self.made[name] = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in outputs if t.untyped_storage().data_ptr() not in reused
+        }  # fmt: skip
+
+    def transient(self) -> dict[str, int]:
+        """Bytes of the storages each node made that no node saved, after a whole forward (its
+        values all alive, so that no address was reused)."""
+        return {name: sum(n for key, n in made.items() if key not in self.seen) for name, made in self.made.items()}
 
     @contextlib.contextmanager
     def counting(self, name: str) -> Iterator[None]:
@@ -380,7 +401,7 @@ class _InContext(Interpreter):
                 torch.autograd.backward(outputs, grads)
             self.clock.sync()
             if run == 0:
-                saved_bytes = self.saved.bytes
+                saved_bytes, transient = self.saved.bytes, self.saved.transient()
             if run <= self.settings.warmup:
                 continue
             for name, (begin, finish) in self.stamps.items():
@@ -394,7 +415,8 @@ class _InContext(Interpreter):
             for name in self.stamps:
                 bwd.setdefault(name, []).append(spent.get(name, 0.0))
         nodes = {
-            name: NodeProfile(statistics.median(times), statistics.median(bwd[name]), saved_bytes.get(name, 0))
+            name: NodeProfile(statistics.median(times), statistics.median(bwd[name]), saved_bytes.get(name, 0),
+                              transient.get(name, 0))
             for name, times in fwd.items()
         }
         kinds = self._kind_costs(nodes, overhead)
@@ -469,6 +491,8 @@ class _InContext(Interpreter):
             start = self.clock.stamp()
             out = super().run_node(node, args, kwargs)
             end = self.clock.stamp()
+        if self.saved:
+            self.saved.record_made(node.name, tensors_in((args, kwargs)), tensors_in(out))
         self.stamps[node.name] = (start, end)
         mutated = args[node.mutates] if node.mutates is not None and node.mutates < len(args) else None
         self._own(node.name, (out, mutated))

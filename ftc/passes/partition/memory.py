@@ -13,11 +13,17 @@
                  large as the logits), times the micro-batches the schedule keeps in flight at
                  the stage: under 1F1B the stage at position k of S keeps S - k of them (at most
                  the micro-batch count), under GPipe all M, under async S - k (a segment of
-                 flush_every steps is one 1F1B pipeline); plus the backward's working set, once:
-                 the gradients a backward holds beside what forward saved, WORKING_COPIES times
-                 the stage's largest op output (one micro-batch's), and a weight gradient being
-                 accumulated into .grad (the new one is made beside it: the stage's largest
-                 trainable tensor);
+                 flush_every steps is one 1F1B pipeline); plus, once, the larger of the
+                 backward's working set (the gradients a backward holds beside what forward
+                 saved, WORKING_COPIES times the stage's largest op output, one micro-batch's)
+                 and the forward's transients (what its ops make that nothing saves: the stage's
+                 forward names every value, so they live until it returns); plus the gradients
+                 of the values it received that its backward sent back (held until the stage
+                 before receives them); plus a weight gradient being accumulated into .grad (the
+                 new one is made beside it: the stage's largest trainable tensor), and two
+                 partial gradients of every trainable tensor that several of its ops read
+                 (autograd holds the one from the later reader until the earlier one's meets
+                 it, and adds them before .grad);
     temporaries  of the optimizer step, which runs after the activations are freed (step_bytes);
                  under async each stage steps while micro-batches are in flight, so they add.
 
@@ -36,11 +42,14 @@ micro-batch in flight (its outputs, made without autograd, wait for the micro-ba
 on the loss stage, the model's outputs the loss holds, and what the loss saves), plus one
 micro-batch's activations while it runs that micro-batch's backward, and the working set.
 
-What an op saves for backward is estimated from the IR: the output of a compute op that
-requires grad and is not a view (views share their source's memory). A profile that measured the
-bytes a node saved (Cost.peak_memory) replaces the estimate; then the values a stage sends (and
-the model outputs the loss reads) count besides, since the runtime holds them until the
-micro-batch's backward whether autograd saved them or not (Footprint.outputs_saved).
+What an op saves for backward is what the profile counted autograd saving (Cost.peak_memory:
+each storage once, for the first op that saves it, parameters left out; both profiles count it).
+The values a stage sends (and the model outputs the loss reads) count besides, since the runtime
+holds them until the micro-batch's backward whether autograd saved them or not
+(Footprint.outputs_saved). The forward's transients are the profile's Cost.transient_memory. An
+IR without a profile is estimated from its metadata: every output of a compute op that requires
+grad and is not a view (views share their source's memory) taken as saved, so sent values and
+transients are among them.
 """
 
 from __future__ import annotations
@@ -189,9 +198,11 @@ class Footprint:
     loss_saved: float = 0.0
     outputs: list[tuple[int, float]] = field(default_factory=list)
     # Whether `saved` counts every op's output (the IR's estimate), so that the values a stage
-    # sends are among them; a measured profile counts what autograd saves, which may leave a
-    # stage's outputs out (a convolution's, a residual add's).
+    # sends are among them; a profile counts what autograd saves, which may leave a stage's
+    # outputs out (a convolution's, a residual add's).
     outputs_saved: bool = True
+    # bytes each op makes in forward that nothing saves, at the compile batch size (empty: none)
+    transient: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def loss_outputs(self, first: int) -> float:
         """Bytes of the model's outputs that a loss stage whose first op is `first` made."""
@@ -205,6 +216,28 @@ class Footprint:
             if use.trainable:
                 largest[use.readers] = np.maximum(largest[use.readers], use.nbytes)
         return largest
+
+    def partial_gradients(self, members: np.ndarray) -> int:
+        """Bytes of the partial gradients of the trainable tensors that several ops in the
+        boolean mask read: backward holds the gradient from the later reader until the
+        earlier reader's is made and the two are summed, before either reaches .grad (measured:
+        two_tower's projection head, called on both towers, held twice its weights in new
+        gradients beside .grad), so two copies of each."""
+        return sum(2 * use.nbytes for use in self.state if use.trainable and members[use.readers].sum() > 1)
+
+    def partial_gradient_table(self, n: int) -> np.ndarray:
+        """partial_gradients of every interval of ops i..j-1, as an (n+1, n+1) matrix: a tensor
+        counts in the intervals that hold two of its readers, taken by the first two inside."""
+        table = np.zeros((n + 2, n + 2))
+        for use in self.state:
+            if not use.trainable:
+                continue
+            readers = sorted(set(use.readers))
+            for k in range(len(readers) - 1):
+                previous = readers[k - 1] if k else -1
+                # intervals [i, j) with previous < i <= readers[k] and j > readers[k + 1]
+                add_rectangle(table, previous + 1, readers[k], readers[k + 1] + 1, n, 2 * use.nbytes)
+        return summed(table, n)
 
     def state_bytes(self, members: np.ndarray) -> tuple[int, int]:
         """(parameter and buffer bytes, trainable bytes) the ops in the boolean mask read."""
@@ -250,15 +283,17 @@ class Footprint:
     def memory(
         self, held: int, trainable: int, saved: int, received: int, in_flight: int, recompute: bool,
         share: float = 1.0, sent: int = 0, largest: float = 0.0, parameter: int = 0,
-        loss_saved: float = 0.0, outputs: float = 0.0, stash_copies: int = 0,
+        loss_saved: float = 0.0, outputs: float = 0.0, stash_copies: int = 0, transient: float = 0.0,
+        partials: int = 0,
     ) -> StageMemory:
         """`saved`, `received`, `sent` (the values the stage sends), `largest` (its largest op
-        output), `loss_saved` and `outputs` (the loss's, on the stage that computes it): bytes
-        at the compile batch size, of which a micro-batch holds `share`; `parameter`: its
-        largest trainable tensor; `stash_copies`: MemorySettings.stash_copies."""
+        output), `loss_saved` and `outputs` (the loss's, on the stage that computes it),
+        `transient` (what its ops make that nothing saves): bytes at the compile batch size, of
+        which a micro-batch holds `share`; `parameter`: its largest trainable tensor;
+        `stash_copies`: MemorySettings.stash_copies; `partials`: partial_gradients."""
         activations = math.ceil(
             activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
-                             self.outputs_saved) * share
+                             self.outputs_saved, transient) * share
         )  # fmt: skip
         copies = OPTIMIZER_STATES[self.settings.optimizer]
         step = int(step_bytes(self.settings, trainable, parameter))
@@ -266,7 +301,8 @@ class Footprint:
             # each stage steps right after its backward of a step's last micro-batch, while the
             # other micro-batches in flight keep their activations
             activations, step = activations + step, 0
-        return StageMemory(held, trainable, trainable * copies, activations + parameter, step, trainable * stash_copies)
+        return StageMemory(held, trainable, trainable * copies, activations + parameter + partials, step,
+                           trainable * stash_copies)  # fmt: skip
 
     def interval_tables(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(held, trainable, saved) for every interval of ops i..j-1, as (n+1, n+1) matrices:
@@ -279,9 +315,7 @@ class Footprint:
                 for table, weight in ((held, use.nbytes), (trainable, use.nbytes if use.trainable else 0)):
                     add_rectangle(table, previous + 1, reader, reader + 1, n, weight)
                 previous = reader
-        prefix = np.concatenate([[0.0], np.cumsum(self.saved)])
-        saved = prefix[None, :] - prefix[:, None]
-        return summed(held, n), summed(trainable, n), saved
+        return summed(held, n), summed(trainable, n), interval_sums(self.saved)
 
 
 def step_bytes(settings: MemorySettings, trainable, parameter):
@@ -298,17 +332,28 @@ def step_bytes(settings: MemorySettings, trainable, parameter):
 
 
 def activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved=0.0, outputs=0.0,
-                     outputs_saved=True):  # fmt: skip
+                     outputs_saved=True, transient=0.0):  # fmt: skip
     """The activations a stage holds at its peak, at the compile batch size (numbers or, for
     every interval at once, arrays). `loss_saved` and `outputs`: Footprint's, for the stage
-    that computes the loss (0 elsewhere). `outputs_saved`: Footprint's; where False (a measured
+    that computes the loss (0 elsewhere). `outputs_saved`: Footprint's; where False (a
     profile), the values the stage sends and the outputs the loss reads, which the runtime
-    holds until the micro-batch's backward whether or not autograd saved them, count too."""
-    working = WORKING_COPIES * largest
+    holds until the micro-batch's backward whether or not autograd saved them, count too.
+    Beside the micro-batches in flight, one micro-batch's backward working set or its
+    forward's `transient` values, whichever is larger (a forward's transients die when it
+    returns, before the device runs a backward), and the gradients of the values it received
+    that its last backward sent back: the sender holds them until the stage before receives
+    them, which under 1F1B is after this stage's next forward."""
+    extra = np.maximum(WORKING_COPIES * largest, transient) + received
     if recompute:
-        return (received + sent + outputs + loss_saved) * in_flight + saved + working
+        return (received + sent + outputs + loss_saved) * in_flight + saved + extra
     held = 0 if outputs_saved else sent + outputs
-    return (saved + received + loss_saved + held) * in_flight + working
+    return (saved + received + loss_saved + held) * in_flight + extra
+
+
+def interval_sums(values: np.ndarray) -> np.ndarray:
+    """S[i, j] = the sum of values[i..j-1], for every interval of ops."""
+    prefix = np.concatenate([[0.0], np.cumsum(values)])
+    return prefix[None, :] - prefix[:, None]
 
 
 def add_rectangle(diff: np.ndarray, i1: int, i2: int, j1: int, j2: int, weight: float) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from ftc.ir import FtcError
 from ftc.passes.recompute import recompute_rule
 
-from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes, step_bytes
+from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes, interval_sums, step_bytes
 from .problem import Partition, Problem
 
 # Stage costs within this relative margin of the bottleneck count as reaching it.
@@ -57,22 +57,25 @@ class StageTables:
     def _memory(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(memory without recomputation, with it) of every interval at `position`."""
         if not self._parts:
-            settings = self.problem.footprint.settings
-            held, trainable, saved = self.problem.footprint.interval_tables(self.problem.size)
+            settings, n = self.problem.footprint.settings, self.problem.size
+            held, trainable, saved = self.problem.footprint.interval_tables(n)
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
             prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
             tables = (self.problem.received_table(), prefix[None, :] - prefix[:, None])
+            # a new gradient of the largest weight, and partial ones of weights read twice
             parameter = self.problem.largest_parameter_table()
+            partials = self.problem.footprint.partial_gradient_table(n)
             step = step_bytes(settings, trainable, parameter)
-            n = self.problem.size
             footprint = self.problem.footprint
             # The loss's memory, for the intervals that hold the last op (the stage computing it).
             loss_saved, outputs = np.zeros_like(saved), np.zeros_like(saved)
             loss_saved[:, n] = footprint.loss_saved
             outputs[:, n] = [footprint.loss_outputs(i) for i in range(n + 1)]
             self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
-                                parameter, step, trainable, loss_saved, outputs))  # fmt: skip
-        static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs = self._parts[0]
+                                parameter, step, trainable, loss_saved, outputs,
+                                interval_sums(self.problem.transient), partials))  # fmt: skip
+        (static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs,
+         transient, partials) = self._parts[0]  # fmt: skip
         footprint = self.problem.footprint
         settings = footprint.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
@@ -80,8 +83,8 @@ class StageTables:
 
         def activations(recompute: bool) -> np.ndarray:
             held = activation_bytes(saved, received, sent, largest, in_flight, recompute, loss_saved, outputs,
-                                    footprint.outputs_saved)  # fmt: skip
-            return np.ceil(held * share) + parameter
+                                    footprint.outputs_saved, transient)  # fmt: skip
+            return np.ceil(held * share) + parameter + partials
 
         if settings.schedule == "async":  # each stage steps while other micro-batches are in flight
             return tuple(static + stash + activations(recompute) + step for recompute in (False, True))

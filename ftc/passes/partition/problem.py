@@ -233,9 +233,15 @@ class Problem:
             loss_saved = self.footprint.loss_saved
             outputs = self.footprint.loss_outputs(int(np.flatnonzero(members)[0]))
         stash = self.footprint.settings.stash_copies(position, stages)
+        transient = float(self.transient[members].sum())
         return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute,
                                      share, self.member_sent(members), largest, parameter, loss_saved, outputs,
-                                     stash)  # fmt: skip
+                                     stash, transient, self.footprint.partial_gradients(members))  # fmt: skip
+
+    @property
+    def transient(self) -> np.ndarray:
+        """Bytes each op makes in forward that nothing saves, per compile batch."""
+        return self.footprint.transient if self.footprint.transient.size else np.zeros(self.size)
 
     @property
     def largest(self) -> np.ndarray:
@@ -436,6 +442,7 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         [(position[ref.name], float(meta_nbytes(by_name[ref.name].meta)))
          for ref in {ref.name: ref for ref in graph.outputs.values}.values() if ref.name in position],
         all(by_name[name].cost.peak_memory is None for name in ops),
+        np.array([_transient_bytes(by_name[name]) for name in ops]),
     )
     units = [_unit(by_name[name], graph.modules) for name in ops]
     kind_positions: dict[str, list[int]] = {}
@@ -474,6 +481,17 @@ def _saved_bytes(node: Node) -> float:
     if is_view_op(node.target):
         return 0.0
     return float(gradient_bytes(node.meta))
+
+
+def _transient_bytes(node: Node) -> float:
+    """What a node makes in forward that nothing saves: 0 where the IR's estimate takes every
+    output as saved; a profile that counted saved bytes but not these (a save-memory
+    measurement, a profile cached before it counted them) is charged every output again."""
+    if node.cost.peak_memory is None:
+        return 0.0
+    if node.cost.transient_memory is not None:
+        return float(node.cost.transient_memory)
+    return 0.0 if is_view_op(node.target) else float(gradient_bytes(node.meta))
 
 
 def _state_uses(graph: Graph, position: dict[str, int]) -> list[StateUse]:
