@@ -440,7 +440,10 @@ class _InContext(Interpreter):
             if len(names) < 2:
                 continue
             warm_forward, warm_backward = names[1 : 1 + KIND_SAMPLES], names[-1 - KIND_SAMPLES : -1]
-            alone = {name: self._alone(name, overhead) for name in dict.fromkeys(warm_forward + warm_backward)}
+            try:
+                alone = {name: self._alone(name, overhead) for name in dict.fromkeys(warm_forward + warm_backward)}
+            except Exception:  # an op that cannot run on copies of its inputs: the kind's cost stays in its ops
+                continue
             cost = NodeProfile(
                 statistics.median(max(alone[n].fwd_time - nodes[n].fwd_time, 0.0) for n in warm_forward),
                 statistics.median(max(alone[n].bwd_time - nodes[n].bwd_time, 0.0) for n in warm_backward),
