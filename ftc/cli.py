@@ -195,14 +195,14 @@ def check_batch_sizes(manifest: dict) -> list[int]:
 
 def _print_check(report) -> None:
     rows = [
-        [s.index, s.file, f"{s.outputs:.2e}", f"{s.input_grads:.2e}", f"{s.gradients:.2e}", f"{s.buffers:.2e}",
+        [s.index, s.file, f"{s.outputs:.2e}", f"{s.input_grads:.2e}", f"{s.gradients:.2e}", f"{s.state:.2e}",
          "ok" if report.stage_ok(s) else "FAIL"]
         if s.compared else [s.index, s.file, "-", "-", "-", "-", "-"]
         for s in report.stages
     ]  # fmt: skip
     print(f"{report.folder}: each stage alone on the reference values, batch size {report.batch_size}, "
           f"relative tolerance {report.tolerance:g}")  # fmt: skip
-    print(table(["stage", "file", "sent values", "returned grads", "param grads", "buffers", "result"], rows))
+    print(table(["stage", "file", "sent values", "returned grads", "param grads", "params & buffers", "result"], rows))
     for s in report.stages:
         for problem in s.problems:
             print(f"  stage {s.index}: {problem}")
@@ -210,7 +210,8 @@ def _print_check(report) -> None:
         print(f"  {problem}")
     for note in report.notes:
         print(f"  note: {note}")
-    print(f"end to end: model outputs {report.model_outputs:.2e}, parameter gradients {report.model_gradients:.2e}")
+    print(f"end to end: model outputs {report.model_outputs:.2e}, parameter gradients {report.model_gradients:.2e}, "
+          f"parameters and buffers {report.model_state:.2e}")
     eval_line = f"eval mode: model outputs {report.eval_outputs:.2e}"
     if math.isnan(report.eval_outputs):
         eval_line = "eval mode: not compared (see the note above)"
