@@ -184,6 +184,18 @@ def prepare(root: Path, resume: bool) -> Path | None:
     return latest(root) if resume else None
 
 
+def left_to_resume(directory: str | None) -> str:
+    """What a stopped run leaves to resume from, said once none of its ranks writes any more. A
+    step sealed (its manifest written) but not yet moved into place when the run stopped is put
+    there first, as the next run's `prepare` would, so the step named is the one a resume takes."""
+    if not directory:
+        return "no checkpoint.dir was set, so there is no checkpoint to resume from"
+    last = prepare(Path(directory), resume=True) if Path(directory).is_dir() else None
+    if last is None:
+        return f"no checkpoint was complete in {directory} yet"
+    return f"the latest complete checkpoint is {last}: resume with --set checkpoint.resume=true"
+
+
 def manifest(folder: Path) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
 

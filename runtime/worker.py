@@ -44,6 +44,17 @@ from .relay import WarningRelay, send_stderr
 from .train import Results, Status, check_fault_rank, check_trainable, resolve_loss, train, training_device
 
 
+class Stopped(Exception):
+    """Training stopped by a signal (Ctrl-C: SIGINT), which every rank stopped on. Not an error:
+    the command line names the checkpoint to resume from and exits with 128 + the signal."""
+
+    def __init__(self, signum: int, details: str = ""):
+        name = signal.Signals(signum).name
+        self.signum = signum
+        self.message = ("interrupted" if signum == signal.SIGINT else f"stopped by {name}") + details
+        super().__init__(self.message)
+
+
 def backend(config: Config, local_ranks: int = 1) -> str:
     """The process group's backend for `local_ranks` ranks on this machine: NCCL on CUDA when
     each rank has a GPU of its own; ranks that share GPUs (training_device deals them out
@@ -74,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     status = Status(rank)
+    # Ctrl-C reaches every process of the terminal's group, the ranks too: a rank stops on it at
+    # once, as on the SIGTERM torchrun passes on, not with a KeyboardInterrupt's traceback from
+    # wherever it was. Its files are written whole or not at all (checkpoint._atomic).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if status.path is not None:
         send_stderr(status.path.parent, rank)
     try:
@@ -176,10 +191,10 @@ def launch(config: Config) -> Results | None:
     if stopped_by is not None:
         steps = sorted({state["step"] for state in states if state and state["step"] >= 0})
         where = f" at step {steps[-1]}" if steps else " before training"
-        kept = (f"the complete checkpoints in {config.checkpoint.dir} are intact: resume with "
-                "--set checkpoint.resume=true") if config.checkpoint.dir else "no checkpoint.dir was set"  # fmt: skip
-        raise FtcError(f"training stopped by {stopped_by}{where}: the launcher passed it on to torchrun, which "
-                       f"stopped the ranks (torchrun exited with {code})", kept)  # fmt: skip
+        # What the ranks left is their status and stderr, which say only that they were stopped.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise Stopped(stopped_by, f"{where} (the launcher passed {stopped_by.name} on to torchrun, which stopped "
+                                  "every rank)")  # fmt: skip
     if code != 0:
         nodes = _flag(config.torchrun, "nnodes")
         report = _failure_report(states, code, log.read_text(), several_machines=nodes not in (None, "1", "1:1"))
@@ -202,16 +217,15 @@ def launch(config: Config) -> Results | None:
     return results
 
 
-def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, str | None]:
-    """Run torchrun to its end; (its exit code, the name of the signal that stopped the launcher,
-    or None). A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on
+def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, signal.Signals | None]:
+    """Run torchrun to its end; (its exit code, the signal that stopped the launcher, or None). A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on
     which it stops its workers; and torchrun gets SIGTERM when the launcher dies (even by
     SIGKILL), so no rank trains on unwatched."""
     process = subprocess.Popen(command, env=env, stderr=log_file, preexec_fn=_terminate_with_parent())
-    stopped_by: list[str] = []
+    stopped_by: list[signal.Signals] = []
 
     def forward(signum: int, _frame: Any) -> None:
-        stopped_by.append(signal.Signals(signum).name)
+        stopped_by.append(signal.Signals(signum))
         process.send_signal(signal.SIGTERM)
 
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
