@@ -4,8 +4,9 @@ per-rank entry point it starts.
     python -m torch.distributed.run --standalone --nproc-per-node N \\
         -m ftc.runtime.worker CONFIG.json [--set key=value ...]
 
-One process per pipeline device. Each rank writes its stderr to FTC_STATUS_DIR/rank-<r>.stderr,
-whose warnings the launcher prints once each (relay.py). A rank that fails prints one line
+One process per pipeline device. Each rank writes its stderr to FTC_STATUS_DIR/rank-<r>.stderr
+(and every rank but 0 its stdout to rank-<r>.stdout), which the launcher prints as it comes: each
+warning once, every other line marked with its rank (relay.py). A rank that fails prints one line
 naming itself and the step, records it in FTC_STATUS_DIR/rank-<r>.json and exits non-zero;
 torchrun then stops the other ranks (those waiting on the failed one also time out on their own
 after timeout_s), and the launcher reports every rank's last state. For several machines, set
@@ -40,7 +41,7 @@ from .comm import PeerFailure
 from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
-from .relay import WarningRelay, send_stderr
+from .relay import OutputRelay, send_output
 from .train import Results, Status, check_fault_rank, check_trainable, resolve_loss, train, training_device
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # wherever it was. Its files are written whole or not at all (checkpoint._atomic).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if status.path is not None:
-        send_stderr(status.path.parent, rank)
+        send_output(status.path.parent, rank)
     try:
         config = rank_config(args)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # this machine's ranks
@@ -182,7 +183,7 @@ def launch(config: Config) -> Results | None:
     env.setdefault("OMP_NUM_THREADS", "1")
     log = run_dir / "torchrun.log"
     print(f"launching {nprocs} process{'es' if nprocs != 1 else ''}: torchrun {' '.join(launcher)}", flush=True)
-    with open(log, "w") as log_file, WarningRelay(run_dir, nprocs):
+    with open(log, "w") as log_file, OutputRelay(run_dir, nprocs):
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
         code, stopped_by = _run_torchrun(command, env, log_file)
