@@ -295,3 +295,28 @@ def test_a_run_stopped_while_writing_a_checkpoint_leaves_one_whole_step_to_merge
     assert all(torch.equal(merged[key], value) for key, value in (new if expected == 2 else old).items())
     # Nothing half-written is left beside the complete steps.
     assert sorted(p.name for p in root.iterdir()) == [f"step-{s:08d}" for s in range(1, expected + 1)]
+
+
+def test_a_run_stopped_while_removing_an_older_step_leaves_no_step_folder_lacking_files(tmp_path, monkeypatch):
+    """`keep` (and a new run's removal of an earlier run's steps) deletes step folders after the
+    new step is in place; stopped halfway through a folder's files, it left a step folder that
+    lacked some, which resume and merge-checkpoint then warned about as damaged by hand."""
+    root = tmp_path / "checkpoints"
+    module = torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        checkpoint.save_shard(root, step, 0, [module], {"step": step})
+        if step == 1:
+            checkpoint.write_manifest(root, step, 1, "run", {})
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def stopped_halfway(folder, *args, **kwargs):
+        next(Path(folder).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_manifest(root, 2, 1, "run", {}, keep=1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert checkpoint.damaged_steps(root) == {} and checkpoint.complete_steps(root) == [checkpoint.step_folder(root, 2)]
+    assert checkpoint.left_to_resume(str(root)).startswith(f"the latest complete checkpoint is {checkpoint.step_folder(root, 2)}:")
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]
