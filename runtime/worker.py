@@ -219,9 +219,10 @@ def launch(config: Config) -> Results | None:
 
 
 def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, signal.Signals | None]:
-    """Run torchrun to its end; (its exit code, the signal that stopped the launcher, or None). A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on
-    which it stops its workers; and torchrun gets SIGTERM when the launcher dies (even by
-    SIGKILL), so no rank trains on unwatched."""
+    """Run torchrun to its end; (its exit code, the signal that stopped the launcher, or None).
+    A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on which it
+    stops its workers; and torchrun gets SIGTERM when the launcher dies (even by SIGKILL), so no
+    rank trains on unwatched."""
     process = subprocess.Popen(command, env=env, stderr=log_file, preexec_fn=_terminate_with_parent())
     stopped_by: list[signal.Signals] = []
 

@@ -174,7 +174,8 @@ def test_every_line_the_ranks_write_reaches_the_launcher_marked_with_its_rank(tm
     assert out.count("stage0 prints") == calls and out.count("rank 1: stage1 prints") == calls, done.stdout
     # Rank 0's log lines stay whole among the others.
     steps = [line for line in out if line.startswith("step")]
-    assert len(steps) == 3 and all(re.fullmatch(r"step [123]/3  loss \S+  lr \S+  [-\d.]+ samples/s", s) for s in steps), out
+    whole = r"step [123]/3  loss \S+  lr \S+  [-\d.]+ samples/s"
+    assert len(steps) == 3 and all(re.fullmatch(whole, step) for step in steps), out
     for index in (0, 1):
         assert err.count(f"rank {index}: stage{index} to stderr") == calls, done.stderr
         assert err.count(f"rank {index}: stage{index} logs") == calls, done.stderr

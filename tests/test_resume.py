@@ -288,7 +288,8 @@ def test_a_run_stopped_while_writing_a_checkpoint_leaves_one_whole_step_to_merge
     step, merged = checkpoint.merge(root)
     assert step == 1 and all(torch.equal(merged[key], value) for key, value in old.items())
     expected = 2 if stopped == "after rank 0 sealed the step" else 1
-    assert checkpoint.left_to_resume(str(root)) == (f"the latest complete checkpoint is {checkpoint.step_folder(root, expected)}: "
+    named = checkpoint.step_folder(root, expected)
+    assert checkpoint.left_to_resume(str(root)) == (f"the latest complete checkpoint is {named}: "
                                                     "resume with --set checkpoint.resume=true")  # fmt: skip
     step, merged = checkpoint.merge(root)
     assert step == expected
@@ -318,5 +319,6 @@ def test_a_run_stopped_while_removing_an_older_step_leaves_no_step_folder_lackin
         checkpoint.write_manifest(root, 2, 1, "run", {}, keep=1)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
     assert checkpoint.damaged_steps(root) == {} and checkpoint.complete_steps(root) == [checkpoint.step_folder(root, 2)]
-    assert checkpoint.left_to_resume(str(root)).startswith(f"the latest complete checkpoint is {checkpoint.step_folder(root, 2)}:")
+    named = checkpoint.step_folder(root, 2)
+    assert checkpoint.left_to_resume(str(root)).startswith(f"the latest complete checkpoint is {named}:")
     assert [p.name for p in root.iterdir()] == ["step-00000002"]
