@@ -8,10 +8,15 @@ Four copies of the model start from the same seed and weights:
    crosses a stage boundary kept, and the random-number state at the start of every stage;
 3. each stage runs alone on the reference values it should receive, from the random state the
    reference had there, and backward from the reference gradients of the values it sends: its
-   sent values, the gradients it returns, its parameters' gradients and its buffers are compared
-   with the reference, so a wrong stage is pinned down even though later stages depend on it;
-4. the whole pipeline runs end to end in the local executor: the model's outputs and every
-   parameter gradient are compared with the original's;
+   sent values, the gradients it returns and its parameters' gradients are compared with the
+   reference, and its state (every parameter and buffer it holds, after its forward and after
+   its backward) with the original model's, so a wrong stage is pinned down even though later
+   stages depend on it;
+4. the whole pipeline runs end to end in the local executor: the model's outputs, every
+   parameter gradient, and every parameter and buffer after the forward and after the backward
+   are compared with the original's (a lost in-place write to model state, a BatchNorm's
+   running statistics or an EMA teacher's weights, leaves this forward's outputs unchanged: only
+   the state shows it);
 5. the model and the stages run forward once more in eval mode (set by the model's own eval(), an
    override of train() included, on the modules the stages adopt), from the weights and buffers
    they started with, and their outputs are compared: a stage that keeps what the training-mode
@@ -102,13 +107,13 @@ class StageReport:
     outputs: float = 0.0  # values it sends
     input_grads: float = 0.0  # gradients it returns for the values it receives
     gradients: float = 0.0  # its parameters' gradients
-    buffers: float = 0.0
+    state: float = 0.0  # its parameters' and buffers' values after its forward and its backward
     problems: list[str] = field(default_factory=list)
     compared: bool = True  # False where hand-moved boundaries leave no reference values for it
 
     @property
     def worst(self) -> float:
-        return max(self.outputs, self.input_grads, self.gradients, self.buffers)
+        return max(self.outputs, self.input_grads, self.gradients, self.state)
 
 
 @dataclass
@@ -120,6 +125,7 @@ class CheckReport:
     model_outputs: float  # end to end, against the original model
     model_gradients: float
     problems: list[str]
+    model_state: float = 0.0  # end to end: parameters and buffers after the forward and the backward
     eval_outputs: float = 0.0  # end to end in eval mode
     eval_expected: bool = True  # whether eval mode must match (no branch on self.training)
     notes: list[str] = field(default_factory=list)  # what was not compared, and why
@@ -133,6 +139,7 @@ class CheckReport:
             not self.problems
             and self.model_outputs <= self.tolerance
             and self.model_gradients <= self.tolerance
+            and self.model_state <= self.tolerance
             and (self.eval_outputs <= self.tolerance or not self.eval_expected)
             and all(self.stage_ok(s) for s in self.stages)
         )
@@ -262,7 +269,11 @@ def check_pipeline(
     except Exception as exc:
         raise ModelFails(f"the model itself fails at batch size {batch_size} ({type(exc).__name__}: {exc})",
                          "check at a batch size the model runs at (--batch-size)") from exc  # fmt: skip
+    # Copied: the backward may change state too (a hook), and the stages' state after their
+    # forward is compared with this.
+    state_after_forward = {name: tensor.detach().clone() for name, tensor in _named_state(original)}
     _loss(expected, seed).backward()
+    state_after_backward = dict(_named_state(original))
 
     torch.manual_seed(seed + 2)
     reference = _Reference(graph, interpreted, pipeline)
@@ -281,7 +292,8 @@ def check_pipeline(
         notes.append(f"stages {moved} read other values than ir.json's split gives them (ops moved between stages "
                      "by hand?): each stage alone is not compared, the whole pipeline end to end is")  # fmt: skip
     else:
-        stages = _check_stages_alone(pipeline, isolated, reference, original, floor, batch_size)
+        stages = _check_stages_alone(pipeline, isolated, reference, original, floor, batch_size,
+                                     (state_after_forward, state_after_backward), tolerance)  # fmt: skip
 
     executor = LocalExecutor(pipeline, end_to_end)
     set_mode(end_to_end, executor.stages, True)
@@ -289,11 +301,20 @@ def check_pipeline(
     torch.manual_seed(seed + 2)
     try:
         actual = executor.forward(copy.deepcopy(batch))
+        stages_by_index = {spec.index: stage for spec, stage in zip(pipeline.stages, executor.stages)}
+        model_state, after_forward = _state_differences(stages_by_index, state_after_forward, tolerance)
         executor.backward(_loss(actual, seed))
+        worst, after_backward = _state_differences(stages_by_index, state_after_backward, tolerance)
     except Exception as exc:  # a hand-edited stage: what failed is the check's finding
         problems.append(f"the stages run end to end raised {type(exc).__name__}: {exc}")
         return CheckReport(Path(folder), batch_size, tolerance, stages, math.inf, math.inf, problems, notes=notes)
     model_outputs = relative_difference(_flat(actual), _flat(expected))
+    model_state = max(model_state, worst)
+    # A stage whose state differed alone has its line already; end to end names the others (all
+    # of them where boundaries moved by hand left the stages alone uncompared).
+    prefixes = {spec.index: f"end to end, stage {spec.index} ({spec.file}): "
+                for spec, alone in zip(pipeline.stages, stages) if alone.state <= tolerance}  # fmt: skip
+    problems += _state_problems(prefixes, after_forward, after_backward)
     grads = dict(original.named_parameters())
     unexpected = sorted(name for name, p in end_to_end.named_parameters() if p.grad is not None and grads[name].grad is None)
     if unexpected:
@@ -313,7 +334,59 @@ def check_pipeline(
         problems.append(f"the stages run end to end in eval mode raised {type(exc).__name__}: {exc}")
         eval_outputs = math.inf
     return CheckReport(Path(folder), batch_size, tolerance, stages, model_outputs, model_gradients, problems,
-                       eval_outputs, eval_expected=eval_expected, notes=notes)  # fmt: skip
+                       model_state, eval_outputs, eval_expected=eval_expected, notes=notes)  # fmt: skip
+
+
+def _named_state(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of `module` by qualified name, a tied one under each of its names."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def _state_differences(
+    stages: dict[int, torch.nn.Module], expected: dict[str, torch.Tensor], tolerance: float
+) -> tuple[float, dict[int, dict[str, str]]]:
+    """How far the stages' (by index) parameters and buffers are from the model's (`expected`, by
+    key): the largest relative difference, and per stage index, each key beyond `tolerance` with
+    how it differs. A key several stages hold (a tied weight) is compared in each."""
+    worst = 0.0
+    differing: dict[int, dict[str, str]] = {}
+    for index, stage in stages.items():
+        for name, tensor in _named_state(stage):
+            if name not in expected:  # a hand-added tensor: _state_dict_problems names it
+                continue
+            difference = relative_difference(tensor, expected[name])
+            worst = max(worst, difference)
+            if difference > tolerance:
+                differing.setdefault(index, {})[name] = _how_it_differs(name, tensor, expected[name], difference)
+    return worst, differing
+
+
+def _how_it_differs(name: str, actual: torch.Tensor, expected: torch.Tensor, difference: float) -> str:
+    if actual.shape != expected.shape:
+        return f"{name} (shape {list(actual.shape)}, the model's {list(expected.shape)})"
+    if expected.numel() == 1:  # a counter: its two values say more than a ratio
+        return f"{name} ({actual.item():g}, the model's {expected.item():g})"
+    return f"{name} (relative difference {difference:.2e})"
+
+
+def _state_problems(
+    prefixes: dict[int, str], after_forward: dict[int, dict[str, str]], after_backward: dict[int, dict[str, str]]
+) -> list[str]:
+    """A line for each stage (by index, its line begun with its prefix) whose parameters or buffers
+    differ from the model's, naming the keys at the first point they differ (a key wrong after
+    the forward stays wrong after the backward)."""
+    problems = []
+    for index, where in prefixes.items():
+        forward = after_forward.get(index, {})
+        backward = {key: text for key, text in after_backward.get(index, {}).items() if key not in forward}
+        for when, differing in (("forward", forward), ("backward", backward)):
+            if differing:
+                texts = list(differing.values())
+                listed = ", ".join(texts[:4]) + (f" and {len(texts) - 4} more" if len(texts) > 4 else "")
+                problems.append(f"{where}after the {when}, the stage's state differs from the model's at {listed}: "
+                                "an in-place write to a parameter or buffer (running statistics, a counter, an EMA "
+                                "update) was lost, repeated or changed")  # fmt: skip
+    return problems
 
 
 def _moved_boundaries(graph: Graph, pipeline: Pipeline) -> list[int]:
@@ -395,14 +468,16 @@ def _require_same_structure(graph: Graph, model: torch.nn.Module, model_path: Pa
 
 def _check_stages_alone(
     pipeline: Pipeline, model: torch.nn.Module, reference: _Reference, original: torch.nn.Module, floor: float,
-    batch_size: int,
+    batch_size: int, state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], tolerance: float,
 ) -> list[StageReport]:  # fmt: skip
     """Each stage on the reference's values; parameter gradients compared with `floor`
-    (gradient_floor of the original model)."""
+    (gradient_floor of the original model); its parameters and buffers with the model's `state`
+    after the forward and after the backward."""
     executor = LocalExecutor(pipeline, model)
     set_mode(model, executor.stages, True)
     values = reference.env
     reports = []
+    after_forward: dict[int, dict[str, str]] = {}
     for spec, stage in zip(pipeline.stages, executor.stages):
         report = StageReport(spec.index, spec.file)
         reports.append(report)
@@ -417,6 +492,8 @@ def _check_stages_alone(
         if not isinstance(result, tuple) or len(result) != len(spec.outputs):
             report.problems.append(f"forward must return a tuple of {len(spec.outputs)} values {spec.outputs}")
             continue
+        report.state, differing = _state_differences({spec.index: stage}, state[0], tolerance)
+        after_forward.update(differing)
         sent = dict(zip(spec.outputs, result))
         report.outputs = max((relative_difference(_as_shaped(sent[n], values[n]), values[n]) for n in spec.outputs),
                              default=0.0)  # fmt: skip
@@ -439,10 +516,12 @@ def _check_stages_alone(
 
     # Parameters shared by stages (tied weights) have summed their gradients by now.
     params = dict(original.named_parameters(remove_duplicate=False))
-    buffers = dict(original.named_buffers(remove_duplicate=False))
     for report, stage in zip(reports, executor.stages):
         if report.problems:  # its backward did not run: its missing gradients would only repeat that
             continue
+        worst, after_backward = _state_differences({report.index: stage}, state[1], tolerance)
+        report.state = max(report.state, worst)
+        report.problems += _state_problems({report.index: ""}, after_forward, after_backward)
         for name, param in stage.named_parameters(remove_duplicate=False):
             expected = params[name].grad if name in params else None
             if expected is None and param.grad is None:
@@ -451,9 +530,6 @@ def _check_stages_alone(
                 report.problems.append(f"gradient of {name} is {'missing' if param.grad is None else 'unexpected'}")
                 continue
             report.gradients = max(report.gradients, relative_difference(param.grad, expected, floor))
-        for name, buffer in stage.named_buffers(remove_duplicate=False):
-            if name in buffers:
-                report.buffers = max(report.buffers, relative_difference(buffer, buffers[name]))
     return reports
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -195,14 +196,14 @@ def check_batch_sizes(manifest: dict) -> list[int]:
 
 def _print_check(report) -> None:
     rows = [
-        [s.index, s.file, f"{s.outputs:.2e}", f"{s.input_grads:.2e}", f"{s.gradients:.2e}", f"{s.buffers:.2e}",
+        [s.index, s.file, f"{s.outputs:.2e}", f"{s.input_grads:.2e}", f"{s.gradients:.2e}", f"{s.state:.2e}",
          "ok" if report.stage_ok(s) else "FAIL"]
         if s.compared else [s.index, s.file, "-", "-", "-", "-", "-"]
         for s in report.stages
     ]  # fmt: skip
     print(f"{report.folder}: each stage alone on the reference values, batch size {report.batch_size}, "
           f"relative tolerance {report.tolerance:g}")  # fmt: skip
-    print(table(["stage", "file", "sent values", "returned grads", "param grads", "buffers", "result"], rows))
+    print(table(["stage", "file", "sent values", "returned grads", "param grads", "params & buffers", "result"], rows))
     for s in report.stages:
         for problem in s.problems:
             print(f"  stage {s.index}: {problem}")
@@ -210,7 +211,8 @@ def _print_check(report) -> None:
         print(f"  {problem}")
     for note in report.notes:
         print(f"  note: {note}")
-    print(f"end to end: model outputs {report.model_outputs:.2e}, parameter gradients {report.model_gradients:.2e}")
+    print(f"end to end: model outputs {report.model_outputs:.2e}, parameter gradients {report.model_gradients:.2e}, "
+          f"parameters and buffers {report.model_state:.2e}")
     eval_line = f"eval mode: model outputs {report.eval_outputs:.2e}"
     if math.isnan(report.eval_outputs):
         eval_line = "eval mode: not compared (see the note above)"
@@ -227,33 +229,24 @@ def _print_check(report) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from ftc.runtime.config import load_config
     from ftc.runtime.train import summary, train
-    from ftc.runtime.worker import launch
+    from ftc.runtime.checkpoint import left_to_resume
+    from ftc.runtime.worker import Stopped, launch
 
     config = load_config(args.config, args.set)
-    if config.mode == "dist":
-        results = launch(config)  # which passes Ctrl-C on to the ranks and reports it itself
-    else:
-        try:
-            results = train(config)
-        except KeyboardInterrupt:
-            print(f"ftc train: interrupted; {_checkpoint_left(config)}", file=sys.stderr)
-            return 130
+    try:
+        if config.mode == "dist":
+            results = launch(config)  # which passes a signal on to the ranks and raises Stopped
+        else:
+            try:
+                results = train(config)
+            except KeyboardInterrupt:
+                raise Stopped(signal.SIGINT) from None
+    except Stopped as stopped:
+        print(f"ftc train: {stopped.message}; {left_to_resume(config.checkpoint.dir)}", file=sys.stderr)
+        # The shell's convention for a process a signal stopped: 128 + the signal (Ctrl-C: 130).
+        return 128 + stopped.signum
     print(summary(results) if results is not None else "this machine's ranks finished; rank 0's machine writes the results")
     return 0
-
-
-def _checkpoint_left(config) -> str:
-    """What an interrupted run leaves to resume from (a step folder is written whole or not at all)."""
-    from pathlib import Path
-
-    from ftc.runtime.checkpoint import latest
-
-    if not config.checkpoint.dir:
-        return "no checkpoint.dir was set, so there is no checkpoint to resume from"
-    last = latest(Path(config.checkpoint.dir))
-    if last is None:
-        return f"no checkpoint was complete in {config.checkpoint.dir} yet"
-    return f"the latest complete checkpoint is {last}: resume with --set checkpoint.resume=true"
 
 
 def run_merge_checkpoint(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ Ranks write their shards into a hidden staging folder (DIR/.step-00000100.partia
 writes the manifest there once every shard is complete and then renames the folder into place,
 so a step-* folder is always complete and a run that dies mid-write leaves the previous
 checkpoint intact. A new run (not resuming) leaves an earlier run's checkpoints alone until its
-own first checkpoint is complete, then removes them: a run that fails early loses nothing.
+own first checkpoint is complete, then removes them: a run that fails early loses nothing. A
+step folder is removed whole (moved aside first), so a run stopped meanwhile leaves none that
+lacks files.
 Weights load by key, from whichever shard holds them; a parameter tied across ranks (the same
 key in two shards) is stored by both and merged into one copy.
 """
@@ -33,6 +35,7 @@ FORMAT = "ftc-checkpoint/1"
 MANIFEST = "manifest.json"
 STEP_FOLDER = re.compile(r"step-(\d{8})")
 STAGING = re.compile(r"\.step-(\d{8})\.(partial|old)")
+REMOVED = re.compile(r"\.step-\d{8}\.removed")
 
 
 def step_folder(root: Path, step: int) -> Path:
@@ -118,10 +121,19 @@ def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict
         os.replace(folder, final)
     for other in complete_steps(root):
         if run_of(other) != run:
-            shutil.rmtree(other)
+            _remove(other)
     if keep is not None:
         for older in complete_steps(root)[:-keep]:
-            shutil.rmtree(older)
+            _remove(older)
+
+
+def _remove(folder: Path) -> None:
+    """Remove a step folder at once: a run stopped while deleting its files would otherwise leave
+    a step folder that lacks some, which looks damaged by hand. Moved aside first, it is gone
+    from the step folders whole; `prepare` deletes what a stop left of it."""
+    removed = folder.with_name(f".{folder.name}.removed")
+    os.replace(folder, removed)
+    shutil.rmtree(removed)
 
 
 def run_of(folder: Path) -> str:
@@ -169,6 +181,8 @@ def prepare(root: Path, resume: bool) -> Path | None:
     latest complete step folder. Complete checkpoints stay until this run completes its first."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    for removed in [p for p in root.iterdir() if REMOVED.fullmatch(p.name)]:
+        shutil.rmtree(removed)
     # A run stopped inside write_manifest's swap of a step folder it was replacing (an earlier
     # run's of the same step) leaves no step folder but a complete staging one (with its
     # manifest) and the replaced one (".old"): the complete one is put in place, the newer
@@ -182,6 +196,18 @@ def prepare(root: Path, resume: bool) -> Path | None:
         else:
             shutil.rmtree(folder)
     return latest(root) if resume else None
+
+
+def left_to_resume(directory: str | None) -> str:
+    """What a stopped run leaves to resume from, said once none of its ranks writes any more. A
+    step sealed (its manifest written) but not yet moved into place when the run stopped is put
+    there first, as the next run's `prepare` would, so the step named is the one a resume takes."""
+    if not directory:
+        return "no checkpoint.dir was set, so there is no checkpoint to resume from"
+    last = prepare(Path(directory), resume=True) if Path(directory).is_dir() else None
+    if last is None:
+        return f"no checkpoint was complete in {directory} yet"
+    return f"the latest complete checkpoint is {last}: resume with --set checkpoint.resume=true"
 
 
 def manifest(folder: Path) -> dict:

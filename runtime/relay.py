@@ -1,14 +1,23 @@
-"""Mode dist: the ranks' warnings reach the launcher's terminal, once each.
+"""Mode dist: what the ranks write reaches the launcher's terminal.
 
-Each rank writes its stderr to its own file in the launcher's run folder (torchrun's log keeps
-only torchrun's own output); the launcher reads the files as they grow and prints every warning
-once, however many ranks give it. A warning is marked with the ranks that gave it, unless every
-rank did, or it is ftc's own line from rank 0, which speaks for the whole run.
+Each rank writes its stderr to its own file in the launcher's run folder, and every rank but 0
+its stdout too (rank 0's stdout, with the progress line and the log, goes to the terminal as
+it is); torchrun's log keeps only torchrun's own output. The launcher reads the files as they
+grow and prints:
 
-A warning is a line `ftc train: warning: ...` (or `note:`), or `FILE:LINE: SomeWarning: ...` (a
-`warnings.warn` of user code or torch), with the indented lines after it. The rest of a rank's
-stderr (torch's C++ log lines, the traceback of a failure) stays in its file, which the launcher
-keeps when the run fails.
+- every warning once, however many ranks give it, marked with the ranks that gave it unless
+  every rank did, or it is ftc's own line from rank 0, which speaks for the whole run. A warning
+  is a line `ftc train: warning: ...` (or `note:`), or `FILE:LINE: SomeWarning: ...` (a
+  `warnings.warn` of user code or torch), with the indented lines after it;
+- every other line (a `print`, a `logging` record, a traceback), each marked `rank R: `, to the
+  stream the rank wrote it to: a model's or hand-edited stage's output reaches the user with the
+  rank that wrote it, line by line, never interleaved within a line.
+
+Left in the files (which the launcher keeps when the run fails) are torch's C++ log lines
+(`[W1205 18:00:00.000 socket.cpp:755] ...`, noise about connections) and a failing rank's own
+`ftc train: rank R ...: error:` line, which the launcher's failure report repeats. On a terminal,
+a line printed clears the line under the cursor first: rank 0's progress line, which its next
+step draws again.
 """
 
 from __future__ import annotations
@@ -20,24 +29,39 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 WARNING = re.compile(r"ftc train: (?:warning|note): |\S.*:\d+: \w*Warning: ")
 FTC_LINE = "ftc train: "
+# A failing rank's own line (worker.main), which the launcher's failure report repeats.
+FAILURE = re.compile(r"ftc train: rank \d+(?: at step \d+)?: error: ")
+# glog's prefix, which torch's C++ log lines carry: severity, date, time.
+TORCH_LOG = re.compile(r"\[?[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
+RANK_FILE = re.compile(r"rank-(\d+)\.(stderr|stdout)")
+CLEAR_LINE = "\r\x1b[K"
 
 
 def stderr_path(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank}.stderr"
 
 
-def send_stderr(folder: Path, rank: int) -> None:
-    """In a rank: write this process's stderr, Python's and the C++ libraries', to its file in
-    `folder`, with warnings and ftc's log records in the form the launcher reads."""
+def stdout_path(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank}.stdout"
+
+
+def send_output(folder: Path, rank: int) -> None:
+    """In a rank: write this process's stderr (Python's and the C++ libraries'), and its stdout
+    unless it is rank 0's, to its files in `folder`, with warnings and ftc's log records in the
+    form the launcher reads."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    file = os.open(stderr_path(folder, rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(file, 2)
-    os.close(file)
+    redirected = [(stderr_path(folder, rank), 2)] + ([(stdout_path(folder, rank), 1)] if rank != 0 else [])
+    for path, descriptor in redirected:
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(file, descriptor)
+        os.close(file)
     warnings.formatwarning = _format_warning
     handler = logging.StreamHandler()
     handler.setFormatter(_FtcFormat())
@@ -55,31 +79,46 @@ class _FtcFormat(logging.Formatter):
         return f"{FTC_LINE}{record.levelname.lower()}: " + super().format(record).replace("\n", "\n  ")
 
 
-class WarningRelay:
-    """While open, print the warnings of the ranks' stderr files in `folder` to `out` as they
-    come; a warning waits one poll for the other ranks that give it too, so that it is printed
-    once with all of them. `processes`: the ranks this machine runs, all of which give a warning
-    that needs no mark (their files may appear one by one). Closing reads the files to their end."""
+@dataclass
+class _RankFile:
+    """A rank's stderr or stdout file, read as it grows."""
 
-    def __init__(self, folder: Path, processes: int, out: TextIO | None = None, poll_s: float = 0.5):
-        self.folder = folder
-        self.processes = processes
-        self.out = out
-        self.poll_s = poll_s
-        self.unread: dict[int, bytes] = {}  # per rank: what was read but not yet taken as whole warnings
-        self.offsets: dict[int, int] = {}
-        self.waiting: dict[str, tuple[float, set[int]]] = {}  # warning -> (first seen, ranks that gave it)
-        self.printed: set[str] = set()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ftc-warning-relay", daemon=True)
+    path: Path
+    rank: int
+    stream: str  # "stderr" or "stdout"
+    offset: int = 0
+    unread: bytes = b""  # read but not yet taken as whole entries
 
-    def __enter__(self) -> WarningRelay:
+
+@dataclass
+class OutputRelay:
+    """While open, print what the ranks write into their files in `folder` as it comes (see the
+    module's docstring). A warning waits one poll for the other ranks that give it too, so that
+    it is printed once with all of them. `processes`: the ranks this machine runs, all of which
+    give a warning that needs no mark (their files may appear one by one). `out`, `err`: where
+    the ranks' stdout and stderr lines go (the launcher's own). Closing reads the files to their
+    end."""
+
+    folder: Path
+    processes: int
+    out: TextIO | None = None
+    err: TextIO | None = None
+    poll_s: float = 0.5
+    files: dict[str, _RankFile] = field(default_factory=dict)
+    waiting: dict[str, tuple[float, set[int]]] = field(default_factory=dict)  # warning -> (first seen, its ranks)
+    printed: set[str] = field(default_factory=set)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def __enter__(self) -> OutputRelay:
+        self.thread = threading.Thread(target=self._run, name="ftc-output-relay", daemon=True)
         self.thread.start()
         return self
 
     def __exit__(self, *_exc) -> None:
         self.stopped.set()
-        self.thread.join()
+        if self.thread is not None:
+            self.thread.join()
         self.poll(final=True)
 
     def _run(self) -> None:
@@ -88,43 +127,63 @@ class WarningRelay:
 
     def poll(self, final: bool) -> None:
         now = time.monotonic()
-        files = self.folder.glob("rank-*.stderr")
-        ranks = {int(path.name.removeprefix("rank-").removesuffix(".stderr")) for path in files}
-        for rank in sorted(ranks):
-            for text in self._read(rank, final):
-                if text not in self.printed:
-                    self.waiting.setdefault(text, (now, set()))[1].add(rank)
+        for path in sorted(self.folder.iterdir(), key=lambda p: p.name):
+            match = RANK_FILE.fullmatch(path.name)
+            if match and path.name not in self.files:
+                self.files[path.name] = _RankFile(path, int(match[1]), match[2])
+        ranks = {file.rank for file in self.files.values() if file.stream == "stderr"}
+        for file in sorted(self.files.values(), key=lambda f: (f.rank, f.stream)):
+            for text in self._read(file, final):
+                if file.stream == "stderr" and WARNING.match(text):
+                    if text not in self.printed:
+                        self.waiting.setdefault(text, (now, set()))[1].add(file.rank)
+                elif not (file.stream == "stderr" and (FAILURE.match(text) or TORCH_LOG.match(text))):
+                    marked = "\n".join(f"rank {file.rank}: {line}" for line in text.split("\n"))
+                    self._print(marked, self._stdout if file.stream == "stdout" else self._stderr)
         for text, (seen, by) in list(self.waiting.items()):
             if final or now - seen >= self.poll_s:
                 everyone = len(by) >= max(self.processes, len(ranks))
-                print(text if everyone else _marked(text, by), file=self.out or sys.stderr, flush=True)
+                self._print(text if everyone else _marked(text, by), self._stderr)
                 self.printed.add(text)
                 del self.waiting[text]
 
-    def _read(self, rank: int, final: bool) -> list[str]:
-        """The whole warnings rank `rank` wrote since the last read. The last one may still be
-        getting its indented lines: it stays unread until a line follows it, the file stops
-        growing, or the run is over."""
-        with open(stderr_path(self.folder, rank), "rb") as file:
-            file.seek(self.offsets.get(rank, 0))
-            new = file.read()
-        self.offsets[rank] = self.offsets.get(rank, 0) + len(new)
-        data = self.unread.get(rank, b"") + new
-        lines = data.split(b"\n")
+    @property
+    def _stdout(self) -> TextIO:
+        return self.out or sys.stdout
+
+    @property
+    def _stderr(self) -> TextIO:
+        return self.err or sys.stderr
+
+    @staticmethod
+    def _print(text: str, stream: TextIO) -> None:
+        clear = CLEAR_LINE if stream.isatty() else ""
+        print(clear + text, file=stream, flush=True)
+
+    def _read(self, file: _RankFile, final: bool) -> list[str]:
+        """The whole entries (a line and the indented lines after it) `file` got since the last
+        read. The last one may still be getting its indented lines: it stays unread until a line
+        follows it, the file stops growing, or the run is over."""
+        with open(file.path, "rb") as handle:
+            handle.seek(file.offset)
+            new = handle.read()
+        file.offset += len(new)
+        lines = (file.unread + new).split(b"\n")
         partial, lines = lines[-1], [line.decode("utf-8", errors="replace") + "\n" for line in lines[:-1]]
-        spans = []  # [first, end) lines of each warning
+        if final and partial:  # a last line without its newline: the rank will write no more
+            lines, partial = [*lines, partial.decode("utf-8", errors="replace") + "\n"], b""
+        spans = []  # [first, end) lines of each entry
         k = 0
         while k < len(lines):
             end = k + 1
-            if WARNING.match(lines[k]):
-                while end < len(lines) and lines[end][:1] in (" ", "\t"):
-                    end += 1
-                spans.append((k, end))
+            while end < len(lines) and lines[end][:1] in (" ", "\t"):
+                end += 1
+            spans.append((k, end))
             k = end
         kept = len(lines)
-        if spans and spans[-1][1] == len(lines) and new and not final:
+        if spans and new and not final:
             kept = spans.pop()[0]
-        self.unread[rank] = "".join(lines[kept:]).encode("utf-8") + partial
+        file.unread = "".join(lines[kept:]).encode("utf-8") + partial
         return ["".join(lines[first:end]).rstrip("\n") for first, end in spans]
 
 

@@ -4,8 +4,9 @@ per-rank entry point it starts.
     python -m torch.distributed.run --standalone --nproc-per-node N \\
         -m ftc.runtime.worker CONFIG.json [--set key=value ...]
 
-One process per pipeline device. Each rank writes its stderr to FTC_STATUS_DIR/rank-<r>.stderr,
-whose warnings the launcher prints once each (relay.py). A rank that fails prints one line
+One process per pipeline device. Each rank writes its stderr to FTC_STATUS_DIR/rank-<r>.stderr
+(and every rank but 0 its stdout to rank-<r>.stdout), which the launcher prints as it comes: each
+warning once, every other line marked with its rank (relay.py). A rank that fails prints one line
 naming itself and the step, records it in FTC_STATUS_DIR/rank-<r>.json and exits non-zero;
 torchrun then stops the other ranks (those waiting on the failed one also time out on their own
 after timeout_s), and the launcher reports every rank's last state. For several machines, set
@@ -40,8 +41,19 @@ from .comm import PeerFailure
 from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
-from .relay import WarningRelay, send_stderr
+from .relay import OutputRelay, send_output
 from .train import Results, Status, check_fault_rank, check_trainable, resolve_loss, train, training_device
+
+
+class Stopped(Exception):
+    """Training stopped by a signal (Ctrl-C: SIGINT), which every rank stopped on. Not an error:
+    the command line names the checkpoint to resume from and exits with 128 + the signal."""
+
+    def __init__(self, signum: int, details: str = ""):
+        name = signal.Signals(signum).name
+        self.signum = signum
+        self.message = ("interrupted" if signum == signal.SIGINT else f"stopped by {name}") + details
+        super().__init__(self.message)
 
 
 def backend(config: Config, local_ranks: int = 1) -> str:
@@ -74,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     status = Status(rank)
+    # Ctrl-C reaches every process of the terminal's group, the ranks too: a rank stops on it at
+    # once, as on the SIGTERM torchrun passes on, not with a KeyboardInterrupt's traceback from
+    # wherever it was. Its files are written whole or not at all (checkpoint._atomic).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if status.path is not None:
-        send_stderr(status.path.parent, rank)
+        send_output(status.path.parent, rank)
     try:
         config = rank_config(args)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # this machine's ranks
@@ -167,7 +183,7 @@ def launch(config: Config) -> Results | None:
     env.setdefault("OMP_NUM_THREADS", "1")
     log = run_dir / "torchrun.log"
     print(f"launching {nprocs} process{'es' if nprocs != 1 else ''}: torchrun {' '.join(launcher)}", flush=True)
-    with open(log, "w") as log_file, WarningRelay(run_dir, nprocs):
+    with open(log, "w") as log_file, OutputRelay(run_dir, nprocs):
         # torchrun's own report of a failure is long; its log keeps it, the summary below says
         # which rank failed and why.
         code, stopped_by = _run_torchrun(command, env, log_file)
@@ -176,10 +192,10 @@ def launch(config: Config) -> Results | None:
     if stopped_by is not None:
         steps = sorted({state["step"] for state in states if state and state["step"] >= 0})
         where = f" at step {steps[-1]}" if steps else " before training"
-        kept = (f"the complete checkpoints in {config.checkpoint.dir} are intact: resume with "
-                "--set checkpoint.resume=true") if config.checkpoint.dir else "no checkpoint.dir was set"  # fmt: skip
-        raise FtcError(f"training stopped by {stopped_by}{where}: the launcher passed it on to torchrun, which "
-                       f"stopped the ranks (torchrun exited with {code})", kept)  # fmt: skip
+        # What the ranks left is their status and stderr, which say only that they were stopped.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise Stopped(stopped_by, f"{where} (the launcher passed {stopped_by.name} on to torchrun, which stopped "
+                                  "every rank)")  # fmt: skip
     if code != 0:
         nodes = _flag(config.torchrun, "nnodes")
         report = _failure_report(states, code, log.read_text(), several_machines=nodes not in (None, "1", "1:1"))
@@ -203,16 +219,16 @@ def launch(config: Config) -> Results | None:
     return results
 
 
-def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, str | None]:
-    """Run torchrun to its end; (its exit code, the name of the signal that stopped the launcher,
-    or None). A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on
-    which it stops its workers; and torchrun gets SIGTERM when the launcher dies (even by
-    SIGKILL), so no rank trains on unwatched."""
+def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, signal.Signals | None]:
+    """Run torchrun to its end; (its exit code, the signal that stopped the launcher, or None).
+    A SIGINT, SIGTERM or SIGHUP to the launcher is passed on to torchrun as SIGTERM, on which it
+    stops its workers; and torchrun gets SIGTERM when the launcher dies (even by SIGKILL), so no
+    rank trains on unwatched."""
     process = subprocess.Popen(command, env=env, stderr=log_file, preexec_fn=_terminate_with_parent())
-    stopped_by: list[str] = []
+    stopped_by: list[signal.Signals] = []
 
     def forward(signum: int, _frame: Any) -> None:
-        stopped_by.append(signal.Signals(signum).name)
+        stopped_by.append(signal.Signals(signum))
         process.send_signal(signal.SIGTERM)
 
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

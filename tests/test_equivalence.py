@@ -41,10 +41,10 @@ PARAMS = [pytest.param(path, stages, id=f"{path.stem}-P{stages}") for path, coun
 
 def assert_check_passes(folder, batch_size):
     report = check_pipeline(folder, batch_size=batch_size)
-    details = [(s.file, s.outputs, s.input_grads, s.gradients, s.buffers, s.problems) for s in report.stages]
+    details = [(s.file, s.outputs, s.input_grads, s.gradients, s.state, s.problems) for s in report.stages]
     assert report.ok, (
         f"{report.problems}; end to end: outputs {report.model_outputs:.2e}, "
-        f"gradients {report.model_gradients:.2e}; per stage {details}"
+        f"gradients {report.model_gradients:.2e}, state {report.model_state:.2e}; per stage {details}"
     )
 
 
@@ -125,6 +125,49 @@ def test_buffer_updated_in_forward_stays_with_its_readers(compile_to):
     manifest = json.loads((folder / "pipeline.json").read_text())
     holders = [stage["index"] for stage in manifest["stages"] if "ema" in stage["state"]]
     assert len(holders) == 1, holders
+
+
+def _edit_stage(folder, old, new):
+    """Hand-edit the stage file that holds `old` (its last occurrence); return its stage index."""
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    for stage in manifest["stages"]:
+        path = folder / stage["file"]
+        source = path.read_text()
+        if old in source:
+            head, _, tail = source.rpartition(old)
+            path.write_text(head + new + tail)
+            return stage["index"]
+    raise AssertionError(f"no stage holds {old!r}")
+
+
+@pytest.mark.parametrize(
+    "model,old,new,named",
+    [
+        # A counter bumped in forward that nothing reads: the outputs cannot show its loss.
+        ("buffers.py", "self.steps.add_(1)\n", "\n", "steps (0, the model's 1)"),
+        # An EMA teacher's weight updated under no_grad; the update's result is still used, only
+        # the parameter is no longer written.
+        ("ema_teacher.py", ".mul_(0.9)", " * 0.9", "relative difference"),
+    ],
+)
+def test_check_fails_a_stage_that_drops_a_write_to_model_state(compile_to, model, old, new, named):
+    """A hand-edited stage that no longer writes a buffer or parameter forward updates in place
+    computes this forward's outputs and gradients exactly; check compares the state itself and
+    names the key and the stage."""
+    folder = compile_to(MODELS / model, 2)
+    assert_check_passes(folder, batch_size=4)
+    index = _edit_stage(folder, old, new)
+    report = check_pipeline(folder, batch_size=4)
+    assert not report.ok
+    assert report.model_outputs == 0.0 and report.model_gradients == 0.0
+    assert report.model_state > report.tolerance  # end to end sees it too
+    stage = report.stages[index]
+    assert not report.stage_ok(stage) and stage.state > report.tolerance
+    (problem,) = stage.problems
+    assert problem.startswith("after the forward, the stage's state differs from the model's at ") and named in problem
+    key = problem.removeprefix("after the forward, the stage's state differs from the model's at ").split(" (")[0]
+    assert key in json.loads((folder / "pipeline.json").read_text())["stages"][index]["state"]
+    assert all(report.stage_ok(other) for other in report.stages if other.index != index)
 
 
 def test_check_judges_gradients_against_the_models_gradient_scale():

@@ -83,7 +83,7 @@ def write(graph, model_file, out_dir, method, stages, bandwidth=1.0):
 
 def assert_check_passes(folder):
     report = check_pipeline(folder, batch_size=4)
-    details = [(s.file, s.outputs, s.input_grads, s.gradients, s.buffers, s.problems) for s in report.stages]
+    details = [(s.file, s.outputs, s.input_grads, s.gradients, s.state, s.problems) for s in report.stages]
     assert (
         report.ok
     ), f"{report.problems}; end to end {report.model_outputs:.2e} {report.model_gradients:.2e}; {details}"

@@ -1,10 +1,12 @@
-"""Mode dist: the ranks' warnings reach the launcher's stderr once each (runtime/relay.py).
+"""Mode dist: the ranks' warnings reach the launcher's stderr once each, and every other line
+they write, marked with its rank (runtime/relay.py).
 
 The relay is checked on rank files written by hand (what is a warning, what is noise, which
-ranks are named), and end to end: `ftc train` in mode dist on a model file that warns in
-build_model (every rank), in loss_fn (the last rank only), with a memory plan the config departs
-from (rank 0's ftc warning); and a model file without warnings, whose run prints nothing on
-stderr (torchrun's own output stays in its log, deleted on success).
+ranks are named, a terminal's progress line), and end to end: `ftc train` in mode dist on a
+model file that warns in build_model (every rank), in loss_fn (the last rank only), with a
+memory plan the config departs from (rank 0's ftc warning); on hand-edited stages that print,
+print to stderr and log; and a model file without warnings, whose run prints nothing on stderr
+(torchrun's own output stays in its log, deleted on success).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ftc.compiler import CompileOptions, compile_model
-from ftc.runtime.relay import WarningRelay, stderr_path
+from ftc.runtime.relay import OutputRelay, stderr_path, stdout_path
 
 RANK0 = """[W1205 18:00:00.000000000 socket.cpp:755] [c10d] The client socket has failed to connect.
 ftc train: warning: the run departs from its memory plan
@@ -36,11 +39,13 @@ ftc train: warning: model.py: building the whole model on the CPU to keep stages
 
 
 def test_each_warning_is_printed_once_naming_the_ranks_when_not_all_gave_it(tmp_path):
+    """Other lines are printed marked with their rank (a traceback too), but torch's C++ log."""
     stderr_path(tmp_path, 0).write_text(RANK0)
     stderr_path(tmp_path, 1).write_text(RANK1)
     out = io.StringIO()
-    WarningRelay(tmp_path, 2, out).poll(final=True)
+    OutputRelay(tmp_path, 2, err=out).poll(final=True)
     assert out.getvalue().splitlines() == [
+        "rank 0: Traceback (most recent call last):", 'rank 0:   File "x.py", line 1',
         "ftc train: warning: the run departs from its memory plan", "  fix: recompile",
         "/m.py:9: UserWarning: built by hand", "  second line",
         "ftc train: rank 1: /m.py:22: FutureWarning: only here",
@@ -51,7 +56,7 @@ def test_each_warning_is_printed_once_naming_the_ranks_when_not_all_gave_it(tmp_
 def test_a_warning_is_marked_when_a_rank_has_not_said_it_or_has_not_started(tmp_path):
     stderr_path(tmp_path, 0).write_text("/m.py:9: UserWarning: early\n")
     out = io.StringIO()
-    WarningRelay(tmp_path, 2, out).poll(final=True)
+    OutputRelay(tmp_path, 2, err=out).poll(final=True)
     assert out.getvalue() == "ftc train: rank 0: /m.py:9: UserWarning: early\n"
 
 
@@ -59,14 +64,14 @@ def test_a_warning_waits_for_its_indented_lines_and_is_printed_once(tmp_path):
     path = stderr_path(tmp_path, 0)
     path.write_text("ftc train: warning: first line\n")
     out = io.StringIO()
-    relay = WarningRelay(tmp_path, 1, out, poll_s=0)
+    relay = OutputRelay(tmp_path, 1, err=out, poll_s=0)
     relay.poll(final=False)  # the file grew: the warning may still be getting its lines
     assert out.getvalue() == ""
     with open(path, "a") as file:
         file.write("  its second line\nftc train: warning: first line\n  its second line\nnoise\n")
     relay.poll(final=False)
     relay.poll(final=True)
-    assert out.getvalue() == "ftc train: warning: first line\n  its second line\n"
+    assert out.getvalue() == "ftc train: warning: first line\n  its second line\nrank 0: noise\n"
 
 
 WARNING_MODEL = """
@@ -130,3 +135,48 @@ def test_the_ranks_warnings_reach_the_launcher_once_and_a_clean_run_prints_nothi
     done = ftc_train(tmp_path, "clean", clean)
     assert done.returncode == 0, done.stderr
     assert "final loss" in done.stdout and done.stderr == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_relayed_line_clears_the_progress_line_first(tmp_path):
+    """Rank 0's progress line (written with \\r, no newline) stays under the cursor on a terminal:
+    a line printed after it would run on from its end."""
+    stdout_path(tmp_path, 1).write_text("from rank 1\n")
+    out = _Terminal()
+    OutputRelay(tmp_path, 2, out=out, err=io.StringIO()).poll(final=True)
+    assert out.getvalue() == "\r\x1b[Krank 1: from rank 1\n"
+
+
+def test_every_line_the_ranks_write_reaches_the_launcher_marked_with_its_rank(tmp_path):
+    """A hand-edited stage's print (stdout), print to stderr and logging record: rank 0's prints
+    pass through as in mode local, between its whole log lines; every other line comes marked
+    with its rank, on the stream it was written to. Before, the stderr lines were lost with the
+    rank's file when the run succeeded."""
+    (tmp_path / "chatty.py").write_text(WARNING_MODEL.replace("{BUILD}", "pass").replace("{LOSS}", "pass"))
+    folder = compile_model(tmp_path / "chatty.py", tmp_path / "generated", CompileOptions(stages=2)).folder
+    for index in (0, 1):
+        path = folder / f"stage{index}.py"
+        source = path.read_text().replace("import torch\n", "import logging\nimport sys\n\nimport torch\n", 1)
+        head, forward, body = source.partition("    def forward(self, ")
+        signature, _, rest = body.partition("\n")
+        said = (f'        print("stage{index} prints")\n        print("stage{index} to stderr", file=sys.stderr)\n'
+                f'        logging.getLogger("user").warning("stage{index} logs")\n')  # fmt: skip
+        path.write_text(head + forward + signature + "\n" + said + rest)
+
+    done = ftc_train(tmp_path, "chatty", folder, log_every=1)
+    assert done.returncode == 0, done.stderr
+    calls = 3 * 2  # steps x micro-batches
+    out, err = done.stdout.splitlines(), done.stderr.splitlines()
+    assert out.count("stage0 prints") == calls and out.count("rank 1: stage1 prints") == calls, done.stdout
+    # Rank 0's log lines stay whole among the others.
+    steps = [line for line in out if line.startswith("step")]
+    whole = r"step [123]/3  loss \S+  lr \S+  [-\d.]+ samples/s"
+    assert len(steps) == 3 and all(re.fullmatch(whole, step) for step in steps), out
+    for index in (0, 1):
+        assert err.count(f"rank {index}: stage{index} to stderr") == calls, done.stderr
+        assert err.count(f"rank {index}: stage{index} logs") == calls, done.stderr
+    assert len(err) == 4 * calls, done.stderr  # nothing else: no torch noise, no ftc line

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,84 @@ def test_shards_missing_after_every_rank_wrote_one_point_to_a_folder_not_shared(
         checkpoint.write_manifest(tmp_path, 5, 2, "run", {})
     assert "ranks [1] wrote no shard into" in error.value.message
     assert f"checkpoint.dir ({tmp_path.resolve()}) must be one folder every machine shares" in error.value.hint
+
+
+@pytest.mark.parametrize("stopped", ["while rank 1 writes its shard", "before rank 0 seals the step",
+                                     "after rank 0 sealed the step"])  # fmt: skip
+def test_a_run_stopped_while_writing_a_checkpoint_leaves_one_whole_step_to_merge_and_resume(tmp_path, monkeypatch,
+                                                                                             stopped):  # fmt: skip
+    """Ctrl-C stops each rank wherever it is (in dist, at once, without cleaning up). The previous
+    step stays the latest complete one, merge-checkpoint reads its shards alone, never with the
+    new step's, and the step a stopped run names to resume from is whole: the new one only
+    where rank 0 had sealed it (its manifest written) before the stop."""
+    root = tmp_path / "checkpoints"
+    ranks = [torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2)}), torch.nn.ModuleDict({"b": torch.nn.Linear(2, 2)})]
+
+    def weights(step):
+        for module in ranks:
+            for param in module.parameters():
+                param.data.fill_(step)
+        return {key: value.clone() for module in ranks for key, value in module.state_dict().items()}
+
+    def shard(step, rank):
+        checkpoint.save_shard(root, step, rank, [ranks[rank]], {"step": step})
+
+    old = weights(1)
+    shard(1, 0), shard(1, 1)
+    checkpoint.write_manifest(root, 1, 2, "run", {})
+    new = weights(2)
+    shard(2, 0)
+    if stopped == "while rank 1 writes its shard":  # its temporary file, which a killed rank leaves
+        (checkpoint.staging_folder(root, 2) / ".rank-1.safetensors.x1y2z3").write_bytes(b"half a shard")
+    else:
+        shard(2, 1)
+    if stopped == "after rank 0 sealed the step":
+        real_replace = checkpoint.os.replace
+
+        def stopped_before_the_move(source, target):
+            if checkpoint.STAGING.fullmatch(Path(source).name):
+                raise KeyboardInterrupt
+            real_replace(source, target)
+
+        monkeypatch.setattr(checkpoint.os, "replace", stopped_before_the_move)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.write_manifest(root, 2, 2, "run", {})
+        monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+
+    step, merged = checkpoint.merge(root)
+    assert step == 1 and all(torch.equal(merged[key], value) for key, value in old.items())
+    expected = 2 if stopped == "after rank 0 sealed the step" else 1
+    named = checkpoint.step_folder(root, expected)
+    assert checkpoint.left_to_resume(str(root)) == (f"the latest complete checkpoint is {named}: "
+                                                    "resume with --set checkpoint.resume=true")  # fmt: skip
+    step, merged = checkpoint.merge(root)
+    assert step == expected
+    assert all(torch.equal(merged[key], value) for key, value in (new if expected == 2 else old).items())
+    # Nothing half-written is left beside the complete steps.
+    assert sorted(p.name for p in root.iterdir()) == [f"step-{s:08d}" for s in range(1, expected + 1)]
+
+
+def test_a_run_stopped_while_removing_an_older_step_leaves_no_step_folder_lacking_files(tmp_path, monkeypatch):
+    """`keep` (and a new run's removal of an earlier run's steps) deletes step folders after the
+    new step is in place; stopped halfway through a folder's files, it left a step folder that
+    lacked some, which resume and merge-checkpoint then warned about as damaged by hand."""
+    root = tmp_path / "checkpoints"
+    module = torch.nn.Linear(2, 2)
+    for step in (1, 2):
+        checkpoint.save_shard(root, step, 0, [module], {"step": step})
+        if step == 1:
+            checkpoint.write_manifest(root, step, 1, "run", {})
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def stopped_halfway(folder, *args, **kwargs):
+        next(Path(folder).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_manifest(root, 2, 1, "run", {}, keep=1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert checkpoint.damaged_steps(root) == {} and checkpoint.complete_steps(root) == [checkpoint.step_folder(root, 2)]
+    named = checkpoint.step_folder(root, 2)
+    assert checkpoint.left_to_resume(str(root)).startswith(f"the latest complete checkpoint is {named}:")
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -364,28 +365,72 @@ def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
         assert f"rank {rank}: failed at step 2: the loss is nan at step 2" in failed.stderr, failed.stderr
 
 
-def test_stopping_the_launcher_stops_every_rank_and_says_so(tiny):
-    """SIGTERM to `ftc train` (as a job scheduler sends) reaches torchrun, which stops the ranks;
-    the launcher names the signal and the step, and no process trains on unwatched."""
-    root, _, folders = tiny
-    cfg = config(root, folders[2], "stopped", mode="dist", steps=10**6, log_every=1)
+def start_dist_run(cfg, steps_logged: int = 1) -> subprocess.Popen:
+    """`ftc train` on `cfg` in a process group of its own (as a terminal's job), returned once
+    `steps_logged` steps are logged."""
     path = Path(cfg.results).parent / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg.to_json()))
     command = [sys.executable, "-m", "ftc.cli", "train", str(path)]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    for line in launcher.stdout:  # training has begun once a step is logged
-        if line.startswith("step"):
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
+    for line in launcher.stdout:
+        steps_logged -= line.startswith("step")
+        if not steps_logged:
             break
-    launcher.send_signal(signal.SIGTERM)
-    out, err = launcher.communicate(timeout=120)
-    assert launcher.returncode == 2, err
-    assert "training stopped by SIGTERM at step" in err and "the launcher passed it on to torchrun" in err, err
-    assert "resume with --set checkpoint.resume=true" in err
+    return launcher
+
+
+def assert_no_process_left(cfg) -> None:
     # torchrun and its workers carry the results path on their command lines
     running = subprocess.run(["pgrep", "-f", f"results={cfg.results}"], capture_output=True, text=True).stdout.split()
     assert running == [], f"processes of the stopped run still running: {running}"
+
+
+def test_stopping_the_launcher_stops_every_rank_and_says_so(tiny):
+    """SIGTERM to `ftc train` (as a job scheduler sends) reaches torchrun, which stops the ranks;
+    the launcher names the signal and the step, exits with 128 + 15, and no process trains on
+    unwatched."""
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "stopped", mode="dist", steps=10**6, log_every=1)
+    launcher = start_dist_run(cfg)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert err.startswith("ftc train: stopped by SIGTERM at step "), err
+    assert "(the launcher passed SIGTERM on to torchrun, which stopped every rank)" in err, err
+    assert "no checkpoint was complete in" in err
+    assert_no_process_left(cfg)
+
+
+def test_ctrl_c_while_checkpoints_are_written_exits_130_naming_a_complete_checkpoint(tiny):
+    """Ctrl-C (SIGINT to the whole process group: launcher, torchrun and every rank) in mode dist
+    exits with 130, as in mode local, and names the checkpoint to resume from. With a checkpoint
+    every step, the ranks are often writing one when it comes: whatever step they were at, the
+    step named is complete, no half-written one is left, merge-checkpoint takes that step, and a
+    run resumes from it. The ranks stop quietly (no KeyboardInterrupt traceback)."""
+    root, _, folders = tiny
+    folder = root / "ctrl-c" / "checkpoints"
+    cfg = config(root, folders[2], "ctrl-c", mode="dist", steps=10**6, log_every=1,
+                 checkpoint={"dir": str(folder), "every": 1, "keep": 2})  # fmt: skip
+    launcher = start_dist_run(cfg, steps_logged=3)  # after step 2's checkpoint, which comes before step 3
+    os.killpg(launcher.pid, signal.SIGINT)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err
+    named = re.fullmatch(r"ftc train: interrupted at step (\d+) \(the launcher passed SIGINT on to torchrun, which "
+                         r"stopped every rank\); the latest complete checkpoint is (\S+): resume with --set "
+                         r"checkpoint.resume=true\n", err)  # fmt: skip
+    assert named, err
+    step = checkpoint.manifest(Path(named[2]))["step"]
+    assert Path(named[2]) == checkpoint.step_folder(folder, step) and step <= int(named[1])
+    assert checkpoint.complete_steps(folder)[-1] == Path(named[2]) and checkpoint.damaged_steps(folder) == {}
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # nothing half-written is left
+    assert cli_main(["merge-checkpoint", str(folder), "-o", str(root / "ctrl-c" / "merged.pt")]) == 0
+    assert torch.load(root / "ctrl-c" / "merged.pt", weights_only=True).keys() == checkpoint.merge(folder)[1].keys()
+    assert_no_process_left(cfg)
+    resumed = train(config(root, folders[2], "ctrl-c", mode="local", steps=step + 1,
+                           checkpoint={"dir": str(folder), "resume": True}))  # fmt: skip
+    assert resumed.first_step == step and len(resumed.loss) == 1
 
 
 TORCHRUN_ABORT_LOG = """terminate called without an active exception
