@@ -47,3 +47,37 @@ def test_tuple_targets_name_only_the_items_of_the_statements_value(tmp_path, fro
     assert re.search(r"\ba = q\[", code) and re.search(r"\bb = k\[", code), code  # a tuple of expressions
     if frontend == "fx":  # export reads the sizes from its symbolic shapes instead
         assert re.search(r"B = shape\w*\[0\]", code) and re.search(r"D = shape\w*\[1\]", code), code
+
+
+ATTRIBUTES = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.fft.irfft(torch.fft.rfft(x @ self.weight.T, dim=1), n=x.shape[1], dim=1)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_attribute_reads_and_their_items_are_named_after_the_attribute(tmp_path):
+    """fx names `x.shape` 'getattr_2' and its item 'getattr_2_1', which stage code printed as
+    `getattr_2_1 = shape[1]` (and as a stage's output, `getattr_3 = self.weight.T`)."""
+    path = tmp_path / "attributes.py"
+    path.write_text(ATTRIBUTES)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend="fx"))
+    code = (compiled.folder / "stage0.py").read_text()
+    assert "getattr" not in code, code
+    assert "T = self.weight.T" in code and "shape_1 = shape[1]" in code and "n=shape_1" in code, code
