@@ -81,3 +81,44 @@ def test_attribute_reads_and_their_items_are_named_after_the_attribute(tmp_path)
     code = (compiled.folder / "stage0.py").read_text()
     assert "getattr" not in code, code
     assert "T = self.weight.T" in code and "shape_1 = shape[1]" in code and "n=shape_1" in code, code
+
+
+RUNNING_MEAN = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * h.mean(0))
+            self.count += 1
+        return self.out(h - self.mean)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_in_place_op_is_named_after_the_tensor_it_writes(tmp_path):
+    """export named the running mean's update `add__7` (in stage code, and in pipeline.json where
+    it crossed stages); it is the buffer `mean`."""
+    path = tmp_path / "running_mean.py"
+    path.write_text(RUNNING_MEAN)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1))
+    code = (compiled.folder / "stage0.py").read_text()
+    assert "mean = self.mean.mul_(0.9)" in code and re.search(r"mean_\d+ = mean\.add_\(", code), code
+    assert re.search(r"out\(\w+\)", code) and "__" not in code.replace("__init__", ""), code
