@@ -102,7 +102,7 @@ class Interpreter:
             except Exception:
                 if self.device != "meta":
                     raise
-                return run_on_cpu(module, args, kwargs)
+                return run_on_cpu(module, args, kwargs, f"{node.target} ({type(module).__name__})")
         if node.op == "call_method":
             receiver, *rest = args
             return getattr(receiver, node.target)(*rest, **kwargs)
@@ -146,13 +146,15 @@ def copy_module(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
     """Run a meta-device module for real, on the CPU, with random weights and inputs of the
     right shapes; return its outputs as meta tensors.
 
     For modules whose Python reads tensor values (`if x.sum() > 0:`), which LEAF_MODULES may
     hold: the meta device knows shapes only. One module is materialized at a time, so this
-    works for models of any size whose single leaf modules fit in memory."""
+    works for models of any size whose single leaf modules fit in memory. Integer inputs are
+    all 0 (a valid index into any dimension) and, where the module refuses that, all 1 (sequence
+    lengths and counts must be positive: pack_padded_sequence refuses a length of 0)."""
     real = copy_module(module).to_empty(device="cpu")
     with torch.no_grad():
         for param in real.parameters():
@@ -160,16 +162,34 @@ def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         for buffer in real.buffers():
             buffer.fill_(1 if buffer.is_floating_point() else 0)
 
-    def materialize(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor) or value.device.type != "meta":
-            return value
-        if value.is_floating_point():
-            return torch.randn(value.shape, dtype=value.dtype).requires_grad_(value.requires_grad)
-        return torch.zeros(value.shape, dtype=value.dtype)
+    def stand_in(integer: int) -> Any:
+        def materialize(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor) or value.device.type != "meta":
+                return value
+            if value.is_floating_point():
+                return torch.randn(value.shape, dtype=value.dtype).requires_grad_(value.requires_grad)
+            return torch.full(value.shape, integer, dtype=value.dtype)
+
+        return materialize
 
     def to_meta(value: Any) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         return value.detach().to("meta").requires_grad_(value.requires_grad)
 
-    return tree_map(to_meta, real(*tree_map(materialize, args), **tree_map(materialize, kwargs)))
+    failure = None
+    for integer in (0, 1):
+        try:
+            return tree_map(to_meta, real(*tree_map(stand_in(integer), args), **tree_map(stand_in(integer), kwargs)))
+        except Exception as exc:
+            failure = exc
+    if type(module).__module__.startswith("torch.nn."):  # a torch layer reads shapes, not values: its error stands
+        raise failure
+    raise FtcError(
+        f"module {name} cannot run on the meta device, and run on the CPU, as ftc then runs it, it fails: "
+        f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}",
+        "the meta device knows shapes only, so ftc learns this module's output shapes by running it with random "
+        "weights and stand-in inputs of the right shapes (random floats; integers all 0, then all 1), not "
+        "example_inputs()'s values: make its forward accept such inputs (or, if it fails on example_inputs() "
+        "too, fix it there first)",
+    ) from failure

@@ -257,6 +257,12 @@ CASES += [
     (aten.special_expit.default, (_x(2, 3),), {}),
     (aten.fft_rfft.default, (_x(2, 8),), {"dim": -1}),
     (aten.mv.default, (_x(2, 3), _x(3)), {}),
+    (aten.var.dim, (_x(3, 4), [0], False), {}),  # x.var(0, unbiased=False): a running-statistics update
+    (aten.var.dim, (_x(3, 4), [0, 1]), {"keepdim": True}),
+    (aten.var.correction, (_x(3, 4),), {}),
+    (aten.var.correction, (_x(3, 4), [1]), {"correction": 0, "keepdim": True}),
+    (aten.std.dim, (_x(3, 4), None, False), {}),
+    (aten.std.correction, (_x(3, 4), [0, 1]), {"correction": 2}),
     (aten.scatter.src, (_x(2, 3), 1, torch.tensor([[2, 0, 1], [0, 1, 2]]), _x(2, 3)), {}),
     (aten.instance_norm.default, (_x(2, 3, 4), _x(3), _x(3), _x(3), _x(3).abs(), False, 0.1, 1e-5, False), {}),
     (aten.instance_norm.default, (_x(2, 3, 4), None, None, None, None, True, 0.1, 1e-5, False), {}),

@@ -47,3 +47,78 @@ def test_tuple_targets_name_only_the_items_of_the_statements_value(tmp_path, fro
     assert re.search(r"\ba = q\[", code) and re.search(r"\bb = k\[", code), code  # a tuple of expressions
     if frontend == "fx":  # export reads the sizes from its symbolic shapes instead
         assert re.search(r"B = shape\w*\[0\]", code) and re.search(r"D = shape\w*\[1\]", code), code
+
+
+ATTRIBUTES = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.fft.irfft(torch.fft.rfft(x @ self.weight.T, dim=1), n=x.shape[1], dim=1)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_attribute_reads_and_their_items_are_named_after_the_attribute(tmp_path):
+    """fx names `x.shape` 'getattr_2' and its item 'getattr_2_1', which stage code printed as
+    `getattr_2_1 = shape[1]` (and as a stage's output, `getattr_3 = self.weight.T`)."""
+    path = tmp_path / "attributes.py"
+    path.write_text(ATTRIBUTES)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend="fx"))
+    code = (compiled.folder / "stage0.py").read_text()
+    assert "getattr" not in code, code
+    assert "T = self.weight.T" in code and "shape_1 = shape[1]" in code and "n=shape_1" in code, code
+
+
+RUNNING_MEAN = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * h.mean(0))
+            self.count += 1
+        return self.out(h - self.mean)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_in_place_op_is_named_after_the_tensor_it_writes(tmp_path):
+    """export named the running mean's update `add__7` (in stage code, and in pipeline.json where
+    it crossed stages); it is the buffer `mean`."""
+    path = tmp_path / "running_mean.py"
+    path.write_text(RUNNING_MEAN)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1))
+    code = (compiled.folder / "stage0.py").read_text()
+    assert "mean = self.mean.mul_(0.9)" in code and re.search(r"mean_\d+ = mean\.add_\(", code), code
+    assert re.search(r"out\(\w+\)", code) and "__" not in code.replace("__init__", ""), code

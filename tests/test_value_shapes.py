@@ -11,6 +11,8 @@ from ftc.check import check_pipeline
 from ftc.compiler import CompileOptions, compile_model
 from ftc.ir import FtcError
 
+from .conftest import MODELS, assert_local_trains_like_single
+
 MODEL = """
 import torch
 import torch.nn as nn
@@ -70,3 +72,24 @@ def test_a_value_shaped_op_in_a_leaf_module_compiles_exactly(tmp_path):
     path.write_text(MODEL + "\nLEAF_MODULES = (TopOneExperts,)\n")
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
     assert check_pipeline(compiled.folder, batch_size=4).ok  # against the original model
+
+
+def test_a_leaf_module_that_refuses_zero_lengths_compiles_and_trains_exactly(tmp_path):
+    """ftc ran the packing leaf on stand-in lengths of 0, which pack_padded_sequence refuses, and
+    reported that forward failed on example_inputs() on any device, which it did not."""
+    compiled = compile_model(MODELS / "packed_lstm.py", tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    assert check_pipeline(compiled.folder).ok
+    assert_local_trains_like_single(compiled.folder)
+
+
+def test_a_leaf_module_that_fails_on_stand_in_inputs_says_they_were_stand_ins(tmp_path):
+    path = tmp_path / "picky.py"
+    path.write_text(
+        (MODELS / "packed_lstm.py")
+        .read_text()
+        .replace("lengths.cpu()", "(lengths - 2).cpu()")  # fine on lengths of 3 to 9
+    )
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    assert "module rnn (PackedLSTM) cannot run on the meta device" in caught.value.message
+    assert "stand-in inputs" in caught.value.hint and "not example_inputs()'s values" in caught.value.hint

@@ -154,6 +154,21 @@ def _reduce(target: str) -> Callable[[dict], Call]:
     return lower
 
 
+def _spread_of(target: str) -> Callable[[dict], Call]:
+    """x.var(0, unbiased=False), x.std(correction=0): var and std as _reduce spells the dims,
+    with the estimator's correction, as the overload gives it, kept when it is not Bessel's."""
+
+    def lower(a: dict) -> Call:
+        call = _reduce(target)(a)
+        if "unbiased" in a:
+            call.kwargs.update(_unless(a, unbiased=True))
+        elif a["correction"] is not None and not _equal(a["correction"], 1):
+            call.kwargs["correction"] = a["correction"]
+        return call
+
+    return lower
+
+
 def _softmax(target: str) -> Callable[[dict], Call | None]:
     def lower(a: dict) -> Call | None:
         if a.get("half_to_float"):
@@ -475,6 +490,10 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "sum.default": _reduce("sum"),
     "mean.dim": _reduce("mean"),
     "mean.default": _reduce("mean"),
+    "var.dim": _spread_of("var"),
+    "var.correction": _spread_of("var"),
+    "std.dim": _spread_of("std"),
+    "std.correction": _spread_of("std"),
     "amax.default": _reduce("amax"),
     "amin.default": _reduce("amin"),
     "max.dim": _method("max", "self", "dim", keepdim=False),

@@ -394,8 +394,13 @@ def _scope(fx_node: fx.Node, modules: dict[str, str]) -> tuple[str, str]:
 
 
 def _readable_name(fx_node: fx.Node, names: dict[fx.Node, str], taken: set[str], root: torch.nn.Module) -> str:
-    """fx's name, except that unpacked items read as '<source>_<index>' instead of 'getitem_7'
-    (when that name is free) and tensor constants as their constant."""
+    """fx's name, except that an attribute read is named after the attribute ('shape' for fx's
+    'getattr_2'), unpacked items read as '<source>_<index>' instead of 'getitem_7' (when that
+    name is free; 'shape_1' for `x.shape[1]`) and tensor constants as their constant."""
+    if fx_node.op == "call_function" and fx_node.target is getattr:
+        attribute = fx_node.args[1] if len(fx_node.args) == 2 else None
+        if isinstance(attribute, str) and attribute.isidentifier() and not attribute.startswith("_"):
+            return unique_name(attribute, taken)
     if fx_node.op == "call_function" and getattr(fx_node.target, "__name__", "") == "getitem":
         source, index = fx_node.args
         if isinstance(source, fx.Node) and isinstance(index, int) and index >= 0:

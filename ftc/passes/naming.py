@@ -124,8 +124,9 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     taken = {node.name for node in graph.nodes}
     renames: dict[str, str] = {}
     labels: dict[str, str] = {}
+    by_name = {node.name: node for node in graph.nodes}
     for node in graph.nodes:
-        base = wanted.get(node.name)
+        base = wanted.get(node.name) or _written_name(node, by_name, labels)
         if base is None or base.startswith("_") or base == "self":
             if node.is_compute:
                 labels[node.name] = default_label(node)
@@ -149,6 +150,20 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     ]
     outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
     return replace(graph, nodes=nodes, outputs=outputs)
+
+
+def _written_name(node: Node, nodes: dict[str, Node], labels: dict[str, str]) -> str | None:
+    """An in-place op's value is the tensor it writes, so it takes that tensor's name: `mean` for
+    `self.norm.mean.mul_(0.9)` (not the tracer's `mul_`, or export's `add__7` for the `.add_(m)`
+    after it), `h` for `h.add_(x)`."""
+    if node.mutates is None or node.mutates >= len(node.args) or not isinstance(node.args[node.mutates], Ref):
+        return None
+    written = nodes.get(node.args[node.mutates].name)
+    if written is None:
+        return None
+    if written.op == "get_attr":
+        return written.target.rpartition(".")[2]
+    return labels.get(written.name, written.name)
 
 
 def default_label(node: Node) -> str:
