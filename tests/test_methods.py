@@ -28,9 +28,9 @@ from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
 from ftc.passes.partition.memory import WORKING_COPIES, Footprint, MemorySettings, StateUse, parse_bytes
-from ftc.passes.partition.metis import atoms_of, partition_metis
+from ftc.passes.partition.metis import atoms_of, linearize, partition_metis
 from ftc.passes.partition.pipedream import StageTables, least_peak, split_pipedream
-from ftc.passes.partition.problem import FixedCost, Partition, Problem, Transfer
+from ftc.passes.partition.problem import FixedCost, KindCost, Partition, Problem, Transfer
 from ftc.passes.recompute import choose_recompute, recompute_rule
 from ftc.profiling import DeviceModel, profile_analytic
 from ftc.runtime.model_file import load_model_file
@@ -550,6 +550,41 @@ def test_metis_output_is_acyclic_on_random_dags():
                 assert len(set(result.stage_of[atom == a].tolist())) == 1
             non_contiguous += bool((np.diff(result.stage_of) < 0).any())
     assert non_contiguous > 50, non_contiguous
+
+
+def test_metis_reordering_keeps_each_op_s_costs_with_it():
+    """Step 5 cuts the ops reordered stage by stage (linearize): every figure kept per op
+    position moves with its op (the kinds a stage pays for once, the forward's transients, the
+    model outputs the loss holds), so each stage, a run of the new order, costs and holds in the
+    DP's tables what the same ops cost and hold in the original order. The kinds' positions and
+    the transients once stayed where the ops had been, so the DP charged a kind to stages that
+    held none of its ops, and counted other ops' transients."""
+    rng = random.Random(11)
+    reordered_cases = 0
+    for case in range(30):
+        problem = random_dag_problem(rng)
+        n = problem.size
+        kind_of = np.array([rng.randrange(3) for _ in range(n)])
+        problem.kinds = [KindCost(np.flatnonzero(kind_of == kind), FixedCost(rng.uniform(0, 5), rng.uniform(0, 5)))
+                         for kind in sorted(set(kind_of.tolist()))]  # fmt: skip
+        problem.footprint = Footprint(
+            MemorySettings(recompute="never"), np.array([rng.uniform(0, 100) for _ in range(n)]), [], np.zeros(n),
+            loss_saved=10.0, outputs=[(rng.randrange(n), 50.0), (n - 1, 20.0)], outputs_saved=False,
+            transient=np.array([rng.uniform(0, 1000) for _ in range(n)]),
+        )  # fmt: skip
+        stages = min(3, problem.max_stages())
+        stage_of = partition_metis(problem, stages).stage_of
+        reordered, order = linearize(problem, stage_of)
+        reordered_cases += bool((order != np.arange(n)).any())
+        tables = StageTables(reordered, stages)
+        for s in range(stages):
+            members = stage_of == s
+            run = np.flatnonzero(members[order])
+            i, j = int(run[0]), int(run[-1]) + 1
+            assert reordered.interval_costs()[i, j] == pytest.approx(problem.member_cost(members)), (case, s)
+            expected = problem.stage_memory(members, s, stages, False).total
+            assert tables.least_memory(s)[i, j] == pytest.approx(expected, abs=1), (case, s)  # rounded up either side
+    assert reordered_cases > 10, reordered_cases
 
 
 # ---------------------------------------------------------------------------------------------

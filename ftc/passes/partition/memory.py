@@ -204,9 +204,10 @@ class Footprint:
     # bytes each op makes in forward that nothing saves, at the compile batch size (empty: none)
     transient: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
-    def loss_outputs(self, first: int) -> float:
-        """Bytes of the model's outputs that a loss stage whose first op is `first` made."""
-        return float(sum(nbytes for producer, nbytes in self.outputs if producer >= first))
+    def loss_outputs(self, members: np.ndarray) -> float:
+        """Bytes of the model's outputs that the loss stage, holding the ops of the boolean mask,
+        made (those another stage made, it received)."""
+        return float(sum(nbytes for producer, nbytes in self.outputs if members[producer]))
 
     def largest_parameter(self, n: int) -> np.ndarray:
         """Bytes of the largest trainable tensor each of the n ops reads (0: none): a stage's

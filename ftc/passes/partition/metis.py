@@ -215,7 +215,10 @@ def linearize(problem: Problem, stage_of: np.ndarray) -> tuple[Problem, np.ndarr
     atom = atoms_of(problem)[order]
     no_cut = np.append(atom[1:] == atom[:-1], False)
     state = [replace(use, readers=sorted(int(position[r]) for r in use.readers)) for use in problem.footprint.state]
-    footprint = replace(problem.footprint, saved=problem.saved[order], state=state, largest=problem.largest[order])
+    outputs = [(int(position[producer]), nbytes) for producer, nbytes in problem.footprint.outputs]
+    footprint = replace(problem.footprint, saved=problem.saved[order], state=state, largest=problem.largest[order],
+                        transient=problem.transient[order], outputs=outputs)  # fmt: skip
+    kinds = [replace(kind, positions=np.sort(position[kind.positions])) for kind in problem.kinds]
     reordered = replace(
         problem,
         ops=[problem.ops[k] for k in order],
@@ -225,6 +228,7 @@ def linearize(problem: Problem, stage_of: np.ndarray) -> tuple[Problem, np.ndarr
         fwd_time=problem.forward[order],
         footprint=footprint,
         random=None if problem.random is None else problem.random[order],
+        kinds=kinds,
         units=[],
     )
     return reordered, order

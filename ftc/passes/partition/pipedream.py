@@ -70,7 +70,7 @@ class StageTables:
             # The loss's memory, for the intervals that hold the last op (the stage computing it).
             loss_saved, outputs = np.zeros_like(saved), np.zeros_like(saved)
             loss_saved[:, n] = footprint.loss_saved
-            outputs[:, n] = [footprint.loss_outputs(i) for i in range(n + 1)]
+            outputs[:, n] = [footprint.loss_outputs(np.arange(n) >= i) for i in range(n + 1)]
             self._parts.append((static, saved, *tables, self.problem.sent_table(), self.problem.largest_table(),
                                 parameter, step, trainable, loss_saved, outputs,
                                 interval_sums(self.problem.transient), partials))  # fmt: skip

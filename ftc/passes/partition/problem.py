@@ -231,7 +231,7 @@ class Problem:
         loss_saved, outputs = 0.0, 0.0
         if members[self.size - 1]:  # the stage that computes the loss
             loss_saved = self.footprint.loss_saved
-            outputs = self.footprint.loss_outputs(int(np.flatnonzero(members)[0]))
+            outputs = self.footprint.loss_outputs(members)
         stash = self.footprint.settings.stash_copies(position, stages)
         transient = float(self.transient[members].sum())
         return self.footprint.memory(held, trainable, saved, self.member_received(members), in_flight, recompute,
