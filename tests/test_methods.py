@@ -28,7 +28,7 @@ from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
 from ftc.passes.partition.memory import WORKING_COPIES, Footprint, MemorySettings, StateUse, parse_bytes
-from ftc.passes.partition.metis import atoms_of, linearize, partition_metis
+from ftc.passes.partition.metis import atom_dag, atoms_of, linearize, partition_metis, rebalance
 from ftc.passes.partition.pipedream import StageTables, least_peak, split_pipedream
 from ftc.passes.partition.problem import FixedCost, KindCost, Partition, Problem, Transfer
 from ftc.passes.recompute import choose_recompute, recompute_rule
@@ -550,6 +550,32 @@ def test_metis_output_is_acyclic_on_random_dags():
                 assert len(set(result.stage_of[atom == a].tolist())) == 1
             non_contiguous += bool((np.diff(result.stage_of) < 0).any())
     assert non_contiguous > 50, non_contiguous
+
+
+def test_metis_rebalancing_keeps_each_stage_s_cost_as_member_cost_prices_it():
+    """Step 4 updates the two stages' costs move by move: an atom's ops, their transfers, the
+    kinds of op the source no longer holds and the target newly holds (Problem.kinds), and the
+    loss with the last op. It once moved only times and transfers, so a stage's running cost
+    drifted from its cost (a kind charged to a stage left without its ops), and the bottleneck
+    the moves lowered was not the stages'."""
+    rng = random.Random(12)
+    rebalanced = 0
+    for case in range(30):
+        problem = random_dag_problem(rng)
+        kind_of = np.array([rng.randrange(4) for _ in range(problem.size)])
+        problem.kinds = [KindCost(np.flatnonzero(kind_of == kind), FixedCost(rng.uniform(0, 5), rng.uniform(0, 5)))
+                         for kind in sorted(set(kind_of.tolist()))]  # fmt: skip
+        problem.loss = FixedCost(rng.uniform(0, 20), rng.uniform(0, 20))
+        stages = min(3, problem.max_stages())
+        atom = atoms_of(problem)
+        dag = atom_dag(problem, atom)
+        start = [min(stages - 1, a * stages // len(dag)) for a in range(len(dag))]  # stages along the program order
+        balancer = rebalance(problem, dag, atom, start, stages)
+        stage_of = np.array([balancer.labels[a] for a in atom])
+        rebalanced += balancer.labels != start
+        expected = [problem.member_cost(stage_of == s) for s in range(stages)]
+        np.testing.assert_allclose(balancer.cost, expected, rtol=1e-9, err_msg=str(case))
+    assert rebalanced > 10, rebalanced
 
 
 def test_metis_reordering_keeps_each_op_s_costs_with_it():

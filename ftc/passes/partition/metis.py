@@ -141,6 +141,15 @@ class _Balancer:
             for a in {int(atom[t.producer]), *(int(atom[c]) for c in t.consumers)}:
                 self.touching[a].append(k)
         self.atom_time = np.bincount(atom, weights=problem.time, minlength=len(labels))
+        # The fixed costs a move carries: each kind of op the source no longer holds or the
+        # target newly holds, and the loss with the last op's atom.
+        self.kind_ops = np.zeros((len(labels), len(problem.kinds)))  # per atom, its ops of each kind
+        for k, kind in enumerate(problem.kinds):
+            np.add.at(self.kind_ops[:, k], atom[kind.positions], 1)
+        self.stage_kind_ops = np.zeros((stages, len(problem.kinds)))
+        np.add.at(self.stage_kind_ops, np.array(labels), self.kind_ops)
+        self.kind_cost = np.array([kind.cost.total for kind in problem.kinds])
+        self.loss_atom = int(atom[-1])
         self.cost = np.array([problem.member_cost(self.stage_of == s) for s in range(stages)])
 
     def _comm(self, transfers: list[int], stage: int) -> float:
@@ -163,14 +172,20 @@ class _Balancer:
         before = (self._comm(transfers, source), self._comm(transfers, target))
         self.stage_of[ops] = target
         after = (self._comm(transfers, source), self._comm(transfers, target))
+        held = self.kind_ops[a] > 0
+        lost = self.kind_cost[held & (self.stage_kind_ops[source] == self.kind_ops[a])].sum()
+        gained = self.kind_cost[held & (self.stage_kind_ops[target] == 0)].sum()
+        loss = self.problem.loss.total if a == self.loss_atom else 0.0
         cost = self.cost.copy()
-        cost[source] += after[0] - before[0] - self.atom_time[a]
-        cost[target] += after[1] - before[1] + self.atom_time[a]
+        cost[source] += after[0] - before[0] - self.atom_time[a] - lost - loss
+        cost[target] += after[1] - before[1] + self.atom_time[a] + gained + loss
         better = improves((cost.max(), float(cost @ cost)), (self.cost.max(), float(self.cost @ self.cost)))
         if not better:
             self.stage_of[ops] = source
             return False
         self.cost = cost
+        self.stage_kind_ops[source] -= self.kind_ops[a]
+        self.stage_kind_ops[target] += self.kind_ops[a]
         self.labels[a] = target
         return True
 
