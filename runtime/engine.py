@@ -307,7 +307,7 @@ class Engine:
 
     def evaluate(self, step: int, inputs: tuple | dict | None, targets: Any | None = None) -> tuple[float | None, Any]:
         """Forwards only, without gradients (switching dropout and BatchNorm to eval mode is the
-        caller's: mode.set_mode(model, stages, False), which honours the model's own train()).
+        caller's: `ftc check` calls mode.set_mode, training's evaluation sets the flags itself).
         Returns the batch's mean loss on every rank (None when the loss device got no targets) and
         the model's output for the whole batch on the loss device (None elsewhere)."""
         with torch.no_grad():
