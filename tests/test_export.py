@@ -358,9 +358,9 @@ def test_models_compiled_through_export_compute_what_the_model_computes(model_pa
 def test_check_fails_a_stage_that_keeps_the_training_mode_in_eval(compile_to):
     folder = compile_to(MODELS / "eval_mode.py", 2, batch_size=4, frontend="export")
     code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
-    assert "train=self.training" in code and "self.norm(" in code
-    for path in folder.glob("stage*.py"):  # the hand edit: the training mode baked in again
-        path.write_text(path.read_text().replace("train=self.training", "train=True"))
+    assert "self.rnn(" in code and "self.norm(" in code
+    for path in folder.glob("stage*.py"):  # the hand edit: the GRU kept in training mode
+        path.write_text(path.read_text().replace("self.rnn(", "self.rnn.train()("))
     report = check_pipeline(folder, batch_size=4)
     assert report.model_outputs == 0.0 and report.model_gradients == 0.0  # training mode cannot tell
     assert report.eval_outputs > 1e-3 and not report.ok
@@ -486,10 +486,11 @@ def test_a_whole_transformer_stack_is_lowered_by_export_so_it_can_be_split(tmp_p
 
 
 def test_traced_attention_and_functional_dropout_follow_eval_mode(tmp_path, compile_to):
-    """nn.TransformerEncoderLayer passes its dropout to scaled_dot_product_attention only when
-    training, and F.dropout(training=self.training) passes the flag: traced in training mode, the
-    stages say `... if self.training else 0.0` and `training=self.training`, so in eval() they
-    compute what the model computes, and deterministically."""
+    """nn.TransformerEncoderLayer's attention draws its dropout only when training, and
+    F.dropout(training=self.training) passes the flag: traced in training mode, the stages call
+    the layer's nn.MultiheadAttention (which follows the stage's mode) and say
+    `training=self.training`, so in eval() they compute what the model computes, and
+    deterministically."""
     path = tmp_path / "stack.py"
     source = TRANSFORMER_STACK.replace("dropout=0.0", "dropout=0.2").replace(
         "return self.head(self.encoder(self.embed(idx)).mean(dim=1))",
@@ -498,7 +499,7 @@ def test_traced_attention_and_functional_dropout_follow_eval_mode(tmp_path, comp
     path.write_text(source)
     folder = compile_to(path, 2)
     text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
-    assert "dropout_p=0.2 if self.training else 0.0" in text
+    assert '.self_attn(' in text and "scaled_dot_product_attention" not in text
     assert "training=self.training" in text
     model_file = load_model_file(path)
     torch.manual_seed(0)
