@@ -6,7 +6,9 @@ The exported ATen graph is lowered into the same IR as fx's: lifted parameters a
 become get_attr nodes under their original names; the common ATen ops become the torch code
 people write (`a + b`, `x.view(...)`, `F.layer_norm`, see aten.py); an op that was the whole
 forward of a torch.nn layer (Linear, LayerNorm, Embedding, Dropout, ...) becomes a call of that
-module, so dropout follows the stage's train()/eval() mode; nodes keep their original module
+module, so dropout follows the stage's train()/eval() mode, and so does the whole call of a
+layer with several inputs or outputs (aten.WHOLE_CALLS: `self.lstm(x, (h0, c0))`), whose call
+signature export keeps; nodes keep their original module
 path (from nn_module_stack) for the stage comments; the batch dimension is symbolic (Dim
 "batch"), so stage code reads sizes from its inputs; and factory calls that named the tracing
 device use the stage's device.
