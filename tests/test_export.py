@@ -863,3 +863,61 @@ def test_a_layer_called_with_differently_structured_arguments_is_lowered_with_na
         assert name in code, f"{name!r} not in\n{code}"
     assert "gru = self.gru(lstm_out_1)" in code and "getitem" not in code
     assert_check_passes(folder, batch_size=4)
+
+
+POOLING_AND_DISTANCES = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.adaptive = nn.AdaptiveMaxPool1d(3, return_indices=True)
+        self.cos = nn.CosineSimilarity(dim=1)
+        self.dist = nn.PairwiseDistance()
+        self.triplet = nn.TripletMarginLoss()
+
+    def forward(self, x):
+        y = self.conv(x)
+        pooled, indices = self.pool(y)
+        restored = self.unpool(pooled, indices, output_size=y.shape)
+        top, where = self.adaptive(restored.flatten(2))
+        a, b = top[..., 0], top[..., 1]
+        return self.cos(a, b) + self.dist(a, b) + self.triplet(a, b, top[..., 2]) + where.float().mean()
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 3, 8, 8),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_pooling_with_indices_distances_and_losses_of_three_inputs_are_module_calls(tmp_path, compile_to):
+    """Max pooling that returns its indices unpacks them; the distances and the triplet loss
+    take their inputs as forward gave them. A layer called with a symbolic size
+    (`output_size=y.shape`), whose signature export cannot keep, stays lowered alone."""
+    path = tmp_path / "pooling.py"
+    path.write_text(POOLING_AND_DISTANCES)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    for call in (
+        "pool = self.pool(y)", "pooled = pool[0]", "indices = pool[1]", "top = adaptive[0]", "where = adaptive[1]",
+        "self.cos(a, b)", "self.dist(a, b)", "self.triplet(a, b, ",
+    ):  # fmt: skip
+        assert call in code, f"{call!r} not in\n{code}"
+    assert "max_unpool2d.default(pooled, indices" in code and "getitem" not in code
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)

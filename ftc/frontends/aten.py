@@ -596,7 +596,11 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
 # outputs: `self.lstm(x, (h0, c0))`. Composite layers (TransformerEncoderLayer) are not listed:
 # their children become module calls themselves, and their ops stay apart so a stage boundary
 # may fall inside them.
-WHOLE_CALLS: tuple[type, ...] = (nn.RNNBase, nn.MultiheadAttention, nn.Bilinear, nn.modules.loss._Loss)
+WHOLE_CALLS: tuple[type, ...] = (
+    nn.RNNBase, nn.MultiheadAttention, nn.Bilinear, nn.modules.loss._Loss, nn.CosineSimilarity,
+    nn.PairwiseDistance, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._MaxUnpoolNd,
+)  # fmt: skip
 
 # Names of the items of a layer's output (by position in its nested output) or of an ATen op's
 # flat output, after the layer's documentation, for values no source statement names.
@@ -605,6 +609,10 @@ OUTPUT_NAMES: dict[type | str, dict[tuple, str]] = {
     nn.GRU: {(0,): "out", (1,): "h"},
     nn.RNN: {(0,): "out", (1,): "h"},
     nn.MultiheadAttention: {(0,): "out", (1,): "weights"},
+    # max pooling with return_indices=True
+    **{cls: {(0,): "out", (1,): "indices"} for cls in (
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    )},  # fmt: skip
     "lstm.input": {(0,): "out", (1,): "h", (2,): "c"},
     **{f"{name}.input": {(0,): "out", (1,): "h"} for name in ("gru", "rnn_tanh", "rnn_relu")},
 }

@@ -205,19 +205,39 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | 
     """torch.export's program, with the call signatures of the model's WHOLE_CALLS layers kept
     (which values each call took and returned, in what structure). export refuses to keep them
     for a layer called with differently structured arguments (`self.lstm(x)`, then
-    `self.lstm(x, state)`), naming it, or with arguments other than tensors and scalars: the
-    program is traced again without that layer's (or, where export named none, any layer's)
-    signature, and those layers are lowered op by op."""
+    `self.lstm(x, state)`), naming it, or with arguments other than tensors and scalars (a size,
+    `output_size=x.shape`), without naming it: the program is traced again without those
+    layers' signatures (or, where neither tells the layer, any layer's), and they are lowered op
+    by op."""
     layers = tuple(path for path, module in model.named_modules() if path and isinstance(module, WHOLE_CALLS))
     while True:
+        refused: list[str] = []
+        handles = [model.get_submodule(path).register_forward_pre_hook(_refuse_unkept(path, refused), with_kwargs=True)
+                   for path in layers]  # fmt: skip
         try:
             return torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic,
                                        preserve_module_call_signature=layers)  # fmt: skip
         except AssertionError as error:
             if not layers:
                 raise
-            named = [path for path in layers if f"_export_root.{path}:" in str(error)]
+            named = [path for path in layers if f"_export_root.{path}:" in str(error) or path in refused]
             layers = tuple(path for path in layers if path not in named) if named else ()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _refuse_unkept(path: str, refused: list[str]) -> Any:
+    """A forward pre-hook that adds `path` to `refused` when the layer is called with an argument
+    whose signature export cannot keep: one that is not a tensor, a Python scalar, a string or None
+    once flattened (a symbolic size is not a Python int)."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not all(leaf is None or isinstance(leaf, (torch.Tensor, str, int, float, bool)) for leaf in leaves):
+            refused.append(path)
+
+    return hook
 
 
 @dataclass
