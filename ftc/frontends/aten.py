@@ -615,13 +615,19 @@ OUTPUT_NAMES: dict[type | str, dict[tuple, str]] = {
     )},  # fmt: skip
     "lstm.input": {(0,): "out", (1,): "h", (2,): "c"},
     **{f"{name}.input": {(0,): "out", (1,): "h"} for name in ("gru", "rnn_tanh", "rnn_relu")},
+    **{f"{name}.default": {(0,): "out", (1,): "indices"} for name in (
+        "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    )},  # fmt: skip
 }
 
 
 def output_name(owner: type | str, position: tuple) -> str:
-    """The name of an item of a layer's or op's output: "h" for an LSTM's (1, 0), else the
-    position ("1_0")."""
-    return OUTPUT_NAMES.get(owner, {}).get(position) or "_".join(map(str, position))
+    """The name of an item of a layer's (or its base class's) or an op's output: "h" for an
+    LSTM's (1, 0), else the position ("1_0")."""
+    kinds = owner.__mro__ if isinstance(owner, type) else (owner,)
+    names = next((OUTPUT_NAMES[kind] for kind in kinds if kind in OUTPUT_NAMES), {})
+    return names.get(position) or "_".join(map(str, position))
 
 
 def module_call(

@@ -41,7 +41,7 @@ from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
 
-from .aten import DROPPED, WHOLE_CALLS, lower, module_call, op_key, output_name, whole_view
+from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, lower, module_call, op_key, output_name, whole_view
 from .common import constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
 
@@ -261,6 +261,7 @@ def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) 
     signatures = {entry.fqn: entry.signature for entry in program.module_call_graph if entry.signature is not None}
     graph_nodes = list(program.graph.nodes)
     by_name = {node.name: node for node in graph_nodes}
+    position = {node: k for k, node in enumerate(graph_nodes)}
     members_of: dict[str, list[fx.Node]] = {}
     path_of: dict[str, str] = {}
     for node in graph_nodes:
@@ -272,15 +273,17 @@ def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) 
     user_outputs = {
         value for value, spec in zip(output_node.args[0], specs.output_specs) if spec.kind == OutputKind.USER_OUTPUT
     }
-    state_of = {spec.arg.name: spec.target for spec in specs.input_specs if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+    state_kinds = (InputKind.PARAMETER, InputKind.BUFFER)
+    state_of = {spec.arg.name: spec.target for spec in specs.input_specs if spec.kind in state_kinds}
     calls = []
     for key, ran in members_of.items():
         path = path_of[key]
         # export numbers a layer's later calls "path@1", "path@2" in its keys and signatures
         signature = signatures.get(f"{path}@{key.rpartition('@')[2]}" if "@" in key else path)
-        if signature is None or not isinstance(model.get_submodule(path), WHOLE_CALLS):
-            continue
+        # the root's signature is the model's own, and a layer that computed nothing is no call to write
         members = _without_sizes(ran)
+        if not path or signature is None or not isinstance(model.get_submodule(path), WHOLE_CALLS) or not members:
+            continue
         leaves = [by_name.get(a.name) if isinstance(a, TensorArgument) else a for a in signature.inputs]
         if not all(isinstance(leaf, fx.Node) or isinstance(leaf, ConstantArgument) for leaf in leaves):
             continue
@@ -290,7 +293,7 @@ def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) 
         returned = [by_name.get(a.name) if isinstance(a, TensorArgument) else None for a in signature.outputs]
         positions = _positions(tree_unflatten(list(range(len(returned))), signature.out_spec), ())
         outputs = {value: positions[i] for i, value in enumerate(returned) if value is not None}
-        first, last = graph_nodes.index(members[0]), graph_nodes.index(members[-1])
+        first, last = position[members[0]], position[members[-1]]
         sound = (
             not inputs & member_set
             and set(outputs) <= member_set
@@ -313,6 +316,7 @@ def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) 
 
 
 def _is_size(node: fx.Node) -> bool:
+    """A Python number the graph computes (a size, or arithmetic on sizes), not a tensor."""
     return isinstance(node.meta.get("val"), (int, torch.SymInt, torch.SymBool, torch.SymFloat))
 
 
@@ -352,7 +356,8 @@ def _layer_call(
     source = _scope(last, model_file)[1]
 
     def made(name: str, op: str, target: str, args: tuple, kwargs: dict) -> Node:
-        node = Node(unique_name(name, taken), op, target, args, kwargs, module_path, modules.get(module_path, ""), source)
+        scope = (module_path, modules.get(module_path, ""), source)
+        node = Node(unique_name(name, taken), op, target, args, kwargs, *scope)
         node.grad_enabled = last.meta.get("ftc_grad_enabled", True)
         return node
 
@@ -365,19 +370,20 @@ def _layer_call(
             if position[:depth] not in item_of:
                 outer = Ref(item_of[position[: depth - 1]].name)
                 name = f"{label}_{output_name(type(module), position[:depth])}"
-                item_of[position[:depth]] = made(name, "call_function", "operator.getitem", (outer, position[depth - 1]), {})
-                nodes.append(item_of[position[:depth]])
+                item = made(name, "call_function", "operator.getitem", (outer, position[depth - 1]), {})
+                item_of[position[:depth]] = item
+                nodes.append(item)
         names[value] = item_of[position].name
     return nodes
 
 
 def _item_label(fx_node: fx.Node, module_path: str, model: torch.nn.Module) -> str | None:
-    """`lstm_h` for an item taken from the output of a multi-output op that stays as traced
-    (`torch.lstm(...)[1]` in module `lstm`): the module's label and the item's name."""
+    """`lstm_h` for an item taken from the output of a multi-output layer op that stays as
+    traced (`torch.lstm(...)[1]` in module `lstm`): the module's label and the item's name."""
     if fx_node.target is not operator.getitem or not isinstance(fx_node.args[1], int):
         return None
     source = fx_node.args[0]
-    if not isinstance(source, fx.Node) or not _is_aten(source):
+    if not isinstance(source, fx.Node) or not _is_aten(source) or op_key(source.target) not in OUTPUT_NAMES:
         return None
     owner = _call_label(module_path, model.get_submodule(module_path)) if module_path else source.name
     return f"{owner}_{output_name(op_key(source.target), (fx_node.args[1],))}"
