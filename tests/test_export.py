@@ -847,6 +847,10 @@ def build_model():
 
 def example_inputs(batch_size):
     return (torch.randn(batch_size, 5, 8),)
+
+
+def loss_fn(output, target):
+    return torch.nn.functional.mse_loss(output, target)
 """
 
 
@@ -863,6 +867,7 @@ def test_a_layer_called_with_differently_structured_arguments_is_lowered_with_na
         assert name in code, f"{name!r} not in\n{code}"
     assert "gru = self.gru(lstm_out_1)" in code and "getitem" not in code
     assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
 
 
 POOLING_AND_DISTANCES = """
