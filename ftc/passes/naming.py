@@ -72,11 +72,26 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         return files[file].get(int(line))
 
     wanted: dict[str, str] = {}
+    position = {node.name: k for k, node in enumerate(graph.nodes)}
+
+    def value_of(last: Node, stmt: ast.stmt) -> Node:
+        """The statement's value: its last op, or, where the statement ends in a call of a
+        torch.nn layer whose ops export traced (they carry the caller's line, deeper in the
+        module tree: `encoded = self.encoder(x, src_key_padding_mask=ids == 0)`), the layer's."""
+        scope = last.module_path
+        for node in graph.nodes[position[last.name] + 1 :]:
+            if not node.is_compute:
+                continue
+            inside = node.module_path != scope and (not scope or node.module_path.startswith(f"{scope}."))
+            if not inside or statement(node) is not stmt:
+                break
+            last = node
+        return last
 
     def finish(stmt: ast.stmt, group: list[Node]) -> None:
         targets = _targets(stmt)
         if isinstance(targets, str):
-            wanted[group[-1].name] = targets
+            wanted[value_of(group[-1], stmt).name] = targets
             return
         # Tuple targets name the items unpacked (getitem) from the statement's last value,
         # nested tuples included: `h, (hn, cn) = self.lstm(x)`. Only from that value: an
