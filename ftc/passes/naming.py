@@ -79,7 +79,8 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         torch.nn layer whose ops export traced (they carry the caller's line, deeper in the
         module tree: `encoded = self.encoder(x, src_key_padding_mask=ids == 0)`), the layer's."""
         scope = last.module_path
-        for node in graph.nodes[position[last.name] + 1 :]:
+        for k in range(position[last.name] + 1, len(graph.nodes)):
+            node = graph.nodes[k]
             if not node.is_compute:
                 continue
             inside = node.module_path != scope and (not scope or node.module_path.startswith(f"{scope}."))
