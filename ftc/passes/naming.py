@@ -13,8 +13,10 @@ reads like the original forward.
 
 Nodes group by (module path, statement) in program order; in a group, the last node's value is
 what a simple `name = ...` assigns, and the items unpacked from a tuple (getitem nodes) take
-the names of a tuple target. Statements the pass cannot see (another file, a multi-statement
-line) leave names as they are.
+the names of a tuple target. The ops of a torch.nn layer the tracer went into (export's
+Transformer layers) carry their caller's line one level deeper: where such a layer ends the
+statement, its last op is the statement's value. Statements the pass cannot see (another
+file, a multi-statement line) leave names as they are.
 """
 
 from __future__ import annotations
