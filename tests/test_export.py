@@ -17,7 +17,8 @@ from ftc.interpreter import resolve_function
 from ftc.ir import FtcError
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
 
-from .conftest import EXAMPLES, MODELS
+
+from .conftest import EXAMPLES, MODELS, assert_local_trains_like_single
 from .test_equivalence import assert_check_passes, assert_stage_files_standalone_and_working
 
 aten = torch.ops.aten
@@ -358,9 +359,9 @@ def test_models_compiled_through_export_compute_what_the_model_computes(model_pa
 def test_check_fails_a_stage_that_keeps_the_training_mode_in_eval(compile_to):
     folder = compile_to(MODELS / "eval_mode.py", 2, batch_size=4, frontend="export")
     code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
-    assert "train=self.training" in code and "self.norm(" in code
-    for path in folder.glob("stage*.py"):  # the hand edit: the training mode baked in again
-        path.write_text(path.read_text().replace("train=self.training", "train=True"))
+    assert "self.rnn(" in code and "self.norm(" in code
+    for path in folder.glob("stage*.py"):  # the hand edit: the GRU kept in training mode
+        path.write_text(path.read_text().replace("self.rnn(", "self.rnn.train()("))
     report = check_pipeline(folder, batch_size=4)
     assert report.model_outputs == 0.0 and report.model_gradients == 0.0  # training mode cannot tell
     assert report.eval_outputs > 1e-3 and not report.ok
@@ -486,10 +487,11 @@ def test_a_whole_transformer_stack_is_lowered_by_export_so_it_can_be_split(tmp_p
 
 
 def test_traced_attention_and_functional_dropout_follow_eval_mode(tmp_path, compile_to):
-    """nn.TransformerEncoderLayer passes its dropout to scaled_dot_product_attention only when
-    training, and F.dropout(training=self.training) passes the flag: traced in training mode, the
-    stages say `... if self.training else 0.0` and `training=self.training`, so in eval() they
-    compute what the model computes, and deterministically."""
+    """nn.TransformerEncoderLayer's attention draws its dropout only when training, and
+    F.dropout(training=self.training) passes the flag: traced in training mode, the stages call
+    the layer's nn.MultiheadAttention (which follows the stage's mode) and say
+    `training=self.training`, so in eval() they compute what the model computes, and
+    deterministically."""
     path = tmp_path / "stack.py"
     source = TRANSFORMER_STACK.replace("dropout=0.0", "dropout=0.2").replace(
         "return self.head(self.encoder(self.embed(idx)).mean(dim=1))",
@@ -498,7 +500,7 @@ def test_traced_attention_and_functional_dropout_follow_eval_mode(tmp_path, comp
     path.write_text(source)
     folder = compile_to(path, 2)
     text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
-    assert "dropout_p=0.2 if self.training else 0.0" in text
+    assert '.self_attn(' in text and "scaled_dot_product_attention" not in text
     assert "training=self.training" in text
     model_file = load_model_file(path)
     torch.manual_seed(0)
@@ -749,3 +751,178 @@ def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(t
     assert compiled.graph.training_branches == []
     report = check_pipeline(compiled.folder)
     assert report.ok and report.eval_expected
+
+
+LAYER_CALLS = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Layers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.init = nn.Linear(8, 16)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.gru = nn.GRU(8, 8, num_layers=2, dropout=0.2, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.pair = nn.Bilinear(8, 8, 4)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.register_buffer("causal", torch.triu(torch.ones(6, 6, dtype=torch.bool), 1))
+
+    def forward(self, ids, labels):
+        x = self.embed(ids)
+        h0, c0 = self.init(x.mean(1)).unsqueeze(0).chunk(2, dim=-1)
+        out, (h, c) = self.lstm(x, (h0, c0))
+        seq, last = self.gru(out)
+        attended, weights = self.attn(seq, out, out, attn_mask=self.causal)
+        encoded = self.encoder(attended, src_key_padding_mask=ids == 0)
+        decoded = self.decoder(encoded, x)
+        z = self.pair(decoded[:, -1], h[0] + c[0] + last[-1])
+        return z, self.loss(z, labels) + weights.mean()
+
+
+def build_model():
+    return Layers()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(1, 16, (batch_size, 6)), torch.randint(0, 4, (batch_size,)))
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output[0], target[0]) + output[1]
+"""
+
+
+def test_layers_with_several_inputs_or_outputs_are_called_as_the_model_calls_them(tmp_path, compile_to):
+    """Through export, an LSTM given its state, a GRU, a MultiheadAttention with a mask (also
+    inside the Transformer layers), a Bilinear and a loss module in forward are calls of the
+    layers with their own arguments, unpacked into the source's names; the layers follow the
+    stage's train()/eval() (their dropout included), and mode local trains as mode single."""
+    path = tmp_path / "layer_calls.py"
+    path.write_text(LAYER_CALLS)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    for call in (
+        "lstm = self.lstm(x, (h0, c0))", "out = lstm[0]", "h = lstm_state[0]", "c = lstm_state[1]",
+        "gru = self.gru(out)", "seq = gru[0]", "last = gru[1]",
+        "attn = self.attn(seq, out, out, attn_mask=self.causal)", "attended = attn[0]", "weights = attn[1]",
+        "self.encoder.self_attn(", "self.decoder.self_attn(", "self.decoder.multihead_attn(",
+        "self.pair(", "self.loss(z, labels)",
+    ):  # fmt: skip
+        assert call in code, f"{call!r} not in\n{code}"
+    assert "torch.ops.aten" not in code and "getitem" not in code and "torch.lstm" not in code
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    # dropout draws per stage in the pipeline modes, so only a model without it trains to the bit alike
+    path.write_text(re.sub(r"dropout=0\.\d", "dropout=0.0", LAYER_CALLS))
+    assert_local_trains_like_single(compile_to(path, 2, batch_size=4, frontend="export"))
+
+
+FALLBACK_LAYER = """
+import torch
+import torch.nn as nn
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, x):
+        y, state = self.lstm(x)
+        out, (h, c) = self.lstm(y, state)
+        g, hg = self.gru(out)
+        return g.sum(1) + h[0] * c[0] + hg[0]
+
+
+def build_model():
+    return Twice()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 5, 8),)
+
+
+def loss_fn(output, target):
+    return torch.nn.functional.mse_loss(output, target)
+"""
+
+
+def test_a_layer_called_with_differently_structured_arguments_is_lowered_with_named_items(tmp_path, compile_to):
+    """export keeps no call signature for an LSTM called once without and once with its state:
+    those calls stay torch.lstm, following the stage's mode, their items named after the layer's
+    outputs; the GRU beside it is still a call of the layer."""
+    path = tmp_path / "twice.py"
+    path.write_text(FALLBACK_LAYER)
+    folder = compile_to(path, 1, batch_size=4, frontend="export")
+    code = (folder / "stage0.py").read_text()
+    assert code.count("torch.lstm(") == 2 and "train=self.training" in code
+    for name in ("lstm_out = lstm[0]", "lstm_h = lstm[1]", "lstm_c = lstm[2]", "lstm_c_1 = lstm_1[2]"):
+        assert name in code, f"{name!r} not in\n{code}"
+    assert "gru = self.gru(lstm_out_1)" in code and "getitem" not in code
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
+POOLING_AND_DISTANCES = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.adaptive = nn.AdaptiveMaxPool1d(3, return_indices=True)
+        self.cos = nn.CosineSimilarity(dim=1)
+        self.dist = nn.PairwiseDistance()
+        self.triplet = nn.TripletMarginLoss()
+
+    def forward(self, x):
+        y = self.conv(x)
+        pooled, indices = self.pool(y)
+        restored = self.unpool(pooled, indices, output_size=y.shape)
+        top, where = self.adaptive(restored.flatten(2))
+        a, b = top[..., 0], top[..., 1]
+        return self.cos(a, b) + self.dist(a, b) + self.triplet(a, b, top[..., 2]) + where.float().mean()
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 3, 8, 8),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_pooling_with_indices_distances_and_losses_of_three_inputs_are_module_calls(tmp_path, compile_to):
+    """Max pooling that returns its indices unpacks them; the distances and the triplet loss
+    take their inputs as forward gave them. A layer called with a symbolic size
+    (`output_size=y.shape`), whose signature export cannot keep, stays lowered alone."""
+    path = tmp_path / "pooling.py"
+    path.write_text(POOLING_AND_DISTANCES)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    for call in (
+        "pool = self.pool(y)", "pooled = pool[0]", "indices = pool[1]", "top = adaptive[0]", "where = adaptive[1]",
+        "self.cos(a, b)", "self.dist(a, b)", "self.triplet(a, b, ",
+    ):  # fmt: skip
+        assert call in code, f"{call!r} not in\n{code}"
+    assert "max_unpool2d.default(pooled, indices" in code and "getitem" not in code
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)

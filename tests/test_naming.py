@@ -122,3 +122,70 @@ def test_an_in_place_op_is_named_after_the_tensor_it_writes(tmp_path):
     code = (compiled.folder / "stage0.py").read_text()
     assert "mean = self.mean.mul_(0.9)" in code and re.search(r"mean_\d+ = mean\.add_\(", code), code
     assert re.search(r"out\(\w+\)", code) and "__" not in code.replace("__init__", ""), code
+
+
+LAYER_WITH_AN_EXPRESSION = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.stem = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+        self.blocks = nn.Sequential(Block())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        encoded = self.encoder(x, src_key_padding_mask=ids == 0)
+        decoded = self.decoder(encoded, x)
+        h = self.blocks(self.stem(decoded))
+        return self.head(h.mean(1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(1, 16, (batch_size, 6)),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_statement_that_ends_in_a_lowered_torch_layer_names_the_layers_value(tmp_path):
+    """Through export, a torch.nn layer's own ops carry the caller's line; the statement's name
+    goes to the layer's last op (its value), not to the argument computed at the caller's level
+    (`ids == 0`), also where no op is at the caller's level (`decoded = self.decoder(...)`); but
+    not to a layer whose value goes on into a module of the model's own in the same statement
+    (`h = self.blocks(self.stem(decoded))`: the stem's GELU is not h)."""
+    from ftc.check import check_pipeline
+
+    from .conftest import assert_local_trains_like_single
+
+    path = tmp_path / "expression.py"
+    path.write_text(LAYER_WITH_AN_EXPRESSION)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
+    code = "".join((compiled.folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "encoded = self.encoder.norm2(" in code and "eq = ids == 0" in code, code
+    assert "decoded = self.decoder.norm3(" in code and "h = self.stem" not in code, code
+    assert "self.encoder.self_attn(" in code, code
+    assert check_pipeline(compiled.folder, batch_size=4).ok
+    assert_local_trains_like_single(compiled.folder)

@@ -591,6 +591,45 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
 }
 
 
+# torch.nn layers that take several inputs or return several outputs, whose whole call (every
+# ATen op it ran) becomes one call of the layer with the call's own arguments, unpacked into its
+# outputs: `self.lstm(x, (h0, c0))`. Composite layers (TransformerEncoderLayer) are not listed:
+# their children become module calls themselves, and their ops stay apart so a stage boundary
+# may fall inside them.
+WHOLE_CALLS: tuple[type, ...] = (
+    nn.RNNBase, nn.MultiheadAttention, nn.Bilinear, nn.modules.loss._Loss, nn.CosineSimilarity,
+    nn.PairwiseDistance, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._MaxUnpoolNd,
+)  # fmt: skip
+
+# Names of the items of a layer's output (by position in its nested output) or of an ATen op's
+# flat output, after the layer's documentation, for values no source statement names.
+OUTPUT_NAMES: dict[type | str, dict[tuple, str]] = {
+    nn.LSTM: {(0,): "out", (1,): "state", (1, 0): "h", (1, 1): "c"},
+    nn.GRU: {(0,): "out", (1,): "h"},
+    nn.RNN: {(0,): "out", (1,): "h"},
+    nn.MultiheadAttention: {(0,): "out", (1,): "weights"},
+    # max pooling with return_indices=True
+    **{cls: {(0,): "out", (1,): "indices"} for cls in (
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    )},  # fmt: skip
+    "lstm.input": {(0,): "out", (1,): "h", (2,): "c"},
+    **{f"{name}.input": {(0,): "out", (1,): "h"} for name in ("gru", "rnn_tanh", "rnn_relu")},
+    **{f"{name}.default": {(0,): "out", (1,): "indices"} for name in (
+        "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    )},  # fmt: skip
+}
+
+
+def output_name(owner: type | str, position: tuple) -> str:
+    """The name of an item of a layer's (or its base class's) or an op's output: "h" for an
+    LSTM's (1, 0), else the position ("1_0")."""
+    kinds = owner.__mro__ if isinstance(owner, type) else (owner,)
+    names = next((OUTPUT_NAMES[kind] for kind in kinds if kind in OUTPUT_NAMES), {})
+    return names.get(position) or "_".join(map(str, position))
+
+
 def module_call(
     op: torch._ops.OpOverload, args: tuple, kwargs: dict, module: nn.Module, path: str, tensor_of: Callable[[Any], Any]
 ) -> Call | None:

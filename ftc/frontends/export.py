@@ -6,7 +6,9 @@ The exported ATen graph is lowered into the same IR as fx's: lifted parameters a
 become get_attr nodes under their original names; the common ATen ops become the torch code
 people write (`a + b`, `x.view(...)`, `F.layer_norm`, see aten.py); an op that was the whole
 forward of a torch.nn layer (Linear, LayerNorm, Embedding, Dropout, ...) becomes a call of that
-module, so dropout follows the stage's train()/eval() mode; nodes keep their original module
+module, so dropout follows the stage's train()/eval() mode, and so does the whole call of a
+layer with several inputs or outputs (aten.WHOLE_CALLS: `self.lstm(x, (h0, c0))`), whose call
+signature export keeps; nodes keep their original module
 path (from nn_module_stack) for the stage comments; the batch dimension is symbolic (Dim
 "batch"), so stage code reads sizes from its inputs; and factory calls that named the tracing
 device use the stage's device.
@@ -26,19 +28,20 @@ import re
 import textwrap
 from pathlib import Path
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.export.graph_signature import InputKind, OutputKind
-from torch.utils._pytree import TreeSpec
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind, TensorArgument
+from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
 
-from .aten import DROPPED, lower, module_call, op_key, whole_view
+from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, lower, module_call, op_key, output_name, whole_view
 from .common import constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
 
@@ -74,7 +77,7 @@ def trace_export(
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
-        program = torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic)
+        program = _export(model, args, kwargs, dynamic)
     _inline_grad_mode_blocks(program.graph_module)
     signature = program.graph_signature
     modules = module_table(model, model_file)
@@ -93,6 +96,8 @@ def trace_export(
     batch_dim = _batch_dim_by_input(fed, dynamic)
     input_of: dict[fx.Node, str] = {}
     specs = {spec.arg.name: spec for spec in signature.input_specs}
+    whole_calls = {call.members[-1]: call for call in _whole_calls(program, model)}
+    in_whole_call = {member for call in whole_calls.values() for member in call.members}
     ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and not _dropped(n))
     for fx_node in program.graph.nodes:
         where = f"node {fx_node.name!r}"
@@ -133,7 +138,10 @@ def trace_export(
             outputs = _outputs(program.call_spec.out_spec, user_values, ref_of)
             continue
         elif fx_node.op == "call_function":
-            if _dropped(fx_node) and not fx_node.users:
+            if fx_node in whole_calls:
+                nodes.extend(_layer_call(whole_calls[fx_node], model, modules, model_file, names, taken, ref_of))
+                continue
+            if fx_node in in_whole_call or (_dropped(fx_node) and not fx_node.users):
                 continue
             if _copies_onto_itself(fx_node):
                 # export writes a buffer that forward updated in place back onto itself
@@ -176,6 +184,7 @@ def trace_export(
                 )
             else:
                 node.target = function_expr(target, fx_node.name)
+                label = _item_label(fx_node, module_path, model) or label
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_args)
             node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_kwargs.items()}
             node.name = unique_name(label, taken)
@@ -190,6 +199,194 @@ def trace_export(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", training_branches=training_branches(model, model_file),
     )  # fmt: skip
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | dict) -> torch.export.ExportedProgram:
+    """torch.export's program, with the call signatures of the model's WHOLE_CALLS layers kept
+    (which values each call took and returned, in what structure). export refuses to keep them
+    for a layer called with differently structured arguments (`self.lstm(x)`, then
+    `self.lstm(x, state)`), naming it, or with arguments other than tensors and scalars (a size,
+    `output_size=x.shape`), without naming it: the program is traced again without those
+    layers' signatures (or, where neither tells the layer, any layer's), and they are lowered op
+    by op."""
+    layers = tuple(path for path, module in model.named_modules() if path and isinstance(module, WHOLE_CALLS))
+    while True:
+        refused: list[str] = []
+        handles = [model.get_submodule(path).register_forward_pre_hook(_refuse_unkept(path, refused), with_kwargs=True)
+                   for path in layers]  # fmt: skip
+        try:
+            return torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic,
+                                       preserve_module_call_signature=layers)  # fmt: skip
+        except AssertionError as error:
+            if not layers:
+                raise
+            named = [path for path in layers if f"_export_root.{path}:" in str(error) or path in refused]
+            layers = tuple(path for path in layers if path not in named) if named else ()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _refuse_unkept(path: str, refused: list[str]) -> Any:
+    """A forward pre-hook that adds `path` to `refused` when the layer is called with an argument
+    whose signature export cannot keep: one that is not a tensor, a Python scalar, a string or None
+    once flattened (a symbolic size is not a Python int)."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        if not all(leaf is None or isinstance(leaf, (torch.Tensor, str, int, float, bool)) for leaf in leaves):
+            refused.append(path)
+
+    return hook
+
+
+@dataclass
+class _WholeCall:
+    """One call of a WHOLE_CALLS layer, as the ATen graph holds it."""
+
+    key: str  # the call's nn_module_stack key
+    path: str  # the layer's module path
+    members: list[fx.Node]  # the ops the call ran, in graph order
+    args: tuple  # the call's arguments: graph nodes and constants, as the layer was called
+    kwargs: dict[str, Any]
+    outputs: dict[fx.Node, tuple]  # each returned value -> its position in the layer's nested output
+
+
+def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) -> list[_WholeCall]:
+    """The calls of WHOLE_CALLS layers whose ops can be written as one call of the layer: they
+    read only the call's arguments and the layer's own parameters and buffers, nothing outside
+    reads them but through the call's outputs, and no other op ran between them. The layer's
+    forward made those ops from those arguments, so calling it computes what they compute (and
+    follows the stage's train()/eval() as the layer did)."""
+    signatures = {entry.fqn: entry.signature for entry in program.module_call_graph if entry.signature is not None}
+    graph_nodes = list(program.graph.nodes)
+    by_name = {node.name: node for node in graph_nodes}
+    position = {node: k for k, node in enumerate(graph_nodes)}
+    members_of: dict[str, list[fx.Node]] = {}
+    path_of: dict[str, str] = {}
+    for node in graph_nodes:
+        for key, (path, _) in (node.meta.get("nn_module_stack") or {}).items():
+            members_of.setdefault(key, []).append(node)
+            path_of[key] = path
+    output_node = graph_nodes[-1]
+    specs = program.graph_signature
+    user_outputs = {
+        value for value, spec in zip(output_node.args[0], specs.output_specs) if spec.kind == OutputKind.USER_OUTPUT
+    }
+    state_kinds = (InputKind.PARAMETER, InputKind.BUFFER)
+    state_of = {spec.arg.name: spec.target for spec in specs.input_specs if spec.kind in state_kinds}
+    calls = []
+    for key, ran in members_of.items():
+        path = path_of[key]
+        # export numbers a layer's later calls "path@1", "path@2" in its keys and signatures
+        signature = signatures.get(f"{path}@{key.rpartition('@')[2]}" if "@" in key else path)
+        # the root's signature is the model's own, and a layer that computed nothing is no call to write
+        members = _without_sizes(ran)
+        if not path or signature is None or not isinstance(model.get_submodule(path), WHOLE_CALLS) or not members:
+            continue
+        leaves = [by_name.get(a.name) if isinstance(a, TensorArgument) else a for a in signature.inputs]
+        if not all(isinstance(leaf, fx.Node) or isinstance(leaf, ConstantArgument) for leaf in leaves):
+            continue
+        arguments = [leaf.value if isinstance(leaf, ConstantArgument) else leaf for leaf in leaves]
+        member_set = set(members)
+        inputs = {leaf for leaf in arguments if isinstance(leaf, fx.Node)}
+        returned = [by_name.get(a.name) if isinstance(a, TensorArgument) else None for a in signature.outputs]
+        positions = _positions(tree_unflatten(list(range(len(returned))), signature.out_spec), ())
+        outputs = {value: positions[i] for i, value in enumerate(returned) if value is not None}
+        first, last = position[members[0]], position[members[-1]]
+        sound = (
+            not inputs & member_set
+            and set(outputs) <= member_set
+            and all(node in member_set or _is_size(node) or (_dropped(node) and not node.users)
+                    for node in graph_nodes[first : last + 1])
+            and all(
+                read in member_set or read in inputs or state_of.get(read.name, "").startswith(f"{path}.")
+                or _is_size(read)  # forward reads its sizes from its arguments again
+                for member in members for read in member.all_input_nodes
+            )
+            and all(
+                user in member_set or (member in outputs and (user is not output_node or member in user_outputs))
+                for member in members for user in member.users
+            )
+        )  # fmt: skip
+        if sound:
+            args, kwargs = tree_unflatten(arguments, signature.in_spec)
+            calls.append(_WholeCall(key, path, members, tuple(args), dict(kwargs), outputs))
+    return calls
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A Python number the graph computes (a size, or arithmetic on sizes), not a tensor."""
+    return isinstance(node.meta.get("val"), (int, torch.SymInt, torch.SymBool, torch.SymFloat))
+
+
+def _without_sizes(ran: list[fx.Node]) -> list[fx.Node]:
+    """The ops of a layer call but the sizes it computed from values given to it (the batch
+    size times the heads): export computes a size once and later code reads it from there, so
+    such a size stays a value of its own, which the code after the call may read."""
+    members: list[fx.Node] = []
+    for node in ran:
+        if not _is_size(node) or any(read in members for read in node.all_input_nodes):
+            members.append(node)
+    return members
+
+
+def _positions(structure: Any, at: tuple) -> dict[int, tuple]:
+    """Leaf index -> its position (indices and keys) in a nested output of leaf indices."""
+    if isinstance(structure, int):
+        return {structure: at}
+    items = structure.items() if isinstance(structure, dict) else enumerate(structure)
+    return {leaf: position for key, item in items for leaf, position in _positions(item, (*at, key)).items()}
+
+
+def _layer_call(
+    call: _WholeCall, model: torch.nn.Module, modules: dict[str, str], model_file: ModelFile,
+    names: dict[fx.Node, str], taken: set[str], ref_of: Any,
+) -> list[Node]:  # fmt: skip
+    """The IR of a whole layer call: `lstm = self.lstm(x, (h0, c0))`, then its outputs taken out
+    item by item (`lstm[1][0]`), named after the layer's documented outputs (`lstm_h`); the
+    naming pass gives them the source's names where a statement unpacks them."""
+    module = model.get_submodule(call.path)
+    label = _call_label(call.path, module)
+    last = call.members[-1]
+    stack = last.meta.get("nn_module_stack") or {}
+    # the call is made in the scope of the module that called the layer
+    callers = [path for key, (path, _) in stack.items()][: list(stack).index(call.key)]
+    module_path = next((path for path in reversed(callers) if not path.startswith("_")), "")
+    source = _scope(last, model_file)[1]
+
+    def made(name: str, op: str, target: str, args: tuple, kwargs: dict) -> Node:
+        scope = (module_path, modules.get(module_path, ""), source)
+        node = Node(unique_name(name, taken), op, target, args, kwargs, *scope)
+        node.grad_enabled = last.meta.get("ftc_grad_enabled", True)
+        return node
+
+    where = f"call of {call.path}"
+    args = tuple(ir_arg(a, ref_of, where) for a in call.args)
+    nodes = [made(label, "call_module", call.path, args, {k: ir_arg(v, ref_of, where) for k, v in call.kwargs.items()})]
+    item_of = {(): nodes[0]}
+    for value, position in call.outputs.items():
+        for depth in range(1, len(position) + 1):
+            if position[:depth] not in item_of:
+                outer = Ref(item_of[position[: depth - 1]].name)
+                name = f"{label}_{output_name(type(module), position[:depth])}"
+                item = made(name, "call_function", "operator.getitem", (outer, position[depth - 1]), {})
+                item_of[position[:depth]] = item
+                nodes.append(item)
+        names[value] = item_of[position].name
+    return nodes
+
+
+def _item_label(fx_node: fx.Node, module_path: str, model: torch.nn.Module) -> str | None:
+    """`lstm_h` for an item taken from the output of a multi-output layer op that stays as
+    traced (`torch.lstm(...)[1]` in module `lstm`): the module's label and the item's name."""
+    if fx_node.target is not operator.getitem or not isinstance(fx_node.args[1], int):
+        return None
+    source = fx_node.args[0]
+    if not isinstance(source, fx.Node) or not _is_aten(source) or op_key(source.target) not in OUTPUT_NAMES:
+        return None
+    owner = _call_label(module_path, model.get_submodule(module_path)) if module_path else source.name
+    return f"{owner}_{output_name(op_key(source.target), (fx_node.args[1],))}"
 
 
 def training_branches(model: torch.nn.Module, model_file: ModelFile) -> list[str]:

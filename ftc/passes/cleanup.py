@@ -12,10 +12,12 @@ from dataclasses import replace
 
 from ftc.ir import Graph
 
-# scaled_dot_product_attention draws its attention dropout when dropout_p > 0.
+# scaled_dot_product_attention draws its attention dropout when dropout_p > 0; so do the
+# torch.nn layers with a dropout setting (nn.MultiheadAttention, the recurrent layers and the
+# Transformer layers) and the recurrent functions (torch.lstm(..., dropout=p, train=True)).
 RANDOM_MARKERS = (
     "dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "poisson", "exponential",
-    "scaled_dot_product_attention",
+    "scaled_dot_product_attention", "multiheadattention", "lstm", "gru", "rnn", "transformer",
 )  # fmt: skip
 
 

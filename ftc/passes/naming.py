@@ -13,8 +13,10 @@ reads like the original forward.
 
 Nodes group by (module path, statement) in program order; in a group, the last node's value is
 what a simple `name = ...` assigns, and the items unpacked from a tuple (getitem nodes) take
-the names of a tuple target. Statements the pass cannot see (another file, a multi-statement
-line) leave names as they are.
+the names of a tuple target. The ops of a torch.nn layer the tracer went into (export's
+Transformer layers) carry their caller's line one level deeper: where such a layer ends the
+statement, its last op is the statement's value. Statements the pass cannot see (another
+file, a multi-statement line) leave names as they are.
 """
 
 from __future__ import annotations
@@ -72,11 +74,39 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         return files[file].get(int(line))
 
     wanted: dict[str, str] = {}
+    compute = [node for node in graph.nodes if node.is_compute]
+    position = {node.name: k for k, node in enumerate(compute)}
+
+    def owner(path: str) -> str:
+        """The innermost module on the path that is not torch.nn's: whose code made the call."""
+        while path and graph.modules.get(path, "").startswith("torch."):
+            path = path.rpartition(".")[0]
+        return path
+
+    def ends_at(last: Node) -> bool:
+        """Whether nothing after `last` may still belong to its statement: the next op is not
+        inside a module of the model's own deeper than the one that ran `last`'s statement (in
+        `x = self.blocks(self.stem(x))` the stem's last op is followed by the blocks' ops)."""
+        k = position[last.name] + 1
+        return k == len(compute) or _within(owner(compute[k].module_path), owner(last.module_path))
+
+    def value_of(last: Node, stmt: ast.stmt) -> Node:
+        """The statement's value: its last op, or, where the statement ends in a call of a
+        torch.nn layer whose ops the tracer went into (they carry the caller's line, deeper in
+        the module tree: `encoded = self.encoder(x, src_key_padding_mask=ids == 0)` through
+        export), the layer's."""
+        end = last
+        for k in range(position[last.name] + 1, len(compute)):
+            node = compute[k]
+            if not _within(last.module_path, node.module_path, strictly=True) or statement(node) is not stmt:
+                break
+            end = node
+        return end if end is not last and ends_at(end) else last
 
     def finish(stmt: ast.stmt, group: list[Node]) -> None:
         targets = _targets(stmt)
         if isinstance(targets, str):
-            wanted[group[-1].name] = targets
+            wanted[value_of(group[-1], stmt).name] = targets
             return
         # Tuple targets name the items unpacked (getitem) from the statement's last value,
         # nested tuples included: `h, (hn, cn) = self.lstm(x)`. Only from that value: an
@@ -120,6 +150,21 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     for stmt, group in open_groups.values():
         if stmt is not None:
             finish(stmt, group)
+    # A statement that only calls a torch.nn layer whose ops the tracer went into (export's
+    # Transformer layers, a Sequential's children) has no op at the caller's level: its value
+    # is the last of the run of the layer's ops, unless the statement goes on around the run.
+    runs: list[tuple[ast.stmt | None, list[Node]]] = []
+    for node in compute:
+        stmt = statement(node) if node.module_class.startswith("torch.") else None
+        if runs and stmt is not None and runs[-1][0] is stmt:
+            runs[-1][1].append(node)
+        else:
+            runs.append((stmt, [node]))
+    for k, (stmt, run) in enumerate(runs):
+        targets = _targets(stmt) if stmt is not None else None
+        around = [runs[j][1][i] for j, i in ((k - 1, -1), (k + 1, 0)) if 0 <= j < len(runs)]
+        if isinstance(targets, str) and all(statement(node) is not stmt for node in around) and ends_at(run[-1]):
+            wanted.setdefault(run[-1].name, targets)
 
     taken = {node.name for node in graph.nodes}
     renames: dict[str, str] = {}
@@ -150,6 +195,12 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     ]
     outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
     return replace(graph, nodes=nodes, outputs=outputs)
+
+
+def _within(outer: str, path: str, strictly: bool = False) -> bool:
+    """Whether module `path` is module `outer` or inside it (only inside, when `strictly`)."""
+    inside = not outer or path.startswith(f"{outer}.")
+    return (inside and path != outer) if strictly else inside or path == outer
 
 
 def _written_name(node: Node, nodes: dict[str, Node], labels: dict[str, str]) -> str | None:

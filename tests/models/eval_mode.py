@@ -1,7 +1,7 @@
-"""Layers that compute differently in eval mode, each a single ATen op through torch.export
-that carries the training mode as an argument: a 2-layer GRU with dropout between its layers
-(`train`) and an InstanceNorm with running statistics (`use_input_stats`). The trace runs in
-training mode; the stages must follow their own train()/eval() as the layers do.
+"""Layers that compute differently in eval mode, whose ATen ops through torch.export carry the
+training mode as an argument: a 2-layer GRU with dropout between its layers (`train`) and an
+InstanceNorm with running statistics (`use_input_stats`). The trace runs in training mode; the
+stages must follow their own train()/eval() as the layers do (both become calls of the layers).
 
 Inputs: token ids, a LongTensor [B, 6] in [0, 20); the output is [B, 6, 4]. Loss: MSE.
 """
