@@ -102,15 +102,23 @@ def build_stages(
         )
     classes = {index: pipeline.stage_class(specs[index]) for index in stage_indices}
     try:
-        stages = _build_owned(model_file, classes, seed, pipeline)
-    except _Unsupported as exc:
-        log.warning(
-            "%s: building the whole model on the CPU to keep stages %s, because %s",
-            model_file.path,
-            ", ".join(map(str, stage_indices)),
-            exc,
-        )
-        stages = _build_whole(model_file, classes, seed, pipeline)
+        try:
+            stages = _build_owned(model_file, classes, seed, pipeline)
+        except _Unsupported as exc:
+            log.warning(
+                "%s: building the whole model on the CPU to keep stages %s, because %s",
+                model_file.path,
+                ", ".join(map(str, stage_indices)),
+                exc,
+            )
+            stages = _build_whole(model_file, classes, seed, pipeline)
+    except FtcError as exc:
+        # Stages that no longer fit a model file edited since compiling (a renamed or an added
+        # layer) read as a hand edit of the stages or of pipeline.json; the edit to undo is the
+        # model file's, or the pipeline is stale.
+        if not model_file_changed(model_file, pipeline):
+            raise
+        raise changed_model_file_error(model_file, pipeline, exc) from exc
     _move(stages, torch.device(device))
     if checkpoint is not None:
         # pipeline.json lists parameters and buffers; those a stage does not save (non-persistent
@@ -121,6 +129,27 @@ def build_stages(
         model_keys = ({key for spec in pipeline.stages for key in spec.state} | set(pipeline.tied)) - unsaved
         load_checkpoint(stages, checkpoint, model_keys, pipeline.tied)
     return stages
+
+
+def model_file_changed(model_file: ModelFile, pipeline: Pipeline) -> bool:
+    """Whether the model file is not the one the pipeline was compiled from (pipeline.json's
+    sha256 of it; a manifest without one cannot tell)."""
+    recorded = pipeline.manifest.get("model_file_sha256")
+    return recorded is not None and recorded != model_file.digest()
+
+
+def changed_model_file_error(model_file: ModelFile, pipeline: Pipeline, exc: FtcError) -> FtcError:
+    """`exc`, raised while adopting the model's modules into the stages, blamed on the model
+    file's change since compiling, with the command that recompiles."""
+    name = f" --name {pipeline.name}" if pipeline.name != model_file.stem else ""
+    return FtcError(
+        f"{model_file.path} is not the model file {pipeline.folder} was compiled from (it changed since, or is another "
+        f"file: its sha256 is not pipeline.json's model_file_sha256), and the stages no longer fit the model it "
+        f"builds: {exc.message}",
+        f"recompile the pipeline from the model file as it is now: `ftc compile {model_file.path} --stages "
+        f"{pipeline.num_devices} -o {pipeline.folder.parent}{name}` with the other options of the first compile (and "
+        "--force over hand-edited stages), or restore the model file it was compiled from",
+    )
 
 
 def load_checkpoint(

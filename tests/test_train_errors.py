@@ -146,6 +146,20 @@ def test_a_changed_model_file_is_warned_about(pipeline, capsys):
     assert "is not the model file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit", [("self.body", "self.trunk"), ("nn.Linear(16, 16)", "nn.Linear(16, 16), nn.Linear(16, 16)")])
+def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recompile(pipeline, edit):
+    """A renamed submodule, or a layer added: the stages' adoption fails as if they or
+    pipeline.json's "state" were edited by hand, which their fix lines said to undo; the edit
+    was the model file's."""
+    root, folder = pipeline
+    path = root / f"changed_{len(edit[1])}.py"
+    path.write_text((root / "model.py").read_text().replace(*edit))
+    with pytest.raises(FtcError) as error:
+        run(folder, model=str(path), steps=1)
+    assert error.value.message.startswith(f"{path} is not the model file {folder} was compiled from (it changed since"), error.value.message
+    assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in error.value.hint
+
+
 def test_a_warmup_longer_than_the_run_is_warned_about(pipeline, capsys):
     _, folder = pipeline
     run(folder, steps=2, lr_schedule={"warmup_steps": 5})
