@@ -613,7 +613,9 @@ def from_module(model_file: ModelFile, module: str | None = None, **options: Any
     try:
         return function(**options)
     except Exception as exc:
-        raise FtcError(f"{where}({options}) raised {type(exc).__name__}: {exc}") from exc
+        raise user_error(exc, f"the data set {where}({', '.join(f'{k}={v!r}' for k, v in options.items())})",
+                         [inspect.getsourcefile(function) or ""], "check the data options (config key 'data') "
+                         "against the function's parameters") from exc  # fmt: skip
 
 
 # The built-in data sets' options: what each must be (their signatures' annotations), and the
@@ -647,8 +649,18 @@ def _check_option_values(builder: Callable, options: dict) -> None:
 
 
 def _check_options(function: Callable, positional: tuple, options: dict, what: str) -> None:
+    signature = inspect.signature(function)
     try:
-        inspect.signature(function).bind(*positional, **options)
+        signature.bind(*positional, **options)
     except TypeError as exc:
-        raise FtcError(f"config key 'data': {what} does not take the options {sorted(options)}: {exc}",
-                       "see the data-set options in ftc.runtime.data's docstring") from exc  # fmt: skip
+        parameters = list(signature.parameters.values())[len(positional) :]
+        takes = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "outputs"]
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        unknown = [] if open_ended else [key for key in options if key not in takes]
+        # "data" merges with a base config's key by key, so an option of the base's data set
+        # comes along when a config names another one.
+        wrong = (f"config key 'data.{unknown[0]}': {what} takes no option {unknown[0]!r}" if unknown
+                 else f"config key 'data': {what} cannot take the options {sorted(options)}: {exc}")  # fmt: skip
+        raise FtcError(f"{wrong} (its options: {', '.join(takes) or 'none'})",
+                       "leave out the options it does not take; a \"data\" object merges with its base config's "
+                       "key by key: give it whole to replace it (--set 'data={\"name\": ...}')") from exc  # fmt: skip

@@ -90,11 +90,14 @@ def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
     model_file = load_model_file(EXAMPLES / "mlp.py")
     dataset = build_dataset({"name": "module", "module": f"{data_path}:squares", "count": 5, "scale": 2.0}, model_file)
     assert len(dataset) == 5 and dataset[3][1].item() == 18.0
-    with pytest.raises(FtcError, match="does not take the options"):
+    with pytest.raises(FtcError, match=re.escape("config key 'data.size': " + f"{data_path}:squares takes no option 'size' (its options: count, scale)")):
         build_dataset({"name": "module", "module": f"{data_path}:squares", "size": 5}, model_file)
+    with pytest.raises(FtcError, match=re.escape(f"the data set {data_path}:squares(count='x') raised TypeError")) as error:
+        build_dataset({"name": "module", "module": f"{data_path}:squares", "count": "x"}, model_file)
+    assert "squares.py:3" in error.value.message  # the line of the user's function that raised
     with pytest.raises(FtcError, match="needs a function dataset"):
         build_dataset({"name": "module"}, model_file)
-    with pytest.raises(FtcError, match="does not take the options"):
+    with pytest.raises(FtcError, match=re.escape("config key 'data.colour': the 'digits' data set takes no option 'colour' (its options: image, target)")):
         build_dataset({"name": "digits", "colour": True}, model_file)
     for module, error in [
         ("squares", "config key 'data.module' is 'squares'"),
