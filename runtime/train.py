@@ -562,9 +562,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if dataset is not None:
         trained = split_held_out(len(dataset), config.eval.fraction, config.source) if config.eval.every else len(dataset)
     sampler = Sampler(trained, config.batch_size, config.seed) if dataset is not None else None
-    if rank == 0 and dataset is not None and len(dataset) < config.batch_size:
-        print(f"ftc train: warning: data set {config.data['name']!r} has {len(dataset)} samples, fewer than batch_size "
-              f"({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and trained is not None and trained < config.batch_size:
+        # Training draws only from the samples eval does not hold out.
+        held_out = f" ({len(dataset) - trained} more held out for eval)" if trained < len(dataset) else ""
+        print(f"ftc train: warning: data set {config.data['name']!r} has {trained} samples{held_out} to train on, "
+              f"fewer than batch_size ({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, world_size)
     def load(batches: list[int]) -> tuple[Any, Any]:

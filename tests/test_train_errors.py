@@ -343,7 +343,12 @@ def test_resuming_from_nothing_and_a_data_set_smaller_than_a_batch_are_warned_ab
         data={"name": "synthetic", "size": 5})  # fmt: skip
     err = capsys.readouterr().err
     assert f"checkpoint.resume is true, but {tmp_path / 'empty'} holds no complete checkpoint" in err
-    assert "data set 'synthetic' has 5 samples, fewer than batch_size (8): every batch repeats samples" in err
+    assert "data set 'synthetic' has 5 samples to train on, fewer than batch_size (8): every batch repeats samples" in err
+    # eval holds out the last tenth: 9 samples leave 8 to train on, a batch's worth; 8 leave 7
+    run(folder, batch_size=8, data={"name": "synthetic", "size": 9}, eval={"every": 1})
+    assert "fewer than batch_size" not in capsys.readouterr().err
+    run(folder, batch_size=8, data={"name": "synthetic", "size": 8}, eval={"every": 1})
+    assert "has 7 samples (1 more held out for eval) to train on, fewer than batch_size (8)" in capsys.readouterr().err
 
 
 def test_a_hand_edited_stage_output_of_another_shape_fails_the_check_by_name(tmp_path):
