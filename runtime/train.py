@@ -998,8 +998,8 @@ def summary(results: Results) -> str:
         steps = results.config.get("steps", final["steps"])
         return f"nothing to train: the run is at step {final['steps']}, and the config asks for {steps} steps"
     lines = [
-        f"final loss {final['loss']:.4f} (mean of the last {min(10, len(results.loss))} steps "
-        f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps"
+        f"final loss {final['loss']:.4f} (mean of the last {counted(min(10, len(results.loss)), 'step')} "
+        f"{final['mean_loss_last_10']:.4f}) after {counted(final['steps'], 'step')}"
         + (f", held-out loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""),
         f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
     ]

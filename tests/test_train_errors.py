@@ -160,6 +160,13 @@ def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recomp
     assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in error.value.hint
 
 
+def test_the_summary_of_a_one_step_run_says_step():
+    from ftc.runtime.train import Results, summary
+
+    line = summary(Results({}, "local", 1, 0, loss=[1.5])).splitlines()[0]
+    assert line == "final loss 1.5000 (mean of the last 1 step 1.5000) after 1 step"
+
+
 def test_a_warmup_longer_than_the_run_is_warned_about(pipeline, capsys):
     _, folder = pipeline
     run(folder, steps=2, lr_schedule={"warmup_steps": 5})
