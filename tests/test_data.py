@@ -48,6 +48,18 @@ def test_bytes_are_the_sorted_stdlib_sources_in_next_byte_windows():
     assert len(dataset) == (5000 - 1) // 64
 
 
+def test_bytes_feed_a_model_that_takes_its_token_ids_by_keyword(tmp_path):
+    """A Hugging Face language model takes input_ids as a keyword input: it was refused as not
+    taking "one integer tensor"."""
+    path = tmp_path / "keyword_lm.py"
+    path.write_text("import torch\n\ndef build_model():\n    return torch.nn.Embedding(256, 4)\n\n"
+                    "def example_inputs(batch_size):\n    return {'input_ids': torch.zeros(batch_size, 16, dtype=torch.long)}\n")  # fmt: skip
+    dataset = build_dataset({"name": "bytes", "max_bytes": 1000}, load_model_file(path))
+    inputs, target = dataset[0]
+    assert list(inputs) == ["input_ids"] and inputs["input_ids"].shape == (16,) and target.shape == (16,)
+    assert torch.equal(inputs["input_ids"][1:], target[:-1])
+
+
 def test_digits_labels_images_and_masks():
     from sklearn.datasets import load_digits
 
