@@ -172,17 +172,20 @@ class SingleProcess:
         for i in range(self.micro_batches):
             x = self._micro_inputs(inputs, i)
             y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-            try:
-                output = self.model(**x) if isinstance(x, dict) else self.model(*x)
-            except Exception as exc:
-                raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i},",
-                                 [inspect.getsourcefile(type(self.model)) or ""],
-                                 "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
-            loss = call_loss(self.loss_fn, output, y)
+            loss = call_loss(self.loss_fn, self._forward(x, i), y)
             (loss * (loss_scale / self.micro_batches)).backward()
             losses.append(loss.detach().reshape(()).to(torch.float64))
         # One read of the device per step, as the engine's mean_loss.
         return (torch.stack(losses).sum() / self.micro_batches).item()
+
+    def _forward(self, x: tuple | dict, i: int, evaluating: bool = False) -> Any:
+        try:
+            return self.model(**x) if isinstance(x, dict) else self.model(*x)
+        except Exception as exc:
+            raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
+                             f"{' of a held-out batch, in eval mode' if evaluating else ''},",
+                             [inspect.getsourcefile(type(self.model)) or ""],
+                             "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
 
     def sync_shared_grads(self) -> None:
         """Nothing to do: one process holds every parameter once."""
@@ -198,8 +201,7 @@ class SingleProcess:
             for i in range(self.micro_batches):
                 x = self._micro_inputs(inputs, i)
                 y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-                output = self.model(**x) if isinstance(x, dict) else self.model(*x)
-                losses.append(call_loss(self.loss_fn, output, y).reshape(()).to(torch.float64))
+                losses.append(call_loss(self.loss_fn, self._forward(x, i, evaluating=True), y).reshape(()).to(torch.float64))
         return (torch.stack(losses).sum() / self.micro_batches).item(), None
 
 

@@ -160,6 +160,28 @@ def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recomp
     assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in error.value.hint
 
 
+def test_a_model_that_fails_in_eval_mode_is_named_when_mode_single_evaluates(pipeline):
+    """Mode single ran the model's forward bare while evaluating: its error came out as an
+    internal error, not named."""
+    root, folder = pipeline
+    path = root / "eval_fails.py"
+    path.write_text((root / "model.py").read_text() + """
+
+class EvalFails(Classifier):
+    def forward(self, x):
+        if not self.training:
+            raise ValueError("no eval mode here")
+        return super().forward(x)
+
+
+def build_model():
+    return EvalFails()
+""")
+    with pytest.raises(FtcError, match=re.escape("the model (EvalFails), micro-batch 0 of a held-out batch, in eval "
+                                                 "mode, raised ValueError: no eval mode here (at ")):  # fmt: skip
+        run(folder, mode="single", model=str(path), eval={"every": 1})
+
+
 def test_the_summary_of_a_one_step_run_says_step():
     from ftc.runtime.train import Results, summary
 
