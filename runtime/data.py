@@ -660,7 +660,8 @@ def _check_options(function: Callable, positional: tuple, options: dict, what: s
         signature.bind(*positional, **options)
     except TypeError as exc:
         parameters = list(signature.parameters.values())[len(positional) :]
-        takes = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "outputs"]
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        takes = [p.name for p in parameters if p.kind in named and p.name != "outputs"]  # outputs: synthetic's own
         open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
         unknown = [] if open_ended else [key for key in options if key not in takes]
         # "data" merges with a base config's key by key, so an option of the base's data set

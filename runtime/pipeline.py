@@ -134,7 +134,11 @@ def load_pipeline(folder: str | Path) -> Pipeline:
     folder = Path(folder)
     manifest_path = folder / "pipeline.json"
     if not manifest_path.is_file():
-        what = "does not exist" if not folder.exists() else "is a file, not a folder" if folder.is_file() else "holds no pipeline.json"
+        what = (
+            "does not exist" if not folder.exists()
+            else "is a file, not a folder" if folder.is_file()
+            else "holds no pipeline.json"
+        )  # fmt: skip
         # `ftc compile -o DIR` writes DIR/<name>/: DIR itself is the likely mistake.
         inside = sorted(sub for sub in folder.glob("*/pipeline.json")) if folder.is_dir() else []
         hint = (f"pass the pipeline folder inside it: {', '.join(str(p.parent) for p in inside[:3])}" if inside

@@ -201,7 +201,8 @@ class SingleProcess:
             for i in range(self.micro_batches):
                 x = self._micro_inputs(inputs, i)
                 y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-                losses.append(call_loss(self.loss_fn, self._forward(x, i, evaluating=True), y).reshape(()).to(torch.float64))
+                loss = call_loss(self.loss_fn, self._forward(x, i, evaluating=True), y)
+                losses.append(loss.reshape(()).to(torch.float64))
         return (torch.stack(losses).sum() / self.micro_batches).item(), None
 
 
@@ -698,7 +699,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             end == config.steps or (config.checkpoint.every and end % config.checkpoint.every == 0)
         ):
             status.write("checkpointing", end)
-            save(root, end, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group, results.history())
+            save(root, end, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group,
+                 results.history())  # fmt: skip
     results.wall_time_s = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
