@@ -158,6 +158,11 @@ def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recomp
         run(folder, model=str(path), steps=1)
     assert error.value.message.startswith(f"{path} is not the model file {folder} was compiled from (it changed since"), error.value.message
     assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in error.value.hint
+    if "nn.Linear(16, 16), " in edit[1]:  # a renamed module is caught before: "it is another model"
+        from ftc.check import check_pipeline
+
+        with pytest.raises(FtcError, match=re.escape(f"{path} is not the model file {folder} was compiled from")):
+            check_pipeline(folder, model_path=path)
 
 
 def test_a_model_that_fails_in_eval_mode_is_named_when_mode_single_evaluates(pipeline):
