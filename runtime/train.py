@@ -85,7 +85,7 @@ class History:
                 "eval": [{"step": step, "loss": loss} for step, loss in self.eval_loss]}  # fmt: skip
 
     @classmethod
-    def from_json(cls, data: dict) -> "History":
+    def from_json(cls, data: dict) -> History:
         return cls(list(data["loss"]), list(data["lr"]), list(data["grad_norm"]),
                    [(entry["step"], entry["loss"]) for entry in data["eval"]])  # fmt: skip
 
@@ -132,7 +132,7 @@ class Results:
         ) | ({"before_resume": self.earlier.to_json()} if self.earlier.loss else {})  # fmt: skip
 
     @classmethod
-    def from_json(cls, data: dict, results: str | None) -> "Results":
+    def from_json(cls, data: dict, results: str | None) -> Results:
         """What to_json wrote (`results`: where it was written)."""
         return cls(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
                    data["samples_per_s"], data["wall_time_s"], data["checkpoint"], results, data["plot"],
@@ -633,7 +633,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
 
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
     if rank == 0 and first_step:
-        results.earlier = earlier_history(resumed_from, first_step)
+        results.earlier = earlier_history(resumed_from)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
         epochs = f" ({counted(config.epochs, 'epoch')})" if config.epochs is not None else ""
@@ -984,15 +984,11 @@ def resume(
     return state["step"]
 
 
-def earlier_history(folder: Path, step: int) -> History:
-    """The figures of steps 1..`step` that the checkpoint `folder` carries (none from a checkpoint
-    written before checkpoints carried them)."""
+def earlier_history(folder: Path) -> History:
+    """The figures of the steps up to the checkpoint `folder` that it carries (none from a
+    checkpoint written before checkpoints carried them)."""
     data = checkpoint.load_training_state(folder, 0).get("history")
-    if data is None:
-        return History()
-    history = History.from_json(data)
-    history.eval_loss = [(at, loss) for at, loss in history.eval_loss if at <= step]
-    return history
+    return History() if data is None else History.from_json(data)
 
 
 def write_results(config: Config, results: Results) -> None:
