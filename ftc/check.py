@@ -43,6 +43,7 @@ from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Node, load
 from ftc.passes.partition.problem import may_draw_random
 from ftc.runtime import LocalExecutor, comm, load_model_file, load_pipeline
+from ftc.runtime.materialize import blamed_on_a_changed_model_file
 from ftc.runtime.mode import set_mode
 from ftc.runtime.pipeline import Pipeline
 from ftc.runtime.seeding import seed_generators
@@ -292,10 +293,12 @@ def check_pipeline(
         notes.append(f"stages {moved} read other values than ir.json's split gives them (ops moved between stages "
                      "by hand?): each stage alone is not compared, the whole pipeline end to end is")  # fmt: skip
     else:
-        stages = _check_stages_alone(pipeline, isolated, reference, original, floor, batch_size,
-                                     (state_after_forward, state_after_backward), tolerance)  # fmt: skip
+        with blamed_on_a_changed_model_file(model_file, pipeline):
+            stages = _check_stages_alone(pipeline, isolated, reference, original, floor, batch_size,
+                                         (state_after_forward, state_after_backward), tolerance)  # fmt: skip
 
-    executor = LocalExecutor(pipeline, end_to_end)
+    with blamed_on_a_changed_model_file(model_file, pipeline):
+        executor = LocalExecutor(pipeline, end_to_end)
     set_mode(end_to_end, executor.stages, True)
     problems += _state_dict_problems(pipeline, executor, original)
     torch.manual_seed(seed + 2)

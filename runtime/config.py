@@ -326,8 +326,10 @@ def _validate(c: Config) -> None:
     choice("device", c.device, DEVICES)
     choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
     choice("lr_schedule.name", c.lr_schedule.name, LR_SCHEDULES)
-    if not isinstance(c.data.get("name"), str):
+    if "name" not in c.data:
         fail("data", 'needs a "name"', f"one of {', '.join(DATA_SETS)}")
+    if not isinstance(c.data["name"], str):
+        fail("data.name", f"must be a string, not {json.dumps(c.data['name'])}", f"one of {', '.join(DATA_SETS)}")
     choice("data.name", c.data["name"], DATA_SETS)
     for key in ("batch_size", "micro_batches", "step_every", "steps", "log_every"):
         if getattr(c, key) < 1:
@@ -338,6 +340,13 @@ def _validate(c: Config) -> None:
         fail("eval.batches", f"is {c.eval.batches}; it must be at least 1")
     if not 0 < c.eval.fraction < 1:
         fail("eval.fraction", f"is {c.eval.fraction}; it must lie between 0 and 1 (0.1: the last tenth of the data set)")
+    if c.eval.every == 0:
+        # Settings of an evaluation that never runs: the user meant to evaluate.
+        for key in ("batches", "fraction"):
+            if getattr(c.eval, key) != getattr(EvalConfig(), key):
+                fail(f"eval.{key}", "is set, but eval.every is 0: nothing is evaluated",
+                     "set eval.every (evaluate after every N steps and after the last), or leave eval out (on the "
+                     "command line: --set 'eval={}')")  # fmt: skip
     if c.epochs is not None and c.epochs <= 0:
         fail("epochs", f"is {c.epochs}; it must be above 0 (0.5: half a pass over the data set)",
              "or leave it out and set steps")  # fmt: skip

@@ -20,7 +20,8 @@ Built-in data sets (the config's `data.name`; the other `data` keys are its opti
 - "bytes": a byte-level language-modelling corpus from text already on disk: the Python
   standard library's .py files (sorted by path, test folders left out, concatenated up to
   `max_bytes`, default 4 MB). Sample i is the window of context+1 bytes at i*context: input
-  [:-1], target [1:]; the context is the sequence length of the model's example_inputs.
+  [:-1], target [1:]; the context is the sequence length of the model's example_inputs, whose
+  one integer tensor may be positional or a keyword input (Hugging Face's input_ids).
 - "digits": scikit-learn's 8x8 handwritten digits (1797 images shipped inside the package): 64
   features in [0, 1] and the class label. `image: [C, H, W]` resizes the image (bilinear) and
   repeats it over C channels for image models; `target: "mask"` gives the segmentation mask
@@ -87,18 +88,20 @@ class TensorDataset:
 
 
 class ByteWindows:
-    """Next-byte prediction windows over a byte string."""
+    """Next-byte prediction windows over a byte string; the input is positional, or the keyword
+    input `key` (a Hugging Face model's input_ids)."""
 
-    def __init__(self, corpus: torch.Tensor, context: int):
+    def __init__(self, corpus: torch.Tensor, context: int, key: str | None = None):
         self.corpus = corpus
         self.context = context
+        self.key = key
 
     def __len__(self) -> int:
         return (len(self.corpus) - 1) // self.context
 
-    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor] | dict[str, torch.Tensor], torch.Tensor]:
         window = self.corpus[i * self.context : (i + 1) * self.context + 1].long()
-        return (window[:-1],), window[1:]
+        return ({self.key: window[:-1]} if self.key is not None else (window[:-1],)), window[1:]
 
 
 class Sampler:
@@ -550,10 +553,13 @@ def _samples_first(inputs: tuple | dict, model_file: ModelFile, size: int) -> tu
 
 def byte_corpus(model_file: ModelFile, max_bytes: int = 4_000_000) -> ByteWindows:
     inputs = model_file.inputs(1)
-    if isinstance(inputs, dict) or len(inputs) != 1 or inputs[0].dim() != 2 or inputs[0].is_floating_point():
+    tokens = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    if len(tokens) != 1 or tokens[0].dim() != 2 or tokens[0].is_floating_point():
         raise FtcError(f"{model_file.path}: the bytes data set needs a model that takes one integer tensor "
-                       "[batch, context] of token ids", "use another data set (see ftc.runtime.data)")  # fmt: skip
-    context = inputs[0].shape[1]
+                       "[batch, context] of token ids (positional, or one keyword input such as input_ids)",
+                       "use another data set (see ftc.runtime.data)")  # fmt: skip
+    context = tokens[0].shape[1]
+    key = next(iter(inputs)) if isinstance(inputs, dict) else None
     files = stdlib_sources()
     chunks, total = [], 0
     for path in files:
@@ -565,7 +571,7 @@ def byte_corpus(model_file: ModelFile, max_bytes: int = 4_000_000) -> ByteWindow
     corpus = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
     if len(corpus) < context + 1:
         raise FtcError(f"the bytes corpus ({len(corpus)} bytes) is shorter than one window of {context + 1}")
-    return ByteWindows(corpus, context)
+    return ByteWindows(corpus, context, key)
 
 
 def stdlib_sources() -> list[Path]:
@@ -613,7 +619,9 @@ def from_module(model_file: ModelFile, module: str | None = None, **options: Any
     try:
         return function(**options)
     except Exception as exc:
-        raise FtcError(f"{where}({options}) raised {type(exc).__name__}: {exc}") from exc
+        raise user_error(exc, f"the data set {where}({', '.join(f'{k}={v!r}' for k, v in options.items())})",
+                         [inspect.getsourcefile(function) or ""], "check the data options (config key 'data') "
+                         "against the function's parameters") from exc  # fmt: skip
 
 
 # The built-in data sets' options: what each must be (their signatures' annotations), and the
@@ -647,8 +655,19 @@ def _check_option_values(builder: Callable, options: dict) -> None:
 
 
 def _check_options(function: Callable, positional: tuple, options: dict, what: str) -> None:
+    signature = inspect.signature(function)
     try:
-        inspect.signature(function).bind(*positional, **options)
+        signature.bind(*positional, **options)
     except TypeError as exc:
-        raise FtcError(f"config key 'data': {what} does not take the options {sorted(options)}: {exc}",
-                       "see the data-set options in ftc.runtime.data's docstring") from exc  # fmt: skip
+        parameters = list(signature.parameters.values())[len(positional) :]
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        takes = [p.name for p in parameters if p.kind in named and p.name != "outputs"]  # outputs: synthetic's own
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        unknown = [] if open_ended else [key for key in options if key not in takes]
+        # "data" merges with a base config's key by key, so an option of the base's data set
+        # comes along when a config names another one.
+        wrong = (f"config key 'data.{unknown[0]}': {what} takes no option {unknown[0]!r}" if unknown
+                 else f"config key 'data': {what} cannot take the options {sorted(options)}: {exc}")  # fmt: skip
+        raise FtcError(f"{wrong} (its options: {', '.join(takes) or 'none'})",
+                       "leave out the options it does not take; a \"data\" object merges with its base config's "
+                       "key by key: give it whole to replace it (--set 'data={\"name\": ...}')") from exc  # fmt: skip

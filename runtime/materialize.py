@@ -33,9 +33,10 @@ the CPU instead, keeping only the stages' tensors.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,17 @@ def build_stages(
             f"pick stages among {sorted(specs)}",
         )
     classes = {index: pipeline.stage_class(specs[index]) for index in stage_indices}
-    try:
-        stages = _build_owned(model_file, classes, seed, pipeline)
-    except _Unsupported as exc:
-        log.warning(
-            "%s: building the whole model on the CPU to keep stages %s, because %s",
-            model_file.path,
-            ", ".join(map(str, stage_indices)),
-            exc,
-        )
-        stages = _build_whole(model_file, classes, seed, pipeline)
+    with blamed_on_a_changed_model_file(model_file, pipeline):
+        try:
+            stages = _build_owned(model_file, classes, seed, pipeline)
+        except _Unsupported as exc:
+            log.warning(
+                "%s: building the whole model on the CPU to keep stages %s, because %s",
+                model_file.path,
+                ", ".join(map(str, stage_indices)),
+                exc,
+            )
+            stages = _build_whole(model_file, classes, seed, pipeline)
     _move(stages, torch.device(device))
     if checkpoint is not None:
         # pipeline.json lists parameters and buffers; those a stage does not save (non-persistent
@@ -121,6 +123,35 @@ def build_stages(
         model_keys = ({key for spec in pipeline.stages for key in spec.state} | set(pipeline.tied)) - unsaved
         load_checkpoint(stages, checkpoint, model_keys, pipeline.tied)
     return stages
+
+
+def model_file_changed(model_file: ModelFile, pipeline: Pipeline) -> bool:
+    """Whether the model file is not the one the pipeline was compiled from (pipeline.json's
+    sha256 of it; a manifest without one cannot tell)."""
+    recorded = pipeline.manifest.get("model_file_sha256")
+    return recorded is not None and recorded != model_file.digest()
+
+
+@contextlib.contextmanager
+def blamed_on_a_changed_model_file(model_file: ModelFile, pipeline: Pipeline) -> Iterator[None]:
+    """Stages that no longer fit a model file edited since compiling (a renamed or an added
+    layer) fail as if the stages or pipeline.json's "state" were edited by hand, which their fix
+    lines say to undo; where the model file changed, the error inside blames that, with the
+    command that recompiles."""
+    try:
+        yield
+    except FtcError as exc:
+        if not model_file_changed(model_file, pipeline):
+            raise
+        name = f" --name {pipeline.name}" if pipeline.name != model_file.stem else ""
+        raise FtcError(
+            f"{model_file.path} is not the model file {pipeline.folder} was compiled from (it changed since, or is "
+            f"another file: its sha256 is not pipeline.json's model_file_sha256), and the stages no longer fit the "
+            f"model it builds: {exc.message}",
+            f"recompile the pipeline from the model file as it is now: `ftc compile {model_file.path} --stages "
+            f"{pipeline.num_devices} -o {pipeline.folder.parent}{name}` with the other options of the first compile "
+            "(and --force over hand-edited stages), or restore the model file it was compiled from",
+        ) from exc
 
 
 def load_checkpoint(

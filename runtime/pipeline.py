@@ -134,10 +134,16 @@ def load_pipeline(folder: str | Path) -> Pipeline:
     folder = Path(folder)
     manifest_path = folder / "pipeline.json"
     if not manifest_path.is_file():
-        raise FtcError(
-            f"{folder} holds no pipeline.json",
-            "pass a folder written by `ftc compile` (generated/<name>)",
-        )
+        what = (
+            "does not exist" if not folder.exists()
+            else "is a file, not a folder" if folder.is_file()
+            else "holds no pipeline.json"
+        )  # fmt: skip
+        # `ftc compile -o DIR` writes DIR/<name>/: DIR itself is the likely mistake.
+        inside = sorted(sub for sub in folder.glob("*/pipeline.json")) if folder.is_dir() else []
+        hint = (f"pass the pipeline folder inside it: {', '.join(str(p.parent) for p in inside[:3])}" if inside
+                else "pass a folder written by `ftc compile` (`ftc compile MODEL.py -o DIR` writes DIR/<name>/)")  # fmt: skip
+        raise FtcError(f"{folder} {what}", hint)
     try:
         manifest = strict_json(manifest_path.read_text())
     except ValueError as exc:

@@ -70,6 +70,27 @@ class Rank:
 
 
 @dataclass
+class History:
+    """The per-step figures of a run's steps before this process's first: a resumed run takes
+    them from its checkpoint, so that its final figures and loss curve are the whole run's, as
+    an uninterrupted run's are."""
+
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
+                "eval": [{"step": step, "loss": loss} for step, loss in self.eval_loss]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict) -> History:
+        return cls(list(data["loss"]), list(data["lr"]), list(data["grad_norm"]),
+                   [(entry["step"], entry["loss"]) for entry in data["eval"]])  # fmt: skip
+
+
+@dataclass
 class Results:
     config: dict
     mode: str
@@ -85,21 +106,39 @@ class Results:
     peak_memory_bytes: list[int] | None = None  # per rank, on CUDA: torch.cuda.max_memory_allocated
     grad_norm: list[float] = field(default_factory=list)  # per step, before clipping (optimizer.clip_grad_norm)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss), config eval
+    # A resumed run's steps before first_step (the lists above hold this process's steps only).
+    earlier: History = field(default_factory=History)
+
+    def history(self) -> History:
+        """The run's figures from its first step (as far as its checkpoints carried them) to now."""
+        earlier = self.earlier
+        return History(earlier.loss + self.loss, earlier.lr + self.lr, earlier.grad_norm + self.grad_norm,
+                       earlier.eval_loss + self.eval_loss)  # fmt: skip
 
     def to_json(self) -> dict:
-        last = self.loss[-10:]
+        whole = self.history()
+        last = whole.loss[-10:]
         return {
             "config": self.config, "mode": self.mode, "world_size": self.world_size,
             "first_step": self.first_step, "loss": self.loss, "lr": self.lr,
             "samples_per_s": self.samples_per_s, "wall_time_s": self.wall_time_s,
-            "final": {"loss": self.loss[-1] if self.loss else None,
+            "final": {"loss": whole.loss[-1] if whole.loss else None,
                       "mean_loss_last_10": sum(last) / len(last) if last else None,
                       "steps": self.first_step + len(self.loss)}
-                     | ({"eval_loss": self.eval_loss[-1][1]} if self.eval_loss else {}),
+                     | ({"eval_loss": whole.eval_loss[-1][1]} if whole.eval_loss else {}),
             "checkpoint": self.checkpoint, "plot": self.plot, "peak_memory_bytes": self.peak_memory_bytes,
         } | ({"grad_norm": self.grad_norm} if self.grad_norm else {}) | (
             {"eval": [{"step": step, "loss": loss} for step, loss in self.eval_loss]} if self.eval_loss else {}
-        )  # fmt: skip
+        ) | ({"before_resume": self.earlier.to_json()} if self.earlier.loss else {})  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict, results: str | None) -> Results:
+        """What to_json wrote (`results`: where it was written)."""
+        return cls(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
+                   data["samples_per_s"], data["wall_time_s"], data["checkpoint"], results, data["plot"],
+                   data["peak_memory_bytes"], data.get("grad_norm", []),
+                   [(entry["step"], entry["loss"]) for entry in data.get("eval", [])],
+                   History.from_json(data["before_resume"]) if "before_resume" in data else History())  # fmt: skip
 
 
 class SingleProcess:
@@ -133,17 +172,20 @@ class SingleProcess:
         for i in range(self.micro_batches):
             x = self._micro_inputs(inputs, i)
             y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-            try:
-                output = self.model(**x) if isinstance(x, dict) else self.model(*x)
-            except Exception as exc:
-                raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i},",
-                                 [inspect.getsourcefile(type(self.model)) or ""],
-                                 "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
-            loss = call_loss(self.loss_fn, output, y)
+            loss = call_loss(self.loss_fn, self._forward(x, i), y)
             (loss * (loss_scale / self.micro_batches)).backward()
             losses.append(loss.detach().reshape(()).to(torch.float64))
         # One read of the device per step, as the engine's mean_loss.
         return (torch.stack(losses).sum() / self.micro_batches).item()
+
+    def _forward(self, x: tuple | dict, i: int, evaluating: bool = False) -> Any:
+        try:
+            return self.model(**x) if isinstance(x, dict) else self.model(*x)
+        except Exception as exc:
+            raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
+                             f"{' of a held-out batch, in eval mode' if evaluating else ''},",
+                             [inspect.getsourcefile(type(self.model)) or ""],
+                             "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
 
     def sync_shared_grads(self) -> None:
         """Nothing to do: one process holds every parameter once."""
@@ -159,8 +201,8 @@ class SingleProcess:
             for i in range(self.micro_batches):
                 x = self._micro_inputs(inputs, i)
                 y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-                output = self.model(**x) if isinstance(x, dict) else self.model(*x)
-                losses.append(call_loss(self.loss_fn, output, y).reshape(()).to(torch.float64))
+                loss = call_loss(self.loss_fn, self._forward(x, i, evaluating=True), y)
+                losses.append(loss.reshape(()).to(torch.float64))
         return (torch.stack(losses).sum() / self.micro_batches).item(), None
 
 
@@ -530,6 +572,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
 
     root = Path(config.checkpoint.dir) if config.checkpoint.dir else None
     first_step, run = 0, uuid.uuid4().hex[:12]
+    resumed_from: Path | None = None
     if root is not None:
         # Rank 0 clears half-written step folders before any rank can write one (that needs a
         # step, which needs rank 0); complete ones stay, the latest for the others to resume from.
@@ -545,6 +588,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             model_keys = {key for stage in pipeline.stages for key in stage.state} | set(pipeline.tied)
             model_keys |= {key for module in modules for key in module.state_dict()}  # mode single: the model's
             first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied, model_keys)
+            resumed_from = folder
             run = checkpoint.run_of(folder)
         elif rank == 0 and config.checkpoint.resume:
             print(f"ftc train: warning: checkpoint.resume is true, but {root} holds no complete checkpoint: training "
@@ -562,9 +606,11 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if dataset is not None:
         trained = split_held_out(len(dataset), config.eval.fraction, config.source) if config.eval.every else len(dataset)
     sampler = Sampler(trained, config.batch_size, config.seed) if dataset is not None else None
-    if rank == 0 and dataset is not None and len(dataset) < config.batch_size:
-        print(f"ftc train: warning: data set {config.data['name']!r} has {len(dataset)} samples, fewer than batch_size "
-              f"({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and trained is not None and trained < config.batch_size:
+        # Training draws only from the samples eval does not hold out.
+        held_out = f" ({len(dataset) - trained} more held out for eval)" if trained < len(dataset) else ""
+        print(f"ftc train: warning: data set {config.data['name']!r} has {trained} samples{held_out} to train on, "
+              f"fewer than batch_size ({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, world_size)
     def load(batches: list[int]) -> tuple[Any, Any]:
@@ -586,6 +632,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         return tuple(None if t is None else tree_map(lambda x: x.to(device), t) for t in (inputs, targets))
 
     results = Results(config.to_json(), config.mode, world_size, first_step, checkpoint=str(root) if root else None)
+    if rank == 0 and first_step:
+        results.earlier = earlier_history(resumed_from)
     progress = Progress(config.steps, config.log_every, enabled=rank == 0)
     if rank == 0:
         epochs = f" ({counted(config.epochs, 'epoch')})" if config.epochs is not None else ""
@@ -651,7 +699,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             end == config.steps or (config.checkpoint.every and end % config.checkpoint.every == 0)
         ):
             status.write("checkpointing", end)
-            save(root, end, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group)
+            save(root, end, me, modules, optimizer, scheduler, config, run, pipeline.tied, setup_group,
+                 results.history())  # fmt: skip
     results.wall_time_s = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -797,15 +846,18 @@ def agree_on_data(group: Any, dataset: Any, sampler: Sampler | None, world_size:
 
 def save(
     root: Path, step: int, me: Rank, modules: list[torch.nn.Module], optimizer, scheduler, config: Config, run: str,
-    tied: dict[str, str], group: Any = None,
+    tied: dict[str, str], group: Any = None, history: History | None = None,
 ) -> None:
     """Every rank writes its shard; once all have (`group`, mode dist: a writer of a large shard is
-    slow, not dead), rank 0 seals the step."""
+    slow, not dead), rank 0 seals the step. `history`: the run's figures so far, which rank 0's
+    shard carries for a resumed run's results."""
     state = {
         "step": step, "optimizer": optimizer.state_dict() if optimizer else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
         "rng": torch.get_rng_state(), "stages": me.stages, "parameters": parameter_names(modules, optimizer, tied),
     }  # fmt: skip
+    if me.rank == 0 and history is not None:  # rank 0 writes the results, from any checkpoint's rank 0
+        state["history"] = history.to_json()
     if me.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(me.device)
     checkpoint.save_shard(root, step, me.rank, modules, state)
@@ -932,6 +984,13 @@ def resume(
     return state["step"]
 
 
+def earlier_history(folder: Path) -> History:
+    """The figures of the steps up to the checkpoint `folder` that it carries (none from a
+    checkpoint written before checkpoints carried them)."""
+    data = checkpoint.load_training_state(folder, 0).get("history")
+    return History() if data is None else History.from_json(data)
+
+
 def write_results(config: Config, results: Results) -> None:
     if not results.loss and _reached_by_earlier_results(config, results.first_step):
         # Resuming a finished run trains nothing: its results and loss curve stay, not an empty
@@ -966,16 +1025,17 @@ def plot_loss(path: Path, results: Results) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4))
-    steps = range(results.first_step + 1, results.first_step + len(results.loss) + 1)
-    axes.plot(steps, results.loss, linewidth=1, label="training")
-    if results.eval_loss:
-        axes.plot(*zip(*results.eval_loss), marker="o", linewidth=1, label="held out")
+    whole = results.history()  # a resumed run's curve starts where its checkpoints' history does
+    first = results.first_step - len(results.earlier.loss)
+    axes.plot(range(first + 1, first + len(whole.loss) + 1), whole.loss, linewidth=1, label="training")
+    if whole.eval_loss:
+        axes.plot(*zip(*whole.eval_loss), marker="o", linewidth=1, label="held out")
         axes.legend()
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
     # A log scale drops losses at or below zero (a negative log-likelihood, a custom loss).
-    shown = results.loss + [loss for _, loss in results.eval_loss]
+    shown = whole.loss + [loss for _, loss in whole.eval_loss]
     axes.set_yscale("log" if all(loss > 0 for loss in shown) else "linear")
     name = Path(results.config["pipeline"]).name
     axes.set_title(f"{name}: {results.mode}, {counted(results.world_size, 'process', 'processes')}, {results.config['schedule']}")
@@ -996,8 +1056,8 @@ def summary(results: Results) -> str:
         steps = results.config.get("steps", final["steps"])
         return f"nothing to train: the run is at step {final['steps']}, and the config asks for {steps} steps"
     lines = [
-        f"final loss {final['loss']:.4f} (mean of the last {min(10, len(results.loss))} steps "
-        f"{final['mean_loss_last_10']:.4f}) after {final['steps']} steps"
+        f"final loss {final['loss']:.4f} (mean of the last {counted(min(10, len(results.history().loss)), 'step')} "
+        f"{final['mean_loss_last_10']:.4f}) after {counted(final['steps'], 'step')}"
         + (f", held-out loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""),
         f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
     ]

@@ -212,11 +212,7 @@ def launch(config: Config) -> Results | None:
     data = json.loads(results_path.read_text())
     if code == 0:
         shutil.rmtree(run_dir)
-    results = Results(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
-                      data["samples_per_s"], data["wall_time_s"], data["checkpoint"], config.results, data["plot"],
-                      data["peak_memory_bytes"], data.get("grad_norm", []),
-                      [(entry["step"], entry["loss"]) for entry in data.get("eval", [])])  # fmt: skip
-    return results
+    return Results.from_json(data, config.results)
 
 
 def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, signal.Signals | None]:

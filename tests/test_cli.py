@@ -315,6 +315,10 @@ def test_bad_flags(flags, fragment, tmp_path, capsys):
 
 def test_check_needs_a_pipeline_folder(tmp_path, capsys):
     assert_user_error(run_cli(["check", tmp_path], capsys), "holds no pipeline.json")
+    # `ftc compile -o DIR` writes DIR/<name>/: DIR itself names the pipelines inside it
+    (tmp_path / "mlp").mkdir()
+    (tmp_path / "mlp" / "pipeline.json").write_text("{}")
+    assert_user_error(run_cli(["check", tmp_path], capsys), f"pass the pipeline folder inside it: {tmp_path / 'mlp'}")
 
 
 def test_hand_edits_are_protected_and_checked(tmp_path, capsys):

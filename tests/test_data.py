@@ -48,6 +48,18 @@ def test_bytes_are_the_sorted_stdlib_sources_in_next_byte_windows():
     assert len(dataset) == (5000 - 1) // 64
 
 
+def test_bytes_feed_a_model_that_takes_its_token_ids_by_keyword(tmp_path):
+    """A Hugging Face language model takes input_ids as a keyword input: it was refused as not
+    taking "one integer tensor"."""
+    path = tmp_path / "keyword_lm.py"
+    path.write_text("import torch\n\ndef build_model():\n    return torch.nn.Embedding(256, 4)\n\n"
+                    "def example_inputs(batch_size):\n    return {'input_ids': torch.zeros(batch_size, 16, dtype=torch.long)}\n")  # fmt: skip
+    dataset = build_dataset({"name": "bytes", "max_bytes": 1000}, load_model_file(path))
+    inputs, target = dataset[0]
+    assert list(inputs) == ["input_ids"] and inputs["input_ids"].shape == (16,) and target.shape == (16,)
+    assert torch.equal(inputs["input_ids"][1:], target[:-1])
+
+
 def test_digits_labels_images_and_masks():
     from sklearn.datasets import load_digits
 
@@ -90,11 +102,14 @@ def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
     model_file = load_model_file(EXAMPLES / "mlp.py")
     dataset = build_dataset({"name": "module", "module": f"{data_path}:squares", "count": 5, "scale": 2.0}, model_file)
     assert len(dataset) == 5 and dataset[3][1].item() == 18.0
-    with pytest.raises(FtcError, match="does not take the options"):
+    with pytest.raises(FtcError, match=re.escape("config key 'data.size': " + f"{data_path}:squares takes no option 'size' (its options: count, scale)")):
         build_dataset({"name": "module", "module": f"{data_path}:squares", "size": 5}, model_file)
+    with pytest.raises(FtcError, match=re.escape(f"the data set {data_path}:squares(count='x') raised TypeError")) as error:
+        build_dataset({"name": "module", "module": f"{data_path}:squares", "count": "x"}, model_file)
+    assert "squares.py:3" in error.value.message  # the line of the user's function that raised
     with pytest.raises(FtcError, match="needs a function dataset"):
         build_dataset({"name": "module"}, model_file)
-    with pytest.raises(FtcError, match="does not take the options"):
+    with pytest.raises(FtcError, match=re.escape("config key 'data.colour': the 'digits' data set takes no option 'colour' (its options: image, target)")):
         build_dataset({"name": "digits", "colour": True}, model_file)
     for module, error in [
         ("squares", "config key 'data.module' is 'squares'"),

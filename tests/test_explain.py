@@ -164,7 +164,7 @@ def test_explain_errors(tmp_path, capsys):
         assert code == 2, (code, out, err)
         assert "Traceback" not in err and fragment in err, err
 
-    user_error([tmp_path / "missing"], "holds no pipeline.json")
+    user_error([tmp_path / "missing"], "missing does not exist")
     user_error([GENERATED / "gpt", "--micro-batches", 0], "must be at least 1")
     user_error([GENERATED / "gpt", "--plot", tmp_path / "plot.svg"], "the plot is a PNG")
     user_error([GENERATED / "gpt", "--plot", tmp_path / "no" / "plot.png"], "does not exist")

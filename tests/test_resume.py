@@ -58,6 +58,28 @@ def test_resuming_in_another_mode_continues_the_run_exactly(pipeline):
     torch.testing.assert_close(torch.tensor(resumed.loss), torch.tensor(whole[3:]), rtol=1e-5, atol=0)
 
 
+def test_a_resumed_runs_results_and_curve_cover_the_whole_run(pipeline, tmp_path):
+    """Its final figures (the mean of the last 10 steps, the last held-out loss) and its loss
+    curve were those of the steps after the checkpoint only; the checkpoint now carries the
+    figures of the steps before (loss, lr, grad norm, eval), which the results give apart."""
+    root, folder = pipeline
+    settings = dict(steps=12, checkpoint={"dir": str(root / "history"), "every": 4}, eval={"every": 5, "batches": 1},
+                    optimizer={"name": "sgd", "lr": 0.1, "clip_grad_norm": 0.5}, plot=str(tmp_path / "loss.png"))  # fmt: skip
+    whole = train(config(root, folder, "history-whole", mode="single", **{**settings, "checkpoint": {}})).to_json()
+    with pytest.raises(FtcError, match="the loss is nan at step 10"):
+        train(config(root, folder, "history", mode="single", **settings, inject_fault={"kind": "nan", "step": 10}))
+    resumed = train(config(root, folder, "history", mode="local", **{**settings, "checkpoint": {**settings["checkpoint"], "resume": True}}))
+    data = resumed.to_json()
+    assert data["first_step"] == 8 and len(data["loss"]) == 4 and [e["step"] for e in data["eval"]] == [10, 12]
+    earlier = data["before_resume"]
+    assert [e["step"] for e in earlier["eval"]] == [5] and earlier["lr"] == whole["lr"][:8]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(earlier[key]), torch.tensor(whole[key][:8]), rtol=1e-5, atol=0)
+    for key in ("loss", "mean_loss_last_10", "eval_loss"):
+        assert data["final"][key] == pytest.approx(whole["final"][key], rel=1e-5), key
+    assert summary(resumed).startswith("final loss") and "mean of the last 10 steps" in summary(resumed)
+
+
 def test_a_resumed_run_takes_the_configs_learning_rate(pipeline):
     root, folder = pipeline
     # One batch's samples, every step: with lr near zero the loss stays where it was.

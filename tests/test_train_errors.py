@@ -146,6 +146,54 @@ def test_a_changed_model_file_is_warned_about(pipeline, capsys):
     assert "is not the model file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit", [("self.body", "self.trunk"), ("nn.Linear(16, 16)", "nn.Linear(16, 16), nn.Linear(16, 16)")])
+def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recompile(pipeline, edit):
+    """A renamed submodule, or a layer added: the stages' adoption fails as if they or
+    pipeline.json's "state" were edited by hand, which their fix lines said to undo; the edit
+    was the model file's."""
+    root, folder = pipeline
+    path = root / f"changed_{len(edit[1])}.py"
+    path.write_text((root / "model.py").read_text().replace(*edit))
+    with pytest.raises(FtcError) as error:
+        run(folder, model=str(path), steps=1)
+    assert error.value.message.startswith(f"{path} is not the model file {folder} was compiled from (it changed since"), error.value.message
+    assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in error.value.hint
+    if "nn.Linear(16, 16), " in edit[1]:  # a renamed module is caught before: "it is another model"
+        from ftc.check import check_pipeline
+
+        with pytest.raises(FtcError, match=re.escape(f"{path} is not the model file {folder} was compiled from")):
+            check_pipeline(folder, model_path=path)
+
+
+def test_a_model_that_fails_in_eval_mode_is_named_when_mode_single_evaluates(pipeline):
+    """Mode single ran the model's forward bare while evaluating: its error came out as an
+    internal error, not named."""
+    root, folder = pipeline
+    path = root / "eval_fails.py"
+    path.write_text((root / "model.py").read_text() + """
+
+class EvalFails(Classifier):
+    def forward(self, x):
+        if not self.training:
+            raise ValueError("no eval mode here")
+        return super().forward(x)
+
+
+def build_model():
+    return EvalFails()
+""")
+    with pytest.raises(FtcError, match=re.escape("the model (EvalFails), micro-batch 0 of a held-out batch, in eval "
+                                                 "mode, raised ValueError: no eval mode here (at ")):  # fmt: skip
+        run(folder, mode="single", model=str(path), eval={"every": 1})
+
+
+def test_the_summary_of_a_one_step_run_says_step():
+    from ftc.runtime.train import Results, summary
+
+    line = summary(Results({}, "local", 1, 0, loss=[1.5])).splitlines()[0]
+    assert line == "final loss 1.5000 (mean of the last 1 step 1.5000) after 1 step"
+
+
 def test_a_warmup_longer_than_the_run_is_warned_about(pipeline, capsys):
     _, folder = pipeline
     run(folder, steps=2, lr_schedule={"warmup_steps": 5})
@@ -329,7 +377,12 @@ def test_resuming_from_nothing_and_a_data_set_smaller_than_a_batch_are_warned_ab
         data={"name": "synthetic", "size": 5})  # fmt: skip
     err = capsys.readouterr().err
     assert f"checkpoint.resume is true, but {tmp_path / 'empty'} holds no complete checkpoint" in err
-    assert "data set 'synthetic' has 5 samples, fewer than batch_size (8): every batch repeats samples" in err
+    assert "data set 'synthetic' has 5 samples to train on, fewer than batch_size (8): every batch repeats samples" in err
+    # eval holds out the last tenth: 9 samples leave 8 to train on, a batch's worth; 8 leave 7
+    run(folder, batch_size=8, data={"name": "synthetic", "size": 9}, eval={"every": 1})
+    assert "fewer than batch_size" not in capsys.readouterr().err
+    run(folder, batch_size=8, data={"name": "synthetic", "size": 8}, eval={"every": 1})
+    assert "has 7 samples (1 more held out for eval) to train on, fewer than batch_size (8)" in capsys.readouterr().err
 
 
 def test_a_hand_edited_stage_output_of_another_shape_fails_the_check_by_name(tmp_path):
