@@ -26,6 +26,7 @@ import inspect
 import operator
 import re
 import textwrap
+import warnings
 from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
@@ -201,6 +202,9 @@ def trace_export(
     )  # fmt: skip
 
 
+RNN_FLAT_WEIGHTS = r"The tensor attributes (self\.[\w.]+\._flat_weights\[\d+\](, )?)+ were assigned during export"
+
+
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | dict) -> torch.export.ExportedProgram:
     """torch.export's program, with the call signatures of the model's WHOLE_CALLS layers kept
     (which values each call took and returned, in what structure). export refuses to keep them
@@ -215,8 +219,12 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | 
         handles = [model.get_submodule(path).register_forward_pre_hook(_refuse_unkept(path, refused), with_kwargs=True)
                    for path in layers]  # fmt: skip
         try:
-            return torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic,
-                                       preserve_module_call_signature=layers)  # fmt: skip
+            with warnings.catch_warnings():
+                # RNN layers set their list of flat weights again in forward; the weights are
+                # parameters, adopted by name, so torch's advice to make them buffers is noise.
+                warnings.filterwarnings("ignore", message=RNN_FLAT_WEIGHTS, category=UserWarning)
+                return torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic,
+                                           preserve_module_call_signature=layers)  # fmt: skip
         except AssertionError as error:
             if not layers:
                 raise
