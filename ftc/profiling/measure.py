@@ -36,8 +36,10 @@ beyond the Linear's time in a chain of them, where a stage of one ReLU took what
 predicts. For every kind the model runs more than once, a few of its ops are also timed alone,
 called again and again as a one-op stage is; what they take beyond their in-context time is
 the kind's cost to a stage (Graph.kind_costs), which the partitioner charges once to each stage
-holding the kind (ftc/passes/partition/problem.py), and which the op that met the kind first
-in the whole model's run, cold, no longer carries in its own time.
+holding the kind (ftc/passes/partition/problem.py). The ops the whole model's run meets first
+of their kind, forward and backward, meet it cold there, and the forward's first op also finds
+what the backward before it left in the caches (an Embedding at the model's start took twice
+its time alone): those ops are timed alone too and take that time, less the kind's cost.
 
 Node times are medians over the repeats, which resist the odd slow run, less what timing a
 node adds (the clock's stamps, the interpreter's dispatch), which stage code does not pay;
@@ -423,37 +425,36 @@ class _InContext(Interpreter):
         return Measurement(nodes, save_memory=False, outputs=tree_map(_to_host, output), kinds=kinds)
 
     def _kind_costs(self, nodes: dict[str, NodeProfile], overhead: float) -> dict[str, NodeProfile]:
-        """Graph.kind_costs, and `nodes` made warm: for every kind of op the model runs more
-        than once, what an op of the kind costs alone, called again and again as a stage of
-        its own is (on its inputs of the last run, cut from the graph), beyond its time in the
-        whole model. Where the whole model's run finds the kind warm (forward: any op of the
-        kind but the first; backward: any but the last, which backward reaches first), that
-        excess is what a stage pays for its first op of the kind: the median over up to
-        KIND_SAMPLES ops. The op that found the kind cold in the whole model carries it in its
-        time, which the kind's cost now counts: it is taken off that op."""
+        """Graph.kind_costs, and `nodes` made warm. Ops are also timed alone, called again and
+        again as a stage of their own is (on their inputs of the last run, cut from the graph).
+        Where the whole model's run finds a kind warm (forward: any op of the kind but the
+        first; backward: any but the last, which backward reaches first), what such an op takes
+        alone beyond its in-context time is what a stage pays for its first op of the kind: the
+        kind's cost, the median over up to KIND_SAMPLES ops (kinds the model runs once have
+        none). The op that meets its kind first in the whole model's forward, and the one its
+        backward meets first, meet it cold there, and maybe more (the forward's first op finds
+        what the last backward left in the caches): their times become their times alone less
+        the kind's cost."""
         by_kind: dict[str, list[str]] = {}
         for node in self.graph.nodes:
             if node.is_compute and node.name in nodes:
                 by_kind.setdefault(self.graph.kind(node), []).append(node.name)
         kinds = {}
         for kind, names in by_kind.items():
-            if len(names) < 2:
-                continue
             warm_forward, warm_backward = names[1 : 1 + KIND_SAMPLES], names[-1 - KIND_SAMPLES : -1]
+            first, last = names[0], names[-1]
             try:
-                alone = {name: self._alone(name, overhead) for name in dict.fromkeys(warm_forward + warm_backward)}
-            except Exception:  # an op that cannot run on copies of its inputs: the kind's cost stays in its ops
+                alone = {name: self._alone(name, overhead) for name in dict.fromkeys([first, last, *warm_forward, *warm_backward])}
+            except Exception:  # an op that cannot run on copies of its inputs: it keeps its in-context time
                 continue
             cost = NodeProfile(
-                statistics.median(max(alone[n].fwd_time - nodes[n].fwd_time, 0.0) for n in warm_forward),
-                statistics.median(max(alone[n].bwd_time - nodes[n].bwd_time, 0.0) for n in warm_backward),
-            )
-            if not cost.fwd_time and not cost.bwd_time:
-                continue
-            kinds[kind] = cost
-            first, last = nodes[names[0]], nodes[names[-1]]
-            first.fwd_time = max(first.fwd_time - cost.fwd_time, 0.0)
-            last.bwd_time = max(last.bwd_time - cost.bwd_time, 0.0)
+                statistics.median(max(alone[n].fwd_time - nodes[n].fwd_time, 0.0) for n in warm_forward) if warm_forward else 0.0,
+                statistics.median(max(alone[n].bwd_time - nodes[n].bwd_time, 0.0) for n in warm_backward) if warm_backward else 0.0,
+            )  # fmt: skip
+            if cost.fwd_time or cost.bwd_time:
+                kinds[kind] = cost
+            nodes[first].fwd_time = max(alone[first].fwd_time - cost.fwd_time, 0.0)
+            nodes[last].bwd_time = max(alone[last].bwd_time - cost.bwd_time, 0.0)
         return kinds
 
     def _alone(self, name: str, overhead: float) -> NodeProfile:
