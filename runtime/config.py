@@ -334,6 +334,9 @@ def _validate(c: Config) -> None:
     for key in ("batch_size", "micro_batches", "step_every", "steps", "log_every"):
         if getattr(c, key) < 1:
             fail(key, f"is {getattr(c, key)}; it must be at least 1")
+    if c.init is not None and not Path(c.init).exists():
+        fail("init", f"is {c.init}, which does not exist",
+             "pass the path of a .safetensors or torch .pt state_dict in the original model's keys")  # fmt: skip
     if c.eval.every < 0:
         fail("eval.every", f"is {c.eval.every}; it must not be negative (0: no evaluation)")
     if c.eval.batches < 1:

@@ -493,6 +493,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
               "(it changed since, or is another file): the stages run the code of compile time, and only the values "
               "passed between stages are checked\n  fix: recompile with `ftc compile`; `ftc check` compares the "
               "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
+    if config.nprocs is not None and config.mode != "dist":
+        print(f"ftc train: warning: config {config.source}: nprocs ({config.nprocs}) applies to mode dist; mode "
+              f"{config.mode} runs in this one process", file=sys.stderr, flush=True)  # fmt: skip
     if rank == 0 and config.mode == "single" and config.schedule == "async":
         print("ftc train: note: mode single trains the original model synchronously: schedule async applies to "
               "modes local and dist", file=sys.stderr, flush=True)  # fmt: skip
@@ -589,6 +592,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             model_keys |= {key for module in modules for key in module.state_dict()}  # mode single: the model's
             first_step = resume(folder, me, modules, optimizer, scheduler, pipeline.tied, model_keys)
             resumed_from = folder
+            if rank == 0:
+                for line in sampling_changes(config, checkpoint.manifest(folder)):
+                    print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
             run = checkpoint.run_of(folder)
         elif rank == 0 and config.checkpoint.resume:
             print(f"ftc train: warning: checkpoint.resume is true, but {root} holds no complete checkpoint: training "
@@ -870,7 +876,27 @@ def save(
                            "a rank that failed says why in its own line; raise setup_timeout_s if shards take "
                            "this long to write") from exc  # fmt: skip
     if me.rank == 0:
-        checkpoint.write_manifest(root, step, me.world_size, run, {"mode": config.mode}, config.checkpoint.keep)
+        checkpoint.write_manifest(root, step, me.world_size, run, {"mode": config.mode, "sampling": sampling(config)},
+                                  config.checkpoint.keep)  # fmt: skip
+
+
+def sampling(config: Config) -> dict:
+    """The settings that decide which samples, and which dropout masks, each step draws."""
+    return {"seed": config.seed, "batch_size": config.batch_size, "step_every": config.step_every,
+            "data": config.data, "eval.fraction": config.eval.fraction if config.eval.every else None}  # fmt: skip
+
+
+def sampling_changes(config: Config, manifest: dict) -> list[str]:
+    """Lines that say which of the checkpoint's sampling settings this config changes: the
+    resumed steps then draw other samples (and dropout masks) than the run would have drawn
+    uninterrupted. Checkpoints written before manifests recorded them say nothing."""
+    then, now = manifest.get("sampling"), sampling(config)
+    if then is None:
+        return []
+    changed = [key for key in now if json.dumps(then.get(key), sort_keys=True) != json.dumps(now[key], sort_keys=True)]
+    return [f"config {config.source}: {key} is {json.dumps(now[key])}, but the checkpoint's run used "
+            f"{json.dumps(then.get(key))}: the resumed steps draw other samples (and dropout masks) than that run "
+            f"would have" for key in changed]  # fmt: skip
 
 
 def parameter_names(modules: list[torch.nn.Module], optimizer, tied: dict[str, str]) -> list[str]:

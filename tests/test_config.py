@@ -89,6 +89,7 @@ def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
         ({"pipeline": "p", "optimizer": {"clip_grad_norm": 0}}, [], "key 'optimizer.clip_grad_norm' is 0; it must be"),
         ({"pipeline": "p", "eval": {"every": 5, "fraction": 1}}, [], "key 'eval.fraction' is 1; it must lie between"),
         ({"pipeline": "p"}, ["eval.batches=0"], "key 'eval.batches' is 0; it must be at least 1"),
+        ({"pipeline": "p", "init": "missing.safetensors"}, [], "missing.safetensors, which does not exist"),
         ({"pipeline": "p"}, ["eval.every=-1"], "key 'eval.every' is -1"),
         ({"pipeline": "p"}, ["eval.batches=2"], "key 'eval.batches' is set, but eval.every is 0: nothing is evaluated"),
         ({"pipeline": "p", "eval": {"fraction": 0.2}}, [], "key 'eval.fraction' is set, but eval.every is 0"),

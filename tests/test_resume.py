@@ -344,3 +344,25 @@ def test_a_run_stopped_while_removing_an_older_step_leaves_no_step_folder_lackin
     named = checkpoint.step_folder(root, 2)
     assert checkpoint.left_to_resume(str(root)).startswith(f"the latest complete checkpoint is {named}:")
     assert [p.name for p in root.iterdir()] == ["step-00000002"]
+
+
+def test_resuming_with_other_sampling_settings_warns_by_key(pipeline, capsys):
+    """The seed, batch size, step_every, data and eval's held-out share decide which samples each
+    step draws: a resumed run that changes one still trains, but says so, naming the key."""
+    root, folder = pipeline
+    with pytest.raises(FtcError, match="the loss is nan at step 4"):
+        train(config(root, folder, "sampling", mode="local", inject_fault={"kind": "nan", "step": 4}))
+    resume = {"dir": str(root / "sampling"), "resume": True}
+    capsys.readouterr()
+    train(config(root, folder, "sampling", mode="local", checkpoint=resume, steps=4))
+    assert "warning" not in capsys.readouterr().err
+    train(config(root, folder, "sampling", mode="local", checkpoint=resume, steps=5, seed=3, batch_size=4))
+    err = capsys.readouterr().err
+    assert "seed is 3, but the checkpoint's run used 0" in err and "batch_size is 4, but the checkpoint's run used 8" in err
+    assert "step_every" not in err and "data is" not in err
+
+
+def test_nprocs_outside_mode_dist_is_said_to_do_nothing(pipeline, capsys):
+    root, folder = pipeline
+    train(config(root, folder, "nprocs", mode="local", steps=1, nprocs=2, checkpoint={}))
+    assert "nprocs (2) applies to mode dist; mode local runs in this one process" in capsys.readouterr().err
