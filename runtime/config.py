@@ -383,7 +383,7 @@ def _validate(c: Config) -> None:
         if optimizer.clip_grad_norm <= 0:
             fail("optimizer.clip_grad_norm", f"is {optimizer.clip_grad_norm}; it must be positive",
                  "e.g. 1.0, or leave it out (null) not to clip")  # fmt: skip
-        if c.schedule == "async":
+        if c.schedule == "async" and c.mode != "single":  # mode single trains synchronously
             fail("optimizer.clip_grad_norm", "is set, but schedule async updates each stage as its backwards finish, "
                  "so no step sees all gradients at once to take their norm",
                  "use schedule gpipe or 1f1b, or leave optimizer.clip_grad_norm out")  # fmt: skip

@@ -121,6 +121,14 @@ def test_errors_name_the_key_and_the_source(tmp_path, content, overrides, messag
         assert str(path) in str(error.value)
 
 
+def test_clipping_under_schedule_async_is_refused_but_in_mode_single(tmp_path):
+    """Mode single trains an async config synchronously (its baseline), so it can clip."""
+    path = write(tmp_path / "c.json", {"pipeline": "p", "schedule": "async", "optimizer": {"clip_grad_norm": 1.0}})
+    with pytest.raises(FtcError, match="schedule async updates each stage"):
+        load_config(path, ["mode=dist"])
+    assert load_config(path, ["mode=single"]).optimizer.clip_grad_norm == 1.0
+
+
 def test_unknown_key_in_a_base_names_the_base(tmp_path):
     base = write(tmp_path / "base.json", {"optimiser": {}})
     top = write(tmp_path / "top.json", {"base": "base.json", "pipeline": "p"})
