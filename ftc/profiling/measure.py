@@ -72,7 +72,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._pytree import tree_map
@@ -458,34 +458,11 @@ class _InContext(Interpreter):
         return kinds
 
     def _alone(self, name: str, overhead: float) -> NodeProfile:
-        """Node `name` run by itself on its inputs of the last run, cut from the graph, forward
-        and backward, `warmup + repeats` times in a row: medians, the forward less what timing
-        adds, the backward less an engine start (the stage call has it)."""
+        """Node `name` timed alone (_time_alone) on its inputs of the last run."""
         node = self.graph.node(name)
         read = lambda ref: self.env[ref.name]  # noqa: E731
-        args, kwargs = map_refs(node.args, read), map_refs(node.kwargs, read)
         state = [*self.model.get_submodule(node.target).parameters()] if node.op == "call_module" else []
-        fwd, bwd = [], []
-        for run in range(self.settings.warmup + self.settings.repeats):
-            leaves: list[torch.Tensor] = []
-            cut_args, cut_kwargs = _cut((args, kwargs), leaves, node.mutates is not None, self.settings.device)
-            start = self.clock.stamp()
-            out = self.execute(node, cut_args, cut_kwargs)
-            end = self.clock.stamp()
-            outputs = _floating_outputs(out)
-            # Gradients are returned, not accumulated, as the whole model's runs allocate them.
-            targets = leaves + [t for t in state if t.requires_grad]
-            backward = bool(outputs and targets)
-            engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES) if backward else 0.0
-            back_start = self.clock.stamp()
-            if backward:
-                torch.autograd.grad(outputs, targets, [torch.ones_like(t) for t in outputs], allow_unused=True)
-            back_end = self.clock.stamp()
-            self.clock.sync()
-            if run >= self.settings.warmup:
-                fwd.append(max(self.clock.seconds(start, end) - overhead, 0.0))
-                bwd.append(max(self.clock.seconds(back_start, back_end) - engine_start, 0.0) if backward else 0.0)
-        return NodeProfile(statistics.median(fwd), statistics.median(bwd))
+        return _time_alone(self, node, map_refs(node.args, read), map_refs(node.kwargs, read), state, overhead)[0]
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         if not node.is_compute:
@@ -544,30 +521,9 @@ class _SaveMemory(Interpreter):
             return super().run_node(node, args, kwargs)
         with self._materialized(node) as state:
             saved = _SavedBytes(state)
-            fwd, bwd = [], []
-            for run in range(self.settings.warmup + self.settings.repeats):
-                leaves: list[torch.Tensor] = []
-                cut_args, cut_kwargs = _cut((args, kwargs), leaves, node.mutates is not None, self.settings.device)
-                targets = leaves + [t for t in state if t.requires_grad]
-                with saved.counting(node.name) if run == 0 else contextlib.nullcontext():
-                    self.clock.sync()
-                    start = self.clock.stamp()
-                    out = super().run_node(node, cut_args, cut_kwargs)
-                    end = self.clock.stamp()
-                outputs = _floating_outputs(out)
-                grads = [torch.ones_like(t) for t in outputs]
-                backward = bool(outputs and targets)
-                engine_start = _engine_start(self.clock, self.settings.device, RUN_TRIES) if backward else 0.0
-                back_start = self.clock.stamp()
-                if backward:
-                    torch.autograd.grad(outputs, targets, grads, allow_unused=True)
-                back_end = self.clock.stamp()
-                self.clock.sync()
-                if run >= self.settings.warmup:
-                    fwd.append(max(self.clock.seconds(start, end) - self.overhead, 0.0))
-                    seconds = self.clock.seconds(back_start, back_end) - engine_start if backward else 0.0
-                    bwd.append(max(seconds, 0.0))
-            self.nodes[node.name] = NodeProfile(statistics.median(fwd), statistics.median(bwd), saved.bytes.get(node.name, 0))
+            times, out, cut_args = _time_alone(self, node, args, kwargs, state, self.overhead,
+                                               lambda: saved.counting(node.name))  # fmt: skip
+            self.nodes[node.name] = replace(times, peak_memory=saved.bytes.get(node.name, 0))
         return self._host_value(node, args, kwargs, out, cut_args)
 
     def _host_value(self, node: Node, args: tuple, kwargs: dict, out: Any, cut_args: tuple) -> Any:
@@ -621,6 +577,41 @@ class _SaveMemory(Interpreter):
             del real
             if self.settings.device == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _time_alone(
+    interpreter: _InContext | _SaveMemory, node: Node, args: tuple, kwargs: dict, state: list[torch.Tensor],
+    overhead: float, first_run: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[NodeProfile, Any, tuple]:
+    """`node` run by itself on copies of `args` and `kwargs` cut from any graph, forward and
+    backward to its inputs and `state` (gradients returned, not accumulated),
+    `warmup + repeats` times in a row, as a one-op stage is called: medians, the forward less
+    `overhead` (what timing adds), the backward less an engine start (the stage call has it).
+    Also the last run's output and cut positional arguments; `first_run` wraps the first
+    forward (save-memory mode counts the bytes it saves)."""
+    clock, settings = interpreter.clock, interpreter.settings
+    fwd, bwd = [], []
+    for run in range(settings.warmup + settings.repeats):
+        leaves: list[torch.Tensor] = []
+        cut_args, cut_kwargs = _cut((args, kwargs), leaves, node.mutates is not None, settings.device)
+        targets = leaves + [t for t in state if t.requires_grad]
+        with first_run() if run == 0 else contextlib.nullcontext():
+            clock.sync()
+            start = clock.stamp()
+            out = interpreter.execute(node, cut_args, cut_kwargs)
+            end = clock.stamp()
+        outputs = _floating_outputs(out)
+        backward = bool(outputs and targets)
+        engine_start = _engine_start(clock, settings.device, RUN_TRIES) if backward else 0.0
+        back_start = clock.stamp()
+        if backward:
+            torch.autograd.grad(outputs, targets, [torch.ones_like(t) for t in outputs], allow_unused=True)
+        back_end = clock.stamp()
+        clock.sync()
+        if run >= settings.warmup:
+            fwd.append(max(clock.seconds(start, end) - overhead, 0.0))
+            bwd.append(max(clock.seconds(back_start, back_end) - engine_start, 0.0) if backward else 0.0)
+    return NodeProfile(statistics.median(fwd), statistics.median(bwd)), out, cut_args
 
 
 def _cut(value: Any, leaves: list[torch.Tensor], mutating: bool, device: str) -> Any:
