@@ -383,11 +383,11 @@ class Engine:
         scaled by max_norm / norm where that is below 1, as torch scales it. Returns the norm
         before clipping."""
         counted_elsewhere = {id(p) for _, ranks, params in self.shared if self.rank != ranks[0] for p in params}
-        grads = [p.grad for p in unique_parameters(self.modules) if p.grad is not None]
-        counted = [p.grad for p in unique_parameters(self.modules) if p.grad is not None and id(p) not in counted_elsewhere]
+        held = [p for p in unique_parameters(self.modules) if p.grad is not None]
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grad in counted:
-            squares += torch.linalg.vector_norm(grad).double() ** 2
+        for param in held:
+            if id(param) not in counted_elsewhere:
+                squares += torch.linalg.vector_norm(param.grad).double() ** 2
         if self.distributed:
             try:
                 dist.all_reduce(squares)
@@ -395,7 +395,7 @@ class Engine:
                 raise comm.PeerFailure(f"summing the gradient norms for optimizer.clip_grad_norm failed: a rank died "
                                        f"or hangs ({comm.peer_reason(exc)})",
                                        "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
-        return scale_gradients(grads, squares.sqrt(), max_norm)
+        return scale_gradients([p.grad for p in held], squares.sqrt(), max_norm)
 
     def _shared_groups(self) -> list[tuple[Any, tuple[int, ...], list[torch.nn.Parameter]]]:
         """Process groups for parameters that stages on several devices hold, under one name or

@@ -82,12 +82,19 @@ class History:
 
     def to_json(self) -> dict:
         return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
-                "eval": [{"step": step, "loss": loss} for step, loss in self.eval_loss]}  # fmt: skip
+                "eval": _eval_json(self.eval_loss)}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> History:
-        return cls(list(data["loss"]), list(data["lr"]), list(data["grad_norm"]),
-                   [(entry["step"], entry["loss"]) for entry in data["eval"]])  # fmt: skip
+        return cls(list(data["loss"]), list(data["lr"]), list(data["grad_norm"]), _eval_pairs(data["eval"]))
+
+
+def _eval_json(pairs: list[tuple[int, float]]) -> list[dict]:
+    return [{"step": step, "loss": loss} for step, loss in pairs]
+
+
+def _eval_pairs(entries: list[dict]) -> list[tuple[int, float]]:
+    return [(entry["step"], entry["loss"]) for entry in entries]
 
 
 @dataclass
@@ -128,7 +135,7 @@ class Results:
                      | ({"eval_loss": whole.eval_loss[-1][1]} if whole.eval_loss else {}),
             "checkpoint": self.checkpoint, "plot": self.plot, "peak_memory_bytes": self.peak_memory_bytes,
         } | ({"grad_norm": self.grad_norm} if self.grad_norm else {}) | (
-            {"eval": [{"step": step, "loss": loss} for step, loss in self.eval_loss]} if self.eval_loss else {}
+            {"eval": _eval_json(self.eval_loss)} if self.eval_loss else {}
         ) | ({"before_resume": self.earlier.to_json()} if self.earlier.loss else {})  # fmt: skip
 
     @classmethod
@@ -137,7 +144,7 @@ class Results:
         return cls(data["config"], data["mode"], data["world_size"], data["first_step"], data["loss"], data["lr"],
                    data["samples_per_s"], data["wall_time_s"], data["checkpoint"], results, data["plot"],
                    data["peak_memory_bytes"], data.get("grad_norm", []),
-                   [(entry["step"], entry["loss"]) for entry in data.get("eval", [])],
+                   _eval_pairs(data.get("eval", [])),
                    History.from_json(data["before_resume"]) if "before_resume" in data else History())  # fmt: skip
 
 
@@ -402,7 +409,6 @@ class Progress:
             print("\r" + status.ljust(self.status_width), end="", flush=True)
             self.status_width = len(status)
 
-
     def note(self, line: str) -> None:
         """A line of its own (an evaluation's result), over the status line where one shows."""
         if not self.enabled:
@@ -519,8 +525,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         # read no data build the data set too, once.
         with seeded(config.seed):
             dataset = build_dataset(config.data, model_file, outputs)
-        trained = split_held_out(len(dataset), config.eval.fraction, config.source) if config.eval.every else len(dataset)
-        config = replace(config, steps=epoch_steps(config.epochs, trained, config.batch_size * config.step_every))
+        config = replace(config, steps=epoch_steps(config.epochs, training_samples(config, len(dataset)),
+                                                   config.batch_size * config.step_every))  # fmt: skip
     if rank == 0 and config.lr_schedule.warmup_steps >= config.steps > 0:
         print(f"ftc train: warning: config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) "
               f"is not below steps ({config.steps}): the learning rate never reaches optimizer.lr "
@@ -608,9 +614,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         with seeded(config.seed):
             dataset = build_dataset(config.data, model_file, outputs)
     # With evaluation, training draws from the data set's first samples, evaluation its last.
-    trained = None
-    if dataset is not None:
-        trained = split_held_out(len(dataset), config.eval.fraction, config.source) if config.eval.every else len(dataset)
+    trained = training_samples(config, len(dataset)) if dataset is not None else None
     sampler = Sampler(trained, config.batch_size, config.seed) if dataset is not None else None
     if rank == 0 and trained is not None and trained < config.batch_size:
         # Training draws only from the samples eval does not hold out.
@@ -717,6 +721,12 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         write_results(config, results)
     status.write("done", config.steps)
     return results
+
+
+def training_samples(config: Config, size: int) -> int:
+    """How many of a data set's `size` samples training draws from: the first ones, all but those
+    evaluation holds out."""
+    return split_held_out(size, config.eval.fraction, config.source) if config.eval.every else size
 
 
 def evaluate(engine: Any, modules: list[torch.nn.Module], step: int, batches: int, load: Callable) -> float:
