@@ -60,8 +60,7 @@ class StageTables:
             settings, n = self.problem.footprint.settings, self.problem.size
             held, trainable, saved = self.problem.footprint.interval_tables(n)
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
-            prefix = np.concatenate([[0.0], np.cumsum(self.problem.forward)])
-            tables = (self.problem.received_table(), prefix[None, :] - prefix[:, None])
+            tables = (self.problem.received_table(), interval_sums(self.problem.forward))
             # a new gradient of the largest weight, and partial ones of weights read twice
             parameter = self.problem.largest_parameter_table()
             partials = self.problem.footprint.partial_gradient_table(n)

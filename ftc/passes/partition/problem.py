@@ -55,7 +55,7 @@ import numpy as np
 from ftc.ir import Cost, FtcError, Graph, Node, OtherMeta, Ref, ScalarMeta, SeqMeta, TensorMeta, meta_nbytes, meta_tensors
 from ftc.passes.cleanup import draws_random
 
-from .memory import Footprint, MemorySettings, StageMemory, StateUse, add_rectangle, summed
+from .memory import Footprint, MemorySettings, StageMemory, StateUse, add_rectangle, interval_sums, summed
 
 # Ops whose output may share memory with their first argument: an in-place op on the output
 # also changes the input, so the mutation span reaches back to the first non-view producer.
@@ -319,8 +319,7 @@ class Problem:
                 add_rectangle(diff, previous + 1, p, p + 1, n, kind.cost.total)
                 previous = p
         moved = summed(diff, n)
-        prefix = np.concatenate([[0.0], np.cumsum(self.time)])
-        costs = prefix[None, :] - prefix[:, None] + moved + self.stage_call.total
+        costs = interval_sums(self.time) + moved + self.stage_call.total
         costs[:, n] += self.loss.total
         return costs
 
