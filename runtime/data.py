@@ -465,20 +465,36 @@ def _outputs_on_meta(model_file: ModelFile) -> Any:
 
 def synthetic_targets(outputs: Any, loss_fn: Callable | None) -> Any:
     """What synthetic targets look like (OutputSpecs), for the model's outputs (`outputs`): the
-    first of target_candidates that loss_fn takes at batch size 2."""
+    target_candidates entry that choose_target picks for loss_fn at batch size 2."""
     if outputs is None or loss_fn is None:
         return outputs
     with torch.random.fork_rng(devices=[]):
         fake = map_with_dims(lambda spec, _: torch.randn(_sized(spec, 2)).requires_grad_()
                              if getattr(torch, spec.dtype).is_floating_point else drawn(spec, _sized(spec, 2)), outputs, 0)  # fmt: skip
-        for candidate in target_candidates(outputs):
+
+        def takes(candidate: Any) -> bool:
             try:
                 loss = loss_fn(fake, map_with_dims(lambda spec, _: drawn(spec, _sized(spec, 2)), candidate, 0))
-            except Exception:  # a target of the wrong kind: try the next
-                continue
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            except Exception:  # a target of the wrong kind
+                return False
+            return isinstance(loss, torch.Tensor) and loss.numel() == 1
+
+        chosen = choose_target(target_candidates(outputs), takes)
+    return outputs if chosen is None else chosen
+
+
+def choose_target(candidates: list[Any], takes: Callable[[Any], bool]) -> Any | None:
+    """The candidate a loss is given: class indices where the loss takes them and refuses
+    numbers of the same shape (cross_entropy, nll_loss: a classifier's loss, which would also
+    take the uniform numbers shaped like its logits, as class probabilities that sum to no
+    distribution, and train the model towards nothing), else the first candidate it takes; None
+    when it takes none. The same rule picks the synthetic data set's targets and the loss the
+    compiler's profile prices (ftc/profiling/loss.py)."""
+    for candidate in candidates:
+        if isinstance(candidate, OutputSpec) and candidate.classes is not None and takes(candidate):
+            if not takes(OutputSpec(candidate.shape, "float32", candidate.batch_dim)):
                 return candidate
-    return outputs
+    return next((candidate for candidate in candidates if takes(candidate)), None)
 
 
 def target_candidates(outputs: Any) -> list[Any]:
@@ -486,7 +502,7 @@ def target_candidates(outputs: Any) -> list[Any]:
     in the order they are tried: uniform numbers in [0, 1) shaped like all the outputs (mse,
     binary cross-entropy, cross-entropy on class probabilities); then, for each output tensor in
     order (a dict output, as Hugging Face models return, has several), one tensor shaped like it
-    and its class indices (class_index_targets). The synthetic data set and the compiler's loss
+    and its class indices (class_index_targets); choose_target picks one. The synthetic data set and the compiler's loss
     profile (ftc/profiling/loss.py) both follow this rule, so the loss the profile prices is the
     loss training computes."""
     leaves = _output_leaves(outputs)

@@ -173,6 +173,47 @@ def test_synthetic_targets_for_a_dict_output_are_one_tensor_the_loss_takes():
     assert synthetic_targets(outputs, both) == outputs
 
 
+def test_a_classifier_gets_class_indices_and_a_regression_numbers():
+    """cross_entropy also takes uniform numbers shaped like the logits (as class probabilities,
+    which then sum to no distribution): a classifier's synthetic targets are class indices, so its
+    loss starts near log(classes). mse_loss takes both too (a [B] target broadcasts against a
+    [B, 1] output), and keeps numbers shaped like the output; so do losses on several classes'
+    probabilities, which refuse indices."""
+    from ftc.runtime.data import OutputSpec, synthetic_targets
+
+    F = torch.nn.functional
+    logits = OutputSpec((1, 10), "float32", 0)
+    assert synthetic_targets(logits, F.cross_entropy) == OutputSpec((1,), "int64", 0, classes=10)
+    assert synthetic_targets(logits, F.nll_loss) == OutputSpec((1,), "int64", 0, classes=10)
+    for regression in (F.mse_loss, F.l1_loss, F.binary_cross_entropy_with_logits):
+        for shape in ((1, 1), (1, 2), (1, 10)):
+            assert synthetic_targets(OutputSpec(shape, "float32", 0), regression) == OutputSpec(shape, "float32", 0)
+
+
+def test_a_classifier_trained_on_synthetic_data_starts_at_chance(tmp_path):
+    """The independent truth: a freshly initialized classifier's cross-entropy on random labels is
+    about log(classes); on uniform numbers as class probabilities it would be about 5 times that."""
+    import math
+
+    model_path = tmp_path / "classifier.py"
+    model_path.write_text(
+        "import torch\n"
+        "def build_model(): return torch.nn.Linear(16, 10)\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 16) * 0.01,)\n"
+        "def loss_fn(output, target): return torch.nn.functional.cross_entropy(output, target)\n"
+    )
+    from ftc.runtime.data import OutputSpec, synthetic_targets
+
+    model_file = load_model_file(model_path)
+    outputs = synthetic_targets(OutputSpec((1, 10), "float32", 0), model_file.loss_fn)
+    dataset = build_dataset({"name": "synthetic", "size": 64}, model_file, outputs=outputs)
+    inputs, targets = load_batch(dataset, list(range(64)), inputs=True, targets=True)
+    assert targets.dtype == torch.int64 and 0 <= int(targets.min()) and int(targets.max()) < 10
+    torch.manual_seed(0)
+    loss = model_file.loss_fn(model_file.module.build_model()(*inputs), targets)
+    assert abs(loss.item() - math.log(10)) < 0.3
+
+
 def test_an_integer_output_beside_the_logits_gets_targets_and_trains(tmp_path):
     """A model that also returns its argmax: synthetic targets are drawn for the logits the loss
     reads (an integer output's uniform [0, 1) numbers are 0), with and without example_targets,

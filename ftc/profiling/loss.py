@@ -11,14 +11,15 @@ outputs with a target made the way the runtime's data sets make one (runtime/dat
    like it and its class indices (without the class dimension: dim 1, torch's losses, or the
    last, a language model's logits, which its loss flattens).
 
-The first target on which loss_fn returns a one-element tensor with a gradient is used. A model
-file without a loss_fn, or whose loss_fn accepts none of these (it wants a dict of labels, say),
-gets no loss cost, and no error: the loss is then left out of the stage costs.
+Of these, choose_target picks the target as the synthetic data set does: class indices where
+loss_fn takes them and refuses numbers of their shape, else the first on which loss_fn returns a
+one-element tensor with a gradient. A model file without a loss_fn, or whose loss_fn accepts
+none of these (it wants a dict of labels, say), gets no loss cost, and no error: the loss is
+then left out of the stage costs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_map
 
 from ftc.repeats import tensors_in
 from ftc.runtime.comm import differentiable
-from ftc.runtime.data import OutputSpec, drawn, map_with_dims, target_candidates
+from ftc.runtime.data import OutputSpec, choose_target, drawn, map_with_dims, target_candidates
 from ftc.runtime.model_file import ModelFile
 
 
@@ -43,23 +44,6 @@ def as_leaves(outputs: Any) -> Any:
     return tree_map(leaf, outputs)
 
 
-def _candidates(model_file: ModelFile, outputs: Any, batch_size: int, device: str) -> Iterator[Any]:
-    example_targets = getattr(model_file.module, "example_targets", None)
-    if callable(example_targets):
-        try:
-            targets = example_targets(batch_size)
-        except Exception:  # the runtime's data set reports it; here it only means no target
-            return
-        yield tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, targets)
-        return
-    specs = tree_map(lambda t: _spec(t, batch_size) if isinstance(t, torch.Tensor) else t, outputs)
-    for candidate in target_candidates(specs):
-        try:
-            yield map_with_dims(lambda spec, _: drawn(spec, list(spec.shape), device), candidate, 0)
-        except RuntimeError:
-            pass  # uniform numbers for an integer output: not a target
-
-
 def _spec(output: torch.Tensor, batch_size: int) -> OutputSpec:
     """An output as the synthetic data set describes it, at the profile's full batch size: its
     batch dimension is taken to be the first, when that has the batch's size."""
@@ -68,17 +52,38 @@ def _spec(output: torch.Tensor, batch_size: int) -> OutputSpec:
 
 
 def loss_target(model_file: ModelFile, outputs: Any, batch_size: int, device: str) -> Any | None:
-    """The first target (see the module doc) on which loss_fn gives a scalar with a gradient;
-    None when the model file has no loss_fn or none works. `outputs` are leaves (as_leaves)."""
+    """The target (see the module doc) on which loss_fn gives a scalar with a gradient; None when
+    the model file has no loss_fn or none works. `outputs` are leaves (as_leaves)."""
     if model_file.loss_fn is None or not any(t.requires_grad for t in tensors_in(outputs)):
         return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        for target in _candidates(model_file, outputs, batch_size, device):
+        example_targets = getattr(model_file.module, "example_targets", None)
+        if callable(example_targets):
             try:
-                loss = model_file.loss_fn(outputs, target)
-            except Exception:  # a target of the wrong kind: try the next
-                continue
-            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad:
-                return target
-    return None
+                targets = example_targets(batch_size)
+            except Exception:  # the runtime's data set reports it; here it only means no target
+                return None
+            targets = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, targets)
+            return targets if _takes(model_file, outputs, targets) else None
+        drawn_targets: dict[int, Any] = {}
+
+        def takes(candidate: Any) -> bool:
+            try:
+                target = map_with_dims(lambda spec, _: drawn(spec, list(spec.shape), device), candidate, 0)
+            except RuntimeError:  # uniform numbers for an integer output: not a target
+                return False
+            drawn_targets[id(candidate)] = target
+            return _takes(model_file, outputs, target)
+
+        specs = tree_map(lambda t: _spec(t, batch_size) if isinstance(t, torch.Tensor) else t, outputs)
+        chosen = choose_target(target_candidates(specs), takes)
+    return None if chosen is None else drawn_targets[id(chosen)]
+
+
+def _takes(model_file: ModelFile, outputs: Any, target: Any) -> bool:
+    try:
+        loss = model_file.loss_fn(outputs, target)
+    except Exception:  # a target of the wrong kind
+        return False
+    return isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad
