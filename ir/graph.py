@@ -144,7 +144,10 @@ class Node:
     # Qualified name of the module whose forward ran this node ("" for the root) and its class.
     module_path: str = ""
     module_class: str = ""
-    # Where the model's source made this node, "file.py:line", when the frontend knows it.
+    # Where the model's source made this node, "file.py:line", when the frontend knows it: the
+    # file by its path in the model file's folder, or, for a library's code (the files of the
+    # model's module classes), below its sys.path entry ("transformers/models/gpt2/
+    # modeling_gpt2.py:187"); never an absolute path, so ir.json is the same on every machine.
     source: str = ""
     # The argument this node mutates in place (its index in args), or None.
     mutates: int | None = None

@@ -6,6 +6,8 @@ size and another, and the GPT-2 stages must read as torch code."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +63,51 @@ def test_gpt2_stages_read_as_torch_code(compile_to):
     manifest = json.loads((folder / "pipeline.json").read_text())
     keys = {key for stage in manifest["stages"] for key in stage["state"]}
     assert "transformer.h.0.attn.c_attn.weight" in keys and "lm_head.weight" in keys
+
+
+def _assigned_names(cls: type, calls: str) -> list[str]:
+    """The names a statement of `cls.forward` that calls `self.<calls>` assigns, in order, read
+    from the installed transformers' source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    for statement in ast.walk(tree):
+        if isinstance(statement, ast.Assign) and any(
+            isinstance(n, ast.Attribute) and n.attr == calls and isinstance(n.value, ast.Name) and n.value.id == "self"
+            for n in ast.walk(statement.value)
+        ):
+            (target,) = statement.targets
+            return [e.id for e in target.elts] if isinstance(target, ast.Tuple) else [target.id]
+    raise AssertionError(f"{cls.__name__}.forward calls no self.{calls}")
+
+
+def test_gpt2_values_are_named_as_transformers_source_names_them(tmp_path, compile_to):
+    """The values GPT-2's library code computes take the names transformers' modeling_gpt2.py
+    assigns them; the IR names the library's files by their place in the package, so the
+    generated folder holds no path of this machine, and a second compile writes the same bytes."""
+    from transformers.models.gpt2 import modeling_gpt2
+
+    folder = compile_to(MODELS / "hf_gpt2.py", 2, batch_size=4)
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    unpacked = _assigned_names(modeling_gpt2.GPT2Attention, "c_attn")  # query_states, key_states, ...
+    assert len(unpacked) == 3, unpacked
+    for index, name in enumerate(unpacked):
+        assert re.search(rf"\n\s+{name} = \w+\[{index}\]\n", text), (name, text)
+    residual = _assigned_names(modeling_gpt2.GPT2Block, "ln_2")[0]  # hidden_states = self.ln_2(...)
+    assert re.search(rf"\n\s+{residual}_\d+ = \w+ \+ {residual}_\d+\n", text), text
+    # the lowered Conv1D's value is named after its attribute, as a layer call's is
+    assert re.search(r"\n\s+c_attn = \w+\.view\(batch, 16, 192\)\n", text), text
+    assert "# transformer.h.0.attn (GPT2Attention), transformers/models/gpt2/modeling_gpt2.py:" in text
+    ir_text = (folder / "ir.json").read_text()
+    sources = {node["source"].rpartition(":")[0] for node in json.loads(ir_text)["nodes"]} - {""}
+    assert "transformers/models/gpt2/modeling_gpt2.py" in sources and "transformers/pytorch_utils.py" in sources
+    assert all(not source.startswith("/") and "site-packages" not in source for source in sources), sources
+    package = str(Path(modeling_gpt2.__file__).resolve().parents[3])
+    assert package not in ir_text and package not in text
+    from ftc.compiler import CompileOptions, compile_model
+
+    again = compile_model(MODELS / "hf_gpt2.py", tmp_path / "again", CompileOptions(stages=2, batch_size=4)).folder
+    for name in ("ir.json", "stage0.py", "stage1.py"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name

@@ -189,3 +189,59 @@ def test_a_statement_that_ends_in_a_lowered_torch_layer_names_the_layers_value(t
     assert "self.encoder.self_attn(" in code, code
     assert check_pipeline(compiled.folder, batch_size=4).ok
     assert_local_trains_like_single(compiled.folder)
+
+
+LAYERS_OF_ITS_OWN = """
+import torch
+import torch.nn as nn
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class Halves(nn.Module):
+    def forward(self, x):
+        first, second = x.chunk(2, dim=-1)
+        return first, second
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.scale = Scale()
+        self.halves = Halves()
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, b = self.halves(self.scale(h))
+        return a * b
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_layer_of_the_models_own_names_its_value_after_its_attribute(tmp_path, frontend):
+    """A module of the model's code without submodules, traced into, is a layer: its value is
+    named after it where the caller reads it, as a torch.nn layer's call is (`scale`, not the
+    tracer's `mul`); not where it returns several values (`first` and `second` stay)."""
+    path = tmp_path / "layers.py"
+    path.write_text(LAYERS_OF_ITS_OWN)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend=frontend))
+    code = (compiled.folder / "stage0.py").read_text()
+    assert "scale = h * self.scale.gain" in code and "chunk = scale.chunk(" in code, code
+    assert re.search(r"\bfirst = \w+\[0\]", code) and re.search(r"\bsecond = \w+\[1\]", code), code
+    assert not re.search(r"\bhalves\w* = ", code), code

@@ -234,15 +234,74 @@ def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | No
     return None
 
 
-def user_source(model_file: ModelFile) -> str:
-    """'file.py:LINE' of the innermost frame on the current stack in the model file or a file
-    beside it (a helper module the model file imports); "" when there is none."""
-    model_dir = str(model_file.path.resolve().parent)
+class CodeFiles:
+    """The files that hold the model's own code, and the machine-independent names IR sources
+    give them. The model's code is the model file and any file in its folder (by its path
+    relative to that folder: "blocks.py", "layers/attention.py"), and the files that define the
+    classes of the model's modules and their base classes, wherever they are installed (by
+    their path below the sys.path entry they were imported from, which their module's name
+    spells: "transformers/models/gpt2/modeling_gpt2.py"). torch's own files, ftc's and the
+    standard library's are not the model's code; nor is a file no module class of the model
+    comes from (a library function the model calls: its ops take the caller's line)."""
+
+    def __init__(self, model_file: ModelFile, model: torch.nn.Module | None = None):
+        self.model_dir = model_file.path.resolve().parent
+        self.imported: dict[Path, str] = {}
+        self.names: dict[str, str] = {}
+        classes = dict.fromkeys(cls for m in (model.modules() if model is not None else ()) for cls in type(m).__mro__)
+        for cls in classes:
+            found = importable_file(cls.__module__)
+            if found is not None:
+                self.imported.setdefault(*found)
+
+    def name(self, filename: str) -> str:
+        """The IR's name of the file a frame runs (its code's co_filename), "" when it is not the
+        model's code."""
+        if filename not in self.names:
+            self.names[filename] = self._name(filename)
+        return self.names[filename]
+
+    def _name(self, filename: str) -> str:
+        if filename.startswith((_TORCH_DIR, _FTC_DIR)) or not filename.endswith(".py"):
+            return ""
+        path = Path(filename).resolve()
+        if str(path).startswith((_TORCH_DIR, _FTC_DIR)):
+            return ""
+        if path.is_relative_to(self.model_dir):
+            relative = path.relative_to(self.model_dir)
+            # not a package installed into an environment in the model's folder (.venv)
+            if not {"site-packages", "dist-packages"} & set(relative.parts):
+                return relative.as_posix()
+        return self.imported.get(path, "")
+
+
+def importable_file(module_name: str) -> tuple[Path, str] | None:
+    """(the resolved file, its path below its sys.path entry) of an imported module of neither
+    torch, ftc nor the standard library, whose file its name spells ("a/b.py" or
+    "a/b/__init__.py" for module "a.b"); None otherwise."""
+    top = module_name.partition(".")[0]
+    if top in ("torch", "ftc", "builtins", "__main__") or top in sys.stdlib_module_names:
+        return None
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if not file or not file.endswith(".py"):
+        return None
+    path = Path(file)
+    relative = module_name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+    if path.as_posix().endswith(f"/{relative}") or path.resolve().as_posix().endswith(f"/{relative}"):
+        return path.resolve(), relative
+    return None
+
+
+def user_source(model_file: ModelFile, code: CodeFiles | None = None) -> str:
+    """'file.py:LINE' of the innermost frame on the current stack in the model's code (`code`;
+    without it, the model file and the files in its folder, such as a helper module the model
+    file imports); "" when there is none."""
+    code = code or CodeFiles(model_file)
     frame = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename.startswith(model_dir) and not filename.startswith((_TORCH_DIR, _FTC_DIR)):
-            return f"{Path(filename).name}:{frame.f_lineno}"
+        name = code.name(frame.f_code.co_filename)
+        if name:
+            return f"{name}:{frame.f_lineno}"
         frame = frame.f_back
     return ""
 

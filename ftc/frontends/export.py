@@ -43,7 +43,7 @@ from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, uni
 from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, lower, module_call, op_key, output_name, whole_view
-from .common import constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
+from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
 
 # The device the stage runs on; generated code binds `device` from a stage input.
@@ -82,6 +82,7 @@ def trace_export(
     _inline_grad_mode_blocks(program.graph_module)
     signature = program.graph_signature
     modules = module_table(model, model_file)
+    code = CodeFiles(model_file, model)
     state = state_table(model)
     constants = {}
 
@@ -116,7 +117,7 @@ def trace_export(
             node = Node(unique_name(fx_node.name.removeprefix("p_").removeprefix("b_"), taken), "get_attr", target)
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 if _without_values(program.constants[spec.target]):
-                    line = next((source for user in fx_node.users if (source := _scope(user, model_file)[1])), where)
+                    line = next((source for user in fx_node.users if (source := _scope(user, code)[1])), where)
                     raise FtcError(
                         f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
                         "tracing on tensors without data (the model is built on the meta device), keeps without its values",
@@ -140,7 +141,7 @@ def trace_export(
             continue
         elif fx_node.op == "call_function":
             if fx_node in whole_calls:
-                nodes.extend(_layer_call(whole_calls[fx_node], model, modules, model_file, names, taken, ref_of))
+                nodes.extend(_layer_call(whole_calls[fx_node], model, modules, code, names, taken, ref_of))
                 continue
             if fx_node in in_whole_call or (_dropped(fx_node) and not fx_node.users):
                 continue
@@ -156,7 +157,7 @@ def trace_export(
             target = fx_node.target
             fx_args = tuple(_stage_device(a) for a in fx_node.args)
             fx_kwargs = {k: _stage_device(v) for k, v in fx_node.kwargs.items()}
-            module_path, source = _scope(fx_node, model_file)
+            module_path, source = _scope(fx_node, code)
             label = fx_node.name
             node = Node("", "call_function", "")
             if target is torch.ops.aten.sym_size.int:
@@ -170,7 +171,7 @@ def trace_export(
                     submodule = model.get_submodule(module_path)
                     call = module_call(target, fx_args, fx_kwargs, submodule, module_path, state_tensors.get)
                 if call is not None:  # the node stands for the module call, made in the caller's scope
-                    module_path, source = _scope(fx_node, model_file, outer=1)
+                    module_path, source = _scope(fx_node, code, outer=1)
                     label = _call_label(call.target, submodule)
                 call = call or lower(target, fx_args, fx_kwargs)
                 if call is None:
@@ -348,7 +349,7 @@ def _positions(structure: Any, at: tuple) -> dict[int, tuple]:
 
 
 def _layer_call(
-    call: _WholeCall, model: torch.nn.Module, modules: dict[str, str], model_file: ModelFile,
+    call: _WholeCall, model: torch.nn.Module, modules: dict[str, str], code: CodeFiles,
     names: dict[fx.Node, str], taken: set[str], ref_of: Any,
 ) -> list[Node]:  # fmt: skip
     """The IR of a whole layer call: `lstm = self.lstm(x, (h0, c0))`, then its outputs taken out
@@ -361,7 +362,7 @@ def _layer_call(
     # the call is made in the scope of the module that called the layer
     callers = [path for key, (path, _) in stack.items()][: list(stack).index(call.key)]
     module_path = next((path for path in reversed(callers) if not path.startswith("_")), "")
-    source = _scope(last, model_file)[1]
+    source = _scope(last, code)[1]
 
     def made(name: str, op: str, target: str, args: tuple, kwargs: dict) -> Node:
         scope = (module_path, modules.get(module_path, ""), source)
@@ -630,17 +631,17 @@ def _mutated(op: torch._ops.OpOverload) -> int | None:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 
 
-def _scope(fx_node: fx.Node, model_file: ModelFile, outer: int = 0) -> tuple[str, str]:
-    """The original module path the node ran in (`outer` levels up) and its model-file line."""
+def _scope(fx_node: fx.Node, code: CodeFiles, outer: int = 0) -> tuple[str, str]:
+    """The original module path the node ran in (`outer` levels up) and the line of the model's
+    code it ran (the innermost on its stack trace)."""
     stack = fx_node.meta.get("nn_module_stack") or {}
     paths = [path for path, _ in stack.values() if isinstance(path, str) and not path.startswith("_")]
     paths = [""] + paths[: len(paths) - outer]
     module_path = paths[-1]
     source = ""
-    name, own = model_file.path.name, model_file.path.resolve()
     for filename, line in _FRAME.findall(fx_node.meta.get("stack_trace") or ""):
-        # by the file itself: transformers' modeling_llama.py is not a model file llama.py
-        if Path(filename).name == name and Path(filename).resolve() == own:
+        name = code.name(filename)
+        if name:
             source = f"{name}:{line}"
     return module_path, source
 

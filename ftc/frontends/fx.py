@@ -22,6 +22,7 @@ from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, uni
 from ftc.runtime.model_file import ModelFile
 
 from .common import (
+    CodeFiles,
     TrainingFlag,
     constant_from_tensor,
     function_expr,
@@ -40,9 +41,10 @@ class _Tracer(fx.Tracer):
     # Buffers become get_attr nodes like parameters, so code may index them with traced sizes.
     proxy_buffer_attributes = True
 
-    def __init__(self, model_file: ModelFile):
+    def __init__(self, model_file: ModelFile, model: torch.nn.Module):
         super().__init__()
         self.model_file = model_file
+        self.code = CodeFiles(model_file, model)
         self.flag_reads: list[str] = []  # places self.training was read since the last op was recorded
 
     def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
@@ -54,7 +56,7 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        node.meta["ftc_source"] = user_source(self.model_file)
+        node.meta["ftc_source"] = user_source(self.model_file, self.code)
         # fx records no context managers, but `with torch.no_grad():` in forward really runs
         # while tracing, so the grad mode at this moment is the one the op ran under.
         node.meta["ftc_grad_enabled"] = torch.is_grad_enabled()
@@ -183,7 +185,7 @@ def star_args(model: torch.nn.Module) -> StarArgs:
 def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dict, name: str) -> Graph:
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
-    tracer = _Tracer(model_file)
+    tracer = _Tracer(model_file, model)
     state = state_table(model)
     branches: list[str] = []
     explained: list[str] = []  # reads of self.training that chose an attention's dropout

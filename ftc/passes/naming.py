@@ -15,18 +15,27 @@ Nodes group by (module path, statement) in program order; in a group, the last n
 what a simple `name = ...` assigns, and the items unpacked from a tuple (getitem nodes) take
 the names of a tuple target. The ops of a torch.nn layer the tracer went into (export's
 Transformer layers) carry their caller's line one level deeper: where such a layer ends the
-statement, its last op is the statement's value. Statements the pass cannot see (another
-file, a multi-statement line) leave names as they are.
+statement, its last op is the statement's value. Statements the pass cannot see (a file it
+cannot find, a multi-statement line) leave names as they are.
+
+Sources name the model's code wherever it is (ftc/frontends/common.py CodeFiles): a file in the
+model file's folder by its path there, a library's (the files that define the model's module
+classes: transformers' modeling_gpt2.py) by its path below its sys.path entry,
+"transformers/models/gpt2/modeling_gpt2.py:187", which `locate` finds again. A layer of the
+model's code without submodules (transformers' Conv1D) names its value after its attribute, as
+a torch.nn layer's call does.
 """
 
 from __future__ import annotations
 
 import ast
+import keyword
 import re
+import sys
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from ftc.ir import Graph, Node, Ref, map_refs, unique_name
+from ftc.ir import Graph, Node, Ref, arg_refs, map_refs, unique_name
 
 
 def _statements(path: Path) -> dict[int, ast.stmt]:
@@ -41,6 +50,28 @@ def _statements(path: Path) -> dict[int, ast.stmt]:
             for line in range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1):
                 by_line[line] = stmt
     return by_line
+
+
+def locate(file: str, source_dir: Path) -> Path | None:
+    """The file a node's source names: one in the model's folder (`source_dir`), or an imported
+    module's, by its path below the sys.path entry it was imported from
+    ("transformers/models/gpt2/modeling_gpt2.py"): the loaded module's own file, else the
+    first sys.path entry that holds it."""
+    relative = PurePosixPath(file)
+    if relative.is_absolute() or ".." in relative.parts or relative.suffix != ".py":
+        return None
+    if (source_dir / relative).is_file():
+        return source_dir / relative
+    parts = relative.with_suffix("").parts
+    module = sys.modules.get(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    loaded = getattr(module, "__file__", None)
+    if loaded and Path(loaded).as_posix().endswith(f"/{file}") and Path(loaded).is_file():
+        return Path(loaded)
+    for entry in sys.path:
+        candidate = Path(entry or ".") / relative
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _targets(stmt: ast.stmt) -> str | list | None:
@@ -70,7 +101,8 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         if not file or not line.isdigit():
             return None
         if file not in files:
-            files[file] = _statements(source_dir / file)
+            path = locate(file, source_dir)
+            files[file] = _statements(path) if path is not None else {}
         return files[file].get(int(line))
 
     wanted: dict[str, str] = {}
@@ -166,6 +198,8 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         if isinstance(targets, str) and all(statement(node) is not stmt for node in around) and ends_at(run[-1]):
             wanted.setdefault(run[-1].name, targets)
 
+    wanted.update(_layer_outputs(graph, compute))
+
     taken = {node.name for node in graph.nodes}
     renames: dict[str, str] = {}
     labels: dict[str, str] = {}
@@ -195,6 +229,37 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     ]
     outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
     return replace(graph, nodes=nodes, outputs=outputs)
+
+
+def _layer_outputs(graph: Graph, compute: list[Node]) -> dict[str, str]:
+    """The value a layer of the model's code returns (a module of its own, not torch.nn's, with
+    no submodules, whose ops the tracer went into: transformers' Conv1D, an activation, an RMS
+    norm), named after the layer's attribute, as a torch.nn layer's call is: `c_attn` rather
+    than the layer's own `x` (or the tracer's `mul_3`), where the caller reads it. Each run of
+    the layer's ops whose only value read after the run is its last is such a call."""
+    parents = {path.rpartition(".")[0] for path in graph.modules if path}
+    last_read: dict[str, int] = {}
+    for k, node in enumerate(compute):
+        for ref in (*arg_refs(node.args), *arg_refs(node.kwargs)):
+            last_read[ref] = k
+    for ref in graph.outputs.values:
+        last_read[ref.name] = len(compute)
+    names: dict[str, str] = {}
+    start = 0
+    for k, node in enumerate(compute):
+        if k + 1 < len(compute) and compute[k + 1].module_path == node.module_path:
+            continue
+        run, start = compute[start : k + 1], k + 1
+        path = node.module_path
+        attribute = path.rpartition(".")[2]
+        if not path or path in parents or graph.modules.get(path, "torch.").startswith("torch."):
+            continue
+        if not attribute.isidentifier() or keyword.iskeyword(attribute) or attribute.startswith("_"):
+            continue
+        read_after = [member for member in run if last_read.get(member.name, -1) > k]
+        if read_after == [node] and node.mutates is None:
+            names[node.name] = attribute
+    return names
 
 
 def _within(outer: str, path: str, strictly: bool = False) -> bool:
