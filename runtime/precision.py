@@ -62,7 +62,7 @@ def _describe(value: Any) -> tuple:
     if isinstance(value, torch.Tensor):
         return ("tensor", list(value.shape), str(value.dtype).removeprefix("torch."), value.requires_grad)
     if isinstance(value, torch.Size):
-        return ("python", tuple(value))
+        return ("python", value)
     if isinstance(value, (tuple, list)):
         return ("sequence", type(value).__name__, [_describe(item) for item in value])
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -91,8 +91,9 @@ def _fake(description: tuple, mode, device: torch.device, name: str) -> Any:
         return torch.Size(items) if description[1] == "size" else {"tuple": tuple, "list": list}[description[1]](items)
     if kind == "python":
         return description[1]
-    raise FtcError(f"value {name} is an object that the stages reading it cannot be run on FakeTensors for "
-                   "precision bf16", 'set precision to "fp32"')  # fmt: skip
+    raise FtcError(f"value {name} is no tensor, and what it holds is not known before training, so the stages "
+                   "reading it cannot run on FakeTensors to learn their dtypes under autocast",
+                   'set precision to "fp32"')  # fmt: skip
 
 
 def _with_dtypes(spec: dict, description: tuple) -> dict:
