@@ -8,6 +8,10 @@
 4. Per-device peak memory of the partitioned model (`dist` mode, one process per pipeline
    device, all four on this one GPU, gloo moving activations through host copies) beside the
    whole model's (`single`), as torch.cuda.max_memory_allocated reports them.
+5. `precision: "bf16"` (torch.autocast("cuda", dtype=torch.bfloat16)): 10 steps in `local`
+   mode and with the plain loop, their losses (equal on the CPU, bit for bit, for a model without
+   tied weights; this one ties its head to the embedding), their distance from the fp32 losses
+   of check 3 and their throughputs (a few seconds).
 
 Prints one line per figure and writes them to $OUT/gpu_check.json (or ./gpu_check.json).
 """
@@ -111,8 +115,8 @@ def stages_beside_model(folder: Path) -> None:
           f"stages {statistics.median(split) * 1e3:.2f} ms: overhead {overhead * 100:+.2f}% (target <= 3%)")  # fmt: skip
 
 
-def train(folder: Path, mode: str, steps: int, extra: list[str] = ()) -> dict:
-    results = WORK / f"results_{mode}.json"
+def train(folder: Path, mode: str, steps: int, extra: list[str] = (), tag: str = "") -> dict:
+    results = WORK / f"results_{mode}{tag}.json"
     ftc("train", str(ROOT / "configs" / "base.json"),
         "--set", f"pipeline={folder}", "--set", f"model={MODEL}", "--set", 'data={"name": "bytes"}',
         "--set", f"mode={mode}", "--set", "device=cuda", "--set", f"steps={steps}",
@@ -134,6 +138,22 @@ def local_vs_single(folder: Path) -> dict:
     print(f"training 40 steps on CUDA: local mode vs the plain loop, max relative loss difference {diff:.2e}; "
           f"{local['samples_per_s']:.1f} vs {single['samples_per_s']:.1f} samples/s = {share * 100:.1f}% (target >= 97%)")  # fmt: skip
     return single
+
+
+def bf16_local_vs_single(folder: Path, fp32: dict) -> None:
+    steps = 10
+    single = train(folder, "single", steps, ["--set", "precision=bf16"], "_bf16")
+    local = train(folder, "local", steps, ["--set", "precision=bf16"], "_bf16")
+    diff = max(abs(a - b) / abs(b) for a, b in zip(local["loss"], single["loss"]))
+    from_fp32 = max(abs(a - b) / abs(b) for a, b in zip(single["loss"], fp32["loss"][:steps]))
+    FIGURES["bf16_local_vs_single"] = {
+        "max_relative_loss_difference": diff, "bitwise_equal_losses": local["loss"] == single["loss"],
+        "max_relative_difference_from_fp32": from_fp32, "single_samples_per_s": single["samples_per_s"],
+        "local_samples_per_s": local["samples_per_s"],
+    }  # fmt: skip
+    print(f"bf16 autocast, {steps} steps on CUDA: local mode vs the plain loop, max relative loss difference {diff:.2e} "
+          f"(bitwise equal: {local['loss'] == single['loss']}); the plain loop's bf16 vs fp32 losses {from_fp32:.2e}; "
+          f"{local['samples_per_s']:.1f} vs {single['samples_per_s']:.1f} samples/s")  # fmt: skip
 
 
 def memory_per_device(folder: Path, single: dict) -> None:
@@ -163,6 +183,7 @@ def main() -> None:
     single = section("local_vs_single", local_vs_single, folder)
     if single is not None:
         section("memory_per_device", memory_per_device, folder, single)
+        section("bf16_local_vs_single", bf16_local_vs_single, folder, single)
     out = Path(os.environ.get("OUT", ".")) / "gpu_check.json"
     out.write_text(json.dumps(FIGURES, indent=1))
     print(json.dumps(FIGURES, indent=1))

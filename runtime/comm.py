@@ -259,6 +259,13 @@ def encode(
                 if isinstance(leaf, torch.Tensor)
                 else type(leaf).__name__
             )
+            if "compiled_dtype" in spec:  # a dtype of autocast's (runtime/precision.py)
+                raise FtcError(
+                    f"value {name} is {got}, but under autocast its stage gave {spec['dtype']}{expected} when run "
+                    f"before training (pipeline.json says {spec['compiled_dtype']}), and receivers expect that",
+                    "a stage must give its values the same dtypes every time (in eval mode too); "
+                    'set precision to "fp32" for a stage that does not',
+                )
             raise FtcError(
                 f"value {name} is {got}, but pipeline.json says {spec['dtype']}{expected} for this micro-batch size",
                 "keep stage outputs as pipeline.json lists them (run `ftc check`), or recompile",

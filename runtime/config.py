@@ -33,6 +33,11 @@ MODES = ("single", "local", "dist")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("cpu", "cuda")
 FAULTS = ("exit", "hang", "nan")
+# fp32: everything in float32. bf16: every forward and the loss under torch.autocast with
+# bfloat16, parameters, gradients and optimizer state in float32 (runtime/precision.py). No fp16:
+# its narrow exponent range needs loss scaling (torch.amp.GradScaler), whose skipped steps and
+# changing scale would need an all-reduce of its inf checks across ranks; bf16 needs none.
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Config:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     recompute: str = "pipeline"
+    precision: str = "fp32"  # "bf16": forwards and the loss under bfloat16 autocast (runtime/precision.py)
     steps: int = 100
     epochs: Optional[float] = None  # when set, decides the steps: passes over the data set (runtime/data.py)
     seed: int = 0
@@ -321,6 +327,11 @@ def _validate(c: Config) -> None:
     choice("schedule", c.schedule, TRAINING_SCHEDULES)
     _validate_staleness(c, fail)
     choice("recompute", c.recompute, RECOMPUTE)
+    if c.precision not in PRECISIONS:
+        fail("precision", f"is {c.precision!r}; choose one of {', '.join(PRECISIONS)}",
+             "bf16 runs the forwards and the loss under bfloat16 autocast, weights and optimizer state in float32"
+             + ("; fp16 is not offered: it needs loss scaling, which bf16's float32 range makes unnecessary"
+                if c.precision.lower() in ("fp16", "float16", "half") else ""))  # fmt: skip
     choice("mode", c.mode, MODES)
     choice("backend", c.backend, BACKENDS)
     choice("device", c.device, DEVICES)

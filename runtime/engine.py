@@ -12,6 +12,9 @@ What a step computes does not depend on where stages run:
   re-runs its forward;
 - a stage in `recompute` runs its forward without autograd, keeping only its inputs, and runs it
   again (same seed, so same dropout masks) right before its backward;
+- under `precision` bf16 every stage forward (a recomputed one too) and the loss run under
+  torch.autocast, one region each, and values cross devices in the dtypes they have there, which
+  runtime/precision.py learns before training (the specs the plan is made from);
 - the loss of a micro-batch is loss_fn(outputs, targets) * loss_scale / M on the device of the
   last stage; parameter gradients accumulate in .grad, and the caller steps the optimizer
   (after sync_shared_grads, which sums the gradients of weights tied across devices).
@@ -45,7 +48,7 @@ import torch.distributed as dist
 
 from ftc.ir import FtcError
 
-from . import comm
+from . import comm, precision as precisions
 from .comm import ACTIVATION, GRADIENT, DistTransport, LocalTransport, Message
 from .data import dim_of
 from .model_file import user_error
@@ -67,9 +70,10 @@ def stream_seed(seed: int, step: int, micro_batch: int, stage: int) -> int:
 class _Plan:
     """Who reads what, and every message of a step with the actions that send and await it."""
 
-    def __init__(self, pipeline: Pipeline, order: list[Action], micro_batches: int):
+    def __init__(self, pipeline: Pipeline, order: list[Action], micro_batches: int, values: dict | None = None):
         self.specs = {s.index: s for s in pipeline.stages}
-        self.values = pipeline.manifest["values"]
+        # The value specs: pipeline.json's, with the dtypes of autocast (precision.value_specs).
+        self.values = values if values is not None else pipeline.manifest["values"]
         self.device_of = {s.index: s.device for s in self.specs.values()}
         self.loss_stage = pipeline.stages[-1].index
         self.loss_device = self.device_of[self.loss_stage]
@@ -168,6 +172,8 @@ class Engine:
         target_dims: Any = 0,
         stale: StaleWeights | None = None,
         batch_micro_batches: int | None = None,
+        precision: str = "fp32",
+        values: dict | None = None,
     ):
         """`modules`: stage index -> stage module, already on `device`; all stages in local mode,
         this rank's in distributed mode. `batch_size`: the global batch size, needed by ranks
@@ -178,7 +184,11 @@ class Engine:
         `micro_batches` all of theirs; `stale` gives each stage forward its weights and updates
         the stages as their backwards finish each step; `batch_micro_batches`, the micro-batches
         of one data batch, keeps the dropout seeds those of the same micro-batch in a
-        synchronous run."""
+        synchronous run.
+
+        `precision` "bf16" runs the forwards and the loss under bfloat16 autocast; `values`, the
+        value specs with the dtypes they then have (precision.value_specs, made once for the
+        engines of a run), is learned here when not given (in distributed mode a collective)."""
         stages = pipeline.stages
         unknown = sorted(set(recompute) - {s.index for s in stages})
         if unknown:
@@ -194,6 +204,9 @@ class Engine:
         self.batch_size = batch_size
         self.target_dims = target_dims
         self.timeout_s = timeout_s
+        if precision not in precisions.PRECISIONS:
+            raise FtcError(f"precision {precision!r} is not one of {', '.join(precisions.PRECISIONS)}")
+        self.precision = precision
         if distributed:
             if not dist.is_available() or not dist.is_initialized():
                 raise FtcError(
@@ -231,7 +244,10 @@ class Engine:
             else simulate(stages, micro_batches, schedule, self._costs(), pipeline.outputs)
         )
         order = [timed.action for timed in self.timeline.actions]
-        self.plan = _Plan(pipeline, order, micro_batches)
+        if values is None and precision != "fp32":
+            values = precisions.value_specs(pipeline, self.modules, self.device, precision,
+                                            _all_gather if distributed else None)  # fmt: skip
+        self.plan = _Plan(pipeline, order, micro_batches, values)
         self.transport = transport
         self.order = [a for a in order if self.plan.device_of[a.stage] in local_devices]
         self.runners = {
@@ -265,6 +281,10 @@ class Engine:
             forward, backward = cost["fwd_time"], cost["bwd_time"]
             costs[stage["index"]] = (forward, backward + (forward if stage["index"] in self.recompute else 0.0))
         return costs
+
+    def autocast(self):
+        """The context of a forward and of the loss (runtime/precision.py)."""
+        return precisions.autocast(self.device, self.precision)
 
     @property
     def reads_inputs(self) -> bool:
@@ -612,8 +632,9 @@ class _DeviceRunner:
         # statistics, a step counter), and must not update them a second time.
         buffers_before = _buffer_values(module) if recompute and self.training else None
         try:
-            with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute):
-                outputs = self._call(stage, m, args)
+            with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute), \
+                    self.engine.autocast():  # fmt: skip
+                outputs = self._call(stage, m, self._uncached(args))
         except FtcError:
             raise
         except Exception as exc:
@@ -644,7 +665,9 @@ class _DeviceRunner:
             self.outputs.append(outputs)
             if self.target_batches is None:
                 return
-        loss = call_loss(self.engine.loss_fn, self.engine.pipeline.assemble_output(outputs), self.target_batches[m])
+        output = self.engine.pipeline.assemble_output(self._uncached(outputs))
+        with self.engine.autocast():
+            loss = call_loss(self.engine.loss_fn, output, self.target_batches[m])
         self.losses.append(loss.detach().reshape(()))
         if self.training:
             self.scaled_losses[m] = loss.reshape(()) * self.loss_scale / self.engine.micro_batches
@@ -670,6 +693,22 @@ class _DeviceRunner:
         outputs = torch.func.functional_call(module, stale.forward_weights(stage, m), args, tie_weights=True)
         stale.check_unwritten(stage, m)
         return outputs
+
+    def _uncached(self, values: Any) -> Any:
+        """Under autocast, the received values that need a gradient, each as a view of itself:
+        autocast caches its casts of leaves that need a gradient (meant for weights), so all uses
+        of a received float32 value would share one cast and sum their gradients in bfloat16,
+        where in the original model the value is no leaf, each use casts it, and their gradients
+        add up in float32. A view is never cached, and its backward passes the gradient as is."""
+        if self.engine.precision == "fp32":
+            return values
+        if isinstance(values, torch.Tensor):
+            return values.view_as(values) if values.is_leaf and values.requires_grad else values
+        if isinstance(values, dict):
+            return {key: self._uncached(value) for key, value in values.items()}
+        if isinstance(values, (tuple, list)) and not isinstance(values, torch.Size):
+            return type(values)(self._uncached(value) for value in values)
+        return values
 
     def _reader_leaf(self, reader: int, name: str, m: int) -> Any:
         """The value as `reader` gets it: a fresh leaf, kept for the gradient's way back."""
@@ -707,8 +746,8 @@ class _DeviceRunner:
                 )
             module = self.engine.modules[stage]
             buffers_now = _point_buffers(module, buffers_before)
-            with self._seeded(stage, m), torch.enable_grad():
-                outputs = self._call(stage, m, args)
+            with self._seeded(stage, m), torch.enable_grad(), self.engine.autocast():
+                outputs = self._call(stage, m, self._uncached(args))
             _point_buffers(module, buffers_now)
         tensors, grads = [], []
         for name, value in zip(spec.outputs, outputs):
@@ -757,6 +796,11 @@ class _DeviceRunner:
             uses = self.plan.uses[(self.device, name)]
             summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))
             grad_specs = [specs[k] for k in self.plan.gradient_leaves[name]]
+            for grad, spec in zip(summed, grad_specs):
+                # Autograd gives a leaf's gradient the leaf's dtype; the receiver's buffer has it.
+                if grad is not None and grad.dtype != getattr(torch, spec["dtype"]):
+                    raise FtcError(f"the gradient of value {name} is {str(grad.dtype).removeprefix('torch.')}, "
+                                   f"but the value is {spec['dtype']}: it would arrive converted")  # fmt: skip
             payload = [
                 g if g is not None else comm.empty_payload([spec], self.batch_scale, self.engine.device)[0].zero_()
                 for g, spec in zip(summed, grad_specs)
@@ -806,6 +850,13 @@ class _DeviceRunner:
                     device.index if device.index is not None else torch.cuda.current_device()
                 ].manual_seed(seed)
             yield
+
+
+def _all_gather(mine: Any) -> list[Any]:
+    """Every rank's `mine` (the default process group)."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def unique_parameters(modules: dict[int, torch.nn.Module]) -> list[torch.nn.Parameter]:

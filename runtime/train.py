@@ -13,6 +13,7 @@ depends only on the seed and the step: resumed runs and every rank see the same 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import inspect
@@ -55,6 +56,7 @@ from .materialize import build_stages, load_checkpoint
 from .mode import train_model
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
+from .precision import autocast as precision_autocast, check_device as check_precision_device, value_specs
 from .seeding import seed_generators, seeded
 from .staleness import GAP_SQUARES, SharedSet, StaleWeights, shared_sets
 
@@ -153,9 +155,12 @@ class SingleProcess:
 
     def __init__(
         self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int, batch_dims: dict[str, int | None],
-        target_dims: Any = 0,
+        target_dims: Any = 0, autocast: Callable[[], Any] = contextlib.nullcontext,
     ):  # fmt: skip
         self.model = model
+        # precision bf16: each micro-batch's forward and loss in an autocast region of its own, as
+        # the pipeline runs each stage's (backward outside it, as torch recommends)
+        self.autocast = autocast
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
         self.batch_dims = batch_dims  # input name -> its batch dimension (None: shared by all samples)
@@ -179,7 +184,8 @@ class SingleProcess:
         for i in range(self.micro_batches):
             x = self._micro_inputs(inputs, i)
             y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-            loss = call_loss(self.loss_fn, self._forward(x, i), y)
+            with self.autocast():
+                loss = call_loss(self.loss_fn, self._forward(x, i), y)
             (loss * (loss_scale / self.micro_batches)).backward()
             losses.append(loss.detach().reshape(()).to(torch.float64))
         # One read of the device per step, as the engine's mean_loss.
@@ -208,7 +214,8 @@ class SingleProcess:
             for i in range(self.micro_batches):
                 x = self._micro_inputs(inputs, i)
                 y = map_with_dims(lambda t, dim: t if dim is None else t.chunk(self.micro_batches, dim)[i], targets, self.target_dims)
-                loss = call_loss(self.loss_fn, self._forward(x, i, evaluating=True), y)
+                with self.autocast():
+                    loss = call_loss(self.loss_fn, self._forward(x, i, evaluating=True), y)
                 losses.append(loss.reshape(()).to(torch.float64))
         return (torch.stack(losses).sum() / self.micro_batches).item(), None
 
@@ -514,6 +521,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if rank == 0:
         check_writable(config)
     device = training_device(config, rank)
+    check_precision_device(config.precision, device, config.source)
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     # Synthetic targets shaped like the outputs, where the model file does not say what they are.
     shaped = config.data["name"] == "synthetic" and getattr(model_file.module, "example_targets", None) is None
@@ -537,7 +545,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     asynchronous = config.schedule == "async" and config.mode != "single"
     if config.mode == "single":
         model = build_single(config, model_file, device)
-        engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims)
+        engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims,
+                                    autocast=functools.partial(precision_autocast, device, config.precision))  # fmt: skip
         modules = [model]
     else:
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
@@ -546,10 +555,14 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             digests = gather_setup(setup_group, shared_copies.digests(pipeline, stage_modules), world_size)
             shared_copies.check_equal(pipeline, digests)
         modules = list(stage_modules.values())
+        # The dtypes values cross devices in under autocast, learned once for every engine of the
+        # run (in dist, the ranks tell each other what their stages produce).
+        exchange = functools.partial(gather_setup, setup_group, world_size=world_size) if config.mode == "dist" else None
+        values = value_specs(pipeline, stage_modules, device, config.precision, exchange)
         make_engine = functools.partial(
             Engine, pipeline, stage_modules, schedule=config.schedule, loss_fn=loss_fn, seed=config.seed,
             device=device, recompute=recompute_set(config, pipeline), distributed=config.mode == "dist",
-            timeout_s=config.timeout_s, target_dims=target_dims,
+            timeout_s=config.timeout_s, target_dims=target_dims, precision=config.precision, values=values,
         )  # fmt: skip
         if not asynchronous:
             engine = make_engine(micro_batches=config.micro_batches, batch_size=config.batch_size)
@@ -650,6 +663,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         held_out = f", the last {len(dataset) - trained} held out for eval" if dataset is not None and config.eval.every else ""
         print(f"{pipeline.name}: mode {config.mode}, {counted(world_size, 'process', 'processes')}, "
               f"{counted(len(pipeline.stages), 'stage')}, schedule {config.schedule}{async_settings(config)}, "
+              f"{'bf16 autocast, ' if config.precision == 'bf16' else ''}"
               f"batch {config.batch_size} = {counted(config.micro_batches, 'micro-batch', 'micro-batches')}"
               f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {counted(config.steps, 'step')}{epochs}, "
               f"data {config.data['name']}" + (f" ({len(dataset)} samples{held_out})" if dataset is not None else ""),

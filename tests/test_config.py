@@ -105,6 +105,9 @@ def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
         ({"pipeline": "p", "schedule": "async", "optimizer": {"name": "sgd"}, "staleness": {"predict": True}}, [],
          "plain SGD keeps no update direction"),
         ({"pipeline": "p", "schedule": "zb"}, [], "key 'schedule' is 'zb'"),
+        ({"pipeline": "p", "precision": "fp16"}, [], "key 'precision' is 'fp16'; choose one of fp32, bf16"),
+        ({"pipeline": "p"}, ["precision=bfloat16"], "key 'precision' is 'bfloat16'; choose one of fp32, bf16"),
+        ({"pipeline": "p", "precision": 16}, [], "key 'precision' must be a string, not 16"),
         ({"pipeline": "p", "batch_size": 10, "micro_batches": 4}, [], "not a multiple of micro_batches"),
         ({"steps": 3}, [], "key 'pipeline' is missing"),
         ({"pipeline": "p", "data": {"name": "imagenet"}}, [], "key 'data.name' is 'imagenet'"),
@@ -119,6 +122,14 @@ def test_errors_name_the_key_and_the_source(tmp_path, content, overrides, messag
     assert message in str(error.value)
     if not overrides:
         assert str(path) in str(error.value)
+
+
+def test_precision_defaults_to_fp32_and_says_why_fp16_is_not_offered(tmp_path):
+    path = write(tmp_path / "c.json", {"pipeline": "p"})
+    assert load_config(path).precision == "fp32" and load_config(path, ["precision=bf16"]).precision == "bf16"
+    with pytest.raises(FtcError) as error:
+        load_config(path, ["precision=fp16"])
+    assert "fp16 is not offered: it needs loss scaling" in error.value.hint
 
 
 def test_clipping_under_schedule_async_is_refused_but_in_mode_single(tmp_path):
