@@ -92,6 +92,21 @@ CASES = [
     (aten.max_pool2d.default, (_x(1, 2, 5, 5), [3, 3], [1, 1], [1, 1]), {}),
     (aten.avg_pool2d.default, (_x(1, 2, 4, 4), [2, 2]), {}),
     (aten.adaptive_avg_pool2d.default, (_x(1, 2, 4, 4), [1, 1]), {}),
+    (aten.avg_pool3d.default, (_x(1, 2, 4, 4, 4), [2, 1, 2]), {"padding": [1, 0, 1]}),
+    (aten.im2col.default, (_x(2, 3, 5, 6), [2, 3], [1, 2], [1, 0], [2, 1]), {}),
+    (aten.col2im.default, (_x(2, 12, 12), [5, 6], [2, 2], [1, 1], [0, 0], [1, 2]), {}),
+    (aten.grid_sampler.default, (_x(2, 3, 4, 5), _x(2, 3, 3, 2).tanh(), 1, 2, True), {}),
+    (aten.affine_grid_generator.default, (_x(2, 2, 3), [2, 3, 4, 5], False), {}),
+    (aten.channel_shuffle.default, (_x(2, 6, 3), 3), {}),
+    (aten.native_channel_shuffle.default, (_x(2, 6, 3), 2), {}),
+    (aten.prelu.default, (_x(2, 3, 4), _x(3)), {}),
+    (aten.mish.default, (_x(2, 3),), {}),
+    (aten.selu.default, (_x(2, 3),), {}),
+    (aten.relu6.default, (_x(2, 3) * 5,), {}),
+    (aten.celu.default, (_x(2, 3), 0.5), {}),
+    (aten.elu.default, (_x(2, 3), 0.7), {}),
+    (aten.glu.default, (_x(2, 4), 1), {}),
+    (aten.hardtanh.default, (_x(2, 3), -0.5, 2.0), {}),
     (aten.constant_pad_nd.default, (_x(2, 3), [1, 2], 0.5), {}),
     (aten.pad.default, (torch.tensor([[1, 2, 3]]), [0, 1], "constant", -100.0), {}),
     (aten.pad.default, (_x(1, 2, 5), [2, 1], "reflect"), {}),
@@ -951,3 +966,18 @@ def test_pooling_with_indices_distances_and_losses_of_three_inputs_are_module_ca
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
     assert_local_trains_like_single(folder)
+
+
+def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
+    """Unfold/Fold, ChannelShuffle, PReLU, Mish/CELU/ReLU6, RMSNorm, padding layers, grid_sample
+    and scatter_add/index_add_ stayed `torch.ops.aten.<op>.default(...)` calls in stage code."""
+    from ftc.check import check_pipeline
+
+    folder = compile_to(MODELS / "rare_layers.py", 2, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "torch.ops.aten" not in text, text
+    for call in ("self.unfold(", "self.fold(", "self.shuffle(", "self.prelu(", "self.mish(", "self.celu(",
+                 "self.relu6(", "self.rms(", "self.pad(", "self.zpad(", "F.grid_sample(", "F.affine_grid(",
+                 ".scatter_add(1, ", ".index_add_(1, "):  # fmt: skip
+        assert call in text, call
+    assert check_pipeline(folder).ok

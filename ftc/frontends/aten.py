@@ -335,6 +335,19 @@ def _numpy_t(a: dict) -> Call | None:
     return Call("call_method", "t", (x,))
 
 
+# aten.grid_sampler's integer modes, as F.grid_sample names them
+_GRID_MODES = {0: "bilinear", 1: "nearest", 2: "bicubic"}
+_GRID_PADDINGS = {0: "zeros", 1: "border", 2: "reflection"}
+
+
+def _grid_sample(a: dict) -> Call | None:
+    mode, padding = a["interpolation_mode"], a["padding_mode"]
+    if mode not in _GRID_MODES or padding not in _GRID_PADDINGS:
+        return None
+    kwargs = {"mode": _GRID_MODES[mode], "padding_mode": _GRID_PADDINGS[padding], "align_corners": a["align_corners"]}
+    return Call("call_function", "F.grid_sample", (a["input"], a["grid"]), kwargs)
+
+
 def _unary(target: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, (a["self"],))
 
@@ -432,6 +445,25 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
         "F.avg_pool2d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
     ),
     "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
+    "avg_pool3d.default": _pool(
+        "F.avg_pool3d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+    ),
+    "im2col.default": _function("F.unfold", "self", "kernel_size", "dilation", "padding", "stride"),
+    "col2im.default": _function("F.fold", "self", "output_size", "kernel_size", "dilation", "padding", "stride"),
+    "grid_sampler.default": _grid_sample,
+    "affine_grid_generator.default": _function("F.affine_grid", "theta", "size", "align_corners"),
+    "channel_shuffle.default": _function("F.channel_shuffle", "self", "groups"),
+    "native_channel_shuffle.default": _function("F.channel_shuffle", "self", "groups"),
+    "prelu.default": _function("F.prelu", "self", "weight"),
+    "mish.default": _unary("F.mish"),
+    "selu.default": _unary("F.selu"),
+    "relu6.default": _unary("F.relu6"),
+    "celu.default": _function("F.celu", "self", alpha=1.0),
+    "elu.default": lambda a: (
+        None if not (_equal(a["scale"], 1) and _equal(a["input_scale"], 1)) else _function("F.elu", "self", alpha=1)(a)
+    ),
+    "glu.default": _function("F.glu", "self", dim=-1),
+    "hardtanh.default": _function("F.hardtanh", "self", min_val=-1, max_val=1),
     "constant_pad_nd.default": _function("F.pad", "self", "pad", value=0),
     "pad.default": _function("F.pad", "self", "pad", mode="constant", value=None),
     "cross_entropy_loss.default": _loss(
@@ -609,6 +641,24 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
     nn.MaxPool2d: ("max_pool2d.default", "self"),
     nn.AvgPool2d: ("avg_pool2d.default", "self"),
     nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d.default", "self"),
+    nn.AvgPool3d: ("avg_pool3d.default", "self"),
+    nn.Unfold: ("im2col.default", "self"),
+    nn.Fold: ("col2im.default", "self"),
+    nn.ChannelShuffle: ("channel_shuffle.default", "self"),
+    nn.PReLU: ("prelu.default", "self"),
+    nn.Mish: ("mish.default", "self"),
+    nn.SELU: ("selu.default", "self"),
+    nn.CELU: ("celu.default", "self"),
+    nn.ELU: ("elu.default", "self"),
+    nn.GLU: ("glu.default", "self"),
+    nn.Hardtanh: ("hardtanh.default", "self"),
+    nn.ReLU6: ("hardtanh.default", "self"),
+    nn.RMSNorm: ("rms_norm.default", "input"),
+    **{cls: ("pad.default", "self") for cls in (
+        nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+        nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, nn.ZeroPad1d, nn.ZeroPad2d,
+        nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    )},  # fmt: skip
 }
 
 
