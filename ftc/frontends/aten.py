@@ -418,6 +418,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "special_expit.default": _unary("torch.special.expit"),
     "fft_rfft.default": _function("torch.fft.rfft", "self", n=None, dim=-1, norm=None),
     "mv.default": lambda a: Call("call_function", "operator.matmul", (a["self"], a["vec"])),
+    "vdot.default": _function("torch.vdot", "self", "other"),
     "scatter.src": _method("scatter", "self", "dim", "index", "src"),
     "scatter.value": _method("scatter", "self", "dim", "index", "value"),
     "scatter_.src": _method("scatter_", "self", "dim", "index", "src"),
