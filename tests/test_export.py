@@ -274,6 +274,8 @@ CASES += [
     (aten.fft_rfft.default, (_x(2, 8),), {"dim": -1}),
     (aten.mv.default, (_x(2, 3), _x(3)), {}),
     (aten.vdot.default, (_x(3), _x(3)), {}),
+    (aten.matrix_H.default, (_x(3, 4),), {}),
+    (aten.matrix_H.default, (_x(3, 4) + 1j * _x(3, 4),), {}),
     (aten.var.dim, (_x(3, 4), [0], False), {}),  # x.var(0, unbiased=False): a running-statistics update
     (aten.var.dim, (_x(3, 4), [0, 1]), {"keepdim": True}),
     (aten.var.correction, (_x(3, 4),), {}),

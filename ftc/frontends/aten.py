@@ -419,6 +419,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "fft_rfft.default": _function("torch.fft.rfft", "self", n=None, dim=-1, norm=None),
     "mv.default": lambda a: Call("call_function", "operator.matmul", (a["self"], a["vec"])),
     "vdot.default": _function("torch.vdot", "self", "other"),
+    "matrix_H.default": _method("adjoint", "self"),  # x.H (2-D only), as a call: the same view
     "scatter.src": _method("scatter", "self", "dim", "index", "src"),
     "scatter.value": _method("scatter", "self", "dim", "index", "value"),
     "scatter_.src": _method("scatter_", "self", "dim", "index", "src"),
