@@ -55,13 +55,20 @@ class ModelFile:
                     model = self.build_model()
         except Exception as exc:
             on_meta = device is not None and torch.device(device).type == "meta"
-            raise FtcError(
-                f"{self.path}: build_model() raised {type(exc).__name__}: {exc}{user_frame(exc, self.path)}"
-                + (" while building on the meta device" if on_meta else ""),
+            meta_hint = (
                 "ftc builds the model under torch.device(\"meta\"), where tensors have shapes but no values: build it "
                 "from its configuration, without reading tensor values (.item(), .numpy(), if on a tensor) or loading "
                 "weights in build_model() (pass them as the training config's `init`)"
-                if on_meta else "make build_model() run on its own (python -c 'import model; model.build_model()')",
+            )
+            plain_hint = f"make build_model() run on its own (python -c 'import {self.path.stem}; {self.path.stem}.build_model()')"
+            if on_meta and "meta" not in str(exc).lower():
+                # Not an error about meta tensors (a bad config, an IndexError): most likely the
+                # build fails on any device; say both.
+                plain_hint += "; if it builds there, " + meta_hint[0].lower() + meta_hint[1:]
+            raise FtcError(
+                f"{self.path}: build_model() raised {type(exc).__name__}: {exc}{user_frame(exc, self.path)}"
+                + (" while building on the meta device" if on_meta else ""),
+                meta_hint if on_meta and "meta" in str(exc).lower() else plain_hint,
             ) from exc
         if not isinstance(model, torch.nn.Module):
             raise FtcError(

@@ -316,11 +316,16 @@ def check_unpacked_inputs(pipeline: Pipeline) -> None:
     packed = pipeline.packed_inputs
     if packed:
         name, rows = next(iter(packed.items()))
-        raise FtcError(f"{pipeline.folder}: input {name!r} has {rows:g} rows per sample along its batch dimension (a "
-                       "packed input, such as EmbeddingBag's flat indices with offsets): training stacks one sample "
-                       "per row and cuts micro-batches by slicing rows, which cannot split it",
+        spec = pipeline.manifest["values"][name]
+        shape, dim = list(spec["shape"]), spec["batch_dim"]
+        raise FtcError(f"{pipeline.folder}: input {name!r} has {rows:g} rows per sample along its batch dimension "
+                       f"(dim {dim} of its shape {shape} at batch size {pipeline.manifest['batch_size']}: "
+                       "a packed input, such as EmbeddingBag's flat indices with offsets or a graph's edge list "
+                       "[2, E]): training stacks one sample per row and cuts micro-batches by slicing rows, which "
+                       "cannot split it",
                        "give the model one row per sample: e.g. indices [batch, bag_size] (EmbeddingBag takes 2-D "
-                       "input; pad with padding_idx), or tokens [batch, T] reshaped inside forward")  # fmt: skip
+                       "input; pad with padding_idx), tokens [batch, T] reshaped inside forward, or graphs of equal "
+                       "size batched as nodes [batch, N, F] and edges [batch, 2, E]")  # fmt: skip
 
 
 def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:

@@ -187,7 +187,13 @@ MODEL_FILE_ERRORS = {
     "import_fails": ("import not_a_module_anywhere\n", "No module named 'not_a_module_anywhere'"),
     "build_raises": (
         GOOD.replace("return nn.Sequential", "raise ValueError('bad width')\n    return nn.Sequential"),
-        "build_model() raised ValueError: bad width",
+        # not about meta tensors: the fix is to make it build at all, not the meta advice
+        "raise ValueError('bad width')) while building on the meta device\n  fix: make build_model() run on its own "
+        "(python -c 'import build_raises; build_raises.build_model()'); if it builds there,",
+    ),
+    "build_reads_meta_values": (  # a meta tensor's value read while building: the meta advice
+        GOOD.replace("return nn.Sequential", "torch.zeros(3).sum().item()\n    return nn.Sequential"),
+        "while building on the meta device\n  fix: ftc builds the model under torch.device(\"meta\")",
     ),
     "build_needs_arguments": (  # said as the call, not as a failure on the meta device
         GOOD.replace("def build_model():", "def build_model(width, *, depth=2):"),
@@ -664,6 +670,37 @@ class Named(nn.Module):
     model = write(tmp_path, "named.py", text)
     result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "the model builds a NamedTuple (Out) in forward", "return a plain tuple or a dict")
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_dataclass_output_is_named(frontend, tmp_path, capsys):
+    """fx said the stage code could not import the dataclass and told to remove torch.fx.wrap,
+    which the model never used."""
+    text = GOOD.replace("return nn.Sequential(", "return Named(nn.Sequential(") + """
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Result:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Named(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        h = self.body(x)
+        return Result(h, torch.tanh(h))
+"""
+    text = text.replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))")
+    model = write(tmp_path, "dataclassed.py", text)
+    result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
+    expected = {"fx": "the model builds a dataclass (Result) in forward", "export": "forward returns a Result"}
+    assert_user_error(result, expected[frontend], "return a")
 
 
 def test_check_against_another_model_says_so(tmp_path, capsys):

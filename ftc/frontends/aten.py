@@ -335,6 +335,19 @@ def _numpy_t(a: dict) -> Call | None:
     return Call("call_method", "t", (x,))
 
 
+# aten.grid_sampler's integer modes, as F.grid_sample names them
+_GRID_MODES = {0: "bilinear", 1: "nearest", 2: "bicubic"}
+_GRID_PADDINGS = {0: "zeros", 1: "border", 2: "reflection"}
+
+
+def _grid_sample(a: dict) -> Call | None:
+    mode, padding = a["interpolation_mode"], a["padding_mode"]
+    if mode not in _GRID_MODES or padding not in _GRID_PADDINGS:
+        return None
+    kwargs = {"mode": _GRID_MODES[mode], "padding_mode": _GRID_PADDINGS[padding], "align_corners": a["align_corners"]}
+    return Call("call_function", "F.grid_sample", (a["input"], a["grid"]), kwargs)
+
+
 def _unary(target: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, (a["self"],))
 
@@ -405,7 +418,20 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "special_expit.default": _unary("torch.special.expit"),
     "fft_rfft.default": _function("torch.fft.rfft", "self", n=None, dim=-1, norm=None),
     "mv.default": lambda a: Call("call_function", "operator.matmul", (a["self"], a["vec"])),
+    "vdot.default": _function("torch.vdot", "self", "other"),
+    "matrix_H.default": _method("adjoint", "self"),  # x.H (2-D only), as a call: the same view
     "scatter.src": _method("scatter", "self", "dim", "index", "src"),
+    "scatter.value": _method("scatter", "self", "dim", "index", "value"),
+    "scatter_.src": _method("scatter_", "self", "dim", "index", "src"),
+    "scatter_.value": _method("scatter_", "self", "dim", "index", "value"),
+    "scatter_add.default": _method("scatter_add", "self", "dim", "index", "src"),
+    "scatter_add_.default": _method("scatter_add_", "self", "dim", "index", "src"),
+    "scatter_reduce.two": _method("scatter_reduce", "self", "dim", "index", "src", "reduce", include_self=True),
+    "scatter_reduce_.two": _method("scatter_reduce_", "self", "dim", "index", "src", "reduce", include_self=True),
+    "index_add.default": _method("index_add", "self", "dim", "index", "source", alpha=1),
+    "index_add_.default": _method("index_add_", "self", "dim", "index", "source", alpha=1),
+    "index_copy.default": _method("index_copy", "self", "dim", "index", "source"),
+    "index_fill.int_Scalar": _method("index_fill", "self", "dim", "index", "value"),
     "instance_norm.default": _instance_norm,
     **{f"{name}.input": _recurrent(f"torch.{name}") for name in ("gru", "lstm", "rnn_tanh", "rnn_relu")},
     "embedding.default": _embedding,
@@ -421,6 +447,25 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
         "F.avg_pool2d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
     ),
     "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
+    "avg_pool3d.default": _pool(
+        "F.avg_pool3d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+    ),
+    "im2col.default": _function("F.unfold", "self", "kernel_size", "dilation", "padding", "stride"),
+    "col2im.default": _function("F.fold", "self", "output_size", "kernel_size", "dilation", "padding", "stride"),
+    "grid_sampler.default": _grid_sample,
+    "affine_grid_generator.default": _function("F.affine_grid", "theta", "size", "align_corners"),
+    "channel_shuffle.default": _function("F.channel_shuffle", "self", "groups"),
+    "native_channel_shuffle.default": _function("F.channel_shuffle", "self", "groups"),
+    "prelu.default": _function("F.prelu", "self", "weight"),
+    "mish.default": _unary("F.mish"),
+    "selu.default": _unary("F.selu"),
+    "relu6.default": _unary("F.relu6"),
+    "celu.default": _function("F.celu", "self", alpha=1.0),
+    "elu.default": lambda a: (
+        None if not (_equal(a["scale"], 1) and _equal(a["input_scale"], 1)) else _function("F.elu", "self", alpha=1)(a)
+    ),
+    "glu.default": _function("F.glu", "self", dim=-1),
+    "hardtanh.default": _function("F.hardtanh", "self", min_val=-1, max_val=1),
     "constant_pad_nd.default": _function("F.pad", "self", "pad", value=0),
     "pad.default": _function("F.pad", "self", "pad", mode="constant", value=None),
     "cross_entropy_loss.default": _loss(
@@ -509,6 +554,16 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "arange.start_step": _factory_call("torch.arange", "start", "end", "step"),
     "ones.default": _factory_call("torch.ones", "size"),
     "zeros.default": _factory_call("torch.zeros", "size"),
+    "rand.default": _factory_call("torch.rand", "size"),
+    "randn.default": _factory_call("torch.randn", "size"),
+    "rand_like.default": _like("torch.rand_like", "self"),
+    "randn_like.default": _like("torch.randn_like", "self"),
+    # draws from an explicit generator stay ATen calls (the method spellings would drop it)
+    "bernoulli.p": lambda a: None if a["generator"] is not None else _method("bernoulli", "self", "p")(a),
+    "bernoulli.default": lambda a: None if a["generator"] is not None else _method("bernoulli", "self")(a),
+    "uniform_.default": lambda a: None if a["generator"] is not None else _method("uniform_", "self", "from", "to")(a),
+    "normal_.default": lambda a: None if a["generator"] is not None else _method("normal_", "self", mean=0.0, std=1.0)(a),
+    "exponential_.default": lambda a: None if a["generator"] is not None else _method("exponential_", "self", lambd=1.0)(a),
     "empty.memory_format": lambda a: (
         None if a["memory_format"] is not None else _factory_call("torch.empty", "size")(a)
     ),
@@ -588,6 +643,24 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
     nn.MaxPool2d: ("max_pool2d.default", "self"),
     nn.AvgPool2d: ("avg_pool2d.default", "self"),
     nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d.default", "self"),
+    nn.AvgPool3d: ("avg_pool3d.default", "self"),
+    nn.Unfold: ("im2col.default", "self"),
+    nn.Fold: ("col2im.default", "self"),
+    nn.ChannelShuffle: ("channel_shuffle.default", "self"),
+    nn.PReLU: ("prelu.default", "self"),
+    nn.Mish: ("mish.default", "self"),
+    nn.SELU: ("selu.default", "self"),
+    nn.CELU: ("celu.default", "self"),
+    nn.ELU: ("elu.default", "self"),
+    nn.GLU: ("glu.default", "self"),
+    nn.Hardtanh: ("hardtanh.default", "self"),
+    nn.ReLU6: ("hardtanh.default", "self"),
+    nn.RMSNorm: ("rms_norm.default", "input"),
+    **{cls: ("pad.default", "self") for cls in (
+        nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+        nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, nn.ZeroPad1d, nn.ZeroPad2d,
+        nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    )},  # fmt: skip
 }
 
 

@@ -4,6 +4,7 @@ recording the model's modules and state, and finding the user's source line for 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import operator
 import sys
 from pathlib import Path
@@ -61,6 +62,8 @@ def function_expr(fn: Any, node_name: str) -> str:
             continue
     if isinstance(fn, type) and issubclass(fn, tuple) and hasattr(fn, "_fields"):
         raise named_tuple_error(fn.__name__)
+    if isinstance(fn, type) and dataclasses.is_dataclass(fn):
+        raise dataclass_error(fn.__name__)
     where = f"{module}.{name}" if module and name else repr(fn)
     raise FtcError(
         f"node {node_name!r} calls {where}, which generated stage code cannot import "
@@ -74,6 +77,15 @@ def named_tuple_error(name: str) -> FtcError:
         f"the model builds a NamedTuple ({name}) in forward: pipeline values and outputs are tensors, numbers, "
         "plain tuples and lists, and dicts",
         "return a plain tuple or a dict of tensors instead (`return tuple(out)`, or `out._asdict()`)",
+    )
+
+
+def dataclass_error(name: str) -> FtcError:
+    return FtcError(
+        f"the model builds a dataclass ({name}) in forward: pipeline values and outputs are tensors, numbers, "
+        "plain tuples and lists, and dicts",
+        "return a plain tuple or a dict of its fields instead (`return (out.a, out.b)` or "
+        "`return {\"a\": out.a, \"b\": out.b}`; dataclasses.astuple/asdict deep-copy the tensors)",
     )
 
 

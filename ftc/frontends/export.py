@@ -80,6 +80,7 @@ def trace_export(
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         program = _export(model, args, kwargs, dynamic)
     _inline_grad_mode_blocks(program.graph_module)
+    _split_out_variants(program.graph)
     signature = program.graph_signature
     modules = module_table(model, model_file)
     code = CodeFiles(model_file, model)
@@ -619,6 +620,49 @@ def _stage_device(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_stage_device(v) for v in value)
     return value
+
+
+def _split_out_variants(graph: fx.Graph) -> None:
+    """`aten.div.out(a, b, out=u)` (spectral_norm's power iteration writes its buffers so) becomes
+    `u.copy_(a / b)`: the write's target is a keyword, which the IR's in-place bookkeeping
+    (Node.mutates, an argument's position) cannot name, so the partitioner put the buffer's
+    readers and its writer in different stages and the stages' copies of it parted. Only where
+    the out tensor has the result's shape and dtype (out= would resize it otherwise)."""
+    for fx_node in list(graph.nodes):
+        op = fx_node.target
+        if fx_node.op != "call_function" or not isinstance(op, torch._ops.OpOverload):
+            continue
+        written = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if len(written) != 1 or written[0] not in fx_node.kwargs or len(op._schema.returns) != 1:
+            continue
+        functional = _functional_variant(op)
+        out = fx_node.kwargs[written[0]]
+        result, target = fx_node.meta.get("val"), getattr(out, "meta", {}).get("val")
+        if functional is None or not isinstance(out, fx.Node) or not isinstance(result, torch.Tensor) \
+                or not isinstance(target, torch.Tensor) or result.shape != target.shape or result.dtype != target.dtype:
+            continue  # fmt: skip
+        kwargs = {k: v for k, v in fx_node.kwargs.items() if k != written[0]}
+        with graph.inserting_before(fx_node):
+            value = graph.call_function(functional, fx_node.args, kwargs)
+            copy = graph.call_function(torch.ops.aten.copy_.default, (out, value))
+        value.meta, copy.meta = dict(fx_node.meta), dict(fx_node.meta)
+        fx_node.replace_all_uses_with(copy)
+        name = fx_node.name
+        graph.erase_node(fx_node)
+        copy._rename(name)  # the stage code names the written value as the source did (`div_3`)
+
+
+def _functional_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """aten.div.Tensor for aten.div.out: the overload of the same op that takes the other
+    arguments, by name and type, and writes nothing."""
+    wanted = [(a.name, str(a.type)) for a in op._schema.arguments if a.alias_info is None or not a.alias_info.is_write]
+    for name in op.overloadpacket.overloads():
+        candidate = getattr(op.overloadpacket, name)
+        if candidate._schema.is_mutable or len(candidate._schema.returns) != 1:
+            continue
+        if [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
+            return candidate
+    return None
 
 
 def _mutated(op: torch._ops.OpOverload) -> int | None:
