@@ -44,6 +44,7 @@ import math
 import os
 import sysconfig
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -489,12 +490,15 @@ def choose_target(candidates: list[Any], takes: Callable[[Any], bool]) -> Any | 
     take the uniform numbers shaped like its logits, as class probabilities that sum to no
     distribution, and train the model towards nothing), else the first candidate it takes; None
     when it takes none. The same rule picks the synthetic data set's targets and the loss the
-    compiler's profile prices (ftc/profiling/loss.py)."""
-    for candidate in candidates:
-        if isinstance(candidate, OutputSpec) and candidate.classes is not None and takes(candidate):
-            if not takes(OutputSpec(candidate.shape, "float32", candidate.batch_dim)):
-                return candidate
-    return next((candidate for candidate in candidates if takes(candidate)), None)
+    compiler's profile prices (ftc/profiling/loss.py). The warnings of the losses a candidate does
+    not fit (mse_loss on a broadcast target) are the probe's, not the user's: they stay quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for candidate in candidates:
+            if isinstance(candidate, OutputSpec) and candidate.classes is not None and takes(candidate):
+                if not takes(OutputSpec(candidate.shape, "float32", candidate.batch_dim)):
+                    return candidate
+        return next((candidate for candidate in candidates if takes(candidate)), None)
 
 
 def target_candidates(outputs: Any) -> list[Any]:

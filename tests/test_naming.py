@@ -245,3 +245,53 @@ def test_a_layer_of_the_models_own_names_its_value_after_its_attribute(tmp_path,
     assert "scale = h * self.scale.gain" in code and "chunk = scale.chunk(" in code, code
     assert re.search(r"\bfirst = \w+\[0\]", code) and re.search(r"\bsecond = \w+\[1\]", code), code
     assert not re.search(r"\bhalves\w* = ", code), code
+
+
+CONTAINER_ITEMS = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_item_of_a_container_is_named_after_the_container_and_its_index(tmp_path):
+    """`self.blocks[1].mlp[0](x)` gives `mlp_0`, as one would name it, not the whole path
+    `blocks_1_mlp_0`; a second block's items are told apart by the usual counter; the stages
+    still compute what the model does."""
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "items.py"
+    path.write_text(CONTAINER_ITEMS)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend="fx"))
+    code = (compiled.folder / "stage0.py").read_text()
+    assert re.search(r"\bmlp_0 = self\.blocks\[0\]\.mlp\[0\]\(x\)", code), code
+    assert re.search(r"\bmlp_2_1 = self\.blocks\[1\]\.mlp\[2\]\(mlp_1_1\)", code), code
+    assert "blocks_0_mlp" not in code and "blocks_1_mlp" not in code, code
+    check_pipeline(compiled.folder)

@@ -284,11 +284,13 @@ def _written_name(node: Node, nodes: dict[str, Node], labels: dict[str, str]) ->
 
 def default_label(node: Node) -> str:
     """The tracer's name without its counter ("add" for "add_3"); a module call's value is
-    named after the module's attribute ("qkv" for blocks.0.attn.qkv), as one would write it."""
+    named after the module's attribute ("qkv" for blocks.0.attn.qkv), as one would write it, an
+    item of a container after the container and its index ("mlp_0" for blocks.2.mlp.0)."""
     if node.op == "call_module":
         base = node.target.replace(".", "_")
-        attribute = node.target.rpartition(".")[2]
-        label = attribute if attribute.isidentifier() else base
+        parts = node.target.split(".")
+        named = [k for k, part in enumerate(parts) if part.isidentifier()]
+        label = "_".join(parts[named[-1] :]) if named else base
     elif node.target == "getattr" and len(node.args) == 2 and isinstance(node.args[1], str):
         base, label = "getattr", node.args[1]
     else:

@@ -30,10 +30,10 @@ class Stage2(torch.nn.Module):
         conv2 = self.blocks["2"].conv2(out)
         out_1 = self.blocks["2"].bn2(conv2)
         # blocks.2.shortcut (Sequential), resnet.py:46
-        blocks_2_shortcut_0 = self.blocks["2"].shortcut[0](relu_3)
-        blocks_2_shortcut_1 = self.blocks["2"].shortcut[1](blocks_2_shortcut_0)
+        shortcut_0 = self.blocks["2"].shortcut[0](relu_3)
+        shortcut_1 = self.blocks["2"].shortcut[1](shortcut_0)
         # blocks.2 (BasicBlock), resnet.py:46
-        add = out_1 + blocks_2_shortcut_1
+        add = out_1 + shortcut_1
         relu = F.relu(add)
         # blocks.3 (BasicBlock), resnet.py:44-46
         conv1 = self.blocks["3"].conv1(relu)

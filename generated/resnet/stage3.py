@@ -32,10 +32,10 @@ class Stage3(torch.nn.Module):
         conv2 = self.blocks["4"].conv2(out)
         out_1 = self.blocks["4"].bn2(conv2)
         # blocks.4.shortcut (Sequential), resnet.py:46
-        blocks_4_shortcut_0 = self.blocks["4"].shortcut[0](relu)
-        blocks_4_shortcut_1 = self.blocks["4"].shortcut[1](blocks_4_shortcut_0)
+        shortcut_0 = self.blocks["4"].shortcut[0](relu)
+        shortcut_1 = self.blocks["4"].shortcut[1](shortcut_0)
         # blocks.4 (BasicBlock), resnet.py:46
-        add = out_1 + blocks_4_shortcut_1
+        add = out_1 + shortcut_1
         relu_2 = F.relu(add)
         # blocks.5 (BasicBlock), resnet.py:44-46
         conv1_1 = self.blocks["5"].conv1(relu_2)
