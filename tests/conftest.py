@@ -10,6 +10,20 @@ EXAMPLES = ROOT / "examples"
 MODELS = ROOT / "tests" / "models"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    micro-batches are small and each dist rank gets one core of a 2-core machine, so more
+    intra-op threads only contend; and bf16 results depend on the thread count, which the
+    single-process reference must share with the ranks."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def compile_to(tmp_path):
     """compile_to(model_path, stages, **options) -> the generated folder, in a fresh tmp dir."""

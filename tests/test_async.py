@@ -107,14 +107,7 @@ TIED_LM = UNTIED_LM.replace("bias=False)\n", "bias=False)\n" + TIE, 1)
 assert TIE in TIED_LM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as each dist rank gets on a 2-core machine; more threads only fight over the
-    cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -643,16 +643,32 @@ def test_forward_options_through_kwargs_take_their_defaults(tmp_path, capsys):
     assert_user_error(result, "forward reads **kwargs other than by .get(key, default)", "give forward a named parameter")
 
 
+STRUCTURED_OUTPUTS = {
+    "named_tuple": (
+        "from typing import NamedTuple\n\n\nclass Out(NamedTuple):",
+        "Out",
+        {"fx": "the model builds a NamedTuple (Out) in forward", "export": "the model builds a NamedTuple (Out) in forward"},
+        "return a plain tuple or a dict",
+    ),
+    "dataclass": (
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass Result:",
+        "Result",
+        {"fx": "the model builds a dataclass (Result) in forward", "export": "forward returns a Result"},
+        "return a",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STRUCTURED_OUTPUTS))
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_a_named_tuple_output_is_named(frontend, tmp_path, capsys):
-    """fx named an internal module ("ftc_model_file.named_out_<hash>.Out cannot be imported")
-    and export failed inside pytree (`issubclass() arg 1 must be a class`)."""
-    text = GOOD.replace("return nn.Sequential(", "return Named(nn.Sequential(") + """
+def test_a_structured_output_is_named(kind, frontend, tmp_path, capsys):
+    """A NamedTuple: fx named an internal module ("ftc_model_file.named_out_<hash>.Out cannot be
+    imported") and export failed inside pytree (`issubclass() arg 1 must be a class`). A
+    dataclass: fx told to remove torch.fx.wrap, which the model never used."""
+    header, name, expected, hint = STRUCTURED_OUTPUTS[kind]
+    text = GOOD.replace("return nn.Sequential(", "return Named(nn.Sequential(") + f"""
 
-from typing import NamedTuple
-
-
-class Out(NamedTuple):
+{header}
     logits: torch.Tensor
     hidden: torch.Tensor
 
@@ -664,43 +680,12 @@ class Named(nn.Module):
 
     def forward(self, x):
         h = self.body(x)
-        return Out(h, torch.tanh(h))
+        return {name}(h, torch.tanh(h))
 """
     text = text.replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))")
-    model = write(tmp_path, "named.py", text)
+    model = write(tmp_path, f"{kind}_out.py", text)
     result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
-    assert_user_error(result, "the model builds a NamedTuple (Out) in forward", "return a plain tuple or a dict")
-
-
-@pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_a_dataclass_output_is_named(frontend, tmp_path, capsys):
-    """fx said the stage code could not import the dataclass and told to remove torch.fx.wrap,
-    which the model never used."""
-    text = GOOD.replace("return nn.Sequential(", "return Named(nn.Sequential(") + """
-
-from dataclasses import dataclass
-
-
-@dataclass
-class Result:
-    logits: torch.Tensor
-    hidden: torch.Tensor
-
-
-class Named(nn.Module):
-    def __init__(self, body):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        h = self.body(x)
-        return Result(h, torch.tanh(h))
-"""
-    text = text.replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))")
-    model = write(tmp_path, "dataclassed.py", text)
-    result = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "gen"], capsys)
-    expected = {"fx": "the model builds a dataclass (Result) in forward", "export": "forward returns a Result"}
-    assert_user_error(result, expected[frontend], "return a")
+    assert_user_error(result, expected[frontend], hint)
 
 
 def test_check_against_another_model_says_so(tmp_path, capsys):

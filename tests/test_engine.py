@@ -24,14 +24,7 @@ WORKER = ROOT / "tests" / "dist" / "engine_worker.py"
 RELATIVE = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro-batches are small: more threads only add synchronisation (and contention on a
-    shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -29,12 +29,7 @@ SLACK = 64 * 1024  # bytes: small tensors the estimate does not model (a loss sc
 LOWEST = 0.6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compiled(tmp_path, model, stages, schedule, micro_batches, optimizer, **options):

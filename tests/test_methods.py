@@ -17,7 +17,6 @@ from dataclasses import replace
 import networkx as nx
 import numpy as np
 import pytest
-import torch
 
 from ftc.backend.plan import plan_stages
 from ftc.backend.writer import write_pipeline
@@ -45,14 +44,7 @@ MODEL_PATHS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared machine, intra-op threads only contend (the checks
-    here run an order of magnitude faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

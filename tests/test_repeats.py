@@ -7,7 +7,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-import torch
 
 import ftc.frontends.meta as meta_module
 import ftc.profiling.analytic as analytic_module
@@ -86,12 +85,7 @@ def annotated(path, monkeypatch, repeats: bool) -> tuple[str, int]:
     return dumps(graph), sum(replayed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)

@@ -87,14 +87,7 @@ def loss_fn(output, target):
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as each of the 2 dist ranks gets on a 2-core machine; more threads only fight
-    over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
