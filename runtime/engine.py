@@ -188,7 +188,7 @@ class Engine:
 
         `precision` "bf16" runs the forwards and the loss under bfloat16 autocast; `values`, the
         value specs with the dtypes they then have (precision.value_specs, made once for the
-        engines of a run), is learned here when not given (in distributed mode a collective)."""
+        engines of a run), is learned here when not given (a distributed engine must be given it)."""
         stages = pipeline.stages
         unknown = sorted(set(recompute) - {s.index for s in stages})
         if unknown:
@@ -204,8 +204,8 @@ class Engine:
         self.batch_size = batch_size
         self.target_dims = target_dims
         self.timeout_s = timeout_s
-        if precision not in precisions.PRECISIONS:
-            raise FtcError(f"precision {precision!r} is not one of {', '.join(precisions.PRECISIONS)}")
+        if precision not in precisions.AUTOCAST_DTYPES:
+            raise FtcError(f"precision {precision!r} is not one of {', '.join(precisions.AUTOCAST_DTYPES)}")
         self.precision = precision
         if distributed:
             if not dist.is_available() or not dist.is_initialized():
@@ -245,8 +245,10 @@ class Engine:
         )
         order = [timed.action for timed in self.timeline.actions]
         if values is None and precision != "fp32":
-            values = precisions.value_specs(pipeline, self.modules, self.device, precision,
-                                            _all_gather if distributed else None)  # fmt: skip
+            if distributed:  # the ranks must learn them together, in set-up (runtime/train.py)
+                raise FtcError("a distributed engine under autocast needs the values' dtypes: pass values="
+                               "precision.value_specs(..., exchange) from every rank")  # fmt: skip
+            values = precisions.value_specs(pipeline, self.modules, self.device, precision)
         self.plan = _Plan(pipeline, order, micro_batches, values)
         self.transport = transport
         self.order = [a for a in order if self.plan.device_of[a.stage] in local_devices]
@@ -796,11 +798,6 @@ class _DeviceRunner:
             uses = self.plan.uses[(self.device, name)]
             summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))
             grad_specs = [specs[k] for k in self.plan.gradient_leaves[name]]
-            for grad, spec in zip(summed, grad_specs):
-                # Autograd gives a leaf's gradient the leaf's dtype; the receiver's buffer has it.
-                if grad is not None and grad.dtype != getattr(torch, spec["dtype"]):
-                    raise FtcError(f"the gradient of value {name} is {str(grad.dtype).removeprefix('torch.')}, "
-                                   f"but the value is {spec['dtype']}: it would arrive converted")  # fmt: skip
             payload = [
                 g if g is not None else comm.empty_payload([spec], self.batch_scale, self.engine.device)[0].zero_()
                 for g, spec in zip(summed, grad_specs)
@@ -850,13 +847,6 @@ class _DeviceRunner:
                     device.index if device.index is not None else torch.cuda.current_device()
                 ].manual_seed(seed)
             yield
-
-
-def _all_gather(mine: Any) -> list[Any]:
-    """Every rank's `mine` (the default process group)."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return gathered
 
 
 def unique_parameters(modules: dict[int, torch.nn.Module]) -> list[torch.nn.Parameter]:

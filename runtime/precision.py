@@ -18,7 +18,7 @@ what they learned (dtype, shape, and the value of a Python number) at start-up, 
 every value is known; every rank then holds the same specs, so the message plan stays the same
 on every rank. A stage output whose dtype then differs from these specs is still an error at the
 send (runtime/comm.py encode), never a silent conversion, and a gradient always has its value's
-dtype (autograd's rule), which the engine checks before sending it.
+dtype: the receiver's leaf has the spec's dtype, and autograd gives a leaf's gradient its dtype.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from ftc.ir import FtcError
 
 from .pipeline import Pipeline, check_stage_outputs
 
-# config value -> the autocast dtype (None: no autocast)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+# each of config.PRECISIONS -> its autocast dtype (None: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """The context a forward and the loss run in: a fresh autocast region (its cache of weight
     casts lives as long as the region), or nothing under fp32."""
-    dtype = PRECISIONS[precision]
+    dtype = AUTOCAST_DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
@@ -48,7 +48,7 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
 
 def check_device(precision: str, device: torch.device, source: str) -> None:
     """bf16 on a GPU that has no bfloat16 arithmetic is refused before training."""
-    if PRECISIONS[precision] is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if AUTOCAST_DTYPES[precision] is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FtcError(f"config {source}: key 'precision' is \"bf16\", but {torch.cuda.get_device_name(device)} "
                        "has no bfloat16 arithmetic", 'set precision to "fp32"')  # fmt: skip
 
@@ -119,7 +119,7 @@ def value_specs(
     runs; `exchange` (mode dist): every rank's descriptions of the values it learned, from each
     rank's own (a collective, called the same number of times on every rank)."""
     specs = pipeline.manifest["values"]
-    if PRECISIONS[precision] is None:
+    if AUTOCAST_DTYPES[precision] is None:
         return specs
     from torch._subclasses.fake_tensor import FakeTensorMode
 
