@@ -151,6 +151,9 @@ class Node:
     source: str = ""
     # The argument this node mutates in place (its index in args), or None.
     mutates: int | None = None
+    # Parameters and buffers (their first names, tied aliases resolved) the op writes in place
+    # where no argument says so: a leaf BatchNorm's running statistics, an Embedding's max_norm.
+    updates: list[str] = field(default_factory=list)
     # What the value is called in the model's source (or after the op that made it), without
     # the suffix that makes `name` unique model-wide; stage code names local values after it.
     label: str = ""

@@ -30,6 +30,9 @@ def validate(graph: Graph) -> None:
             raise FtcError(f"IR node {node.name!r}: get_attr target {node.target!r} is not a model tensor")
         if node.op == "call_module" and node.target not in graph.modules:
             raise FtcError(f"IR node {node.name!r}: module {node.target!r} is not in graph.modules")
+        unknown = [name for name in node.updates if name not in graph.state]
+        if unknown:
+            raise FtcError(f"IR node {node.name!r}: updates {unknown}, which are no parameters or buffers of the model")
         seen.add(node.name)
     names = seen
     for node in graph.nodes:

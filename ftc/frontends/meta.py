@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, 
 from ftc.repeats import Repeats, repeat_key
 
 from .common import dtype_name
+from .state_writes import StateWrites
 
 
 META_ONLY_FIX = (
@@ -68,14 +70,16 @@ class _Propagator(Interpreter):
     def __init__(self, graph: Graph, model: torch.nn.Module):
         super().__init__(graph, model, device="meta")
         self.repeats = Repeats(model)
+        self.writes = StateWrites(graph, model)
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         key = repeat_key(node, self.model, args, kwargs)
         replayed, out = self.repeats.replay(key)
         if replayed:
+            self.writes.replayed(node, key, args, kwargs)
             return out
         try:
-            out = super().run_node(node, args, kwargs)
+            out = self.writes.run(node, args, kwargs, partial(super().run_node, node, args, kwargs))
         except FtcError:
             raise
         except Exception as exc:
@@ -94,16 +98,21 @@ class _Propagator(Interpreter):
                 META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
             ) from exc
         self.repeats.record(key, node, (args, kwargs), out)
+        self.writes.remember(node, key)
         return out
 
 
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
-    """Fill node.meta for every node. `batch` and `double_batch` are meta-device example inputs at
-    the compile batch size and at twice it."""
+    """Fill node.meta for every node, and node.updates (ftc/frontends/state_writes.py). `batch` and
+    `double_batch` are meta-device example inputs at the compile batch size and at twice it."""
     single, double = _Propagator(graph, model), _Propagator(graph, model)
     single.run(batch)
     double.run(double_batch)
-    nodes = [replace(node, meta=value_meta(single.env[node.name], double.env[node.name])) for node in graph.nodes]
+    nodes = [
+        replace(node, meta=value_meta(single.env[node.name], double.env[node.name]),
+                updates=single.writes.updates.get(node.name, []))
+        for node in graph.nodes
+    ]  # fmt: skip
     return replace(graph, nodes=nodes)
 
 

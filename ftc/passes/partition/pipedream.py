@@ -172,17 +172,20 @@ def most_even(problem: Problem, stages: int, table: Table, limit: float) -> list
 def check_stage_count(problem: Problem, stages: int) -> None:
     if stages > problem.max_stages():
         first, last = _longest_glued_run(problem)
-        glued = (
-            f"; ops {problem.ops[first]} .. {problem.ops[last]} ({last - first + 1} of them) must share a stage"
-            if last > first
-            else ""
-        )
+        glued = ""
+        if last > first:
+            # the widest reasons first: they are what holds the run together
+            reasons = sorted((r for r in problem.glue if r[0] <= last and r[1] >= first), key=lambda r: r[0] - r[1])
+            because = "; ".join(reason for _, _, reason in reasons[:3]) or (
+                "an in-place op stays with the value it changes, a buffer or parameter forward changes with its "
+                "readers, a tuple or dict with its readers"
+            )
+            glued = f"; ops {problem.ops[first]} .. {problem.ops[last]} ({last - first + 1} of them) must share a stage: {because}"
         raise FtcError(
-            f"cannot split {problem.size} ops into {stages} stages: at most {problem.max_stages()} stages are "
-            f"possible{glued} (an in-place op stays with the value it changes, a buffer or parameter forward changes "
-            "with its readers, a tuple or dict with its readers)",
+            f"cannot split {problem.size} ops into {stages} stages: at most {problem.max_stages()} stages are possible{glued}",
             f"use --stages {problem.max_stages()} or fewer; with fx, --frontend export may allow more (it passes a "
-            "parameter or buffer changed in forward on as a value)",
+            "parameter or buffer changed in forward on as a value); or change the model so that no such op spans it "
+            "(untie a weight that an Embedding's max_norm renormalizes, or drop max_norm)",
         )
 
 

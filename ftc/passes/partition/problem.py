@@ -154,6 +154,8 @@ class Problem:
     stage_call: FixedCost = FixedCost()  # paid by every stage (Graph.stage_cost)
     loss: FixedCost = FixedCost()  # paid by the stage holding the last op (Graph.loss_cost)
     kinds: list[KindCost] = field(default_factory=list)  # paid by a stage holding any op of the kind
+    # Why ops must share a stage: (first op, last op, the reason), for errors to name.
+    glue: list[tuple[int, int, str]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -397,15 +399,19 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         moved, gradient = (0, 0) if from_data else (comm_bytes(meta), gradient_bytes(meta))
         transfers.append(Transfer(name, position[name], sorted(consumers), moved, meta_nbytes(meta), gradient, from_data))
     no_cut = np.zeros(len(ops), dtype=bool)
+    glue: list[tuple[int, int, str]] = []
 
-    def forbid(first: int, final: int) -> None:
+    def forbid(first: int, final: int, reason: str) -> None:
         no_cut[first:final] = True
+        if final > first:
+            glue.append((first, final, reason))
 
     for t in transfers:
         meta = by_name[t.value].meta
         if (isinstance(meta, SeqMeta) and meta_tensors(meta)) or _holds_object(meta):
-            forbid(t.producer, t.consumers[-1])
-    mutated_state = set()
+            what = "an object the runtime cannot send" if _holds_object(meta) else "several tensors"
+            forbid(t.producer, t.consumers[-1], f"{t.value} holds {what} and stays with its readers")
+    mutated_state: dict[str, list[str]] = {}  # state -> the ops that write it
     for node in graph.nodes:
         if node.is_compute and node.mutates is not None and node.mutates < len(node.args):
             root = _view_root(node.args[node.mutates], by_name)
@@ -414,21 +420,33 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
                 # op that reads the input (or a view of it) share one stage.
                 touching = [position[n.name] for n in graph.nodes
                             if n.is_compute and any(_view_root(Ref(r), by_name) == root for r in n.refs())]  # fmt: skip
-                forbid(min(touching), max(touching))
+                forbid(min(touching), max(touching), f"{node.name} changes model input {root} in place, so it stays "
+                                                     "with every op that reads the input")  # fmt: skip
             elif root is not None and root in position:
-                forbid(position[root], position[node.name])
+                forbid(position[root], position[node.name], f"{node.name} changes {root} in place")
             elif root is not None and by_name[root].op == "get_attr":
-                mutated_state.add(by_name[root].target)
+                mutated_state.setdefault(_canonical(by_name[root].target, graph), []).append(node.name)
+        if node.is_compute:
+            for state in node.updates:
+                mutated_state.setdefault(state, []).append(node.name)
     # A buffer (or parameter) that forward updates stays in one stage with every op that reads
-    # it: stages on other devices would hold copies that miss the update.
+    # it (a get_attr of it, or a call of a leaf module that holds it): stages on other devices
+    # would hold copies that miss the update.
     readers_of_state: dict[str, list[int]] = {}
     for node in graph.nodes:
-        if node.is_compute:
-            for name in node.refs():
-                if by_name[name].op == "get_attr" and by_name[name].target in mutated_state:
-                    readers_of_state.setdefault(by_name[name].target, []).append(position[node.name])
-    for positions in readers_of_state.values():
-        forbid(min(positions), max(positions))
+        if not node.is_compute:
+            continue
+        read = {_canonical(by_name[name].target, graph) for name in node.refs() if by_name[name].op == "get_attr"}
+        if node.op == "call_module":
+            read |= {_canonical(name, graph) for name in graph.state if name.startswith(f"{node.target}.")}
+        for state in read & mutated_state.keys():
+            readers_of_state.setdefault(state, []).append(position[node.name])
+    for state, positions in readers_of_state.items():
+        writers = mutated_state[state]
+        forbid(min(positions), max(positions),
+               f"{state} is changed in place by forward ({', '.join(_source_of(by_name[w]) for w in writers)}), "
+               f"so every op that reads it stays with {'that op' if len(writers) == 1 else 'those ops'} "
+               f"({ops[min(positions)]} .. {ops[max(positions)]})")  # fmt: skip
     time = np.array([by_name[name].cost.fwd_time + by_name[name].cost.bwd_time for name in ops])
     fwd_time = np.array([by_name[name].cost.fwd_time for name in ops])
     random = np.array([may_draw_random(by_name[name], graph.modules) for name in ops], dtype=bool)
@@ -451,8 +469,20 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
              for kind, cost in graph.kind_costs.items() if kind in kind_positions and cost.fwd_time + cost.bwd_time]  # fmt: skip
     return Problem(
         ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units,
-        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost), kinds,
+        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost), kinds, glue,
     )  # fmt: skip
+
+
+def _source_of(node: Node) -> str:
+    """The op as the model's source calls it, and where."""
+    call = f"self.{node.target}(...)" if node.op == "call_module" else f"{node.target}(...)"
+    return f"{call} at {node.source}" if node.source else call
+
+
+def _canonical(state: str, graph: Graph) -> str:
+    """The first name of a tied parameter or buffer (the one its aliases point to)."""
+    held = graph.state.get(state)
+    return held.alias_of or state if held is not None else state
 
 
 def _holds_object(meta) -> bool:

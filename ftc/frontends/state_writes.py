@@ -1,0 +1,108 @@
+"""Which parameters and buffers an op writes inside itself, where no argument of the IR says so.
+
+A leaf module's call (a BatchNorm updating its running statistics, an Embedding with max_norm
+renormalizing rows of its weight) and some functions (F.batch_norm in training mode) write the
+model's state although the IR node mutates none of its arguments. Each device holds its own
+copy of the state, so the partitioner must keep such a write with every reader of what it
+writes (Node.updates); this module finds the writes by running the op on the meta device under
+a dispatch mode that watches every aten op's written arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ftc.ir import Graph, Node
+from ftc.repeats import tensors_in
+
+# native_batch_norm's schema declares no write of the running statistics it updates in
+# training mode (its functional successor _native_batch_norm_legit does): positions of
+# running_mean, running_var and the training flag.
+_UNDECLARED_WRITES = {torch.ops.aten.native_batch_norm.default: ((3, 4), 5)}
+
+
+class _Writes(TorchDispatchMode):
+    """Collects the storages of the tensors that aten ops write in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for position, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                value = kwargs[argument.name] if argument.name in kwargs else args[position] if position < len(args) else None
+                self.storages.update(_storage(t) for t in tensors_in(value))
+        if func in _UNDECLARED_WRITES:
+            written, training = _UNDECLARED_WRITES[func]
+            if len(args) > training and args[training]:
+                self.storages.update(_storage(args[k]) for k in written if isinstance(args[k], torch.Tensor))
+        return func(*args, **kwargs)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+class StateWrites:
+    """Finds Node.updates while an interpreter runs a graph on the meta device: `run` wraps one
+    node's execution. Repeats of an op (same key, ftc/repeats.py) write the same positions among
+    their arguments' and module's tensors, so a replayed node takes its writes from the first."""
+
+    def __init__(self, graph: Graph, model: torch.nn.Module):
+        self.model = model
+        self.state_names: dict[int, str] = {}
+        for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+            canonical = graph.state[name].alias_of or name if name in graph.state else name
+            self.state_names.setdefault(_storage(tensor), canonical)
+        self.state_reads = {node.name for node in graph.nodes if node.op == "get_attr" and node.target in graph.state}
+        self.positions: dict[Hashable, list[int]] = {}  # repeat key -> written positions
+        self.positions_of: dict[str, list[int]] = {}  # node -> written positions
+        self.updates: dict[str, list[str]] = {}
+
+    def watches(self, node: Node) -> bool:
+        """Whether the node may write state no argument names: a leaf module's call, or an op that
+        takes a parameter or buffer and mutates none of its arguments."""
+        if node.mutates is not None or not node.is_compute:
+            return False
+        return node.op == "call_module" or any(name in self.state_reads for name in node.refs())
+
+    def run(self, node: Node, args: tuple, kwargs: dict, execute) -> Any:
+        """execute() under watch where the node may write state; its writes go to `updates`."""
+        if not self.watches(node):
+            return execute()
+        writes = _Writes()
+        with writes:
+            out = execute()
+        tensors = self._tensors(node, args, kwargs)
+        self._record(node, [k for k, t in enumerate(tensors) if _storage(t) in writes.storages], tensors)
+        return out
+
+    def replayed(self, node: Node, key: Hashable, args: tuple, kwargs: dict) -> None:
+        """A repeat of the op recorded under `key` stood in for running `node`."""
+        if self.watches(node) and key in self.positions:
+            self._record(node, self.positions[key], self._tensors(node, args, kwargs))
+
+    def remember(self, node: Node, key: Hashable | None) -> None:
+        """The node just run is the first of its repeats: keep its written positions for them."""
+        if key is not None and node.name in self.positions_of:
+            self.positions.setdefault(key, self.positions_of[node.name])
+
+    def _tensors(self, node: Node, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        tensors = tensors_in((args, kwargs))
+        if node.op == "call_module":
+            module = self.model.get_submodule(node.target)
+            tensors += [*module.parameters(), *module.buffers()]
+        return tensors
+
+    def _record(self, node: Node, positions: list[int], tensors: list[torch.Tensor]) -> None:
+        self.positions_of[node.name] = positions
+        names = [self.state_names.get(_storage(tensors[k])) for k in positions]
+        written = sorted({name for name in names if name is not None})
+        if written:
+            self.updates[node.name] = written
