@@ -197,6 +197,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"cannot split the {problem.size} ops of {name!r} into {options.stages} stages",
             f"use --stages {problem.size} or fewer",
         )
+    notes += _glue_notes(problem, options.stages)
     if options.refine:
         graph, problem, result, note = _refine(graph, model_file, options)
         notes.append(note)
@@ -219,6 +220,18 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip
     return Compiled(graph, folder, manifest, notes)
+
+
+def _glue_notes(problem: Problem, stages: int) -> list[str]:
+    """Notes on the runs of ops that must share a stage and hold more than a stage's share of the
+    time: they, not the partitioner, bound the balance."""
+    total = float(problem.time.sum())
+    notes = []
+    for first, last, reason in problem.glue:
+        held = float(problem.time[first : last + 1].sum())
+        if stages > 1 and total > 0 and held > total / stages:
+            notes.append(f"note: {last - first + 1} ops ({held / total:.0%} of the time) must share a stage: {reason}")
+    return notes
 
 
 def _traced(model_file: ModelFile, options: CompileOptions, name: str, frontend: str) -> tuple[Graph, Any, Any]:

@@ -441,12 +441,16 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
             read |= {_canonical(name, graph) for name in graph.state if name.startswith(f"{node.target}.")}
         for state in read & mutated_state.keys():
             readers_of_state.setdefault(state, []).append(position[node.name])
+    # One reason for the tensors of one module that the same ops write (a BatchNorm's statistics).
+    spans: dict[tuple[int, int, tuple[str, ...]], list[str]] = {}
     for state, positions in readers_of_state.items():
-        writers = mutated_state[state]
-        forbid(min(positions), max(positions),
-               f"{state} is changed in place by forward ({', '.join(_source_of(by_name[w]) for w in writers)}), "
-               f"so every op that reads it stays with {'that op' if len(writers) == 1 else 'those ops'} "
-               f"({ops[min(positions)]} .. {ops[max(positions)]})")  # fmt: skip
+        spans.setdefault((min(positions), max(positions), tuple(mutated_state[state])), []).append(state)
+    for (first, final, writers), states in spans.items():
+        forbid(first, final,
+               f"{', '.join(states)} {'is' if len(states) == 1 else 'are'} changed in place by forward "
+               f"({', '.join(_source_of(by_name[w]) for w in writers)}), so every op that reads "
+               f"{'it' if len(states) == 1 else 'them'} stays with {'that op' if len(writers) == 1 else 'those ops'} "
+               f"({ops[first]} .. {ops[final]})")  # fmt: skip
     time = np.array([by_name[name].cost.fwd_time + by_name[name].cost.bwd_time for name in ops])
     fwd_time = np.array([by_name[name].cost.fwd_time for name in ops])
     random = np.array([may_draw_random(by_name[name], graph.modules) for name in ops], dtype=bool)
