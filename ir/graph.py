@@ -149,6 +149,11 @@ class Node:
     # model's module classes), below its sys.path entry ("transformers/models/gpt2/
     # modeling_gpt2.py:187"); never an absolute path, so ir.json is the same on every machine.
     source: str = ""
+    # The lines of the model's code that called, frame by frame, the function `source` is in,
+    # outermost first, named as `source` is: an op of GPT's Block.forward carries
+    # ["gpt.py:73"], the `x = block(x)` that called it; the naming pass names a value a
+    # function returns after the caller's variable.
+    callers: list[str] = field(default_factory=list)
     # The argument this node mutates in place (its index in args), or None.
     mutates: int | None = None
     # Parameters and buffers (their first names, tied aliases resolved) the op writes in place

@@ -114,6 +114,8 @@ def node_to_dict(node: Node) -> dict:
         "module_path": node.module_path,
         "module_class": node.module_class,
         "source": node.source,
+        # callers and updates only where there are some, which keeps ir.json short
+        **({"callers": node.callers} if node.callers else {}),
         "mutates": node.mutates,
         **({"updates": node.updates} if node.updates else {}),
         "label": node.label,
@@ -134,6 +136,7 @@ def node_from_dict(data: dict) -> Node:
         module_path=data["module_path"],
         module_class=data["module_class"],
         source=data["source"],
+        callers=list(data.get("callers", [])),
         mutates=data["mutates"],
         updates=list(data.get("updates", [])),
         label=data["label"],

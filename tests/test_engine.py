@@ -328,5 +328,5 @@ def test_timeout_names_ranks_value_and_step(dist_runs):
     root, cases = dist_runs
     outcome = json.loads((root / "timeout.json").read_text())
     assert outcome["error"] is not None
-    assert "rank 1 got nothing from rank 0 (value add_8, micro-batch 0 of batch 18) within 2 s" in outcome["error"]
+    assert "rank 1 got nothing from rank 0 (value x_8, micro-batch 0 of batch 18) within 2 s" in outcome["error"]
     assert outcome["seconds"] < 2 * cases["timeout"]["timeout"] + 5

@@ -212,7 +212,7 @@ def test_stages_put_on_one_device_by_hand_pass_their_values_free(tmp_path, capsy
     shutil.copytree(GENERATED / "gpt", folder)
     manifest = json.loads((folder / "pipeline.json").read_text())
     assert manifest["settings"]["bandwidth"] == 1.0
-    for name in ("add_4", "add_8", "add_12"):
+    for name in ("x_4", "x_8", "x_12"):
         assert manifest["values"][name]["shape"] == [8, 64, 128] and manifest["values"][name]["requires_grad"]
     before = explain(folder, [4]).stages
     for stage, device in zip(manifest["stages"], [0, 0, 1, 1]):

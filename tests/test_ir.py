@@ -117,6 +117,7 @@ def rich_graph() -> Graph:
             module_path="lin",
             module_class="torch.nn.Linear",
             source="model.py:12",
+            callers=["model.py:40", "blocks/attention.py:7"],
             meta=t([4, 8], requires_grad=True, batch_dim=0),
             cost=Cost(fwd_flops=512, bwd_flops=1024, param_bytes=256, fwd_time=1.5e-6, bwd_time=3.25e-6,
                       peak_memory=4096),
@@ -331,6 +332,14 @@ def test_round_trip_minimal_graph():
     text = dumps(graph)
     strict_equal(loads(text), graph)
     assert dumps(loads(text)) == text
+
+
+def test_an_ir_json_without_callers_reads_as_no_callers():
+    """ir.json leaves `callers` out where a node has none, as every node did before the field."""
+    data = graph_to_dict(rich_graph())
+    assert "callers" in data["nodes"][4] and all("callers" not in node for node in data["nodes"][:4])
+    del data["nodes"][4]["callers"]
+    assert graph_from_dict(data).node("h").callers == []
 
 
 def test_round_trip_non_finite_constant_and_scalar_meta():

@@ -124,7 +124,9 @@ def test_a_forward_in_a_package_elsewhere_names_the_values_it_assigns(tmp_path, 
         assert re.search(rf"\b{name} = \w+\[\d\]", code) or re.search(rf"\b{name} = \w+\.chunk", code), code
     assert re.search(r"\bscores = (torch|F)\.softmax\(", code) and re.search(r"\bmixed = scores @ value\b", code), code
     assert re.search(r"\bresidual(_\d+)? = ", code) is None  # `residual = hidden_states` is no op
-    assert re.search(r"\bhidden_states(_\d+)? = x\w* \+ proj\w*", code), code  # residual + hidden_states
+    # `hidden_states = self.attn(...)` names what Attention.forward returns (`return self.proj(mixed)`)
+    assert re.search(r'\bhidden_states(_\d+)? = self\.blocks\["0"\]\.attn\.proj\(mixed\)', code), code
+    assert re.search(r"\bhidden_states(_\d+)? = x\w* \+ hidden_states\b", code), code  # residual + hidden_states
     # the library's layer without submodules: its value is named after its attribute, as a call
     assert re.search(r'\bnorm(_\d+)? = normed\w* \* self\.blocks\["0"\]\.norm\.gain', code), code
     assert re.search(r'self\.blocks\["0"\]\.attn\.qkv\(norm\)', code), code

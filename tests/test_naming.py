@@ -295,3 +295,105 @@ def test_an_item_of_a_container_is_named_after_the_container_and_its_index(tmp_p
     assert re.search(r"\bmlp_2_1 = self\.blocks\[1\]\.mlp\[2\]\(mlp_1_1\)", code), code
     assert "blocks_0_mlp" not in code and "blocks_1_mlp" not in code, code
     check_pipeline(compiled.folder)
+
+
+CALLED = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x).relu()
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x):
+        return self.inner(x * 2)
+
+
+class Pair(nn.Module):
+    def forward(self, x):
+        return x.sigmoid(), x.cos()
+
+
+class Halves(nn.Module):
+    def forward(self, x):
+        return x.chunk(2, dim=-1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+        self.outer = Outer()
+        self.pair = Pair()
+        self.halves = Halves()
+        self.pre = Block()
+        self.post = Block()
+        self.body = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(48, 2)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        y = self.outer(x)
+        a, b = self.pair(y)
+        h, c = self.halves(a)
+        z = self.post(self.pre(b))
+        s = self.body(z)
+        return self.head(torch.cat([x, y, z, s, h, c, a + b], -1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_called_modules_value_is_named_after_the_callers_variable(tmp_path, frontend):
+    """A module the tracer goes into ends in `return <expr>`, which names nothing; the caller's
+    `x = block(x)` does, and so the value, a stage's input or output among them, reads `x_2`
+    rather than the tracer's `add_2`."""
+    import json
+
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "called.py"
+    path.write_text(CALLED)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    code = "".join((compiled.folder / f"stage{k}.py").read_text() for k in range(2))
+    manifest = json.loads((compiled.folder / "pipeline.json").read_text())
+    boundary = [name for stage in manifest["stages"] for name in stage["inputs"] + stage["outputs"]]
+    assert "x_4" in boundary and not [name for name in boundary if name.startswith("add")], boundary
+    assert len(re.findall(r"\bx(_\d+)? = x\w* \+ relu\w*", code)) == 4, code  # each block's `return x + ...`
+    assert re.search(r"\by = torch\.tanh\(", code), code  # through Outer's `return self.inner(x * 2)`
+    assert re.search(r"\ba = (torch\.sigmoid\(\w+|\w+\.sigmoid\()", code), code
+    assert re.search(r"\bb = (torch\.cos\(\w+|\w+\.cos\()", code), code
+    assert re.search(r"\bh = \w+\[0\]", code) and re.search(r"\bc = \w+\[1\]", code), code
+    # `z = self.post(self.pre(b))`: pre's value is not z, post's is
+    assert len(re.findall(r"\bz(_\d+)? = ", code)) == 1 and re.search(r"\bz = \w+ \+ relu\w*", code), code
+    # a Sequential's value is its last child's, not each child's
+    assert len(re.findall(r"\bs(_\d+)? = ", code)) == 1 and re.search(r"\bs = \w+ \+ relu\w*", code), code
+    assert check_pipeline(compiled.folder, batch_size=4).ok

@@ -318,6 +318,24 @@ def user_source(model_file: ModelFile, code: CodeFiles | None = None) -> str:
     return ""
 
 
+def user_frames(code: CodeFiles) -> list[str]:
+    """'file.py:LINE' of every frame on the current stack in the model's code (`code`), outermost
+    first: the innermost is the op's source, the others the calls that led to it. The search
+    ends at ftc's own frame that started tracing, so a caller of ftc's (a test, a script beside
+    the model file) is none of them."""
+    frames: list[str] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if frames and filename.startswith(_FTC_DIR):
+            break
+        name = code.name(filename)
+        if name:
+            frames.append(f"{name}:{frame.f_lineno}")
+        frame = frame.f_back
+    return frames[::-1]
+
+
 def constant_from_tensor(t: torch.Tensor, where: str) -> tuple[list, str]:
     if t.device.type == "meta":
         raise FtcError(

@@ -193,6 +193,7 @@ def trace_export(
             node.name = unique_name(label, taken)
             node.grad_enabled = fx_node.meta.get("ftc_grad_enabled", True)
             node.module_path, node.module_class, node.source = module_path, modules.get(module_path, ""), source
+            node.callers = _frames(fx_node, code)[:-1]
         else:
             raise FtcError(f"torch.export produced a {fx_node.op} node {fx_node.name!r}, which ftc does not lower")
         names[fx_node] = node.name
@@ -363,10 +364,10 @@ def _layer_call(
     # the call is made in the scope of the module that called the layer
     callers = [path for key, (path, _) in stack.items()][: list(stack).index(call.key)]
     module_path = next((path for path in reversed(callers) if not path.startswith("_")), "")
-    source = _scope(last, code)[1]
+    frames = _frames(last, code)
 
     def made(name: str, op: str, target: str, args: tuple, kwargs: dict) -> Node:
-        scope = (module_path, modules.get(module_path, ""), source)
+        scope = (module_path, modules.get(module_path, ""), frames[-1] if frames else "", frames[:-1])
         node = Node(unique_name(name, taken), op, target, args, kwargs, *scope)
         node.grad_enabled = last.meta.get("ftc_grad_enabled", True)
         return node
@@ -681,13 +682,19 @@ def _scope(fx_node: fx.Node, code: CodeFiles, outer: int = 0) -> tuple[str, str]
     stack = fx_node.meta.get("nn_module_stack") or {}
     paths = [path for path, _ in stack.values() if isinstance(path, str) and not path.startswith("_")]
     paths = [""] + paths[: len(paths) - outer]
-    module_path = paths[-1]
-    source = ""
+    frames = _frames(fx_node, code)
+    return paths[-1], frames[-1] if frames else ""
+
+
+def _frames(fx_node: fx.Node, code: CodeFiles) -> list[str]:
+    """'file.py:LINE' of the frames of the model's code on the node's stack trace, outermost
+    first (ftc.frontends.common.user_frames)."""
+    frames = []
     for filename, line in _FRAME.findall(fx_node.meta.get("stack_trace") or ""):
         name = code.name(filename)
         if name:
-            source = f"{name}:{line}"
-    return module_path, source
+            frames.append(f"{name}:{line}")
+    return frames
 
 
 def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:

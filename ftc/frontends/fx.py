@@ -30,6 +30,7 @@ from .common import (
     module_table,
     mutated_arg,
     state_table,
+    user_frames,
     user_source,
 )
 from .gradient_code import GRADIENT_HOOKS, hook_refused
@@ -56,7 +57,9 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
-        node.meta["ftc_source"] = user_source(self.model_file, self.code)
+        frames = user_frames(self.code)
+        node.meta["ftc_source"] = frames[-1] if frames else ""
+        node.meta["ftc_callers"] = frames[:-1]
         # fx records no context managers, but `with torch.no_grad():` in forward really runs
         # while tracing, so the grad mode at this moment is the one the op ran under.
         node.meta["ftc_grad_enabled"] = torch.is_grad_enabled()
@@ -261,6 +264,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             module_path=module_path,
             module_class=module_class,
             source=fx_node.meta.get("ftc_source", ""),
+            callers=fx_node.meta.get("ftc_callers", []),
             grad_enabled=fx_node.meta.get("ftc_grad_enabled", True),
         )
         if fx_node.op == "get_attr":

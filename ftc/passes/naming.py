@@ -13,7 +13,10 @@ reads like the original forward.
 
 Nodes group by (module path, statement) in program order; in a group, the last node's value is
 what a simple `name = ...` assigns, and the items unpacked from a tuple (getitem nodes) take
-the names of a tuple target. The ops of a torch.nn layer the tracer went into (export's
+the names of a tuple target. A function of the model's code the tracer went into (a Block's
+forward) ends in `return <expr>`, which names nothing; its value takes the name the caller
+assigns it (`x = block(x)`), read from the node's `callers` (the lines that called, frame by
+frame, the function its source is in), through callers that return it in turn. The ops of a torch.nn layer the tracer went into (export's
 Transformer layers) carry their caller's line one level deeper: where such a layer ends the
 statement, its last op is the statement's value. Statements the pass cannot see (a file it
 cannot find, a multi-statement line) leave names as they are.
@@ -97,7 +100,10 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     files: dict[str, dict[int, ast.stmt]] = {}
 
     def statement(node: Node) -> ast.stmt | None:
-        file, _, line = node.source.rpartition(":")
+        return statement_at(node.source)
+
+    def statement_at(source: str) -> ast.stmt | None:
+        file, _, line = source.rpartition(":")
         if not file or not line.isdigit():
             return None
         if file not in files:
@@ -135,6 +141,64 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             end = node
         return end if end is not last and ends_at(end) else last
 
+    def frames(node: Node) -> list[str]:
+        return [*node.callers, node.source]
+
+    def caller_targets(value: Node) -> tuple[ast.stmt, str | list] | None:
+        """What the caller's statement assigns `value` to, where `value` is what a function of
+        the model's code returns (`return x + self.proj(h)` in a Block that GPT.forward calls as
+        `x = block(x)`), through callers that return it in turn (`return self.inner(h)`): the
+        first caller that assigns it names it. A caller's statement is the call's only if its
+        value is the call and nothing after `value` runs for it; a call that is the statement's
+        only call (the loop's `x = block(x)`, whose next run is the next block's) is."""
+        chain = frames(value)
+        k = position[value.name] + 1
+        after = frames(compute[k]) if k < len(compute) else []
+        module = owner(value.module_path)
+        # The return statement goes on into a call it makes (`return self.inner(self.norm(x))`),
+        # unless the next op is the same statement's next run (a helper called in a loop).
+        if after[: len(chain)] == chain and _within(module, owner(compute[k].module_path)):
+            if len(after) > len(chain) or owner(compute[k].module_path) != module:
+                return None
+        parent = module.rpartition(".")[0]
+        # a Sequential runs its children in one call: only the last child's value is its value
+        called_by_container = parent != module and graph.modules.get(parent, "").startswith("torch.") \
+            and not graph.modules[parent].endswith((".ModuleList", ".ModuleDict"))  # fmt: skip
+        for depth in reversed(range(len(chain) - 1)):
+            caller = statement_at(chain[depth])
+            call = getattr(caller, "value", None)
+            if not isinstance(call, ast.Call) or isinstance(caller, ast.AugAssign):
+                return None
+            only_call = sum(isinstance(part, ast.Call) for part in ast.walk(call)) == 1
+            if after[: depth + 1] == chain[: depth + 1] and (called_by_container or not only_call):
+                return None
+            called_by_container = False
+            if not isinstance(caller, ast.Return):
+                targets = _targets(caller)
+                return (caller, targets) if targets is not None else None
+        return None
+
+    returned: dict[str, tuple[ast.stmt, str | list]] = {}  # value -> the caller's statement, its targets
+
+    def name_returned(stmt: ast.Return, group: list[Node]) -> None:
+        """Names the value a `return <expr>` statement returns after the caller's variable; a
+        tuple of one op per item (`return h.tanh(), c`) after a tuple target's items."""
+        value = value_of(group[-1], stmt)
+        found = caller_targets(value)
+        if found is None:
+            return
+        caller, targets = found
+        if not isinstance(stmt.value, ast.Tuple):
+            returned[value.name] = (caller, targets)
+            # export takes the items out of a returned tuple in the callee (`return x.chunk(2)`)
+            made = max((i for i, node in enumerate(group) if node.target != "operator.getitem"), default=None)
+            if isinstance(targets, list) and made is not None:
+                name_items({group[made].name: targets}, group[made + 1 :])
+        elif isinstance(targets, list) and len(targets) == len(stmt.value.elts) == len(group):
+            for node, item in zip(group, targets):
+                if isinstance(item, str):
+                    returned[node.name] = (caller, item)
+
     def finish(stmt: ast.stmt, group: list[Node]) -> None:
         targets = _targets(stmt)
         if isinstance(targets, str):
@@ -152,10 +216,18 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
                     wanted[node.name] = item
             return
         last = max((i for i, node in enumerate(group) if node.target != "operator.getitem"), default=None)
-        if last is None:
-            return
-        spec: dict[str, str | list | None] = {group[last].name: targets}
-        for node in group[last + 1 :]:
+        # A statement that only unpacks what a call returned (`h, c = self.cell(x)`, the cell
+        # ending in `return x.chunk(2)`) unpacks the call's value.
+        spec: dict[str, str | list | None] = (
+            {group[last].name: targets} if last is not None
+            else {name: items for name, (caller, items) in returned.items() if caller is stmt}
+        )  # fmt: skip
+        name_items(spec, group[last + 1 if last is not None else 0 :])
+
+    def name_items(spec: dict[str, str | list | None], items_taken: list[Node]) -> None:
+        """Names the getitem nodes `items_taken` after the items of the targets `spec` gives
+        the values they are taken from, nested tuples included."""
+        for node in items_taken:
             source = node.args[0] if node.args else None
             index = node.args[1] if len(node.args) > 1 else None
             if isinstance(source, Ref) and isinstance(spec.get(source.name), list):
@@ -165,6 +237,7 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
                     wanted[node.name] = item
                 spec[node.name] = item
 
+    groups: list[tuple[ast.stmt, list[Node]]] = []
     open_groups: dict[str, tuple[ast.stmt | None, list[Node]]] = {}
     for node in graph.nodes:
         if not node.is_compute:
@@ -177,11 +250,15 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             current[1].append(node)
             continue
         if current is not None and current[0] is not None:
-            finish(*current)
+            groups.append(current)
         open_groups[node.module_path] = (stmt, [node])
-    for stmt, group in open_groups.values():
-        if stmt is not None:
-            finish(stmt, group)
+    groups.extend((stmt, group) for stmt, group in open_groups.values() if stmt is not None)
+    # Returned values first: the statement that unpacks one names its items.
+    for stmt, group in groups:
+        if isinstance(stmt, ast.Return) and stmt.value is not None:
+            name_returned(stmt, group)
+    for stmt, group in groups:
+        finish(stmt, group)
     # A statement that only calls a torch.nn layer whose ops the tracer went into (export's
     # Transformer layers, a Sequential's children) has no op at the caller's level: its value
     # is the last of the run of the layer's ops, unless the statement goes on around the run.
@@ -198,6 +275,9 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         if isinstance(targets, str) and all(statement(node) is not stmt for node in around) and ends_at(run[-1]):
             wanted.setdefault(run[-1].name, targets)
 
+    for name, (_, targets) in returned.items():
+        if isinstance(targets, str):
+            wanted.setdefault(name, targets)
     wanted.update(_layer_outputs(graph, compute))
 
     taken = {node.name for node in graph.nodes}

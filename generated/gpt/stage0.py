@@ -6,7 +6,7 @@ Runs on device 0. B is the micro-batch size.
 Inputs:
     idx: int64[B, 64]
 Outputs:
-    add_4: float32[B, 64, 128]
+    x_4: float32[B, 64, 128]
 """
 
 import torch
@@ -74,9 +74,9 @@ class Stage0(torch.nn.Module):
         fc = self.blocks["0"].fc(ln_2)
         gelu = F.gelu(fc)
         proj_1 = self.blocks["0"].proj(gelu)
-        add_1 = x_1 + proj_1
+        x_2 = x_1 + proj_1
         # blocks.1 (Block), gpt.py:52
-        ln_1_1 = self.blocks["1"].ln_1(add_1)
+        ln_1_1 = self.blocks["1"].ln_1(x_2)
         # blocks.1.attn (CausalSelfAttention), gpt.py:30-39
         size_1 = ln_1_1.size()
         batch_1 = size_1[0]
@@ -114,10 +114,10 @@ class Stage0(torch.nn.Module):
         proj_2 = self.blocks["1"].attn.proj(y_1)
         dropout_1 = self.blocks["1"].attn.dropout(proj_2)
         # blocks.1 (Block), gpt.py:52-53
-        x_2 = add_1 + dropout_1
-        ln_2_1 = self.blocks["1"].ln_2(x_2)
+        x_3 = x_2 + dropout_1
+        ln_2_1 = self.blocks["1"].ln_2(x_3)
         fc_1 = self.blocks["1"].fc(ln_2_1)
         gelu_1 = F.gelu(fc_1)
         proj_3 = self.blocks["1"].proj(gelu_1)
-        add_4 = x_2 + proj_3
-        return (add_4,)
+        x_4 = x_3 + proj_3
+        return (x_4,)

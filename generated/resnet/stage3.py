@@ -45,9 +45,9 @@ class Stage3(torch.nn.Module):
         out_3 = self.blocks["5"].bn2(conv2_1)
         shortcut = self.blocks["5"].shortcut(relu_2)
         add_1 = out_3 + shortcut
-        relu_4 = F.relu(add_1)
+        x_1 = F.relu(add_1)
         # ResNet, resnet.py:69
-        pool = self.pool(relu_4)
+        pool = self.pool(x_1)
         flatten = torch.flatten(pool, 1)
         fc = self.fc(flatten)
         return (fc,)

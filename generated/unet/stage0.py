@@ -6,8 +6,8 @@ Runs on device 0. B is the micro-batch size.
 Inputs:
     x: float32[B, 1, 32, 32]
 Outputs:
-    relu_1: float32[B, 8, 32, 32]
-    relu_3: float32[B, 16, 16, 16]
+    x_1: float32[B, 8, 32, 32]
+    x_2: float32[B, 16, 16, 16]
     max_pool2d_1: float32[B, 16, 8, 8]
 """
 
@@ -27,10 +27,10 @@ class Stage0(torch.nn.Module):
         conv1 = self.encoders["0"].conv1(x)
         relu = F.relu(conv1)
         conv2 = self.encoders["0"].conv2(relu)
-        relu_1 = F.relu(conv2)
+        x_1 = F.relu(conv2)
         # UNet, unet.py:61
         max_pool2d = F.max_pool2d(
-            relu_1,
+            x_1,
             2,
             stride=None,
             padding=0,
@@ -40,12 +40,12 @@ class Stage0(torch.nn.Module):
         )
         # encoders.1 (DoubleConv), unet.py:34
         conv1_1 = self.encoders["1"].conv1(max_pool2d)
-        relu_2 = F.relu(conv1_1)
-        conv2_1 = self.encoders["1"].conv2(relu_2)
-        relu_3 = F.relu(conv2_1)
+        relu_1 = F.relu(conv1_1)
+        conv2_1 = self.encoders["1"].conv2(relu_1)
+        x_2 = F.relu(conv2_1)
         # UNet, unet.py:61
         max_pool2d_1 = F.max_pool2d(
-            relu_3,
+            x_2,
             2,
             stride=None,
             padding=0,
@@ -53,4 +53,4 @@ class Stage0(torch.nn.Module):
             ceil_mode=False,
             return_indices=False,
         )
-        return (relu_1, relu_3, max_pool2d_1)
+        return (x_1, x_2, max_pool2d_1)

@@ -30,10 +30,10 @@ class Stage1(torch.nn.Module):
         conv1 = self.encoders["2"].conv1(max_pool2d_1)
         relu = F.relu(conv1)
         conv2 = self.encoders["2"].conv2(relu)
-        relu_2 = F.relu(conv2)
+        x_3 = F.relu(conv2)
         # UNet, unet.py:61
-        x_1 = F.max_pool2d(
-            relu_2,
+        x_4 = F.max_pool2d(
+            x_3,
             2,
             stride=None,
             padding=0,
@@ -42,13 +42,13 @@ class Stage1(torch.nn.Module):
             return_indices=False,
         )
         # bottleneck (DoubleConv), unet.py:34
-        conv1_1 = self.bottleneck.conv1(x_1)
-        relu_4 = F.relu(conv1_1)
-        conv2_1 = self.bottleneck.conv2(relu_4)
-        relu_5 = F.relu(conv2_1)
+        conv1_1 = self.bottleneck.conv1(x_4)
+        relu_1 = F.relu(conv1_1)
+        conv2_1 = self.bottleneck.conv2(relu_1)
+        x_5 = F.relu(conv2_1)
         # UNet, unet.py:64
-        upsamplers_0 = self.upsamplers["0"](relu_5)
-        cat = torch.cat([upsamplers_0, relu_2], dim=1)
+        upsamplers_0 = self.upsamplers["0"](x_5)
+        cat = torch.cat([upsamplers_0, x_3], dim=1)
         # decoders.0 (DoubleConv), unet.py:34
         conv1_2 = self.decoders["0"].conv1(cat)
         relu_8 = F.relu(conv1_2)
