@@ -654,7 +654,7 @@ class _DeviceRunner:
                                "(run `ftc check`), or recompile")  # fmt: skip
         for name, value in zip(spec.outputs, outputs):
             if (self.device, name) in self.plan.uses or name in self.plan.readers:
-                self.values[(name, m)] = value
+                self.values[(name, m)] = self._as_of_now(value)
         if self.training:
             versions = [a._version if isinstance(a, torch.Tensor) else None for a in args] if recompute else []
             self.saved[(stage, m)] = (args, None if recompute else outputs, versions, buffers_before)
@@ -695,6 +695,16 @@ class _DeviceRunner:
         outputs = torch.func.functional_call(module, stale.forward_weights(stage, m), args, tie_weights=True)
         stale.check_unwritten(stage, m)
         return outputs
+
+    def _as_of_now(self, value: Any) -> Any:
+        """A stage output as its readers must see it. One that is a parameter or a buffer (or a
+        view of one, as `self.step.add_(1)` returns) is copied: the next micro-batch's forward, which
+        may run before a reader on this device or before the send goes out, changes it in place."""
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone() if value.untyped_storage().data_ptr() in self.state_storages else value
+        if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+            return type(value)(self._as_of_now(item) for item in value)
+        return value
 
     def _uncached(self, values: Any) -> Any:
         """Under autocast, the received values that need a gradient, each as a view of itself:
@@ -791,9 +801,6 @@ class _DeviceRunner:
         if message.kind == ACTIVATION:
             leaves = comm.flatten(self.values[(name, m)], self.plan.values[name])
             payload = comm.encode(name, leaves, specs, self.batch_scale, self.engine.device)
-            # A send may go out after the next forward has run: a value that is a parameter or a
-            # buffer (or a view of one, as `self.step.add_(1)` returns) is sent as it is now.
-            payload = [t.clone() if t.untyped_storage().data_ptr() in self.state_storages else t for t in payload]
         else:
             uses = self.plan.uses[(self.device, name)]
             summed = _sum([self._use_gradients(use, name, m) for use in uses], len(self.plan.gradient_leaves[name]))

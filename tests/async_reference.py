@@ -59,7 +59,7 @@ import torch
 from torch.func import functional_call
 
 from ftc.runtime.config import Config
-from ftc.runtime.data import Sampler, build_dataset, load_batch
+from ftc.runtime.data import Sampler, build_dataset, load_batch, output_specs, synthetic_targets
 from ftc.runtime.model_file import load_model_file
 from ftc.runtime.optim import build_optimizer, lr_factor
 from ftc.runtime.pipeline import Pipeline, load_pipeline
@@ -169,8 +169,12 @@ def async_reference(config: Config, model_path: Path | None = None, pipeline: Pa
     own = {stage: [key for key in keys if holders[key] == {stage}] for stage in range(len(held))}
 
     optimizer = build_optimizer([named[key] for key in keys], config.optimizer)
+    # Synthetic targets as training makes them where the model file has no example_targets:
+    # shaped like the outputs, class indices where the loss takes them.
+    shaped = config.data["name"] == "synthetic" and getattr(model_file.module, "example_targets", None) is None
+    outputs = synthetic_targets(output_specs(spec), model_file.loss_fn) if shaped else None
     with seeded(config.seed):
-        dataset = build_dataset(config.data, model_file)
+        dataset = build_dataset(config.data, model_file, outputs)
     sampler = Sampler(len(dataset), config.batch_size, config.seed)
     M, S = config.micro_batches, config.step_every
     Mt = M * S

@@ -49,6 +49,9 @@ from ftc.runtime.train import train
 from ftc.runtime.worker import launch
 
 from .async_reference import async_reference, global_order, segment_ends, stage_parameters
+from .conftest import ROOT
+
+GENERATED = ROOT / "generated"
 
 STEPS = 12
 OPTIMIZERS = {
@@ -208,6 +211,18 @@ def test_reference_without_staleness_is_mode_single(untied, step_every, optimize
                                    staleness={"flush_every": 4}, **settings), model)  # fmt: skip
     assert stale.stale_forwards == 3 * 3 * 6
     assert max_relative_difference(stale.losses, truth[0]) > 1e-4
+
+
+def test_reference_draws_the_synthetic_targets_training_draws(tmp_path):
+    """The mlp example has no example_targets: its synthetic targets are class indices, as
+    training makes them for cross-entropy, so the reference trains on the same data as mode
+    single (it once drew uniform numbers shaped like the logits, losses 5x apart)."""
+    settings = dict(data={"name": "synthetic", "size": 64}, step_every=1)
+    truth = single_run(tmp_path, GENERATED / "mlp", "mlp-single", **settings)
+    cfg = config(tmp_path, GENERATED / "mlp", "unused", mode="local", schedule="async", staleness={"flush_every": 1},
+                 **settings)  # fmt: skip
+    run = async_reference(cfg)
+    assert_same_run(run.losses, run.state, *truth)
 
 
 def one_f_one_b_versions(depth: int, micro_batches: int, per_step: int, first_step: int) -> list[int]:

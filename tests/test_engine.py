@@ -81,6 +81,27 @@ def test_local_matches_gradient_accumulation(name, schedule, micro_batches, reco
         assert relative_error(param.grad, wanted[key].grad) < RELATIVE, key
 
 
+@pytest.mark.parametrize("schedule, recompute", [("gpipe", set()), ("1f1b", set()), ("1f1b", {0, 2})])
+def test_a_buffer_read_later_on_the_same_device_is_read_as_its_forward_left_it(tmp_path, schedule, recompute):
+    """sent_buffer's call counter, bumped by stage 0 and read by stage 2 on the same device (stages
+    on devices [0, 1, 0]): stage 0 runs the next micro-batches' forwards before stage 2 reads the
+    counter, which must still hold the count of its own micro-batch, as in the original model."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    compiled = compile_model(MODELS / "sent_buffer.py", tmp_path / "compiled", CompileOptions(stages=3)).folder
+    folder = copy_pipeline(compiled, tmp_path / "on_0_1_0", [0, 1, 0])
+    assert "calls_1" in load_pipeline(folder).stages[2].inputs
+    engine, model, model_file = local_engine(folder, dropout=False, schedule=schedule, micro_batches=4, recompute=recompute)
+    inputs, targets = case_batches({"batch": 8, "steps": 1, "target": ["randint", 3, []]}, model_file)[0]
+    loss = engine.train_step(0, inputs, targets)
+
+    original = build_model(model_file, dropout=False)
+    assert loss == pytest.approx(reference(model_file, original, inputs, targets, 4), rel=RELATIVE)
+    wanted = dict(original.named_parameters())
+    for key, param in model.named_parameters():
+        assert relative_error(param.grad, wanted[key].grad) < RELATIVE, key
+
+
 def test_recompute_gives_identical_losses_and_gradients_with_dropout():
     results = []
     for recompute in (set(), {0, 1, 2, 3}):
