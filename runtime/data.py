@@ -353,7 +353,9 @@ def build_dataset(options: dict, model_file: ModelFile, outputs: Any = None) -> 
         _check_option_values(builder, options)
     dataset = synthetic(model_file, **options, outputs=outputs) if name == "synthetic" else builder(model_file, **options)
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise FtcError(f"data set {name!r} is a {type(dataset).__name__}, which has no len() and [i]")
+        made_by = f" (what {options.get('module') or f'{model_file.path}: dataset()'} returns)" if name == "module" else ""
+        raise FtcError(f"data set {name!r}{made_by} is of type {type(dataset).__name__}, which has no len() and [i]",
+                       "return a sequence of samples: a torch Dataset, or a list of (inputs, target) pairs")  # fmt: skip
     try:
         size = len(dataset)
     except Exception as exc:  # a __len__ that raises, or returns no integer (len() refuses a float)

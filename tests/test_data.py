@@ -118,6 +118,9 @@ def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
     ]:
         with pytest.raises(FtcError, match=re.escape(error)):
             build_dataset({"name": "module", "module": module}, model_file)
+    data_path.write_text(data_path.read_text() + "def count(count):\n    return count\n")
+    with pytest.raises(FtcError, match=re.escape(f"data set 'module' (what {data_path}:count returns) is of type int")):
+        build_dataset({"name": "module", "module": f"{data_path}:count", "count": 3}, model_file)
 
 
 def test_a_data_set_file_imports_modules_beside_it(tmp_path):
