@@ -130,6 +130,14 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def module_state(model: torch.nn.Module, node: Node) -> list[torch.Tensor]:
+    """The parameters and buffers of the module a call_module node calls ([] for other ops)."""
+    if node.op != "call_module":
+        return []
+    module = model.get_submodule(node.target)
+    return [*module.parameters(), *module.buffers()]
+
+
 class Repeats:
     """Outputs of the ops run so far, by repeat_key, as templates for their repeats."""
 
@@ -147,11 +155,7 @@ class Repeats:
         """Remember `out`, which the node made from `args`, for the node's repeats."""
         if key is None or key in self.templates:
             return
-        state = []
-        if node.op == "call_module":
-            module = self.model.get_submodule(node.target)
-            state = [*module.parameters(), *module.buffers()]
         try:
-            self.templates[key] = _template(out, tensors_in(args), state)
+            self.templates[key] = _template(out, tensors_in(args), module_state(self.model, node))
         except _Unkeyable:
             self.templates[key] = None

@@ -290,6 +290,12 @@ class Graph:
     def by_name(self) -> dict[str, Node]:
         return {node.name: node for node in self.nodes}
 
+    def canonical(self, state: str) -> str:
+        """The first name of a tied parameter or buffer, the one its aliases point to (any other
+        name as it is)."""
+        held = self.state.get(state)
+        return held.alias_of or state if held is not None else state
+
     def kind(self, node: Node) -> str:
         """What runs a compute node's code: the class of the module it calls, or its op and
         target ("call_function:F.relu", "call_method:view")."""

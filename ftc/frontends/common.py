@@ -308,14 +308,8 @@ def user_source(model_file: ModelFile, code: CodeFiles | None = None) -> str:
     """'file.py:LINE' of the innermost frame on the current stack in the model's code (`code`;
     without it, the model file and the files in its folder, such as a helper module the model
     file imports); "" when there is none."""
-    code = code or CodeFiles(model_file)
-    frame = sys._getframe(1)
-    while frame is not None:
-        name = code.name(frame.f_code.co_filename)
-        if name:
-            return f"{name}:{frame.f_lineno}"
-        frame = frame.f_back
-    return ""
+    frames = user_frames(code or CodeFiles(model_file))
+    return frames[-1] if frames else ""
 
 
 def user_frames(code: CodeFiles) -> list[str]:

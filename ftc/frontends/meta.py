@@ -67,19 +67,23 @@ def plain_failure_fix(inputs: dict[str, Any]) -> str:
 
 
 class _Propagator(Interpreter):
-    def __init__(self, graph: Graph, model: torch.nn.Module):
+    """Runs the graph on the meta device; `writes`, where given, watches the state ops write."""
+
+    def __init__(self, graph: Graph, model: torch.nn.Module, writes: StateWrites | None = None):
         super().__init__(graph, model, device="meta")
         self.repeats = Repeats(model)
-        self.writes = StateWrites(graph, model)
+        self.writes = writes
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         key = repeat_key(node, self.model, args, kwargs)
         replayed, out = self.repeats.replay(key)
         if replayed:
-            self.writes.replayed(node, key, args, kwargs)
+            if self.writes is not None:
+                self.writes.replayed(node, key, args, kwargs)
             return out
+        execute = partial(super().run_node, node, args, kwargs)
         try:
-            out = self.writes.run(node, args, kwargs, partial(super().run_node, node, args, kwargs))
+            out = execute() if self.writes is None else self.writes.run(node, key, args, kwargs, execute)
         except FtcError:
             raise
         except Exception as exc:
@@ -98,19 +102,19 @@ class _Propagator(Interpreter):
                 META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
             ) from exc
         self.repeats.record(key, node, (args, kwargs), out)
-        self.writes.remember(node, key)
         return out
 
 
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
     """Fill node.meta for every node, and node.updates (ftc/frontends/state_writes.py). `batch` and
     `double_batch` are meta-device example inputs at the compile batch size and at twice it."""
-    single, double = _Propagator(graph, model), _Propagator(graph, model)
+    writes = StateWrites(graph, model)  # one run tells them: the batch size changes no write
+    single, double = _Propagator(graph, model, writes), _Propagator(graph, model)
     single.run(batch)
     double.run(double_batch)
     nodes = [
         replace(node, meta=value_meta(single.env[node.name], double.env[node.name]),
-                updates=single.writes.updates.get(node.name, []))
+                updates=writes.updates.get(node.name, []))
         for node in graph.nodes
     ]  # fmt: skip
     return replace(graph, nodes=nodes)

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftc.ir import Graph, Node
-from ftc.repeats import tensors_in
+from ftc.repeats import module_state, tensors_in
 
 # native_batch_norm's schema declares no write of the running statistics it updates in
 # training mode (its functional successor _native_batch_norm_legit does): positions of
@@ -58,11 +58,9 @@ class StateWrites:
         self.model = model
         self.state_names: dict[int, str] = {}
         for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
-            canonical = graph.state[name].alias_of or name if name in graph.state else name
-            self.state_names.setdefault(_storage(tensor), canonical)
+            self.state_names.setdefault(_storage(tensor), graph.canonical(name))
         self.state_reads = {node.name for node in graph.nodes if node.op == "get_attr" and node.target in graph.state}
         self.positions: dict[Hashable, list[int]] = {}  # repeat key -> written positions
-        self.positions_of: dict[str, list[int]] = {}  # node -> written positions
         self.updates: dict[str, list[str]] = {}
 
     def watches(self, node: Node) -> bool:
@@ -72,15 +70,19 @@ class StateWrites:
             return False
         return node.op == "call_module" or any(name in self.state_reads for name in node.refs())
 
-    def run(self, node: Node, args: tuple, kwargs: dict, execute) -> Any:
-        """execute() under watch where the node may write state; its writes go to `updates`."""
+    def run(self, node: Node, key: Hashable | None, args: tuple, kwargs: dict, execute) -> Any:
+        """execute() under watch where the node may write state; its writes go to `updates`, and
+        their positions under the node's repeat key, for its repeats."""
         if not self.watches(node):
             return execute()
         writes = _Writes()
         with writes:
             out = execute()
         tensors = self._tensors(node, args, kwargs)
-        self._record(node, [k for k, t in enumerate(tensors) if _storage(t) in writes.storages], tensors)
+        positions = [k for k, t in enumerate(tensors) if _storage(t) in writes.storages]
+        if key is not None:
+            self.positions.setdefault(key, positions)
+        self._record(node, positions, tensors)
         return out
 
     def replayed(self, node: Node, key: Hashable, args: tuple, kwargs: dict) -> None:
@@ -88,21 +90,11 @@ class StateWrites:
         if self.watches(node) and key in self.positions:
             self._record(node, self.positions[key], self._tensors(node, args, kwargs))
 
-    def remember(self, node: Node, key: Hashable | None) -> None:
-        """The node just run is the first of its repeats: keep its written positions for them."""
-        if key is not None and node.name in self.positions_of:
-            self.positions.setdefault(key, self.positions_of[node.name])
-
     def _tensors(self, node: Node, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        tensors = tensors_in((args, kwargs))
-        if node.op == "call_module":
-            module = self.model.get_submodule(node.target)
-            tensors += [*module.parameters(), *module.buffers()]
-        return tensors
+        return tensors_in((args, kwargs)) + module_state(self.model, node)
 
     def _record(self, node: Node, positions: list[int], tensors: list[torch.Tensor]) -> None:
-        self.positions_of[node.name] = positions
-        names = [self.state_names.get(_storage(tensors[k])) for k in positions]
+        names = (self.state_names.get(_storage(tensors[k])) for k in positions)
         written = sorted({name for name in names if name is not None})
         if written:
             self.updates[node.name] = written

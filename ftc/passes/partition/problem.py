@@ -425,20 +425,22 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
             elif root is not None and root in position:
                 forbid(position[root], position[node.name], f"{node.name} changes {root} in place")
             elif root is not None and by_name[root].op == "get_attr":
-                mutated_state.setdefault(_canonical(by_name[root].target, graph), []).append(node.name)
+                mutated_state.setdefault(graph.canonical(by_name[root].target), []).append(node.name)
         if node.is_compute:
             for state in node.updates:
                 mutated_state.setdefault(state, []).append(node.name)
     # A buffer (or parameter) that forward updates stays in one stage with every op that reads
     # it (a get_attr of it, or a call of a leaf module that holds it): stages on other devices
     # would hold copies that miss the update.
+    held_names = [(name, graph.canonical(name)) for name in graph.state]
+    held_names = [(name, state) for name, state in held_names if state in mutated_state]  # with aliases
     readers_of_state: dict[str, list[int]] = {}
     for node in graph.nodes:
-        if not node.is_compute:
+        if not node.is_compute or not mutated_state:
             continue
-        read = {_canonical(by_name[name].target, graph) for name in node.refs() if by_name[name].op == "get_attr"}
+        read = {graph.canonical(by_name[name].target) for name in node.refs() if by_name[name].op == "get_attr"}
         if node.op == "call_module":
-            read |= {_canonical(name, graph) for name in graph.state if name.startswith(f"{node.target}.")}
+            read |= {state for name, state in held_names if name.startswith(f"{node.target}.")}
         for state in read & mutated_state.keys():
             readers_of_state.setdefault(state, []).append(position[node.name])
     # One reason for the tensors of one module that the same ops write (a BatchNorm's statistics).
@@ -481,12 +483,6 @@ def _source_of(node: Node) -> str:
     """The op as the model's source calls it, and where."""
     call = f"self.{node.target}(...)" if node.op == "call_module" else f"{node.target}(...)"
     return f"{call} at {node.source}" if node.source else call
-
-
-def _canonical(state: str, graph: Graph) -> str:
-    """The first name of a tied parameter or buffer (the one its aliases point to)."""
-    held = graph.state.get(state)
-    return held.alias_of or state if held is not None else state
 
 
 def _holds_object(meta) -> bool:
