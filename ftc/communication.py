@@ -66,7 +66,8 @@ def value_meta(spec: dict) -> Meta:
     """The IR metadata of a value spec (backend/writer.py value_spec; checked by load_pipeline)."""
     kind = spec["kind"]
     if kind == "tensor":
-        return TensorMeta(list(spec["shape"]), spec["dtype"], spec["requires_grad"], spec["batch_dim"])
+        return TensorMeta(list(spec["shape"]), spec["dtype"], spec["requires_grad"], spec["batch_dim"],
+                          list(spec.get("other_batch_dims", [])))  # fmt: skip
     if kind in SCALARS:
         return ScalarMeta(kind, 0)
     if "items" in spec:

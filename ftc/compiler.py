@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ftc.backend.codegen import shape_text
 from ftc.backend.writer import write_pipeline
 from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, TensorMeta, validate
@@ -186,6 +187,14 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         notes.append(
             f"note: input {packed[0]!r} has several rows per sample along its batch dimension (a packed input): the "
             "stages run, but `ftc train` cannot stack or micro-batch it; give the model one row per sample"
+        )
+    paired = [node for node in graph.nodes if node.op == "input" and isinstance(node.meta, TensorMeta)
+              and node.meta.other_batch_dims]  # fmt: skip
+    if paired:
+        notes.append(
+            f"note: input {paired[0].name!r} ({shape_text(paired[0].meta, graph.batch_size)}) grows with the batch "
+            "in several dimensions (a relation between samples): the stages run, but `ftc train` cannot stack it "
+            "from samples or micro-batch it; compute it inside forward from per-sample inputs"
         )
     if options.profile == "measure":
         cache = ProfileCache() if options.cache else None

@@ -58,8 +58,12 @@ class TensorMeta:
     dtype: str
     requires_grad: bool = False
     # The dimension that grows with the batch size (size = shape[batch_dim] / batch_size per
-    # sample); None when the tensor does not depend on the batch size.
+    # sample); None when the tensor does not depend on the batch size. Micro-batches are slices
+    # along it.
     batch_dim: int | None = None
+    # Further dimensions that grow with the batch, as the second of in-batch logits `a @ b.T`
+    # ([B, B]): a micro-batch's value compares its own samples only, so these shrink with it too.
+    other_batch_dims: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:

@@ -81,12 +81,21 @@ def encode_meta(meta: Meta | None) -> Any:
     if meta is None:
         return None
     if isinstance(meta, TensorMeta):
-        return {"tensor": asdict(meta)}
+        return {"tensor": tensor_meta_to_dict(meta)}
     if isinstance(meta, ScalarMeta):
         return {"scalar": {**asdict(meta), "value": encode_arg(meta.value)}}
     if isinstance(meta, SeqMeta):
         return {"seq": {"type": meta.type, "items": [encode_meta(item) for item in meta.items]}}
     return {"other": meta.type}
+
+
+def tensor_meta_to_dict(meta: TensorMeta) -> dict:
+    """Without other_batch_dims where it is empty, as almost everywhere: IR written before it
+    existed reads the same."""
+    data = asdict(meta)
+    if not meta.other_batch_dims:
+        del data["other_batch_dims"]
+    return data
 
 
 def decode_meta(data: Any) -> Meta | None:
@@ -158,7 +167,7 @@ def graph_to_dict(graph: Graph) -> dict:
             "stage_devices": graph.stage_devices,
             "modules": graph.modules,
             "state": {
-                name: {"kind": t.kind, "meta": asdict(t.meta), "persistent": t.persistent}
+                name: {"kind": t.kind, "meta": tensor_meta_to_dict(t.meta), "persistent": t.persistent}
                 | ({"alias_of": t.alias_of} if t.alias_of is not None else {})
                 for name, t in graph.state.items()
             },

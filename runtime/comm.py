@@ -223,19 +223,20 @@ def carries_grad(spec: dict) -> bool:
 
 
 def wire_shape(spec: dict, batch_scale: Fraction) -> list[int]:
-    """The spec's shape for one micro-batch: its batch dimension (B, or B*T after a flatten)
-    scaled by `batch_scale`, the micro-batch size over the batch size the spec was compiled at."""
+    """The spec's shape for one micro-batch: its batch dimension (B, or B*T after a flatten), and
+    any other that grows with the batch ([B, B] in-batch logits), scaled by `batch_scale`, the
+    micro-batch size over the batch size the spec was compiled at."""
     shape = list(spec["shape"])
-    batch_dim = spec["batch_dim"]
-    if batch_dim is not None:
-        scaled = shape[batch_dim] * batch_scale
+    dims = [] if spec["batch_dim"] is None else [spec["batch_dim"], *spec.get("other_batch_dims", [])]
+    for dim in dims:
+        scaled = spec["shape"][dim] * batch_scale
         if scaled.denominator != 1:
             raise FtcError(
-                f"a value of shape {shape} (batch dimension {batch_dim}) does not scale to a micro-batch "
+                f"a value of shape {spec['shape']} (batch dimension {dim}) does not scale to a micro-batch "
                 f"{float(batch_scale):g} times the compile batch size",
                 "choose batch_size / micro_batches so that it divides the batch dimension",
             )
-        shape[batch_dim] = int(scaled)
+        shape[dim] = int(scaled)
     return shape
 
 

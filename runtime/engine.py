@@ -676,16 +676,19 @@ class _DeviceRunner:
 
     def batch_output(self) -> Any:
         """The model's output over the whole batch: the micro-batches' outputs joined along their
-        batch dimensions."""
+        batch dimensions. An output that compares the samples of its micro-batch ([b, b] in-batch
+        logits: other_batch_dims) has no whole-batch form; it is the list of the micro-batches'."""
         joined = {}
         for name in self.plan.outputs:
             parts = [outputs[name] for outputs in self.outputs]
-            batch_dim = self.plan.values[name].get("batch_dim")
-            joined[name] = (
-                torch.cat(parts, dim=batch_dim)
-                if isinstance(parts[0], torch.Tensor) and batch_dim is not None
-                else parts[0]
-            )
+            spec = self.plan.values[name]
+            batch_dim = spec.get("batch_dim")
+            if not isinstance(parts[0], torch.Tensor) or batch_dim is None:
+                joined[name] = parts[0]
+            elif spec.get("other_batch_dims") and len(parts) > 1:
+                joined[name] = parts
+            else:
+                joined[name] = torch.cat(parts, dim=batch_dim)
         return self.engine.pipeline.assemble_output(joined)
 
     def _call(self, stage: int, m: int, args: tuple) -> Any:

@@ -275,6 +275,12 @@ def _spec_problem(spec: Any) -> str:
         return f"has dtype {json.dumps(dtype)}; it must name a torch dtype (float32, int64, ...)"
     if batch_dim is not None and not (isinstance(batch_dim, int) and not isinstance(batch_dim, bool) and 0 <= batch_dim < len(shape)):
         return f"has batch_dim {json.dumps(batch_dim)}; it must be null or a dimension of its shape {shape}"
+    others = spec.get("other_batch_dims", [])
+    if not (isinstance(others, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < len(shape)
+                                             and d != batch_dim for d in others)
+            and (batch_dim is not None or not others)):  # fmt: skip
+        return (f"has other_batch_dims {json.dumps(others)}; it must be a list of dimensions of its shape {shape} "
+                "other than batch_dim, and empty where batch_dim is null")
     if not isinstance(spec.get("requires_grad"), bool):
         return f"has requires_grad {json.dumps(spec.get('requires_grad'))}; it must be true or false"
     return ""

@@ -326,6 +326,15 @@ def check_unpacked_inputs(pipeline: Pipeline) -> None:
                        "give the model one row per sample: e.g. indices [batch, bag_size] (EmbeddingBag takes 2-D "
                        "input; pad with padding_idx), tokens [batch, T] reshaped inside forward, or graphs of equal "
                        "size batched as nodes [batch, N, F] and edges [batch, 2, E]")  # fmt: skip
+    for name in pipeline.inputs:
+        spec = pipeline.manifest["values"].get(name, {})
+        if spec.get("kind") == "tensor" and spec.get("other_batch_dims"):
+            dims = [spec["batch_dim"], *spec["other_batch_dims"]]
+            raise FtcError(f"{pipeline.folder}: input {name!r} grows with the batch in dimensions {dims} of its shape "
+                           f"{spec['shape']} at batch size {pipeline.manifest['batch_size']} (a relation between "
+                           "samples, such as a [B, B] mask): training stacks inputs from single samples and cuts "
+                           "micro-batches by slicing one dimension, which cannot make it",
+                           "compute it inside forward from per-sample inputs (e.g. the mask from per-sample ids)")  # fmt: skip
 
 
 def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:

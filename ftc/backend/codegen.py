@@ -86,7 +86,7 @@ def variable(name: str) -> str:
 def shape_text(meta: TensorMeta, batch_size: int) -> str:
     dims = []
     for d, size in enumerate(meta.shape):
-        if d == meta.batch_dim and size % batch_size == 0:
+        if (d == meta.batch_dim or d in meta.other_batch_dims) and size % batch_size == 0:
             per_sample = size // batch_size
             dims.append("B" if per_sample == 1 else f"B*{per_sample}")
         else:

@@ -129,7 +129,7 @@ def value_spec(meta) -> dict:
             "dtype": meta.dtype,
             "batch_dim": meta.batch_dim,
             "requires_grad": meta.requires_grad,
-        }
+        } | ({"other_batch_dims": meta.other_batch_dims} if meta.other_batch_dims else {})
     if isinstance(meta, ScalarMeta):
         return {"kind": meta.type, "batch_dependent": meta.batch_dependent}
     if isinstance(meta, SeqMeta):

@@ -122,13 +122,11 @@ def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, dou
 
 def value_meta(value: Any, doubled: Any) -> Meta:
     if isinstance(value, torch.Tensor):
-        batch_dim = None
+        grown = []
         if isinstance(doubled, torch.Tensor) and doubled.dim() == value.dim():
-            for dim, (a, b) in enumerate(zip(value.shape, doubled.shape)):
-                if a > 0 and b == 2 * a:
-                    batch_dim = dim
-                    break
-        return TensorMeta(list(value.shape), dtype_name(value.dtype), bool(value.requires_grad), batch_dim)
+            grown = [dim for dim, (a, b) in enumerate(zip(value.shape, doubled.shape)) if a > 0 and b == 2 * a]
+        return TensorMeta(list(value.shape), dtype_name(value.dtype), bool(value.requires_grad),
+                          grown[0] if grown else None, grown[1:])  # fmt: skip
     if isinstance(value, (bool, int, float)) or isinstance(value, torch.SymInt):
         kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, (int, torch.SymInt)) else "float"
         return ScalarMeta(kind, value, batch_dependent=value != doubled)
