@@ -102,7 +102,9 @@ class Interpreter:
             except Exception:
                 if self.device != "meta":
                     raise
-                return run_on_cpu(module, args, kwargs, f"{node.target} ({type(module).__name__})")
+                real = cpu_copy(module)
+                self.runs_for_real(node, real)
+                return run_on_cpu(real, args, kwargs, f"{node.target} ({type(module).__name__})")
         if node.op == "call_method":
             receiver, *rest = args
             return getattr(receiver, node.target)(*rest, **kwargs)
@@ -112,6 +114,10 @@ class Interpreter:
                 fn = self.functions[node.target] = resolve_function(node.target)
             return fn(*args, **kwargs)
         raise FtcError(f"IR node {node.name!r}: cannot run op {node.op!r}")
+
+    def runs_for_real(self, node: Node, real: torch.nn.Module) -> None:
+        """Called before a meta-device module runs as `real`, its CPU copy (run_on_cpu): for
+        interpreters that watch what it does."""
 
     def torch_objects(self, arg: Any) -> Any:
         """Turn TorchExpr placeholders (dtypes, devices, ...) back into torch objects."""
@@ -146,21 +152,27 @@ def copy_module(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
-    """Run a meta-device module for real, on the CPU, with random weights and inputs of the
-    right shapes; return its outputs as meta tensors.
-
-    For modules whose Python reads tensor values (`if x.sum() > 0:`), which LEAF_MODULES may
-    hold: the meta device knows shapes only. One module is materialized at a time, so this
-    works for models of any size whose single leaf modules fit in memory. Integer inputs are
-    all 0 (a valid index into any dimension) and, where the module refuses that, all 1 (sequence
-    lengths and counts must be positive: pack_padded_sequence refuses a length of 0)."""
+def cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy of a meta-device module with random weights (buffers 1, integer ones 0), for
+    run_on_cpu. One module is materialized at a time, so this works for models of any size whose
+    single leaf modules fit in memory."""
     real = copy_module(module).to_empty(device="cpu")
     with torch.no_grad():
         for param in real.parameters():
             param.normal_(0.0, 0.02)
         for buffer in real.buffers():
             buffer.fill_(1 if buffer.is_floating_point() else 0)
+    return real
+
+
+def run_on_cpu(real: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """Run `real`, the cpu_copy of a meta-device module, on inputs of the right shapes; return
+    its outputs as meta tensors.
+
+    For modules whose Python reads tensor values (`if x.sum() > 0:`), which LEAF_MODULES may
+    hold: the meta device knows shapes only. Integer inputs are all 0 (a valid index into any
+    dimension) and, where the module refuses that, all 1 (sequence lengths and counts must be
+    positive: pack_padded_sequence refuses a length of 0)."""
 
     def stand_in(integer: int) -> Any:
         def materialize(value: Any) -> Any:
@@ -183,7 +195,7 @@ def run_on_cpu(module: torch.nn.Module, args: tuple, kwargs: dict, name: str) ->
             return tree_map(to_meta, real(*tree_map(stand_in(integer), args), **tree_map(stand_in(integer), kwargs)))
         except Exception as exc:
             failure = exc
-    if type(module).__module__.startswith("torch.nn."):  # a torch layer reads shapes, not values: its error stands
+    if type(real).__module__.startswith("torch.nn."):  # a torch layer reads shapes, not values: its error stands
         raise failure
     raise FtcError(
         f"module {name} cannot run on the meta device, and run on the CPU, as ftc then runs it, it fails: "

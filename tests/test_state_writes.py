@@ -94,3 +94,66 @@ def test_a_tied_weight_that_max_norm_renormalizes_is_refused_naming_it(compile_t
     assert "at most 1 stages are possible" in info.value.message
     assert "emb.weight is changed in place by forward (self.emb(...) at tied_max_norm.py:14)" in info.value.message
     assert "untie" in info.value.hint
+
+
+SHARED_VALUE_READING_LEAF = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Gate(nn.Module):
+    """Reads values (its branch), so the meta device cannot run it: ftc runs a CPU copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(32)
+
+    def forward(self, x):
+        return self.norm(x) if bool(x.abs().sum() > 0) else x
+
+
+LEAF_MODULES = (Gate,)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.gate = Gate()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(6))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.gate(self.inp(x))
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return self.head(self.gate(h))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 16),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+'''
+
+
+def test_a_value_reading_leaf_run_on_the_cpu_records_its_writes(compile_to, tmp_path):
+    """The meta device cannot run Gate, so ftc runs a CPU copy of it (interpreter.run_on_cpu):
+    its BatchNorm's writes land in the copy's buffers, which still name the model's."""
+    model = tmp_path / "gate.py"
+    model.write_text(SHARED_VALUE_READING_LEAF)
+    graph = trace(load_model_file(model), 4, frontend="fx").graph
+    gates = [node for node in graph.nodes if node.op == "call_module" and node.target == "gate"]
+    assert len(gates) == 2
+    for node in gates:
+        assert node.updates == ["gate.norm.num_batches_tracked", "gate.norm.running_mean", "gate.norm.running_var"]
+    folder = compile_to(model, 2, frontend="fx")
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    assert len([stage for stage in manifest["stages"] if "gate.norm.running_mean" in stage["state"]]) == 1

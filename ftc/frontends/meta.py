@@ -74,6 +74,10 @@ class _Propagator(Interpreter):
         self.repeats = Repeats(model)
         self.writes = writes
 
+    def runs_for_real(self, node: Node, real: torch.nn.Module) -> None:
+        if self.writes is not None:
+            self.writes.runs_as(real)
+
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         key = repeat_key(node, self.model, args, kwargs)
         replayed, out = self.repeats.replay(key)

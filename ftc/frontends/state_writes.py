@@ -62,6 +62,17 @@ class StateWrites:
         self.state_reads = {node.name for node in graph.nodes if node.op == "get_attr" and node.target in graph.state}
         self.positions: dict[Hashable, list[int]] = {}  # repeat key -> written positions
         self.updates: dict[str, list[str]] = {}
+        self.watching: _Writes | None = None  # the watch over the node being run
+        self.ran_as: torch.nn.Module | None = None  # its CPU copy, where it runs as one
+
+    def runs_as(self, real: torch.nn.Module) -> None:
+        """The node being run runs as `real`, a CPU copy of its module, as the meta device could
+        not run it (interpreter.run_on_cpu): its writes land in the copy's state, in the same
+        order. What was written before (the copy's random initialization, the failed meta run)
+        is not the node's or is run again."""
+        self.ran_as = real
+        if self.watching is not None:
+            self.watching.storages.clear()
 
     def watches(self, node: Node) -> bool:
         """Whether the node may write state no argument names: a leaf module's call, or an op that
@@ -75,11 +86,17 @@ class StateWrites:
         their positions under the node's repeat key, for its repeats."""
         if not self.watches(node):
             return execute()
-        writes = _Writes()
-        with writes:
-            out = execute()
+        writes = self.watching = _Writes()
+        self.ran_as = None
+        try:
+            with writes:
+                out = execute()
+        finally:
+            self.watching = None
+        ran = tensors_in((args, kwargs)) + ([*self.ran_as.parameters(), *self.ran_as.buffers()]
+                                            if self.ran_as is not None else module_state(self.model, node))  # fmt: skip
+        positions = [k for k, t in enumerate(ran) if _storage(t) in writes.storages]
         tensors = self._tensors(node, args, kwargs)
-        positions = [k for k, t in enumerate(tensors) if _storage(t) in writes.storages]
         if key is not None:
             self.positions.setdefault(key, positions)
         self._record(node, positions, tensors)
