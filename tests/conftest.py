@@ -10,6 +10,26 @@ EXAMPLES = ROOT / "examples"
 MODELS = ROOT / "tests" / "models"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files(tmp_path_factory):
+    """Temporary files of the tests and the processes they start (the run folders `ftc train`
+    keeps when a run fails, which tests of faults make on purpose) go under pytest's own
+    temporary folder, which pytest prunes, not into /tmp."""
+    import os
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield
+    if before is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
