@@ -711,6 +711,7 @@ MANIFEST_EDITS = [
     (lambda m: m["values"]["relu_2"].__setitem__("shape", "8x128"), "value 'relu_2' has shape \"8x128\""),
     (lambda m: m["values"]["relu_2"].__setitem__("dtype", "floaty"), "value 'relu_2' has dtype \"floaty\"; it must name"),
     (lambda m: m["values"]["relu_2"].__setitem__("batch_dim", 5), "value 'relu_2' has batch_dim 5; it must be null or"),
+    (lambda m: m["values"]["relu_2"].__setitem__("other_batch_dims", [0]), "value 'relu_2' has other_batch_dims [0]"),
     (lambda m: m.__setitem__("output_structure", {"kind": "dict"}), "key 'output_structure' is a dict, so its 'keys'"),
     (lambda m: m.__setitem__("tied", ["hidden.0.weight", "hidden.1.weight"]), "key 'tied' is [\"hidden.0.weight\""),
     (lambda m: m["stages"][0]["cost"].__setitem__("fwd_time", "fast"), "stage 0: cost 'fwd_time' is \"fast\""),
