@@ -755,8 +755,8 @@ def small_split_warnings(config: Config, size: int, trained: int) -> list[str]:
                      f"  fix: a larger data set{sized}{', a lower eval.fraction' if held else ''} or a smaller batch_size")  # fmt: skip
     if held and held < batch:
         raise_to = f"an eval.fraction of at least {batch / size:.3g}, " if batch < size / 2 else ""
-        lines.append(f"config {config.source}: eval.fraction ({config.eval.fraction:g}) holds out {held} of data set "
-                     f"{data['name']!r}'s {size} samples, fewer than batch_size ({batch}): every held-out batch repeats "
+        lines.append(f"config {config.source}: eval.fraction ({config.eval.fraction:g}) holds out {held} of the {size} "
+                     f"samples of data set {data['name']!r}, fewer than batch_size ({batch}): every held-out batch repeats "
                      f"samples, so the held-out loss is a mean over {held}, some counted more often than others\n"
                      f"  fix: {raise_to}a larger data set{sized} or a smaller batch_size")  # fmt: skip
     return lines
@@ -1134,7 +1134,9 @@ def summary(results: Results) -> str:
         f"final loss {final['loss']:.4f} (mean of the last {counted(min(10, len(results.history().loss)), 'step')} "
         f"{final['mean_loss_last_10']:.4f}) after {counted(final['steps'], 'step')}"
         + (f", held-out loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""),
-        f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
+        (f"{results.samples_per_s:.1f} samples/s" if results.samples_per_s else
+         "samples/s not measured (it counts from the end of the first step, or under async the first segment, "
+         "and this run had no other)") + f", wall time {results.wall_time_s:.1f} s",
     ]
     for label, value in (
         ("results", results.results),
