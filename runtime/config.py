@@ -338,7 +338,9 @@ def _validate(c: Config) -> None:
     choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
     choice("lr_schedule.name", c.lr_schedule.name, LR_SCHEDULES)
     if "name" not in c.data:
-        fail("data", 'needs a "name"', f"one of {', '.join(DATA_SETS)}")
+        fail("data", 'needs a "name"', f"one of {', '.join(DATA_SETS)}: a \"data\" object replaces the default, "
+             '{"name": "synthetic"}, whole (on the command line too: --set data.size=64 needs --set data.name=synthetic '
+             'where the config has no "data")')  # fmt: skip
     if not isinstance(c.data["name"], str):
         fail("data.name", f"must be a string, not {json.dumps(c.data['name'])}", f"one of {', '.join(DATA_SETS)}")
     choice("data.name", c.data["name"], DATA_SETS)

@@ -643,11 +643,9 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     # With evaluation, training draws from the data set's first samples, evaluation its last.
     trained = training_samples(config, len(dataset)) if dataset is not None else None
     sampler = Sampler(trained, config.batch_size, config.seed) if dataset is not None else None
-    if rank == 0 and trained is not None and trained < config.batch_size:
-        # Training draws only from the samples eval does not hold out.
-        held_out = f" ({len(dataset) - trained} more held out for eval)" if trained < len(dataset) else ""
-        print(f"ftc train: warning: data set {config.data['name']!r} has {trained} samples{held_out} to train on, "
-              f"fewer than batch_size ({config.batch_size}): every batch repeats samples", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and trained is not None:
+        for line in small_split_warnings(config, len(dataset), trained):
+            print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, world_size)
     def load(batches: list[int]) -> tuple[Any, Any]:
@@ -749,6 +747,28 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
         write_results(config, results)
     status.write("done", config.steps)
     return results
+
+
+def small_split_warnings(config: Config, size: int, trained: int) -> list[str]:
+    """Warnings for a training or held-out share of the data set's `size` samples smaller than one
+    batch: the sampler (or held_out_indices) then repeats samples within every batch, so a batch's
+    mean counts some samples twice or more. Legitimate (overfitting a handful of samples) but
+    rarely meant (eval.fraction 0.999 leaves one sample to train on), so said, not refused."""
+    lines, batch, data = [], config.batch_size, config.data
+    sized = " (data.size)" if data.get("name") == "synthetic" else ""
+    held = size - trained
+    if trained < batch:
+        held_out = f" ({held} more held out for eval)" if held else ""
+        lines.append(f"config {config.source}: data set {data['name']!r} has {trained} samples{held_out} to train on, "
+                     f"fewer than batch_size ({batch}): every batch repeats samples\n"
+                     f"  fix: a larger data set{sized}{', a lower eval.fraction' if held else ''} or a smaller batch_size")  # fmt: skip
+    if held and held < batch:
+        raise_to = f"an eval.fraction of at least {batch / size:.3g}, " if batch < size / 2 else ""
+        lines.append(f"config {config.source}: eval.fraction ({config.eval.fraction:g}) holds out {held} of the {size} "
+                     f"samples of data set {data['name']!r}, fewer than batch_size ({batch}): every held-out batch repeats "
+                     f"samples, so the held-out loss is a mean over {held}, some counted more often than others\n"
+                     f"  fix: {raise_to}a larger data set{sized} or a smaller batch_size")  # fmt: skip
+    return lines
 
 
 def training_samples(config: Config, size: int) -> int:
@@ -1123,7 +1143,9 @@ def summary(results: Results) -> str:
         f"final loss {final['loss']:.4f} (mean of the last {counted(min(10, len(results.history().loss)), 'step')} "
         f"{final['mean_loss_last_10']:.4f}) after {counted(final['steps'], 'step')}"
         + (f", held-out loss {final['eval_loss']:.4f}" if "eval_loss" in final else ""),
-        f"{results.samples_per_s:.1f} samples/s, wall time {results.wall_time_s:.1f} s",
+        (f"{results.samples_per_s:.1f} samples/s" if results.samples_per_s else
+         "samples/s not measured (it counts from the end of the first step, or under async the first segment, "
+         "and this run had no other)") + f", wall time {results.wall_time_s:.1f} s",
     ]
     for label, value in (
         ("results", results.results),

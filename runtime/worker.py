@@ -276,6 +276,10 @@ def _failure_report(states: list[dict | None], code: int, log: str, several_mach
               if state and state["state"] == "failed" and not state.get("caused_by_peer")]  # fmt: skip
     silent = [rank for rank, state in enumerate(states) if state and state["state"] in _UNFINISHED]
     causes = raised or silent
+    if not raised and len(silent) > 1 and first_rank in silent:
+        # torchrun stops every other rank once one fails, and a stopped rank leaves the same
+        # state as a dead one: the first that failed is the cause, the others went with it
+        causes = [first_rank]
     headline = f"training failed (torchrun exited with {code})"
     elsewhere = [rank for rank, state in enumerate(states) if state is None]
     if causes:
@@ -300,12 +304,19 @@ _UNFINISHED = {
     "checkpointing": "died or was stopped while writing the checkpoint of step {step}",
     "running": "died or was stopped at step {step} without an error of its own",
 }
+_STOPPED_WITH = {
+    "setting up": "stopped while building its stages and data set",
+    "checkpointing": "stopped while writing the checkpoint of step {step}",
+    "running": "stopped at step {step}",
+}
 
 
 def _rank_line(state: dict | None, failed_first: bool, causes: list[int]) -> str:
     if state is None:
         return "left no status here (it never started, or ran on another machine)"
     if state["state"] in _UNFINISHED:
+        if causes and state["rank"] not in causes:  # torchrun stopped it, the cause having failed first
+            return _STOPPED_WITH[state["state"]].format(step=state["step"]) + f", after {_ranks(causes)} failed"
         return _UNFINISHED[state["state"]].format(step=state["step"])
     if state["state"] == "failed":
         when = f"at step {state['step']}" if state["step"] >= 0 else "before training"

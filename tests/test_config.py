@@ -111,6 +111,7 @@ def test_set_with_a_whole_object_replaces_the_files_object(tmp_path):
         ({"pipeline": "p", "batch_size": 10, "micro_batches": 4}, [], "not a multiple of micro_batches"),
         ({"steps": 3}, [], "key 'pipeline' is missing"),
         ({"pipeline": "p", "data": {"name": "imagenet"}}, [], "key 'data.name' is 'imagenet'"),
+        ({"pipeline": "p"}, ["data.size=64"], 'key \'data\' needs a "name"'),
         ({"pipeline": "p", "checkpoint": {"every": 5}}, [], "key 'checkpoint.dir' is not set"),
         ({"pipeline": "p", "inject_fault": {"rank": 0, "step": 1, "kind": "hang"}}, [], 'only mode "dist"'),
     ],
@@ -120,6 +121,8 @@ def test_errors_name_the_key_and_the_source(tmp_path, content, overrides, messag
     with pytest.raises(FtcError) as error:
         load_config(path, overrides)
     assert message in str(error.value)
+    if "needs a" in message:  # the default data set is replaced whole, which a dotted --set does not show
+        assert "--set data.size=64 needs --set data.name=synthetic" in str(error.value)
     if not overrides:
         assert str(path) in str(error.value)
 

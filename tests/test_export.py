@@ -1000,3 +1000,28 @@ def test_a_buffer_written_with_out_stays_with_its_readers(compile_to):
     report = check_pipeline(folder)
     assert all(report.stage_ok(stage) for stage in report.stages), [s.problems for s in report.stages]
     assert report.model_state <= report.tolerance and report.model_outputs <= report.tolerance
+
+
+def test_batch_norm_counts_batches_in_training_mode_only(compile_to, tmp_path):
+    """torch.nn's BatchNorm bumps num_batches_tracked only when training (`if self.training`);
+    the trace resolved that branch, and the stage counted the held-out batches of evaluation too
+    (the fuzzer: 36 batches where mode single counts 24). The count follows the stage's mode, as
+    the layer's does: after training with evaluation, every buffer equals mode single's."""
+    from ftc.runtime import checkpoint
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import train
+
+    folder = compile_to(MODELS / "buffers.py", 2, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "num_batches_tracked.add_(1 if self.training else 0)" in text
+    states = {}
+    for mode in ("single", "local"):
+        config = {"pipeline": str(folder), "mode": mode, "steps": 3, "batch_size": 4, "micro_batches": 2,
+                  "data": {"name": "synthetic", "size": 32}, "eval": {"every": 1, "batches": 2}, "log_every": 10,
+                  "checkpoint": {"dir": str(tmp_path / mode)}}  # fmt: skip
+        results = train(load_config(data=config))
+        assert len(results.eval_loss) == 3
+        states[mode] = checkpoint.merge(tmp_path / mode)[1]
+    assert int(states["single"]["bn.num_batches_tracked"]) == 3 * 2  # training micro-batches alone
+    for key, value in states["single"].items():
+        torch.testing.assert_close(states["local"][key], value, rtol=1e-5, atol=1e-7, msg=key)

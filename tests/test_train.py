@@ -485,6 +485,27 @@ def test_the_report_leads_with_the_rank_whose_own_error_stopped_the_run():
     ]
 
 
+def test_of_several_ranks_without_an_error_the_one_torchrun_saw_fail_first_is_the_cause():
+    """Rank 0 exited at step 3 (fuzz round 2, inject_fault kind exit); torchrun then stopped ranks
+    2 and 3, which left the state of a dead rank too, and the report read "caused by ranks 0, 2,
+    3", the peer's line "because ranks 0, 2, 3 failed"."""
+    log = TORCHRUN_ABORT_LOG.replace("rank      : 1 (local_rank: 1)", "rank      : 0 (local_rank: 0)").replace(
+        "exitcode  : -6 (pid: 4242)  (SIGABRT)", "exitcode  : 3 (pid: 4242)")
+    states = [{"rank": r, "state": "running", "step": 3, "error": None} for r in range(4)]
+    states[1] = {"rank": 1, "state": "failed", "step": 3, "error": "rank 1 got nothing from rank 0: that rank died",
+                 "caused_by_peer": True}  # fmt: skip
+    assert _failure_report(states, 1, log).splitlines() == [
+        "training failed (torchrun exited with 1), caused by rank 0:",
+        "  rank 0: died or was stopped at step 3 without an error of its own",
+        "  rank 1: stopped at step 3 because rank 0 failed: rank 1 got nothing from rank 0: that rank died",
+        "  rank 2: stopped at step 3, after rank 0 failed",
+        "  rank 3: stopped at step 3, after rank 0 failed",
+        "  torchrun saw rank 0 fail first (exit code 3)",
+    ]
+    # without torchrun's word, every silent rank stays a suspect
+    assert _failure_report(states, 1, "").splitlines()[0].endswith("caused by ranks 0, 2, 3:")
+
+
 def test_on_a_machine_whose_ranks_only_lost_a_peer_the_report_points_to_the_other_machine():
     """2 machines x 2 ranks, rank 2 died: the report of the machine with ranks 0 and 1 named no
     cause and read "rank 0 ... that rank died" for rank 1, which had only lost rank 2."""

@@ -380,9 +380,46 @@ def test_resuming_from_nothing_and_a_data_set_smaller_than_a_batch_are_warned_ab
     assert "data set 'synthetic' has 5 samples to train on, fewer than batch_size (8): every batch repeats samples" in err
     # eval holds out the last tenth: 9 samples leave 8 to train on, a batch's worth; 8 leave 7
     run(folder, batch_size=8, data={"name": "synthetic", "size": 9}, eval={"every": 1})
-    assert "fewer than batch_size" not in capsys.readouterr().err
+    assert "to train on" not in capsys.readouterr().err
     run(folder, batch_size=8, data={"name": "synthetic", "size": 8}, eval={"every": 1})
-    assert "has 7 samples (1 more held out for eval) to train on, fewer than batch_size (8)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has 7 samples (1 more held out for eval) to train on, fewer than batch_size (8)" in err
+    assert "fix: a larger data set (data.size), a lower eval.fraction or a smaller batch_size" in err
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_extreme_eval_fractions_warn_with_the_key_and_the_sizes(pipeline, capsys, mode):
+    """eval.fraction 0.001 holds out one sample, which every held-out batch of 8 then repeats;
+    0.999 leaves one to train on, which every batch repeats: both train, as a handful of samples
+    may be meant, but say so with the key, the sizes and the fix (they were silent)."""
+    _, folder = pipeline
+    data = {"name": "synthetic", "size": 1000}
+    results = run(folder, mode=mode, batch_size=8, data=data, eval={"every": 1, "fraction": 0.001})
+    err = capsys.readouterr().err
+    assert ("config <dict>: eval.fraction (0.001) holds out 1 of the 1000 samples of data set 'synthetic', fewer than "
+            "batch_size (8): every held-out batch repeats samples") in err
+    assert "fix: an eval.fraction of at least 0.008, a larger data set (data.size) or a smaller batch_size" in err
+    assert "to train on" not in err and len(results.eval_loss) == 2
+    run(folder, mode=mode, batch_size=8, data=data, eval={"every": 1, "fraction": 0.999})
+    err = capsys.readouterr().err
+    assert "data set 'synthetic' has 1 samples (999 more held out for eval) to train on, fewer than batch_size (8)" in err
+    assert "holds out" not in err
+    # exactly a batch of each: nothing to say
+    run(folder, mode=mode, batch_size=8, data={"name": "synthetic", "size": 16}, eval={"every": 1, "fraction": 0.5})
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_one_step_run_says_its_throughput_is_not_measured(pipeline, capsys):
+    """Throughput counts from the end of the first step (which pays for warm-up): a run of one
+    step printed "0.0 samples/s", as if it had trained nothing."""
+    from ftc.runtime.train import summary
+
+    _, folder = pipeline
+    one = run(folder, steps=1)
+    assert one.samples_per_s == 0.0
+    assert "samples/s not measured (it counts from the end of the first step" in summary(one)
+    two = run(folder, steps=2)
+    assert two.samples_per_s > 0 and f"{two.samples_per_s:.1f} samples/s, wall time" in summary(two)
 
 
 def test_a_hand_edited_stage_output_of_another_shape_fails_the_check_by_name(tmp_path):

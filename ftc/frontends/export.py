@@ -42,7 +42,7 @@ from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
 
-from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, lower, module_call, op_key, output_name, whole_view
+from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
 
@@ -175,6 +175,10 @@ def trace_export(
                     module_path, source = _scope(fx_node, code, outer=1)
                     label = _call_label(call.target, submodule)
                 call = call or lower(target, fx_args, fx_kwargs)
+                if call is not None and _counts_batches(target, fx_args, model, module_path, modules, state_tensors):
+                    # torch.nn's BatchNorm counts batches in training mode only (`if self.training`),
+                    # which the trace (in training mode) resolved: the stage counts as it trains
+                    call = Call(call.op, call.target, (call.args[0], TorchExpr("1 if self.training else 0")))
                 if call is None:
                     node.target = function_expr(target, fx_node.name)
                 else:
@@ -203,6 +207,14 @@ def trace_export(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", training_branches=training_branches(model, model_file),
     )  # fmt: skip
+
+
+def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str, modules: dict, state: dict) -> bool:
+    """Whether the op is a BatchNorm layer's `self.num_batches_tracked.add_(1)`."""
+    if target is not torch.ops.aten.add_.Tensor or path not in modules or len(args) != 2 or args[1] != 1:
+        return False
+    module = model.get_submodule(path)
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and state.get(args[0]) is module.num_batches_tracked
 
 
 RNN_FLAT_WEIGHTS = r"The tensor attributes (self\.[\w.]+\._flat_weights\[\d+\](, )?)+ were assigned during export"
