@@ -46,6 +46,7 @@ from ftc.runtime.model_file import ModelFile
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
+from .tidy import tidy
 
 # The device the stage runs on; generated code binds `device` from a stage input.
 STAGE_DEVICE = TorchExpr("device")
@@ -202,6 +203,9 @@ def trace_export(
         names[fx_node] = node.name
         nodes.append(node)
 
+    # what the traced ops computed, by value name: tidy's rewrites depend on ranks and dtypes
+    values = {names[n]: n.meta.get("val") for n in program.graph.nodes if n in names}
+    nodes, outputs.values = tidy(nodes, outputs.values, values)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", training_branches=training_branches(model, model_file),
