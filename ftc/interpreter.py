@@ -112,7 +112,10 @@ class Interpreter:
             fn = self.functions.get(node.target)
             if fn is None:
                 fn = self.functions[node.target] = resolve_function(node.target)
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if node.target == "operator.setitem" and isinstance(args[0], torch.Tensor):
+                return args[0]  # `x[mask] = 0.0` (export's index_put_): the value is x, written
+            return result
         raise FtcError(f"IR node {node.name!r}: cannot run op {node.op!r}")
 
     def runs_for_real(self, node: Node, real: torch.nn.Module) -> None:

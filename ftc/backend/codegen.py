@@ -130,6 +130,10 @@ class StageWriter:
         for node in self.plan.nodes:
             if node.name in local:
                 continue
+            written = node.args[0] if _assigns_an_index(node) else None
+            if isinstance(written, Ref) and written.name in local:
+                local[node.name] = local[written.name]  # `h[mask] = 0.0` leaves h, written, as h
+                continue
             local[node.name] = unique_name(variable(node.label or node.name), taken)
         return local
 
@@ -244,6 +248,14 @@ class StageWriter:
         return f"{target}({self.call_args(node)})"
 
     def statement(self, node: Node) -> str:
+        if _assigns_an_index(node):
+            # `h[mask] = 0.0`: the value is the tensor written, under its own name where the stage
+            # names it anew (a value another stage reads keeps its pipeline-wide name)
+            written, index, value = node.args
+            line = f"{self.arg(written)}[{self.index(index)}] = {self.arg(value)}"
+            if node.name in self.read and self.local[node.name] != self.arg(written):
+                line += f"\n{self.local[node.name]} = {self.arg(written)}"
+            return line
         expression = self.expression(node)
         if node.name not in self.read:  # kept for its side effect, such as an in-place update
             return expression
@@ -259,7 +271,8 @@ class StageWriter:
             if not node.grad_enabled and not group["no_grad"]:
                 group["lines"].append("with torch.no_grad():")
             group["no_grad"] = not node.grad_enabled
-            group["lines"].append(("    " if group["no_grad"] else "") + self.statement(node))
+            indent = "    " if group["no_grad"] else ""
+            group["lines"].extend(indent + line for line in self.statement(node).split("\n"))
             if node.source:
                 groups[-1]["sources"].append(node.source)
         for group in groups:
@@ -335,6 +348,12 @@ class StageWriter:
             returns=[self.ref(n) for n in self.plan.outputs],
         )
         return source
+
+
+def _assigns_an_index(node: Node) -> bool:
+    """`x[index] = value` in place on the tensor x (export's index_put_), whose value is x."""
+    return node.op == "call_function" and node.target == "operator.setitem" and node.mutates == 0 \
+        and len(node.args) == 3 and not node.kwargs and isinstance(node.meta, TensorMeta)  # fmt: skip
 
 
 def _uses_stage_device(value) -> bool:

@@ -348,6 +348,31 @@ def _grid_sample(a: dict) -> Call | None:
     return Call("call_function", "F.grid_sample", (a["input"], a["grid"]), kwargs)
 
 
+def _index_put_(a: dict) -> Call | None:
+    """`x[mask] = value`, as the model wrote it (export records an index assignment as
+    index_put_, in place, its indices with None for a `:`); with accumulate=True
+    `x.index_put_((i,), v, accumulate=True)`, where no index is None (Tensor.index_put_ takes
+    no None). An index of 0 dimensions stays the ATen call: Python reads `x[t]` with a 0-dim
+    tensor t as an integer (or a bool) index, not as index_put_'s."""
+    indices = list(a["indices"])
+    if a["accumulate"] is not False:
+        if any(i is None for i in indices):
+            return None
+        return Call("call_method", "index_put_", (a["self"], indices, a["values"]), {"accumulate": a["accumulate"]})
+    if all(i is None for i in indices) or any(i is not None and _dim(i) in (None, 0) for i in indices):
+        return None
+    while indices[-1] is None:  # a trailing `:` says nothing
+        indices.pop()
+    index = tuple(slice(None) if i is None else i for i in indices)
+    return Call("call_function", "operator.setitem", (a["self"], index[0] if len(index) == 1 else index, a["values"]))
+
+
+def _dim(value: Any) -> int | None:
+    """The number of dimensions of a tensor argument (a graph node's traced value), or None."""
+    value = value.meta.get("val") if isinstance(value, fx.Node) else value
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
 def _unary(target: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, (a["self"],))
 
@@ -504,12 +529,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "topk.default": _function("torch.topk", "self", "k", dim=-1, largest=True, sorted=True),
     "sort.default": _function("torch.sort", "self", dim=-1, descending=False),
     "histc.default": _function("torch.histc", "self", bins=100, min=0, max=0),
-    # Tensor.index_put_ takes no None among the indices (ATen's "all of this dimension")
-    "index_put_.default": lambda a: (
-        None if any(i is None for i in a["indices"]) else _method(
-            "index_put_", "self", "indices", "values", accumulate=False
-        )(a)
-    ),
+    "index_put_.default": _index_put_,
     "detach.default": _method("detach", "self"),
     "split.Tensor": _method("split", "self", "split_size", "dim"),
     "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),

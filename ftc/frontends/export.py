@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import math
 import operator
 import re
 import textwrap
@@ -45,6 +46,7 @@ from ftc.runtime.model_file import ModelFile
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .fx import input_names
+from .tidy import tidy
 
 # The device the stage runs on; generated code binds `device` from a stage input.
 STAGE_DEVICE = TorchExpr("device")
@@ -174,6 +176,8 @@ def trace_export(
                 if call is not None:  # the node stands for the module call, made in the caller's scope
                     module_path, source = _scope(fx_node, code, outer=1)
                     label = _call_label(call.target, submodule)
+                if target is torch.ops.aten.index_put_.default:
+                    fx_args = _assigned_scalar(fx_args, specs, program.constants)
                 call = call or lower(target, fx_args, fx_kwargs)
                 if call is not None and _counts_batches(target, fx_args, model, module_path, modules, state_tensors):
                     # torch.nn's BatchNorm counts batches in training mode only (`if self.training`),
@@ -203,6 +207,9 @@ def trace_export(
         names[fx_node] = node.name
         nodes.append(node)
 
+    # what the traced ops computed, by value name: tidy's rewrites depend on ranks and dtypes
+    values = {names[n]: n.meta.get("val") for n in program.graph.nodes if n in names}
+    nodes, outputs.values = tidy(nodes, outputs.values, values)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", training_branches=training_branches(model, model_file),
@@ -564,6 +571,32 @@ def _call_label(module_path: str, module: torch.nn.Module) -> str:
 def _batch_dim_by_input(fed: list[str], dynamic: tuple | dict) -> dict[str, int]:
     specs = dynamic.items() if isinstance(dynamic, dict) else zip(fed, dynamic)
     return {name: next(iter(spec)) for name, spec in specs if spec}
+
+
+def _assigned_scalar(args: tuple, specs: dict, constants: dict) -> tuple:
+    """index_put_'s arguments with the value as the Python number the model assigned: export
+    records `h[mask] = 0.0` as index_put_ of a fresh copy (lift_fresh_copy) of a 0-dim tensor
+    constant holding the number in h's dtype, which Python's index assignment makes again from
+    the number. Other values as they are."""
+    if len(args) < 3 or not isinstance(args[2], fx.Node):
+        return args
+    lifted = args[2]
+    if lifted.target is not torch.ops.aten.lift_fresh_copy.default or len(lifted.users) != 1:
+        return args
+    source = lifted.args[0]
+    spec = specs.get(source.name) if isinstance(source, fx.Node) and source.op == "placeholder" else None
+    if spec is None or spec.kind != InputKind.CONSTANT_TENSOR:
+        return args
+    tensor = constants[spec.target]
+    written = args[0].meta.get("val") if isinstance(args[0], fx.Node) else None
+    if _without_values(tensor) or tensor.dim() != 0 or tensor.is_complex() or not isinstance(written, torch.Tensor):
+        return args
+    number = tensor.item()
+    if isinstance(number, float) and written.dtype == tensor.dtype and math.isfinite(number):
+        # the shortest decimal that is the same number in the tensor's dtype (0.1, not 0.10000000149011612)
+        number = next(float(f"{number:.{digits}g}") for digits in range(1, 18)
+                      if torch.tensor(float(f"{number:.{digits}g}"), dtype=tensor.dtype).item() == number)  # fmt: skip
+    return (*args[:2], number, *args[3:])
 
 
 def _is_aten(fx_node: fx.Node) -> bool:

@@ -288,7 +288,7 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         base = wanted.get(node.name) or _written_name(node, by_name, labels)
         if base is None or base.startswith("_") or base == "self":
             if node.is_compute:
-                labels[node.name] = default_label(node)
+                labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
             continue
         labels[node.name] = base
         taken.discard(node.name)

@@ -1,0 +1,274 @@
+"""Exact rewrites of export's lowered ops into the shorter code a person writes.
+
+torch.export records every step: `x[:, None, None, None]` is three unsqueezes, `x[None, :, :4]`
+an unsqueeze and a slice, a mask helper's `.to(result.device)` a `to` of a tensor that is
+already there, `torch.arange(n) + 0` an addition of nothing. Lowered one op per statement, such
+code is several times longer than the source it came from (a Hugging Face causal mask took 35
+lines). Each rewrite here computes exactly what the ops it replaces computed (the same values,
+views of the same memory where they were views, the same gradients), whatever the sizes:
+
+- a chain of unsqueezes, slices and integer selections, each read only by the next, is one
+  basic index (`x[:, None, :4]`), which makes the same view;
+- `x.to(dtype=torch.bool, device=device)` of a bool tensor on the stage's device is x (Tensor.to
+  returns the tensor itself when nothing changes);
+- `t + 0`, for an integer tensor t that an arange just made and nothing else reads, is t;
+- `True & m` and `False | m` (a 0-dim bool made for it, as mask helpers start their loops), for
+  a bool m that a comparison just made and nothing else reads, is m;
+- a second unsqueeze, expand or basic index equal to an earlier one (the same op on the same
+  values) is the earlier one, and so is a second equal arange where nothing mutates a tensor
+  in place after the first.
+
+`values` gives the traced value (a FakeTensor, or a Python or symbolic number) of each node the
+lowering made from one ATen op, by the node's name; a node without one is left as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ftc.ir import Node, Ref, TorchExpr, map_refs
+
+STAGE_DEVICE = TorchExpr("device")
+# The device export traces on, which the stage's device stands for (export.TRACE_DEVICE).
+TRACE_DEVICE_TYPE = "cpu"
+COMPARISONS = {f"operator.{name}" for name in ("eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor")}
+# Ops that compute the same result from the same arguments and write nothing.
+REPEATABLE = {("call_function", "torch.arange"), ("call_method", "unsqueeze"), ("call_method", "expand"),
+              ("call_function", "operator.getitem")}  # fmt: skip
+
+
+def tidy(nodes: list[Node], outputs: list[Ref], values: dict[str, Any]) -> tuple[list[Node], list[Ref]]:
+    """The nodes with the rewrites above made, and the outputs renamed where a value became
+    another."""
+    state = _Tidy(nodes, outputs, values)
+    state.merge_index_chains()
+    state.drop_no_ops()
+    state.merge_repeats()
+    return state.nodes, state.outputs
+
+
+class _Tidy:
+    def __init__(self, nodes: list[Node], outputs: list[Ref], values: dict[str, Any]):
+        self.nodes = list(nodes)
+        self.outputs = list(outputs)
+        self.values = values
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def readers(self) -> dict[str, list[Node]]:
+        found: dict[str, list[Node]] = {node.name: [] for node in self.nodes}
+        for node in self.nodes:
+            for name in node.refs():
+                found.setdefault(name, []).append(node)
+        return found
+
+    def only_reader(self, name: str, reader: Node, readers: dict[str, list[Node]]) -> bool:
+        """Whether `reader` is all that reads value `name`: no other node, no output."""
+        return [r.name for r in readers.get(name, [])] == [reader.name] and all(o.name != name for o in self.outputs)
+
+    def replace(self, old: str, new: str) -> None:
+        """Every read of value `old` reads `new`; the node `old` goes."""
+        swap = lambda ref: Ref(new) if ref.name == old else ref  # noqa: E731
+        self.nodes = [node for node in self.nodes if node.name != old]
+        for node in self.nodes:
+            node.args, node.kwargs = map_refs(node.args, swap), map_refs(node.kwargs, swap)
+        self.outputs = [swap(ref) for ref in self.outputs]
+
+    def tensor(self, arg: Any) -> torch.Tensor | None:
+        value = self.values.get(arg.name) if isinstance(arg, Ref) else None
+        return value if isinstance(value, torch.Tensor) else None
+
+    def made_by(self, arg: Any) -> Node | None:
+        if not isinstance(arg, Ref):
+            return None
+        return next((node for node in self.nodes if node.name == arg.name), None)
+
+    # -- index chains --------------------------------------------------------------------
+
+    def basic_index(self, node: Node) -> tuple[Ref, list] | None:
+        """(the tensor, the index as one item per dimension of it plus the Nones) of an
+        unsqueeze or a basic index (slices, integers, None) of a tensor whose rank is known."""
+        if node.kwargs or len(node.args) != 2 or not isinstance(node.args[0], Ref):
+            return None
+        source, rank = node.args[0], getattr(self.tensor(node.args[0]), "ndim", None)
+        if rank is None or not self.unchanged(node):
+            return None
+        if node.op == "call_method" and node.target == "unsqueeze" and isinstance(node.args[1], int):
+            dim = node.args[1] + rank + 1 if node.args[1] < 0 else node.args[1]
+            if not 0 <= dim <= rank:
+                return None
+            return source, [slice(None)] * dim + [None] + [slice(None)] * (rank - dim)
+        if node.op == "call_function" and node.target == "operator.getitem":
+            items = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if not all(self.basic_item(item) for item in items) or sum(item is Ellipsis for item in items) > 1 or not items:
+                return None
+            taken = sum(item is not None and item is not Ellipsis for item in items)
+            if taken > rank:
+                return None
+            rest = [slice(None)] * (rank - taken)
+            at = next((k for k, item in enumerate(items) if item is Ellipsis), None)
+            if at is None:
+                return source, [*items, *rest]
+            return source, [*items[:at], *rest, *items[at + 1 :]]
+        return None
+
+    def basic_item(self, item: Any) -> bool:
+        """A slice, an integer (or a traced size), None or `...`: what basic indexing takes."""
+        if item is None or item is Ellipsis or (isinstance(item, int) and not isinstance(item, bool)):
+            return True
+        if isinstance(item, Ref):
+            return isinstance(self.values.get(item.name), (int, torch.SymInt))
+        if isinstance(item, slice):
+            return all(part is None or self.basic_item(part) and part is not Ellipsis
+                       for part in (item.start, item.stop, item.step))  # fmt: skip
+        return False
+
+    def unchanged(self, node: Node) -> bool:
+        return node.mutates is None and not node.updates
+
+    def merge_index_chains(self) -> None:
+        """`x.unsqueeze(1).unsqueeze(2)` -> `x[:, None, None]`, `x.unsqueeze(0)[:, :, :4]` ->
+        `x[None, :, :4]`: each step read only by the next."""
+        changed = True
+        while changed:
+            changed = False
+            readers = self.readers()
+            for node in self.nodes:
+                outer = self.basic_index(node)
+                inner_node = self.made_by(outer[0]) if outer else None
+                inner = self.basic_index(inner_node) if inner_node is not None else None
+                if inner is None or not self.only_reader(inner_node.name, node, readers):
+                    continue
+                if inner_node.grad_enabled != node.grad_enabled:
+                    continue
+                items = _compose(inner[1], outer[1])
+                if items is None:
+                    continue
+                while len(items) > 1 and items[-1] == slice(None) and items[-2] is not None:
+                    items.pop()  # `x[:, :4]`, not `x[:, :4, :, :]`; but `x[None, None, :]` shows where x goes
+                node.op, node.target = "call_function", "operator.getitem"
+                node.args = (inner[0], items[0] if len(items) == 1 else tuple(items))
+                # the value is named as the chain's first step was (`unsqueeze` for three)
+                first = inner_node.name
+                self.nodes = [n for n in self.nodes if n.name != first]
+                renamed = node.name
+                node.name, node.label = first, inner_node.label or re.sub(r"_\d+$", "", first)
+                self.values[first] = self.values.get(renamed)
+                swap = lambda ref, old=renamed, new=first: Ref(new) if ref.name == old else ref  # noqa: E731
+                for other in self.nodes:
+                    other.args, other.kwargs = map_refs(other.args, swap), map_refs(other.kwargs, swap)
+                self.outputs = [swap(ref) for ref in self.outputs]
+                changed = True
+                break
+
+    # -- values that are their input -----------------------------------------------------
+
+    def drop_no_ops(self) -> None:
+        changed = True
+        while changed:
+            changed = False
+            readers = self.readers()
+            for node in self.nodes:
+                kept = self.no_op_of(node, readers)
+                if kept is not None:
+                    self.replace(node.name, kept)
+                    changed = True
+                    break
+
+    def no_op_of(self, node: Node, readers: dict[str, list[Node]]) -> str | None:
+        """The value `node` computes when it is one of its inputs, as the module doc says."""
+        if not self.unchanged(node) or not node.args or not isinstance(node.args[0], Ref):
+            return None
+        x = self.tensor(node.args[0])
+        # x.to(dtype=torch.bool, device=device) of a bool tensor on the stage's device
+        if node.op == "call_method" and node.target == "to" and node.args[1:] in ((), (STAGE_DEVICE,)) and x is not None:
+            wanted = {"dtype": TorchExpr("torch.bool"), "device": STAGE_DEVICE}
+            if set(node.kwargs) <= set(wanted) and all(node.kwargs[k] == wanted[k] for k in node.kwargs) \
+                    and x.dtype == torch.bool and x.device.type == TRACE_DEVICE_TYPE:  # fmt: skip
+                return node.args[0].name
+            return None
+        if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+            return None
+        # t + 0 of an integer tensor an arange just made
+        if node.target == "operator.add" and node.args[1] == 0 and type(node.args[1]) is int and x is not None:
+            made = self.made_by(node.args[0])
+            if made is not None and (made.op, made.target) == ("call_function", "torch.arange") \
+                    and not x.dtype.is_floating_point and not x.is_complex() and x.dtype != torch.bool \
+                    and self.only_reader(made.name, node, readers):  # fmt: skip
+                return made.name
+            return None
+        # True & m, False | m of a bool m a comparison just made
+        for constant, other in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            fill = {"operator.and_": "new_ones", "operator.or_": "new_zeros"}.get(node.target)
+            made, m = self.made_by(constant), self.made_by(other)
+            if fill is None or made is None or m is None or not self.only_reader(made.name, node, readers):
+                continue
+            scalar = made.op == "call_method" and made.target == fill and made.args[1:] == ([],) \
+                and made.kwargs == {"dtype": TorchExpr("torch.bool")}  # fmt: skip
+            mask = self.tensor(Ref(m.name))
+            if scalar and mask is not None and mask.dtype == torch.bool and m.op == "call_function" \
+                    and m.target in COMPARISONS and self.only_reader(m.name, node, readers):  # fmt: skip
+                self.nodes = [n for n in self.nodes if n.name != made.name]
+                return m.name
+        return None
+
+    # -- repeats -------------------------------------------------------------------------
+
+    def merge_repeats(self) -> None:
+        """A second unsqueeze/expand/basic index equal to an earlier one is the earlier one (two
+        equal views of one tensor read the same memory, whatever writes it), and so is a second
+        equal arange where no op after the first mutates anything (an in-place write to one of
+        two fresh tensors would tell them apart)."""
+        last_write = max((k for k, node in enumerate(self.nodes) if not self.unchanged(node)), default=-1)
+        seen: dict[str, str] = {}
+        outputs = {ref.name for ref in self.outputs}
+        for k, node in enumerate(list(self.nodes)):
+            if (node.op, node.target) not in REPEATABLE or node.name in outputs:
+                continue
+            if node.name not in self.values:
+                continue
+            if node.op == "call_function" and node.target == "torch.arange" and k <= last_write:
+                continue  # a fresh tensor: an in-place write after it would tell two apart
+            if node.target == "operator.getitem" and self.basic_index(node) is None:
+                continue  # views only (an advanced index copies), of tensors (not of a tuple or a size)
+            key = repr((node.op, node.target, node.args, node.kwargs, node.grad_enabled))
+            if key in seen:
+                self.replace(node.name, seen[key])
+            else:
+                seen[key] = node.name
+
+
+def _compose(first: list, second: list) -> list | None:
+    """One index that does what indexing with `first`, then with `second`, does; None where
+    there is none (a slice of a slice, of a new dimension)."""
+    kept = [k for k, item in enumerate(first) if not _selects(item)]  # first's result dims
+    if sum(item is not None for item in second) != len(kept):
+        return None
+    inserts: dict[int, list] = {}
+    replaced: dict[int, Any] = {}
+    dim = 0
+    for item in second:
+        at = kept[dim] if dim < len(kept) else len(first)
+        if item is None:
+            inserts.setdefault(at, []).append(None)
+            continue
+        dim += 1
+        if item == slice(None):
+            continue
+        if first[at] != slice(None):
+            return None
+        replaced[at] = item
+    items = []
+    for k, item in enumerate(first):
+        items.extend(inserts.get(k, []))
+        items.append(replaced.get(k, item))
+    items.extend(inserts.get(len(first), []))
+    return items
+
+
+def _selects(item: Any) -> bool:
+    """An index item that takes one position and drops the dimension."""
+    return item is not None and not isinstance(item, slice)
