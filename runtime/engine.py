@@ -15,7 +15,7 @@ What a step computes does not depend on where stages run:
 - under `precision` bf16 every stage forward (a recomputed one too) and the loss run under
   torch.autocast, one region each, and values cross devices in the dtypes they have there, which
   runtime/precision.py learns before training (the specs the plan is made from);
-- the loss of a micro-batch is loss_fn(outputs, targets) * loss_scale / M on the device of the
+- the loss of a micro-batch is loss_fn(outputs, targets) * (loss_scale / M), one factor as in mode single, on the device of the
   last stage; parameter gradients accumulate in .grad, and the caller steps the optimizer
   (after sync_shared_grads, which sums the gradients of weights tied across devices).
 
@@ -672,7 +672,10 @@ class _DeviceRunner:
             loss = call_loss(self.engine.loss_fn, output, self.target_batches[m])
         self.losses.append(loss.detach().reshape(()))
         if self.training:
-            self.scaled_losses[m] = loss.reshape(()) * self.loss_scale / self.engine.micro_batches
+            # One multiplication by one factor, as mode single scales its losses: `* loss_scale / M`
+            # rounded twice (a third, then a third of that, under step_every 3), so the gradients
+            # started 1 ulp off mode single's and Adam took that to 2e-2 in 9 steps (resnet).
+            self.scaled_losses[m] = loss.reshape(()) * (self.loss_scale / self.engine.micro_batches)
 
     def batch_output(self) -> Any:
         """The model's output over the whole batch: the micro-batches' outputs joined along their
