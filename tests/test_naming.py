@@ -74,13 +74,14 @@ def example_inputs(batch_size):
 
 def test_attribute_reads_and_their_items_are_named_after_the_attribute(tmp_path):
     """fx names `x.shape` 'getattr_2' and its item 'getattr_2_1', which stage code printed as
-    `getattr_2_1 = shape[1]` (and as a stage's output, `getattr_3 = self.weight.T`)."""
+    `getattr_2_1 = shape[1]` (and as a stage's output, `getattr_3 = self.weight.T`). The item
+    is named after the keyword the call takes it as, `n`."""
     path = tmp_path / "attributes.py"
     path.write_text(ATTRIBUTES)
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend="fx"))
     code = (compiled.folder / "stage0.py").read_text()
     assert "getattr" not in code, code
-    assert "T = self.weight.T" in code and "shape_1 = shape[1]" in code and "n=shape_1" in code, code
+    assert "T = self.weight.T" in code and "n = shape[1]" in code and "n=n" in code, code
 
 
 RUNNING_MEAN = """
@@ -396,4 +397,86 @@ def test_a_called_modules_value_is_named_after_the_callers_variable(tmp_path, fr
     assert len(re.findall(r"\bz(_\d+)? = ", code)) == 1 and re.search(r"\bz = \w+ \+ relu\w*", code), code
     # a Sequential's value is its last child's, not each child's
     assert len(re.findall(r"\bs(_\d+)? = ", code)) == 1 and re.search(r"\bs = \w+ \+ relu\w*", code), code
+    assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+TUPLES_AND_SIZES = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Cell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 12, 3, padding=1)
+
+    def forward(self, x, state):
+        h, c = state
+        i, g, o = self.conv(torch.cat([x, h], dim=1)).chunk(3, dim=1)
+        c = c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class NamedCell(Cell):
+    def forward(self, x, state):
+        h, c = super().forward(x, state)
+        return h, c
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = Cell()
+        self.cell2 = NamedCell()
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, frames):
+        B, T, C, H, W = frames.shape
+        s = (frames.new_zeros(B, 4, H, W), frames.new_zeros(B, 4, H, W))
+        for t in range(3):
+            s = self.cell(frames[:, t], s)
+        for t in range(2):
+            s = self.cell2(frames[:, t], s)
+        y = self.out(rotate_half(s[0]))
+        return F.interpolate(y, size=frames.shape[-2:], mode="bilinear") + s[1].mean()
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 3, 2, 6, 6),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_tuples_built_or_split_in_one_statement_and_sizes_taken_on_the_way_are_named(tmp_path, frontend):
+    """`s = (zeros, zeros)` named its second item `s` and its first `new_zeros`; `s =
+    self.cell(frames[:, t], s)` named the argument `frames[:, t]` `s`, and the cell's returned
+    `(sigmoid(o) * tanh(c), c)` left its first item `mul`; `x1, x2 = x[..., :n], x[..., n:]`
+    (several ops per element) named neither; `size=x.shape[-2:]` was `getitem`. Now the items
+    are `s_0`, `s_1` (c keeps its own name), `x1`, `x2`, and `size` (the keyword it is passed as)."""
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "tuples_and_sizes.py"
+    path.write_text(TUPLES_AND_SIZES)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    code = "".join((compiled.folder / f"stage{k}.py").read_text() for k in range(2))
+    assert re.search(r"\bs_0 = frames\.new_zeros\(", code) and re.search(r"\bs_1 = frames\.new_zeros\(", code), code
+    assert not re.search(r"\bgetitem\w* = (shape|size)", code), code
+    assert re.search(r"\bs_0_1 = sigmoid\w* \* tanh\w*\n", code) and not re.search(r"\bs(_\d+)? = frames\[", code), code
+    if frontend == "fx":  # export's sizes are constants here, and rotate_half's ops carry its caller's line
+        assert re.search(r"\bx1 = \w+\[\.\.\., :\w+\]", code) and re.search(r"\bx2 = \w+\[\.\.\., \w+:\]", code), code
+        assert re.search(r"\b(size\w*) = shape\w*\[-2:\]\n\s*\w+ = F\.interpolate\(y, size=\1,", code), code
     assert check_pipeline(compiled.folder, batch_size=4).ok

@@ -194,25 +194,46 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             made = max((i for i, node in enumerate(group) if node.target != "operator.getitem"), default=None)
             if isinstance(targets, list) and made is not None:
                 name_items({group[made].name: targets}, group[made + 1 :])
-        elif isinstance(targets, list) and len(targets) == len(stmt.value.elts) == len(group):
-            for node, item in zip(group, targets):
-                if isinstance(item, str):
+        else:
+            # `return h.tanh(), c`: one value per element that computes, named after the caller's
+            # target's item (`h, c = self.cell(x)`), or its name and position (`s = self.cell(x)`
+            # names the items `s_0`, `s_1`) where no statement of the function names them
+            elements = _element_values(stmt.value, group) or []
+            items = targets if isinstance(targets, list) else [f"{targets}_{k}" for k in range(len(elements))]
+            for node, item in zip(elements, items if len(items) == len(elements) else []):
+                if node is not None and isinstance(item, str):
                     returned[node.name] = (caller, item)
+
+    def calls_after(last: Node) -> bool:
+        """Whether the op after `last` ran in a function that `last`'s statement called: the
+        statement's value is that call's (`s1 = self.cell(frames[:, t], s1)`), not `last`'s."""
+        k = position[last.name] + 1
+        return bool(last.source) and k < len(compute) and last.source in compute[k].callers
 
     def finish(stmt: ast.stmt, group: list[Node]) -> None:
         targets = _targets(stmt)
+        value = getattr(stmt, "value", None)
+        elements = _element_values(value, group)
+        if isinstance(targets, str) and elements is not None:
+            # `s1 = (h0, c0)`: a tuple of one value per element, each the tuple's item
+            for k, node in enumerate(elements):
+                if node is not None:
+                    wanted[node.name] = f"{targets}_{k}"
+            return
         if isinstance(targets, str):
-            wanted[value_of(group[-1], stmt).name] = targets
+            # where a function of the model's code returned the statement's value (`s =
+            # self.cell(x[:, t], s)`), its ops here computed the call's arguments
+            if not any(caller is stmt for caller, _ in returned.values()) and not calls_after(group[-1]):
+                wanted[value_of(group[-1], stmt).name] = targets
             return
         # Tuple targets name the items unpacked (getitem) from the statement's last value,
         # nested tuples included: `h, (hn, cn) = self.lstm(x)`. Only from that value: an
         # item taken on the way (`x.shape[0]` in `q, k, v = f(x.shape[0]).unbind(0)`) is no
         # item of the target.
         # `q, k, v = qkv[0], qkv[1], qkv[2]` (timm's attention): one op per element, in order.
-        value = getattr(stmt, "value", None)
-        if isinstance(value, ast.Tuple) and isinstance(targets, list) and len(targets) == len(value.elts) == len(group):
-            for node, item in zip(group, targets):
-                if isinstance(item, str):
+        if isinstance(targets, list) and elements is not None and len(targets) == len(elements):
+            for node, item in zip(elements, targets):
+                if node is not None and isinstance(item, str):
                     wanted[node.name] = item
             return
         last = max((i for i, node in enumerate(group) if node.target != "operator.getitem"), default=None)
@@ -284,8 +305,9 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     renames: dict[str, str] = {}
     labels: dict[str, str] = {}
     by_name = {node.name: node for node in graph.nodes}
+    readers = graph.users()
     for node in graph.nodes:
-        base = wanted.get(node.name) or _written_name(node, by_name, labels)
+        base = wanted.get(node.name) or _written_name(node, by_name, labels) or _size_item_name(node, by_name, readers)
         if base is None or base.startswith("_") or base == "self":
             if node.is_compute:
                 labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
@@ -360,6 +382,41 @@ def _written_name(node: Node, nodes: dict[str, Node], labels: dict[str, str]) ->
     if written.op == "get_attr":
         return written.target.rpartition(".")[2]
     return labels.get(written.name, written.name)
+
+
+def _element_values(value: ast.expr | None, group: list[Node]) -> list[Node | None] | None:
+    """The values of the elements of a tuple expression (`x[..., :n], x[..., n:]`), in order,
+    among the ops of its statement: the ops no later op of the statement reads (what an element
+    computed on the way, `x.shape[-1] // 2`, its next op reads), one per element that computes
+    (None for an element that is a name or a constant, which computes nothing); else None."""
+    if not isinstance(value, ast.Tuple) or any(isinstance(element, ast.Starred) for element in value.elts):
+        return None
+    read = {name for node in group for name in node.refs()}
+    ends = iter([node for node in group if node.name not in read])
+    computing = [not isinstance(element, (ast.Name, ast.Constant)) for element in value.elts]
+    if sum(computing) != len(group) - len(read & {node.name for node in group}):
+        return None
+    return [next(ends) if computes else None for computes in computing]
+
+
+def _size_item_name(node: Node, nodes: dict[str, Node], readers: dict[str, list[str]]) -> str | None:
+    """An item or a slice of a tensor's size that no statement names (`x.shape[-2:]` inside a
+    call, the tracer's `getitem`): the keyword that the one call reading it passes it as
+    (`size` in `F.interpolate(y, size=x.shape[-2:])`), else `size`."""
+    if node.op != "call_function" or node.target != "operator.getitem" or len(node.args) != 2:
+        return None
+    source = nodes.get(node.args[0].name) if isinstance(node.args[0], Ref) else None
+    if source is None or not (
+        (source.op == "call_function" and source.target == "getattr" and source.args[1:] == ("shape",))
+        or (source.op == "call_method" and source.target == "size" and len(source.args) == 1 and not source.kwargs)
+    ):
+        return None
+    users = readers.get(node.name, [])
+    if len(users) == 1:
+        keywords = [key for key, value in nodes[users[0]].kwargs.items() if value == Ref(node.name)]
+        if len(keywords) == 1 and keywords[0].isidentifier() and not keyword.iskeyword(keywords[0]):
+            return keywords[0]
+    return "size"
 
 
 def default_label(node: Node) -> str:

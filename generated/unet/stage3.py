@@ -26,12 +26,12 @@ class Stage3(torch.nn.Module):
     def forward(self, x_1, relu_11):
         # UNet, unet.py:64
         upsamplers_2 = self.upsamplers["2"](relu_11)
-        x_3 = torch.cat([upsamplers_2, x_1], dim=1)
+        cat = torch.cat([upsamplers_2, x_1], dim=1)
         # decoders.2 (DoubleConv), unet.py:34
-        conv1 = self.decoders["2"].conv1(x_3)
+        conv1 = self.decoders["2"].conv1(cat)
         relu = F.relu(conv1)
         conv2 = self.decoders["2"].conv2(relu)
-        x_4 = F.relu(conv2)
+        x_3 = F.relu(conv2)
         # UNet, unet.py:65
-        head = self.head(x_4)
+        head = self.head(x_3)
         return (head,)
