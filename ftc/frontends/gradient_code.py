@@ -58,6 +58,25 @@ def backward_refused(model_file: ModelFile, name: str, where: str) -> FtcError:
     )
 
 
+def _library_caller(frame, model_dir: str) -> tuple[str, str] | None:
+    """(' (in Class at file:LINE)', a further fix) for the innermost caller outside torch when it
+    is a library's code, not the model's (transformers' BloomGelu applies its GeLUFunction);
+    None when the model's own code made the call."""
+    torch_dir = Path(torch.__file__).parent
+    while frame is not None and Path(frame.f_code.co_filename).is_relative_to(torch_dir):
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_filename.startswith(model_dir):
+        return None
+    owner = frame.f_locals.get("self")
+    module = f"{type(owner).__module__}.{type(owner).__qualname__}" if isinstance(owner, torch.nn.Module) else ""
+    at = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return (
+        f" (in {module} at {at})" if module else f" (at {at})",
+        f"; where fx cannot trace the library's model (transformers 5), replace {module or 'that code'} in "
+        "build_model() with a module of torch ops that computes the same, whose gradients autograd makes",
+    )
+
+
 @contextlib.contextmanager
 def gradient_code_refused(model_file: ModelFile):
     """While tracing, calling a Function defined outside torch, or a tensor hook from the model
@@ -70,11 +89,12 @@ def gradient_code_refused(model_file: ModelFile):
     def refuse_function(cls, *args, **kwargs):
         if not cls.__module__.split(".")[0] == "torch":
             where = user_source(model_file) or model_file.path.name
+            library = _library_caller(sys._getframe(1), model_dir)
             raise FtcError(
-                f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}: "
-                "neither torch.fx nor torch.export keeps its backward (they trace its forward's ops, so the "
-                "stages would compute other gradients than the model)",
-                LEAF_FIX,
+                f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}"
+                f"{library[0] if library else ''}: neither torch.fx nor torch.export keeps its backward (they "
+                "trace its forward's ops, so the stages would compute other gradients than the model)",
+                LEAF_FIX + (library[1] if library else ""),
             )
         return original_apply.__func__(cls, *args, **kwargs)
 
