@@ -1000,3 +1000,20 @@ def test_a_buffer_written_with_out_stays_with_its_readers(compile_to):
     report = check_pipeline(folder)
     assert all(report.stage_ok(stage) for stage in report.stages), [s.problems for s in report.stages]
     assert report.model_state <= report.tolerance and report.model_outputs <= report.tolerance
+
+
+def test_a_stack_export_cannot_lower_is_kept_whole_and_the_compile_says_why(tmp_path, compile_to):
+    # A causal mask passed to nn.TransformerEncoder: torch checks whether it is causal by its
+    # values, which export cannot trace, so auto keeps fx's whole stack (one op). Found in an
+    # unseen-model sweep (nn.Transformer with tgt_mask: one stage held the whole Transformer,
+    # balance 1.95) where the reason went only to an INFO log, which the compile did not print.
+    path = tmp_path / "masked_stack.py"
+    path.write_text(TRANSFORMER_STACK.replace(
+        "self.encoder(self.embed(idx))",
+        "self.encoder(self.embed(idx), mask=nn.Transformer.generate_square_subsequent_mask(idx.shape[1]))",
+    ))  # fmt: skip
+    folder = compile_to(path, 2)
+    notes = json.loads((folder / "ir.json").read_text())["trace_notes"]
+    assert any(note.startswith("kept encoder whole, one op that no split can cut: torch.export") and
+               "masked_stack.py:" in note for note in notes), notes  # fmt: skip
+    assert_check_passes(folder, batch_size=4)
