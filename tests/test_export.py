@@ -1175,3 +1175,20 @@ def test_index_chains_compose_into_one_index():
     assert _compose([slice(1, None), full], [slice(None, 1), full]) is None
     assert _compose([None, full], [slice(0, 1), full]) is None
     assert _compose([full, full], [Ref("i"), full]) == [Ref("i"), full]
+
+
+def test_a_stack_export_cannot_lower_is_kept_whole_and_the_compile_says_why(tmp_path, compile_to):
+    # A causal mask passed to nn.TransformerEncoder: torch checks whether it is causal by its
+    # values, which export cannot trace, so auto keeps fx's whole stack (one op). Found in an
+    # unseen-model sweep (nn.Transformer with tgt_mask: one stage held the whole Transformer,
+    # balance 1.95) where the reason went only to an INFO log, which the compile did not print.
+    path = tmp_path / "masked_stack.py"
+    path.write_text(TRANSFORMER_STACK.replace(
+        "self.encoder(self.embed(idx))",
+        "self.encoder(self.embed(idx), mask=nn.Transformer.generate_square_subsequent_mask(idx.shape[1]))",
+    ))  # fmt: skip
+    folder = compile_to(path, 2)
+    notes = json.loads((folder / "ir.json").read_text())["trace_notes"]
+    assert any(note.startswith("kept encoder whole, one op that no split can cut: torch.export") and
+               "masked_stack.py:" in note for note in notes), notes  # fmt: skip
+    assert_check_passes(folder, batch_size=4)

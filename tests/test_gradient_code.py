@@ -82,3 +82,127 @@ def test_a_custom_function_in_a_leaf_module_keeps_its_backward(tmp_path):
     # ftc check compares the stages' gradients with the original model's, where the Function's
     # backward halves them at each clamp; the stage code calls the leaf module whole.
     assert all("self.clamp(" in (compiled.folder / f"stage{k}.py").read_text() for k in range(2))
+
+
+PENALTY = """
+import torch
+import torch.nn as nn
+
+
+class Penalized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        x = x if x.requires_grad else x.requires_grad_(True)
+        y = self.f(x)
+        (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        return y.squeeze(-1), grad.norm(dim=-1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.penalized = Penalized()
+        self.post = nn.Linear(1, 1)
+
+    def forward(self, x):
+        y, penalty = self.penalized(torch.tanh(self.pre(x)))
+        return self.post(y.unsqueeze(-1)).squeeze(-1), penalty
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_a_backward_pass_in_forward_is_refused_by_name(frontend, tmp_path):
+    # A gradient penalty (torch.autograd.grad with create_graph=True) in forward: fx recorded the
+    # call as one op and profiling then stopped with "internal error: RuntimeError: The
+    # differentiated Tensor at index 0 appears to not have been used in the graph".
+    path = tmp_path / "penalty.py"
+    path.write_text(PENALTY)
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert "forward calls torch.autograd.grad at penalty.py:14" in caught.value.message
+    assert "LEAF_MODULES" in caught.value.hint
+
+
+def test_a_backward_pass_in_a_leaf_module_keeps_the_models_gradients(tmp_path):
+    path = tmp_path / "penalty_leaf.py"
+    path.write_text(PENALTY + "\nLEAF_MODULES = (Penalized,)\n")
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+LIBRARY = """
+import torch
+
+
+class Halve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class LibraryGelu(torch.nn.Module):
+    def forward(self, x):
+        return Halve.apply(torch.nn.functional.gelu(x))
+"""
+
+LIBRARY_MODEL = """
+import sys
+
+import torch
+
+sys.path.insert(0, LIBRARY_DIR)
+from halving_library import LibraryGelu
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.act = LibraryGelu()
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+def test_a_custom_function_applied_by_a_library_names_the_librarys_module_and_line(tmp_path):
+    # transformers' BLOOM applies its GeLUFunction inside BloomGelu: the refusal said only
+    # "at hf_bloom.py:" (no line of the model's own code makes the call) and its fix, a
+    # LEAF_MODULES class, cannot help where fx cannot trace the model (transformers 5).
+    library, model = tmp_path / "lib", tmp_path / "model"
+    library.mkdir()
+    model.mkdir()
+    (library / "halving_library.py").write_text(LIBRARY)
+    path = model / "uses_library.py"
+    path.write_text(LIBRARY_MODEL.replace("LIBRARY_DIR", repr(str(library))))
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "custom autograd.Function Halve at uses_library.py:" in caught.value.message
+    assert "(in halving_library.LibraryGelu at " in caught.value.message
+    assert "halving_library.py:17)" in caught.value.message
+    assert "replace halving_library.LibraryGelu in build_model()" in caught.value.hint

@@ -216,8 +216,13 @@ def _lower_stacks(
     try:
         with _quiet(), drawn_from(draws), gradient_code_refused(model_file):
             return trace_export(fresh, model_file, batch, double_batch, name), fresh
-    except Exception:
-        logging.getLogger("ftc").info("kept %s whole: torch.export could not trace the model", ", ".join(stacks))
+    except Exception as exc:
+        # Said where the compile prints its notes: the stack is one op, so the split is as good as
+        # that op allows (nn.Transformer with a tgt_mask: one stage held it all, balance 1.95).
+        graph.trace_notes.append(
+            f"kept {', '.join(stacks)} whole, one op that no split can cut: torch.export, which would lower it "
+            f"into ops, could not trace the model: {_one_line(model_file, exc)}"
+        )
         return graph, model
 
 

@@ -193,6 +193,15 @@ def trace_export(
                     "ftc cannot lower it; compile with --frontend fx (which keeps LEAF_MODULES classes whole) "
                     "or move that code out of forward",
                 )
+            elif getattr(target, "__module__", "") == "torch._functorch.predispatch":
+                raise FtcError(
+                    f"{model_file.path}: forward calls torch.vmap (torch.func) at {source or where}: torch.export "
+                    "records it as functorch's batching ops, with the batch size fixed, which stage code can neither "
+                    "run op by op nor split",
+                    "write the per-sample function with ops that take the batch dimension (matmul, einsum and "
+                    "broadcasting do), or do it inside a torch.nn.Module, list that module's class in LEAF_MODULES "
+                    "and compile with --frontend fx or auto: fx keeps a leaf module whole, so it runs as it is",
+                )
             else:
                 node.target = function_expr(target, fx_node.name)
                 label = _item_label(fx_node, module_path, model) or label

@@ -1,5 +1,7 @@
 """Code in forward that changes gradients, which no frontend can keep: a custom
-torch.autograd.Function and a gradient hook on a tensor (`h.register_hook(fn)`).
+torch.autograd.Function, a gradient hook on a tensor (`h.register_hook(fn)`) and a backward pass
+inside forward (`torch.autograd.grad`, `torch.autograd.backward`, `Tensor.backward`: a gradient
+penalty).
 
 Both tracers run a Function's forward and record the ops it does, not the Function: torch.fx
 under the no_grad that `Function.apply` sets (the stage code would cut the gradient there), and
@@ -7,7 +9,9 @@ torch.export as plain differentiable ops (the stage code would compute autograd'
 the Function's backward). A tensor's hook is a Python callable on one run's tensor, which fx
 drops as an op without users and export does not record. Either way the stages would train with
 other gradients than the model, so the trace stops at the call and names it; a LEAF_MODULES
-module that does it is kept whole by fx and runs as it is.
+module that does it is kept whole by fx and runs as it is. A backward pass in forward differentiates
+values that stage code would compute in other stages, or runs on the meta device node by node,
+where autograd finds no graph between them (it stopped as an internal error before).
 """
 
 from __future__ import annotations
@@ -40,6 +44,39 @@ def hook_refused(model_file: ModelFile, method: str, where: str) -> FtcError:
     )
 
 
+# Functions that run autograd's backward inside forward, by the names a model calls them.
+BACKWARD_CALLS = (("torch.autograd", torch.autograd, "grad"), ("torch.autograd", torch.autograd, "backward"),
+                  ("Tensor", torch.Tensor, "backward"))  # fmt: skip
+
+
+def backward_refused(model_file: ModelFile, name: str, where: str) -> FtcError:
+    return FtcError(
+        f"{model_file.path}: forward calls {name} at {where}: a backward pass inside forward (a gradient "
+        "penalty, a physics-informed residual) cannot be split into stages (neither torch.fx nor torch.export "
+        "keeps it as one op the stages could run)",
+        LEAF_FIX,
+    )
+
+
+def _library_caller(frame, model_dir: str) -> tuple[str, str] | None:
+    """(' (in Class at file:LINE)', a further fix) for the innermost caller outside torch when it
+    is a library's code, not the model's (transformers' BloomGelu applies its GeLUFunction);
+    None when the model's own code made the call."""
+    torch_dir = Path(torch.__file__).parent
+    while frame is not None and Path(frame.f_code.co_filename).is_relative_to(torch_dir):
+        frame = frame.f_back
+    if frame is None or frame.f_code.co_filename.startswith(model_dir):
+        return None
+    owner = frame.f_locals.get("self")
+    module = f"{type(owner).__module__}.{type(owner).__qualname__}" if isinstance(owner, torch.nn.Module) else ""
+    at = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return (
+        f" (in {module} at {at})" if module else f" (at {at})",
+        f"; where fx cannot trace the library's model (transformers 5), replace {module or 'that code'} in "
+        "build_model() with a module of torch ops that computes the same, whose gradients autograd makes",
+    )
+
+
 @contextlib.contextmanager
 def gradient_code_refused(model_file: ModelFile):
     """While tracing, calling a Function defined outside torch, or a tensor hook from the model
@@ -52,11 +89,12 @@ def gradient_code_refused(model_file: ModelFile):
     def refuse_function(cls, *args, **kwargs):
         if not cls.__module__.split(".")[0] == "torch":
             where = user_source(model_file) or model_file.path.name
+            library = _library_caller(sys._getframe(1), model_dir)
             raise FtcError(
-                f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}: "
-                "neither torch.fx nor torch.export keeps its backward (they trace its forward's ops, so the "
-                "stages would compute other gradients than the model)",
-                LEAF_FIX,
+                f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}"
+                f"{library[0] if library else ''}: neither torch.fx nor torch.export keeps its backward (they "
+                "trace its forward's ops, so the stages would compute other gradients than the model)",
+                LEAF_FIX + (library[1] if library else ""),
             )
         return original_apply.__func__(cls, *args, **kwargs)
 
@@ -72,12 +110,31 @@ def gradient_code_refused(model_file: ModelFile):
 
         return hook
 
+    torch_dir = Path(torch.__file__).parent
+    original_backward = {(owner, attr): getattr(owner, attr) for _, owner, attr in BACKWARD_CALLS}
+
+    def refuse_backward(prefix: str, owner, attr: str):
+        original = original_backward[(owner, attr)]
+
+        def backward(*args, **kwargs):
+            # torch's own code may run a backward while tracing; code outside torch may not.
+            if not Path(sys._getframe(1).f_code.co_filename).is_relative_to(torch_dir):
+                where = user_source(model_file) or model_file.path.name
+                raise backward_refused(model_file, f"{prefix}.{attr}", where)
+            return original(*args, **kwargs)
+
+        return backward
+
     base.apply = classmethod(refuse_function)
     for method in GRADIENT_HOOKS:
         setattr(torch.Tensor, method, refuse_hook(method))
+    for prefix, owner, attr in BACKWARD_CALLS:
+        setattr(owner, attr, refuse_backward(prefix, owner, attr))
     try:
         yield
     finally:
         base.apply = original_apply
         for method, original in original_hooks.items():
             setattr(torch.Tensor, method, original)
+        for (owner, attr), original in original_backward.items():
+            setattr(owner, attr, original)
