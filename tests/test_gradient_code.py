@@ -206,3 +206,61 @@ def test_a_custom_function_applied_by_a_library_names_the_librarys_module_and_li
     assert "(in halving_library.LibraryGelu at " in caught.value.message
     assert "halving_library.py:17)" in caught.value.message
     assert "replace halving_library.LibraryGelu in build_model()" in caught.value.hint
+
+
+SAVED_CHANGE = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.cls = nn.Parameter(torch.randn(16))
+        self.hidden = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        a = self.inp(x)
+        a.relu_()
+        a.add_(self.cls)
+        for layer in self.hidden:
+            a = torch.tanh(layer(a))
+        return self.out(a.mean(1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 5, 8),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_an_in_place_change_of_a_value_saved_for_the_backward_is_named_when_compiling(frontend, tmp_path):
+    """relu_ saves its result, which add_ then changes: the model's own backward
+    fails (plain PyTorch says so only once backward runs); the compile names both lines. The same
+    model changing a clone trains."""
+    path = tmp_path / "saved_change.py"
+    path.write_text(SAVED_CHANGE)
+    model = {}
+    exec(compile(SAVED_CHANGE, str(path), "exec"), model)
+    net, x = model["build_model"](), model["example_inputs"](2)[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        net(x).sum().backward()  # the truth: plain PyTorch
+    with pytest.raises(FtcError) as info:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert "(saved_change.py:18) changes in place a value that node" in info.value.message
+    assert "(saved_change.py:17) saved for its backward" in info.value.message
+    assert "out of place" in info.value.hint
+    path.write_text(SAVED_CHANGE.replace("a.relu_()", "a = a.relu().clone()"))
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend, force=True)).folder
+    assert check_pipeline(folder).ok

@@ -23,6 +23,7 @@ from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, 
 from ftc.repeats import Repeats, repeat_key
 
 from .common import dtype_name
+from .saved_changes import SavedChanges
 from .state_writes import StateWrites
 
 
@@ -69,10 +70,12 @@ def plain_failure_fix(inputs: dict[str, Any]) -> str:
 class _Propagator(Interpreter):
     """Runs the graph on the meta device; `writes`, where given, watches the state ops write."""
 
-    def __init__(self, graph: Graph, model: torch.nn.Module, writes: StateWrites | None = None):
+    def __init__(self, graph: Graph, model: torch.nn.Module, writes: StateWrites | None = None,
+                 saved: SavedChanges | None = None):  # fmt: skip
         super().__init__(graph, model, device="meta")
         self.repeats = Repeats(model)
         self.writes = writes
+        self.saved = saved
 
     def runs_for_real(self, node: Node, real: torch.nn.Module) -> None:
         if self.writes is not None:
@@ -86,6 +89,8 @@ class _Propagator(Interpreter):
                 self.writes.replayed(node, key, args, kwargs)
             return out
         execute = partial(super().run_node, node, args, kwargs)
+        if self.saved is not None:
+            self.saved.node = node
         try:
             out = execute() if self.writes is None else self.writes.run(node, key, args, kwargs, execute)
         except FtcError:
@@ -105,6 +110,8 @@ class _Propagator(Interpreter):
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                 META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
             ) from exc
+        if self.saved is not None:
+            self.saved.check(node, args, kwargs)
         self.repeats.record(key, node, (args, kwargs), out)
         return out
 
@@ -112,9 +119,12 @@ class _Propagator(Interpreter):
 def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
     """Fill node.meta for every node, and node.updates (ftc/frontends/state_writes.py). `batch` and
     `double_batch` are meta-device example inputs at the compile batch size and at twice it."""
-    writes = StateWrites(graph, model)  # one run tells them: the batch size changes no write
-    single, double = _Propagator(graph, model, writes), _Propagator(graph, model)
-    single.run(batch)
+    # One run tells the state ops write and the saved values they change: the batch size changes
+    # neither.
+    writes, saved = StateWrites(graph, model), SavedChanges()
+    single, double = _Propagator(graph, model, writes, saved), _Propagator(graph, model)
+    with saved.hooks():
+        single.run(batch)
     double.run(double_batch)
     nodes = [
         replace(node, meta=value_meta(single.env[node.name], double.env[node.name]),
