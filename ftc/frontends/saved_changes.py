@@ -17,9 +17,7 @@ import torch
 from ftc.ir import FtcError, Node
 from ftc.repeats import tensors_in
 
-
-def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
+from .state_writes import storage_key
 
 
 class SavedChanges:
@@ -33,7 +31,7 @@ class SavedChanges:
     def hooks(self) -> Any:
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             if self.node is not None and not tensor.is_sparse:
-                self.saved.setdefault(_storage(tensor), []).append((tensor, tensor._version, self.node))
+                self.saved.setdefault(storage_key(tensor), []).append((tensor, tensor._version, self.node))
             return tensor
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
@@ -42,7 +40,7 @@ class SavedChanges:
         for tensor in tensors_in((args, kwargs)):
             if tensor.is_sparse:
                 continue
-            for saved, version, saver in self.saved.get(_storage(tensor), []):
+            for saved, version, saver in self.saved.get(storage_key(tensor), []):
                 if saver is not node and saved._version != version:
                     raise FtcError(
                         f"node {node.name!r} ({_where(node)}) changes in place a value that node {saver.name!r} "

@@ -37,15 +37,16 @@ class _Writes(TorchDispatchMode):
         for position, argument in enumerate(func._schema.arguments):
             if argument.alias_info is not None and argument.alias_info.is_write:
                 value = kwargs[argument.name] if argument.name in kwargs else args[position] if position < len(args) else None
-                self.storages.update(_storage(t) for t in tensors_in(value))
+                self.storages.update(storage_key(t) for t in tensors_in(value))
         if func in _UNDECLARED_WRITES:
             written, training = _UNDECLARED_WRITES[func]
             if len(args) > training and args[training]:
-                self.storages.update(_storage(args[k]) for k in written if isinstance(args[k], torch.Tensor))
+                self.storages.update(storage_key(args[k]) for k in written if isinstance(args[k], torch.Tensor))
         return func(*args, **kwargs)
 
 
-def _storage(tensor: torch.Tensor) -> int:
+def storage_key(tensor: torch.Tensor) -> int:
+    """What tells a tensor's storage: views and in-place results share it."""
     return tensor.untyped_storage()._cdata
 
 
@@ -58,7 +59,7 @@ class StateWrites:
         self.model = model
         self.state_names: dict[int, str] = {}
         for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
-            self.state_names.setdefault(_storage(tensor), graph.canonical(name))
+            self.state_names.setdefault(storage_key(tensor), graph.canonical(name))
         self.state_reads = {node.name for node in graph.nodes if node.op == "get_attr" and node.target in graph.state}
         self.positions: dict[Hashable, list[int]] = {}  # repeat key -> written positions
         self.updates: dict[str, list[str]] = {}
@@ -95,7 +96,7 @@ class StateWrites:
             self.watching = None
         ran = tensors_in((args, kwargs)) + ([*self.ran_as.parameters(), *self.ran_as.buffers()]
                                             if self.ran_as is not None else module_state(self.model, node))  # fmt: skip
-        positions = [k for k, t in enumerate(ran) if _storage(t) in writes.storages]
+        positions = [k for k, t in enumerate(ran) if storage_key(t) in writes.storages]
         tensors = self._tensors(node, args, kwargs)
         if key is not None:
             self.positions.setdefault(key, positions)
@@ -111,7 +112,7 @@ class StateWrites:
         return tensors_in((args, kwargs)) + module_state(self.model, node)
 
     def _record(self, node: Node, positions: list[int], tensors: list[torch.Tensor]) -> None:
-        names = (self.state_names.get(_storage(tensors[k])) for k in positions)
+        names = (self.state_names.get(storage_key(tensors[k])) for k in positions)
         written = sorted({name for name in names if name is not None})
         if written:
             self.updates[node.name] = written
