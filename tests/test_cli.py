@@ -267,6 +267,39 @@ def test_untraceable_model_names_the_source_line(tmp_path, capsys):
     assert_user_error(result, "branchy.py:12", "if h.sum() > 0:", "LEAF_MODULES")
 
 
+def test_distribution_argument_checks_suggest_validate_args(tmp_path, capsys):
+    """torch.distributions validates argument values by default, which fails both tracers deep
+    inside torch; the fix names the switch that turns the check off."""
+    model = write(
+        tmp_path,
+        "policy.py",
+        """
+        import torch
+        import torch.nn as nn
+        from torch.distributions import Normal
+
+        class Policy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.mu = nn.Linear(6, 2)
+
+            def forward(self, x):
+                return Normal(self.mu(x), 1.0).log_prob(x[:, :2]).sum(-1)
+
+        def build_model():
+            return Policy()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 6),)
+        """,
+    )
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "policy.py:12", "validate_args=False")
+    fixed = write(tmp_path, "policy_fixed.py", model.read_text().replace("1.0)", "1.0, validate_args=False)"))
+    code, _, err = run_cli(["compile", fixed, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert code == 0, err
+
+
 def test_autocast_inside_forward_is_refused(tmp_path, capsys):
     """fx drops context managers; silently dropping autocast would change the numerics."""
     text = GOOD.replace(

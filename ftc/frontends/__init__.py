@@ -256,6 +256,13 @@ def library_frame(exc: BaseException, model_path: Path) -> str:
     return ""
 
 
+def checks_distribution_arguments(exc: BaseException) -> bool:
+    """Whether the trace failed inside torch.distributions' argument validation (on by default),
+    which compares tensor values."""
+    distributions = Path(torch.distributions.__file__).parent
+    return any(Path(frame.filename).is_relative_to(distributions) for frame in traceback.extract_tb(exc.__traceback__))
+
+
 def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | None:
     """An error for a forward that fails on example_inputs() however it runs (a shape mismatch),
     which is why no tracer could follow it; None when forward runs on the meta device."""
@@ -294,6 +301,10 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
     if "torch.export" not in names:
         fix += "; --frontend export handles shape-dependent Python"
+    if any(checks_distribution_arguments(exc) for exc in errors):
+        fix = ("torch.distributions checks the values of a distribution's arguments, which no tracer can "
+               "follow: pass validate_args=False where forward makes the distribution (Normal(mu, std, "
+               "validate_args=False))")  # fmt: skip
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], StateUntraced):
