@@ -15,6 +15,9 @@ runs here, while CPU time counts only the work done. Printed side by side per me
                        analytic device model's absolute speed (--tflops, --memory-gbps) is
                        arbitrary, only its proportions are tested; for the measured and refined
                        profiles the factor shows how far their absolute times are off
+  slowest device       how many model ops the device with the most measured time holds: "1 op"
+                       is a bottleneck no split can divide, so methods that give that op a
+                       device of its own tie (up to the timer's noise)
 
 Denormal floats are flushed to zero (torch.set_flush_denormal), as in bench/runtime_speedup.py.
 Stages run in one process here, so nothing is sent: the pipelines are compiled with fast links
@@ -34,6 +37,7 @@ factors show by how much.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -141,7 +145,7 @@ def main() -> None:
                     except FtcError as exc:
                         rows.append((stages, method, None, None, None, exc.message))
                         continue
-                    rows.append((stages, method, devices, predicted, timer.add(folder), ""))
+                    rows.append((stages, method, devices, predicted, timer.add(folder), stage_ops(folder)))
             seconds = timer.measure(warmup=2, repeats=args.repeats)
             # One factor per moment the predictions were taken at: the profiles once per model,
             # each refined compile at its own (the machine's speed drifts in between).
@@ -154,18 +158,28 @@ def main() -> None:
                   f"{scale.get(('analytic', 0), 1):.3g} (analytic) and {scale.get(('measured', 0), 1):.3g} (measured "
                   f"profile), fitted over all the model's stages, and refined ones by {refined or '-'}")  # fmt: skip
             print(f"{'P':>2}  {'method':<20} {'stages':>6}  {'measured imb.':>13}  {'predicted imb.':>14}  "
-                  f"{'pred. error median':>18}  {'worst':>6}")  # fmt: skip
-            for stages, method, devices, predicted, keys, note in rows:
+                  f"{'pred. error median':>18}  {'worst':>6}  {'slowest device':>14}")  # fmt: skip
+            for stages, method, devices, predicted, keys, ops in rows:
                 if devices is None:
-                    print(f"{stages:>2}  {method:<20} {'-':>6}  {note}")
+                    print(f"{stages:>2}  {method:<20} {'-':>6}  {ops}")
                     continue
                 measured = [seconds[k] for k in keys]
                 factor = scale[_source((stages, method, devices))]
                 errors = [abs(factor * a - b) / b for a, b in zip(predicted, measured)]
+                loads = per_device(measured, devices)
+                slowest = loads.index(max(loads))
+                slowest_ops = sum(n for n, d in zip(ops, devices) if d == slowest)
                 print(f"{stages:>2}  {method:<20} {len(devices):>6}  "
-                      f"{imbalance(per_device(measured, devices)):>13.3f}  "
+                      f"{imbalance(loads):>13.3f}  "
                       f"{imbalance(per_device(predicted, devices)):>14.3f}  "
-                      f"{statistics.median(errors):>18.1%}  {max(errors):>6.1%}")  # fmt: skip
+                      f"{statistics.median(errors):>18.1%}  {max(errors):>6.1%}  "
+                      f"{slowest_ops:>11} op{'s' if slowest_ops > 1 else ' '}")  # fmt: skip
+
+
+def stage_ops(folder: Path) -> list[int]:
+    """The number of model ops in each stage of a compiled folder."""
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    return [stage["cost"]["ops"] for stage in manifest["stages"]]
 
 
 def _source(row: tuple) -> tuple[str, int]:
