@@ -45,6 +45,7 @@ from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
+from .eval_mode import library_mode_branches
 from .fx import input_names
 from .tidy import tidy
 
@@ -79,13 +80,14 @@ def trace_export(
     fed, _ = input_names(model, batch)
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
+    code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         program = _export(model, args, kwargs, dynamic)
+        library_branches, notes = library_mode_branches(model, code, model_file.path, args, kwargs)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature
     modules = module_table(model, model_file)
-    code = CodeFiles(model_file, model)
     state = state_table(model)
     constants = {}
 
@@ -221,7 +223,8 @@ def trace_export(
     nodes, outputs.values = tidy(nodes, outputs.values, values)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
-        constants=constants, frontend="export", training_branches=training_branches(model, model_file),
+        constants=constants, frontend="export", trace_notes=notes,
+        training_branches=training_branches(model, model_file) + library_branches,
     )  # fmt: skip
 
 
