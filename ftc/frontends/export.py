@@ -15,7 +15,9 @@ device use the stage's device.
 
 What stays as traced: training flags the model's Python read while tracing outside a torch.nn
 layer (`F.dropout(x, p, training=self.training)`, the dropout_p that attention code passes to
-scaled_dot_product_attention when training) and any Python branch on them.
+scaled_dot_product_attention when training) and any Python branch on them. Such branches are
+named: the model's own from its source (training_branches), a library's by running forward in
+both modes (eval_mode.py).
 """
 
 from __future__ import annotations
