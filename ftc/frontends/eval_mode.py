@@ -85,7 +85,11 @@ def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: P
                     "the stages would keep as traced in training mode, is not looked for"]  # fmt: skip
     finally:
         train_model(model, True, model_path)
-    found = [(call, line) for call in _differences(trained, evaluated) if (line := _library_line(call, code))]
+    found = []  # (call, line): the first call of each run of differing calls made in a library
+    for calls in _differences(trained, evaluated):
+        named = next(((call, line) for call in calls if (line := _library_line(call, code))), None)
+        if named is not None:
+            found.append(named)
     notes = []
     for owner in dict.fromkeys(call.module[1] for call, _ in found):
         paths = list(dict.fromkeys(call.module[0] or "the model" for call, _ in found if call.module[1] == owner))
@@ -147,16 +151,14 @@ def _reads_training(code: Any) -> bool:
     return "training" in code.co_names or any(_reads_training(c) for c in code.co_consts if hasattr(c, "co_names"))
 
 
-def _differences(trained: list[_Call], evaluated: list[_Call]) -> list[_Call]:
-    """The first call of each run of calls where the two records differ (the training record's;
-    the eval record's where training mode made none there), outside torch.nn's layers."""
+def _differences(trained: list[_Call], evaluated: list[_Call]) -> Iterator[list[_Call]]:
+    """Each run of calls where the two records differ (the training record's; the eval record's
+    where training mode made none there), without those made in torch.nn's layers."""
     matcher = difflib.SequenceMatcher(None, [c.text for c in trained], [c.text for c in evaluated], autojunk=False)
-    found = []
     for tag, first, last, eval_first, eval_last in matcher.get_opcodes():
         if tag != "equal":
             calls = trained[first:last] or evaluated[eval_first:eval_last]
-            found.extend(call for call in calls[:1] if not _qualified(call.module[1]).startswith(_TORCH_LAYERS))
-    return found
+            yield [call for call in calls if not _qualified(call.module[1]).startswith(_TORCH_LAYERS)]
 
 
 def _recorded(model: torch.nn.Module, code: CodeFiles, args: tuple, kwargs: dict) -> list[_Call]:
