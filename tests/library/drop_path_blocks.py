@@ -1,9 +1,10 @@
 """A stand-in for a library's layers (timm's, transformers'), which model files import from
 outside their own folder: a residual block with stochastic depth that branches on
 `self.training` as transformers' SwinDropPath does, beside the reads of the flag that such
-libraries make harmlessly (gradient checkpointing, attention dropout, functional dropout)."""
+libraries make harmlessly (gradient checkpointing, attention dropout, functional dropout, a
+BatchNorm layer counting batches)."""
 
-import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -23,6 +24,7 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     def __init__(self, width: int, drop_path: float, dropout: float = 0.1):
         super().__init__()
+        self.norm = nn.BatchNorm1d(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.drop_path = DropPath(drop_path)
@@ -35,7 +37,7 @@ class Block(nn.Module):
         return self._mixed(x)
 
     def _mixed(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.qkv(self.norm(x.transpose(1, 2)).transpose(1, 2)).chunk(3, dim=-1)
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         h = F.dropout(self.proj(a), self.dropout, training=self.training)
         return x + self.drop_path(h)
