@@ -822,6 +822,33 @@ def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     assert report.ok and not report.eval_expected and report.eval_outputs > report.tolerance
 
 
+def test_a_library_forward_that_cannot_run_in_eval_mode_is_told(tmp_path):
+    """The library's eval side reads a tensor's value, which export (in training mode) never
+    ran and forward on tensors without data cannot: compile says that the search for library
+    branches on self.training was not made, and why."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    library, model = tmp_path / "lib", tmp_path / "model"
+    library.mkdir()
+    model.mkdir()
+    (library / "scaling_library.py").write_text(
+        "import torch\n"
+        "class Scale(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2 if self.training else x * x.abs().max().item()\n"
+    )
+    path = model / "uses_scaling.py"
+    path.write_text(
+        f"import sys\nimport torch\nsys.path.insert(0, {str(library)!r})\nfrom scaling_library import Scale\n"
+        "def build_model(): return torch.nn.Sequential(torch.nn.Linear(4, 4), Scale(), torch.nn.Linear(4, 2))\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 4),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert compiled.graph.training_branches == []
+    assert any("forward could not run in eval mode on tensors without data (DataDependentOutputException" in note
+               for note in compiled.notes), compiled.notes  # fmt: skip
+
+
 LAYER_CALLS = """
 import torch
 import torch.nn as nn
