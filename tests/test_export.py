@@ -812,7 +812,8 @@ def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     dropout, which the stages follow) are not named."""
     from ftc.compiler import CompileOptions, compile_model
 
-    compiled = compile_model(MODELS / "library_drop_path.py", tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    options = CompileOptions(stages=2, frontend="export")
+    compiled = compile_model(MODELS / "library_drop_path.py", tmp_path / "out", options)
     source = (MODELS.parent / "library" / "drop_path_blocks.py").read_text().splitlines()
     line = f"drop_path_blocks.py:{1 + next(k for k, text in enumerate(source) if 'bernoulli_' in text)}"
     assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [line]

@@ -62,8 +62,7 @@ class _Call:
     """One torch call forward made, as the comparison sees it."""
 
     text: str  # the function and its arguments; a tensor by the call that made it
-    frames: list[tuple[Any, int]]  # (code, line) of the frames it was made in, innermost first,
-    # up to the first in the model's code
+    frames: list[tuple[Any, int]]  # (code, line) of its frames, innermost first, up to one in the model's code
     module: tuple[str, type]  # path and class of the innermost module call it was made in
 
 
@@ -80,9 +79,11 @@ def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: P
         train_model(model, False, model_path)
         evaluated = _recorded(model, code, args, kwargs)
     except Exception as exc:
-        return [], [f"forward could not run in eval mode on tensors without data ({type(exc).__name__}: "
-                    f"{str(exc).strip().partition(chr(10))[0]}), so a branch on self.training in library code, which "
-                    "the stages would keep as traced in training mode, is not looked for"]  # fmt: skip
+        first_line = str(exc).strip().partition("\n")[0]
+        reason = f"{type(exc).__name__}: {first_line}"
+        return [], [f"forward could not run in eval mode on tensors without data ({reason}), so a branch on "
+                    "self.training in library code, which the stages would keep as traced in training mode, is not "
+                    "looked for"]  # fmt: skip
     finally:
         train_model(model, True, model_path)
     found = []  # (call, line): the first call of each run of differing calls made in a library
@@ -115,7 +116,8 @@ def _library_line(call: _Call, code: CodeFiles) -> str | None:
         return f"{code.name(named.co_filename)}:{line}"
     methods = {c for cls in call.module[1].__mro__ for c in _codes(cls)}
     for frame_code, line in call.frames:
-        if frame_code in methods and not code.own(frame_code.co_filename):
+        filename = frame_code.co_filename
+        if frame_code in methods and not filename.startswith(_TORCH_LAYERS_DIR) and not code.own(filename):
             return f"{_library_file(frame_code.co_filename, call.module[1])}:{line}"
     return None
 
