@@ -805,20 +805,24 @@ def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(t
 
 def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     """A library's stochastic depth (`if not self.training: return x`, as transformers'
-    SwinDropPath) is kept as traced in training mode, so the stages drop paths in eval mode too
-    (the eval figure shows it): compile names the library's line (ir.json's training_branches),
-    its class and modules, and what to do, and `ftc check` does not judge that figure. The
-    library's harmless reads of the flag (gradient checkpointing, attention and functional
-    dropout, which the stages follow) are not named."""
+    SwinDropPath), in its module and in its function that the model's own block passes the flag
+    to (timm's drop_path), is kept as traced in training mode, so the stages drop paths in eval
+    mode too (the eval figure shows it): compile names the library's lines (ir.json's
+    training_branches), the classes and modules, and what to do, and `ftc check` does not judge
+    that figure. The library's harmless reads of the flag (gradient checkpointing, attention and
+    functional dropout, BatchNorm, which the stages follow) are not named."""
     from ftc.compiler import CompileOptions, compile_model
 
     options = CompileOptions(stages=2, frontend="export")
     compiled = compile_model(MODELS / "library_drop_path.py", tmp_path / "out", options)
     source = (MODELS.parent / "library" / "drop_path_blocks.py").read_text().splitlines()
-    line = f"drop_path_blocks.py:{1 + next(k for k, text in enumerate(source) if 'bernoulli_' in text)}"
-    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [line]
-    note = next(note for note in compiled.notes if "drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)" in note)
-    assert f"from {line} on" in note and "drop_path_rate=0" in note
+    function_line, class_line = [f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "bernoulli_" in text]
+    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [class_line, function_line]
+    notes = {"drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)": class_line,
+             "library_drop_path.Head (head)": function_line}  # fmt: skip
+    for owner, line in notes.items():
+        note = next(note for note in compiled.notes if owner in note)
+        assert f"from {line} on" in note and "drop_path_rate=0" in note
     report = check_pipeline(compiled.folder)
     assert report.ok and not report.eval_expected and report.eval_outputs > report.tolerance
 

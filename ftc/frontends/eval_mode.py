@@ -32,8 +32,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ftc.runtime.mode import train_model
+from ftc.runtime.model_file import ModelFile
 
-from .common import CodeFiles
+from .common import CodeFiles, importable_file
 from .draws import trace_seeded
 
 # torch.nn's layers: ftc lowers each to a call of the layer, or writes the training flag it
@@ -62,11 +63,12 @@ class _Call:
     """One torch call forward made, as the comparison sees it."""
 
     text: str  # the function and its arguments; a tensor by the call that made it
-    frames: list[tuple[Any, int]]  # (code, line) of its frames, innermost first, up to one in the model's code
+    frames: list[tuple[Any, int, str]]  # (code, line, module name) of its frames, innermost first,
+    # up to one in the model's code
     module: tuple[str, type]  # path and class of the innermost module call it was made in
 
 
-def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: Path, args: tuple, kwargs: dict
+def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: CodeFiles, args: tuple, kwargs: dict
                           ) -> tuple[list[str], list[str]]:  # fmt: skip
     """The library lines ('transformers/models/swin/modeling_swin.py:58') from which forward,
     run on `args` and `kwargs` (fake tensors) in eval mode, makes other torch calls than in
@@ -76,7 +78,7 @@ def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: P
         return [], []
     try:
         trained = _recorded(model, code, args, kwargs)
-        train_model(model, False, model_path)
+        train_model(model, False, model_file.path)
         evaluated = _recorded(model, code, args, kwargs)
     except Exception as exc:
         first_line = str(exc).strip().partition("\n")[0]
@@ -85,7 +87,7 @@ def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: P
                     "self.training in library code, which the stages would keep as traced in training mode, is not "
                     "looked for"]  # fmt: skip
     finally:
-        train_model(model, True, model_path)
+        train_model(model, True, model_file.path)
     found = []  # (call, line): the first call of each run of differing calls made in a library
     for calls in _differences(trained, evaluated):
         named = next(((call, line) for call in calls if (line := _library_line(call, code))), None)
@@ -97,7 +99,7 @@ def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: P
         lines = ", ".join(dict.fromkeys(line for call, line in found if call.module[1] == owner))
         more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
         notes.append(
-            f"{_qualified(owner)} ({paths[0]}{more}) computes other ops in eval mode than in training mode, from "
+            f"{model_file.class_name(owner)} ({paths[0]}{more}) computes other ops in eval mode than in training mode, from "
             f"{lines} on (a branch on self.training in the library): to evaluate with the stages, build the model so "
             "that the branch does nothing (drop_path_rate=0 for stochastic depth, layerdrop=0), or judge evaluation "
             "with the original model"
@@ -106,16 +108,22 @@ def library_mode_branches(model: torch.nn.Module, code: CodeFiles, model_path: P
 
 
 def _library_line(call: _Call, code: CodeFiles) -> str | None:
-    """'file.py:LINE' where the call was made in a library: the innermost frame in the library
-    files CodeFiles names, or, where that is in the model's own files (whose branches
-    export.training_branches reads), in a method of the library module class whose call made
-    it (torch's spectral_norm, in torch's files, which CodeFiles names none of); None where the
-    call is the model's own."""
-    named, line = call.frames[-1]
-    if code.name(named.co_filename) and not code.own(named.co_filename):
-        return f"{code.name(named.co_filename)}:{line}"
+    """'file.py:LINE' where the call was made in a library: its innermost frame in a library's
+    file (one CodeFiles names, or a library function's that the model's code called), or, where
+    the model's own code made it, in a method of the library module class whose call made it
+    (torch's spectral_norm, in torch's files, which CodeFiles names none of); None where the
+    call is the model's own (export.training_branches reads its branches)."""
+    for frame_code, line, module_name in call.frames:
+        name = code.name(frame_code.co_filename)
+        if name:
+            if not code.own(frame_code.co_filename):
+                return f"{name}:{line}"
+            break
+        library = _library_module(sys.modules.get(module_name), code)
+        if library is not None:
+            return f"{library[1]}:{line}"
     methods = {c for cls in call.module[1].__mro__ for c in _codes(cls)}
-    for frame_code, line in call.frames:
+    for frame_code, line, _ in call.frames:
         filename = frame_code.co_filename
         if frame_code in methods and not filename.startswith(_TORCH_LAYERS_DIR) and not code.own(filename):
             return f"{_library_file(frame_code.co_filename, call.module[1])}:{line}"
@@ -132,25 +140,48 @@ def _library_file(filename: str, cls: type) -> str:
 
 
 def library_reads_training(model: torch.nn.Module, code: CodeFiles) -> bool:
-    """Whether a method of the class of one of the model's modules, or of a base class, reads an
-    attribute `training` where it is defined in a library: not in the model's own files (whose
-    branches export.training_branches reads from the source), nor in torch.nn's layers."""
+    """Whether a method of the class of one of the model's modules, or of a base class, other
+    than torch.nn's layers', reads an attribute `training` where it is defined in a library, or
+    where it is the model's own (whose branches export.training_branches reads from the source)
+    and names a library's function or module, which may take the flag (timm's `drop_path(x, p,
+    self.training)`)."""
     classes = dict.fromkeys(cls for module in model.modules() for cls in type(module).__mro__)
-    return any(_reads_training(c) and not c.co_filename.startswith(_TORCH_LAYERS_DIR) and not code.own(c.co_filename)
-               for cls in classes for c in _codes(cls))  # fmt: skip
+    for function in (f for cls in classes for f in _functions(cls)):
+        source = function.__code__
+        if "training" not in _names(source) or source.co_filename.startswith(_TORCH_LAYERS_DIR):
+            continue
+        if not code.own(source.co_filename) or any(_library_module(function.__globals__.get(name), code)
+                                                   for name in _names(source)):  # fmt: skip
+            return True
+    return False
 
 
-def _codes(cls: type) -> Iterator[Any]:
+def _functions(cls: type) -> Iterator[Any]:
     for value in vars(cls).values():
         value = getattr(value, "__func__", value)  # staticmethod, classmethod
         functions = (value.fget, value.fset) if isinstance(value, property) else (value,)
         # the function itself, not a decorator's wrapper (`@torch.no_grad()`), whose code is shared
-        yield from (inspect.unwrap(f).__code__ for f in functions if hasattr(f, "__code__"))
+        yield from (inspect.unwrap(f) for f in functions if hasattr(f, "__code__"))
 
 
-def _reads_training(code: Any) -> bool:
-    """Whether compiled code (nested functions and comprehensions included) reads `.training`."""
-    return "training" in code.co_names or any(_reads_training(c) for c in code.co_consts if hasattr(c, "co_names"))
+def _codes(cls: type) -> Iterator[Any]:
+    return (function.__code__ for function in _functions(cls))
+
+
+def _names(code: Any) -> set[str]:
+    """The global and attribute names compiled code reads, nested functions and comprehensions
+    included."""
+    return set(code.co_names).union(*(_names(c) for c in code.co_consts if hasattr(c, "co_names")))
+
+
+def _library_module(value: Any, code: CodeFiles) -> tuple[Path, str] | None:
+    """(file, its path below its sys.path entry) of the library module that is `value` or that
+    defines it, where `value` is a module or a function, and the module is neither the model's
+    own nor torch's, ftc's or the standard library's."""
+    if inspect.isfunction(value):
+        value = sys.modules.get(value.__module__)
+    found = importable_file(value.__name__) if inspect.ismodule(value) else None
+    return found if found is not None and not code.own(str(found[0])) else None
 
 
 def _differences(trained: list[_Call], evaluated: list[_Call]) -> Iterator[list[_Call]]:
@@ -226,11 +257,11 @@ class _Recorder(TorchFunctionMode):
         self.names.update({id(t): name for t in tree_leaves(result) if isinstance(t, torch.Tensor)})
         return result
 
-    def _frames(self) -> list[tuple[Any, int]]:
+    def _frames(self) -> list[tuple[Any, int, str]]:
         frames = []
         frame = sys._getframe(2)
         while frame is not None:
-            frames.append((frame.f_code, frame.f_lineno))
+            frames.append((frame.f_code, frame.f_lineno, frame.f_globals.get("__name__", "")))
             if self.code.name(frame.f_code.co_filename):
                 break
             frame = frame.f_back

@@ -85,7 +85,7 @@ def trace_export(
     code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         program = _export(model, args, kwargs, dynamic)
-        library_branches, notes = library_mode_branches(model, code, model_file.path, args, kwargs)
+        library_branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature

@@ -1,12 +1,21 @@
 """A stand-in for a library's layers (timm's, transformers'), which model files import from
 outside their own folder: a residual block with stochastic depth that branches on
-`self.training` as transformers' SwinDropPath does, beside the reads of the flag that such
+`self.training` as transformers' SwinDropPath does, the same as a function that takes the flag
+(timm's drop_path), and beside them the reads of the flag that such
 libraries make harmlessly (gradient checkpointing, attention dropout, functional dropout, a
 BatchNorm layer counting batches)."""
 
 import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def drop_path(x, p: float, training: bool):
+    """Stochastic depth as a function, which a model's own block may call (timm's)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - p)
+    return x * keep / (1 - p)
 
 
 class DropPath(nn.Module):
