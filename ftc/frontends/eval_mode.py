@@ -63,8 +63,8 @@ class _Call:
     """One torch call forward made, as the comparison sees it."""
 
     text: str  # the function and its arguments; a tensor by the call that made it
-    frames: list[tuple[Any, int, str]]  # (code, line, module name) of its frames, innermost first,
-    # up to one in the model's code
+    # (code, line, module name) of its frames, innermost first, up to one in the model's code
+    frames: list[tuple[Any, int, str]]
     module: tuple[str, type]  # path and class of the innermost module call it was made in
 
 
@@ -72,8 +72,8 @@ def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: C
                           ) -> tuple[list[str], list[str]]:  # fmt: skip
     """The library lines ('transformers/models/swin/modeling_swin.py:58') from which forward,
     run on `args` and `kwargs` (fake tensors) in eval mode, makes other torch calls than in
-    training mode, and a note for each library class whose modules do, naming them and saying
-    what to do. Nothing where no library class reads `training`."""
+    training mode, and a note for each class whose modules' calls do, naming them and saying
+    what to do. Nothing where no library code may read `training` (library_reads_training)."""
     if not library_reads_training(model, code):
         return [], []
     try:
@@ -99,10 +99,10 @@ def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: C
         lines = ", ".join(dict.fromkeys(line for call, line in found if call.module[1] == owner))
         more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
         notes.append(
-            f"{model_file.class_name(owner)} ({paths[0]}{more}) computes other ops in eval mode than in training mode, from "
-            f"{lines} on (a branch on self.training in the library): to evaluate with the stages, build the model so "
-            "that the branch does nothing (drop_path_rate=0 for stochastic depth, layerdrop=0), or judge evaluation "
-            "with the original model"
+            f"{model_file.class_name(owner)} ({paths[0]}{more}) computes other ops in eval mode than in training "
+            f"mode, from {lines} on (a branch on self.training in the library): to evaluate with the stages, build "
+            "the model so that the branch does nothing (drop_path_rate=0 for stochastic depth, layerdrop=0), or judge "
+            "evaluation with the original model"
         )
     return list(dict.fromkeys(line for _, line in found)), notes
 
@@ -123,20 +123,12 @@ def _library_line(call: _Call, code: CodeFiles) -> str | None:
         if library is not None:
             return f"{library[1]}:{line}"
     methods = {c for cls in call.module[1].__mro__ for c in _codes(cls)}
-    for frame_code, line, _ in call.frames:
+    for frame_code, line, module_name in call.frames:
         filename = frame_code.co_filename
         if frame_code in methods and not filename.startswith(_TORCH_LAYERS_DIR) and not code.own(filename):
-            return f"{_library_file(frame_code.co_filename, call.module[1])}:{line}"
+            # by its path below its sys.path entry, as its module's name spells it
+            return f"{module_name.replace('.', '/')}{'/__init__' if filename.endswith('__init__.py') else ''}.py:{line}"
     return None
-
-
-def _library_file(filename: str, cls: type) -> str:
-    """The file by its path below its sys.path entry, as its module's name spells it."""
-    for base in cls.__mro__:
-        module_file = getattr(sys.modules.get(base.__module__), "__file__", None)
-        if module_file and Path(module_file).resolve() == Path(filename).resolve():
-            return base.__module__.replace(".", "/") + ("/__init__.py" if filename.endswith("__init__.py") else ".py")
-    return Path(filename).name
 
 
 def library_reads_training(model: torch.nn.Module, code: CodeFiles) -> bool:
