@@ -803,6 +803,57 @@ def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(t
     assert report.ok and report.eval_expected
 
 
+def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
+    """A library's stochastic depth (`if not self.training: return x`, as transformers'
+    SwinDropPath), in its module and in its function that the model's own block passes the flag
+    to (timm's drop_path), is kept as traced in training mode, so the stages drop paths in eval
+    mode too (the eval figure shows it): compile names the library's lines (ir.json's
+    training_branches), the classes and modules, and what to do, and `ftc check` does not judge
+    that figure. The library's harmless reads of the flag (gradient checkpointing, attention and
+    functional dropout, BatchNorm, which the stages follow) are not named."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    options = CompileOptions(stages=2, frontend="export")
+    compiled = compile_model(MODELS / "library_drop_path.py", tmp_path / "out", options)
+    source = (MODELS.parent / "library" / "drop_path_blocks.py").read_text().splitlines()
+    function_line, class_line = [f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "bernoulli_" in text]
+    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [class_line, function_line]
+    notes = {"drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)": class_line,
+             "library_drop_path.Head (head)": function_line}  # fmt: skip
+    for owner, line in notes.items():
+        note = next(note for note in compiled.notes if owner in note)
+        assert f"from {line} on" in note and "drop_path_rate=0" in note
+    report = check_pipeline(compiled.folder)
+    assert report.ok and not report.eval_expected and report.eval_outputs > report.tolerance
+
+
+def test_a_library_forward_that_cannot_run_in_eval_mode_is_told(tmp_path):
+    """The library's eval side reads a tensor's value, which export (in training mode) never
+    ran and forward on tensors without data cannot: compile says that the search for library
+    branches on self.training was not made, and why."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    library, model = tmp_path / "lib", tmp_path / "model"
+    library.mkdir()
+    model.mkdir()
+    (library / "scaling_library.py").write_text(
+        "import torch\n"
+        "class Scale(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2 if self.training else x * x.abs().max().item()\n"
+    )
+    path = model / "uses_scaling.py"
+    path.write_text(
+        f"import sys\nimport torch\nsys.path.insert(0, {str(library)!r})\nfrom scaling_library import Scale\n"
+        "def build_model(): return torch.nn.Sequential(torch.nn.Linear(4, 4), Scale(), torch.nn.Linear(4, 2))\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 4),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert compiled.graph.training_branches == []
+    assert any("forward could not run in eval mode on tensors without data (DataDependentOutputException" in note
+               for note in compiled.notes), compiled.notes  # fmt: skip
+
+
 LAYER_CALLS = """
 import torch
 import torch.nn as nn
@@ -998,12 +1049,15 @@ def test_a_buffer_written_with_out_stays_with_its_readers(compile_to):
     write's target, a keyword, was not seen as an in-place write, so the partitioner put `_v`'s
     reader and writer in two stages and stage 0 alone failed `ftc check` (its `_v` never
     updated). The write is now `self.._u.copy_(a / b)`, which the IR tracks. Eval mode still
-    differs (torch's spectral_norm branches on self.training; the README says so)."""
+    differs: torch's spectral_norm runs its power iteration only when training, and compile names
+    that line of torch's."""
     from ftc.check import check_pipeline
 
     folder = compile_to(MODELS / "spectral_norm.py", 4, frontend="export")
     text = "".join((folder / f"stage{k}.py").read_text() for k in range(4))
     assert ".div.out(" not in text and "._u.copy_(" in text and "._v.copy_(" in text
+    branches = json.loads((folder / "ir.json").read_text())["training_branches"]
+    assert len(branches) == 1 and branches[0].startswith("torch/nn/utils/parametrizations.py:")
     report = check_pipeline(folder)
     assert all(report.stage_ok(stage) for stage in report.stages), [s.problems for s in report.stages]
     assert report.model_state <= report.tolerance and report.model_outputs <= report.tolerance

@@ -273,18 +273,24 @@ class CodeFiles:
             self.names[filename] = self._name(filename)
         return self.names[filename]
 
+    def own(self, filename: str) -> bool:
+        """Whether the file is the model file or one in its folder, not a library's."""
+        return self._own(Path(filename).resolve()) is not None
+
+    def _own(self, path: Path) -> str | None:
+        if not path.is_relative_to(self.model_dir):
+            return None
+        relative = path.relative_to(self.model_dir)
+        # not a package installed into an environment in the model's folder (.venv)
+        return None if {"site-packages", "dist-packages"} & set(relative.parts) else relative.as_posix()
+
     def _name(self, filename: str) -> str:
         if filename.startswith((_TORCH_DIR, _FTC_DIR)) or not filename.endswith(".py"):
             return ""
         path = Path(filename).resolve()
         if str(path).startswith((_TORCH_DIR, _FTC_DIR)):
             return ""
-        if path.is_relative_to(self.model_dir):
-            relative = path.relative_to(self.model_dir)
-            # not a package installed into an environment in the model's folder (.venv)
-            if not {"site-packages", "dist-packages"} & set(relative.parts):
-                return relative.as_posix()
-        return self.imported.get(path, "")
+        return self._own(path) or self.imported.get(path, "")
 
 
 def importable_file(module_name: str) -> tuple[Path, str] | None:

@@ -15,7 +15,9 @@ device use the stage's device.
 
 What stays as traced: training flags the model's Python read while tracing outside a torch.nn
 layer (`F.dropout(x, p, training=self.training)`, the dropout_p that attention code passes to
-scaled_dot_product_attention when training) and any Python branch on them.
+scaled_dot_product_attention when training) and any Python branch on them. Such branches are
+named: the model's own from its source (training_branches), a library's by running forward in
+both modes (eval_mode.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
+from .eval_mode import library_mode_branches
 from .fx import input_names
 from .tidy import tidy
 
@@ -79,13 +82,14 @@ def trace_export(
     fed, _ = input_names(model, batch)
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
+    code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         program = _export(model, args, kwargs, dynamic)
+        library_branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature
     modules = module_table(model, model_file)
-    code = CodeFiles(model_file, model)
     state = state_table(model)
     constants = {}
 
@@ -221,7 +225,8 @@ def trace_export(
     nodes, outputs.values = tidy(nodes, outputs.values, values)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
-        constants=constants, frontend="export", training_branches=training_branches(model, model_file),
+        constants=constants, frontend="export", trace_notes=notes,
+        training_branches=training_branches(model, model_file) + library_branches,
     )  # fmt: skip
 
 

@@ -1,0 +1,57 @@
+"""A model built from a library's blocks (tests/library/drop_path_blocks.py, imported from
+outside the model file's folder as an installed package is): stochastic depth branches on
+`self.training` in the library's code (in its module, and in its function that the model's own
+block passes the flag to), which torch.export keeps as traced in training mode, so the stages
+drop paths in eval mode too; `ftc compile` names the library's lines.
+
+Inputs are float [B, 6, 16]; output [B, 4]. Loss: cross-entropy against a class id [B] in [0, 4).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LIBRARY = str(Path(__file__).resolve().parents[1] / "library")
+if LIBRARY not in sys.path:
+    sys.path.append(LIBRARY)
+
+from drop_path_blocks import Block, drop_path
+
+WIDTH = 16
+
+
+class Head(nn.Module):
+    """The model's own block, which passes its flag to the library's function."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(WIDTH, WIDTH)
+        self.out = nn.Linear(WIDTH, 4)
+
+    def forward(self, x):
+        return self.out(x + drop_path(torch.tanh(self.fc(x)), 0.2, self.training))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(Block(WIDTH, 0.2), Block(WIDTH, 0.2))
+        self.head = Head()
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 6, WIDTH),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
