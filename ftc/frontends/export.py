@@ -80,7 +80,7 @@ def trace_export(
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
-        program = _export(model, args, kwargs, dynamic)
+        program, batch_note = _export_bounded(model, model_file, args, kwargs, dynamic)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature
@@ -222,6 +222,7 @@ def trace_export(
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", training_branches=training_branches(model, model_file),
+        trace_notes=[batch_note] if batch_note else [],
     )  # fmt: skip
 
 
@@ -231,6 +232,71 @@ def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str,
         return False
     module = model.get_submodule(path)
     return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and state.get(args[0]) is module.num_batches_tracked
+
+
+def _export_bounded(
+    model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict
+) -> tuple[torch.export.ExportedProgram, str]:
+    """torch.export's program and a note, for a forward that works only for some batch sizes (a
+    MoCo queue rolled by `torch.cat([k, self.queue[:-k.shape[0]]])` needs batch <= the queue's
+    length). A named Dim refuses such a bound, and torch's solver may even fail on it with an
+    AssertionError (`Expected op to be '==', got <= for batch <= 127/4`); an unnamed dynamic
+    dimension takes the range forward allows, which the note gives, so training knows which
+    micro-batches fit. A forward that works at one batch size only is refused, naming it."""
+    try:
+        return _export(model, args, kwargs, dynamic), ""
+    except Exception as error:
+        if not _batch_bounded(error):
+            raise
+        first = error
+    unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
+    try:
+        program = _export(model, args, kwargs, unnamed)
+    except Exception:
+        raise first from None
+    sizes = _batch_sizes(program)
+    if sizes is None:
+        inputs = list(kwargs.values()) if kwargs else list(args)
+        keys = list(unnamed.values()) if isinstance(unnamed, dict) else list(unnamed)
+        size = next(value.shape[next(iter(spec))] for value, spec in zip(inputs, keys) if spec)
+        raise FtcError(
+            f"{model_file.path}: forward works only at batch size {size} (torch.export fixed the batch dimension "
+            "to it), but pipeline stages run micro-batches of other sizes",
+            "compute sizes from the input (x.shape[0], or -1 in view/reshape) instead of fixed numbers",
+        ) from first
+    low, high = sizes
+    if high is None:
+        return program, ""
+    return program, (
+        f"forward works only for batch sizes {low} to {high} (torch.export bounds the batch dimension: a size "
+        "computed from it is taken from a fixed-size tensor, such as a slice of a buffer); micro-batches must stay in that range"
+    )
+
+
+def _batch_bounded(error: Exception) -> bool:
+    """Whether torch.export refused the named batch Dim for a range forward imposes on it."""
+    message = str(error)
+    if isinstance(error, AssertionError):
+        return message.startswith("Expected op to be '=='") and "batch" in message
+    return type(error).__name__ == "UserError" and message.startswith("Constraints violated (batch)")
+
+
+def _unnamed(spec: dict | None) -> dict | None:
+    return {dim: torch.export.Dim.AUTO for dim in spec} if spec else spec
+
+
+def _batch_sizes(program: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
+    """The batch sizes the program takes: (lowest, highest or None when unbounded), or None where
+    export fixed the batch to the example's. Every batched input shares the batch's symbol."""
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "placeholder" or not isinstance(value, torch.Tensor):
+            continue
+        for size in value.shape:
+            if isinstance(size, torch.SymInt) and size.node.expr in program.range_constraints:
+                sizes = program.range_constraints[size.node.expr]
+                return int(sizes.lower), int(sizes.upper) if sizes.upper.is_finite else None
+    return None
 
 
 RNN_FLAT_WEIGHTS = r"The tensor attributes (self\.[\w.]+\._flat_weights\[\d+\](, )?)+ were assigned during export"
