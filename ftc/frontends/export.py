@@ -243,10 +243,14 @@ def _export_bounded(
     AssertionError (`Expected op to be '==', got <= for batch <= 127/4`); an unnamed dynamic
     dimension takes the range forward allows, which the note gives, so training knows which
     micro-batches fit. A forward that works at one batch size only is refused, naming it."""
+    inputs = list(kwargs.values()) if kwargs else list(args)
+    specs = list(dynamic.values()) if isinstance(dynamic, dict) else list(dynamic)
+    size = next((value.shape[next(iter(spec))] for value, spec in zip(inputs, specs) if spec), None)
     try:
         return _export(model, args, kwargs, dynamic), ""
     except Exception as error:
-        if not _batch_bounded(error):
+        # at batch size 1 export fixes the batch whatever forward does, which its caller names
+        if size is None or size < 2 or not _batch_bounded(error):
             raise
         first = error
     unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
@@ -256,9 +260,6 @@ def _export_bounded(
         raise first from None
     sizes = _batch_sizes(program)
     if sizes is None:
-        inputs = list(kwargs.values()) if kwargs else list(args)
-        keys = list(unnamed.values()) if isinstance(unnamed, dict) else list(unnamed)
-        size = next(value.shape[next(iter(spec))] for value, spec in zip(inputs, keys) if spec)
         raise FtcError(
             f"{model_file.path}: forward works only at batch size {size} (torch.export fixed the batch dimension "
             "to it), but pipeline stages run micro-batches of other sizes",
