@@ -240,8 +240,8 @@ def _export_bounded(
     """torch.export's program and a note, for a forward that works only for some batch sizes (a
     MoCo queue rolled by `torch.cat([k, self.queue[:-k.shape[0]]])` needs batch <= the queue's
     length). A named Dim refuses such a bound, and torch's solver may even fail on it with an
-    AssertionError (`Expected op to be '==', got <= for batch <= 127/4`); an unnamed dynamic
-    dimension takes the range forward allows, which the note gives, so training knows which
+    AssertionError (`Expected op to be '==', got <= for batch <= 127/4`); Dim.AUTO takes the
+    range forward allows, which the note gives, so training knows which
     micro-batches fit. A forward that works at one batch size only is refused, naming it."""
     inputs = list(kwargs.values()) if kwargs else list(args)
     specs = list(dynamic.values()) if isinstance(dynamic, dict) else list(dynamic)
@@ -288,7 +288,8 @@ def _unnamed(spec: dict | None) -> dict | None:
 
 def _batch_sizes(program: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
     """The batch sizes the program takes: (lowest, highest or None when unbounded), or None where
-    export fixed the batch to the example's. Every batched input shares the batch's symbol."""
+    export fixed the batch to the example's; read from the first batched input (AUTO dimensions
+    get a symbol each, which forward's ops equate where it combines the inputs)."""
     for node in program.graph.nodes:
         value = node.meta.get("val")
         if node.op != "placeholder" or not isinstance(value, torch.Tensor):
