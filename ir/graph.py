@@ -64,6 +64,9 @@ class TensorMeta:
     # Further dimensions that grow with the batch, as the second of in-batch logits `a @ b.T`
     # ([B, B]): a micro-batch's value compares its own samples only, so these shrink with it too.
     other_batch_dims: list[int] = field(default_factory=list)
+    # Dimensions that change with the batch size but not in proportion to it, as a buffer's slice
+    # `queue[:-B]` ([32 - B, D]): no micro-batch size tells their size, so no stage receives them.
+    unbatched_dims: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:

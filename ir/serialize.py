@@ -90,11 +90,12 @@ def encode_meta(meta: Meta | None) -> Any:
 
 
 def tensor_meta_to_dict(meta: TensorMeta) -> dict:
-    """Without other_batch_dims where it is empty, as almost everywhere: IR written before it
-    existed reads the same."""
+    """Without other_batch_dims and unbatched_dims where they are empty, as almost everywhere:
+    IR written before they existed reads the same."""
     data = asdict(meta)
-    if not meta.other_batch_dims:
-        del data["other_batch_dims"]
+    for key in ("other_batch_dims", "unbatched_dims"):
+        if not data[key]:
+            del data[key]
     return data
 
 

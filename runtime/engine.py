@@ -604,7 +604,7 @@ class _DeviceRunner:
         self.peer_posted: dict[int, int] = {}
         self.values: dict[tuple[str, int], Any] = {}
         self.use_leaves: dict[tuple[int, str, int], Any] = {}
-        self.saved: dict[tuple[int, int], tuple[tuple, Any, list[int]]] = {}
+        self.saved: dict[tuple[int, int], tuple[tuple, Any, list[int], dict | None, list[str]]] = {}
         self.backwards_left = {m: self.stages_here for m in range(self.engine.micro_batches)}
         self.scaled_losses: dict[int, torch.Tensor] = {}
         self.losses: list[torch.Tensor] = []
@@ -633,6 +633,7 @@ class _DeviceRunner:
         # The recomputing forward must see the buffers this one saw (a BatchNorm's running
         # statistics, a step counter), and must not update them a second time.
         buffers_before = _buffer_values(module) if recompute and self.training else None
+        weight_versions = _parameter_versions(module) if recompute and self.training else {}
         try:
             with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute), \
                     self.engine.autocast():  # fmt: skip
@@ -645,6 +646,7 @@ class _DeviceRunner:
                              "check the data against the model file's example_inputs (shapes, dtypes); "
                              f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
                              "runs the stages on example inputs of this micro-batch size") from exc  # fmt: skip
+        written = [name for name, version in _parameter_versions(module).items() if version != weight_versions.get(name, version)]
         check_stage_outputs(spec, outputs)
         if self.training and not recompute and stage not in self.engine.gradients_checked:
             self.engine.gradients_checked.add(stage)  # a hand edit shows on the first forward: not each step
@@ -657,7 +659,7 @@ class _DeviceRunner:
                 self.values[(name, m)] = self._as_of_now(value)
         if self.training:
             versions = [a._version if isinstance(a, torch.Tensor) else None for a in args] if recompute else []
-            self.saved[(stage, m)] = (args, None if recompute else outputs, versions, buffers_before)
+            self.saved[(stage, m)] = (args, None if recompute else outputs, versions, buffers_before, written)
         if stage == self.plan.loss_stage:
             self._loss(m)
 
@@ -754,7 +756,7 @@ class _DeviceRunner:
         spec = self.plan.specs[stage]
         if stage == self.plan.loss_stage:
             self.scaled_losses.pop(m).backward()
-        args, outputs, versions, buffers_before = self.saved.pop((stage, m))
+        args, outputs, versions, buffers_before, written = self.saved.pop((stage, m))
         if outputs is None:
             changed = [name for name, a, v in zip(spec.inputs, args, versions) if v is not None and a._version != v]
             if changed:
@@ -764,9 +766,23 @@ class _DeviceRunner:
                 )
             module = self.engine.modules[stage]
             buffers_now = _point_buffers(module, buffers_before)
+            # Buffers are replayed as the first forward saw them; a copy of every parameter per
+            # micro-batch in flight would undo what recomputation saves, so a parameter the first
+            # forward wrote may only be written again to the values it holds (a clamp_ to bounds
+            # it already keeps).
+            weights = dict(module.named_parameters(remove_duplicate=False))
+            weights_now = {name: weights[name].detach().clone() for name in written}
             with self._seeded(stage, m), torch.enable_grad(), self.engine.autocast():
                 outputs = self._call(stage, m, self._uncached(args))
             _point_buffers(module, buffers_now)
+            changed = [name for name in written if not torch.equal(weights[name], weights_now[name])]
+            if changed:
+                raise FtcError(
+                    f"stage {stage} ({spec.file}) changes parameter {changed[0]} in place in its forward (an EMA "
+                    "teacher, a running center under no_grad), so it cannot be recomputed: the recomputed forward "
+                    "changed it again",
+                    f"take stage {stage} out of recompute (`--set recompute=never`, or recompile with --recompute never)",
+                )
         tensors, grads = [], []
         for name, value in zip(spec.outputs, outputs):
             indices = self.plan.gradient_leaves[name]
@@ -928,6 +944,10 @@ def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
         raise FtcError(f"loss_fn returned {type(loss).__name__}{shape}", "return a scalar tensor")
     return loss
+
+
+def _parameter_versions(module: torch.nn.Module) -> dict[str, int]:
+    return {name: weight._version for name, weight in module.named_parameters(remove_duplicate=False)}
 
 
 def _point_buffers(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

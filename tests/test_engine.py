@@ -351,3 +351,24 @@ def test_timeout_names_ranks_value_and_step(dist_runs):
     assert outcome["error"] is not None
     assert "rank 1 got nothing from rank 0 (value x_8, micro-batch 0 of batch 18) within 2 s" in outcome["error"]
     assert outcome["seconds"] < 2 * cases["timeout"]["timeout"] + 5
+
+
+def _three_steps(folder, mode, **settings):
+    from ftc.runtime.config import load_config
+    from ftc.runtime.train import train
+
+    config = load_config(data={
+        "pipeline": str(folder), "data": {"name": "synthetic", "size": 32}, "mode": mode, "steps": 3,
+        "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "adam", "lr": 0.01}, "log_every": 10, **settings,
+    })  # fmt: skip
+    return train(config).loss
+
+
+def test_a_recomputed_forward_that_changes_a_weight_again_is_refused(compile_to):
+    """An EMA teacher updated in forward was updated again by the recomputed forward, which then
+    computed the teacher's output from twice-updated weights: the losses parted from mode
+    single's at the first step."""
+    folder = compile_to(MODELS / "ema_teacher.py", 2)
+    with pytest.raises(FtcError, match="changes parameter teacher.2.weight in place in its forward") as error:
+        _three_steps(folder, "local", recompute="always")
+    assert "take stage 1 out of recompute" in error.value.hint

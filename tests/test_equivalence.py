@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from ftc.check import check_pipeline
+from ftc.frontends import trace
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
 
-from .conftest import EXAMPLES, MODELS, stdlib_modules
+from .conftest import EXAMPLES, MODELS, assert_local_trains_like_single, stdlib_modules
 
 CASES = [
     (EXAMPLES / "gpt.py", (1, 2, 4, 8)),
@@ -125,6 +126,19 @@ def test_buffer_updated_in_forward_stays_with_its_readers(compile_to):
     manifest = json.loads((folder / "pipeline.json").read_text())
     holders = [stage["index"] for stage in manifest["stages"] if "ema" in stage["state"]]
     assert len(holders) == 1, holders
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_value_sized_by_the_batch_out_of_proportion_stays_with_its_reader(compile_to, frontend):
+    """`self.queue[:-B]` is [QUEUE - B, D]: no micro-batch size tells its size, so no stage may
+    receive it. torch.export bounds the batch by the queue, which ftc takes, and says, rather
+    than refuse the model."""
+    folder = compile_to(MODELS / "queue_slice.py", 2, batch_size=4, frontend=frontend)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+    if frontend == "export":
+        notes = trace(load_model_file(MODELS / "queue_slice.py"), 4, "export").graph.trace_notes
+        assert any("batch sizes 2 to 32" in note for note in notes), notes
 
 
 def _edit_stage(folder, old, new):

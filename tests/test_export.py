@@ -650,6 +650,40 @@ def test_check_names_gradients_the_model_does_not_have(tmp_path):
     assert any("gives gradients to b.bias, b.weight" in problem for problem in report.problems), report.problems
 
 
+FIXED_BATCH = """
+import torch
+
+
+class Fixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return x.reshape(4, -1) + self.weight
+
+
+def build_model():
+    return Fixed()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 16),)
+"""
+
+
+def test_a_forward_that_works_at_one_batch_size_only_is_named(tmp_path):
+    """`x.reshape(4, -1)` pins the batch to 4, which torch.export reports only as `Constraints
+    violated (batch)!`: micro-batches of other sizes could not run the stages."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "fixed.py"
+    path.write_text(FIXED_BATCH)
+    with pytest.raises(FtcError, match=re.escape("forward works only at batch size 4")) as error:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
+    assert "instead of fixed numbers" in error.value.hint
+
+
 @pytest.mark.parametrize(
     "model, options, message",
     [

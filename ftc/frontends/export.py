@@ -84,7 +84,7 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
-        program = _export(model, args, kwargs, dynamic)
+        program, batch_note = _export_bounded(model, model_file, args, kwargs, dynamic)
         library_branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
@@ -225,7 +225,7 @@ def trace_export(
     nodes, outputs.values = tidy(nodes, outputs.values, values)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
-        constants=constants, frontend="export", trace_notes=notes,
+        constants=constants, frontend="export", trace_notes=([batch_note] if batch_note else []) + notes,
         training_branches=training_branches(model, model_file) + library_branches,
     )  # fmt: skip
 
@@ -236,6 +236,73 @@ def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str,
         return False
     module = model.get_submodule(path)
     return isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and state.get(args[0]) is module.num_batches_tracked
+
+
+def _export_bounded(
+    model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict
+) -> tuple[torch.export.ExportedProgram, str]:
+    """torch.export's program and a note, for a forward that works only for some batch sizes (a
+    MoCo queue rolled by `torch.cat([k, self.queue[:-k.shape[0]]])` needs batch <= the queue's
+    length). A named Dim refuses such a bound, and torch's solver may even fail on it with an
+    AssertionError (`Expected op to be '==', got <= for batch <= 127/4`); Dim.AUTO takes the
+    range forward allows, which the note gives, so training knows which
+    micro-batches fit. A forward that works at one batch size only is refused, naming it."""
+    inputs = list(kwargs.values()) if kwargs else list(args)
+    specs = list(dynamic.values()) if isinstance(dynamic, dict) else list(dynamic)
+    size = next((value.shape[next(iter(spec))] for value, spec in zip(inputs, specs) if spec), None)
+    try:
+        return _export(model, args, kwargs, dynamic), ""
+    except Exception as error:
+        # at batch size 1 export fixes the batch whatever forward does, which its caller names
+        if size is None or size < 2 or not _batch_bounded(error):
+            raise
+        first = error
+    unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
+    try:
+        program = _export(model, args, kwargs, unnamed)
+    except Exception:
+        raise first from None
+    sizes = _batch_sizes(program)
+    if sizes is None:
+        raise FtcError(
+            f"{model_file.path}: forward works only at batch size {size} (torch.export fixed the batch dimension "
+            "to it), but pipeline stages run micro-batches of other sizes",
+            "compute sizes from the input (x.shape[0], or -1 in view/reshape) instead of fixed numbers",
+        ) from first
+    low, high = sizes
+    if high is None:
+        return program, ""
+    return program, (
+        f"forward works only for batch sizes {low} to {high} (torch.export bounds the batch dimension: a size "
+        "computed from it is taken from a fixed-size tensor, such as a slice of a buffer); micro-batches must stay in that range"
+    )
+
+
+def _batch_bounded(error: Exception) -> bool:
+    """Whether torch.export refused the named batch Dim for a range forward imposes on it."""
+    message = str(error)
+    if isinstance(error, AssertionError):
+        return message.startswith("Expected op to be '=='") and "batch" in message
+    return type(error).__name__ == "UserError" and message.startswith("Constraints violated (batch)")
+
+
+def _unnamed(spec: dict | None) -> dict | None:
+    return {dim: torch.export.Dim.AUTO for dim in spec} if spec else spec
+
+
+def _batch_sizes(program: torch.export.ExportedProgram) -> tuple[int, int | None] | None:
+    """The batch sizes the program takes: (lowest, highest or None when unbounded), or None where
+    export fixed the batch to the example's; read from the first batched input (AUTO dimensions
+    get a symbol each, which forward's ops equate where it combines the inputs)."""
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "placeholder" or not isinstance(value, torch.Tensor):
+            continue
+        for size in value.shape:
+            if isinstance(size, torch.SymInt) and size.node.expr in program.range_constraints:
+                sizes = program.range_constraints[size.node.expr]
+                return int(sizes.lower), int(sizes.upper) if sizes.upper.is_finite else None
+    return None
 
 
 RNN_FLAT_WEIGHTS = r"The tensor attributes (self\.[\w.]+\._flat_weights\[\d+\](, )?)+ were assigned during export"

@@ -136,11 +136,12 @@ def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, dou
 
 def value_meta(value: Any, doubled: Any) -> Meta:
     if isinstance(value, torch.Tensor):
-        grown = []
+        grown, changed = [], []
         if isinstance(doubled, torch.Tensor) and doubled.dim() == value.dim():
             grown = [dim for dim, (a, b) in enumerate(zip(value.shape, doubled.shape)) if a > 0 and b == 2 * a]
+            changed = [dim for dim, (a, b) in enumerate(zip(value.shape, doubled.shape)) if a != b and dim not in grown]
         return TensorMeta(list(value.shape), dtype_name(value.dtype), bool(value.requires_grad),
-                          grown[0] if grown else None, grown[1:])  # fmt: skip
+                          grown[0] if grown else None, grown[1:], changed)  # fmt: skip
     if isinstance(value, (bool, int, float)) or isinstance(value, torch.SymInt):
         kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, (int, torch.SymInt)) else "float"
         return ScalarMeta(kind, value, batch_dependent=value != doubled)

@@ -411,6 +411,9 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
         if (isinstance(meta, SeqMeta) and meta_tensors(meta)) or _holds_object(meta):
             what = "an object the runtime cannot send" if _holds_object(meta) else "several tensors"
             forbid(t.producer, t.consumers[-1], f"{t.value} holds {what} and stays with its readers")
+        elif isinstance(meta, TensorMeta) and meta.unbatched_dims and not t.from_data:
+            forbid(t.producer, t.consumers[-1], f"{t.value}'s size {meta.shape} changes with the batch size but not "
+                                                "in proportion to it, so it stays with its readers")  # fmt: skip
     mutated_state: dict[str, list[str]] = {}  # state -> the ops that write it
     for node in graph.nodes:
         if node.is_compute and node.mutates is not None and node.mutates < len(node.args):
