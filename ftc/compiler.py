@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ftc.backend.codegen import shape_text
@@ -212,6 +213,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         notes.append(note)
     else:
         result = partition(problem, options.method, options.stages, options.blocks)
+    notes += _kept_from_recompute(problem, result, options.recompute)
     graph = assign(graph, problem, result)
     validate(graph)
     # micro_batches: the count the memory estimate is for, given or the default plan
@@ -229,6 +231,20 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         graph, problem, out_dir, model_file.path, options.method, settings, force=options.force, recompute=result.recompute
     )  # fmt: skip
     return Compiled(graph, folder, manifest, notes)
+
+
+def _kept_from_recompute(problem: Problem, result, policy: str) -> list[str]:
+    """Notes on the stages that --recompute always leaves alone: their forward changes a
+    parameter in place, which a second forward would change again."""
+    if policy != "always":
+        return []
+    notes = []
+    for stage, recomputed in enumerate(result.recompute):
+        written = [problem.rewrites[k] for k in np.flatnonzero(result.members(stage)) if problem.rewrites[k]]
+        if not recomputed and written:
+            notes.append(f"note: stage {stage} does not recompute: its forward changes parameter {written[0]} in place "
+                         "(an EMA update, an Embedding's max_norm), which a second forward would change again")  # fmt: skip
+    return notes
 
 
 def _glue_notes(problem: Problem, stages: int) -> list[str]:

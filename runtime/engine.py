@@ -781,7 +781,8 @@ class _DeviceRunner:
                     f"stage {stage} ({spec.file}) changes parameter {changed[0]} in place in its forward (an EMA "
                     "teacher, a running center under no_grad), so it cannot be recomputed: the recomputed forward "
                     "changed it again",
-                    f"take stage {stage} out of recompute (`--set recompute=never`, or recompile with --recompute never)",
+                    f"take stage {stage} out of recompute: `--set recompute=pipeline` follows pipeline.json, where ftc "
+                    "compile leaves such stages out, or `--set recompute=never`",
                 )
         tensors, grads = [], []
         for name, value in zip(spec.outputs, outputs):

@@ -16,7 +16,7 @@ import torch
 from ftc.ir import FtcError
 from ftc.runtime import load_model_file, load_pipeline
 from ftc.runtime.engine import Engine
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, ROOT, assert_local_trains_like_single
 from tests.dist.engine_worker import build_model, case_batches, run_case
 
 GENERATED = ROOT / "generated"
@@ -372,3 +372,19 @@ def test_a_recomputed_forward_that_changes_a_weight_again_is_refused(compile_to)
     with pytest.raises(FtcError, match="changes parameter teacher.2.weight in place in its forward") as error:
         _three_steps(folder, "local", recompute="always")
     assert "take stage 1 out of recompute" in error.value.hint
+
+
+def test_compiling_with_recompute_leaves_a_stage_that_changes_a_weight_in_place_out(tmp_path):
+    """--recompute always recomputes every stage but those holding the EMA update, and says
+    why; training then follows pipeline.json and equals plain single-process training."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    compiled = compile_model(MODELS / "ema_teacher.py", tmp_path / "out", CompileOptions(stages=3, recompute="always"))
+    stages = compiled.manifest["stages"]
+    kept = [s for s, stage in enumerate(stages) if not stage["recompute"]]
+    assert kept and len(kept) < len(stages), [stage["recompute"] for stage in stages]
+    for s in kept:
+        assert any(name.startswith("teacher.") for name in stages[s]["state"]), stages[s]["state"]
+        assert any(f"stage {s} does not recompute: its forward changes parameter teacher." in note
+                   for note in compiled.notes), compiled.notes  # fmt: skip
+    assert_local_trains_like_single(compiled.folder)

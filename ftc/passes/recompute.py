@@ -6,6 +6,9 @@ backward (activation checkpointing at stage granularity), under `--recompute`:
   auto    a stage recomputes only where the memory limit requires it; under 1F1B the last stage
           keeps one micro-batch in flight, so recomputing saves it nothing and it never does
 
+Under either, a stage whose forward changes a parameter in place (Problem.rewrites) does not
+recompute: its second forward would change the parameter again.
+
 A recomputing stage keeps only the values it receives per micro-batch in flight (plus one
 micro-batch's activations during its backward) and pays its forward time again in backward;
 the partitioners price stages this way (Problem.stage_time), so they see what recomputation
@@ -26,16 +29,18 @@ if TYPE_CHECKING:
 POLICIES = ("auto", "always", "never")
 
 
-def recompute_rule(policy: str, limit: int | None, plain, recomputed):
+def recompute_rule(policy: str, limit: int | None, plain, recomputed, allowed=True):
     """(recompute, fits) for stages whose memory is `plain` without recomputation and
-    `recomputed` with it; elementwise on numpy arrays as on numbers."""
+    `recomputed` with it, which may recompute where `allowed` (Problem.recomputable); elementwise
+    on numpy arrays as on numbers."""
     bound = np.inf if limit is None else limit
     plain, recomputed = np.asarray(plain, dtype=float), np.asarray(recomputed, dtype=float)
     if policy == "never":
         return np.zeros_like(plain, dtype=bool), plain <= bound
     if policy == "always":
-        return np.ones_like(plain, dtype=bool), recomputed <= bound
-    recompute = (plain > bound) & (recomputed < plain)
+        recompute = np.ones_like(plain, dtype=bool) & allowed
+    else:
+        recompute = (plain > bound) & (recomputed < plain) & allowed
     return recompute, np.where(recompute, recomputed, plain) <= bound
 
 
@@ -49,7 +54,8 @@ def choose_recompute(problem: Problem, stage_of: np.ndarray, devices: list[int])
     members = [stage_of == s for s in range(stages)]
     plain = [problem.stage_memory(members[s], s, stages, False).total for s in range(stages)]
     recomputed = [problem.stage_memory(members[s], s, stages, True).total for s in range(stages)]
-    flags = [settings.recompute == "always"] * stages
+    allowed = [problem.recomputable(members[s]) for s in range(stages)]
+    flags = [settings.recompute == "always" and allowed[s] for s in range(stages)]
     limit = settings.limit
     for device in sorted(set(devices)):
         mine = [s for s in range(stages) if devices[s] == device]
@@ -59,7 +65,8 @@ def choose_recompute(problem: Problem, stage_of: np.ndarray, devices: list[int])
             return sum(recomputed[s] if flags[s] else plain[s] for s in mine) - shared
 
         if settings.recompute == "auto":
-            candidates = sorted((s for s in mine if recomputed[s] < plain[s]), key=lambda s: recomputed[s] - plain[s])
+            candidates = sorted((s for s in mine if allowed[s] and recomputed[s] < plain[s]),
+                                key=lambda s: recomputed[s] - plain[s])  # fmt: skip
             for s in candidates:
                 if limit is None or total() <= limit:
                     break

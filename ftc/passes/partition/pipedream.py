@@ -91,7 +91,8 @@ class StageTables:
 
     def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         settings = self.problem.footprint.settings
-        return recompute_rule(settings.recompute, settings.limit, *self._memory(position))
+        return recompute_rule(settings.recompute, settings.limit, *self._memory(position),
+                              self.problem.recomputable_table())  # fmt: skip
 
     def cost(self, position: int) -> np.ndarray:
         if not self.memory_bound:
@@ -106,6 +107,7 @@ class StageTables:
     def least_memory(self, position: int) -> np.ndarray:
         """Each interval's memory with the recompute choice --recompute allows that needs least."""
         plain, recomputed = self._memory(position)
+        recomputed = np.where(self.problem.recomputable_table(), recomputed, plain)
         policy = self.problem.footprint.settings.recompute
         return {"never": plain, "always": recomputed}.get(policy, np.minimum(plain, recomputed))
 
@@ -238,9 +240,11 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
     members[bounds[worst] : bounds[worst + 1]] = True
     plain = problem.stage_memory(members, worst, stages, False)
     recomputed = problem.stage_memory(members, worst, stages, True)
+    recomputable = problem.recomputable(members)
     allowed = [
-        m for m, ok in ((plain, settings.recompute != "always"), (recomputed, settings.recompute != "never")) if ok
-    ]
+        m for m, ok in ((plain, settings.recompute != "always" or not recomputable),
+                        (recomputed, settings.recompute != "never" and recomputable)) if ok
+    ]  # fmt: skip
     detail = min(allowed, key=lambda m: m.total).describe()
     tried = min(problem.max_stages(), 2 * stages)
     more = next((k for k in range(stages + 1, tried + 1) if least_peak(tables.for_stages(k))[0] <= settings.limit), None)

@@ -156,6 +156,21 @@ class Problem:
     kinds: list[KindCost] = field(default_factory=list)  # paid by a stage holding any op of the kind
     # Why ops must share a stage: (first op, last op, the reason), for errors to name.
     glue: list[tuple[int, int, str]] = field(default_factory=list)
+    # The parameter each op changes in place in forward ("" for none: an EMA teacher's update, an
+    # Embedding's max_norm rows): a stage holding such an op cannot recompute, since the second
+    # forward would change it again, and a copy per micro-batch to replay it would cost more
+    # memory than recomputation saves.
+    rewrites: list[str] = field(default_factory=list)
+
+    def recomputable(self, members: np.ndarray) -> bool:
+        """Whether a stage holding the ops of a boolean mask may recompute."""
+        return not any(self.rewrites[k] for k in np.flatnonzero(members)) if self.rewrites else True
+
+    def recomputable_table(self) -> np.ndarray | bool:
+        """R[i, j]: whether the interval of ops i..j-1 may recompute (True: every interval)."""
+        if not any(self.rewrites):
+            return True
+        return interval_sums(np.array([bool(name) for name in self.rewrites], dtype=float)) == 0
 
     @property
     def size(self) -> int:
@@ -456,6 +471,12 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
                f"({', '.join(_source_of(by_name[w]) for w in writers)}), so every op that reads "
                f"{'it' if len(states) == 1 else 'them'} stays with {'that op' if len(writers) == 1 else 'those ops'} "
                f"({ops[first]} .. {ops[final]})")  # fmt: skip
+    rewrites = [""] * len(ops)
+    for state, writers in mutated_state.items():
+        held = graph.state.get(state)
+        if held is not None and held.kind == "parameter":
+            for writer in writers:
+                rewrites[position[writer]] = rewrites[position[writer]] or state
     time = np.array([by_name[name].cost.fwd_time + by_name[name].cost.bwd_time for name in ops])
     fwd_time = np.array([by_name[name].cost.fwd_time for name in ops])
     random = np.array([may_draw_random(by_name[name], graph.modules) for name in ops], dtype=bool)
@@ -478,7 +499,7 @@ def build_problem(graph: Graph, bandwidth_gbps: float, memory: MemorySettings = 
              for kind, cost in graph.kind_costs.items() if kind in kind_positions and cost.fwd_time + cost.bwd_time]  # fmt: skip
     return Problem(
         ops, time, transfers, no_cut, bandwidth_gbps * 1e9, fwd_time, footprint, random, graph.name, units,
-        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost), kinds, glue,
+        FixedCost.of(graph.stage_cost), FixedCost.of(graph.loss_cost), kinds, glue, rewrites,
     )  # fmt: skip
 
 
