@@ -28,8 +28,11 @@ demo: $(STAMP)
 train: $(STAMP)
 	$(BIN)/ftc train $(CONFIG) $(ARGS)
 
+# Two pytest processes (pytest-xdist), each taking whole files so a module's compiled fixtures
+# are built once: many tests wait on the processes they start, which leaves a core idle.
+# Plain `$(BIN)/python -m pytest tests/test_x.py` runs in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Rewrite the committed example pipelines (tests/test_generated.py fails when they drift).
 regenerate: $(STAMP)
