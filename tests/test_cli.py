@@ -61,43 +61,6 @@ def test_compile_prints_the_stage_table(tmp_path, capsys):
     assert (tmp_path / "gen" / "good" / "stage1.py").is_file()
 
 
-NUMPY_INIT = """
-import numpy
-import torch
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.bias = nn.Parameter(torch.from_numpy(numpy.linspace(-1, 1, 8).astype("float32")))
-        self.register_buffer("pe", torch.from_numpy(numpy.ones((8,), "float32")))
-
-    def forward(self, x):
-        return self.a(x) + self.bias + self.pe
-
-
-def build_model():
-    return Net()
-
-
-def example_inputs(batch_size):
-    return (torch.randn(batch_size, 8),)
-"""
-
-
-def test_state_made_with_from_numpy_is_named_with_the_fix(tmp_path, capsys):
-    """torch.from_numpy ignores the meta device ftc builds under; forward then failed on the meta
-    device with a hint about .item() and branching."""
-    model = write(tmp_path, "numpy_init.py", NUMPY_INIT)
-    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
-    assert_user_error(result, "makes parameter 'bias' (on cpu), buffer 'pe' (on cpu) while ftc builds the model on "
-                      "the meta device", "create them with torch.tensor(array) or torch.as_tensor(array)")  # fmt: skip
-    model.write_text(NUMPY_INIT.replace("torch.from_numpy(", "torch.as_tensor("))
-    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
-
-
 FAILING = """
 import torch
 import torch.nn as nn

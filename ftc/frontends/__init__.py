@@ -59,7 +59,6 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
     model = _in_training_mode(model_file)
-    _check_on_meta(model, model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
@@ -74,22 +73,6 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     if draws:
         traced.graph.trace_notes.append(draws_note(draws))
     return traced
-
-
-def _check_on_meta(model: torch.nn.Module, model_file: ModelFile) -> None:
-    """Parameters and buffers that build_model() made off the meta device, which the meta run
-    of forward cannot mix with meta tensors."""
-    state = [*(("parameter", name, t) for name, t in model.named_parameters()),
-             *(("buffer", name, t) for name, t in model.named_buffers())]  # fmt: skip
-    off_meta = [f"{kind} {name!r} (on {t.device})" for kind, name, t in state if t.device.type != "meta"]
-    if off_meta:
-        raise FtcError(
-            f"{model_file.path}: build_model() makes {', '.join(off_meta)} while ftc builds the model on the meta "
-            "device, so forward cannot run there",
-            f"create {'them' if len(off_meta) > 1 else 'it'} with torch.tensor(array) or torch.as_tensor(array), "
-            "which follow torch.device(\"meta\"), instead of torch.from_numpy(array), which ignores it (and pass "
-            "no device= in build_model())",
-        )
 
 
 def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
