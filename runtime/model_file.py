@@ -75,6 +75,10 @@ class ModelFile:
                 f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module",
                 "return the model instance from build_model()",
             )
+        if device is not None and torch.device(device).type == "meta":
+            # Legacy constructors (torch.FloatTensor(n, m), as transformers' XLNet makes its
+            # attention weights) and torch.from_numpy ignore the default device.
+            model.to("meta")
         return model
 
     def inputs(self, batch_size: int, device: torch.device | str | None = None) -> tuple | dict:

@@ -61,43 +61,6 @@ def test_compile_prints_the_stage_table(tmp_path, capsys):
     assert (tmp_path / "gen" / "good" / "stage1.py").is_file()
 
 
-NUMPY_INIT = """
-import numpy
-import torch
-import torch.nn as nn
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.bias = nn.Parameter(torch.from_numpy(numpy.linspace(-1, 1, 8).astype("float32")))
-        self.register_buffer("pe", torch.from_numpy(numpy.ones((8,), "float32")))
-
-    def forward(self, x):
-        return self.a(x) + self.bias + self.pe
-
-
-def build_model():
-    return Net()
-
-
-def example_inputs(batch_size):
-    return (torch.randn(batch_size, 8),)
-"""
-
-
-def test_state_made_with_from_numpy_is_named_with_the_fix(tmp_path, capsys):
-    """torch.from_numpy ignores the meta device ftc builds under; forward then failed on the meta
-    device with a hint about .item() and branching."""
-    model = write(tmp_path, "numpy_init.py", NUMPY_INIT)
-    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
-    assert_user_error(result, "makes parameter 'bias' (on cpu), buffer 'pe' (on cpu) while ftc builds the model on "
-                      "the meta device", "create them with torch.tensor(array) or torch.as_tensor(array)")  # fmt: skip
-    model.write_text(NUMPY_INIT.replace("torch.from_numpy(", "torch.as_tensor("))
-    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
-
-
 FAILING = """
 import torch
 import torch.nn as nn
@@ -1037,6 +1000,60 @@ def test_a_trace_that_fails_inside_a_library_names_the_library_line(tmp_path, ca
                   "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n")  # fmt: skip
     refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "out"], capsys)
     assert_user_error(refused, "neither torch.fx nor torch.export could trace the model", "layers.py:5: if x.sum() > 0:")
+
+
+def test_a_random_layer_skip_only_in_training_is_named_with_the_config_fix(tmp_path, capsys):
+    """transformers' speech models default to layerdrop=0.1: in training mode forward branches in
+    Python on torch.rand, which no tracer can hold; in eval mode the same model traces. The error
+    said to make forward's Python independent of values, which a library user cannot do."""
+    model = write(
+        tmp_path,
+        "layerdrop.py",
+        """
+        import torch
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+            def forward(self, x):
+                for layer in self.layers:
+                    if self.training and torch.rand([]) < 0.1:
+                        continue
+                    x = layer(x)
+                return x
+
+        def build_model():
+            return Net()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 8),)
+        """,
+    )
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "torch.export could not trace the model in training mode",
+                      "layerdrop.py:12", "but it can in eval mode", "layerdrop=0.0")  # fmt: skip
+    model.write_text(model.read_text().replace("0.1", "0.0").replace("self.training and torch.rand([]) < 0.0", "False"))
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+
+
+def test_a_torch_draw_fx_cannot_trace_goes_to_export_instead_of_being_fixed(tmp_path, capsys):
+    """torch.randn(8) takes no traced value: fx ran it once while tracing and the stage code added
+    the same noise at every step, where the model draws anew."""
+    model = write(tmp_path, "noisy.py", GOOD.replace(
+        "return nn.Sequential(", "return Noisy()\n\n\nclass Noisy(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.a = nn.Linear(8, 8)\n\n    def forward(self, x):\n"
+        "        return self.a(x) + torch.randn(8)\n\n\ndef unused():\n    return nn.Sequential(",
+    ))  # fmt: skip
+    refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)
+    assert_user_error(refused, "DrawnWhileTracing: randn at noisy.py:15 draws with no traced argument",
+                      "compile with --frontend export or auto")  # fmt: skip
+    assert run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "auto"], capsys)[0] == 0
+    folder = tmp_path / "auto" / "noisy"
+    assert json.loads((folder / "ir.json").read_text())["frontend"] == "export"
+    assert "torch.randn(" in (folder / "stage0.py").read_text()
 
 
 def test_compile_plans_memory_for_micro_batches_the_runtime_can_run(tmp_path, capsys):

@@ -24,6 +24,7 @@ from ftc.runtime import load_model_file, load_pipeline
 from ftc.runtime.materialize import build_stages
 
 from .conftest import ROOT
+from .test_equivalence import assert_check_passes
 
 SEED = 1234
 LOGGER = "ftc.runtime.materialize"
@@ -449,3 +450,46 @@ def test_stages_land_on_the_device_with_the_cpu_values(tmp_path, edge):
     for stage in stages.values():
         for name, tensor in stage.state_dict().items():
             assert tensor.is_cuda and torch.equal(tensor.cpu(), trained.state_dict()[name]), name
+
+
+OFF_META_STATE = """
+import numpy
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.FloatTensor(8, 8))
+        nn.init.normal_(self.w)
+        self.bias = nn.Parameter(torch.from_numpy(numpy.linspace(-1, 1, 8).astype("float32")))
+        self.register_buffer("pe", torch.from_numpy(numpy.arange(8, dtype="float32")))
+
+    def forward(self, x):
+        return torch.tanh(self.a(x)) @ self.w + self.bias + self.pe
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_state_made_off_the_meta_device_compiles_and_builds_the_seeded_values(tmp_path, compile_to):
+    """A legacy constructor (torch.FloatTensor(8, 8), as transformers' XLNet makes its attention
+    weights) and torch.from_numpy ignore the meta device ftc builds under; compile refused them,
+    and the model could not be compiled at all without editing the library."""
+    path = tmp_path / "off_meta.py"
+    path.write_text(OFF_META_STATE)
+    folder = compile_to(path, 2, batch_size=4)
+    assert_check_passes(folder, batch_size=4)
+    pipeline = load_pipeline(folder)
+    model_file = load_model_file(pipeline.model_file)
+    model, _ = seeded_model(model_file)
+    for indices in device_groups(pipeline):
+        assert_exact(build(model_file, pipeline, indices), pipeline, named_state(model))

@@ -31,7 +31,7 @@ from .common import user_source
 from .gradient_code import gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
-from .fx import BufferAssigned, StateUntraced, StateWrittenUntraced, trace_fx
+from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
 FRONTENDS = ("auto", "fx", "export")
@@ -59,7 +59,6 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
     model = _in_training_mode(model_file)
-    _check_on_meta(model, model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
@@ -74,22 +73,6 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     if draws:
         traced.graph.trace_notes.append(draws_note(draws))
     return traced
-
-
-def _check_on_meta(model: torch.nn.Module, model_file: ModelFile) -> None:
-    """Parameters and buffers that build_model() made off the meta device, which the meta run
-    of forward cannot mix with meta tensors."""
-    state = [*(("parameter", name, t) for name, t in model.named_parameters()),
-             *(("buffer", name, t) for name, t in model.named_buffers())]  # fmt: skip
-    off_meta = [f"{kind} {name!r} (on {t.device})" for kind, name, t in state if t.device.type != "meta"]
-    if off_meta:
-        raise FtcError(
-            f"{model_file.path}: build_model() makes {', '.join(off_meta)} while ftc builds the model on the meta "
-            "device, so forward cannot run there",
-            f"create {'them' if len(off_meta) > 1 else 'it'} with torch.tensor(array) or torch.as_tensor(array), "
-            "which follow torch.device(\"meta\"), instead of torch.from_numpy(array), which ignores it (and pass "
-            "no device= in build_model())",
-        )
 
 
 def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
@@ -146,6 +129,10 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
                 else f"torch.fx could not trace the model either ({_one_line(model_file, fx_error)}): fix that, "
                 "or use the plain nn.Module instead of its torch.jit.script form",
             ) from exc
+        if type(exc).__name__ == "GuardOnDataDependentSymNode" and _exports_in_eval_mode(
+            model_file, batch, double_batch, name
+        ):
+            raise _training_only_branch(model_file, exc) from exc
         if frontend == "auto":
             raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc
@@ -281,6 +268,33 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
     return None
 
 
+def _exports_in_eval_mode(model_file: ModelFile, batch, double_batch, name: str) -> bool:
+    """Whether torch.export traces the model in eval mode, where it could not in training mode."""
+    model = model_file.build("meta")
+    model.eval()
+    try:
+        with _quiet(), drawn_from([]):
+            trace_export(model, model_file, batch, double_batch, name)
+    except Exception:
+        return False
+    return True
+
+
+def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError:
+    """Python that branches on a tensor's value only in training mode: most often a random skip of
+    a whole layer (transformers' layerdrop, stochastic depth), whose outcome a trace would fix
+    once for every step."""
+    return FtcError(
+        f"{model_file.path}: torch.export could not trace the model in training mode{user_frame(exc, model_file.path)} "
+        f"({type(exc).__name__}: {_first_line(exc)}{library_frame(exc, model_file.path)}), but it can in eval "
+        "mode: forward's Python branches on a tensor's value only while training, as a random skip of whole "
+        "layers does",
+        "turn the training-only branch off in the model's configuration (transformers: layerdrop=0.0, or "
+        "encoder_layerdrop=0.0 and decoder_layerdrop=0.0), or write the skip with torch ops (scale the layer's "
+        "output by a torch.bernoulli draw) so that it becomes stage code",
+    )
+
+
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:
     """One error for a failed trace: where in the model file it failed and why, per tracer."""
     names = ["torch.fx", "torch.export"] if len(errors) == 2 else [tracers]
@@ -309,6 +323,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], StateUntraced):
         fix = "compile with --frontend export or auto"
+    elif names == ["torch.fx"] and isinstance(errors[0], DrawnWhileTracing):
+        fix = "compile with --frontend export or auto, or draw from a traced value (torch.rand_like(x))"
     elif names == ["torch.fx"] and isinstance(errors[0], BufferAssigned):
         fix = "compile with --frontend export or auto, or update the buffer in place (self.count.add_(1))"
     return FtcError(

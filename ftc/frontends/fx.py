@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.model_file import ModelFile
@@ -196,11 +197,17 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     # takes another way (`self.teacher.parameters()`, `named_buffers()`) is the real tensor, and an
     # in-place write to it runs once while tracing and is lost. Its version counter tells.
     versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    with tracer.training_flags(model, branches):
+    draws: list[str] = []
+    with tracer.training_flags(model, branches), _EagerDraws(model_file, draws):
         try:
             fx_graph = tracer.trace(model, concrete_args=defaults or None)
         except ValueError as exc:
             raise (star_args(model) if "co_varnames is too small" in str(exc) else exc) from exc
+    if draws:
+        raise DrawnWhileTracing(
+            f"{', '.join(dict.fromkeys(draws))} draws with no traced argument: the stage code would fix the draw; "
+            "export records it as an op"
+        )
     root = tracer.root
     _empty_var_keyword(fx_graph, model, model_file)
     modules = module_table(model, model_file)
@@ -346,6 +353,28 @@ def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Ite
 
 class BufferAssigned(Exception):
     """fx cannot trace this model; not an FtcError, so that --frontend auto tries export."""
+
+
+class DrawnWhileTracing(BufferAssigned):
+    """forward draws from torch's generator with arguments fx does not trace (`torch.rand([])`,
+    a fairseq-style LayerDrop's `torch.empty(1).uniform_()`): the draw runs while tracing and its
+    outcome, or a branch on it, is fixed in the stage code; export traces it."""
+
+
+class _EagerDraws(TorchDispatchMode):
+    """Records the model-code line of each seeded aten op that runs while fx traces: ops on fx's
+    proxies are recorded, not run, so one that runs is a draw whose outcome the trace fixes."""
+
+    def __init__(self, model_file: ModelFile, draws: list[str]):
+        super().__init__()
+        self.model_file = model_file
+        self.draws = draws
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            where = user_source(self.model_file) or self.model_file.path.name
+            self.draws.append(f"{func.overloadpacket.__name__} at {where}")
+        return func(*args, **(kwargs or {}))
 
 
 class StateUntraced(BufferAssigned):
