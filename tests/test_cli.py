@@ -832,7 +832,16 @@ def test_a_recompile_never_overwrites_files_ftc_did_not_write_or_an_edited_packa
         assert (folder / name).read_text() == original
 
 
-def test_an_interrupted_compile_leaves_the_folder_whole(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a process started from a terminal: a pytest-xdist
+    worker ignores it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupted_compile_leaves_the_folder_whole(tmp_path, capsys, monkeypatch, ctrl_c_raises):
     """Ctrl-C while a compile wrote its files left new stage files beside the old pipeline.json:
     a folder that looked complete, trained the wrong code and read as hand-edited."""
     from pathlib import Path
