@@ -633,7 +633,7 @@ class _DeviceRunner:
         # The recomputing forward must see the buffers this one saw (a BatchNorm's running
         # statistics, a step counter), and must not update them a second time.
         buffers_before = _buffer_values(module) if recompute and self.training else None
-        weight_versions = _parameter_versions(module) if recompute and self.training else {}
+        weight_versions = _parameter_versions(module) if recompute and self.training else None
         try:
             with self._seeded(stage, m), torch.set_grad_enabled(torch.is_grad_enabled() and not recompute), \
                     self.engine.autocast():  # fmt: skip
@@ -646,7 +646,10 @@ class _DeviceRunner:
                              "check the data against the model file's example_inputs (shapes, dtypes); "
                              f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
                              "runs the stages on example inputs of this micro-batch size") from exc  # fmt: skip
-        written = [name for name, version in _parameter_versions(module).items() if version != weight_versions.get(name, version)]
+        # The parameters a forward without autograd wrote, which its recompute must not write again
+        written = [] if weight_versions is None else [
+            name for name, version in _parameter_versions(module).items() if version != weight_versions[name]
+        ]
         check_stage_outputs(spec, outputs)
         if self.training and not recompute and stage not in self.engine.gradients_checked:
             self.engine.gradients_checked.add(stage)  # a hand edit shows on the first forward: not each step
