@@ -25,7 +25,7 @@ import torch
 from ftc.ir import FtcError
 from ftc.runtime.model_file import ModelFile
 
-from .common import user_source
+from .common import CodeFiles, user_source
 
 # Tensor methods that attach a gradient callable to one tensor.
 GRADIENT_HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
@@ -58,14 +58,14 @@ def backward_refused(model_file: ModelFile, name: str, where: str) -> FtcError:
     )
 
 
-def _library_caller(frame, model_dir: str) -> tuple[str, str] | None:
+def _library_caller(frame, code: CodeFiles) -> tuple[str, str] | None:
     """(' (in Class at file:LINE)', a further fix) for the innermost caller outside torch when it
     is a library's code, not the model's (transformers' BloomGelu applies its GeLUFunction);
     None when the model's own code made the call."""
     torch_dir = Path(torch.__file__).parent
     while frame is not None and Path(frame.f_code.co_filename).is_relative_to(torch_dir):
         frame = frame.f_back
-    if frame is None or frame.f_code.co_filename.startswith(model_dir):
+    if frame is None or code.own(frame.f_code.co_filename):
         return None
     owner = frame.f_locals.get("self")
     module = f"{type(owner).__module__}.{type(owner).__qualname__}" if isinstance(owner, torch.nn.Module) else ""
@@ -84,12 +84,12 @@ def gradient_code_refused(model_file: ModelFile):
     base = torch.autograd.Function
     original_apply = base.__dict__["apply"]
     original_hooks = {method: getattr(torch.Tensor, method) for method in GRADIENT_HOOKS}
-    model_dir = str(model_file.path.resolve().parent)
+    code = CodeFiles(model_file)
 
     def refuse_function(cls, *args, **kwargs):
         if not cls.__module__.split(".")[0] == "torch":
             where = user_source(model_file) or model_file.path.name
-            library = _library_caller(sys._getframe(1), model_dir)
+            library = _library_caller(sys._getframe(1), code)
             raise FtcError(
                 f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}"
                 f"{library[0] if library else ''}: neither torch.fx nor torch.export keeps its backward (they "
@@ -103,8 +103,7 @@ def gradient_code_refused(model_file: ModelFile):
 
         def hook(self, *args, **kwargs):
             # torch's own code (a module's backward hooks) may hook tensors; the model's may not.
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(model_dir) and not Path(caller).is_relative_to(Path(torch.__file__).parent):
+            if code.own(sys._getframe(1).f_code.co_filename):
                 raise hook_refused(model_file, method, user_source(model_file) or model_file.path.name)
             return original(self, *args, **kwargs)
 
