@@ -143,9 +143,9 @@ def main() -> None:
                             folder, result, problem = compile_with(source, model_file, method, stages, out_dir)
                             devices, predicted = result.devices, predicted_compute(problem, result)
                     except FtcError as exc:
-                        rows.append((stages, method, None, None, None, exc.message))
+                        rows.append((stages, method, None, None, None, None, exc.message))
                         continue
-                    rows.append((stages, method, devices, predicted, timer.add(folder), stage_ops(folder)))
+                    rows.append((stages, method, devices, predicted, timer.add(folder), stage_ops(folder), ""))
             seconds = timer.measure(warmup=2, repeats=args.repeats)
             # One factor per moment the predictions were taken at: the profiles once per model,
             # each refined compile at its own (the machine's speed drifts in between).
@@ -159,9 +159,9 @@ def main() -> None:
                   f"profile), fitted over all the model's stages, and refined ones by {refined or '-'}")  # fmt: skip
             print(f"{'P':>2}  {'method':<20} {'stages':>6}  {'measured imb.':>13}  {'predicted imb.':>14}  "
                   f"{'pred. error median':>18}  {'worst':>6}  {'slowest device':>14}")  # fmt: skip
-            for stages, method, devices, predicted, keys, ops in rows:
+            for stages, method, devices, predicted, keys, ops, note in rows:
                 if devices is None:
-                    print(f"{stages:>2}  {method:<20} {'-':>6}  {ops}")
+                    print(f"{stages:>2}  {method:<20} {'-':>6}  {note}")
                     continue
                 measured = [seconds[k] for k in keys]
                 factor = scale[_source((stages, method, devices))]
