@@ -284,6 +284,9 @@ class Graph:
     # Model-file places ('gpt.py:42') that branch on `self.training` (`if self.training:`):
     # the graph keeps the branch the traced (training) mode took, whatever mode a stage runs in.
     training_branches: list[str] = field(default_factory=list)
+    # The batch sizes forward works for, lowest and highest, where something bounds them (a
+    # MoCo queue sliced by the batch, `self.queue[:-B]`, needs B <= its length); None: any.
+    batch_range: tuple[int, int] | None = None
     # What the frontend changed or chose that a reader of the stage code should know, one line
     # each: why --frontend auto used export (fx's error), checkpoint calls traced as plain calls.
     trace_notes: list[str] = field(default_factory=list)

@@ -184,6 +184,7 @@ def graph_to_dict(graph: Graph) -> dict:
         }
         | ({"kind_costs": {kind: asdict(cost) for kind, cost in graph.kind_costs.items()}} if graph.kind_costs else {})
         | ({"training_branches": graph.training_branches} if graph.training_branches else {})
+        | ({"batch_range": list(graph.batch_range)} if graph.batch_range is not None else {})
         | ({"trace_notes": graph.trace_notes} if graph.trace_notes else {})
     )
 
@@ -211,6 +212,7 @@ def graph_from_dict(data: dict) -> Graph:
         kind_costs={kind: Cost(**cost) for kind, cost in data.get("kind_costs", {}).items()},
         outputs=Outputs(outputs["kind"], [Ref(name) for name in outputs["values"]], outputs["keys"]),
         training_branches=data.get("training_branches", []),
+        batch_range=tuple(data["batch_range"]) if data.get("batch_range") is not None else None,
         trace_notes=data.get("trace_notes", []),
     )
 

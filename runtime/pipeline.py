@@ -68,6 +68,13 @@ class Pipeline:
         return self.manifest.get("settings", {}).get("micro_batches") or len(self.stages)
 
     @property
+    def batch_range(self) -> tuple[int, int] | None:
+        """The batch sizes forward works for (lowest, highest), where the compiler found them
+        bounded; None: any."""
+        sizes = self.manifest.get("batch_range")
+        return (sizes[0], sizes[1]) if sizes is not None else None
+
+    @property
     def packed_inputs(self) -> dict[str, float]:
         """Inputs with several rows per sample along their batch dimension (EmbeddingBag's flat
         indices, a flattened [B*T] token list), by rows per sample: a batch of them is not a
@@ -206,6 +213,14 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     ):
         raise bad("key 'tied'", f"is {json.dumps(tied)}; it must be a list of groups, each a list of two or more "
                   "names of one tensor")  # fmt: skip
+    batch_range = manifest.get("batch_range", [1, 1])
+    if not (
+        isinstance(batch_range, list) and len(batch_range) == 2
+        and all(isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in batch_range)
+        and batch_range[0] <= batch_range[1]
+    ):  # fmt: skip
+        raise bad("key 'batch_range'", f"is {json.dumps(batch_range)}; it must be the lowest and highest batch size "
+                  "forward works for, [low, high] with 1 <= low <= high")  # fmt: skip
     if not manifest["stages"]:
         raise bad("key 'stages'", "is empty")
     produced: dict[str, int] = {}

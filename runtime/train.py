@@ -337,6 +337,26 @@ def check_unpacked_inputs(pipeline: Pipeline) -> None:
                            "compute it inside forward from per-sample inputs (e.g. the mask from per-sample ids)")  # fmt: skip
 
 
+def check_micro_batch_size(config: Config, pipeline: Pipeline) -> None:
+    """A forward bounded in batch size (pipeline.json's batch_range, from the compiler) would
+    fail inside a stage, or the original model in mode single, with a shape error naming
+    neither the bound nor the config keys that set the micro-batch."""
+    if pipeline.batch_range is None:
+        return
+    low, high = pipeline.batch_range
+    size = config.batch_size // config.micro_batches
+    if low <= size <= high:
+        return
+    fits = [m for m in range(1, config.batch_size + 1) if config.batch_size % m == 0 and low <= config.batch_size // m <= high]
+    hint = (f"set micro_batches to {', '.join(map(str, fits[:4]))}{' or more' if len(fits) > 4 else ''}"
+            f" (keeping batch_size {config.batch_size}), or change batch_size" if fits
+            else f"choose batch_size and micro_batches with batch_size / micro_batches from {low} to {high}")  # fmt: skip
+    raise FtcError(f"config {config.source}: micro-batches of {size} samples (batch_size {config.batch_size} / "
+                   f"micro_batches {config.micro_batches}) are outside the batch sizes {low} to {high} that the model's "
+                   f"forward works for ({pipeline.folder}/pipeline.json: batch_range, found by the compiler: a size "
+                   "computed from the batch meets a fixed-size tensor, such as a slice of a buffer)", hint)  # fmt: skip
+
+
 def memory_plan_differences(config: Config, pipeline: Pipeline) -> list[str]:
     """Where the config trains with more memory per stage than a pipeline compiled under
     --memory-limit was planned for (pipeline.json's settings); one line each, empty when it fits
@@ -531,6 +551,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
             print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
     check_fault_rank(config, world_size if config.mode == "dist" else 1)
     check_unpacked_inputs(pipeline)
+    check_micro_batch_size(config, pipeline)
     check_trainable(pipeline, model_file)
     if rank == 0:
         check_writable(config)

@@ -42,7 +42,7 @@ from .config import Config, load_config
 from .pipeline import load_pipeline
 from .model_file import load_model_file
 from .relay import OutputRelay, send_output
-from .train import Results, Status, check_fault_rank, check_trainable, resolve_loss, train, training_device
+from .train import Results, Status, check_fault_rank, check_micro_batch_size, check_trainable, resolve_loss, train, training_device
 
 
 class Stopped(Exception):
@@ -153,6 +153,7 @@ def launch(config: Config) -> Results | None:
     model_file = load_model_file(pipeline.model_file_or(config.model))
     resolve_loss(config, model_file)
     check_trainable(pipeline, model_file)
+    check_micro_batch_size(config, pipeline)
     if config.nprocs is not None and not config.torchrun and config.nprocs != pipeline.num_devices:
         raise FtcError(f"config key 'nprocs' is {config.nprocs}, but {pipeline.folder} places its stages on "
                        f"{pipeline.num_devices} devices", f"set nprocs={pipeline.num_devices} or leave it out")  # fmt: skip

@@ -14,7 +14,10 @@ import torch
 
 from ftc.check import check_pipeline
 from ftc.frontends import trace
+from ftc.ir import FtcError
 from ftc.runtime import LocalExecutor, load_model_file, load_pipeline
+from ftc.runtime.config import load_config
+from ftc.runtime.train import train
 
 from .conftest import EXAMPLES, MODELS, assert_local_trains_like_single, stdlib_modules
 
@@ -138,7 +141,23 @@ def test_a_value_sized_by_the_batch_out_of_proportion_stays_with_its_reader(comp
     assert_local_trains_like_single(folder)
     if frontend == "export":
         notes = trace(load_model_file(MODELS / "queue_slice.py"), 4, "export").graph.trace_notes
-        assert any("batch sizes 2 to 32" in note for note in notes), notes
+        assert any("batch sizes up to 32" in note for note in notes), notes
+        assert json.loads((folder / "pipeline.json").read_text())["batch_range"] == [1, 32]
+
+
+def test_training_refuses_micro_batches_above_the_batch_range_export_found(compile_to):
+    """Micro-batches of 40 samples would slice `self.queue[:-40]` of a 32-row queue: the stage
+    fails with a shape error deep inside, and so does the original model in mode single. The
+    config is refused first, naming its keys, the range and micro-batch counts that fit."""
+    folder = compile_to(MODELS / "queue_slice.py", 2, batch_size=4, frontend="export")
+    for mode in ("single", "local"):
+        config = load_config(data={"pipeline": str(folder), "mode": mode, "steps": 1, "batch_size": 80,
+                                   "micro_batches": 2, "data": {"name": "synthetic", "size": 160}})  # fmt: skip
+        with pytest.raises(FtcError) as refused:
+            train(config)
+        message = str(refused.value)
+        assert "micro-batches of 40 samples (batch_size 80 / micro_batches 2)" in message, message
+        assert "batch sizes 1 to 32" in message and "set micro_batches to 4, 5, 8, 10 or more" in message, message
 
 
 def _edit_stage(folder, old, new):

@@ -245,6 +245,7 @@ def write_pipeline(
         "output_structure": {"kind": graph.outputs.kind, "keys": graph.outputs.keys},
         "num_devices": len(set(graph.stage_devices)),
         "tied": tied_groups(graph),
+        **({"batch_range": list(graph.batch_range)} if graph.batch_range is not None else {}),
         "stages": [
             {
                 "index": plan.index,

@@ -84,7 +84,7 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
-        program, batch_note = _export_bounded(model, model_file, args, kwargs, dynamic)
+        program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic)
         library_branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
@@ -225,8 +225,8 @@ def trace_export(
     nodes, outputs.values = tidy(nodes, outputs.values, values)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
-        constants=constants, frontend="export", trace_notes=([batch_note] if batch_note else []) + notes,
-        training_branches=training_branches(model, model_file) + library_branches,
+        constants=constants, frontend="export", trace_notes=_range_notes(batch_range) + notes,
+        training_branches=training_branches(model, model_file) + library_branches, batch_range=batch_range,
     )  # fmt: skip
 
 
@@ -240,18 +240,19 @@ def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str,
 
 def _export_bounded(
     model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict
-) -> tuple[torch.export.ExportedProgram, str]:
-    """torch.export's program and a note, for a forward that works only for some batch sizes (a
-    MoCo queue rolled by `torch.cat([k, self.queue[:-k.shape[0]]])` needs batch <= the queue's
-    length). A named Dim refuses such a bound, and torch's solver may even fail on it with an
-    AssertionError (`Expected op to be '==', got <= for batch <= 127/4`); Dim.AUTO takes the
-    range forward allows, which the note gives, so training knows which
-    micro-batches fit. A forward that works at one batch size only is refused, naming it."""
+) -> tuple[torch.export.ExportedProgram, tuple[int, int] | None]:
+    """torch.export's program and the batch sizes it works for (lowest, highest; None: any), for
+    a forward that works only for some (a MoCo queue rolled by `torch.cat([k,
+    self.queue[:-k.shape[0]]])` needs batch <= the queue's length). A named Dim refuses such a
+    bound, and torch's solver may even fail on it with an AssertionError (`Expected op to be
+    '==', got <= for batch <= 127/4`); Dim.AUTO takes the range forward allows, which training
+    checks its micro-batches against. A forward that works at one batch size only is refused,
+    naming it."""
     inputs = list(kwargs.values()) if kwargs else list(args)
     specs = list(dynamic.values()) if isinstance(dynamic, dict) else list(dynamic)
     size = next((value.shape[next(iter(spec))] for value, spec in zip(inputs, specs) if spec), None)
     try:
-        return _export(model, args, kwargs, dynamic), ""
+        return _export(model, args, kwargs, dynamic), None
     except Exception as error:
         # at batch size 1 export fixes the batch whatever forward does, which its caller names
         if size is None or size < 2 or not _batch_bounded(error):
@@ -270,12 +271,21 @@ def _export_bounded(
             "compute sizes from the input (x.shape[0], or -1 in view/reshape) instead of fixed numbers",
         ) from first
     low, high = sizes
-    if high is None:
-        return program, ""
-    return program, (
-        f"forward works only for batch sizes {low} to {high} (torch.export bounds the batch dimension: a size "
-        "computed from it is taken from a fixed-size tensor, such as a slice of a buffer); micro-batches must stay in that range"
-    )
+    # export's own lowest size is 2 (it fixes sizes 0 and 1 when it meets them), which says
+    # nothing about forward: stages run a micro-batch of 1 like any other.
+    return program, None if high is None else (low if low > 2 else 1, high)
+
+
+def _range_notes(batch_range: tuple[int, int] | None) -> list[str]:
+    if batch_range is None:
+        return []
+    low, high = batch_range
+    sizes = f"up to {high}" if low == 1 else f"{low} to {high}"
+    return [
+        f"forward works only for batch sizes {sizes} (torch.export bounds the batch dimension: a size computed "
+        "from it is taken from a fixed-size tensor, such as a slice of a buffer); training checks that its "
+        "micro-batches (batch_size / micro_batches) stay in that range"
+    ]
 
 
 def _batch_bounded(error: Exception) -> bool:
