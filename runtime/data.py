@@ -421,9 +421,12 @@ def _grown_dims(one: Any, two: Any) -> Any:
     return 0
 
 
-def output_specs(pipeline: Any) -> Any:
+def output_specs(pipeline: Any, micro_batch_size: int) -> Any:
     """The model's outputs as pipeline.json describes them, in the output's structure (None when
-    one is not a tensor, or has its batch folded into a dimension, [B*T, V])."""
+    one is not a tensor, or has its batch folded into a dimension, [B*T, V]). A dimension that
+    also grows with the batch (`other_batch_dims`: contrastive logits [B, B], one column per
+    sample of the micro-batch) is sized for micro-batches of `micro_batch_size`, the size every
+    forward of the run sees, so that a target row fits it (a class index below B)."""
     values, compiled = pipeline.manifest["values"], pipeline.manifest["batch_size"]
     specs = {}
     for name in pipeline.outputs:
@@ -435,6 +438,8 @@ def output_specs(pipeline: Any) -> Any:
             if shape[dim] != compiled:
                 return None
             shape[dim] = 1
+        for other in spec.get("other_batch_dims", []):
+            shape[other] = shape[other] // compiled * micro_batch_size
         specs[name] = OutputSpec(tuple(shape), spec["dtype"], dim)
     return pipeline.assemble_output(specs)
 

@@ -560,7 +560,7 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     batch_dims = {name: pipeline.manifest["values"].get(name, {}).get("batch_dim", 0) for name in pipeline.inputs}
     # Synthetic targets shaped like the outputs, where the model file does not say what they are.
     shaped = config.data["name"] == "synthetic" and getattr(model_file.module, "example_targets", None) is None
-    outputs = synthetic_targets(output_specs(pipeline), loss_fn) if shaped else None
+    outputs = synthetic_targets(output_specs(pipeline, config.batch_size // config.micro_batches), loss_fn) if shaped else None
     target_dims = target_batch_dims(model_file, outputs)
     dataset = None
     if config.epochs is not None:

@@ -172,7 +172,7 @@ def async_reference(config: Config, model_path: Path | None = None, pipeline: Pa
     # Synthetic targets as training makes them where the model file has no example_targets:
     # shaped like the outputs, class indices where the loss takes them.
     shaped = config.data["name"] == "synthetic" and getattr(model_file.module, "example_targets", None) is None
-    outputs = synthetic_targets(output_specs(spec), model_file.loss_fn) if shaped else None
+    outputs = synthetic_targets(output_specs(spec, config.batch_size // config.micro_batches), model_file.loss_fn) if shaped else None
     with seeded(config.seed):
         dataset = build_dataset(config.data, model_file, outputs)
     sampler = Sampler(len(dataset), config.batch_size, config.seed)

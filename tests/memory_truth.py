@@ -185,7 +185,7 @@ def measure(folder, *, schedule: str, micro_batches: int, optimizer: str, steps:
     }
     outputs = None
     if getattr(model_file.module, "example_targets", None) is None:
-        outputs = synthetic_targets(output_specs(pipeline), loss_fn)
+        outputs = synthetic_targets(output_specs(pipeline, batch // micro_batches), loss_fn)
     target_dims = target_batch_dims(model_file, outputs)
     batch_dims = {n: pipeline.manifest["values"].get(n, {}).get("batch_dim", 0) for n in pipeline.inputs}
     dataset = synthetic(model_file, size=batch * steps, seed=seed, outputs=outputs)

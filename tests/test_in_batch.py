@@ -6,6 +6,7 @@ the original model at each batch size, and single-process training on the same m
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -107,3 +108,29 @@ def test_training_refuses_an_input_that_relates_samples(tmp_path, compile_to):
                                "steps": 1, "batch_size": 4})  # fmt: skip
     with pytest.raises(FtcError, match=r"input 'mask' grows with the batch in dimensions \[0, 1\]"):
         train(config)
+
+
+def test_synthetic_class_targets_of_in_batch_logits_fit_the_micro_batch(tmp_path, compile_to):
+    """Logits [B, B] over the batch's own samples, with no example_targets: a synthetic target
+    is a class index per row, which must be below the micro-batch's B (4), not the compile
+    batch's (8), or cross_entropy fails on an index out of range."""
+    path = tmp_path / "pair_logits.py"
+    path.write_text(
+        "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n\n"
+        "class PairLogits(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.a = nn.Linear(8, 16)\n        self.b = nn.Linear(8, 16)\n\n"
+        "    def forward(self, x, y):\n        return self.a(x) @ self.b(y).t()\n\n\n"
+        "def build_model():\n    return PairLogits()\n\n\n"
+        "def example_inputs(batch_size):\n"
+        "    return (torch.randn(batch_size, 8), torch.randn(batch_size, 8))\n\n\n"
+        "def loss_fn(logits, target):\n    return F.cross_entropy(logits, target)\n"
+    )
+    folder = compile_to(path, 2, batch_size=8)
+    losses = {}
+    for mode in ("single", "local"):
+        config = load_config(data={"pipeline": str(folder), "data": {"name": "synthetic", "size": 32}, "mode": mode,
+                                   "steps": 3, "batch_size": 8, "micro_batches": 2})  # fmt: skip
+        losses[mode] = train(config).loss
+    torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+    assert all(math.isfinite(loss) for loss in losses["single"])
