@@ -838,27 +838,43 @@ def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(t
 
 
 def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
-    """A library's stochastic depth (`if not self.training: return x`, as transformers'
-    SwinDropPath), in its module and in its function that the model's own block passes the flag
-    to (timm's drop_path), is kept as traced in training mode, so the stages drop paths in eval
-    mode too (the eval figure shows it): compile names the library's lines (ir.json's
-    training_branches), the classes and modules, and what to do, and `ftc check` does not judge
-    that figure. The library's harmless reads of the flag (gradient checkpointing, attention and
-    functional dropout, BatchNorm, which the stages follow) are not named."""
+    """A library's stochastic depth in its function that the model's own block passes the flag
+    to (timm's drop_path) is kept as traced in training mode, so the stages drop paths in eval
+    mode too (the eval figure shows it): compile names the library's line (ir.json's
+    training_branches), the class and module, and what to do, and `ftc check` does not judge
+    that figure. The same branch in a library module (transformers' SwinDropPath) is followed:
+    the stages call the module whole, which compile says. The library's harmless reads of the
+    flag (gradient checkpointing, attention and functional dropout, BatchNorm, which the stages
+    follow) are not named."""
     from ftc.compiler import CompileOptions, compile_model
 
     options = CompileOptions(stages=2, frontend="export")
     compiled = compile_model(MODELS / "library_drop_path.py", tmp_path / "out", options)
     source = (MODELS.parent / "library" / "drop_path_blocks.py").read_text().splitlines()
     function_line, class_line = [f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "bernoulli_" in text]
-    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [class_line, function_line]
-    notes = {"drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)": class_line,
-             "library_drop_path.Head (head)": function_line}  # fmt: skip
-    for owner, line in notes.items():
-        note = next(note for note in compiled.notes if owner in note)
-        assert f"from {line} on" in note and "drop_path_rate=0" in note
+    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [function_line]
+    named = next(note for note in compiled.notes if "library_drop_path.Head (head)" in note)
+    assert f"from {function_line} on" in named and "drop_path_rate=0" in named
+    followed = next(note for note in compiled.notes if "drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)" in note)
+    assert f"({class_line})" in followed and "call its modules whole" in followed
+    stages = "".join(path.read_text() for path in sorted(compiled.folder.glob("stage*.py")))
+    assert stages.count(".drop_path(") == 2 and stages.count("bernoulli_") == 1  # the Head's, op by op
     report = check_pipeline(compiled.folder)
     assert report.ok and not report.eval_expected and report.eval_outputs > report.tolerance
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_stages_follow_eval_mode_in_a_library_module_that_branches_on_self_training(frontend, compile_to):
+    """Stochastic depth in a library's DropPath module (`if not self.training: return x`):
+    traced op by op, the stages would drop paths in eval mode too. Each DropPath is called
+    whole, so `ftc check` finds the stages' eval outputs equal to the model's, at P=2 and P=3."""
+    for stages in (2, 3):
+        folder = compile_to(MODELS / "library_blocks.py", stages, frontend=frontend)
+        assert "training_branches" not in json.loads((folder / "ir.json").read_text())
+        code = "".join(path.read_text() for path in sorted(folder.glob("stage*.py")))
+        assert code.count(".drop_path(") == 3 and "bernoulli" not in code
+        report = check_pipeline(folder)
+        assert report.ok and report.eval_expected, report
 
 
 def test_a_library_forward_that_cannot_run_in_eval_mode_is_told(tmp_path):
@@ -1079,22 +1095,24 @@ def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
 
 
 def test_a_buffer_written_with_out_stays_with_its_readers(compile_to):
-    """spectral_norm's power iteration writes `_u` and `_v` with `out=` (aten.div.out): the
-    write's target, a keyword, was not seen as an in-place write, so the partitioner put `_v`'s
-    reader and writer in two stages and stage 0 alone failed `ftc check` (its `_v` never
-    updated). The write is now `self.._u.copy_(a / b)`, which the IR tracks. Eval mode still
-    differs: torch's spectral_norm runs its power iteration only when training, and compile names
-    that line of torch's."""
+    """A buffer written with `out=` (aten.div.out, Rescale's `scale`; spectral_norm's `_u` and
+    `_v` too): the write's target, a keyword, was not seen as an in-place write, so the
+    partitioner put the buffer's reader and writer in two stages and one stage alone failed `ftc
+    check` (its buffer never updated). The write is now `self.<...>.scale.copy_(a / b)`, which
+    the IR tracks. spectral_norm's power iteration runs only when training (a branch on
+    self.training in torch's code): its parametrization is called whole, so the stages follow
+    eval mode there too."""
     from ftc.check import check_pipeline
 
     folder = compile_to(MODELS / "spectral_norm.py", 4, frontend="export")
     text = "".join((folder / f"stage{k}.py").read_text() for k in range(4))
-    assert ".div.out(" not in text and "._u.copy_(" in text and "._v.copy_(" in text
-    branches = json.loads((folder / "ir.json").read_text())["training_branches"]
-    assert len(branches) == 1 and branches[0].startswith("torch/nn/utils/parametrizations.py:")
+    assert ".div.out(" not in text and ".scale.copy_(" in text
+    assert "training_branches" not in json.loads((folder / "ir.json").read_text())
+    assert text.count('parametrizations["weight"], "0")(') == 2  # spectral_norm's, called whole
     report = check_pipeline(folder)
     assert all(report.stage_ok(stage) for stage in report.stages), [s.problems for s in report.stages]
     assert report.model_state <= report.tolerance and report.model_outputs <= report.tolerance
+    assert report.ok and report.eval_expected
 
 
 def test_batch_norm_counts_batches_in_training_mode_only(compile_to, tmp_path):

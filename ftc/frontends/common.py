@@ -100,8 +100,12 @@ class TrainingFlag:
     is read as the mode the model was traced in, and the places are kept in `branches` so the
     compiler can say which code stays fixed to that mode."""
 
-    def __init__(self, value: bool, model_file: ModelFile, branches: list[str], reads: list[str] | None = None):
+    def __init__(
+        self, value: bool, model_file: ModelFile, branches: list[str], reads: list[str] | None = None,
+        module: Any = None, read_of: list[Any] | None = None,
+    ):  # fmt: skip
         self.value, self.model_file, self.branches, self.reads = value, model_file, branches, reads
+        self.module, self.read_of = module, read_of  # whose flag it is; the modules whose flags were read
 
     def _read(self) -> bool:
         where = user_source(self.model_file) or self.model_file.path.name
@@ -109,6 +113,8 @@ class TrainingFlag:
             self.branches.append(where)
         if self.reads is not None:
             self.reads.append(where)  # every read, in order: the tracer ties them to the next op
+        if self.read_of is not None and self.module is not None:
+            self.read_of.append(self.module)
         return self.value
 
     def __bool__(self) -> bool:

@@ -10,7 +10,10 @@ dropout probability that ftc writes back as the stage's mode). So where a librar
 the flag at all, forward runs once in each mode on the tracing's fake tensors (no export: a
 fraction of its time) with the torch calls recorded, and the two records are compared with the
 training arguments ftc's lowerings turn into the stage's own `self.training` (aten.py) set
-aside: the calls where they still differ ran under a branch the stages cannot follow.
+aside: the calls where they still differ ran under a branch the stages do not follow op by op.
+Where the calls were made in a library module's call (SwinDropPath's), the frontends keep that
+call whole (export.py: a preserved call signature; fx.py: a leaf module), so the stage calls the
+module and follows its mode; the others are named.
 """
 
 from __future__ import annotations
@@ -68,12 +71,25 @@ class _Call:
     module: tuple[str, type]  # path and class of the innermost module call it was made in
 
 
+@dataclass
+class LibraryBranch:
+    """A run of torch calls that forward makes in training mode and not in eval mode (or the
+    reverse), from a branch on `self.training` in library code."""
+
+    line: str  # the library line of its first call ('transformers/models/swin/modeling_swin.py:58')
+    owner: type  # the class of the innermost module whose call made the calls
+    paths: list[str]  # that module's paths ("" for the model itself)
+    # whether a call of the module is the whole branch: a library class's, not the model's own
+    # (whose code the stages are written from) or the model itself; a stage that calls such a
+    # module where it would run its ops follows train()/eval() as the module does
+    callable_whole: bool
+
+
 def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: CodeFiles, args: tuple, kwargs: dict
-                          ) -> tuple[list[str], list[str]]:  # fmt: skip
-    """The library lines ('transformers/models/swin/modeling_swin.py:58') from which forward,
-    run on `args` and `kwargs` (fake tensors) in eval mode, makes other torch calls than in
-    training mode, and a note for each class whose modules' calls do, naming them and saying
-    what to do. Nothing where no library code may read `training` (library_reads_training)."""
+                          ) -> tuple[list[LibraryBranch], list[str]]:  # fmt: skip
+    """The branches from which forward, run on `args` and `kwargs` (fake tensors) in eval mode,
+    makes other torch calls than in training mode, and a note where the search could not be
+    made. Nothing where no library code may read `training` (library_reads_training)."""
     if not library_reads_training(model, code):
         return [], []
     try:
@@ -88,15 +104,29 @@ def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: C
                     "looked for"]  # fmt: skip
     finally:
         train_model(model, True, model_file.path)
-    found = []  # (call, line): the first call of each run of differing calls made in a library
+    found: dict[tuple[str, type], LibraryBranch] = {}
     for calls in _differences(trained, evaluated):
         named = next(((call, line) for call in calls if (line := _library_line(call, code))), None)
-        if named is not None:
-            found.append(named)
+        if named is None:
+            continue
+        call, line = named
+        path, owner = call.module
+        branch = found.setdefault((line, owner), LibraryBranch(line, owner, [], False))
+        if path not in branch.paths:
+            branch.paths.append(path)
+    for branch in found.values():
+        defined_in = inspect.getsourcefile(branch.owner) or ""
+        branch.callable_whole = "" not in branch.paths and not code.own(defined_in)
+    return list(found.values()), []
+
+
+def branch_notes(branches: list[LibraryBranch], model_file: ModelFile) -> list[str]:
+    """A note for each class whose modules' calls take library branches on self.training that
+    the stages keep as traced in training mode, naming them and saying what to do."""
     notes = []
-    for owner in dict.fromkeys(call.module[1] for call, _ in found):
-        paths = list(dict.fromkeys(call.module[0] or "the model" for call, _ in found if call.module[1] == owner))
-        lines = ", ".join(dict.fromkeys(line for call, line in found if call.module[1] == owner))
+    for owner in dict.fromkeys(branch.owner for branch in branches):
+        paths = list(dict.fromkeys(path or "the model" for b in branches if b.owner is owner for path in b.paths))
+        lines = ", ".join(branch.line for branch in branches if branch.owner is owner)
         more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
         notes.append(
             f"{model_file.class_name(owner)} ({paths[0]}{more}) computes other ops in eval mode than in training "
@@ -104,7 +134,22 @@ def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: C
             "the model so that the branch does nothing (drop_path_rate=0 for stochastic depth, layerdrop=0), or judge "
             "evaluation with the original model"
         )
-    return list(dict.fromkeys(line for _, line in found)), notes
+    return notes
+
+
+def followed_notes(branches: list[LibraryBranch], model_file: ModelFile) -> list[str]:
+    """A note for each class whose library branches on self.training the stages follow, by
+    calling its modules whole."""
+    notes = []
+    for owner in dict.fromkeys(branch.owner for branch in branches):
+        paths = list(dict.fromkeys(path for b in branches if b.owner is owner for path in b.paths))
+        lines = ", ".join(branch.line for branch in branches if branch.owner is owner)
+        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        notes.append(
+            f"{model_file.class_name(owner)} ({paths[0]}{more}) branches on self.training in the library ({lines}): "
+            "the stages call its modules whole, so they follow train() and eval() as the model does"
+        )
+    return notes
 
 
 def _library_line(call: _Call, code: CodeFiles) -> str | None:

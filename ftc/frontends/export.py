@@ -47,7 +47,7 @@ from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
-from .eval_mode import library_mode_branches
+from .eval_mode import branch_notes, followed_notes, library_mode_branches
 from .fx import input_names
 from .tidy import tidy
 
@@ -84,8 +84,11 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
-        program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic)
-        library_branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
+        # a library module that branches on self.training is kept as one call where it can be,
+        # so that the stages follow their mode there
+        branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
+        kept = tuple(dict.fromkeys(path for branch in branches if branch.callable_whole for path in branch.paths))
+        program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature
@@ -105,7 +108,7 @@ def trace_export(
     batch_dim = _batch_dim_by_input(fed, dynamic)
     input_of: dict[fx.Node, str] = {}
     specs = {spec.arg.name: spec for spec in signature.input_specs}
-    whole_calls = {call.members[-1]: call for call in _whole_calls(program, model)}
+    whole_calls = {call.members[-1]: call for call in _whole_calls(program, model, kept)}
     in_whole_call = {member for call in whole_calls.values() for member in call.members}
     ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and not _dropped(n))
     for fx_node in program.graph.nodes:
@@ -223,10 +226,17 @@ def trace_export(
     # what the traced ops computed, by value name: tidy's rewrites depend on ranks and dtypes
     values = {names[n]: n.meta.get("val") for n in program.graph.nodes if n in names}
     nodes, outputs.values = tidy(nodes, outputs.values, values)
+    # a module called whole where it ran ops computes none that the graph lowers op by op
+    lowered = {node.module_path for node in nodes if node.op != "call_module"}
+    followed = [branch for branch in branches if branch.callable_whole and not any(
+        scope == path or scope.startswith(f"{path}.") for path in branch.paths for scope in lowered)]  # fmt: skip
+    unfollowed = [branch for branch in branches if branch not in followed]
+    notes = branch_notes(unfollowed, model_file) + followed_notes(followed, model_file) + notes
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", trace_notes=_range_notes(batch_range) + notes,
-        training_branches=training_branches(model, model_file) + library_branches, batch_range=batch_range,
+        training_branches=training_branches(model, model_file) + list(dict.fromkeys(b.line for b in unfollowed)),
+        batch_range=batch_range,
     )  # fmt: skip
 
 
@@ -239,7 +249,7 @@ def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str,
 
 
 def _export_bounded(
-    model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict
+    model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict, kept: tuple[str, ...]
 ) -> tuple[torch.export.ExportedProgram, tuple[int, int] | None]:
     """torch.export's program and the batch sizes it works for (lowest, highest; None: any), for
     a forward that works only for some (a MoCo queue rolled by `torch.cat([k,
@@ -252,7 +262,7 @@ def _export_bounded(
     specs = list(dynamic.values()) if isinstance(dynamic, dict) else list(dynamic)
     size = next((value.shape[next(iter(spec))] for value, spec in zip(inputs, specs) if spec), None)
     try:
-        return _export(model, args, kwargs, dynamic), None
+        return _export(model, args, kwargs, dynamic, kept), None
     except Exception as error:
         # at batch size 1 export fixes the batch whatever forward does, which its caller names
         if size is None or size < 2 or not _batch_bounded(error):
@@ -260,7 +270,7 @@ def _export_bounded(
         first = error
     unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
     try:
-        program = _export(model, args, kwargs, unnamed)
+        program = _export(model, args, kwargs, unnamed, kept)
     except Exception:
         raise first from None
     sizes = _batch_sizes(program)
@@ -318,8 +328,11 @@ def _batch_sizes(program: torch.export.ExportedProgram) -> tuple[int, int | None
 RNN_FLAT_WEIGHTS = r"The tensor attributes (self\.[\w.]+\._flat_weights\[\d+\](, )?)+ were assigned during export"
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | dict) -> torch.export.ExportedProgram:
-    """torch.export's program, with the call signatures of the model's WHOLE_CALLS layers kept
+def _export(
+    model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | dict, kept: tuple[str, ...]
+) -> torch.export.ExportedProgram:
+    """torch.export's program, with the call signatures of the model's WHOLE_CALLS layers, and
+    of the modules at the `kept` paths, kept
     (which values each call took and returned, in what structure). export refuses to keep them
     for a layer called with differently structured arguments (`self.lstm(x)`, then
     `self.lstm(x, state)`), naming it, or with arguments other than tensors and scalars (a size,
@@ -327,6 +340,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: tuple | 
     layers' signatures (or, where neither tells the layer, any layer's), and they are lowered op
     by op."""
     layers = tuple(path for path, module in model.named_modules() if path and isinstance(module, WHOLE_CALLS))
+    layers += tuple(path for path in kept if path not in layers)
     while True:
         refused: list[str] = []
         handles = [model.get_submodule(path).register_forward_pre_hook(_refuse_unkept(path, refused), with_kwargs=True)
@@ -373,8 +387,9 @@ class _WholeCall:
     outputs: dict[fx.Node, tuple]  # each returned value -> its position in the layer's nested output
 
 
-def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) -> list[_WholeCall]:
-    """The calls of WHOLE_CALLS layers whose ops can be written as one call of the layer: they
+def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module, kept: tuple[str, ...]) -> list[_WholeCall]:
+    """The calls of WHOLE_CALLS layers, and of the modules at the `kept` paths, whose ops can be
+    written as one call of the layer: they
     read only the call's arguments and the layer's own parameters and buffers, nothing outside
     reads them but through the call's outputs, and no other op ran between them. The layer's
     forward made those ops from those arguments, so calling it computes what they compute (and
@@ -403,7 +418,9 @@ def _whole_calls(program: torch.export.ExportedProgram, model: torch.nn.Module) 
         signature = signatures.get(f"{path}@{key.rpartition('@')[2]}" if "@" in key else path)
         # the root's signature is the model's own, and a layer that computed nothing is no call to write
         members = _without_sizes(ran)
-        if not path or signature is None or not isinstance(model.get_submodule(path), WHOLE_CALLS) or not members:
+        if not path or signature is None or not members:
+            continue
+        if not (path in kept or isinstance(model.get_submodule(path), WHOLE_CALLS)):
             continue
         leaves = [by_name.get(a.name) if isinstance(a, TensorArgument) else a for a in signature.inputs]
         if not all(isinstance(leaf, fx.Node) or isinstance(leaf, ConstantArgument) for leaf in leaves):
@@ -474,7 +491,7 @@ def _layer_call(
     # the call is made in the scope of the module that called the layer
     callers = [path for key, (path, _) in stack.items()][: list(stack).index(call.key)]
     module_path = next((path for path in reversed(callers) if not path.startswith("_")), "")
-    frames = _frames(last, code)
+    frames = _callers_frames(_frames(last, code), module, code)
 
     def made(name: str, op: str, target: str, args: tuple, kwargs: dict) -> Node:
         scope = (module_path, modules.get(module_path, ""), frames[-1] if frames else "", frames[:-1])
@@ -496,6 +513,20 @@ def _layer_call(
                 nodes.append(item)
         names[value] = item_of[position].name
     return nodes
+
+
+def _callers_frames(frames: list[str], module: torch.nn.Module, code: CodeFiles) -> list[str]:
+    """The frames of a layer call's ops (outermost first) up to the line that called the layer:
+    those in its forward and below are the layer's own code (a library's, whose file CodeFiles
+    names), not where the model calls it."""
+    forward = inspect.unwrap(type(module).forward)
+    try:
+        lines, first = inspect.getsourcelines(forward)
+        name = code.name(inspect.getsourcefile(forward) or "")
+    except (OSError, TypeError):
+        return frames
+    inside = {f"{name}:{line}" for line in range(first, first + len(lines))}
+    return next((frames[:k] for k, frame in enumerate(frames) if frame in inside), frames)
 
 
 def _item_label(fx_node: fx.Node, module_path: str, model: torch.nn.Module) -> str | None:

@@ -34,6 +34,7 @@ from .common import (
     user_frames,
     user_source,
 )
+from .eval_mode import followed_notes, library_mode_branches
 from .gradient_code import GRADIENT_HOOKS, hook_refused
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
@@ -43,14 +44,16 @@ class _Tracer(fx.Tracer):
     # Buffers become get_attr nodes like parameters, so code may index them with traced sizes.
     proxy_buffer_attributes = True
 
-    def __init__(self, model_file: ModelFile, model: torch.nn.Module):
+    def __init__(self, model_file: ModelFile, model: torch.nn.Module, whole: frozenset[int] = frozenset()):
         super().__init__()
         self.model_file = model_file
         self.code = CodeFiles(model_file, model)
+        self.whole = whole  # ids of modules kept whole besides the layers below
         self.flag_reads: list[str] = []  # places self.training was read since the last op was recorded
+        self.read_flags_of: list[torch.nn.Module] = []  # the modules whose self.training was read
 
     def is_leaf_module(self, m: torch.nn.Module, qualified_name: str) -> bool:
-        if isinstance(m, self.model_file.leaf_modules):
+        if isinstance(m, self.model_file.leaf_modules) or id(m) in self.whole:
             return True
         if isinstance(m, torch.jit.ScriptModule):
             return True  # TorchScript cannot be traced through, but runs whole like a torch.nn layer
@@ -92,7 +95,8 @@ class _Tracer(fx.Tracer):
         saved = [vars(m)["training"] for m in traced]
         try:
             for m in traced:
-                object.__setattr__(m, "training", TrainingFlag(vars(m)["training"], self.model_file, branches, self.flag_reads))
+                flag = TrainingFlag(vars(m)["training"], self.model_file, branches, self.flag_reads, m, self.read_flags_of)
+                object.__setattr__(m, "training", flag)
             yield
         finally:
             for m, value in zip(traced, saved):
@@ -189,41 +193,24 @@ def star_args(model: torch.nn.Module) -> StarArgs:
 def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dict, name: str) -> Graph:
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
-    tracer = _Tracer(model_file, model)
     state = state_table(model)
-    branches: list[str] = []
+    tracer, fx_graph, branches = _traced(model, model_file, defaults, frozenset())
+    trace_notes: list[str] = []
+    if _library_flags_read(tracer, model):
+        # Library code branched on a module's self.training: where a call of the module is the
+        # whole branch, the model is traced again with those modules kept whole, so that the
+        # stages follow their mode there as the model does.
+        args, kwargs = ((), example) if isinstance(example, dict) else (tuple(example), {})
+        found, _ = library_mode_branches(model, model_file, tracer.code, args, kwargs)
+        followed = [branch for branch in found if branch.callable_whole]
+        if followed:
+            whole = frozenset(id(model.get_submodule(path)) for branch in followed for path in branch.paths)
+            tracer, fx_graph, branches = _traced(model, model_file, defaults, whole)
+            trace_notes = followed_notes(followed, model_file)
     explained: list[str] = []  # reads of self.training that chose an attention's dropout
-    # fx records ops on the tensors it hands out (get_attr proxies); a parameter or buffer forward
-    # takes another way (`self.teacher.parameters()`, `named_buffers()`) is the real tensor, and an
-    # in-place write to it runs once while tracing and is lost. Its version counter tells.
-    versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    draws: list[str] = []
-    with tracer.training_flags(model, branches), _EagerDraws(model_file, draws):
-        try:
-            fx_graph = tracer.trace(model, concrete_args=defaults or None)
-        except ValueError as exc:
-            raise (star_args(model) if "co_varnames is too small" in str(exc) else exc) from exc
-    if draws:
-        raise DrawnWhileTracing(
-            f"{', '.join(dict.fromkeys(draws))} draws with no traced argument: the stage code would fix the draw; "
-            "export records it as an op"
-        )
     root = tracer.root
     _empty_var_keyword(fx_graph, model, model_file)
     modules = module_table(model, model_file)
-    # `self.count += 1` leaves fx's Proxy in the buffer's slot.
-    assigned = [name for name, value in model.named_buffers() if isinstance(value, fx.Proxy)]
-    if assigned:
-        raise BufferAssigned(
-            f"forward assigns buffer {', '.join(assigned)} (+= or =), which fx does not record; export does"
-        )
-    state_now = [*model.named_parameters(), *model.named_buffers()]
-    written = [name for name, t in state_now if isinstance(t, torch.Tensor) and t._version != versions.get(name, t._version)]
-    if written:
-        more = f" and {len(written) - 1} more" if len(written) > 1 else ""
-        raise StateWrittenUntraced(
-            f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
-        )
 
     names: dict[fx.Node, str] = {}
     # fx's names are unique already; reserving them keeps our renames from colliding.
@@ -320,7 +307,56 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         constants=constants,
         frontend="fx",
         training_branches=[place for place in branches if explained_reads[place] < reads[place]],
+        trace_notes=trace_notes,
     )
+
+
+def _traced(
+    model: torch.nn.Module, model_file: ModelFile, defaults: dict[str, Any], whole: frozenset[int]
+) -> tuple[_Tracer, fx.Graph, list[str]]:
+    """fx's graph of the model, with the modules whose ids are in `whole` kept whole; its tracer;
+    and the places where forward read self.training other than to pass it on."""
+    tracer = _Tracer(model_file, model, whole)
+    branches: list[str] = []
+    # fx records ops on the tensors it hands out (get_attr proxies); a parameter or buffer forward
+    # takes another way (`self.teacher.parameters()`, `named_buffers()`) is the real tensor, and an
+    # in-place write to it runs once while tracing and is lost. Its version counter tells.
+    versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    draws: list[str] = []
+    with tracer.training_flags(model, branches), _EagerDraws(model_file, draws):
+        try:
+            fx_graph = tracer.trace(model, concrete_args=defaults or None)
+        except ValueError as exc:
+            raise (star_args(model) if "co_varnames is too small" in str(exc) else exc) from exc
+    if draws:
+        raise DrawnWhileTracing(
+            f"{', '.join(dict.fromkeys(draws))} draws with no traced argument: the stage code would fix the draw; "
+            "export records it as an op"
+        )
+    # `self.count += 1` leaves fx's Proxy in the buffer's slot.
+    assigned = [name for name, value in model.named_buffers() if isinstance(value, fx.Proxy)]
+    if assigned:
+        raise BufferAssigned(
+            f"forward assigns buffer {', '.join(assigned)} (+= or =), which fx does not record; export does"
+        )
+    state_now = [*model.named_parameters(), *model.named_buffers()]
+    written = [name for name, t in state_now if isinstance(t, torch.Tensor) and t._version != versions.get(name, t._version)]
+    if written:
+        more = f" and {len(written) - 1} more" if len(written) > 1 else ""
+        raise StateWrittenUntraced(
+            f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
+        )
+    return tracer, fx_graph, branches
+
+
+def _library_flags_read(tracer: _Tracer, model: torch.nn.Module) -> bool:
+    """Whether the trace read self.training of a module of a library's class (not the model's
+    own code, not torch.nn's layers, which stay whole)."""
+    for module in dict.fromkeys(tracer.read_flags_of):
+        defined_in = inspect.getsourcefile(type(module)) or ""
+        if module is not model and not tracer.code.own(defined_in):
+            return True
+    return False
 
 
 def _attention_dropout(node: Node, flag_reads: list[str]) -> list[str]:
