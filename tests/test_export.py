@@ -839,11 +839,12 @@ def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(t
 
 def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     """A library's stochastic depth in its function that the model's own block passes the flag
-    to (timm's drop_path) is kept as traced in training mode, so the stages drop paths in eval
-    mode too (the eval figure shows it): compile names the library's line (ir.json's
-    training_branches), the class and module, and what to do, and `ftc check` does not judge
-    that figure. The same branch in a library module (transformers' SwinDropPath) is followed:
-    the stages call the module whole, which compile says. The library's harmless reads of the
+    to (timm's drop_path), and a library layer with weights that adds noise when training, are
+    kept as traced in training mode, so the stages compute them in eval mode too (the eval figure
+    shows it): compile names the library's lines (ir.json's training_branches), the classes and
+    modules, and what to do, and `ftc check` does not judge that figure. The same branch in a
+    library module without weights (transformers' SwinDropPath) is followed: the stages call the
+    module whole, which compile says. The library's harmless reads of the
     flag (gradient checkpointing, attention and functional dropout, BatchNorm, which the stages
     follow) are not named."""
     from ftc.compiler import CompileOptions, compile_model
@@ -852,9 +853,14 @@ def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     compiled = compile_model(MODELS / "library_drop_path.py", tmp_path / "out", options)
     source = (MODELS.parent / "library" / "drop_path_blocks.py").read_text().splitlines()
     function_line, class_line = [f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "bernoulli_" in text]
-    assert json.loads((compiled.folder / "ir.json").read_text())["training_branches"] == [function_line]
-    named = next(note for note in compiled.notes if "library_drop_path.Head (head)" in note)
-    assert f"from {function_line} on" in named and "drop_path_rate=0" in named
+    noise_line = next(f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "randn_like" in text)
+    branches = json.loads((compiled.folder / "ir.json").read_text())["training_branches"]
+    assert branches == [noise_line, function_line]
+    # the model's own Head passes its flag to the library's function; NoisyLinear holds weights
+    for owner, line in {"library_drop_path.Head (head)": function_line,
+                        "drop_path_blocks.NoisyLinear (head.fc)": noise_line}.items():  # fmt: skip
+        named = next(note for note in compiled.notes if owner in note)
+        assert f"from {line} on" in named and "drop_path_rate=0" in named
     followed = next(note for note in compiled.notes if "drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)" in note)
     assert f"({class_line})" in followed and "call its modules whole" in followed
     stages = "".join(path.read_text() for path in sorted(compiled.folder.glob("stage*.py")))

@@ -79,9 +79,12 @@ class LibraryBranch:
     line: str  # the library line of its first call ('transformers/models/swin/modeling_swin.py:58')
     owner: type  # the class of the innermost module whose call made the calls
     paths: list[str]  # that module's paths ("" for the model itself)
-    # whether a call of the module is the whole branch: a library class's, not the model's own
-    # (whose code the stages are written from) or the model itself; a stage that calls such a
-    # module where it would run its ops follows train()/eval() as the module does
+    # whether a call of the module may stand for the branch's ops: a library class's, not the
+    # model's own (whose code the stages are written from) or the model itself, and without
+    # parameters (stochastic depth, a parametrization's power iteration), so that calling it
+    # whole takes no layer of the model from the partitioner (transformers' Wav2Vec2Model
+    # branches on self.training for its SpecAugment masking: it stays op by op, named); a stage
+    # that calls such a module where it would run its ops follows train()/eval() as it does
     callable_whole: bool
 
 
@@ -116,7 +119,9 @@ def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: C
             branch.paths.append(path)
     for branch in found.values():
         defined_in = inspect.getsourcefile(branch.owner) or ""
-        branch.callable_whole = "" not in branch.paths and not code.own(defined_in)
+        branch.callable_whole = "" not in branch.paths and not code.own(defined_in) and not any(
+            any(True for _ in model.get_submodule(path).parameters()) for path in branch.paths
+        )
     return list(found.values()), []
 
 

@@ -1,10 +1,11 @@
 """A stand-in for a library's layers (timm's, transformers'), which model files import from
 outside their own folder: a residual block with stochastic depth that branches on
 `self.training` as transformers' SwinDropPath does, the same as a function that takes the flag
-(timm's drop_path), and beside them the reads of the flag that such
-libraries make harmlessly (gradient checkpointing, attention dropout, functional dropout, a
+(timm's drop_path), a layer with weights that branches on it, and beside them the reads of the
+flag that such libraries make harmlessly (gradient checkpointing, attention dropout, functional dropout, a
 BatchNorm layer counting batches)."""
 
+import torch
 import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +29,17 @@ class DropPath(nn.Module):
             return x
         keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
+
+
+class NoisyLinear(nn.Linear):
+    """A layer that adds noise to its input when training (NoisyNet-like): its branch holds the
+    layer's weights, so a stage cannot call it whole without taking the layer from the
+    partitioner, and the branch is named instead."""
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return super().forward(x)
 
 
 class Block(nn.Module):

@@ -1,8 +1,9 @@
 """A model built from a library's blocks (tests/library/drop_path_blocks.py, imported from
 outside the model file's folder as an installed package is): stochastic depth branches on
-`self.training` in the library's code (in its module, and in its function that the model's own
-block passes the flag to), which torch.export keeps as traced in training mode, so the stages
-drop paths in eval mode too; `ftc compile` names the library's lines.
+`self.training` in the library's code, in its DropPath module (which the stages call whole, so
+they follow eval mode there) and in its function that the model's own block passes the flag to;
+a library layer with weights adds noise when training. Those two are kept as traced in training
+mode, so the stages compute them in eval mode too; `ftc compile` names the library's lines.
 
 Inputs are float [B, 6, 16]; output [B, 4]. Loss: cross-entropy against a class id [B] in [0, 4).
 """
@@ -18,7 +19,7 @@ LIBRARY = str(Path(__file__).resolve().parents[1] / "library")
 if LIBRARY not in sys.path:
     sys.path.append(LIBRARY)
 
-from drop_path_blocks import Block, drop_path
+from drop_path_blocks import Block, NoisyLinear, drop_path
 
 WIDTH = 16
 
@@ -28,7 +29,7 @@ class Head(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(WIDTH, WIDTH)
+        self.fc = NoisyLinear(WIDTH, WIDTH)
         self.out = nn.Linear(WIDTH, 4)
 
     def forward(self, x):
