@@ -883,6 +883,30 @@ def test_stages_follow_eval_mode_in_a_library_module_that_branches_on_self_train
         assert report.ok and report.eval_expected, report
 
 
+def test_a_batch_size_fixed_by_a_training_only_library_branch_names_the_branch(tmp_path):
+    """transformers' speech models draw their SpecAugment masks with numpy at the batch's size
+    when training (mask_time_prob=0.05 by default), so torch.export fixes the batch size; the
+    refusal said only to compute sizes from the input, which a library user cannot do. It now
+    names the library's branch on self.training and the configuration that turns it off."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    library = MODELS.parent / "library"
+    path = tmp_path / "masked.py"
+    path.write_text(
+        f"import sys\nimport torch\nsys.path.insert(0, {str(library)!r})\nfrom spec_augment import MaskedEncoder\n\n"
+        "def build_model():\n    return torch.nn.Sequential(MaskedEncoder(8, 0.3), torch.nn.Linear(8, 2))\n\n"
+        "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 5, 8),)\n"
+    )
+    line = next(k + 1 for k, text in enumerate((library / "spec_augment.py").read_text().splitlines())
+                if "np.random.rand" in text)  # fmt: skip
+    with pytest.raises(FtcError) as refused:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2))
+    message = str(refused.value)
+    assert "forward works only at batch size 8" in message, message
+    assert f"branch on self.training in library code at spec_augment.py:{line} (spec_augment.MaskedEncoder)" in message
+    assert "mask_time_prob=0.0" in message
+
+
 def test_a_library_forward_that_cannot_run_in_eval_mode_is_told(tmp_path):
     """The library's eval side reads a tensor's value, which export (in training mode) never
     ran and forward on tensors without data cannot: compile says that the search for library

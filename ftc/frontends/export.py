@@ -47,7 +47,7 @@ from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
-from .eval_mode import branch_notes, followed_notes, library_mode_branches
+from .eval_mode import LibraryBranch, branch_notes, followed_notes, library_mode_branches
 from .fx import input_names
 from .tidy import tidy
 
@@ -88,7 +88,8 @@ def trace_export(
         # so that the stages follow their mode there
         branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
         kept = tuple(dict.fromkeys(path for branch in branches if branch.callable_whole for path in branch.paths))
-        program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept)
+        op_by_op = [branch for branch in branches if not branch.callable_whole]
+        program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept, op_by_op)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature
@@ -249,7 +250,8 @@ def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str,
 
 
 def _export_bounded(
-    model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict, kept: tuple[str, ...]
+    model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict,
+    kept: tuple[str, ...], branches: list[LibraryBranch],
 ) -> tuple[torch.export.ExportedProgram, tuple[int, int] | None]:
     """torch.export's program and the batch sizes it works for (lowest, highest; None: any), for
     a forward that works only for some (a MoCo queue rolled by `torch.cat([k,
@@ -257,7 +259,8 @@ def _export_bounded(
     bound, and torch's solver may even fail on it with an AssertionError (`Expected op to be
     '==', got <= for batch <= 127/4`); Dim.AUTO takes the range forward allows, which training
     checks its micro-batches against. A forward that works at one batch size only is refused,
-    naming it."""
+    naming it, and with the library's branches on self.training (`branches`), which may fix it
+    only in the training mode forward is traced in."""
     inputs = list(kwargs.values()) if kwargs else list(args)
     specs = list(dynamic.values()) if isinstance(dynamic, dict) else list(dynamic)
     size = next((value.shape[next(iter(spec))] for value, spec in zip(inputs, specs) if spec), None)
@@ -275,10 +278,18 @@ def _export_bounded(
         raise first from None
     sizes = _batch_sizes(program)
     if sizes is None:
+        training = ""
+        if branches:
+            places = ", ".join(f"{branch.line} ({model_file.class_name(branch.owner)})" for branch in branches)
+            training = (f"; in training mode, which ftc traces, forward also takes a branch on self.training in "
+                        f"library code at {places}, which may make that size (transformers' speech models draw "
+                        "their SpecAugment masks with numpy, at the batch's size)")  # fmt: skip
         raise FtcError(
             f"{model_file.path}: forward works only at batch size {size} (torch.export fixed the batch dimension "
-            "to it), but pipeline stages run micro-batches of other sizes",
-            "compute sizes from the input (x.shape[0], or -1 in view/reshape) instead of fixed numbers",
+            f"to it), but pipeline stages run micro-batches of other sizes{training}",
+            "compute sizes from the input (x.shape[0], or -1 in view/reshape) instead of fixed numbers"
+            + (", or build the model so that the training-only branch does nothing (transformers: "
+               "mask_time_prob=0.0 and mask_feature_prob=0.0)" if branches else ""),
         ) from first
     low, high = sizes
     # export's own lowest size is 2 (it fixes sizes 0 and 1 when it meets them), which says
