@@ -870,15 +870,17 @@ def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_stages_follow_eval_mode_in_a_library_module_that_branches_on_self_training(frontend, compile_to):
-    """Stochastic depth in a library's DropPath module (`if not self.training: return x`):
-    traced op by op, the stages would drop paths in eval mode too. Each DropPath is called
-    whole, so `ftc check` finds the stages' eval outputs equal to the model's, at P=2 and P=3."""
+@pytest.mark.parametrize("model,calls", [("library_blocks.py", 3), ("own_drop_path.py", 4)])
+def test_stages_follow_eval_mode_in_a_module_that_branches_on_self_training(frontend, model, calls, compile_to):
+    """Stochastic depth in a DropPath module without weights (`if not self.training: return
+    x`), a library's or the model file's own: traced op by op, the stages would drop paths in
+    eval mode too. Each DropPath is called whole, so `ftc check` finds the stages' eval outputs
+    equal to the model's, at P=2 and P=3."""
     for stages in (2, 3):
-        folder = compile_to(MODELS / "library_blocks.py", stages, frontend=frontend)
+        folder = compile_to(MODELS / model, stages, frontend=frontend)
         assert "training_branches" not in json.loads((folder / "ir.json").read_text())
         code = "".join(path.read_text() for path in sorted(folder.glob("stage*.py")))
-        assert code.count(".drop_path(") == 3 and "bernoulli" not in code
+        assert code.count(".drop_path(") == calls and "bernoulli" not in code and "rand" not in code
         report = check_pipeline(folder)
         assert report.ok and report.eval_expected, report
 

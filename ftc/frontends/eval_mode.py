@@ -11,9 +11,11 @@ the flag at all, forward runs once in each mode on the tracing's fake tensors (n
 fraction of its time) with the torch calls recorded, and the two records are compared with the
 training arguments ftc's lowerings turn into the stage's own `self.training` (aten.py) set
 aside: the calls where they still differ ran under a branch the stages do not follow op by op.
-Where the calls were made in a library module's call (SwinDropPath's), the frontends keep that
-call whole (export.py: a preserved call signature; fx.py: a leaf module), so the stage calls the
-module and follows its mode; the others are named.
+The search also runs where the model's own modules read the flag. Where the calls were made in
+the call of a module without weights (SwinDropPath's, a hand-written DropPath's), the frontends
+keep that call whole (export.py: a preserved call signature; fx.py: a leaf module), so the stage
+calls the module and follows its mode; the library's others are named here, the model's own
+from its source (export.training_branches) or by fx's reads of the flag.
 """
 
 from __future__ import annotations
@@ -72,28 +74,31 @@ class _Call:
 
 
 @dataclass
-class LibraryBranch:
+class ModeBranch:
     """A run of torch calls that forward makes in training mode and not in eval mode (or the
-    reverse), from a branch on `self.training` in library code."""
+    reverse), from a branch on `self.training`."""
 
-    line: str  # the library line of its first call ('transformers/models/swin/modeling_swin.py:58')
+    line: str  # where its first call was made ('transformers/models/swin/modeling_swin.py:58')
     owner: type  # the class of the innermost module whose call made the calls
     paths: list[str]  # that module's paths ("" for the model itself)
-    # whether a call of the module may stand for the branch's ops: a library class's, not the
-    # model's own (whose code the stages are written from) or the model itself, and without
-    # parameters (stochastic depth, a parametrization's power iteration), so that calling it
-    # whole takes no layer of the model from the partitioner (transformers' Wav2Vec2Model
-    # branches on self.training for its SpecAugment masking: it stays op by op, named); a stage
-    # that calls such a module where it would run its ops follows train()/eval() as it does
+    library: bool  # made in a library's code, not the model's own
+    # whether a call of the module may stand for the branch's ops: not the model itself, and
+    # without parameters (stochastic depth, a parametrization's power iteration), so that
+    # calling it whole takes no layer of the model from the partitioner (transformers'
+    # Wav2Vec2Model branches on self.training for its SpecAugment masking: it stays op by op);
+    # a stage that calls such a module where it would run its ops follows train()/eval() as it
+    # does
     callable_whole: bool
 
 
-def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: CodeFiles, args: tuple, kwargs: dict
-                          ) -> tuple[list[LibraryBranch], list[str]]:  # fmt: skip
+def mode_branches(
+    model: torch.nn.Module, model_file: ModelFile, code: CodeFiles, args: tuple, kwargs: dict, own_reads: bool
+) -> tuple[list[ModeBranch], list[str]]:
     """The branches from which forward, run on `args` and `kwargs` (fake tensors) in eval mode,
     makes other torch calls than in training mode, and a note where the search could not be
-    made. Nothing where no library code may read `training` (library_reads_training)."""
-    if not library_reads_training(model, code):
+    made. Nothing where no library code may read `training` (library_reads_training) and the
+    model's own code does not (`own_reads`, which the frontend tells)."""
+    if not own_reads and not library_reads_training(model, code):
         return [], []
     try:
         trained = _recorded(model, code, args, kwargs)
@@ -107,28 +112,37 @@ def library_mode_branches(model: torch.nn.Module, model_file: ModelFile, code: C
                     "looked for"]  # fmt: skip
     finally:
         train_model(model, True, model_file.path)
-    found: dict[tuple[str, type], LibraryBranch] = {}
+    found: dict[tuple[str, type], ModeBranch] = {}
     for calls in _differences(trained, evaluated):
-        named = next(((call, line) for call in calls if (line := _library_line(call, code))), None)
+        named = next(((call, line, True) for call in calls if (line := _library_line(call, code))), None)
+        if named is None and calls and (line := _own_line(calls[0], code)):
+            named = (calls[0], line, False)
         if named is None:
             continue
-        call, line = named
+        call, line, library = named
         path, owner = call.module
-        branch = found.setdefault((line, owner), LibraryBranch(line, owner, [], False))
+        branch = found.setdefault((line, owner), ModeBranch(line, owner, [], library, False))
         if path not in branch.paths:
             branch.paths.append(path)
     for branch in found.values():
-        defined_in = inspect.getsourcefile(branch.owner) or ""
-        branch.callable_whole = "" not in branch.paths and not code.own(defined_in) and not any(
+        branch.callable_whole = "" not in branch.paths and not any(
             any(True for _ in model.get_submodule(path).parameters()) for path in branch.paths
         )
     return list(found.values()), []
 
 
-def branch_notes(branches: list[LibraryBranch], model_file: ModelFile) -> list[str]:
+def _own_line(call: _Call, code: CodeFiles) -> str | None:
+    """'file.py:LINE' where the model's own code made the call (its outermost recorded frame)."""
+    frame_code, line, _ = call.frames[-1]
+    return f"{code.name(frame_code.co_filename)}:{line}" if code.own(frame_code.co_filename) else None
+
+
+def branch_notes(branches: list[ModeBranch], model_file: ModelFile) -> list[str]:
     """A note for each class whose modules' calls take library branches on self.training that
-    the stages keep as traced in training mode, naming them and saying what to do."""
+    the stages keep as traced in training mode, naming them and saying what to do (the model's
+    own are named from its source: export.training_branches)."""
     notes = []
+    branches = [branch for branch in branches if branch.library]
     for owner in dict.fromkeys(branch.owner for branch in branches):
         paths = list(dict.fromkeys(path or "the model" for b in branches if b.owner is owner for path in b.paths))
         lines = ", ".join(branch.line for branch in branches if branch.owner is owner)
@@ -142,17 +156,17 @@ def branch_notes(branches: list[LibraryBranch], model_file: ModelFile) -> list[s
     return notes
 
 
-def followed_notes(branches: list[LibraryBranch], model_file: ModelFile) -> list[str]:
-    """A note for each class whose library branches on self.training the stages follow, by
-    calling its modules whole."""
+def followed_notes(branches: list[ModeBranch], model_file: ModelFile) -> list[str]:
+    """A note for each class whose branches on self.training the stages follow, by calling its
+    modules whole."""
     notes = []
     for owner in dict.fromkeys(branch.owner for branch in branches):
         paths = list(dict.fromkeys(path for b in branches if b.owner is owner for path in b.paths))
         lines = ", ".join(branch.line for branch in branches if branch.owner is owner)
         more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
         notes.append(
-            f"{model_file.class_name(owner)} ({paths[0]}{more}) branches on self.training in the library ({lines}): "
-            "the stages call its modules whole, so they follow train() and eval() as the model does"
+            f"{model_file.class_name(owner)} ({paths[0]}{more}) branches on self.training ({lines}): the stages "
+            "call its modules whole, so they follow train() and eval() as the model does"
         )
     return notes
 

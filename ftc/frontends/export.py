@@ -47,7 +47,7 @@ from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
-from .eval_mode import LibraryBranch, branch_notes, followed_notes, library_mode_branches
+from .eval_mode import ModeBranch, branch_notes, followed_notes, mode_branches
 from .fx import input_names
 from .tidy import tidy
 
@@ -84,11 +84,12 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
     with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
-        # a library module that branches on self.training is kept as one call where it can be,
-        # so that the stages follow their mode there
-        branches, notes = library_mode_branches(model, model_file, code, args, kwargs)
+        # a module that branches on self.training is kept as one call where it can be, so that
+        # the stages follow their mode there
+        own_places = training_branches(model, model_file)
+        branches, notes = mode_branches(model, model_file, code, args, kwargs, own_reads=bool(own_places))
         kept = tuple(dict.fromkeys(path for branch in branches if branch.callable_whole for path in branch.paths))
-        op_by_op = [branch for branch in branches if not branch.callable_whole]
+        op_by_op = [branch for branch in branches if branch.library and not branch.callable_whole]
         program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept, op_by_op)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
@@ -233,10 +234,13 @@ def trace_export(
         scope == path or scope.startswith(f"{path}.") for path in branch.paths for scope in lowered)]  # fmt: skip
     unfollowed = [branch for branch in branches if branch not in followed]
     notes = branch_notes(unfollowed, model_file) + followed_notes(followed, model_file) + notes
+    followed_own = {branch.owner for branch in followed if not branch.library}
+    if followed_own:
+        own_places = training_branches(model, model_file, followed_own)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", trace_notes=_range_notes(batch_range) + notes,
-        training_branches=training_branches(model, model_file) + list(dict.fromkeys(b.line for b in unfollowed)),
+        training_branches=own_places + list(dict.fromkeys(b.line for b in unfollowed if b.library)),
         batch_range=batch_range,
     )  # fmt: skip
 
@@ -251,7 +255,7 @@ def _counts_batches(target: Any, args: tuple, model: torch.nn.Module, path: str,
 
 def _export_bounded(
     model: torch.nn.Module, model_file: ModelFile, args: tuple, kwargs: dict, dynamic: tuple | dict,
-    kept: tuple[str, ...], branches: list[LibraryBranch],
+    kept: tuple[str, ...], branches: list[ModeBranch],
 ) -> tuple[torch.export.ExportedProgram, tuple[int, int] | None]:
     """torch.export's program and the batch sizes it works for (lowest, highest; None: any), for
     a forward that works only for some (a MoCo queue rolled by `torch.cat([k,
@@ -552,16 +556,17 @@ def _item_label(fx_node: fx.Node, module_path: str, model: torch.nn.Module) -> s
     return f"{owner}_{output_name(op_key(source.target), (fx_node.args[1],))}"
 
 
-def training_branches(model: torch.nn.Module, model_file: ModelFile) -> list[str]:
+def training_branches(model: torch.nn.Module, model_file: ModelFile, followed: set[type] = frozenset()) -> list[str]:
     """'file.py:LINE' of the places in the forwards of the model's own classes (defined in the
     model file or beside it) that read `self.training` other than as an argument of a call: a
     branch, `and`/`or`, arithmetic. export, unlike fx, gives no hook on the read, so this reads
     the source; the traced graph keeps what training mode computed there. A flag passed to a
     function of the model's own (timm's `drop_path(x, p, self.training)`) is followed into it:
-    that function's branch on its parameter is such a place too."""
+    that function's branch on its parameter is such a place too. The classes in `followed`,
+    whose modules the stages call whole, are left out."""
     model_dir = model_file.path.resolve().parent
     places: list[str] = []
-    for cls in dict.fromkeys(type(m) for m in model.modules()):
+    for cls in dict.fromkeys(type(m) for m in model.modules() if type(m) not in followed):
         forward = cls.__dict__.get("forward")
         if forward is not None:
             _flag_reads(forward, _is_self_training, model_dir, places, depth=0)

@@ -34,7 +34,7 @@ from .common import (
     user_frames,
     user_source,
 )
-from .eval_mode import followed_notes, library_mode_branches
+from .eval_mode import followed_notes, mode_branches
 from .gradient_code import GRADIENT_HOOKS, hook_refused
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
@@ -196,12 +196,12 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     state = state_table(model)
     tracer, fx_graph, branches = _traced(model, model_file, defaults, frozenset())
     trace_notes: list[str] = []
-    if _library_flags_read(tracer, model):
-        # Library code branched on a module's self.training: where a call of the module is the
-        # whole branch, the model is traced again with those modules kept whole, so that the
-        # stages follow their mode there as the model does.
+    if any(module is not model for module in tracer.read_flags_of):
+        # forward branched on a module's self.training: where a call of the module is the whole
+        # branch, the model is traced again with those modules kept whole, so that the stages
+        # follow their mode there as the model does
         args, kwargs = ((), example) if isinstance(example, dict) else (tuple(example), {})
-        found, _ = library_mode_branches(model, model_file, tracer.code, args, kwargs)
+        found, _ = mode_branches(model, model_file, tracer.code, args, kwargs, own_reads=True)
         followed = [branch for branch in found if branch.callable_whole]
         if followed:
             whole = frozenset(id(model.get_submodule(path)) for branch in followed for path in branch.paths)
@@ -347,16 +347,6 @@ def _traced(
             f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
         )
     return tracer, fx_graph, branches
-
-
-def _library_flags_read(tracer: _Tracer, model: torch.nn.Module) -> bool:
-    """Whether the trace read self.training of a module of a library's class (not the model's
-    own code, not torch.nn's layers, which stay whole)."""
-    for module in dict.fromkeys(tracer.read_flags_of):
-        defined_in = inspect.getsourcefile(type(module)) or ""
-        if module is not model and not tracer.code.own(defined_in):
-            return True
-    return False
 
 
 def _attention_dropout(node: Node, flag_reads: list[str]) -> list[str]:
