@@ -98,7 +98,8 @@ def mode_branches(
     makes other torch calls than in training mode, and a note where the search could not be
     made. Nothing where no library code may read `training` (library_reads_training) and the
     model's own code does not (`own_reads`, which the frontend tells)."""
-    if not own_reads and not library_reads_training(model, code):
+    library = library_reads_training(model, code)
+    if not own_reads and not library:
         return [], []
     try:
         trained = _recorded(model, code, args, kwargs)
@@ -107,9 +108,10 @@ def mode_branches(
     except Exception as exc:
         first_line = str(exc).strip().partition("\n")[0]
         reason = f"{type(exc).__name__}: {first_line}"
+        # the model's own branches are named from its source all the same
         return [], [f"forward could not run in eval mode on tensors without data ({reason}), so a branch on "
                     "self.training in library code, which the stages would keep as traced in training mode, is not "
-                    "looked for"]  # fmt: skip
+                    "looked for"] if library else []  # fmt: skip
     finally:
         train_model(model, True, model_file.path)
     found: dict[tuple[str, type], ModeBranch] = {}
