@@ -88,7 +88,9 @@ def trace_export(
         # the stages follow their mode there
         own_places = training_branches(model, model_file)
         branches, notes = mode_branches(model, model_file, code, args, kwargs, own_reads=bool(own_places))
-        kept = tuple(dict.fromkeys(path for branch in branches if branch.callable_whole for path in branch.paths))
+        whole = {path for branch in branches if branch.callable_whole for path in branch.paths}
+        # one call holds the calls of the modules inside it
+        kept = tuple(sorted(path for path in whole if not any(path.startswith(f"{outer}.") for outer in whole)))
         op_by_op = [branch for branch in branches if branch.library and not branch.callable_whole]
         program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept, op_by_op)
     _inline_grad_mode_blocks(program.graph_module)
