@@ -25,6 +25,7 @@ from ftc.runtime.model_file import ModelFile
 from .common import (
     CodeFiles,
     TrainingFlag,
+    autocast_refused,
     constant_from_tensor,
     function_expr,
     ir_arg,
@@ -67,11 +68,7 @@ class _Tracer(fx.Tracer):
         node.meta["ftc_flag_reads"] = list(self.flag_reads)
         self.flag_reads.clear()
         if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
-            raise FtcError(
-                f"{node.meta['ftc_source'] or self.model_file.path.name}: forward runs ops under "
-                "torch.autocast, which ftc cannot carry into stage code yet",
-                "remove autocast from forward and apply it around the whole model when training",
-            )
+            raise autocast_refused(self.model_file, node.meta["ftc_source"])
         return node
 
     def create_proxy(self, kind: str, target: Any, *args, **kwargs) -> fx.Proxy:
