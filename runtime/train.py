@@ -56,7 +56,7 @@ from .materialize import build_stages, load_checkpoint
 from .mode import train_model
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
-from .precision import autocast as precision_autocast, check_device as check_precision_device, value_specs
+from .precision import autocast as precision_autocast, check_device as check_precision_device, failure_hint, value_specs
 from .seeding import seed_generators, seeded
 from .staleness import GAP_SQUARES, SharedSet, StaleWeights, shared_sets
 
@@ -155,12 +155,13 @@ class SingleProcess:
 
     def __init__(
         self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int, batch_dims: dict[str, int | None],
-        target_dims: Any = 0, autocast: Callable[[], Any] = contextlib.nullcontext,
+        target_dims: Any = 0, autocast: Callable[[], Any] = contextlib.nullcontext, precision: str = "fp32",
     ):  # fmt: skip
         self.model = model
         # precision bf16: each micro-batch's forward and loss in an autocast region of its own, as
         # the pipeline runs each stage's (backward outside it, as torch recommends)
         self.autocast = autocast
+        self.precision = precision  # what `autocast` runs, named in the fix for a failing forward
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
         self.batch_dims = batch_dims  # input name -> its batch dimension (None: shared by all samples)
@@ -198,7 +199,9 @@ class SingleProcess:
             raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
                              f"{' of a held-out batch, in eval mode' if evaluating else ''},",
                              [inspect.getsourcefile(type(self.model)) or ""],
-                             "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
+                             failure_hint(self.precision,
+                                          "check the data against the model file's example_inputs (shapes, dtypes)")
+                             ) from exc  # fmt: skip
 
     def sync_shared_grads(self) -> None:
         """Nothing to do: one process holds every parameter once."""
@@ -560,7 +563,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if config.mode == "single":
         model = build_single(config, model_file, device)
         engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims,
-                                    autocast=functools.partial(precision_autocast, device, config.precision))  # fmt: skip
+                                    autocast=functools.partial(precision_autocast, device, config.precision),
+                                    precision=config.precision)  # fmt: skip
         modules = [model]
     else:
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
