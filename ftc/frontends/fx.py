@@ -275,6 +275,13 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             node.target = fx_node.target
             if fx_node.target not in state:
                 value = _fetch(root, fx_node.target)
+                if isinstance(value, torch.Generator):
+                    raise FtcError(
+                        f"{where}: forward draws from a torch.Generator of the model's own (generator=...), which "
+                        "stage code cannot hold",
+                        "draw from torch's default generator (leave generator= out: ftc seeds it for every stage "
+                        "and micro-batch), or list the class that draws in LEAF_MODULES, so that it runs as it is",
+                    )
                 if not isinstance(value, torch.Tensor):
                     raise FtcError(f"{where}: reads attribute {fx_node.target!r}, which is not a tensor")
                 if value.device.type == "meta" and fx_node.target.startswith("_tensor_constant"):
