@@ -784,8 +784,12 @@ def training_samples(config: Config, size: int) -> int:
 def evaluate(engine: Any, modules: list[torch.nn.Module], step: int, batches: int, load: Callable) -> float:
     """The mean loss of `batches` held-out batches, every module in eval mode (dropout off,
     normalization by its running statistics), their flags restored after: the model's own
-    train() is not called, so the modes an override of it chose for training stay."""
+    train() is not called, so the modes an override of it chose for training stay. So are the
+    buffers: stage code that keeps a branch on self.training as traced in training mode (export,
+    `if self.training: self.mean.mul_(...)`) updates them in eval mode too, where the original
+    model does not, and training would go on from other statistics than mode single's."""
     flags = [(module, module.training) for stage in modules for module in stage.modules()]
+    buffers = {id(b): (b, b.clone()) for stage in modules for b in stage.buffers()}
     for module, _ in flags:
         module.training = False
     try:
@@ -793,6 +797,9 @@ def evaluate(engine: Any, modules: list[torch.nn.Module], step: int, batches: in
     finally:
         for module, training in flags:
             module.training = training
+        with torch.no_grad():
+            for buffer, value in buffers.values():
+                buffer.copy_(value)
     return sum(losses) / len(losses)
 
 
