@@ -643,9 +643,10 @@ class _DeviceRunner:
         except Exception as exc:
             raise user_error(exc, f"stage {stage} ({spec.file}), micro-batch {m},",
                              [self.engine.pipeline.folder / spec.file, self.engine.pipeline.model_file],
-                             "check the data against the model file's example_inputs (shapes, dtypes); "
-                             f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
-                             "runs the stages on example inputs of this micro-batch size") from exc  # fmt: skip
+                             precisions.failure_hint(self.engine.precision,
+                                 "check the data against the model file's example_inputs (shapes, dtypes); "
+                                 f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
+                                 "runs the stages on example inputs of this micro-batch size")) from exc  # fmt: skip
         # The parameters a forward without autograd wrote, which its recompute must not write again
         written = [] if weight_versions is None else [
             name for name, version in _parameter_versions(module).items() if version != weight_versions[name]

@@ -46,6 +46,16 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def failure_hint(precision: str, hint: str) -> str:
+    """The fix for a forward that failed: under bf16 the cause may be an op without a bfloat16
+    kernel on this device, which fp32 does not meet."""
+    if AUTOCAST_DTYPES[precision] is None:
+        return hint
+    return ("it ran under bfloat16 autocast (the config's \"precision\": \"bf16\"), where an op without a bfloat16 "
+            "kernel on this device fails (torch's CPU LSTM does, given a float32 input): if it trains with "
+            f"\"precision\": \"fp32\", keep that; else {hint}")  # fmt: skip
+
+
 def check_device(precision: str, device: torch.device, source: str) -> None:
     """bf16 on a GPU that has no bfloat16 arithmetic is refused before training."""
     if AUTOCAST_DTYPES[precision] is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -56,7 +56,7 @@ from .materialize import build_stages, load_checkpoint
 from .mode import train_model
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
-from .precision import autocast as precision_autocast, check_device as check_precision_device, value_specs
+from .precision import autocast as precision_autocast, check_device as check_precision_device, failure_hint, value_specs
 from .seeding import seed_generators, seeded
 from .staleness import GAP_SQUARES, SharedSet, StaleWeights, shared_sets
 
@@ -155,12 +155,13 @@ class SingleProcess:
 
     def __init__(
         self, model: torch.nn.Module, loss_fn: Callable, micro_batches: int, batch_dims: dict[str, int | None],
-        target_dims: Any = 0, autocast: Callable[[], Any] = contextlib.nullcontext,
+        target_dims: Any = 0, autocast: Callable[[], Any] = contextlib.nullcontext, precision: str = "fp32",
     ):  # fmt: skip
         self.model = model
         # precision bf16: each micro-batch's forward and loss in an autocast region of its own, as
         # the pipeline runs each stage's (backward outside it, as torch recommends)
         self.autocast = autocast
+        self.precision = precision  # what `autocast` runs, named in the fix for a failing forward
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
         self.batch_dims = batch_dims  # input name -> its batch dimension (None: shared by all samples)
@@ -198,7 +199,9 @@ class SingleProcess:
             raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
                              f"{' of a held-out batch, in eval mode' if evaluating else ''},",
                              [inspect.getsourcefile(type(self.model)) or ""],
-                             "check the data against the model file's example_inputs (shapes, dtypes)") from exc  # fmt: skip
+                             failure_hint(self.precision,
+                                          "check the data against the model file's example_inputs (shapes, dtypes)")
+                             ) from exc  # fmt: skip
 
     def sync_shared_grads(self) -> None:
         """Nothing to do: one process holds every parameter once."""
@@ -581,7 +584,8 @@ def train(config: Config, rank: int = 0, world_size: int = 1, status: Status | N
     if config.mode == "single":
         model = build_single(config, model_file, device)
         engine: Any = SingleProcess(model, loss_fn, config.micro_batches, batch_dims, target_dims,
-                                    autocast=functools.partial(precision_autocast, device, config.precision))  # fmt: skip
+                                    autocast=functools.partial(precision_autocast, device, config.precision),
+                                    precision=config.precision)  # fmt: skip
         modules = [model]
     else:
         stage_modules = build_stages(model_file, pipeline, me.stages, me.device, config.seed, config.init)
@@ -801,8 +805,12 @@ def training_samples(config: Config, size: int) -> int:
 def evaluate(engine: Any, modules: list[torch.nn.Module], step: int, batches: int, load: Callable) -> float:
     """The mean loss of `batches` held-out batches, every module in eval mode (dropout off,
     normalization by its running statistics), their flags restored after: the model's own
-    train() is not called, so the modes an override of it chose for training stay."""
+    train() is not called, so the modes an override of it chose for training stay. So are the
+    buffers: stage code that keeps a branch on self.training as traced in training mode (export,
+    `if self.training: self.mean.mul_(...)`) updates them in eval mode too, where the original
+    model does not, and training would go on from other statistics than mode single's."""
     flags = [(module, module.training) for stage in modules for module in stage.modules()]
+    buffers = {id(b): (b, b.clone()) for stage in modules for b in stage.buffers()}
     for module, _ in flags:
         module.training = False
     try:
@@ -810,6 +818,9 @@ def evaluate(engine: Any, modules: list[torch.nn.Module], step: int, batches: in
     finally:
         for module, training in flags:
             module.training = training
+        with torch.no_grad():
+            for buffer, value in buffers.values():
+                buffer.copy_(value)
     return sum(losses) / len(losses)
 
 

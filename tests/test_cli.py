@@ -263,8 +263,11 @@ def test_distribution_argument_checks_suggest_validate_args(tmp_path, capsys):
     assert code == 0, err
 
 
-def test_autocast_inside_forward_is_refused(tmp_path, capsys):
-    """fx drops context managers; silently dropping autocast would change the numerics."""
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_autocast_inside_forward_is_refused(frontend, tmp_path, capsys):
+    """fx drops context managers and export wraps the block in a higher-order op that ftc does not
+    lower; silently dropping autocast would change the numerics. Both name the line and the
+    config's precision setting that does it for the whole model."""
     text = GOOD.replace(
         "def build_model():",
         "class Casting(nn.Module):\n"
@@ -277,8 +280,27 @@ def test_autocast_inside_forward_is_refused(tmp_path, capsys):
         "def build_model():\n    return Casting()\n\n\ndef unused():",
     )
     model = write(tmp_path, "casting.py", text)
+    result = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "gen", "--frontend", frontend], capsys)
+    assert_user_error(result, "casting.py:", "torch.autocast", '"precision": "bf16"')
+
+
+def test_a_draw_from_a_generator_of_the_models_own_is_refused_by_name(tmp_path, capsys):
+    """fx keeps the generator as an attribute, which ftc reported as "reads attribute
+    '_opaque_obj0', which is not a tensor"."""
+    text = GOOD.replace(
+        "def build_model():",
+        "class Noisy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.generator = torch.Generator().manual_seed(7)\n"
+        "        self.fc = nn.Linear(8, 4)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x + torch.randn(x.shape, generator=self.generator))\n\n\n"
+        "def build_model():\n    return Noisy()\n\n\ndef unused():",
+    )
+    model = write(tmp_path, "noisy.py", text)
     result = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "gen"], capsys)
-    assert_user_error(result, "casting.py:", "torch.autocast")
+    assert_user_error(result, "noisy.py:", "torch.Generator", "default generator", "LEAF_MODULES")
 
 
 def test_more_stages_than_ops(tmp_path, capsys):

@@ -382,3 +382,55 @@ def test_a_weight_read_in_several_stages_differs_from_single_only_by_autocasts_c
     assert set(differ) and set(differ) <= {"block.0.weight", "block.0.bias"}, differ
     assert all((local_1["state"][k] - cached_1["state"][k]).abs().max() <= 2e-2 for k in differ)
     assert local["loss"][0] == cached["loss"][0] and local["loss"] != cached["loss"]
+
+
+RECURRENT = """
+import torch
+import torch.nn as nn
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def build_model():
+    return Tagger()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 5, 6),)
+
+
+def loss_fn(output, target):
+    return torch.nn.functional.mse_loss(output, target)
+"""
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_a_forward_that_fails_only_under_bf16_names_the_precision(mode, tmp_path):
+    """torch's CPU LSTM fails inside oneDNN under bfloat16 autocast on a float32 input (the model's
+    own input or an embedding's output; a Linear's bfloat16 output passes), and the fix said only
+    to check the data against example_inputs."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            torch.nn.LSTM(2, 2)(torch.randn(3, 1, 2))
+        except RuntimeError:
+            pass
+        else:
+            pytest.skip("this torch has a bfloat16 LSTM on the CPU")
+    (tmp_path / "tagger.py").write_text(RECURRENT)
+    folder = compile_model(tmp_path / "tagger.py", tmp_path / "out", CompileOptions(stages=2)).folder
+    settings = dict(data={"name": "synthetic", "size": 8}, batch_size=4, micro_batches=2, steps=1, eval={"every": 0})
+    with pytest.raises(FtcError) as caught:
+        run(tmp_path, folder, mode, mode=mode, precision="bf16", **settings)
+    assert "lstm" in caught.value.message.lower()
+    assert '"precision": "bf16"' in caught.value.hint and '"precision": "fp32"' in caught.value.hint
+    assert run(tmp_path, folder, f"{mode}-fp32", mode=mode, **settings)["loss"]  # trains without autocast

@@ -22,6 +22,8 @@ from ftc.runtime.model_file import load_model_file
 from ftc.runtime.train import train
 from ftc.runtime.worker import launch
 
+from .conftest import MODELS
+
 STEPS, BATCH, MICRO_BATCHES, SEED = 4, 8, 2, 3
 FROZEN = ("bn1", "block.bn")  # the root's override freezes bn1, Block's override its bn
 FROZEN_BN = """
@@ -275,3 +277,20 @@ def test_a_train_override_that_raises_is_named():
 
     with pytest.raises(FtcError, match=r"Reads.train\(True\) raised RuntimeError: Tensor.item\(\) on a meta tensor"):
         train_model(Reads(), True)
+
+
+def test_a_held_out_evaluation_leaves_the_buffers_as_training_left_them(compile_to):
+    """The stages (export) keep `if self.training:` as traced, so evaluating them updated the
+    running mean, and training went on from other statistics than mode single's (losses parted
+    by 3e-3 after one evaluation). The held-out losses themselves may differ (ftc compile says
+    so); the training losses must not."""
+    folder = compile_to(MODELS / "eval_buffer.py", 2, batch_size=8)
+    losses = {}
+    for mode in ("single", "local"):
+        config = load_config(data={
+            "pipeline": str(folder), "data": {"name": "synthetic", "size": 32}, "mode": mode, "steps": 3,
+            "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "adam", "lr": 0.01}, "log_every": 10,
+            "eval": {"every": 1, "batches": 1, "fraction": 0.25},
+        })  # fmt: skip
+        losses[mode] = train(config).loss
+    torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)

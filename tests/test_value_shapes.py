@@ -67,6 +67,29 @@ def test_a_value_shaped_op_is_named_with_a_fix(frontend, tmp_path):
     assert "LEAF_MODULES" in caught.value.hint
 
 
+def test_repeat_interleave_with_tensor_repeats_is_named_as_value_shaped(tmp_path):
+    """torch says only "cannot repeat_interleave a meta tensor without output_size", which ftc
+    reported as a generic meta failure that advised against `.item()` the model does not call."""
+    path = tmp_path / "repeats.py"
+    path.write_text(
+        "import torch\n\n\n"
+        "class Repeats(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 4)\n\n"
+        "    def forward(self, x, counts):\n"
+        "        h = self.fc(x)\n"
+        "        return h + torch.repeat_interleave(h, counts, dim=0).mean(0)\n\n\n"
+        "def build_model():\n    return Repeats()\n\n\n"
+        "def example_inputs(batch_size):\n"
+        "    return (torch.randn(batch_size, 4), torch.ones(batch_size, dtype=torch.long))\n"
+    )
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend="fx"))
+    assert "repeats.py:11" in caught.value.message and "shape depends on tensor values" in caught.value.message
+    assert "repeat_interleave" in caught.value.message and "LEAF_MODULES" in caught.value.hint
+
+
 def test_a_value_shaped_op_in_a_leaf_module_compiles_exactly(tmp_path):
     path = tmp_path / "moe_leaf.py"
     path.write_text(MODEL + "\nLEAF_MODULES = (TopOneExperts,)\n")

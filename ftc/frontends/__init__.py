@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint as checkpoint_module
+from torch._dynamo.eval_frame import OptimizedModule
 
 from ftc.ir import FtcError, Graph
 from ftc.runtime import model_file as model_file_module
@@ -72,14 +73,25 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         )
     if draws:
         traced.graph.trace_notes.append(draws_note(draws))
+    compiled = [path for path, module in model.named_modules() if isinstance(module, OptimizedModule)]
+    if compiled:
+        traced.graph.trace_notes.append(
+            f"{', '.join(compiled)} {'is' if len(compiled) == 1 else 'are'} torch.compile'd: traced through the "
+            "original module, so the stage code runs it eagerly (compile the stages to have it compiled again)"
+        )
     return traced
 
 
 def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
     """The model on the meta device after `model.train()`, as a training loop starts: the model's
-    own train() may keep layers in eval mode (frozen BatchNorm), and the trace must see them so."""
+    own train() may keep layers in eval mode (frozen BatchNorm), and the trace must see them so.
+    A torch.compile'd submodule runs its original module: neither fx nor export can trace dynamo's
+    frame, and dynamo would compile and run real kernels on fake tensors (a segmentation fault)."""
     model = model_file.build("meta")
     train_model(model, True, model_file.path)
+    for module in model.modules():
+        if isinstance(module, OptimizedModule):
+            module.forward = module._orig_mod.__call__
     return model
 
 

@@ -89,6 +89,15 @@ def dataclass_error(name: str) -> FtcError:
     )
 
 
+def autocast_refused(model_file: ModelFile, line: str) -> FtcError:
+    return FtcError(
+        f"{line or model_file.path.name}: forward runs ops under torch.autocast, which ftc cannot carry into "
+        "stage code yet",
+        "remove autocast from forward and train with the config's \"precision\": \"bf16\" (every forward and "
+        "the loss under torch.autocast with bfloat16, in every mode)",
+    )
+
+
 # A stage's own train()/eval() flag, as generated code and the interpreter read it.
 STAGE_TRAINING = TorchExpr("self.training")
 

@@ -46,7 +46,7 @@ from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, uni
 from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
-from .common import CodeFiles, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
+from .common import CodeFiles, autocast_refused, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .eval_mode import ModeBranch, branch_notes, followed_notes, mode_branches
 from .fx import input_names
 from .tidy import tidy
@@ -199,11 +199,7 @@ def trace_export(
                 else:
                     node.op, node.target, fx_args, fx_kwargs = call.op, call.target, call.args, call.kwargs
             elif isinstance(target, torch._ops.HigherOrderOperator):
-                raise FtcError(
-                    f"torch.export produced the higher-order op {target.name()} at {source or where}",
-                    "ftc cannot lower it; compile with --frontend fx (which keeps LEAF_MODULES classes whole) "
-                    "or move that code out of forward",
-                )
+                raise _higher_order_refused(fx_node, code, model_file)
             elif getattr(target, "__module__", "") == "torch._functorch.predispatch":
                 raise FtcError(
                     f"{model_file.path}: forward calls torch.vmap (torch.func) at {source or where}: torch.export "
@@ -223,6 +219,10 @@ def trace_export(
             node.module_path, node.module_class, node.source = module_path, modules.get(module_path, ""), source
             node.callers = _frames(fx_node, code)[:-1]
         else:
+            # A higher-order op's body graph is a get_attr node just before the op's call.
+            for user in fx_node.users:
+                if isinstance(user.target, torch._ops.HigherOrderOperator):
+                    raise _higher_order_refused(user, code, model_file)
             raise FtcError(f"torch.export produced a {fx_node.op} node {fx_node.name!r}, which ftc does not lower")
         names[fx_node] = node.name
         nodes.append(node)
@@ -698,6 +698,19 @@ def _inline_grad_mode_blocks(module: fx.GraphModule) -> None:
         graph.erase_node(call)
         if not body_node.users:
             graph.erase_node(body_node)
+
+
+def _higher_order_refused(call: fx.Node, code: CodeFiles, model_file: ModelFile) -> FtcError:
+    bodies = [getattr(call.graph.owning_module, a.target) for a in call.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    lines = [_scope(inner, code)[1] for body in bodies for inner in body.graph.nodes]
+    line = _scope(call, code)[1] or next(filter(None, lines), "")
+    if call.target is torch.ops.higher_order.wrap_with_autocast:
+        return autocast_refused(model_file, line)
+    return FtcError(
+        f"torch.export produced the higher-order op {call.target.name()} at {line or model_file.path.name}",
+        "ftc cannot lower it; compile with --frontend fx (which keeps LEAF_MODULES classes whole) "
+        "or move that code out of forward",
+    )
 
 
 def _call_label(module_path: str, module: torch.nn.Module) -> str:

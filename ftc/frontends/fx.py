@@ -25,6 +25,7 @@ from ftc.runtime.model_file import ModelFile
 from .common import (
     CodeFiles,
     TrainingFlag,
+    autocast_refused,
     constant_from_tensor,
     function_expr,
     ir_arg,
@@ -70,11 +71,7 @@ class _Tracer(fx.Tracer):
         node.meta["ftc_flag_reads"] = list(self.flag_reads)
         self.flag_reads.clear()
         if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
-            raise FtcError(
-                f"{node.meta['ftc_source'] or self.model_file.path.name}: forward runs ops under "
-                "torch.autocast, which ftc cannot carry into stage code yet",
-                "remove autocast from forward and apply it around the whole model when training",
-            )
+            raise autocast_refused(self.model_file, node.meta["ftc_source"])
         return node
 
     def create_proxy(self, kind: str, target: Any, *args, **kwargs) -> fx.Proxy:
@@ -265,6 +262,13 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             node.target = fx_node.target
             if fx_node.target not in state:
                 value = _fetch(root, fx_node.target)
+                if isinstance(value, torch.Generator):
+                    raise FtcError(
+                        f"{where}: forward draws from a torch.Generator of the model's own (generator=...), which "
+                        "stage code cannot hold",
+                        "draw from torch's default generator (leave generator= out: ftc seeds it for every stage "
+                        "and micro-batch), or list the class that draws in LEAF_MODULES, so that it runs as it is",
+                    )
                 if not isinstance(value, torch.Tensor):
                     raise FtcError(f"{where}: reads attribute {fx_node.target!r}, which is not a tensor")
                 if value.device.type == "meta" and fx_node.target.startswith("_tensor_constant"):

@@ -37,7 +37,7 @@ VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
 # What torch says when an op's output shape depends on values (a boolean-mask index goes through
 # nonzero): torch's own text then advises a private config flag, which is no fix for the user.
 VALUE_SHAPE_TYPES = {"DataDependentOutputException", "DynamicOutputShapeException"}
-VALUE_SHAPE_WORDS = re.compile(r"nonzero|masked_select|unique|data-independent implementation")
+VALUE_SHAPE_WORDS = re.compile(r"nonzero|masked_select|unique|repeat_interleave|data-independent implementation")
 VALUE_SHAPE_FIX = (
     "the meta device has shapes but no values, so it cannot size such a result: put the module that makes it "
     "in LEAF_MODULES (ftc then runs that module for real to learn its output shapes), or compute densely "
@@ -100,7 +100,8 @@ class _Propagator(Interpreter):
             if _value_shaped(exc):
                 raise FtcError(
                     f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "
-                    "(boolean-mask indexing `x[mask]`, nonzero, masked_select, unique): "
+                    "(boolean-mask indexing `x[mask]`, nonzero, masked_select, unique, repeat_interleave with "
+                    "tensor repeats and no output_size): "
                     f"{type(exc).__name__} on the meta device",
                     VALUE_SHAPE_FIX,
                 ) from exc
