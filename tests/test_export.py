@@ -36,6 +36,9 @@ CASES = [
     (aten.sub.Tensor, (_x(2, 3), _x(3)), {}),
     (aten.rsub.Scalar, (_x(2, 3), 1.0), {}),
     (aten.mul.Tensor, (_x(2, 3), 0.5), {}),
+    (aten.multiply.Tensor, (_x(2, 3), _x(2, 3)), {}),  # ConvBERT's torch.multiply
+    (aten.multiply.Scalar, (_x(2, 3), 0.5), {}),
+    (aten.square.default, (_x(2, 3),), {}),  # Persimmon's squared ReLU
     (aten.div.Tensor, (_x(2, 3), 4.0), {}),
     (aten.div.Tensor_mode, (_x(2, 3), 0.3), {"rounding_mode": "floor"}),
     (aten.pow.Tensor_Scalar, (_x(2, 3), 3.0), {}),
@@ -158,6 +161,8 @@ CASES = [
     (aten.split.Tensor, (_x(6, 2), 2), {}),
     (aten.split_with_sizes.default, (_x(2, 6), [1, 5], 1), {}),
     (aten.chunk.default, (_x(6, 2), 3), {}),
+    (aten.tensor_split.indices, (_x(2, 6), [1, 4], 1), {}),  # Jamba's Mamba scan
+    (aten.tensor_split.sections, (_x(7, 2), 3), {}),
     (aten.unbind.int, (_x(2, 3), 1), {}),
     (aten.roll.default, (_x(2, 5), [2], [-1]), {}),
     (aten.roll.default, (_x(2, 5), [3]), {}),

@@ -386,11 +386,13 @@ OPERATORS = {
 }  # fmt: skip
 UNARY_FUNCTIONS = (
     "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "floor", "ceil",
-    "logical_not", "isnan", "isinf", "sign",
+    "logical_not", "isnan", "isinf", "sign", "square",
 )  # fmt: skip
 
 LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     **{f"{name}.{overload}": _operator(op) for name, op in OPERATORS.items() for overload in ("Tensor", "Scalar")},
+    "multiply.Tensor": _operator("mul"),  # torch.multiply, the alias ATen keeps as its own op
+    "multiply.Scalar": _operator("mul"),
     "pow.Tensor_Scalar": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
     "pow.Tensor_Tensor": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
     "pow.Scalar": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
@@ -534,6 +536,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "split.Tensor": _method("split", "self", "split_size", "dim"),
     "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),
     "chunk.default": _method("chunk", "self", "chunks", "dim"),
+    "tensor_split.indices": _method("tensor_split", "self", "indices", dim=0),
+    "tensor_split.sections": _method("tensor_split", "self", "sections", dim=0),
     "unbind.int": _method("unbind", "self", "dim"),
     "roll.default": _method("roll", "self", "shifts", dims=[]),
     "flip.default": _method("flip", "self", "dims"),
