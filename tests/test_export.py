@@ -677,16 +677,20 @@ def example_inputs(batch_size):
 """
 
 
-def test_a_forward_that_works_at_one_batch_size_only_is_named(tmp_path):
-    """`x.reshape(4, -1)` pins the batch to 4, which torch.export reports only as `Constraints
+@pytest.mark.parametrize(
+    "line", ["x.reshape(4, -1)", "x.new_ones(len(x), 16)"], ids=["fixed_number", "len"]
+)
+def test_the_line_that_fixes_the_batch_size_is_named(tmp_path, line):
+    """`x.reshape(4, -1)` pins the batch to 4, and so does `len(x)` (Python makes it an int; CLIPSeg
+    checks `len(input_ids) != batch_size`), which torch.export reports only as `Constraints
     violated (batch)!`: micro-batches of other sizes could not run the stages."""
     from ftc.compiler import CompileOptions, compile_model
 
     path = tmp_path / "fixed.py"
-    path.write_text(FIXED_BATCH)
-    with pytest.raises(FtcError, match=re.escape("forward works only at batch size 4")) as error:
+    path.write_text(FIXED_BATCH.replace("x.reshape(4, -1)", line))
+    with pytest.raises(FtcError, match=re.escape(f"fixed the batch dimension to 4 at {path}:11 in forward")) as error:
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
-    assert "instead of fixed numbers" in error.value.hint
+    assert "not len(x)" in error.value.hint
 
 
 @pytest.mark.parametrize(
