@@ -95,6 +95,9 @@ CASES = [
     (aten.max_pool2d.default, (_x(1, 2, 5, 5), [3, 3], [1, 1], [1, 1]), {}),
     (aten.avg_pool2d.default, (_x(1, 2, 4, 4), [2, 2]), {}),
     (aten.adaptive_avg_pool2d.default, (_x(1, 2, 4, 4), [1, 1]), {}),
+    (aten.adaptive_avg_pool1d.default, (_x(2, 3, 5), [1]), {}),  # FocalNet's pooler
+    (aten.max_pool1d.default, (_x(2, 1, 8), [4], [4]), {}),  # CANINE's downsampled mask
+    (aten.max_pool1d.default, (_x(2, 1, 8), [3]), {}),
     (aten.avg_pool3d.default, (_x(1, 2, 4, 4, 4), [2, 1, 2]), {"padding": [1, 0, 1]}),
     (aten.im2col.default, (_x(2, 3, 5, 6), [2, 3], [1, 2], [1, 0], [2, 1]), {}),
     (aten.col2im.default, (_x(2, 12, 12), [5, 6], [2, 2], [1, 1], [0, 0], [1, 2]), {}),
@@ -123,6 +126,10 @@ CASES = [
     (aten.view.default, (_x(2, 6), [3, -1]), {}),
     (aten.view.default, (_x(1), []), {}),
     (aten.reshape.default, (_x(2, 6).t(), [12]), {}),
+    (aten.reshape_as.default, (_x(2, 6), _x(3, 4)), {}),  # LeViT's MLPLayerWithBN
+    (aten.unfold.default, (_x(2, 8, 3), -2, 4, 2), {}),  # PatchTST's patches
+    (aten.fill_.Tensor, (_x(2, 3), torch.tensor(2.0)), {}),  # shift_tokens_right's start token
+    (aten.fill_.Scalar, (_x(2, 3), 1.5), {}),
     (aten._unsafe_view.default, (_x(2, 6), [4, 3]), {}),
     (aten.expand.default, (_x(1, 3), [4, -1]), {}),
     (aten.permute.default, (_x(2, 3, 4), [2, 0, 1]), {}),
@@ -1073,7 +1080,7 @@ def test_pooling_with_indices_distances_and_losses_of_three_inputs_are_module_ca
 
 
 def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
-    """Unfold/Fold, ChannelShuffle, PReLU, Mish/CELU/ReLU6, RMSNorm, padding layers, grid_sample
+    """Unfold/Fold, ChannelShuffle, PReLU, Mish/CELU/ReLU6, RMSNorm, padding layers, AdaptiveAvgPool1d, grid_sample
     and scatter_add/index_add_ stayed `torch.ops.aten.<op>.default(...)` calls in stage code."""
     from ftc.check import check_pipeline
 
@@ -1082,7 +1089,7 @@ def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
     assert "torch.ops.aten" not in text, text
     for call in ("self.unfold(", "self.fold(", "self.shuffle(", "self.prelu(", "self.mish(", "self.celu(",
                  "self.relu6(", "self.rms(", "self.pad(", "self.zpad(", "F.grid_sample(", "F.affine_grid(",
-                 ".scatter_add(1, ", ".index_add_(1, "):  # fmt: skip
+                 ".scatter_add(1, ", ".index_add_(1, ", "self.pool1d("):  # fmt: skip
         assert call in text, call
     assert check_pipeline(folder).ok
 

@@ -469,10 +469,12 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "conv_transpose2d.input": _function(
         "F.conv_transpose2d", "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"
     ),
+    "max_pool1d.default": _pool("F.max_pool1d", padding=0, dilation=1, ceil_mode=False),
     "max_pool2d.default": _pool("F.max_pool2d", padding=0, dilation=1, ceil_mode=False),
     "avg_pool2d.default": _pool(
         "F.avg_pool2d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
     ),
+    "adaptive_avg_pool1d.default": _function("F.adaptive_avg_pool1d", "self", "output_size"),
     "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
     "avg_pool3d.default": _pool(
         "F.avg_pool3d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
@@ -507,6 +509,10 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "smooth_l1_loss.default": _loss("F.smooth_l1_loss", "self", "target", reduction="mean", beta=1.0),
     "view.default": _spread("view", "size"),
     "reshape.default": _spread("reshape", "shape"),
+    "reshape_as.default": _method("reshape_as", "self", "other"),
+    "unfold.default": _method("unfold", "self", "dimension", "size", "step"),
+    "fill_.Tensor": _method("fill_", "self", "value"),
+    "fill_.Scalar": _method("fill_", "self", "value"),
     "_unsafe_view.default": _spread("reshape", "size"),
     "expand.default": lambda a: None if a["implicit"] else _spread("expand", "size")(a),
     "permute.default": _spread("permute", "dims"),
@@ -666,6 +672,7 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
     nn.ConvTranspose2d: ("conv_transpose2d.input", "input"),
     nn.MaxPool2d: ("max_pool2d.default", "self"),
     nn.AvgPool2d: ("avg_pool2d.default", "self"),
+    nn.AdaptiveAvgPool1d: ("adaptive_avg_pool1d.default", "self"),
     nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d.default", "self"),
     nn.AvgPool3d: ("avg_pool3d.default", "self"),
     nn.Unfold: ("im2col.default", "self"),
