@@ -1033,6 +1033,23 @@ def test_a_trace_that_fails_inside_a_library_names_the_library_line(tmp_path, ca
     assert_user_error(refused, "neither torch.fx nor torch.export could trace the model", "layers.py:5: if x.sum() > 0:")
 
 
+def test_leaf_modules_that_only_fx_keeps_whole_are_named_when_fx_fails_elsewhere(tmp_path, capsys):
+    """fx fails on a shape branch outside the leaf, export on the leaf's value-dependent loop
+    (transformers' DbrxExperts iterating `expert_hit`): the hint said to list the class in
+    LEAF_MODULES, where it already was."""
+    model = write(tmp_path, "leafy.py", "import torch\n\n\nclass Experts(torch.nn.Module):\n"
+                  "    def forward(self, x):\n        for row in (x > 0).nonzero():\n            x = x + row[0]\n"
+                  "        return x\n\n\nLEAF_MODULES = (Experts,)\n\n\nclass Net(torch.nn.Module):\n"
+                  "    def __init__(self):\n        super().__init__()\n        self.experts = Experts()\n\n"
+                  "    def forward(self, x):\n        if x.shape[1] > 2:\n            x = x * 2\n"
+                  "        return self.experts(x)\n\n\ndef build_model():\n    return Net()\n\n\n"
+                  "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n")  # fmt: skip
+    refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "out"], capsys)
+    assert_user_error(refused, "neither torch.fx nor torch.export could trace the model",
+                      "only torch.fx keeps LEAF_MODULES (Experts) whole")  # fmt: skip
+    assert "or list the class that contains that code in LEAF_MODULES" not in refused[2]
+
+
 def test_a_random_layer_skip_only_in_training_is_named_with_the_config_fix(tmp_path, capsys):
     """transformers' speech models default to layerdrop=0.1: in training mode forward branches in
     Python on torch.rand, which no tracer can hold; in eval mode the same model traces. The error

@@ -36,6 +36,9 @@ CASES = [
     (aten.sub.Tensor, (_x(2, 3), _x(3)), {}),
     (aten.rsub.Scalar, (_x(2, 3), 1.0), {}),
     (aten.mul.Tensor, (_x(2, 3), 0.5), {}),
+    (aten.multiply.Tensor, (_x(2, 3), _x(2, 3)), {}),  # ConvBERT's torch.multiply
+    (aten.multiply.Scalar, (_x(2, 3), 0.5), {}),
+    (aten.square.default, (_x(2, 3),), {}),  # Persimmon's squared ReLU
     (aten.div.Tensor, (_x(2, 3), 4.0), {}),
     (aten.div.Tensor_mode, (_x(2, 3), 0.3), {"rounding_mode": "floor"}),
     (aten.pow.Tensor_Scalar, (_x(2, 3), 3.0), {}),
@@ -92,6 +95,9 @@ CASES = [
     (aten.max_pool2d.default, (_x(1, 2, 5, 5), [3, 3], [1, 1], [1, 1]), {}),
     (aten.avg_pool2d.default, (_x(1, 2, 4, 4), [2, 2]), {}),
     (aten.adaptive_avg_pool2d.default, (_x(1, 2, 4, 4), [1, 1]), {}),
+    (aten.adaptive_avg_pool1d.default, (_x(2, 3, 5), [1]), {}),  # FocalNet's pooler
+    (aten.max_pool1d.default, (_x(2, 1, 8), [4], [4]), {}),  # CANINE's downsampled mask
+    (aten.max_pool1d.default, (_x(2, 1, 8), [3]), {}),
     (aten.avg_pool3d.default, (_x(1, 2, 4, 4, 4), [2, 1, 2]), {"padding": [1, 0, 1]}),
     (aten.im2col.default, (_x(2, 3, 5, 6), [2, 3], [1, 2], [1, 0], [2, 1]), {}),
     (aten.col2im.default, (_x(2, 12, 12), [5, 6], [2, 2], [1, 1], [0, 0], [1, 2]), {}),
@@ -120,6 +126,10 @@ CASES = [
     (aten.view.default, (_x(2, 6), [3, -1]), {}),
     (aten.view.default, (_x(1), []), {}),
     (aten.reshape.default, (_x(2, 6).t(), [12]), {}),
+    (aten.reshape_as.default, (_x(2, 6), _x(3, 4)), {}),  # LeViT's MLPLayerWithBN
+    (aten.unfold.default, (_x(2, 8, 3), -2, 4, 2), {}),  # PatchTST's patches
+    (aten.fill_.Tensor, (_x(2, 3), torch.tensor(2.0)), {}),  # shift_tokens_right's start token
+    (aten.fill_.Scalar, (_x(2, 3), 1.5), {}),
     (aten._unsafe_view.default, (_x(2, 6), [4, 3]), {}),
     (aten.expand.default, (_x(1, 3), [4, -1]), {}),
     (aten.permute.default, (_x(2, 3, 4), [2, 0, 1]), {}),
@@ -158,6 +168,8 @@ CASES = [
     (aten.split.Tensor, (_x(6, 2), 2), {}),
     (aten.split_with_sizes.default, (_x(2, 6), [1, 5], 1), {}),
     (aten.chunk.default, (_x(6, 2), 3), {}),
+    (aten.tensor_split.indices, (_x(2, 6), [1, 4], 1), {}),  # Jamba's Mamba scan
+    (aten.tensor_split.sections, (_x(7, 2), 3), {}),
     (aten.unbind.int, (_x(2, 3), 1), {}),
     (aten.roll.default, (_x(2, 5), [2], [-1]), {}),
     (aten.roll.default, (_x(2, 5), [3]), {}),
@@ -672,16 +684,20 @@ def example_inputs(batch_size):
 """
 
 
-def test_a_forward_that_works_at_one_batch_size_only_is_named(tmp_path):
-    """`x.reshape(4, -1)` pins the batch to 4, which torch.export reports only as `Constraints
+@pytest.mark.parametrize(
+    "line", ["x.reshape(4, -1)", "x.new_ones(len(x), 16)"], ids=["fixed_number", "len"]
+)
+def test_the_line_that_fixes_the_batch_size_is_named(tmp_path, line):
+    """`x.reshape(4, -1)` pins the batch to 4, and so does `len(x)` (Python makes it an int; CLIPSeg
+    checks `len(input_ids) != batch_size`), which torch.export reports only as `Constraints
     violated (batch)!`: micro-batches of other sizes could not run the stages."""
     from ftc.compiler import CompileOptions, compile_model
 
     path = tmp_path / "fixed.py"
-    path.write_text(FIXED_BATCH)
-    with pytest.raises(FtcError, match=re.escape("forward works only at batch size 4")) as error:
+    path.write_text(FIXED_BATCH.replace("x.reshape(4, -1)", line))
+    with pytest.raises(FtcError, match=re.escape(f"fixed the batch dimension to 4 at {path}:11 in forward")) as error:
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
-    assert "instead of fixed numbers" in error.value.hint
+    assert "not len(x)" in error.value.hint
 
 
 @pytest.mark.parametrize(
@@ -904,7 +920,7 @@ def test_a_batch_size_fixed_by_a_training_only_library_branch_names_the_branch(t
     with pytest.raises(FtcError) as refused:
         compile_model(path, tmp_path / "out", CompileOptions(stages=2))
     message = str(refused.value)
-    assert "forward works only at batch size 8" in message, message
+    assert "torch.export fixed the batch dimension to 8 at " in message and "spec_augment.py" in message, message
     assert f"branch on self.training in library code at spec_augment.py:{line} (spec_augment.MaskedEncoder)" in message
     assert "mask_time_prob=0.0" in message
 
@@ -1112,7 +1128,7 @@ def test_pooling_with_indices_distances_and_losses_of_three_inputs_are_module_ca
 
 
 def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
-    """Unfold/Fold, ChannelShuffle, PReLU, Mish/CELU/ReLU6, RMSNorm, padding layers, grid_sample
+    """Unfold/Fold, ChannelShuffle, PReLU, Mish/CELU/ReLU6, RMSNorm, padding layers, AdaptiveAvgPool1d, grid_sample
     and scatter_add/index_add_ stayed `torch.ops.aten.<op>.default(...)` calls in stage code."""
     from ftc.check import check_pipeline
 
@@ -1121,7 +1137,7 @@ def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
     assert "torch.ops.aten" not in text, text
     for call in ("self.unfold(", "self.fold(", "self.shuffle(", "self.prelu(", "self.mish(", "self.celu(",
                  "self.relu6(", "self.rms(", "self.pad(", "self.zpad(", "F.grid_sample(", "F.affine_grid(",
-                 ".scatter_add(1, ", ".index_add_(1, "):  # fmt: skip
+                 ".scatter_add(1, ", ".index_add_(1, ", "self.pool1d("):  # fmt: skip
         assert call in text, call
     assert check_pipeline(folder).ok
 

@@ -320,9 +320,14 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         reasons.append(f"{tracer}: {type(exc).__name__}: {_first_line(exc)}{library_frame(exc, model_file.path)}")
     where = "".join(places)
     fix = "make forward's Python independent of tensor values and shapes (use torch ops such as torch.where instead of `if`)"
-    if names == ["torch.export"] and model_file.leaf_modules:
-        leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
+    leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
+    if names == ["torch.export"] and leaves:
         fix += f"; torch.export traces into LEAF_MODULES ({leaves}): --frontend fx or auto keeps them whole"
+    elif leaves:
+        # Listing the class that holds export's failure does not help where fx failed outside
+        # LEAF_MODULES (transformers' DbrxExperts, listed, under a mask helper fx cannot trace).
+        fix += (f"; only torch.fx keeps LEAF_MODULES ({leaves}) whole, and it failed on its own line above; "
+                "torch.export traces into them, so make fx's line traceable (or list a class that holds it)")
     else:
         fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
     if "torch.export" not in names:

@@ -386,11 +386,13 @@ OPERATORS = {
 }  # fmt: skip
 UNARY_FUNCTIONS = (
     "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "floor", "ceil",
-    "logical_not", "isnan", "isinf", "sign",
+    "logical_not", "isnan", "isinf", "sign", "square",
 )  # fmt: skip
 
 LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     **{f"{name}.{overload}": _operator(op) for name, op in OPERATORS.items() for overload in ("Tensor", "Scalar")},
+    "multiply.Tensor": _operator("mul"),  # torch.multiply, the alias ATen keeps as its own op
+    "multiply.Scalar": _operator("mul"),
     "pow.Tensor_Scalar": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
     "pow.Tensor_Tensor": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
     "pow.Scalar": lambda a: Call("call_function", "operator.pow", (a["self"], a["exponent"])),
@@ -467,10 +469,12 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "conv_transpose2d.input": _function(
         "F.conv_transpose2d", "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"
     ),
+    "max_pool1d.default": _pool("F.max_pool1d", padding=0, dilation=1, ceil_mode=False),
     "max_pool2d.default": _pool("F.max_pool2d", padding=0, dilation=1, ceil_mode=False),
     "avg_pool2d.default": _pool(
         "F.avg_pool2d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
     ),
+    "adaptive_avg_pool1d.default": _function("F.adaptive_avg_pool1d", "self", "output_size"),
     "adaptive_avg_pool2d.default": _function("F.adaptive_avg_pool2d", "self", "output_size"),
     "avg_pool3d.default": _pool(
         "F.avg_pool3d", padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
@@ -505,6 +509,10 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "smooth_l1_loss.default": _loss("F.smooth_l1_loss", "self", "target", reduction="mean", beta=1.0),
     "view.default": _spread("view", "size"),
     "reshape.default": _spread("reshape", "shape"),
+    "reshape_as.default": _method("reshape_as", "self", "other"),
+    "unfold.default": _method("unfold", "self", "dimension", "size", "step"),
+    "fill_.Tensor": _method("fill_", "self", "value"),
+    "fill_.Scalar": _method("fill_", "self", "value"),
     "_unsafe_view.default": _spread("reshape", "size"),
     "expand.default": lambda a: None if a["implicit"] else _spread("expand", "size")(a),
     "permute.default": _spread("permute", "dims"),
@@ -534,6 +542,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "split.Tensor": _method("split", "self", "split_size", "dim"),
     "split_with_sizes.default": _method("split", "self", "split_sizes", "dim"),
     "chunk.default": _method("chunk", "self", "chunks", "dim"),
+    "tensor_split.indices": _method("tensor_split", "self", "indices", dim=0),
+    "tensor_split.sections": _method("tensor_split", "self", "sections", dim=0),
     "unbind.int": _method("unbind", "self", "dim"),
     "roll.default": _method("roll", "self", "shifts", dims=[]),
     "flip.default": _method("flip", "self", "dims"),
@@ -662,6 +672,7 @@ MODULE_CALLS: dict[type, tuple[str, str]] = {
     nn.ConvTranspose2d: ("conv_transpose2d.input", "input"),
     nn.MaxPool2d: ("max_pool2d.default", "self"),
     nn.AvgPool2d: ("avg_pool2d.default", "self"),
+    nn.AdaptiveAvgPool1d: ("adaptive_avg_pool1d.default", "self"),
     nn.AdaptiveAvgPool2d: ("adaptive_avg_pool2d.default", "self"),
     nn.AvgPool3d: ("avg_pool3d.default", "self"),
     nn.Unfold: ("im2col.default", "self"),

@@ -25,10 +25,13 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import logging
 import math
 import operator
 import re
+import sysconfig
 import textwrap
+import traceback
 import warnings
 from pathlib import Path
 from collections import Counter
@@ -278,8 +281,10 @@ def _export_bounded(
             raise
         first = error
     unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
+    fixing: list[str] = []
     try:
-        program = _export(model, args, kwargs, unnamed, kept)
+        with _lines_fixing_a_size(size, fixing):
+            program = _export(model, args, kwargs, unnamed, kept)
     except Exception:
         raise first from None
     sizes = _batch_sizes(program)
@@ -290,12 +295,14 @@ def _export_bounded(
             training = (f"; in training mode, which ftc traces, forward also takes a branch on self.training in "
                         f"library code at {places}, which may make that size (transformers' speech models draw "
                         "their SpecAugment masks with numpy, at the batch's size)")  # fmt: skip
+        at = f" at {fixing[0]}" if fixing else ""
         raise FtcError(
-            f"{model_file.path}: forward works only at batch size {size} (torch.export fixed the batch dimension "
-            f"to it), but pipeline stages run micro-batches of other sizes{training}",
-            "compute sizes from the input (x.shape[0], or -1 in view/reshape) instead of fixed numbers"
-            + (", or build the model so that the training-only branch does nothing (transformers: "
-               "mask_time_prob=0.0 and mask_feature_prob=0.0)" if branches else ""),
+            f"{model_file.path}: torch.export fixed the batch dimension to {size}{at}, so the stages would run at "
+            f"batch size {size} only, but pipeline stages run micro-batches of other sizes{training}",
+            "compute sizes from the input as tensor sizes (x.shape[0], not len(x), which Python makes a fixed int; "
+            "-1 in view/reshape) instead of fixed numbers; where that line is in a library, call the library "
+            "so that it skips that code"
+            + (" (a training-only branch: transformers' mask_time_prob=0.0 and mask_feature_prob=0.0)" if branches else ""),
         ) from first
     low, high = sizes
     # export's own lowest size is 2 (it fixes sizes 0 and 1 when it meets them), which says
@@ -313,6 +320,37 @@ def _range_notes(batch_range: tuple[int, int] | None) -> list[str]:
         "from it is taken from a fixed-size tensor, such as a slice of a buffer); training checks that its "
         "micro-batches (batch_size / micro_batches) stay in that range"
     ]
+
+
+@contextlib.contextmanager
+def _lines_fixing_a_size(size: int, lines: list[str]):
+    """Collects, as `file:line in function`, the model's or a library's code where torch's shape
+    environment equated a symbolic size with `size` (a guard `Eq(s0, 8)`: `x.reshape(8, -1)`,
+    `len(x)`). torch reports such a guard only in its log, at INFO level, so the log is read
+    while the block runs, kept from torch's own handlers, and the line is the innermost frame
+    outside torch, ftc and Python's standard library."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    equals_size = re.compile(rf"Eq\(s\d+, {size}\)")
+    outside = tuple(str(Path(m.__file__).parent) for m in (torch, logging)) + (
+        str(Path(__file__).parents[1]), sysconfig.get_paths()["stdlib"])
+
+    class Guards(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            args = record.args if isinstance(record.args, tuple) else ()
+            if "[guard added]" not in str(record.msg) or len(args) < 2 or not equals_size.fullmatch(str(args[1])):
+                return
+            frame = next((f for f in reversed(traceback.extract_stack()) if not f.filename.startswith(outside)), None)
+            if frame is not None:
+                lines.append(f"{frame.filename}:{frame.lineno} in {frame.name}")
+
+    handlers, level, propagate = log.handlers, log.level, log.propagate
+    log.handlers, log.propagate = [Guards()], False
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.handlers, log.propagate = handlers, propagate
+        log.setLevel(level)
 
 
 def _batch_bounded(error: Exception) -> bool:

@@ -1,6 +1,6 @@
 """Less common torch.nn layers and ops, which export records as ATen ops without the layer's
 signature: Unfold/Fold (im2col/col2im), ChannelShuffle, PReLU, Mish/Hardswish/CELU/ReLU6,
-RMSNorm, reflection and zero padding, grid_sample over an affine grid, and a graph network's
+RMSNorm, reflection and zero padding, AdaptiveAvgPool1d, grid_sample over an affine grid, and a graph network's
 message passing (gather, scatter_add, index_add_ over a batched edge list [B, 2, E]).
 
 Through --frontend export every one of them must read as torch code: a module call where the
@@ -29,6 +29,7 @@ class Net(nn.Module):
         self.rms = nn.RMSNorm(8)
         self.mish, self.hardswish, self.celu, self.relu6 = nn.Mish(), nn.Hardswish(), nn.CELU(0.5), nn.ReLU6()
         self.message = nn.Linear(16, 8)
+        self.pool1d = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x, edges):
@@ -49,7 +50,7 @@ class Net(nn.Module):
         degree = torch.zeros(nodes.shape[0], NODES, dtype=nodes.dtype, device=nodes.device)
         degree.index_add_(1, dst[0], torch.ones(dst.shape[1], dtype=nodes.dtype, device=nodes.device).expand(nodes.shape[0], -1))
         nodes = nodes + summed / degree.clamp(min=1).unsqueeze(-1)
-        return self.head(nodes.mean(1))
+        return self.head(self.pool1d(nodes.transpose(1, 2)).squeeze(-1))
 
 
 def build_model():
