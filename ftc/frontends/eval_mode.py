@@ -99,7 +99,8 @@ def mode_branches(
     made. Nothing where no library code may read `training` (library_reads_training) and the
     model's own code does not (`own_reads`, which the frontend tells)."""
     library = library_reads_training(model, code)
-    if not own_reads and not library:
+    # a model traced in eval mode (to tell a training-only failure) has no other mode to follow
+    if not model.training or (not own_reads and not library):
         return [], []
     try:
         trained = _recorded(model, code, args, kwargs)
