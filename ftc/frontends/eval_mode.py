@@ -144,34 +144,32 @@ def branch_notes(branches: list[ModeBranch], model_file: ModelFile) -> list[str]
     """A note for each class whose modules' calls take library branches on self.training that
     the stages keep as traced in training mode, naming them and saying what to do (the model's
     own are named from its source: export.training_branches)."""
-    notes = []
-    branches = [branch for branch in branches if branch.library]
-    for owner in dict.fromkeys(branch.owner for branch in branches):
-        paths = list(dict.fromkeys(path or "the model" for b in branches if b.owner is owner for path in b.paths))
-        lines = ", ".join(branch.line for branch in branches if branch.owner is owner)
-        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
-        notes.append(
-            f"{model_file.class_name(owner)} ({paths[0]}{more}) computes other ops in eval mode than in training "
-            f"mode, from {lines} on (a branch on self.training in the library): to evaluate with the stages, build "
-            "the model so that the branch does nothing (drop_path_rate=0 for stochastic depth, layerdrop=0), or judge "
-            "evaluation with the original model"
-        )
-    return notes
+    return [
+        f"{model_file.class_name(owner)} ({modules}) computes other ops in eval mode than in training mode, from "
+        f"{lines} on (a branch on self.training in the library): to evaluate with the stages, build the model so "
+        "that the branch does nothing (drop_path_rate=0 for stochastic depth, layerdrop=0), or judge evaluation "
+        "with the original model"
+        for owner, modules, lines in _by_owner([branch for branch in branches if branch.library])
+    ]
 
 
 def followed_notes(branches: list[ModeBranch], model_file: ModelFile) -> list[str]:
     """A note for each class whose branches on self.training the stages follow, by calling its
     modules whole."""
-    notes = []
+    return [
+        f"{model_file.class_name(owner)} ({modules}) branches on self.training ({lines}): the stages call its "
+        "modules whole, so they follow train() and eval() as the model does"
+        for owner, modules, lines in _by_owner(branches)
+    ]
+
+
+def _by_owner(branches: list[ModeBranch]) -> Iterator[tuple[type, str, str]]:
+    """(class, its first module path and how many more, the branches' lines) per class, in the
+    order the branches were found."""
     for owner in dict.fromkeys(branch.owner for branch in branches):
-        paths = list(dict.fromkeys(path for b in branches if b.owner is owner for path in b.paths))
-        lines = ", ".join(branch.line for branch in branches if branch.owner is owner)
+        paths = list(dict.fromkeys(path or "the model" for b in branches if b.owner is owner for path in b.paths))
         more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
-        notes.append(
-            f"{model_file.class_name(owner)} ({paths[0]}{more}) branches on self.training ({lines}): the stages "
-            "call its modules whole, so they follow train() and eval() as the model does"
-        )
-    return notes
+        yield owner, f"{paths[0]}{more}", ", ".join(branch.line for branch in branches if branch.owner is owner)
 
 
 def _library_line(call: _Call, code: CodeFiles) -> str | None:
