@@ -855,14 +855,14 @@ def test_export_does_not_name_the_attention_dropout_it_writes_back_as_a_branch(t
 
 def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     """A library's stochastic depth in its function that the model's own block passes the flag
-    to (timm's drop_path), and a library layer with weights that adds noise when training, are
-    kept as traced in training mode, so the stages compute them in eval mode too (the eval figure
-    shows it): compile names the library's lines (ir.json's training_branches), the classes and
-    modules, and what to do, and `ftc check` does not judge that figure. The same branch in a
-    library module without weights (transformers' SwinDropPath) is followed: the stages call the
-    module whole, which compile says. The library's harmless reads of the
-    flag (gradient checkpointing, attention and functional dropout, BatchNorm, which the stages
-    follow) are not named."""
+    to (timm's drop_path), and a library module that adds noise when training before a layer it
+    holds, are kept as traced in training mode, so the stages compute them in eval mode too (the
+    eval figure shows it): compile names the library's lines (ir.json's training_branches), the
+    classes and modules, and what to do, and `ftc check` does not judge that figure. The same
+    branches in a library module without weights (transformers' SwinDropPath) and in a layer
+    whose weights are all its own (NoisyLinear) are followed: the stages call the module whole,
+    which compile says. The library's harmless reads of the flag (gradient checkpointing,
+    attention and functional dropout, BatchNorm, which the stages follow) are not named."""
     from ftc.compiler import CompileOptions, compile_model
 
     options = CompileOptions(stages=2, frontend="export")
@@ -870,17 +870,21 @@ def test_export_names_a_branch_on_self_training_in_library_code(tmp_path):
     source = (MODELS.parent / "library" / "drop_path_blocks.py").read_text().splitlines()
     function_line, class_line = [f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "bernoulli_" in text]
     noise_line = next(f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "randn_like" in text)
+    layer_line = next(f"drop_path_blocks.py:{k + 1}" for k, text in enumerate(source) if "rand_like" in text)
     branches = json.loads((compiled.folder / "ir.json").read_text())["training_branches"]
     assert branches == [noise_line, function_line]
-    # the model's own Head passes its flag to the library's function; NoisyLinear holds weights
+    # the model's own Head passes its flag to the library's function; NoisyProjection holds a layer
     for owner, line in {"library_drop_path.Head (head)": function_line,
-                        "drop_path_blocks.NoisyLinear (head.fc)": noise_line}.items():  # fmt: skip
+                        "drop_path_blocks.NoisyProjection (head.fc)": noise_line}.items():  # fmt: skip
         named = next(note for note in compiled.notes if owner in note)
         assert f"from {line} on" in named and "drop_path_rate=0" in named
-    followed = next(note for note in compiled.notes if "drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)" in note)
-    assert f"({class_line})" in followed and "call its modules whole" in followed
+    for owner, line in {"drop_path_blocks.DropPath (blocks.0.drop_path and 1 more)": class_line,
+                        "drop_path_blocks.NoisyLinear (mix)": layer_line}.items():  # fmt: skip
+        followed = next(note for note in compiled.notes if owner in note)
+        assert f"({line})" in followed and "call its modules whole" in followed
     stages = "".join(path.read_text() for path in sorted(compiled.folder.glob("stage*.py")))
     assert stages.count(".drop_path(") == 2 and stages.count("bernoulli_") == 1  # the Head's, op by op
+    assert stages.count("self.mix(") == 1 and "rand_like" not in stages
     report = check_pipeline(compiled.folder)
     assert report.ok and not report.eval_expected and report.eval_outputs > report.tolerance
 

@@ -294,3 +294,33 @@ def test_a_held_out_evaluation_leaves_the_buffers_as_training_left_them(compile_
         })  # fmt: skip
         losses[mode] = train(config).loss
     torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_hand_written_norm_with_running_statistics_evaluates_as_the_model_does(frontend, compile_to):
+    """A batch norm written in the model file (its own weight and bias, running statistics,
+    `if self.training:` batch statistics) holds no other layer, so the stages call it whole and
+    use the running statistics in eval mode, as the model does: `ftc check` judges the eval
+    outputs, and mode local's held-out losses, which follow the running statistics that
+    training updated, equal mode single's. Traced op by op, the stages normalized held-out
+    batches by their own statistics."""
+    folder = compile_to(MODELS / "running_norm.py", 2, frontend=frontend)
+    code = "".join(path.read_text() for path in sorted(folder.glob("stage*.py")))
+    assert "lerp_" not in code and "rsqrt" not in code
+    from ftc.check import check_pipeline
+
+    report = check_pipeline(folder)
+    assert report.ok and report.eval_expected, report
+    results = {}
+    for mode in ("single", "local"):
+        config = load_config(data={
+            "pipeline": str(folder), "data": {"name": "synthetic", "size": 48}, "mode": mode, "steps": 4,
+            "batch_size": 8, "micro_batches": 2, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+            "log_every": 10, "eval": {"every": 2, "batches": 2},
+        })  # fmt: skip
+        results[mode] = train(config)
+    assert results["local"].loss == pytest.approx(results["single"].loss, rel=1e-5)
+    assert [step for step, _ in results["local"].eval_loss] == [2, 4]
+    assert [loss for _, loss in results["local"].eval_loss] == pytest.approx(
+        [loss for _, loss in results["single"].eval_loss], rel=1e-5
+    )

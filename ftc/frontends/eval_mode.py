@@ -24,7 +24,8 @@ import contextlib
 import difflib
 import inspect
 import sys
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ _MODE_ARGUMENTS = {
 }
 
 
+# A tensor in a call's text by the call that made it ('%=TensorBase.add'), not a parameter,
+# buffer or input of the model's ('%blocks.0.norm.running_mean')
+_MADE = re.compile(r"%=[^,\])\s]*")
+
 # Calls that compute nothing a graph holds: a tensor's attributes read or set (`x.shape`;
 # transformers' feature encoders set `hidden_states.requires_grad = True` when training)
 _NOT_COMPUTING = {"__get__", "__set__", "requires_grad_"}
@@ -83,11 +88,11 @@ class ModeBranch:
     paths: list[str]  # that module's paths ("" for the model itself)
     library: bool  # made in a library's code, not the model's own
     # whether a call of the module may stand for the branch's ops: not the model itself, and
-    # without parameters (stochastic depth, a parametrization's power iteration), so that
-    # calling it whole takes no layer of the model from the partitioner (transformers'
-    # Wav2Vec2Model branches on self.training for its SpecAugment masking: it stays op by op);
-    # a stage that calls such a module where it would run its ops follows train()/eval() as it
-    # does
+    # holding no submodule with parameters (stochastic depth, a parametrization's power
+    # iteration, a hand-written norm with running statistics), so that calling it whole takes
+    # no layer of the model from the partitioner (transformers' Wav2Vec2Model branches on
+    # self.training for its SpecAugment masking: it stays op by op); a stage that calls such a
+    # module where it would run its ops follows train()/eval() as it does
     callable_whole: bool
 
 
@@ -129,9 +134,17 @@ def mode_branches(
             branch.paths.append(path)
     for branch in found.values():
         branch.callable_whole = "" not in branch.paths and not any(
-            any(True for _ in model.get_submodule(path).parameters()) for path in branch.paths
+            _holds_layers(model.get_submodule(path)) for path in branch.paths
         )
     return list(found.values()), []
+
+
+def _holds_layers(module: torch.nn.Module) -> bool:
+    """Whether `module` has submodules with parameters: layers that the partitioner could put on
+    other stages, which a call of the whole module would take from it. A module whose parameters
+    are all its own (a hand-written norm with running statistics, a noisy linear layer) is one
+    layer already."""
+    return any(True for child in module.children() for _ in child.parameters())
 
 
 def _own_line(call: _Call, code: CodeFiles) -> str | None:
@@ -243,12 +256,23 @@ def _library_module(value: Any, code: CodeFiles) -> tuple[Path, str] | None:
 
 def _differences(trained: list[_Call], evaluated: list[_Call]) -> Iterator[list[_Call]]:
     """Each run of calls where the two records differ (the training record's; the eval record's
-    where training mode made none there), without those made in torch.nn's layers."""
-    matcher = difflib.SequenceMatcher(None, [c.text for c in trained], [c.text for c in evaluated], autojunk=False)
+    where training mode made none there), without those made in torch.nn's layers. A run is
+    where a branch's calls start, up to where the records agree again; the calls in it that
+    differ only in tensors that other calls in it made are that branch's consequences, so they
+    split it where two branches follow each other (a noisy layer's, then the next layer's)."""
+    for trained_run, evaluated_run in _runs(trained, evaluated, lambda call: call.text):
+        for calls in _runs(trained_run, evaluated_run, lambda call: _MADE.sub("%", call.text)):
+            yield [call for call in (calls[0] or calls[1]) if not _qualified(call.module[1]).startswith(_TORCH_LAYERS)]
+
+
+def _runs(
+    trained: list[_Call], evaluated: list[_Call], key: Callable[[_Call], str]
+) -> Iterator[tuple[list[_Call], list[_Call]]]:
+    """(training calls, eval calls) of each run where the records differ by `key`."""
+    matcher = difflib.SequenceMatcher(None, list(map(key, trained)), list(map(key, evaluated)), autojunk=False)
     for tag, first, last, eval_first, eval_last in matcher.get_opcodes():
         if tag != "equal":
-            calls = trained[first:last] or evaluated[eval_first:eval_last]
-            yield [call for call in calls if not _qualified(call.module[1]).startswith(_TORCH_LAYERS)]
+            yield trained[first:last], evaluated[eval_first:eval_last]
 
 
 def _recorded(model: torch.nn.Module, code: CodeFiles, args: tuple, kwargs: dict) -> list[_Call]:
@@ -311,7 +335,7 @@ class _Recorder(TorchFunctionMode):
         self.made.append(result)
         # by the call that returned it last: dropout in eval mode, and `.contiguous()` of a
         # tensor that already is, return their input, which the other mode's call made anew
-        self.names.update({id(t): name for t in tree_leaves(result) if isinstance(t, torch.Tensor)})
+        self.names.update({id(t): f"={name}" for t in tree_leaves(result) if isinstance(t, torch.Tensor)})
         return result
 
     def _frames(self) -> list[tuple[Any, int, str]]:

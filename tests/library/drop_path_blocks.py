@@ -1,7 +1,7 @@
 """A stand-in for a library's layers (timm's, transformers'), which model files import from
 outside their own folder: a residual block with stochastic depth that branches on
 `self.training` as transformers' SwinDropPath does, the same as a function that takes the flag
-(timm's drop_path), a layer with weights that branches on it, and beside them the reads of the
+(timm's drop_path), a layer with weights that branches on it and a module that holds one, and beside them the reads of the
 flag that such libraries make harmlessly (gradient checkpointing, attention dropout, functional dropout, a
 BatchNorm layer counting batches)."""
 
@@ -32,14 +32,27 @@ class DropPath(nn.Module):
 
 
 class NoisyLinear(nn.Linear):
-    """A layer that adds noise to its input when training (NoisyNet-like): its branch holds the
-    layer's weights, so a stage cannot call it whole without taking the layer from the
-    partitioner, and the branch is named instead."""
+    """A layer that adds noise to its input when training (NoisyNet-like): all its weights are
+    its own, so a stage calls it whole as it calls a torch.nn layer, and follows its mode."""
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.1 * torch.rand_like(x)
+        return super().forward(x)
+
+
+class NoisyProjection(nn.Module):
+    """The same noise before a layer it holds: a call of the whole module would take that layer
+    from the partitioner, so its branch stays op by op and is named instead."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
 
     def forward(self, x):
         if self.training:
             x = x + 0.1 * torch.randn_like(x)
-        return super().forward(x)
+        return self.fc(x)
 
 
 class Block(nn.Module):

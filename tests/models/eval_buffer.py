@@ -1,6 +1,7 @@
 """A running mean that forward updates only in training (`if self.training:`) and a step counter
-it reassigns (`+=`, which needs export): the stage code keeps the branch as traced in training
-mode, so a held-out evaluation of the stages updates the buffers where the model does not.
+it reassigns (`+=`, which needs export), in a module that also holds a layer (so a stage cannot
+call it whole): the stage code keeps the branch as traced in training mode, so a held-out
+evaluation of the stages updates the buffers where the model does not.
 
 Inputs are float [B, 8]; output logits [B, 3]; loss: cross-entropy against class indices.
 """
@@ -15,13 +16,14 @@ class Centre(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.proj = nn.Linear(width, width)
 
     def forward(self, x):
         if self.training:
             with torch.no_grad():
                 self.mean.mul_(0.9).add_(x.mean(0), alpha=0.1)
                 self.steps += 1
-        return x - self.mean
+        return self.proj(x - self.mean)
 
 
 class Net(nn.Module):

@@ -2,8 +2,10 @@
 outside the model file's folder as an installed package is): stochastic depth branches on
 `self.training` in the library's code, in its DropPath module (which the stages call whole, so
 they follow eval mode there) and in its function that the model's own block passes the flag to;
-a library layer with weights adds noise when training. Those two are kept as traced in training
-mode, so the stages compute them in eval mode too; `ftc compile` names the library's lines.
+a library layer with weights adds noise when training (called whole and followed too), and so
+does a library module before a layer it holds. That function and that module are kept as traced
+in training mode, so the stages compute them in eval mode too; `ftc compile` names the library's
+lines.
 
 Inputs are float [B, 6, 16]; output [B, 4]. Loss: cross-entropy against a class id [B] in [0, 4).
 """
@@ -19,7 +21,7 @@ LIBRARY = str(Path(__file__).resolve().parents[1] / "library")
 if LIBRARY not in sys.path:
     sys.path.append(LIBRARY)
 
-from drop_path_blocks import Block, NoisyLinear, drop_path
+from drop_path_blocks import Block, NoisyLinear, NoisyProjection, drop_path
 
 WIDTH = 16
 
@@ -29,7 +31,7 @@ class Head(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc = NoisyLinear(WIDTH, WIDTH)
+        self.fc = NoisyProjection(WIDTH)
         self.out = nn.Linear(WIDTH, 4)
 
     def forward(self, x):
@@ -40,10 +42,11 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.blocks = nn.Sequential(Block(WIDTH, 0.2), Block(WIDTH, 0.2))
+        self.mix = NoisyLinear(WIDTH, WIDTH)
         self.head = Head()
 
     def forward(self, x):
-        return self.head(self.blocks(x).mean(1))
+        return self.head(self.mix(self.blocks(x).mean(1)))
 
 
 def build_model():
