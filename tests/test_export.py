@@ -1215,6 +1215,11 @@ class Net(nn.Module):
         g = self.b(h)
         g = g.clone()
         g[ids > 2] = 1.0
+        # shifting right, as transformers' shift_tokens_right does for decoder inputs
+        shifted = ids.new_zeros(ids.shape)
+        shifted[:, 1:] = ids[:, :-1].clone()
+        shifted[:, 0] = 7
+        g[:, :, 0] = shifted.float()
         return self.c(g * h)
 
 
@@ -1235,13 +1240,16 @@ def test_an_index_assignment_reads_as_one(tmp_path, compile_to):
     """export records `h[mask] = 0.1` as index_put_ of a lifted 0-dim constant: stage code said
     `lift_fresh_copy = self.const_0.clone()` and `h_2 = h_1.index_put_([eq], lift_fresh_copy)`.
     It is the assignment again, in place as it was (the value after it is h, written), a `:` for
-    export's None index, the number in its shortest spelling for the tensor's dtype."""
+    export's None index, the number in its shortest spelling for the tensor's dtype. A basic
+    index assigned (`x[:, 0] = 7`, recorded as a view and its fill_ or copy_) reads as one too."""
     path = tmp_path / "index_assignments.py"
     path.write_text(INDEX_ASSIGNMENTS)
     folder = compile_to(path, 2, batch_size=4, frontend="export")
     code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
-    for text in ("index_put", "lift_fresh_copy", "const_", "clone()\n        h_1 = ", "torch.ops.aten"):
+    for text in ("index_put", "lift_fresh_copy", "const_", "clone()\n        h_1 = ", "torch.ops.aten", "fill_", "copy_"):
         assert text not in code, f"{text!r} in\n{code}"
+    assert re.search(r"\n        (\w+)\[:, 1:\] = \w+\n        \1\[:, 0\] = 7\n", code), code
+    assert re.search(r"\n        \w+\[:, :, 0\] = \w+\n", code), code
     assert re.search(r"\n        (\w+)\[eq\] = 0\.1\n", code), code
     assert re.search(r"\n        \w+\[:, \w+\] = -2\.5\n", code), code
     assert re.search(r"\n        \w+\[:, :, self\.cols\] = self\.v\n", code), code

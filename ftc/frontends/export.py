@@ -190,8 +190,8 @@ def trace_export(
                 if call is not None:  # the node stands for the module call, made in the caller's scope
                     module_path, source = _scope(fx_node, code, outer=1)
                     label = _call_label(call.target, submodule)
-                if target is torch.ops.aten.index_put_.default:
-                    fx_args = _assigned_scalar(fx_args, specs, program.constants)
+                if target in _ASSIGNED_VALUE:
+                    fx_args = _assigned_scalar(fx_args, _ASSIGNED_VALUE[target], specs, program.constants)
                 call = call or lower(target, fx_args, fx_kwargs)
                 if call is not None and _counts_batches(target, fx_args, model, module_path, modules, state_tensors):
                     # torch.nn's BatchNorm counts batches in training mode only (`if self.training`),
@@ -764,14 +764,19 @@ def _batch_dim_by_input(fed: list[str], dynamic: tuple | dict) -> dict[str, int]
     return {name: next(iter(spec)) for name, spec in specs if spec}
 
 
-def _assigned_scalar(args: tuple, specs: dict, constants: dict) -> tuple:
-    """index_put_'s arguments with the value as the Python number the model assigned: export
-    records `h[mask] = 0.0` as index_put_ of a fresh copy (lift_fresh_copy) of a 0-dim tensor
-    constant holding the number in h's dtype, which Python's index assignment makes again from
-    the number. Other values as they are."""
-    if len(args) < 3 or not isinstance(args[2], fx.Node):
+# The ops an index assignment of a number records, and the position of the value among their
+# arguments: `h[mask] = 0.0` (index_put_), `h[:, 0] = 2` (fill_ of the view)
+_ASSIGNED_VALUE = {torch.ops.aten.index_put_.default: 2, torch.ops.aten.fill_.Tensor: 1}
+
+
+def _assigned_scalar(args: tuple, position: int, specs: dict, constants: dict) -> tuple:
+    """The op's arguments with the value (at `position`) as the Python number the model
+    assigned: export records `h[mask] = 0.0` as index_put_ of a fresh copy (lift_fresh_copy) of
+    a 0-dim tensor constant holding the number in h's dtype, which Python's index assignment
+    makes again from the number. Other values as they are."""
+    if len(args) <= position or not isinstance(args[position], fx.Node):
         return args
-    lifted = args[2]
+    lifted = args[position]
     if lifted.target is not torch.ops.aten.lift_fresh_copy.default or len(lifted.users) != 1:
         return args
     source = lifted.args[0]
@@ -787,7 +792,7 @@ def _assigned_scalar(args: tuple, specs: dict, constants: dict) -> tuple:
         # the shortest decimal that is the same number in the tensor's dtype (0.1, not 0.10000000149011612)
         number = next(float(f"{number:.{digits}g}") for digits in range(1, 18)
                       if torch.tensor(float(f"{number:.{digits}g}"), dtype=tensor.dtype).item() == number)  # fmt: skip
-    return (*args[:2], number, *args[3:])
+    return (*args[:position], number, *args[position + 1 :])
 
 
 def _is_aten(fx_node: fx.Node) -> bool:

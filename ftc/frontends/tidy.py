@@ -16,7 +16,10 @@ views of the same memory where they were views, the same gradients), whatever th
   a bool m that a comparison just made and nothing else reads, is m;
 - a second unsqueeze, expand or basic index equal to an earlier one (the same op on the same
   values) is the earlier one, and so is a second equal arange where nothing mutates a tensor
-  in place after the first.
+  in place after the first;
+- `v = x[:, 0]; v.fill_(2)` and `v = x[:, 1:]; v.copy_(y)`, where nothing else reads the view
+  or what the write returns, are `x[:, 0] = 2` and `x[:, 1:] = y`, as the model wrote them
+  (Python's index assignment is that copy into that view: the same values and gradients).
 
 `values` gives the traced value (a FakeTensor, or a Python or symbolic number) of each node the
 lowering made from one ATen op, by the node's name; a node without one is left as it is.
@@ -45,6 +48,7 @@ def tidy(nodes: list[Node], outputs: list[Ref], values: dict[str, Any]) -> tuple
     another."""
     state = _Tidy(nodes, outputs, values)
     state.merge_index_chains()
+    state.assign_views()
     state.drop_no_ops()
     state.merge_repeats()
     return state.nodes, state.outputs
@@ -163,6 +167,29 @@ class _Tidy:
                 self.outputs = [swap(ref) for ref in self.outputs]
                 changed = True
                 break
+
+    # -- index assignments ---------------------------------------------------------------
+
+    def assign_views(self) -> None:
+        """`v = x[index]; v.fill_(value)` (or `v.copy_(value)`) -> `x[index] = value`, where
+        the write is all that reads the view and nothing reads what it returns."""
+        readers = self.readers()
+        outputs = {ref.name for ref in self.outputs}
+        for view in list(self.nodes):
+            indexed = self.basic_index(view) if view.target == "operator.getitem" else None
+            written = readers.get(view.name, [])
+            if indexed is None or len(written) != 1 or view.name in outputs:
+                continue
+            (write,) = written
+            if write.op != "call_method" or write.target not in ("fill_", "copy_") or write.kwargs \
+                    or len(write.args) != 2 or write.args[0] != Ref(view.name) or write.mutates != 0 \
+                    or write.updates or readers.get(write.name) or write.name in outputs \
+                    or write.grad_enabled != view.grad_enabled:  # fmt: skip
+                continue
+            write.op, write.target = "call_function", "operator.setitem"
+            write.args = (view.args[0], view.args[1], write.args[1])
+            self.values[write.name] = self.values.get(view.args[0].name)  # x[index] = value is x
+            self.nodes = [node for node in self.nodes if node.name != view.name]
 
     # -- values that are their input -----------------------------------------------------
 
