@@ -303,7 +303,9 @@ class CodeFiles:
         if filename.startswith((_TORCH_DIR, _FTC_DIR)) or not filename.endswith(".py"):
             return ""
         path = Path(filename).resolve()
-        if str(path).startswith((_TORCH_DIR, _FTC_DIR)):
+        # torch's own passes name their frames by a relative path ("torch/fx/passes/
+        # runtime_assert.py"), which would resolve into the model's folder
+        if str(path).startswith((_TORCH_DIR, _FTC_DIR)) or not path.is_file():
             return ""
         return self._own(path) or self.imported.get(path, "")
 
