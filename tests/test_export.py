@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,7 +252,99 @@ CASES += [
         "isnan",
         "isinf",
         "sign",
+        "square",
+        "reciprocal",
+        "log1p",
+        "expm1",
+        "log2",
+        "log10",
+        "exp2",
+        "tan",
+        "atan",
+        "asin",
+        "acos",
+        "sinh",
+        "cosh",
+        "trunc",
+        "frac",
+        "round",
+        "erfc",
+        "lgamma",
+        "digamma",
+        "isfinite",
+        "sgn",
     )
+]
+CASES += [(aten.erfinv.default, (_x(2, 3).tanh() * 0.9,), {})]
+_image = _x(2, 3, 4, 4)
+CASES += [
+    (aten.einsum.default, ("bij,bjk->bik", [_x(2, 3, 4), _x(2, 4, 5)]), {}),
+    (aten.broadcast_tensors.default, ([_x(3, 1), _x(1, 4)],), {}),
+    (aten.meshgrid.indexing, ([_x(3), _x(4)],), {"indexing": "xy"}),
+    (aten.meshgrid.default, ([_x(3), _x(4)],), {}),
+    (aten.upsample_nearest1d.vec, (_x(2, 3, 4), None, [2.0]), {}),
+    (aten.upsample_nearest2d.vec, (_image, [6, 8], None), {}),
+    (aten.upsample_nearest3d.vec, (_x(1, 2, 2, 3, 3), None, [2.0, 1.5, 2.0]), {}),
+    (aten._upsample_nearest_exact1d.vec, (_x(2, 3, 4), [7], None), {}),
+    (aten._upsample_nearest_exact2d.vec, (_image, None, [1.5, 1.5]), {}),
+    (aten._upsample_nearest_exact3d.vec, (_x(1, 2, 2, 3, 3), [3, 4, 5], None), {}),
+    (aten.upsample_linear1d.vec, (_x(2, 3, 4), None, True, [2.0]), {}),
+    (aten.upsample_bilinear2d.vec, (_image, None, False, [2.0, 2.0]), {}),
+    (aten.upsample_bilinear2d.vec, (_image, [5, 7], True, None), {}),
+    (aten.upsample_bicubic2d.vec, (_image, [6, 6], False, None), {}),
+    (aten.upsample_trilinear3d.vec, (_x(1, 2, 2, 3, 3), None, False, [2.0, 2.0, 2.0]), {}),
+    (aten.conv1d.padding, (_x(2, 3, 9), _x(4, 3, 3), _x(4)), {"padding": "same"}),
+    (aten.conv2d.padding, (_image, _x(6, 3, 3, 3), None, [1, 1], "same", [2, 2]), {}),
+    (aten.conv3d.padding, (_x(1, 2, 4, 4, 4), _x(3, 2, 3, 3, 3)), {"padding": "valid"}),
+    (aten.conv3d.default, (_x(1, 2, 4, 4, 4), _x(3, 2, 3, 3, 3), _x(3), [1, 1, 1], [1, 1, 1]), {}),
+    (aten.conv_transpose1d.default, (_x(2, 3, 5), _x(3, 4, 3), _x(4), [2], [1], [1]), {}),
+    (aten.conv_transpose3d.input, (_x(1, 2, 3, 3, 3), _x(2, 3, 2, 2, 2)), {"stride": [2, 2, 2]}),
+    (aten.max_pool3d.default, (_x(1, 2, 4, 4, 4), [2, 2, 2]), {}),
+    (aten.avg_pool1d.default, (_x(2, 3, 8), [3], [2], [1]), {}),
+    (aten.pixel_shuffle.default, (_x(1, 8, 2, 3), 2), {}),
+    (aten.pixel_unshuffle.default, (_x(1, 2, 4, 6), 2), {}),
+    (aten.log_sigmoid.default, (_x(2, 3),), {}),
+    (aten.hardshrink.default, (_x(2, 3), 0.3), {}),
+    (aten.softshrink.default, (_x(2, 3),), {}),
+    (aten.threshold.default, (_x(2, 3), 0.1, -2.0), {}),
+    (aten.one_hot.default, (torch.tensor([2, 0, 3]), 5), {}),
+    (aten.cosine_similarity.default, (_x(2, 3), _x(2, 3)), {"dim": -1}),
+    (aten.pairwise_distance.default, (_x(2, 3), _x(2, 3)), {"p": 1.0, "keepdim": True}),
+    (aten.bilinear.default, (_x(2, 3), _x(2, 4), _x(5, 3, 4), _x(5)), {}),
+    (aten.cdist.default, (_x(2, 4, 3), _x(2, 5, 3)), {"p": 1.0}),
+    (aten.lstm_cell.default, (_x(2, 4), [_x(2, 5), _x(2, 5)], _x(20, 4), _x(20, 5), _x(20), _x(20)), {}),
+    (aten.gru_cell.default, (_x(2, 4), _x(2, 5), _x(15, 4), _x(15, 5)), {}),
+    (aten.fft_fft.default, (_x(2, 8),), {"n": 6}),
+    (aten.fft_ifft.default, (_x(2, 8) + 1j * _x(2, 8),), {"norm": "ortho"}),
+    (aten.fft_irfft.default, (_x(2, 5) + 1j * _x(2, 5),), {"n": 8, "dim": -1}),
+    (aten.linalg_norm.default, (_x(2, 3),), {"ord": 1, "dim": [-1]}),
+    (aten.logsumexp.default, (_x(2, 3), [1]), {"keepdim": True}),
+    (aten.logit.default, (_x(2, 3).sigmoid(),), {"eps": 1e-6}),
+    (aten.argsort.default, (_x(2, 5),), {"descending": True}),
+    (aten.argsort.stable, (torch.tensor([[3, 1, 3, 0, 1]]),), {"stable": True, "dim": 1}),
+    (aten.cummax.default, (_x(2, 5), 1), {}),
+    (aten.cumprod.default, (_x(2, 5), 1), {"dtype": torch.float64}),
+    (aten.prod.dim_int, (_x(2, 5), 1, True), {}),
+    (aten.median.dim, (_x(2, 5), 1), {}),
+    (aten.any.dim, (_x(2, 5) > 0.5, 1), {}),
+    (aten.all.dim, (_x(2, 5) > -0.5, 0, True), {}),
+    (aten.any.default, (_x(2, 5) > 0.5,), {}),
+    (aten.all.default, (_x(2, 5) > -3.0,), {}),
+    (aten.logical_and.default, (_x(2, 3) > 0, _x(2, 3) > 0), {}),
+    (aten.logical_or.default, (_x(2, 3) > 0, _x(2, 3) > 0), {}),
+    (aten.atan2.default, (_x(2, 3), _x(2, 3)), {}),
+    (aten.outer.default, (_x(3), _x(4)), {}),
+    (aten.addcmul.default, (_x(2, 3), _x(2, 3), _x(2, 3)), {"value": 0.5}),
+    (aten.lerp.Scalar, (_x(2, 3), _x(2, 3), 0.25), {}),
+    (aten.lerp.Tensor, (_x(2, 3), _x(2, 3), _x(2, 3).sigmoid()), {}),
+    (aten.clamp_max.default, (_x(2, 3), 0.2), {}),
+    (aten.clamp.Tensor, (_x(2, 3),), {"min": _x(2, 3), "max": None}),
+    (aten.diagonal.default, (_x(2, 3, 3),), {"dim1": 1, "dim2": 2}),
+    (aten.diag_embed.default, (_x(2, 3),), {"offset": 1}),
+    (aten.movedim.int, (_x(2, 3, 4), 0, 2), {}),
+    (aten.unsqueeze_.default, (_x(2, 3), 1), {}),
+    (aten.bucketize.Tensor, (_x(2, 5), torch.tensor([-1.0, 0.0, 1.0])), {"right": True}),
+    (aten.searchsorted.Tensor, (torch.tensor([-1.0, 0.0, 1.0]), _x(2, 5)), {"out_int32": True}),
 ]
 CASES += [
     (aten.pow.Scalar, (2.0, _x(3)), {}),
@@ -1358,3 +1451,28 @@ def test_a_stack_export_cannot_lower_is_kept_whole_and_the_compile_says_why(tmp_
     assert any(note.startswith("kept encoder whole, one op that no split can cut: torch.export") and
                "masked_stack.py:" in note for note in notes), notes  # fmt: skip
     assert_check_passes(folder, batch_size=4)
+
+
+def test_no_line_of_torch_is_taken_for_the_models_own(tmp_path, monkeypatch):
+    """torch's passes name their frames by a relative path (`torch/fx/passes/runtime_assert.py`
+    for the size a view reads), which resolved into the model's folder when ftc ran there: stage
+    code said `# Net, torch/fx/passes/runtime_assert.py:24` over `batch = x.size(0)`."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    (tmp_path / "sized.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)\n"
+        "    def forward(self, x):\n"
+        "        h = self.a(x)\n"
+        "        return self.b(h.view(h.shape[0], 2, 4).flip(1).reshape(h.shape[0], 8))\n"
+        "def build_model(): return Net()\n"
+        "def example_inputs(batch_size): return (torch.randn(batch_size, 8),)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    compiled = compile_model(Path("sized.py"), Path("out"), CompileOptions(stages=2, frontend="export"))
+    sources = {node.source for node in compiled.graph.nodes if node.source}
+    assert sources and all(source.startswith("sized.py:") for source in sources), sources
+    assert "torch/" not in "".join(path.read_text() for path in compiled.folder.glob("stage*.py"))

@@ -377,6 +377,39 @@ def _unary(target: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, (a["self"],))
 
 
+def _listed(target: str, tensors: str, *names: str, **defaults) -> Callable[[dict], Call]:
+    """torch.einsum(eq, a, b), torch.broadcast_tensors(a, b): the op's tensor list spread into
+    the function's arguments, after the arguments `names`."""
+    return lambda a: Call("call_function", target, (*(a[n] for n in names), *a[tensors]), _unless(a, **defaults))
+
+
+# aten.upsample_* overloads as F.interpolate's mode, and whether the op takes align_corners
+_INTERPOLATIONS = {
+    "upsample_nearest1d.vec": ("nearest", False), "upsample_nearest2d.vec": ("nearest", False),
+    "upsample_nearest3d.vec": ("nearest", False), "_upsample_nearest_exact1d.vec": ("nearest-exact", False),
+    "_upsample_nearest_exact2d.vec": ("nearest-exact", False), "_upsample_nearest_exact3d.vec": ("nearest-exact", False),
+    "upsample_linear1d.vec": ("linear", True), "upsample_bilinear2d.vec": ("bilinear", True),
+    "upsample_bicubic2d.vec": ("bicubic", True), "upsample_trilinear3d.vec": ("trilinear", True),
+}  # fmt: skip
+
+
+def _interpolate(mode: str, corners: bool) -> Callable[[dict], Call | None]:
+    """F.interpolate(x, size=..., mode=...) or (x, scale_factor=[...], mode=...): F.interpolate
+    passes the op exactly one of the two (without recompute_scale_factor, the factors as given)."""
+
+    def lower(a: dict) -> Call | None:
+        size, factors = a["output_size"], a["scale_factors"]
+        if (size is None) == (factors is None):
+            return None
+        kwargs = {"size": size} if size is not None else {"scale_factor": factors}
+        kwargs["mode"] = mode
+        if corners:
+            kwargs["align_corners"] = a["align_corners"]
+        return Call("call_function", "F.interpolate", (a["input"],), kwargs)
+
+    return lower
+
+
 # ATen op -> Python operator, for both the .Tensor and the .Scalar overload
 OPERATORS = {
     "add": "add", "sub": "sub", "mul": "mul", "div": "truediv",
@@ -386,7 +419,9 @@ OPERATORS = {
 }  # fmt: skip
 UNARY_FUNCTIONS = (
     "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "erf", "floor", "ceil",
-    "logical_not", "isnan", "isinf", "sign", "square",
+    "logical_not", "isnan", "isinf", "sign", "square", "reciprocal", "log1p", "expm1", "log2", "log10",
+    "exp2", "tan", "atan", "asin", "acos", "sinh", "cosh", "trunc", "frac", "round", "erfc", "erfinv",
+    "lgamma", "digamma", "isfinite", "sgn",
 )  # fmt: skip
 
 LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
@@ -616,6 +651,71 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "mul_.Tensor": _method("mul_", "self", "other"),
     "copy_.default": _method("copy_", "self", "src", non_blocking=False),
     "relu_.default": lambda a: Call("call_function", "F.relu", (a["self"],), {"inplace": True}),
+    "einsum.default": lambda a: None if a["path"] is not None else _listed("torch.einsum", "tensors", "equation")(a),
+    "broadcast_tensors.default": _listed("torch.broadcast_tensors", "tensors"),
+    "meshgrid.indexing": lambda a: Call("call_function", "torch.meshgrid", tuple(a["tensors"]), {"indexing": a["indexing"]}),
+    "meshgrid.default": lambda a: Call("call_function", "torch.meshgrid", tuple(a["tensors"]), {"indexing": "ij"}),
+    **{key: _interpolate(mode, corners) for key, (mode, corners) in _INTERPOLATIONS.items()},
+    **{f"conv{n}d.padding": _function(f"F.conv{n}d", "input", "weight", "bias", "stride", "padding", "dilation", "groups")
+       for n in (1, 2, 3)},  # fmt: skip
+    "conv3d.default": _function("F.conv3d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose1d.default": _function(
+        "F.conv_transpose1d", "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"
+    ),
+    "conv_transpose3d.input": _function(
+        "F.conv_transpose3d", "input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"
+    ),
+    "max_pool3d.default": _pool("F.max_pool3d", padding=0, dilation=1, ceil_mode=False),
+    "avg_pool1d.default": _pool("F.avg_pool1d", padding=[0], ceil_mode=False, count_include_pad=True),
+    "pixel_shuffle.default": _function("F.pixel_shuffle", "self", "upscale_factor"),
+    "pixel_unshuffle.default": _function("F.pixel_unshuffle", "self", "downscale_factor"),
+    "log_sigmoid.default": _unary("F.logsigmoid"),
+    "hardshrink.default": _function("F.hardshrink", "self", lambd=0.5),
+    "softshrink.default": _function("F.softshrink", "self", lambd=0.5),
+    "threshold.default": _function("F.threshold", "self", "threshold", "value"),
+    "one_hot.default": _function("F.one_hot", "self", num_classes=-1),
+    "cosine_similarity.default": _function("F.cosine_similarity", "x1", "x2", dim=1, eps=1e-8),
+    "pairwise_distance.default": _function("F.pairwise_distance", "x1", "x2", p=2.0, eps=1e-6, keepdim=False),
+    "bilinear.default": _function("F.bilinear", "input1", "input2", "weight", bias=None),
+    # ATen's compute_mode is an integer, torch.cdist's a string
+    "cdist.default": lambda a: None if a["compute_mode"] is not None else _function("torch.cdist", "x1", "x2", p=2.0)(a),
+    "lstm_cell.default": _function("torch.lstm_cell", "input", "hx", "w_ih", "w_hh", b_ih=None, b_hh=None),
+    "gru_cell.default": _function("torch.gru_cell", "input", "hx", "w_ih", "w_hh", b_ih=None, b_hh=None),
+    "fft_fft.default": _function("torch.fft.fft", "self", n=None, dim=-1, norm=None),
+    "fft_ifft.default": _function("torch.fft.ifft", "self", n=None, dim=-1, norm=None),
+    "fft_irfft.default": _function("torch.fft.irfft", "self", n=None, dim=-1, norm=None),
+    "linalg_norm.default": _function("torch.linalg.norm", "self", ord=None, dim=None, keepdim=False, dtype=None),
+    "logsumexp.default": _function("torch.logsumexp", "self", "dim", keepdim=False),
+    "logit.default": _function("torch.logit", "self", eps=None),
+    "argsort.default": _function("torch.argsort", "self", dim=-1, descending=False),
+    "argsort.stable": lambda a: Call(
+        "call_function", "torch.argsort", (a["self"],), {"stable": a["stable"], **_unless(a, dim=-1, descending=False)}
+    ),
+    "cummax.default": _function("torch.cummax", "self", "dim"),
+    "cumprod.default": _method("cumprod", "self", "dim", dtype=None),
+    "prod.dim_int": _method("prod", "self", "dim", keepdim=False, dtype=None),
+    "median.dim": _method("median", "self", "dim", keepdim=False),
+    "any.dim": _method("any", "self", "dim", keepdim=False),
+    "all.dim": _method("all", "self", "dim", keepdim=False),
+    "any.default": _method("any", "self"),
+    "all.default": _method("all", "self"),
+    "logical_and.default": _function("torch.logical_and", "self", "other"),
+    "logical_or.default": _function("torch.logical_or", "self", "other"),
+    "atan2.default": _function("torch.atan2", "self", "other"),
+    "outer.default": _function("torch.outer", "self", "vec2"),
+    "addcmul.default": _function("torch.addcmul", "self", "tensor1", "tensor2", value=1),
+    "lerp.Scalar": _method("lerp", "self", "end", "weight"),
+    "lerp.Tensor": _method("lerp", "self", "end", "weight"),
+    "clamp_max.default": _method("clamp_max", "self", "max"),
+    "clamp.Tensor": _method("clamp", "self", min=None, max=None),
+    "diagonal.default": _method("diagonal", "self", offset=0, dim1=0, dim2=1),
+    "diag_embed.default": _function("torch.diag_embed", "self", offset=0, dim1=-2, dim2=-1),
+    "movedim.int": _method("movedim", "self", "source", "destination"),
+    "unsqueeze_.default": _method("unsqueeze_", "self", "dim"),
+    "bucketize.Tensor": _function("torch.bucketize", "self", "boundaries", out_int32=False, right=False),
+    "searchsorted.Tensor": _function(
+        "torch.searchsorted", "sorted_sequence", "self", out_int32=False, right=False, side=None, sorter=None
+    ),
 }
 
 
