@@ -1476,3 +1476,55 @@ def test_no_line_of_torch_is_taken_for_the_models_own(tmp_path, monkeypatch):
     sources = {node.source for node in compiled.graph.nodes if node.source}
     assert sources and all(source.startswith("sized.py:") for source in sources), sources
     assert "torch/" not in "".join(path.read_text() for path in compiled.folder.glob("stage*.py"))
+
+
+CELL_LOOP = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.cell = nn.LSTMCell(8, 8)
+        self.gru = nn.GRUCell(8, 8, bias=False)
+        self.rnn = nn.RNNCell(8, 8, nonlinearity="relu")
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        seq = self.inp(x)
+        h = c = seq.new_zeros(seq.shape[0], 8)
+        for t in range(seq.shape[1]):
+            h, c = self.cell(seq[:, t], (h, c))
+        g = self.rnn(self.gru(seq[:, -1], h), c)
+        return self.out(g + h)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 3, 6),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+def test_recurrent_cells_are_called_as_the_model_calls_them(tmp_path, compile_to):
+    """torch.export records an LSTM, GRU or RNN cell given its state as one ATen op with the
+    cell's weights spelled out (`torch.lstm_cell(x, [h, c], self.cell.weight_ih, ...)`); the
+    stage calls the cell (`self.cell(x, (h, c))`) and names the items of its (h, c)."""
+    path = tmp_path / "cell_loop.py"
+    path.write_text(CELL_LOOP)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert code.count("self.cell(") == 3 and "self.gru(" in code and "self.rnn(" in code, code
+    assert "torch.lstm_cell" not in code and "torch.ops" not in code and "weight_ih" not in code, code
+    assert re.search(r"cell_h_\d = cell_\d\[0\]", code) and "cell_c = cell[1]" in code, code
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)

@@ -818,6 +818,7 @@ OUTPUT_NAMES: dict[type | str, dict[tuple, str]] = {
         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     )},  # fmt: skip
     "lstm.input": {(0,): "out", (1,): "h", (2,): "c"},
+    "lstm_cell.default": {(0,): "h", (1,): "c"},
     **{f"{name}.input": {(0,): "out", (1,): "h"} for name in ("gru", "rnn_tanh", "rnn_relu")},
     **{f"{name}.default": {(0,): "out", (1,): "indices"} for name in (
         "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
@@ -834,19 +835,33 @@ def output_name(owner: type | str, position: tuple) -> str:
     return names.get(position) or "_".join(map(str, position))
 
 
+# Recurrent cells whose forward, given a batched input and a state, is one ATen op: the call
+# passes both as the layer takes them (`self.cell(x, (h, c))`).
+CELL_CALLS: dict[type, tuple[str, ...]] = {
+    nn.LSTMCell: ("lstm_cell.default",),
+    nn.GRUCell: ("gru_cell.default",),
+    nn.RNNCell: ("rnn_tanh_cell.default", "rnn_relu_cell.default"),
+}
+
+
 def module_call(
     op: torch._ops.OpOverload, args: tuple, kwargs: dict, module: nn.Module, path: str, tensor_of: Callable[[Any], Any]
 ) -> Call | None:
-    """`self.<path>(x)` when `op`, run as the only op of `module`'s forward, is what that forward
-    computes: the op is the layer's, and every tensor it reads besides the input is one of the
-    layer's own parameters or buffers. `tensor_of(arg)` is the parameter or buffer an argument
-    reads, or None."""
-    expected, input_name = MODULE_CALLS.get(type(module), (None, None))
-    if op_key(op) != expected:
-        return None
+    """`self.<path>(x)` (a cell's `self.<path>(x, h)`) when `op`, run as the only op of
+    `module`'s forward, is what that forward computes: the op is the layer's, and every tensor it
+    reads besides the input (and a cell's state) is one of the layer's own parameters or
+    buffers. `tensor_of(arg)` is the parameter or buffer an argument reads, or None."""
+    if op_key(op) in CELL_CALLS.get(type(module), ()):
+        inputs = ("input", "hx")
+    else:
+        expected, input_name = MODULE_CALLS.get(type(module), (None, None))
+        if op_key(op) != expected:
+            return None
+        inputs = (input_name,)
     a = bind(op, args, kwargs)
     own = {id(t) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))}
     for name, value in a.items():
-        if name != input_name and isinstance(value, fx.Node) and id(tensor_of(value)) not in own:
+        if name not in inputs and isinstance(value, fx.Node) and id(tensor_of(value)) not in own:
             return None
-    return Call("call_module", path, (a[input_name],))
+    # an LSTM cell's state is the op's list (h, c): the layer takes it as a tuple
+    return Call("call_module", path, tuple(tuple(a[n]) if isinstance(a[n], list) else a[n] for n in inputs))

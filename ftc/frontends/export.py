@@ -117,7 +117,10 @@ def trace_export(
     specs = {spec.arg.name: spec for spec in signature.input_specs}
     whole_calls = {call.members[-1]: call for call in _whole_calls(program, model, kept)}
     in_whole_call = {member for call in whole_calls.values() for member in call.members}
-    ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and not _dropped(n))
+    # an item taken from an op's several outputs (an LSTM cell's h and c) computes nothing
+    module_calls: set[fx.Node] = set()  # ops that became a call of their module
+    ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and not _dropped(n)
+                           and n.target is not operator.getitem)  # fmt: skip
     for fx_node in program.graph.nodes:
         where = f"node {fx_node.name!r}"
         if fx_node.op == "placeholder":
@@ -190,6 +193,7 @@ def trace_export(
                 if call is not None:  # the node stands for the module call, made in the caller's scope
                     module_path, source = _scope(fx_node, code, outer=1)
                     label = _call_label(call.target, submodule)
+                    module_calls.add(fx_node)
                 if target in _ASSIGNED_VALUE:
                     fx_args = _assigned_scalar(fx_args, _ASSIGNED_VALUE[target], specs, program.constants)
                 call = call or lower(target, fx_args, fx_kwargs)
@@ -215,6 +219,8 @@ def trace_export(
             else:
                 node.target = function_expr(target, fx_node.name)
                 label = _item_label(fx_node, module_path, model) or label
+                if fx_node.args and fx_node.args[0] in module_calls:  # an item of a cell's (h, c)
+                    module_path, source = _scope(fx_node, code, outer=1)
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_args)
             node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_kwargs.items()}
             node.name = unique_name(label, taken)
