@@ -57,6 +57,10 @@ def extra_input(**options):
 
 def two_inputs(**options):
     return [((torch.randn(8), torch.ones(8)), torch.tensor(0))] * 16
+
+
+def nested_input(**options):
+    return [(((torch.randn(8),),), torch.tensor(0))] * 16
 """
 
 
@@ -695,6 +699,16 @@ def test_inputs_the_pipeline_does_not_take_are_refused_in_every_mode(pipeline, m
             run(folder, mode=mode, data={"name": "module", "module": f"{folder.parent.parent / 'model.py'}:{function}"})
         assert f"data set 'module' gives inputs {shown}, but" in info.value.message
         assert "was compiled for the inputs ['x']" in info.value.message
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_an_input_nested_in_a_container_is_named(pipeline, mode):
+    """A sample's ((x,),): mode single raised a raw AttributeError ('tuple' object has no
+    attribute 'chunk'), the stages a TypeError inside their first op."""
+    root, folder = pipeline
+    with pytest.raises(FtcError, match=r"input 'x' from data set 'module' is a tuple, but .* was compiled for a "
+                                       r"tensor, float32\[B, 8\]"):  # fmt: skip
+        run(folder, mode=mode, data={"name": "module", "module": f"{root / 'model.py'}:nested_input"})
 
 
 def test_an_injected_fault_that_could_never_strike_is_refused(pipeline):
