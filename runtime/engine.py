@@ -948,6 +948,12 @@ def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
         raise FtcError(f"loss_fn returned {type(loss).__name__}{shape}", "return a scalar tensor")
+    if torch.is_grad_enabled() and not loss.requires_grad:  # evaluation runs without autograd
+        # Backward would fail inside autograd ("element 0 of tensors does not require grad").
+        raise FtcError(f"loss_fn returned a tensor ({str(loss.dtype).removeprefix('torch.')}) that has no gradient: "
+                       "it does not come from the model's output by differentiable operations",
+                       "return the loss computed from output, without .detach(), torch.no_grad() or an integer "
+                       "count (an accuracy belongs outside loss_fn)")  # fmt: skip
     return loss
 
 

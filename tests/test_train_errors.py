@@ -24,6 +24,10 @@ def wrong_loss(output, target):
     return F.cross_entropy(output, target.float().unsqueeze(1))
 
 
+def accuracy(output, target):
+    return (output.argmax(1) == target).float().mean()
+
+
 class Broken:
     def __len__(self):
         return 16
@@ -84,6 +88,15 @@ def test_a_failing_loss_is_named_with_its_line(pipeline, mode):
         run(folder, mode=mode, loss="wrong_loss")
     assert "the loss wrong_loss(output, target) raised" in error.value.message
     assert f"{root / 'model.py'}:" in error.value.message and "target.float()" in error.value.message
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_a_loss_without_a_gradient_is_named(pipeline, mode):
+    """An accuracy given as the loss: backward failed inside autograd with a raw RuntimeError."""
+    _, folder = pipeline
+    with pytest.raises(FtcError, match=r"loss_fn returned a tensor \(float32\) that has no gradient") as error:
+        run(folder, mode=mode, loss="accuracy")
+    assert ".detach()" in error.value.hint
 
 
 def test_a_failing_data_set_is_named(pipeline):
