@@ -643,10 +643,10 @@ class _DeviceRunner:
         except Exception as exc:
             raise user_error(exc, f"stage {stage} ({spec.file}), micro-batch {m},",
                              [self.engine.pipeline.folder / spec.file, self.engine.pipeline.model_file],
-                             precisions.failure_hint(self.engine.precision,
+                             precisions.failure_hint(self.engine.precision, one_sample_hint(exc,
                                  "check the data against the model file's example_inputs (shapes, dtypes); "
                                  f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
-                                 "runs the stages on example inputs of this micro-batch size")) from exc  # fmt: skip
+                                 "runs the stages on example inputs of this micro-batch size"))) from exc  # fmt: skip
         # The parameters a forward without autograd wrote, which its recompute must not write again
         written = [] if weight_versions is None else [
             name for name, version in _parameter_versions(module).items() if version != weight_versions[name]
@@ -931,6 +931,15 @@ def _buffer_values(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         name: copies.setdefault(id(buffer), buffer.detach().clone())
         for name, buffer in module.named_buffers(remove_duplicate=False)
     }
+
+
+def one_sample_hint(exc: Exception, hint: str) -> str:
+    """The fix for a forward that failed, where BatchNorm refused a micro-batch of one sample: the
+    config's batch_size / micro_batches made it, not the data."""
+    if "Expected more than 1 value per channel when training" not in str(exc):
+        return hint
+    return ("a BatchNorm in training mode needs more than one value per channel, and a micro-batch of 1 sample "
+            "(batch_size / micro_batches) gives it one: lower micro_batches or raise batch_size")
 
 
 def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:

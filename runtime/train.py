@@ -50,7 +50,7 @@ from .data import (
     target_batch_dims,
     tree_map,
 )
-from .engine import BatchStream, Engine, call_loss, unique_parameters
+from .engine import BatchStream, Engine, call_loss, one_sample_hint, unique_parameters
 from .model_file import ModelFile, function_from_file, load_model_file, user_error
 from .materialize import build_stages, load_checkpoint
 from .mode import train_model
@@ -199,8 +199,8 @@ class SingleProcess:
             raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
                              f"{' of a held-out batch, in eval mode' if evaluating else ''},",
                              [inspect.getsourcefile(type(self.model)) or ""],
-                             failure_hint(self.precision,
-                                          "check the data against the model file's example_inputs (shapes, dtypes)")
+                             failure_hint(self.precision, one_sample_hint(
+                                 exc, "check the data against the model file's example_inputs (shapes, dtypes)"))
                              ) from exc  # fmt: skip
 
     def sync_shared_grads(self) -> None:
