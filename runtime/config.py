@@ -40,6 +40,10 @@ FAULTS = ("exit", "hang", "nan")
 PRECISIONS = ("fp32", "bf16")
 
 
+# OptimizerConfig's fields that each optimizer has no use for.
+OTHER_OPTIMIZERS_SETTINGS = {"sgd": ("betas", "eps"), "adam": ("momentum", "nesterov"), "adamw": ("momentum", "nesterov")}
+
+
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
@@ -389,6 +393,17 @@ def _validate(c: Config) -> None:
              "bound", "e.g. 0.9")  # fmt: skip
     if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
         fail("optimizer.betas", f"is {optimizer.betas}; it must be two numbers in [0, 1)", "e.g. [0.9, 0.999]")
+    # Settings of another optimizer, which torch's would never see: the user meant them to act.
+    defaults = OptimizerConfig()
+    for key in OTHER_OPTIMIZERS_SETTINGS[optimizer.name]:
+        if getattr(optimizer, key) != getattr(defaults, key):
+            default = json.dumps(getattr(defaults, key))
+            hint = (f"optimizer.{key} is adam's and adamw's: leave it out (or at its default, {default}, where a base "
+                    "config sets it), or set optimizer.name to adam or adamw"
+                    if optimizer.name == "sgd" else
+                    f"adam and adamw take their momentum from optimizer.betas[0]: leave optimizer.{key} out (or at its "
+                    f"default, {default}, where a base config sets it), or set optimizer.name to sgd")  # fmt: skip
+            fail(f"optimizer.{key}", f"is set, but optimizer.name is {optimizer.name!r}, which takes no {key}", hint)
     if optimizer.name == "sgd" and optimizer.nesterov and optimizer.momentum <= 0:
         fail("optimizer.nesterov", "is true, but Nesterov momentum needs optimizer.momentum above 0",
              "set optimizer.momentum (e.g. 0.9) or optimizer.nesterov=false")  # fmt: skip

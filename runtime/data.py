@@ -691,6 +691,11 @@ def _check_options(function: Callable, positional: tuple, options: dict, what: s
         takes = [p.name for p in parameters if p.kind in named and p.name != "outputs"]  # outputs: synthetic's own
         open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters)
         unknown = [] if open_ended else [key for key in options if key not in takes]
+        required = [p.name for p in parameters if p.kind in named and p.default is p.empty and p.name not in options]
+        if not unknown and required:
+            raise FtcError(f"config key 'data.{required[0]}' is missing: {what} requires it (its options: "
+                           f"{', '.join(takes)})",
+                           f"set data.{required[0]} in the config's \"data\" object, or --set data.{required[0]}=VALUE")  # fmt: skip
         # "data" merges with a base config's key by key, so an option of the base's data set
         # comes along when a config names another one.
         wrong = (f"config key 'data.{unknown[0]}': {what} takes no option {unknown[0]!r}" if unknown

@@ -643,10 +643,10 @@ class _DeviceRunner:
         except Exception as exc:
             raise user_error(exc, f"stage {stage} ({spec.file}), micro-batch {m},",
                              [self.engine.pipeline.folder / spec.file, self.engine.pipeline.model_file],
-                             precisions.failure_hint(self.engine.precision,
+                             precisions.failure_hint(self.engine.precision, one_sample_hint(exc,
                                  "check the data against the model file's example_inputs (shapes, dtypes); "
                                  f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
-                                 "runs the stages on example inputs of this micro-batch size")) from exc  # fmt: skip
+                                 "runs the stages on example inputs of this micro-batch size"))) from exc  # fmt: skip
         # The parameters a forward without autograd wrote, which its recompute must not write again
         written = [] if weight_versions is None else [
             name for name, version in _parameter_versions(module).items() if version != weight_versions[name]
@@ -933,6 +933,15 @@ def _buffer_values(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def one_sample_hint(exc: Exception, hint: str) -> str:
+    """The fix for a forward that failed, where BatchNorm refused a micro-batch of one sample: the
+    config's batch_size / micro_batches made it, not the data."""
+    if "Expected more than 1 value per channel when training" not in str(exc):
+        return hint
+    return ("a BatchNorm in training mode needs more than one value per channel, and a micro-batch of 1 sample "
+            "(batch_size / micro_batches) gives it one: lower micro_batches or raise batch_size")
+
+
 def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
     """loss_fn(output, target), which must be a one-element tensor; a failure is named as the
     loss's, with its line."""
@@ -948,6 +957,12 @@ def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
         raise FtcError(f"loss_fn returned {type(loss).__name__}{shape}", "return a scalar tensor")
+    if torch.is_grad_enabled() and not loss.requires_grad:  # evaluation runs without autograd
+        # Backward would fail inside autograd ("element 0 of tensors does not require grad").
+        raise FtcError(f"loss_fn returned a tensor ({str(loss.dtype).removeprefix('torch.')}) that has no gradient: "
+                       "it does not come from the model's output by differentiable operations",
+                       "return the loss computed from output, without .detach(), torch.no_grad() or an integer "
+                       "count (an accuracy belongs outside loss_fn)")  # fmt: skip
     return loss
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -789,6 +790,14 @@ def _read_checkpoint(path: Path) -> _CheckpointEntries:
                 set(source.keys()), lambda key: tuple(source.get_slice(key).get_shape()), source.get_tensor
             )
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message on a pickled object runs over a dozen lines about weights_only, with
+        # terminal escapes, and suggests loading code from the file, which ftc never does.
+        raise FtcError(
+            f"checkpoint {path} holds objects other than tensors (a whole model saved with torch.save(model), "
+            "say): ftc loads weights only",
+            "save the weights alone: torch.save(model.state_dict(), path) or safetensors.torch.save_file",
+        ) from exc
     except Exception as exc:
         raise FtcError(
             f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}",

@@ -50,7 +50,7 @@ from .data import (
     target_batch_dims,
     tree_map,
 )
-from .engine import BatchStream, Engine, call_loss, unique_parameters
+from .engine import BatchStream, Engine, call_loss, one_sample_hint, unique_parameters
 from .model_file import ModelFile, function_from_file, load_model_file, user_error
 from .materialize import build_stages, load_checkpoint
 from .mode import train_model
@@ -199,8 +199,8 @@ class SingleProcess:
             raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
                              f"{' of a held-out batch, in eval mode' if evaluating else ''},",
                              [inspect.getsourcefile(type(self.model)) or ""],
-                             failure_hint(self.precision,
-                                          "check the data against the model file's example_inputs (shapes, dtypes)")
+                             failure_hint(self.precision, one_sample_hint(
+                                 exc, "check the data against the model file's example_inputs (shapes, dtypes)"))
                              ) from exc  # fmt: skip
 
     def sync_shared_grads(self) -> None:
@@ -893,16 +893,23 @@ def check_inputs(inputs: tuple | dict, pipeline: Pipeline, config: Config) -> No
     named = inputs.items() if isinstance(inputs, dict) else zip(pipeline.inputs, inputs)
     for name, value in named:
         spec = values.get(name, {})
-        if not isinstance(value, torch.Tensor) or spec.get("kind") != "tensor":
+        if spec.get("kind") != "tensor":
             continue
         dim, shape = spec.get("batch_dim"), list(spec["shape"])
+        compiled = f"{spec['dtype']}[{', '.join('B' if d == dim else str(n) for d, n in enumerate(shape))}]"
+        if not isinstance(value, torch.Tensor):
+            # A container inside the inputs (a sample's ((x,),)): mode single failed with a raw
+            # AttributeError cutting micro-batches, the stages deep inside their first op.
+            raise FtcError(f"input {name!r} from data set {config.data['name']!r} is a {type(value).__name__}, but "
+                           f"{pipeline.folder} was compiled for a tensor, {compiled}",
+                           "give each sample's inputs as a tuple or dict of tensors, one per input of the model, not "
+                           "nested in another tuple, list or dict")  # fmt: skip
         got = list(value.shape)
         same_shape = len(got) == len(shape) and all(a == b for d, (a, b) in enumerate(zip(got, shape)) if d != dim)
         if not same_shape or str(value.dtype).removeprefix("torch.") != spec["dtype"]:
-            wanted = ["B" if d == dim else str(n) for d, n in enumerate(shape)]
             raise FtcError(
                 f"input {name!r} from data set {config.data['name']!r} is {str(value.dtype).removeprefix('torch.')}"
-                f"{got}, but {pipeline.folder} was compiled for {spec['dtype']}[{', '.join(wanted)}]",
+                f"{got}, but {pipeline.folder} was compiled for {compiled}",
                 "make the data set give what the model file's example_inputs gives (data options such as "
                 "data.image), or change example_inputs and recompile",
             )

@@ -54,9 +54,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ftc.runtime.config import Config
 from ftc.runtime.data import Sampler, build_dataset, load_batch, output_specs, synthetic_targets
@@ -179,9 +181,12 @@ def async_reference(config: Config, model_path: Path | None = None, pipeline: Pa
     M, S = config.micro_batches, config.step_every
     Mt = M * S
 
-    def pieces(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        (inputs,), targets = load_batch(dataset, sampler.indices(batch), True, True)
-        return list(zip(inputs.chunk(M), targets.chunk(M)))
+    def pieces(batch: int) -> list[tuple[tuple[torch.Tensor, ...], Any]]:
+        """The batch's M micro-batches: (positional inputs, targets in the data set's structure)."""
+        inputs, targets = load_batch(dataset, sampler.indices(batch), True, True)
+        leaves, structure = tree_flatten(targets)
+        target_pieces = [tree_unflatten(list(chunks), structure) for chunks in zip(*(t.chunk(M) for t in leaves))]
+        return list(zip(zip(*(x.chunk(M) for x in inputs)), target_pieces))
 
     run = ReferenceRun(losses=[], state={})
     current = {key: named[key].detach().clone() for key in keys}  # each key's latest value
@@ -214,7 +219,7 @@ def async_reference(config: Config, model_path: Path | None = None, pipeline: Pa
             x, y = cached[batch][g % M]
             values = recorded.pop(g)
             leaves = {name: values[name].detach().requires_grad_() for name in trainable}
-            loss = model_file.loss_fn(functional_call(model, leaves, (x.clone(),), tie_weights=False), y)
+            loss = model_file.loss_fn(functional_call(model, leaves, tuple(v.clone() for v in x), tie_weights=False), y)
             grads = torch.autograd.grad(loss / Mt, [leaves[name] for name in trainable], allow_unused=True)
             summed = gradients.setdefault(g // Mt, {})
             for name, grad in zip(trainable, grads):

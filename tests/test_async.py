@@ -471,3 +471,59 @@ def test_async_with_recomputation_matches_the_reference(tied):
     results = train(cfg)
     assert_same_run(results.loss, checkpoint.merge(root / "tied-async-recompute" / "checkpoints")[1], truth.losses,
                     truth.state)  # fmt: skip
+
+
+TWO_INPUTS = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Ranker(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Linear(12, 16)
+        self.ids = nn.Embedding(50, 16)
+        self.body = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32))
+        self.classes = nn.Linear(32, 5)
+        self.score = nn.Linear(32, 2)
+
+    def forward(self, x, ids):
+        h = self.body(torch.cat([self.features(x), self.ids(ids).mean(1)], dim=-1))
+        return self.classes(h), self.score(h)
+
+
+def build_model():
+    return Ranker()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 12), torch.randint(0, 50, (batch_size, 6)))
+
+
+def loss_fn(output, target):
+    (logits, score), (label, value) = output, target
+    return F.cross_entropy(logits, label) + F.mse_loss(score, value)
+
+
+def dataset(size):
+    x, ids = torch.randn(size, 12), torch.randint(0, 50, (size, 6))
+    label, value = torch.randint(0, 5, (size,)), torch.randn(size, 2)
+    return [((x[i], ids[i]), (label[i], value[i])) for i in range(size)]
+"""
+
+
+def test_async_with_two_inputs_and_two_targets_matches_the_reference(tmp_path):
+    """A float and an int64 input, two outputs, a tuple of targets from the model file's data
+    set: the reference took one input and one target tensor, so such models went unchecked."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    model = tmp_path / "ranker.py"
+    model.write_text(TWO_INPUTS)
+    folder = compile_model(model, tmp_path / "p3", CompileOptions(stages=3)).folder
+    cfg = config(tmp_path, folder, "ranker", mode="local", schedule="async", data={"name": "module", "size": 64},
+                 optimizer=OPTIMIZERS["sgd"], step_every=2, micro_batches=2, staleness={"flush_every": 5})  # fmt: skip
+    truth = async_reference(cfg, model)
+    assert truth.stale_forwards > 0
+    results = train(cfg)
+    assert_same_run(results.loss, checkpoint.merge(tmp_path / "ranker" / "checkpoints")[1], truth.losses, truth.state)

@@ -104,6 +104,10 @@ def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
     assert len(dataset) == 5 and dataset[3][1].item() == 18.0
     with pytest.raises(FtcError, match=re.escape("config key 'data.size': " + f"{data_path}:squares takes no option 'size' (its options: count, scale)")):
         build_dataset({"name": "module", "module": f"{data_path}:squares", "size": 5}, model_file)
+    # A required option left out: the hint said to leave options out.
+    with pytest.raises(FtcError, match=re.escape(f"config key 'data.count' is missing: {data_path}:squares requires it")) as error:
+        build_dataset({"name": "module", "module": f"{data_path}:squares", "scale": 2.0}, model_file)
+    assert "--set data.count=" in error.value.hint
     with pytest.raises(FtcError, match=re.escape(f"the data set {data_path}:squares(count='x') raised TypeError")) as error:
         build_dataset({"name": "module", "module": f"{data_path}:squares", "count": "x"}, model_file)
     assert "squares.py:3" in error.value.message  # the line of the user's function that raised

@@ -355,6 +355,10 @@ def test_checkpoint_values_replace_the_seeded_ones(tmp_path, edge, fmt):
                 assert torch.equal(tensor, truth), name
 
 
+class PickledWeight:
+    """What torch.save pickles as an object (a whole model's class): not a tensor."""
+
+
 def test_bad_checkpoints_are_named(tmp_path, edge):
     model_file, pipeline = edge
     model, _ = seeded_model(model_file)
@@ -379,6 +383,13 @@ def test_bad_checkpoints_are_named(tmp_path, edge):
     torch.save({"step": 3}, not_a_state_dict)
     with pytest.raises(FtcError, match="optimizer.pt is not a state_dict"):
         build(model_file, pipeline, [2], checkpoint=not_a_state_dict)
+
+    # A pickled object: torch's refusal ran over a dozen lines, with terminal escapes.
+    pickled = tmp_path / "pickled.pt"
+    torch.save(state | {"layers.6.weight": PickledWeight()}, pickled)
+    with pytest.raises(FtcError, match=r"pickled\.pt holds objects other than tensors") as error:
+        build(model_file, pipeline, [2], checkpoint=pickled)
+    assert "model.state_dict()" in error.value.hint
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a checkpoint")

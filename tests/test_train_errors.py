@@ -24,6 +24,10 @@ def wrong_loss(output, target):
     return F.cross_entropy(output, target.float().unsqueeze(1))
 
 
+def accuracy(output, target):
+    return (output.argmax(1) == target).float().mean()
+
+
 class Broken:
     def __len__(self):
         return 16
@@ -57,6 +61,10 @@ def extra_input(**options):
 
 def two_inputs(**options):
     return [((torch.randn(8), torch.ones(8)), torch.tensor(0))] * 16
+
+
+def nested_input(**options):
+    return [(((torch.randn(8),),), torch.tensor(0))] * 16
 """
 
 
@@ -80,6 +88,15 @@ def test_a_failing_loss_is_named_with_its_line(pipeline, mode):
         run(folder, mode=mode, loss="wrong_loss")
     assert "the loss wrong_loss(output, target) raised" in error.value.message
     assert f"{root / 'model.py'}:" in error.value.message and "target.float()" in error.value.message
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_a_loss_without_a_gradient_is_named(pipeline, mode):
+    """An accuracy given as the loss: backward failed inside autograd with a raw RuntimeError."""
+    _, folder = pipeline
+    with pytest.raises(FtcError, match=r"loss_fn returned a tensor \(float32\) that has no gradient") as error:
+        run(folder, mode=mode, loss="accuracy")
+    assert ".detach()" in error.value.hint
 
 
 def test_a_failing_data_set_is_named(pipeline):
@@ -695,6 +712,16 @@ def test_inputs_the_pipeline_does_not_take_are_refused_in_every_mode(pipeline, m
             run(folder, mode=mode, data={"name": "module", "module": f"{folder.parent.parent / 'model.py'}:{function}"})
         assert f"data set 'module' gives inputs {shown}, but" in info.value.message
         assert "was compiled for the inputs ['x']" in info.value.message
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_an_input_nested_in_a_container_is_named(pipeline, mode):
+    """A sample's ((x,),): mode single raised a raw AttributeError ('tuple' object has no
+    attribute 'chunk'), the stages a TypeError inside their first op."""
+    root, folder = pipeline
+    with pytest.raises(FtcError, match=r"input 'x' from data set 'module' is a tuple, but .* was compiled for a "
+                                       r"tensor, float32\[B, 8\]"):  # fmt: skip
+        run(folder, mode=mode, data={"name": "module", "module": f"{root / 'model.py'}:nested_input"})
 
 
 def test_an_injected_fault_that_could_never_strike_is_refused(pipeline):

@@ -270,6 +270,36 @@ def test_compiling_a_frozen_batch_norm_model_warns_of_nothing(frozen):
         assert not [note for note in compiled.notes if note.startswith("warning:")], compiled.notes
 
 
+NORMALIZED_MLP = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 6),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+def test_a_micro_batch_of_one_sample_that_a_batch_norm_refuses_is_blamed_on_the_config(tmp_path, compile_to):
+    """micro_batches = batch_size: the fix said to check the data against example_inputs."""
+    (tmp_path / "normalized.py").write_text(NORMALIZED_MLP)
+    folder = compile_to(tmp_path / "normalized.py", 2)
+    for mode in ("single", "local"):
+        with pytest.raises(FtcError, match="Expected more than 1 value per channel when training") as error:
+            train(load_config(data={"pipeline": str(folder), "mode": mode, "batch_size": 4, "micro_batches": 4}))
+        assert "a micro-batch of 1 sample (batch_size / micro_batches)" in error.value.hint
+        assert "lower micro_batches" in error.value.hint
+
+
 def test_a_train_override_that_raises_is_named():
     class Reads(torch.nn.Module):
         def train(self, mode=True):
