@@ -411,6 +411,7 @@ CASES += [
     (aten.rand_like.default, (_x(2, 3),), {}),
     (aten.randn_like.default, (_x(2, 3),), {"dtype": torch.float64}),
     (aten.bernoulli.p, (_x(2, 3), 0.3), {}),
+    (aten.dropout_.default, (_x(2, 3), 0.4, False), {}),
     (aten.bernoulli.default, (_x(2, 3).sigmoid(),), {}),
     (aten.uniform_.default, (_x(2, 3), -2.0, 3.0), {}),
     (aten.normal_.default, (_x(2, 3),), {"std": 2.0}),
@@ -481,6 +482,7 @@ def test_a_training_flag_the_trace_saw_set_follows_the_stage_mode():
     gru = lower(aten.gru.input, (_x(2, 3, 4), _x(2, 2, 5), [], True, 2, 0.3, True, False, True), {})
     assert gru.target == "torch.gru" and gru.kwargs["train"] == STAGE_TRAINING and gru.kwargs["dropout"] == 0.3
     assert lower(aten.dropout.default, (x, 0.5, True), {}).kwargs["training"] == STAGE_TRAINING
+    assert lower(aten.dropout_.default, (x, 0.5, True), {}).kwargs["training"] == STAGE_TRAINING
     assert lower(aten.batch_norm.default, (x, w, w, w, w, True, 0.1, 1e-5, False), {}).args[5] == STAGE_TRAINING
     norm = lower(aten.instance_norm.default, (_x(2, 3, 4), w, w, w, w, True, 0.1, 1e-5, False), {})
     assert norm.kwargs["use_input_stats"] == STAGE_TRAINING

@@ -499,6 +499,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "embedding.default": _embedding,
     "scaled_dot_product_attention.default": _attention,
     "dropout.default": _dropout,
+    "dropout_.default": lambda a: Call("call_function", "F.dropout", (a["self"],),
+                                       {"p": a["p"], "training": _traced_training(a["train"]), "inplace": True}),
     "conv1d.default": _function("F.conv1d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "conv2d.default": _function("F.conv2d", "input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "conv_transpose2d.input": _function(
