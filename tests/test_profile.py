@@ -3,6 +3,7 @@ them where FLOPs mislead, the on-disk cache, and save-memory mode."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import textwrap
 import time
@@ -595,3 +596,37 @@ def test_the_measured_profile_times_the_loss_and_caches_it(tmp_path, cache_dir):
     assert (again.graph.loss_cost, again.graph.stage_cost) == (loss, call)
     tokens = compile_model(write(tmp_path, "tokens.py", TOKENS), tmp_path / "c", CompileOptions(stages=2, **FAST))
     assert tokens.graph.loss_cost.fwd_time > 0
+
+
+def test_grouped_matmuls_count_the_flops_of_their_matmuls():
+    """Mixture-of-experts layers spend their time in grouped matmuls (torch's `_grouped_mm`,
+    transformers' `grouped_mm_fallback`, which its MoE layers call under export), for which
+    torch's FLOP counter has no formula: the experts cost only their memory traffic, and the
+    partitioner piled them onto one stage. The analytic profile counts what the same matmuls,
+    one per group, count: forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ftc.profiling.analytic import flop_counter
+
+    importlib.import_module("transformers.integrations.moe")  # registers transformers' ops
+    tokens, width, hidden, groups = 12, 8, 4, 3
+    x = torch.randn(tokens, width, requires_grad=True)
+    w = torch.randn(groups, width, hidden, requires_grad=True)
+    ends = [3, 3, tokens]
+    with FlopCounterMode(display=False) as per_group, torch.no_grad():
+        for group, (start, end) in enumerate(zip([0, *ends[:-1]], ends)):
+            torch.mm(x[start:end], w[group])
+    truth = per_group.get_total_flops()
+    gradient = torch.randn(tokens, hidden)
+    for grouped in (
+        lambda: torch._grouped_mm(x, w, torch.tensor(ends, dtype=torch.int32)),
+        lambda: torch.ops.transformers.grouped_mm_fallback(x, w, torch.tensor(ends)),
+    ):
+        with flop_counter() as forward:
+            out = grouped()
+        with flop_counter() as backward:
+            torch.autograd.grad(out, (x, w), gradient)
+        assert (forward.get_total_flops(), backward.get_total_flops()) == (truth, 2 * truth) and truth > 0
+    with flop_counter() as batched:
+        torch._grouped_mm(torch.randn(groups, 4, width), w)
+    assert batched.get_total_flops() == 2 * groups * 4 * width * hidden

@@ -3,7 +3,10 @@
 Forward and backward FLOPs are counted by torch.utils.flop_counter while each node runs on meta
 tensors; the backward is the real autograd graph of that one node (gradients of its floating
 inputs that require grad and of its module's parameters), so it is counted, not estimated.
-FlopCounter counts matmul-like ops only; elementwise ops, norms and embeddings cost memory
+FlopCounter counts matmul-like ops only, and has no formula for grouped matmuls, in which
+mixture-of-experts layers spend nearly all their time (torch's `_grouped_mm`, transformers'
+`grouped_mm_fallback`, which its MoE layers call under export): `flop_formulas` adds them, else
+the experts would cost only their memory traffic and the partitioner would pile them up; elementwise ops, norms and embeddings cost memory
 traffic instead, so a node's time is the roofline max(FLOPs / peak, bytes / memory bandwidth).
 Memory traffic is the bytes of the tensors a node reads and writes (views move nothing), plus
 the weights of a module it calls (an embedding reads only the rows it looks up, its output);
@@ -256,7 +259,7 @@ class _Counter(Interpreter):
         roles = self._saved_roles(node, args, kwargs)
         leaves: list[torch.Tensor] = []
         args, kwargs = self.storages.cut(args, kwargs, leaves)
-        with FlopCounterMode(display=False) as counter, OpCounter() as dispatched:
+        with flop_counter() as counter, OpCounter() as dispatched:
             out = super().run_node(node, args, kwargs)
         fwd_flops = counter.get_total_flops()
         self.saved[node.name] = self.storages.charge(roles, inputs, tensors_in(out))
@@ -305,7 +308,7 @@ class _Counter(Interpreter):
         if not outputs or not targets:
             return 0, 0
         grads = [torch.ones_like(t) for t in outputs]  # made by whoever sends them, not counted
-        with FlopCounterMode(display=False) as counter, OpCounter() as dispatched:
+        with flop_counter() as counter, OpCounter() as dispatched:
             torch.autograd.grad(outputs, targets, grads, allow_unused=True)
         return counter.get_total_flops(), dispatched.ops
 
@@ -358,12 +361,12 @@ def _loss_cost(model_file: ModelFile, outputs: Any, batch_size: int, device: Dev
             saved[id(storage)] = storage.nbytes()
         return tensor
 
-    with FlopCounterMode(display=False) as fwd_flops, OpCounter() as fwd_ops:
+    with flop_counter() as fwd_flops, OpCounter() as fwd_ops:
         loss = model_file.loss_fn(leaves, target)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model_file.loss_fn(leaves, target)  # apart: the hooks change which ops autograd dispatches
     inputs = [t for t in tensors_in(leaves) if t.requires_grad]
-    with FlopCounterMode(display=False) as bwd_flops, OpCounter() as bwd_ops:
+    with flop_counter() as bwd_flops, OpCounter() as bwd_ops:
         torch.autograd.grad(loss, inputs, allow_unused=True)
     return Cost(
         fwd_flops=fwd_flops.get_total_flops(),
@@ -372,6 +375,32 @@ def _loss_cost(model_file: ModelFile, outputs: Any, batch_size: int, device: Dev
         bwd_time=device.time(bwd_flops.get_total_flops(), bwd_ops.nbytes, bwd_ops.ops),
         peak_memory=sum(saved.values()),
     )
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, with the formulas it lacks (flop_formulas)."""
+    return FlopCounterMode(display=False, custom_mapping=flop_formulas())
+
+
+def flop_formulas() -> dict[Any, Any]:
+    """FLOP formulas for the grouped matmuls that are registered in this process (transformers'
+    ops only once its MoE code is imported), by op packet, as FlopCounterMode takes them."""
+    formulas: dict[Any, Any] = {torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    library = torch.ops.transformers
+    if hasattr(library, "grouped_mm_fallback"):  # (input [S, K], weight [E, K, N], offs) -> [S, N]
+        formulas[library.grouped_mm_fallback] = lambda x, w, *_, out_shape=None, **__: 2 * x[0] * x[1] * w[2]
+    if hasattr(library, "grouped_mm_fallback_backward"):  # both gradients: twice the forward
+        formulas[library.grouped_mm_fallback_backward] = lambda x, w, *_, out_shape=None, **__: 4 * x[0] * x[1] * w[2]
+    return formulas
+
+
+def _grouped_mm_flops(a: list[int], b: list[int], *_: Any, out_shape: list[int] | None = None, **__: Any) -> int:
+    """aten._grouped_mm: each output element sums over K products, where K is the inner size,
+    except for 2-D by 2-D, whose groups split the inner dimension (out [G, M, N] from
+    [M, K_total] @ [K_total, N])."""
+    if len(a) == 2 and len(b) == 2:
+        return 2 * a[0] * a[1] * b[1]
+    return 2 * a[-1] * int(torch.Size(out_shape).numel()) if out_shape is not None else 0
 
 
 def _needs_grad(node: Node) -> bool:
