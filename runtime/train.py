@@ -1157,9 +1157,10 @@ def plot_loss(path: Path, results: Results) -> None:
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_ylabel("loss")
-    # A log scale drops losses at or below zero (a negative log-likelihood, a custom loss).
+    # A log scale drops losses at or below zero (a negative log-likelihood, a custom loss), and
+    # within a decade it shows little but tick labels such as 2.4×10⁰.
     shown = whole.loss + [loss for _, loss in whole.eval_loss]
-    axes.set_yscale("log" if all(loss > 0 for loss in shown) else "linear")
+    axes.set_yscale("log" if min(shown, default=0) > 0 and max(shown) >= 10 * min(shown) else "linear")
     name = Path(results.config["pipeline"]).name
     axes.set_title(f"{name}: {results.mode}, {counted(results.world_size, 'process', 'processes')}, {results.config['schedule']}")
     axes.grid(alpha=0.3)

@@ -226,6 +226,20 @@ def test_the_loss_curve_of_losses_at_or_below_zero_is_not_log_scaled(tmp_path):
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_loss_curve_is_log_scaled_only_over_a_decade(tmp_path, monkeypatch):
+    """Within a decade a log scale showed little but tick labels such as 2.4×10⁰."""
+    import matplotlib.axes
+
+    from ftc.runtime.train import Results, plot_loss
+
+    scales, set_yscale = [], matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale",
+                        lambda axes, value, **kwargs: scales.append(value) or set_yscale(axes, value, **kwargs))  # fmt: skip
+    for losses in ([2.6, 2.4, 2.2], [5.5, 1.0, 0.4]):
+        plot_loss(tmp_path / "loss.png", Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=losses))
+    assert scales == ["linear", "log"]
+
+
 def test_the_loss_curve_takes_the_format_its_path_names(tmp_path):
     """A plot path of loss.pdf or loss.svg held PNG bytes under that name."""
     from ftc.runtime.train import Results, plot_loss
