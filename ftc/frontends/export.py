@@ -289,6 +289,12 @@ def _export_bounded(
     except Exception:
         raise first from None
     sizes = _batch_sizes(program)
+    if sizes is not None and sizes[1] is None and sizes[0] > 2:
+        raise FtcError(
+            f"{model_file.path}: forward works only for batch sizes of {sizes[0]} and more (torch.export bounds "
+            "the batch dimension from below: forward indexes or splits the batch at a fixed position)",
+            "make forward work at any batch size; pipeline stages run micro-batches of batch_size / micro_batches",
+        ) from first
     if sizes is not None and sizes[1] is None:
         # The named batch was refused for a guard that bounds no batch size: export fixed a size
         # computed from the batch (`int(n * 0.25)`, a float's truncation, which its solver keeps
