@@ -564,8 +564,10 @@ def _sized(spec: OutputSpec, size: int) -> list[int]:
 def _samples_first(inputs: tuple | dict, model_file: ModelFile, size: int) -> tuple | dict:
     """`inputs` with each tensor's batch dimension moved first (a sequence-first [T, B, D] input
     becomes [B, T, D]); the batch dimension is the one example_inputs(1) has at 1."""
-    with torch.device("meta"):
-        one = model_file.inputs(1)
+    # Made where example_inputs makes them and then moved: under torch.device("meta"), an input
+    # built by a data-dependent op (repeat_interleave by drawn lengths) cannot be made at all.
+    with torch.random.fork_rng(devices=[]):
+        one = model_file.inputs(1, "meta")
 
     def first(value: torch.Tensor, single: Any) -> torch.Tensor:
         if not isinstance(single, torch.Tensor) or single.dim() != value.dim():

@@ -226,6 +226,8 @@ def _build_owned(
             meta_model = model_file.build()
     except Exception as exc:
         raise _Unsupported(f"building it on the meta device failed: {_reason(exc)}") from exc
+    if recorder.failures:
+        raise _Unsupported(f"building it on the meta device failed: {_reason(recorder.failures[0])}")
     owned: set[int] = set()
     for stage in _construct(classes, meta_model, pipeline).values():
         for tensor in _state_tensors(stage):
@@ -465,6 +467,10 @@ class _Recorder(TorchDispatchMode):
         self.ids: dict[int, int] = {}  # storage address -> storage id
         self.created: set[int] = set()  # storages an op made (not ones that came from Python)
         self._alive: list[torch.UntypedStorage] = []  # so that no storage address is reused
+        # Ops the meta device could not run. A build may catch the error and go on (torch's
+        # parametrize takes geqrf's NotImplementedError on meta for "no right inverse" and leaves
+        # orthogonal's `base` buffer None), so the recorded model is not the one the CPU builds.
+        self.failures: list[Exception] = []
 
     def storage_id(self, tensor: torch.Tensor, made: bool) -> int:
         key = _storage_key(tensor)
@@ -499,10 +505,15 @@ class _Recorder(TorchDispatchMode):
             else:
                 try:
                     result = _run_lazily(func, args, kwargs, inputs)
-                except Exception:
+                except Exception as exc:
                     if returns_tensors:
+                        self.failures.append(exc)
                         raise
-                    result = _guess(func, inputs)
+                    try:
+                        result = _guess(func, inputs)
+                    except _Unsupported as unsupported:
+                        self.failures.append(unsupported)
+                        raise
             outputs = _tensors(result)
             output_ids = [self.storage_id(t, made=True) for t in outputs]
             written = {self.ids[_storage_key(t)] for t in _written(func, args, kwargs)}

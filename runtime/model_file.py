@@ -58,7 +58,9 @@ class ModelFile:
             meta_hint = (
                 "ftc builds the model under torch.device(\"meta\"), where tensors have shapes but no values: build it "
                 "from its configuration, without reading tensor values (.item(), .numpy(), if on a tensor) or loading "
-                "weights in build_model() (pass them as the training config's `init`)"
+                "weights in build_model() (pass them as the training config's `init`); where torch itself reads "
+                "them (parametrizations.orthogonal checks its weight), build that part under "
+                "`with torch.device(\"cpu\"):`, and ftc moves it to the meta device"
             )
             plain_hint = f"make build_model() run on its own (python -c 'import {self.path.stem}; {self.path.stem}.build_model()')"
             if on_meta and "meta" not in str(exc).lower():

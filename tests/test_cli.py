@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from ftc.check import check_pipeline
 from ftc.cli import main
@@ -259,6 +260,52 @@ def test_distribution_argument_checks_suggest_validate_args(tmp_path, capsys):
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "policy.py:12", "validate_args=False")
     fixed = write(tmp_path, "policy_fixed.py", model.read_text().replace("1.0)", "1.0, validate_args=False)"))
+    code, _, err = run_cli(["compile", fixed, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert code == 0, err
+
+
+def test_distribution_made_only_in_training_suggests_validate_args(tmp_path, capsys, monkeypatch):
+    """GroupViT makes a Gumbel only while training: export then traces in eval mode only, and the
+    error said to turn off a layer skip; the argument check is what fails, and a library's own
+    distribution has no validate_args to pass, so the fix names the global default."""
+    monkeypatch.setattr(torch.distributions.Distribution, "_validate_args", True)
+    model = write(
+        tmp_path,
+        "grouping.py",
+        """
+        import torch
+        import torch.nn as nn
+        from torch.distributions import Gumbel
+
+        class Grouping(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.assign = nn.Linear(6, 4)
+
+            def forward(self, x):
+                logits = self.assign(x)
+                if self.training:
+                    noise = Gumbel(torch.zeros((), device=x.device), torch.ones((), device=x.device))
+                    logits = logits + noise.sample(logits.shape)
+                return logits.softmax(-1)
+
+        def build_model():
+            return Grouping()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 6),)
+        """,
+    )
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "grouping.py", "set_default_validate_args(False)")
+    assert "layerdrop" not in result[2]
+    fixed = write(
+        tmp_path,
+        "grouping_fixed.py",
+        model.read_text().replace(
+            "    return Grouping()", "    torch.distributions.Distribution.set_default_validate_args(False)\n    return Grouping()"
+        ),
+    )
     code, _, err = run_cli(["compile", fixed, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert code == 0, err
 

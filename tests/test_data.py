@@ -92,6 +92,26 @@ def test_synthetic_uses_example_targets_or_output_shaped_noise(tmp_path):
     assert torch.equal(x, expected_inputs[4]) and y == 4
 
 
+def test_synthetic_inputs_made_by_a_data_dependent_op_are_the_examples(tmp_path):
+    """Packed sequences' segment ids repeat each id a drawn number of times, which the meta device
+    cannot do: the data set stopped every mode with an error that blamed example_inputs' sizes."""
+    model_path = tmp_path / "packed.py"
+    model_path.write_text(
+        "import torch\n"
+        "def build_model(): return torch.nn.Embedding(8, 2)\n"
+        "def example_inputs(batch_size):\n"
+        "    lengths = torch.randint(1, 4, (batch_size, 8))\n"
+        "    return (torch.stack([torch.repeat_interleave(torch.arange(8), n)[:8] for n in lengths]),)\n"
+        "def example_targets(batch_size): return torch.randn(batch_size, 8, 2)\n"
+    )
+    model_file = load_model_file(model_path)
+    dataset = build_dataset({"name": "synthetic", "size": 6, "seed": 1}, model_file)
+    torch.manual_seed(1)
+    (expected_ids,), expected_targets = model_file.inputs(6), model_file.module.example_targets(6)
+    (ids,), targets = dataset[4]
+    assert torch.equal(ids, expected_ids[4]) and torch.equal(targets, expected_targets[4])
+
+
 def test_module_data_sets_from_a_file_or_the_model_file(tmp_path):
     data_path = tmp_path / "squares.py"
     data_path.write_text(

@@ -796,6 +796,29 @@ def test_the_line_that_fixes_the_batch_size_is_named(tmp_path, line):
 
 
 @pytest.mark.parametrize(
+    "line, message, hint",
+    [
+        ("x[: int(x.shape[0] * 0.5)].sum(0)", "fixed a size computed from the batch size at {path}:11 in forward",
+         "not int(n * 0.75)"),
+        ("x[2]", "forward works only for batch sizes of 3 and more", "make forward work at any batch size"),
+    ],
+    ids=["truncated_float", "lower_bound"],
+)
+def test_a_batch_export_leaves_unbounded_above_is_refused_by_name(tmp_path, line, message, hint):
+    """`int(n * 0.5)` of the batch size is a guard torch's solver keeps apart from the batch's
+    range: export left the batch unbounded with the half of 4 written as a constant (`x[:2]` at
+    every micro-batch size); `x[2]` bounds it from below only, which pipeline.json's batch_range
+    cannot hold. ftc failed inside sympy reading either unbounded range."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "fixed.py"
+    path.write_text(FIXED_BATCH.replace("x.reshape(4, -1)", line))
+    with pytest.raises(FtcError, match=re.escape(message.format(path=path))) as error:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
+    assert hint in error.value.hint
+
+
+@pytest.mark.parametrize(
     "model, options, message",
     [
         (EXAMPLES / "mlp.py", {"batch_size": 1}, "torch.export cannot trace at batch size 1"),

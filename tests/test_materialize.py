@@ -504,3 +504,45 @@ def test_state_made_off_the_meta_device_compiles_and_builds_the_seeded_values(tm
     model, _ = seeded_model(model_file)
     for indices in device_groups(pipeline):
         assert_exact(build(model_file, pipeline, indices), pipeline, named_state(model))
+
+
+ORTHOGONAL = """
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrizations
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        with torch.device("cpu"):  # orthogonal checks the weight's values
+            self.rotation = parametrizations.orthogonal(nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.rotation(torch.tanh(self.a(x)))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_build_that_catches_a_meta_failure_falls_back_to_a_whole_build(tmp_path, compile_to, caplog):
+    """orthogonal's right inverse runs geqrf, which the meta device cannot; torch's parametrize
+    takes that NotImplementedError for "no right inverse" and leaves the `base` buffer None, so the
+    record build made another model than the CPU and training refused pipeline.json's state."""
+    path = tmp_path / "orthogonal.py"
+    path.write_text(ORTHOGONAL)
+    folder = compile_to(path, 2, batch_size=4)
+    pipeline = load_pipeline(folder)
+    model_file = load_model_file(pipeline.model_file)
+    model, _ = seeded_model(model_file)
+    for indices in device_groups(pipeline):
+        assert_exact(build(model_file, pipeline, indices), pipeline, named_state(model))
+    warnings = warnings_of(caplog)
+    assert warnings and all("geqrf" in warning for warning in warnings), warnings

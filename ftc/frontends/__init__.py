@@ -141,8 +141,12 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
                 else f"torch.fx could not trace the model either ({_one_line(model_file, fx_error)}): fix that, "
                 "or use the plain nn.Module instead of its torch.jit.script form",
             ) from exc
-        if type(exc).__name__ == "GuardOnDataDependentSymNode" and _exports_in_eval_mode(
-            model_file, batch, double_batch, name
+        # A distribution's argument check fails only where forward makes one, and GroupViT makes its
+        # Gumbel only while training: the check, not a layer skip, is what to turn off.
+        if (
+            type(exc).__name__ == "GuardOnDataDependentSymNode"
+            and not checks_distribution_arguments(exc)
+            and _exports_in_eval_mode(model_file, batch, double_batch, name)
         ):
             raise _training_only_branch(model_file, exc) from exc
         if frontend == "auto":
@@ -335,7 +339,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
     if any(checks_distribution_arguments(exc) for exc in errors):
         fix = ("torch.distributions checks the values of a distribution's arguments, which no tracer can "
                "follow: pass validate_args=False where forward makes the distribution (Normal(mu, std, "
-               "validate_args=False))")  # fmt: skip
+               "validate_args=False)), or, where a library makes it, call "
+               "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], StateUntraced):

@@ -43,6 +43,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind, TensorArgument
 from torch.utils._pytree import TreeSpec, tree_unflatten
+from torch.utils._sympy.numbers import int_oo
 
 from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
@@ -287,13 +288,30 @@ def _export_bounded(
             raise
         first = error
     unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
-    fixing: list[str] = []
+    fixing: list[tuple[str, str]] = []
     try:
-        with _lines_fixing_a_size(size, fixing):
+        with _size_guards(fixing):
             program = _export(model, args, kwargs, unnamed, kept)
     except Exception:
         raise first from None
     sizes = _batch_sizes(program)
+    if sizes is not None and sizes[1] is None and sizes[0] > 2:
+        raise FtcError(
+            f"{model_file.path}: forward works only for batch sizes of {sizes[0]} and more (torch.export bounds "
+            "the batch dimension from below: forward indexes or splits the batch at a fixed position)",
+            "make forward work at any batch size; pipeline stages run micro-batches of batch_size / micro_batches",
+        ) from first
+    if sizes is not None and sizes[1] is None:
+        # The named batch was refused for a guard that bounds no batch size: export fixed a size
+        # computed from the batch (`int(n * 0.25)`, a float's truncation, which its solver keeps
+        # as `TruncToInt(...) == 4`) and would write that constant into the stage code.
+        at = "".join(f" at {line} ({guard})" for guard, line in fixing[:1])
+        raise FtcError(
+            f"{model_file.path}: torch.export fixed a size computed from the batch size{at}, so the stages "
+            f"would use, at every micro-batch size, the size that batch size {size} gives",
+            "compute the size with integer arithmetic on tensor sizes (n * 3 // 4, not int(n * 0.75)), or from "
+            "a fixed number (the sequence length)",
+        ) from first
     if sizes is None:
         training = ""
         if branches:
@@ -301,7 +319,8 @@ def _export_bounded(
             training = (f"; in training mode, which ftc traces, forward also takes a branch on self.training in "
                         f"library code at {places}, which may make that size (transformers' speech models draw "
                         "their SpecAugment masks with numpy, at the batch's size)")  # fmt: skip
-        at = f" at {fixing[0]}" if fixing else ""
+        lines = [line for guard, line in fixing if re.fullmatch(rf"Eq\(s\d+, {size}\)", guard)]
+        at = f" at {lines[0]}" if lines else ""
         raise FtcError(
             f"{model_file.path}: torch.export fixed the batch dimension to {size}{at}, so the stages would run at "
             f"batch size {size} only, but pipeline stages run micro-batches of other sizes{training}",
@@ -329,25 +348,26 @@ def _range_notes(batch_range: tuple[int, int] | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def _lines_fixing_a_size(size: int, lines: list[str]):
-    """Collects, as `file:line in function`, the model's or a library's code where torch's shape
-    environment equated a symbolic size with `size` (a guard `Eq(s0, 8)`: `x.reshape(8, -1)`,
-    `len(x)`). torch reports such a guard only in its log, at INFO level, so the log is read
-    while the block runs, kept from torch's own handlers, and the line is the innermost frame
-    outside torch, ftc and Python's standard library."""
+def _size_guards(guards: list[tuple[str, str]]):
+    """Collects (guard, `file:line in function`) for each equation of a symbolic size with a
+    number that torch's shape environment adds while the block runs (`Eq(s0, 8)`: `x.reshape(8,
+    -1)`, `len(x)`; `Eq(TruncToInt(...), 4)`: `int(n * 0.5)`), at the model's or a library's
+    code. torch reports guards only in its log, at INFO level, so the log is read while the
+    block runs, kept from torch's own handlers, and the line is the innermost frame outside
+    torch, ftc and Python's standard library."""
     log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    equals_size = re.compile(rf"Eq\(s\d+, {size}\)")
+    size_equation = re.compile(r"Eq\(.*\bs\d+\b.*, \d+\)")
     outside = tuple(str(Path(m.__file__).parent) for m in (torch, logging)) + (
         str(Path(__file__).parents[1]), sysconfig.get_paths()["stdlib"])
 
     class Guards(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             args = record.args if isinstance(record.args, tuple) else ()
-            if "[guard added]" not in str(record.msg) or len(args) < 2 or not equals_size.fullmatch(str(args[1])):
+            if "[guard added]" not in str(record.msg) or len(args) < 2 or not size_equation.fullmatch(str(args[1])):
                 return
             frame = next((f for f in reversed(traceback.extract_stack()) if not f.filename.startswith(outside)), None)
             if frame is not None:
-                lines.append(f"{frame.filename}:{frame.lineno} in {frame.name}")
+                guards.append((str(args[1]), f"{frame.filename}:{frame.lineno} in {frame.name}"))
 
     handlers, level, propagate = log.handlers, log.level, log.propagate
     log.handlers, log.propagate = [Guards()], False
@@ -382,7 +402,8 @@ def _batch_sizes(program: torch.export.ExportedProgram) -> tuple[int, int | None
         for size in value.shape:
             if isinstance(size, torch.SymInt) and size.node.expr in program.range_constraints:
                 sizes = program.range_constraints[size.node.expr]
-                return int(sizes.lower), int(sizes.upper) if sizes.upper.is_finite else None
+                # torch's int_oo says it is finite (sympy's own attribute), so compare with it
+                return int(sizes.lower), None if sizes.upper == int_oo else int(sizes.upper)
     return None
 
 
