@@ -43,7 +43,7 @@ from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Node, load
 from ftc.passes.partition.problem import may_draw_random
 from ftc.runtime import LocalExecutor, comm, load_model_file, load_pipeline
-from ftc.runtime.materialize import blamed_on_a_changed_model_file
+from ftc.runtime.materialize import blamed_on_a_changed_model_file, model_file_changed, recompile_hint
 from ftc.runtime.mode import set_mode
 from ftc.runtime.pipeline import Pipeline
 from ftc.runtime.seeding import seed_generators
@@ -311,7 +311,13 @@ def check_pipeline(
     problems = _output_problems(graph, pipeline)
     notes: list[str] = []
     if not problems and relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
-        problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
+        if model_file_changed(model_file, pipeline):
+            problems.append(f"{model_file.path} is not the model file {pipeline.folder} was compiled from (it changed "
+                            "since, or is another file: its sha256 is not pipeline.json's model_file_sha256), and "
+                            "the model it builds computes other outputs than ir.json, which the stages came from"
+                            f"\n  fix: {recompile_hint(model_file, pipeline)}")  # fmt: skip
+        else:
+            problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
     floor = gradient_floor(original)
     moved = _moved_boundaries(graph, pipeline)

@@ -182,6 +182,22 @@ def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recomp
             check_pipeline(folder, model_path=path)
 
 
+def test_check_names_a_model_file_whose_forward_changed_since_compiling(pipeline):
+    """A forward edited since compiling (same layers, another computation) failed check with
+    "ir.json itself does not compute the model's outputs", as if ir.json were broken; pipeline.json
+    holds the model file's sha256, so check says that the model file changed and how to recompile."""
+    from ftc.check import check_pipeline
+
+    root, folder = pipeline
+    path = root / "changed_forward.py"
+    path.write_text((root / "model.py").read_text().replace("return self.head(self.body(x))", "return self.head(self.body(2 * x))"))
+    report = check_pipeline(folder, model_path=path, batch_size=4)
+    assert not report.ok
+    (problem,) = report.problems
+    assert problem.startswith(f"{path} is not the model file {folder} was compiled from (it changed since"), problem
+    assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in problem
+
+
 def test_a_model_that_fails_in_eval_mode_is_named_when_mode_single_evaluates(pipeline):
     """Mode single ran the model's forward bare while evaluating: its error came out as an
     internal error, not named."""
