@@ -329,6 +329,8 @@ CASES += [
     (aten.linalg_eigh.default, (_x(3, 3), "U"), {}),
     (aten.eye.default, (3,), {"dtype": torch.float64}),
     (aten.eye.m, (2, 4), {}),
+    (aten.concatenate.default, ([_x(2, 3), _x(2, 1)], -1), {}),
+    (aten.concat.default, ([_x(2, 3), _x(1, 3)],), {}),
     (aten.logsumexp.default, (_x(2, 3), [1]), {"keepdim": True}),
     (aten.logit.default, (_x(2, 3).sigmoid(),), {"eps": 1e-6}),
     (aten.argsort.default, (_x(2, 5),), {"descending": True}),

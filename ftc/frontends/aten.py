@@ -613,6 +613,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "tril.default": _method("tril", "self", diagonal=0),
     "triu.default": _method("triu", "self", diagonal=0),
     "cat.default": _function("torch.cat", "tensors", "dim"),
+    "concatenate.default": _function("torch.cat", "tensors", "dim"),  # torch.concatenate, the alias ATen keeps
+    "concat.default": _function("torch.cat", "tensors", "dim"),
     "stack.default": _function("torch.stack", "tensors", "dim"),
     "arange.default": _factory_call("torch.arange", "end"),
     "arange.start": _factory_call("torch.arange", "start", "end"),
