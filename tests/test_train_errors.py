@@ -131,6 +131,23 @@ def test_a_stage_that_raises_is_named_by_its_file(pipeline, tmp_path):
         run(edited, model=str(folder.parent.parent / "model.py"))
 
 
+def test_a_stage_forward_that_takes_other_inputs_than_pipeline_json_is_named_as_it_loads(pipeline, tmp_path):
+    """A forward given a parameter by hand failed at the first micro-batch with torch's TypeError
+    and a hint to check the data."""
+    import shutil
+
+    _, folder = pipeline
+    edited = tmp_path / folder.name
+    shutil.copytree(folder, edited)
+    stage = edited / "stage0.py"
+    stage.write_text(stage.read_text().replace("    def forward(self, x):\n", "    def forward(self, x, scale):\n"))
+    with pytest.raises(FtcError) as error:
+        run(edited, model=str(folder.parent.parent / "model.py"))
+    assert error.value.message == (f"{stage}: Stage0.forward takes (x, scale), but pipeline.json gives stage 0 the "
+                                   "inputs ['x'], in that order")  # fmt: skip
+    assert "give forward one parameter per input" in error.value.hint
+
+
 def test_every_line_of_a_multi_line_error_from_user_code_is_kept(pipeline, tmp_path):
     import shutil
 
