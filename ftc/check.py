@@ -43,7 +43,7 @@ from ftc.interpreter import Interpreter
 from ftc.ir import FtcError, Graph, Node, load
 from ftc.passes.partition.problem import may_draw_random
 from ftc.runtime import LocalExecutor, comm, load_model_file, load_pipeline
-from ftc.runtime.materialize import blamed_on_a_changed_model_file
+from ftc.runtime.materialize import blamed_on_a_changed_model_file, model_file_changed, recompile_hint
 from ftc.runtime.mode import set_mode
 from ftc.runtime.pipeline import Pipeline
 from ftc.runtime.seeding import seed_generators
@@ -170,6 +170,32 @@ def _leaf(value: Any) -> Any:
     return value
 
 
+def _shared_parameters(pipeline: Pipeline) -> set[str]:
+    """The state keys of tensors that several stages hold (a weight read in two stages, or tied
+    under two names): their gradients sum every holder's part, so no stage alone owns them."""
+    tied = pipeline.tied
+    holders: dict[str, set[int]] = {}
+    for spec in pipeline.stages:
+        for key in spec.state:
+            holders.setdefault(tied.get(key, key), set()).add(spec.index)
+    return {key for spec in pipeline.stages for key in spec.state if len(holders[tied.get(key, key)]) > 1}
+
+
+def _gradients_added(
+    params: dict[str, torch.nn.Parameter], names: set[str], pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Backpropagate `pairs`; return what that added to the gradient of each parameter in `names`."""
+    before = {name: params[name].grad.clone() for name in names if name in params and params[name].grad is not None}
+    if pairs:
+        _backward(pairs)
+    added = {}
+    for name in names:
+        grad = params[name].grad if name in params else None
+        if grad is not None:
+            added[name] = grad - before[name] if name in before else grad.clone()
+    return added
+
+
 def _backward(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Backpropagate each gradient from its value, giving autograd copies: it may adopt a
     gradient tensor itself as a parameter's .grad (for a value that is a view of a parameter,
@@ -193,6 +219,7 @@ class _Reference(Interpreter):
         self.leaves: dict[tuple[str, int], Any] = {}  # (value, reading stage) -> leaf
         self.to_send: list[dict[str, torch.Tensor]] = []  # per stage: gradient of each value it sends
         self.to_return: list[dict[str, torch.Tensor]] = []  # per stage: gradient of each value it reads
+        self.shared_grads: list[dict[str, torch.Tensor]] = []  # per stage: its part of each shared parameter's gradient
 
     def run_node(self, node: Node, args: tuple, kwargs: dict) -> Any:
         # A stage that is not a contiguous run of the program order (metis) may start before
@@ -223,6 +250,9 @@ class _Reference(Interpreter):
         specs = self.pipeline.stages
         self.to_send = [{} for _ in specs]
         self.to_return = [{} for _ in specs]
+        self.shared_grads = [{} for _ in specs]
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        shared = _shared_parameters(self.pipeline)
         for spec in reversed(specs):
             grads = {}
             for name in spec.outputs:
@@ -232,8 +262,7 @@ class _Reference(Interpreter):
                     grads[name] = sum(found[1:], found[0])
             self.to_send[spec.index] = grads
             pairs = [(self.env[name], grad) for name, grad in grads.items() if self.env[name].requires_grad]
-            if pairs:
-                _backward(pairs)
+            self.shared_grads[spec.index] = _gradients_added(params, shared, pairs)
             for name in spec.inputs:
                 leaf = self.leaves.get((name, spec.index))
                 if isinstance(leaf, torch.Tensor) and leaf.grad is not None:
@@ -282,7 +311,13 @@ def check_pipeline(
     problems = _output_problems(graph, pipeline)
     notes: list[str] = []
     if not problems and relative_difference(_flat(reference_output), _flat(expected)) > tolerance:
-        problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
+        if model_file_changed(model_file, pipeline):
+            problems.append(f"{model_file.path} is not the model file {pipeline.folder} was compiled from (it changed "
+                            "since, or is another file: its sha256 is not pipeline.json's model_file_sha256), and "
+                            "the model it builds computes other outputs than ir.json, which the stages came from"
+                            f"\n  fix: {recompile_hint(model_file, pipeline)}")  # fmt: skip
+        else:
+            problems.append("ir.json itself does not compute the model's outputs; recompile the pipeline")
 
     floor = gradient_floor(original)
     moved = _moved_boundaries(graph, pipeline)
@@ -480,6 +515,9 @@ def _check_stages_alone(
     set_mode(model, executor.stages, True)
     values = reference.env
     reports = []
+    shared = _shared_parameters(pipeline)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shared_grads: dict[int, dict[str, torch.Tensor]] = {}
     after_forward: dict[int, dict[str, str]] = {}
     for spec, stage in zip(pipeline.stages, executor.stages):
         report = StageReport(spec.index, spec.file)
@@ -510,14 +548,14 @@ def _check_stages_alone(
             for name, grad in reference.to_send[spec.index].items()
             if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad
         ]
-        if pairs:
-            _backward(pairs)
+        shared_grads[spec.index] = _gradients_added(params, shared, pairs)
         for name, expected in reference.to_return[spec.index].items():
             leaf = received[name]
             got = leaf.grad if leaf.grad is not None else torch.zeros_like(expected)
             report.input_grads = max(report.input_grads, relative_difference(got, expected))
 
-    # Parameters shared by stages (tied weights) have summed their gradients by now.
+    # Parameters shared by stages (tied weights) have summed their gradients by now: each stage is
+    # judged on its own part of theirs, so a wrong stage does not fail the others that hold them.
     params = dict(original.named_parameters(remove_duplicate=False))
     for report, stage in zip(reports, executor.stages):
         if report.problems:  # its backward did not run: its missing gradients would only repeat that
@@ -526,6 +564,13 @@ def _check_stages_alone(
         report.state = max(report.state, worst)
         report.problems += _state_problems({report.index: ""}, after_forward, after_backward)
         for name, param in stage.named_parameters(remove_duplicate=False):
+            if name in shared:
+                got, expected = shared_grads[report.index].get(name), reference.shared_grads[report.index].get(name)
+                if got is not None or expected is not None:
+                    got = got if got is not None else torch.zeros_like(expected)
+                    expected = expected if expected is not None else torch.zeros_like(got)
+                    report.gradients = max(report.gradients, relative_difference(got, expected, floor))
+                continue
             expected = params[name].grad if name in params else None
             if expected is None and param.grad is None:
                 continue

@@ -144,15 +144,22 @@ def blamed_on_a_changed_model_file(model_file: ModelFile, pipeline: Pipeline) ->
     except FtcError as exc:
         if not model_file_changed(model_file, pipeline):
             raise
-        name = f" --name {pipeline.name}" if pipeline.name != model_file.stem else ""
         raise FtcError(
             f"{model_file.path} is not the model file {pipeline.folder} was compiled from (it changed since, or is "
             f"another file: its sha256 is not pipeline.json's model_file_sha256), and the stages no longer fit the "
             f"model it builds: {exc.message}",
-            f"recompile the pipeline from the model file as it is now: `ftc compile {model_file.path} --stages "
-            f"{pipeline.num_devices} -o {pipeline.folder.parent}{name}` with the other options of the first compile "
-            "(and --force over hand-edited stages), or restore the model file it was compiled from",
+            recompile_hint(model_file, pipeline),
         ) from exc
+
+
+def recompile_hint(model_file: ModelFile, pipeline: Pipeline) -> str:
+    """How to bring a pipeline up to date with its model file as it is now."""
+    name = f" --name {pipeline.name}" if pipeline.name != model_file.stem else ""
+    return (
+        f"recompile the pipeline from the model file as it is now: `ftc compile {model_file.path} --stages "
+        f"{pipeline.num_devices} -o {pipeline.folder.parent}{name}` with the other options of the first compile "
+        "(and --force over hand-edited stages), or restore the model file it was compiled from"
+    )
 
 
 def load_checkpoint(

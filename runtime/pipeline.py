@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class Pipeline:
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             raise FtcError(f"{path}: {spec.class_name} is a {type(cls).__name__}, not a torch.nn.Module class",
                            "keep the stage class pipeline.json lists, a subclass of torch.nn.Module")  # fmt: skip
+        _require_inputs_fit(path, cls, spec)
         return cls
 
     def assemble_output(self, values: dict[str, Any]) -> Any:
@@ -310,3 +312,22 @@ def check_stage_outputs(spec: StageSpec, outputs: Any) -> None:
             f"{len(spec.outputs)} outputs {spec.outputs}",
             "return a tuple of the values pipeline.json lists, in order",
         )
+
+
+def _require_inputs_fit(path: Path, cls: type[torch.nn.Module], spec: StageSpec) -> None:
+    """A forward hand-edited to take other parameters than pipeline.json's inputs fails only once
+    a micro-batch reaches it, where it reads like bad data; name the mismatch as the stage loads."""
+    try:
+        signature = inspect.signature(cls.forward)
+    except (TypeError, ValueError):  # a forward inspect cannot read (a C extension's): it runs as it is
+        return
+    try:
+        signature.bind(None, *spec.inputs)
+    except TypeError:
+        taken = [name for name in signature.parameters][1:]
+        raise FtcError(
+            f"{path}: {spec.class_name}.forward takes ({', '.join(taken)}), but pipeline.json gives stage {spec.index} "
+            f"the inputs {spec.inputs}, in that order",
+            "give forward one parameter per input in pipeline.json's order, or change the stage's \"inputs\" there "
+            "with the earlier stage's \"outputs\" (or undo the hand edit)",
+        ) from None

@@ -1247,3 +1247,37 @@ def test_a_term_computed_from_named_parameters_compiles_through_export(tmp_path,
     code, out, _ = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)
     assert code == 0 and "as torch.fx could not: StateUntraced" in out
     assert check_pipeline(tmp_path / "auto" / "regularized").ok
+
+
+BRANCHING = """
+import torch
+import torch.nn as nn
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return self.fc(x)
+
+def build_model():
+    return Branching()
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+def test_the_fallback_note_in_ir_json_does_not_depend_on_how_the_model_file_was_named(tmp_path, capsys, monkeypatch):
+    """The note on why fx failed named the model file as the command line gave it, so the same
+    compile wrote other ir.json bytes from another directory or with an absolute path."""
+    model = write(tmp_path, "branching.py", BRANCHING)
+    assert run_cli(["compile", model.resolve(), "--stages", 1, "-o", tmp_path / "a"], capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["compile", "branching.py", "--stages", 1, "-o", "b"], capsys)[0] == 0
+    first, second = ((tmp_path / out / "branching" / "ir.json").read_bytes() for out in ("a", "b"))
+    assert first == second
+    assert "as torch.fx could not: TraceError" in first.decode() and "(at branching.py:11:" in first.decode()

@@ -371,3 +371,14 @@ def test_checkpointed_blocks_train_every_weight_and_the_compile_says_so(tmp_path
     assert "checkpointed.py:30: traced as a plain call" in note
     assert not any("no_grad" in path.read_text() for path in compiled.folder.glob("stage*.py"))
     assert_check_passes(compiled.folder, batch_size=8)
+
+
+def test_check_blames_only_the_edited_stage_for_a_weight_stages_share(compile_to):
+    """The embedding table both ends of the network read sums both stages' gradients; the stage
+    that did not change computes its part exactly, so check must pass it and fail the other."""
+    folder = compile_to(MODELS / "shared.py", 2)
+    index = _edit_stage(folder, "F.linear(", "2 * F.linear(")
+    report = check_pipeline(folder, batch_size=4)
+    assert not report.ok and report.model_gradients > report.tolerance
+    assert report.stages[index].gradients > report.tolerance
+    assert all(report.stage_ok(other) for other in report.stages if other.index != index)

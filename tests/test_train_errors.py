@@ -131,6 +131,23 @@ def test_a_stage_that_raises_is_named_by_its_file(pipeline, tmp_path):
         run(edited, model=str(folder.parent.parent / "model.py"))
 
 
+def test_a_stage_forward_that_takes_other_inputs_than_pipeline_json_is_named_as_it_loads(pipeline, tmp_path):
+    """A forward given a parameter by hand failed at the first micro-batch with torch's TypeError
+    and a hint to check the data."""
+    import shutil
+
+    _, folder = pipeline
+    edited = tmp_path / folder.name
+    shutil.copytree(folder, edited)
+    stage = edited / "stage0.py"
+    stage.write_text(stage.read_text().replace("    def forward(self, x):\n", "    def forward(self, x, scale):\n"))
+    with pytest.raises(FtcError) as error:
+        run(edited, model=str(folder.parent.parent / "model.py"))
+    assert error.value.message == (f"{stage}: Stage0.forward takes (x, scale), but pipeline.json gives stage 0 the "
+                                   "inputs ['x'], in that order")  # fmt: skip
+    assert "give forward one parameter per input" in error.value.hint
+
+
 def test_every_line_of_a_multi_line_error_from_user_code_is_kept(pipeline, tmp_path):
     import shutil
 
@@ -180,6 +197,22 @@ def test_a_model_file_changed_so_that_the_stages_no_longer_fit_asks_for_a_recomp
 
         with pytest.raises(FtcError, match=re.escape(f"{path} is not the model file {folder} was compiled from")):
             check_pipeline(folder, model_path=path)
+
+
+def test_check_names_a_model_file_whose_forward_changed_since_compiling(pipeline):
+    """A forward edited since compiling (same layers, another computation) failed check with
+    "ir.json itself does not compute the model's outputs", as if ir.json were broken; pipeline.json
+    holds the model file's sha256, so check says that the model file changed and how to recompile."""
+    from ftc.check import check_pipeline
+
+    root, folder = pipeline
+    path = root / "changed_forward.py"
+    path.write_text((root / "model.py").read_text().replace("return self.head(self.body(x))", "return self.head(self.body(2 * x))"))
+    report = check_pipeline(folder, model_path=path, batch_size=4)
+    assert not report.ok
+    (problem,) = report.problems
+    assert problem.startswith(f"{path} is not the model file {folder} was compiled from (it changed since"), problem
+    assert f"`ftc compile {path} --stages 2 -o {folder.parent} --name model`" in problem
 
 
 def test_a_model_that_fails_in_eval_mode_is_named_when_mode_single_evaluates(pipeline):

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import io
 import logging
+import sys
 import sysconfig
 import traceback
 from pathlib import Path
@@ -154,7 +155,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
         raise untraceable(model_file, "torch.export", exc) from exc
     graph.batch_size = batch_size
     if frontend == "auto":
-        graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error)}")
+        graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error, noted=True)}")
     return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
 
 
@@ -184,10 +185,15 @@ def _checkpoints_as_calls(model_file: ModelFile, sources: list[str]):
         checkpoint_module._checkpoint_without_reentrant_generator = generator
 
 
-def _one_line(model_file: ModelFile, exc: BaseException) -> str:
-    """fx's error in one line: where in the model file, and what."""
-    where = user_frame(exc, model_file.path) or library_frame(exc, model_file.path)
-    return f"{type(exc).__name__}: {_first_line(exc)}{where}"
+def _one_line(model_file: ModelFile, exc: BaseException, noted: bool = False) -> str:
+    """fx's error in one line: where in the model file, and what. For a note ir.json keeps
+    (`noted`), files go by the names stage comments give them (the model file's own name, a
+    library's path below its sys.path entry), so that the bytes do not depend on how the model
+    file was named on the command line or where the library is installed."""
+    where = user_frame(exc, model_file.path)
+    if where and noted:
+        where = where.replace(f" (at {model_file.path}:", f" (at {model_file.path.name}:", 1)
+    return f"{type(exc).__name__}: {_first_line(exc)}{where or library_frame(exc, model_file.path, noted)}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -243,10 +249,11 @@ def _quiet():
         logger.setLevel(level)
 
 
-def library_frame(exc: BaseException, model_path: Path) -> str:
+def library_frame(exc: BaseException, model_path: Path, below_sys_path: bool = False) -> str:
     """' (at file.py:LINE: source)' for the innermost traceback frame outside torch, ftc and
     Python's standard library when it is not in the model file: where a library the model file
-    calls (transformers' modeling code, say) did what the tracer could not follow; '' otherwise."""
+    calls (transformers' modeling code, say) did what the tracer could not follow; '' otherwise.
+    `below_sys_path` names the file by its path below its sys.path entry."""
     skipped = [Path(torch.__file__).parent, Path(__file__).parents[1], Path(model_file_module.__file__).parent,
                Path(sysconfig.get_paths()["stdlib"])]  # fmt: skip
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
@@ -255,8 +262,18 @@ def library_frame(exc: BaseException, model_path: Path) -> str:
             continue
         if path.resolve() == model_path.resolve():
             return ""
-        return f" (at {path}:{frame.lineno}: {(frame.line or '').strip()})"
+        shown = _below_sys_path(path) if below_sys_path else path
+        return f" (at {shown}:{frame.lineno}: {(frame.line or '').strip()})"
     return ""
+
+
+def _below_sys_path(path: Path) -> str:
+    """`path` relative to the deepest sys.path entry that holds it ("transformers/x.py"); as it is
+    where none does."""
+    resolved = path.resolve()
+    entries = [Path(entry or ".").resolve() for entry in sys.path]
+    holders = [entry for entry in entries if resolved.is_relative_to(entry)]
+    return resolved.relative_to(max(holders, key=lambda entry: len(entry.parts))).as_posix() if holders else str(path)
 
 
 def checks_distribution_arguments(exc: BaseException) -> bool:
