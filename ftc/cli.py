@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 
 from ftc.ir import FtcError
-from ftc.tables import human, table
+from ftc.tables import figure, human, table
 
 EXIT_USAGE = 2
 
@@ -146,7 +146,7 @@ def run_compile(args: argparse.Namespace) -> int:
         cost = stage["cost"]
         rows.append([
             stage["index"], stage["device"], cost["ops"], human(cost["parameters"]),
-            human(cost["fwd_flops"]), f"{cost['predicted_time'] * 1e3:.3f}", human(cost["bytes_out"], "B"),
+            human(cost["fwd_flops"]), figure(cost['predicted_time'] * 1e3), human(cost["bytes_out"], "B"),
             human(cost["memory"]["total"], "B"), "yes" if stage["recompute"] else "",
         ])  # fmt: skip
     print(f"{compiled.graph.name}: {len([n for n in compiled.graph.nodes if n.is_compute])} ops "

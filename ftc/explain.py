@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftc.communication import stage_communication
-from ftc.tables import human, table
+from ftc.tables import figure, human, table
 from ftc.ir import FtcError
 from ftc.runtime.pipeline import Pipeline, load_pipeline
 from ftc.runtime.config import StalenessConfig
@@ -148,10 +148,10 @@ def _memory_plan(pipeline: Pipeline) -> str:
     """The schedule, micro-batches and optimizer the compiler estimated memory for."""
     settings = pipeline.manifest.get("settings", {})
     micro_batches = pipeline.planned_micro_batches
+    samples = pipeline.manifest["batch_size"] / micro_batches
     plan = (
-        f"{settings.get('schedule', '1f1b')} with {micro_batches} micro-batches of "
-        f"{pipeline.manifest['batch_size'] / micro_batches:g} samples, {settings.get('optimizer', 'adam')} "
-        "optimizer state"
+        f"{settings.get('schedule', '1f1b')} with {micro_batches} micro-batch{'es' if micro_batches != 1 else ''} of "
+        f"{samples:g} sample{'s' if samples != 1 else ''}, {settings.get('optimizer', 'adam')} optimizer state"
     )
     limit = settings.get("memory_limit")
     return plan + (f", under a limit of {human(limit, 'B')} per device" if limit else "")
@@ -249,7 +249,7 @@ def render(explanation: Explanation) -> str:
     lines.append("")
     schedule_rows = [
         [p.schedule if p.schedule != "async" else f"async (flush every {_steps(p.steps)})", p.micro_batches,
-         ms(p.step_time), f"{p.throughput:.1f}", f"{p.timeline.bubble_fraction:.3f}"]
+         ms(p.step_time), figure(p.throughput), f"{p.timeline.bubble_fraction:.3f}"]
         for p in e.predictions
     ]  # fmt: skip
     lines.append(table(["schedule", "micro-batches", "step ms", "samples/s", "bubble"], schedule_rows))
@@ -261,7 +261,7 @@ def _steps(count: int) -> str:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}"
+    return figure(seconds * 1e3)
 
 
 def plot(explanation: Explanation, path: str | Path) -> Path:
@@ -309,7 +309,7 @@ def plot(explanation: Explanation, path: str | Path) -> Path:
     gantt.invert_yaxis()
     gantt.set_xlabel("ms")
     gantt.set_title(
-        f"1f1b, {prediction.micro_batches} micro-batches: step {prediction.timeline.makespan * 1e3:.3f} ms, "
+        f"1f1b, {prediction.micro_batches} micro-batches: step {ms(prediction.timeline.makespan)} ms, "
         f"bubble {prediction.timeline.bubble_fraction:.3f} (numbers: {'stage.' if several else ''}micro-batch)"
     )
     temporary = path.with_name(f".{path.name}.tmp")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
@@ -15,3 +17,13 @@ def human(count: float, unit: str = "") -> str:
         if abs(count) >= scale:
             return f"{count / scale:.2f}{suffix}{unit}"
     return f"{count:.0f}{unit}"
+
+
+def figure(value: float, digits: int = 4) -> str:
+    """A measured or predicted quantity to `digits` significant digits without an exponent, so that
+    neither a giant model's step (106024 ms) carries three decimals of noise nor a slow device's
+    throughput (0.004100 samples/s) rounds to a false 0.0."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.0f}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
