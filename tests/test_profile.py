@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 import textwrap
 import time
 
@@ -367,6 +368,44 @@ def test_the_cache_is_read_back_and_missed_when_the_model_changes(tmp_path, cach
     out = capsys.readouterr().out
     assert "profile: measured" in out and "cached in" not in out
     assert len(list(cache_dir.glob("*.json"))) == 3
+
+
+def test_an_edit_of_a_file_the_model_imports_misses_the_cache(tmp_path, cache_dir, capsys, monkeypatch):
+    """The key held the model file's digest only: a helper module that changed what runs (here
+    a wider layer) read back the old profile, so the partition balanced stale times."""
+    helper = write(tmp_path, "cached_layers.py", """
+        import torch.nn as nn
+
+        WIDTH = 16
+
+        def block():
+            return nn.Sequential(nn.Linear(16, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 16))
+    """)
+    model = write(tmp_path, "stacked.py", """
+        import torch
+        import torch.nn as nn
+        import torch.nn.functional as F
+        from cached_layers import block
+
+        def build_model():
+            return nn.Sequential(block(), block(), nn.Linear(16, 4))
+
+        def example_inputs(batch_size=8):
+            return (torch.randn(batch_size, 16),)
+
+        def loss_fn(output, target):
+            return F.mse_loss(output, target)
+    """)
+    args = [str(a) for a in ["compile", model, "--stages", 2, "-o", tmp_path / "out", "--profile", "measure",
+                             "--force"]]  # fmt: skip
+    assert main(args) == 0
+    assert "profile: measured" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "profile: read from the cache" in capsys.readouterr().out
+    helper.write_text(helper.read_text().replace("WIDTH = 16", "WIDTH = 64"))
+    monkeypatch.delitem(sys.modules, "cached_layers")  # as a new `ftc compile` process imports it afresh
+    assert main(args) == 0
+    assert "profile: measured" in capsys.readouterr().out
 
 
 def test_an_unreadable_cache_file_is_measured_again(tmp_path, cache_dir, capsys):

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import statistics
 import time
@@ -79,6 +80,7 @@ from torch.utils._pytree import tree_map
 
 from ftc.interpreter import Interpreter, copy_module, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta, map_refs
+from ftc.ir.serialize import encode_arg, encode_meta, tensor_meta_to_dict
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
 from ftc.runtime.comm import differentiable
@@ -207,7 +209,9 @@ def initial_state(name: str, like: torch.Tensor, device: torch.device | str) -> 
 
 def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) -> dict:
     """Everything a measured profile depends on; the cache files it under this key's sha256.
-    Helper files the model file imports are not part of it: `--no-cache` after changing one."""
+    The model file's digest misses an edit of a file it imports, or a library upgrade, that
+    changes what runs; the traced graph's digest catches those, all but what happens inside a
+    module called whole (a leaf): `--no-cache` after changing one."""
     by_name = graph.by_name()
     inputs = {}
     for name in graph.inputs:
@@ -215,6 +219,7 @@ def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) 
         inputs[name] = [meta.shape, meta.dtype] if isinstance(meta, TensorMeta) else None
     return {
         "model_sha256": model_file.digest(),
+        "graph_sha256": graph_digest(graph),
         "inputs": inputs,
         "batch_size": graph.batch_size,
         "frontend": graph.frontend,
@@ -222,6 +227,19 @@ def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) 
         "torch": torch.__version__,
         "settings": asdict(settings),
     }
+
+
+def graph_digest(graph: Graph) -> str:
+    """The sha256 of what the graph runs: each node's op, target, arguments, module, shapes and
+    dtypes, and the model's state; not where in the source a node came from, nor its costs."""
+    nodes = [
+        [node.name, node.op, node.target, [encode_arg(arg) for arg in node.args],
+         {key: encode_arg(value) for key, value in node.kwargs.items()}, node.module_path, node.module_class,
+         node.mutates, node.updates, node.grad_enabled, encode_meta(node.meta)]
+        for node in graph.nodes
+    ]  # fmt: skip
+    state = {name: [t.kind, tensor_meta_to_dict(t.meta)] for name, t in graph.state.items()}
+    return hashlib.sha256(json.dumps([nodes, state], sort_keys=True).encode()).hexdigest()
 
 
 def profile_measured(
