@@ -1566,3 +1566,41 @@ def test_recurrent_cells_are_called_as_the_model_calls_them(tmp_path, compile_to
     assert re.search(r"cell_h_\d = cell_\d\[0\]", code) and "cell_c = cell[1]" in code, code
     assert_check_passes(folder, batch_size=4)
     assert_local_trains_like_single(folder)
+
+
+def test_an_overflow_guard_in_library_code_is_traced_as_taken(tmp_path):
+    """transformers' DETR family clamps an encoder layer's output to its dtype's range while
+    training where it overflowed (`if not torch.isfinite(h).all():`): export cannot branch on a
+    value, and ftc refused DETR, Conditional and Deformable DETR, Table Transformer and
+    Mask2Former, telling the user to turn off a layerdrop they did not have. The check now reads
+    "overflowed" while tracing, so the stages clamp at every step, which leaves finite values as
+    they are: the stages equal the model on ordinary inputs and on ones that overflow (where
+    forward clamps), in training mode, and compile names the lines."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    library = MODELS.parent / "library"
+    path = tmp_path / "guarded.py"
+    path.write_text(
+        f"import sys\nimport torch\nsys.path.insert(0, {str(library)!r})\n"
+        "from overflow_guard import GuardedLayer, InfGuardedLayer\n\n"
+        "def build_model():\n    return torch.nn.Sequential(GuardedLayer(4), torch.nn.ReLU(), InfGuardedLayer(4))\n\n"
+        "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2))
+    source = (library / "overflow_guard.py").read_text().splitlines()
+    lines = [f"overflow_guard.py:{k + 1}" for k, text in enumerate(source) if "isfinite(" in text or "isinf(" in text]
+    assert any(f"non-finite values at {', '.join(lines)} (an overflow guard)" in note for note in compiled.notes)
+    assert check_pipeline(compiled.folder).ok
+    model_file = load_model_file(path)
+    torch.manual_seed(0)
+    original = model_file.build()
+    executor = LocalExecutor(load_pipeline(compiled.folder), original)
+    with torch.no_grad():
+        original[0].fc.weight.fill_(1.0)  # 3e38 + 3e38 overflows
+        ordinary, overflowing = model_file.inputs(3)[0], torch.tensor([[3e38, 3e38, 0.0, 0.0]])
+        for batch in (ordinary, overflowing):
+            expected = original(batch)
+            actual = executor.forward((batch,))
+            torch.testing.assert_close(actual[0] if isinstance(actual, tuple) else actual, expected, rtol=0, atol=0)
+    largest = torch.finfo(torch.float32).max
+    assert torch.isfinite(expected).all() and (original[0](overflowing).abs() == largest).any()
