@@ -8,13 +8,12 @@ where it overflowed:
         clamp_value = torch.finfo(hidden_states.dtype).max - 1000
         hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
 
-The check is Python branching on a tensor's value, which torch.export cannot trace. The repair
-leaves finite values as they are (in float32 and bfloat16, the dtype's largest value minus 1000
-is that largest value), so forward computes the same whether the branch runs or not, and the
-branch taken is also what forward does where a value did overflow. While export traces, such a
-check (`torch.isfinite(x).all()`, `torch.isinf(x).any()`, `torch.isnan(x).any()`) reads as
-"overflowed", so the stage code repairs at every step; `ftc check` compares the stages with the
-model, which catches a repair that changes finite values.
+The check is Python branching on a tensor's value, which torch.export cannot trace. While
+export traces, such a check (`torch.isfinite(x).all()`, `torch.isinf(x).any()`,
+`torch.isnan(x).any()`) reads as "all finite", the value it has at every step of a training that
+has not diverged, so the stages compute what forward does wherever the values are finite and
+leave the repair out. Taking the branch instead would write the float32 bound as a constant,
+which a bfloat16 tensor under `"precision": "bf16"` cannot be clamped to.
 """
 
 from __future__ import annotations
@@ -27,16 +26,16 @@ from .common import CodeFiles, user_frames
 # the masks of finite values, and of non-finite ones
 _FINITE = {torch.isfinite, torch.Tensor.isfinite}
 _NOT_FINITE = {torch.isinf, torch.Tensor.isinf, torch.isnan, torch.Tensor.isnan}
-# the check over a whole mask that says a value overflowed, with what it then says
-_OVERFLOWED = {
-    (True, torch.all): False, (True, torch.Tensor.all): False,
-    (False, torch.any): True, (False, torch.Tensor.any): True,
+# the check over a whole mask, with what it says where every value is finite
+_ALL_FINITE = {
+    (True, torch.all): True, (True, torch.Tensor.all): True,
+    (False, torch.any): False, (False, torch.Tensor.any): False,
 }  # fmt: skip
 
 
 class OverflowGuards(TorchFunctionMode):
     """While export traces forward, a whole-tensor check for non-finite values says that there
-    are some, and the lines of the branches it decided are kept (`lines`)."""
+    are none, and the lines of the branches it decided are kept (`lines`)."""
 
     def __init__(self, code: CodeFiles):
         super().__init__()
@@ -57,8 +56,8 @@ class OverflowGuards(TorchFunctionMode):
             self.masks[id(result)] = (func in _FINITE, result)
         elif args and not kwargs and len(args) == 1 and id(args[0]) in self.masks:
             finite, mask = self.masks[id(args[0])]
-            if mask is args[0] and (finite, func) in _OVERFLOWED:
-                self.checks[id(result)] = (_OVERFLOWED[finite, func], result)
+            if mask is args[0] and (finite, func) in _ALL_FINITE:
+                self.checks[id(result)] = (_ALL_FINITE[finite, func], result)
         return result
 
 
@@ -67,6 +66,6 @@ def overflow_note(lines: list[str]) -> list[str]:
         return []
     return [
         f"forward checks a tensor for non-finite values at {', '.join(lines)} (an overflow guard); torch.export "
-        "cannot branch on a value, so the stages run the branch taken when a value overflowed at every step (its "
-        "repair, transformers' clamp to the dtype's range, leaves finite values as they are; ftc check confirms it)"
+        "cannot branch on a value, so the stages compute what forward does where all values are finite and leave "
+        "out its repair of overflowed ones (transformers' clamp), which only a diverged training needs"
     ]
