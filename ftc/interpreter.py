@@ -200,11 +200,20 @@ def run_on_cpu(real: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> A
             failure = exc
     if type(real).__module__.startswith("torch.nn."):  # a torch layer reads shapes, not values: its error stands
         raise failure
+    # transformers' Encodec and Mimi convolutions pad by 0-d int64 buffers (`padding_total`,
+    # `stride`): built on the meta device, they hold no values, and the stand-in 0 breaks the pad.
+    integer_buffers = [key for key, buffer in real.named_buffers() if not buffer.is_floating_point()]
+    buffers = ""
+    if integer_buffers:
+        shown = ", ".join(integer_buffers[:4]) + (f" and {len(integer_buffers) - 4} more" if len(integer_buffers) > 4 else "")
+        buffers = (f"; its integer buffers ({shown}) are 0 in that copy, as the model is built on the meta device, "
+                   "which keeps no values: where forward computes sizes from them, no tracer can follow it")  # fmt: skip
     raise FtcError(
         f"module {name} cannot run on the meta device, and run on the CPU, as ftc then runs it, it fails: "
-        f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}",
+        f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}{buffers}",
         "the meta device knows shapes only, so ftc learns this module's output shapes by running it with random "
         "weights and stand-in inputs of the right shapes (random floats; integers all 0, then all 1), not "
         "example_inputs()'s values: make its forward accept such inputs (or, if it fails on example_inputs() "
-        "too, fix it there first)",
+        "too, fix it there first)"
+        + ("; compute sizes from Python ints (module attributes) rather than buffers" if integer_buffers else ""),
     ) from failure

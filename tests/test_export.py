@@ -205,6 +205,8 @@ CASES = [
     (aten.arange.default, (5,), {"dtype": torch.int64}),
     (aten.arange.start, (2, 7), {}),
     (aten.arange.start_step, (0, 9, 2), {"device": torch.device("cpu")}),
+    (aten.linspace.default, (0.5, 7.5, 8), {"dtype": torch.float32, "pin_memory": False}),
+    (aten.linspace.default, (-1, 1, 5), {"dtype": torch.float64}),
     (aten.ones.default, ([2, 3],), {"dtype": torch.bool}),
     (aten.zeros.default, ([2],), {}),
     (aten.full.default, ([2, 2], 7), {}),
@@ -384,6 +386,8 @@ CASES += [
     (aten.mul_.Tensor, (_x(3), _x(3)), {}),
     (aten.copy_.default, (_x(3), _x(3)), {}),
     (aten.relu_.default, (_x(3),), {}),
+    (aten.leaky_relu_.default, (_x(4),), {}),
+    (aten.leaky_relu_.default, (_x(4), 0.3), {}),
     (aten.masked_fill_.Scalar, (_x(2, 3), torch.tensor([[True, False, True]]), 0.0), {}),
     (aten.clamp_min.default, (_x(2, 3), 0.1), {}),
     (aten.clamp_.default, (_x(2, 3),), {"min": -0.5, "max": 0.5}),
@@ -421,6 +425,8 @@ CASES += [
     # random draws (each side seeded alike)
     (aten.rand.default, ([2, 3],), {"dtype": torch.float64, "pin_memory": False}),
     (aten.randn.default, ([2, 3],), {}),
+    (aten.randint.low, (1, 4, [5]), {"device": torch.device("cpu"), "pin_memory": False}),
+    (aten.randint.default, (7, [2, 3]), {"dtype": torch.int32}),
     (aten.rand_like.default, (_x(2, 3),), {}),
     (aten.randn_like.default, (_x(2, 3),), {"dtype": torch.float64}),
     (aten.bernoulli.p, (_x(2, 3), 0.3), {}),
@@ -1566,3 +1572,40 @@ def test_recurrent_cells_are_called_as_the_model_calls_them(tmp_path, compile_to
     assert re.search(r"cell_h_\d = cell_\d\[0\]", code) and "cell_c = cell[1]" in code, code
     assert_check_passes(folder, batch_size=4)
     assert_local_trains_like_single(folder)
+
+
+def test_an_overflow_guard_in_library_code_reads_as_all_finite(tmp_path):
+    """transformers' DETR family clamps an encoder layer's output to its dtype's range while
+    training where it overflowed (`if not torch.isfinite(h).all():`): export cannot branch on a
+    value, and ftc refused DETR, Conditional and Deformable DETR, Table Transformer and
+    Mask2Former, telling the user to turn off a layerdrop they did not have. The check now reads
+    "all finite" while tracing: the stages equal the model in training mode, in float32 and
+    under bfloat16 autocast (where a traced clamp to float32's range fails), and compile names
+    the lines."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    library = MODELS.parent / "library"
+    path = tmp_path / "guarded.py"
+    path.write_text(
+        f"import sys\nimport torch\nsys.path.insert(0, {str(library)!r})\n"
+        "from overflow_guard import GuardedLayer, InfGuardedLayer\n\n"
+        "def build_model():\n    return torch.nn.Sequential(GuardedLayer(4), torch.nn.ReLU(), InfGuardedLayer(4))\n\n"
+        "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n"
+    )
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2))
+    source = (library / "overflow_guard.py").read_text().splitlines()
+    lines = [f"overflow_guard.py:{k + 1}" for k, text in enumerate(source) if "isfinite(" in text or "isinf(" in text]
+    assert any(f"non-finite values at {', '.join(lines)} (an overflow guard)" in note for note in compiled.notes)
+    assert "clamp" not in "".join(path.read_text() for path in compiled.folder.glob("stage*.py"))
+    assert check_pipeline(compiled.folder).ok
+    model_file = load_model_file(path)
+    torch.manual_seed(0)
+    original = model_file.build()
+    executor = LocalExecutor(load_pipeline(compiled.folder), original)
+    first, second = executor.stages  # a chain: the first stage's outputs are the second's inputs
+    batch = model_file.inputs(3)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = original(batch)
+        (actual,) = second(*first(batch))
+    assert expected.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)

@@ -116,3 +116,95 @@ def test_a_leaf_module_that_fails_on_stand_in_inputs_says_they_were_stand_ins(tm
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
     assert "module rnn (PackedLSTM) cannot run on the meta device" in caught.value.message
     assert "stand-in inputs" in caught.value.hint and "not example_inputs()'s values" in caught.value.hint
+
+
+PADDED_BY_BUFFERS = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PaddedConv(nn.Module):
+    # transformers' Encodec and Mimi pad their convolutions by 0-d int64 buffers
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 4, stride=2)
+        self.stride = nn.Buffer(torch.tensor(2), persistent=False)
+        self.kernel_size = nn.Buffer(torch.tensor(4), persistent=False)
+
+    def forward(self, x):
+        frames = torch.ceil((x.shape[-1] - self.kernel_size) / self.stride).long() + 1
+        return self.conv(F.pad(x, (0, int(frames * self.stride + self.kernel_size - x.shape[-1]))))
+
+
+LEAF_MODULES = (PaddedConv,)
+
+
+def build_model():
+    return nn.Sequential(PaddedConv(), nn.ReLU(), PaddedConv())
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 2, 16),)
+"""
+
+
+def test_a_leaf_module_that_sizes_by_its_integer_buffers_names_them(tmp_path):
+    """Built on the meta device, a module's integer buffers hold no values, and its CPU copy has
+    them 0: the refusal blamed the stand-in inputs only, where the buffers broke the padding."""
+    path = tmp_path / "padded.py"
+    path.write_text(PADDED_BY_BUFFERS)
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    assert "module 0 (PaddedConv) cannot run on the meta device" in caught.value.message
+    assert "its integer buffers (stride, kernel_size) are 0 in that copy" in caught.value.message
+    assert "rather than buffers" in caught.value.hint
+
+
+MASKED_ASSIGNMENT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.image = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, ids, mask, image):
+        h = self.embed(ids)
+        h[mask] = self.image(image).reshape(-1, 4)  # Kosmos-2 places its image embeddings so
+        return self.head(torch.tanh(h))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    mask = torch.zeros(batch_size, 6, dtype=torch.bool)
+    mask[:, 1:3] = True
+    return (torch.randint(0, 10, (batch_size, 6)), mask, torch.randn(batch_size, 2, 3))
+
+
+def example_targets(batch_size):
+    return torch.randint(0, 10, (batch_size, 6))
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.flatten(0, 1), target.flatten())
+"""
+
+
+def test_an_assignment_through_a_boolean_mask_compiles_and_trains_exactly(tmp_path):
+    """The gradient of `h[mask] = v` selects by the mask (nonzero), which the meta device cannot
+    size: the analytic profile's backward count stopped the compile with an internal error
+    (Kosmos-2). The backward is now estimated, and the stages compute the model's outputs and
+    gradients."""
+    path = tmp_path / "masked.py"
+    path.write_text(MASKED_ASSIGNMENT)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert check_pipeline(compiled.folder).ok

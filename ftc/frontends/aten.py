@@ -218,6 +218,15 @@ def _factory_call(target: str, *names: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_function", target, tuple(a[n] for n in names), _factory(a))
 
 
+def _randint(*names: str) -> Callable[[dict], Call]:
+    # the schema's default dtype is long as the enum's integer (4); a traced call passes the torch object
+    def lower(a: dict) -> Call:
+        kwargs = _factory({**a, "dtype": None} if a["dtype"] in (4, torch.int64) else a)
+        return Call("call_function", "torch.randint", tuple(a[n] for n in names), kwargs)
+
+    return lower
+
+
 def _new_factory(target: str, *names: str) -> Callable[[dict], Call]:
     return lambda a: Call("call_method", target, tuple(a[n] for n in names), _factory(a))
 
@@ -627,6 +636,9 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "zeros.default": _factory_call("torch.zeros", "size"),
     "rand.default": _factory_call("torch.rand", "size"),
     "randn.default": _factory_call("torch.randn", "size"),
+    "randint.default": _randint("high", "size"),
+    "randint.low": _randint("low", "high", "size"),  # DAC's quantizer dropout
+    "linspace.default": _factory_call("torch.linspace", "start", "end", "steps"),  # Deformable DETR's reference points
     "rand_like.default": _like("torch.rand_like", "self"),
     "randn_like.default": _like("torch.randn_like", "self"),
     # draws from an explicit generator stay ATen calls (the method spellings would drop it)
@@ -657,6 +669,10 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "mul_.Tensor": _method("mul_", "self", "other"),
     "copy_.default": _method("copy_", "self", "src", non_blocking=False),
     "relu_.default": lambda a: Call("call_function", "F.relu", (a["self"],), {"inplace": True}),
+    # nn.LeakyReLU(inplace=True), Swin2SR's
+    "leaky_relu_.default": lambda a: Call(
+        "call_function", "F.leaky_relu", (a["self"],), {**_unless(a, negative_slope=0.01), "inplace": True}
+    ),
     "einsum.default": lambda a: None if a["path"] is not None else _listed("torch.einsum", "tensors", "equation")(a),
     "broadcast_tensors.default": _listed("torch.broadcast_tensors", "tensors"),
     "meshgrid.indexing": lambda a: Call("call_function", "torch.meshgrid", tuple(a["tensors"]), {"indexing": a["indexing"]}),

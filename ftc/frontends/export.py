@@ -53,6 +53,7 @@ from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, 
 from .common import CodeFiles, autocast_refused, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
 from .eval_mode import ModeBranch, branch_notes, followed_notes, mode_branches
 from .fx import input_names
+from .overflow_guards import OverflowGuards, overflow_note
 from .tidy import tidy
 
 # The device the stage runs on; generated code binds `device` from a stage input.
@@ -96,7 +97,8 @@ def trace_export(
         # one call holds the calls of the modules inside it
         kept = tuple(sorted(path for path in whole if not any(path.startswith(f"{outer}.") for outer in whole)))
         op_by_op = [branch for branch in branches if branch.library and not branch.callable_whole]
-        program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept, op_by_op)
+        with OverflowGuards(code) as guards:
+            program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept, op_by_op)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
     signature = program.graph_signature
@@ -245,7 +247,7 @@ def trace_export(
     followed = [branch for branch in branches if branch.callable_whole and not any(
         scope == path or scope.startswith(f"{path}.") for path in branch.paths for scope in lowered)]  # fmt: skip
     unfollowed = [branch for branch in branches if branch not in followed]
-    notes = branch_notes(unfollowed, model_file) + followed_notes(followed, model_file) + notes
+    notes = branch_notes(unfollowed, model_file) + followed_notes(followed, model_file) + notes + overflow_note(guards.lines)
     followed_own = {branch.owner for branch in followed if not branch.library}
     if followed_own:
         own_places = training_branches(model, model_file, followed_own)

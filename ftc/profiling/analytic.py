@@ -52,6 +52,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ftc.frontends.meta import fails_only_on_meta
 from ftc.interpreter import Interpreter
 from ftc.ir import Cost, Graph, Node
 from ftc.passes.partition.problem import is_view_op
@@ -308,8 +309,17 @@ class _Counter(Interpreter):
         if not outputs or not targets:
             return 0, 0
         grads = [torch.ones_like(t) for t in outputs]  # made by whoever sends them, not counted
-        with flop_counter() as counter, OpCounter() as dispatched:
-            torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+        try:
+            with flop_counter() as counter, OpCounter() as dispatched:
+                torch.autograd.grad(outputs, targets, grads, allow_unused=True)
+        except Exception as exc:
+            # A backward that needs values, as that of an assignment through a boolean mask
+            # (`h[mask] = v`, Kosmos-2's image embeddings: v's gradient is `grad[mask]`, sized by
+            # nonzero), cannot run on the meta device: it is taken as twice the forward, as for a module
+            # that runs for real.
+            if not fails_only_on_meta(exc):
+                raise
+            return None
         return counter.get_total_flops(), dispatched.ops
 
 
