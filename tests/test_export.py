@@ -831,6 +831,43 @@ def test_a_batch_export_leaves_unbounded_above_is_refused_by_name(tmp_path, line
     assert hint in error.value.hint
 
 
+DATA_WRITE = """
+import torch
+
+
+class Clamped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.fc.weight.data.clamp_(-0.1, 0.1)
+        return self.fc(x)
+
+
+def build_model():
+    return Clamped()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_parameter_changed_through_data_in_forward_is_named(tmp_path):
+    """Gemma 3n clamps its AltUp coefficients through `.data` in training forward: export takes
+    `.data` for a constant apart from the parameter, without values on the meta device, and ftc
+    said that forward made a tensor from Python values (torch.tensor), at the caller's line."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "clamped.py"
+    path.write_text(DATA_WRITE)
+    message = f"{path.name}:11: forward changes a parameter's or buffer's .data in place (clamp_"
+    with pytest.raises(FtcError, match=re.escape(message)) as error:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
+    assert "--frontend fx" in error.value.hint
+
+
 @pytest.mark.parametrize(
     "model, options, message",
     [

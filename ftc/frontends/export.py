@@ -140,6 +140,9 @@ def trace_export(
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 if _without_values(program.constants[spec.target]):
                     line = next((source for user in fx_node.users if (source := _scope(user, code)[1])), where)
+                    writes = [user for user in fx_node.users if _writes(user, fx_node)]
+                    if writes:
+                        raise _data_write_refused(line, writes[0])
                     raise FtcError(
                         f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
                         "tracing on tensors without data (the model is built on the meta device), keeps without its values",
@@ -950,6 +953,29 @@ def _functional_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | No
         if [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
             return candidate
     return None
+
+
+def _writes(fx_node: fx.Node, value: fx.Node) -> bool:
+    """Whether the op changes `value` in place."""
+    if not isinstance(fx_node.target, torch._ops.OpOverload):
+        return False
+    index = _mutated(fx_node.target)
+    return index is not None and index < len(fx_node.args) and fx_node.args[index] is value
+
+
+def _data_write_refused(line: str, write: fx.Node) -> FtcError:
+    """Forward changes a parameter or buffer through `.data` (`self.weight.data.clamp_(-c, c)`):
+    torch.export takes `.data` for a constant apart from the parameter, without values on the
+    meta device, so the stages could neither hold nor change the parameter."""
+    op = write.target._opname
+    return FtcError(
+        f"{line}: forward changes a parameter's or buffer's .data in place ({op}; `self.weight.data.{op}(...)`), "
+        "which torch.export takes for a constant apart from the parameter, without its values (the model is "
+        "built on the meta device)",
+        "compile with --frontend fx (or auto), which keeps the change on the parameter; where fx cannot trace the "
+        "model (transformers 5's Gemma 3n, which clamps its AltUp coefficients so in training), move the change out "
+        "of forward or write it on the parameter itself under torch.no_grad() (`self.weight.clamp_(...)`)",
+    )
 
 
 def _mutated(op: torch._ops.OpOverload) -> int | None:
