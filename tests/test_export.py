@@ -352,6 +352,9 @@ CASES += [
     (aten.lerp.Tensor, (_x(2, 3), _x(2, 3), _x(2, 3).sigmoid()), {}),
     (aten.clamp_max.default, (_x(2, 3), 0.2), {}),
     (aten.clamp.Tensor, (_x(2, 3),), {"min": _x(2, 3), "max": None}),
+    (aten.clip.default, (_x(2, 3), 0, 0.5), {}),  # LayoutLMv3's box sizes, torch.clip(w, 0, 1023)
+    (aten.clip.Tensor, (_x(2, 3),), {"max": _x(2, 3)}),
+    (aten.polar.default, (_x(2, 3).abs(), _x(2, 3)), {}),  # Llama 4's and DeepSeek-V2's rotary freqs_cis
     (aten.diagonal.default, (_x(2, 3, 3),), {"dim1": 1, "dim2": 2}),
     (aten.diag_embed.default, (_x(2, 3),), {"offset": 1}),
     (aten.movedim.int, (_x(2, 3, 4), 0, 2), {}),
