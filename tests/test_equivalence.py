@@ -145,6 +145,16 @@ def test_a_value_sized_by_the_batch_out_of_proportion_stays_with_its_reader(comp
         assert json.loads((folder / "pipeline.json").read_text())["batch_range"] == [1, 32]
 
 
+def test_a_guard_torch_cannot_prove_but_that_holds_at_every_batch_size_is_taken(compile_to):
+    """Llama 4's expert views make torch's solver refuse a named batch for `Eq(6*B*Min(8, 48*B),
+    48*B)`, true at every batch size; ftc refused the model as one that fixes a size computed
+    from the batch. The stages run at any micro-batch size, as the model does."""
+    folder = compile_to(MODELS / "expert_views.py", 2, batch_size=4, frontend="export")
+    assert "batch_range" not in json.loads((folder / "pipeline.json").read_text())
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+
+
 def test_training_refuses_micro_batches_above_the_batch_range_export_found(compile_to):
     """Micro-batches of 40 samples would slice `self.queue[:-40]` of a 32-row queue: the stage
     fails with a shape error deep inside, and so does the original model in mode single. The

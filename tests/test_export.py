@@ -354,6 +354,9 @@ CASES += [
     (aten.lerp.Tensor, (_x(2, 3), _x(2, 3), _x(2, 3).sigmoid()), {}),
     (aten.clamp_max.default, (_x(2, 3), 0.2), {}),
     (aten.clamp.Tensor, (_x(2, 3),), {"min": _x(2, 3), "max": None}),
+    (aten.clip.default, (_x(2, 3), 0, 0.5), {}),  # LayoutLMv3's box sizes, torch.clip(w, 0, 1023)
+    (aten.clip.Tensor, (_x(2, 3),), {"max": _x(2, 3)}),
+    (aten.polar.default, (_x(2, 3).abs(), _x(2, 3)), {}),  # Llama 4's and DeepSeek-V2's rotary freqs_cis
     (aten.diagonal.default, (_x(2, 3, 3),), {"dim1": 1, "dim2": 2}),
     (aten.diag_embed.default, (_x(2, 3),), {"offset": 1}),
     (aten.movedim.int, (_x(2, 3, 4), 0, 2), {}),
@@ -835,6 +838,43 @@ def test_a_batch_export_leaves_unbounded_above_is_refused_by_name(tmp_path, line
     with pytest.raises(FtcError, match=re.escape(message.format(path=path))) as error:
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
     assert hint in error.value.hint
+
+
+DATA_WRITE = """
+import torch
+
+
+class Clamped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.fc.weight.data.clamp_(-0.1, 0.1)
+        return self.fc(x)
+
+
+def build_model():
+    return Clamped()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_parameter_changed_through_data_in_forward_is_named(tmp_path):
+    """Gemma 3n clamps its AltUp coefficients through `.data` in training forward: export takes
+    `.data` for a constant apart from the parameter, without values on the meta device, and ftc
+    said that forward made a tensor from Python values (torch.tensor), at the caller's line."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "clamped.py"
+    path.write_text(DATA_WRITE)
+    message = f"{path.name}:11: forward changes a parameter's or buffer's .data in place (clamp_"
+    with pytest.raises(FtcError, match=re.escape(message)) as error:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, batch_size=4, frontend="export"))
+    assert "--frontend fx" in error.value.hint
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -141,6 +142,9 @@ def trace_export(
             if spec.kind == InputKind.CONSTANT_TENSOR:
                 if _without_values(program.constants[spec.target]):
                     line = next((source for user in fx_node.users if (source := _scope(user, code)[1])), where)
+                    writes = [user for user in fx_node.users if _writes(user, fx_node)]
+                    if writes:
+                        raise _data_write_refused(line, writes[0])
                     raise FtcError(
                         f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
                         "tracing on tensors without data (the model is built on the meta device), keeps without its values",
@@ -290,13 +294,18 @@ def _export_bounded(
             raise
         first = error
     unnamed = {key: _unnamed(spec) for key, spec in dynamic.items()} if isinstance(dynamic, dict) else tuple(map(_unnamed, dynamic))
-    fixing: list[tuple[str, str]] = []
+    equations: list[tuple[str, str]] = []
     try:
-        with _size_guards(fixing):
+        with _size_guards(equations):
             program = _export(model, args, kwargs, unnamed, kept)
     except Exception:
         raise first from None
+    fixing = [(guard, line) for guard, line in equations if re.fullmatch(r"Eq\(.*\bs\d+\b.*, \d+\)", guard)]
     sizes = _batch_sizes(program)
+    if sizes == (2, None) and not fixing and all(_holds_at_sizes(guard, range(1, 4 * size + 1)) for guard, _ in equations):
+        # torch's solver refused the named batch for an equation it could not prove, which holds
+        # at every size tried (Llama 4's MoE reshape: `Eq(16*s0*Min(32, 512*s0), 512*s0)`)
+        return program, None
     if sizes is not None and sizes[1] is None and sizes[0] > 2:
         raise FtcError(
             f"{model_file.path}: forward works only for batch sizes of {sizes[0]} and more (torch.export bounds "
@@ -307,7 +316,7 @@ def _export_bounded(
         # The named batch was refused for a guard that bounds no batch size: export fixed a size
         # computed from the batch (`int(n * 0.25)`, a float's truncation, which its solver keeps
         # as `TruncToInt(...) == 4`) and would write that constant into the stage code.
-        at = "".join(f" at {line} ({guard})" for guard, line in fixing[:1])
+        at = "".join(f" at {line} ({guard})" for guard, line in (fixing or equations)[:1])
         raise FtcError(
             f"{model_file.path}: torch.export fixed a size computed from the batch size{at}, so the stages "
             f"would use, at every micro-batch size, the size that batch size {size} gives",
@@ -351,14 +360,15 @@ def _range_notes(batch_range: tuple[int, int] | None) -> list[str]:
 
 @contextlib.contextmanager
 def _size_guards(guards: list[tuple[str, str]]):
-    """Collects (guard, `file:line in function`) for each equation of a symbolic size with a
-    number that torch's shape environment adds while the block runs (`Eq(s0, 8)`: `x.reshape(8,
-    -1)`, `len(x)`; `Eq(TruncToInt(...), 4)`: `int(n * 0.5)`), at the model's or a library's
+    """Collects (guard, `file:line in function`) for each equation of a symbolic size that torch's
+    shape environment adds while the block runs (`Eq(s0, 8)`: `x.reshape(8, -1)`, `len(x)`;
+    `Eq(TruncToInt(...), 4)`: `int(n * 0.5)`; `Eq(16*s0*Min(32, 512*s0), 512*s0)`: a reshape's
+    -1 that its solver leaves unsimplified), at the model's or a library's
     code. torch reports guards only in its log, at INFO level, so the log is read while the
     block runs, kept from torch's own handlers, and the line is the innermost frame outside
     torch, ftc and Python's standard library."""
     log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    size_equation = re.compile(r"Eq\(.*\bs\d+\b.*, \d+\)")
+    size_equation = re.compile(r"Eq\(.*\bs\d+\b.*\)")
     outside = tuple(str(Path(m.__file__).parent) for m in (torch, logging)) + (
         str(Path(__file__).parents[1]), sysconfig.get_paths()["stdlib"])
 
@@ -379,6 +389,17 @@ def _size_guards(guards: list[tuple[str, str]]):
     finally:
         log.handlers, log.propagate = handlers, propagate
         log.setLevel(level)
+
+
+def _holds_at_sizes(guard: str, sizes: range) -> bool:
+    """Whether a guard on symbolic sizes holds with each of its sizes at every one of `sizes`
+    (False where sympy cannot read it: a function of torch's own, such as TruncToInt)."""
+    try:
+        equation = sympy.sympify(guard)
+    except (sympy.SympifyError, TypeError, SyntaxError):
+        return False
+    symbols = equation.free_symbols
+    return all(equation.subs({symbol: size for symbol in symbols}) is sympy.true for size in sizes)
 
 
 def _batch_bounded(error: Exception) -> bool:
@@ -934,6 +955,29 @@ def _functional_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | No
         if [(a.name, str(a.type)) for a in candidate._schema.arguments] == wanted:
             return candidate
     return None
+
+
+def _writes(fx_node: fx.Node, value: fx.Node) -> bool:
+    """Whether the op changes `value` in place."""
+    if not isinstance(fx_node.target, torch._ops.OpOverload):
+        return False
+    index = _mutated(fx_node.target)
+    return index is not None and index < len(fx_node.args) and fx_node.args[index] is value
+
+
+def _data_write_refused(line: str, write: fx.Node) -> FtcError:
+    """Forward changes a parameter or buffer through `.data` (`self.weight.data.clamp_(-c, c)`):
+    torch.export takes `.data` for a constant apart from the parameter, without values on the
+    meta device, so the stages could neither hold nor change the parameter."""
+    op = write.target._opname
+    return FtcError(
+        f"{line}: forward changes a parameter's or buffer's .data in place ({op}; `self.weight.data.{op}(...)`), "
+        "which torch.export takes for a constant apart from the parameter, without its values (the model is "
+        "built on the meta device)",
+        "compile with --frontend fx (or auto), which keeps the change on the parameter; where fx cannot trace the "
+        "model (transformers 5's Gemma 3n, which clamps its AltUp coefficients so in training), move the change out "
+        "of forward or write it on the parameter itself under torch.no_grad() (`self.weight.clamp_(...)`)",
+    )
 
 
 def _mutated(op: torch._ops.OpOverload) -> int | None:
