@@ -1649,3 +1649,13 @@ def test_an_overflow_guard_in_library_code_reads_as_all_finite(tmp_path):
         (actual,) = second(*first(batch))
     assert expected.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_an_unproven_batch_equation_is_tried_where_a_min_with_a_constant_turns():
+    """Llama 4's `Eq(16*s0*Min(32, 512*s0), 512*s0)` holds at every batch size; `Min(64, s0)`
+    holds up to 64 only, past the 4 x 8 sizes first tried, and must not be taken as holding."""
+    from ftc.frontends.export import _holds_at_sizes, _trial_sizes
+
+    assert _holds_at_sizes("Eq(16*s0*Min(32, 512*s0), 512*s0)", _trial_sizes(8))
+    assert not _holds_at_sizes("Eq(Min(64, s0), s0)", _trial_sizes(8))
+    assert not _holds_at_sizes("Eq(Max(s0, 5000), 5000)", _trial_sizes(8))

@@ -302,7 +302,7 @@ def _export_bounded(
         raise first from None
     fixing = [(guard, line) for guard, line in equations if re.fullmatch(r"Eq\(.*\bs\d+\b.*, \d+\)", guard)]
     sizes = _batch_sizes(program)
-    if sizes == (2, None) and not fixing and all(_holds_at_sizes(guard, range(1, 4 * size + 1)) for guard, _ in equations):
+    if sizes == (2, None) and not fixing and all(_holds_at_sizes(guard, _trial_sizes(size)) for guard, _ in equations):
         # torch's solver refused the named batch for an equation it could not prove, which holds
         # at every size tried (Llama 4's MoE reshape: `Eq(16*s0*Min(32, 512*s0), 512*s0)`)
         return program, None
@@ -391,7 +391,14 @@ def _size_guards(guards: list[tuple[str, str]]):
         log.setLevel(level)
 
 
-def _holds_at_sizes(guard: str, sizes: range) -> bool:
+def _trial_sizes(size: int) -> list[int]:
+    """Batch sizes to try an unproven equation at: every size up to four times the compile's,
+    and sparse ones up to 2**20, where a Min or Max with a constant (`Min(64, s0)`) turns."""
+    sparse = {2**k + d for k in range(5, 21) for d in (-1, 0, 1)} | {3**k for k in range(3, 13)} | {10**k for k in range(2, 7)}
+    return sorted(set(range(1, 4 * size + 1)) | sparse)
+
+
+def _holds_at_sizes(guard: str, sizes: list[int]) -> bool:
     """Whether a guard on symbolic sizes holds with each of its sizes at every one of `sizes`
     (False where sympy cannot read it: a function of torch's own, such as TruncToInt)."""
     try:
