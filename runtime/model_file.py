@@ -77,6 +77,19 @@ class ModelFile:
                 f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module",
                 "return the model instance from build_model()",
             )
+        lazy = [
+            f"{path} ({type(module).__name__})"
+            for path, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+        ]
+        if lazy:
+            raise FtcError(
+                f"{self.path}: build_model() returned lazy modules whose parameters are not made yet: {', '.join(lazy)}; "
+                "their shapes come from a first forward, and ftc traces and splits the model from its parameters' shapes",
+                "give the layers their input sizes (nn.Linear(in_features, out_features), nn.Conv2d(in_channels, ...)), "
+                "or run one forward in build_model() before returning the model "
+                "(with torch.no_grad(): model(*example_inputs(2)))",
+            )
         if device is not None and torch.device(device).type == "meta":
             # Legacy constructors (torch.FloatTensor(n, m), as transformers' XLNet makes its
             # attention weights) and torch.from_numpy ignore the default device.
