@@ -314,7 +314,7 @@ def test_a_backward_hook_on_a_module_traced_through_is_refused_by_name(frontend,
     path.write_text(BACKWARD_HOOKED)
     with pytest.raises(FtcError) as caught:
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
-    assert "module blocks.1 (Block) has backward hooks (amplify (backward_hooked.py:14))" in caught.value.message
+    assert "module blocks.1 (Block) has backward hooks (amplify (backward_hooked.py:15))" in caught.value.message
     assert "LEAF_MODULES" in caught.value.hint
 
 
