@@ -759,7 +759,8 @@ class _DeviceRunner:
     def _backward(self, stage: int, m: int) -> None:
         spec = self.plan.specs[stage]
         if stage == self.plan.loss_stage:
-            self.scaled_losses.pop(m).backward()
+            with self._changed_since_forward(stage, m):
+                self.scaled_losses.pop(m).backward()
         args, outputs, versions, buffers_before, written = self.saved.pop((stage, m))
         if outputs is None:
             changed = [name for name, a, v in zip(spec.inputs, args, versions) if v is not None and a._version != v]
@@ -799,13 +800,36 @@ class _DeviceRunner:
                     tensors.append(leaves[k])
                     grads.append(grad)
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            with self._changed_since_forward(stage, m):
+                torch.autograd.backward(tensors, grads)
         if self.engine.stale is not None:
             self.engine.stale.after_backward(stage, m)
         self.backwards_left[m] -= 1
         if self.backwards_left[m] == 0:
             for key in [key for key in self.values if key[1] == m]:
                 del self.values[key]
+
+    @contextmanager
+    def _changed_since_forward(self, stage: int, m: int):
+        """A backward that finds a tensor it saved changed in place: in a pipeline several
+        micro-batches' forwards run before the first one's backward (mode single runs each
+        backward before the next forward), so a parameter that forward writes in place (a WGAN
+        critic's weight clamp_ under no_grad) and an op then reads has changed under it."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "modified by an inplace operation" not in str(exc):
+                raise
+            spec = self.plan.specs[stage]
+            raise FtcError(
+                f"stage {stage} ({spec.file}), micro-batch {m}: the backward needs a tensor that a later forward "
+                "changed in place, most likely a parameter or buffer that forward writes in place (a weight clamp_ "
+                "under no_grad) and then reads: the next micro-batch's forward wrote it again before this "
+                f"backward, which mode single never does (torch: {str(exc).split(' Hint:')[0]})",
+                "set micro_batches to 1, so that each backward runs before the next forward, or read a copy "
+                "where forward changes the tensor (w = self.weight.clamp(-c, c) leaves the parameter itself "
+                "unclamped)",
+            ) from exc
 
     def _output_gradient(self, name: str, m: int) -> list[torch.Tensor | None]:
         """The gradient of a value this device produced: its local readers' first, then each

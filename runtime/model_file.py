@@ -68,7 +68,7 @@ class ModelFile:
                 # build fails on any device; say both.
                 plain_hint += "; if it builds there, " + meta_hint[0].lower() + meta_hint[1:]
             raise FtcError(
-                f"{self.path}: build_model() raised {type(exc).__name__}: {exc}{user_frame(exc, self.path)}"
+                f"{self.path}: build_model() raised {type(exc).__name__}: {first_line(exc)}{user_frame(exc, self.path)}"
                 + (" while building on the meta device" if on_meta else ""),
                 meta_hint if on_meta and "meta" in str(exc).lower() else plain_hint,
             ) from exc
@@ -76,6 +76,28 @@ class ModelFile:
             raise FtcError(
                 f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module",
                 "return the model instance from build_model()",
+            )
+        lazy = [
+            f"{path} ({type(module).__name__})"
+            for path, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+        ]
+        if lazy:
+            raise FtcError(
+                f"{self.path}: build_model() returned lazy modules whose parameters are not made yet: {', '.join(lazy)}; "
+                "their shapes come from a first forward, and ftc traces and splits the model from its parameters' shapes",
+                "give the layers their input sizes (nn.Linear(in_features, out_features), nn.Conv2d(in_channels, ...)), "
+                "or run one forward in build_model() before returning the model "
+                "(with torch.no_grad(): model(*example_inputs(2)))",
+            )
+        tensors = (*model.named_parameters(), *model.named_buffers())
+        sparse = [name for name, tensor in tensors if tensor.layout != torch.strided]
+        if sparse:
+            raise FtcError(
+                f"{self.path}: build_model() returned sparse tensors: {', '.join(sparse)}; ftc traces, sends and saves "
+                "(safetensors) dense tensors only",
+                "keep them dense: a dense adjacency (adj @ h), or its edge list as dense buffers with index_add_ or "
+                "scatter_add over them in forward",
             )
         if device is not None and torch.device(device).type == "meta":
             # Legacy constructors (torch.FloatTensor(n, m), as transformers' XLNet makes its
@@ -259,6 +281,13 @@ def _package_of(path: Path) -> tuple[str | None, Path | None]:
     if loaded is not None and folder / parts[0] not in {Path(p).resolve() for p in getattr(loaded, "__path__", [])}:
         return None, None
     return ".".join(parts), folder
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, cut at 300 characters: torch's dispatcher errors
+    go on to list every backend for dozens of lines."""
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def user_frame(exc: BaseException, path: Path) -> str:

@@ -163,6 +163,18 @@ MODEL_FILE_ERRORS = {
         GOOD.replace("def build_model():", "def build_model(width, *, depth=2):"),
         "build_model() requires width, but ftc calls it with no arguments\n  fix: give it a default: def build_model(width=...)",
     ),
+    "lazy_layers": (  # traced, they stopped as "could not trace the model", advising against value-dependent Python
+        GOOD.replace("nn.Linear(8, 16)", "nn.LazyLinear(16)"),
+        "lazy modules whose parameters are not made yet: 0 (LazyLinear)",
+    ),
+    "sparse_buffer": (  # made on the CPU (the meta device has no sparse coalesce): an internal error while tracing
+        GOOD.replace(
+            "    return nn.Sequential(",
+            "    model = nn.Linear(2, 2)\n    with torch.device('cpu'):\n"
+            "        model.register_buffer('adj', torch.eye(3).to_sparse())\n    return model\n    return nn.Sequential(",
+        ),
+        "build_model() returned sparse tensors: adj",
+    ),
     "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
     "inputs_none": (  # an optional input given as None: leaving it out is the fix

@@ -264,3 +264,64 @@ def test_an_in_place_change_of_a_value_saved_for_the_backward_is_named_when_comp
     path.write_text(SAVED_CHANGE.replace("a.relu_()", "a = a.relu().clone()"))
     folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend, force=True)).folder
     assert check_pipeline(folder).ok
+
+
+BACKWARD_HOOKED = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x))
+
+
+def amplify(module, grad_input, grad_output):
+    return (grad_input[0] * 10.0,)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block() for _ in range(4)])
+        self.blocks[1].register_full_backward_hook(amplify)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_backward_hook_on_a_module_traced_through_is_refused_by_name(frontend, tmp_path):
+    # Both tracers record the hooked block's ops and drop its hook (fx only warned that the
+    # output was a Proxy): the compile passed and the stages trained with 10 times smaller
+    # gradients below the block.
+    path = tmp_path / "backward_hooked.py"
+    path.write_text(BACKWARD_HOOKED)
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert "module blocks.1 (Block) has backward hooks (amplify (backward_hooked.py:15))" in caught.value.message
+    assert "LEAF_MODULES" in caught.value.hint
+
+
+def test_a_backward_hook_on_a_leaf_module_keeps_the_models_gradients(tmp_path):
+    path = tmp_path / "backward_hooked_leaf.py"
+    path.write_text(BACKWARD_HOOKED + "\nLEAF_MODULES = (Block,)\n")
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
+    # ftc check compares the stages' gradients with the original model's, where the hook
+    # amplifies them below blocks.1; the stage code calls the block, and so its hook.
+    assert check_pipeline(compiled.folder, batch_size=4).ok

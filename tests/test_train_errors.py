@@ -769,3 +769,17 @@ def test_an_injected_fault_that_could_never_strike_is_refused(pipeline):
 
     with pytest.raises(FtcError, match=re.escape("key 'inject_fault.rank' is 2, but the run has 2 process(es)")):
         launch(load_config(data={"pipeline": str(folder), "mode": "dist", "inject_fault": {"rank": 2, "step": 1}}))
+
+
+def test_a_weight_clamped_in_forward_and_saved_for_the_backward_is_named_with_the_fix(tmp_path):
+    """A weight clamp_ in forward: with 2 micro-batches the second forward changes the weight
+    the first backward saved (an internal error from autograd before); with 1 it trains as
+    mode single does."""
+    folder = compile_model(MODELS / "weight_clip.py", tmp_path, CompileOptions(stages=2)).folder
+    data = {"name": "synthetic", "size": 16}
+    with pytest.raises(FtcError) as info:
+        run(folder, batch_size=8, micro_batches=2, data=data)
+    assert "stage 0 (stage0.py), micro-batch 0: the backward needs a tensor that a later forward" in info.value.message
+    assert "set micro_batches to 1" in info.value.hint
+    single = run(folder, mode="single", batch_size=8, micro_batches=1, data=data)
+    assert run(folder, batch_size=8, micro_batches=1, data=data).loss == single.loss

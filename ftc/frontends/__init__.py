@@ -30,10 +30,11 @@ from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile, user_frame
 
 from .common import user_source
-from .gradient_code import gradient_code_refused
+from .gradient_code import backward_hooks_kept, gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
 from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
+from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
 FRONTENDS = ("auto", "fx", "export")
@@ -67,6 +68,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     draws: list[str] = []
     with _checkpoints_as_calls(model_file, checkpoints):
         traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws)
+    backward_hooks_kept(traced.graph, traced.model, model_file)
     if checkpoints:
         traced.graph.trace_notes.append(
             f"forward calls torch.utils.checkpoint at {', '.join(dict.fromkeys(checkpoints))}: traced as a plain call; "
@@ -99,7 +101,7 @@ def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
 def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws) -> Traced:
     if frontend in ("auto", "fx"):
         try:
-            with drawn_from(draws), gradient_code_refused(model_file):
+            with drawn_from(draws), gradient_code_refused(model_file), python_state_refused(model_file):
                 graph = trace_fx(model, model_file, batch, name)
         except FtcError:
             raise
@@ -115,7 +117,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             graph.batch_size = batch_size
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
-        with _quiet(), drawn_from(draws), gradient_code_refused(model_file):
+        with _quiet(), drawn_from(draws), gradient_code_refused(model_file), python_state_refused(model_file):
             graph = trace_export(model, model_file, batch, double_batch, name)
     except FtcError:
         raise
@@ -223,7 +225,7 @@ def _lower_stacks(
     cut; export lowers it into ops. fx's graph (and model) stay the answer if export fails."""
     fresh = _in_training_mode(model_file)  # fx may have left tracing state on the modules
     try:
-        with _quiet(), drawn_from(draws), gradient_code_refused(model_file):
+        with _quiet(), drawn_from(draws), gradient_code_refused(model_file), python_state_refused(model_file):
             return trace_export(fresh, model_file, batch, double_batch, name), fresh
     except Exception as exc:
         # Said where the compile prints its notes: the stack is one op, so the split is as good as

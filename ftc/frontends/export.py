@@ -146,10 +146,11 @@ def trace_export(
                     if writes:
                         raise _data_write_refused(line, writes[0])
                     raise FtcError(
-                        f"{line}: forward makes a tensor from Python values (torch.tensor(...)), which torch.export, "
-                        "tracing on tensors without data (the model is built on the meta device), keeps without its values",
-                        "compile with --frontend fx (or auto), or make it a buffer in __init__ "
-                        "(self.register_buffer(name, tensor, persistent=False))",
+                        f"{line}: forward makes a tensor from Python values (torch.tensor(...)) or reads a parameter's "
+                        "or buffer's .data, which torch.export, tracing on tensors without data (the model is built on "
+                        "the meta device), keeps as a constant without its values",
+                        "compile with --frontend fx (or auto); or make the tensor a buffer in __init__ "
+                        "(self.register_buffer(name, tensor, persistent=False)), or read .detach() instead of .data",
                     )
                 data, dtype = constant_from_tensor(program.constants[spec.target], where)
                 node.target = unique_name(f"const_{len(constants)}", set(constants) | set(state))

@@ -12,17 +12,24 @@ other gradients than the model, so the trace stops at the call and names it; a L
 module that does it is kept whole by fx and runs as it is. A backward pass in forward differentiates
 values that stage code would compute in other stages, or runs on the meta device node by node,
 where autograd finds no graph between them (it stopped as an internal error before).
+
+A module's backward hooks (`register_full_backward_hook`, `register_full_backward_pre_hook`,
+`register_backward_hook`) run only where the stage code calls that module: fx keeps torch.nn's
+layers and LEAF_MODULES whole and the stages adopt the module with its hooks, but a module traced
+through (or lowered by export) becomes its ops, and its hooks are gone, silently (fx only warns
+that the output is a Proxy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from pathlib import Path
 
 import torch
 
-from ftc.ir import FtcError
+from ftc.ir import FtcError, Graph
 from ftc.runtime.model_file import ModelFile
 
 from .common import CodeFiles, user_source
@@ -137,3 +144,37 @@ def gradient_code_refused(model_file: ModelFile):
             setattr(torch.Tensor, method, original)
         for (owner, attr), original in original_backward.items():
             setattr(owner, attr, original)
+
+
+def _hook_name(hook) -> str:
+    """'name (file.py:LINE)' of a hook callable, as far as Python can tell."""
+    function = inspect.unwrap(getattr(hook, "func", hook))
+    try:
+        where = f" ({Path(inspect.getsourcefile(function)).name}:{inspect.getsourcelines(function)[1]})"
+    except (TypeError, OSError):
+        where = ""
+    return f"{getattr(function, '__qualname__', type(function).__name__)}{where}"
+
+
+def backward_hooks_kept(graph: Graph, model: torch.nn.Module, model_file: ModelFile) -> None:
+    """Raise an FtcError naming the first module with backward hooks that the graph does not call
+    whole (itself or a module holding it), so no stage would run its hooks."""
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    for path, module in model.named_modules(remove_duplicate=False):
+        hooks = [*module._backward_pre_hooks.values(), *module._backward_hooks.values()]
+        if not hooks or any(path == whole or path.startswith(whole + ".") for whole in called):
+            continue
+        module_name = f"{path or 'the model'} ({type(module).__qualname__})"
+        if type(module).__module__.startswith("torch.nn."):
+            fix = "compile with --frontend fx: it calls torch.nn's layers whole, so their hooks run"
+        else:
+            fix = (
+                f"list {type(module).__qualname__} in LEAF_MODULES and compile with --frontend fx (fx calls it whole, so "
+                "its hooks run), or hook a torch.nn layer inside it instead"
+            )
+        raise FtcError(
+            f"{model_file.path}: module {module_name} has backward hooks ({', '.join(map(_hook_name, hooks))}) but the "
+            f"{graph.frontend} trace does not keep it whole: its ops go into the stage code, its hooks do not, so "
+            "the stages would compute other gradients than the model",
+            fix,
+        )
