@@ -283,11 +283,11 @@ def _package_of(path: Path) -> tuple[str | None, Path | None]:
     return ".".join(parts), folder
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, cut at 300 characters: torch's dispatcher errors
-    go on to list every backend for dozens of lines."""
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut at `limit` characters: torch's dispatcher
+    errors go on to list every backend for dozens of lines."""
     line = (str(exc).strip().splitlines() or [""])[0]
-    return line if len(line) <= 300 else line[:297] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def user_frame(exc: BaseException, path: Path) -> str:

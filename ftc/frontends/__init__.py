@@ -27,7 +27,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from ftc.ir import FtcError, Graph
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
-from ftc.runtime.model_file import ModelFile, user_frame
+from ftc.runtime.model_file import ModelFile, first_line, user_frame
 
 from .common import user_source
 from .gradient_code import backward_hooks_kept, gradient_code_refused
@@ -195,12 +195,7 @@ def _one_line(model_file: ModelFile, exc: BaseException, noted: bool = False) ->
     where = user_frame(exc, model_file.path)
     if where and noted:
         where = where.replace(f" (at {model_file.path}:", f" (at {model_file.path.name}:", 1)
-    return f"{type(exc).__name__}: {_first_line(exc)}{where or library_frame(exc, model_file.path, noted)}"
-
-
-def _first_line(exc: BaseException) -> str:
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return first_line if len(first_line) <= 120 else first_line[:117] + "..."
+    return f"{type(exc).__name__}: {first_line(exc, limit=120)}{where or library_frame(exc, model_file.path, noted)}"
 
 
 # torch.nn modules that hold a whole stack of layers in one call.
@@ -298,7 +293,7 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
         names = inspect.signature(model.forward).parameters
         inputs = batch if isinstance(batch, dict) else dict(zip(names, batch))
         where = user_frame(exc, model_file.path)
-        return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {_first_line(exc)}{where}",
+        return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {first_line(exc, limit=120)}{where}",
                         plain_failure_fix(inputs))  # fmt: skip
     return None
 
@@ -321,7 +316,7 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
     once for every step."""
     return FtcError(
         f"{model_file.path}: torch.export could not trace the model in training mode{user_frame(exc, model_file.path)} "
-        f"({type(exc).__name__}: {_first_line(exc)}{library_frame(exc, model_file.path)}), but it can in eval "
+        f"({type(exc).__name__}: {first_line(exc, limit=120)}{library_frame(exc, model_file.path)}), but it can in eval "
         "mode: forward's Python branches on a tensor's value only while training, as a random skip of whole "
         "layers does",
         "turn the training-only branch off in the model's configuration (transformers: layerdrop=0.0, or "
@@ -340,7 +335,7 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         if place and place not in places:
             places.append(place)
         # Failing inside a library the model calls, the library's line says what to change.
-        reasons.append(f"{tracer}: {type(exc).__name__}: {_first_line(exc)}{library_frame(exc, model_file.path)}")
+        reasons.append(f"{tracer}: {type(exc).__name__}: {first_line(exc, limit=120)}{library_frame(exc, model_file.path)}")
     where = "".join(places)
     fix = "make forward's Python independent of tensor values and shapes (use torch ops such as torch.where instead of `if`)"
     leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
