@@ -26,11 +26,9 @@ from .common import CodeFiles, user_frames
 # the masks of finite values, and of non-finite ones
 _FINITE = {torch.isfinite, torch.Tensor.isfinite}
 _NOT_FINITE = {torch.isinf, torch.Tensor.isinf, torch.isnan, torch.Tensor.isnan}
-# the check over a whole mask, with what it says where every value is finite
-_ALL_FINITE = {
-    (True, torch.all): True, (True, torch.Tensor.all): True,
-    (False, torch.any): False, (False, torch.Tensor.any): False,
-}  # fmt: skip
+# the checks over a whole mask: all() of a finite mask, any() of a non-finite one; where every
+# value is finite, each says what its mask's kind is (all finite: True; any not finite: False)
+_WHOLE_CHECKS = {(True, torch.all), (True, torch.Tensor.all), (False, torch.any), (False, torch.Tensor.any)}
 
 
 class OverflowGuards(TorchFunctionMode):
@@ -56,8 +54,8 @@ class OverflowGuards(TorchFunctionMode):
             self.masks[id(result)] = (func in _FINITE, result)
         elif args and not kwargs and len(args) == 1 and id(args[0]) in self.masks:
             finite, mask = self.masks[id(args[0])]
-            if mask is args[0] and (finite, func) in _ALL_FINITE:
-                self.checks[id(result)] = (_ALL_FINITE[finite, func], result)
+            if mask is args[0] and (finite, func) in _WHOLE_CHECKS:
+                self.checks[id(result)] = (finite, result)
         return result
 
 
