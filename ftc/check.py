@@ -516,7 +516,7 @@ def _check_stages_alone(
     values = reference.env
     reports = []
     shared = _shared_parameters(pipeline)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    stage_params = dict(model.named_parameters(remove_duplicate=False))
     shared_grads: dict[int, dict[str, torch.Tensor]] = {}
     after_forward: dict[int, dict[str, str]] = {}
     for spec, stage in zip(pipeline.stages, executor.stages):
@@ -548,7 +548,7 @@ def _check_stages_alone(
             for name, grad in reference.to_send[spec.index].items()
             if isinstance(sent[name], torch.Tensor) and sent[name].requires_grad
         ]
-        shared_grads[spec.index] = _gradients_added(params, shared, pairs)
+        shared_grads[spec.index] = _gradients_added(stage_params, shared, pairs)
         for name, expected in reference.to_return[spec.index].items():
             leaf = received[name]
             got = leaf.grad if leaf.grad is not None else torch.zeros_like(expected)
@@ -556,7 +556,7 @@ def _check_stages_alone(
 
     # Parameters shared by stages (tied weights) have summed their gradients by now: each stage is
     # judged on its own part of theirs, so a wrong stage does not fail the others that hold them.
-    params = dict(original.named_parameters(remove_duplicate=False))
+    original_params = dict(original.named_parameters(remove_duplicate=False))
     for report, stage in zip(reports, executor.stages):
         if report.problems:  # its backward did not run: its missing gradients would only repeat that
             continue
@@ -571,7 +571,7 @@ def _check_stages_alone(
                     expected = expected if expected is not None else torch.zeros_like(got)
                     report.gradients = max(report.gradients, relative_difference(got, expected, floor))
                 continue
-            expected = params[name].grad if name in params else None
+            expected = original_params[name].grad if name in original_params else None
             if expected is None and param.grad is None:
                 continue
             if expected is None or param.grad is None:
