@@ -80,7 +80,7 @@ from torch.utils._pytree import tree_map
 
 from ftc.interpreter import Interpreter, copy_module, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta, map_refs
-from ftc.ir.serialize import encode_arg, encode_meta, tensor_meta_to_dict
+from ftc.ir.serialize import node_to_dict, tensor_meta_to_dict
 from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
 from ftc.runtime.comm import differentiable
@@ -232,12 +232,8 @@ def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) 
 def graph_digest(graph: Graph) -> str:
     """The sha256 of what the graph runs: each node's op, target, arguments, module, shapes and
     dtypes, and the model's state; not where in the source a node came from, nor its costs."""
-    nodes = [
-        [node.name, node.op, node.target, [encode_arg(arg) for arg in node.args],
-         {key: encode_arg(value) for key, value in node.kwargs.items()}, node.module_path, node.module_class,
-         node.mutates, node.updates, node.grad_enabled, encode_meta(node.meta)]
-        for node in graph.nodes
-    ]  # fmt: skip
+    where_and_cost = ("source", "callers", "label", "cost", "stage")
+    nodes = [{key: value for key, value in node_to_dict(node).items() if key not in where_and_cost} for node in graph.nodes]
     state = {name: [t.kind, tensor_meta_to_dict(t.meta)] for name, t in graph.state.items()}
     return hashlib.sha256(json.dumps([nodes, state], sort_keys=True).encode()).hexdigest()
 
