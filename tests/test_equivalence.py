@@ -392,3 +392,21 @@ def test_check_blames_only_the_edited_stage_for_a_weight_stages_share(compile_to
     assert not report.ok and report.model_gradients > report.tolerance
     assert report.stages[index].gradients > report.tolerance
     assert all(report.stage_ok(other) for other in report.stages if other.index != index)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_an_operator_of_the_models_own_is_called_and_named_in_the_stage(tmp_path, frontend):
+    """The stage calls torch.ops.ftc_tests.scaled_tanh, which only the model file registers, so
+    its docstring says so; its outputs and gradients (the operator's own backward) are the
+    model's, and it trains in local mode as in single."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    compiled = compile_model(MODELS / "custom_op.py", tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    for path in sorted(compiled.folder.glob("stage*.py")):
+        text = path.read_text()
+        assert "torch.ops.ftc_tests.scaled_tanh.default(" in text
+        assert "registers:\ntorch.ops.ftc_tests.scaled_tanh. Import it" in text
+    assert_stage_files_standalone_and_working(compiled.folder)
+    assert_check_passes(compiled.folder, batch_size=8)
+    assert_check_passes(compiled.folder, batch_size=3)
+    assert_local_trains_like_single(compiled.folder)
