@@ -396,16 +396,19 @@ def test_check_blames_only_the_edited_stage_for_a_weight_stages_share(compile_to
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_an_operator_of_the_models_own_is_called_and_named_in_the_stage(tmp_path, frontend):
-    """The stage calls torch.ops.ftc_tests.scaled_tanh, which only the model file registers, so
-    its docstring says so; its outputs and gradients (the operator's own backward) are the
-    model's, and it trains in local mode as in single."""
+    """The stages call torch.ops.ftc_tests.*, which only the model file registers, so their
+    docstrings say so; their outputs and gradients (an operator's own backward) are the model's,
+    an operator that returns nothing but writes a buffer is kept (fx left it unread and dropped
+    it), and the pipeline trains in local mode as in single."""
     from ftc.compiler import CompileOptions, compile_model
 
     compiled = compile_model(MODELS / "custom_op.py", tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
-    for path in sorted(compiled.folder.glob("stage*.py")):
-        text = path.read_text()
+    first, second = (path.read_text() for path in sorted(compiled.folder.glob("stage*.py")))
+    assert "torch.ops.ftc_tests.count_samples.default(self.seen, x)" in first
+    assert "registers:\ntorch.ops.ftc_tests.count_samples, torch.ops.ftc_tests.scaled_tanh. Import it" in first
+    assert "registers:\ntorch.ops.ftc_tests.scaled_tanh. Import it" in second
+    for text in (first, second):
         assert "torch.ops.ftc_tests.scaled_tanh.default(" in text
-        assert "registers:\ntorch.ops.ftc_tests.scaled_tanh. Import it" in text
     assert_stage_files_standalone_and_working(compiled.folder)
     assert_check_passes(compiled.folder, batch_size=8)
     assert_check_passes(compiled.folder, batch_size=3)

@@ -256,8 +256,16 @@ def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | No
         if target in IN_PLACE_OPERATORS or target in ("operator.setitem", "setattr"):
             return 0
         if target.startswith("torch.ops."):
-            return None  # the export frontend reads mutation from the op schema instead
+            return None  # an operator's schema says what it writes: schema_mutated
         return 0 if short.endswith("_") and not short.startswith("_") else None
+    return None
+
+
+def schema_mutated(op: torch._ops.OpOverload) -> int | None:
+    """Index of the first argument an operator's schema declares written (`Tensor(a!)`), or None."""
+    for index, argument in enumerate(op._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            return index
     return None
 
 

@@ -51,7 +51,17 @@ from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, uni
 from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
-from .common import CodeFiles, autocast_refused, constant_from_tensor, function_expr, ir_arg, module_table, named_tuple_error, state_table
+from .common import (
+    CodeFiles,
+    autocast_refused,
+    constant_from_tensor,
+    function_expr,
+    ir_arg,
+    module_table,
+    named_tuple_error,
+    schema_mutated,
+    state_table,
+)
 from .eval_mode import ModeBranch, branch_notes, followed_notes, mode_branches
 from .fx import input_names
 from .overflow_guards import OverflowGuards, overflow_note
@@ -193,7 +203,7 @@ def trace_export(
                 if fx_args[1] == batch_dim.get(input_of.get(fx_args[0])):
                     label = "batch"
             elif isinstance(target, torch._ops.OpOverload):
-                node.mutates = _mutated(target)
+                node.mutates = schema_mutated(target)
                 call = None
                 if ops_per_call[_call_key(fx_node)] == 1 and module_path in modules:
                     submodule = model.get_submodule(module_path)
@@ -862,7 +872,7 @@ def _copies_onto_itself(fx_node: fx.Node) -> bool:
     if fx_node.target is not torch.ops.aten.copy_.default or len(fx_node.args) < 2:
         return False
     source = fx_node.args[1]
-    while isinstance(source, fx.Node) and isinstance(source.target, torch._ops.OpOverload) and _mutated(source.target) == 0:
+    while isinstance(source, fx.Node) and isinstance(source.target, torch._ops.OpOverload) and schema_mutated(source.target) == 0:
         source = source.args[0]
     return source is fx_node.args[0]
 
@@ -969,7 +979,7 @@ def _writes(fx_node: fx.Node, value: fx.Node) -> bool:
     """Whether the op changes `value` in place."""
     if not isinstance(fx_node.target, torch._ops.OpOverload):
         return False
-    index = _mutated(fx_node.target)
+    index = schema_mutated(fx_node.target)
     return index is not None and index < len(fx_node.args) and fx_node.args[index] is value
 
 
@@ -986,13 +996,6 @@ def _data_write_refused(line: str, write: fx.Node) -> FtcError:
         "model (transformers 5's Gemma 3n, which clamps its AltUp coefficients so in training), move the change out "
         "of forward or write it on the parameter itself under torch.no_grad() (`self.weight.clamp_(...)`)",
     )
-
-
-def _mutated(op: torch._ops.OpOverload) -> int | None:
-    for index, argument in enumerate(op._schema.arguments):
-        if argument.alias_info is not None and argument.alias_info.is_write:
-            return index
-    return None
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+)')

@@ -31,6 +31,7 @@ from .common import (
     ir_arg,
     module_table,
     mutated_arg,
+    schema_mutated,
     state_table,
     user_frames,
     user_source,
@@ -293,7 +294,10 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             if fx_node.op == "call_function" and fx_node.target is F.scaled_dot_product_attention:
                 explained.extend(_attention_dropout(node, fx_node.meta.get("ftc_flag_reads", [])))
             module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
-            node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
+            if isinstance(fx_node.target, torch._ops.OpOverload):  # a torch.library operator called directly
+                node.mutates = schema_mutated(fx_node.target)
+            else:
+                node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
         names[fx_node] = node.name
         nodes.append(node)
 

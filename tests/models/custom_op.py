@@ -1,5 +1,6 @@
-"""An operator of the model's own (torch.library.custom_op, with a fake kernel for tracing and
-its own backward), called at two places, one on each side of a stage cut."""
+"""Operators of the model's own (torch.library.custom_op): one with a fake kernel for tracing and
+its own backward, called at two places, one on each side of a stage cut; one that returns
+nothing and counts the samples seen into a buffer (its schema declares the write)."""
 
 import torch
 import torch.nn as nn
@@ -28,14 +29,21 @@ def _backward(ctx, grad):
 scaled_tanh.register_autograd(_backward, setup_context=_save)
 
 
+@torch.library.custom_op("ftc_tests::count_samples", mutates_args=("counter",))
+def count_samples(counter: torch.Tensor, x: torch.Tensor) -> None:
+    counter.add_(x.shape[0])
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(8, 16)
         self.fc2 = nn.Linear(16, 16)
         self.fc3 = nn.Linear(16, 4)
+        self.register_buffer("seen", torch.zeros(()))
 
     def forward(self, x):
+        count_samples(self.seen, x)
         x = scaled_tanh(self.fc1(x), 2.0)
         x = scaled_tanh(self.fc2(x), 0.5)
         return self.fc3(x)
