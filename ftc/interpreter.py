@@ -20,6 +20,24 @@ from ftc.ir import FtcError, Graph, Node, Ref, TorchExpr, map_refs
 
 # Names a node target may start with; the same names generated stage code imports.
 TARGET_NAMESPACE = {"torch": torch, "F": F, "operator": operator, "math": math, "builtins": builtins}
+# The operator namespaces torch registers itself (the dispatcher's after `import torch`, and the
+# higher-order ops'); any other is a library's or the model's own (torch.library.custom_op).
+TORCH_OP_NAMESPACES = frozenset(
+    "_c10d_functional _c10d_functional_autograd _dtensor _native _quantized _test aten c10d debug_mode_ops"
+    " debugprims export higher_order inductor inductor_prims mkl mkldnn mkldnn_prepacked onednn prims profiler"
+    " quantization quantized rngprims sparse static_runtime symm_mem".split()
+)
+
+
+def library_op(target: str) -> str | None:
+    """"mylib::scaled_tanh" for a target that calls an operator of a library or of the model's
+    own ("torch.ops.mylib.scaled_tanh.default"); None for torch's operators and anything else."""
+    if not target.startswith("torch.ops."):
+        return None
+    parts = target.removeprefix("torch.ops.").split(".")
+    if len(parts) not in (2, 3) or parts[0] in TORCH_OP_NAMESPACES or not all(p.isidentifier() for p in parts):
+        return None
+    return f"{parts[0]}::{parts[1]}"
 
 
 def resolve_function(target: str) -> Any:

@@ -24,9 +24,14 @@ from typing import Any, Callable
 import torch
 
 from ftc.ir import FtcError
+from ftc.runtime.seeding import seeded
 
 # Model files are imported under this package-like prefix so they never shadow real modules.
 MODULE_PREFIX = "ftc_model_file."
+# The seed of the generators while a model file's top-level code runs (any fixed number: the
+# same in every process), and the module attribute that records which bytes were imported.
+IMPORT_SEED = 0
+SOURCE_DIGEST = "__ftc_source_sha256__"
 
 
 @dataclass
@@ -211,25 +216,9 @@ def load_model_file(path: str | Path) -> ModelFile:
     # module, so that its relative imports (`from .blocks import Block`) resolve; any other under
     # a name of its own, which never shadows a real module.
     name = f"{package}.{path.stem}" if package else f"{MODULE_PREFIX}{path.stem}_{digest}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    # A model file may import helpers that sit beside it, or its package's modules.
-    search = [str(path.resolve().parent)] + ([str(root)] if package else [])
-    sys.path[:0] = search
-    try:
-        if package:
-            importlib.import_module(package)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise FtcError(
-            f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
-            f"run `python -m {name}` from {root} and fix the error" if package else f"run `python {path}` and fix the error",
-        ) from exc
-    finally:
-        for folder in search:
-            sys.path.remove(folder)
+    module = _imported(name, path)
+    if module is None:
+        module = _import_model_file(name, path, package, root)
     functions = {}
     for required in ("build_model", "example_inputs"):
         fn = getattr(module, required, None)
@@ -253,6 +242,50 @@ def load_model_file(path: str | Path) -> ModelFile:
     ):
         raise FtcError(f"{path}: LEAF_MODULES must be a tuple of torch.nn.Module classes", "e.g. LEAF_MODULES = (Block,)")
     return ModelFile(path, module, functions["build_model"], functions["example_inputs"], loss_fn, tuple(leaf_modules))
+
+
+def _imported(name: str, path: Path) -> ModuleType | None:
+    """The model file's module when this process has imported the file as it reads now: as
+    Python imports a module once, its top-level code runs once (it may register an operator
+    namespace or a global hook, which a second run refuses or doubles). An edited file is
+    imported anew."""
+    module = sys.modules.get(name)
+    if module is None or module.__dict__.get(SOURCE_DIGEST) != _digest(path):
+        return None
+    return module if Path(module.__file__).resolve() == path.resolve() else None
+
+
+def _import_model_file(name: str, path: Path, package: str | None, root: Path | None) -> ModuleType:
+    """Run the model file as module `name`, its top-level random draws (a fixed projection,
+    `MIX = torch.randn(8, 8)`) from generators seeded alike in every process (and restored
+    after), so that the compile, which writes such a tensor into stage code, every rank and
+    every mode see the same values."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # A model file may import helpers that sit beside it, or its package's modules.
+    search = [str(path.resolve().parent)] + ([str(root)] if package else [])
+    sys.path[:0] = search
+    try:
+        if package:
+            importlib.import_module(package)
+        sys.modules[name] = module
+        with seeded(IMPORT_SEED):
+            spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise FtcError(
+            f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
+            f"run `python -m {name}` from {root} and fix the error" if package else f"run `python {path}` and fix the error",
+        ) from exc
+    finally:
+        for folder in search:
+            sys.path.remove(folder)
+    module.__dict__[SOURCE_DIGEST] = _digest(path)
+    return module
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _required_parameters(function: Callable) -> list[str]:

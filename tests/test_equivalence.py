@@ -399,17 +399,74 @@ def test_an_operator_of_the_models_own_is_called_and_named_in_the_stage(tmp_path
     """The stages call torch.ops.ftc_tests.*, which only the model file registers, so their
     docstrings say so; their outputs and gradients (an operator's own backward) are the model's,
     an operator that returns nothing but writes a buffer is kept (fx left it unread and dropped
-    it), and the pipeline trains in local mode as in single."""
+    it), the file is imported once however often it is loaded (its Library may define its
+    namespace once), and the pipeline trains in local mode as in single."""
     from ftc.compiler import CompileOptions, compile_model
 
     compiled = compile_model(MODELS / "custom_op.py", tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
     first, second = (path.read_text() for path in sorted(compiled.folder.glob("stage*.py")))
     assert "torch.ops.ftc_tests.count_samples.default(self.seen, x)" in first
     assert "registers:\ntorch.ops.ftc_tests.count_samples, torch.ops.ftc_tests.scaled_tanh. Import it" in first
-    assert "registers:\ntorch.ops.ftc_tests.scaled_tanh. Import it" in second
+    assert "registers:\ntorch.ops.ftc_tests.scaled_tanh, torch.ops.ftc_tests_lib.halve. Import it" in second
+    assert "torch.ops.ftc_tests_lib.halve" in second
     for text in (first, second):
         assert "torch.ops.ftc_tests.scaled_tanh.default(" in text
     assert_stage_files_standalone_and_working(compiled.folder)
     assert_check_passes(compiled.folder, batch_size=8)
     assert_check_passes(compiled.folder, batch_size=3)
     assert_local_trains_like_single(compiled.folder)
+
+
+NO_FAKE_KERNEL = """
+import torch
+import torch.nn as nn
+
+{definition}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {call}
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+NEW_STYLE = (
+    '@torch.library.custom_op("ftc_tests_unfaked::relu_twice", mutates_args=())\n'
+    "def relu_twice(x: torch.Tensor) -> torch.Tensor:\n    return x.relu() * 2",
+    "relu_twice(self.fc(x))",
+    "ftc_tests_unfaked::relu_twice",
+    "`@relu_twice.register_fake`",
+)
+OLD_STYLE = (
+    'library = torch.library.Library("ftc_tests_unfaked_{frontend}", "DEF")\nlibrary.define("twice(Tensor x) -> Tensor")\n'
+    'library.impl("twice", lambda x: x * 2, "CPU")',
+    "torch.ops.ftc_tests_unfaked_{frontend}.twice(self.fc(x))",
+    "ftc_tests_unfaked_{frontend}::twice",
+    '`@torch.library.register_fake("ftc_tests_unfaked_{frontend}::twice")`',
+)  # a process may define a Library namespace once: one per frontend
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("style", [NEW_STYLE, OLD_STYLE], ids=["custom_op", "library"])
+def test_an_operator_without_a_fake_kernel_is_named_with_the_decorator_that_gives_it_one(tmp_path, frontend, style):
+    """The model runs in plain PyTorch; only the meta device needs the fake kernel, so the error
+    names the operator and how to register one, not "fix the model or example_inputs()"."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    definition, call, op, decorator = (text.replace("{frontend}", frontend) for text in style)
+    path = tmp_path / f"unfaked_{frontend}.py"
+    path.write_text(NO_FAKE_KERNEL.replace("{definition}", definition).replace("{call}", call))
+    with pytest.raises(FtcError, match=f"the operator {op} has no fake kernel, which ftc needs") as error:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert decorator in error.value.hint
+    assert "example_inputs" not in error.value.hint

@@ -24,6 +24,9 @@ from ftc.runtime.materialize import build_stages
 from ftc.runtime.train import build_single, train
 from ftc.runtime.worker import launch
 
+from .conftest import assert_local_trains_like_single
+from .test_equivalence import assert_check_passes
+
 SEED = 5
 STEPS = 3
 TIED_LM = """
@@ -148,3 +151,57 @@ def test_a_tied_weight_drawn_from_an_unseeded_source_stops_dist_before_training(
     assert re.search(r"rank 0: failed before training: the ranks built different values", report), report
     assert expected in report and "build_model() draws from a random source ftc does not seed" in report, report
     assert checkpoint.latest(tmp_path / "dist" / "checkpoints") is None
+
+
+TOP_LEVEL_DRAW = """
+import torch
+import torch.nn as nn
+
+MIX = torch.randn(8, 8)  # unseeded: plain Python draws it anew in every process
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x) @ MIX)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return nn.functional.mse_loss(output, target)
+"""
+
+
+def test_a_tensor_drawn_at_the_model_files_top_level_is_the_same_in_every_process(tmp_path):
+    """The stage code holds MIX as the compile drew it; another process (a rank, `ftc check` run
+    later) imports the file with the generators seeded alike, so it draws the same MIX, and
+    importing leaves the caller's generators where they were."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "top_level_draw.py"
+    path.write_text(TOP_LEVEL_DRAW)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    mix = load_model_file(path).module.MIX
+    assert torch.equal(torch.rand(3), expected_next)
+    other = subprocess.run(
+        [sys.executable, "-c", f"from ftc.runtime import load_model_file; print(load_model_file({str(path)!r}).module.MIX.tolist())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert torch.tensor(eval(other.stdout)).equal(mix)
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2)).folder
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)

@@ -21,6 +21,7 @@ from functools import cache
 import black
 import jinja2
 
+from ftc.interpreter import library_op
 from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors, unique_name
 
 from .plan import Adoption, StagePlan, module_children
@@ -36,13 +37,6 @@ RESERVED = {"self", "torch", "F", "operator", "math", "device"}
 CONTAINER_INDEXED = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
 CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict", "torch.nn.modules.container.ParameterDict")
 PARAMETER_LIST = "torch.nn.modules.container.ParameterList"  # its keys are its positions
-# The operator namespaces torch registers itself (the dispatcher's after `import torch`, and the
-# higher-order ops'); any other is a library's or the model's own (torch.library.custom_op).
-TORCH_OP_NAMESPACES = frozenset(
-    "_c10d_functional _c10d_functional_autograd _dtensor _native _quantized _test aten c10d debug_mode_ops"
-    " debugprims export higher_order inductor inductor_prims mkl mkldnn mkldnn_prepacked onednn prims profiler"
-    " quantization quantized rngprims sparse static_runtime symm_mem".split()
-)
 # black takes about a millisecond a line; past this many characters of stage code (a GPT-2 XL
 # pipeline has 200,000) the stage files are formatted in parallel, one process per core.
 PARALLEL_FORMAT_CHARS = 100_000
@@ -337,13 +331,8 @@ class StageWriter:
         """The custom operators the stage calls (`torch.ops.mylib.scaled_tanh`): torch knows them
         only once the code that registers them (torch.library) has run, the model file or a
         library it imports, so the docstring names them for whoever runs the stage by hand."""
-        ops = set()
-        for node in self.plan.nodes:
-            if node.op == "call_function" and node.target.startswith("torch.ops."):
-                namespace, _, rest = node.target.removeprefix("torch.ops.").partition(".")
-                if namespace not in TORCH_OP_NAMESPACES:
-                    ops.add(f"torch.ops.{namespace}.{rest.partition('.')[0]}")
-        return sorted(ops)
+        ops = {library_op(node.target) for node in self.plan.nodes if node.op == "call_function"}
+        return sorted(f"torch.ops.{op.replace('::', '.')}" for op in ops if op)
 
     def source(self, model_file: str) -> str:
         """The stage module before black formats it."""

@@ -35,7 +35,7 @@ from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
 from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
-from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
+from .meta import annotate_meta, fails_only_on_meta, missing_fake_kernel, plain_failure_fix
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -288,11 +288,14 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
         with _quiet():
             model(**batch) if isinstance(batch, dict) else model(*batch)
     except Exception as exc:
+        where = user_frame(exc, model_file.path)
+        unfakeable = missing_fake_kernel(exc)
+        if unfakeable is not None:
+            return FtcError(f"{model_file.path}: {unfakeable.message}{where}", unfakeable.hint)
         if fails_only_on_meta(exc):
             return None
         names = inspect.signature(model.forward).parameters
         inputs = batch if isinstance(batch, dict) else dict(zip(names, batch))
-        where = user_frame(exc, model_file.path)
         return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {first_line(exc, limit=120)}{where}",
                         plain_failure_fix(inputs))  # fmt: skip
     return None

@@ -34,6 +34,8 @@ def function_expr(fn: Any, node_name: str) -> str:
     "operator.add", "getattr", "torch.ops.aten.view.default"."""
     if isinstance(fn, torch._ops.OpOverload):
         return f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
+    if isinstance(fn, torch._ops.OpOverloadPacket):  # torch.ops.mylib.twice(x): torch picks the overload
+        return f"torch.ops.{fn._qualified_op_name.replace('::', '.')}"
     name = getattr(fn, "__name__", None)
     module = getattr(fn, "__module__", None)
     candidates = []
@@ -261,8 +263,12 @@ def mutated_arg(op: str, target: str, kwargs: dict, module: torch.nn.Module | No
     return None
 
 
-def schema_mutated(op: torch._ops.OpOverload) -> int | None:
-    """Index of the first argument an operator's schema declares written (`Tensor(a!)`), or None."""
+def schema_mutated(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> int | None:
+    """Index of the first argument an operator's schema declares written (`Tensor(a!)`), or None;
+    for a packet called as is (`torch.ops.mylib.twice(x)`), its overloads' where they agree."""
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        written = {schema_mutated(getattr(op, name)) for name in op.overloads()}
+        return written.pop() if len(written) == 1 else None
     for index, argument in enumerate(op._schema.arguments):
         if argument.alias_info is not None and argument.alias_info.is_write:
             return index

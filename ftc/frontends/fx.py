@@ -294,7 +294,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             if fx_node.op == "call_function" and fx_node.target is F.scaled_dot_product_attention:
                 explained.extend(_attention_dropout(node, fx_node.meta.get("ftc_flag_reads", [])))
             module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
-            if isinstance(fx_node.target, torch._ops.OpOverload):  # a torch.library operator called directly
+            if isinstance(fx_node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):  # torch.library
                 node.mutates = schema_mutated(fx_node.target)
             else:
                 node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ftc.interpreter import Interpreter
+from ftc.interpreter import Interpreter, library_op
 from ftc.ir import FtcError, Graph, Meta, Node, OtherMeta, ScalarMeta, SeqMeta, TensorMeta
 from ftc.repeats import Repeats, repeat_key
 
@@ -55,6 +55,35 @@ def _value_shaped(exc: Exception) -> bool:
     if type(exc).__name__ in VALUE_SHAPE_TYPES:
         return True
     return fails_only_on_meta(exc) and VALUE_SHAPE_WORDS.search(str(exc)) is not None
+
+
+# What torch says when an operator of a library or of the model's own has no fake (meta) kernel:
+# torch.library.custom_op's words, a Library op's on meta tensors, and export's fake tensors' (an
+# exception whose text is the op's name, "mylib.twice.default").
+_NO_FAKE_KERNEL = re.compile(
+    r"no fake impl registered for <CustomOpDef\((\w+::\w+)\)>"
+    r"|^(\w+::\w+): attempted to run this operator with Meta tensors, but there was no fake impl"
+)
+
+
+def missing_fake_kernel(exc: Exception) -> FtcError | None:
+    """The error for a library's or the model's own operator that cannot run on the meta device
+    for want of a fake kernel, which torch.library leaves to the operator's author; None for
+    any other failure."""
+    said = str(exc).strip()
+    found = _NO_FAKE_KERNEL.search(said)
+    op = next(name for name in found.groups() if name) if found else None
+    if op is None and type(exc).__name__ == "UnsupportedOperatorException":
+        op = library_op(f"torch.ops.{said}")
+    if op is None or library_op("torch.ops." + op.replace("::", ".")) is None:
+        return None
+    decorator = f"@{op.partition('::')[2]}.register_fake" if "CustomOpDef" in said else f'@torch.library.register_fake("{op}")'
+    return FtcError(
+        f"the operator {op} has no fake kernel, which ftc needs: it runs the model on the meta device "
+        "(shapes, no data) to trace and profile it",
+        f"register one where the operator is defined (`{decorator}`): a function of the same arguments that "
+        "returns empty tensors of the outputs' shapes and dtypes (`torch.empty_like(x)`, `x.new_empty(shape)`)",
+    )
 
 
 def plain_failure_fix(inputs: dict[str, Any]) -> str:
@@ -97,6 +126,9 @@ class _Propagator(Interpreter):
             raise
         except Exception as exc:
             where = node.source or node.module_path or "forward"
+            unfakeable = missing_fake_kernel(exc)
+            if unfakeable is not None:
+                raise FtcError(f"node {node.name!r} ({where}): {unfakeable.message}", unfakeable.hint) from exc
             if _value_shaped(exc):
                 raise FtcError(
                     f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "

@@ -1,6 +1,8 @@
 """Operators of the model's own (torch.library.custom_op): one with a fake kernel for tracing and
 its own backward, called at two places, one on each side of a stage cut; one that returns
-nothing and counts the samples seen into a buffer (its schema declares the write)."""
+nothing and counts the samples seen into a buffer (its schema declares the write); and one
+defined the older way, a torch.library.Library of its own, which torch lets a process define
+once (a second import of this file would fail)."""
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,11 @@ def count_samples(counter: torch.Tensor, x: torch.Tensor) -> None:
     counter.add_(x.shape[0])
 
 
+_library = torch.library.Library("ftc_tests_lib", "DEF")
+_library.define("halve(Tensor x) -> Tensor")
+_library.impl("halve", lambda x: x / 2, "CompositeImplicitAutograd")
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -46,7 +53,7 @@ class Net(nn.Module):
         count_samples(self.seen, x)
         x = scaled_tanh(self.fc1(x), 2.0)
         x = scaled_tanh(self.fc2(x), 0.5)
-        return self.fc3(x)
+        return self.fc3(torch.ops.ftc_tests_lib.halve(x))
 
 
 def build_model():
