@@ -178,7 +178,8 @@ def import_file(
     if siblings:
         sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
+        with seeded(IMPORT_SEED):  # a top-level draw (a data set's fixed split) is the same on every rank
+            spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
         raise FtcError(f"{path}: importing the {what} raised {type(exc).__name__}: {exc}{user_frame(exc, path)}", hint) from exc
