@@ -357,3 +357,22 @@ def test_built_in_data_set_options_of_a_wrong_type_are_named_as_config_keys():
         with pytest.raises(FtcError, match=re.escape(error)):
             build_dataset(options, model_file)
     assert len(build_dataset({"name": "digits", "image": None}, model_file)) == 1797
+
+
+def test_a_data_set_files_top_level_draw_is_the_same_wherever_it_is_imported(tmp_path):
+    """Every rank imports the config's data-set file itself: a split drawn at its top level must
+    not depend on what the process drew before (ranks whose data differ refuse to train)."""
+    data_path = tmp_path / "shuffled.py"
+    data_path.write_text(
+        "import torch\n"
+        "ORDER = torch.randperm(6)\n"
+        "def shuffled():\n"
+        "    return [((torch.tensor([float(i)]),), torch.tensor([float(i)])) for i in ORDER.tolist()]\n"
+    )
+    model_file = load_model_file(EXAMPLES / "mlp.py")
+    orders = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        dataset = build_dataset({"name": "module", "module": f"{data_path}:shuffled"}, model_file)
+        orders.append([dataset[k][1].item() for k in range(6)])
+    assert orders[0] == orders[1]
