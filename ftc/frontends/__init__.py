@@ -30,10 +30,10 @@ from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
 
 from .common import user_source
-from .gradient_code import backward_hooks_kept, gradient_code_refused
+from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
-from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
+from .fx import BufferAssigned, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
@@ -62,6 +62,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
     model = _in_training_mode(model_file)
+    global_hooks_refused(model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
@@ -357,7 +358,7 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
-    elif names == ["torch.fx"] and isinstance(errors[0], StateUntraced):
+    elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked)):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], DrawnWhileTracing):
         fix = "compile with --frontend export or auto, or draw from a traced value (torch.rand_like(x))"

@@ -36,7 +36,7 @@ from .common import (
     user_source,
 )
 from .eval_mode import followed_notes, mode_branches
-from .gradient_code import GRADIENT_HOOKS, hook_refused
+from .gradient_code import GRADIENT_HOOKS, hook_name, hook_refused
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
@@ -191,6 +191,11 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
     state = state_table(model)
+    root_hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
+    if root_hooks:
+        raise RootHooked(
+            f"fx does not record the model's own forward hooks ({', '.join(map(hook_name, root_hooks))}); export does"
+        )
     tracer, fx_graph, branches = _traced(model, model_file, defaults, frozenset())
     trace_notes: list[str] = []
     if any(module is not model for module in tracer.read_flags_of):
@@ -405,6 +410,12 @@ class _EagerDraws(TorchDispatchMode):
             where = user_source(self.model_file) or self.model_file.path.name
             self.draws.append(f"{func.overloadpacket.__name__} at {where}")
         return func(*args, **(kwargs or {}))
+
+
+class RootHooked(BufferAssigned):
+    """The model itself has forward hooks or pre-hooks: fx traces `model.forward`, not the
+    model's call that runs them (it records the hooks of the modules inside); export traces the
+    call."""
 
 
 class StateUntraced(BufferAssigned):

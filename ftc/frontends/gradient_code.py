@@ -18,6 +18,9 @@ A module's backward hooks (`register_full_backward_hook`, `register_full_backwar
 layers and LEAF_MODULES whole and the stages adopt the module with its hooks, but a module traced
 through (or lowered by export) becomes its ops, and its hooks are gone, silently (fx only warns
 that the output is a Proxy).
+
+A global hook on every module's call (`register_module_forward_hook` and its kin) is the
+process's, not the model's, and no stage code can carry it: see global_hooks_refused.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def gradient_code_refused(model_file: ModelFile):
             setattr(owner, attr, original)
 
 
-def _hook_name(hook) -> str:
+def hook_name(hook) -> str:
     """'name (file.py:LINE)' of a hook callable, as far as Python can tell."""
     function = inspect.unwrap(getattr(hook, "func", hook))
     try:
@@ -173,8 +176,43 @@ def backward_hooks_kept(graph: Graph, model: torch.nn.Module, model_file: ModelF
                 "its hooks run), or hook a torch.nn layer inside it instead"
             )
         raise FtcError(
-            f"{model_file.path}: module {module_name} has backward hooks ({', '.join(map(_hook_name, hooks))}) but the "
+            f"{model_file.path}: module {module_name} has backward hooks ({', '.join(map(hook_name, hooks))}) but the "
             f"{graph.frontend} trace does not keep it whole: its ops go into the stage code, its hooks do not, so "
             "the stages would compute other gradients than the model",
             fix,
         )
+
+
+# torch's hooks on every module's call, by the function that registers each kind.
+GLOBAL_HOOKS = (
+    ("register_module_forward_pre_hook", "_global_forward_pre_hooks", "register_forward_pre_hook"),
+    ("register_module_forward_hook", "_global_forward_hooks", "register_forward_hook"),
+    ("register_module_full_backward_pre_hook", "_global_backward_pre_hooks", "register_full_backward_pre_hook"),
+    ("register_module_full_backward_hook", "_global_backward_hooks", "register_full_backward_hook"),
+)
+
+
+def global_hooks_refused(model_file: ModelFile) -> None:
+    """Raise an FtcError naming a hook on every module's call (`torch.nn.modules.module.
+    register_module_forward_hook` and its kin) that code outside torch registered, at the model
+    file's import or in build_model(). It is state of the process, not of the model: the trace
+    records it only inside the modules it goes into (fx not for the model itself), a layer the
+    stage code calls whole runs it again wherever the process registered it (export's stages
+    applied a scaling hook twice), and a process runs it as often as it imported the model file
+    (ftc check: twice)."""
+    registry = torch.nn.modules.module
+    for register, table, per_module in GLOBAL_HOOKS:
+        for hook in getattr(registry, table).values():
+            if getattr(inspect.unwrap(hook), "__module__", "").split(".")[0] == "torch":
+                continue  # torch's own (a ModuleTracker's while flops are counted)
+            name = hook_name(hook)
+            function = name.split(" (")[0]
+            modules = "modules" if "forward" in register else "torch.nn layers or LEAF_MODULES classes (the stages call those whole)"
+            raise FtcError(
+                f"{model_file.path}: {register} registered the global hook {name}, which runs on every module's "
+                "call: the stage code cannot carry it (a trace records it only inside the modules it goes into, and "
+                "a process runs it again on every layer the stages call whole, as many times as it registered it), "
+                "so the stages would compute other values than the model",
+                f"register it on the {modules} it is for, in build_model() (`for module in model.modules(): "
+                f"module.{per_module}({function})`), instead of globally",
+            )
