@@ -1713,3 +1713,50 @@ def test_a_tensor_made_from_python_numbers_reads_as_the_torch_tensor_call(tmp_pa
     for batch_size in (3, 5):
         assert_check_passes(folder, batch_size=batch_size)
 
+
+CHANGED_LITERAL = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        offset = torch.tensor([0.0, 1.0, 2.0, 3.0])
+        offset.add_(h.mean(0))
+        return self.b(h + offset)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+def test_a_tensor_of_python_numbers_changed_in_place_is_traced_by_export(tmp_path, compile_to):
+    """fx recorded `offset.add_(...)` on a constant of its own and read `h + offset` from a
+    second, unchanged one: the stages left the change out (and the first constant, a stage
+    buffer, added up the changes call by call). fx now refuses it by line; auto takes export."""
+    path = tmp_path / "changed_literal.py"
+    path.write_text(CHANGED_LITERAL)
+    with pytest.raises(FtcError) as caught:
+        compile_to(path, 2, frontend="fx")
+    assert "changed_literal.py:16: a torch.tensor(...) changed in place" in caught.value.message
+    assert "--frontend export or auto" in caught.value.hint
+    folder = compile_to(path, 2)
+    assert json.loads((folder / "ir.json").read_text())["frontend"] == "export"
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)

@@ -33,7 +33,7 @@ from .common import user_source
 from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
-from .fx import BufferAssigned, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced, trace_fx
+from .fx import BufferAssigned, ConstantChanged, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
 
@@ -358,7 +358,7 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
-    elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked)):
+    elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked, ConstantChanged)):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], DrawnWhileTracing):
         fix = "compile with --frontend export or auto, or draw from a traced value (torch.rand_like(x))"

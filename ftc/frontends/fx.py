@@ -299,6 +299,15 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 explained.extend(_attention_dropout(node, fx_node.meta.get("ftc_flag_reads", [])))
             module = root.get_submodule(fx_node.target) if fx_node.op == "call_module" else None
             node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
+            changed = fx_node.args[node.mutates] if node.mutates is not None and fx_node.args else None
+            if isinstance(changed, fx.Node) and changed.op == "get_attr" and changed.target.startswith("_tensor_constant"):
+                # `t = torch.tensor([...]); t.add_(h)`: fx records the change on a constant of its
+                # own and makes another for each later read of t, which then misses the change
+                # (and the first constant, a stage buffer, would add up the changes call by call)
+                raise ConstantChanged(
+                    f"{fx_node.meta.get('ftc_source') or model_file.path.name}: a torch.tensor(...) changed in place: "
+                    "fx loses the change, export records it"
+                )
         names[fx_node] = node.name
         nodes.append(node)
 
@@ -416,6 +425,11 @@ class RootHooked(BufferAssigned):
     """The model itself has forward hooks or pre-hooks: fx traces `model.forward`, not the
     model's call that runs them (it records the hooks of the modules inside); export traces the
     call."""
+
+
+class ConstantChanged(BufferAssigned):
+    """forward makes a tensor from Python values and changes it in place with a traced value;
+    export traces both."""
 
 
 class StateUntraced(BufferAssigned):
