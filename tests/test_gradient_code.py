@@ -419,3 +419,14 @@ def test_forward_hooks_on_every_module_keep_the_models_outputs_and_gradients(tmp
     compiled = compile_model(path, tmp_path / "auto", CompileOptions(stages=2))
     assert compiled.graph.frontend == "export"
     assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+def test_a_custom_function_in_a_leaf_module_under_export_names_the_frontend_as_the_fix(tmp_path):
+    # The hint said to list a module's class in LEAF_MODULES, where the class was listed already:
+    # export traces into it, fx keeps it whole.
+    path = tmp_path / "ste_leaf.py"
+    path.write_text(MODEL.replace("CALL", "self.clamp(layer(x))") + "\nLEAF_MODULES = (Clamp,)\n")
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "custom autograd.Function HalfGradient at ste_leaf.py:" in caught.value.message
+    assert caught.value.hint.startswith("Clamp is in LEAF_MODULES already") and "--frontend fx or auto" in caught.value.hint

@@ -87,6 +87,17 @@ def _library_caller(frame, code: CodeFiles) -> tuple[str, str] | None:
     )
 
 
+def _leaf_caller(frame, model_file: ModelFile) -> str | None:
+    """The class of the innermost LEAF_MODULES module whose method is on the stack, if any: under
+    export, which traces into such modules, the call was made inside one."""
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if model_file.leaf_modules and isinstance(owner, model_file.leaf_modules):
+            return type(owner).__qualname__
+        frame = frame.f_back
+    return None
+
+
 @contextlib.contextmanager
 def gradient_code_refused(model_file: ModelFile):
     """While tracing, calling a Function defined outside torch, or a tensor hook from the model
@@ -100,11 +111,18 @@ def gradient_code_refused(model_file: ModelFile):
         if not cls.__module__.split(".")[0] == "torch":
             where = user_source(model_file) or model_file.path.name
             library = _library_caller(sys._getframe(1), code)
+            leaf = _leaf_caller(sys._getframe(1), model_file)
+            fix = (
+                f"{leaf} is in LEAF_MODULES already, which torch.export traces into: compile with --frontend fx or "
+                "auto, which keep it whole"
+                if leaf
+                else LEAF_FIX + (library[1] if library else "")
+            )
             raise FtcError(
                 f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}"
                 f"{library[0] if library else ''}: neither torch.fx nor torch.export keeps its backward (they "
                 "trace its forward's ops, so the stages would compute other gradients than the model)",
-                LEAF_FIX + (library[1] if library else ""),
+                fix,
             )
         return original_apply.__func__(cls, *args, **kwargs)
 
