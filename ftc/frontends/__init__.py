@@ -326,6 +326,18 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
     )
 
 
+def _packs_sequences(exc: BaseException) -> bool:
+    """Whether the trace failed in torch's packing of padded sequences (pack_padded_sequence)
+    or in a function holding a PackedSequence (an RNN given one)."""
+    packing = Path(torch.__file__).parent / "nn" / "utils" / "rnn.py"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if Path(frame.f_code.co_filename) == packing or any(
+            isinstance(value, torch.nn.utils.rnn.PackedSequence) for value in frame.f_locals.values()
+        ):
+            return True
+    return False
+
+
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:
     """One error for a failed trace: where in the model file it failed and why, per tracer."""
     names = ["torch.fx", "torch.export"] if len(errors) == 2 else [tracers]
@@ -356,6 +368,10 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "follow: pass validate_args=False where forward makes the distribution (Normal(mu, std, "
                "validate_args=False)), or, where a library makes it, call "
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
+    if any(_packs_sequences(exc) for exc in errors):
+        fix = ("a PackedSequence is sized by the lengths' values, which no tracer can follow: do the packing, the "
+               "RNN and the unpacking inside one torch.nn.Module, list its class in LEAF_MODULES and compile with "
+               "--frontend fx or auto (fx keeps it whole); or run the RNN on the padded batch and mask its outputs")  # fmt: skip
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked, ConstantChanged)):
