@@ -205,6 +205,9 @@ CASES = [
     (aten.arange.default, (5,), {"dtype": torch.int64}),
     (aten.arange.start, (2, 7), {}),
     (aten.arange.start_step, (0, 9, 2), {"device": torch.device("cpu")}),
+    (aten.scalar_tensor.default, (8,), {"dtype": torch.float32, "device": torch.device("cpu"), "pin_memory": False}),
+    (aten.scalar_tensor.default, (2.5,), {"dtype": torch.float64}),
+    (aten.scalar_tensor.default, (3,), {}),  # kept: the default float dtype, where torch.tensor(3) is int64
     (aten.linspace.default, (0.5, 7.5, 8), {"dtype": torch.float32, "pin_memory": False}),
     (aten.linspace.default, (-1, 1, 5), {"dtype": torch.float64}),
     (aten.ones.default, ([2, 3],), {"dtype": torch.bool}),
@@ -473,7 +476,8 @@ def test_lowered_call_computes_what_the_aten_op_computes(op, args, kwargs):
     call = lower(op, args, kwargs)
     torch.manual_seed(0)
     if call is None:  # kept as the ATen call; only where the torch spelling could not be exact
-        assert (op_key(op), kwargs) in [("add.Tensor", {"alpha": 2}), ("index_put_.default", {"accumulate": True})], (
+        assert (op_key(op), kwargs) in [("add.Tensor", {"alpha": 2}), ("index_put_.default", {"accumulate": True}),
+                                      ("scalar_tensor.default", {})], (
             f"{op} was not lowered"
         )
         return
@@ -1659,3 +1663,100 @@ def test_an_unproven_batch_equation_is_tried_where_a_min_with_a_constant_turns()
     assert _holds_at_sizes("Eq(16*s0*Min(32, 512*s0), 512*s0)", _trial_sizes(8))
     assert not _holds_at_sizes("Eq(Min(64, s0), s0)", _trial_sizes(8))
     assert not _holds_at_sizes("Eq(Max(s0, 5000), 5000)", _trial_sizes(8))
+
+
+TENSOR_LITERALS = """
+import torch
+import torch.nn as nn
+
+SCALES = [0.5, 1.0, 2.0, 4.0]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x) * torch.tensor([0.5, 1.0, 2.0, 4.0])
+        h = h + torch.tensor(SCALES, dtype=torch.float64, device=x.device)
+        count = torch.tensor(x.shape[0], dtype=torch.float32)
+        h = h / count + torch.tensor(x.shape[-1])
+        order = torch.tensor([3, 2, 1, 0])
+        return self.out(h[:, order].float())
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+def test_a_tensor_made_from_python_numbers_reads_as_the_torch_tensor_call(tmp_path, compile_to):
+    """export records torch.tensor([...]) as a fresh copy of a lifted constant, detached, and
+    torch.tensor(x.shape[0], dtype=...) as scalar_tensor, a `to` and a detach_: the stages read
+    `self.const_0.clone()` then `.detach_()`. They now read the call the model made, on the
+    stage's device, and compute what the model does at other batch sizes."""
+    path = tmp_path / "literals.py"
+    path.write_text(TENSOR_LITERALS)
+    folder = compile_to(path, 1, batch_size=4, frontend="export")
+    code = re.sub(r"\s+", "", (folder / "stage0.py").read_text())  # as black wraps it or not
+    assert "tensor=torch.tensor([0.5,1.0,2.0,4.0],device=device)" in code
+    assert "torch.tensor([0.5,1.0,2.0,4.0],dtype=torch.float64,device=device)" in code
+    assert "count=torch.tensor(batch,dtype=torch.float32,device=device)" in code
+    assert "torch.tensor(4,device=device)" in code and "order=torch.tensor([3,2,1,0],device=device)" in code
+    assert "clone()" not in code and "detach_" not in code and "register_buffer" not in code
+    for batch_size in (3, 5):
+        assert_check_passes(folder, batch_size=batch_size)
+
+
+CHANGED_LITERAL = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        offset = torch.tensor([0.0, 1.0, 2.0, 3.0])
+        offset.add_(h.mean(0))
+        return self.b(h + offset)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+def test_a_tensor_of_python_numbers_changed_in_place_is_traced_by_export(tmp_path, compile_to):
+    """fx recorded `offset.add_(...)` on a constant of its own and read `h + offset` from a
+    second, unchanged one: the stages left the change out (and the first constant, a stage
+    buffer, added up the changes call by call). fx now refuses it by line; auto takes export."""
+    path = tmp_path / "changed_literal.py"
+    path.write_text(CHANGED_LITERAL)
+    with pytest.raises(FtcError) as caught:
+        compile_to(path, 2, frontend="fx")
+    assert "changed_literal.py:16: a torch.tensor(...) changed in place" in caught.value.message
+    assert "--frontend export or auto" in caught.value.hint
+    folder = compile_to(path, 2)
+    assert json.loads((folder / "ir.json").read_text())["frontend"] == "export"
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)

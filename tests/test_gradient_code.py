@@ -8,8 +8,10 @@ module that does it, kept whole by fx) must give the model's gradients."""
 from __future__ import annotations
 
 import pytest
+import torch
 from ftc.check import check_pipeline
 from ftc.compiler import CompileOptions, compile_model
+from ftc.frontends.gradient_code import GLOBAL_HOOKS
 from ftc.ir import FtcError
 
 MODEL = """
@@ -325,3 +327,106 @@ def test_a_backward_hook_on_a_leaf_module_keeps_the_models_gradients(tmp_path):
     # ftc check compares the stages' gradients with the original model's, where the hook
     # amplifies them below blocks.1; the stage code calls the block, and so its hook.
     assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+HOOKED_EVERYWHERE = """
+import torch
+import torch.nn as nn
+
+
+def halve(module, inputs, output):
+    if isinstance(module, (Block, Net)):
+        return output * 0.5
+    return None
+
+
+def count_gradients(module, grad_input, grad_output):
+    module.backward_calls = getattr(module, "backward_calls", 0) + 1
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.linear(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block() for _ in range(4)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build_model():
+    model = Net()
+    REGISTER
+    return model
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+@pytest.fixture
+def global_hooks_restored():
+    """The model file registers its global hook in this process; later tests must not run it."""
+    registry = torch.nn.modules.module
+    tables = [getattr(registry, table) for _, table, _ in GLOBAL_HOOKS]
+    saved = [dict(table) for table in tables]
+    yield
+    for table, entries in zip(tables, saved):
+        table.clear()
+        table.update(entries)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize(("register", "per_module"), [
+    ("torch.nn.modules.module.register_module_forward_hook(halve)", "register_forward_hook(halve)"),
+    ("torch.nn.modules.module.register_module_full_backward_hook(count_gradients)",
+     "register_full_backward_hook(count_gradients)"),
+])  # fmt: skip
+def test_a_global_module_hook_is_refused_by_name(frontend, register, per_module, tmp_path, global_hooks_restored):
+    # fx recorded the hook inside the blocks it traced into and dropped it on the model itself;
+    # export's stages ran it once more on the layers they call whole; and ftc check, which
+    # imports the model file twice, ran it twice on the original model: wrong values either way.
+    path = tmp_path / "global_hook.py"
+    path.write_text(HOOKED_EVERYWHERE.replace("REGISTER", register))
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    function = register.split(".")[-1].split("(")[0]
+    assert f"{function} registered the global hook " in caught.value.message
+    assert "(global_hook.py:" in caught.value.message
+    assert f"module.{per_module}" in caught.value.hint
+
+
+def test_forward_hooks_on_every_module_keep_the_models_outputs_and_gradients(tmp_path):
+    # The fix the refusal names. fx traced the model's forward, not its call, and so dropped the
+    # hook on the model itself (outputs 2x the model's); auto now takes export, which records it.
+    path = tmp_path / "hooked_modules.py"
+    path.write_text(HOOKED_EVERYWHERE.replace("REGISTER", "for module in model.modules():\n        module.register_forward_hook(halve)"))
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "fx", CompileOptions(stages=2, frontend="fx"))
+    assert "fx does not record the model's own forward hooks (halve (hooked_modules.py:6))" in caught.value.message
+    compiled = compile_model(path, tmp_path / "auto", CompileOptions(stages=2))
+    assert compiled.graph.frontend == "export"
+    assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+def test_a_custom_function_in_a_leaf_module_under_export_names_the_frontend_as_the_fix(tmp_path):
+    # The hint said to list a module's class in LEAF_MODULES, where the class was listed already:
+    # export traces into it, fx keeps it whole.
+    path = tmp_path / "ste_leaf.py"
+    path.write_text(MODEL.replace("CALL", "self.clamp(layer(x))") + "\nLEAF_MODULES = (Clamp,)\n")
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "custom autograd.Function HalfGradient at ste_leaf.py:" in caught.value.message
+    assert caught.value.hint.startswith("Clamp is in LEAF_MODULES already") and "--frontend fx or auto" in caught.value.hint

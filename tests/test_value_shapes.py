@@ -105,6 +105,21 @@ def test_a_leaf_module_that_refuses_zero_lengths_compiles_and_trains_exactly(tmp
     assert_local_trains_like_single(compiled.folder)
 
 
+@pytest.mark.parametrize("frontend", ["auto", "export"])
+def test_packing_outside_a_leaf_module_names_the_leaf_module_as_the_fix(frontend, tmp_path):
+    """Packed in the model's own forward, the trace failed with fx's `__cuda_array_interface__
+    must be a dict` and export's `zeros(): argument 'size' ... FakeTensor`, and the fix said to
+    make forward's Python independent of tensor values."""
+    path = tmp_path / "packed_inline.py"
+    path.write_text(
+        (MODELS / "packed_lstm.py").read_text().replace("LEAF_MODULES = (PackedLSTM,)", "")
+    )
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    assert caught.value.hint.startswith("a PackedSequence is sized by the lengths' values")
+    assert "list its class in LEAF_MODULES and compile with --frontend fx or auto" in caught.value.hint
+
+
 def test_a_leaf_module_that_fails_on_stand_in_inputs_says_they_were_stand_ins(tmp_path):
     path = tmp_path / "picky.py"
     path.write_text(

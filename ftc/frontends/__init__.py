@@ -30,10 +30,10 @@ from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
 
 from .common import user_source
-from .gradient_code import backward_hooks_kept, gradient_code_refused
+from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
 from .draws import draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
-from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
+from .fx import BufferAssigned, ConstantChanged, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, missing_fake_kernel, plain_failure_fix
 
@@ -62,6 +62,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
     model = _in_training_mode(model_file)
+    global_hooks_refused(model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
@@ -328,6 +329,18 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
     )
 
 
+def _packs_sequences(exc: BaseException) -> bool:
+    """Whether the trace failed in torch's packing of padded sequences (pack_padded_sequence)
+    or in a function holding a PackedSequence (an RNN given one)."""
+    packing = Path(torch.__file__).parent / "nn" / "utils" / "rnn.py"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if Path(frame.f_code.co_filename) == packing or any(
+            isinstance(value, torch.nn.utils.rnn.PackedSequence) for value in frame.f_locals.values()
+        ):
+            return True
+    return False
+
+
 def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> FtcError:
     """One error for a failed trace: where in the model file it failed and why, per tracer."""
     names = ["torch.fx", "torch.export"] if len(errors) == 2 else [tracers]
@@ -358,9 +371,13 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "follow: pass validate_args=False where forward makes the distribution (Normal(mu, std, "
                "validate_args=False)), or, where a library makes it, call "
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
+    if any(_packs_sequences(exc) for exc in errors):
+        fix = ("a PackedSequence is sized by the lengths' values, which no tracer can follow: do the packing, the "
+               "RNN and the unpacking inside one torch.nn.Module, list its class in LEAF_MODULES and compile with "
+               "--frontend fx or auto (fx keeps it whole); or run the RNN on the padded batch and mask its outputs")  # fmt: skip
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
-    elif names == ["torch.fx"] and isinstance(errors[0], StateUntraced):
+    elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked, ConstantChanged)):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], DrawnWhileTracing):
         fix = "compile with --frontend export or auto, or draw from a traced value (torch.rand_like(x))"

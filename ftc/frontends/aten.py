@@ -638,6 +638,9 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "randn.default": _factory_call("torch.randn", "size"),
     "randint.default": _randint("high", "size"),
     "randint.low": _randint("low", "high", "size"),  # DAC's quantizer dropout
+    # torch.tensor(n, dtype=...) of a Python number from a shape (`torch.tensor(x.shape[0])`); with
+    # no dtype, scalar_tensor makes the default float dtype, where torch.tensor would infer one
+    "scalar_tensor.default": lambda a: None if a["dtype"] is None else _factory_call("torch.tensor", "s")(a),
     "linspace.default": _factory_call("torch.linspace", "start", "end", "steps"),  # Deformable DETR's reference points
     "rand_like.default": _like("torch.rand_like", "self"),
     "randn_like.default": _like("torch.randn_like", "self"),

@@ -256,7 +256,7 @@ def trace_export(
 
     # what the traced ops computed, by value name: tidy's rewrites depend on ranks and dtypes
     values = {names[n]: n.meta.get("val") for n in program.graph.nodes if n in names}
-    nodes, outputs.values = tidy(nodes, outputs.values, values)
+    nodes, outputs.values = tidy(nodes, outputs.values, values, constants)
     # a module called whole where it ran ops computes none that the graph lowers op by op
     lowered = {node.module_path for node in nodes if node.op != "call_module"}
     followed = [branch for branch in branches if branch.callable_whole and not any(

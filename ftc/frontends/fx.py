@@ -37,7 +37,7 @@ from .common import (
     user_source,
 )
 from .eval_mode import followed_notes, mode_branches
-from .gradient_code import GRADIENT_HOOKS, hook_refused
+from .gradient_code import GRADIENT_HOOKS, hook_name, hook_refused
 
 _CONTAINERS = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
 
@@ -192,6 +192,11 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
     fed, defaults = input_names(model, example)
     state = state_table(model)
+    root_hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
+    if root_hooks:
+        raise RootHooked(
+            f"fx does not record the model's own forward hooks ({', '.join(map(hook_name, root_hooks))}); export does"
+        )
     tracer, fx_graph, branches = _traced(model, model_file, defaults, frozenset())
     trace_notes: list[str] = []
     if any(module is not model for module in tracer.read_flags_of):
@@ -298,6 +303,15 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 node.mutates = schema_mutated(fx_node.target)
             else:
                 node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
+            changed = fx_node.args[node.mutates] if node.mutates is not None and fx_node.args else None
+            if isinstance(changed, fx.Node) and changed.op == "get_attr" and changed.target.startswith("_tensor_constant"):
+                # `t = torch.tensor([...]); t.add_(h)`: fx records the change on a constant of its
+                # own and makes another for each later read of t, which then misses the change
+                # (and the first constant, a stage buffer, would add up the changes call by call)
+                raise ConstantChanged(
+                    f"{fx_node.meta.get('ftc_source') or model_file.path.name}: a torch.tensor(...) changed in place: "
+                    "fx loses the change, export records it"
+                )
         names[fx_node] = node.name
         nodes.append(node)
 
@@ -409,6 +423,17 @@ class _EagerDraws(TorchDispatchMode):
             where = user_source(self.model_file) or self.model_file.path.name
             self.draws.append(f"{func.overloadpacket.__name__} at {where}")
         return func(*args, **(kwargs or {}))
+
+
+class RootHooked(BufferAssigned):
+    """The model itself has forward hooks or pre-hooks: fx traces `model.forward`, not the
+    model's call that runs them (it records the hooks of the modules inside); export traces the
+    call."""
+
+
+class ConstantChanged(BufferAssigned):
+    """forward makes a tensor from Python values and changes it in place with a traced value;
+    export traces both."""
 
 
 class StateUntraced(BufferAssigned):

@@ -18,6 +18,9 @@ A module's backward hooks (`register_full_backward_hook`, `register_full_backwar
 layers and LEAF_MODULES whole and the stages adopt the module with its hooks, but a module traced
 through (or lowered by export) becomes its ops, and its hooks are gone, silently (fx only warns
 that the output is a Proxy).
+
+A global hook on every module's call (`register_module_forward_hook` and its kin) is the
+process's, not the model's, and no stage code can carry it: see global_hooks_refused.
 """
 
 from __future__ import annotations
@@ -84,6 +87,17 @@ def _library_caller(frame, code: CodeFiles) -> tuple[str, str] | None:
     )
 
 
+def _leaf_caller(frame, model_file: ModelFile) -> str | None:
+    """The class of the innermost LEAF_MODULES module whose method is on the stack, if any: under
+    export, which traces into such modules, the call was made inside one."""
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if model_file.leaf_modules and isinstance(owner, model_file.leaf_modules):
+            return type(owner).__qualname__
+        frame = frame.f_back
+    return None
+
+
 @contextlib.contextmanager
 def gradient_code_refused(model_file: ModelFile):
     """While tracing, calling a Function defined outside torch, or a tensor hook from the model
@@ -97,11 +111,18 @@ def gradient_code_refused(model_file: ModelFile):
         if not cls.__module__.split(".")[0] == "torch":
             where = user_source(model_file) or model_file.path.name
             library = _library_caller(sys._getframe(1), code)
+            leaf = _leaf_caller(sys._getframe(1), model_file)
+            fix = (
+                f"{leaf} is in LEAF_MODULES already, which torch.export traces into: compile with --frontend fx or "
+                "auto, which keep it whole"
+                if leaf
+                else LEAF_FIX + (library[1] if library else "")
+            )
             raise FtcError(
                 f"{model_file.path}: forward calls the custom autograd.Function {cls.__qualname__} at {where}"
                 f"{library[0] if library else ''}: neither torch.fx nor torch.export keeps its backward (they "
                 "trace its forward's ops, so the stages would compute other gradients than the model)",
-                LEAF_FIX + (library[1] if library else ""),
+                fix,
             )
         return original_apply.__func__(cls, *args, **kwargs)
 
@@ -146,7 +167,7 @@ def gradient_code_refused(model_file: ModelFile):
             setattr(owner, attr, original)
 
 
-def _hook_name(hook) -> str:
+def hook_name(hook) -> str:
     """'name (file.py:LINE)' of a hook callable, as far as Python can tell."""
     function = inspect.unwrap(getattr(hook, "func", hook))
     try:
@@ -173,8 +194,43 @@ def backward_hooks_kept(graph: Graph, model: torch.nn.Module, model_file: ModelF
                 "its hooks run), or hook a torch.nn layer inside it instead"
             )
         raise FtcError(
-            f"{model_file.path}: module {module_name} has backward hooks ({', '.join(map(_hook_name, hooks))}) but the "
+            f"{model_file.path}: module {module_name} has backward hooks ({', '.join(map(hook_name, hooks))}) but the "
             f"{graph.frontend} trace does not keep it whole: its ops go into the stage code, its hooks do not, so "
             "the stages would compute other gradients than the model",
             fix,
         )
+
+
+# torch's hooks on every module's call, by the function that registers each kind.
+GLOBAL_HOOKS = (
+    ("register_module_forward_pre_hook", "_global_forward_pre_hooks", "register_forward_pre_hook"),
+    ("register_module_forward_hook", "_global_forward_hooks", "register_forward_hook"),
+    ("register_module_full_backward_pre_hook", "_global_backward_pre_hooks", "register_full_backward_pre_hook"),
+    ("register_module_full_backward_hook", "_global_backward_hooks", "register_full_backward_hook"),
+)
+
+
+def global_hooks_refused(model_file: ModelFile) -> None:
+    """Raise an FtcError naming a hook on every module's call (`torch.nn.modules.module.
+    register_module_forward_hook` and its kin) that code outside torch registered, at the model
+    file's import or in build_model(). It is state of the process, not of the model: the trace
+    records it only inside the modules it goes into (fx not for the model itself), a layer the
+    stage code calls whole runs it again wherever the process registered it (export's stages
+    applied a scaling hook twice), and a process runs it as often as it imported the model file
+    (ftc check: twice)."""
+    registry = torch.nn.modules.module
+    for register, table, per_module in GLOBAL_HOOKS:
+        for hook in getattr(registry, table).values():
+            if getattr(inspect.unwrap(hook), "__module__", "").split(".")[0] == "torch":
+                continue  # torch's own (a ModuleTracker's while flops are counted)
+            name = hook_name(hook)
+            function = name.split(" (")[0]
+            modules = "modules" if "forward" in register else "torch.nn layers or LEAF_MODULES classes (the stages call those whole)"
+            raise FtcError(
+                f"{model_file.path}: {register} registered the global hook {name}, which runs on every module's "
+                "call: the stage code cannot carry it (a trace records it only inside the modules it goes into, and "
+                "a process runs it again on every layer the stages call whole, as many times as it registered it), "
+                "so the stages would compute other values than the model",
+                f"register it on the {modules} it is for, in build_model() (`for module in model.modules(): "
+                f"module.{per_module}({function})`), instead of globally",
+            )

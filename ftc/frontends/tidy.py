@@ -10,7 +10,10 @@ views of the same memory where they were views, the same gradients), whatever th
 - a chain of unsqueezes, slices and integer selections, each read only by the next, is one
   basic index (`x[:, None, :4]`), which makes the same view;
 - `x.to(dtype=torch.bool, device=device)` of a bool tensor on the stage's device is x (Tensor.to
-  returns the tensor itself when nothing changes);
+  returns the tensor itself when nothing changes), and so is any `x.to(device, dtype=...)` of a
+  tensor of that dtype there;
+- `t.detach_()` of a tensor a torch.tensor call just made and nothing else reads is t (it has no
+  gradient history to cut);
 - `t + 0`, for an integer tensor t that an arange just made and nothing else reads, is t;
 - `True & m` and `False | m` (a 0-dim bool made for it, as mask helpers start their loops), for
   a bool m that a comparison just made and nothing else reads, is m;
@@ -21,18 +24,25 @@ views of the same memory where they were views, the same gradients), whatever th
   or what the write returns, are `x[:, 0] = 2` and `x[:, 1:] = y`, as the model wrote them
   (Python's index assignment is that copy into that view: the same values and gradients).
 
+- `c = self.const_0.clone(); t = c.detach_()`, where each step is all that reads the one before,
+  is `t = torch.tensor([0.5, 1.0], device=device)`, as the model wrote it: export records
+  `torch.tensor(...)` of Python numbers as a fresh copy of a lifted constant, detached (a new tensor
+  with the same values and dtype, which nothing's gradient reaches), and the constant is dropped
+  where nothing else reads it. The dtype is written where torch.tensor would not infer it.
+
 `values` gives the traced value (a FakeTensor, or a Python or symbolic number) of each node the
 lowering made from one ATen op, by the node's name; a node without one is left as it is.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import torch
 
-from ftc.ir import Node, Ref, TorchExpr, map_refs
+from ftc.ir import Constant, Node, Ref, TorchExpr, map_refs
 
 STAGE_DEVICE = TorchExpr("device")
 # The device export traces on, which the stage's device stands for (export.TRACE_DEVICE).
@@ -43,10 +53,13 @@ REPEATABLE = {("call_function", "torch.arange"), ("call_method", "unsqueeze"), (
               ("call_function", "operator.getitem")}  # fmt: skip
 
 
-def tidy(nodes: list[Node], outputs: list[Ref], values: dict[str, Any]) -> tuple[list[Node], list[Ref]]:
+def tidy(
+    nodes: list[Node], outputs: list[Ref], values: dict[str, Any], constants: dict[str, Constant]
+) -> tuple[list[Node], list[Ref]]:
     """The nodes with the rewrites above made, and the outputs renamed where a value became
-    another."""
+    another; `constants` loses those that became torch.tensor calls."""
     state = _Tidy(nodes, outputs, values)
+    state.write_literals(constants)
     state.merge_index_chains()
     state.assign_views()
     state.drop_no_ops()
@@ -89,6 +102,36 @@ class _Tidy:
         if not isinstance(arg, Ref):
             return None
         return next((node for node in self.nodes if node.name == arg.name), None)
+
+    # -- tensors made from Python numbers ------------------------------------------------
+
+    def write_literals(self, constants: dict[str, Constant]) -> None:
+        """`self.const_0.clone().detach_()` -> `torch.tensor([...], device=device)`."""
+        readers = self.readers()
+        for detach in list(self.nodes):
+            if (detach.op, detach.target, detach.kwargs) != ("call_method", "detach_", {}) or len(detach.args) != 1:
+                continue
+            clone = self.made_by(detach.args[0])
+            if clone is None or (clone.op, clone.target, clone.kwargs) != ("call_method", "clone", {}) \
+                    or len(clone.args) != 1 or not self.only_reader(clone.name, detach, readers):  # fmt: skip
+                continue
+            source = self.made_by(clone.args[0])
+            if source is None or source.op != "get_attr" or source.target not in constants \
+                    or not self.only_reader(source.name, clone, readers):  # fmt: skip
+                continue
+            constant = constants[source.target]
+            if not all(math.isfinite(number) for number in _numbers(constant.data)):
+                continue  # inf and nan have no literal; the buffer keeps them
+            dtype = getattr(torch, constant.dtype)
+            kwargs = {} if torch.tensor(constant.data).dtype == dtype else {"dtype": TorchExpr(f"torch.{constant.dtype}")}
+            detach.op, detach.target, detach.args = "call_function", "torch.tensor", (constant.data,)
+            detach.kwargs = {**kwargs, "device": STAGE_DEVICE}
+            detach.mutates = None
+            if detach.label in ("", "detach_"):
+                detach.label = "tensor"  # where the model names no variable, after the call, not export's op
+            self.nodes = [node for node in self.nodes if node.name not in (clone.name, source.name)]
+            if not any(node.op == "get_attr" and node.target == source.target for node in self.nodes):
+                del constants[source.target]
 
     # -- index chains --------------------------------------------------------------------
 
@@ -199,24 +242,42 @@ class _Tidy:
             changed = False
             readers = self.readers()
             for node in self.nodes:
+                if self.fold_detach(node, readers):
+                    changed = True
+                    break
                 kept = self.no_op_of(node, readers)
                 if kept is not None:
                     self.replace(node.name, kept)
                     changed = True
                     break
 
+    def fold_detach(self, node: Node, readers: dict[str, list[Node]]) -> bool:
+        """`t = torch.tensor(n, ...); count = t.detach_()` -> `count = torch.tensor(n, ...)`, the
+        value named as the model named it."""
+        if (node.op, node.target, node.kwargs, len(node.args)) != ("call_method", "detach_", {}, 1):
+            return False
+        made = self.made_by(node.args[0])
+        if made is None or (made.op, made.target) != ("call_function", "torch.tensor") \
+                or not self.only_reader(made.name, node, readers):  # fmt: skip
+            return False
+        node.op, node.target, node.args, node.kwargs, node.mutates = made.op, made.target, made.args, made.kwargs, None
+        self.values[node.name] = self.values.get(made.name)
+        self.nodes = [n for n in self.nodes if n.name != made.name]
+        return True
+
     def no_op_of(self, node: Node, readers: dict[str, list[Node]]) -> str | None:
         """The value `node` computes when it is one of its inputs, as the module doc says."""
         if not self.unchanged(node) or not node.args or not isinstance(node.args[0], Ref):
             return None
         x = self.tensor(node.args[0])
-        # x.to(dtype=torch.bool, device=device) of a bool tensor on the stage's device
+        # x.to(dtype=x.dtype, device=device) of a tensor on the stage's device
         if node.op == "call_method" and node.target == "to" and node.args[1:] in ((), (STAGE_DEVICE,)) and x is not None:
-            wanted = {"dtype": TorchExpr("torch.bool"), "device": STAGE_DEVICE}
+            wanted = {"dtype": TorchExpr(str(x.dtype)), "device": STAGE_DEVICE}
             if set(node.kwargs) <= set(wanted) and all(node.kwargs[k] == wanted[k] for k in node.kwargs) \
-                    and x.dtype == torch.bool and x.device.type == TRACE_DEVICE_TYPE:  # fmt: skip
+                    and x.device.type == TRACE_DEVICE_TYPE:  # fmt: skip
                 return node.args[0].name
             return None
+
         if node.op != "call_function" or node.kwargs or len(node.args) != 2:
             return None
         # t + 0 of an integer tensor an arange just made
@@ -299,3 +360,8 @@ def _compose(first: list, second: list) -> list | None:
 def _selects(item: Any) -> bool:
     """An index item that takes one position and drops the dimension."""
     return item is not None and not isinstance(item, slice)
+
+
+def _numbers(data: Any) -> list:
+    """The numbers of a nested list, flat."""
+    return [n for item in data for n in _numbers(item)] if isinstance(data, list) else [data]
