@@ -303,7 +303,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
                 node.mutates = schema_mutated(fx_node.target)
             else:
                 node.mutates = mutated_arg(fx_node.op, node.target, node.kwargs, module)
-            changed = fx_node.args[node.mutates] if node.mutates is not None and fx_node.args else None
+            changed = fx_node.args[node.mutates] if node.mutates is not None and node.mutates < len(fx_node.args) else None
             if isinstance(changed, fx.Node) and changed.op == "get_attr" and changed.target.startswith("_tensor_constant"):
                 # `t = torch.tensor([...]); t.add_(h)`: fx records the change on a constant of its
                 # own and makes another for each later read of t, which then misses the change
