@@ -82,6 +82,13 @@ class ModelFile:
                 f"{self.path}: build_model() returned {type(model).__name__}, not a torch.nn.Module",
                 "return the model instance from build_model()",
             )
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            raise FtcError(
+                f"{self.path}: build_model() returned a torch.compile'd model ({type(model._orig_mod).__name__} "
+                "wrapped in an OptimizedModule), whose forward takes *args and whose state_dict keys carry "
+                "'_orig_mod.': ftc splits the model itself",
+                "return the model without torch.compile (a torch.compile'd submodule is traced through into plain stage code)",
+            )
         lazy = [
             f"{path} ({type(module).__name__})"
             for path, module in model.named_modules()

@@ -175,6 +175,10 @@ MODEL_FILE_ERRORS = {
         ),
         "build_model() returned sparse tensors: adj",
     ),
+    "compiled_model": (  # an OptimizedModule's forward takes *args: "give forward explicit parameters" misled
+        GOOD.replace("    return nn.Sequential(", "    return torch.compile(nn.Sequential(").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))"),
+        "build_model() returned a torch.compile'd model (Sequential wrapped in an OptimizedModule)",
+    ),
     "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
     "inputs_none": (  # an optional input given as None: leaving it out is the fix
