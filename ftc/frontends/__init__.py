@@ -27,11 +27,13 @@ from torch._dynamo.eval_frame import OptimizedModule
 from ftc.ir import FtcError, Graph
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
+from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
+from ftc.runtime.seeding import seeded
 
 from .common import user_source
 from .gradient_code import backward_hooks_kept, gradient_code_refused
-from .draws import draws_note, drawn_from, trace_seeded
+from .draws import TRACE_SEED, draws_note, drawn_from, trace_seeded
 from .export import not_a_tensor_output, trace_export
 from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
@@ -61,7 +63,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     if frontend not in FRONTENDS:
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
-    model = _in_training_mode(model_file)
+    model = _in_training_mode(model_file, leaf_sizes=frontend in ("auto", "fx"))
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
@@ -85,17 +87,46 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     return traced
 
 
-def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
+def _in_training_mode(model_file: ModelFile, leaf_sizes: bool = False) -> torch.nn.Module:
     """The model on the meta device after `model.train()`, as a training loop starts: the model's
     own train() may keep layers in eval mode (frozen BatchNorm), and the trace must see them so.
     A torch.compile'd submodule runs its original module: neither fx nor export can trace dynamo's
-    frame, and dynamo would compile and run real kernels on fake tensors (a segmentation fault)."""
+    frame, and dynamo would compile and run real kernels on fake tensors (a segmentation fault).
+    With `leaf_sizes` (for fx, which calls LEAF_MODULES whole), their integer buffers hold the
+    values build_model() gives them (_leaf_sizes)."""
     model = model_file.build("meta")
     train_model(model, True, model_file.path)
     for module in model.modules():
         if isinstance(module, OptimizedModule):
             module.forward = module._orig_mod.__call__
+    if leaf_sizes:
+        _leaf_sizes(model, model_file)
     return model
+
+
+def _leaf_sizes(model: torch.nn.Module, model_file: ModelFile) -> None:
+    """Give the integer buffers of LEAF_MODULES instances, in place, the values build_model()
+    gives them, as CPU tensors. A leaf may compute sizes from them (transformers' Encodec and Mimi
+    convolutions pad by 0-d int64 buffers `stride`, `kernel_size`, `padding_total`): built on the
+    meta device they hold none, and the leaf's output shapes, learned by running it (on the meta
+    device, else as a CPU copy), would be wrong or its run would fail. The stages adopt the
+    module, whose buffers the runtime builds with their values, so only the compile lacks them."""
+    holders = {
+        f"{path}.{name}" if path else name: (module, name)
+        for leaf_path, leaf in model.named_modules()
+        if isinstance(leaf, model_file.leaf_modules)
+        for path, module in leaf.named_modules(prefix=leaf_path)
+        for name, buffer in module._buffers.items()
+        if buffer is not None and not buffer.is_floating_point() and not buffer.is_complex()
+    }
+    if not holders:
+        return
+    with seeded(TRACE_SEED):
+        values = built_values(model_file, TRACE_SEED, list(holders))
+    if values is None:
+        return  # the leaf then runs with its integer buffers 0, and a failure names them
+    for key, (module, name) in holders.items():
+        module._buffers[name] = values[key]
 
 
 def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws) -> Traced:
