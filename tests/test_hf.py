@@ -114,3 +114,23 @@ def test_gpt2_values_are_named_as_transformers_source_names_them(tmp_path, compi
     again = compile_model(MODELS / "hf_gpt2.py", tmp_path / "again", CompileOptions(stages=2, batch_size=4)).folder
     for name in ("ir.json", "stage0.py", "stage1.py"):
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_a_position_table_kept_as_a_plain_tensor_is_named_with_a_fix_that_works(tmp_path, compile_to):
+    """TrOCR's sinusoidal table is a plain tensor attribute: built on the meta device it has no
+    values, and torch.export failed deep inside with FakeTensorDeviceMismatchError (meta and cpu)
+    and a fix about data-dependent Python. The error names the module, the attribute and the
+    library line; the statement its fix gives, added to build_model(), compiles a pipeline that
+    computes what the model computes."""
+    with pytest.raises(FtcError) as error:
+        compile_to(MODELS / "hf_trocr.py", 2, batch_size=4)
+    message, hint = error.value.message, error.value.hint
+    assert "module model.decoder.embed_positions (TrOCRSinusoidalPositionalEmbedding) keeps the tensor `weights`" in message
+    assert re.search(r"transformers/models/trocr/modeling_trocr\.py:\d+: x = self\.weights\.index_select", message)
+    assert "LEAF_MODULES" not in hint and "torch.where" not in hint
+    statement = re.search(r"`(holder = .*?)`", hint).group(1)
+    fixed = tmp_path / "trocr_fixed.py"
+    fixed.write_text((MODELS / "hf_trocr.py").read_text().replace("    return model\n", f"    {statement}\n    return model\n"))
+    folder = compile_to(fixed, 2, batch_size=4)
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
