@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.attention.flex_attention as flex_attention_module
 import torch.utils.checkpoint as checkpoint_module
 from torch._dynamo.eval_frame import OptimizedModule
 
@@ -54,6 +55,9 @@ def trace(model_file: ModelFile, batch_size: int, frontend: str = "auto", name: 
         with trace_seeded():
             return _trace(model_file, batch_size, frontend, name)
     except FtcError as exc:
+        flex = flex_attention_refused(model_file, exc)
+        if flex is not None:
+            raise flex from exc
         if str(model_file.path) in exc.message:
             raise
         raise FtcError(f"{model_file.path}: {exc.message}", exc.hint) from exc
@@ -275,6 +279,40 @@ def _quiet():
             yield
     finally:
         logger.setLevel(level)
+
+
+FLEX_ATTENTION = Path(flex_attention_module.__file__)
+
+
+def flex_attention_refused(model_file: ModelFile, error: FtcError) -> FtcError | None:
+    """The error for a trace that failed inside torch's flex_attention (called by the model file,
+    a LEAF_MODULES class or a library: transformers' attn_implementation="flex_attention"), found
+    along `error`'s causes; None when none failed there. Each tracer gave its own first line (fx:
+    control flow on a traced value; export: no backward on the CPU; a leaf: its CPU run failed),
+    with a fix about data-dependent Python or stand-in inputs that no edit of the model could
+    follow: flex_attention does not run on the meta device, and not with gradients on the CPU."""
+    skipped = [Path(torch.__file__).parent, Path(__file__).parents[1]]
+    cause, seen = error.__cause__, set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        caller = None
+        for frame in traceback.extract_tb(cause.__traceback__):
+            path = Path(frame.filename)
+            if path == FLEX_ATTENTION:
+                where = f" at {caller.filename}:{caller.lineno}: {(caller.line or '').strip()}" if caller else ""
+                return FtcError(
+                    f"{model_file.path}: forward calls torch's flex_attention{where}, which ftc cannot compile: it "
+                    "runs neither on the meta device, where ftc traces the model and learns the shapes of its values, "
+                    "nor with gradients on the CPU (\"FlexAttention does not support backward on CPU\"), so no "
+                    "tracer can record it, and a LEAF_MODULES class that calls it cannot run either",
+                    "compute the attention with F.scaled_dot_product_attention (a block_mask or score_mod becomes "
+                    "its attn_mask, or is_causal=True); build a transformers model with attn_implementation=\"sdpa\" "
+                    "(or \"eager\") in its config instead of \"flex_attention\"",
+                )
+            if not frame.filename.startswith("<") and not any(path.is_relative_to(root) for root in skipped):
+                caller = frame
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def library_frame(exc: BaseException, model_path: Path, below_sys_path: bool = False) -> str:
