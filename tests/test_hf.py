@@ -13,7 +13,7 @@ import pytest
 
 from ftc.ir import FtcError
 
-from .conftest import MODELS
+from .conftest import MODELS, assert_local_trains_like_single
 from .test_equivalence import assert_check_passes, assert_stage_files_standalone_and_working
 
 pytest.importorskip("transformers")
@@ -116,21 +116,14 @@ def test_gpt2_values_are_named_as_transformers_source_names_them(tmp_path, compi
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
 
 
-def test_a_position_table_kept_as_a_plain_tensor_is_named_with_a_fix_that_works(tmp_path, compile_to):
-    """TrOCR's sinusoidal table is a plain tensor attribute: built on the meta device it has no
+def test_a_position_table_kept_as_a_plain_tensor_compiles_and_trains_as_the_model(compile_to):
+    """TrOCR's sinusoidal table is a plain tensor attribute: built on the meta device it had no
     values, and torch.export failed deep inside with FakeTensorDeviceMismatchError (meta and cpu)
-    and a fix about data-dependent Python. The error names the module, the attribute and the
-    library line; the statement its fix gives, added to build_model(), compiles a pipeline that
-    computes what the model computes."""
-    with pytest.raises(FtcError) as error:
-        compile_to(MODELS / "hf_trocr.py", 2, batch_size=4)
-    message, hint = error.value.message, error.value.hint
-    assert "module model.decoder.embed_positions (TrOCRSinusoidalPositionalEmbedding) keeps the tensor `weights`" in message
-    assert re.search(r"transformers/models/trocr/modeling_trocr\.py:\d+: x = self\.weights\.index_select", message)
-    assert "LEAF_MODULES" not in hint and "torch.where" not in hint
-    statement = re.search(r"`(holder = .*?)`", hint).group(1)
-    fixed = tmp_path / "trocr_fixed.py"
-    fixed.write_text((MODELS / "hf_trocr.py").read_text().replace("    return model\n", f"    {statement}\n    return model\n"))
-    folder = compile_to(fixed, 2, batch_size=4)
+    and a fix about data-dependent Python. Registered as a non-persistent buffer when the model is
+    built, it is traced, adopted by its stage and built with its values, in every mode."""
+    folder = compile_to(MODELS / "hf_trocr.py", 2, batch_size=4)
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "self.model.decoder.embed_positions.weights.index_select(" in text
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)

@@ -157,7 +157,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     except FtcError:
         raise
     except Exception as exc:
-        failure = not_a_tensor_output(exc) or plain_tensor_read(model, model_file, exc) or forward_failure(model_file, batch)
+        failure = not_a_tensor_output(exc) or forward_failure(model_file, batch)
         if failure is not None:
             raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):
@@ -347,39 +347,6 @@ def checks_distribution_arguments(exc: BaseException) -> bool:
     which compares tensor values."""
     distributions = Path(torch.distributions.__file__).parent
     return any(Path(frame.filename).is_relative_to(distributions) for frame in traceback.extract_tb(exc.__traceback__))
-
-
-def plain_tensor_read(model: torch.nn.Module, model_file: ModelFile, exc: BaseException) -> FtcError | None:
-    """An error for a trace that failed on a tensor a module keeps as a plain attribute, neither a
-    parameter nor a buffer (TrOCR's sinusoidal position table, `self.weights`): built on the meta
-    device it has no values, and torch.export, which runs forward on fake tensors that say "cpu",
-    fakes only parameters and buffers, so the op mixes devices (FakeTensorDeviceMismatchError).
-    Registered as a non-persistent buffer, it is traced, adopted by its stage and built with its
-    values on every rank. None for other failures."""
-    if type(exc).__name__ != "FakeTensorDeviceMismatchError" or "meta" not in str(exc):
-        return None
-    paths = {id(module): path for path, module in model.named_modules()}
-    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
-        module = frame.f_locals.get("self")
-        if id(module) not in paths:
-            continue
-        names = [name for name, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta]
-        if not names:
-            continue
-        path, name = paths[id(module)], names[0]
-        holder = f'model.get_submodule("{path}")' if path else "model"
-        return FtcError(
-            f"{model_file.path}: module {path or 'the model'} ({type(module).__name__}) keeps the tensor `{name}` as "
-            f"a plain attribute, not a parameter or buffer, and forward reads it"
-            f"{library_frame(exc, model_file.path) or user_frame(exc, model_file.path)}: the model is built on the meta "
-            "device, where it has no values, and torch.export traces on fake tensors made only of parameters and "
-            f"buffers (it failed with FakeTensorDeviceMismatchError, meta and cpu)",
-            f"register it as a non-persistent buffer at the end of build_model(), before returning the model: "
-            f"`holder = {holder}; {name} = holder.{name}; del holder.{name}; "
-            f'holder.register_buffer("{name}", {name}, persistent=False)` (its values are then built on every '
-            "device, and it stays out of the state_dict)",
-        )
-    return None
 
 
 def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | None:
