@@ -218,3 +218,56 @@ def test_an_assignment_through_a_boolean_mask_compiles_and_trains_exactly(tmp_pa
     path.write_text(MASKED_ASSIGNMENT)
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
     assert check_pipeline(compiled.folder).ok
+
+
+VALUE_SIZED_LEAF = """
+import torch
+import torch.nn as nn
+
+
+class Trim(nn.Module):
+    # keeps as many frames as the largest length says: its output size follows input values
+    def forward(self, x, lengths):
+        return x[:, : int(lengths.max()) + 1]
+
+
+LEAF_MODULES = (Trim,)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.trim = Trim()
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x, lengths):
+        return self.b(torch.relu(self.trim(self.a(x), lengths)))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8, 4), torch.full((batch_size,), 5))
+"""
+
+
+def test_a_shape_the_compile_learned_from_stand_in_values_is_not_blamed_on_a_hand_edit(tmp_path):
+    """A leaf whose output size follows its input values is sized at compile time on stand-in
+    integers (6 frames at run time, 1 compiled): `ftc check` said to keep stage outputs as
+    pipeline.json lists them or to recompile, which gives the same shapes again. For stages as
+    ftc wrote them it says why the compiled shape differs and what to change; a hand-edited
+    stage keeps the hand-edit fix."""
+    path = tmp_path / "trim.py"
+    path.write_text(VALUE_SIZED_LEAF)
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", batch_size=4)).folder
+    report = check_pipeline(folder, batch_size=4)
+    text = "\n".join(report.problems)
+    assert not report.ok and "value trim is float32[4, 6, 4], but pipeline.json says float32[4, 1, 4]" in text
+    assert "stage0.py is as ftc wrote it, so recompiling gives the same shapes" in text
+    assert "make the size independent of tensor values" in text and "or recompile" not in text
+    stage = folder / "stage0.py"
+    stage.write_text(stage.read_text() + "\n# edited\n")
+    assert "keep stage outputs as pipeline.json lists them, or recompile" in "\n".join(check_pipeline(folder, batch_size=4).problems)
