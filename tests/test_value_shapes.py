@@ -220,6 +220,22 @@ def test_an_assignment_through_a_boolean_mask_compiles_and_trains_exactly(tmp_pa
     assert check_pipeline(compiled.folder).ok
 
 
+
+def test_a_module_that_sizes_by_its_integer_buffers_compiles_through_export(tmp_path):
+    """Not kept whole, the buffers were inputs of torch.export's trace without values, and the pad
+    computed from them failed to trace (GuardOnDataDependentSymNode). They now read as constants
+    of their built values, so the stage code pads by numbers, which hold at every batch size."""
+    path = tmp_path / "padded.py"
+    path.write_text(PADDED_BY_BUFFERS.replace("LEAF_MODULES = (PaddedConv,)", ""))
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export", batch_size=4)).folder
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "F.pad(input_, [0, 3])" in text and "F.pad(relu_1, [0, 2])" in text, text
+    assert ".clone()" not in text  # export's copies of the constants, which nothing reads
+    for batch_size in (4, 3):
+        report = check_pipeline(folder, batch_size=batch_size)
+        assert report.ok, report.problems
+    assert_local_trains_like_single(folder)
+
 VALUE_SIZED_LEAF = """
 import torch
 import torch.nn as nn

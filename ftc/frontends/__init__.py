@@ -35,7 +35,7 @@ from ftc.runtime.seeding import seeded
 from .common import user_source
 from .gradient_code import backward_hooks_kept, gradient_code_refused
 from .draws import TRACE_SEED, draws_note, drawn_from, trace_seeded
-from .export import not_a_tensor_output, trace_export
+from .export import not_a_tensor_output, size_buffers, trace_export
 from .fx import BufferAssigned, DrawnWhileTracing, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, plain_failure_fix
@@ -153,7 +153,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
         with _quiet(), drawn_from(draws), gradient_code_refused(model_file), python_state_refused(model_file):
-            graph = trace_export(model, model_file, batch, double_batch, name)
+            graph, model = _export_sizing_by_buffers(model, model_file, batch, double_batch, name)
     except FtcError:
         raise
     except Exception as exc:
@@ -194,6 +194,21 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     if frontend == "auto":
         graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error, noted=True)}")
     return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+
+
+def _export_sizing_by_buffers(model, model_file, batch, double_batch, name) -> tuple[Graph, torch.nn.Module]:
+    """torch.export's graph and the model it traced; where a guard on a value export could not
+    know failed and the model holds 0-d integer buffers (sizes, as transformers' Encodec and Mimi
+    convolutions keep their padding), a fresh model traced again with those buffers read as
+    constants of their values (export._sizes_as_constants). A failure of that trace is the one to
+    report: it got past the sizes."""
+    try:
+        return trace_export(model, model_file, batch, double_batch, name), model
+    except Exception as exc:
+        if type(exc).__name__ != "GuardOnDataDependentSymNode" or not size_buffers(model):
+            raise
+    fresh = _in_training_mode(model_file)  # the failed trace may have left its state on the modules
+    return trace_export(fresh, model_file, batch, double_batch, name, sizes_as_constants=True), fresh
 
 
 @contextlib.contextmanager
