@@ -127,3 +127,14 @@ def test_a_position_table_kept_as_a_plain_tensor_compiles_and_trains_as_the_mode
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
     assert_local_trains_like_single(folder)
+
+
+def test_encodec_convolutions_padded_by_their_buffers_compute_what_the_model_computes(compile_to):
+    """EncodecConv1d pads by 0-d int64 buffers, which torch.export traced without values (it failed
+    on `if length <= max_pad:`); read as constants of their values, the padding is numbers in the
+    stage code, which hold at every batch size."""
+    folder = compile_to(MODELS / "hf_encodec.py", 2, batch_size=4)
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert re.search(r'F\.pad\(\w+, \[6, 0\], mode="reflect"', text), text  # the first convolution's causal padding
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
