@@ -122,7 +122,8 @@ class Interpreter:
                     raise
                 real = cpu_copy(module)
                 self.runs_for_real(node, real)
-                return run_on_cpu(real, args, kwargs, f"{node.target} ({type(module).__name__})")
+                valueless = [name for name, buffer in module.named_buffers() if buffer.is_meta and not buffer.is_floating_point()]
+                return run_on_cpu(real, args, kwargs, f"{node.target} ({type(module).__name__})", valueless)
         if node.op == "call_method":
             receiver, *rest = args
             return getattr(receiver, node.target)(*rest, **kwargs)
@@ -174,21 +175,28 @@ def copy_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A CPU copy of a meta-device module with random weights (buffers 1, integer ones 0), for
-    run_on_cpu. One module is materialized at a time, so this works for models of any size whose
-    single leaf modules fit in memory."""
-    real = copy_module(module).to_empty(device="cpu")
+    """A CPU copy of a meta-device module with random weights (buffers 1, integer ones 0; a buffer
+    that holds values, not on the meta device, keeps them), for run_on_cpu. One module is
+    materialized at a time, so this works for models of any size whose single leaf modules fit in
+    memory."""
+    copied = copy_module(module)
+    known = {name: buffer for name, buffer in copied.named_buffers() if not buffer.is_meta}
+    real = copied.to_empty(device="cpu")
     with torch.no_grad():
         for param in real.parameters():
             param.normal_(0.0, 0.02)
-        for buffer in real.buffers():
-            buffer.fill_(1 if buffer.is_floating_point() else 0)
+        for name, buffer in real.named_buffers():
+            if name in known:
+                buffer.copy_(known[name])
+            else:
+                buffer.fill_(1 if buffer.is_floating_point() else 0)
     return real
 
 
-def run_on_cpu(real: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+def run_on_cpu(real: torch.nn.Module, args: tuple, kwargs: dict, name: str, valueless: list[str]) -> Any:
     """Run `real`, the cpu_copy of a meta-device module, on inputs of the right shapes; return
-    its outputs as meta tensors.
+    its outputs as meta tensors. `valueless`: the module's integer buffers that had no values to
+    copy (0 in `real`), named if it fails.
 
     For modules whose Python reads tensor values (`if x.sum() > 0:`), which LEAF_MODULES may
     hold: the meta device knows shapes only. Integer inputs are all 0 (a valid index into any
@@ -219,11 +227,11 @@ def run_on_cpu(real: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> A
     if type(real).__module__.startswith("torch.nn."):  # a torch layer reads shapes, not values: its error stands
         raise failure
     # transformers' Encodec and Mimi convolutions pad by 0-d int64 buffers (`padding_total`,
-    # `stride`): built on the meta device, they hold no values, and the stand-in 0 breaks the pad.
-    integer_buffers = [key for key, buffer in real.named_buffers() if not buffer.is_floating_point()]
+    # `stride`): built on the meta device, they hold no values unless the frontend gave them theirs
+    # (frontends._leaf_sizes), and the stand-in 0 breaks the pad.
     buffers = ""
-    if integer_buffers:
-        shown = ", ".join(integer_buffers[:4]) + (f" and {len(integer_buffers) - 4} more" if len(integer_buffers) > 4 else "")
+    if valueless:
+        shown = ", ".join(valueless[:4]) + (f" and {len(valueless) - 4} more" if len(valueless) > 4 else "")
         buffers = (f"; its integer buffers ({shown}) are 0 in that copy, as the model is built on the meta device, "
                    "which keeps no values: where forward computes sizes from them, no tracer can follow it")  # fmt: skip
     raise FtcError(
@@ -233,5 +241,5 @@ def run_on_cpu(real: torch.nn.Module, args: tuple, kwargs: dict, name: str) -> A
         "weights and stand-in inputs of the right shapes (random floats; integers all 0, then all 1), not "
         "example_inputs()'s values: make its forward accept such inputs (or, if it fails on example_inputs() "
         "too, fix it there first)"
-        + ("; compute sizes from Python ints (module attributes) rather than buffers" if integer_buffers else ""),
+        + ("; compute sizes from Python ints (module attributes) rather than buffers" if valueless else ""),
     ) from failure

@@ -17,7 +17,7 @@ from ftc.ir import FtcError
 
 from .comm import gradient_problems, unsendable
 from .materialize import check_tied, construct_stage
-from .pipeline import Pipeline, check_stage_outputs
+from .pipeline import Pipeline, StageSpec, check_stage_outputs
 
 
 def _receive(value: Any) -> Any:
@@ -70,7 +70,7 @@ class LocalExecutor:
             result = stage(*(received[name] for name in spec.inputs))
             check_stage_outputs(spec, result)
             sent = dict(zip(spec.outputs, result))
-            self._check_shapes(spec.file, sent, scale)
+            self._check_shapes(spec, sent, scale)
             values.update(sent)
             self.received.append(received)
             self.sent.append(sent)
@@ -86,15 +86,14 @@ class LocalExecutor:
                 return Fraction(value.shape[spec["batch_dim"]], spec["shape"][spec["batch_dim"]])
         return Fraction(1)
 
-    def _check_shapes(self, file: str, sent: dict[str, Any], scale: Fraction) -> None:
+    def _check_shapes(self, spec: StageSpec, sent: dict[str, Any], scale: Fraction) -> None:
         """A stage's outputs must be what pipeline.json says (a hand edit may change a shape, which
         the next stage or the backward would meet far from its cause)."""
         problems = unsendable(sent, self.pipeline.manifest["values"], scale)
         if torch.is_grad_enabled():
             problems += gradient_problems(sent, self.pipeline.manifest["values"])
         if problems:
-            raise FtcError(f"{file}: {problems[0]}", "keep stage outputs as pipeline.json lists them, or recompile "
-                           "with `ftc compile`")  # fmt: skip
+            raise FtcError(f"{spec.file}: {problems[0]}", self.pipeline.output_shape_fix(spec))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate `loss` (computed from forward's output) through the stages in reverse."""

@@ -225,6 +225,42 @@ class _Unsupported(Exception):
 def _build_owned(
     model_file: ModelFile, classes: dict[int, type], seed: int, pipeline: Pipeline | None = None
 ) -> dict[int, torch.nn.Module]:
+    def adopted(meta_model: torch.nn.Module) -> list[torch.Tensor]:
+        return [tensor for stage in _construct(classes, meta_model, pipeline).values() for tensor in _state_tensors(stage)]
+
+    model = _replayed_build(model_file, seed, adopted)
+    stages = _construct(classes, model)
+    set_mode(model, stages.values(), True)
+    for index, stage in stages.items():
+        for name, tensor in _named_state_tensors(stage):
+            if tensor.is_meta:
+                raise _Unsupported(f"stage {index}'s {name} was not built from tensors the stage adopts")
+    return stages
+
+
+def built_values(model_file: ModelFile, seed: int, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """The values `seed_generators(seed); build_model()` gives the model's parameters and buffers
+    `names` (qualified names), as CPU tensors, computed with only the build's ops they depend on;
+    None, with the reason logged, where the build cannot be replayed op by op."""
+
+    def named(meta_model: torch.nn.Module) -> list[torch.Tensor]:
+        return [tensor for name, tensor in _named_state_tensors(meta_model) if name in names]
+
+    try:
+        model = _replayed_build(model_file, seed, named)
+    except _Unsupported as exc:
+        log.info("%s: the values of %s are not known, because %s", model_file.path, ", ".join(names), exc)
+        return None
+    values = {name: tensor.detach().clone() for name, tensor in _named_state_tensors(model) if name in names}
+    return values if all(not tensor.is_meta for tensor in values.values()) else None
+
+
+def _replayed_build(
+    model_file: ModelFile, seed: int, kept: Callable[[torch.nn.Module], list[torch.Tensor]]
+) -> torch.nn.Module:
+    """The model as `seed_generators(seed); build_model()` makes it, but with real CPU tensors
+    only for what `kept` picks from the record build's model (and what they are computed from,
+    freed where the model does not hold it): the rest stays on the meta device."""
     # Seeded as the replay is, so that a build that branches on a draw runs the same ops.
     seed_generators(seed)
     recorder = _Recorder()
@@ -236,11 +272,10 @@ def _build_owned(
     if recorder.failures:
         raise _Unsupported(f"building it on the meta device failed: {_reason(recorder.failures[0])}")
     owned: set[int] = set()
-    for stage in _construct(classes, meta_model, pipeline).values():
-        for tensor in _state_tensors(stage):
-            storage = recorder.ids.get(_storage_key(tensor))
-            if storage is not None:
-                owned.add(storage)
+    for tensor in kept(meta_model):
+        storage = recorder.ids.get(_storage_key(tensor))
+        if storage is not None:
+            owned.add(storage)
     plan = _Plan.of(recorder.ops, owned, recorder.created)
     _log_stepping_stones(meta_model, recorder, plan, owned)
     del meta_model, recorder
@@ -257,13 +292,7 @@ def _build_owned(
             f"build_model() is not deterministic: it ran {len(plan.ops)} ops on the meta device "
             f"and {replayer.position} on the CPU"
         )
-    stages = _construct(classes, model)
-    set_mode(model, stages.values(), True)
-    for index, stage in stages.items():
-        for name, tensor in _named_state_tensors(stage):
-            if tensor.is_meta:
-                raise _Unsupported(f"stage {index}'s {name} was not built from tensors the stage adopts")
-    return stages
+    return model
 
 
 def _build_whole(

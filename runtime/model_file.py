@@ -111,6 +111,7 @@ class ModelFile:
                 "keep them dense: a dense adjacency (adj @ h), or its edge list as dense buffers with index_add_ or "
                 "scatter_add over them in forward",
             )
+        _plain_tensors_as_buffers(model)
         if device is not None and torch.device(device).type == "meta":
             # Legacy constructors (torch.FloatTensor(n, m), as transformers' XLNet makes its
             # attention weights) and torch.from_numpy ignore the default device.
@@ -158,6 +159,25 @@ class ModelFile:
         if module == self.module.__name__:
             module = self.stem
         return f"{module}.{cls.__qualname__}"
+
+
+def _plain_tensors_as_buffers(model: torch.nn.Module) -> None:
+    """Register as non-persistent buffers, in place, the tensors modules keep as plain attributes
+    (transformers' TrOCR keeps its sinusoidal position table as `self.weights`). Built on the meta
+    device such a tensor has no values, torch.export fakes only parameters and buffers (it failed
+    on a device mismatch), and a rank would not build it; as a buffer it is traced as one, adopted
+    by its stage, built with its values on every rank and moved with the model, and it stays out
+    of the state_dict, in every mode alike. Left as they are: another name of a parameter or
+    buffer (transformers' rotary `original_inv_freq`), and tensors computed from parameters
+    (torch.nn.utils.prune's `weight`, which its hook recomputes) or that require gradients."""
+    held = {id(tensor) for tensor in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.is_leaf and not value.requires_grad and id(value) not in held:
+                delattr(module, name)
+                module.register_buffer(name, value, persistent=False)
 
 
 def import_file(

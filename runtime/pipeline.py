@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -127,6 +128,26 @@ class Pipeline:
                            "keep the stage class pipeline.json lists, a subclass of torch.nn.Module")  # fmt: skip
         _require_inputs_fit(path, cls, spec)
         return cls
+
+    def as_compiled(self, spec: StageSpec) -> bool:
+        """Whether the stage file is as the compile wrote it (its sha256 is pipeline.json's)."""
+        recorded = next((stage.get("sha256") for stage in self.manifest["stages"] if stage["index"] == spec.index), None)
+        path = self.folder / spec.file
+        return recorded is not None and path.is_file() and hashlib.sha256(path.read_text().encode()).hexdigest() == recorded
+
+    def output_shape_fix(self, spec: StageSpec) -> str:
+        """The fix for a stage output of another shape than pipeline.json's: a hand edit's, or, in a
+        stage as the compile wrote it, a shape the compile learned wrongly, which recompiling would
+        learn again."""
+        if not self.as_compiled(spec):
+            return "keep stage outputs as pipeline.json lists them, or recompile with `ftc compile`"
+        return (
+            f"{spec.file} is as ftc wrote it, so recompiling gives the same shapes: the compile learns them without "
+            "tensor values, and a LEAF_MODULES module that reads values runs then on stand-in inputs (random floats, "
+            "integers all 0 or 1), with integer buffers ftc could not compute as 0, so an output size that follows "
+            "such values came out as theirs; make the size independent of tensor values (pad or slice to a Python "
+            "int, keep sizes in module attributes): a pipeline sends every value at the shape it compiled"
+        )
 
     def assemble_output(self, values: dict[str, Any]) -> Any:
         """The model's output structure (a value, tuple or dict) from values by name."""

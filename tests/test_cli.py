@@ -1297,3 +1297,51 @@ def test_the_fallback_note_in_ir_json_does_not_depend_on_how_the_model_file_was_
     first, second = ((tmp_path / out / "branching" / "ir.json").read_bytes() for out in ("a", "b"))
     assert first == second
     assert "as torch.fx could not: TraceError" in first.decode() and "(at branching.py:11:" in first.decode()
+
+
+FLEX_ATTENTION = """
+import torch
+import torch.nn as nn
+from torch.nn.attention.flex_attention import flex_attention
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return flex_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], 8, 16)
+
+
+LEAF_MODULES = ()
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(4, 16), Attention(), nn.Linear(16, 2))
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8, 4),)
+"""
+
+
+@pytest.mark.parametrize("frontend, leaves", [("auto", "()"), ("fx", "()"), ("auto", "(Attention,)")])
+def test_flex_attention_is_named_with_a_fix_that_works(frontend, leaves, tmp_path, capsys):
+    """torch's flex_attention runs neither on the meta device nor with gradients on the CPU: the
+    errors said to make Python independent of values or to list the class in LEAF_MODULES (with
+    it listed, to make the module accept stand-in inputs), none of which helps. The error names the
+    call and scaled_dot_product_attention, which then compiles to stages that compute the model's
+    numbers."""
+    text = FLEX_ATTENTION.replace("LEAF_MODULES = ()", f"LEAF_MODULES = {leaves}")
+    model = write(tmp_path, "flex.py", text)
+    refused = run_cli(["compile", model, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "out"], capsys)
+    assert_user_error(refused, "forward calls torch's flex_attention at", "flex.py:14: return flex_attention(q, k, v)",
+                      "F.scaled_dot_product_attention", 'attn_implementation="sdpa"')  # fmt: skip
+    assert "torch.where" not in refused[2] and "stand-in inputs" not in refused[2]
+    fixed = write(tmp_path, "sdpa.py", text.replace("from torch.nn.attention.flex_attention import flex_attention",
+                  "from torch.nn.functional import scaled_dot_product_attention as flex_attention"))  # fmt: skip
+    code, _, err = run_cli(["compile", fixed, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert check_pipeline(tmp_path / "out" / "sdpa", batch_size=3).ok

@@ -13,7 +13,7 @@ import pytest
 
 from ftc.ir import FtcError
 
-from .conftest import MODELS
+from .conftest import MODELS, assert_local_trains_like_single
 from .test_equivalence import assert_check_passes, assert_stage_files_standalone_and_working
 
 pytest.importorskip("transformers")
@@ -114,3 +114,27 @@ def test_gpt2_values_are_named_as_transformers_source_names_them(tmp_path, compi
     again = compile_model(MODELS / "hf_gpt2.py", tmp_path / "again", CompileOptions(stages=2, batch_size=4)).folder
     for name in ("ir.json", "stage0.py", "stage1.py"):
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_a_position_table_kept_as_a_plain_tensor_compiles_and_trains_as_the_model(compile_to):
+    """TrOCR's sinusoidal table is a plain tensor attribute: built on the meta device it had no
+    values, and torch.export failed deep inside with FakeTensorDeviceMismatchError (meta and cpu)
+    and a fix about data-dependent Python. Registered as a non-persistent buffer when the model is
+    built, it is traced, adopted by its stage and built with its values, in every mode."""
+    folder = compile_to(MODELS / "hf_trocr.py", 2, batch_size=4)
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "self.model.decoder.embed_positions.weights.index_select(" in text
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+
+
+def test_encodec_convolutions_padded_by_their_buffers_compute_what_the_model_computes(compile_to):
+    """EncodecConv1d pads by 0-d int64 buffers, which torch.export traced without values (it failed
+    on `if length <= max_pad:`); read as constants of their values, the padding is numbers in the
+    stage code, which hold at every batch size."""
+    folder = compile_to(MODELS / "hf_encodec.py", 2, batch_size=4)
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert re.search(r'F\.pad\(\w+, \[6, 0\], mode="reflect"', text), text  # the first convolution's causal padding
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)

@@ -156,24 +156,34 @@ LEAF_MODULES = (PaddedConv,)
 
 
 def build_model():
-    return nn.Sequential(PaddedConv(), nn.ReLU(), PaddedConv())
+    return nn.Sequential(PaddedConv(), nn.ReLU(), PaddedConv(), nn.Flatten())
 
 
 def example_inputs(batch_size):
-    return (torch.randn(batch_size, 2, 16),)
+    return (torch.randn(batch_size, 2, 15),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, 8)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
 """
 
 
-def test_a_leaf_module_that_sizes_by_its_integer_buffers_names_them(tmp_path):
-    """Built on the meta device, a module's integer buffers hold no values, and its CPU copy has
-    them 0: the refusal blamed the stand-in inputs only, where the buffers broke the padding."""
+def test_a_leaf_module_that_sizes_by_its_integer_buffers_gets_their_values(tmp_path):
+    """Built on the meta device, a leaf module's integer buffers hold no values: its CPU copy
+    had them 0, and the compile failed (before, wrong output shapes). The frontend gives them the
+    values build_model() gives them, so the stages, which call the module whole, compute the
+    model's numbers at every batch size."""
     path = tmp_path / "padded.py"
     path.write_text(PADDED_BY_BUFFERS)
-    with pytest.raises(FtcError) as caught:
-        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx"))
-    assert "module 0 (PaddedConv) cannot run on the meta device" in caught.value.message
-    assert "its integer buffers (stride, kernel_size) are 0 in that copy" in caught.value.message
-    assert "rather than buffers" in caught.value.hint
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", batch_size=4)).folder
+    for batch_size in (4, 3):
+        report = check_pipeline(folder, batch_size=batch_size)
+        assert report.ok, report.problems
+    assert_local_trains_like_single(folder)
 
 
 MASKED_ASSIGNMENT = """
@@ -223,3 +233,72 @@ def test_an_assignment_through_a_boolean_mask_compiles_and_trains_exactly(tmp_pa
     path.write_text(MASKED_ASSIGNMENT)
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
     assert check_pipeline(compiled.folder).ok
+
+
+
+def test_a_module_that_sizes_by_its_integer_buffers_compiles_through_export(tmp_path):
+    """Not kept whole, the buffers were inputs of torch.export's trace without values, and the pad
+    computed from them failed to trace (GuardOnDataDependentSymNode). They now read as constants
+    of their built values, so the stage code pads by numbers, which hold at every batch size."""
+    path = tmp_path / "padded.py"
+    path.write_text(PADDED_BY_BUFFERS.replace("LEAF_MODULES = (PaddedConv,)", ""))
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export", batch_size=4)).folder
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "F.pad(input_, [0, 3])" in text and "F.pad(relu_1, [0, 2])" in text, text
+    assert ".clone()" not in text  # export's copies of the constants, which nothing reads
+    for batch_size in (4, 3):
+        report = check_pipeline(folder, batch_size=batch_size)
+        assert report.ok, report.problems
+    assert_local_trains_like_single(folder)
+
+VALUE_SIZED_LEAF = """
+import torch
+import torch.nn as nn
+
+
+class Trim(nn.Module):
+    # keeps as many frames as the largest length says: its output size follows input values
+    def forward(self, x, lengths):
+        return x[:, : int(lengths.max()) + 1]
+
+
+LEAF_MODULES = (Trim,)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.trim = Trim()
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x, lengths):
+        return self.b(torch.relu(self.trim(self.a(x), lengths)))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8, 4), torch.full((batch_size,), 5))
+"""
+
+
+def test_a_shape_the_compile_learned_from_stand_in_values_is_not_blamed_on_a_hand_edit(tmp_path):
+    """A leaf whose output size follows its input values is sized at compile time on stand-in
+    integers (6 frames at run time, 1 compiled): `ftc check` said to keep stage outputs as
+    pipeline.json lists them or to recompile, which gives the same shapes again. For stages as
+    ftc wrote them it says why the compiled shape differs and what to change; a hand-edited
+    stage keeps the hand-edit fix."""
+    path = tmp_path / "trim.py"
+    path.write_text(VALUE_SIZED_LEAF)
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", batch_size=4)).folder
+    report = check_pipeline(folder, batch_size=4)
+    text = "\n".join(report.problems)
+    assert not report.ok and "value trim is float32[4, 6, 4], but pipeline.json says float32[4, 1, 4]" in text
+    assert "stage0.py is as ftc wrote it, so recompiling gives the same shapes" in text
+    assert "make the size independent of tensor values" in text and "or recompile" not in text
+    stage = folder / "stage0.py"
+    stage.write_text(stage.read_text() + "\n# edited\n")
+    assert "keep stage outputs as pipeline.json lists them, or recompile" in "\n".join(check_pipeline(folder, batch_size=4).problems)

@@ -21,18 +21,21 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.attention.flex_attention as flex_attention_module
 import torch.utils.checkpoint as checkpoint_module
 from torch._dynamo.eval_frame import OptimizedModule
 
 from ftc.ir import FtcError, Graph
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
+from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
+from ftc.runtime.seeding import seeded
 
 from .common import user_source
 from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
-from .draws import draws_note, drawn_from, trace_seeded
-from .export import not_a_tensor_output, trace_export
+from .draws import TRACE_SEED, draws_note, drawn_from, trace_seeded
+from .export import not_a_tensor_output, size_buffers, trace_export
 from .fx import BufferAssigned, ConstantChanged, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, missing_fake_kernel, plain_failure_fix
@@ -52,6 +55,9 @@ def trace(model_file: ModelFile, batch_size: int, frontend: str = "auto", name: 
         with trace_seeded():
             return _trace(model_file, batch_size, frontend, name)
     except FtcError as exc:
+        flex = flex_attention_refused(model_file, exc)
+        if flex is not None:
+            raise flex from exc
         if str(model_file.path) in exc.message:
             raise
         raise FtcError(f"{model_file.path}: {exc.message}", exc.hint) from exc
@@ -61,7 +67,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     if frontend not in FRONTENDS:
         raise FtcError(f"unknown frontend {frontend!r}", f"use one of {', '.join(FRONTENDS)}")
     name = name or model_file.stem
-    model = _in_training_mode(model_file)
+    model = _in_training_mode(model_file, leaf_sizes=frontend in ("auto", "fx"))
     global_hooks_refused(model_file)
     batch = model_file.inputs(batch_size, device="meta")
     double_batch = model_file.inputs(2 * batch_size, device="meta")
@@ -86,17 +92,46 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     return traced
 
 
-def _in_training_mode(model_file: ModelFile) -> torch.nn.Module:
+def _in_training_mode(model_file: ModelFile, leaf_sizes: bool = False) -> torch.nn.Module:
     """The model on the meta device after `model.train()`, as a training loop starts: the model's
     own train() may keep layers in eval mode (frozen BatchNorm), and the trace must see them so.
     A torch.compile'd submodule runs its original module: neither fx nor export can trace dynamo's
-    frame, and dynamo would compile and run real kernels on fake tensors (a segmentation fault)."""
+    frame, and dynamo would compile and run real kernels on fake tensors (a segmentation fault).
+    With `leaf_sizes` (for fx, which calls LEAF_MODULES whole), their integer buffers hold the
+    values build_model() gives them (_leaf_sizes)."""
     model = model_file.build("meta")
     train_model(model, True, model_file.path)
     for module in model.modules():
         if isinstance(module, OptimizedModule):
             module.forward = module._orig_mod.__call__
+    if leaf_sizes:
+        _leaf_sizes(model, model_file)
     return model
+
+
+def _leaf_sizes(model: torch.nn.Module, model_file: ModelFile) -> None:
+    """Give the integer buffers of LEAF_MODULES instances, in place, the values build_model()
+    gives them, as CPU tensors. A leaf may compute sizes from them (transformers' Encodec and Mimi
+    convolutions pad by 0-d int64 buffers `stride`, `kernel_size`, `padding_total`): built on the
+    meta device they hold none, and the leaf's output shapes, learned by running it (on the meta
+    device, else as a CPU copy), would be wrong or its run would fail. The stages adopt the
+    module, whose buffers the runtime builds with their values, so only the compile lacks them."""
+    holders = {
+        f"{path}.{name}" if path else name: (module, name)
+        for leaf_path, leaf in model.named_modules()
+        if isinstance(leaf, model_file.leaf_modules)
+        for path, module in leaf.named_modules(prefix=leaf_path)
+        for name, buffer in module._buffers.items()
+        if buffer is not None and not buffer.is_floating_point() and not buffer.is_complex()
+    }
+    if not holders:
+        return
+    with seeded(TRACE_SEED):
+        values = built_values(model_file, TRACE_SEED, list(holders))
+    if values is None:
+        return  # the leaf then runs with its integer buffers 0, and a failure names them
+    for key, (module, name) in holders.items():
+        module._buffers[name] = values[key]
 
 
 def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws) -> Traced:
@@ -119,7 +154,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
     try:
         with _quiet(), drawn_from(draws), gradient_code_refused(model_file), python_state_refused(model_file):
-            graph = trace_export(model, model_file, batch, double_batch, name)
+            graph, model = _export_sizing_by_buffers(model, model_file, batch, double_batch, name)
     except FtcError:
         raise
     except Exception as exc:
@@ -160,6 +195,21 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     if frontend == "auto":
         graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error, noted=True)}")
     return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+
+
+def _export_sizing_by_buffers(model, model_file, batch, double_batch, name) -> tuple[Graph, torch.nn.Module]:
+    """torch.export's graph and the model it traced; where a guard on a value export could not
+    know failed and the model holds 0-d integer buffers (sizes, as transformers' Encodec and Mimi
+    convolutions keep their padding), a fresh model traced again with those buffers read as
+    constants of their values (export._sizes_as_constants). A failure of that trace is the one to
+    report: it got past the sizes."""
+    try:
+        return trace_export(model, model_file, batch, double_batch, name), model
+    except Exception as exc:
+        if type(exc).__name__ != "GuardOnDataDependentSymNode" or not size_buffers(model):
+            raise
+    fresh = _in_training_mode(model_file)  # the failed trace may have left its state on the modules
+    return trace_export(fresh, model_file, batch, double_batch, name, sizes_as_constants=True), fresh
 
 
 @contextlib.contextmanager
@@ -245,6 +295,40 @@ def _quiet():
             yield
     finally:
         logger.setLevel(level)
+
+
+FLEX_ATTENTION = Path(flex_attention_module.__file__)
+
+
+def flex_attention_refused(model_file: ModelFile, error: FtcError) -> FtcError | None:
+    """The error for a trace that failed inside torch's flex_attention (called by the model file,
+    a LEAF_MODULES class or a library: transformers' attn_implementation="flex_attention"), found
+    along `error`'s causes; None when none failed there. Each tracer gave its own first line (fx:
+    control flow on a traced value; export: no backward on the CPU; a leaf: its CPU run failed),
+    with a fix about data-dependent Python or stand-in inputs that no edit of the model could
+    follow: flex_attention does not run on the meta device, and not with gradients on the CPU."""
+    skipped = [Path(torch.__file__).parent, Path(__file__).parents[1]]
+    cause, seen = error.__cause__, set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        caller = None
+        for frame in traceback.extract_tb(cause.__traceback__):
+            path = Path(frame.filename)
+            if path == FLEX_ATTENTION:
+                where = f" at {caller.filename}:{caller.lineno}: {(caller.line or '').strip()}" if caller else ""
+                return FtcError(
+                    f"{model_file.path}: forward calls torch's flex_attention{where}, which ftc cannot compile: it "
+                    "runs neither on the meta device, where ftc traces the model and learns the shapes of its values, "
+                    "nor with gradients on the CPU (\"FlexAttention does not support backward on CPU\"), so no "
+                    "tracer can record it, and a LEAF_MODULES class that calls it cannot run either",
+                    "compute the attention with F.scaled_dot_product_attention (a block_mask or score_mod becomes "
+                    "its attn_mask, or is_causal=True); build a transformers model with attn_implementation=\"sdpa\" "
+                    "(or \"eager\") in its config instead of \"flex_attention\"",
+                )
+            if not frame.filename.startswith("<") and not any(path.is_relative_to(root) for root in skipped):
+                caller = frame
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def library_frame(exc: BaseException, model_path: Path, below_sys_path: bool = False) -> str:

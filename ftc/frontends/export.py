@@ -48,9 +48,12 @@ from torch.utils._sympy.numbers import int_oo
 
 from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
+from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile
+from ftc.runtime.seeding import seeded
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
+from .draws import TRACE_SEED
 from .common import (
     CodeFiles,
     autocast_refused,
@@ -93,13 +96,17 @@ def _batch_dims(single: tuple | dict, double: tuple | dict) -> tuple | dict:
 
 
 def trace_export(
-    model: torch.nn.Module, model_file: ModelFile, batch: tuple | dict, double_batch: tuple | dict, name: str
+    model: torch.nn.Module, model_file: ModelFile, batch: tuple | dict, double_batch: tuple | dict, name: str,
+    sizes_as_constants: bool = False,
 ) -> Graph:
+    """The IR graph torch.export traces; with `sizes_as_constants`, the model's 0-d integer
+    non-persistent buffers read as constants of their built values (_sizes_as_constants)."""
     fed, _ = input_names(model, batch)
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
-    with _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
+    sizes = _sizes_as_constants(model, model_file) if sizes_as_constants else contextlib.nullcontext()
+    with sizes, _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         # a module that branches on self.training is kept as one call where it can be, so that
         # the stages follow their mode there
         own_places = training_branches(model, model_file)
@@ -885,6 +892,59 @@ def _call_key(fx_node: fx.Node) -> str:
     """Which module call made the node: nn_module_stack's innermost key, one per call."""
     stack = fx_node.meta.get("nn_module_stack") or {}
     return next(reversed(stack), "")
+
+
+def size_buffers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """The model's 0-d integer non-persistent buffers, by qualified name: (module, name)."""
+    return {
+        f"{path}.{name}" if path else name: (module, name)
+        for path, module in model.named_modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and buffer.dim() == 0 and not buffer.is_floating_point() and not buffer.is_complex()
+        and name in module._non_persistent_buffers_set
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _sizes_as_constants(model: torch.nn.Module, model_file: ModelFile):
+    """While the block runs, the model's 0-d integer non-persistent buffers read as constants of
+    the values build_model() gives them, made afresh at each read (as `torch.tensor(3)` in forward
+    is), restored after. transformers' Encodec and Mimi convolutions pad by such buffers
+    (`stride`, `kernel_size`, `padding_total`); as buffers, torch.export traces them as inputs
+    without values, and the first Python branch on a size computed from them failed
+    (GuardOnDataDependentSymNode, for Mimi in sdpa_attention.py, far from the cause). As constants
+    the sizes are numbers, and the stage code pads by them, as the model does at every batch size
+    (they follow the sequence length, which a pipeline fixes, not the batch). Only for a trace that
+    failed so: a constant made afresh at each read would drop a write of forward's to the buffer
+    (a step counter)."""
+    sizes = size_buffers(model)
+    values = None
+    if sizes:
+        with seeded(TRACE_SEED):
+            values = built_values(model_file, TRACE_SEED, list(sizes))
+    if not values:
+        yield
+        return
+    held: dict[int, tuple[torch.nn.Module, type, dict[str, torch.Tensor], dict[str, property]]] = {}
+    for key, (module, name) in sizes.items():
+        _, _, buffers, constants = held.setdefault(id(module), (module, type(module), {}, {}))
+        buffers[name] = module._buffers[name]
+        constants[name] = _constant_property(values[key].item(), buffers[name].dtype)
+    try:
+        for module, cls, buffers, constants in held.values():
+            for name in buffers:
+                del module._buffers[name]
+            module.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                                           **constants})  # fmt: skip
+        yield
+    finally:
+        for module, cls, buffers, _ in held.values():
+            module.__class__ = cls
+            module._buffers.update(buffers)
+
+
+def _constant_property(value: int | bool, dtype: torch.dtype) -> property:
+    return property(lambda _module: torch.tensor(value, dtype=dtype))
 
 
 @contextlib.contextmanager

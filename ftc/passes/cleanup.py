@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ftc.ir import Graph
+from ftc.ir import Graph, Node
 
 # scaled_dot_product_attention draws its attention dropout when dropout_p > 0; so do the
 # torch.nn layers with a dropout setting (nn.MultiheadAttention, the recurrent layers and the
@@ -32,13 +32,14 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     for node in graph.nodes:
         for name in node.refs():
             readers[name] += 1
+    copies = {node.name for node in graph.nodes if node.op == "call_method" and node.target == "clone"}
     kept = []
     for node in reversed(graph.nodes):
         removable = (
             node.op in ("get_attr", "call_function", "call_method")
             and readers[node.name] == 0
             and node.name not in outputs
-            and node.mutates is None
+            and (node.mutates is None or _changes_only_an_unread_copy(node, copies, readers, outputs))
             and not draws_random(node.target)
         )
         if removable:
@@ -49,3 +50,12 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     used_constants = {node.target for node in kept if node.op == "get_attr"}
     constants = {name: c for name, c in graph.constants.items() if name in used_constants}
     return replace(graph, nodes=kept[::-1], constants=constants)
+
+
+def _changes_only_an_unread_copy(node: Node, copies: set[str], readers: dict[str, int], outputs: set[str]) -> bool:
+    """Whether the value `node` changes in place is a copy (`clone`, never a view of another
+    value) that nothing else reads: export records each `torch.tensor(3)` of forward as a copy
+    detached in place (`c = k.clone(); c.detach_()`), and the change then matters to nothing."""
+    target = node.args[node.mutates] if node.mutates < len(node.args) else None
+    name = getattr(target, "name", None)
+    return name in copies and readers[name] == 1 and name not in outputs
