@@ -223,6 +223,15 @@ def load_model_file(path: str | Path) -> ModelFile:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
+        shadowed = _imported_again_as(exc, path, name)
+        if shadowed:
+            raise FtcError(
+                f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}; "
+                f"on the way the model file was imported a second time, as module '{shadowed}': its name "
+                f"shadows a module '{shadowed}' that a library imports (the model file's folder comes first "
+                "on the import path, as a script's does)",
+                f"rename {path.name} (to {shadowed}_model.py, say)",
+            ) from exc
         raise FtcError(
             f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
             f"run `python -m {name}` from {root} and fix the error" if package else f"run `python {path}` and fix the error",
@@ -288,6 +297,23 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     errors go on to list every backend for dozens of lines."""
     line = (str(exc).strip().splitlines() or [""])[0]
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _imported_again_as(exc: BaseException, path: Path, own_name: str) -> str | None:
+    """The module name under which the model file at `path` ran a second time while it was being
+    imported as `own_name`, as the exception `exc` or one it was raised from passed through it:
+    a model file called xlstm.py that imports transformers, which looks for and imports a package
+    `xlstm`, runs again as module `xlstm`. None where it ran only as itself."""
+    resolved = path.resolve()
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            module = frame.f_globals.get("__name__")
+            if module != own_name and Path(frame.f_code.co_filename).resolve() == resolved:
+                return module
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def user_frame(exc: BaseException, path: Path) -> str:
