@@ -223,14 +223,16 @@ def load_model_file(path: str | Path) -> ModelFile:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        shadowed = _imported_again_as(exc, path, name)
-        if shadowed:
+        shadowing = _shadowing_file(exc, path, name)
+        if shadowing:
+            file, module = shadowing
+            which = "the model file" if file == path.name else f"{file} beside the model file"
             raise FtcError(
                 f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}; "
-                f"on the way the model file was imported a second time, as module '{shadowed}': its name "
-                f"shadows a module '{shadowed}' that a library imports (the model file's folder comes first "
-                "on the import path, as a script's does)",
-                f"rename {path.name} (to {shadowed}_model.py, say)",
+                f"on the way a library imported {which} as module '{module}': the file's name shadows a "
+                f"module '{module}' that the library looks for (the model file's folder comes first on the "
+                "import path, as a script's does)",
+                f"rename {file} (to {module}_model.py, say)",
             ) from exc
         raise FtcError(
             f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
@@ -299,19 +301,28 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _imported_again_as(exc: BaseException, path: Path, own_name: str) -> str | None:
-    """The module name under which the model file at `path` ran a second time while it was being
-    imported as `own_name`, as the exception `exc` or one it was raised from passed through it:
-    a model file called xlstm.py that imports transformers, which looks for and imports a package
-    `xlstm`, runs again as module `xlstm`. None where it ran only as itself."""
-    resolved = path.resolve()
+def _shadowing_file(exc: BaseException, path: Path, own_name: str) -> tuple[str, str] | None:
+    """(file name, module name) of a file in the model file's folder, the model file itself or one
+    beside it, that code outside the folder imported by a plain module name while the model file
+    was being imported as `own_name`, as the exception `exc` or one it was raised from passed
+    through it: a model file called xlstm.py (or one beside xlstm.py) that imports transformers,
+    which looks for and imports a package `xlstm`, runs that file as module `xlstm`. None where
+    only the model file and what it imported itself ran from the folder."""
+    folder = path.resolve().parent
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        importer = None
         for frame, _ in traceback.walk_tb(exc.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.startswith("<frozen"):  # importlib's own frames, between importer and imported
+                continue
+            file = Path(filename).resolve()
             module = frame.f_globals.get("__name__")
-            if module != own_name and Path(frame.f_code.co_filename).resolve() == resolved:
-                return module
+            if (frame.f_code.co_name == "<module>" and file.parent == folder and module != own_name
+                    and importer is not None and importer != folder):  # fmt: skip
+                return file.name, module
+            importer = file.parent
         exc = exc.__cause__ or exc.__context__
     return None
 
