@@ -301,6 +301,17 @@ def _import_model_file(name: str, path: Path, package: str | None, root: Path | 
             spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
+        shadowing = _shadowing_file(exc, path, name)
+        if shadowing:
+            file, shadowed = shadowing
+            which = "the model file" if file == path.name else f"{file} beside the model file"
+            raise FtcError(
+                f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}; "
+                f"on the way a library imported {which} as module '{shadowed}': the file's name shadows a "
+                f"module '{shadowed}' that the library looks for (the model file's folder comes first on the "
+                "import path, as a script's does)",
+                f"rename {file} (to {shadowed}_model.py, say)",
+            ) from exc
         raise FtcError(
             f"{path}: importing the model file raised {type(exc).__name__}: {exc}{user_frame(exc, path)}",
             f"run `python -m {name}` from {root} and fix the error" if package else f"run `python {path}` and fix the error",
@@ -349,6 +360,32 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     errors go on to list every backend for dozens of lines."""
     line = (str(exc).strip().splitlines() or [""])[0]
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _shadowing_file(exc: BaseException, path: Path, own_name: str) -> tuple[str, str] | None:
+    """(file name, module name) of a file in the model file's folder, the model file itself or one
+    beside it, that code outside the folder imported by a plain module name while the model file
+    was being imported as `own_name`, as the exception `exc` or one it was raised from passed
+    through it: a model file called xlstm.py (or one beside xlstm.py) that imports transformers,
+    which looks for and imports a package `xlstm`, runs that file as module `xlstm`. None where
+    only the model file and what it imported itself ran from the folder."""
+    folder = path.resolve().parent
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        importer = None
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            filename = frame.f_code.co_filename
+            if filename.startswith("<frozen"):  # importlib's own frames, between importer and imported
+                continue
+            file = Path(filename).resolve()
+            module = frame.f_globals.get("__name__")
+            if (frame.f_code.co_name == "<module>" and file.parent == folder and module != own_name
+                    and importer is not None and importer != folder):  # fmt: skip
+                return file.name, module
+            importer = file.parent
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def user_frame(exc: BaseException, path: Path) -> str:

@@ -218,6 +218,32 @@ def test_missing_model_file(tmp_path, capsys):
     assert_user_error(result, "nowhere.py does not exist")
 
 
+@pytest.mark.parametrize("named", ["model", "sibling"])
+def test_a_file_named_as_a_module_a_library_imports_is_told_to_rename(named, tmp_path, capsys, monkeypatch):
+    """transformers imports the package `xlstm` where it finds one; a model file called xlstm.py
+    (or one beside a copy of it) that builds transformers' xLSTM was that package, ran again
+    inside its own import and stopped as "Could not import module 'xLSTMConfig'", which said
+    nothing of the name."""
+    library = tmp_path / "site" / "fancylib"
+    library.mkdir(parents=True)
+    write(library, "__init__.py", """
+        import importlib.util
+
+        if importlib.util.find_spec("fancy_backend") is not None:  # an optional backend, as transformers looks for one
+            import fancy_backend
+        from fancylib.layers import Block
+    """)
+    write(library, "layers.py", "import torch.nn as nn\nBlock = nn.Linear\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    text = GOOD.replace("import torch.nn as nn", "import torch.nn as nn\nfrom fancylib import Block")
+    write(tmp_path, "fancy_backend.py", text)
+    model = write(tmp_path, "net.py", text) if named == "sibling" else tmp_path / "fancy_backend.py"
+    which = "fancy_backend.py beside the model file" if named == "sibling" else "the model file"
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "cannot import name 'Block' from partially initialized module 'fancylib'",
+                      f"a library imported {which} as module 'fancy_backend'", "fix: rename fancy_backend.py")  # fmt: skip
+
+
 def test_model_file_must_be_python(tmp_path, capsys):
     path = write(tmp_path, "model.txt", GOOD)
     assert_user_error(run_cli(["compile", path, "--stages", 2, "-o", tmp_path], capsys), "is not a .py file")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ftc.check import check_pipeline
 from ftc.ir import FtcError
 
 from .conftest import MODELS, assert_local_trains_like_single
@@ -40,6 +41,18 @@ def test_mixtral_experts_take_the_cpu_path_and_compute_what_the_model_computes(c
     folder = compile_to(MODELS / "hf_mixtral.py", 2, batch_size=4)
     assert len(json.loads((folder / "pipeline.json").read_text())["stages"]) == 2
     assert_check_passes(folder, batch_size=4)
+
+
+def test_wavlm_attention_follows_eval_mode_and_evaluates_as_the_model_does(compile_to):
+    """WavLM's attention passes self.training to F.multi_head_attention_forward, where it only
+    zeroes the attention dropout, whose op the stages write with their own flag: read as a branch
+    the stages keep in training mode, it got a note to judge evaluation with the original model,
+    and `ftc check` left eval mode uncompared."""
+    folder = compile_to(MODELS / "hf_wavlm.py", 2, batch_size=4)
+    ir = json.loads((folder / "ir.json").read_text())
+    assert "training_branches" not in ir
+    report = check_pipeline(folder, batch_size=4)
+    assert report.ok and report.eval_expected and report.eval_outputs <= report.tolerance, report
 
 
 def test_a_model_that_returns_its_cache_is_told_to_set_use_cache_off(tmp_path, compile_to):

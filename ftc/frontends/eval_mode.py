@@ -56,6 +56,9 @@ _MODE_ARGUMENTS = {
     F.batch_norm: ("training", 5),
     F.instance_norm: ("use_input_stats", 5),
     F.scaled_dot_product_attention: ("dropout_p", 4),
+    # its flag only zeroes the dropout probability, which reaches the dropout (or attention) op
+    # inside it, lowered as the stage's own (transformers' WavLM attention passes self.training)
+    F.multi_head_attention_forward: ("training", 13),
 }
 
 
