@@ -396,8 +396,9 @@ def global_hooks_restored():
 ])  # fmt: skip
 def test_a_global_module_hook_is_refused_by_name(frontend, register, per_module, tmp_path, global_hooks_restored):
     # fx recorded the hook inside the blocks it traced into and dropped it on the model itself;
-    # export's stages ran it once more on the layers they call whole; and ftc check, which
-    # imports the model file twice, ran it twice on the original model: wrong values either way.
+    # export's stages ran it once more on the layers they call whole; and ftc check, which then
+    # imported the model file once per batch size, ran it twice on the original model: wrong
+    # values either way.
     path = tmp_path / "global_hook.py"
     path.write_text(HOOKED_EVERYWHERE.replace("REGISTER", register))
     with pytest.raises(FtcError) as caught:

@@ -216,8 +216,8 @@ def global_hooks_refused(model_file: ModelFile) -> None:
     file's import or in build_model(). It is state of the process, not of the model: the trace
     records it only inside the modules it goes into (fx not for the model itself), a layer the
     stage code calls whole runs it again wherever the process registered it (export's stages
-    applied a scaling hook twice), and a process runs it as often as it imported the model file
-    (ftc check: twice)."""
+    applied a scaling hook twice), and one registered in build_model() is registered again at every
+    build."""
     registry = torch.nn.modules.module
     for register, table, per_module in GLOBAL_HOOKS:
         for hook in getattr(registry, table).values():
