@@ -35,7 +35,7 @@ from ftc.runtime.seeding import seeded
 from .common import user_source
 from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
 from .draws import TRACE_SEED, draws_note, drawn_from, trace_seeded
-from .export import not_a_tensor_output, size_buffers, trace_export
+from .export import integer_buffers, not_a_tensor_output, size_buffers, trace_export
 from .fx import BufferAssigned, ConstantChanged, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced, trace_fx
 from .python_state import python_state_refused
 from .meta import annotate_meta, fails_only_on_meta, missing_fake_kernel, plain_failure_fix
@@ -117,12 +117,10 @@ def _leaf_sizes(model: torch.nn.Module, model_file: ModelFile) -> None:
     device, else as a CPU copy), would be wrong or its run would fail. The stages adopt the
     module, whose buffers the runtime builds with their values, so only the compile lacks them."""
     holders = {
-        f"{path}.{name}" if path else name: (module, name)
+        key: holder
         for leaf_path, leaf in model.named_modules()
         if isinstance(leaf, model_file.leaf_modules)
-        for path, module in leaf.named_modules(prefix=leaf_path)
-        for name, buffer in module._buffers.items()
-        if buffer is not None and not buffer.is_floating_point() and not buffer.is_complex()
+        for key, holder in integer_buffers(leaf, leaf_path).items()
     }
     if not holders:
         return

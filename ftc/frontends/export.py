@@ -894,15 +894,24 @@ def _call_key(fx_node: fx.Node) -> str:
     return next(reversed(stack), "")
 
 
+def integer_buffers(model: torch.nn.Module, prefix: str = "") -> dict[str, tuple[torch.nn.Module, str]]:
+    """The integer (and bool) buffers of `model` and its submodules, by qualified name under
+    `prefix`: (module, name)."""
+    return {
+        f"{path}.{name}" if path else name: (module, name)
+        for path, module in model.named_modules(prefix=prefix)
+        for name, buffer in module._buffers.items()
+        if buffer is not None and not buffer.is_floating_point() and not buffer.is_complex()
+    }
+
+
 def size_buffers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
     """The model's 0-d integer non-persistent buffers, by qualified name: (module, name)."""
     return {
-        f"{path}.{name}" if path else name: (module, name)
-        for path, module in model.named_modules()
-        for name, buffer in module._buffers.items()
-        if buffer is not None and buffer.dim() == 0 and not buffer.is_floating_point() and not buffer.is_complex()
-        and name in module._non_persistent_buffers_set
-    }  # fmt: skip
+        key: (module, name)
+        for key, (module, name) in integer_buffers(model).items()
+        if module._buffers[name].dim() == 0 and name in module._non_persistent_buffers_set
+    }
 
 
 @contextlib.contextmanager
