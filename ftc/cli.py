@@ -1,4 +1,5 @@
-"""The `ftc` command line: compile a model file into a pipeline, check a pipeline against its model."""
+"""The `ftc` command line: compile a model file into a pipeline, check it against its model,
+explain its predicted costs, train it, and merge its checkpoints."""
 
 from __future__ import annotations
 
@@ -47,66 +48,89 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(exc.message + (f"; {exc.hint}" if exc.hint else "")) from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _compile_arguments(parser: argparse.ArgumentParser) -> None:
     from ftc.frontends import FRONTENDS
     from ftc.passes.partition import METHODS
     from ftc.passes.partition.memory import OPTIMIZER_STATES
-    from ftc.runtime.config import TRAINING_SCHEDULES, StalenessConfig
     from ftc.passes.recompute import POLICIES
     from ftc.profiling import DEVICES, PROFILES, DeviceModel
+    from ftc.runtime.config import TRAINING_SCHEDULES
 
+    parser.add_argument("model", help="model file (defines build_model() and example_inputs(batch_size))")
+    parser.add_argument("--stages", type=_positive_int, required=True, help="number of pipeline stages (of devices, for --method mpipe, which may run several stages per device)")
+    parser.add_argument("-o", "--output", required=True, help="folder to write <name>/ into")
+    parser.add_argument("--name", help="pipeline name (default: the model file's stem)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="batch size to trace and cost with (default 8)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="pipedream", help="partitioner (default pipedream)")
+    parser.add_argument("--frontend", choices=FRONTENDS, default="auto", help="tracer: fx, export, or auto (fx, then export)")
+    parser.add_argument("--bandwidth", type=_positive_float, default=1.0, metavar="GBPS", help="link bandwidth between stages, GB/s (default 1)")
+    parser.add_argument("--tflops", type=_positive_float, default=DeviceModel.tflops, help=f"device peak TFLOP/s for predicted times (default {DeviceModel.tflops})")
+    parser.add_argument("--memory-gbps", type=_positive_float, default=DeviceModel.memory_gbps, help=f"device memory bandwidth, GB/s (default {DeviceModel.memory_gbps})")
+    parser.add_argument("--op-overhead-us", type=_non_negative_float, default=DeviceModel.op_overhead_us, metavar="US", help=f"fixed cost of each ATen op beyond its roofline, microseconds (default {DeviceModel.op_overhead_us}, one CPU core)")
+    parser.add_argument("--stage-overhead-us", type=_non_negative_float, default=DeviceModel.stage_overhead_us, metavar="US", help=f"fixed cost of calling a stage forward and backward, microseconds (default {DeviceModel.stage_overhead_us})")
+    parser.add_argument("--force", action="store_true", help="overwrite stage files and a pipeline.json edited by hand")
+    parser.add_argument("--memory-limit", type=_memory_size, metavar="BYTES", help="memory per device (16GB, 512MiB, ...); stages must fit it (default: no limit)")
+    parser.add_argument("--optimizer", choices=OPTIMIZER_STATES, default="adam", help="optimizer whose state counts toward memory (default adam)")
+    parser.add_argument("--schedule", choices=TRAINING_SCHEDULES, default="1f1b", help="schedule whose in-flight activations (and, for async, stashed weights) count toward memory (default 1f1b)")
+    parser.add_argument("--micro-batches", type=_positive_int, help="micro-batches per step, for memory (default: the smallest divisor of the batch size from the device count up)")
+    parser.add_argument("--recompute", choices=POLICIES, default="auto", help="recompute activations in backward: auto (where memory requires it), always, never")
+    parser.add_argument("--blocks", type=_positive_int, help="mpipe: blocks to pack onto devices (default: 2, 3 and 4 times --stages are tried)")
+    parser.add_argument("--profile", choices=PROFILES, default="analytic", help="analytic: FLOPs and a roofline on meta tensors (default); measure: time every node on real tensors")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="the training device: where --profile measure times the nodes and --refine the stages, and how the memory estimate counts the optimizer step (default cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
+    parser.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
+    parser.add_argument("--refine", type=_non_negative_int, default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
+    parser.add_argument("--no-cache", action="store_true", help="measure afresh, neither reading nor writing the profile cache ($FTC_CACHE_DIR or ~/.cache/ftc/profiles)")
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
+    parser.add_argument("--model", help="model file (default: the one pipeline.json names)")
+    parser.add_argument("--batch-size", type=_positive_int, help="batch size (default: the compile batch size, then the planned micro-batch size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=_positive_float, default=1e-5, help="largest relative difference allowed (default 1e-5)")
+
+
+def _explain_arguments(parser: argparse.ArgumentParser) -> None:
+    from ftc.runtime.config import StalenessConfig
+
+    parser.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
+    parser.add_argument("--micro-batches", type=_positive_int, metavar="M", help="micro-batches per batch to predict the schedules with (default: 4 and 8)")
+    parser.add_argument("--flush-every", type=_positive_int, default=StalenessConfig.flush_every, metavar="N", help=f"steps between pipeline flushes for the async rows, the training config's staleness.flush_every (default {StalenessConfig.flush_every})")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the device loads and the 1F1B timeline into a PNG")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training config (JSON, e.g. configs/gpt.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted for nested: optimizer.lr=0.01); repeatable")
+
+
+def _merge_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir; its latest step), or one step-* folder in it")
+    parser.add_argument("-o", "--output", help="output file, .safetensors or .pt, or a folder (default "
+                       "DIR/merged.safetensors; for a step folder DIR/step-N, DIR/merged-step-N.safetensors)")  # fmt: skip
+
+
+# Each command's arguments, and the imports their choices need, are added only for the command
+# that runs: the compiler's (torch.export, dynamo) take seconds to import, which `ftc train`,
+# `ftc merge-checkpoint` and `ftc --help` need not pay.
+COMMANDS = {
+    "compile": (_compile_arguments, "compile a model file into per-stage modules"),
+    "check": (_check_arguments, "check a generated pipeline against its model (outputs, buffers, gradients)"),
+    "explain": (_explain_arguments, "predicted per-stage costs, memory, throughput and bubble of a generated pipeline"),
+    "train": (_train_arguments, "train a generated pipeline per a training config (single, local or dist via torchrun)"),
+    "merge-checkpoint": (_merge_checkpoint_arguments, "merge the latest complete checkpoint's shards into one state_dict"),
+}
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftc", description="A pipeline-parallel compiler for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    compile_ = commands.add_parser("compile", help="compile a model file into per-stage modules")
-    compile_.add_argument("model", help="model file (defines build_model() and example_inputs(batch_size))")
-    compile_.add_argument("--stages", type=_positive_int, required=True, help="number of pipeline stages (of devices, for --method mpipe, which may run several stages per device)")
-    compile_.add_argument("-o", "--output", required=True, help="folder to write <name>/ into")
-    compile_.add_argument("--name", help="pipeline name (default: the model file's stem)")
-    compile_.add_argument("--batch-size", type=_positive_int, default=8, help="batch size to trace and cost with (default 8)")
-    compile_.add_argument("--method", choices=sorted(METHODS), default="pipedream", help="partitioner (default pipedream)")
-    compile_.add_argument("--frontend", choices=FRONTENDS, default="auto", help="tracer: fx, export, or auto (fx, then export)")
-    compile_.add_argument("--bandwidth", type=_positive_float, default=1.0, metavar="GBPS", help="link bandwidth between stages, GB/s (default 1)")
-    compile_.add_argument("--tflops", type=_positive_float, default=DeviceModel.tflops, help=f"device peak TFLOP/s for predicted times (default {DeviceModel.tflops})")
-    compile_.add_argument("--memory-gbps", type=_positive_float, default=DeviceModel.memory_gbps, help=f"device memory bandwidth, GB/s (default {DeviceModel.memory_gbps})")
-    compile_.add_argument("--op-overhead-us", type=_non_negative_float, default=DeviceModel.op_overhead_us, metavar="US", help=f"fixed cost of each ATen op beyond its roofline, microseconds (default {DeviceModel.op_overhead_us}, one CPU core)")
-    compile_.add_argument("--stage-overhead-us", type=_non_negative_float, default=DeviceModel.stage_overhead_us, metavar="US", help=f"fixed cost of calling a stage forward and backward, microseconds (default {DeviceModel.stage_overhead_us})")
-    compile_.add_argument("--force", action="store_true", help="overwrite stage files and a pipeline.json edited by hand")
-    compile_.add_argument("--memory-limit", type=_memory_size, metavar="BYTES", help="memory per device (16GB, 512MiB, ...); stages must fit it (default: no limit)")
-    compile_.add_argument("--optimizer", choices=OPTIMIZER_STATES, default="adam", help="optimizer whose state counts toward memory (default adam)")
-    compile_.add_argument("--schedule", choices=TRAINING_SCHEDULES, default="1f1b", help="schedule whose in-flight activations (and, for async, stashed weights) count toward memory (default 1f1b)")
-    compile_.add_argument("--micro-batches", type=_positive_int, help="micro-batches per step, for memory (default: the smallest divisor of the batch size from the device count up)")
-    compile_.add_argument("--recompute", choices=POLICIES, default="auto", help="recompute activations in backward: auto (where memory requires it), always, never")
-    compile_.add_argument("--blocks", type=_positive_int, help="mpipe: blocks to pack onto devices (default: 2, 3 and 4 times --stages are tried)")
-    compile_.add_argument("--profile", choices=PROFILES, default="analytic", help="analytic: FLOPs and a roofline on meta tensors (default); measure: time every node on real tensors")
-    compile_.add_argument("--device", choices=DEVICES, default="cpu", help="the training device: where --profile measure times the nodes and --refine the stages, and how the memory estimate counts the optimizer step (default cpu)")
-    compile_.add_argument("--threads", type=_positive_int, default=1, help="CPU threads while measuring (torch.set_num_threads; default 1, one stage per core)")
-    compile_.add_argument("--save-memory", action="store_true", help="measure one node at a time with only its parameters on the device (automatic for models large for the device)")
-    compile_.add_argument("--refine", type=_non_negative_int, default=0, metavar="ROUNDS", help="time the generated stages on --device and partition again with the profile corrected by the timings, up to ROUNDS splits; keeps the one that measured best (default 0: off)")
-    compile_.add_argument("--no-cache", action="store_true", help="measure afresh, neither reading nor writing the profile cache ($FTC_CACHE_DIR or ~/.cache/ftc/profiles)")
-
-    check = commands.add_parser("check", help="check a generated pipeline against its model (outputs, buffers, gradients)")
-    check.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
-    check.add_argument("--model", help="model file (default: the one pipeline.json names)")
-    check.add_argument("--batch-size", type=_positive_int, help="batch size (default: the compile batch size, then the planned micro-batch size)")
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--tolerance", type=_positive_float, default=1e-5, help="largest relative difference allowed (default 1e-5)")
-
-    explain = commands.add_parser("explain", help="predicted per-stage costs, memory, throughput and bubble of a generated pipeline")
-    explain.add_argument("pipeline", help="generated pipeline folder (generated/<name>)")
-    explain.add_argument("--micro-batches", type=_positive_int, metavar="M", help="micro-batches per batch to predict the schedules with (default: 4 and 8)")
-    explain.add_argument("--flush-every", type=_positive_int, default=StalenessConfig.flush_every, metavar="N", help=f"steps between pipeline flushes for the async rows, the training config's staleness.flush_every (default {StalenessConfig.flush_every})")
-    explain.add_argument("--plot", metavar="FILE.png", help="also draw the device loads and the 1F1B timeline into a PNG")
-
-    train = commands.add_parser("train", help="train a generated pipeline per a training config (single, local or dist via torchrun)")
-    train.add_argument("config", help="training config (JSON, e.g. configs/gpt.json)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted for nested: optimizer.lr=0.01); repeatable")
-
-    merge = commands.add_parser("merge-checkpoint", help="merge the latest complete checkpoint's shards into one state_dict")
-    merge.add_argument("dir", help="checkpoint folder (the config's checkpoint.dir; its latest step), or one step-* folder in it")
-    merge.add_argument("-o", "--output", help="output file, .safetensors or .pt, or a folder (default "
-                       "DIR/merged.safetensors; for a step folder DIR/step-N, DIR/merged-step-N.safetensors)")
-    return parser  # fmt: skip
+    for name, (add_arguments, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if name == command:
+            add_arguments(sub)
+    return parser
 
 
 # Rates past these are no device's or link's (an H200 moves 4.8 TB/s and does 2 PFLOP/s dense):
@@ -252,8 +276,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_merge_checkpoint(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ftc.compiler import file_in_the_way
-    from ftc.runtime.checkpoint import damaged_steps, merge, save_state_dict
+    from ftc.runtime.checkpoint import damaged_steps, file_in_the_way, merge, save_state_dict
 
     for damaged, missing in damaged_steps(Path(args.dir)).items():
         print(f"ftc merge-checkpoint: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr)
@@ -305,9 +328,9 @@ def _join_dashed_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        # Building the parser imports torch (a second or more): Ctrl-C then is an interruption
-        # too, not a traceback from inside torch's import.
-        parser = _parser()
+        # Building compile's parser imports torch and the compiler (seconds): Ctrl-C then is an
+        # interruption too, not a traceback from inside an import.
+        parser = _parser(argv[0] if argv else None)
     except KeyboardInterrupt:
         command = f"ftc {argv[0]}" if argv and not argv[0].startswith("-") else "ftc"
         print(f"{command}: interrupted", file=sys.stderr)

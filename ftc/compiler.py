@@ -27,6 +27,7 @@ from ftc.passes.unpack import unpack_containers_early
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
 from ftc.profiling.measure import wants_save_memory
 from ftc.profiling.stages import StageTimer
+from ftc.runtime.checkpoint import file_in_the_way
 from ftc.runtime.config import TRAINING_SCHEDULES
 from ftc.runtime.model_file import ModelFile, load_model_file
 
@@ -132,11 +133,6 @@ def check_package_name(name: str, where: str, fix: str, stdlib: bool = True) -> 
     if name == "torch" or (stdlib and name in sys.stdlib_module_names):
         raise FtcError(f"{where} {name!r} is the name of a module the stage code or Python imports: the generated "
                        "package would hide it", fix)  # fmt: skip
-
-
-def file_in_the_way(folder: Path) -> Path | None:
-    """The file (not folder) at `folder` or above it that keeps `folder` from being made."""
-    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def folder_not_writable(folder: Path) -> str | None:

@@ -46,6 +46,11 @@ def staging_folder(root: Path, step: int) -> Path:
     return Path(root) / f".step-{step:08d}.partial"
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file (not folder) at `folder` or above it that keeps `folder` from being made."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def _atomic(path: Path, write) -> None:
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)

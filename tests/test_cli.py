@@ -1055,7 +1055,7 @@ def test_a_rate_given_in_another_unit_is_warned_about(tmp_path, capsys):
 def test_ctrl_c_while_ftc_starts_is_an_interruption_not_a_traceback(capsys, monkeypatch):
     import ftc.cli
 
-    def interrupted():
+    def interrupted(command):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ftc.cli, "_parser", interrupted)
@@ -1377,3 +1377,18 @@ def test_flex_attention_is_named_with_a_fix_that_works(frontend, leaves, tmp_pat
     code, _, err = run_cli(["compile", fixed, "--stages", 2, "--frontend", frontend, "-o", tmp_path / "out"], capsys)
     assert code == 0, err
     assert check_pipeline(tmp_path / "out" / "sdpa", batch_size=3).ok
+
+
+def test_train_and_merge_checkpoint_do_not_import_the_compiler(tmp_path):
+    """`ftc train` built compile's arguments too, whose choices import ftc.frontends and with it
+    torch.export and dynamo: seconds before every training run (and every torchrun launch)."""
+    probe = textwrap.dedent(f"""
+        import sys
+        from ftc.cli import main
+        codes = [main(["train", {str(tmp_path / "missing.json")!r}]), main(["merge-checkpoint", {str(tmp_path)!r}])]
+        compiler = sorted(m for m in sys.modules if m.split(".")[:2] in (["ftc", "frontends"], ["ftc", "compiler"], ["torch", "_dynamo"]))
+        print(codes, compiler)
+    """)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "[2, 2] []", done.stdout + done.stderr
+    assert "missing.json" in done.stderr
