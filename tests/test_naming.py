@@ -480,3 +480,48 @@ def test_tuples_built_or_split_in_one_statement_and_sizes_taken_on_the_way_are_n
         assert re.search(r"\bx1 = \w+\[\.\.\., :\w+\]", code) and re.search(r"\bx2 = \w+\[\.\.\., \w+:\]", code), code
         assert re.search(r"\b(size\w*) = shape\w*\[-2:\]\n\s*\w+ = F\.interpolate\(y, size=\1,", code), code
     assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+UNNAMED_OPS = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 8, 3, padding=2)
+
+    def forward(self, x):
+        return self.conv(x)[..., : x.shape[-1]] / 2 + x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*(Block() for _ in range(4)))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8, 16),)
+"""
+
+
+def test_an_unnamed_value_exports_lowered_is_named_after_its_op_without_the_traces_counter(tmp_path):
+    """Export's `slice_62` (an ATen slice, written as an index) and `div_5` were written as such
+    in every stage: numbered across the whole model, where other unnamed values are numbered
+    within their stage ("mul", "mul_1")."""
+    path = tmp_path / "unnamed.py"
+    path.write_text(UNNAMED_OPS)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    for stage in ("stage0.py", "stage1.py"):  # two blocks each
+        code = (compiled.folder / stage).read_text()
+        assert re.search(r"\bslice_ = conv\[:, :, :16\]", code) and re.search(r"\bdiv = slice_ / 2\b", code), code
+        assert sorted(set(re.findall(r"\b(?:slice|div)_\d*\b", code))) == ["div_1", "slice_", "slice_1"], code

@@ -249,6 +249,10 @@ def trace_export(
             node.args = tuple(ir_arg(a, ref_of, where) for a in fx_args)
             node.kwargs = {k: ir_arg(v, ref_of, where) for k, v in fx_kwargs.items()}
             node.name = unique_name(label, taken)
+            if label == fx_node.name:
+                # The ATen op's name without export's counter: "slice" for `x[:, :L]` lowered to
+                # an index, where the label from the lowered call would be its name, "slice_62".
+                node.label = re.sub(r"_\d+$", "", label)
             node.grad_enabled = fx_node.meta.get("ftc_grad_enabled", True)
             node.module_path, node.module_class, node.source = module_path, modules.get(module_path, ""), source
             node.callers = _frames(fx_node, code)[:-1]
