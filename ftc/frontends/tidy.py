@@ -68,70 +68,120 @@ def tidy(
 
 
 class _Tidy:
+    """The nodes being rewritten, with an index of each value's node and of its readers kept up to
+    date by every edit: a rewrite looks up and changes what it touches only, so a model of many
+    thousand ops (a recurrence unrolled over a long sequence) tidies in time linear in its size."""
+
     def __init__(self, nodes: list[Node], outputs: list[Ref], values: dict[str, Any]):
         self.nodes = list(nodes)
         self.outputs = list(outputs)
         self.values = values
+        self.by_name = {node.name: node for node in self.nodes}
+        self.readers: dict[str, list[Node]] = {node.name: [] for node in self.nodes}
+        for node in self.nodes:
+            for name in node.refs():
+                self.readers.setdefault(name, []).append(node)
+        self.removed: set[int] = set()  # ids of the nodes edits took out, until `compact`
 
     # -- bookkeeping ---------------------------------------------------------------------
 
-    def readers(self) -> dict[str, list[Node]]:
-        found: dict[str, list[Node]] = {node.name: [] for node in self.nodes}
-        for node in self.nodes:
-            for name in node.refs():
-                found.setdefault(name, []).append(node)
-        return found
+    def live(self) -> list[Node]:
+        """The nodes in program order, as a list edits may not disturb."""
+        self.compact()
+        return list(self.nodes)
 
-    def only_reader(self, name: str, reader: Node, readers: dict[str, list[Node]]) -> bool:
+    def compact(self) -> None:
+        if self.removed:
+            self.nodes = [node for node in self.nodes if id(node) not in self.removed]
+            self.removed.clear()
+
+    def only_reader(self, name: str, reader: Node) -> bool:
         """Whether `reader` is all that reads value `name`: no other node, no output."""
-        return [r.name for r in readers.get(name, [])] == [reader.name] and all(o.name != name for o in self.outputs)
+        found = self.readers.get(name, [])
+        return len(found) == 1 and found[0] is reader and all(o.name != name for o in self.outputs)
+
+    def set_args(self, node: Node, args: tuple, kwargs: dict) -> None:
+        for name in node.refs():
+            self.readers[name] = [r for r in self.readers.get(name, []) if r is not node]
+        node.args, node.kwargs = args, kwargs
+        for name in node.refs():
+            self.readers.setdefault(name, []).append(node)
+
+    def remove(self, node: Node) -> None:
+        """Takes out `node`, which nothing reads any more."""
+        self.set_args(node, (), {})
+        self.readers.pop(node.name, None)
+        del self.by_name[node.name]
+        self.removed.add(id(node))
+
+    def redirect(self, old: str, new: str) -> None:
+        """Every read of value `old` (its readers' and the outputs') reads `new`."""
+        swap = lambda ref: Ref(new) if ref.name == old else ref  # noqa: E731
+        moved = self.readers.pop(old, [])
+        for reader in moved:
+            reader.args, reader.kwargs = map_refs(reader.args, swap), map_refs(reader.kwargs, swap)
+        known = self.readers.setdefault(new, [])
+        known.extend(reader for reader in moved if all(r is not reader for r in known))
+        self.readers[old] = []
+        self.outputs = [swap(ref) for ref in self.outputs]
 
     def replace(self, old: str, new: str) -> None:
         """Every read of value `old` reads `new`; the node `old` goes."""
-        swap = lambda ref: Ref(new) if ref.name == old else ref  # noqa: E731
-        self.nodes = [node for node in self.nodes if node.name != old]
-        for node in self.nodes:
-            node.args, node.kwargs = map_refs(node.args, swap), map_refs(node.kwargs, swap)
-        self.outputs = [swap(ref) for ref in self.outputs]
+        self.redirect(old, new)
+        self.remove(self.by_name[old])
+
+    def rename(self, node: Node, name: str) -> None:
+        """`node`'s value is called `name`, which no live node has, from here on."""
+        old = node.name
+        del self.by_name[old]
+        node.name = name
+        self.by_name[name] = node
+        self.readers.setdefault(name, [])
+        self.redirect(old, name)
+        del self.readers[old]
 
     def tensor(self, arg: Any) -> torch.Tensor | None:
         value = self.values.get(arg.name) if isinstance(arg, Ref) else None
         return value if isinstance(value, torch.Tensor) else None
 
     def made_by(self, arg: Any) -> Node | None:
-        if not isinstance(arg, Ref):
-            return None
-        return next((node for node in self.nodes if node.name == arg.name), None)
+        return self.by_name.get(arg.name) if isinstance(arg, Ref) else None
 
     # -- tensors made from Python numbers ------------------------------------------------
 
     def write_literals(self, constants: dict[str, Constant]) -> None:
         """`self.const_0.clone().detach_()` -> `torch.tensor([...], device=device)`."""
-        readers = self.readers()
-        for detach in list(self.nodes):
+        reads_of_constant: dict[str, int] = {}
+        for node in self.nodes:
+            if node.op == "get_attr":
+                reads_of_constant[node.target] = reads_of_constant.get(node.target, 0) + 1
+        for detach in self.live():
             if (detach.op, detach.target, detach.kwargs) != ("call_method", "detach_", {}) or len(detach.args) != 1:
                 continue
             clone = self.made_by(detach.args[0])
             if clone is None or (clone.op, clone.target, clone.kwargs) != ("call_method", "clone", {}) \
-                    or len(clone.args) != 1 or not self.only_reader(clone.name, detach, readers):  # fmt: skip
+                    or len(clone.args) != 1 or not self.only_reader(clone.name, detach):  # fmt: skip
                 continue
             source = self.made_by(clone.args[0])
             if source is None or source.op != "get_attr" or source.target not in constants \
-                    or not self.only_reader(source.name, clone, readers):  # fmt: skip
+                    or not self.only_reader(source.name, clone):  # fmt: skip
                 continue
             constant = constants[source.target]
             if not all(math.isfinite(number) for number in _numbers(constant.data)):
                 continue  # inf and nan have no literal; the buffer keeps them
             dtype = getattr(torch, constant.dtype)
             kwargs = {} if torch.tensor(constant.data).dtype == dtype else {"dtype": TorchExpr(f"torch.{constant.dtype}")}
-            detach.op, detach.target, detach.args = "call_function", "torch.tensor", (constant.data,)
-            detach.kwargs = {**kwargs, "device": STAGE_DEVICE}
+            detach.op, detach.target = "call_function", "torch.tensor"
+            self.set_args(detach, (constant.data,), {**kwargs, "device": STAGE_DEVICE})
             detach.mutates = None
             if detach.label in ("", "detach_"):
                 detach.label = "tensor"  # where the model names no variable, after the call, not export's op
-            self.nodes = [node for node in self.nodes if node.name not in (clone.name, source.name)]
-            if not any(node.op == "get_attr" and node.target == source.target for node in self.nodes):
+            self.remove(clone)
+            self.remove(source)
+            reads_of_constant[source.target] -= 1
+            if not reads_of_constant[source.target]:
                 del constants[source.target]
+        self.compact()
 
     # -- index chains --------------------------------------------------------------------
 
@@ -178,95 +228,103 @@ class _Tidy:
 
     def merge_index_chains(self) -> None:
         """`x.unsqueeze(1).unsqueeze(2)` -> `x[:, None, None]`, `x.unsqueeze(0)[:, :, :4]` ->
-        `x[None, :, :4]`: each step read only by the next."""
+        `x[None, :, :4]`: each step read only by the next. In program order, each node as far
+        back as its chain goes; again until a pass merges nothing."""
         changed = True
         while changed:
             changed = False
-            readers = self.readers()
-            for node in self.nodes:
-                outer = self.basic_index(node)
-                inner_node = self.made_by(outer[0]) if outer else None
-                inner = self.basic_index(inner_node) if inner_node is not None else None
-                if inner is None or not self.only_reader(inner_node.name, node, readers):
-                    continue
-                if inner_node.grad_enabled != node.grad_enabled:
-                    continue
-                items = _compose(inner[1], outer[1])
-                if items is None:
-                    continue
-                while len(items) > 1 and items[-1] == slice(None) and items[-2] is not None:
-                    items.pop()  # `x[:, :4]`, not `x[:, :4, :, :]`; but `x[None, None, :]` shows where x goes
-                node.op, node.target = "call_function", "operator.getitem"
-                node.args = (inner[0], items[0] if len(items) == 1 else tuple(items))
-                # the value is named as the chain's first step was (`unsqueeze` for three)
-                first = inner_node.name
-                self.nodes = [n for n in self.nodes if n.name != first]
-                renamed = node.name
-                node.name, node.label = first, inner_node.label or re.sub(r"_\d+$", "", first)
-                self.values[first] = self.values.get(renamed)
-                swap = lambda ref, old=renamed, new=first: Ref(new) if ref.name == old else ref  # noqa: E731
-                for other in self.nodes:
-                    other.args, other.kwargs = map_refs(other.args, swap), map_refs(other.kwargs, swap)
-                self.outputs = [swap(ref) for ref in self.outputs]
-                changed = True
-                break
+            for node in self.live():
+                while id(node) not in self.removed and self.merge_into_source(node):
+                    changed = True
+        self.compact()
+
+    def merge_into_source(self, node: Node) -> bool:
+        """Makes `node` one basic index with the basic index it indexes, if that is all it is read
+        by; the value is named as the chain's first step was (`unsqueeze` for three)."""
+        outer = self.basic_index(node)
+        inner_node = self.made_by(outer[0]) if outer else None
+        inner = self.basic_index(inner_node) if inner_node is not None else None
+        if inner is None or not self.only_reader(inner_node.name, node):
+            return False
+        if inner_node.grad_enabled != node.grad_enabled:
+            return False
+        items = _compose(inner[1], outer[1])
+        if items is None:
+            return False
+        while len(items) > 1 and items[-1] == slice(None) and items[-2] is not None:
+            items.pop()  # `x[:, :4]`, not `x[:, :4, :, :]`; but `x[None, None, :]` shows where x goes
+        node.op, node.target = "call_function", "operator.getitem"
+        self.set_args(node, (inner[0], items[0] if len(items) == 1 else tuple(items)), {})
+        first, renamed = inner_node.name, node.name
+        self.remove(inner_node)
+        self.rename(node, first)
+        node.label = inner_node.label or re.sub(r"_\d+$", "", first)
+        self.values[first] = self.values.get(renamed)
+        return True
 
     # -- index assignments ---------------------------------------------------------------
 
     def assign_views(self) -> None:
         """`v = x[index]; v.fill_(value)` (or `v.copy_(value)`) -> `x[index] = value`, where
         the write is all that reads the view and nothing reads what it returns."""
-        readers = self.readers()
         outputs = {ref.name for ref in self.outputs}
-        for view in list(self.nodes):
+        for view in self.live():
             indexed = self.basic_index(view) if view.target == "operator.getitem" else None
-            written = readers.get(view.name, [])
+            written = self.readers.get(view.name, [])
             if indexed is None or len(written) != 1 or view.name in outputs:
                 continue
             (write,) = written
             if write.op != "call_method" or write.target not in ("fill_", "copy_") or write.kwargs \
                     or len(write.args) != 2 or write.args[0] != Ref(view.name) or write.mutates != 0 \
-                    or write.updates or readers.get(write.name) or write.name in outputs \
+                    or write.updates or self.readers.get(write.name) or write.name in outputs \
                     or write.grad_enabled != view.grad_enabled:  # fmt: skip
                 continue
             write.op, write.target = "call_function", "operator.setitem"
-            write.args = (view.args[0], view.args[1], write.args[1])
+            self.set_args(write, (view.args[0], view.args[1], write.args[1]), {})
             self.values[write.name] = self.values.get(view.args[0].name)  # x[index] = value is x
-            self.nodes = [node for node in self.nodes if node.name != view.name]
+            self.remove(view)
+        self.compact()
 
     # -- values that are their input -----------------------------------------------------
 
     def drop_no_ops(self) -> None:
+        """In program order; again until a pass drops nothing."""
         changed = True
         while changed:
             changed = False
-            readers = self.readers()
-            for node in self.nodes:
-                if self.fold_detach(node, readers):
+            for node in self.live():
+                if id(node) in self.removed:
+                    continue
+                if self.fold_detach(node):
                     changed = True
-                    break
-                kept = self.no_op_of(node, readers)
-                if kept is not None:
+                    continue
+                found = self.no_op_of(node)
+                if found is not None:
+                    kept, made_for_it = found
                     self.replace(node.name, kept)
+                    for made in made_for_it:
+                        self.remove(made)
                     changed = True
-                    break
+        self.compact()
 
-    def fold_detach(self, node: Node, readers: dict[str, list[Node]]) -> bool:
+    def fold_detach(self, node: Node) -> bool:
         """`t = torch.tensor(n, ...); count = t.detach_()` -> `count = torch.tensor(n, ...)`, the
         value named as the model named it."""
         if (node.op, node.target, node.kwargs, len(node.args)) != ("call_method", "detach_", {}, 1):
             return False
         made = self.made_by(node.args[0])
         if made is None or (made.op, made.target) != ("call_function", "torch.tensor") \
-                or not self.only_reader(made.name, node, readers):  # fmt: skip
+                or not self.only_reader(made.name, node):  # fmt: skip
             return False
-        node.op, node.target, node.args, node.kwargs, node.mutates = made.op, made.target, made.args, made.kwargs, None
+        node.op, node.target, node.mutates = made.op, made.target, None
+        self.set_args(node, made.args, made.kwargs)
         self.values[node.name] = self.values.get(made.name)
-        self.nodes = [n for n in self.nodes if n.name != made.name]
+        self.remove(made)
         return True
 
-    def no_op_of(self, node: Node, readers: dict[str, list[Node]]) -> str | None:
-        """The value `node` computes when it is one of its inputs, as the module doc says."""
+    def no_op_of(self, node: Node) -> tuple[str, list[Node]] | None:
+        """The value `node` computes when it is one of its inputs, as the module doc says, and
+        the nodes made only for `node` that go with it."""
         if not self.unchanged(node) or not node.args or not isinstance(node.args[0], Ref):
             return None
         x = self.tensor(node.args[0])
@@ -275,7 +333,7 @@ class _Tidy:
             wanted = {"dtype": TorchExpr(str(x.dtype)), "device": STAGE_DEVICE}
             if set(node.kwargs) <= set(wanted) and all(node.kwargs[k] == wanted[k] for k in node.kwargs) \
                     and x.device.type == TRACE_DEVICE_TYPE:  # fmt: skip
-                return node.args[0].name
+                return node.args[0].name, []
             return None
 
         if node.op != "call_function" or node.kwargs or len(node.args) != 2:
@@ -285,22 +343,21 @@ class _Tidy:
             made = self.made_by(node.args[0])
             if made is not None and (made.op, made.target) == ("call_function", "torch.arange") \
                     and not x.dtype.is_floating_point and not x.is_complex() and x.dtype != torch.bool \
-                    and self.only_reader(made.name, node, readers):  # fmt: skip
-                return made.name
+                    and self.only_reader(made.name, node):  # fmt: skip
+                return made.name, []
             return None
         # True & m, False | m of a bool m a comparison just made
         for constant, other in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             fill = {"operator.and_": "new_ones", "operator.or_": "new_zeros"}.get(node.target)
             made, m = self.made_by(constant), self.made_by(other)
-            if fill is None or made is None or m is None or not self.only_reader(made.name, node, readers):
+            if fill is None or made is None or m is None or not self.only_reader(made.name, node):
                 continue
             scalar = made.op == "call_method" and made.target == fill and made.args[1:] == ([],) \
                 and made.kwargs == {"dtype": TorchExpr("torch.bool")}  # fmt: skip
             mask = self.tensor(Ref(m.name))
             if scalar and mask is not None and mask.dtype == torch.bool and m.op == "call_function" \
-                    and m.target in COMPARISONS and self.only_reader(m.name, node, readers):  # fmt: skip
-                self.nodes = [n for n in self.nodes if n.name != made.name]
-                return m.name
+                    and m.target in COMPARISONS and self.only_reader(m.name, node):  # fmt: skip
+                return m.name, [made]
         return None
 
     # -- repeats -------------------------------------------------------------------------
@@ -310,10 +367,11 @@ class _Tidy:
         equal views of one tensor read the same memory, whatever writes it), and so is a second
         equal arange where no op after the first mutates anything (an in-place write to one of
         two fresh tensors would tell them apart)."""
-        last_write = max((k for k, node in enumerate(self.nodes) if not self.unchanged(node)), default=-1)
+        nodes = self.live()
+        last_write = max((k for k, node in enumerate(nodes) if not self.unchanged(node)), default=-1)
         seen: dict[str, str] = {}
         outputs = {ref.name for ref in self.outputs}
-        for k, node in enumerate(list(self.nodes)):
+        for k, node in enumerate(nodes):
             if (node.op, node.target) not in REPEATABLE or node.name in outputs:
                 continue
             if node.name not in self.values:
@@ -327,6 +385,7 @@ class _Tidy:
                 self.replace(node.name, seen[key])
             else:
                 seen[key] = node.name
+        self.compact()
 
 
 def _compose(first: list, second: list) -> list | None:
