@@ -77,10 +77,11 @@ class _Tidy:
         self.outputs = list(outputs)
         self.values = values
         self.by_name = {node.name: node for node in self.nodes}
-        self.readers: dict[str, list[Node]] = {node.name: [] for node in self.nodes}
+        # value name -> its readers, by id, in the order they were found
+        self.readers: dict[str, dict[int, Node]] = {node.name: {} for node in self.nodes}
         for node in self.nodes:
             for name in node.refs():
-                self.readers.setdefault(name, []).append(node)
+                self.readers.setdefault(name, {})[id(node)] = node
         self.removed: set[int] = set()  # ids of the nodes edits took out, until `compact`
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -97,15 +98,15 @@ class _Tidy:
 
     def only_reader(self, name: str, reader: Node) -> bool:
         """Whether `reader` is all that reads value `name`: no other node, no output."""
-        found = self.readers.get(name, [])
-        return len(found) == 1 and found[0] is reader and all(o.name != name for o in self.outputs)
+        found = self.readers.get(name, {})
+        return len(found) == 1 and id(reader) in found and all(o.name != name for o in self.outputs)
 
     def set_args(self, node: Node, args: tuple, kwargs: dict) -> None:
         for name in node.refs():
-            self.readers[name] = [r for r in self.readers.get(name, []) if r is not node]
+            self.readers.get(name, {}).pop(id(node), None)
         node.args, node.kwargs = args, kwargs
         for name in node.refs():
-            self.readers.setdefault(name, []).append(node)
+            self.readers.setdefault(name, {})[id(node)] = node
 
     def remove(self, node: Node) -> None:
         """Takes out `node`, which nothing reads any more."""
@@ -117,12 +118,11 @@ class _Tidy:
     def redirect(self, old: str, new: str) -> None:
         """Every read of value `old` (its readers' and the outputs') reads `new`."""
         swap = lambda ref: Ref(new) if ref.name == old else ref  # noqa: E731
-        moved = self.readers.pop(old, [])
-        for reader in moved:
+        moved = self.readers.pop(old, {})
+        for reader in moved.values():
             reader.args, reader.kwargs = map_refs(reader.args, swap), map_refs(reader.kwargs, swap)
-        known = self.readers.setdefault(new, [])
-        known.extend(reader for reader in moved if all(r is not reader for r in known))
-        self.readers[old] = []
+        self.readers.setdefault(new, {}).update(moved)
+        self.readers[old] = {}
         self.outputs = [swap(ref) for ref in self.outputs]
 
     def replace(self, old: str, new: str) -> None:
@@ -136,7 +136,7 @@ class _Tidy:
         del self.by_name[old]
         node.name = name
         self.by_name[name] = node
-        self.readers.setdefault(name, [])
+        self.readers.setdefault(name, {})
         self.redirect(old, name)
         del self.readers[old]
 
@@ -270,10 +270,10 @@ class _Tidy:
         outputs = {ref.name for ref in self.outputs}
         for view in self.live():
             indexed = self.basic_index(view) if view.target == "operator.getitem" else None
-            written = self.readers.get(view.name, [])
+            written = self.readers.get(view.name, {})
             if indexed is None or len(written) != 1 or view.name in outputs:
                 continue
-            (write,) = written
+            (write,) = written.values()
             if write.op != "call_method" or write.target not in ("fill_", "copy_") or write.kwargs \
                     or len(write.args) != 2 or write.args[0] != Ref(view.name) or write.mutates != 0 \
                     or write.updates or self.readers.get(write.name) or write.name in outputs \
