@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.attention.flex_attention as flex_attention_module
+import torch.nn.modules.transformer as transformer_module
 import torch.utils.checkpoint as checkpoint_module
 from torch._dynamo.eval_frame import OptimizedModule
 
@@ -73,7 +74,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
     draws: list[str] = []
-    with _checkpoints_as_calls(model_file, checkpoints):
+    with _checkpoints_as_calls(model_file, checkpoints), _causal_masks_as_given():
         traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws)
     backward_hooks_kept(traced.graph, traced.model, model_file)
     if checkpoints:
@@ -234,6 +235,21 @@ def _checkpoints_as_calls(model_file: ModelFile, sources: list[str]):
     finally:
         checkpoint_module.CheckpointFunction.apply = reentrant
         checkpoint_module._checkpoint_without_reentrant_generator = generator
+
+
+@contextlib.contextmanager
+def _causal_masks_as_given():
+    """While tracing, torch.nn's transformer stacks take a mask for causal only where forward says
+    so (`tgt_is_causal=True`), without comparing its values to a causal mask's, which no tracer can
+    follow (export failed on nn.TransformerDecoder given a `tgt_mask`). The answer only picks a
+    kernel: the layers apply the mask they are given either way, so the stages compute what the
+    model computes."""
+    detect = transformer_module._detect_is_causal_mask
+    transformer_module._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
+    try:
+        yield
+    finally:
+        transformer_module._detect_is_causal_mask = detect
 
 
 def _one_line(model_file: ModelFile, exc: BaseException, noted: bool = False) -> str:
@@ -444,6 +460,9 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         # LEAF_MODULES (transformers' DbrxExperts, listed, under a mask helper fx cannot trace).
         fix += (f"; only torch.fx keeps LEAF_MODULES ({leaves}) whole, and it failed on its own line above; "
                 "torch.export traces into them, so make fx's line traceable (or list a class that holds it)")
+    elif names == ["torch.export"]:
+        fix += (", or list the class that contains that code in LEAF_MODULES and compile with --frontend fx or "
+                "auto, which keep it whole (torch.export traces into LEAF_MODULES)")
     else:
         fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
     if "torch.export" not in names:
