@@ -345,7 +345,7 @@ def _traced(
     # in-place write to it runs once while tracing and is lost. Its version counter tells.
     versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
     draws: list[str] = []
-    with tracer.training_flags(model, branches), _EagerDraws(model_file, draws):
+    with tracer.training_flags(model, branches), _EagerDraws(model_file, draws), _tensors_of_traced_values(tracer):
         try:
             fx_graph = tracer.trace(model, concrete_args=defaults or None)
         except ValueError as exc:
@@ -369,6 +369,25 @@ def _traced(
             f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
         )
     return tracer, fx_graph, branches
+
+
+@contextlib.contextmanager
+def _tensors_of_traced_values(tracer: _Tracer) -> Iterator[None]:
+    """While tracing, `torch.tensor(...)` of a traced value (`torch.tensor(x.shape[-1])`, a size)
+    is recorded as a call, as the model wrote it; fx itself fails there with a TypeError about
+    `__cuda_array_interface__` (torch.tensor reads the Proxy as an array)."""
+    make = torch.tensor
+
+    def tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(item, fx.Proxy) for item in pytree.tree_leaves((data, args, kwargs))):
+            return tracer.create_proxy("call_function", make, (data, *args), kwargs)
+        return make(data, *args, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = make
 
 
 def _attention_dropout(node: Node, flag_reads: list[str]) -> list[str]:
