@@ -14,9 +14,11 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import sys
 import sysconfig
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +28,8 @@ import torch.nn.modules.transformer as transformer_module
 import torch.utils.checkpoint as checkpoint_module
 from torch._dynamo.eval_frame import OptimizedModule
 
-from ftc.ir import FtcError, Graph
+from ftc.ir import FtcError, Graph, Ref, map_refs, unique_name
+from ftc.passes.naming import default_label
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
 from ftc.runtime.materialize import built_values
@@ -86,6 +89,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         traced.graph.trace_notes.append(draws_note(draws))
     compiled = [path for path, module in model.named_modules() if isinstance(module, OptimizedModule)]
     if compiled:
+        traced = traced._replace(graph=_compiled_as_original(traced.graph, compiled))
         traced.graph.trace_notes.append(
             f"{', '.join(compiled)} {'is' if len(compiled) == 1 else 'are'} torch.compile'd: traced through the "
             "original module, so the stage code runs it eagerly (compile the stages to have it compiled again)"
@@ -104,10 +108,64 @@ def _in_training_mode(model_file: ModelFile, leaf_sizes: bool = False) -> torch.
     train_model(model, True, model_file.path)
     for module in model.modules():
         if isinstance(module, OptimizedModule):
-            module.forward = module._orig_mod.__call__
+            module.forward = _original_call(module._orig_mod)
     if leaf_sizes:
         _leaf_sizes(model, model_file)
     return model
+
+
+def _compiled_as_original(graph: Graph, compiled: list[str]) -> Graph:
+    """The graph of a model with torch.compile'd submodules (at the paths `compiled`) as people
+    know the model: ops that ran in a wrapped module are said to run at the wrapper's path
+    (`blocks.0`, not `blocks.0._orig_mod`) in the original class (MLP, not OptimizedModule), and
+    values drop `_orig_mod` from their names (`blocks_0_fc`). Call targets and state keys keep it:
+    they are the keys of the model's state_dict, which the stages adopt."""
+    wrappers = set(compiled)
+
+    def unwrapped(path: str) -> str:
+        kept: list[str] = []
+        walked = ""
+        for part in path.split(".") if path else []:
+            if not (part == "_orig_mod" and walked in wrappers):
+                kept.append(part)
+            walked = f"{walked}.{part}" if walked else part
+        return ".".join(kept)
+
+    modules = {path: graph.modules.get(f"{path}._orig_mod", cls) if path in wrappers else cls
+               for path, cls in graph.modules.items()}  # fmt: skip
+    taken = {node.name for node in graph.nodes}
+    renames: dict[str, str] = {}
+    for node in graph.nodes:
+        plain = re.sub(r"__orig_mod(?=_|$)", "", node.name)
+        if plain != node.name:
+            taken.discard(node.name)
+            renames[node.name] = unique_name(plain, taken)
+
+    def rename(ref: Ref) -> Ref:
+        return Ref(renames.get(ref.name, ref.name))
+
+    nodes = [
+        replace(
+            node,
+            name=renames.get(node.name, node.name),
+            module_path=unwrapped(node.module_path),
+            module_class=modules.get(node.module_path, node.module_class),
+            # what the stage code calls the value, as the tracer's name gave it (`fc`)
+            label=(node.label or default_label(node)) if node.name in renames else node.label,
+            args=map_refs(node.args, rename),
+            kwargs=map_refs(node.kwargs, rename),
+        )
+        for node in graph.nodes
+    ]
+    outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
+    return replace(graph, nodes=nodes, outputs=outputs, modules=modules)
+
+
+def _original_call(original: torch.nn.Module):
+    """A call of `original` looked up when it is made: a tracer that patches torch.nn.Module's
+    __call__ while it runs (export does, to know the module each op ran in) sees it, where the
+    bound method taken before the trace went around the patch."""
+    return lambda *args, **kwargs: original(*args, **kwargs)
 
 
 def _leaf_sizes(model: torch.nn.Module, model_file: ModelFile) -> None:
