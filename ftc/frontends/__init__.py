@@ -258,15 +258,41 @@ def _export_sizing_by_buffers(model, model_file, batch, double_batch, name) -> t
     """torch.export's graph and the model it traced; where a guard on a value export could not
     know failed and the model holds 0-d integer buffers (sizes, as transformers' Encodec and Mimi
     convolutions keep their padding), a fresh model traced again with those buffers read as
-    constants of their values (export._sizes_as_constants). A failure of that trace is the one to
-    report: it got past the sizes."""
+    constants of their values (export._sizes_as_constants), but those forward writes (a step
+    counter), which stay buffers so that the stages keep the write: found while tracing, each
+    such buffer takes one more trace. A failure of the last trace is the one to report: it got
+    past the sizes."""
     try:
         return trace_export(model, model_file, batch, double_batch, name), model
     except Exception as exc:
         if type(exc).__name__ != "GuardOnDataDependentSymNode" or not size_buffers(model):
             raise
-    fresh = _in_training_mode(model_file)  # the failed trace may have left its state on the modules
-    return trace_export(fresh, model_file, batch, double_batch, name, sizes_as_constants=True), fresh
+    written: set[str] = set()
+    while True:
+        fresh = _in_training_mode(model_file)  # a failed trace may have left its state on the modules
+        known = len(written)
+        try:
+            graph = trace_export(fresh, model_file, batch, double_batch, name, sizes_written=written)
+        except Exception as exc:
+            if len(written) > known:
+                continue
+            if written and type(exc).__name__ == "GuardOnDataDependentSymNode":
+                raise _written_size_refused(model_file, written) from exc
+            raise
+        if len(written) == known:
+            return graph, fresh
+
+
+def _written_size_refused(model_file: ModelFile, written: set[str]) -> FtcError:
+    """A trace that failed on a size even with the 0-d integer buffers forward writes kept as
+    buffers, the others read as constants: a size depends on a buffer forward writes."""
+    names = ", ".join(sorted(written))
+    return FtcError(
+        f"{model_file.path}: forward computes a size from 0-d integer buffers, which torch.export traces without "
+        f"values, and writes {names} (a counter): ftc reads such buffers as constants of the values build_model() "
+        "gives them, which would drop that write, so it stays a buffer, and a size computed from it cannot be traced",
+        f"compute sizes only from buffers forward does not write, and keep the counter ({names}) apart from them",
+    )
 
 
 @contextlib.contextmanager
