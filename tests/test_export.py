@@ -1811,12 +1811,14 @@ def test_a_tensor_of_python_numbers_changed_in_place_is_traced_by_export(tmp_pat
     assert_local_trains_like_single(folder)
 
 
-def test_a_tensor_cached_on_the_first_call_is_computed_by_the_stages(compile_to):
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_a_tensor_cached_on_the_first_call_is_computed_by_the_stages(compile_to, frontend):
     """A codebook caches `self._embed`, computed from its buffers, on its first call (as
     transformers' MimiEuclideanCodebook does). The search for branches on self.training ran forward
     before export and left the cache holding a fake tensor, which export then lifted as a constant
-    without values ("forward makes a tensor from Python values"); the stages compute it from the
-    buffers, as the model's first call does."""
-    folder = compile_to(MODELS / "cached_codebook.py", 2, batch_size=4, frontend="export")
+    without values ("forward makes a tensor from Python values"); fx's first trace left its Proxy
+    there, which the second (the branch's module kept whole) read ("KeyError: getattr_4"). The
+    stages compute it from the buffers, as the model's first call does."""
+    folder = compile_to(MODELS / "cached_codebook.py", 2, batch_size=4, frontend=frontend)
     assert "embed_sum" in "".join((folder / f"stage{k}.py").read_text() for k in range(2))
     assert_check_passes(folder, batch_size=4)

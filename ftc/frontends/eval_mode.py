@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile
 
-from .common import CodeFiles, importable_file
+from .common import CodeFiles, attributes_restored, importable_file
 from .draws import trace_seeded
 
 # torch.nn's layers: ftc lowers each to a call of the layer, or writes the training flag it
@@ -302,30 +302,12 @@ def _recorded(model: torch.nn.Module, code: CodeFiles, args: tuple, kwargs: dict
         # torch.compiler.is_compiling() and is_exporting() say True, as while export traces:
         # library code that asks (transformers' MoE layers) takes the path export traced
         fake = detect_fake_mode((args, kwargs)) or contextlib.nullcontext()
-        with trace_seeded(), _compiling_state_context(), fake, recorder, _attributes_restored(model):
+        with trace_seeded(), _compiling_state_context(), fake, recorder, attributes_restored(model):
             model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return recorder.calls
-
-
-@contextlib.contextmanager
-def _attributes_restored(model: torch.nn.Module) -> Iterator[None]:
-    """The modules' attributes and buffers as they were before the block. A forward that caches a
-    tensor on its first call (transformers' MimiEuclideanCodebook: `self._embed = self.embed_sum /
-    ...`) would otherwise keep a fake tensor there: the next run would skip what computes it (read
-    here as a branch on self.training), and torch.export would lift it as a constant without
-    values. export itself restores what its trace assigns."""
-    saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, attributes, buffers in saved:
-            vars(module).clear()
-            vars(module).update(attributes)
-            module._buffers.clear()
-            module._buffers.update(buffers)
 
 
 def _qualified(cls: type) -> str:
