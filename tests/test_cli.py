@@ -279,6 +279,43 @@ def test_untraceable_model_names_the_source_line(tmp_path, capsys):
     assert_user_error(result, "branchy.py:12", "if h.sum() > 0:", "LEAF_MODULES")
 
 
+def test_an_export_failure_names_leaf_modules_with_the_frontend_that_keeps_them_whole(tmp_path, capsys):
+    """Under --frontend export, the hint said to list the class in LEAF_MODULES "so it is kept
+    whole", which export does not do (it traces into them): the hint names fx or auto with it, and
+    that cure compiles a pipeline that passes the check."""
+    source = """
+        import torch
+        import torch.nn as nn
+
+        class Clip(nn.Module):
+            def forward(self, h):
+                if h.abs().max() > 1:
+                    return h.clamp(-1, 1)
+                return h
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.clip, self.b = nn.Linear(8, 8), Clip(), nn.Linear(8, 2)
+
+            def forward(self, x):
+                return self.b(self.clip(self.a(x)))
+
+        def build_model():
+            return Net()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 8),)
+        """
+    model = write(tmp_path, "clipped.py", source)
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen", "--frontend", "export"], capsys)
+    assert_user_error(result, "clipped.py:7", "if h.abs().max() > 1:",
+                      "LEAF_MODULES and compile with --frontend fx or auto, which keep it whole")  # fmt: skip
+    cured = write(tmp_path, "cured.py", source + "\n        LEAF_MODULES = (Clip,)\n")
+    assert run_cli(["compile", cured, "--stages", 2, "-o", tmp_path / "gen", "--frontend", "auto"], capsys)[0] == 0
+    assert run_cli(["check", tmp_path / "gen" / "cured"], capsys)[0] == 0
+
+
 def test_distribution_argument_checks_suggest_validate_args(tmp_path, capsys):
     """torch.distributions validates argument values by default, which fails both tracers deep
     inside torch; the fix names the switch that turns the check off."""

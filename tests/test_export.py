@@ -1565,19 +1565,68 @@ def test_tidy_rewrites_each_chain_once_whatever_the_models_size():
 
 
 def test_a_stack_export_cannot_lower_is_kept_whole_and_the_compile_says_why(tmp_path, compile_to):
-    # A causal mask passed to nn.TransformerEncoder: torch checks whether it is causal by its
-    # values, which export cannot trace, so auto keeps fx's whole stack (one op). Found in an
-    # unseen-model sweep (nn.Transformer with tgt_mask: one stage held the whole Transformer,
-    # balance 1.95) where the reason went only to an INFO log, which the compile did not print.
+    # A LEAF_MODULES class that branches on a value, which fx keeps whole and export traces into
+    # and fails on, so auto keeps fx's whole stack (one op). Found in an unseen-model sweep
+    # (nn.Transformer: one stage held the whole Transformer, balance 1.95) where the reason went
+    # only to an INFO log, which the compile did not print.
     path = tmp_path / "masked_stack.py"
     path.write_text(TRANSFORMER_STACK.replace(
-        "self.encoder(self.embed(idx))",
-        "self.encoder(self.embed(idx), mask=nn.Transformer.generate_square_subsequent_mask(idx.shape[1]))",
-    ))  # fmt: skip
+        "self.head(self.encoder(self.embed(idx)).mean(dim=1))",
+        "self.head(self.clip(self.encoder(self.embed(idx)).mean(dim=1)))",
+    ).replace("        self.head = nn.Linear(32, 4)\n", "        self.head = nn.Linear(32, 4)\n        self.clip = Clip()\n")
+    + "\n\nclass Clip(nn.Module):\n    def forward(self, h):\n        if h.abs().max() > 100:\n"
+    "            return h.clamp(-100, 100)\n        return h\n\n\nLEAF_MODULES = (Clip,)\n")  # fmt: skip
     folder = compile_to(path, 2)
     notes = json.loads((folder / "ir.json").read_text())["trace_notes"]
     assert any(note.startswith("kept encoder whole, one op that no split can cut: torch.export") and
                "masked_stack.py:" in note for note in notes), notes  # fmt: skip
+    assert_check_passes(folder, batch_size=4)
+
+
+TRANSFORMER_DECODER = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        layer = nn.TransformerDecoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, num_layers=2)
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, idx, memory, memory_padding):
+        mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1])
+        h = self.decoder(self.embed(idx), memory, tgt_mask=mask, memory_key_padding_mask=memory_padding)
+        return self.head(h)
+
+
+def build_model():
+    return Decoder()
+
+
+def example_inputs(batch_size):
+    padding = torch.zeros(batch_size, 6, dtype=torch.bool)
+    padding[:, -2:] = True
+    return (torch.randint(0, 64, (batch_size, 8)), torch.randn(batch_size, 6, 32), padding)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["export", "auto"])
+def test_a_transformer_stack_given_a_causal_mask_is_lowered_and_split(tmp_path, compile_to, frontend):
+    """nn.TransformerDecoder compares a `tgt_mask` with a causal mask's values to pick its attention
+    kernel, which export could not trace: --frontend export failed, with a hint to list a class in
+    LEAF_MODULES (which export traces into), and auto kept the whole stack as one op. The layers
+    apply the mask they are given either way, so ftc traces the comparison as "not causal"."""
+    path = tmp_path / "decoder.py"
+    path.write_text(TRANSFORMER_DECODER)
+    folder = compile_to(path, 2, batch_size=4, frontend=frontend)
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    assert manifest["frontend"] == "export"
+    stage_text = [(folder / f"stage{k}.py").read_text() for k in range(2)]
+    assert all("decoder.layers." in text for text in stage_text)  # the split falls between the layers
     assert_check_passes(folder, batch_size=4)
 
 
@@ -1800,3 +1849,16 @@ def test_a_tensor_of_python_numbers_changed_in_place_is_traced_by_export(tmp_pat
     assert json.loads((folder / "ir.json").read_text())["frontend"] == "export"
     assert_check_passes(folder, batch_size=4)
     assert_local_trains_like_single(folder)
+
+
+@pytest.mark.parametrize("frontend", ["export", "fx"])
+def test_a_tensor_cached_on_the_first_call_is_computed_by_the_stages(compile_to, frontend):
+    """A codebook caches `self._embed`, computed from its buffers, on its first call (as
+    transformers' MimiEuclideanCodebook does). The search for branches on self.training ran forward
+    before export and left the cache holding a fake tensor, which export then lifted as a constant
+    without values ("forward makes a tensor from Python values"); fx's first trace left its Proxy
+    there, which the second (the branch's module kept whole) read ("KeyError: getattr_4"). The
+    stages compute it from the buffers, as the model's first call does."""
+    folder = compile_to(MODELS / "cached_codebook.py", 2, batch_size=4, frontend=frontend)
+    assert "embed_sum" in "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert_check_passes(folder, batch_size=4)

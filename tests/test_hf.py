@@ -151,3 +151,13 @@ def test_encodec_convolutions_padded_by_their_buffers_compute_what_the_model_com
     assert re.search(r'F\.pad\(\w+, \[6, 0\], mode="reflect"', text), text  # the first convolution's causal padding
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
+
+
+def test_mimi_whose_codebooks_cache_their_embedding_computes_what_the_model_computes(compile_to):
+    """MimiEuclideanCodebook caches `self._embed` on its first call; the run of forward that looks
+    for branches on self.training left a fake tensor there, which export lifted as a constant
+    without values (the error blamed MimiModel.forward's line and told to compile with fx, which
+    cannot trace transformers). The stages compute the embedding from the codebook's buffers."""
+    folder = compile_to(MODELS / "hf_mimi.py", 2, batch_size=4)
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)

@@ -111,3 +111,41 @@ def test_fx_bakes_in_tuple_and_dict_defaults_of_forward(tmp_path):
     code = "".join(stage.decode() for stage in compiled_stages(compiled.folder).values())
     assert "* 1.5" in code and "+ 2.0" in code and "* 0.5" in code
     assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+SIZE_AS_TENSOR = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        scale = torch.tensor(h.shape[-1])
+        return self.b(h / scale.sqrt())
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_fx_records_torch_tensor_of_a_traced_size_as_written(tmp_path):
+    """`torch.tensor(h.shape[-1])` under --frontend fx failed with fx's TypeError
+    ("`__cuda_array_interface__` must be a dict": torch.tensor read the Proxy as an array); fx now
+    records the call, and the stages compute what the model computes."""
+    path = tmp_path / "sized.py"
+    path.write_text(SIZE_AS_TENSOR)
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx")).folder
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "torch.tensor(size)" in text, text
+    assert check_pipeline(folder, batch_size=4).ok

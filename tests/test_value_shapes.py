@@ -251,6 +251,47 @@ def test_a_module_that_sizes_by_its_integer_buffers_compiles_through_export(tmp_
         assert report.ok, report.problems
     assert_local_trains_like_single(folder)
 
+COUNTED_PADDING = PADDED_BY_BUFFERS.replace("LEAF_MODULES = (PaddedConv,)", "").replace(
+    "    return nn.Sequential(PaddedConv(), nn.ReLU(), PaddedConv(), nn.Flatten())",
+    """    return Counted()
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(PaddedConv(), nn.ReLU(), PaddedConv(), nn.Flatten())
+        self.step = nn.Buffer(torch.tensor(0), persistent=False)  # a 0-d integer buffer too
+
+    def forward(self, x):
+        WRITE
+        return self.body(x)""",
+)
+
+
+@pytest.mark.parametrize("write", ["self.step += 1", "self.step.add_(1)"])
+def test_a_counter_beside_the_size_buffers_keeps_its_write(tmp_path, write):
+    """The retry that reads 0-d integer buffers as constants read the step counter so too: the
+    stage code added 1 to a fresh constant (the model's count was lost, and only `ftc check`
+    found it), or `+=` failed on the constant ("property 'step' has no setter"). A buffer that
+    forward writes stays a buffer, so the stages count as the model does."""
+    path = tmp_path / "counted.py"
+    path.write_text(COUNTED_PADDING.replace("WRITE", write))
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export", batch_size=4)).folder
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "self.step.add_(1)" in text and "F.pad(x, [0, 3])" in text, text
+    report = check_pipeline(folder, batch_size=4)
+    assert report.ok, report.problems
+
+
+def test_a_size_computed_from_a_counter_is_refused_by_name(tmp_path):
+    path = tmp_path / "counted.py"
+    path.write_text(COUNTED_PADDING.replace("WRITE", "self.step += 1\n        x = x[..., : x.shape[-1] + 1 - int(self.step)]"))
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export", batch_size=4))
+    assert "writes step (a counter)" in caught.value.message and "would drop that write" in caught.value.message
+    assert "keep the counter (step) apart" in caught.value.hint
+
+
 VALUE_SIZED_LEAF = """
 import torch
 import torch.nn as nn

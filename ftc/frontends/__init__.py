@@ -14,18 +14,22 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 import sys
 import sysconfig
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.attention.flex_attention as flex_attention_module
+import torch.nn.modules.transformer as transformer_module
 import torch.utils.checkpoint as checkpoint_module
 from torch._dynamo.eval_frame import OptimizedModule
 
-from ftc.ir import FtcError, Graph
+from ftc.ir import FtcError, Graph, Ref, map_refs, unique_name
+from ftc.passes.naming import default_label
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
 from ftc.runtime.materialize import built_values
@@ -73,7 +77,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
     draws: list[str] = []
-    with _checkpoints_as_calls(model_file, checkpoints):
+    with _checkpoints_as_calls(model_file, checkpoints), _causal_masks_as_given():
         traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws)
     backward_hooks_kept(traced.graph, traced.model, model_file)
     if checkpoints:
@@ -85,6 +89,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
         traced.graph.trace_notes.append(draws_note(draws))
     compiled = [path for path, module in model.named_modules() if isinstance(module, OptimizedModule)]
     if compiled:
+        traced = traced._replace(graph=_compiled_as_original(traced.graph, compiled))
         traced.graph.trace_notes.append(
             f"{', '.join(compiled)} {'is' if len(compiled) == 1 else 'are'} torch.compile'd: traced through the "
             "original module, so the stage code runs it eagerly (compile the stages to have it compiled again)"
@@ -103,10 +108,64 @@ def _in_training_mode(model_file: ModelFile, leaf_sizes: bool = False) -> torch.
     train_model(model, True, model_file.path)
     for module in model.modules():
         if isinstance(module, OptimizedModule):
-            module.forward = module._orig_mod.__call__
+            module.forward = _original_call(module._orig_mod)
     if leaf_sizes:
         _leaf_sizes(model, model_file)
     return model
+
+
+def _compiled_as_original(graph: Graph, compiled: list[str]) -> Graph:
+    """The graph of a model with torch.compile'd submodules (at the paths `compiled`) as people
+    know the model: ops that ran in a wrapped module are said to run at the wrapper's path
+    (`blocks.0`, not `blocks.0._orig_mod`) in the original class (MLP, not OptimizedModule), and
+    values drop `_orig_mod` from their names (`blocks_0_fc`). Call targets and state keys keep it:
+    they are the keys of the model's state_dict, which the stages adopt."""
+    wrappers = set(compiled)
+
+    def unwrapped(path: str) -> str:
+        kept: list[str] = []
+        walked = ""
+        for part in path.split(".") if path else []:
+            if not (part == "_orig_mod" and walked in wrappers):
+                kept.append(part)
+            walked = f"{walked}.{part}" if walked else part
+        return ".".join(kept)
+
+    modules = {path: graph.modules.get(f"{path}._orig_mod", cls) if path in wrappers else cls
+               for path, cls in graph.modules.items()}  # fmt: skip
+    taken = {node.name for node in graph.nodes}
+    renames: dict[str, str] = {}
+    for node in graph.nodes:
+        plain = re.sub(r"__orig_mod(?=_|$)", "", node.name)
+        if plain != node.name:
+            taken.discard(node.name)
+            renames[node.name] = unique_name(plain, taken)
+
+    def rename(ref: Ref) -> Ref:
+        return Ref(renames.get(ref.name, ref.name))
+
+    nodes = [
+        replace(
+            node,
+            name=renames.get(node.name, node.name),
+            module_path=unwrapped(node.module_path),
+            module_class=modules.get(node.module_path, node.module_class),
+            # what the stage code calls the value, as the tracer's name gave it (`fc`)
+            label=(node.label or default_label(node)) if node.name in renames else node.label,
+            args=map_refs(node.args, rename),
+            kwargs=map_refs(node.kwargs, rename),
+        )
+        for node in graph.nodes
+    ]
+    outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
+    return replace(graph, nodes=nodes, outputs=outputs, modules=modules)
+
+
+def _original_call(original: torch.nn.Module):
+    """A call of `original` looked up when it is made: a tracer that patches torch.nn.Module's
+    __call__ while it runs (export does, to know the module each op ran in) sees it, where the
+    bound method taken before the trace went around the patch."""
+    return lambda *args, **kwargs: original(*args, **kwargs)
 
 
 def _leaf_sizes(model: torch.nn.Module, model_file: ModelFile) -> None:
@@ -199,15 +258,41 @@ def _export_sizing_by_buffers(model, model_file, batch, double_batch, name) -> t
     """torch.export's graph and the model it traced; where a guard on a value export could not
     know failed and the model holds 0-d integer buffers (sizes, as transformers' Encodec and Mimi
     convolutions keep their padding), a fresh model traced again with those buffers read as
-    constants of their values (export._sizes_as_constants). A failure of that trace is the one to
-    report: it got past the sizes."""
+    constants of their values (export._sizes_as_constants), but those forward writes (a step
+    counter), which stay buffers so that the stages keep the write: found while tracing, each
+    such buffer takes one more trace. A failure of the last trace is the one to report: it got
+    past the sizes."""
     try:
         return trace_export(model, model_file, batch, double_batch, name), model
     except Exception as exc:
         if type(exc).__name__ != "GuardOnDataDependentSymNode" or not size_buffers(model):
             raise
-    fresh = _in_training_mode(model_file)  # the failed trace may have left its state on the modules
-    return trace_export(fresh, model_file, batch, double_batch, name, sizes_as_constants=True), fresh
+    written: set[str] = set()
+    while True:
+        fresh = _in_training_mode(model_file)  # a failed trace may have left its state on the modules
+        known = len(written)
+        try:
+            graph = trace_export(fresh, model_file, batch, double_batch, name, sizes_written=written)
+        except Exception as exc:
+            if len(written) > known:
+                continue
+            if written and type(exc).__name__ == "GuardOnDataDependentSymNode":
+                raise _written_size_refused(model_file, written) from exc
+            raise
+        if len(written) == known:
+            return graph, fresh
+
+
+def _written_size_refused(model_file: ModelFile, written: set[str]) -> FtcError:
+    """A trace that failed on a size even with the 0-d integer buffers forward writes kept as
+    buffers, the others read as constants: a size depends on a buffer forward writes."""
+    names = ", ".join(sorted(written))
+    return FtcError(
+        f"{model_file.path}: forward computes a size from 0-d integer buffers, which torch.export traces without "
+        f"values, and writes {names} (a counter): ftc reads such buffers as constants of the values build_model() "
+        "gives them, which would drop that write, so it stays a buffer, and a size computed from it cannot be traced",
+        f"compute sizes only from buffers forward does not write, and keep the counter ({names}) apart from them",
+    )
 
 
 @contextlib.contextmanager
@@ -234,6 +319,21 @@ def _checkpoints_as_calls(model_file: ModelFile, sources: list[str]):
     finally:
         checkpoint_module.CheckpointFunction.apply = reentrant
         checkpoint_module._checkpoint_without_reentrant_generator = generator
+
+
+@contextlib.contextmanager
+def _causal_masks_as_given():
+    """While tracing, torch.nn's transformer stacks take a mask for causal only where forward says
+    so (`tgt_is_causal=True`), without comparing its values to a causal mask's, which no tracer can
+    follow (export failed on nn.TransformerDecoder given a `tgt_mask`). The answer only picks a
+    kernel: the layers apply the mask they are given either way, so the stages compute what the
+    model computes."""
+    detect = transformer_module._detect_is_causal_mask
+    transformer_module._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
+    try:
+        yield
+    finally:
+        transformer_module._detect_is_causal_mask = detect
 
 
 def _one_line(model_file: ModelFile, exc: BaseException, noted: bool = False) -> str:
@@ -444,6 +544,9 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         # LEAF_MODULES (transformers' DbrxExperts, listed, under a mask helper fx cannot trace).
         fix += (f"; only torch.fx keeps LEAF_MODULES ({leaves}) whole, and it failed on its own line above; "
                 "torch.export traces into them, so make fx's line traceable (or list a class that holds it)")
+    elif names == ["torch.export"]:
+        fix += (", or list the class that contains that code in LEAF_MODULES and compile with --frontend fx or "
+                "auto, which keep it whole (torch.export traces into LEAF_MODULES)")
     else:
         fix += ", or list the class that contains that code in LEAF_MODULES so it is kept whole"
     if "torch.export" not in names:

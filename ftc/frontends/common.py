@@ -4,9 +4,11 @@ recording the model's modules and state, and finding the user's source line for 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import operator
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tensor_meta(t: torch.Tensor) -> TensorMeta:
     return TensorMeta(list(t.shape), dtype_name(t.dtype), bool(t.requires_grad))
+
+
+@contextlib.contextmanager
+def attributes_restored(model: torch.nn.Module) -> Iterator[None]:
+    """The modules' attributes and buffers that were there before the block, with the values they
+    had, for a run of forward while tracing. A forward that caches a tensor on its first call
+    (transformers' MimiEuclideanCodebook: `self._embed = self.embed_sum / ...`) would otherwise
+    keep a fake tensor or fx's Proxy there: the next run would skip what computes it (eval_mode
+    read that as a branch on self.training), torch.export would lift it as a constant without
+    values, and fx's next trace would read a value of the last trace's graph. export itself
+    restores what its trace assigns."""
+    saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        # what the block added stays, as export leaves it: fx keeps its constants on the root
+        # module (`_tensor_constant0`), which its graph reads
+        for module, attributes, buffers in saved:
+            vars(module).update(attributes)
+            module._buffers.update(buffers)
 
 
 def module_table(model: torch.nn.Module, model_file: ModelFile) -> dict[str, str]:

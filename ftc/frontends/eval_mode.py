@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile
 
-from .common import CodeFiles, importable_file
+from .common import CodeFiles, attributes_restored, importable_file
 from .draws import trace_seeded
 
 # torch.nn's layers: ftc lowers each to a call of the layer, or writes the training flag it
@@ -302,7 +302,7 @@ def _recorded(model: torch.nn.Module, code: CodeFiles, args: tuple, kwargs: dict
         # torch.compiler.is_compiling() and is_exporting() say True, as while export traces:
         # library code that asks (transformers' MoE layers) takes the path export traced
         fake = detect_fake_mode((args, kwargs)) or contextlib.nullcontext()
-        with trace_seeded(), _compiling_state_context(), fake, recorder:
+        with trace_seeded(), _compiling_state_context(), fake, recorder, attributes_restored(model):
             model(*args, **kwargs)
     finally:
         for handle in handles:

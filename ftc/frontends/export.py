@@ -97,15 +97,16 @@ def _batch_dims(single: tuple | dict, double: tuple | dict) -> tuple | dict:
 
 def trace_export(
     model: torch.nn.Module, model_file: ModelFile, batch: tuple | dict, double_batch: tuple | dict, name: str,
-    sizes_as_constants: bool = False,
+    sizes_written: set[str] | None = None,
 ) -> Graph:
-    """The IR graph torch.export traces; with `sizes_as_constants`, the model's 0-d integer
-    non-persistent buffers read as constants of their built values (_sizes_as_constants)."""
+    """The IR graph torch.export traces; with `sizes_written` (a set of buffer names), the
+    model's 0-d integer non-persistent buffers other than those in it read as constants of their
+    built values, and those that forward writes are added to it (_sizes_as_constants)."""
     fed, _ = input_names(model, batch)
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
-    sizes = _sizes_as_constants(model, model_file) if sizes_as_constants else contextlib.nullcontext()
+    sizes = contextlib.nullcontext() if sizes_written is None else _sizes_as_constants(model, model_file, sizes_written)
     with sizes, _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         # a module that branches on self.training is kept as one call where it can be, so that
         # the stages follow their mode there
@@ -919,18 +920,20 @@ def size_buffers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str
 
 
 @contextlib.contextmanager
-def _sizes_as_constants(model: torch.nn.Module, model_file: ModelFile):
-    """While the block runs, the model's 0-d integer non-persistent buffers read as constants of
-    the values build_model() gives them, made afresh at each read (as `torch.tensor(3)` in forward
-    is), restored after. transformers' Encodec and Mimi convolutions pad by such buffers
-    (`stride`, `kernel_size`, `padding_total`); as buffers, torch.export traces them as inputs
-    without values, and the first Python branch on a size computed from them failed
-    (GuardOnDataDependentSymNode, for Mimi in sdpa_attention.py, far from the cause). As constants
-    the sizes are numbers, and the stage code pads by them, as the model does at every batch size
-    (they follow the sequence length, which a pipeline fixes, not the batch). Only for a trace that
-    failed so: a constant made afresh at each read would drop a write of forward's to the buffer
-    (a step counter)."""
-    sizes = size_buffers(model)
+def _sizes_as_constants(model: torch.nn.Module, model_file: ModelFile, written: set[str]):
+    """While the block runs, the model's 0-d integer non-persistent buffers, but those named in
+    `written`, read as constants of the values build_model() gives them, made afresh at each read
+    (as `torch.tensor(3)` in forward is), restored after. transformers' Encodec and Mimi
+    convolutions pad by such buffers (`stride`, `kernel_size`, `padding_total`); as buffers,
+    torch.export traces them as inputs without values, and the first Python branch on a size
+    computed from them failed (GuardOnDataDependentSymNode, for Mimi in sdpa_attention.py, far from
+    the cause). As constants the sizes are numbers, and the stage code pads by them, as the model
+    does at every batch size (they follow the sequence length, which a pipeline fixes, not the
+    batch). Only for a trace that failed so. A constant would drop a write of forward's to the
+    buffer (a step counter, `self.step += 1` or `self.step.add_(1)`): such buffers are added to
+    `written` (an assignment stops the trace there), for the caller to trace again with them kept
+    as buffers."""
+    sizes = {key: holder for key, holder in size_buffers(model).items() if key not in written}
     values = None
     if sizes:
         with seeded(TRACE_SEED):
@@ -939,10 +942,11 @@ def _sizes_as_constants(model: torch.nn.Module, model_file: ModelFile):
         yield
         return
     held: dict[int, tuple[torch.nn.Module, type, dict[str, torch.Tensor], dict[str, property]]] = {}
+    handed: list[tuple[str, torch.Tensor]] = []  # every constant read, to find those written in place
     for key, (module, name) in sizes.items():
         _, _, buffers, constants = held.setdefault(id(module), (module, type(module), {}, {}))
         buffers[name] = module._buffers[name]
-        constants[name] = _constant_property(values[key].item(), buffers[name].dtype)
+        constants[name] = _constant_property(key, values[key].item(), buffers[name].dtype, handed, written)
     try:
         for module, cls, buffers, constants in held.values():
             for name in buffers:
@@ -951,13 +955,29 @@ def _sizes_as_constants(model: torch.nn.Module, model_file: ModelFile):
                                                            **constants})  # fmt: skip
         yield
     finally:
+        written.update(key for key, constant in handed if constant._version > 0)
         for module, cls, buffers, _ in held.values():
             module.__class__ = cls
             module._buffers.update(buffers)
 
 
-def _constant_property(value: int | bool, dtype: torch.dtype) -> property:
-    return property(lambda _module: torch.tensor(value, dtype=dtype))
+class SizeBufferAssigned(Exception):
+    """forward assigned a buffer read as a constant (_sizes_as_constants): the trace stops."""
+
+
+def _constant_property(
+    key: str, value: int | bool, dtype: torch.dtype, handed: list[tuple[str, torch.Tensor]], written: set[str]
+) -> property:
+    def read(_module: torch.nn.Module) -> torch.Tensor:
+        constant = torch.tensor(value, dtype=dtype)
+        handed.append((key, constant))
+        return constant
+
+    def assign(_module: torch.nn.Module, _value: Any) -> None:
+        written.add(key)
+        raise SizeBufferAssigned(key)
+
+    return property(read, assign)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from ftc.runtime.model_file import ModelFile
 from .common import (
     CodeFiles,
     TrainingFlag,
+    attributes_restored,
     autocast_refused,
     constant_from_tensor,
     function_expr,
@@ -345,11 +346,19 @@ def _traced(
     # in-place write to it runs once while tracing and is lost. Its version counter tells.
     versions = {name: t._version for name, t in [*model.named_parameters(), *model.named_buffers()]}
     draws: list[str] = []
-    with tracer.training_flags(model, branches), _EagerDraws(model_file, draws):
-        try:
-            fx_graph = tracer.trace(model, concrete_args=defaults or None)
-        except ValueError as exc:
-            raise (star_args(model) if "co_varnames is too small" in str(exc) else exc) from exc
+    with attributes_restored(model):
+        with tracer.training_flags(model, branches), _EagerDraws(model_file, draws), _tensors_of_traced_values(tracer):
+            try:
+                fx_graph = tracer.trace(model, concrete_args=defaults or None)
+            except ValueError as exc:
+                raise (star_args(model) if "co_varnames is too small" in str(exc) else exc) from exc
+        _untraced_changes_refused(model, draws, versions)
+    return tracer, fx_graph, branches
+
+
+def _untraced_changes_refused(model: torch.nn.Module, draws: list[str], versions: dict[str, int]) -> None:
+    """Raise where the trace left what fx does not record: a draw, a buffer assigned, state
+    written in place that forward took other than by attribute."""
     if draws:
         raise DrawnWhileTracing(
             f"{', '.join(dict.fromkeys(draws))} draws with no traced argument: the stage code would fix the draw; "
@@ -368,7 +377,25 @@ def _traced(
         raise StateWrittenUntraced(
             f"forward writes {written[0]}{more} in place, taken from parameters() or buffers(): fx would drop the write"
         )
-    return tracer, fx_graph, branches
+
+
+@contextlib.contextmanager
+def _tensors_of_traced_values(tracer: _Tracer) -> Iterator[None]:
+    """While tracing, `torch.tensor(...)` of a traced value (`torch.tensor(x.shape[-1])`, a size)
+    is recorded as a call, as the model wrote it; fx itself fails there with a TypeError about
+    `__cuda_array_interface__` (torch.tensor reads the Proxy as an array)."""
+    make = torch.tensor
+
+    def tensor(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(item, fx.Proxy) for item in pytree.tree_leaves((data, args, kwargs))):
+            return tracer.create_proxy("call_function", make, (data, *args), kwargs)
+        return make(data, *args, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = make
 
 
 def _attention_dropout(node: Node, flag_reads: list[str]) -> list[str]:
