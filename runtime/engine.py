@@ -837,7 +837,8 @@ class _DeviceRunner:
         parts = [self._use_gradients(use, name, m) for use in self.plan.uses.get((self.device, name), [])]
         for reader in self.plan.readers.get(name, []):
             message = Message(GRADIENT, name, m, reader, self.device)
-            parts.append(self._receive(message))
+            *payload, present = self._receive(message)
+            parts.append([grad if has else None for grad, has in zip(payload, present.tolist())])
         return _sum(parts, len(self.plan.gradient_leaves[name]))
 
     def _use_gradients(self, use: int, name: str, m: int) -> list[torch.Tensor | None]:
@@ -860,6 +861,11 @@ class _DeviceRunner:
                 g if g is not None else comm.empty_payload([spec], self.batch_scale, self.engine.device)[0].zero_()
                 for g, spec in zip(summed, grad_specs)
             ]
+            # Which leaves have a gradient at all: a reader may not backpropagate to a value (the loss
+            # ignores an output, a stage only compares it, `g > 0`), and a plain loop then leaves the
+            # gradients of the parameters behind it None, which weight decay and Adam pass by, where
+            # the zeros sent in its place would give them zero gradients.
+            payload.append(torch.tensor([g is not None for g in summed], dtype=torch.uint8, device=self.engine.device))
         self.engine.transport.send(message, payload)
 
     def _receive(self, message: Message) -> list[torch.Tensor]:
@@ -886,9 +892,10 @@ class _DeviceRunner:
             specs = self.plan.leaves[pending.value]
             if pending.kind == GRADIENT:
                 specs = [specs[k] for k in self.plan.gradient_leaves[pending.value]]
-            self.engine.transport.post_receive(
-                pending, comm.empty_payload(specs, self.batch_scale, self.engine.device)
-            )
+            buffers = comm.empty_payload(specs, self.batch_scale, self.engine.device)
+            if pending.kind == GRADIENT:  # and which of them have a gradient (_send)
+                buffers.append(torch.empty(len(specs), dtype=torch.uint8, device=self.engine.device))
+            self.engine.transport.post_receive(pending, buffers)
         self.peer_posted[message.src] = max(start, end)
 
     @contextmanager
