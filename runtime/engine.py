@@ -385,7 +385,10 @@ class Engine:
         Parameter per weight: nothing to do."""
         for group, _, params in self.shared:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            # And how many holders have a gradient: where none has (its uses feed only outputs the
+            # loss ignores), .grad stays None, as in a plain loop, which weight decay passes by.
+            holders = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [holders])
             try:
                 dist.all_reduce(flat, group=group)
             except RuntimeError as exc:
@@ -393,9 +396,9 @@ class Engine:
                                f"or hangs ({comm.peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             offset = 0
-            for param in params:
+            for param, held in zip(params, flat[-len(params) :].tolist()):
                 size = param.numel()
-                param.grad = flat[offset : offset + size].view_as(param).clone()
+                param.grad = flat[offset : offset + size].view_as(param).clone() if held else None
                 offset += size
 
     def clip_gradients(self, max_norm: float) -> float:

@@ -12,7 +12,8 @@ Parameters behind an output that the loss ignores (a second head, a pooler) get 
 plain loop (.grad stays None), so AdamW's weight decay passes them by: a pipeline that sends that
 output's gradient back from the loss's device must leave them alone too, not decay them as
 though their gradient were zero; so must one that sends a gate's output to a stage that only
-compares it (`h * (gate > 0)`).
+compares it (`h * (gate > 0)`), and one tied across ranks whose every use the loss ignores: the
+ranks' sum of its gradients is then none, not zeros.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def loss_fn(output, target):
 COMPARED_GATE = IGNORED_HEAD.replace(
     "return self.head(torch.tanh(self.body(h))), side",
     "return self.head(torch.tanh(self.body(h)) * (side.sum(1, keepdim=True) > 0)), h",
+)
+TIED_IGNORED = IGNORED_HEAD.replace(
+    "return self.head(torch.tanh(self.body(h))), side",
+    "h = torch.tanh(self.body(h))\n        return self.head(h), side, self.side(h)",
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -213,12 +218,14 @@ def test_a_model_with_every_parameter_frozen_is_refused_before_training(frozen, 
     assert not (root / f"all-{mode}" / "checkpoints").exists()
 
 
-@pytest.fixture(scope="module", params=["ignored", "compared"])
+@pytest.fixture(scope="module", params=["ignored", "compared", "tied"])
 def ignored_head(request, tmp_path_factory):
     """The side head on stage 0, its output sent to stage 1, where the loss ignores it or the
-    stage only compares it: either way no gradient comes back."""
+    stage only compares it: either way no gradient comes back. Tied: the head is called again in
+    stage 1, whose output the loss ignores too, so neither of its holders has a gradient."""
     root = tmp_path_factory.mktemp(request.param)
-    (root / "model.py").write_text(IGNORED_HEAD if request.param == "ignored" else COMPARED_GATE)
+    source = {"ignored": IGNORED_HEAD, "compared": COMPARED_GATE, "tied": TIED_IGNORED}[request.param]
+    (root / "model.py").write_text(source)
     pipeline = compile_model(root / "model.py", root / "generated", CompileOptions(stages=2, method="uniform")).folder
     stages = json.loads((pipeline / "pipeline.json").read_text())["stages"]
     assert "side" in stages[0]["outputs"] and "side.weight" in stages[0]["state"]
@@ -249,8 +256,10 @@ def test_a_head_no_gradient_reaches_stays_undecayed_as_in_mode_single(ignored_he
     assert_same(results.loss, checkpoint.merge(root / "local" / "checkpoints")[1], *ignored_single)
 
 
-@pytest.mark.parametrize("ignored_head", ["ignored"], indirect=True)
+@pytest.mark.parametrize("ignored_head", ["ignored", "tied"], indirect=True)
 def test_a_head_no_gradient_reaches_stays_undecayed_in_dist(ignored_head, ignored_single):
     root, pipeline = ignored_head
+    if root.name.startswith("tied"):  # held on both ranks, whose gradients dist sums
+        assert "side.weight" in json.loads((pipeline / "pipeline.json").read_text())["stages"][1]["state"]
     results = launch(config(root, pipeline, "dist", mode="dist", **IGNORED_SETTINGS))
     assert_same(results.loss, checkpoint.merge(root / "dist" / "checkpoints")[1], *ignored_single)
