@@ -385,7 +385,10 @@ class Engine:
         Parameter per weight: nothing to do."""
         for group, _, params in self.shared:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            # And how many holders have a gradient: where none has (its uses feed only outputs the
+            # loss ignores), .grad stays None, as in a plain loop, which weight decay passes by.
+            holders = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [holders])
             try:
                 dist.all_reduce(flat, group=group)
             except RuntimeError as exc:
@@ -393,9 +396,9 @@ class Engine:
                                f"or hangs ({comm.peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             offset = 0
-            for param in params:
+            for param, held in zip(params, flat[-len(params) :].tolist()):
                 size = param.numel()
-                param.grad = flat[offset : offset + size].view_as(param).clone()
+                param.grad = flat[offset : offset + size].view_as(param).clone() if held else None
                 offset += size
 
     def clip_gradients(self, max_norm: float) -> float:
@@ -837,7 +840,8 @@ class _DeviceRunner:
         parts = [self._use_gradients(use, name, m) for use in self.plan.uses.get((self.device, name), [])]
         for reader in self.plan.readers.get(name, []):
             message = Message(GRADIENT, name, m, reader, self.device)
-            parts.append(self._receive(message))
+            *payload, present = self._receive(message)
+            parts.append([grad if has else None for grad, has in zip(payload, present.tolist())])
         return _sum(parts, len(self.plan.gradient_leaves[name]))
 
     def _use_gradients(self, use: int, name: str, m: int) -> list[torch.Tensor | None]:
@@ -860,6 +864,11 @@ class _DeviceRunner:
                 g if g is not None else comm.empty_payload([spec], self.batch_scale, self.engine.device)[0].zero_()
                 for g, spec in zip(summed, grad_specs)
             ]
+            # Which leaves have a gradient at all: a reader may not backpropagate to a value (the loss
+            # ignores an output, a stage only compares it, `g > 0`), and a plain loop then leaves the
+            # gradients of the parameters behind it None, which weight decay and Adam pass by, where
+            # the zeros sent in its place would give them zero gradients.
+            payload.append(torch.tensor([g is not None for g in summed], dtype=torch.uint8, device=self.engine.device))
         self.engine.transport.send(message, payload)
 
     def _receive(self, message: Message) -> list[torch.Tensor]:
@@ -886,9 +895,10 @@ class _DeviceRunner:
             specs = self.plan.leaves[pending.value]
             if pending.kind == GRADIENT:
                 specs = [specs[k] for k in self.plan.gradient_leaves[pending.value]]
-            self.engine.transport.post_receive(
-                pending, comm.empty_payload(specs, self.batch_scale, self.engine.device)
-            )
+            buffers = comm.empty_payload(specs, self.batch_scale, self.engine.device)
+            if pending.kind == GRADIENT:  # and which of them have a gradient (_send)
+                buffers.append(torch.empty(len(specs), dtype=torch.uint8, device=self.engine.device))
+            self.engine.transport.post_receive(pending, buffers)
         self.peer_posted[message.src] = max(start, end)
 
     @contextmanager

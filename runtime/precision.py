@@ -12,7 +12,8 @@ Under autocast a stage may return bfloat16 where pipeline.json (traced in float3
 float32. The runtime sizes its receive buffers from pipeline.json's specs, with no shapes or
 dtypes exchanged per step, so before training it learns the dtypes each value has under
 autocast: it runs the stages once on FakeTensors (no data, no compute, no memory; parameters and
-buffers are fake copies, so nothing is updated) under the same autocast, in pipeline order, from
+buffers are fake copies, so nothing is updated; a scalar buffer's copy keeps its value, which
+forward may read) under the same autocast, in pipeline order, from
 the pipeline inputs' specs. In mode dist each rank runs its own stages and the ranks exchange
 what they learned (dtype, shape, and the value of a Python number) at start-up, in rounds until
 every value is known; every rank then holds the same specs, so the message plan stays the same
@@ -172,10 +173,12 @@ def _run_fake(pipeline: Pipeline, spec, module: torch.nn.Module, args: tuple, mo
               precision: str) -> tuple:  # fmt: skip
     """The stage's outputs on FakeTensors under autocast, its parameters and buffers fake copies
     (so no running statistics move), torch's generators left as they were."""
-    state = {
-        name: mode.from_tensor(tensor)
-        for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    }
+    state = {name: mode.from_tensor(tensor) for name, tensor in module.named_parameters(remove_duplicate=False)}
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        # A scalar buffer is a fake constant holding a copy of its value, so forward may read it
+        # (BatchNorm with momentum=None divides by float(num_batches_tracked)) as a real one would.
+        state[name] = (mode.fake_tensor_converter.from_real_tensor(mode, buffer.detach().clone(), make_constant=True)
+                       if buffer.numel() <= 1 else mode.from_tensor(buffer))  # fmt: skip
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), mode, \
                 autocast(device, precision):  # fmt: skip

@@ -1089,6 +1089,12 @@ def resume(
                        "it is another model's checkpoint: resume with the model and pipeline that wrote it, or "
                        "set checkpoint.dir to a new folder")  # fmt: skip
     for module in modules:
+        for key, tensor in module.state_dict().items():
+            if weights[key].shape != tensor.shape:
+                raise FtcError(f"checkpoint {folder}: {key} has shape {list(weights[key].shape)} but the model's is "
+                               f"{list(tensor.shape)}",
+                               "it is the checkpoint of a model built with other settings: resume with the model that "
+                               "wrote it, or set checkpoint.dir to a new folder")  # fmt: skip
         module.load_state_dict({key: weights[key] for key in module.state_dict()}, strict=True)
     if optimizer is not None:
         # The config's settings (lr, betas, weight decay, schedule) govern the resumed steps; the

@@ -7,6 +7,13 @@ weights must stay as built, schedule async must match the plain-PyTorch async re
 (tests/async_reference.py), and a run stopped at a checkpoint and resumed on another layout of
 ranks must continue the uninterrupted single-process run. A model whose every parameter is
 frozen is refused before training, in every mode, naming its model file.
+
+Parameters behind an output that the loss ignores (a second head, a pooler) get no gradient in a
+plain loop (.grad stays None), so AdamW's weight decay passes them by: a pipeline that sends that
+output's gradient back from the loss's device must leave them alone too, not decay them as
+though their gradient were zero; so must one that sends a gate's output to a stage that only
+compares it (`h * (gate > 0)`), and one tied across ranks whose every use the loss ignores: the
+ranks' sum of its gradients is then none, not zeros.
 """
 
 from __future__ import annotations
@@ -60,6 +67,51 @@ def loss_fn(output, target):
     return F.mse_loss(output, target)
 """
 
+
+IGNORED_HEAD = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(16, 16)
+        self.side = nn.Linear(16, 4)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        side = self.side(h)
+        return self.head(torch.tanh(self.body(h))), side
+
+
+def build_model():
+    return TwoHeads()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 16),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, 16)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output[0], target)
+"""
+
+COMPARED_GATE = IGNORED_HEAD.replace(
+    "return self.head(torch.tanh(self.body(h))), side",
+    "return self.head(torch.tanh(self.body(h)) * (side.sum(1, keepdim=True) > 0)), h",
+)
+TIED_IGNORED = IGNORED_HEAD.replace(
+    "return self.head(torch.tanh(self.body(h))), side",
+    "h = torch.tanh(self.body(h))\n        return self.head(h), side, self.side(h)",
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,3 +216,50 @@ def test_a_model_with_every_parameter_frozen_is_refused_before_training(frozen, 
     assert f"{root / 'all.py'}: no output of the model depends on a trainable parameter" in refused.value.message
     assert "requires_grad=True" in refused.value.hint
     assert not (root / f"all-{mode}" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module", params=["ignored", "compared", "tied"])
+def ignored_head(request, tmp_path_factory):
+    """The side head on stage 0, its output sent to stage 1, where the loss ignores it or the
+    stage only compares it: either way no gradient comes back. Tied: the head is called again in
+    stage 1, whose output the loss ignores too, so neither of its holders has a gradient."""
+    root = tmp_path_factory.mktemp(request.param)
+    source = {"ignored": IGNORED_HEAD, "compared": COMPARED_GATE, "tied": TIED_IGNORED}[request.param]
+    (root / "model.py").write_text(source)
+    pipeline = compile_model(root / "model.py", root / "generated", CompileOptions(stages=2, method="uniform")).folder
+    stages = json.loads((pipeline / "pipeline.json").read_text())["stages"]
+    assert "side" in stages[0]["outputs"] and "side.weight" in stages[0]["state"]
+    return root, pipeline
+
+
+IGNORED_SETTINGS = {"optimizer": {"name": "adamw", "lr": 0.05, "weight_decay": 0.1}, "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def ignored_single(ignored_head):
+    root, pipeline = ignored_head
+    results = train(config(root, pipeline, "single", mode="single", **IGNORED_SETTINGS))
+    return results.loss, checkpoint.merge(root / "single" / "checkpoints")[1]
+
+
+def test_mode_single_leaves_the_head_no_gradient_reaches_as_built(ignored_head, ignored_single):
+    root, pipeline = ignored_head
+    initial = build_single(config(root, pipeline, "initial", mode="single"), load_model_file(root / "model.py"),
+                           torch.device("cpu")).state_dict()  # fmt: skip
+    for key in ("side.weight", "side.bias"):
+        assert torch.equal(ignored_single[1][key], initial[key]), key
+
+
+def test_a_head_no_gradient_reaches_stays_undecayed_as_in_mode_single(ignored_head, ignored_single):
+    root, pipeline = ignored_head
+    results = train(config(root, pipeline, "local", mode="local", **IGNORED_SETTINGS))
+    assert_same(results.loss, checkpoint.merge(root / "local" / "checkpoints")[1], *ignored_single)
+
+
+@pytest.mark.parametrize("ignored_head", ["ignored", "tied"], indirect=True)
+def test_a_head_no_gradient_reaches_stays_undecayed_in_dist(ignored_head, ignored_single):
+    root, pipeline = ignored_head
+    if root.name.startswith("tied"):  # held on both ranks, whose gradients dist sums
+        assert "side.weight" in json.loads((pipeline / "pipeline.json").read_text())["stages"][1]["state"]
+    results = launch(config(root, pipeline, "dist", mode="dist", **IGNORED_SETTINGS))
+    assert_same(results.loss, checkpoint.merge(root / "dist" / "checkpoints")[1], *ignored_single)

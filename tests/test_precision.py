@@ -194,7 +194,9 @@ def wire(monkeypatch):
     send = comm.LocalTransport.send
 
     def recording(self, message, payload):
-        sent.setdefault(f"{message.kind} {message.value}", set()).update(str(t.dtype).removeprefix("torch.") for t in payload)
+        # A gradient message ends with a flag per leaf saying whether it has a gradient: no value's.
+        values = payload[:-1] if message.kind == comm.GRADIENT else payload
+        sent.setdefault(f"{message.kind} {message.value}", set()).update(str(t.dtype).removeprefix("torch.") for t in values)
         return send(self, message, payload)
 
     monkeypatch.setattr(comm.LocalTransport, "send", recording)
@@ -434,3 +436,56 @@ def test_a_forward_that_fails_only_under_bf16_names_the_precision(mode, tmp_path
     assert "lstm" in caught.value.message.lower()
     assert '"precision": "bf16"' in caught.value.hint and '"precision": "fp32"' in caught.value.hint
     assert run(tmp_path, folder, f"{mode}-fp32", mode=mode, **settings)["loss"]  # trains without autocast
+
+
+CUMULATIVE_NORM = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.mid = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8, momentum=None)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.mid(F.relu(self.fc(x)))
+        return self.out(F.relu(self.norm(h)))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 6),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, 3)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_cumulative_batch_norm_trains_under_bf16_as_in_mode_single(tmp_path):
+    """BatchNorm with momentum=None averages its statistics over every batch so far, dividing by
+    float(num_batches_tracked), a read of a buffer's value that learning the dtypes on FakeTensors
+    refused ("a stage whose code needs real data"); a scalar buffer's fake copy now keeps its
+    value, which the stage reads without changing the real one."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    (tmp_path / "cumulative.py").write_text(CUMULATIVE_NORM)
+    folder = compile_model(tmp_path / "cumulative.py", tmp_path / "out", CompileOptions(stages=2, method="uniform")).folder
+    assert any("norm.num_batches_tracked" in stage["state"] for stage in json.loads((folder / "pipeline.json").read_text())["stages"][1:])
+    settings = dict(data={"name": "synthetic", "size": 64}, batch_size=8, micro_batches=2, steps=8, precision="bf16",
+                    eval={"every": 4, "batches": 2, "fraction": 0.25})  # fmt: skip
+    truth = run(tmp_path, folder, "single", mode="single", **settings)
+    assert truth["state"]["norm.num_batches_tracked"] == 8 * 2  # training's micro-batches: eval's don't count
+    assert_equal_runs(run(tmp_path, folder, "local", mode="local", **settings), truth)

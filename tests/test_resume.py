@@ -264,6 +264,21 @@ def test_resuming_a_larger_models_checkpoint_is_refused_by_name(pipeline, tmp_pa
             train(config(root, folder, "larger", mode=mode, checkpoint={"dir": str(root / "larger"), "resume": True}))
 
 
+def test_resuming_the_checkpoint_of_a_wider_model_with_the_same_keys_is_refused_by_key_and_shape(pipeline, tmp_path):
+    """A checkpoint of the same layers built wider passed the key checks and failed in torch's
+    load_state_dict, reported as an internal error listing every size mismatch."""
+    root, folder = pipeline
+    (tmp_path / "wider.py").write_text(MODEL.replace("16", "24"))
+    wider = compile_model(tmp_path / "wider.py", tmp_path / "generated", CompileOptions(stages=2)).folder
+    train(config(root, wider, "wider", mode="local", steps=3))
+    for mode in ("local", "single"):
+        with pytest.raises(FtcError) as refused:
+            train(config(root, folder, "wider", mode=mode, checkpoint={"dir": str(root / "wider"), "resume": True}))
+        shapes = r"[\w.]+ has shape \[[\d, ]*24[\d, ]*\] but the model's is \[[\d, ]*16[\d, ]*\]"
+        assert re.fullmatch(f"checkpoint {re.escape(str(root / 'wider' / 'step-00000003'))}: {shapes}", refused.value.message)
+        assert "resume with the model that wrote it" in refused.value.hint
+
+
 def test_shards_missing_after_every_rank_wrote_one_point_to_a_folder_not_shared(tmp_path):
     """Two machines with checkpoint.dir on their own disks: rank 0 found rank 1's shard missing
     and said only "wrote no shard"."""

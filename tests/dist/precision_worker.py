@@ -1,6 +1,6 @@
 """One rank of a mode-dist run for tests/test_precision.py: ftc's own rank entry
 (`ftc.runtime.worker`), with two changes for the test. It records the dtypes of every receive
-buffer the rank posts (by message kind and value) in OUT_DIR/rank-<r>.json, and it runs one
+buffer the rank posts for a value (by message kind and value) in OUT_DIR/rank-<r>.json, and it runs one
 intra-op thread, as the test's mode single does: kernels that split a sum across threads round
 differently with another count, and bfloat16 turns such a difference into a visible one.
 
@@ -23,7 +23,9 @@ post_receive = comm.DistTransport.post_receive
 
 
 def recording_post_receive(self, message, buffers):
-    received.setdefault(f"{message.kind} {message.value}", sorted({str(b.dtype).removeprefix("torch.") for b in buffers}))
+    # A gradient message ends with a flag per leaf saying whether it has a gradient: no value's.
+    values = buffers[:-1] if message.kind == comm.GRADIENT else buffers
+    received.setdefault(f"{message.kind} {message.value}", sorted({str(b.dtype).removeprefix("torch.") for b in values}))
     return post_receive(self, message, buffers)
 
 
