@@ -276,8 +276,12 @@ class StaleWeights:
         params = [(key, self.shared_params[key]) for key in entry.keys]
         if entry.group is not None:
             grads = [summed.get(key) for key, _ in params]
+            # And how many holders have a gradient: where none has, it stays None, as in a plain
+            # loop, which weight decay passes by (Engine.sync_shared_grads does the same).
+            first = params[0][1]
+            holders = torch.tensor([g is not None for g in grads], dtype=first.dtype, device=first.device)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
-                              for g, (_, p) in zip(grads, params)])  # fmt: skip
+                              for g, (_, p) in zip(grads, params)] + [holders])  # fmt: skip
             try:
                 dist.all_reduce(flat, group=entry.group)
             except RuntimeError as exc:
@@ -285,8 +289,9 @@ class StaleWeights:
                                f"{step + 1} failed: one of those ranks died or hangs ({peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
             summed, offset = {}, 0
-            for key, param in params:
-                summed[key] = flat[offset : offset + param.numel()].view_as(param)
+            for (key, param), held in zip(params, flat[-len(params) :].tolist()):
+                if held:
+                    summed[key] = flat[offset : offset + param.numel()].view_as(param)
                 offset += param.numel()
         self.shared_updates[index] += 1
         for stage in entry.stages:

@@ -263,3 +263,20 @@ def test_a_head_no_gradient_reaches_stays_undecayed_in_dist(ignored_head, ignore
         assert "side.weight" in json.loads((pipeline / "pipeline.json").read_text())["stages"][1]["state"]
     results = launch(config(root, pipeline, "dist", mode="dist", **IGNORED_SETTINGS))
     assert_same(results.loss, checkpoint.merge(root / "dist" / "checkpoints")[1], *ignored_single)
+
+
+@pytest.mark.parametrize("ignored_head", ["tied"], indirect=True)
+def test_a_tied_head_no_gradient_reaches_stays_as_built_async_in_dist(ignored_head):
+    """Schedule async sums a tied weight's gradients over its holders' ranks at each update; where
+    neither holder had one, the sum was zeros, which AdamW's weight decay then applied. Local mode
+    holds one Parameter (nothing to sum): dist must train as it does, the head left as built."""
+    root, pipeline = ignored_head
+    settings = {"schedule": "async", "micro_batches": 2, "staleness": {"flush_every": 3}, **IGNORED_SETTINGS}
+    local = train(config(root, pipeline, "async-local", mode="local", **settings))
+    results = launch(config(root, pipeline, "async-dist", mode="dist", **settings))
+    trained = checkpoint.merge(root / "async-dist" / "checkpoints")[1]
+    assert_same(results.loss, trained, local.loss, checkpoint.merge(root / "async-local" / "checkpoints")[1])
+    initial = build_single(config(root, pipeline, "initial", mode="single"), load_model_file(root / "model.py"),
+                           torch.device("cpu")).state_dict()  # fmt: skip
+    for key in ("side.weight", "side.bias"):
+        assert torch.equal(trained[key], initial[key]), key
