@@ -1760,3 +1760,66 @@ def test_a_tensor_of_python_numbers_changed_in_place_is_traced_by_export(tmp_pat
     assert json.loads((folder / "ir.json").read_text())["frontend"] == "export"
     assert_check_passes(folder, batch_size=4)
     assert_local_trains_like_single(folder)
+
+
+KERNEL_LAYOUT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    \"\"\"Merges the heads as transformers' sdpa_attention does, `.transpose(1, 2).contiguous()`,
+    then views them, as AFMoE's attention does.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).contiguous()
+        return self.out(heads.view(batch, length, -1))
+
+
+def build_model():
+    return Attention()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8, 16),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_view_of_a_kernel_s_layout_is_a_reshape(tmp_path, compile_to):
+    """The CPU's scaled_dot_product_attention lays its output out so that the `.contiguous()`
+    after the transpose copies nothing, and export records no copy; its `.view` then failed on
+    the meta device's layout, and ftc refused the model as failing on any device (AFMoE). The
+    stage code reshapes, which holds for any kernel's layout."""
+    path = tmp_path / "kernel_layout.py"
+    path.write_text(KERNEL_LAYOUT)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert ".reshape(batch, 8, -1)" in text
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_view_of_a_kernel_s_layout_written_so_is_named(tmp_path, compile_to):
+    """fx records the view as written; without the `.contiguous()` forward runs on the CPU, whose
+    kernel lays heads out viewably, but not on the meta device: the error says that, not that
+    forward fails on any device."""
+    path = tmp_path / "kernel_layout.py"
+    path.write_text(KERNEL_LAYOUT.replace(".transpose(1, 2).contiguous()", ".transpose(1, 2)"))
+    model_file = load_model_file(path)
+    model_file.build()(*model_file.inputs(4))
+    with pytest.raises(FtcError, match="how the kernel that made its input lays it out") as caught:
+        compile_to(path, 2, batch_size=4, frontend="fx")
+    assert "kernel_layout.py:20" in caught.value.message
+    assert "write `.reshape(...)` there" in caught.value.hint

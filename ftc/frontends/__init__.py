@@ -192,7 +192,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     graph.batch_size = batch_size
     if frontend == "auto":
         graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error, noted=True)}")
-    return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+    return Traced(annotate_meta(graph, model, batch, double_batch, reshape_views=True), model, batch)
 
 
 def _export_sizing_by_buffers(model, model_file, batch, double_batch, name) -> tuple[Graph, torch.nn.Module]:
