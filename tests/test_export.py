@@ -729,18 +729,113 @@ def example_inputs(batch_size):
 """
 
 
-def test_export_says_it_traces_into_leaf_modules(tmp_path):
-    """torch.export has no notion of LEAF_MODULES: the compile output says so rather than
-    silently splitting a class the user asked to keep whole."""
+def test_export_keeps_leaf_modules_whole_or_says_it_traced_into_them(tmp_path):
+    """export writes a LEAF_MODULES module's call whole where its ops read only its arguments and
+    its own parameters; one called with a size (`x.shape[0]`, symbolic to export) it traces
+    into, and the compile output says so rather than silently splitting a class the user asked
+    to keep whole."""
     from ftc.compiler import CompileOptions, compile_model
 
     path = tmp_path / "listed.py"
     path.write_text(LISTED_LEAF)
     exported = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
-    assert any("traced into LEAF_MODULES (Block)" in note for note in exported.notes), exported.notes
-    traced = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", force=True))
-    assert not any("LEAF_MODULES" in note for note in traced.notes)
+    assert not any("LEAF_MODULES" in note for note in exported.notes), exported.notes
+    text = "".join((exported.folder / f"stage{k}.py").read_text() for k in range(2))
+    assert 'getattr(self, "0")(' in text and 'getattr(self, "1")(' in text
     assert_check_passes(exported.folder, batch_size=3)
+    sized = tmp_path / "sized_leaf.py"
+    sized.write_text(SIZED_LEAF)
+    exported = compile_model(sized, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert any("traced into LEAF_MODULES (Block)" in note for note in exported.notes), exported.notes
+    assert_check_passes(exported.folder, batch_size=3)
+
+
+SIZED_LEAF = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, rows):
+        return torch.relu(self.a(x)) / rows
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = Block(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.block(x, x.shape[0]))
+
+
+LEAF_MODULES = (Block,)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+TOLIST_LEAF = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Experts(nn.Module):
+    \"\"\"Routes each row to one of two experts and splits the rows by expert, with sizes read by
+    `.tolist()`, as transformers' JetMoE does: export traces it with sizes it cannot know.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 2)
+        self.experts = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(-1)
+        sizes = torch.zeros(x.shape[0], 2).scatter(1, choice[:, None], 1).long().sum(0).tolist()
+        order = choice.argsort(stable=True)
+        parts = x[order].split(sizes)
+        out = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
+        return out[order.argsort()]
+
+
+LEAF_MODULES = (Experts,)
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(8, 8), Experts(), nn.ReLU(), nn.Linear(8, 4))
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_leaf_that_reads_sizes_from_values_compiles_through_export(tmp_path, compile_to):
+    """Sizes a module reads from tensor values (`.tolist()`) the meta device cannot give: export
+    traced through the listed leaf anyway, and the compile failed on the meta device with advice
+    to list the class in LEAF_MODULES, which it was (transformers' JetMoE, which only export
+    traces). The leaf's call is now written whole and runs as written."""
+    path = tmp_path / "tolist_leaf.py"
+    path.write_text(TOLIST_LEAF)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    assert 'getattr(self, "1")(' in "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
 
 
 INFERENCE_MODE = """
