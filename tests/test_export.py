@@ -830,6 +830,12 @@ def test_a_leaf_that_reads_sizes_from_values_compiles_through_export(tmp_path, c
     traced through the listed leaf anyway, and the compile failed on the meta device with advice
     to list the class in LEAF_MODULES, which it was (transformers' JetMoE, which only export
     traces). The leaf's call is now written whole and runs as written."""
+    unlisted = tmp_path / "tolist_unlisted.py"
+    unlisted.write_text(TOLIST_LEAF.replace("LEAF_MODULES = (Experts,)", ""))
+    with pytest.raises(FtcError, match="Tensor.item") as caught:
+        compile_to(unlisted, 2, batch_size=4, frontend="export")
+    assert "in a LEAF_MODULES class that ftc then runs as written: 1 (" in caught.value.hint
+    assert "Experts) or a module around it, called as module(...) with tensor arguments" in caught.value.hint
     path = tmp_path / "tolist_leaf.py"
     path.write_text(TOLIST_LEAF)
     folder = compile_to(path, 2, batch_size=4, frontend="export")

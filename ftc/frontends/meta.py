@@ -31,6 +31,13 @@ META_ONLY_FIX = (
     "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
     "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class"
 )
+# Where `module` (the path of the module whose forward made the failing node) is known: which
+# module to list, for export keeps a leaf whole only where it is called as module(...) with
+# tensors and returns tensors (a MoE router returning its sizes as ints is no such module).
+META_ONLY_FIX_IN = (
+    META_ONLY_FIX + " that ftc then runs as written: {module} or a module around it, called as module(...) with "
+    "tensor arguments and returning tensors"
+)
 # What torch says when code needs tensor values, or an op lacks a meta kernel: meta-only failures.
 VALUE_ERROR_TYPES = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException"}
 VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
@@ -183,7 +190,8 @@ class _Propagator(Interpreter):
         raise FtcError(
             f"node {node.name!r} ({where}) failed on the meta device: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-            META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
+            (META_ONLY_FIX_IN.format(module=f"{node.module_path} ({node.module_class})") if node.module_path
+             else META_ONLY_FIX) if fails_only_on_meta(exc) else plain_failure_fix(inputs),  # fmt: skip
         ) from exc
 
 
