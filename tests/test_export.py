@@ -1924,3 +1924,16 @@ def test_a_view_of_a_kernel_s_layout_written_so_is_named(tmp_path, compile_to):
         compile_to(path, 2, batch_size=4, frontend="fx")
     assert "kernel_layout.py:20" in caught.value.message
     assert "write `.reshape(...)` there" in caught.value.hint
+
+
+def test_a_library_s_mode_flag_is_as_the_model_had_it_when_export_traces(compile_to):
+    """Looking for the library's branches on self.training runs forward in eval mode, which set
+    the library's own Python flag of a rescaled weight (transformers' RWKV `layers_are_rescaled`);
+    the trace then recorded the weight's rescaling back into the stage code, which doubled the
+    weight at every call: `ftc check` failed and training broke (a later micro-batch's forward
+    changed the weight a backward needed)."""
+    folder = compile_to(MODELS / "library_rescale.py", 2, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert ".mul_(" not in text and ".div_(" not in text
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
