@@ -1756,6 +1756,27 @@ def test_an_overflow_guard_in_library_code_reads_as_all_finite(tmp_path):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+def test_an_assert_that_no_value_is_nan_reads_as_all_finite(tmp_path, compile_to):
+    """transformers' I-BERT asserts while training that no value is NaN (`assert
+    x_max.isnan().sum() == 0`): export cannot branch on a value, and ftc refused it, telling the
+    user to turn off a layerdrop I-BERT does not have. The count reads 0 while tracing."""
+    library = MODELS.parent / "library"
+    path = tmp_path / "asserted.py"
+    path.write_text(
+        f"import sys\nimport torch\nimport torch.nn.functional as F\nsys.path.insert(0, {str(library)!r})\n"
+        "from overflow_guard import AssertedLayer\n\n"
+        "def build_model():\n    return torch.nn.Sequential(AssertedLayer(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n\n"
+        "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n\n"
+        "def loss_fn(output, target):\n    return F.cross_entropy(output, target)\n"
+    )
+    folder = compile_to(path, 2, batch_size=4)
+    line = next(k + 1 for k, text in enumerate((library / "overflow_guard.py").read_text().splitlines()) if "assert" in text)
+    notes = json.loads((folder / "ir.json").read_text())["trace_notes"]
+    assert any(f"non-finite values at overflow_guard.py:{line} (an overflow guard)" in note for note in notes), notes
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
 def test_an_unproven_batch_equation_is_tried_where_a_min_with_a_constant_turns():
     """Llama 4's `Eq(16*s0*Min(32, 512*s0), 512*s0)` holds at every batch size; `Min(64, s0)`
     holds up to 64 only, past the 4 x 8 sizes first tried, and must not be taken as holding."""
