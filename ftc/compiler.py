@@ -166,11 +166,15 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         graph, model, batch = _finer_through_export((graph, model, batch), model_file, options, name)
     notes = [f"note: {line}" for line in graph.trace_notes]
     if graph.frontend == "export" and model_file.leaf_modules:
-        leaves = ", ".join(sorted({cls.__name__ for cls in model_file.leaf_modules}))
-        notes.append(
-            f"note: torch.export traced into LEAF_MODULES ({leaves}), which only fx keeps whole; "
-            "their ops may be split across stages"
-        )
+        called = {node.target for node in graph.nodes if node.op == "call_module"}
+        split = sorted({type(module).__name__ for path, module in model.named_modules()
+                        if isinstance(module, model_file.leaf_modules) and path not in called})  # fmt: skip
+        if split:
+            notes.append(
+                f"note: torch.export traced into LEAF_MODULES ({', '.join(split)}) and could not write their calls "
+                "whole (one that reads or returns a value other than its arguments, outputs and own parameters, "
+                "or is called with a non-tensor argument): their ops may be split across stages"
+            )
     if graph.training_branches:
         notes.append(
             f"note: forward uses the value of self.training at {', '.join(graph.training_branches)} (a branch, "

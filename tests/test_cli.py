@@ -1219,6 +1219,40 @@ def test_a_random_layer_skip_only_in_training_is_named_with_the_config_fix(tmp_p
     assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
 
 
+def test_a_training_only_check_of_values_is_not_blamed_on_a_layer_skip(tmp_path, capsys):
+    """A training-only branch on values that draws nothing (I-BERT's QuantAct logs when its
+    running range is near 0) was told to set layerdrop=0.0, which the model does not have."""
+    model = write(
+        tmp_path,
+        "logged.py",
+        """
+        import torch
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer = nn.Linear(8, 8)
+
+            def forward(self, x):
+                h = self.layer(x)
+                if self.training and h.abs().max() < 1e-5:
+                    print("all near 0")
+                return h
+
+        def build_model():
+            return Net()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 8),)
+        """,
+    )
+    result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
+    assert_user_error(result, "torch.export could not trace the model in training mode", "logged.py:12",
+                      "a check or a log of values", "write that line with torch ops")  # fmt: skip
+    assert "layerdrop" not in result[2]
+
+
 def test_a_torch_draw_fx_cannot_trace_goes_to_export_instead_of_being_fixed(tmp_path, capsys):
     """torch.randn(8) takes no traced value: fx ran it once while tracing and the stage code added
     the same noise at every step, where the model draws anew."""

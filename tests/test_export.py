@@ -729,18 +729,119 @@ def example_inputs(batch_size):
 """
 
 
-def test_export_says_it_traces_into_leaf_modules(tmp_path):
-    """torch.export has no notion of LEAF_MODULES: the compile output says so rather than
-    silently splitting a class the user asked to keep whole."""
+def test_export_keeps_leaf_modules_whole_or_says_it_traced_into_them(tmp_path):
+    """export writes a LEAF_MODULES module's call whole where its ops read only its arguments and
+    its own parameters; one called with a size (`x.shape[0]`, symbolic to export) it traces
+    into, and the compile output says so rather than silently splitting a class the user asked
+    to keep whole."""
     from ftc.compiler import CompileOptions, compile_model
 
     path = tmp_path / "listed.py"
     path.write_text(LISTED_LEAF)
     exported = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
-    assert any("traced into LEAF_MODULES (Block)" in note for note in exported.notes), exported.notes
-    traced = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", force=True))
-    assert not any("LEAF_MODULES" in note for note in traced.notes)
+    assert not any("LEAF_MODULES" in note for note in exported.notes), exported.notes
+    text = "".join((exported.folder / f"stage{k}.py").read_text() for k in range(2))
+    assert 'getattr(self, "0")(' in text and 'getattr(self, "1")(' in text
     assert_check_passes(exported.folder, batch_size=3)
+    sized = tmp_path / "sized_leaf.py"
+    sized.write_text(SIZED_LEAF)
+    exported = compile_model(sized, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert any("traced into LEAF_MODULES (Block)" in note for note in exported.notes), exported.notes
+    assert_check_passes(exported.folder, batch_size=3)
+
+
+SIZED_LEAF = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x, rows):
+        return torch.relu(self.a(x)) / rows
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = Block(), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.head(self.block(x, x.shape[0]))
+
+
+LEAF_MODULES = (Block,)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+"""
+
+
+TOLIST_LEAF = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Experts(nn.Module):
+    \"\"\"Routes each row to one of two experts and splits the rows by expert, with sizes read by
+    `.tolist()`, as transformers' JetMoE does: export traces it with sizes it cannot know.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 2)
+        self.experts = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(-1)
+        sizes = torch.zeros(x.shape[0], 2).scatter(1, choice[:, None], 1).long().sum(0).tolist()
+        order = choice.argsort(stable=True)
+        parts = x[order].split(sizes)
+        out = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])
+        return out[order.argsort()]
+
+
+LEAF_MODULES = (Experts,)
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(8, 8), Experts(), nn.ReLU(), nn.Linear(8, 4))
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_leaf_that_reads_sizes_from_values_compiles_through_export(tmp_path, compile_to):
+    """Sizes a module reads from tensor values (`.tolist()`) the meta device cannot give: export
+    traced through the listed leaf anyway, and the compile failed on the meta device with advice
+    to list the class in LEAF_MODULES, which it was (transformers' JetMoE, which only export
+    traces). The leaf's call is now written whole and runs as written."""
+    unlisted = tmp_path / "tolist_unlisted.py"
+    unlisted.write_text(TOLIST_LEAF.replace("LEAF_MODULES = (Experts,)", ""))
+    with pytest.raises(FtcError, match="Tensor.item") as caught:
+        compile_to(unlisted, 2, batch_size=4, frontend="export")
+    assert "in a LEAF_MODULES class that ftc then runs as written: 1 (" in caught.value.hint
+    assert "Experts) or a module around it, called as module(...) with tensor arguments" in caught.value.hint
+    path = tmp_path / "tolist_leaf.py"
+    path.write_text(TOLIST_LEAF)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    assert 'getattr(self, "1")(' in "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
 
 
 INFERENCE_MODE = """
@@ -1744,6 +1845,27 @@ def test_an_overflow_guard_in_library_code_reads_as_all_finite(tmp_path):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+def test_an_assert_that_no_value_is_nan_reads_as_all_finite(tmp_path, compile_to):
+    """transformers' I-BERT asserts while training that no value is NaN (`assert
+    x_max.isnan().sum() == 0`): export cannot branch on a value, and ftc refused it, telling the
+    user to turn off a layerdrop I-BERT does not have. The count reads 0 while tracing."""
+    library = MODELS.parent / "library"
+    path = tmp_path / "asserted.py"
+    path.write_text(
+        f"import sys\nimport torch\nimport torch.nn.functional as F\nsys.path.insert(0, {str(library)!r})\n"
+        "from overflow_guard import AssertedLayer\n\n"
+        "def build_model():\n    return torch.nn.Sequential(AssertedLayer(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n\n"
+        "def example_inputs(batch_size):\n    return (torch.randn(batch_size, 4),)\n\n"
+        "def loss_fn(output, target):\n    return F.cross_entropy(output, target)\n"
+    )
+    folder = compile_to(path, 2, batch_size=4)
+    line = next(k + 1 for k, text in enumerate((library / "overflow_guard.py").read_text().splitlines()) if "assert" in text)
+    notes = json.loads((folder / "ir.json").read_text())["trace_notes"]
+    assert any(f"non-finite values at overflow_guard.py:{line} (an overflow guard)" in note for note in notes), notes
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
 def test_an_unproven_batch_equation_is_tried_where_a_min_with_a_constant_turns():
     """Llama 4's `Eq(16*s0*Min(32, 512*s0), 512*s0)` holds at every batch size; `Min(64, s0)`
     holds up to 64 only, past the 4 x 8 sizes first tried, and must not be taken as holding."""
@@ -1862,3 +1984,79 @@ def test_a_tensor_cached_on_the_first_call_is_computed_by_the_stages(compile_to,
     folder = compile_to(MODELS / "cached_codebook.py", 2, batch_size=4, frontend=frontend)
     assert "embed_sum" in "".join((folder / f"stage{k}.py").read_text() for k in range(2))
     assert_check_passes(folder, batch_size=4)
+
+
+KERNEL_LAYOUT = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Attention(nn.Module):
+    \"\"\"Merges the heads as transformers' sdpa_attention does, `.transpose(1, 2).contiguous()`,
+    then views them, as AFMoE's attention does.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).contiguous()
+        return self.out(heads.view(batch, length, -1))
+
+
+def build_model():
+    return Attention()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8, 16),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_view_of_a_kernel_s_layout_is_a_reshape(tmp_path, compile_to):
+    """The CPU's scaled_dot_product_attention lays its output out so that the `.contiguous()`
+    after the transpose copies nothing, and export records no copy; its `.view` then failed on
+    the meta device's layout, and ftc refused the model as failing on any device (AFMoE). The
+    stage code reshapes, which holds for any kernel's layout."""
+    path = tmp_path / "kernel_layout.py"
+    path.write_text(KERNEL_LAYOUT)
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert ".reshape(batch, 8, -1)" in text
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_view_of_a_kernel_s_layout_written_so_is_named(tmp_path, compile_to):
+    """fx records the view as written; without the `.contiguous()` forward runs on the CPU, whose
+    kernel lays heads out viewably, but not on the meta device: the error says that, not that
+    forward fails on any device."""
+    path = tmp_path / "kernel_layout.py"
+    path.write_text(KERNEL_LAYOUT.replace(".transpose(1, 2).contiguous()", ".transpose(1, 2)"))
+    model_file = load_model_file(path)
+    model_file.build()(*model_file.inputs(4))
+    with pytest.raises(FtcError, match="how the kernel that made its input lays it out") as caught:
+        compile_to(path, 2, batch_size=4, frontend="fx")
+    assert "kernel_layout.py:20" in caught.value.message
+    assert "write `.reshape(...)` there" in caught.value.hint
+
+
+def test_a_library_s_mode_flag_is_as_the_model_had_it_when_export_traces(compile_to):
+    """Looking for the library's branches on self.training runs forward in eval mode, which set
+    the library's own Python flag of a rescaled weight (transformers' RWKV `layers_are_rescaled`);
+    the trace then recorded the weight's rescaling back into the stage code, which doubled the
+    weight at every call: `ftc check` failed and training broke (a later micro-batch's forward
+    changed the weight a backward needed)."""
+    folder = compile_to(MODELS / "library_rescale.py", 2, batch_size=4, frontend="export")
+    text = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert ".mul_(" not in text and ".div_(" not in text
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)

@@ -251,7 +251,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     graph.batch_size = batch_size
     if frontend == "auto":
         graph.trace_notes.append(f"traced with torch.export, as torch.fx could not: {_one_line(model_file, fx_error, noted=True)}")
-    return Traced(annotate_meta(graph, model, batch, double_batch), model, batch)
+    return Traced(annotate_meta(graph, model, batch, double_batch, reshape_views=True), model, batch)
 
 
 def _export_sizing_by_buffers(model, model_file, batch, double_batch, name) -> tuple[Graph, torch.nn.Module]:
@@ -499,16 +499,29 @@ def _exports_in_eval_mode(model_file: ModelFile, batch, double_batch, name: str)
 def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError:
     """Python that branches on a tensor's value only in training mode: most often a random skip of
     a whole layer (transformers' layerdrop, stochastic depth), whose outcome a trace would fix
-    once for every step."""
+    once for every step; else a check or a log of values (I-BERT's QuantAct logs when its running
+    range is near 0), which no configuration turns off."""
+    where = f"{user_frame(exc, model_file.path)} ({type(exc).__name__}: {first_line(exc, limit=120)}" \
+            f"{library_frame(exc, model_file.path)})"  # fmt: skip
+    failed = f"{model_file.path}: torch.export could not trace the model in training mode{where}, but it can in eval mode"
+    if _DRAWS.search(where):
+        return FtcError(
+            f"{failed}: forward's Python branches on a tensor's value only while training, as a random skip of whole "
+            "layers does",
+            "turn the training-only branch off in the model's configuration (transformers: layerdrop=0.0, or "
+            "encoder_layerdrop=0.0 and decoder_layerdrop=0.0), or write the skip with torch ops (scale the layer's "
+            "output by a torch.bernoulli draw) so that it becomes stage code",
+        )
     return FtcError(
-        f"{model_file.path}: torch.export could not trace the model in training mode{user_frame(exc, model_file.path)} "
-        f"({type(exc).__name__}: {first_line(exc, limit=120)}{library_frame(exc, model_file.path)}), but it can in eval "
-        "mode: forward's Python branches on a tensor's value only while training, as a random skip of whole "
-        "layers does",
-        "turn the training-only branch off in the model's configuration (transformers: layerdrop=0.0, or "
-        "encoder_layerdrop=0.0 and decoder_layerdrop=0.0), or write the skip with torch ops (scale the layer's "
-        "output by a torch.bernoulli draw) so that it becomes stage code",
+        f"{failed}: forward's Python branches on a tensor's value only while training (a check or a log of values), "
+        "which no tracer can follow",
+        "write that line with torch ops (torch.where), or leave it out; in a library's code, subclass the module in "
+        "the model file without that line and build the model with the subclass",
     )
+
+
+# Words of a line that branches on a random draw (a layer skip): `torch.rand([]) < self.layerdrop`.
+_DRAWS = re.compile(r"rand|layerdrop|drop_path|dropout|bernoulli|random")
 
 
 def _packs_sequences(exc: BaseException) -> bool:

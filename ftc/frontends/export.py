@@ -113,6 +113,9 @@ def trace_export(
         own_places = training_branches(model, model_file)
         branches, notes = mode_branches(model, model_file, code, args, kwargs, own_reads=bool(own_places))
         whole = {path for branch in branches if branch.callable_whole for path in branch.paths}
+        # and so is each LEAF_MODULES module, which then runs as written (for real, where it needs
+        # tensor values: `.tolist()` of sizes, as transformers' JetMoE splits tokens by expert)
+        whole |= {path for path, module in model.named_modules() if path and isinstance(module, model_file.leaf_modules)}
         # one call holds the calls of the modules inside it
         kept = tuple(sorted(path for path in whole if not any(path.startswith(f"{outer}.") for outer in whole)))
         op_by_op = [branch for branch in branches if branch.library and not branch.callable_whole]

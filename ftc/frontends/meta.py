@@ -31,6 +31,13 @@ META_ONLY_FIX = (
     "ftc runs the model on the meta device (shapes only): avoid data-dependent Python "
     "(.item(), .tolist(), branching on values), or put that code in a LEAF_MODULES class"
 )
+# Where `module` (the path of the module whose forward made the failing node) is known: which
+# module to list, for export keeps a leaf whole only where it is called as module(...) with
+# tensors and returns tensors (a MoE router returning its sizes as ints is no such module).
+META_ONLY_FIX_IN = (
+    META_ONLY_FIX + " that ftc then runs as written: {module} or a module around it, called as module(...) with "
+    "tensor arguments and returning tensors"
+)
 # What torch says when code needs tensor values, or an op lacks a meta kernel: meta-only failures.
 VALUE_ERROR_TYPES = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException"}
 VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
@@ -38,6 +45,8 @@ VALUE_ERROR_WORDS = re.compile(r"\bmeta\b|data-dependent|data-independent")
 # nonzero): torch's own text then advises a private config flag, which is no fix for the user.
 VALUE_SHAPE_TYPES = {"DataDependentOutputException", "DynamicOutputShapeException"}
 VALUE_SHAPE_WORDS = re.compile(r"nonzero|masked_select|unique|repeat_interleave|data-independent implementation")
+# What torch says when `.view` needs strides its input lacks.
+VIEW_STRIDES_WORDS = "view size is not compatible with input tensor's size and stride"
 VALUE_SHAPE_FIX = (
     "the meta device has shapes but no values, so it cannot size such a result: put the module that makes it "
     "in LEAF_MODULES (ftc then runs that module for real to learn its output shapes), or compute densely "
@@ -96,15 +105,31 @@ def plain_failure_fix(inputs: dict[str, Any]) -> str:
     )
 
 
+def _view_of_kernel_layout(node: Node, exc: Exception) -> bool:
+    """Whether `node` is a `.view` that failed for its input's strides alone."""
+    return node.op == "call_method" and node.target == "view" and VIEW_STRIDES_WORDS in str(exc)
+
+
 class _Propagator(Interpreter):
-    """Runs the graph on the meta device; `writes`, where given, watches the state ops write."""
+    """Runs the graph on the meta device; `writes`, where given, watches the state ops write.
+
+    With `reshape_views` (a graph torch.export traced), a `.view` that fails on the meta device
+    for its input's strides runs as `.reshape`, and `reshaped` names it. Export ran the view on
+    the strides the traced device's kernels give (CPU's scaled_dot_product_attention returns
+    [B, H, S, D] laid out as [B, S, H, D], so the source's `.transpose(1, 2).contiguous()` was
+    no copy, and export records none); other kernels (the meta device's, another backend's) lay
+    it out otherwise. `.reshape` is the recorded view where the strides allow one and the
+    source's copy where they do not, so the stage code computes the same on every device."""
 
     def __init__(self, graph: Graph, model: torch.nn.Module, writes: StateWrites | None = None,
-                 saved: SavedChanges | None = None):  # fmt: skip
+                 saved: SavedChanges | None = None, reshape_views: bool = False):  # fmt: skip
         super().__init__(graph, model, device="meta")
         self.repeats = Repeats(model)
         self.writes = writes
         self.saved = saved
+        self.reshape_views = reshape_views
+        self.reshaped: set[str] = set()
+        self._reshaped_keys: set = set()
 
     def runs_for_real(self, node: Node, real: torch.nn.Module) -> None:
         if self.writes is not None:
@@ -116,6 +141,8 @@ class _Propagator(Interpreter):
         if replayed:
             if self.writes is not None:
                 self.writes.replayed(node, key, args, kwargs)
+            if key in self._reshaped_keys:
+                self.reshaped.add(node.name)
             return out
         execute = partial(super().run_node, node, args, kwargs)
         if self.saved is not None:
@@ -125,43 +152,68 @@ class _Propagator(Interpreter):
         except FtcError:
             raise
         except Exception as exc:
-            where = node.source or node.module_path or "forward"
-            unfakeable = missing_fake_kernel(exc)
-            if unfakeable is not None:
-                raise FtcError(f"node {node.name!r} ({where}): {unfakeable.message}", unfakeable.hint) from exc
-            if _value_shaped(exc):
-                raise FtcError(
-                    f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "
-                    "(boolean-mask indexing `x[mask]`, nonzero, masked_select, unique, repeat_interleave with "
-                    "tensor repeats and no output_size): "
-                    f"{type(exc).__name__} on the meta device",
-                    VALUE_SHAPE_FIX,
-                ) from exc
-            inputs = {name: self.env[name] for name in self.graph.inputs}
-            raise FtcError(
-                f"node {node.name!r} ({where}) failed on the meta device: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                META_ONLY_FIX if fails_only_on_meta(exc) else plain_failure_fix(inputs),
-            ) from exc
+            if not (self.reshape_views and _view_of_kernel_layout(node, exc)):
+                self._refuse(node, exc)
+            out = super().run_node(replace(node, target="reshape"), args, kwargs)
+            self.reshaped.add(node.name)
+            if key is not None:
+                self._reshaped_keys.add(key)
         if self.saved is not None:
             self.saved.check(node, args, kwargs)
         self.repeats.record(key, node, (args, kwargs), out)
         return out
 
+    def _refuse(self, node: Node, exc: Exception) -> None:
+        """Raise the error that explains why `node` failed on the meta device."""
+        where = node.source or node.module_path or "forward"
+        unfakeable = missing_fake_kernel(exc)
+        if unfakeable is not None:
+            raise FtcError(f"node {node.name!r} ({where}): {unfakeable.message}", unfakeable.hint) from exc
+        if _value_shaped(exc):
+            raise FtcError(
+                f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "
+                "(boolean-mask indexing `x[mask]`, nonzero, masked_select, unique, repeat_interleave with "
+                "tensor repeats and no output_size): "
+                f"{type(exc).__name__} on the meta device",
+                VALUE_SHAPE_FIX,
+            ) from exc
+        if _view_of_kernel_layout(node, exc):
+            raise FtcError(
+                f"node {node.name!r} ({where}) failed on the meta device: `.view` of a tensor whose strides do not "
+                "allow it there. Where forward runs in plain PyTorch, the view relies on how the kernel that "
+                "made its input lays it out in memory, which differs by device and backend "
+                "(scaled_dot_product_attention's output is laid out otherwise on the CPU than on the meta device)",
+                "write `.reshape(...)` there (or `.contiguous().view(...)`), which gives the same values on every "
+                "device and copies only where the strides call for it",
+            ) from exc
+        inputs = {name: self.env[name] for name in self.graph.inputs}
+        raise FtcError(
+            f"node {node.name!r} ({where}) failed on the meta device: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            (META_ONLY_FIX_IN.format(module=f"{node.module_path} ({node.module_class})") if node.module_path
+             else META_ONLY_FIX) if fails_only_on_meta(exc) else plain_failure_fix(inputs),  # fmt: skip
+        ) from exc
 
-def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict) -> Graph:
+
+def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, double_batch: tuple | dict,
+                  reshape_views: bool = False) -> Graph:  # fmt: skip
     """Fill node.meta for every node, and node.updates (ftc/frontends/state_writes.py). `batch` and
-    `double_batch` are meta-device example inputs at the compile batch size and at twice it."""
+    `double_batch` are meta-device example inputs at the compile batch size and at twice it. With
+    `reshape_views` (export's graphs), a view that relied on a kernel's strides becomes a reshape
+    (_Propagator)."""
     # One run tells the state ops write and the saved values they change: the batch size changes
     # neither.
     writes, saved = StateWrites(graph, model), SavedChanges()
-    single, double = _Propagator(graph, model, writes, saved), _Propagator(graph, model)
+    single = _Propagator(graph, model, writes, saved, reshape_views)
+    double = _Propagator(graph, model, reshape_views=reshape_views)
     with saved.hooks():
         single.run(batch)
     double.run(double_batch)
+    reshaped = single.reshaped | double.reshaped
     nodes = [
         replace(node, meta=value_meta(single.env[node.name], double.env[node.name]),
-                updates=writes.updates.get(node.name, []))
+                updates=writes.updates.get(node.name, []),
+                target="reshape" if node.name in reshaped else node.target)
         for node in graph.nodes
     ]  # fmt: skip
     return replace(graph, nodes=nodes)

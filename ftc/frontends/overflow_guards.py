@@ -10,7 +10,7 @@ where it overflowed:
 
 The check is Python branching on a tensor's value, which torch.export cannot trace. While
 export traces, such a check (`torch.isfinite(x).all()`, `torch.isinf(x).any()`,
-`torch.isnan(x).any()`) reads as "all finite", the value it has at every step of a training that
+`torch.isnan(x).any()`, `x.isnan().sum() == 0`) reads as "all finite", the value it has at every step of a training that
 has not diverged, so the stages compute what forward does wherever the values are finite and
 leave the repair out. Taking the branch instead would write the float32 bound as a constant,
 which a bfloat16 tensor under `"precision": "bf16"` cannot be clamped to.
@@ -29,6 +29,11 @@ _NOT_FINITE = {torch.isinf, torch.Tensor.isinf, torch.isnan, torch.Tensor.isnan}
 # the checks over a whole mask: all() of a finite mask, any() of a non-finite one; where every
 # value is finite, each says what its mask's kind is (all finite: True; any not finite: False)
 _WHOLE_CHECKS = {(True, torch.all), (True, torch.Tensor.all), (False, torch.any), (False, torch.Tensor.any)}
+# the count of a non-finite mask's values (`x.isnan().sum()`), 0 where every value is finite, and
+# what comparing it with 0 says then: I-BERT's `assert x_max.isnan().sum() == 0` while training
+_COUNTS = {torch.sum, torch.Tensor.sum}
+_COUNT_COMPARISONS = {torch.Tensor.__eq__: True, torch.eq: True, torch.Tensor.__ne__: False, torch.ne: False,
+                      torch.Tensor.__gt__: False, torch.gt: False}  # fmt: skip
 
 
 class OverflowGuards(TorchFunctionMode):
@@ -41,6 +46,7 @@ class OverflowGuards(TorchFunctionMode):
         self.lines: list[str] = []
         self.masks: dict[int, tuple[bool, torch.Tensor]] = {}  # by id: finite?, the mask (kept alive)
         self.checks: dict[int, tuple[bool, torch.Tensor]] = {}  # by id: what it says, the check
+        self.counts: dict[int, torch.Tensor] = {}  # by id: a non-finite mask's count (kept alive)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -56,6 +62,11 @@ class OverflowGuards(TorchFunctionMode):
             finite, mask = self.masks[id(args[0])]
             if mask is args[0] and (finite, func) in _WHOLE_CHECKS:
                 self.checks[id(result)] = (finite, result)
+            elif mask is args[0] and not finite and func in _COUNTS:
+                self.counts[id(result)] = result
+        elif len(args) == 2 and func in _COUNT_COMPARISONS and id(args[0]) in self.counts:
+            if self.counts[id(args[0])] is args[0] and type(args[1]) is int and args[1] == 0:
+                self.checks[id(result)] = (_COUNT_COMPARISONS[func], result)
         return result
 
 
@@ -65,5 +76,6 @@ def overflow_note(lines: list[str]) -> list[str]:
     return [
         f"forward checks a tensor for non-finite values at {', '.join(lines)} (an overflow guard); torch.export "
         "cannot branch on a value, so the stages compute what forward does where all values are finite and leave "
-        "out its repair of overflowed ones (transformers' clamp), which only a diverged training needs"
+        "out what it does with overflowed ones (transformers' clamp, I-BERT's assert), which only a diverged "
+        "training needs"
     ]
