@@ -221,8 +221,11 @@ def attributes_restored(model: torch.nn.Module) -> Iterator[None]:
     (transformers' MimiEuclideanCodebook: `self._embed = self.embed_sum / ...`) would otherwise
     keep a fake tensor or fx's Proxy there: the next run would skip what computes it (eval_mode
     read that as a branch on self.training), torch.export would lift it as a constant without
-    values, and fx's next trace would read a value of the last trace's graph. export itself
-    restores what its trace assigns."""
+    values, and fx's next trace would read a value of the last trace's graph. Library code may
+    also keep a mode of its own in a Python number (transformers' RWKV: `layers_are_rescaled`,
+    set where forward rescales weights in place as the mode changes): left as eval_mode's run
+    set it, the trace that follows recorded the rescaling into the stage code, which ran it at
+    every call. export itself restores what its trace assigns."""
     saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()]
     try:
         yield

@@ -99,25 +99,6 @@ class ModeBranch:
     callable_whole: bool
 
 
-def _python_numbers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
-    """Each module's attributes that hold a Python number (`training` aside, which train() sets)."""
-    return [
-        (module, {name: value for name, value in vars(module).items()
-                  if name != "training" and type(value) in (bool, int, float)})
-        for module in model.modules()
-    ]  # fmt: skip
-
-
-def _restore_python_numbers(held: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
-    """Set the attributes _python_numbers listed back. Library code may keep a mode of its own
-    in one (transformers' RWKV: `layers_are_rescaled`, set where forward rescales weights in place
-    as the mode changes): left as the eval-mode run set it, the trace that follows took the
-    model for one switching back to training and recorded the rescaling into the stage code,
-    which then ran it at every call, where the model in training mode never does."""
-    for module, numbers in held:
-        vars(module).update(numbers)
-
-
 def mode_branches(
     model: torch.nn.Module, model_file: ModelFile, code: CodeFiles, args: tuple, kwargs: dict, own_reads: bool
 ) -> tuple[list[ModeBranch], list[str]]:
@@ -129,7 +110,6 @@ def mode_branches(
     # a model traced in eval mode (to tell a training-only failure) has no other mode to follow
     if not model.training or (not own_reads and not library):
         return [], []
-    held = _python_numbers(model)
     try:
         trained = _recorded(model, code, args, kwargs)
         train_model(model, False, model_file.path)
@@ -143,7 +123,6 @@ def mode_branches(
                     "looked for"] if library else []  # fmt: skip
     finally:
         train_model(model, True, model_file.path)
-        _restore_python_numbers(held)
     found: dict[tuple[str, type], ModeBranch] = {}
     for calls in _differences(trained, evaluated):
         named = next(((call, line, True) for call in calls if (line := _library_line(call, code))), None)
