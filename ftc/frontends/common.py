@@ -226,7 +226,10 @@ def attributes_restored(model: torch.nn.Module) -> Iterator[None]:
     set where forward rescales weights in place as the mode changes): left as eval_mode's run
     set it, the trace that follows recorded the rescaling into the stage code, which ran it at
     every call. export itself restores what its trace assigns."""
-    saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()]
+    # A TorchScript module's attributes are TorchScript's (its forward assigns none from Python),
+    # and its _buffers a view that cannot be updated.
+    saved = [(module, dict(vars(module)), dict(module._buffers)) for module in model.modules()
+             if not isinstance(module, torch.jit.ScriptModule)]  # fmt: skip
     try:
         yield
     finally:
