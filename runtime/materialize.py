@@ -53,7 +53,7 @@ from ftc.ir import FtcError
 from .mode import set_mode
 from .model_file import ModelFile
 from .pipeline import Pipeline, StageSpec
-from .seeding import seed_generators
+from .seeding import seed_generators, seeded
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +241,15 @@ def _build_owned(
 def built_values(model_file: ModelFile, seed: int, names: list[str]) -> dict[str, torch.Tensor] | None:
     """The values `seed_generators(seed); build_model()` gives the model's parameters and buffers
     `names` (qualified names), as CPU tensors, computed with only the build's ops they depend on;
-    None, with the reason logged, where the build cannot be replayed op by op."""
+    None, with the reason logged, where the build cannot be replayed op by op. The caller's
+    random generators are left as they were."""
 
     def named(meta_model: torch.nn.Module) -> list[torch.Tensor]:
         return [tensor for name, tensor in _named_state_tensors(meta_model) if name in names]
 
     try:
-        model = _replayed_build(model_file, seed, named)
+        with seeded(seed):
+            model = _replayed_build(model_file, seed, named)
     except _Unsupported as exc:
         log.info("%s: the values of %s are not known, because %s", model_file.path, ", ".join(names), exc)
         return None

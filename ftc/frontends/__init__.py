@@ -34,7 +34,6 @@ from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
 from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
-from ftc.runtime.seeding import seeded
 
 from .common import user_source
 from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
@@ -183,8 +182,7 @@ def _leaf_sizes(model: torch.nn.Module, model_file: ModelFile) -> None:
     }
     if not holders:
         return
-    with seeded(TRACE_SEED):
-        values = built_values(model_file, TRACE_SEED, list(holders))
+    values = built_values(model_file, TRACE_SEED, list(holders))
     if values is None:
         return  # the leaf then runs with its integer buffers 0, and a failure names them
     for key, (module, name) in holders.items():

@@ -50,7 +50,6 @@ from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
 from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile
-from ftc.runtime.seeding import seeded
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
 from .draws import TRACE_SEED
@@ -939,8 +938,7 @@ def _sizes_as_constants(model: torch.nn.Module, model_file: ModelFile, written: 
     sizes = {key: holder for key, holder in size_buffers(model).items() if key not in written}
     values = None
     if sizes:
-        with seeded(TRACE_SEED):
-            values = built_values(model_file, TRACE_SEED, list(sizes))
+        values = built_values(model_file, TRACE_SEED, list(sizes))
     if not values:
         yield
         return
