@@ -61,6 +61,22 @@ ACTIVATION = "activation"
 GRADIENT = "gradient"
 
 
+def sum_over_holders(grads: list[torch.Tensor | None], params: list[torch.Tensor], group: Any) -> list[torch.Tensor | None]:
+    """The gradients of weights tied across the ranks of `group` (`grads`, this rank's, None where
+    it has none), each summed over its holders, in one all_reduce; None where no holder has one
+    (its uses feed only outputs the loss ignores), as a plain loop leaves .grad, which weight decay
+    then passes by, where a summed zero would be decayed. Raises all_reduce's RuntimeError."""
+    holders = torch.tensor([g is not None for g in grads], dtype=params[0].dtype, device=params[0].device)
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
+                      for g, p in zip(grads, params)] + [holders])  # fmt: skip
+    dist.all_reduce(flat, group=group)
+    summed, offset = [], 0
+    for param, held in zip(params, flat[-len(params) :].tolist()):
+        summed.append(flat[offset : offset + param.numel()].view_as(param) if held else None)
+        offset += param.numel()
+    return summed
+
+
 @dataclass(frozen=True)
 class Message:
     kind: str  # ACTIVATION | GRADIENT

@@ -384,22 +384,14 @@ class Engine:
         devices, so their copies stay equal after the optimizer step. Local mode holds one
         Parameter per weight: nothing to do."""
         for group, _, params in self.shared:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            # And how many holders have a gradient: where none has (its uses feed only outputs the
-            # loss ignores), .grad stays None, as in a plain loop, which weight decay passes by.
-            holders = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
-            flat = torch.cat([g.reshape(-1) for g in grads] + [holders])
             try:
-                dist.all_reduce(flat, group=group)
+                summed = comm.sum_over_holders([p.grad for p in params], params, group)
             except RuntimeError as exc:
                 raise comm.PeerFailure(f"summing the gradients of weights tied across ranks failed: a rank holding them died "
                                f"or hangs ({comm.peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
-            offset = 0
-            for param, held in zip(params, flat[-len(params) :].tolist()):
-                size = param.numel()
-                param.grad = flat[offset : offset + size].view_as(param).clone() if held else None
-                offset += size
+            for param, grad in zip(params, summed):
+                param.grad = None if grad is None else grad.clone()
 
     def clip_gradients(self, max_norm: float) -> float:
         """torch.nn.utils.clip_grad_norm_ over the whole model: the L2 norm of all gradients

@@ -56,11 +56,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ftc.ir import FtcError
 
-from .comm import PeerFailure, peer_reason
+from .comm import PeerFailure, peer_reason, sum_over_holders
 from .config import StalenessConfig
 from .pipeline import Pipeline
 
@@ -275,24 +274,13 @@ class StaleWeights:
         summed = self.shared_gradients.pop((index, step), {})
         params = [(key, self.shared_params[key]) for key in entry.keys]
         if entry.group is not None:
-            grads = [summed.get(key) for key, _ in params]
-            # And how many holders have a gradient: where none has, it stays None, as in a plain
-            # loop, which weight decay passes by (Engine.sync_shared_grads does the same).
-            first = params[0][1]
-            holders = torch.tensor([g is not None for g in grads], dtype=first.dtype, device=first.device)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
-                              for g, (_, p) in zip(grads, params)] + [holders])  # fmt: skip
             try:
-                dist.all_reduce(flat, group=entry.group)
+                grads = sum_over_holders([summed.get(key) for key, _ in params], [p for _, p in params], entry.group)
             except RuntimeError as exc:
                 raise PeerFailure(f"summing the gradients of {', '.join(entry.keys)} over ranks {entry.ranks} at step "
                                f"{step + 1} failed: one of those ranks died or hangs ({peer_reason(exc)})",
                                "check that rank's log; raise timeout_s if its stages are that slow") from exc  # fmt: skip
-            summed, offset = {}, 0
-            for (key, param), held in zip(params, flat[-len(params) :].tolist()):
-                if held:
-                    summed[key] = flat[offset : offset + param.numel()].view_as(param)
-                offset += param.numel()
+            summed = {key: grad for (key, _), grad in zip(params, grads) if grad is not None}
         self.shared_updates[index] += 1
         for stage in entry.stages:
             if stage in self.changes:
