@@ -44,6 +44,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def analyzed():
+    """analyzed(path) -> (graph, model file): traced with --frontend auto at batch 4, named and
+    analytically profiled, once per module."""
+    from ftc.frontends import trace
+    from ftc.ir import validate
+    from ftc.passes.cleanup import eliminate_dead_code
+    from ftc.passes.naming import name_values
+    from ftc.profiling import DeviceModel, profile_analytic
+    from ftc.runtime.model_file import load_model_file
+
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            model_file = load_model_file(path)
+            graph, model, batch = trace(model_file, 4, "auto", path.stem)
+            graph = name_values(eliminate_dead_code(graph), model_file.path.parent)
+            validate(graph)
+            cache[path] = (profile_analytic(graph, model, batch, DeviceModel()), model_file)
+        return cache[path]
+
+    return get
+
+
 @pytest.fixture
 def compile_to(tmp_path):
     """compile_to(model_path, stages, **options) -> the generated folder, in a fresh tmp dir."""

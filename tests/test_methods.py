@@ -21,18 +21,13 @@ import pytest
 from ftc.backend.plan import plan_stages
 from ftc.backend.writer import write_pipeline
 from ftc.check import check_pipeline
-from ftc.frontends import trace
 from ftc.ir import Cost, FtcError, validate
-from ftc.passes.cleanup import eliminate_dead_code
-from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, assign, build_problem, partition
 from ftc.passes.partition.memory import WORKING_COPIES, Footprint, MemorySettings, StateUse, parse_bytes
 from ftc.passes.partition.metis import atom_dag, atoms_of, linearize, partition_metis, rebalance
 from ftc.passes.partition.pipedream import StageTables, least_peak, split_pipedream
 from ftc.passes.partition.problem import FixedCost, KindCost, Partition, Problem, Transfer
 from ftc.passes.recompute import choose_recompute, recompute_rule
-from ftc.profiling import DeviceModel, profile_analytic
-from ftc.runtime.model_file import load_model_file
 
 from .conftest import EXAMPLES, MODELS
 
@@ -45,23 +40,6 @@ MODEL_PATHS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def analyzed():
-    """analyzed(path) -> (graph, model file): traced and profiled once per module."""
-    cache = {}
-
-    def get(path):
-        if path not in cache:
-            model_file = load_model_file(path)
-            graph, model, batch = trace(model_file, 4, "auto", path.stem)
-            graph = name_values(eliminate_dead_code(graph), model_file.path.parent)
-            validate(graph)
-            cache[path] = (profile_analytic(graph, model, batch, DeviceModel()), model_file)
-        return cache[path]
-
-    return get
 
 
 def write(graph, model_file, out_dir, method, stages, bandwidth=1.0):

@@ -22,6 +22,7 @@ from dataclasses import replace
 from ftc.ir import FtcError, Graph
 
 from .baselines import partition_parameters, partition_uniform
+from .coarsen import coarsened, cut_candidates, expanded
 from .metis import partition_metis
 from .mpipe import partition_mpipe
 from .pipedream import partition_pipedream
@@ -37,12 +38,17 @@ METHODS = {
 
 
 def partition(problem: Problem, method: str, stages: int, blocks: int | None = None) -> Partition:
-    """Run a method; `stages` is the device count (mpipe may make more stages than devices)."""
+    """Run a method; `stages` is the device count (mpipe may make more stages than devices). A
+    problem with many places to cut is solved coarsened (coarsen.py)."""
     if blocks is not None and method != "mpipe":
         raise FtcError(f"--blocks applies to --method mpipe, not {method}", "drop --blocks or use --method mpipe")
+    starts = cut_candidates(problem, stages)
+    solved = problem if starts is None else coarsened(problem, starts)
     if method == "mpipe":
-        return partition_mpipe(problem, stages, blocks)
-    return METHODS[method](problem, stages)
+        result = partition_mpipe(solved, stages, blocks)
+    else:
+        result = METHODS[method](solved, stages)
+    return result if starts is None else expanded(result, starts, problem.size)
 
 
 def assign(graph: Graph, problem: Problem, result: Partition) -> Graph:

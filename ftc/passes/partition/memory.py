@@ -233,7 +233,7 @@ class Footprint:
         for use in self.state:
             if not use.trainable:
                 continue
-            readers = sorted(set(use.readers))
+            readers = sorted(use.readers)  # one per reading op: two ops of a coarsened run count twice
             for k in range(len(readers) - 1):
                 previous = readers[k - 1] if k else -1
                 # intervals [i, j) with previous < i <= readers[k] and j > readers[k + 1]

@@ -13,7 +13,8 @@ Throughput only depends on the bottleneck, but many splits reach it (a heavy lay
 bottleneck alone). Among those, a second pass picks the most even one, the least sum of
 squared stage costs: the other stages then share the work instead of one of them taking a
 sliver, which balances memory and leaves slack on every device. Both passes are exact and
-O(P N^2), vectorized over i.
+O(P N^2) in time and O(N^2) in memory, each stage one operation over a whole table; partition()
+hands them a problem with at most coarsen.MAX_CUTS places to cut (coarsen.py).
 """
 
 from __future__ import annotations
@@ -112,31 +113,30 @@ class StageTables:
         return {"never": plain, "always": recomputed}.get(policy, np.minimum(plain, recomputed))
 
 
-def _cut_points(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+def _later_starts(problem: Problem) -> np.ndarray:
+    """valid[i, j]: a stage after the first may hold ops i..j-1 (0 < i < j, cuts allowed at both
+    ends)."""
     n = problem.size
     can_start = np.ones(n + 1, dtype=bool)
     can_start[1:n] = ~problem.no_cut[: n - 1]
-    return can_start, np.flatnonzero(can_start[:n])
+    can_start[0] = False
+    return np.triu(can_start[:, None] & can_start[None, :], 1)
 
 
 def min_bottleneck(problem: Problem, stages: int, table: Table) -> tuple[float, list[int]]:
     """The least, over splits into `stages` stages, of the largest table(s)[start, end], and a
     split that reaches it (inf when every split has an infinite stage)."""
     n = problem.size
-    can_start, starts = _cut_points(problem)
+    valid = _later_starts(problem)
     bottleneck = np.full((stages, n + 1), np.inf)
     choice = np.zeros((stages, n + 1), dtype=int)
     bottleneck[0, 1:] = table(0)[0, 1:]
     for s in range(1, stages):
-        cost = table(s)
-        for j in range(1, n + 1):
-            if not can_start[j]:
-                continue
-            i = starts[(starts > 0) & (starts < j)]
-            if i.size:
-                candidate = np.maximum(bottleneck[s - 1, i], cost[i, j])
-                k = int(np.argmin(candidate))
-                bottleneck[s, j], choice[s, j] = candidate[k], i[k]
+        # candidate[i, j]: stages 0..s-1 end at i, stage s holds i..j-1; the least per j, the
+        # first i on a tie
+        candidate = np.where(valid, np.maximum(bottleneck[s - 1][:, None], table(s)), np.inf)
+        choice[s] = np.argmin(candidate, axis=0)
+        bottleneck[s] = np.take_along_axis(candidate, choice[s][None, :], axis=0)[0]
     return float(bottleneck[stages - 1, n]), _walk_back(choice, stages, n)
 
 
@@ -152,22 +152,16 @@ def most_even(problem: Problem, stages: int, table: Table, limit: float) -> list
     """Among splits whose every stage costs at most `limit`, one with the least sum of squared
     stage costs."""
     n = problem.size
-    can_start, starts = _cut_points(problem)
+    valid = _later_starts(problem)
     total = np.full((stages, n + 1), np.inf)
     choice = np.zeros((stages, n + 1), dtype=int)
     first = table(0)[0, 1:]
     total[0, 1:] = np.where(first <= limit, first**2, np.inf)
     for s in range(1, stages):
         cost = table(s)
-        for j in range(1, n + 1):
-            if not can_start[j]:
-                continue
-            i = starts[(starts > 0) & (starts < j)]
-            if not i.size:
-                continue
-            candidate = np.where(cost[i, j] <= limit, total[s - 1, i] + cost[i, j] ** 2, np.inf)
-            k = int(np.argmin(candidate))
-            total[s, j], choice[s, j] = candidate[k], i[k]
+        candidate = np.where(valid & (cost <= limit), total[s - 1][:, None] + cost**2, np.inf)
+        choice[s] = np.argmin(candidate, axis=0)
+        total[s] = np.take_along_axis(candidate, choice[s][None, :], axis=0)[0]
     return _walk_back(choice, stages, n)
 
 
