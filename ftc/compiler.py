@@ -20,6 +20,7 @@ from ftc.own_train import own_train_warnings
 from ftc.passes.cleanup import eliminate_dead_code
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
+from ftc.passes.partition.coarsen import cut_candidates
 from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings
 from ftc.passes.partition.refine import kept_round, refine
 from ftc.passes.recompute import POLICIES
@@ -207,7 +208,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"cannot split the {problem.size} ops of {name!r} into {options.stages} stages",
             f"use --stages {problem.size} or fewer",
         )
-    notes += _glue_notes(problem, options.stages)
+    notes += _glue_notes(problem, options.stages) + _coarsening_notes(problem, options.stages)
     if options.refine:
         graph, problem, result, note = _refine(graph, model_file, options)
         notes.append(note)
@@ -245,6 +246,16 @@ def _kept_from_recompute(problem: Problem, result, policy: str) -> list[str]:
             notes.append(f"note: stage {stage} does not recompute: its forward changes parameter {written[0]} in place "
                          "(an EMA update, an Embedding's max_norm), which a second forward would change again")  # fmt: skip
     return notes
+
+
+def _coarsening_notes(problem: Problem, stages: int) -> list[str]:
+    """A note where the partitioner cannot consider every allowed cut (coarsen.py)."""
+    kept = cut_candidates(problem, stages)
+    allowed = problem.max_stages() - 1
+    if kept is None or len(kept) - 1 >= allowed:
+        return []
+    return [f"note: {problem.size:,} ops with {allowed:,} places to cut: the partitioner considers {len(kept) - 1:,} "
+            "of them (the block boundaries, and per equal share of the time the one that moves the fewest bytes)"]  # fmt: skip
 
 
 def _glue_notes(problem: Problem, stages: int) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import ftc.passes.partition.coarsen as coarsen
+from ftc.compiler import CompileOptions, compile_model
 from ftc.passes.partition import METHODS, build_problem, partition
 from ftc.passes.partition.coarsen import coarsened, cut_candidates
 from ftc.passes.partition.memory import Footprint, MemorySettings, StateUse
@@ -176,3 +177,12 @@ def test_a_memory_limit_on_a_coarsened_model_is_kept(analyzed, monkeypatch):
     assert any(limited.recompute)
     for s in range(2):
         assert problem.stage_memory(limited.members(s), s, 2, limited.recompute[s]).total < plain_peak
+
+
+def test_ftc_compile_says_when_it_considers_only_some_of_the_cuts(tmp_path, monkeypatch):
+    monkeypatch.setattr(coarsen, "MAX_CUTS", 16)
+    compiled = compile_model(EXAMPLES / "mlp.py", tmp_path / "few", CompileOptions(stages=2))
+    assert not any("places to cut" in note for note in compiled.notes)
+    compiled = compile_model(EXAMPLES / "gpt.py", tmp_path / "many", CompileOptions(stages=2))
+    allowed = build_problem(compiled.graph, 1.0).max_stages() - 1
+    assert f"with {allowed:,} places to cut: the partitioner considers 16 of them" in "\n".join(compiled.notes)
