@@ -470,3 +470,50 @@ def test_an_operator_without_a_fake_kernel_is_named_with_the_decorator_that_give
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
     assert decorator in error.value.hint
     assert "example_inputs" not in error.value.hint
+
+
+DROPPED_NORM = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.b = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        self.norm(h)  # only for its running statistics
+        return self.b(h) + self.norm.running_mean[:3]
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+def test_a_batch_norm_whose_value_forward_drops_still_updates_its_statistics_through_export(tmp_path):
+    """Through export a BatchNorm is an F.batch_norm call that writes its running statistics
+    unseen by its schema (Node.updates); with its value unread, dead-code removal dropped it, so
+    the stages never updated running_mean (`ftc check`: buffers 1.0 apart) and trained on other
+    numbers than the model."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "dropped_norm.py"
+    path.write_text(DROPPED_NORM)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "F.batch_norm(" in "".join(stage.read_text() for stage in compiled.folder.glob("stage*.py"))
+    assert_check_passes(compiled.folder, batch_size=8)
+    assert_local_trains_like_single(compiled.folder)

@@ -1,8 +1,9 @@
 """Dead-code elimination that keeps every side effect of the original forward.
 
 A node goes only when nothing reads its value, it is not a model output, and running it could
-not matter: it mutates nothing, calls no module (a module may update its buffers, as BatchNorm
-does) and draws no random numbers (dropping a dropout would shift every later random draw, so
+not matter: it mutates nothing, updates no state of the model (export's batch norm writes the
+running statistics its schema does not declare: Node.updates), calls no module (a module may
+update its buffers, as BatchNorm does) and draws no random numbers (dropping a dropout would shift every later random draw, so
 stage code would no longer match the model).
 """
 
@@ -39,6 +40,7 @@ def eliminate_dead_code(graph: Graph) -> Graph:
             node.op in ("get_attr", "call_function", "call_method")
             and readers[node.name] == 0
             and node.name not in outputs
+            and not node.updates
             and (node.mutates is None or _changes_only_an_unread_copy(node, copies, readers, outputs))
             and not draws_random(node.target)
         )
