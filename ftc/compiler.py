@@ -17,7 +17,7 @@ from ftc.backend.writer import write_pipeline
 from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, TensorMeta, validate
 from ftc.own_train import own_train_warnings
-from ftc.passes.cleanup import eliminate_dead_code
+from ftc.passes.cleanup import eliminate_dead_code, hooked_modules
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
 from ftc.passes.partition.coarsen import cut_candidates
@@ -273,7 +273,7 @@ def _glue_notes(problem: Problem, stages: int) -> list[str]:
 def _traced(model_file: ModelFile, options: CompileOptions, name: str, frontend: str) -> tuple[Graph, Any, Any]:
     """The model traced by `frontend`, cleaned up, named, validated and analytically profiled."""
     graph, model, batch = trace(model_file, options.batch_size, frontend, name)
-    graph = unpack_containers_early(eliminate_dead_code(graph))
+    graph = unpack_containers_early(eliminate_dead_code(graph, hooked_modules(model)))
     graph = name_values(graph, model_file.path.parent)
     validate(graph)
     device = DeviceModel(options.tflops, options.memory_gbps, options.op_overhead_us, options.stage_overhead_us)

@@ -632,7 +632,7 @@ def test_check_runs_at_the_micro_batch_size_too(tmp_path, capsys):
     assert code == 0 and "batch size 8," in out and "batch size 4," in out
     assert "check passed at batch sizes 8 and 4" in out
     stage = folder / "stage1.py"
-    stage.write_text(stage.read_text().replace("relu = F.relu(hidden_2)", "relu = F.relu(hidden_2.view(8, -1))"))
+    stage.write_text(stage.read_text().replace("x_1 = F.relu(hidden_2)", "x_1 = F.relu(hidden_2.view(8, -1))"))
     code, out, _ = run_cli(["check", folder], capsys)
     assert code == 1 and "check FAILED at batch sizes 8 and 4" in out
     assert run_cli(["check", folder, "--batch-size", 8], capsys)[0] == 0
@@ -856,15 +856,15 @@ MANIFEST_EDITS = [
     (lambda m: m["stages"][1].__setitem__("device", "1"), "stage 1: key 'device' is \"1\""),
     (lambda m: m.pop("batch_size"), "key 'batch_size' is missing"),
     (lambda m: m["stages"][0].pop("state"), "stage 0: key 'state' is missing"),
-    (lambda m: m["values"].pop("relu_2"), "key 'values' lacks the specs of ['relu_2']\n  fix: a value a stage sends "
-     "needs one: add \"relu_2\" to \"values\" with its shape at batch size 8, dtype, batch_dim and requires_grad (like "
+    (lambda m: m["values"].pop("x_3"), "key 'values' lacks the specs of ['x_3']\n  fix: a value a stage sends "
+     "needs one: add \"x_3\" to \"values\" with its shape at batch size 8, dtype, batch_dim and requires_grad (like "
      "{\"x\": {\"kind\": \"tensor\", \"shape\": [8, 64]"),
-    (lambda m: m["values"].__setitem__("relu_2", {}), "value 'relu_2' has kind null; it must be one of tensor"),
-    (lambda m: m["values"]["relu_2"].pop("shape"), "value 'relu_2' has shape null; it must be a list of sizes"),
-    (lambda m: m["values"]["relu_2"].__setitem__("shape", "8x128"), "value 'relu_2' has shape \"8x128\""),
-    (lambda m: m["values"]["relu_2"].__setitem__("dtype", "floaty"), "value 'relu_2' has dtype \"floaty\"; it must name"),
-    (lambda m: m["values"]["relu_2"].__setitem__("batch_dim", 5), "value 'relu_2' has batch_dim 5; it must be null or"),
-    (lambda m: m["values"]["relu_2"].__setitem__("other_batch_dims", [0]), "value 'relu_2' has other_batch_dims [0]"),
+    (lambda m: m["values"].__setitem__("x_3", {}), "value 'x_3' has kind null; it must be one of tensor"),
+    (lambda m: m["values"]["x_3"].pop("shape"), "value 'x_3' has shape null; it must be a list of sizes"),
+    (lambda m: m["values"]["x_3"].__setitem__("shape", "8x128"), "value 'x_3' has shape \"8x128\""),
+    (lambda m: m["values"]["x_3"].__setitem__("dtype", "floaty"), "value 'x_3' has dtype \"floaty\"; it must name"),
+    (lambda m: m["values"]["x_3"].__setitem__("batch_dim", 5), "value 'x_3' has batch_dim 5; it must be null or"),
+    (lambda m: m["values"]["x_3"].__setitem__("other_batch_dims", [0]), "value 'x_3' has other_batch_dims [0]"),
     (lambda m: m.__setitem__("output_structure", {"kind": "dict"}), "key 'output_structure' is a dict, so its 'keys'"),
     (lambda m: m.__setitem__("tied", ["hidden.0.weight", "hidden.1.weight"]), "key 'tied' is [\"hidden.0.weight\""),
     (lambda m: m["stages"][0]["cost"].__setitem__("fwd_time", "fast"), "stage 0: cost 'fwd_time' is \"fast\""),
@@ -879,7 +879,7 @@ def test_a_hand_edited_manifest_is_refused_by_every_command_with_the_key_named(e
     folder = tmp_path / "mlp"
     shutil.copytree(ROOT / "generated" / "mlp", folder)
     manifest = json.loads((folder / "pipeline.json").read_text())
-    assert "relu_2" in manifest["stages"][1]["outputs"]  # the edits above assume the committed split
+    assert "x_3" in manifest["stages"][1]["outputs"]  # the edits above assume the committed split
     edit(manifest)
     (folder / "pipeline.json").write_text(json.dumps(manifest))
     for command in (["check", folder], ["explain", folder]):
@@ -945,10 +945,10 @@ def test_check_fails_a_stage_whose_output_the_runtime_could_not_send(tmp_path, c
     folder = tmp_path / "mlp"
     shutil.copytree(ROOT / "generated" / "mlp", folder)
     stage = folder / "stage1.py"
-    assert "return (relu_2,)" in stage.read_text()
-    stage.write_text(stage.read_text().replace("return (relu_2,)", "return (relu_2.double(),)"))
+    assert "return (x_3,)" in stage.read_text()
+    stage.write_text(stage.read_text().replace("return (x_3,)", "return (x_3.double(),)"))
     code, out, err = run_cli(["check", folder, "--model", EXAMPLES / "mlp.py"], capsys)
-    assert code == 1 and "value relu_2 is float64[8, 128], but pipeline.json says float32[8, 128]" in out, (out, err)
+    assert code == 1 and "value x_3 is float64[8, 128], but pipeline.json says float32[8, 128]" in out, (out, err)
 
 
 def test_explain_refuses_micro_batch_counts_the_runtime_cannot_split(capsys):

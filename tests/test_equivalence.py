@@ -6,6 +6,7 @@ computes — outputs, updated buffers and parameter gradients (fp32, relative di
 from __future__ import annotations
 
 import ast
+import re
 import json
 
 import black
@@ -470,3 +471,122 @@ def test_an_operator_without_a_fake_kernel_is_named_with_the_decorator_that_give
         compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
     assert decorator in error.value.hint
     assert "example_inputs" not in error.value.hint
+
+
+DROPPED_NORM = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.b = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        self.norm(h)  # only for its running statistics
+        return self.b(h) + self.norm.running_mean[:3]
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+def test_a_batch_norm_whose_value_forward_drops_still_updates_its_statistics_through_export(tmp_path):
+    """Through export a BatchNorm is an F.batch_norm call that writes its running statistics
+    unseen by its schema (Node.updates); with its value unread, dead-code removal dropped it, so
+    the stages never updated running_mean (`ftc check`: buffers 1.0 apart) and trained on other
+    numbers than the model."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "dropped_norm.py"
+    path.write_text(DROPPED_NORM)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "F.batch_norm(" in "".join(stage.read_text() for stage in compiled.folder.glob("stage*.py"))
+    assert_check_passes(compiled.folder, batch_size=8)
+    assert_local_trains_like_single(compiled.folder)
+
+
+DEAD_LAYER_CALLS = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.probe = nn.Linear(16, 4)
+        self.side = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.hooked = nn.Linear(16, 4)
+        self.hooked.register_forward_hook(lambda module, args, out: None)
+        self.norm = nn.BatchNorm1d(16)
+        self.act = nn.ReLU(inplace=True)
+        self.b = nn.Linear(16, 16)
+        self.noise = {noise}
+        self.c = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        self.probe(h)
+        self.side(h)
+        self.hooked(h)
+        self.norm(h)
+        h = self.b(h)
+        self.act(h)
+        self.noise(h)
+        return self.c(h)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_torch_layer_whose_value_forward_drops_is_left_out_unless_its_call_matters(tmp_path, frontend):
+    """A WaveNet's last residual convolution, whose output forward drops, ran in the stage code as
+    a bare statement: dead code was removed but for module calls. A torch.nn layer's call (a
+    Sequential of them too) now goes, unless it updates state (BatchNorm's statistics), changes
+    its input (ReLU(inplace=True)), a hook watches it or it draws random numbers (Dropout,
+    RReLU, whose draws later ones follow); the stages still compute and train as the model."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    path = tmp_path / "dead.py"
+    path.write_text(DEAD_LAYER_CALLS.format(noise="nn.Identity()"))
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend))
+    code = "".join(stage.read_text() for stage in sorted(compiled.folder.glob("stage*.py")))
+    assert "self.probe(" not in code and "self.side[" not in code and "self.side(" not in code and "self.noise(" not in code, code
+    lowered = {"norm": r"F\.batch_norm\(\s+h\w*,", "act": r"F\.relu\(h\w*, inplace=True\)"}
+    for kept in ("hooked", "norm", "act"):
+        written = lowered[kept] if frontend == "export" and kept in lowered else rf"self\.{kept}\(h\w*\)"
+        assert re.search(rf"\n\s+(\w+ = )?{written}", code), (kept, code)
+    assert_check_passes(compiled.folder, batch_size=8)
+    assert_local_trains_like_single(compiled.folder)
+    for noise in ("nn.Dropout(0.5)", "nn.RReLU()"):
+        path.write_text(DEAD_LAYER_CALLS.format(noise=noise))
+        compiled = compile_model(path, tmp_path / noise, CompileOptions(stages=1, frontend=frontend))
+        forward = (compiled.folder / "stage0.py").read_text().partition("def forward")[2]
+        assert re.search(r"self\.noise\(h\w*\)|F\.dropout\(h\w*|\.rrelu\w*\.default\(h\w*", forward), forward

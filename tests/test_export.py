@@ -128,6 +128,7 @@ CASES = [
     (aten.view.default, (_x(1), []), {}),
     (aten.reshape.default, (_x(2, 6).t(), [12]), {}),
     (aten.reshape_as.default, (_x(2, 6), _x(3, 4)), {}),  # LeViT's MLPLayerWithBN
+    (aten.view_as.default, (_x(2, 6), _x(3, 4)), {}),
     (aten.unfold.default, (_x(2, 8, 3), -2, 4, 2), {}),  # PatchTST's patches
     (aten.fill_.Tensor, (_x(2, 3), torch.tensor(2.0)), {}),  # shift_tokens_right's start token
     (aten.fill_.Scalar, (_x(2, 3), 1.5), {}),
@@ -1415,7 +1416,8 @@ def test_pooling_with_indices_distances_and_losses_of_three_inputs_are_module_ca
 
 def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
     """Unfold/Fold, ChannelShuffle, PReLU, Mish/CELU/ReLU6, RMSNorm, padding layers, AdaptiveAvgPool1d, grid_sample
-    and scatter_add/index_add_ stayed `torch.ops.aten.<op>.default(...)` calls in stage code."""
+    and scatter_add/index_add_ stayed `torch.ops.aten.<op>.default(...)` calls in stage code; so did `.view_as`
+    (a super-resolution model's `unfold(out).view(...).var(2).view_as(out)`)."""
     from ftc.check import check_pipeline
 
     folder = compile_to(MODELS / "rare_layers.py", 2, frontend="export")
@@ -1423,7 +1425,7 @@ def test_rare_layers_and_message_passing_read_as_torch_code(compile_to):
     assert "torch.ops.aten" not in text, text
     for call in ("self.unfold(", "self.fold(", "self.shuffle(", "self.prelu(", "self.mish(", "self.celu(",
                  "self.relu6(", "self.rms(", "self.pad(", "self.zpad(", "F.grid_sample(", "F.affine_grid(",
-                 ".scatter_add(1, ", ".index_add_(1, ", "self.pool1d("):  # fmt: skip
+                 ".scatter_add(1, ", ".index_add_(1, ", "self.pool1d(", ".view_as("):  # fmt: skip
         assert call in text, call
     assert check_pipeline(folder).ok
 

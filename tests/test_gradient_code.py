@@ -268,6 +268,58 @@ def test_an_in_place_change_of_a_value_saved_for_the_backward_is_named_when_comp
     assert check_pipeline(folder).ok
 
 
+SAVED_BY_A_DROPPED_CALL = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.probe = nn.Linear(16, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.c = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        self.probe(h)
+        self.act(h)
+        return self.c(h)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output, target)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_change_of_a_value_only_a_dropped_call_saved_is_no_error(frontend, tmp_path):
+    """probe's value is dropped, so no backward reaches it and ReLU(inplace=True)'s change of the
+    input it saved is harmless: plain PyTorch trains the model, and the compile refused it, saying
+    that the model's backward would fail."""
+    from .conftest import assert_local_trains_like_single
+
+    path = tmp_path / "saved_by_dropped.py"
+    path.write_text(SAVED_BY_A_DROPPED_CALL)
+    model = {}
+    exec(compile(SAVED_BY_A_DROPPED_CALL, str(path), "exec"), model)
+    net, x = model["build_model"](), model["example_inputs"](2)[0]
+    net(x).sum().backward()  # the truth: plain PyTorch runs the backward
+    folder = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend=frontend)).folder
+    assert check_pipeline(folder).ok
+    assert_local_trains_like_single(folder)
+
+
 BACKWARD_HOOKED = """
 import torch
 import torch.nn as nn

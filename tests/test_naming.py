@@ -525,3 +525,76 @@ def test_an_unnamed_value_exports_lowered_is_named_after_its_op_without_the_trac
         code = (compiled.folder / stage).read_text()
         assert re.search(r"\bslice_ = conv\[:, :, :16\]", code) and re.search(r"\bdiv = slice_ / 2\b", code), code
         assert sorted(set(re.findall(r"\b(?:slice|div)_\d*\b", code))) == ["div_1", "slice_", "slice_1"], code
+
+
+LOOPED = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.attn = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.taps = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x, mask):
+        h = x * 2
+        for block in self.blocks:
+            h = h + block(h) * mask.unsqueeze(-1)
+        for attn, mlp in zip(self.attn, self.mlp):
+            h = h + attn(h) + mlp(h)
+        skips = 0
+        for tap in self.taps:
+            skips = skips + tap(h).sigmoid()
+        state = h
+        for _ in range(3):
+            state = state * 0.5 + h
+        out = self.attn[0](h.relu()).relu()
+        return out + skips + state
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return torch.randn(batch_size, 8), torch.rand(batch_size)
+"""
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_each_run_of_a_statement_a_loop_repeats_is_named_after_its_variable(tmp_path, frontend):
+    """`h = h + block(h)` in a loop runs once per block; all its runs were one group, so only the
+    last run's value was `h` and the others kept the tracer's `add_3` (a WaveNet's `skips = skips +
+    s` sent `add_7` between stages). Each run is now `h_1`, `h_2`, ..., also where export shares one
+    op between the runs (`mask.unsqueeze(-1)`), where a run writes two adds (`h + attn(h) + mlp(h)`:
+    the first stays `add`) and where no module runs between them; one statement that repeats an op
+    (`self.attn[0](h.relu()).relu()`) is still one run."""
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "looped.py"
+    path.write_text(LOOPED)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=1, frontend=frontend))
+    code = (compiled.folder / "stage0.py").read_text()
+    for k in range(1, 4):
+        assert re.search(rf"\bh_{k} = h\w* \+ mul\w*\n", code), code
+    for k in (4, 5):
+        assert re.search(rf"\badd\w* = h_{k - 1} \+ attn\w*\n\s+mlp\w* = .*\n\s+h_{k} = add\w* \+ mlp\w*\n", code), code
+    assert re.search(r"\bskips = (0 \+ sigmoid|sigmoid \+ 0)\n", code), code
+    assert re.search(r"\bskips_1 = skips \+ sigmoid_1\n", code) and re.search(r"\bskips_2 = skips_1 \+ sigmoid_2\n", code), code
+    assert re.search(r"\bstate = mul\w* \+ h_5\n", code) and re.search(r"\bstate_2 = mul\w* \+ h_5\n", code), code
+    assert re.search(r"\brelu = (F\.relu\(h_5\)|h_5\.relu\(\))\n", code), code
+    assert re.search(r"\bout = (F\.relu\(attn\w*\)|attn\w*\.relu\(\))\n", code), code
+    assert check_pipeline(compiled.folder, batch_size=4).ok

@@ -689,11 +689,11 @@ def test_a_layer_moved_between_stages_by_hand_is_checked_end_to_end(tmp_path):
     text = stage1.read_text()
     stage1.write_text(text.replace('        self.hidden["3"] = model.get_submodule("hidden.3")\n', "")
                       .replace("def forward(self, hidden_2):", "def forward(self, hidden_3):")
-                      .replace('        relu = F.relu(hidden_2)\n        hidden_3 = self.hidden["3"](relu)\n', ""))  # fmt: skip
+                      .replace('        x_1 = F.relu(hidden_2)\n        hidden_3 = self.hidden["3"](x_1)\n', ""))  # fmt: skip
     report = check_pipeline(folder, model_path=EXAMPLES / "mlp.py")
     assert report.ok and not any(s.compared for s in report.stages)
     assert report.notes and "stages [1] read other values than ir.json's split gives them" in report.notes[0]
-    stage1.write_text(stage1.read_text().replace("relu_1 = F.relu(hidden_3)", "relu_1 = F.gelu(hidden_3)"))
+    stage1.write_text(stage1.read_text().replace("x_2 = F.relu(hidden_3)", "x_2 = F.gelu(hidden_3)"))
     assert not check_pipeline(folder, model_path=EXAMPLES / "mlp.py").ok
 
 

@@ -556,6 +556,7 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "view.default": _spread("view", "size"),
     "reshape.default": _spread("reshape", "shape"),
     "reshape_as.default": _method("reshape_as", "self", "other"),
+    "view_as.default": _method("view_as", "self", "other"),
     "unfold.default": _method("unfold", "self", "dimension", "size", "step"),
     "fill_.Tensor": _method("fill_", "self", "value"),
     "fill_.Scalar": _method("fill_", "self", "value"),

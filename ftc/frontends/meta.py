@@ -203,7 +203,7 @@ def annotate_meta(graph: Graph, model: torch.nn.Module, batch: tuple | dict, dou
     (_Propagator)."""
     # One run tells the state ops write and the saved values they change: the batch size changes
     # neither.
-    writes, saved = StateWrites(graph, model), SavedChanges()
+    writes, saved = StateWrites(graph, model), SavedChanges(graph)
     single = _Propagator(graph, model, writes, saved, reshape_views)
     double = _Propagator(graph, model, reshape_views=reshape_views)
     with saved.hooks():

@@ -5,7 +5,10 @@ model's backward then fails, in plain PyTorch as in the stages ("one of the vari
 gradient computation has been modified by an inplace operation"), once training starts. This
 watches the single-batch meta run that finds value metadata instead: the tensors each op saves
 (saved_tensors_hooks) with their version counters, checked after each op against the tensors
-it was given, so the compile names both lines.
+it was given, so the compile names both lines. Only a value saved by an op that the model's
+outputs depend on counts: the backward never reaches an op whose value forward drops (a probe
+layer called for nothing), so changing what it saved is harmless, in plain PyTorch as in the
+stages.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ftc.ir import FtcError, Node
+from ftc.ir import FtcError, Graph, Node
 from ftc.repeats import tensors_in
 
 from .state_writes import storage_key
@@ -24,13 +27,14 @@ class SavedChanges:
     """Records what each node saves for the backward (`hooks()`, active around the run), and
     `check(node, args, kwargs)` after a node ran raises where it changed such a value."""
 
-    def __init__(self):
+    def __init__(self, graph: Graph):
         self.node: Node | None = None  # the node running
         self.saved: dict[int, list[tuple[torch.Tensor, int, Node]]] = {}  # storage -> (tensor, version, saver)
+        self.backward_reaches = _output_ancestors(graph)
 
     def hooks(self) -> Any:
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if self.node is not None and not tensor.is_sparse:
+            if self.node is not None and not tensor.is_sparse and self.node.name in self.backward_reaches:
                 self.saved.setdefault(storage_key(tensor), []).append((tensor, tensor._version, self.node))
             return tensor
 
@@ -51,6 +55,23 @@ class SavedChanges:
                         "for `a.masked_fill_(m, 0)`, torch.where for an index assignment), or clone it before the "
                         "change",
                     )
+
+
+def _output_ancestors(graph: Graph) -> set[str]:
+    """The nodes whose values the model's outputs are computed from, the outputs included, taking
+    every op that changes a tensor in place as one (`a.relu_()`: later ops read `a`, not its
+    value)."""
+    nodes = {node.name: node for node in graph.nodes}
+    reached = set()
+    pending = [ref.name for ref in graph.outputs.values]
+    pending += [node.name for node in graph.nodes if node.mutates is not None or node.updates]
+    while pending:
+        name = pending.pop()
+        if name in reached or name not in nodes:
+            continue
+        reached.add(name)
+        pending.extend(nodes[name].refs())
+    return reached
 
 
 def _where(node: Node) -> str:

@@ -12,8 +12,9 @@ gives the statement's assigned names to the values the statement produced, so th
 reads like the original forward.
 
 Nodes group by (module path, statement) in program order; in a group, the last node's value is
-what a simple `name = ...` assigns, and the items unpacked from a tuple (getitem nodes) take
-the names of a tuple target. A function of the model's code the tracer went into (a Block's
+what a simple `name = ...` assigns (a statement that a loop runs again, `h = h + block(h)`,
+splits into its runs, each of whose values is `h`), and the items unpacked from a tuple
+(getitem nodes) take the names of a tuple target. A function of the model's code the tracer went into (a Block's
 forward) ends in `return <expr>`, which names nothing; its value takes the name the caller
 assigns it (`x = block(x)`), read from the node's `callers` (the lines that called, frame by
 frame, the function its source is in), through callers that return it in turn. The ops of a torch.nn layer the tracer went into (export's
@@ -220,6 +221,9 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
                 if node is not None:
                     wanted[node.name] = f"{targets}_{k}"
             return
+        if isinstance(targets, str) and group[-1].name in run_values:
+            wanted[group[-1].name] = targets  # an earlier run's value, the next run's ops follow it
+            return
         if isinstance(targets, str):
             # where a function of the model's code returned the statement's value (`s =
             # self.cell(x[:, t], s)`), its ops here computed the call's arguments
@@ -274,6 +278,16 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
             groups.append(current)
         open_groups[node.module_path] = (stmt, [node])
     groups.extend((stmt, group) for stmt, group in open_groups.values() if stmt is not None)
+    # A statement that a loop runs again with only other modules' ops in between (`h = h +
+    # block(h)`) gathered all its runs in one group; each run assigns the variable anew.
+    run_values: set[str] = set()
+    split: list[tuple[ast.stmt, list[Node]]] = []
+    for stmt, group in groups:
+        kinds = [graph.modules.get(node.target, node.target) if node.op == "call_module" else node.target for node in group]
+        runs = _loop_runs(stmt, group, kinds)
+        run_values.update(run[-1].name for run in runs[:-1])
+        split.extend((stmt, run) for run in runs)
+    groups = split
     # Returned values first: the statement that unpacks one names its items.
     for stmt, group in groups:
         if isinstance(stmt, ast.Return) and stmt.value is not None:
@@ -331,6 +345,56 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     ]
     outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
     return replace(graph, nodes=nodes, outputs=outputs)
+
+
+_OPERATOR_NAMES = {
+    ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "truediv", ast.FloorDiv: "floordiv",
+    ast.Mod: "mod", ast.Pow: "pow", ast.MatMult: "matmul",
+}  # fmt: skip
+
+
+def _loop_runs(stmt: ast.stmt, group: list[Node], kinds: list[str]) -> list[list[Node]]:
+    """The runs of `name = <expr reading name>` in `group` (the kinds of whose ops are `kinds`:
+    targets, a module call's class), where a loop ran it again (`for block in self.blocks: h = h
+    + block(h)`), else [group]. Counted from the end, as runs of one period of ops (the first run
+    keeps the ops a tracer shared between runs, export's one `mask.unsqueeze(-1)`), each next
+    run reading the run before's value, and each operator and function of the statement that a
+    run has there as often as the statement writes it (so `x = x + attn(x) + mlp(x)` runs two
+    adds, and `x = x.relu().relu()` is one run of two relus)."""
+    target = _targets(stmt)
+    value = getattr(stmt, "value", None)
+    if not isinstance(stmt, ast.Assign) or not isinstance(target, str) or value is None:
+        return [group]
+    if not any(isinstance(node, ast.Name) and node.id == target for node in ast.walk(value)):
+        return [group]
+    short = [kind.rpartition(".")[2] for kind in kinds]
+    written: dict[str, int] = {}
+    for node in ast.walk(value):
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATOR_NAMES:
+            name = _OPERATOR_NAMES[type(node.op)]
+        elif isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+        else:
+            continue
+        written[name] = written.get(name, 0) + 1
+    for period in range(1, len(group) // 2 + 1):
+        if kinds[-1 - period] != kinds[-1]:
+            continue
+        last = kinds[-period:]
+        # an op the run lacks may be one the tracer shared between runs; one it has, it must
+        # have as often as the statement writes it
+        if any(0 < short[-period:].count(name) < count for name, count in written.items()):
+            continue
+        starts = [len(group) - period]
+        while starts[-1] - period >= 0 and kinds[starts[-1] - period : starts[-1]] == last:
+            starts.append(starts[-1] - period)
+        starts = sorted(starts)
+        starts[0] = 0
+        runs = [group[begin:end] for begin, end in zip(starts, [*starts[1:], len(group)])]
+        pairs = zip(runs, runs[1:])
+        if len(runs) > 1 and all(any(before[-1].name in node.refs() for node in after) for before, after in pairs):
+            return runs
+    return [group]
 
 
 def _layer_outputs(graph: Graph, compute: list[Node]) -> dict[str, str]:

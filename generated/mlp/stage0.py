@@ -23,6 +23,6 @@ class Stage0(torch.nn.Module):
     def forward(self, x):
         # MLP, mlp.py:27
         hidden_0 = self.hidden["0"](x)
-        relu = F.relu(hidden_0)
-        hidden_1 = self.hidden["1"](relu)
+        x_1 = F.relu(hidden_0)
+        hidden_1 = self.hidden["1"](x_1)
         return (hidden_1,)

@@ -6,7 +6,7 @@ Runs on device 1. B is the micro-batch size.
 Inputs:
     hidden_1: float32[B, 256]
 Outputs:
-    relu_2: float32[B, 128]
+    x_3: float32[B, 128]
 """
 
 import torch
@@ -21,7 +21,7 @@ class Stage1(torch.nn.Module):
 
     def forward(self, hidden_1):
         # MLP, mlp.py:27
-        relu = F.relu(hidden_1)
-        hidden_2 = self.hidden["2"](relu)
-        relu_2 = F.relu(hidden_2)
-        return (relu_2,)
+        x_1 = F.relu(hidden_1)
+        hidden_2 = self.hidden["2"](x_1)
+        x_3 = F.relu(hidden_2)
+        return (x_3,)

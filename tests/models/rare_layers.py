@@ -1,5 +1,5 @@
 """Less common torch.nn layers and ops, which export records as ATen ops without the layer's
-signature: Unfold/Fold (im2col/col2im), ChannelShuffle, PReLU, Mish/Hardswish/CELU/ReLU6,
+signature: Unfold/Fold (im2col/col2im), view_as, ChannelShuffle, PReLU, Mish/Hardswish/CELU/ReLU6,
 RMSNorm, reflection and zero padding, AdaptiveAvgPool1d, grid_sample over an affine grid, and a graph network's
 message passing (gather, scatter_add, index_add_ over a batched edge list [B, 2, E]).
 
@@ -35,7 +35,7 @@ class Net(nn.Module):
     def forward(self, x, edges):
         h = self.prelu(self.shuffle(self.c1(self.pad(x))))
         cols = self.mix(self.unfold(h).transpose(1, 2)).transpose(1, 2)
-        h = self.mish(self.fold(cols))
+        h = self.mish(self.fold(cols)).view_as(h)
         theta = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.9, 0.0]], device=x.device).expand(x.shape[0], 2, 3)
         h = F.grid_sample(h, F.affine_grid(theta, list(h.shape), align_corners=False), align_corners=False)
         h = self.hardswish(self.c2(self.zpad(h)))  # [B, 8, 8, 8]
