@@ -2060,3 +2060,27 @@ def test_a_library_s_mode_flag_is_as_the_model_had_it_when_export_traces(compile
     assert ".mul_(" not in text and ".div_(" not in text
     assert_check_passes(folder, batch_size=4)
     assert_local_trains_like_single(folder)
+
+
+def test_a_module_cast_to_its_own_dtype_in_forward_compiles_through_export(compile_to):
+    """transformers' Switch Transformers and NLLB-MoE routers cast their classifier at every call;
+    under export the conversion swapped the fake parameters and failed ("Couldn't swap
+    Linear.weight"). One that changes nothing is the module as it is."""
+    folder = compile_to(MODELS / "router_cast.py", 2, frontend="export")
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_module_converted_to_another_dtype_in_forward_is_refused_with_the_line(tmp_path, compile_to):
+    """Cast to float64 at its first call, the classifier would be traced converted while the stages
+    adopt it as build_model() made it; converted there, forward's cast changes nothing."""
+    path = tmp_path / "router_cast.py"
+    source = (MODELS / "router_cast.py").read_text().replace("self.dtype = torch.float32", "self.dtype = torch.float64")
+    path.write_text(source)
+    with pytest.raises(FtcError, match=r"forward converts a Linear \(from torch.float32 to torch.float64\) at "
+                       r".*router_cast.py:\d+: self.classifier = self.classifier.to\(self.dtype\)") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert "module.to(torch.float64)" in error.value.hint
+    path.write_text(source.replace("    return Net()", "    model = Net()\n    model.router.to(torch.float64)\n    return model"))
+    assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)

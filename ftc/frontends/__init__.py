@@ -36,6 +36,7 @@ from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
 
 from .common import user_source
+from .conversions import unchanging_conversions_kept
 from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
 from .draws import TRACE_SEED, draws_note, drawn_from, trace_seeded
 from .export import integer_buffers, not_a_tensor_output, size_buffers, trace_export
@@ -76,7 +77,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
     draws: list[str] = []
-    with _checkpoints_as_calls(model_file, checkpoints), _causal_masks_as_given():
+    with _checkpoints_as_calls(model_file, checkpoints), _causal_masks_as_given(), unchanging_conversions_kept():
         traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws)
     backward_hooks_kept(traced.graph, traced.model, model_file)
     if checkpoints:
