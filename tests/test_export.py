@@ -2084,3 +2084,51 @@ def test_a_module_converted_to_another_dtype_in_forward_is_refused_with_the_line
     assert "module.to(torch.float64)" in error.value.hint
     path.write_text(source.replace("    return Net()", "    model = Net()\n    model.router.to(torch.float64)\n    return model"))
     assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)
+
+
+DENSE_EXPERTS = '''
+
+class DenseExperts(Experts):
+    def forward(self, hidden, chosen, weights):
+        out = torch.zeros_like(hidden)
+        for index in range(len(self)):
+            out = out + self[index](hidden) * weights * chosen[:, index, None].to(weights.dtype)
+        return out
+
+
+def build_model():
+    model = Net()
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.__class__ = DenseExperts
+    return model
+'''
+
+
+def test_a_loop_over_the_experts_a_batch_hits_is_named_with_the_class_and_a_fixed_range_as_the_cure(
+    tmp_path, compile_to
+):
+    """transformers' Switch Transformers and NLLB-MoE experts loop over `nonzero()`'s result: the
+    refusal said to use torch.where instead of `if`; it names the class and the loop, and the cure
+    it gives (each expert on every token, weighted by the routing mask) compiles and trains."""
+    with pytest.raises(FtcError, match=r"expert_loop.py:\d+: for expert_index in hit:") as error:
+        compile_to(MODELS / "expert_loop.py", 2, frontend="export")
+    assert error.value.hint.startswith("Experts's loop over a tensor") and "range(num_experts)" in error.value.hint
+    path = tmp_path / "dense_experts.py"
+    path.write_text((MODELS / "expert_loop.py").read_text() + DENSE_EXPERTS)
+    folder = compile_to(path, 2, frontend="export")
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_layer_skip_before_a_failure_in_eval_mode_is_named_with_both(tmp_path, compile_to):
+    """NLLB-MoE skips layers at random while training (encoder_layerdrop) and loops over the
+    experts a batch hits: the skip fails the training-mode trace first, and its hint was the
+    generic one because eval mode failed too, on the loop; both are named, with both cures."""
+    path = tmp_path / "layerdrop_experts.py"
+    path.write_text((MODELS / "expert_loop.py").read_text().replace("LAYERDROP = 0.0", "LAYERDROP = 0.1"))
+    with pytest.raises(FtcError, match=r"in training mode \(at .*: if self.training and self.layerdrop > 0 and "
+                       r"torch.rand\(\[\]\) < self.layerdrop:\).*random skip of whole layers does; in eval mode, "
+                       r"where the skip is off, torch.export could not trace .*for expert_index in hit:") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert "layerdrop=0.0" in error.value.hint and "range(num_experts)" in error.value.hint

@@ -238,12 +238,20 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             ) from exc
         # A distribution's argument check fails only where forward makes one, and GroupViT makes its
         # Gumbel only while training: the check, not a layer skip, is what to turn off.
-        if (
-            type(exc).__name__ == "GuardOnDataDependentSymNode"
-            and not checks_distribution_arguments(exc)
-            and _exports_in_eval_mode(model_file, batch, double_batch, name)
-        ):
-            raise _training_only_branch(model_file, exc) from exc
+        if type(exc).__name__ == "GuardOnDataDependentSymNode" and not checks_distribution_arguments(exc):
+            in_eval_mode = _eval_mode_failure(model_file, batch, double_batch, name)
+            if in_eval_mode is None:
+                raise _training_only_branch(model_file, exc) from exc
+            if _skips_layers(model_file, exc):
+                # The layer skip comes first in training mode and hides the eval-mode failure
+                # (NLLB-MoE: layerdrop, then its expert loop): both must go.
+                eval_error = untraceable(model_file, "torch.export", in_eval_mode)
+                training_error = _training_only_branch(model_file, exc)
+                raise FtcError(
+                    training_error.message.replace(", but it can in eval mode", "")
+                    + f"; in eval mode, where the skip is off, {eval_error.message.split(': ', 1)[1]}",
+                    f"{training_error.hint}; and for eval mode's failure: {eval_error.hint}",
+                ) from exc
         if frontend == "auto":
             raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc
@@ -483,16 +491,22 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
     return None
 
 
-def _exports_in_eval_mode(model_file: ModelFile, batch, double_batch, name: str) -> bool:
-    """Whether torch.export traces the model in eval mode, where it could not in training mode."""
+def _eval_mode_failure(model_file: ModelFile, batch, double_batch, name: str) -> BaseException | None:
+    """Why torch.export cannot trace the model in eval mode either; None where it can, which it
+    could not in training mode."""
     model = model_file.build("meta")
     model.eval()
     try:
         with _quiet(), drawn_from([]):
             trace_export(model, model_file, batch, double_batch, name)
-    except Exception:
-        return False
-    return True
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _skips_layers(model_file: ModelFile, exc: BaseException) -> bool:
+    """Whether the failing line branches on a random draw (transformers' layerdrop)."""
+    return bool(_DRAWS.search(user_frame(exc, model_file.path) + library_frame(exc, model_file.path)))
 
 
 def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError:
@@ -503,7 +517,7 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
     where = f"{user_frame(exc, model_file.path)} ({type(exc).__name__}: {first_line(exc, limit=120)}" \
             f"{library_frame(exc, model_file.path)})"  # fmt: skip
     failed = f"{model_file.path}: torch.export could not trace the model in training mode{where}, but it can in eval mode"
-    if _DRAWS.search(where):
+    if _skips_layers(model_file, exc):
         return FtcError(
             f"{failed}: forward's Python branches on a tensor's value only while training, as a random skip of whole "
             "layers does",
@@ -521,6 +535,22 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
 
 # Words of a line that branches on a random draw (a layer skip): `torch.rand([]) < self.layerdrop`.
 _DRAWS = re.compile(r"rand|layerdrop|drop_path|dropout|bernoulli|random")
+
+
+def _value_loop_owner(exc: BaseException, model_file: ModelFile) -> str | None:
+    """The class whose forward export failed in on a guard at a `for` statement (iterating over
+    a tensor whose length depends on values, nonzero()'s result, so the trace cannot know how
+    many times to run); None where it failed elsewhere."""
+    if type(exc).__name__ != "GuardOnDataDependentSymNode":
+        return None
+    where = user_frame(exc, model_file.path) or library_frame(exc, model_file.path)
+    loop = re.search(r":(\d+): for \S.* in .+:\)$", where)
+    if not loop:
+        return None
+    line = int(loop.group(1))
+    owners = [type(frame.f_locals["self"]).__name__ for frame, number in traceback.walk_tb(exc.__traceback__)
+              if number == line and isinstance(frame.f_locals.get("self"), torch.nn.Module)]  # fmt: skip
+    return owners[-1] if owners else "forward"
 
 
 def _packs_sequences(exc: BaseException) -> bool:
@@ -568,6 +598,14 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "follow: pass validate_args=False where forward makes the distribution (Normal(mu, std, "
                "validate_args=False)), or, where a library makes it, call "
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
+    loop_owners = [owner for exc in errors if (owner := _value_loop_owner(exc, model_file))]
+    if loop_owners:
+        fix = (f"{loop_owners[0]}'s loop over a tensor (`for i in t.nonzero():`, transformers' older MoE layers loop over the experts "
+               "a batch hits) runs as many times as the values say, which no trace can fix: loop over a fixed range "
+               "instead and mask what the values leave out (for experts: run each expert of range(num_experts) on "
+               "every token and weight its output by the routing mask, 0 for tokens routed elsewhere); in a "
+               "library's module, subclass it in the model file with such a forward and give the model's modules "
+               "that class in build_model()")  # fmt: skip
     if any(_packs_sequences(exc) for exc in errors):
         fix = ("a PackedSequence is sized by the lengths' values, which no tracer can follow: do the packing, the "
                "RNN and the unpacking inside one torch.nn.Module, list its class in LEAF_MODULES and compile with "
