@@ -2132,3 +2132,26 @@ def test_a_layer_skip_before_a_failure_in_eval_mode_is_named_with_both(tmp_path,
                        r"where the skip is off, torch.export could not trace .*for expert_index in hit:") as error:  # fmt: skip
         compile_to(path, 2, frontend="export")
     assert "layerdrop=0.0" in error.value.hint and "range(num_experts)" in error.value.hint
+
+
+def test_a_buffer_that_forward_assigns_a_new_tensor_is_written_by_the_stages(tmp_path, compile_to):
+    """`self.low = torch.where(...)` replaces a buffer, which torch.export does not record: the
+    stages computed the new range and dropped it, so the buffers kept their first values (check:
+    state 1.0 apart; training said nothing). Traced as a copy into the buffer, the stages write it."""
+    path = tmp_path / "running_range_where.py"
+    path.write_text((MODELS / "running_range.py").read_text().replace("WHERE = False", "WHERE = True"))
+    folder = compile_to(path, 2, frontend="export")
+    assert "self.range1.low.copy_(" in (folder / "stage0.py").read_text()
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_buffer_assigned_a_tensor_of_another_shape_is_refused_by_name(tmp_path, compile_to):
+    path = tmp_path / "running_range_wide.py"
+    source = (MODELS / "running_range.py").read_text().replace("WHERE = False", "WHERE = True")
+    path.write_text(source.replace("self.low + low,", "self.low + x.detach().min(0).values,"))
+    with pytest.raises(FtcError, match=r"running_range_wide.py:\d+: forward assigns buffer range1.low \(torch.float32, "
+                       r"shape \(1,\)\) a tensor of torch.float32, shape \(16,\)") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert "give range1.low in __init__ the shape and dtype" in error.value.hint
