@@ -2134,6 +2134,17 @@ def test_a_layer_skip_before_a_failure_in_eval_mode_is_named_with_both(tmp_path,
     assert "layerdrop=0.0" in error.value.hint and "range(num_experts)" in error.value.hint
 
 
+def test_a_running_range_set_by_an_if_on_buffers_is_named_with_torch_where_as_the_cure(compile_to):
+    """I-BERT's QuantAct sets its running range at the first training step by an `if` on its
+    buffers and averages it later: the refusal called that line a log to leave out, which would
+    drop the range's first value. It names a choice between updates of running state, with
+    torch.where as the cure (running_range.py's WHERE, which the next test compiles)."""
+    with pytest.raises(FtcError, match=r"running_range.py:\d+: elif self.low.min\(\) > -1e-5 .*a choice between two "
+                       r"updates of running state") as error:  # fmt: skip
+        compile_to(MODELS / "running_range.py", 2, frontend="export")
+    assert "torch.where(condition, one, other)" in error.value.hint
+
+
 def test_a_buffer_that_forward_assigns_a_new_tensor_is_written_by_the_stages(tmp_path, compile_to):
     """`self.low = torch.where(...)` replaces a buffer, which torch.export does not record: the
     stages computed the new range and dropped it, so the buffers kept their first values (check:

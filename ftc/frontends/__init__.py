@@ -512,8 +512,9 @@ def _skips_layers(model_file: ModelFile, exc: BaseException) -> bool:
 def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError:
     """Python that branches on a tensor's value only in training mode: most often a random skip of
     a whole layer (transformers' layerdrop, stochastic depth), whose outcome a trace would fix
-    once for every step; else a check or a log of values (I-BERT's QuantAct logs when its running
-    range is near 0), which no configuration turns off."""
+    once for every step; else a check or a log of values, or a choice between two updates of
+    running state (I-BERT's QuantAct sets its running range at the first step, then averages it),
+    which no configuration turns off."""
     where = f"{user_frame(exc, model_file.path)} ({type(exc).__name__}: {first_line(exc, limit=120)}" \
             f"{library_frame(exc, model_file.path)})"  # fmt: skip
     failed = f"{model_file.path}: torch.export could not trace the model in training mode{where}, but it can in eval mode"
@@ -526,10 +527,13 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
             "output by a torch.bernoulli draw) so that it becomes stage code",
         )
     return FtcError(
-        f"{failed}: forward's Python branches on a tensor's value only while training (a check or a log of values), "
-        "which no tracer can follow",
-        "write that line with torch ops (torch.where), or leave it out; in a library's code, subclass the module in "
-        "the model file without that line and build the model with the subclass",
+        f"{failed}: forward's Python branches on a tensor's value only while training (a check or a log of values, "
+        "or a choice between two updates of running state, as I-BERT's QuantAct sets its running range at the first "
+        "step and averages it after), which no tracer can follow",
+        "write the branch with torch ops: a choice between two values as torch.where(condition, one, other) "
+        "(buffer = torch.where(first, value, average)); a check or a log can be left out; in a library's code, "
+        "subclass the module in the model file with the branch written so and give the model's modules that class "
+        "in build_model()",
     )
 
 
