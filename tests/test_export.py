@@ -2166,3 +2166,52 @@ def test_a_buffer_assigned_a_tensor_of_another_shape_is_refused_by_name(tmp_path
                        r"shape \(1,\)\) a tensor of torch.float32, shape \(16,\)") as error:  # fmt: skip
         compile_to(path, 2, frontend="export")
     assert "give range1.low in __init__ the shape and dtype" in error.value.hint
+
+
+MASK_FILLED_UNLESS_COMPILING = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None and not torch.compiler.is_compiling():
+            attention_mask = torch.ones(input_ids.shape)
+        weights = attention_mask[:, :, None].to(torch.float32)
+        return self.head((self.embed(input_ids) * weights).sum(1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return {"input_ids": torch.randint(0, 32, (batch_size, 8))}
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_an_input_left_none_only_while_traced_is_named_with_example_inputs_as_the_cure(tmp_path, compile_to):
+    """transformers' Switch Transformers fills a missing attention_mask `if attention_mask is None
+    and not is_torchdynamo_compiling()`: under export it stays None and the next line fails, which
+    was refused with advice about data-dependent Python. It is named as a path taken only while
+    traced, with the input to pass; passed, the model compiles."""
+    path = tmp_path / "masked.py"
+    path.write_text(MASK_FILLED_UNLESS_COMPILING)
+    with pytest.raises(FtcError, match=r"forward fails only while it is traced \(TypeError: 'NoneType' object is not "
+                       r"subscriptable \(at .*masked.py:\d+: weights = attention_mask.*: attention_mask stays None "
+                       r"there") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert error.value.hint.startswith("pass attention_mask in example_inputs()")
+    path.write_text(MASK_FILLED_UNLESS_COMPILING.replace(
+        '(batch_size, 8))}', '(batch_size, 8)), "attention_mask": torch.ones(batch_size, 8, dtype=torch.long)}'))  # fmt: skip
+    assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)

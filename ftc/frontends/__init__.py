@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import linecache
 import logging
 import re
 import sys
@@ -214,7 +215,7 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     except FtcError:
         raise
     except Exception as exc:
-        failure = not_a_tensor_output(exc) or forward_failure(model_file, batch)
+        failure = not_a_tensor_output(exc) or forward_failure(model_file, batch) or compiling_path_failure(model_file, batch, exc)
         if failure is not None:
             raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):
@@ -489,6 +490,54 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
         return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {first_line(exc, limit=120)}{where}",
                         plain_failure_fix(inputs))  # fmt: skip
     return None
+
+
+def compiling_path_failure(model_file: ModelFile, batch: tuple | dict, exc: BaseException) -> FtcError | None:
+    """An error for a forward that fails only while it is traced, because code it runs takes
+    another path then (transformers' `if attention_mask is None and not
+    is_torchdynamo_compiling():` leaves the mask None while torch.export traces, and Switch
+    Transformers then subscripts it); None where forward, told that it is compiled
+    (torch.compiler.is_compiling()), runs or fails otherwise."""
+    if type(exc).__module__.split(".")[0] == "torch":
+        return None  # the tracer's own refusal, not the model's code failing
+    model = model_file.build("meta")
+    train_model(model, True, model_file.path)
+    is_compiling = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        with _quiet():
+            model(**batch) if isinstance(batch, dict) else model(*batch)
+    except Exception as again:
+        if type(again) is not type(exc) or str(again) != str(exc):
+            return None
+        none_names = _none_names(again)
+    else:
+        return None
+    finally:
+        torch.compiler.is_compiling = is_compiling
+    inputs = inspect.signature(model.forward).parameters
+    missing = [name for name in none_names if name in inputs and (not isinstance(batch, dict) or name not in batch)]
+    fix = (f"pass {' and '.join(missing)} in example_inputs() (a key of its dict), so that the path forward takes "
+           "while traced has it") if missing else (  # fmt: skip
+        "give forward, in example_inputs(), the optional inputs that path reads (one left None there)")
+    return FtcError(
+        f"{model_file.path}: forward fails only while it is traced ({type(exc).__name__}: {first_line(exc, limit=120)}"
+        f"{library_frame(exc, model_file.path) or user_frame(exc, model_file.path)}): code it runs asks whether it is "
+        "being compiled (torch.compiler.is_compiling(), transformers' is_torchdynamo_compiling()) and then skips "
+        "what it does otherwise" + (f": {', '.join(missing)} stays None there" if missing else ""),
+        fix,
+    )
+
+
+def _none_names(exc: BaseException) -> list[str]:
+    """The names on the failing line of the innermost frame whose values are None there."""
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    if not frames:
+        return []
+    frame, line = frames[-1]
+    source = linecache.getline(frame.f_code.co_filename, line)
+    names = dict.fromkeys(re.findall(r"\b[A-Za-z_]\w*\b", source))
+    return [name for name in names if name in frame.f_locals and frame.f_locals[name] is None]
 
 
 def _eval_mode_failure(model_file: ModelFile, batch, double_batch, name: str) -> BaseException | None:
