@@ -215,7 +215,9 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     except FtcError:
         raise
     except Exception as exc:
-        failure = not_a_tensor_output(exc) or forward_failure(model_file, batch) or compiling_path_failure(model_file, batch, exc)
+        failure = (
+            not_a_tensor_output(exc) or forward_failure(model_file, batch) or compiling_path_failure(model_file, batch, exc)
+        )
         if failure is not None:
             raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):
@@ -653,8 +655,8 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
     loop_owners = [owner for exc in errors if (owner := _value_loop_owner(exc, model_file))]
     if loop_owners:
-        fix = (f"{loop_owners[0]}'s loop over a tensor (`for i in t.nonzero():`, transformers' older MoE layers loop over the experts "
-               "a batch hits) runs as many times as the values say, which no trace can fix: loop over a fixed range "
+        fix = (f"{loop_owners[0]}'s loop over a tensor (`for i in t.nonzero():`, transformers' older MoE layers "
+               "loop over the experts a batch hits) runs as many times as the values say, which no trace can fix: loop over a fixed range "
                "instead and mask what the values leave out (for experts: run each expert of range(num_experts) on "
                "every token and weight its output by the routing mask, 0 for tokens routed elsewhere); in a "
                "library's module, subclass it in the model file with such a forward and give the model's modules "
