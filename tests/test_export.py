@@ -195,6 +195,8 @@ CASES = [
     (aten.mean.dim, (_x(2, 3), [-1]), {}),
     (aten.amax.default, (_x(2, 3), [1]), {}),
     (aten.max.dim, (_x(2, 3), 1, True), {}),
+    (aten.max.default, (_x(2, 3),), {}),
+    (aten.min.default, (_x(2, 3),), {}),
     (aten.cumsum.default, (torch.tensor([[1, 0, 1]]), -1), {}),
     (aten.cumsum.default, (torch.tensor([[1.0, 0.0, 2.0]]), 0), {"dtype": torch.int32}),
     (aten.diff.default, (torch.tensor([[1, 3, 7]]), 1, -1, torch.tensor([[0]])), {}),
