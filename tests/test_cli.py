@@ -1252,7 +1252,7 @@ def test_a_training_only_check_of_values_is_not_blamed_on_a_layer_skip(tmp_path,
     )
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)
     assert_user_error(result, "torch.export could not trace the model in training mode", "logged.py:12",
-                      "a check or a log of values", "write that line with torch ops")  # fmt: skip
+                      "a check or a log of values", "write the branch with torch ops")  # fmt: skip
     assert "layerdrop" not in result[2]
 
 

@@ -196,6 +196,8 @@ CASES = [
     (aten.mean.dim, (_x(2, 3), [-1]), {}),
     (aten.amax.default, (_x(2, 3), [1]), {}),
     (aten.max.dim, (_x(2, 3), 1, True), {}),
+    (aten.max.default, (_x(2, 3),), {}),
+    (aten.min.default, (_x(2, 3),), {}),
     (aten.cumsum.default, (torch.tensor([[1, 0, 1]]), -1), {}),
     (aten.cumsum.default, (torch.tensor([[1.0, 0.0, 2.0]]), 0), {"dtype": torch.int32}),
     (aten.diff.default, (torch.tensor([[1, 3, 7]]), 1, -1, torch.tensor([[0]])), {}),
@@ -2062,3 +2064,158 @@ def test_a_library_s_mode_flag_is_as_the_model_had_it_when_export_traces(compile
     assert ".mul_(" not in text and ".div_(" not in text
     assert_check_passes(folder, batch_size=4)
     assert_local_trains_like_single(folder)
+
+
+def test_a_module_cast_to_its_own_dtype_in_forward_compiles_through_export(compile_to):
+    """transformers' Switch Transformers and NLLB-MoE routers cast their classifier at every call;
+    under export the conversion swapped the fake parameters and failed ("Couldn't swap
+    Linear.weight"). One that changes nothing is the module as it is."""
+    folder = compile_to(MODELS / "router_cast.py", 2, frontend="export")
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_module_converted_to_another_dtype_in_forward_is_refused_with_the_line(tmp_path, compile_to):
+    """Cast to float64 at its first call, the classifier would be traced converted while the stages
+    adopt it as build_model() made it; converted there, forward's cast changes nothing."""
+    path = tmp_path / "router_cast.py"
+    source = (MODELS / "router_cast.py").read_text().replace("self.dtype = torch.float32", "self.dtype = torch.float64")
+    path.write_text(source)
+    with pytest.raises(FtcError, match=r"forward converts a Linear \(from torch.float32 to torch.float64\) at "
+                       r".*router_cast.py:\d+: self.classifier = self.classifier.to\(self.dtype\)") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert "module.to(torch.float64)" in error.value.hint
+    path.write_text(source.replace("    return Net()", "    model = Net()\n    model.router.to(torch.float64)\n    return model"))
+    assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)
+
+
+DENSE_EXPERTS = '''
+
+class DenseExperts(Experts):
+    def forward(self, hidden, chosen, weights):
+        out = torch.zeros_like(hidden)
+        for index in range(len(self)):
+            out = out + self[index](hidden) * weights * chosen[:, index, None].to(weights.dtype)
+        return out
+
+
+def build_model():
+    model = Net()
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.__class__ = DenseExperts
+    return model
+'''
+
+
+def test_a_loop_over_the_experts_a_batch_hits_is_named_with_the_class_and_a_fixed_range_as_the_cure(
+    tmp_path, compile_to
+):
+    """transformers' Switch Transformers and NLLB-MoE experts loop over `nonzero()`'s result: the
+    refusal said to use torch.where instead of `if`; it names the class and the loop, and the cure
+    it gives (each expert on every token, weighted by the routing mask) compiles and trains."""
+    with pytest.raises(FtcError, match=r"expert_loop.py:\d+: for expert_index in hit:") as error:
+        compile_to(MODELS / "expert_loop.py", 2, frontend="export")
+    assert error.value.hint.startswith("Experts's loop over a tensor") and "range(num_experts)" in error.value.hint
+    path = tmp_path / "dense_experts.py"
+    path.write_text((MODELS / "expert_loop.py").read_text() + DENSE_EXPERTS)
+    folder = compile_to(path, 2, frontend="export")
+    assert_check_passes(folder, batch_size=4)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_layer_skip_before_a_failure_in_eval_mode_is_named_with_both(tmp_path, compile_to):
+    """NLLB-MoE skips layers at random while training (encoder_layerdrop) and loops over the
+    experts a batch hits: the skip fails the training-mode trace first, and its hint was the
+    generic one because eval mode failed too, on the loop; both are named, with both cures."""
+    path = tmp_path / "layerdrop_experts.py"
+    path.write_text((MODELS / "expert_loop.py").read_text().replace("LAYERDROP = 0.0", "LAYERDROP = 0.1"))
+    with pytest.raises(FtcError, match=r"in training mode \(at .*: if self.training and self.layerdrop > 0 and "
+                       r"torch.rand\(\[\]\) < self.layerdrop:\).*random skip of whole layers does; in eval mode, "
+                       r"where the skip is off, torch.export could not trace .*for expert_index in hit:") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert "layerdrop=0.0" in error.value.hint and "range(num_experts)" in error.value.hint
+
+
+def test_a_running_range_set_by_an_if_on_buffers_is_named_with_torch_where_as_the_cure(compile_to):
+    """I-BERT's QuantAct sets its running range at the first training step by an `if` on its
+    buffers and averages it later: the refusal called that line a log to leave out, which would
+    drop the range's first value. It names a choice between updates of running state, with
+    torch.where as the cure (running_range.py's WHERE, which the next test compiles)."""
+    with pytest.raises(FtcError, match=r"running_range.py:\d+: elif self.low.min\(\) > -1e-5 .*a choice between two "
+                       r"updates of running state") as error:  # fmt: skip
+        compile_to(MODELS / "running_range.py", 2, frontend="export")
+    assert "torch.where(condition, one, other)" in error.value.hint
+
+
+def test_a_buffer_that_forward_assigns_a_new_tensor_is_written_by_the_stages(tmp_path, compile_to):
+    """`self.low = torch.where(...)` replaces a buffer, which torch.export does not record: the
+    stages computed the new range and dropped it, so the buffers kept their first values (check:
+    state 1.0 apart; training said nothing). Traced as a copy into the buffer, the stages write it."""
+    path = tmp_path / "running_range_where.py"
+    path.write_text((MODELS / "running_range.py").read_text().replace("WHERE = False", "WHERE = True"))
+    folder = compile_to(path, 2, frontend="export")
+    assert "self.range1.low.copy_(" in (folder / "stage0.py").read_text()
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+    assert_local_trains_like_single(folder)
+
+
+def test_a_buffer_assigned_a_tensor_of_another_shape_is_refused_by_name(tmp_path, compile_to):
+    path = tmp_path / "running_range_wide.py"
+    source = (MODELS / "running_range.py").read_text().replace("WHERE = False", "WHERE = True")
+    path.write_text(source.replace("self.low + low,", "self.low + x.detach().min(0).values,"))
+    with pytest.raises(FtcError, match=r"running_range_wide.py:\d+: forward assigns buffer range1.low \(torch.float32, "
+                       r"shape \(1,\)\) a tensor of torch.float32, shape \(16,\)") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert "give range1.low in __init__ the shape and dtype" in error.value.hint
+
+
+MASK_FILLED_UNLESS_COMPILING = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None and not torch.compiler.is_compiling():
+            attention_mask = torch.ones(input_ids.shape)
+        weights = attention_mask[:, :, None].to(torch.float32)
+        return self.head((self.embed(input_ids) * weights).sum(1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return {"input_ids": torch.randint(0, 32, (batch_size, 8))}
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_an_input_left_none_only_while_traced_is_named_with_example_inputs_as_the_cure(tmp_path, compile_to):
+    """transformers' Switch Transformers fills a missing attention_mask `if attention_mask is None
+    and not is_torchdynamo_compiling()`: under export it stays None and the next line fails, which
+    was refused with advice about data-dependent Python. It is named as a path taken only while
+    traced, with the input to pass; passed, the model compiles."""
+    path = tmp_path / "masked.py"
+    path.write_text(MASK_FILLED_UNLESS_COMPILING)
+    with pytest.raises(FtcError, match=r"forward fails only while it is traced \(TypeError: 'NoneType' object is not "
+                       r"subscriptable \(at .*masked.py:\d+: weights = attention_mask.*: attention_mask stays None "
+                       r"there") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert error.value.hint.startswith("pass attention_mask in example_inputs()")
+    path.write_text(MASK_FILLED_UNLESS_COMPILING.replace(
+        '(batch_size, 8))}', '(batch_size, 8)), "attention_mask": torch.ones(batch_size, 8, dtype=torch.long)}'))  # fmt: skip
+    assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)

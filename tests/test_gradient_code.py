@@ -210,6 +210,23 @@ def test_a_custom_function_applied_by_a_library_names_the_librarys_module_and_li
     assert "replace halving_library.LibraryGelu in build_model()" in caught.value.hint
 
 
+
+def test_a_model_file_subclass_of_the_library_module_is_named_by_the_model_files_name(tmp_path):
+    """A model-file subclass of a library module (as a cure of I-BERT's QuantAct subclasses it)
+    whose library forward applies the Function was named by ftc's alias of the model file,
+    `ftc_model_file.uses_library_<digest>.Mine`."""
+    library, model = tmp_path / "lib", tmp_path / "model"
+    library.mkdir()
+    model.mkdir()
+    (library / "halving_library.py").write_text(LIBRARY)
+    path = model / "uses_library.py"
+    path.write_text(LIBRARY_MODEL.replace("LIBRARY_DIR", repr(str(library))).replace(
+        "self.act = LibraryGelu()", "self.act = Mine()") + "\n\nclass Mine(LibraryGelu):\n    pass\n")  # fmt: skip
+    with pytest.raises(FtcError) as caught:
+        compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="export"))
+    assert "(in uses_library.Mine at " in caught.value.message
+    assert "replace uses_library.Mine in build_model()" in caught.value.hint
+
 SAVED_CHANGE = """
 import torch
 import torch.nn as nn

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import linecache
 import logging
 import re
 import sys
@@ -36,6 +37,7 @@ from ftc.runtime.materialize import built_values
 from ftc.runtime.model_file import ModelFile, first_line, user_frame
 
 from .common import user_source
+from .conversions import unchanging_conversions_kept
 from .gradient_code import backward_hooks_kept, global_hooks_refused, gradient_code_refused
 from .draws import TRACE_SEED, draws_note, drawn_from, trace_seeded
 from .export import integer_buffers, not_a_tensor_output, size_buffers, trace_export
@@ -76,7 +78,7 @@ def _trace(model_file: ModelFile, batch_size: int, frontend: str, name: str | No
     double_batch = model_file.inputs(2 * batch_size, device="meta")
     checkpoints: list[str] = []
     draws: list[str] = []
-    with _checkpoints_as_calls(model_file, checkpoints), _causal_masks_as_given():
+    with _checkpoints_as_calls(model_file, checkpoints), _causal_masks_as_given(), unchanging_conversions_kept():
         traced = _trace_with(model, model_file, batch, double_batch, batch_size, frontend, name, draws)
     backward_hooks_kept(traced.graph, traced.model, model_file)
     if checkpoints:
@@ -213,7 +215,9 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
     except FtcError:
         raise
     except Exception as exc:
-        failure = not_a_tensor_output(exc) or forward_failure(model_file, batch)
+        failure = (
+            not_a_tensor_output(exc) or forward_failure(model_file, batch) or compiling_path_failure(model_file, batch, exc)
+        )
         if failure is not None:
             raise failure from exc
         if batch_size == 1 and "Constraints violated" in str(exc):
@@ -237,12 +241,20 @@ def _trace_with(model, model_file, batch, double_batch, batch_size, frontend, na
             ) from exc
         # A distribution's argument check fails only where forward makes one, and GroupViT makes its
         # Gumbel only while training: the check, not a layer skip, is what to turn off.
-        if (
-            type(exc).__name__ == "GuardOnDataDependentSymNode"
-            and not checks_distribution_arguments(exc)
-            and _exports_in_eval_mode(model_file, batch, double_batch, name)
-        ):
-            raise _training_only_branch(model_file, exc) from exc
+        if type(exc).__name__ == "GuardOnDataDependentSymNode" and not checks_distribution_arguments(exc):
+            in_eval_mode = _eval_mode_failure(model_file, batch, double_batch, name)
+            if in_eval_mode is None:
+                raise _training_only_branch(model_file, exc) from exc
+            if _skips_layers(model_file, exc):
+                # The layer skip comes first in training mode and hides the eval-mode failure
+                # (NLLB-MoE: layerdrop, then its expert loop): both must go.
+                eval_error = untraceable(model_file, "torch.export", in_eval_mode)
+                training_error = _training_only_branch(model_file, exc)
+                raise FtcError(
+                    training_error.message.replace(", but it can in eval mode", "")
+                    + f"; in eval mode, where the skip is off, {eval_error.message.split(': ', 1)[1]}",
+                    f"{training_error.hint}; and for eval mode's failure: {eval_error.hint}",
+                ) from exc
         if frontend == "auto":
             raise untraceable(model_file, "torch.fx and torch.export", fx_error, exc) from exc
         raise untraceable(model_file, "torch.export", exc) from exc
@@ -482,27 +494,82 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
     return None
 
 
-def _exports_in_eval_mode(model_file: ModelFile, batch, double_batch, name: str) -> bool:
-    """Whether torch.export traces the model in eval mode, where it could not in training mode."""
+def compiling_path_failure(model_file: ModelFile, batch: tuple | dict, exc: BaseException) -> FtcError | None:
+    """An error for a forward that fails only while it is traced, because code it runs takes
+    another path then (transformers' `if attention_mask is None and not
+    is_torchdynamo_compiling():` leaves the mask None while torch.export traces, and Switch
+    Transformers then subscripts it); None where forward, told that it is compiled
+    (torch.compiler.is_compiling()), runs or fails otherwise."""
+    if type(exc).__module__.split(".")[0] == "torch":
+        return None  # the tracer's own refusal, not the model's code failing
+    model = model_file.build("meta")
+    train_model(model, True, model_file.path)
+    is_compiling = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        with _quiet():
+            model(**batch) if isinstance(batch, dict) else model(*batch)
+    except Exception as again:
+        if type(again) is not type(exc) or str(again) != str(exc):
+            return None
+        none_names = _none_names(again)
+    else:
+        return None
+    finally:
+        torch.compiler.is_compiling = is_compiling
+    inputs = inspect.signature(model.forward).parameters
+    missing = [name for name in none_names if name in inputs and (not isinstance(batch, dict) or name not in batch)]
+    fix = (f"pass {' and '.join(missing)} in example_inputs() (a key of its dict), so that the path forward takes "
+           "while traced has it") if missing else (  # fmt: skip
+        "give forward, in example_inputs(), the optional inputs that path reads (one left None there)")
+    return FtcError(
+        f"{model_file.path}: forward fails only while it is traced ({type(exc).__name__}: {first_line(exc, limit=120)}"
+        f"{library_frame(exc, model_file.path) or user_frame(exc, model_file.path)}): code it runs asks whether it is "
+        "being compiled (torch.compiler.is_compiling(), transformers' is_torchdynamo_compiling()) and then skips "
+        "what it does otherwise" + (f": {', '.join(missing)} stays None there" if missing else ""),
+        fix,
+    )
+
+
+def _none_names(exc: BaseException) -> list[str]:
+    """The names on the failing line of the innermost frame whose values are None there."""
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    if not frames:
+        return []
+    frame, line = frames[-1]
+    source = linecache.getline(frame.f_code.co_filename, line)
+    names = dict.fromkeys(re.findall(r"\b[A-Za-z_]\w*\b", source))
+    return [name for name in names if name in frame.f_locals and frame.f_locals[name] is None]
+
+
+def _eval_mode_failure(model_file: ModelFile, batch, double_batch, name: str) -> BaseException | None:
+    """Why torch.export cannot trace the model in eval mode either; None where it can, which it
+    could not in training mode."""
     model = model_file.build("meta")
     model.eval()
     try:
         with _quiet(), drawn_from([]):
             trace_export(model, model_file, batch, double_batch, name)
-    except Exception:
-        return False
-    return True
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _skips_layers(model_file: ModelFile, exc: BaseException) -> bool:
+    """Whether the failing line branches on a random draw (transformers' layerdrop)."""
+    return bool(_DRAWS.search(user_frame(exc, model_file.path) + library_frame(exc, model_file.path)))
 
 
 def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError:
     """Python that branches on a tensor's value only in training mode: most often a random skip of
     a whole layer (transformers' layerdrop, stochastic depth), whose outcome a trace would fix
-    once for every step; else a check or a log of values (I-BERT's QuantAct logs when its running
-    range is near 0), which no configuration turns off."""
+    once for every step; else a check or a log of values, or a choice between two updates of
+    running state (I-BERT's QuantAct sets its running range at the first step, then averages it),
+    which no configuration turns off."""
     where = f"{user_frame(exc, model_file.path)} ({type(exc).__name__}: {first_line(exc, limit=120)}" \
             f"{library_frame(exc, model_file.path)})"  # fmt: skip
     failed = f"{model_file.path}: torch.export could not trace the model in training mode{where}, but it can in eval mode"
-    if _DRAWS.search(where):
+    if _skips_layers(model_file, exc):
         return FtcError(
             f"{failed}: forward's Python branches on a tensor's value only while training, as a random skip of whole "
             "layers does",
@@ -511,15 +578,34 @@ def _training_only_branch(model_file: ModelFile, exc: BaseException) -> FtcError
             "output by a torch.bernoulli draw) so that it becomes stage code",
         )
     return FtcError(
-        f"{failed}: forward's Python branches on a tensor's value only while training (a check or a log of values), "
-        "which no tracer can follow",
-        "write that line with torch ops (torch.where), or leave it out; in a library's code, subclass the module in "
-        "the model file without that line and build the model with the subclass",
+        f"{failed}: forward's Python branches on a tensor's value only while training (a check or a log of values, "
+        "or a choice between two updates of running state, as I-BERT's QuantAct sets its running range at the first "
+        "step and averages it after), which no tracer can follow",
+        "write the branch with torch ops: a choice between two values as torch.where(condition, one, other) "
+        "(buffer = torch.where(first, value, average)); a check or a log can be left out; in a library's code, "
+        "subclass the module in the model file with the branch written so and give the model's modules that class "
+        "in build_model()",
     )
 
 
 # Words of a line that branches on a random draw (a layer skip): `torch.rand([]) < self.layerdrop`.
 _DRAWS = re.compile(r"rand|layerdrop|drop_path|dropout|bernoulli|random")
+
+
+def _value_loop_owner(exc: BaseException, model_file: ModelFile) -> str | None:
+    """The class whose forward export failed in on a guard at a `for` statement (iterating over
+    a tensor whose length depends on values, nonzero()'s result, so the trace cannot know how
+    many times to run); None where it failed elsewhere."""
+    if type(exc).__name__ != "GuardOnDataDependentSymNode":
+        return None
+    where = user_frame(exc, model_file.path) or library_frame(exc, model_file.path)
+    loop = re.search(r":(\d+): for \S.* in .+:\)$", where)
+    if not loop:
+        return None
+    line = int(loop.group(1))
+    owners = [type(frame.f_locals["self"]).__name__ for frame, number in traceback.walk_tb(exc.__traceback__)
+              if number == line and isinstance(frame.f_locals.get("self"), torch.nn.Module)]  # fmt: skip
+    return owners[-1] if owners else "forward"
 
 
 def _packs_sequences(exc: BaseException) -> bool:
@@ -567,6 +653,14 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "follow: pass validate_args=False where forward makes the distribution (Normal(mu, std, "
                "validate_args=False)), or, where a library makes it, call "
                "torch.distributions.Distribution.set_default_validate_args(False) in build_model()")  # fmt: skip
+    loop_owners = [owner for exc in errors if (owner := _value_loop_owner(exc, model_file))]
+    if loop_owners:
+        fix = (f"{loop_owners[0]}'s loop over a tensor (`for i in t.nonzero():`, transformers' older MoE layers "
+               "loop over the experts a batch hits) runs as many times as the values say, which no trace can fix: loop over a fixed range "
+               "instead and mask what the values leave out (for experts: run each expert of range(num_experts) on "
+               "every token and weight its output by the routing mask, 0 for tokens routed elsewhere); in a "
+               "library's module, subclass it in the model file with such a forward and give the model's modules "
+               "that class in build_model()")  # fmt: skip
     if any(_packs_sequences(exc) for exc in errors):
         fix = ("a PackedSequence is sized by the lengths' values, which no tracer can follow: do the packing, the "
                "RNN and the unpacking inside one torch.nn.Module, list its class in LEAF_MODULES and compile with "

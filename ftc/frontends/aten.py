@@ -620,6 +620,8 @@ LOWERINGS: dict[str, Callable[[dict], Call | None]] = {
     "amin.default": _reduce("amin"),
     "max.dim": _method("max", "self", "dim", keepdim=False),
     "min.dim": _method("min", "self", "dim", keepdim=False),
+    "max.default": _method("max", "self"),  # I-BERT's QuantAct: the running range's x.min(), x.max()
+    "min.default": _method("min", "self"),
     "diff.default": _function("torch.diff", "self", n=1, dim=-1, prepend=None, append=None),
     "cumsum.default": _method("cumsum", "self", "dim", dtype=None),
     "tril.default": _method("tril", "self", diagonal=0),

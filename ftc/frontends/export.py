@@ -66,6 +66,7 @@ from .common import (
 )
 from .eval_mode import ModeBranch, branch_notes, followed_notes, mode_branches
 from .fx import input_names
+from .buffer_assignments import buffer_assignments_as_copies
 from .overflow_guards import OverflowGuards, overflow_note
 from .tidy import tidy
 
@@ -118,7 +119,7 @@ def trace_export(
         # one call holds the calls of the modules inside it
         kept = tuple(sorted(path for path in whole if not any(path.startswith(f"{outer}.") for outer in whole)))
         op_by_op = [branch for branch in branches if branch.library and not branch.callable_whole]
-        with OverflowGuards(code) as guards:
+        with OverflowGuards(code) as guards, buffer_assignments_as_copies(model, model_file, code):
             program, batch_range = _export_bounded(model, model_file, args, kwargs, dynamic, kept, op_by_op)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)

@@ -68,7 +68,7 @@ def backward_refused(model_file: ModelFile, name: str, where: str) -> FtcError:
     )
 
 
-def _library_caller(frame, code: CodeFiles) -> tuple[str, str] | None:
+def _library_caller(frame, code: CodeFiles, model_file: ModelFile) -> tuple[str, str] | None:
     """(' (in Class at file:LINE)', a further fix) for the innermost caller outside torch when it
     is a library's code, not the model's (transformers' BloomGelu applies its GeLUFunction);
     None when the model's own code made the call."""
@@ -78,7 +78,8 @@ def _library_caller(frame, code: CodeFiles) -> tuple[str, str] | None:
     if frame is None or code.own(frame.f_code.co_filename):
         return None
     owner = frame.f_locals.get("self")
-    module = f"{type(owner).__module__}.{type(owner).__qualname__}" if isinstance(owner, torch.nn.Module) else ""
+    # a class of the model file's by the file's name (ibert.TracedQuantAct), not ftc's alias of it
+    module = model_file.class_name(type(owner)) if isinstance(owner, torch.nn.Module) else ""
     at = f"{frame.f_code.co_filename}:{frame.f_lineno}"
     return (
         f" (in {module} at {at})" if module else f" (at {at})",
@@ -110,7 +111,7 @@ def gradient_code_refused(model_file: ModelFile):
     def refuse_function(cls, *args, **kwargs):
         if not cls.__module__.split(".")[0] == "torch":
             where = user_source(model_file) or model_file.path.name
-            library = _library_caller(sys._getframe(1), code)
+            library = _library_caller(sys._getframe(1), code, model_file)
             leaf = _leaf_caller(sys._getframe(1), model_file)
             fix = (
                 f"{leaf} is in LEAF_MODULES already, which torch.export traces into: compile with --frontend fx or "
