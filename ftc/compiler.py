@@ -131,8 +131,10 @@ def check_package_name(name: str, where: str, fix: str, stdlib: bool = True) -> 
     if not name.isidentifier() or keyword.iskeyword(name):
         raise FtcError(f"{where} {name!r} is not a Python identifier a package can have", fix)
     if name == "torch" or (stdlib and name in sys.stdlib_module_names):
+        # `fix` says how to spell an identifier, which this name is: it needs another name.
+        another = f"pass another --name ({name}_pipeline, say)" if where == "--name" else f"pass --name {name}_pipeline"
         raise FtcError(f"{where} {name!r} is the name of a module the stage code or Python imports: the generated "
-                       "package would hide it", fix)  # fmt: skip
+                       "package would hide it", another)  # fmt: skip
 
 
 def folder_not_writable(folder: Path) -> str | None:

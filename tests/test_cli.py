@@ -1290,10 +1290,12 @@ def test_compile_plans_memory_for_micro_batches_the_runtime_can_run(tmp_path, ca
 
 def test_compile_option_combinations_that_mean_nothing_or_break_the_package_are_refused(tmp_path, capsys):
     mlp = EXAMPLES / "mlp.py"
-    for name, why in (("torch", "is the name of a module the stage code or Python imports"),
-                      ("class", "is not a Python identifier a package can have")):  # fmt: skip
+    # A module's name is an identifier: the fix for it is another name, not how to spell one.
+    for name, why, fix in (("torch", "is the name of a module the stage code or Python imports", "another --name"),
+                           ("os", "is the name of a module the stage code or Python imports", "another --name"),
+                           ("class", "is not a Python identifier a package can have", "letters, digits and _")):  # fmt: skip
         result = run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path, "--name", name], capsys)
-        assert_user_error(result, f"--name {name!r} {why}")
+        assert_user_error(result, f"--name {name!r} {why}", f"fix: {'pass' if fix == 'another --name' else 'use'} {fix}")
     threads = run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path, "--threads", 2], capsys)
     assert_user_error(threads, "--threads applies to measured profiles and --refine")
     # --device cuda plans the memory of training there (Adam's foreach step) without a GPU
