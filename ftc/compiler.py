@@ -79,12 +79,16 @@ class CompileOptions:
                 raise FtcError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
         # Bounds far beyond any device, which keep every cost finite (1e-9 TFLOP/s, GB/s: a
         # FLOP or a byte per second; 1e9 us: a thousand seconds per op).
-        for key in ("bandwidth", "tflops", "memory_gbps"):
+        for key, unit in (("bandwidth", "GB/s"), ("tflops", "TFLOP/s"), ("memory_gbps", "GB/s")):
             if not 1e-9 <= getattr(self, key) <= 1e9:
-                raise FtcError(f"--{key.replace('_', '-')} must be between 1e-9 and 1e9, got {getattr(self, key)}")
+                flag = f"--{key.replace('_', '-')}"
+                raise FtcError(f"{flag} must be between 1e-9 and 1e9 {unit}, got {getattr(self, key):g}",
+                               f"give the rate in {unit} (for 16 {unit}, pass {flag} 16)")  # fmt: skip
         for key in ("op_overhead_us", "stage_overhead_us"):
             if not 0 <= getattr(self, key) <= 1e9:
-                raise FtcError(f"--{key.replace('_', '-')} must be between 0 and 1e9, got {getattr(self, key)}")
+                flag = f"--{key.replace('_', '-')}"
+                raise FtcError(f"{flag} must be between 0 and 1e9 microseconds, got {getattr(self, key):g}",
+                               f"give the time in microseconds (for 8 us, pass {flag} 8)")  # fmt: skip
         if self.method not in METHODS:
             raise FtcError(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
         for key, allowed in (("optimizer", OPTIMIZER_STATES), ("schedule", TRAINING_SCHEDULES), ("recompute", POLICIES)):
