@@ -1469,3 +1469,21 @@ def test_train_and_merge_checkpoint_do_not_import_the_compiler(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "[2, 2] []", done.stdout + done.stderr
     assert "missing.json" in done.stderr
+
+
+def test_more_mpipe_blocks_than_the_graph_has_cuts_says_how_many_it_packed(tmp_path, capsys):
+    """--blocks past the places the graph can be cut at packed that many blocks without a word
+    (mlp: 11 ops, so --blocks 100 is --blocks 11)."""
+    mlp = EXAMPLES / "mlp.py"
+    outputs = {}
+    for blocks in (11, 100):
+        code, out, err = run_cli(["compile", mlp, "--stages", 2, "--method", "mpipe", "--blocks", blocks,
+                                  "-o", tmp_path / str(blocks)], capsys)  # fmt: skip
+        assert code == 0, err
+        outputs[blocks] = out
+        stages = sorted((tmp_path / str(blocks) / "mlp").glob("stage*.py"))
+        assert stages
+    assert "note: --blocks 100 is more than the 11 runs of ops 'mlp' can be cut into: mpipe packed 11 blocks" in outputs[100]
+    assert "note: --blocks" not in outputs[11]
+    for stage in (tmp_path / "11" / "mlp").glob("stage*.py"):
+        assert (tmp_path / "100" / "mlp" / stage.name).read_text() == stage.read_text()
