@@ -80,12 +80,16 @@ class CompileOptions:
                 raise FtcError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
         # Bounds far beyond any device, which keep every cost finite (1e-9 TFLOP/s, GB/s: a
         # FLOP or a byte per second; 1e9 us: a thousand seconds per op).
-        for key in ("bandwidth", "tflops", "memory_gbps"):
+        for key, unit in (("bandwidth", "GB/s"), ("tflops", "TFLOP/s"), ("memory_gbps", "GB/s")):
             if not 1e-9 <= getattr(self, key) <= 1e9:
-                raise FtcError(f"--{key.replace('_', '-')} must be between 1e-9 and 1e9, got {getattr(self, key)}")
+                flag = f"--{key.replace('_', '-')}"
+                raise FtcError(f"{flag} must be between 1e-9 and 1e9 {unit}, got {getattr(self, key):g}",
+                               f"give the rate in {unit} (for 16 {unit}, pass {flag} 16)")  # fmt: skip
         for key in ("op_overhead_us", "stage_overhead_us"):
             if not 0 <= getattr(self, key) <= 1e9:
-                raise FtcError(f"--{key.replace('_', '-')} must be between 0 and 1e9, got {getattr(self, key)}")
+                flag = f"--{key.replace('_', '-')}"
+                raise FtcError(f"{flag} must be between 0 and 1e9 microseconds, got {getattr(self, key):g}",
+                               f"give the time in microseconds (for 8 us, pass {flag} 8)")  # fmt: skip
         if self.method not in METHODS:
             raise FtcError(f"unknown --method {self.method!r}", f"use one of: {', '.join(METHODS)}")
         for key, allowed in (("optimizer", OPTIMIZER_STATES), ("schedule", TRAINING_SCHEDULES), ("recompute", POLICIES)):
@@ -132,8 +136,10 @@ def check_package_name(name: str, where: str, fix: str, stdlib: bool = True) -> 
     if not name.isidentifier() or keyword.iskeyword(name):
         raise FtcError(f"{where} {name!r} is not a Python identifier a package can have", fix)
     if name == "torch" or (stdlib and name in sys.stdlib_module_names):
+        # `fix` says how to spell an identifier, which this name is: it needs another name.
+        another = f"pass another --name ({name}_pipeline, say)" if where == "--name" else f"pass --name {name}_pipeline"
         raise FtcError(f"{where} {name!r} is the name of a module the stage code or Python imports: the generated "
-                       "package would hide it", fix)  # fmt: skip
+                       "package would hide it", another)  # fmt: skip
 
 
 def folder_not_writable(folder: Path) -> str | None:
@@ -209,6 +215,10 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"use --stages {problem.size} or fewer",
         )
     notes += _glue_notes(problem, options.stages) + _coarsening_notes(problem, options.stages)
+    if options.blocks is not None and options.blocks > problem.max_stages():
+        # mpipe cannot cut finer than the graph allows: it coarsens into as many blocks as that.
+        notes.append(f"note: --blocks {options.blocks} is more than the {problem.max_stages()} runs of ops "
+                     f"{name!r} can be cut into: mpipe packed {problem.max_stages()} blocks")  # fmt: skip
     if options.refine:
         graph, problem, result, note = _refine(graph, model_file, options)
         notes.append(note)

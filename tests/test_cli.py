@@ -455,8 +455,9 @@ def test_more_stages_than_ops(tmp_path, capsys):
         (["--stages", "2", "--tflops", "nan"], "must be a positive number"),
         (["--stages", "2", "--op-overhead-us", "-1"], "must be 0 or a positive number"),
         (["--stages", "2", "--stage-overhead-us", "inf"], "must be 0 or a positive number"),
-        (["--stages", "2", "--tflops", "1e-320"], "--tflops must be between 1e-9 and 1e9"),
-        (["--stages", "2", "--op-overhead-us", "1e308"], "--op-overhead-us must be between 0 and 1e9"),
+        (["--stages", "2", "--tflops", "1e-320"], "--tflops must be between 1e-9 and 1e9 TFLOP/s"),
+        (["--stages", "2", "--bandwidth", "1e12"], "fix: give the rate in GB/s (for 16 GB/s, pass --bandwidth 16)"),
+        (["--stages", "2", "--op-overhead-us", "1e308"], "--op-overhead-us must be between 0 and 1e9 microseconds"),
         (["--stages", "2", "--memory-limit", "1e400"], "is too large"),
         (["--stages", "2", "--memory-limit", "-5MB"], "'-5MB' is not a memory size"),
         (["--stages", "2", "--tflops", "-1e-3"], "must be a positive number"),
@@ -1290,10 +1291,12 @@ def test_compile_plans_memory_for_micro_batches_the_runtime_can_run(tmp_path, ca
 
 def test_compile_option_combinations_that_mean_nothing_or_break_the_package_are_refused(tmp_path, capsys):
     mlp = EXAMPLES / "mlp.py"
-    for name, why in (("torch", "is the name of a module the stage code or Python imports"),
-                      ("class", "is not a Python identifier a package can have")):  # fmt: skip
+    # A module's name is an identifier: the fix for it is another name, not how to spell one.
+    for name, why, fix in (("torch", "is the name of a module the stage code or Python imports", "another --name"),
+                           ("os", "is the name of a module the stage code or Python imports", "another --name"),
+                           ("class", "is not a Python identifier a package can have", "letters, digits and _")):  # fmt: skip
         result = run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path, "--name", name], capsys)
-        assert_user_error(result, f"--name {name!r} {why}")
+        assert_user_error(result, f"--name {name!r} {why}", f"fix: {'pass' if fix == 'another --name' else 'use'} {fix}")
     threads = run_cli(["compile", mlp, "--stages", 2, "-o", tmp_path, "--threads", 2], capsys)
     assert_user_error(threads, "--threads applies to measured profiles and --refine")
     # --device cuda plans the memory of training there (Adam's foreach step) without a GPU
@@ -1466,3 +1469,21 @@ def test_train_and_merge_checkpoint_do_not_import_the_compiler(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "[2, 2] []", done.stdout + done.stderr
     assert "missing.json" in done.stderr
+
+
+def test_more_mpipe_blocks_than_the_graph_has_cuts_says_how_many_it_packed(tmp_path, capsys):
+    """--blocks past the places the graph can be cut at packed that many blocks without a word
+    (mlp: 11 ops, so --blocks 100 is --blocks 11)."""
+    mlp = EXAMPLES / "mlp.py"
+    outputs = {}
+    for blocks in (11, 100):
+        code, out, err = run_cli(["compile", mlp, "--stages", 2, "--method", "mpipe", "--blocks", blocks,
+                                  "-o", tmp_path / str(blocks)], capsys)  # fmt: skip
+        assert code == 0, err
+        outputs[blocks] = out
+        stages = sorted((tmp_path / str(blocks) / "mlp").glob("stage*.py"))
+        assert stages
+    assert "note: --blocks 100 is more than the 11 runs of ops 'mlp' can be cut into: mpipe packed 11 blocks" in outputs[100]
+    assert "note: --blocks" not in outputs[11]
+    for stage in (tmp_path / "11" / "mlp").glob("stage*.py"):
+        assert (tmp_path / "100" / "mlp" / stage.name).read_text() == stage.read_text()

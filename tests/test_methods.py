@@ -445,6 +445,23 @@ def test_a_baseline_over_the_limit_points_to_pipedream_only_where_pipedream_fits
         assert hint in info.value.hint
 
 
+def test_a_baseline_over_the_limit_asks_to_allow_recomputation_only_where_it_is_off(analyzed):
+    """Under --recompute auto (the default) the baseline's stages had recomputed already, and the
+    hint still said to allow --recompute; with a limit one byte under the least peak it also
+    gave that peak rounded to the limit's figure ("the least possible peak is 1.1 MB" against
+    --memory-limit 1.1MB)."""
+    graph, _ = analyzed(EXAMPLES / "mlp.py")
+    for policy, allow in (("auto", False), ("never", True)):
+        settings = MemorySettings(limit=1, recompute=policy)
+        peak, _ = least_peak(StageTables(build_problem(graph, 1.0, settings), 4))
+        problem = build_problem(graph, 1.0, replace(settings, limit=int(peak) - 1))
+        with pytest.raises(FtcError) as info:
+            partition(problem, "uniform", 4)
+        assert ("allow --recompute" in info.value.hint) == allow, info.value.hint
+        assert not allow or "allow --recompute auto" in info.value.hint
+        assert f"the least possible peak is {peak:,.0f} B against {int(peak) - 1:,} B" in info.value.hint
+
+
 def test_mpipe_builds_its_quadratic_tables_once(analyzed, monkeypatch):
     """Interval costs and interval memory take O(N^2) time and memory: mpipe's coarsenings,
     packings, refinements and its one-stage-per-device candidate share one of each."""

@@ -413,6 +413,45 @@ def test_an_edit_of_a_file_the_model_imports_misses_the_cache(tmp_path, cache_di
     assert "profile: measured" in capsys.readouterr().out
 
 
+def test_an_edit_of_a_helper_the_graph_does_not_show_misses_the_cache(tmp_path, cache_dir, capsys, monkeypatch):
+    """The loss lives in a helper beside the model file: editing it leaves the model file and
+    the traced graph as they were, and the cache gave back the old loss's times (a loss made
+    100x costlier read back its 0.07 ms forward)."""
+    helper = write(tmp_path, "cached_loss.py", """
+        import torch.nn.functional as F
+
+        def training_loss(output, target):
+            return F.mse_loss(output, target)
+    """)
+    model = write(tmp_path, "with_loss.py", """
+        import torch
+        import torch.nn as nn
+        from cached_loss import training_loss
+
+        def build_model():
+            return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+        def example_inputs(batch_size=8):
+            return (torch.randn(batch_size, 16),)
+
+        def loss_fn(output, target):
+            return training_loss(output, target)
+    """)
+    args = [str(a) for a in ["compile", model, "--stages", 2, "-o", tmp_path / "out", "--profile", "measure",
+                             "--force"]]  # fmt: skip
+    assert main(args) == 0
+    assert "profile: measured" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "profile: read from the cache" in capsys.readouterr().out
+    helper.write_text(helper.read_text().replace("F.mse_loss(output, target)", "F.l1_loss(output.sin(), target)"))
+    # as a new `ftc compile` process imports both afresh (one process imports a file once)
+    monkeypatch.delitem(sys.modules, "cached_loss")
+    monkeypatch.delitem(sys.modules, load_model_file(model).module.__name__)
+    assert main(args) == 0
+    assert "profile: measured" in capsys.readouterr().out
+    assert len(list(cache_dir.glob("*.json"))) == 2
+
+
 def test_an_unreadable_cache_file_is_measured_again(tmp_path, cache_dir, capsys):
     model = write(tmp_path, "small.py", SMALL)
     args = [

@@ -75,10 +75,12 @@ def choose_recompute(problem: Problem, stage_of: np.ndarray, devices: list[int])
             details = "; ".join(
                 f"stage {s}: {problem.stage_memory(members[s], s, stages, flags[s]).describe()}" for s in mine
             )
+            # Under auto and always, recomputation was tried already: only never leaves it to allow.
+            allow = ", allow --recompute auto" if settings.recompute == "never" else ""
             raise FtcError(
                 f"device {device} of the {problem.name} pipeline needs {total():,} bytes, over the memory "
                 f"limit of {limit:,} ({details})",
-                "raise --memory-limit, use more --stages, allow --recompute" + _pipedream_hint(problem, stages),
+                f"raise --memory-limit, use more --stages{allow}" + _pipedream_hint(problem, stages),
             )
     return flags
 
@@ -89,7 +91,11 @@ def _pipedream_hint(problem: Problem, stages: int) -> str:
     from ftc.passes.partition.memory import format_bytes
     from ftc.passes.partition.pipedream import StageTables, least_peak
 
+    limit = problem.footprint.settings.limit
     peak, _ = least_peak(StageTables(problem, stages))
-    if peak <= problem.footprint.settings.limit:
+    if peak <= limit:
         return ", or use --method pipedream, which splits within the limit"
-    return f" (no split into {stages} stages fits: the least possible peak is {format_bytes(peak)})"
+    shown = format_bytes(peak)
+    if shown == format_bytes(limit):  # a limit just below the peak: say how far below
+        shown = f"{peak:,.0f} B against {limit:,} B"
+    return f" (no split into {stages} stages fits: the least possible peak is {shown})"

@@ -71,8 +71,11 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import FunctionType, ModuleType
 from typing import Any, Callable, Iterator
 
 import torch
@@ -85,7 +88,7 @@ from ftc.passes.partition.problem import is_view_op
 from ftc.repeats import tensors_in
 from ftc.runtime.comm import differentiable
 from ftc.runtime.mode import train_model
-from ftc.runtime.model_file import ModelFile
+from ftc.runtime.model_file import MODULE_PREFIX, ModelFile
 from ftc.runtime.seeding import seed_generators
 
 from .cache import ProfileCache
@@ -210,8 +213,10 @@ def initial_state(name: str, like: torch.Tensor, device: torch.device | str) -> 
 def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) -> dict:
     """Everything a measured profile depends on; the cache files it under this key's sha256.
     The model file's digest misses an edit of a file it imports, or a library upgrade, that
-    changes what runs; the traced graph's digest catches those, all but what happens inside a
-    module called whole (a leaf): `--no-cache` after changing one."""
+    changes what runs; the traced graph's digest catches those, and the digests of the files
+    beside the model file that it imports (local_sources) what the graph does not show of
+    them: the loss they compute, a leaf's forward. What happens inside a leaf of an installed
+    library is left: `--no-cache` after changing one."""
     by_name = graph.by_name()
     inputs = {}
     for name in graph.inputs:
@@ -226,7 +231,58 @@ def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) 
         "device": device_name(settings.device),
         "torch": torch.__version__,
         "settings": asdict(settings),
+        "local_sources": local_sources(model_file),
     }
+
+
+# Folders of installed packages, which a model file's folder may hold (a virtual environment):
+# what they run is keyed by the traced graph and torch's version, not by their files.
+INSTALLED = ("site-packages", "dist-packages")
+
+
+def local_sources(model_file: ModelFile) -> dict[str, str]:
+    """The sha256 of each module the model file imports, directly or through another, from its
+    own folder or package (a helper with its blocks or its loss), by path relative to that
+    folder. An edit there that leaves the traced graph as it was (the loss the measured profile
+    times, a LEAF_MODULES class's forward) read back the old profile."""
+    module = model_file.module
+    folder = model_file.path.resolve().parent
+    # A model file in a package is imported as "outer.inner.model": its package's modules sit
+    # under the folder above "outer".
+    depth = 0 if module.__name__.startswith(MODULE_PREFIX) else module.__name__.count(".")
+    root = folder.parents[depth - 1] if depth else folder
+    found: dict[str, str] = {}
+    pending, seen = [module], {module.__name__}
+    while pending:
+        for value in vars(pending.pop()).values():
+            if isinstance(value, ModuleType):
+                name = value.__name__
+            elif isinstance(value, (type, FunctionType)):
+                name = value.__module__
+            else:
+                continue
+            imported = sys.modules.get(name) if isinstance(name, str) else None
+            if imported is None or name in seen:
+                continue
+            seen.add(name)
+            source = _local_file(imported, root)
+            if source is not None:
+                found[source.relative_to(root).as_posix()] = hashlib.sha256(source.read_bytes()).hexdigest()
+                pending.append(imported)
+    return dict(sorted(found.items()))
+
+
+def _local_file(module: ModuleType, root: Path) -> Path | None:
+    """The file `module` was imported from, where it lies under `root` outside installed
+    packages and hidden folders (a .venv); else None."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    if not path.is_file() or not path.is_relative_to(root):
+        return None
+    parts = path.relative_to(root).parts
+    return None if any(part in INSTALLED or part.startswith(".") for part in parts) else path
 
 
 def graph_digest(graph: Graph) -> str:
