@@ -65,3 +65,37 @@ def test_a_later_stage_takes_the_batch_size_off_a_tensor_it_has(tmp_path, compil
     assert_check_passes(folder, batch_size=4)
     assert_check_passes(folder, batch_size=3)
     assert_local_trains_like_single(folder)
+
+
+def test_a_size_stays_where_it_is_made_while_a_stage_without_a_tensor_to_take_it_off_reads_it():
+    """Stage 1 reads `batch` only (`torch.zeros(batch)`), stage 2 with a batched tensor: stage 2
+    takes its own, and `batch` stays in stage 0 for stage 1, not moved to stage 2, where stage 1
+    would read it from a later stage; the graph computes what it computed."""
+    import torch
+
+    from ftc.interpreter import Interpreter
+    from ftc.ir import Graph, Node, Outputs, Ref, ScalarMeta, TensorMeta, validate
+    from ftc.passes.local_sizes import take_sizes_locally
+
+    def batched(*shape):
+        return TensorMeta(list(shape), "float32", batch_dim=0)
+
+    nodes = [
+        Node("image", "input", "image", meta=batched(4, 3), stage=0),
+        Node("batch", "call_method", "size", (Ref("image"), 0), label="batch",
+             meta=ScalarMeta("int", 4, batch_dependent=True), stage=0),
+        Node("a", "call_function", "torch.relu", (Ref("image"),), meta=batched(4, 3), stage=0),
+        Node("zeros", "call_function", "torch.zeros", (Ref("batch"),), meta=batched(4), stage=1),
+        Node("b", "call_method", "view", (Ref("a"), Ref("batch"), -1), meta=batched(4, 3), stage=2),
+    ]  # fmt: skip
+    graph = Graph("sizes", nodes, Outputs("tuple", [Ref("b"), Ref("zeros")]), batch_size=4, num_stages=3,
+                  stage_devices=[0, 1, 2])  # fmt: skip
+    local = take_sizes_locally(graph)
+    validate(local)
+    by_name = local.by_name()
+    assert by_name["batch"].stage == 0 and by_name["zeros"].args == (Ref("batch"),)
+    taken = by_name[by_name["b"].args[1].name]
+    assert (taken.stage, taken.target, taken.args) == (2, "size", (Ref("a"), 0))
+    image = torch.randn(5, 3)
+    for got, expected in zip(Interpreter(local, torch.nn.Module()).run((image,)), (image.relu(), torch.zeros(5))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

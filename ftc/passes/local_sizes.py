@@ -52,21 +52,24 @@ def take_sizes_locally(graph: Graph) -> Graph:
         by_stage: dict[int, list[Node]] = {}
         for reader in readers.get(size.name, []):
             by_stage.setdefault(reader.stage, []).append(reader)
-        kept_home = size.stage in by_stage or size.name in outputs
+        sources = {}
         for stage in sorted(set(by_stage) - {size.stage}):
-            stage_readers = by_stage[stage]
-            first = min(stage_readers, key=lambda reader: position[reader.name])
+            first = min(by_stage[stage], key=lambda reader: position[reader.name])
             before = {node.name for node in computed.get(stage, []) if position[node.name] < position[first.name]}
             available = (received.get(stage, set()) | before) - {size.name}
             source = _local_source(size, dim, first, available, by_name, position)
-            if source is None:
-                continue
-            source_name, source_dim = source
-            if kept_home:
-                local = replace(size, name=unique_name(size.label or size.name, taken), cost=replace(size.cost))
-            else:  # nothing reads it where it was made: it goes, made here instead
-                local, kept_home = size, True
+            if source is not None:
+                sources[stage] = first, source
+        # it goes from where it was made unless that stage, the model's outputs or a stage that
+        # has no tensor to take it off reads it
+        movable = not (size.stage in by_stage or size.name in outputs or len(sources) < len(by_stage))
+        for stage, (first, (source_name, source_dim)) in sources.items():
+            stage_readers = by_stage[stage]
+            if movable:  # made in the first stage that reads it instead
+                local, movable = size, False
                 moved.add(size.name)
+            else:
+                local = replace(size, name=unique_name(size.label or size.name, taken), cost=replace(size.cost))
             local.args, local.stage = (Ref(source_name), source_dim), stage
             placed.setdefault(first.name, []).append(local)
             swap = lambda ref, old=size.name, new=local.name: Ref(new) if ref.name == old else ref  # noqa: E731
