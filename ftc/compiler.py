@@ -18,6 +18,7 @@ from ftc.frontends import trace
 from ftc.ir import FtcError, Graph, TensorMeta, validate
 from ftc.own_train import own_train_warnings
 from ftc.passes.cleanup import eliminate_dead_code, hooked_modules
+from ftc.passes.local_sizes import take_sizes_locally
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
 from ftc.passes.partition.coarsen import cut_candidates
@@ -225,7 +226,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
     else:
         result = partition(problem, options.method, options.stages, options.blocks)
     notes += _kept_from_recompute(problem, result, options.recompute)
-    graph = assign(graph, problem, result)
+    graph = take_sizes_locally(assign(graph, problem, result))
     validate(graph)
     # micro_batches: the count the memory estimate is for, given or the default plan
     settings = {

@@ -1612,6 +1612,62 @@ def test_mask_helpers_read_as_the_indexing_they_are(tmp_path, compile_to):
     assert_check_passes(compile_to(path, 2, batch_size=4, frontend="export"), batch_size=4)
 
 
+IDENTITY_ARITHMETIC = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        h = self.inp(x)
+        doubled = h * 1
+        doubled.mul_(2)  # a new tensor, written in place: h must keep its values
+        with torch.no_grad():
+            frozen = h + 0  # no gradient reaches h through it
+        counts = (x > 0) + 0  # bool + 0 is int64, from which 1 can be subtracted
+        skips = 0
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+            skips = skips + h
+        return skips * 1 + doubled + frozen * (counts - 1) + h
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_adding_zero_and_multiplying_by_one_read_as_the_value(tmp_path, compile_to):
+    """export writes a loop's sum started at Python's 0 (`skips = 0; skips = skips + s`, a
+    WaveNet's skip connections) as `skips = s + 0`, and `y * 1` as it is: each is its input,
+    exactly (the check compares outputs and gradients), while what differs stays: a `+ 0`
+    whose new tensor is then written in place, one under no_grad, one that makes a bool an
+    integer."""
+    path = tmp_path / "identity_arithmetic.py"
+    path.write_text(IDENTITY_ARITHMETIC)
+    folder = compile_to(path, 1, batch_size=4, frontend="export")
+    code = (folder / "stage0.py").read_text()
+    body = code[code.index("def forward") :]
+    assert "doubled = h * 1\n" in body and "frozen = h + 0\n" in body and "counts = gt + 0\n" in body, body
+    assert body.count(" + 0\n") == 2 and body.count(" * 1\n") == 1, body  # the sum's start and its `* 1` gone
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)
+
+
 def test_index_chains_compose_into_one_index():
     from ftc.frontends.tidy import _compose
     from ftc.ir import Ref

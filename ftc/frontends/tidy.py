@@ -15,6 +15,12 @@ views of the same memory where they were views, the same gradients), whatever th
 - `t.detach_()` of a tensor a torch.tensor call just made and nothing else reads is t (it has no
   gradient history to cut);
 - `t + 0`, for an integer tensor t that an arange just made and nothing else reads, is t;
+- `x + 0` and `x * 1` (a loop's sum started at Python's 0: `skips = 0` then `skips = skips + s`),
+  where the result has x's dtype, shape and strides, is x, where no op from there on writes a
+  tensor in place: the addition made a new tensor, and only an in-place write to x, to the
+  result or to a view of either could tell the two apart. Under no_grad the result has no
+  gradient history where x may have one, so an op there stays. The one value that differs is
+  a float zero's sign (`-0.0 + 0` is `0.0`), which compares equal;
 - `True & m` and `False | m` (a 0-dim bool made for it, as mask helpers start their loops), for
   a bool m that a comparison just made and nothing else reads, is m;
 - a second unsqueeze, expand or basic index equal to an earlier one (the same op on the same
@@ -41,6 +47,7 @@ import re
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ftc.ir import Constant, Node, Ref, TorchExpr, map_refs
 
@@ -292,10 +299,17 @@ class _Tidy:
         changed = True
         while changed:
             changed = False
-            for node in self.live():
+            nodes = self.live()
+            # a rewrite here only ever drops writes, so a pass may keep this for its length
+            last_write = max((k for k, node in enumerate(nodes) if not self.unchanged(node)), default=-1)
+            for k, node in enumerate(nodes):
                 if id(node) in self.removed:
                     continue
                 if self.fold_detach(node):
+                    changed = True
+                    continue
+                if k > last_write and self.is_identity_arithmetic(node):
+                    self.replace(node.name, node.args[0].name)
                     changed = True
                     continue
                 found = self.no_op_of(node)
@@ -321,6 +335,23 @@ class _Tidy:
         self.values[node.name] = self.values.get(made.name)
         self.remove(made)
         return True
+
+    def is_identity_arithmetic(self, node: Node) -> bool:
+        """Whether `node` is `x + 0` or `x * 1` with a result of x's dtype, shape and strides,
+        made with gradients enabled (the caller sees that nothing writes in place after it)."""
+        identity = {"operator.add": 0, "operator.mul": 1}.get(node.target)
+        if node.op != "call_function" or identity is None or node.kwargs or len(node.args) != 2:
+            return False
+        literal = node.args[1]
+        if type(literal) not in (int, float) or literal != identity:
+            return False
+        if not node.grad_enabled or not self.unchanged(node):
+            return False
+        x, result = self.tensor(node.args[0]), self.values.get(node.name)
+        if x is None or not isinstance(result, torch.Tensor) or x.dtype != result.dtype:
+            return False
+        same = sym_eq((*x.shape, *x.stride()), (*result.shape, *result.stride()))
+        return statically_known_true(same)
 
     def no_op_of(self, node: Node) -> tuple[str, list[Node]] | None:
         """The value `node` computes when it is one of its inputs, as the module doc says, and
