@@ -661,6 +661,10 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
                "every token and weight its output by the routing mask, 0 for tokens routed elsewhere); in a "
                "library's module, subclass it in the model file with such a forward and give the model's modules "
                "that class in build_model()")  # fmt: skip
+        if len(names) == 2 and loop_owners[0] in leaves.split(", "):
+            # the loop is inside a module fx keeps whole: fx's own failure is the other cure
+            fix += (f"; or, since only torch.fx keeps LEAF_MODULES ({leaves}) whole, make fx's line above traceable "
+                    "and compile with --frontend fx or auto")  # fmt: skip
     if any(_packs_sequences(exc) for exc in errors):
         fix = ("a PackedSequence is sized by the lengths' values, which no tracer can follow: do the packing, the "
                "RNN and the unpacking inside one torch.nn.Module, list its class in LEAF_MODULES and compile with "
