@@ -216,10 +216,13 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"use --stages {problem.size} or fewer",
         )
     notes += _glue_notes(problem, options.stages) + _coarsening_notes(problem, options.stages)
-    if options.blocks is not None and options.blocks > problem.max_stages():
-        # mpipe cannot cut finer than the graph allows: it coarsens into as many blocks as that.
-        notes.append(f"note: --blocks {options.blocks} is more than the {problem.max_stages()} runs of ops "
-                     f"{name!r} can be cut into: mpipe packed {problem.max_stages()} blocks")  # fmt: skip
+    kept = cut_candidates(problem, options.stages)
+    runs = problem.max_stages() if kept is None else len(kept)
+    if options.blocks is not None and options.blocks > runs:
+        # mpipe cannot cut finer than the graph allows (or, coarsened, than the cuts it considers):
+        # it coarsens into as many blocks as that.
+        notes.append(f"note: --blocks {options.blocks} is more than the {runs} runs of ops "
+                     f"{name!r} can be cut into: mpipe packed {runs} blocks")  # fmt: skip
     if options.refine:
         graph, problem, result, note = _refine(graph, model_file, options)
         notes.append(note)

@@ -186,3 +186,14 @@ def test_ftc_compile_says_when_it_considers_only_some_of_the_cuts(tmp_path, monk
     compiled = compile_model(EXAMPLES / "gpt.py", tmp_path / "many", CompileOptions(stages=2))
     allowed = build_problem(compiled.graph, 1.0).max_stages() - 1
     assert f"with {allowed:,} places to cut: the partitioner considers 16 of them" in "\n".join(compiled.notes)
+
+
+def test_more_mpipe_blocks_than_a_coarsened_graph_has_runs_says_how_many_it_packed(tmp_path, monkeypatch):
+    """Coarsened to 17 runs (16 kept cuts), gpt's mixed pipe packs at most 17 blocks: the note
+    says 17, not the number of places the whole graph could be cut at, and the pipeline is the
+    one --blocks 17 gives."""
+    monkeypatch.setattr(coarsen, "MAX_CUTS", 16)
+    many = compile_model(EXAMPLES / "gpt.py", tmp_path / "many", CompileOptions(stages=2, method="mpipe", blocks=40))
+    assert "note: --blocks 40 is more than the 17 runs of ops 'gpt' can be cut into: mpipe packed 17 blocks" in many.notes
+    exact = compile_model(EXAMPLES / "gpt.py", tmp_path / "exact", CompileOptions(stages=2, method="mpipe", blocks=17))
+    assert [s["sha256"] for s in many.stages] == [s["sha256"] for s in exact.stages]
