@@ -19,7 +19,7 @@ The IR imports nothing of ours and not torch: dtypes and other torch objects app
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 FORMAT = "ftc-ir/1"
@@ -299,6 +299,21 @@ class Graph:
 
     def by_name(self) -> dict[str, Node]:
         return {node.name: node for node in self.nodes}
+
+    def renamed(self, renames: dict[str, str]) -> Graph:
+        """The graph with the values in `renames` (old name -> new) renamed where they are made
+        and wherever they are read."""
+
+        def rename(ref: Ref) -> Ref:
+            return Ref(renames.get(ref.name, ref.name))
+
+        nodes = [
+            replace(node, name=renames.get(node.name, node.name), args=map_refs(node.args, rename),
+                    kwargs=map_refs(node.kwargs, rename))
+            for node in self.nodes
+        ]  # fmt: skip
+        outputs = replace(self.outputs, values=[rename(ref) for ref in self.outputs.values])
+        return replace(self, nodes=nodes, outputs=outputs)
 
     def canonical(self, state: str) -> str:
         """The first name of a tied parameter or buffer, the one its aliases point to (any other

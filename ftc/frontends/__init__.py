@@ -29,7 +29,7 @@ import torch.nn.modules.transformer as transformer_module
 import torch.utils.checkpoint as checkpoint_module
 from torch._dynamo.eval_frame import OptimizedModule
 
-from ftc.ir import FtcError, Graph, Ref, map_refs, unique_name
+from ftc.ir import FtcError, Graph, unique_name
 from ftc.passes.naming import default_label
 from ftc.runtime import model_file as model_file_module
 from ftc.runtime.mode import train_model
@@ -142,24 +142,17 @@ def _compiled_as_original(graph: Graph, compiled: list[str]) -> Graph:
             taken.discard(node.name)
             renames[node.name] = unique_name(plain, taken)
 
-    def rename(ref: Ref) -> Ref:
-        return Ref(renames.get(ref.name, ref.name))
-
     nodes = [
         replace(
             node,
-            name=renames.get(node.name, node.name),
             module_path=unwrapped(node.module_path),
             module_class=modules.get(node.module_path, node.module_class),
             # what the stage code calls the value, as the tracer's name gave it (`fc`)
             label=(node.label or default_label(node)) if node.name in renames else node.label,
-            args=map_refs(node.args, rename),
-            kwargs=map_refs(node.kwargs, rename),
         )
         for node in graph.nodes
     ]
-    outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
-    return replace(graph, nodes=nodes, outputs=outputs, modules=modules)
+    return replace(graph, nodes=nodes, modules=modules).renamed(renames)
 
 
 def _original_call(original: torch.nn.Module):

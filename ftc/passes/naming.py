@@ -39,7 +39,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
-from ftc.ir import Graph, Node, Ref, arg_refs, map_refs, unique_name
+from ftc.ir import Graph, Node, Ref, arg_refs, unique_name
 
 
 def _statements(path: Path) -> dict[int, ast.stmt]:
@@ -330,21 +330,8 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         taken.discard(node.name)
         renames[node.name] = unique_name(base, taken)
 
-    def rename(ref: Ref) -> Ref:
-        return Ref(renames.get(ref.name, ref.name))
-
-    nodes = [
-        replace(
-            node,
-            name=renames.get(node.name, node.name),
-            label=labels.get(node.name, node.label),
-            args=map_refs(node.args, rename),
-            kwargs=map_refs(node.kwargs, rename),
-        )
-        for node in graph.nodes
-    ]
-    outputs = replace(graph.outputs, values=[rename(ref) for ref in graph.outputs.values])
-    return replace(graph, nodes=nodes, outputs=outputs)
+    nodes = [replace(node, label=labels.get(node.name, node.label)) for node in graph.nodes]
+    return replace(graph, nodes=nodes).renamed(renames)
 
 
 _OPERATOR_NAMES = {
