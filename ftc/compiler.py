@@ -215,14 +215,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
             f"cannot split the {problem.size} ops of {name!r} into {options.stages} stages",
             f"use --stages {problem.size} or fewer",
         )
-    notes += _glue_notes(problem, options.stages) + _coarsening_notes(problem, options.stages)
-    kept = cut_candidates(problem, options.stages)
-    runs = problem.max_stages() if kept is None else len(kept)
-    if options.blocks is not None and options.blocks > runs:
-        # mpipe cannot cut finer than the graph allows (or, coarsened, than the cuts it considers):
-        # it coarsens into as many blocks as that.
-        notes.append(f"note: --blocks {options.blocks} is more than the {runs} runs of ops "
-                     f"{name!r} can be cut into: mpipe packed {runs} blocks")  # fmt: skip
+    notes += _glue_notes(problem, options.stages) + _cut_notes(problem, options, name)
     if options.refine:
         graph, problem, result, note = _refine(graph, model_file, options)
         notes.append(note)
@@ -262,14 +255,23 @@ def _kept_from_recompute(problem: Problem, result, policy: str) -> list[str]:
     return notes
 
 
-def _coarsening_notes(problem: Problem, stages: int) -> list[str]:
-    """A note where the partitioner cannot consider every allowed cut (coarsen.py)."""
-    kept = cut_candidates(problem, stages)
+def _cut_notes(problem: Problem, options: CompileOptions, name: str) -> list[str]:
+    """Notes where the partitioner cannot consider every allowed cut (coarsen.py), and where
+    --blocks asks mpipe for more blocks than it can cut."""
+    kept = cut_candidates(problem, options.stages)
     allowed = problem.max_stages() - 1
-    if kept is None or len(kept) - 1 >= allowed:
-        return []
-    return [f"note: {problem.size:,} ops with {allowed:,} places to cut: the partitioner considers {len(kept) - 1:,} "
-            "of them (the block boundaries, and per equal share of the time the one that moves the fewest bytes)"]  # fmt: skip
+    runs = allowed + 1 if kept is None else len(kept)
+    notes = []
+    if runs - 1 < allowed:
+        notes.append(f"note: {problem.size:,} ops with {allowed:,} places to cut: the partitioner considers "
+                     f"{runs - 1:,} of them (the block boundaries, and per equal share of the time the one that "
+                     "moves the fewest bytes)")  # fmt: skip
+    if options.blocks is not None and options.blocks > runs:
+        # mpipe cannot cut finer than the graph allows (or, coarsened, than the cuts it considers):
+        # it coarsens into as many blocks as that.
+        notes.append(f"note: --blocks {options.blocks} is more than the {runs} runs of ops "
+                     f"{name!r} can be cut into: mpipe packed {runs} blocks")  # fmt: skip
+    return notes
 
 
 def _glue_notes(problem: Problem, stages: int) -> list[str]:

@@ -78,8 +78,8 @@ def _crossing_bytes(problem: Problem) -> np.ndarray:
 def coarsened(problem: Problem, starts: np.ndarray) -> Problem:
     """The problem whose op k is the run of ops starts[k] .. starts[k+1]-1 of `problem`, named
     after its first op. A stage of whole runs costs and holds there what it does in `problem`."""
-    n, size = problem.size, len(starts)
-    run_of = np.repeat(np.arange(size), np.diff(np.append(starts, n)))
+    n = problem.size
+    run_of = _run_of(starts, n)
 
     def summed(values: np.ndarray) -> np.ndarray:
         return np.add.reduceat(values, starts) if values.size else values
@@ -127,5 +127,9 @@ def coarsened(problem: Problem, starts: np.ndarray) -> Problem:
 
 def expanded(result: Partition, starts: np.ndarray, size: int) -> Partition:
     """A partition of a coarsened problem as one of the problem it was made from."""
-    run_of = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, size)))
-    return Partition(result.stage_of[run_of], list(result.devices), list(result.recompute))
+    return Partition(result.stage_of[_run_of(starts, size)], list(result.devices), list(result.recompute))
+
+
+def _run_of(starts: np.ndarray, size: int) -> np.ndarray:
+    """run_of[k]: the run that holds op k of `size` ops, runs starting at `starts`."""
+    return np.repeat(np.arange(len(starts)), np.diff(np.append(starts, size)))
