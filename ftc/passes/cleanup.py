@@ -42,9 +42,9 @@ def eliminate_dead_code(graph: Graph, hooked: frozenset[str] = frozenset()) -> G
     kept = []
     for node in reversed(graph.nodes):
         removable = (
-            (node.op in ("get_attr", "call_function", "call_method") or _plain_layer_call(graph, node, hooked))
-            and readers[node.name] == 0
+            readers[node.name] == 0
             and node.name not in outputs
+            and (node.op in ("get_attr", "call_function", "call_method") or _plain_layer_call(graph, node, hooked))
             and not node.updates
             and (node.mutates is None or _changes_only_an_unread_copy(node, copies, readers, outputs))
             and not draws_random(node.target)
