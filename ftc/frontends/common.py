@@ -6,6 +6,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import io
+import logging
 import operator
 import sys
 from collections.abc import Iterator
@@ -409,3 +411,17 @@ def constant_from_tensor(t: torch.Tensor, where: str) -> tuple[list, str]:
             "or compute it from the inputs inside forward",
         )
     return t.detach().cpu().tolist(), dtype_name(t.dtype)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """torch.export logs warnings and prints whole graphs when it gives up; our error says what
+    matters, so keep its output off the user's terminal."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
