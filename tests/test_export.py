@@ -1929,7 +1929,7 @@ def test_an_assert_that_no_value_is_nan_reads_as_all_finite(tmp_path, compile_to
 def test_an_unproven_batch_equation_is_tried_where_a_min_with_a_constant_turns():
     """Llama 4's `Eq(16*s0*Min(32, 512*s0), 512*s0)` holds at every batch size; `Min(64, s0)`
     holds up to 64 only, past the 4 x 8 sizes first tried, and must not be taken as holding."""
-    from ftc.frontends.export import _holds_at_sizes, _trial_sizes
+    from ftc.frontends.export_program import _holds_at_sizes, _trial_sizes
 
     assert _holds_at_sizes("Eq(16*s0*Min(32, 512*s0), 512*s0)", _trial_sizes(8))
     assert not _holds_at_sizes("Eq(Min(64, s0), s0)", _trial_sizes(8))
