@@ -4,7 +4,7 @@ is traced in.
 export runs forward's Python, so a branch on `self.training` (transformers' SwinDropPath:
 `if not self.training: return hidden_states`) leaves only the ops of the side training mode
 took, and the stages compute those in eval() too. The model's own classes are read for such
-branches (export.training_branches); library code is not the model's to read line by line, and
+branches (training_branches.py); library code is not the model's to read line by line, and
 most of its reads of the flag are harmless (`self.gradient_checkpointing and self.training`, a
 dropout probability that ftc writes back as the stage's mode). So where a library class reads
 the flag at all, forward runs once in each mode on the tracing's fake tensors (no export: a
@@ -15,7 +15,7 @@ The search also runs where the model's own modules read the flag. Where the call
 the call of a module without weights (SwinDropPath's, a hand-written DropPath's), the frontends
 keep that call whole (export.py: a preserved call signature; fx.py: a leaf module), so the stage
 calls the module and follows its mode; the library's others are named here, the model's own
-from its source (export.training_branches) or by fx's reads of the flag.
+from its source (training_branches.py) or by fx's reads of the flag.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _own_line(call: _Call, code: CodeFiles) -> str | None:
 def branch_notes(branches: list[ModeBranch], model_file: ModelFile) -> list[str]:
     """A note for each class whose modules' calls take library branches on self.training that
     the stages keep as traced in training mode, naming them and saying what to do (the model's
-    own are named from its source: export.training_branches)."""
+    own are named from its source: training_branches.py)."""
     return [
         f"{model_file.class_name(owner)} ({modules}) computes other ops in eval mode than in training mode, from "
         f"{lines} on (a branch on self.training in the library): to evaluate with the stages, build the model so "
@@ -193,7 +193,7 @@ def _library_line(call: _Call, code: CodeFiles) -> str | None:
     file (one CodeFiles names, or a library function's that the model's code called), or, where
     the model's own code made it, in a method of the library module class whose call made it
     (torch's spectral_norm, in torch's files, which CodeFiles names none of); None where the
-    call is the model's own (export.training_branches reads its branches)."""
+    call is the model's own (training_branches.py reads its branches)."""
     for frame_code, line, module_name in call.frames:
         name = code.name(frame_code.co_filename)
         if name:
@@ -215,7 +215,7 @@ def _library_line(call: _Call, code: CodeFiles) -> str | None:
 def library_reads_training(model: torch.nn.Module, code: CodeFiles) -> bool:
     """Whether a method of the class of one of the model's modules, or of a base class, other
     than torch.nn's layers', reads an attribute `training` where it is defined in a library, or
-    where it is the model's own (whose branches export.training_branches reads from the source)
+    where it is the model's own (whose branches training_branches.py reads from the source)
     and names a library's function or module, which may take the flag (timm's `drop_path(x, p,
     self.training)`)."""
     classes = dict.fromkeys(cls for module in model.modules() for cls in type(module).__mro__)
