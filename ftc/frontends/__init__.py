@@ -24,7 +24,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from ftc.ir import FtcError, Graph, unique_name
 from ftc.passes.naming import default_label
 from ftc.runtime.mode import train_model
-from ftc.runtime.materialize import built_values
+from ftc.runtime.replay import built_values
 from ftc.runtime.model_file import ModelFile
 
 from .common import quiet, user_source

@@ -39,7 +39,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ftc.interpreter import fetch_attr
 from ftc.ir import Constant, FtcError, Graph, Node, Outputs, Ref, TorchExpr, unique_name
-from ftc.runtime.materialize import built_values
+from ftc.runtime.replay import built_values
 from ftc.runtime.model_file import ModelFile
 
 from .aten import DROPPED, OUTPUT_NAMES, WHOLE_CALLS, Call, lower, module_call, op_key, output_name, whole_view
