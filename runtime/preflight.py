@@ -5,6 +5,7 @@ stage, or a checkpoint that cannot be written after an hour of training."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,8 +14,48 @@ import torch
 from ftc.ir import FtcError
 
 from .config import Config
+from .faults import check_fault_rank
 from .model_file import ModelFile
 from .pipeline import Pipeline
+
+
+def check_run(config: Config, pipeline: Pipeline, model_file: ModelFile, rank: int, world_size: int) -> None:
+    """What the config, the pipeline and the model file say together, before anything is built:
+    mistakes raise; rank 0 prints warnings for what may not be meant."""
+    if config.mode == "dist" and pipeline.num_devices != world_size:
+        raise FtcError(f"{pipeline.folder} places its stages on {pipeline.num_devices} devices, "
+                       f"but {world_size} processes run", "set nprocs to the number of pipeline devices")  # fmt: skip
+    recorded = pipeline.manifest.get("model_file_sha256")
+    if rank == 0 and recorded is not None and recorded != model_file.digest():
+        print(f"ftc train: warning: {model_file.path} is not the model file {pipeline.folder} was compiled from "
+              "(it changed since, or is another file): the stages run the code of compile time, and only the values "
+              "passed between stages are checked\n  fix: recompile with `ftc compile`; `ftc check` compares the "
+              "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
+    if config.nprocs is not None and config.mode != "dist":
+        print(f"ftc train: warning: config {config.source}: nprocs ({config.nprocs}) applies to mode dist; mode "
+              f"{config.mode} runs in this one process", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and config.mode == "single" and config.schedule == "async":
+        print("ftc train: note: mode single trains the original model synchronously: schedule async applies to "
+              "modes local and dist", file=sys.stderr, flush=True)  # fmt: skip
+    if rank == 0 and config.mode != "single":
+        for line in memory_plan_differences(config, pipeline):
+            print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+    check_fault_rank(config, world_size if config.mode == "dist" else 1)
+    check_unpacked_inputs(pipeline)
+    check_micro_batch_size(config, pipeline)
+    check_trainable(pipeline, model_file)
+    if rank == 0:
+        check_writable(config)
+
+
+def warmup_warnings(config: Config) -> list[str]:
+    """A warmup as long as the run (steps known, which epochs may decide) never reaches the
+    configured learning rate."""
+    if not config.lr_schedule.warmup_steps >= config.steps > 0:
+        return []
+    return [f"config {config.source}: lr_schedule.warmup_steps ({config.lr_schedule.warmup_steps}) is not below steps "
+            f"({config.steps}): the learning rate never reaches optimizer.lr ({config.optimizer.lr:g}), and no decay "
+            "follows"]  # fmt: skip
 
 
 def check_trainable(pipeline: Pipeline, model_file: ModelFile) -> None:

@@ -7,9 +7,24 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import checkpoint
 from .config import Config
+from .pipeline import Pipeline
+
+
+def headline(config: Config, pipeline: Pipeline, world_size: int, dataset: Any, trained: int | None) -> str:
+    """The line rank 0 prints before the first step: what trains, how, and on which data
+    (`trained`: how many of the data set's samples training draws from)."""
+    epochs = f" ({counted(config.epochs, 'epoch')})" if config.epochs is not None else ""
+    held_out = f", the last {len(dataset) - trained} held out for eval" if dataset is not None and config.eval.every else ""
+    return (f"{pipeline.name}: mode {config.mode}, {counted(world_size, 'process', 'processes')}, "
+            f"{counted(len(pipeline.stages), 'stage')}, schedule {config.schedule}{async_settings(config)}, "
+            f"{'bf16 autocast, ' if config.precision == 'bf16' else ''}"
+            f"batch {config.batch_size} = {counted(config.micro_batches, 'micro-batch', 'micro-batches')}"
+            f"{f' x {config.step_every} per step' if config.step_every > 1 else ''}, {counted(config.steps, 'step')}{epochs}, "
+            f"data {config.data['name']}" + (f" ({len(dataset)} samples{held_out})" if dataset is not None else ""))  # fmt: skip
 
 
 class Progress:

@@ -5,6 +5,7 @@ time is reported as such, not as a broken message."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import torch.distributed as dist
@@ -12,7 +13,16 @@ import torch.distributed as dist
 from ftc.ir import FtcError
 
 from .comm import PeerFailure, peer_reason, timed_out
+from .config import Config
 from .data import Sampler, fingerprint
+
+
+def new_setup_group(config: Config) -> Any:
+    """Mode dist: the process group of the set-up waits (None in the other modes). Made while
+    the ranks are in step: new_group is collective."""
+    if config.mode != "dist":
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=config.setup_timeout_s))
 
 
 def gather_setup(group: Any, mine: Any, world_size: int) -> list[Any]:
