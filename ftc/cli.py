@@ -252,7 +252,8 @@ def _print_check(report) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ftc.runtime.config import load_config
-    from ftc.runtime.train import summary, train
+    from ftc.runtime.results import summary
+    from ftc.runtime.train import train
     from ftc.runtime.checkpoint import left_to_resume
     from ftc.runtime.worker import Stopped, launch
 

@@ -13,6 +13,7 @@ step folder is removed whole (moved aside first), so a run stopped meanwhile lea
 lacks files.
 Weights load by key, from whichever shard holds them; a parameter tied across ranks (the same
 key in two shards) is stored by both and merged into one copy.
+What a training run puts into its shards, and how it resumes from them, is resume.py's.
 """
 
 from __future__ import annotations
@@ -96,14 +97,14 @@ def save_shard(root: Path, step: int, rank: int, modules: list[torch.nn.Module],
 
 
 def write_manifest(root: Path, step: int, world_size: int, run: str, extra: dict, keep: int | None = None) -> None:
-    """Rank 0, once every rank's shard is complete (train.save waits for that): mark the step
+    """Rank 0, once every rank's shard is complete (resume.save waits for that): mark the step
     complete and move it into place (replacing an earlier run's folder of the same step), then
     remove the checkpoints of earlier runs (those whose manifest names another `run`) and, with
     `keep`, all but this run's latest `keep`."""
     folder = staging_folder(root, step)
     missing = [rank for rank in range(world_size) if not (folder / f"rank-{rank}.pt").is_file()]
     if missing:
-        # Every rank has written its shard by now (train.save waits for them): where it is not
+        # Every rank has written its shard by now (resume.save waits for them): where it is not
         # here, it went to another folder of that name, on another machine's disk.
         raise FtcError(f"checkpoint at step {step}: ranks {missing} wrote no shard into {folder}, though they "
                        "reported their shards written",

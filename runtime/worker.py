@@ -39,10 +39,15 @@ from ftc.ir import FtcError
 
 from .comm import PeerFailure
 from .config import Config, load_config
+from .faults import check_fault_rank
 from .pipeline import load_pipeline
 from .model_file import load_model_file
+from .preflight import check_micro_batch_size, check_trainable
+from .progress import Status
+from .rank import training_device
 from .relay import OutputRelay, send_output
-from .train import Results, Status, check_fault_rank, check_micro_batch_size, check_trainable, resolve_loss, train, training_device
+from .results import Results
+from .train import resolve_loss, train
 
 
 class Stopped(Exception):

@@ -2,7 +2,7 @@
 plain PyTorch on the ORIGINAL model, with no ftc engine, stage module or staleness code.
 
 From ftc it takes only what defines the run, not how the pipeline executes it: the config
-(ftc.runtime.config), the initial weights as mode "single" builds them (train.build_single), the
+(ftc.runtime.config), the initial weights as mode "single" builds them (reference.build_single), the
 data (data.build_dataset, Sampler, load_batch), the optimizer's settings (optim.build_optimizer),
 the learning-rate schedule (optim.lr_factor), the global order of a segment's actions (the
 textbook 1F1B order, from ftc's simulator: schedule.simulate with policy IN_ORDER, as the
@@ -67,7 +67,7 @@ from ftc.runtime.optim import build_optimizer, lr_factor
 from ftc.runtime.pipeline import Pipeline, load_pipeline
 from ftc.runtime.schedule import BACKWARD, FORWARD, IN_ORDER, Action, simulate
 from ftc.runtime.seeding import seeded
-from ftc.runtime.train import build_single
+from ftc.runtime.reference import build_single
 
 
 @dataclass

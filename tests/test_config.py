@@ -241,7 +241,7 @@ def test_training_outside_the_memory_plan_is_named(tmp_path):
 
     from ftc.compiler import CompileOptions, compile_model
     from ftc.runtime import load_pipeline
-    from ftc.runtime.train import memory_plan_differences
+    from ftc.runtime.preflight import memory_plan_differences
 
     options = CompileOptions(stages=2, batch_size=8, memory_limit=10**9, schedule="1f1b", micro_batches=2, optimizer="sgd")
     pipeline = load_pipeline(compile_model(ROOT / "examples" / "mlp.py", tmp_path, options).folder)

@@ -28,7 +28,8 @@ from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
 from ftc.runtime.model_file import load_model_file
-from ftc.runtime.train import build_single, train
+from ftc.runtime.reference import build_single
+from ftc.runtime.train import train
 from ftc.runtime.worker import launch
 
 from .async_reference import async_reference

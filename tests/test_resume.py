@@ -23,7 +23,8 @@ from ftc.compiler import CompileOptions, compile_model
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
-from ftc.runtime.train import summary, train
+from ftc.runtime.results import summary
+from ftc.runtime.train import train
 
 from .conftest import MODELS
 
@@ -217,7 +218,7 @@ def test_the_loss_curve_of_losses_at_or_below_zero_is_not_log_scaled(tmp_path):
     """On a log scale they vanished from the curve (matplotlib: 'Data has no positive values')."""
     import warnings
 
-    from ftc.runtime.train import Results, plot_loss
+    from ftc.runtime.results import Results, plot_loss
 
     results = Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=[-1.0, -2.0, -3.0])
     with warnings.catch_warnings():
@@ -230,7 +231,7 @@ def test_the_loss_curve_is_log_scaled_only_over_a_decade(tmp_path, monkeypatch):
     """Within a decade a log scale showed little but tick labels such as 2.4×10⁰."""
     import matplotlib.axes
 
-    from ftc.runtime.train import Results, plot_loss
+    from ftc.runtime.results import Results, plot_loss
 
     scales, set_yscale = [], matplotlib.axes.Axes.set_yscale
     monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale",
@@ -242,7 +243,7 @@ def test_the_loss_curve_is_log_scaled_only_over_a_decade(tmp_path, monkeypatch):
 
 def test_the_loss_curve_takes_the_format_its_path_names(tmp_path):
     """A plot path of loss.pdf or loss.svg held PNG bytes under that name."""
-    from ftc.runtime.train import Results, plot_loss
+    from ftc.runtime.results import Results, plot_loss
 
     results = Results({"pipeline": "p", "schedule": "1f1b"}, "local", 1, 0, loss=[3.0, 2.0])
     for name, start in [("loss.pdf", b"%PDF"), ("loss.svg", b"<?xml"), ("loss.curve", b"\x89PNG")]:

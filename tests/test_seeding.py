@@ -21,7 +21,8 @@ from ftc.ir import FtcError
 from ftc.runtime import checkpoint, load_model_file, load_pipeline
 from ftc.runtime.config import load_config
 from ftc.runtime.materialize import build_stages
-from ftc.runtime.train import build_single, train
+from ftc.runtime.reference import build_single
+from ftc.runtime.train import train
 from ftc.runtime.worker import launch
 
 from .conftest import assert_local_trains_like_single

@@ -238,7 +238,7 @@ def build_model():
 
 
 def test_the_summary_of_a_one_step_run_says_step():
-    from ftc.runtime.train import Results, summary
+    from ftc.runtime.results import Results, summary
 
     line = summary(Results({}, "local", 1, 0, loss=[1.5])).splitlines()[0]
     assert line == "final loss 1.5000 (mean of the last 1 step 1.5000) after 1 step"
@@ -462,7 +462,7 @@ def test_extreme_eval_fractions_warn_with_the_key_and_the_sizes(pipeline, capsys
 def test_a_one_step_run_says_its_throughput_is_not_measured(pipeline, capsys):
     """Throughput counts from the end of the first step (which pays for warm-up): a run of one
     step printed "0.0 samples/s", as if it had trained nothing."""
-    from ftc.runtime.train import summary
+    from ftc.runtime.results import summary
 
     _, folder = pipeline
     one = run(folder, steps=1)
