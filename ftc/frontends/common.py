@@ -7,9 +7,11 @@ import builtins
 import contextlib
 import dataclasses
 import operator
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -23,8 +25,26 @@ from ftc.runtime.model_file import ModelFile
 # that stops being readable, and the user should register a buffer instead.
 MAX_INLINE_CONSTANT = 1024
 
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
-_FTC_DIR = str(Path(__file__).resolve().parents[1])
+
+def _directory(path: Path) -> tuple[str, ...]:
+    """Prefixes of the files under a directory, as a frame's code names them (the path it was
+    imported by) and resolved, each ending in a separator so that a sibling package
+    (torchvision beside torch) is not taken for it."""
+    return tuple(dict.fromkeys(os.path.join(str(p), "") for p in (path, path.resolve())))
+
+
+# torch's and ftc's own files, which are never the model's code
+TORCH_FILES = _directory(Path(torch.__file__).parent)
+FTC_FILES = _directory(Path(__file__).parents[1])
+
+
+def callers(frame: FrameType | None, skipping: tuple[str, ...] = ()) -> Iterator[FrameType]:
+    """`frame` and the frames that called it, innermost first, without those running a file
+    under `skipping` (TORCH_FILES, FTC_FILES): the code that made a call a watcher intercepts."""
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(skipping):
+            yield frame
+        frame = frame.f_back
 
 
 # torch's public function namespaces whose functions are bound from torch._C._<namespace>
@@ -342,12 +362,12 @@ class CodeFiles:
         return None if {"site-packages", "dist-packages"} & set(relative.parts) else relative.as_posix()
 
     def _name(self, filename: str) -> str:
-        if filename.startswith((_TORCH_DIR, _FTC_DIR)) or not filename.endswith(".py"):
+        if filename.startswith(TORCH_FILES + FTC_FILES) or not filename.endswith(".py"):
             return ""
         path = Path(filename).resolve()
         # torch's own passes name their frames by a relative path ("torch/fx/passes/
         # runtime_assert.py"), which would resolve into the model's folder
-        if str(path).startswith((_TORCH_DIR, _FTC_DIR)) or not path.is_file():
+        if str(path).startswith(TORCH_FILES + FTC_FILES) or not path.is_file():
             return ""
         return self._own(path) or self.imported.get(path, "")
 
@@ -383,15 +403,13 @@ def user_frames(code: CodeFiles) -> list[str]:
     ends at ftc's own frame that started tracing, so a caller of ftc's (a test, a script beside
     the model file) is none of them."""
     frames: list[str] = []
-    frame = sys._getframe(1)
-    while frame is not None:
+    for frame in callers(sys._getframe(1)):
         filename = frame.f_code.co_filename
-        if frames and filename.startswith(_FTC_DIR):
+        if frames and filename.startswith(FTC_FILES):
             break
         name = code.name(filename)
         if name:
             frames.append(f"{name}:{frame.f_lineno}")
-        frame = frame.f_back
     return frames[::-1]
 
 
