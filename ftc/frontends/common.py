@@ -33,6 +33,9 @@ def _directory(path: Path) -> tuple[str, ...]:
     return tuple(dict.fromkeys(os.path.join(str(p), "") for p in (path, path.resolve())))
 
 
+# Folders of installed packages, which a model file's folder may hold (a virtual environment).
+INSTALLED_PACKAGES = ("site-packages", "dist-packages")
+
 # torch's and ftc's own files, which are never the model's code
 TORCH_FILES = _directory(Path(torch.__file__).parent)
 FTC_FILES = _directory(Path(__file__).parents[1])
@@ -331,7 +334,15 @@ class CodeFiles:
     their path below the sys.path entry they were imported from, which their module's name
     spells: "transformers/models/gpt2/modeling_gpt2.py"). torch's own files, ftc's and the
     standard library's are not the model's code; nor is a file no module class of the model
-    comes from (a library function the model calls: its ops take the caller's line)."""
+    comes from (a library function the model calls: its ops take the caller's line).
+
+    profiling/measure.py's local_sources, the files whose contents key a measured profile, is
+    another set on purpose: it lists the files the model file imports, found from its imports
+    (a file in the folder that nothing imports, a test or a script, changes no profile), up to
+    the package that holds the model file (a sibling subpackage's helper too), and never an
+    installed library's (the traced graph and torch's version key those); this tells any file a
+    frame runs, within the model file's folder only, library files of module classes included,
+    for naming lines."""
 
     def __init__(self, model_file: ModelFile, model: torch.nn.Module | None = None):
         self.model_dir = model_file.path.resolve().parent
@@ -359,7 +370,7 @@ class CodeFiles:
             return None
         relative = path.relative_to(self.model_dir)
         # not a package installed into an environment in the model's folder (.venv)
-        return None if {"site-packages", "dist-packages"} & set(relative.parts) else relative.as_posix()
+        return None if set(INSTALLED_PACKAGES) & set(relative.parts) else relative.as_posix()
 
     def _name(self, filename: str) -> str:
         if filename.startswith(TORCH_FILES + FTC_FILES) or not filename.endswith(".py"):
