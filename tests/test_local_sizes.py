@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from .conftest import assert_local_trains_like_single
 from .test_equivalence import assert_check_passes
+
+MODELS = Path(__file__).parent / "models"
 
 CONVS_THEN_VIEW = """
 import torch
@@ -99,3 +102,24 @@ def test_a_size_stays_where_it_is_made_while_a_stage_without_a_tensor_to_take_it
     image = torch.randn(5, 3)
     for got, expected in zip(Interpreter(local, torch.nn.Module()).run((image,)), (image.relu(), torch.zeros(5))):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_sizes_fx_records_as_items_of_a_shape_are_taken_off_a_later_stages_own_tensor(compile_to):
+    """fx records `x.shape[0]` and `x.size()[0]` as an item of the tensor's shape (a getattr of
+    `shape` or a call of `size` without a dimension, then getitem), and `unpacked, width =
+    x.shape` as two items of one: the last stage received each batch size as a Python int from
+    stage 0. It now takes them off a tensor it has (`x.size(-2)` too); a shape only the moved
+    items read moves with them, leaving no bare `x.shape` in stage 0; `width`, no batch
+    dimension, is still sent (only a batch dimension is equal on another tensor); and the stages
+    compute what the model computes at another batch size than the compile's."""
+    folder = compile_to(MODELS / "shape_items.py", 3, batch_size=4, frontend="fx", method="uniform")
+    manifest = json.loads((folder / "pipeline.json").read_text())
+    crossing = {name for stage in manifest["stages"] for name in stage["inputs"]}
+    assert {name for name in crossing if manifest["values"][name]["kind"] != "tensor"} == {"width"}, manifest["values"]
+    first = (folder / "stage0.py").read_text().split("def forward")[1]
+    assert not re.search(r"\n\s+x\.(shape|size\(\))\n", first), first
+    last = (folder / manifest["stages"][-1]["file"]).read_text().split("def forward")[1]
+    for size in ("batch", "rows", "counted_back", "unpacked"):
+        assert re.search(rf"\n\s+{size} = ", last), last
+    assert_check_passes(folder, batch_size=4)
+    assert_check_passes(folder, batch_size=3)

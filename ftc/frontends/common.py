@@ -9,9 +9,11 @@ import dataclasses
 import io
 import logging
 import operator
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -25,8 +27,29 @@ from ftc.runtime.model_file import ModelFile
 # that stops being readable, and the user should register a buffer instead.
 MAX_INLINE_CONSTANT = 1024
 
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
-_FTC_DIR = str(Path(__file__).resolve().parents[1])
+
+def _directory(path: Path) -> tuple[str, ...]:
+    """Prefixes of the files under a directory, as a frame's code names them (the path it was
+    imported by) and resolved, each ending in a separator so that a sibling package
+    (torchvision beside torch) is not taken for it."""
+    return tuple(dict.fromkeys(os.path.join(str(p), "") for p in (path, path.resolve())))
+
+
+# Folders of installed packages, which a model file's folder may hold (a virtual environment).
+INSTALLED_PACKAGES = ("site-packages", "dist-packages")
+
+# torch's and ftc's own files, which are never the model's code
+TORCH_FILES = _directory(Path(torch.__file__).parent)
+FTC_FILES = _directory(Path(__file__).parents[1])
+
+
+def callers(frame: FrameType | None, skipping: tuple[str, ...] = ()) -> Iterator[FrameType]:
+    """`frame` and the frames that called it, innermost first, without those running a file
+    under `skipping` (TORCH_FILES, FTC_FILES): the code that made a call a watcher intercepts."""
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(skipping):
+            yield frame
+        frame = frame.f_back
 
 
 # torch's public function namespaces whose functions are bound from torch._C._<namespace>
@@ -313,7 +336,15 @@ class CodeFiles:
     their path below the sys.path entry they were imported from, which their module's name
     spells: "transformers/models/gpt2/modeling_gpt2.py"). torch's own files, ftc's and the
     standard library's are not the model's code; nor is a file no module class of the model
-    comes from (a library function the model calls: its ops take the caller's line)."""
+    comes from (a library function the model calls: its ops take the caller's line).
+
+    profiling/measure.py's local_sources, the files whose contents key a measured profile, is
+    another set on purpose: it lists the files the model file imports, found from its imports
+    (a file in the folder that nothing imports, a test or a script, changes no profile), up to
+    the package that holds the model file (a sibling subpackage's helper too), and never an
+    installed library's (the traced graph and torch's version key those); this tells any file a
+    frame runs, within the model file's folder only, library files of module classes included,
+    for naming lines."""
 
     def __init__(self, model_file: ModelFile, model: torch.nn.Module | None = None):
         self.model_dir = model_file.path.resolve().parent
@@ -341,15 +372,15 @@ class CodeFiles:
             return None
         relative = path.relative_to(self.model_dir)
         # not a package installed into an environment in the model's folder (.venv)
-        return None if {"site-packages", "dist-packages"} & set(relative.parts) else relative.as_posix()
+        return None if set(INSTALLED_PACKAGES) & set(relative.parts) else relative.as_posix()
 
     def _name(self, filename: str) -> str:
-        if filename.startswith((_TORCH_DIR, _FTC_DIR)) or not filename.endswith(".py"):
+        if filename.startswith(TORCH_FILES + FTC_FILES) or not filename.endswith(".py"):
             return ""
         path = Path(filename).resolve()
         # torch's own passes name their frames by a relative path ("torch/fx/passes/
         # runtime_assert.py"), which would resolve into the model's folder
-        if str(path).startswith((_TORCH_DIR, _FTC_DIR)) or not path.is_file():
+        if str(path).startswith(TORCH_FILES + FTC_FILES) or not path.is_file():
             return ""
         return self._own(path) or self.imported.get(path, "")
 
@@ -385,15 +416,13 @@ def user_frames(code: CodeFiles) -> list[str]:
     ends at ftc's own frame that started tracing, so a caller of ftc's (a test, a script beside
     the model file) is none of them."""
     frames: list[str] = []
-    frame = sys._getframe(1)
-    while frame is not None:
+    for frame in callers(sys._getframe(1)):
         filename = frame.f_code.co_filename
-        if frames and filename.startswith(_FTC_DIR):
+        if frames and filename.startswith(FTC_FILES):
             break
         name = code.name(filename)
         if name:
             frames.append(f"{name}:{frame.f_lineno}")
-        frame = frame.f_back
     return frames[::-1]
 
 

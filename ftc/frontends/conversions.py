@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextlib
 import linecache
 import sys
-from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ftc.ir import FtcError
 
-_SKIPPED = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]))
+from .common import FTC_FILES, TORCH_FILES, callers
 
 
 @contextlib.contextmanager
@@ -71,9 +70,7 @@ def _conversion_refused(module: torch.nn.Module, tensor: torch.Tensor, fn) -> Ft
 
 def _caller() -> str:
     """' at file.py:LINE: source' of the innermost frame on the stack outside torch and ftc."""
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED):
-        frame = frame.f_back
+    frame = next(callers(sys._getframe(2), TORCH_FILES + FTC_FILES), None)
     if frame is None:
         return ""
     source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()

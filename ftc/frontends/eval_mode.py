@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import ModelFile
 
-from .common import CodeFiles, attributes_restored, importable_file
+from .common import CodeFiles, attributes_restored, callers, importable_file
 from .draws import trace_seeded
 
 # torch.nn's layers: ftc lowers each to a call of the layer, or writes the training flag it
@@ -343,12 +343,10 @@ class _Recorder(TorchFunctionMode):
 
     def _frames(self) -> list[tuple[Any, int, str]]:
         frames = []
-        frame = sys._getframe(2)
-        while frame is not None:
+        for frame in callers(sys._getframe(2)):
             frames.append((frame.f_code, frame.f_lineno, frame.f_globals.get("__name__", "")))
             if self.code.name(frame.f_code.co_filename):
                 break
-            frame = frame.f_back
         return frames
 
     def _text(self, value: Any) -> str:

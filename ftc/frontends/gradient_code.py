@@ -35,7 +35,7 @@ import torch
 from ftc.ir import FtcError, Graph
 from ftc.runtime.model_file import ModelFile
 
-from .common import CodeFiles, user_source
+from .common import TORCH_FILES, CodeFiles, callers, user_source
 
 # Tensor methods that attach a gradient callable to one tensor.
 GRADIENT_HOOKS = ("register_hook", "register_post_accumulate_grad_hook")
@@ -72,9 +72,7 @@ def _library_caller(frame, code: CodeFiles, model_file: ModelFile) -> tuple[str,
     """(' (in Class at file:LINE)', a further fix) for the innermost caller outside torch when it
     is a library's code, not the model's (transformers' BloomGelu applies its GeLUFunction);
     None when the model's own code made the call."""
-    torch_dir = Path(torch.__file__).parent
-    while frame is not None and Path(frame.f_code.co_filename).is_relative_to(torch_dir):
-        frame = frame.f_back
+    frame = next(callers(frame, TORCH_FILES), None)
     if frame is None or code.own(frame.f_code.co_filename):
         return None
     owner = frame.f_locals.get("self")
@@ -91,12 +89,10 @@ def _library_caller(frame, code: CodeFiles, model_file: ModelFile) -> tuple[str,
 def _leaf_caller(frame, model_file: ModelFile) -> str | None:
     """The class of the innermost LEAF_MODULES module whose method is on the stack, if any: under
     export, which traces into such modules, the call was made inside one."""
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if model_file.leaf_modules and isinstance(owner, model_file.leaf_modules):
-            return type(owner).__qualname__
-        frame = frame.f_back
-    return None
+    if not model_file.leaf_modules:
+        return None
+    owners = (frame.f_locals.get("self") for frame in callers(frame))
+    return next((type(owner).__qualname__ for owner in owners if isinstance(owner, model_file.leaf_modules)), None)
 
 
 @contextlib.contextmanager
@@ -138,7 +134,6 @@ def gradient_code_refused(model_file: ModelFile):
 
         return hook
 
-    torch_dir = Path(torch.__file__).parent
     original_backward = {(owner, attr): getattr(owner, attr) for _, owner, attr in BACKWARD_CALLS}
 
     def refuse_backward(prefix: str, owner, attr: str):
@@ -146,7 +141,7 @@ def gradient_code_refused(model_file: ModelFile):
 
         def backward(*args, **kwargs):
             # torch's own code may run a backward while tracing; code outside torch may not.
-            if not Path(sys._getframe(1).f_code.co_filename).is_relative_to(torch_dir):
+            if not sys._getframe(1).f_code.co_filename.startswith(TORCH_FILES):
                 where = user_source(model_file) or model_file.path.name
                 raise backward_refused(model_file, f"{prefix}.{attr}", where)
             return original(*args, **kwargs)

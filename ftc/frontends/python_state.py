@@ -24,7 +24,7 @@ import torch
 from ftc.ir import FtcError
 from ftc.runtime.model_file import ModelFile
 
-from .common import _FTC_DIR, CodeFiles, user_source
+from .common import FTC_FILES, CodeFiles, callers, user_source
 
 NUMBERS = (bool, int, float)
 
@@ -42,7 +42,7 @@ def python_state_refused(model_file: ModelFile) -> Iterator[None]:
         held = module.__dict__.get(name)
         changed = name != "training" and type(held) in NUMBERS and type(value) in NUMBERS and held != value
         # torch's own code may keep numbers on its modules; the model's code may not.
-        if changed and code.own(_caller_file()):
+        if changed and _called_from(code):
             raise FtcError(
                 f"{model_file.path}: forward changes {type(module).__qualname__}.{name}, a Python "
                 f"{type(held).__name__}, from {held!r} to {value!r} at {user_source(model_file, code)}: the stage code "
@@ -55,7 +55,7 @@ def python_state_refused(model_file: ModelFile) -> Iterator[None]:
         original_setattr(module, name, value)
 
     def parameter_watched(cls, *args, **kwargs):
-        if code.own(_caller_file()):
+        if _called_from(code):
             raise FtcError(
                 f"{model_file.path}: forward makes a parameter at {user_source(model_file, code)}: the model that "
                 "build_model() returns has no such parameter, and the stage code would make a new one at every call "
@@ -74,10 +74,8 @@ def python_state_refused(model_file: ModelFile) -> Iterator[None]:
         torch.nn.Parameter.__new__ = original_parameter
 
 
-def _caller_file() -> str:
-    """The file of the code that called the watched function, past ftc's own frames (another
-    watcher of assignments wraps this one: buffer_assignments.py)."""
-    frame = sys._getframe(2)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_FTC_DIR):
-        frame = frame.f_back
-    return frame.f_code.co_filename
+def _called_from(code: CodeFiles) -> bool:
+    """Whether the code that called the watched function, past ftc's own frames (another watcher
+    of assignments wraps this one: buffer_assignments.py), is the model's own."""
+    caller = next(callers(sys._getframe(2), FTC_FILES), None)
+    return caller is not None and code.own(caller.f_code.co_filename)

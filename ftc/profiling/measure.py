@@ -81,6 +81,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils._pytree import tree_map
 
+from ftc.frontends.common import INSTALLED_PACKAGES
 from ftc.interpreter import Interpreter, copy_module, tensor_constant
 from ftc.ir import Cost, FtcError, Graph, Node, TensorMeta, map_refs
 from ftc.ir.serialize import node_to_dict, tensor_meta_to_dict
@@ -235,16 +236,18 @@ def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) 
     }
 
 
-# Folders of installed packages, which a model file's folder may hold (a virtual environment):
-# what they run is keyed by the traced graph and torch's version, not by their files.
-INSTALLED = ("site-packages", "dist-packages")
 
 
 def local_sources(model_file: ModelFile) -> dict[str, str]:
     """The sha256 of each module the model file imports, directly or through another, from its
     own folder or package (a helper with its blocks or its loss), by path relative to that
     folder. An edit there that leaves the traced graph as it was (the loss the measured profile
-    times, a LEAF_MODULES class's forward) read back the old profile."""
+    times, a LEAF_MODULES class's forward) read back the old profile. Not frontends.common's
+    CodeFiles, on purpose: that tells whether a file a frame runs is the model's code, for
+    naming lines (any file in the model file's folder, imported or not, and the installed
+    files of the model's module classes); this lists the files to hash, found from the model
+    file's imports (so an unrelated script beside it changes no key), up to the package that
+    holds the model file, and none installed (the graph and torch's version key those)."""
     module = model_file.module
     folder = model_file.path.resolve().parent
     # A model file in a package is imported as "outer.inner.model": its package's modules sit
@@ -282,7 +285,7 @@ def _local_file(module: ModuleType, root: Path) -> Path | None:
     if not path.is_file() or not path.is_relative_to(root):
         return None
     parts = path.relative_to(root).parts
-    return None if any(part in INSTALLED or part.startswith(".") for part in parts) else path
+    return None if any(part in INSTALLED_PACKAGES or part.startswith(".") for part in parts) else path
 
 
 def graph_digest(graph: Graph) -> str:
