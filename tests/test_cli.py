@@ -218,6 +218,12 @@ def test_a_torch_compiled_model_is_named_as_such(tmp_path, capsys, monkeypatch):
     assert_user_error(result, "build_model() returned a torch.compile'd model (Sequential wrapped in an OptimizedModule)")
 
 
+def test_merge_checkpoint_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    """A mistyped checkpoint folder was said to hold "no complete checkpoint", as if a run had failed."""
+    result = run_cli(["merge-checkpoint", tmp_path / "chekpoints"], capsys)
+    assert_user_error(result, f"{tmp_path / 'chekpoints'} does not exist", "fix: pass the checkpoint.dir of a training run")
+
+
 def test_missing_model_file(tmp_path, capsys):
     result = run_cli(["compile", tmp_path / "nowhere.py", "--stages", 2, "-o", tmp_path], capsys)
     assert_user_error(result, "nowhere.py does not exist")
