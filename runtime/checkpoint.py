@@ -266,6 +266,8 @@ def training_states(folder: Path) -> list[dict]:
 def merge(root: Path) -> tuple[int, dict[str, torch.Tensor]]:
     """The latest complete checkpoint under `root` (or the step folder `root` itself) as one
     state_dict of the original model."""
+    if not root.exists():
+        raise FtcError(f"{root} does not exist", "pass the checkpoint.dir of a training run, or one of its step-*/ folders")
     folder = root if (root / MANIFEST).is_file() else latest(root)
     if folder is None:
         raise FtcError(f"{root} holds no complete checkpoint (a step-*/ folder with {MANIFEST})",

@@ -146,6 +146,8 @@ class ModelFile:
                     (f"leave {key!r} out of example_inputs(): an input not given takes forward's default, which "
                      "ftc writes into the stage code (so a default of None stays None)")
                     if value is None and isinstance(batch, dict)
+                    else _nested_inputs_fix(value)
+                    if _holds_tensors(value)
                     else "pass only tensors; put other settings in build_model() or in forward's defaults",
                 )
         if device is not None:
@@ -159,6 +161,22 @@ class ModelFile:
         if module == self.module.__name__:
             module = self.stem
         return f"{module}.{cls.__qualname__}"
+
+
+def _holds_tensors(value: Any) -> bool:
+    """Whether an input is a container of tensors (a Lightning-style `batch` dict, a list of
+    tensors), which ftc takes only flattened into separate inputs."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return any(isinstance(item, torch.Tensor) for item in items)
+
+
+def _nested_inputs_fix(value: dict | tuple | list) -> str:
+    """How to give a container of tensors as inputs: its tensors become forward's parameters."""
+    if isinstance(value, dict):
+        names = ", ".join(map(str, value))
+        return (f"return the dict itself from example_inputs() (keyword inputs, not a tuple holding it) and give "
+                f"forward one parameter per key (def forward(self, {names})); data sets then yield that dict")
+    return "return its tensors from example_inputs() as separate positional inputs, one forward parameter each"
 
 
 def _plain_tensors_as_buffers(model: torch.nn.Module) -> None:

@@ -177,6 +177,11 @@ MODEL_FILE_ERRORS = {
     ),
     "not_a_module": (GOOD.replace("return nn.Sequential(", "return [").replace("nn.Linear(16, 4))", "nn.Linear(16, 4)]"), "not a torch.nn.Module"),
     "inputs_not_tensors": (GOOD.replace("(torch.randn(batch_size, 8),)", "([1, 2, 3],)"), "input 0 is a list, not a tensor"),
+    "inputs_batch_dict": (  # one Lightning-style batch dict given positionally: "pass only tensors" misled
+        GOOD.replace("(torch.randn(batch_size, 8),)", "({'image': torch.randn(batch_size, 8), 'scale': torch.rand(batch_size)},)"),
+        "input 0 is a dict, not a tensor\n  fix: return the dict itself from example_inputs() (keyword inputs, not a "
+        "tuple holding it) and give forward one parameter per key (def forward(self, image, scale))",
+    ),
     "inputs_none": (  # an optional input given as None: leaving it out is the fix
         GOOD.replace("(torch.randn(batch_size, 8),)", "{'input': torch.randn(batch_size, 8), 'mask': None}"),
         "fix: leave 'mask' out of example_inputs()",
@@ -211,6 +216,12 @@ def test_a_torch_compiled_model_is_named_as_such(tmp_path, capsys, monkeypatch):
     model = write(tmp_path, "compiled.py", text.replace("nn.Linear(16, 4))", "nn.Linear(16, 4)))"))
     result = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "out"], capsys)
     assert_user_error(result, "build_model() returned a torch.compile'd model (Sequential wrapped in an OptimizedModule)")
+
+
+def test_merge_checkpoint_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    """A mistyped checkpoint folder was said to hold "no complete checkpoint", as if a run had failed."""
+    result = run_cli(["merge-checkpoint", tmp_path / "chekpoints"], capsys)
+    assert_user_error(result, f"{tmp_path / 'chekpoints'} does not exist", "fix: pass the checkpoint.dir of a training run")
 
 
 def test_missing_model_file(tmp_path, capsys):
