@@ -90,7 +90,7 @@ class Interpreter:
             return outputs[0]
         if self.graph.outputs.kind == "dict":
             return dict(zip(self.graph.outputs.keys, outputs))
-        return tuple(outputs)
+        return outputs if self.graph.outputs.kind == "list" else tuple(outputs)
 
     def lookup(self, ref: Ref, reader: Node) -> Any:
         """The value `reader` gets for `ref`."""

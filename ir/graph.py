@@ -249,9 +249,9 @@ class Constant:
 
 @dataclass
 class Outputs:
-    """The structure of the model's output: one tensor, a tuple of them, or a dict of them."""
+    """The structure of the model's output: one tensor, a tuple or list of them, or a dict of them."""
 
-    kind: str  # "value" | "tuple" | "dict"
+    kind: str  # "value" | "tuple" | "list" | "dict"
     values: list[Ref]
     keys: list[str] = field(default_factory=list)  # for kind == "dict"
 

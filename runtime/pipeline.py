@@ -150,14 +150,14 @@ class Pipeline:
         )
 
     def assemble_output(self, values: dict[str, Any]) -> Any:
-        """The model's output structure (a value, tuple or dict) from values by name."""
+        """The model's output structure (a value, tuple, list or dict) from values by name."""
         structure = self.manifest["output_structure"]
         items = [values[name] for name in self.outputs]
         if structure["kind"] == "value":
             return items[0]
         if structure["kind"] == "dict":
             return dict(zip(structure["keys"], items))
-        return tuple(items)
+        return items if structure["kind"] == "list" else tuple(items)
 
 
 def load_pipeline(folder: str | Path) -> Pipeline:
@@ -220,8 +220,8 @@ def validate_manifest(manifest: dict, path: Path) -> None:
 
     check_keys(manifest, _TOP_LEVEL, "")
     structure = manifest["output_structure"]
-    if structure.get("kind") not in ("value", "tuple", "dict"):
-        raise bad("key 'output_structure'", "must have kind \"value\", \"tuple\" or \"dict\"")
+    if structure.get("kind") not in ("value", "tuple", "list", "dict"):
+        raise bad("key 'output_structure'", "must have kind \"value\", \"tuple\", \"list\" or \"dict\"")
     if structure["kind"] == "value" and len(manifest["outputs"]) != 1:
         raise bad("key 'output_structure'", f"is one value, but 'outputs' lists {len(manifest['outputs'])}")
     keys = structure.get("keys")

@@ -24,6 +24,8 @@ plain single-process training's losses (mode single, the truth) on each.
 - `returned_state`: forward returns a parameter, a buffer and a tensor made in forward as they
   are (`return h, self.temperature, ...`), an input no layer reads is given, and an input is
   returned as an output.
+- `list_output`: forward returns a list (deep supervision: every block's prediction), and
+  loss_fn uses it as one (`heads.pop()`), so the stages must hand loss_fn a list, not a tuple.
 
 `ftc check` must pass on each, too.
 """
@@ -36,6 +38,7 @@ import torch
 from ftc.check import check_pipeline
 from ftc.compiler import CompileOptions, compile_model
 from ftc.runtime.config import load_config
+from ftc.runtime.pipeline import load_pipeline
 from ftc.runtime.train import train
 
 HEADER = """
@@ -277,6 +280,33 @@ def loss_fn(output, target):
     h, temperature, center, ones, passed = output
     return F.mse_loss(h * temperature - center, target) + passed.mean() * ones.sum()
 """,
+    "list_output": """
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+
+    def forward(self, x):
+        predictions = []
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            predictions.append(x)
+        return predictions
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, D),)
+
+
+def example_targets(batch_size):
+    return torch.randn(batch_size, D)
+
+
+def loss_fn(output, target):
+    heads = output.copy()
+    final = heads.pop()
+    return F.mse_loss(final, target) + 0.1 * sum(F.mse_loss(head, target) for head in heads)
+""",
 }
 
 
@@ -295,3 +325,12 @@ def test_local_pipeline_matches_single_process(tmp_path, name):
         losses[mode] = train(config).loss
     assert len(losses["local"]) == 3
     torch.testing.assert_close(torch.tensor(losses["local"]), torch.tensor(losses["single"]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_list_output_reaches_loss_fn_as_a_list(tmp_path, frontend):
+    path = tmp_path / "list_output.py"
+    path.write_text(HEADER + MODELS["list_output"] + "\n\ndef build_model():\n    return Model()\n")
+    folder = compile_model(path, tmp_path / "generated", CompileOptions(stages=2, frontend=frontend)).folder
+    assert load_pipeline(folder).manifest["output_structure"]["kind"] == "list"
+    assert check_pipeline(folder).ok

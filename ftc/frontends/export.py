@@ -805,7 +805,7 @@ def _outputs(structure: TreeSpec, values: list, ref_of) -> Outputs:
     if flat and isinstance(structure.context, list) and container is not None and issubclass(container, dict):
         return Outputs("dict", refs, [str(key) for key in structure.context])
     if flat and container is not None and issubclass(container, (tuple, list)):
-        return Outputs("tuple", refs)
+        return Outputs("list" if issubclass(container, list) else "tuple", refs)
     nested = ""
     if isinstance(structure.context, list) and len(structure.context) == len(structure.children()):
         keys = [str(key) for key, child in zip(structure.context, structure.children()) if not child.is_leaf()]

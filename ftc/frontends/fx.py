@@ -552,7 +552,8 @@ def _outputs(structure: Any, ref_of) -> Outputs:
         return ref
 
     if isinstance(structure, (tuple, list)):
-        return Outputs("tuple", [value_ref(v, f"[{i}]") for i, v in enumerate(structure)])
+        kind = "list" if isinstance(structure, list) else "tuple"  # what loss_fn is given, as the model returns it
+        return Outputs(kind, [value_ref(v, f"[{i}]") for i, v in enumerate(structure)])
     if isinstance(structure, dict):
         return Outputs("dict", [value_ref(v, f"[{k!r}]") for k, v in structure.items()], [str(k) for k in structure])
     return Outputs("value", [value_ref(structure, "")])
