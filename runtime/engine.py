@@ -178,7 +178,7 @@ class Engine:
         """`modules`: stage index -> stage module, already on `device`; all stages in local mode,
         this rank's in distributed mode. `batch_size`: the global batch size, needed by ranks
         that get neither inputs nor targets in train_step (they size receive buffers from it).
-        `target_dims`: the targets' batch dimensions (data.target_batch_dims).
+        `target_dims`: the targets' batch dimensions (datasets.target_batch_dims).
 
         Schedule "async" (runtime/staleness.py): one run covers a segment of several steps, its
         `micro_batches` all of theirs; `stale` gives each stage forward its weights and updates

@@ -35,7 +35,7 @@ class SingleProcess:
         self.loss_fn = loss_fn
         self.micro_batches = micro_batches
         self.batch_dims = batch_dims  # input name -> its batch dimension (None: shared by all samples)
-        self.target_dims = target_dims  # the targets' batch dimensions (data.target_batch_dims)
+        self.target_dims = target_dims  # the targets' batch dimensions (datasets.target_batch_dims)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())

@@ -36,16 +36,15 @@ from . import checkpoint, shared_copies
 from .config import Config
 from .data import (
     Sampler,
-    build_dataset,
     epoch_steps,
     held_out_indices,
     load_batch,
     output_specs,
     split_held_out,
     synthetic_targets,
-    target_batch_dims,
     tree_map,
 )
+from .datasets import build_dataset, target_batch_dims
 from .engine import BatchStream, Engine, unique_parameters
 from .faults import inject_fault
 from .materialize import build_stages
@@ -77,7 +76,7 @@ class Plan:
     loss_fn: Callable
     me: Rank
     batch_dims: dict[str, int | None]  # input name -> its batch dimension (None: shared by all samples)
-    target_dims: Any  # the targets' batch dimensions (data.target_batch_dims)
+    target_dims: Any  # the targets' batch dimensions (datasets.target_batch_dims)
     outputs: Any  # synthetic targets shaped like the outputs, where the model file does not say what they are
     dataset: Any  # built already where epochs decide the steps, else None
 

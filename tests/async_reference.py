@@ -3,7 +3,7 @@ plain PyTorch on the ORIGINAL model, with no ftc engine, stage module or stalene
 
 From ftc it takes only what defines the run, not how the pipeline executes it: the config
 (ftc.runtime.config), the initial weights as mode "single" builds them (reference.build_single), the
-data (data.build_dataset, Sampler, load_batch), the optimizer's settings (optim.build_optimizer),
+data (datasets.build_dataset, Sampler, load_batch), the optimizer's settings (optim.build_optimizer),
 the learning-rate schedule (optim.lr_factor), the global order of a segment's actions (the
 textbook 1F1B order, from ftc's simulator: schedule.simulate with policy IN_ORDER, as the
 definition of that order, not of what happens in it), and from the compiled pipeline.json which
@@ -61,7 +61,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ftc.runtime.config import Config
-from ftc.runtime.data import Sampler, build_dataset, load_batch, output_specs, synthetic_targets
+from ftc.runtime.data import Sampler, load_batch, output_specs, synthetic_targets
+from ftc.runtime.datasets import build_dataset
 from ftc.runtime.model_file import load_model_file
 from ftc.runtime.optim import build_optimizer, lr_factor
 from ftc.runtime.pipeline import Pipeline, load_pipeline

@@ -29,7 +29,8 @@ from torch.utils._pytree import tree_leaves
 from ftc.runtime import load_model_file, load_pipeline
 from ftc.runtime.comm import LocalTransport
 from ftc.runtime.config import OptimizerConfig, StalenessConfig
-from ftc.runtime.data import load_batch, output_specs, synthetic, synthetic_targets, target_batch_dims
+from ftc.runtime.data import load_batch, output_specs, synthetic_targets
+from ftc.runtime.datasets import synthetic, target_batch_dims
 from ftc.runtime.engine import Engine, _DeviceRunner, unique_parameters
 from ftc.runtime.materialize import build_stages
 from ftc.runtime.optim import build_optimizer

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ftc.ir import FtcError
-from ftc.runtime.data import Sampler, build_dataset, collate, load_batch
+from ftc.runtime.data import Sampler, collate, load_batch
+from ftc.runtime.datasets import build_dataset
 from ftc.runtime.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]

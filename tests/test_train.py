@@ -29,7 +29,8 @@ from ftc.cli import main as cli_main
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
-from ftc.runtime.data import Sampler, build_dataset, load_batch
+from ftc.runtime.data import Sampler, load_batch
+from ftc.runtime.datasets import build_dataset
 from ftc.runtime.model_file import load_model_file
 from ftc.runtime.train import train
 from ftc.runtime.worker import _failure_report, launch

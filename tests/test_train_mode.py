@@ -16,7 +16,8 @@ import torch
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
 from ftc.runtime.config import load_config
-from ftc.runtime.data import Sampler, build_dataset, load_batch
+from ftc.runtime.data import Sampler, load_batch
+from ftc.runtime.datasets import build_dataset
 from ftc.runtime.mode import train_model
 from ftc.runtime.model_file import load_model_file
 from ftc.runtime.train import train
