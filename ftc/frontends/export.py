@@ -137,7 +137,8 @@ def trace_export(
     in_whole_call = {member for call in whole_calls.values() for member in call.members}
     # an item taken from an op's several outputs (an LSTM cell's h and c) computes nothing
     module_calls: set[fx.Node] = set()  # ops that became a call of their module
-    ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and not _dropped(n)
+    checks = _checks_only(program.graph)
+    ops_per_call = Counter(_call_key(n) for n in program.graph.nodes if n.op == "call_function" and n not in checks
                            and n.target is not operator.getitem)  # fmt: skip
     for fx_node in program.graph.nodes:
         where = f"node {fx_node.name!r}"
@@ -185,7 +186,7 @@ def trace_export(
             if fx_node in whole_calls:
                 nodes.extend(_layer_call(whole_calls[fx_node], model, modules, code, names, taken, ref_of))
                 continue
-            if fx_node in in_whole_call or (_dropped(fx_node) and not fx_node.users):
+            if fx_node in in_whole_call or fx_node in checks:
                 continue
             if _copies_onto_itself(fx_node):
                 # export writes a buffer that forward updated in place back onto itself
@@ -565,6 +566,20 @@ def _copies_onto_itself(fx_node: fx.Node) -> bool:
 
 def _dropped(fx_node: fx.Node) -> bool:
     return _is_aten(fx_node) and op_key(fx_node.target) in DROPPED
+
+
+def _checks_only(graph: fx.Graph) -> set[fx.Node]:
+    """The assertions export recorded (DROPPED, with no users) and the Python numbers computed only
+    for them: a library's `assert lengths.max().item() <= slen` (XLM) is `item`, `le` and
+    `_assert_scalar`; kept without its assertion, the `item` failed on the meta device, where the
+    model compiles and trains without the check of its input."""
+    checks: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if (_dropped(node) and not node.users) or (node.users and _is_size(node) and set(node.users) <= checks):
+            checks.add(node)
+    return checks
 
 
 def _call_key(fx_node: fx.Node) -> str:
