@@ -2275,3 +2275,57 @@ def test_an_input_left_none_only_while_traced_is_named_with_example_inputs_as_th
     path.write_text(MASK_FILLED_UNLESS_COMPILING.replace(
         '(batch_size, 8))}', '(batch_size, 8)), "attention_mask": torch.ones(batch_size, 8, dtype=torch.long)}'))  # fmt: skip
     assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)
+
+
+BIAS_OF_BATCH_ONE_WHILE_COMPILING = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None and not torch.compiler.is_compiling():
+            attention_mask = torch.ones(input_ids.shape)
+        return self.head(self.embed(input_ids) + self.bias_of(attention_mask, input_ids)).sum(1)
+
+    def bias_of(self, mask, ids):
+        side = torch.zeros(1, ids.shape[1], 1) if mask is None else mask[:, :, None]
+        return torch.cat([side, torch.zeros(ids.shape[0], ids.shape[1], 15)], dim=-1)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return {"input_ids": torch.randint(0, 32, (batch_size, 8))}
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_path_taken_while_traced_that_fails_on_a_size_names_the_input_where_it_was_asked(tmp_path, compile_to):
+    """transformers' LongT5 leaves attention_mask None while compiling (modeling_longt5.py:1335),
+    and fails far from there: a bias of batch 1 concatenated to one of the batch. The traced
+    error gives the batch as a symbol (`got s0`), the check run a number (`got 4`), so it was not
+    recognized and was refused with advice about data-dependent Python; and the input left None
+    is named at the line that asked, not where it failed. Passed, the model compiles."""
+    path = tmp_path / "masked.py"
+    path.write_text(BIAS_OF_BATCH_ONE_WHILE_COMPILING)
+    with pytest.raises(FtcError, match=r"forward fails only while it is traced \(RuntimeError: Sizes of tensors must "
+                       r"match.*\(at .*masked.py:\d+: if attention_mask is None and not "
+                       r"torch.compiler.is_compiling\(\):\) and then skips what it does otherwise: attention_mask "
+                       r"stays None there") as error:  # fmt: skip
+        compile_to(path, 2, frontend="export")
+    assert error.value.hint.startswith("pass attention_mask in example_inputs()")
+    path.write_text(BIAS_OF_BATCH_ONE_WHILE_COMPILING.replace(
+        '(batch_size, 8))}', '(batch_size, 8)), "attention_mask": torch.ones(batch_size, 8)}'))  # fmt: skip
+    assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)

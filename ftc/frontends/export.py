@@ -100,7 +100,7 @@ def trace_export(
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)
     sizes = contextlib.nullcontext() if sizes_written is None else _sizes_as_constants(model, model_file, sizes_written)
-    with sizes, _on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
+    with sizes, on_fake_device(model, (args, kwargs), TRACE_DEVICE) as (args, kwargs):
         # a module that branches on self.training is kept as one call where it can be, so that
         # the stages follow their mode there
         own_places = training_branches(model, model_file)
@@ -669,7 +669,7 @@ def _constant_property(
 
 
 @contextlib.contextmanager
-def _on_fake_device(model: torch.nn.Module, inputs: Any, device: torch.device):
+def on_fake_device(model: torch.nn.Module, inputs: Any, device: torch.device):
     """The meta model's parameters and buffers, and the meta `inputs`, as fake tensors on `device`
     (no memory) while the block runs; yields the fake inputs. Tied tensors stay one tensor."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)

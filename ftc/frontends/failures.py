@@ -25,7 +25,7 @@ from ftc.runtime.model_file import ModelFile, first_line, user_frame
 
 from .common import quiet
 from .draws import drawn_from
-from .export import not_a_tensor_output, trace_export
+from .export import TRACE_DEVICE, not_a_tensor_output, on_fake_device, trace_export
 from .fx import BufferAssigned, ConstantChanged, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced
 from .meta import fails_only_on_meta, missing_fake_kernel, plain_failure_fix
 
@@ -206,37 +206,80 @@ def compiling_path_failure(model_file: ModelFile, batch: tuple | dict, exc: Base
     """An error for a forward that fails only while it is traced, because code it runs takes
     another path then (transformers' `if attention_mask is None and not
     is_torchdynamo_compiling():` leaves the mask None while torch.export traces, and Switch
-    Transformers then subscripts it); None where forward, told that it is compiled
-    (torch.compiler.is_compiling()), runs or fails otherwise."""
+    Transformers then subscripts it, LongT5 concatenates a bias of batch 1 to one of the batch);
+    None where forward, told that it is compiled (torch.compiler.is_compiling()), runs or fails
+    otherwise. The inputs left None are read where the code asks and where it fails."""
     if type(exc).__module__.split(".")[0] == "torch":
         return None  # the tracer's own refusal, not the model's code failing
     model = model_file.build("meta")
     train_model(model, True, model_file.path)
+    asked: dict[str, list[str]] = {}  # "file:line: source" of each place that asked -> its names that are None
     is_compiling = torch.compiler.is_compiling
-    torch.compiler.is_compiling = lambda: True
+
+    def compiling() -> bool:
+        place, names = _asking_place(sys._getframe(1))
+        asked.setdefault(place, names)
+        return True
+
+    torch.compiler.is_compiling = compiling
     try:
-        with quiet():
-            model(**batch) if isinstance(batch, dict) else model(*batch)
+        # on the fake CPU tensors export traces on, so that code making CPU tensors runs as it did there
+        with quiet(), on_fake_device(model, batch, TRACE_DEVICE) as fake_batch:
+            model(**fake_batch) if isinstance(fake_batch, dict) else model(*fake_batch)
     except Exception as again:
-        if type(again) is not type(exc) or str(again) != str(exc):
+        if not _same_failure(again, exc):
             return None
-        none_names = _none_names(again)
+        none_names = [name for names in asked.values() for name in names] + _none_names(again)
     else:
         return None
     finally:
         torch.compiler.is_compiling = is_compiling
     inputs = inspect.signature(model.forward).parameters
-    missing = [name for name in none_names if name in inputs and (not isinstance(batch, dict) or name not in batch)]
+    missing = [name for name in dict.fromkeys(none_names)
+               if name in inputs and (not isinstance(batch, dict) or name not in batch)]  # fmt: skip
     fix = (f"pass {' and '.join(missing)} in example_inputs() (a key of its dict), so that the path forward takes "
            "while traced has it") if missing else (  # fmt: skip
         "give forward, in example_inputs(), the optional inputs that path reads (one left None there)")
+    where = f" (at {next(iter(asked))})" if asked else ""
     return FtcError(
         f"{model_file.path}: forward fails only while it is traced ({type(exc).__name__}: {first_line(exc, limit=120)}"
         f"{library_frame(exc, model_file.path) or user_frame(exc, model_file.path)}): code it runs asks whether it is "
-        "being compiled (torch.compiler.is_compiling(), transformers' is_torchdynamo_compiling()) and then skips "
-        "what it does otherwise" + (f": {', '.join(missing)} stays None there" if missing else ""),
+        f"being compiled (torch.compiler.is_compiling(), transformers' is_torchdynamo_compiling()){where} and then "
+        "skips what it does otherwise" + (f": {', '.join(missing)} stays None there" if missing else ""),
         fix,
     )
+
+
+def _asking_place(frame) -> tuple[str, list[str]]:
+    """'file:line: source' of the code that asked whether it is compiled, past the wrappers that
+    only return the answer (transformers' is_torchdynamo_compiling), and the names on that line
+    whose values are None there."""
+    source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    while source.startswith("return") and frame.f_back is not None:
+        frame = frame.f_back
+        source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    names = dict.fromkeys(re.findall(r"\b[A-Za-z_]\w*\b", source))
+    return (f"{frame.f_code.co_filename}:{frame.f_lineno}: {source}",
+            [name for name in names if name in frame.f_locals and frame.f_locals[name] is None])  # fmt: skip
+
+
+def _same_failure(again: BaseException, exc: BaseException) -> bool:
+    """Whether forward run outside the tracer failed as the traced one did: the same kind of
+    error at the same line of the model's or a library's code. Not by the message, which gives
+    sizes as symbols in the trace (`got s72`) and is worded otherwise by the kernels that run on
+    real sizes (`Expected size 1 but got size 4`)."""
+    return type(again) is type(exc) and _failing_line(again) == _failing_line(exc)
+
+
+def _failing_line(exc: BaseException) -> tuple[str, int] | None:
+    """(file, line) of the innermost traceback frame outside torch, ftc and Python's standard
+    library."""
+    skipped = [Path(torch.__file__).parent, Path(__file__).parents[1], Path(sysconfig.get_paths()["stdlib"])]
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = Path(frame.filename)
+        if not frame.filename.startswith("<") and not any(path.is_relative_to(root) for root in skipped):
+            return frame.filename, frame.lineno
+    return None
 
 
 def _none_names(exc: BaseException) -> list[str]:
