@@ -14,6 +14,7 @@ import sys
 import sysconfig
 import traceback
 from pathlib import Path
+from types import FrameType
 
 import torch
 import torch.nn.attention.flex_attention as flex_attention_module
@@ -152,17 +153,24 @@ def library_frame(exc: BaseException, model_path: Path, below_sys_path: bool = F
     Python's standard library when it is not in the model file: where a library the model file
     calls (transformers' modeling code, say) did what the tracer could not follow; '' otherwise.
     `below_sys_path` names the file by its path below its sys.path entry."""
+    frame = _innermost_outside(exc)
+    path = Path(frame.filename) if frame is not None else None
+    if path is None or path.resolve() == model_path.resolve():
+        return ""
+    shown = _below_sys_path(path) if below_sys_path else path
+    return f" (at {shown}:{frame.lineno}: {(frame.line or '').strip()})"
+
+
+def _innermost_outside(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch, ftc (its compiler and runtime) and Python's
+    standard library: the model's code or a library's it called."""
     skipped = [Path(torch.__file__).parent, Path(__file__).parents[1], Path(model_file_module.__file__).parent,
                Path(sysconfig.get_paths()["stdlib"])]  # fmt: skip
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = Path(frame.filename)
-        if frame.filename.startswith("<") or any(path.is_relative_to(root) for root in skipped):
-            continue
-        if path.resolve() == model_path.resolve():
-            return ""
-        shown = _below_sys_path(path) if below_sys_path else path
-        return f" (at {shown}:{frame.lineno}: {(frame.line or '').strip()})"
-    return ""
+        if not frame.filename.startswith("<") and not any(path.is_relative_to(root) for root in skipped):
+            return frame
+    return None
 
 
 def _below_sys_path(path: Path) -> str:
@@ -250,7 +258,7 @@ def compiling_path_failure(model_file: ModelFile, batch: tuple | dict, exc: Base
     )
 
 
-def _asking_place(frame) -> tuple[str, list[str]]:
+def _asking_place(frame: FrameType) -> tuple[str, list[str]]:
     """'file:line: source' of the code that asked whether it is compiled, past the wrappers that
     only return the answer (transformers' is_torchdynamo_compiling), and the names on that line
     whose values are None there."""
@@ -258,9 +266,7 @@ def _asking_place(frame) -> tuple[str, list[str]]:
     while source.startswith("return") and frame.f_back is not None:
         frame = frame.f_back
         source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-    names = dict.fromkeys(re.findall(r"\b[A-Za-z_]\w*\b", source))
-    return (f"{frame.f_code.co_filename}:{frame.f_lineno}: {source}",
-            [name for name in names if name in frame.f_locals and frame.f_locals[name] is None])  # fmt: skip
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}: {source}", _none_on_line(frame, frame.f_lineno)
 
 
 def _same_failure(again: BaseException, exc: BaseException) -> bool:
@@ -272,22 +278,18 @@ def _same_failure(again: BaseException, exc: BaseException) -> bool:
 
 
 def _failing_line(exc: BaseException) -> tuple[str, int] | None:
-    """(file, line) of the innermost traceback frame outside torch, ftc and Python's standard
-    library."""
-    skipped = [Path(torch.__file__).parent, Path(__file__).parents[1], Path(sysconfig.get_paths()["stdlib"])]
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        path = Path(frame.filename)
-        if not frame.filename.startswith("<") and not any(path.is_relative_to(root) for root in skipped):
-            return frame.filename, frame.lineno
-    return None
+    frame = _innermost_outside(exc)
+    return None if frame is None else (frame.filename, frame.lineno)
 
 
 def _none_names(exc: BaseException) -> list[str]:
     """The names on the failing line of the innermost frame whose values are None there."""
     frames = list(traceback.walk_tb(exc.__traceback__))
-    if not frames:
-        return []
-    frame, line = frames[-1]
+    return _none_on_line(*frames[-1]) if frames else []
+
+
+def _none_on_line(frame: FrameType, line: int) -> list[str]:
+    """The names on line `line` of `frame`'s code whose values are None in the frame."""
     source = linecache.getline(frame.f_code.co_filename, line)
     names = dict.fromkeys(re.findall(r"\b[A-Za-z_]\w*\b", source))
     return [name for name in names if name in frame.f_locals and frame.f_locals[name] is None]

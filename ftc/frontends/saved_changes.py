@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import networkx as nx
 import torch
 
-from ftc.ir import FtcError, Graph, Node
+from ftc.ir import FtcError, Graph, Node, dataflow
 from ftc.repeats import tensors_in
 
 from .state_writes import storage_key
@@ -61,17 +62,12 @@ def _output_ancestors(graph: Graph) -> set[str]:
     """The nodes whose values the model's outputs are computed from, the outputs included, taking
     every op that changes a tensor in place as one (`a.relu_()`: later ops read `a`, not its
     value)."""
-    nodes = {node.name: node for node in graph.nodes}
-    reached = set()
-    pending = [ref.name for ref in graph.outputs.values]
-    pending += [node.name for node in graph.nodes if node.mutates is not None or node.updates]
-    while pending:
-        name = pending.pop()
-        if name in reached or name not in nodes:
-            continue
-        reached.add(name)
-        pending.extend(nodes[name].refs())
-    return reached
+    dag = dataflow(graph)
+    roots = [ref.name for ref in graph.outputs.values]
+    roots += [node.name for node in graph.nodes if node.mutates is not None or node.updates]
+    sink = object()  # one node every root feeds, so that one search finds them all
+    dag.add_edges_from((root, sink) for root in roots)
+    return nx.ancestors(dag, sink)
 
 
 def _where(node: Node) -> str:
