@@ -5,7 +5,6 @@ stage, or a checkpoint that cannot be written after an hour of training."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .config import Config
 from .faults import check_fault_rank
 from .model_file import ModelFile
 from .pipeline import Pipeline
+from .progress import warn
 
 
 def check_run(config: Config, pipeline: Pipeline, model_file: ModelFile, rank: int, world_size: int) -> None:
@@ -27,19 +27,18 @@ def check_run(config: Config, pipeline: Pipeline, model_file: ModelFile, rank: i
                        f"but {world_size} processes run", "set nprocs to the number of pipeline devices")  # fmt: skip
     recorded = pipeline.manifest.get("model_file_sha256")
     if rank == 0 and recorded is not None and recorded != model_file.digest():
-        print(f"ftc train: warning: {model_file.path} is not the model file {pipeline.folder} was compiled from "
-              "(it changed since, or is another file): the stages run the code of compile time, and only the values "
-              "passed between stages are checked\n  fix: recompile with `ftc compile`; `ftc check` compares the "
-              "stages with this model file", file=sys.stderr, flush=True)  # fmt: skip
+        warn(f"{model_file.path} is not the model file {pipeline.folder} was compiled from (it changed since, or is "
+             "another file): the stages run the code of compile time, and only the values passed between stages are "
+             "checked\n  fix: recompile with `ftc compile`; `ftc check` compares the stages with this model file")
     if config.nprocs is not None and config.mode != "dist":
-        print(f"ftc train: warning: config {config.source}: nprocs ({config.nprocs}) applies to mode dist; mode "
-              f"{config.mode} runs in this one process", file=sys.stderr, flush=True)  # fmt: skip
+        warn(f"config {config.source}: nprocs ({config.nprocs}) applies to mode dist; mode {config.mode} runs in "
+             "this one process")
     if rank == 0 and config.mode == "single" and config.schedule == "async":
-        print("ftc train: note: mode single trains the original model synchronously: schedule async applies to "
-              "modes local and dist", file=sys.stderr, flush=True)  # fmt: skip
+        warn("mode single trains the original model synchronously: schedule async applies to modes local and dist",
+             kind="note")
     if rank == 0 and config.mode != "single":
         for line in memory_plan_differences(config, pipeline):
-            print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+            warn(line)
     check_fault_rank(config, world_size if config.mode == "dist" else 1)
     check_unpacked_inputs(pipeline)
     check_micro_batch_size(config, pipeline)

@@ -1,5 +1,5 @@
 """What a run says while it trains: the progress lines on rank 0's terminal (and the line that
-opens them), and each rank's status file, from which the launcher of mode dist says which rank
+opens them), its warnings, and each rank's status file, from which the launcher of mode dist says which rank
 failed, at which step, and why. The figures themselves are results.py's."""
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ class Status:
         if self.path is not None:
             checkpoint.write_json(self.path, {"rank": self.rank, "state": state, "step": step, "error": error,
                                               "caused_by_peer": caused_by_peer})  # fmt: skip
+
+
+def warn(message: str, kind: str = "warning") -> None:
+    """`ftc train: warning: message` (or `note:`) on stderr, where the launcher of mode dist
+    relays each such line once (relay.py)."""
+    print(f"ftc train: {kind}: {message}", file=sys.stderr, flush=True)
 
 
 def counted(count: float, noun: str, nouns: str | None = None) -> str:

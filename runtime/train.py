@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import functools
 import math
-import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -53,7 +52,7 @@ from .optim import build_optimizer, build_scheduler, lr_factor
 from .pipeline import Pipeline, load_pipeline
 from .precision import autocast as precision_autocast, check_device as check_precision_device, value_specs
 from .preflight import check_inputs, check_run, check_sparse_gradients, small_split_warnings, warmup_warnings
-from .progress import Progress, Status, counted, headline
+from .progress import Progress, Status, counted, headline, warn
 from .rank import Rank, plan_rank, training_device
 from .reference import SingleProcess, build_single
 from .results import Results, write_results
@@ -167,7 +166,7 @@ def plan_run(config: Config, rank: int, world_size: int) -> Plan:
                                                    config.batch_size * config.step_every))  # fmt: skip
     if rank == 0:
         for line in warmup_warnings(config):
-            print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+            warn(line)
     me = plan_rank(config, pipeline, rank, world_size, device)
     return Plan(config, rank, world_size, pipeline, model_file, loss_fn, me, batch_dims, target_dims, outputs, dataset)
 
@@ -248,7 +247,7 @@ def resume_point(plan: Plan, trainer: Trainer, root: Path | None, setup_group: A
         folder = gather_setup(setup_group, folder, plan.world_size)[0]
     if rank == 0 and config.checkpoint.resume:
         for damaged, missing in checkpoint.damaged_steps(root).items():
-            print(f"ftc train: warning: skipped {damaged}: it lacks {', '.join(missing)}", file=sys.stderr, flush=True)
+            warn(f"skipped {damaged}: it lacks {', '.join(missing)}")
     if folder is not None and config.checkpoint.resume:
         model_keys = {key for stage in pipeline.stages for key in stage.state} | set(pipeline.tied)
         model_keys |= {key for module in trainer.modules for key in module.state_dict()}  # mode single: the model's
@@ -256,11 +255,10 @@ def resume_point(plan: Plan, trainer: Trainer, root: Path | None, setup_group: A
                             model_keys)  # fmt: skip
         if rank == 0:
             for line in sampling_changes(config, checkpoint.manifest(folder)):
-                print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+                warn(line)
         return first_step, checkpoint.run_of(folder), folder
     if rank == 0 and config.checkpoint.resume:
-        print(f"ftc train: warning: checkpoint.resume is true, but {root} holds no complete checkpoint: training "
-              "starts at step 1", file=sys.stderr, flush=True)  # fmt: skip
+        warn(f"checkpoint.resume is true, but {root} holds no complete checkpoint: training starts at step 1")
     return first_step, run, None
 
 
@@ -281,7 +279,7 @@ def prepare_data(plan: Plan, trainer: Trainer, setup_group: Any) -> Batches:
     sampler = Sampler(trained, config.batch_size, config.seed) if dataset is not None else None
     if plan.rank == 0 and trained is not None:
         for line in small_split_warnings(config, len(dataset), trained):
-            print(f"ftc train: warning: {line}", file=sys.stderr, flush=True)
+            warn(line)
     if config.mode == "dist":
         agree_on_data(setup_group, dataset, sampler, plan.world_size)
 

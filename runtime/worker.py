@@ -43,7 +43,7 @@ from .faults import check_fault_rank
 from .pipeline import load_pipeline
 from .model_file import load_model_file
 from .preflight import check_micro_batch_size, check_trainable
-from .progress import Status
+from .progress import Status, warn
 from .rank import training_device
 from .relay import OutputRelay, send_output
 from .results import Results
@@ -209,7 +209,7 @@ def launch(config: Config) -> Results | None:
             raise FtcError(report, logs)
         # Training, its results and its checkpoints are complete: a process that then failed
         # to shut down cleanly is worth a warning, not the loss of the run.
-        print(f"ftc train: warning: every rank finished, but {report}\n  ({logs})", file=sys.stderr)
+        warn(f"every rank finished, but {report}\n  ({logs})")
     if states[0] is None:
         # Several machines: rank 0 runs on another one, which writes the results.
         if code == 0:

@@ -236,8 +236,6 @@ def profile_key(model_file: ModelFile, graph: Graph, settings: MeasureSettings) 
     }
 
 
-
-
 def local_sources(model_file: ModelFile) -> dict[str, str]:
     """The sha256 of each module the model file imports, directly or through another, from its
     own folder or package (a helper with its blocks or its loss), by path relative to that
