@@ -2329,3 +2329,110 @@ def test_a_path_taken_while_traced_that_fails_on_a_size_names_the_input_where_it
     path.write_text(BIAS_OF_BATCH_ONE_WHILE_COMPILING.replace(
         '(batch_size, 8))}', '(batch_size, 8)), "attention_mask": torch.ones(batch_size, 8)}'))  # fmt: skip
     assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)
+
+
+VALUE_ASSERT = '''
+import torch
+import torch.nn as nn
+
+
+class Shifted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        shifted = torch.cat([ids[:, :1] * 0, ids[:, :-1]], dim=1)
+        assert torch.all(shifted >= 0).item(), "negative ids"
+        return self.out(torch.relu(self.emb(shifted)))
+
+
+def build_model():
+    return Shifted()
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 16, (batch_size, 5)),)
+'''
+
+
+def test_an_assert_on_values_is_named_with_checks_both_tracers_record(tmp_path, compile_to):
+    """`assert torch.all(x >= 0).item()` cannot be traced (a trace has shapes, not values): the
+    error names the assert and a check both tracers record, which fx's own torch._assert also is;
+    stage code leaves such checks out, as it does the assertions export records."""
+    path = tmp_path / "shifted.py"
+    path.write_text(VALUE_ASSERT)
+    for frontend in ("export", "auto"):
+        with pytest.raises(FtcError, match=r"\(at .*shifted.py:14: assert torch.all") as error:
+            compile_to(path, 2, frontend=frontend)
+        assert error.value.hint.startswith("the assert at shifted.py:14 checks tensor values")
+        assert "torch._assert_async(condition, message)" in error.value.hint
+    for check, frontends in (
+        ('torch._assert_async(torch.all(shifted >= 0), "negative ids")', ("fx", "export")),
+        ('torch._assert(torch.all(shifted >= 0), "negative ids")', ("fx",)),
+    ):
+        path.write_text(VALUE_ASSERT.replace('assert torch.all(shifted >= 0).item(), "negative ids"', check))
+        for frontend in frontends:
+            folder = compile_to(path, 2, frontend=frontend)
+            assert "assert" not in "".join(stage.read_text() for stage in folder.glob("stage*.py"))
+            assert_check_passes(folder, batch_size=4)
+
+
+LIBRARY_ASSERT = '''
+import torch
+import torch.nn as nn
+
+
+class Seq2Seq(nn.Module):
+    """A library's model that makes its decoder inputs from the labels unless it is given them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.out = nn.Linear(8, 16)
+
+    def shift_right(self, labels):
+        shifted = torch.cat([labels[:, :1] * 0, labels[:, :-1]], dim=1)
+        assert torch.all(shifted >= 0).item(), "labels must not be negative"
+        return shifted
+
+    def forward(self, ids, labels=None, decoder_ids=None):
+        if labels is not None and decoder_ids is None:
+            decoder_ids = self.shift_right(labels)
+        return self.out(self.emb(ids).mean(1, keepdim=True) + self.emb(decoder_ids))
+'''
+
+LIBRARY_ASSERT_MODEL = '''
+import torch
+from seq2seq_library import Seq2Seq
+
+
+def build_model():
+    return Seq2Seq()
+
+
+def example_inputs(batch_size):
+    inputs = {"ids": torch.randint(0, 16, (batch_size, 5)), "labels": torch.randint(0, 16, (batch_size, 4))}
+    return inputs
+'''
+
+
+def test_a_library_assert_on_values_names_the_input_that_skips_it(tmp_path, compile_to, monkeypatch):
+    """transformers' ProphetNet asserts on the labels' values where it makes decoder_input_ids from
+    them (`decoder_input_ids = self._shift_right(labels)`), which it does only when they are not
+    given: the error names that input. Given it, the model compiles and computes what it computes."""
+    (tmp_path / "seq2seq_library.py").write_text(LIBRARY_ASSERT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "seq2seq.py"
+    path.write_text(LIBRARY_ASSERT_MODEL)
+    with pytest.raises(FtcError) as error:
+        compile_to(path, 2, frontend="export")
+    assert error.value.hint == (
+        "the library's assert at seq2seq_library.py:16 checks tensor values, which no trace can follow: it runs where "
+        "forward makes its input 'decoder_ids' (seq2seq_library.py:21), which it does only when 'decoder_ids' is not "
+        "given: give 'decoder_ids' in example_inputs()"
+    )
+    path.write_text(LIBRARY_ASSERT_MODEL.replace(
+        "    return inputs", '    return {**inputs, "decoder_ids": torch.randint(0, 16, (batch_size, 4))}'))  # fmt: skip
+    assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)

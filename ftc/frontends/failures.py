@@ -282,6 +282,44 @@ def _failing_line(exc: BaseException) -> tuple[str, int] | None:
     return None if frame is None else (frame.filename, frame.lineno)
 
 
+# A line that asserts: Python's statement, or torch._assert, which export runs as one.
+_ASSERTS = re.compile(r"assert\b|torch\._assert\(")
+
+
+def _failing_source(exc: BaseException) -> str:
+    frame = _innermost_outside(exc)
+    return (frame.line or "").strip() if frame is not None else ""
+
+
+def _value_assert(exc: BaseException, model_file: ModelFile) -> str | None:
+    """The cure for an assert on tensor values that stopped torch.export (`assert torch.all(x >=
+    0).item()`: a guard on a value the trace does not have); None for any other failure. fx fails
+    the same way on a shape check, which export traces."""
+    if type(exc).__name__ != "GuardOnDataDependentSymNode" or not _ASSERTS.match(_failing_source(exc)):
+        return None
+    place = _innermost_outside(exc)
+    path = Path(place.filename)
+    if path.resolve() == model_file.path.resolve():
+        return (f"the assert at {path.name}:{place.lineno} checks tensor values, which no trace can follow (a trace "
+                "has shapes, not values): check the data before forward, or write the check as "
+                "torch._assert_async(condition, message), which both tracers record and stage code leaves out")  # fmt: skip
+    cure = (f"the library's assert at {_below_sys_path(path)}:{place.lineno} checks tensor values, which no trace "
+            "can follow")  # fmt: skip
+    # ProphetNet's `decoder_input_ids = self._shift_right(labels)` asserts on the labels' values;
+    # given decoder_input_ids, forward does not call it.
+    asserting = [frame for frame, line in traceback.walk_tb(exc.__traceback__)
+                 if frame.f_code.co_filename == place.filename and line == place.lineno]  # fmt: skip
+    caller = asserting[-1].f_back if asserting else None
+    if caller is not None:
+        code = caller.f_code
+        made = re.match(r"\s*(\w+)\s*=", linecache.getline(code.co_filename, caller.f_lineno))
+        if made and made.group(1) in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
+            return (f"{cure}: it runs where {code.co_name} makes its input {made.group(1)!r} "
+                    f"({_below_sys_path(Path(code.co_filename))}:{caller.f_lineno}), which it does only when "
+                    f"{made.group(1)!r} is not given: give {made.group(1)!r} in example_inputs()")  # fmt: skip
+    return f"{cure}: call the library with inputs that do not take that path"
+
+
 def _none_names(exc: BaseException) -> list[str]:
     """The names on the failing line of the innermost frame whose values are None there."""
     frames = list(traceback.walk_tb(exc.__traceback__))
@@ -422,6 +460,11 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
         fix = ("a PackedSequence is sized by the lengths' values, which no tracer can follow: do the packing, the "
                "RNN and the unpacking inside one torch.nn.Module, list its class in LEAF_MODULES and compile with "
                "--frontend fx or auto (fx keeps it whole); or run the RNN on the padded batch and mask its outputs")  # fmt: skip
+    # Only export's failures are guards on values; --frontend auto goes on to export, so its first
+    # failure, not fx's, is the one to cure (fx's may be a decorator taking *args).
+    assert_cures = [cure for exc in errors if (cure := _value_assert(exc, model_file))]
+    if assert_cures:
+        fix = assert_cures[0]
     if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked, ConstantChanged)):

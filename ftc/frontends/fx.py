@@ -251,6 +251,11 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
             continue
         if fx_node in skipped:
             continue
+        if fx_node.op == "call_function" and fx_node.target is torch._assert and not fx_node.users:
+            # torch._assert is fx's traceable assert; its condition is a value the meta device
+            # lacks (`torch._assert(torch.all(ids >= 0), ...)`), and stage code leaves checks
+            # out, as it does export's (aten.DROPPED).
+            continue
         if fx_node.op == "output":
             outputs = _outputs(fx_node.args[0], ref_of)
             continue
