@@ -95,7 +95,7 @@ def trace_export(
     """The IR graph torch.export traces; with `sizes_written` (a set of buffer names), the
     model's 0-d integer non-persistent buffers other than those in it read as constants of their
     built values, and those that forward writes are added to it (_sizes_as_constants)."""
-    fed, _ = input_names(model, batch)
+    fed = input_names(model, batch).fed
     args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
     dynamic = _batch_dims(batch, double_batch)
     code = CodeFiles(model_file, model)

@@ -7,6 +7,7 @@ names why when the batch cannot stay symbolic."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import sysconfig
@@ -217,7 +218,8 @@ def _export(
                 # RNN layers set their list of flat weights again in forward; the weights are
                 # parameters, adopted by name, so torch's advice to make them buffers is noise.
                 warnings.filterwarnings("ignore", message=RNN_FLAT_WEIGHTS, category=UserWarning)
-                return torch.export.export(model, args, kwargs or None, strict=False, dynamic_shapes=dynamic,
+                return torch.export.export(model, args, kwargs or None, strict=False,
+                                           dynamic_shapes=_bound_as_forward(model, dynamic),
                                            preserve_module_call_signature=layers)  # fmt: skip
         except AssertionError as error:
             if not layers:
@@ -227,6 +229,18 @@ def _export(
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _bound_as_forward(model: torch.nn.Module, dynamic: tuple | dict) -> tuple | dict:
+    """`dynamic`, one spec per positional input, in the structure export binds them to forward's
+    parameters in: the values that fill forward's *args as one tuple of specs."""
+    if isinstance(dynamic, dict):
+        return dynamic
+    params = inspect.signature(model.forward).parameters.values()
+    named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    if not any(p.kind == p.VAR_POSITIONAL for p in params) or len(dynamic) <= named:
+        return dynamic
+    return (*dynamic[:named], tuple(dynamic[named:]))
 
 
 def _refuse_unkept(path: str, refused: list[str]) -> Any:

@@ -27,7 +27,15 @@ from ftc.runtime.model_file import ModelFile, first_line, user_frame
 from .common import quiet
 from .draws import drawn_from
 from .export import TRACE_DEVICE, not_a_tensor_output, on_fake_device, trace_export
-from .fx import BufferAssigned, ConstantChanged, DrawnWhileTracing, RootHooked, StateUntraced, StateWrittenUntraced
+from .fx import (
+    BufferAssigned,
+    ConstantChanged,
+    DrawnWhileTracing,
+    RootHooked,
+    StateUntraced,
+    StateWrittenUntraced,
+    input_names,
+)
 from .meta import fails_only_on_meta, missing_fake_kernel, plain_failure_fix
 
 
@@ -203,8 +211,7 @@ def forward_failure(model_file: ModelFile, batch: tuple | dict) -> FtcError | No
             return FtcError(f"{model_file.path}: {unfakeable.message}{where}", unfakeable.hint)
         if fails_only_on_meta(exc):
             return None
-        names = inspect.signature(model.forward).parameters
-        inputs = batch if isinstance(batch, dict) else dict(zip(names, batch))
+        inputs = batch if isinstance(batch, dict) else dict(zip(input_names(model, batch).fed, batch))
         return FtcError(f"{model_file.path}: forward raised {type(exc).__name__}: {first_line(exc, limit=120)}{where}",
                         plain_failure_fix(inputs))  # fmt: skip
     return None

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from pathlib import Path
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -47,10 +48,17 @@ class _Tracer(fx.Tracer):
     # Buffers become get_attr nodes like parameters, so code may index them with traced sizes.
     proxy_buffer_attributes = True
 
-    def __init__(self, model_file: ModelFile, model: torch.nn.Module, whole: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        model_file: ModelFile,
+        model: torch.nn.Module,
+        variadic: list[str] | None,
+        whole: frozenset[int] = frozenset(),
+    ):
         super().__init__()
         self.model_file = model_file
         self.code = CodeFiles(model_file, model)
+        self.variadic = variadic  # the names of the values that fill forward's *args (Inputs.variadic)
         self.whole = whole  # ids of modules kept whole besides the layers below
         self.flag_reads: list[str] = []  # places self.training was read since the last op was recorded
         self.read_flags_of: list[torch.nn.Module] = []  # the modules whose self.training was read
@@ -61,6 +69,24 @@ class _Tracer(fx.Tracer):
         if isinstance(m, torch.jit.ScriptModule):
             return True  # TorchScript cannot be traced through, but runs whole like a torch.nn layer
         return m.__module__.startswith("torch.nn") and not isinstance(m, _CONTAINERS)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        # fx hands forward's *args one Proxy for the whole tuple, on which `len(features)` and
+        # `for f in features` fail (a Proxy has no length). The example batch fixes how many
+        # values fill it, so forward gets a real tuple of one placeholder per value instead: its
+        # length, iteration, unpacking and indexing then run as Python, as in the model.
+        root_fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if self.variadic is None:
+            return root_fn, args
+        # fx's placeholder for *args is named `*features` (and that for **kwargs `**kwargs`)
+        (position,) = [
+            k for k, arg in enumerate(args) if isinstance(arg, fx.Proxy) and re.fullmatch(r"\*\w+", arg.node.target)
+        ]
+        packed = args[position].node
+        with self.graph.inserting_before(packed):
+            args[position] = tuple(self.create_proxy("placeholder", name, (), {}) for name in self.variadic)
+        self.graph.erase_node(packed)
+        return root_fn, args
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -102,20 +128,35 @@ class _Tracer(fx.Tracer):
                 object.__setattr__(m, "training", value)
 
 
-def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str], dict[str, Any]]:
-    """The forward parameters the example batch feeds, and defaults for the ones it leaves out."""
+class Inputs(NamedTuple):
+    """How an example batch feeds forward."""
+
+    fed: list[str]  # the names of the values the batch gives, in order
+    defaults: dict[str, Any]  # the parameters it leaves out, and their defaults
+    variadic: list[str] | None  # the names of those that fill forward's *args; None where it takes none
+
+
+def input_names(model: torch.nn.Module, example: tuple | dict) -> Inputs:
+    """The values the example batch feeds forward: a tuple fills forward's positional parameters
+    and then its *args, whose values are named after it and their position (`features_0`,
+    `features_1`; `features_0_1` where forward has a parameter `features_0` too)."""
     params = list(inspect.signature(model.forward).parameters.values())
-    variadic = [p.name for p in params if p.kind == p.VAR_POSITIONAL]
-    if variadic:
-        raise FtcError(
-            f"forward takes *{variadic[0]}; ftc needs named inputs",
-            "give forward explicit parameters, one per input",
-        )
+    variadic = next((p.name for p in params if p.kind == p.VAR_POSITIONAL), None)
     # **kwargs (Hugging Face models take options through it) is left empty: inputs are named.
     keywords = [p.name for p in params if p.kind == p.VAR_KEYWORD]
-    params = [p for p in params if p.kind != p.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    params = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     names = [p.name for p in params]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    filling: list[str] | None = None
     if isinstance(example, dict):
+        if variadic is not None:
+            raise FtcError(
+                f"example_inputs() gives a dict (keyword inputs), but forward takes *{variadic}, "
+                "which only positional inputs fill",
+                f"return a tuple from example_inputs(), its values in the order forward takes them "
+                f"({', '.join([*positional, f'*{variadic}'])})",
+            )
         unknown = [key for key in example if key not in names]
         if unknown and keywords:
             raise FtcError(
@@ -130,12 +171,16 @@ def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str
             )
         fed = [name for name in names if name in example]
     else:
-        if len(example) > len(names):
+        if len(example) > len(positional) and variadic is None:
             raise FtcError(
-                f"example_inputs() gives {len(example)} inputs; forward takes {len(names)} ({names})",
-                "return one tensor per forward parameter",
+                f"example_inputs() gives {len(example)} inputs; forward takes {len(positional)} positionally "
+                f"({positional})",
+                "return one tensor per positional forward parameter",
             )
-        fed = names[: len(example)]
+        fed = positional[: len(example)]
+        if variadic is not None:
+            filling = [unique_name(f"{variadic}_{k}", taken) for k in range(len(example) - len(fed))]
+            fed += filling
     defaults = {}
     for p in params:
         if p.name in fed:
@@ -143,10 +188,19 @@ def input_names(model: torch.nn.Module, example: tuple | dict) -> tuple[list[str
         if p.default is p.empty:
             raise FtcError(
                 f"forward parameter {p.name!r} has no default and example_inputs() does not give it",
-                f"add {p.name!r} to example_inputs()",
+                _missing_input_fix(p, variadic),
             )
         defaults[p.name] = p.default
-    return fed, defaults
+    return Inputs(fed, defaults, filling)
+
+
+def _missing_input_fix(param: inspect.Parameter, variadic: str | None) -> str:
+    if param.kind != param.KEYWORD_ONLY:
+        return f"add {param.name!r} to example_inputs()"
+    if variadic is not None:
+        return (f"give {param.name!r} a default in forward: example_inputs() fills *{variadic} with a tuple, "
+                "which passes no keyword inputs")  # fmt: skip
+    return f"return a dict from example_inputs() that gives {param.name!r} (a keyword-only parameter)"
 
 
 def _empty_var_keyword(fx_graph: fx.Graph, model: torch.nn.Module, model_file: ModelFile) -> None:
@@ -155,8 +209,7 @@ def _empty_var_keyword(fx_graph: fx.Graph, model: torch.nn.Module, model_file: M
     params = list(inspect.signature(model.forward).parameters.values())
     if not any(p.kind == p.VAR_KEYWORD for p in params):
         return
-    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
-    (holder,) = [n for n, p in zip(placeholders, params) if p.kind == p.VAR_KEYWORD]
+    (holder,) = [n for n in fx_graph.nodes if n.op == "placeholder" and n.target.startswith("**")]
     for user in list(holder.users):
         if user.op == "call_method" and user.target == "get" and len(user.args) in (2, 3) and not user.kwargs:
             default = user.args[2] if len(user.args) == 3 else None
@@ -191,14 +244,14 @@ def star_args(model: torch.nn.Module) -> StarArgs:
 
 def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dict, name: str) -> Graph:
     """Trace `model` (usually on the meta device) into an IR graph without metadata or costs."""
-    fed, defaults = input_names(model, example)
+    fed, defaults, variadic = input_names(model, example)
     state = state_table(model)
     root_hooks = [*model._forward_pre_hooks.values(), *model._forward_hooks.values()]
     if root_hooks:
         raise RootHooked(
             f"fx does not record the model's own forward hooks ({', '.join(map(hook_name, root_hooks))}); export does"
         )
-    tracer, fx_graph, branches = _traced(model, model_file, defaults, frozenset())
+    tracer, fx_graph, branches = _traced(model, model_file, defaults, variadic, frozenset())
     trace_notes: list[str] = []
     if any(module is not model for module in tracer.read_flags_of):
         # forward branched on a module's self.training: where a call of the module is the whole
@@ -209,7 +262,7 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
         followed = [branch for branch in found if branch.callable_whole]
         if followed:
             whole = frozenset(id(model.get_submodule(path)) for branch in followed for path in branch.paths)
-            tracer, fx_graph, branches = _traced(model, model_file, defaults, whole)
+            tracer, fx_graph, branches = _traced(model, model_file, defaults, variadic, whole)
             trace_notes = followed_notes(followed, model_file)
     explained: list[str] = []  # reads of self.training that chose an attention's dropout
     root = tracer.root
@@ -229,9 +282,9 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
     def ref_of(value: Any) -> Ref | None:
         return Ref(names[value]) if isinstance(value, fx.Node) else None
 
-    # fx keeps placeholders in forward's parameter order; those of defaults given through
+    # fx keeps placeholders in the order _placeholder_params reads; those of defaults given through
     # concrete_args only feed fx's own guards on the default's value, which we drop with them.
-    params = _placeholder_params(model, defaults)
+    params = _placeholder_params(model, defaults, variadic)
     skipped: set[fx.Node] = set()
     for fx_node in fx_graph.nodes:
         where = f"node {fx_node.name!r} ({fx_node.meta.get('ftc_source') or model_file.path.name})"
@@ -340,11 +393,12 @@ def trace_fx(model: torch.nn.Module, model_file: ModelFile, example: tuple | dic
 
 
 def _traced(
-    model: torch.nn.Module, model_file: ModelFile, defaults: dict[str, Any], whole: frozenset[int]
+    model: torch.nn.Module, model_file: ModelFile, defaults: dict[str, Any], variadic: list[str] | None,
+    whole: frozenset[int],
 ) -> tuple[_Tracer, fx.Graph, list[str]]:
     """fx's graph of the model, with the modules whose ids are in `whole` kept whole; its tracer;
     and the places where forward read self.training other than to pass it on."""
-    tracer = _Tracer(model_file, model, whole)
+    tracer = _Tracer(model_file, model, variadic, whole)
     branches: list[str] = []
     # fx records ops on the tensors it hands out (get_attr proxies); a parameter or buffer forward
     # takes another way (`self.teacher.parameters()`, `named_buffers()`) is the real tensor, and an
@@ -423,12 +477,16 @@ def _attention_dropout(node: Node, flag_reads: list[str]) -> list[str]:
     return flag_reads
 
 
-def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any]) -> Iterator[str]:
-    """The forward parameter each of fx's placeholders stands for, in order. fx makes one
-    placeholder per pytree leaf of a concrete_args value: a tuple default gives several, an empty
-    one none."""
-    for param in inspect.signature(model.forward).parameters:
+def _placeholder_params(model: torch.nn.Module, defaults: dict[str, Any], variadic: list[str] | None) -> Iterator[str]:
+    """The forward parameter each of fx's placeholders stands for, in fx's order: the named
+    parameters (keyword-only ones too), the values of *args (`variadic`), then **kwargs. fx makes
+    one placeholder per pytree leaf of a concrete_args value: a tuple default gives several, an
+    empty one none."""
+    params = inspect.signature(model.forward).parameters.values()
+    for param in [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]:
         yield from [param] * (len(pytree.tree_leaves(defaults[param])) if param in defaults else 1)
+    yield from variadic or []
+    yield from [p.name for p in params if p.kind == p.VAR_KEYWORD]
 
 
 class BufferAssigned(Exception):
