@@ -75,6 +75,14 @@ _NO_FAKE_KERNEL = re.compile(
 )
 
 
+def _torch_op_without_meta_kernel(exc: Exception) -> str | None:
+    """The ATen operator that `exc` says has no meta kernel (torch.istft runs `aten::equal` on its
+    window); None for any other failure."""
+    found = _NO_FAKE_KERNEL.search(str(exc).strip())
+    op = next((name for name in found.groups() if name), None) if found else None
+    return op if op is not None and op.startswith("aten::") else None
+
+
 def missing_fake_kernel(exc: Exception) -> FtcError | None:
     """The error for a library's or the model's own operator that cannot run on the meta device
     for want of a fake kernel, which torch.library leaves to the operator's author; None for
@@ -169,6 +177,17 @@ class _Propagator(Interpreter):
         unfakeable = missing_fake_kernel(exc)
         if unfakeable is not None:
             raise FtcError(f"node {node.name!r} ({where}): {unfakeable.message}", unfakeable.hint) from exc
+        torch_op = _torch_op_without_meta_kernel(exc)
+        if torch_op is not None:
+            module = (f"{node.module_path} ({node.module_class}) or a module around it" if node.module_path
+                      else "a module of its own")  # fmt: skip
+            raise FtcError(
+                f"node {node.name!r} ({where}) runs torch's {torch_op}, which has no meta kernel (torch gives none "
+                "to ops that read tensor values, as torch.istft's check of its window does), and ftc runs the model "
+                "on the meta device (shapes, no data) to trace and profile it",
+                f"put that call in a LEAF_MODULES class, which ftc then runs as written: {module}, called as "
+                "module(...) with tensor arguments and returning tensors",
+            ) from exc
         if _value_shaped(exc):
             raise FtcError(
                 f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "
