@@ -75,12 +75,16 @@ _NO_FAKE_KERNEL = re.compile(
 )
 
 
+# What torch says when one of its own operators has no meta kernel, its overload named
+# ("aten::_ctc_loss.Tensor").
+_NO_META_KERNEL = re.compile(r"^(aten::[\w.]+): attempted to run this operator with Meta tensors")
+
+
 def _torch_op_without_meta_kernel(exc: Exception) -> str | None:
     """The ATen operator that `exc` says has no meta kernel (torch.istft runs `aten::equal` on its
-    window); None for any other failure."""
-    found = _NO_FAKE_KERNEL.search(str(exc).strip())
-    op = next((name for name in found.groups() if name), None) if found else None
-    return op if op is not None and op.startswith("aten::") else None
+    window, F.ctc_loss `aten::_ctc_loss`); None for any other failure."""
+    found = _NO_META_KERNEL.search(str(exc).strip())
+    return found.group(1) if found else None
 
 
 def missing_fake_kernel(exc: Exception) -> FtcError | None:
@@ -182,9 +186,9 @@ class _Propagator(Interpreter):
             module = (f"{node.module_path} ({node.module_class}) or a module around it" if node.module_path
                       else "a module of its own")  # fmt: skip
             raise FtcError(
-                f"node {node.name!r} ({where}) runs torch's {torch_op}, which has no meta kernel (torch gives none "
-                "to ops that read tensor values, as torch.istft's check of its window does), and ftc runs the model "
-                "on the meta device (shapes, no data) to trace and profile it",
+                f"node {node.name!r} ({where}) runs torch's {torch_op}, which has no meta kernel (torch has none for "
+                "some ops, among them ops that read tensor values: torch.istft checks its window), and ftc runs the "
+                "model on the meta device (shapes, no data) to trace and profile it",
                 f"put that call in a LEAF_MODULES class, which ftc then runs as written: {module}, called as "
                 "module(...) with tensor arguments and returning tensors",
             ) from exc
