@@ -187,7 +187,9 @@ def compile_model(model_path: str | Path, out_dir: str | Path, options: CompileO
         notes.append(
             f"note: forward uses the value of self.training at {', '.join(graph.training_branches)} (a branch, "
             "`and`/`or`, arithmetic): the stages keep what it computed in training mode, in eval() too (torch.nn "
-            "layers such as nn.Dropout, and self.training passed to a function as it is, follow the stage's mode)"
+            "layers such as nn.Dropout, and self.training passed to a function as it is, follow the stage's mode); "
+            "for stages that follow eval(), move a branch of the model's own into a module that holds no other layer "
+            "(a DropPath whose forward starts `if not self.training: return x`), which the stages call whole"
         )
     notes += [f"warning: {line}" for line in own_train_warnings(graph, model)]
     packed = [node.name for node in graph.nodes if node.op == "input" and isinstance(node.meta, TensorMeta)

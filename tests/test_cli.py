@@ -96,6 +96,18 @@ FORWARD_FAILS = {
         "failed on the meta device: RuntimeError:",
         "fix: forward fails with the input shapes example_inputs() gives (x [8, 8]) on any device",
     ),
+    "torch_op_reading_values": (
+        "self.b(torch.istft(torch.stft(self.a(x), 4, 2, window=torch.ones(4), return_complex=True), 4, 2, "
+        "window=torch.ones(4), length=8))",
+        "node 'istft' (failing.py:13) runs torch's aten::equal, which has no meta kernel",
+        "fix: put that call in a LEAF_MODULES class, which ftc then runs as written: a module of its own",
+    ),
+    "torch_op_without_meta_kernel": (
+        "torch.nn.functional.ctc_loss(self.b(self.a(x)).log_softmax(-1)[None], (x[:, :2] * 0 + 1).long(), "
+        "(x[:, 0] * 0 + 1).long(), (x[:, 0] * 0 + 1).long(), reduction='none')",
+        "node 'ctc_loss' (failing.py:13) runs torch's aten::_ctc_loss.Tensor, which has no meta kernel",
+        "fix: put that call in a LEAF_MODULES class, which ftc then runs as written: a module of its own",
+    ),
     "item": (
         "self.b(self.a(x)) * x.sum().item()",
         "failed on the meta device: RuntimeError: Tensor.item() cannot be called on meta tensors",

@@ -1791,6 +1791,58 @@ def test_a_transformer_stack_given_a_causal_mask_is_lowered_and_split(tmp_path, 
     assert_check_passes(folder, batch_size=4)
 
 
+PADDED_ENCODER = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=NESTED)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=ids == 0))
+
+
+def build_model():
+    return Tagger()
+
+
+def example_inputs(batch_size):
+    ids = torch.randint(1, 20, (batch_size, 8))
+    ids[::2, 5:] = 0
+    return (ids,)
+"""
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_an_encoder_that_zeroes_padded_positions_in_eval_is_named_and_its_eval_left_unjudged(tmp_path, compile_to, nested):
+    """nn.TransformerEncoder (enable_nested_tensor=True, torch's default) given a
+    src_key_padding_mask runs on nested tensors in eval mode without gradients and returns zeros
+    at the padded positions; the stages, its ops as training runs them, give those positions
+    values. ftc check failed on the eval outputs (relative 0.76) with nothing said of why; now the
+    compile names the encoder and the cure, and the check judges training only, as for a branch on
+    self.training. Without nested tensors the eval outputs are equal, and judged."""
+    path = tmp_path / "padded_encoder.py"
+    path.write_text(PADDED_ENCODER.replace("NESTED", str(nested)))
+    folder = compile_to(path, 2, batch_size=4, frontend="export")
+    notes = json.loads((folder / "ir.json").read_text()).get("trace_notes", [])
+    named = [note for note in notes if "enable_nested_tensor=False" in note]
+    report = check_pipeline(folder, batch_size=4)
+    assert report.ok, report.problems
+    if nested:
+        assert named and "'encoder' (padded_encoder.py:16)" in named[0], notes
+        assert not report.eval_expected and report.eval_outputs > 0.1
+    else:
+        assert not named, notes
+        assert report.eval_expected and report.eval_outputs <= report.tolerance
+
+
 def test_no_line_of_torch_is_taken_for_the_models_own(tmp_path, monkeypatch):
     """torch's passes name their frames by a relative path (`torch/fx/passes/runtime_assert.py`
     for the size a view reads), which resolved into the model's folder when ftc ran there: stage

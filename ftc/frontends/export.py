@@ -59,6 +59,7 @@ from .eval_mode import branch_notes, followed_notes, mode_branches
 from .export_program import bounded_program, range_notes
 from .fx import input_names
 from .buffer_assignments import buffer_assignments_as_copies
+from .nested_fast_path import fast_path_note, padding_masked_encoders, zeroed_in_eval
 from .overflow_guards import OverflowGuards, overflow_note
 from .tidy import tidy
 from .training_branches import training_branches
@@ -112,7 +113,8 @@ def trace_export(
         # one call holds the calls of the modules inside it
         kept = tuple(sorted(path for path in whole if not any(path.startswith(f"{outer}.") for outer in whole)))
         op_by_op = [branch for branch in branches if branch.library and not branch.callable_whole]
-        with OverflowGuards(code) as guards, buffer_assignments_as_copies(model, model_file, code):
+        with (OverflowGuards(code) as guards, buffer_assignments_as_copies(model, model_file, code),
+              padding_masked_encoders(model) as masked_encoders):
             program, batch_range = bounded_program(model, model_file, args, kwargs, dynamic, kept, op_by_op)
     _inline_grad_mode_blocks(program.graph_module)
     _split_out_variants(program.graph)
@@ -272,13 +274,15 @@ def trace_export(
         scope == path or scope.startswith(f"{path}.") for path in branch.paths for scope in lowered)]  # fmt: skip
     unfollowed = [branch for branch in branches if branch not in followed]
     notes = branch_notes(unfollowed, model_file) + followed_notes(followed, model_file) + notes + overflow_note(guards.lines)
+    zeroed = zeroed_in_eval(masked_encoders, nodes)
+    notes += [fast_path_note(path, line) for path, line in zeroed.items()]
     followed_own = {branch.owner for branch in followed if not branch.library}
     if followed_own:
         own_places = training_branches(model, model_file, followed_own)
     return Graph(
         name=name, nodes=nodes, outputs=outputs, state=state, modules=modules,
         constants=constants, frontend="export", trace_notes=range_notes(batch_range) + notes,
-        training_branches=own_places + list(dict.fromkeys(b.line for b in unfollowed if b.library)),
+        training_branches=own_places + list(dict.fromkeys([b.line for b in unfollowed if b.library] + list(zeroed.values()))),
         batch_range=batch_range,
     )  # fmt: skip
 

@@ -75,6 +75,18 @@ _NO_FAKE_KERNEL = re.compile(
 )
 
 
+# What torch says when one of its own operators has no meta kernel, its overload named
+# ("aten::_ctc_loss.Tensor").
+_NO_META_KERNEL = re.compile(r"^(aten::[\w.]+): attempted to run this operator with Meta tensors")
+
+
+def _torch_op_without_meta_kernel(exc: Exception) -> str | None:
+    """The ATen operator that `exc` says has no meta kernel (torch.istft runs `aten::equal` on its
+    window, F.ctc_loss `aten::_ctc_loss`); None for any other failure."""
+    found = _NO_META_KERNEL.search(str(exc).strip())
+    return found.group(1) if found else None
+
+
 def missing_fake_kernel(exc: Exception) -> FtcError | None:
     """The error for a library's or the model's own operator that cannot run on the meta device
     for want of a fake kernel, which torch.library leaves to the operator's author; None for
@@ -169,6 +181,17 @@ class _Propagator(Interpreter):
         unfakeable = missing_fake_kernel(exc)
         if unfakeable is not None:
             raise FtcError(f"node {node.name!r} ({where}): {unfakeable.message}", unfakeable.hint) from exc
+        torch_op = _torch_op_without_meta_kernel(exc)
+        if torch_op is not None:
+            module = (f"{node.module_path} ({node.module_class}) or a module around it" if node.module_path
+                      else "a module of its own")  # fmt: skip
+            raise FtcError(
+                f"node {node.name!r} ({where}) runs torch's {torch_op}, which has no meta kernel (torch has none for "
+                "some ops, among them ops that read tensor values: torch.istft checks its window), and ftc runs the "
+                "model on the meta device (shapes, no data) to trace and profile it",
+                f"put that call in a LEAF_MODULES class, which ftc then runs as written: {module}, called as "
+                "module(...) with tensor arguments and returning tensors",
+            ) from exc
         if _value_shaped(exc):
             raise FtcError(
                 f"node {node.name!r} ({where}) makes a tensor whose shape depends on tensor values "
