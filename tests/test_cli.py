@@ -701,6 +701,45 @@ def example_inputs(batch_size):
 """
 
 
+SLICE_ASSIGNED = """
+import torch
+import torch.nn as nn
+
+
+class Patched(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, :4] += x[:, 4:]
+        return self.b(torch.relu(h))
+
+
+def build_model():
+    return Patched()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_assignment_into_a_slice_is_refused_by_fx_naming_export(tmp_path, capsys):
+    """fx has no __setitem__ on a traced tensor; its refusal said to make Python independent of
+    values, which `h[:, :4] += y` is. export records it, and the stages compute what it does."""
+    from ftc.check import check_pipeline
+
+    model = write(tmp_path, "patched.py", SLICE_ASSIGNED)
+    refused = run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)
+    assert_user_error(refused, "(at " + str(model) + ":14: h[:, :4] += x[:, 4:])",
+                      "fix: torch.fx cannot record an assignment into part of a traced tensor", "--frontend export or auto")  # fmt: skip
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "auto"], capsys)[0] == 0
+    assert check_pipeline(tmp_path / "auto" / "patched").ok
+
+
 def test_a_reassigned_buffer_is_refused_by_fx_and_compiled_by_export(tmp_path, capsys):
     model = write(tmp_path, "counter.py", COUNTER)
     refused = run_cli(["compile", model, "--stages", 1, "-o", tmp_path / "fx", "--frontend", "fx"], capsys)

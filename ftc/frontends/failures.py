@@ -406,6 +406,12 @@ def _value_loop_owner(exc: BaseException, model_file: ModelFile) -> str | None:
     return owners[-1] if owners else "forward"
 
 
+def _assigns_into_a_proxy(exc: BaseException) -> bool:
+    """Whether fx failed on `x[index] = value` (or `+=`) of a traced tensor, a Proxy, which has
+    no __setitem__."""
+    return isinstance(exc, TypeError) and "'Proxy' object does not support item assignment" in str(exc)
+
+
 def _packs_sequences(exc: BaseException) -> bool:
     """Whether the trace failed in torch's packing of padded sequences (pack_padded_sequence)
     or in a function holding a PackedSequence (an RNN given one)."""
@@ -472,7 +478,11 @@ def untraceable(model_file: ModelFile, tracers: str, *errors: BaseException) -> 
     assert_cures = [cure for exc in errors if (cure := _value_assert(exc, model_file))]
     if assert_cures:
         fix = assert_cures[0]
-    if names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
+    if names == ["torch.fx"] and _assigns_into_a_proxy(errors[0]):
+        fix = ("torch.fx cannot record an assignment into part of a traced tensor (`h[:, :4] += y`, `x[mask] = 0`): "
+               "compile with --frontend export or auto, which record it as the in-place copy it is, or write it "
+               "out of place (torch.cat, torch.where), or list the class that contains it in LEAF_MODULES")  # fmt: skip
+    elif names == ["torch.fx"] and isinstance(errors[0], StateWrittenUntraced):
         fix = "compile with --frontend export or auto"
     elif names == ["torch.fx"] and isinstance(errors[0], (StateUntraced, RootHooked, ConstantChanged)):
         fix = "compile with --frontend export or auto"
