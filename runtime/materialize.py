@@ -154,15 +154,26 @@ def load_checkpoint(
             "with the model's own keys",
         )
     for tensor, keys in groups.values():
-        key = next(key for key in keys if key in source.keys)
+        key, *other_names = [key for key in keys if key in source.keys]
         shape = source.shape(key)
         if shape != tuple(tensor.shape):
             raise FtcError(
                 f"checkpoint {path}: {key} has shape {list(shape)} but the model's is {list(tensor.shape)}",
                 "the checkpoint is of a model built with other settings; rebuild it from this model file",
             )
+        value = source.tensor(key)
+        # Each rank holding a tied tensor reads it under its own name first: names that disagree
+        # would start the ranks' copies apart, and in one process the model would keep one of them.
+        disagreeing = [name for name in other_names if not torch.equal(source.tensor(name), value)]
+        if disagreeing:
+            raise FtcError(
+                f"checkpoint {path} holds {key} and {', '.join(disagreeing)}, which the model ties (one tensor), "
+                "with different values",
+                "save the tied tensor once, or with one value under every name (torch.save(model.state_dict()) "
+                "of a model that ties them does)",
+            )
         with torch.no_grad():
-            tensor.copy_(source.tensor(key))
+            tensor.copy_(value)
 
 
 def _build_owned(

@@ -243,6 +243,35 @@ def test_init_with_a_tied_weight_under_one_name_loads_in_dist_as_in_local(tiny, 
                                    torch.tensor(local.loss), rtol=1e-5, atol=0)  # fmt: skip
 
 
+def test_init_with_a_tied_weight_under_two_names_that_disagree_is_refused_in_every_mode(tiny):
+    """A state_dict holding both names of a tied pair with different values: each rank of a dist
+    run read its own name (the embedding's rank one value, the head's rank the other) and then
+    failed on copies 'built' apart, blaming an unseeded build_model(), while modes single and
+    local silently kept one value. Every mode names the checkpoint and the two keys; a
+    state_dict whose two names agree, as torch.save(model.state_dict()) writes one, loads."""
+    from ftc.runtime.materialize import build_stages
+    from ftc.runtime.pipeline import load_pipeline
+
+    root, model_path, folders = tiny
+    model_file = load_model_file(model_path)
+    state = model_file.build().state_dict()
+    agreeing, disagreeing = root / "init_tied_agree.pt", root / "init_tied_disagree.pt"
+    torch.save(state, agreeing)
+    torch.save({**state, "head.weight": state["head.weight"] + 1}, disagreeing)
+    refused = r"holds (wte|head)\.weight and (head|wte)\.weight, which the model ties \(one tensor\), with different values"
+    for mode in ("single", "local"):
+        with pytest.raises(FtcError, match=refused):
+            train(config(root, folders[2], f"init_tied_{mode}", mode=mode, steps=1, init=str(disagreeing),
+                         lr_schedule={"name": "constant"}))  # fmt: skip
+    pipeline = load_pipeline(folders[2])
+    head_rank = [spec.index for spec in pipeline.stages if "head.weight" in spec.state]
+    assert head_rank == [1]  # the rank that holds the head alone, as a dist rank builds it
+    with pytest.raises(FtcError, match=refused):
+        build_stages(model_file, pipeline, head_rank, "cpu", 1, disagreeing)
+    head = build_stages(model_file, pipeline, head_rank, "cpu", 1, agreeing)[1]
+    assert torch.equal(head.state_dict()["head.weight"], state["wte.weight"])
+
+
 @pytest.mark.parametrize(
     "pipeline, schedule, step_every, recompute",
     # With the crash-and-resume test below (2 processes, gpipe): 2 and 4 processes, both
