@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
@@ -56,6 +55,7 @@ from .model_file import user_error
 from .pipeline import Pipeline, check_stage_outputs
 from .schedule import BACKWARD, FORWARD, IN_ORDER, Action, simulate
 from .staleness import StaleWeights
+from .streamed_batches import BatchStream, Part, StreamedMicroBatches
 
 PREFETCH_ACTIONS = 4  # receives are posted this many actions ahead of the one that needs them
 
@@ -254,15 +254,15 @@ class Engine:
     def _run(self, step: int, inputs: Any, targets: Any, loss_scale: float, training: bool) -> None:
         plan = self.plan
         if isinstance(inputs, BatchStream):
-            streamed = _StreamedMicroBatches(self, inputs)
-            input_batches = _Part(streamed, 0) if self.reads_inputs else None
-            target_batches = _Part(streamed, 1) if self.reads_targets else None
+            streamed = StreamedMicroBatches(self, inputs)
+            input_batches = Part(streamed, 0) if self.reads_inputs else None
+            target_batches = Part(streamed, 1) if self.reads_targets else None
             micro_batch_size = self._micro_batch_size(None, None)
         else:
             reads_inputs = inputs is not None and self.reads_inputs
-            input_batches = self._split_inputs(inputs, self.micro_batches) if reads_inputs else None
+            input_batches = self.split_inputs(inputs, self.micro_batches) if reads_inputs else None
             computes_loss = targets is not None and self.reads_targets
-            target_batches = self._split_targets(targets, self.micro_batches) if computes_loss else None
+            target_batches = self.split_targets(targets, self.micro_batches) if computes_loss else None
             micro_batch_size = self._micro_batch_size(inputs, targets)
         for device, runner in self.runners.items():
             if device in plan.data_devices and input_batches is None:
@@ -352,7 +352,7 @@ class Engine:
                 groups.append((group, ranks, params))
         return groups
 
-    def _split_inputs(self, inputs: tuple | dict, count: int) -> list[dict[str, Any]]:
+    def split_inputs(self, inputs: tuple | dict, count: int) -> list[dict[str, Any]]:
         names = self.plan.inputs
         if isinstance(inputs, dict):
             missing = [name for name in names if name not in inputs]
@@ -369,7 +369,7 @@ class Engine:
         }
         return [{name: pieces[m] for name, pieces in split.items()} for m in range(count)]
 
-    def _split_targets(self, targets: Any, count: int) -> list[Any]:
+    def split_targets(self, targets: Any, count: int) -> list[Any]:
         return self._split_tree(targets, self.target_dims, count)
 
     def _split_tree(self, targets: Any, dims: Any, count: int) -> list[Any]:
@@ -424,58 +424,6 @@ class Engine:
                 "give every step the same batch size (drop the last partial batch)",
             )
         return batch // self.micro_batches
-
-
-class BatchStream:
-    """The data of a run over several batches (schedule async): `load(b)` gives batch b's
-    (inputs, targets), each None where this process reads none. Batches are loaded as the stages
-    reach their micro-batches, so a run holds a few of them at a time, however many it covers."""
-
-    def __init__(self, load: Callable[[int], tuple[Any, Any]], first_batch: int):
-        self.load = load
-        self.first_batch = first_batch
-
-
-class _StreamedMicroBatches:
-    """A BatchStream split into micro-batches: run micro-batch m is piece m % M of the stream's
-    batch m // M (M: the engine's batch_micro_batches)."""
-
-    KEEP = 8  # batches kept split; stages of one process are at most a few batches apart
-
-    def __init__(self, engine: Engine, stream: BatchStream):
-        self.engine = engine
-        self.stream = stream
-        self.batches: OrderedDict[int, tuple[list | None, list | None]] = OrderedDict()
-
-    def get(self, part: int, m: int) -> Any:
-        per_batch = self.engine.batch_micro_batches
-        batch = m // per_batch
-        if batch in self.batches:
-            self.batches.move_to_end(batch)
-        else:
-            inputs, targets = self.stream.load(self.stream.first_batch + batch)
-            self.batches[batch] = (
-                None if inputs is None else self.engine._split_inputs(inputs, per_batch),
-                None if targets is None else self.engine._split_targets(targets, per_batch),
-            )
-            if len(self.batches) > self.KEEP:
-                self.batches.popitem(last=False)
-        pieces = self.batches[batch][part]
-        if pieces is None:
-            raise FtcError(f"the data of batch {self.stream.first_batch + batch + 1} lacks the "
-                           f"{('inputs', 'targets')[part]} this process reads")  # fmt: skip
-        return pieces[m % per_batch]
-
-
-class _Part:
-    """The inputs (part 0) or the targets (part 1) of streamed micro-batches, by index."""
-
-    def __init__(self, streamed: _StreamedMicroBatches, part: int):
-        self.streamed = streamed
-        self.part = part
-
-    def __getitem__(self, m: int) -> Any:
-        return self.streamed.get(self.part, m)
 
 
 class _DeviceRunner:
