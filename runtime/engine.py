@@ -25,10 +25,10 @@ it and the stages update as their backwards finish each step, so the caller step
 
 evaluate() runs the same forwards only, under torch.no_grad.
 
-Both modes run the same per-device code on the same message plan; only the transport differs
-(runtime/comm.py). The plan (who sends what to whom, before or after which action) is derived on
-every rank from pipeline.json and the simulated schedule (runtime/schedule.py), so the ranks
-agree on it without talking.
+Both modes run the same per-device code (runtime/device_runner.py) on the same message plan
+(runtime/message_plan.py); only the transport differs (runtime/comm.py). The plan (who sends what
+to whom, before or after which action) is derived on every rank from pipeline.json and the
+simulated schedule (runtime/schedule.py), so the ranks agree on it without talking.
 """
 
 from __future__ import annotations
