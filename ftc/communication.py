@@ -4,7 +4,7 @@ stages, devices and value specs the manifest holds now, so that a device map edi
 priced the way the runtime will run it.
 
 A value moves over the link only to a stage on another device: the runtime hands it to a stage on
-its producer's device in memory (runtime/engine.py sends messages to other devices only). Its
+its producer's device in memory (runtime/message_plan.py sends messages to other devices only). Its
 producer pays its bytes once when any stage on another device reads it, and each such stage pays
 them once: forward for the value, backward for its gradient when it carries one. The model's
 outputs are read by the last stage, which computes the loss; model inputs come with the batch to

@@ -27,7 +27,7 @@ from ftc.passes.partition.refine import kept_round, refine
 from ftc.passes.recompute import POLICIES
 from ftc.passes.unpack import unpack_containers_early
 from ftc.profiling import PROFILES, DeviceModel, MeasureSettings, ProfileCache, profile_analytic, profile_measured
-from ftc.profiling.measure import wants_save_memory
+from ftc.profiling.save_memory import wants_save_memory
 from ftc.profiling.stages import StageTimer
 from ftc.runtime.checkpoint import file_in_the_way
 from ftc.runtime.config import TRAINING_SCHEDULES

@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .data import map_with_dims
-from .engine import call_loss, one_sample_hint
+from .loss import call_loss, one_sample_hint
 from .materialize import load_checkpoint
 from .mode import train_model
 from .model_file import ModelFile, user_error

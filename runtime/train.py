@@ -44,7 +44,7 @@ from .data import (
     tree_map,
 )
 from .datasets import build_dataset, target_batch_dims
-from .engine import BatchStream, Engine, unique_parameters
+from .engine import Engine, unique_parameters
 from .faults import inject_fault
 from .materialize import build_stages
 from .model_file import ModelFile, function_from_file, load_model_file
@@ -60,6 +60,7 @@ from .resume import earlier_history, resume, sampling_changes, save
 from .seeding import seeded
 from .setup_sync import agree_on_data, gather_setup, new_setup_group
 from .staleness import SharedSet, StaleWeights, shared_sets
+from .streamed_batches import BatchStream
 
 
 @dataclass

@@ -11,7 +11,7 @@ step, weight stashing) and charges its storage, once, to the device whose action
 the storage is freed (a weak reference to the storage object, which torch keeps alive exactly as
 long as the storage). A device's peak is its parameters and buffers plus the most its charged
 storages ever held at once. Not seen: memory an op's kernel uses inside itself, the allocator's
-slack, and the receive buffers a dist rank posts a few actions ahead (runtime/engine.py
+slack, and the receive buffers a dist rank posts a few actions ahead (runtime/device_runner.py
 PREFETCH_ACTIONS).
 """
 
@@ -31,7 +31,8 @@ from ftc.runtime.comm import LocalTransport
 from ftc.runtime.config import OptimizerConfig, StalenessConfig
 from ftc.runtime.data import load_batch, output_specs, synthetic_targets
 from ftc.runtime.datasets import synthetic, target_batch_dims
-from ftc.runtime.engine import Engine, _DeviceRunner, unique_parameters
+from ftc.runtime.device_runner import DeviceRunner
+from ftc.runtime.engine import Engine, unique_parameters
 from ftc.runtime.materialize import build_stages
 from ftc.runtime.optim import build_optimizer
 from ftc.runtime.staleness import StaleWeights, shared_sets
@@ -212,14 +213,14 @@ def measure(folder, *, schedule: str, micro_batches: int, optimizer: str, steps:
         for tensor in (*module.parameters(), *module.buffers()):
             with tracker.on(STATE):
                 tracker._charge(tensor.untyped_storage())
-    run = _DeviceRunner.run
+    run = DeviceRunner.run
 
     def tagged_run(runner, action):
         tracker.label = str(action)
         with tracker.on(runner.device):
             return run(runner, action)
 
-    _DeviceRunner.run = tagged_run
+    DeviceRunner.run = tagged_run
     try:
         with tracker:
             if stale is not None:
@@ -238,5 +239,5 @@ def measure(folder, *, schedule: str, micro_batches: int, optimizer: str, steps:
                             optimizers[device].zero_grad(set_to_none=True)
                 del inputs, targets
     finally:
-        _DeviceRunner.run = run
+        DeviceRunner.run = run
     return Measured(state, {d: tracker.peak[d] for d in devices}, tracker.peak[OUTSIDE], tracker.at_peak)

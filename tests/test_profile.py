@@ -12,12 +12,15 @@ import time
 import pytest
 import torch
 
-import ftc.profiling.measure as measure_module
+import ftc.profiling.save_memory as save_memory_module
 from ftc.cli import main
 from ftc.compiler import CompileOptions, compile_model
 from ftc.frontends import trace
 from ftc.passes.partition.problem import gradient_bytes, is_view_op
-from ftc.profiling.measure import MeasureSettings, initial_state, measure, wants_save_memory
+from ftc.profiling.in_context import InContext
+from ftc.profiling.measure import measure
+from ftc.profiling.measurement import MeasureSettings, NodeProfile
+from ftc.profiling.save_memory import initial_state, wants_save_memory
 from ftc.runtime import load_pipeline
 from ftc.runtime.model_file import load_model_file
 
@@ -554,7 +557,7 @@ def test_kind_costs_are_what_ops_alone_take_beyond_the_whole_model(tmp_path, mon
     model_file = load_model_file(write(tmp_path, "small.py", SMALL))
     graph, meta_model, _ = trace(model_file, 8)
     in_context: dict = {}
-    kind_costs = measure_module._InContext._kind_costs
+    kind_costs = InContext._kind_costs
     extra = {"fc1": (10e-6, 5e-6), "head": (3e-6, 9e-6)}
 
     def record(self, nodes, overhead):
@@ -563,10 +566,10 @@ def test_kind_costs_are_what_ops_alone_take_beyond_the_whole_model(tmp_path, mon
 
     def alone(self, name, overhead):
         (fwd, bwd), (more_fwd, more_bwd) = in_context[name], extra.get(name, (3e-6, 5e-6))
-        return measure_module.NodeProfile(fwd + more_fwd, bwd + more_bwd)
+        return NodeProfile(fwd + more_fwd, bwd + more_bwd)
 
-    monkeypatch.setattr(measure_module._InContext, "_kind_costs", record)
-    monkeypatch.setattr(measure_module._InContext, "_alone", alone)
+    monkeypatch.setattr(InContext, "_kind_costs", record)
+    monkeypatch.setattr(InContext, "_alone", alone)
     measured = measure(graph, model_file, meta_model, MeasureSettings())
     compute = [n for n in graph.nodes if n.is_compute]
     linears = [n.name for n in compute if graph.kind(n) == "torch.nn.modules.linear.Linear"]
@@ -586,9 +589,9 @@ def test_save_memory_mode_is_chosen_for_a_model_large_for_the_device(tmp_path, m
     model_file = load_model_file(write(tmp_path, "small.py", SMALL))
     graph, _, _ = trace(model_file, 8)
     parameter_bytes = sum(t.meta.nbytes for t in graph.state.values())
-    monkeypatch.setattr(measure_module, "device_memory", lambda device: 100 * parameter_bytes)
+    monkeypatch.setattr(save_memory_module, "device_memory", lambda device: 100 * parameter_bytes)
     assert not wants_save_memory(graph, MeasureSettings())
-    monkeypatch.setattr(measure_module, "device_memory", lambda device: 2 * parameter_bytes)
+    monkeypatch.setattr(save_memory_module, "device_memory", lambda device: 2 * parameter_bytes)
     assert wants_save_memory(graph, MeasureSettings())
     assert not wants_save_memory(graph, MeasureSettings(save_memory=False))
 

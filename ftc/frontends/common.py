@@ -338,7 +338,7 @@ class CodeFiles:
     standard library's are not the model's code; nor is a file no module class of the model
     comes from (a library function the model calls: its ops take the caller's line).
 
-    profiling/measure.py's local_sources, the files whose contents key a measured profile, is
+    profiling/profile_key.py's local_sources, the files whose contents key a measured profile, is
     another set on purpose: it lists the files the model file imports, found from its imports
     (a file in the folder that nothing imports, a test or a script, changes no profile), up to
     the package that holds the model file (a sibling subpackage's helper too), and never an

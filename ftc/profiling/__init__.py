@@ -2,7 +2,8 @@
 
 from .analytic import DeviceModel, profile_analytic
 from .cache import ProfileCache, default_cache_dir
-from .measure import DEVICES, MeasureSettings, profile_measured
+from .measure import profile_measured
+from .measurement import DEVICES, MeasureSettings
 
 # analytic: FLOPs and a roofline on the meta device; measure: times on real tensors.
 PROFILES = ("analytic", "measure")

@@ -27,7 +27,7 @@ loss, the model file's loss_fn on the model's outputs, counted the same way, eac
 ops with its own traffic (ftc/profiling/loss.py, Graph.loss_cost).
 
 Activation memory (Cost.peak_memory) is what autograd saves for backward, as the measured
-profile counts it (ftc/profiling/measure.py): the storages each node's forward saves
+profile counts it (ftc/profiling/saved_bytes.py): the storages each node's forward saves
 (torch.autograd.graph.saved_tensors_hooks on the meta device), parameters and buffers left out,
 each storage counted once model-wide, for the first node that saves it. Meta storages have no
 address, but torch keeps one storage object per storage while it lives, so views and in-place

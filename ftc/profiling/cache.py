@@ -1,9 +1,9 @@
-"""The on-disk cache of measured profiles: one JSON file per profile (measure.Measurement.to_json:
+"""The on-disk cache of measured profiles: one JSON file per profile (measurement.Measurement.to_json:
 node name -> costs, the stage call's and the loss's).
 
 Measuring takes real time on real tensors, so a compile that changes only the stage count or
 the partitioner reads the profile back. A profile is filed under the sha256 of its key, a JSON
-object naming everything its times depend on (measure.profile_key), and the file repeats the
+object naming everything its times depend on (profile_key.profile_key), and the file repeats the
 key, so a hash collision or a stale format reads as a miss.
 
 The folder is $FTC_CACHE_DIR, else ~/.cache/ftc/profiles. Files are written to a temporary

@@ -1,7 +1,7 @@
 """The training loss as the profiles see it.
 
 The runtime computes loss_fn(outputs, target) on the device of the stage that holds the model's
-outputs (runtime/engine.py) and starts the backward from it, so that stage pays the loss's
+outputs (runtime/device_runner.py) and starts the backward from it, so that stage pays the loss's
 forward and backward. To price it, a profile runs the model file's loss_fn on the model's
 outputs with a target made the way the runtime's data sets make one (runtime/data.py):
 

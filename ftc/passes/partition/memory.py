@@ -27,7 +27,7 @@
     temporaries  of the optimizer step, which runs after the activations are freed (step_bytes);
                  under async each stage steps while micro-batches are in flight, so they add.
 
-Not counted: the receive buffers the runtime posts a few actions ahead (runtime/engine.py
+Not counted: the receive buffers the runtime posts a few actions ahead (runtime/device_runner.py
 PREFETCH_ACTIONS); allocator caching and fragmentation. Checked against the live storages of
 every device while the real engine trains (tests/memory_truth.py, tests/test_memory_truth.py;
 the README has the figures).
