@@ -16,7 +16,7 @@ from ftc.ir import FtcError
 
 from . import comm, precision as precisions
 from .comm import ACTIVATION, GRADIENT, Message
-from .loss import call_loss, one_sample_hint
+from .loss import call_loss, forward_failure_hint
 from .message_plan import LOSS
 from .model_file import user_error
 from .pipeline import check_stage_outputs
@@ -108,7 +108,7 @@ class DeviceRunner:
         except Exception as exc:
             raise user_error(exc, f"stage {stage} ({spec.file}), micro-batch {m},",
                              [self.engine.pipeline.folder / spec.file, self.engine.pipeline.model_file],
-                             precisions.failure_hint(self.engine.precision, one_sample_hint(exc,
+                             precisions.failure_hint(self.engine.precision, forward_failure_hint(exc,
                                  "check the data against the model file's example_inputs (shapes, dtypes); "
                                  f"`ftc check --batch-size {int(self.batch_scale * self.engine.pipeline.manifest['batch_size'])}` "
                                  "runs the stages on example inputs of this micro-batch size"))) from exc  # fmt: skip

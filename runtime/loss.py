@@ -1,5 +1,5 @@
 """The loss call the pipeline engine and mode single share, and the hint both give for a forward
-that BatchNorm refused a micro-batch of one sample."""
+that failed on the data or the config (a micro-batch of one sample, a token id past the vocabulary)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ from ftc.ir import FtcError
 from .model_file import user_error
 
 
-def one_sample_hint(exc: Exception, hint: str) -> str:
-    """The fix for a forward that failed, where BatchNorm refused a micro-batch of one sample: the
-    config's batch_size / micro_batches made it, not the data."""
-    if "Expected more than 1 value per channel when training" not in str(exc):
-        return hint
-    return ("a BatchNorm in training mode needs more than one value per channel, and a micro-batch of 1 sample "
-            "(batch_size / micro_batches) gives it one: lower micro_batches or raise batch_size")
+def forward_failure_hint(exc: Exception, hint: str) -> str:
+    """The fix for a forward that failed, where the cause is known to be the data's or the config's
+    rather than the model's: BatchNorm refused a micro-batch of one sample (batch_size /
+    micro_batches made it), or an embedding got a token id past its rows; `hint` otherwise."""
+    if "Expected more than 1 value per channel when training" in str(exc):
+        return ("a BatchNorm in training mode needs more than one value per channel, and a micro-batch of 1 sample "
+                "(batch_size / micro_batches) gives it one: lower micro_batches or raise batch_size")
+    if isinstance(exc, IndexError) and "index out of range in self" in str(exc):
+        return ("an embedding (or index_select) got an index at or past its number of rows: the data's token ids "
+                "must be below the model's vocabulary size (the bytes data set gives ids 0-255, so a model trained "
+                "on it needs an embedding of 256 rows or more)")
+    return hint
 
 
 def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
@@ -37,7 +42,8 @@ def call_loss(loss_fn: Callable, output: Any, target: Any) -> torch.Tensor:
                          "(shapes, dtypes) and the model's output") from exc  # fmt: skip
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
-        raise FtcError(f"loss_fn returned {type(loss).__name__}{shape}", "return a scalar tensor")
+        raise FtcError(f"loss_fn {getattr(loss_fn, '__qualname__', loss_fn)} returned {type(loss).__name__}{shape}, "
+                       "not a one-element tensor", "return a scalar tensor (the mean over the batch, say)")
     if torch.is_grad_enabled() and not loss.requires_grad:  # evaluation runs without autograd
         # Backward would fail inside autograd ("element 0 of tensors does not require grad").
         raise FtcError(f"loss_fn returned a tensor ({str(loss.dtype).removeprefix('torch.')}) that has no gradient: "

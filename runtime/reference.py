@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .data import map_with_dims
-from .loss import call_loss, one_sample_hint
+from .loss import call_loss, forward_failure_hint
 from .materialize import load_checkpoint
 from .mode import train_model
 from .model_file import ModelFile, user_error
@@ -69,7 +69,7 @@ class SingleProcess:
             raise user_error(exc, f"the model ({type(self.model).__name__}), micro-batch {i}"
                              f"{' of a held-out batch, in eval mode' if evaluating else ''},",
                              [inspect.getsourcefile(type(self.model)) or ""],
-                             failure_hint(self.precision, one_sample_hint(
+                             failure_hint(self.precision, forward_failure_hint(
                                  exc, "check the data against the model file's example_inputs (shapes, dtypes)"))
                              ) from exc  # fmt: skip
 

@@ -28,6 +28,10 @@ def accuracy(output, target):
     return (output.argmax(1) == target).float().mean()
 
 
+def per_sample(output, target):
+    return F.cross_entropy(output, target, reduction="none")
+
+
 class Broken:
     def __len__(self):
         return 16
@@ -97,6 +101,43 @@ def test_a_loss_without_a_gradient_is_named(pipeline, mode):
     with pytest.raises(FtcError, match=r"loss_fn returned a tensor \(float32\) that has no gradient") as error:
         run(folder, mode=mode, loss="accuracy")
     assert ".detach()" in error.value.hint
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_a_loss_that_is_not_one_number_is_named(pipeline, mode):
+    _, folder = pipeline
+    with pytest.raises(FtcError, match=r"loss_fn per_sample returned Tensor\[4\], not a one-element tensor"):
+        run(folder, mode=mode, loss="per_sample", batch_size=8, micro_batches=2)
+
+
+SMALL_VOCABULARY = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def build_model():
+    return nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 40))
+
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 40, (batch_size, 16)),)
+
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.reshape(-1, 40), target.reshape(-1))
+"""
+
+
+@pytest.mark.parametrize("mode", ["single", "local"])
+def test_token_ids_past_the_vocabulary_are_named_as_the_datas(tmp_path, mode):
+    """The bytes data set gives ids 0-255; a model with 40 rows got an IndexError whose hint said
+    to check shapes and dtypes."""
+    (tmp_path / "small.py").write_text(SMALL_VOCABULARY)
+    folder = compile_model(tmp_path / "small.py", tmp_path / "generated", CompileOptions(stages=2)).folder
+    with pytest.raises(FtcError, match=r"raised IndexError: index out of range in self") as error:
+        run(folder, mode=mode, data={"name": "bytes", "max_bytes": 2000})
+    assert "the bytes data set gives ids 0-255, so a model trained on it needs an embedding of 256 rows" in error.value.hint
 
 
 def test_a_failing_data_set_is_named(pipeline):
