@@ -22,7 +22,7 @@ from ftc.passes.local_sizes import take_sizes_locally
 from ftc.passes.naming import name_values
 from ftc.passes.partition import METHODS, Partition, Problem, assign, build_problem, partition
 from ftc.passes.partition.coarsen import cut_candidates
-from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings
+from ftc.passes.partition.memory import OPTIMIZER_STATES, MemorySettings, planned_micro_batches
 from ftc.passes.partition.refine import kept_round, refine
 from ftc.passes.recompute import POLICIES
 from ftc.passes.unpack import unpack_containers_early
@@ -61,16 +61,15 @@ class CompileOptions:
     refine: int = 0  # splits to time on `device` (ftc/passes/partition/refine.py); 0: none
 
     def memory_settings(self) -> MemorySettings:
+        planned_batch = self.batch_size if self.micro_batches is None else None
         return MemorySettings(self.memory_limit, self.optimizer, self.schedule, self.planned_micro_batches(),
-                              self.recompute, self.device)  # fmt: skip
+                              self.recompute, self.device, planned_batch)  # fmt: skip
 
     def planned_micro_batches(self) -> int:
-        """--micro-batches, or the fewest that fill the pipeline (one per device) and split the
-        batch into equal micro-batches, as the runtime does: the smallest divisor of the batch
-        size from the device count up (the batch size itself when it is smaller)."""
+        """--micro-batches, or the compiler's plan for the stage count (memory.py)."""
         if self.micro_batches is not None:
             return self.micro_batches
-        return next(m for m in range(min(self.stages, self.batch_size), self.batch_size + 1) if self.batch_size % m == 0)
+        return planned_micro_batches(self.stages, self.batch_size)
 
     def measure_settings(self) -> MeasureSettings:
         return MeasureSettings(device=self.device, threads=self.threads, save_memory=self.save_memory)

@@ -1549,3 +1549,38 @@ def test_more_mpipe_blocks_than_the_graph_has_cuts_says_how_many_it_packed(tmp_p
     assert "note: --blocks" not in outputs[11]
     for stage in (tmp_path / "11" / "mlp").glob("stage*.py"):
         assert (tmp_path / "100" / "mlp" / stage.name).read_text() == stage.read_text()
+
+
+LANGUAGE_MODEL = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+def build_model():
+    blocks = [nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4)]
+    return nn.Sequential(nn.Embedding(2000, 16), *blocks, nn.Linear(16, 2000))
+
+def example_inputs(batch_size):
+    return (torch.randint(0, 2000, (batch_size, 16)),)
+
+def loss_fn(output, target):
+    return F.cross_entropy(output.flatten(0, 1), target.flatten())
+"""
+
+
+def test_an_infeasible_limit_names_flags_that_fit(tmp_path, capsys):
+    """3 stages of a language model do not fit 2 MB at the 4 micro-batches planned for them; the
+    error names what does, each compiled to prove it: --micro-batches 8, and --stages 5, whose
+    compile plans 8 micro-batches (the hint priced other stage counts at 4 and said "try
+    --stages 7 or more (up to 6 do not fit)"); 4 stages, not named, do not fit."""
+    model, out = write(tmp_path, "lm.py", LANGUAGE_MODEL), tmp_path / "gen"
+    limit = ["--memory-limit", "2MB", "-o", out, "--force"]
+    code, _, err = run_cli(["compile", model, "--stages", 3, *limit], capsys)
+    assert_user_error((code, "", err), "no split of lm into 3 stages fits 2.0 MB per device")
+    assert "use --micro-batches 8, which fits" in err and "use --stages 5, which fits" in err
+    for flags in (["--stages", 3, "--micro-batches", 8], ["--stages", 5]):
+        code, _, err = run_cli(["compile", model, *flags, *limit], capsys)
+        assert code == 0, err
+        manifest = json.loads((out / "lm" / "pipeline.json").read_text())
+        assert max(manifest["predicted"]["device_memory"]) <= 2 * 10**6
+    assert run_cli(["compile", model, "--stages", 4, *limit], capsys)[0] == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from dataclasses import replace
 
 import networkx as nx
@@ -28,6 +29,7 @@ from ftc.passes.partition.metis import atom_dag, atoms_of, linearize, partition_
 from ftc.passes.partition.pipedream import StageTables, least_peak, split_pipedream
 from ftc.passes.partition.problem import FixedCost, KindCost, Partition, Problem, Transfer
 from ftc.passes.recompute import choose_recompute, recompute_rule
+from ftc.runtime.model_file import load_model_file
 
 from .conftest import EXAMPLES, MODELS
 
@@ -357,6 +359,36 @@ def test_memory_limited_dp_matches_brute_force():
     assert feasible > 300 and infeasible > 200 and recomputing > 20, (feasible, infeasible, recomputing)
 
 
+def test_infeasible_hint_says_only_what_brute_force_confirms():
+    """On random problems where no split fits the limit, each stage count the hint names is
+    checked by brute force over every count: "no number of stages fits" (some run of ops holds
+    more weights than the limit) means none does, "use --stages k, which fits" that k does,
+    "up to m do not fit" that none up to m does (it said "try --stages 15 or more" for a head
+    whose weights alone exceeded the limit)."""
+    rng = random.Random(7)
+    claims = {"none fits": 0, "use": 0, "try": 0}
+    for case in range(300):
+        problem = random_memory_problem(rng)
+        counts = range(1, problem.max_stages() + 1)
+        fitting = [k for k in counts if np.isfinite(brute_force(problem, k)[0])]
+        for stages in counts:
+            if stages in fitting:
+                continue
+            with pytest.raises(FtcError) as info:
+                split_pipedream(problem, stages)
+            hint = info.value.hint
+            if "no number of stages fits" in hint:
+                assert not fitting, (case, stages, hint)
+                claims["none fits"] += 1
+            if used := re.search(r"use --stages (\d+), which fits", hint):
+                assert int(used[1]) in fitting, (case, stages, hint)
+                claims["use"] += 1
+            if tried := re.search(r"try --stages (\d+) or more \(up to (\d+) do not fit\)", hint):
+                assert not [k for k in fitting if stages < k <= int(tried[2])], (case, stages, hint)
+                claims["try"] += 1
+    assert claims["none fits"] > 50 and claims["use"] > 20, claims
+
+
 def test_infeasible_limit_names_the_least_peak(analyzed):
     """gpt into 4 stages under a 1 MB limit: the error says the least peak that would fit (the
     brute-force-checked least_peak) and what to do."""
@@ -367,13 +399,18 @@ def test_infeasible_limit_names_the_least_peak(analyzed):
     peak, _ = least_peak(StageTables(problem, 4))
     assert info.value.message.startswith("no split of gpt into 4 stages fits 1.0 MB per device")
     assert f"least possible peak is {peak / 1e6:.1f} MB" in info.value.message
-    assert "--memory-limit" in info.value.hint and "or try --stages 9 or more (up to 8 do not fit)" in info.value.hint
+    # no number of stages fits: the MLP's first Linear alone, its weights, gradients and two Adam
+    # states, holds more than 1 MB (it suggested 9 stages or more)
+    fc = load_model_file(EXAMPLES / "gpt.py").build("meta").blocks[0].fc
+    assert sum(p.numel() * p.element_size() for p in fc.parameters()) * 4 > 10**6
+    assert "--memory-limit" in info.value.hint and "--stages" not in info.value.hint
+    assert "no number of stages fits 1.0 MB: blocks_0_fc alone holds 1.1 MB" in info.value.hint
     # no more stages are suggested where none are possible
     mlp, _ = analyzed(EXAMPLES / "mlp.py")
     tight = build_problem(mlp, 1.0, MemorySettings(limit=10**4))
     with pytest.raises(FtcError) as at_most:
         partition(tight, "pipedream", tight.max_stages())
-    assert "stages" not in at_most.value.hint
+    assert "--stages" not in at_most.value.hint
     # the least peak is what it says: a limit at it fits, just under it does not
     fitted = build_problem(graph, 1.0, MemorySettings(limit=int(np.ceil(peak))))
     assert partition(fitted, "pipedream", 4).num_stages == 4

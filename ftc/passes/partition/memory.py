@@ -57,7 +57,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -104,6 +104,13 @@ def format_bytes(count: float, up: bool = False) -> str:
     return f"{math.ceil(count) if up else count:.0f} B"
 
 
+def planned_micro_batches(stages: int, batch_size: int) -> int:
+    """The fewest micro-batches that fill a pipeline of `stages` devices (one per device) and
+    split the batch into equal micro-batches, as the runtime does: the smallest divisor of the
+    batch size from the device count up (the batch size itself when it is smaller)."""
+    return next(m for m in range(min(stages, batch_size), batch_size + 1) if batch_size % m == 0)
+
+
 @dataclass(frozen=True)
 class MemorySettings:
     limit: int | None = None  # bytes per device; None: no limit
@@ -112,6 +119,15 @@ class MemorySettings:
     micro_batches: int | None = None  # None: as many as stages (the fewest that fill the pipeline)
     recompute: str = "auto"  # "auto" | "always" | "never" (ftc/passes/recompute.py)
     device: str = "cpu"  # "cpu" | "cuda": how torch's optimizers step there (step_bytes)
+    # The compile batch size where `micro_batches` is the compiler's plan, not --micro-batches:
+    # compiled into another number of stages, it plans another count (for_stages); None: fixed.
+    planned_batch: int | None = None
+
+    def for_stages(self, stages: int) -> MemorySettings:
+        """The settings a compile into `stages` stages would have, as far as the user fixed them."""
+        if self.planned_batch is None:
+            return self
+        return replace(self, micro_batches=planned_micro_batches(stages, self.planned_batch))
 
     def in_flight(self, position: int, stages: int) -> int:
         """Micro-batches whose activations the stage at `position` (0-based) of `stages` keeps."""

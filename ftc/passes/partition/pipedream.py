@@ -20,13 +20,14 @@ hands them a problem with at most coarsen.MAX_CUTS places to cut (coarsen.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from ftc.ir import FtcError
 from ftc.passes.recompute import recompute_rule
 
-from .memory import OPTIMIZER_STATES, activation_bytes, format_bytes, interval_sums, step_bytes
+from .memory import OPTIMIZER_STATES, MemorySettings, activation_bytes, format_bytes, interval_sums, step_bytes
 from .problem import Partition, Problem
 
 # Stage costs within this relative margin of the bottleneck count as reaching it.
@@ -41,24 +42,27 @@ class StageTables:
     always) the costs do not depend on memory. All of them take O(N^2) time and memory for N
     ops, so tables for another stage count of the same problem share them (for_stages)."""
 
-    def __init__(self, problem: Problem, stages: int, base: np.ndarray | None = None):
-        """`base`: problem.interval_costs(), where the caller has it."""
+    def __init__(self, problem: Problem, stages: int, base: np.ndarray | None = None,
+                 settings: MemorySettings | None = None):  # fmt: skip
+        """`base`: problem.interval_costs(), where the caller has it; `settings`: the memory
+        settings to price with, where not the problem's (another micro-batch count)."""
         self.problem, self.stages = problem, stages
         self.base = problem.interval_costs() if base is None else base
-        settings = problem.footprint.settings
+        self.settings = settings = settings or problem.footprint.settings
         self.memory_bound = settings.limit is not None or settings.recompute == "always"
         self._parts: list[tuple[np.ndarray, ...]] = []  # shared with for_stages' tables; empty until built
 
-    def for_stages(self, stages: int) -> StageTables:
-        """The tables of the same problem split into `stages` stages, sharing these matrices."""
-        tables = StageTables(self.problem, stages, self.base)
+    def for_stages(self, stages: int, settings: MemorySettings | None = None) -> StageTables:
+        """The tables of the same problem split into `stages` stages, sharing these matrices;
+        `settings`: another micro-batch count (the step's parts of the matrices do not depend on it)."""
+        tables = StageTables(self.problem, stages, self.base, settings)
         tables._parts = self._parts
         return tables
 
     def _memory(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(memory without recomputation, with it) of every interval at `position`."""
         if not self._parts:
-            settings, n = self.problem.footprint.settings, self.problem.size
+            settings, n = self.settings, self.problem.size
             held, trainable, saved = self.problem.footprint.interval_tables(n)
             static = held + trainable * (1 + OPTIMIZER_STATES[settings.optimizer])
             tables = (self.problem.received_table(), interval_sums(self.problem.forward))
@@ -76,8 +80,7 @@ class StageTables:
                                 interval_sums(self.problem.transient), partials))  # fmt: skip
         (static, saved, received, _, sent, largest, parameter, step, trainable, loss_saved, outputs,
          transient, partials) = self._parts[0]  # fmt: skip
-        footprint = self.problem.footprint
-        settings = footprint.settings
+        footprint, settings = self.problem.footprint, self.settings
         in_flight, share = settings.in_flight(position, self.stages), settings.share(self.stages)
         stash = trainable * settings.stash_copies(position, self.stages)
 
@@ -91,7 +94,7 @@ class StageTables:
         return tuple(static + np.maximum(activations(recompute), step) for recompute in (False, True))
 
     def _rule(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        settings = self.problem.footprint.settings
+        settings = self.settings
         return recompute_rule(settings.recompute, settings.limit, *self._memory(position),
                               self.problem.recomputable_table())  # fmt: skip
 
@@ -109,7 +112,7 @@ class StageTables:
         """Each interval's memory with the recompute choice --recompute allows that needs least."""
         plain, recomputed = self._memory(position)
         recomputed = np.where(self.problem.recomputable_table(), recomputed, plain)
-        policy = self.problem.footprint.settings.recompute
+        policy = self.settings.recompute
         return {"never": plain, "always": recomputed}.get(policy, np.minimum(plain, recomputed))
 
 
@@ -223,6 +226,32 @@ def least_peak(tables: StageTables) -> tuple[float, list[int]]:
     return min_bottleneck(tables.problem, tables.stages, tables.least_memory)
 
 
+def heaviest_unit_state(problem: Problem, optimizer: str | None = None) -> tuple[int, int, int]:
+    """The bytes of parameters, buffers, gradients and `optimizer` state (default: the
+    compile's) of the run of ops no stage boundary may separate that holds the most, with its
+    first and last op: no stage of any split holds less."""
+    copies = OPTIMIZER_STATES[optimizer or problem.footprint.settings.optimizer]
+    heaviest, first = (0, 0, 0), 0
+    for k in range(problem.size):
+        if k < problem.size - 1 and problem.no_cut[k]:
+            continue
+        members = np.zeros(problem.size, dtype=bool)
+        members[first : k + 1] = True
+        held, trainable = problem.footprint.state_bytes(members)
+        heaviest = max(heaviest, (held + trainable * (1 + copies), first, k), key=lambda unit: unit[0])
+        first = k + 1
+    return heaviest
+
+
+def _larger_micro_batch_counts(settings: MemorySettings) -> list[int]:
+    """Micro-batch counts above the planned one that split the compile batch equally, where
+    the count was planned (--micro-batches not given)."""
+    batch = settings.planned_batch
+    if batch is None or settings.micro_batches is None:
+        return []
+    return [m for m in range(settings.micro_batches + 1, batch + 1) if batch % m == 0]
+
+
 def memory_error(problem: Problem, stages: int) -> FtcError:
     """No split fits: say the least limit that would fit this stage count, and what does."""
     settings = problem.footprint.settings
@@ -240,15 +269,36 @@ def memory_error(problem: Problem, stages: int) -> FtcError:
                         (recomputed, settings.recompute != "never" and recomputable)) if ok
     ]  # fmt: skip
     detail = min(allowed, key=lambda m: m.total).describe()
-    tried = min(problem.max_stages(), 2 * stages)
-    more = next((k for k in range(stages + 1, tried + 1) if least_peak(tables.for_stages(k))[0] <= settings.limit), None)
     hint = f"raise --memory-limit to at least {format_bytes(peak, up=True).replace(' ', '')}"
-    if more:
-        hint += f", or use --stages {more}, which fits"
-    elif tried < problem.max_stages():  # more stages than were tried may fit
-        hint += f", or try --stages {tried + 1} or more (up to {tried} do not fit)"
-    if settings.recompute == "never":
-        hint += ", or allow --recompute auto"
+    floor, first, last = heaviest_unit_state(problem)
+    if floor > settings.limit:
+        # no stage count fits: some run of ops no cut may separate holds more weights than the
+        # limit, whatever else its stage holds
+        ops = f"{problem.ops[first]} alone holds" if first == last else f"ops {problem.ops[first]} .. {problem.ops[last]}, which no cut may separate, hold"
+        hint += (
+            f"; no number of stages fits {format_bytes(settings.limit)}: {ops} "
+            f"{format_bytes(floor)} of parameters, gradients and {settings.optimizer} state"
+        )
+        lightest = min(OPTIMIZER_STATES, key=OPTIMIZER_STATES.get)
+        stateless = heaviest_unit_state(problem, lightest)[0]
+        if settings.optimizer != lightest and stateless <= settings.limit:
+            hint += f" ({format_bytes(stateless)} with --optimizer {lightest}, which keeps none)"
+    else:
+        # each count priced as a compile into it would be: with the micro-batches planned for it
+        # where --micro-batches was not given
+        tried = min(problem.max_stages(), 2 * stages)
+        more = next((k for k in range(stages + 1, tried + 1)
+                     if least_peak(tables.for_stages(k, settings.for_stages(k)))[0] <= settings.limit), None)  # fmt: skip
+        smaller = next((m for m in _larger_micro_batch_counts(settings)
+                        if least_peak(tables.for_stages(stages, replace(settings, micro_batches=m)))[0] <= settings.limit), None)  # fmt: skip
+        if smaller:
+            hint += f", or use --micro-batches {smaller}, which fits (smaller micro-batches hold less)"
+        if more:
+            hint += f", or use --stages {more}, which fits"
+        elif tried < problem.max_stages():  # more stages than were tried may fit
+            hint += f", or try --stages {tried + 1} or more (up to {tried} do not fit)"
+        if settings.recompute == "never":
+            hint += ", or allow --recompute auto"
     shown_peak = format_bytes(peak)
     if shown_peak == format_bytes(settings.limit):  # a limit just below the peak: say how far below
         shown_peak = f"{peak:,.0f} B against {settings.limit:,} B"
