@@ -313,9 +313,14 @@ def plot(explanation: Explanation, path: str | Path) -> Path:
         f"bubble {prediction.timeline.bubble_fraction:.3f} (numbers: {'stage.' if several else ''}micro-batch)"
     )
     temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
-    temporary.replace(path)
+    try:
+        figure.savefig(temporary, format="png", dpi=100)
+        temporary.replace(path)
+    except OSError as exc:
+        # a folder the file system refuses (read-only, virtual): name the user's path, not ours
+        raise FtcError(f"--plot {path} cannot be written: {exc.strerror or exc}", "name a .png file in a folder you can write") from None
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -168,6 +168,8 @@ def test_explain_errors(tmp_path, capsys):
     user_error([GENERATED / "gpt", "--micro-batches", 0], "must be at least 1")
     user_error([GENERATED / "gpt", "--plot", tmp_path / "plot.svg"], "the plot is a PNG")
     user_error([GENERATED / "gpt", "--plot", tmp_path / "no" / "plot.png"], "does not exist")
+    # a folder that exists but takes no files: the user's path is named, not the temporary file
+    user_error([GENERATED / "gpt", "--plot", "/proc/plot.png"], "--plot /proc/plot.png cannot be written")
     folder = _synthetic(tmp_path, [0, 1])
     manifest = json.loads((folder / "pipeline.json").read_text())
     del manifest["stages"][1]["cost"]["fwd_time"]
