@@ -158,7 +158,11 @@ def _loss(output: Any, seed: int) -> torch.Tensor:
     """A fixed random projection of every floating tensor in the output, to a scalar."""
     tensors = [t for t in _flat(output) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
     if not tensors:
-        raise FtcError("the model's outputs hold no floating tensor that requires grad; nothing to backpropagate")
+        raise FtcError(
+            "the model's outputs hold no floating tensor that requires grad: no trainable parameter reaches them, "
+            "so there are no gradients to check and nothing to train",
+            "give forward a parameter that requires grad (a frozen model has nothing for a training pipeline to do)",
+        )
     generator = torch.Generator().manual_seed(seed)
     return sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in tensors)
 

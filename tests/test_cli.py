@@ -1584,3 +1584,24 @@ def test_an_infeasible_limit_names_flags_that_fit(tmp_path, capsys):
         manifest = json.loads((out / "lm" / "pipeline.json").read_text())
         assert max(manifest["predicted"]["device_memory"]) <= 2 * 10**6
     assert run_cli(["compile", model, "--stages", 4, *limit], capsys)[0] == 2
+
+
+def test_check_of_a_model_without_trainable_parameters_says_what_to_do(tmp_path, capsys):
+    """A forward with no parameters compiles; ftc check then has no gradients to compare and
+    says why and what to do, where it named no fix."""
+    model = write(tmp_path, "scale.py", """
+        import torch
+
+        class Scale(torch.nn.Module):
+            def forward(self, x):
+                return x * 2 + 1
+
+        def build_model():
+            return Scale()
+
+        def example_inputs(batch_size):
+            return (torch.randn(batch_size, 4),)
+        """)
+    assert run_cli(["compile", model, "--stages", 2, "-o", tmp_path / "gen"], capsys)[0] == 0
+    result = run_cli(["check", tmp_path / "gen" / "scale"], capsys)
+    assert_user_error(result, "no trainable parameter reaches them", "fix: give forward a parameter that requires grad")
