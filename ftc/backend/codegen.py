@@ -345,7 +345,7 @@ class StageWriter:
             model_file=model_file,
             num_stages=self.graph.num_stages,
             device=self.plan.device,
-            summary=_stage_summary(self.plan),
+            summary=_stage_summary(self.graph, self.plan),
             library_ops=self.library_ops(),
             inputs=[(self.local[n], value_text(self.by_name[n].meta, self.graph.batch_size)) for n in self.plan.inputs],
             outputs=[(self.local[n], value_text(self.by_name[n].meta, self.graph.batch_size)) for n in self.plan.outputs],
@@ -388,12 +388,16 @@ def _block_comment(group: dict) -> str:
     return text
 
 
-def _stage_summary(plan: StagePlan) -> str:
-    """The first and last original modules the stage runs, two levels deep ("wte .. blocks.1")."""
+def _stage_summary(graph: Graph, plan: StagePlan) -> str:
+    """The first and last original modules the stage runs ("wte .. blocks.1"): two levels deep,
+    or down to the first item of a ModuleList or Sequential on the way, which tells the blocks
+    apart where a wrapper holds them ("transformer.h.0", not "transformer.h", in GPT-2)."""
     paths = []
     for node in plan.nodes:
         path = node.target if node.op == "call_module" else node.module_path
-        top = ".".join(path.split(".")[:2])
+        parts = path.split(".")
+        depth = next((k for k in range(1, len(parts)) if graph.modules.get(".".join(parts[:k])) in CONTAINER_INDEXED), 1)
+        top = ".".join(parts[: max(2, depth + 1)])
         if top and top not in paths:
             paths.append(top)
     if not paths:
