@@ -324,7 +324,13 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
         base = wanted.get(node.name) or _written_name(node, by_name, labels) or _size_item_name(node, by_name, readers)
         if base is None or base.startswith("_") or base == "self":
             if node.is_compute:
-                labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
+                label = labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
+                if node.op != "call_module" and label not in taken and re.fullmatch(rf"{re.escape(label)}_\d+", node.name):
+                    # the tracer counts each op over the whole model (export's `linear_32`, the
+                    # model's output, where the 32 linears before it took their layers' names),
+                    # a counter that is the value's name in pipeline.json where it crosses stages
+                    taken.discard(node.name)
+                    renames[node.name] = unique_name(label, taken)
             continue
         labels[node.name] = base
         taken.discard(node.name)
