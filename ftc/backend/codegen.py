@@ -265,9 +265,13 @@ class StageWriter:
     def blocks(self) -> list[dict]:
         """Statements grouped by the original module they came from, in program order."""
         groups: list[dict] = []
-        for node in self.plan.nodes:
-            if not groups or groups[-1]["module_path"] != node.module_path:
-                groups.append({"module_path": node.module_path, "module_class": node.module_class, "lines": [], "sources": [], "no_grad": False})
+        nodes = self.plan.nodes
+        for k, node in enumerate(nodes):
+            module_path, module_class = node.module_path, node.module_class
+            if _inside_a_block(node, nodes[k - 1] if k else None, nodes[k + 1] if k + 1 < len(nodes) else None):
+                module_path, module_class = nodes[k - 1].module_path, nodes[k - 1].module_class
+            if not groups or groups[-1]["module_path"] != module_path:
+                groups.append({"module_path": module_path, "module_class": module_class, "lines": [], "sources": [], "no_grad": False})
             group = groups[-1]
             if not node.grad_enabled and not group["no_grad"]:
                 group["lines"].append("with torch.no_grad():")
@@ -363,6 +367,17 @@ def _assigns_an_index(node: Node) -> bool:
     """`x[index] = value` in place on the tensor x (export's index_put_), whose value is x."""
     return node.op == "call_function" and node.target == "operator.setitem" and node.mutates == 0 \
         and len(node.args) == 3 and not node.kwargs and isinstance(node.meta, TensorMeta)  # fmt: skip
+
+
+def _inside_a_block(node: Node, before: Node | None, after: Node | None) -> bool:
+    """Whether `node`, a statement of no line of the model's (a size the stage takes off its
+    own tensor, `batch = h.size(0)`, just before the first statement that reads it), sits
+    between two statements of one module inside its own, and so belongs to their block: under
+    a comment of its own ("# GPT") it split an attention block in two."""
+    if node.source or before is None or after is None or before.module_path != after.module_path:
+        return False
+    inner = before.module_path
+    return inner != node.module_path and (not node.module_path or inner.startswith(f"{node.module_path}."))
 
 
 def _uses_stage_device(value) -> bool:
