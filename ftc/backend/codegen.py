@@ -20,6 +20,7 @@ from functools import cache
 
 import black
 import jinja2
+import torch
 
 from ftc.interpreter import library_op
 from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors, unique_name
@@ -37,6 +38,13 @@ RESERVED = {"self", "torch", "F", "operator", "math", "device"}
 CONTAINER_INDEXED = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
 CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict", "torch.nn.modules.container.ParameterDict")
 PARAMETER_LIST = "torch.nn.modules.container.ParameterList"  # its keys are its positions
+# The extremes of the float dtypes, which masks are filled with (transformers' torch.finfo(dtype).min),
+# as a model writes them rather than as 17 digits (-3.4028234663852886e38); each is that very float.
+FLOAT_LIMITS = {
+    getattr(torch.finfo(dtype), end): f"torch.finfo(torch.{name}).{end}"
+    for name, dtype in (("float32", torch.float32), ("float64", torch.float64), ("bfloat16", torch.bfloat16))
+    for end in ("min", "max")
+}
 # black takes about a millisecond a line; past this many characters of stage code (a GPT-2 XL
 # pipeline has 200,000) the stage files are formatted in parallel, one process per core.
 PARALLEL_FORMAT_CHARS = 100_000
@@ -196,7 +204,7 @@ class StageWriter:
                 return 'float("nan")'
             if math.isinf(value):
                 return 'float("inf")' if value > 0 else 'float("-inf")'
-            return repr(value)
+            return FLOAT_LIMITS.get(value, repr(value))
         if value is Ellipsis:
             return "..."
         if isinstance(value, tuple):
