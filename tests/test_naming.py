@@ -647,3 +647,57 @@ def test_an_unnamed_value_that_crosses_stages_has_no_counter_that_fx_would_not_g
         assert "return (linear,)" in (compiled.folder / manifest["stages"][-1]["file"]).read_text()
         assert check_pipeline(compiled.folder, batch_size=4).ok
     assert outputs == {"fx": ["linear"], "export": ["linear"]}
+
+
+ROUTED = """
+import torch
+import torch.nn as nn
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        logits = self.proj(x)
+        return {"out": x * torch.sigmoid(logits), "aux": logits.softmax(-1).pow(2).mean()}
+
+
+LEAF_MODULES = (Gate,)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        routed = self.gate(x)
+        out = self.head(routed["out"])
+        return out, routed["aux"]
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_item_of_a_dict_that_no_statement_names_is_named_after_its_key(tmp_path):
+    """`return out, routed["aux"]`: the item was the tracer's `getitem_1` in pipeline.json and
+    in the stage that returns it."""
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "routed.py"
+    path.write_text(ROUTED)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", method="uniform"))
+    manifest = json.loads((compiled.folder / "pipeline.json").read_text())
+    assert manifest["outputs"][1] == "aux"
+    code = "".join((compiled.folder / stage["file"]).read_text() for stage in manifest["stages"])
+    assert 'aux = routed["aux"]' in code and "getitem" not in code, code
+    assert check_pipeline(compiled.folder, batch_size=3).ok

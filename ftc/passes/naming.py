@@ -320,12 +320,14 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     labels: dict[str, str] = {}
     by_name = {node.name: node for node in graph.nodes}
     readers = graph.users()
+    assigned = set(wanted.values())  # names a statement gives, which a name of ftc's must not take first
     for node in graph.nodes:
-        base = wanted.get(node.name) or _written_name(node, by_name, labels) or _size_item_name(node, by_name, readers)
+        base = wanted.get(node.name) or _written_name(node, by_name, labels) or _size_item_name(node, by_name, readers) \
+            or _key_name(node, assigned)  # fmt: skip
         if base is None or base.startswith("_") or base == "self":
             if node.is_compute:
                 label = labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
-                if node.op != "call_module" and label not in taken and re.fullmatch(rf"{re.escape(label)}_\d+", node.name):
+                if node.op != "call_module" and label not in taken | assigned and re.fullmatch(rf"{re.escape(label)}_\d+", node.name):
                     # the tracer counts each op over the whole model (export's `linear_32`, the
                     # model's output, where the 32 linears before it took their layers' names),
                     # a counter that is the value's name in pipeline.json where it crosses stages
@@ -474,6 +476,16 @@ def _size_item_name(node: Node, nodes: dict[str, Node], readers: dict[str, list[
         if len(keywords) == 1 and keywords[0].isidentifier() and not keyword.iskeyword(keywords[0]):
             return keywords[0]
     return "size"
+
+
+def _key_name(node: Node, assigned: set[str]) -> str | None:
+    """An item of a dict that no statement names (`return out, routed["aux"]`, the tracer's
+    `getitem_1`): its key, where the key is a name that no statement gives a value (in `out =
+    self.head(routed["out"])`, `out` is the head's)."""
+    if node.op != "call_function" or node.target != "operator.getitem" or len(node.args) != 2:
+        return None
+    key = node.args[1]
+    return key if isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key) and key not in assigned else None
 
 
 def default_label(node: Node) -> str:
