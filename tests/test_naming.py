@@ -690,14 +690,16 @@ def example_inputs(batch_size):
 
 def test_an_item_of_a_dict_that_no_statement_names_is_named_after_its_key(tmp_path):
     """`return out, routed["aux"]`: the item was the tracer's `getitem_1` in pipeline.json and
-    in the stage that returns it."""
+    in the stage that returns it. `out = self.head(routed["out"])`, whose item the tracer takes
+    out ahead of `routed["aux"]` (which ftc moves up to the call), named the item `out` and the
+    model's output `out_1`."""
     from ftc.check import check_pipeline
 
     path = tmp_path / "routed.py"
     path.write_text(ROUTED)
     compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", method="uniform"))
     manifest = json.loads((compiled.folder / "pipeline.json").read_text())
-    assert manifest["outputs"][1] == "aux"
+    assert manifest["outputs"] == ["out", "aux"]
     code = "".join((compiled.folder / stage["file"]).read_text() for stage in manifest["stages"])
-    assert 'aux = routed["aux"]' in code and "getitem" not in code, code
+    assert 'aux = routed["aux"]' in code and "out = self.head(routed_out)" in code and "getitem" not in code, code
     assert check_pipeline(compiled.folder, batch_size=3).ok
