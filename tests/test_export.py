@@ -2488,3 +2488,90 @@ def test_a_library_assert_on_values_names_the_input_that_skips_it(tmp_path, comp
     path.write_text(LIBRARY_ASSERT_MODEL.replace(
         "    return inputs", '    return {**inputs, "decoder_ids": torch.randint(0, 16, (batch_size, 4))}'))  # fmt: skip
     assert_check_passes(compile_to(path, 2, frontend="export"), batch_size=4)
+
+
+SIZED_BLOCKS = """
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = h.view(x.size(0), 2, 4).transpose(1, 2).reshape(x.size(0), 8)
+        return torch.tanh(h)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_size_a_stage_takes_itself_is_commented_with_the_block_that_reads_it(tmp_path, compile_to):
+    """Export reads the batch size at the top of forward; a later stage takes it off its own
+    tensor just before a block reads it, where a comment of the root alone ("# Net", no line)
+    split that block in two."""
+    path = tmp_path / "sized.py"
+    path.write_text(SIZED_BLOCKS)
+    folder = compile_to(path, 2, method="uniform", frontend="export")
+    code = (folder / "stage1.py").read_text()
+    forward = code[code.index("def forward") :]
+    assert "batch = h.size(0)" in forward, forward
+    comments = re.findall(r"# (.*)", forward)
+    assert comments == ["blocks.2 (Block), sized.py:12-14", "blocks.3 (Block), sized.py:12-14"], forward
+    assert check_pipeline(folder, batch_size=3).ok
+
+
+MASKED_BY_FLOAT_MIN = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scores = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        scores = self.scores(x).masked_fill(x < 0, torch.finfo(torch.float32).min)
+        return self.out(torch.softmax(scores, dim=-1))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_a_dtypes_extreme_is_written_as_the_model_wrote_it(tmp_path, compile_to):
+    """transformers fills masks with torch.finfo(dtype).min, which stage code wrote as
+    -3.4028234663852886e38 (T5's position bias)."""
+    path = tmp_path / "masked.py"
+    path.write_text(MASKED_BY_FLOAT_MIN)
+    folder = compile_to(path, 2, method="uniform", frontend="export")
+    code = "".join((folder / f"stage{k}.py").read_text() for k in range(2))
+    assert "masked_fill(lt, torch.finfo(torch.float32).min)" in code and "e38" not in code, code
+    assert check_pipeline(folder, batch_size=3).ok

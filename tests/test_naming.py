@@ -3,6 +3,7 @@ takes on the way (`x.shape[0]`) is not one of the items its tuple target unpacks
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -603,3 +604,102 @@ def test_each_run_of_a_statement_a_loop_repeats_is_named_after_its_variable(tmp_
     assert re.search(r"\brelu = (F\.relu\(h_5\)|h_5\.relu\(\))\n", code), code
     assert re.search(r"\bout = (F\.relu\(attn\w*\)|attn\w*\.relu\(\))\n", code), code
     assert check_pipeline(compiled.folder, batch_size=4).ok
+
+
+TIED_HEAD = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 8)
+        self.mix = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(torch.tanh(self.embed(x))))
+        return F.linear(h, self.embed.weight)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_unnamed_value_that_crosses_stages_has_no_counter_that_fx_would_not_give_it(tmp_path):
+    """Export counts the linears of the layers too, so the model's output, F.linear after two
+    layers, was `linear_2` in pipeline.json and in the stage's code, where fx wrote `linear`."""
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "tied_head.py"
+    path.write_text(TIED_HEAD)
+    outputs = {}
+    for frontend in ("fx", "export"):
+        compiled = compile_model(path, tmp_path / frontend, CompileOptions(stages=2, frontend=frontend, method="uniform"))
+        manifest = json.loads((compiled.folder / "pipeline.json").read_text())
+        outputs[frontend] = manifest["outputs"]
+        assert "return (linear,)" in (compiled.folder / manifest["stages"][-1]["file"]).read_text()
+        assert check_pipeline(compiled.folder, batch_size=4).ok
+    assert outputs == {"fx": ["linear"], "export": ["linear"]}
+
+
+ROUTED = """
+import torch
+import torch.nn as nn
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        logits = self.proj(x)
+        return {"out": x * torch.sigmoid(logits), "aux": logits.softmax(-1).pow(2).mean()}
+
+
+LEAF_MODULES = (Gate,)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, x):
+        routed = self.gate(x)
+        out = self.head(routed["out"])
+        return out, routed["aux"]
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 8),)
+"""
+
+
+def test_an_item_of_a_dict_that_no_statement_names_is_named_after_its_key(tmp_path):
+    """`return out, routed["aux"]`: the item was the tracer's `getitem_1` in pipeline.json and
+    in the stage that returns it. `out = self.head(routed["out"])`, whose item the tracer takes
+    out ahead of `routed["aux"]` (which ftc moves up to the call), named the item `out` and the
+    model's output `out_1`."""
+    from ftc.check import check_pipeline
+
+    path = tmp_path / "routed.py"
+    path.write_text(ROUTED)
+    compiled = compile_model(path, tmp_path / "out", CompileOptions(stages=2, frontend="fx", method="uniform"))
+    manifest = json.loads((compiled.folder / "pipeline.json").read_text())
+    assert manifest["outputs"] == ["out", "aux"]
+    code = "".join((compiled.folder / stage["file"]).read_text() for stage in manifest["stages"])
+    assert 'aux = routed["aux"]' in code and "out = self.head(routed_out)" in code and "getitem" not in code, code
+    assert check_pipeline(compiled.folder, batch_size=3).ok

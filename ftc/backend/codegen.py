@@ -20,6 +20,7 @@ from functools import cache
 
 import black
 import jinja2
+import torch
 
 from ftc.interpreter import library_op
 from ftc.ir import Graph, Node, Ref, TensorMeta, TorchExpr, meta_tensors, unique_name
@@ -37,6 +38,13 @@ RESERVED = {"self", "torch", "F", "operator", "math", "device"}
 CONTAINER_INDEXED = ("torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential")
 CONTAINER_KEYED = ("torch.nn.modules.container.ModuleDict", "torch.nn.modules.container.ParameterDict")
 PARAMETER_LIST = "torch.nn.modules.container.ParameterList"  # its keys are its positions
+# The extremes of the float dtypes, which masks are filled with (transformers' torch.finfo(dtype).min),
+# as a model writes them rather than as 17 digits (-3.4028234663852886e38); each is that very float.
+FLOAT_LIMITS = {
+    getattr(torch.finfo(dtype), end): f"torch.finfo(torch.{name}).{end}"
+    for name, dtype in (("float32", torch.float32), ("float64", torch.float64), ("bfloat16", torch.bfloat16))
+    for end in ("min", "max")
+}
 # black takes about a millisecond a line; past this many characters of stage code (a GPT-2 XL
 # pipeline has 200,000) the stage files are formatted in parallel, one process per core.
 PARALLEL_FORMAT_CHARS = 100_000
@@ -196,7 +204,7 @@ class StageWriter:
                 return 'float("nan")'
             if math.isinf(value):
                 return 'float("inf")' if value > 0 else 'float("-inf")'
-            return repr(value)
+            return FLOAT_LIMITS.get(value, repr(value))
         if value is Ellipsis:
             return "..."
         if isinstance(value, tuple):
@@ -265,9 +273,13 @@ class StageWriter:
     def blocks(self) -> list[dict]:
         """Statements grouped by the original module they came from, in program order."""
         groups: list[dict] = []
-        for node in self.plan.nodes:
-            if not groups or groups[-1]["module_path"] != node.module_path:
-                groups.append({"module_path": node.module_path, "module_class": node.module_class, "lines": [], "sources": [], "no_grad": False})
+        nodes = self.plan.nodes
+        for k, node in enumerate(nodes):
+            module_path, module_class = node.module_path, node.module_class
+            if _inside_a_block(node, nodes[k - 1] if k else None, nodes[k + 1] if k + 1 < len(nodes) else None):
+                module_path, module_class = nodes[k - 1].module_path, nodes[k - 1].module_class
+            if not groups or groups[-1]["module_path"] != module_path:
+                groups.append({"module_path": module_path, "module_class": module_class, "lines": [], "sources": [], "no_grad": False})
             group = groups[-1]
             if not node.grad_enabled and not group["no_grad"]:
                 group["lines"].append("with torch.no_grad():")
@@ -345,7 +357,7 @@ class StageWriter:
             model_file=model_file,
             num_stages=self.graph.num_stages,
             device=self.plan.device,
-            summary=_stage_summary(self.plan),
+            summary=_stage_summary(self.graph, self.plan),
             library_ops=self.library_ops(),
             inputs=[(self.local[n], value_text(self.by_name[n].meta, self.graph.batch_size)) for n in self.plan.inputs],
             outputs=[(self.local[n], value_text(self.by_name[n].meta, self.graph.batch_size)) for n in self.plan.outputs],
@@ -363,6 +375,17 @@ def _assigns_an_index(node: Node) -> bool:
     """`x[index] = value` in place on the tensor x (export's index_put_), whose value is x."""
     return node.op == "call_function" and node.target == "operator.setitem" and node.mutates == 0 \
         and len(node.args) == 3 and not node.kwargs and isinstance(node.meta, TensorMeta)  # fmt: skip
+
+
+def _inside_a_block(node: Node, before: Node | None, after: Node | None) -> bool:
+    """Whether `node`, a statement of no line of the model's (a size the stage takes off its
+    own tensor, `batch = h.size(0)`, just before the first statement that reads it), sits
+    between two statements of one module inside its own, and so belongs to their block: under
+    a comment of its own ("# GPT") it split an attention block in two."""
+    if node.source or before is None or after is None or before.module_path != after.module_path:
+        return False
+    inner = before.module_path
+    return inner != node.module_path and (not node.module_path or inner.startswith(f"{node.module_path}."))
 
 
 def _uses_stage_device(value) -> bool:
@@ -388,12 +411,16 @@ def _block_comment(group: dict) -> str:
     return text
 
 
-def _stage_summary(plan: StagePlan) -> str:
-    """The first and last original modules the stage runs, two levels deep ("wte .. blocks.1")."""
+def _stage_summary(graph: Graph, plan: StagePlan) -> str:
+    """The first and last original modules the stage runs ("wte .. blocks.1"): two levels deep,
+    or down to the first item of a ModuleList or Sequential on the way, which tells the blocks
+    apart where a wrapper holds them ("transformer.h.0", not "transformer.h", in GPT-2)."""
     paths = []
     for node in plan.nodes:
         path = node.target if node.op == "call_module" else node.module_path
-        top = ".".join(path.split(".")[:2])
+        parts = path.split(".")
+        depth = next((k for k in range(1, len(parts)) if graph.modules.get(".".join(parts[:k])) in CONTAINER_INDEXED), 1)
+        top = ".".join(parts[: max(2, depth + 1)])
         if top and top not in paths:
             paths.append(top)
     if not paths:

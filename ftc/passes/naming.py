@@ -264,15 +264,21 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
 
     groups: list[tuple[ast.stmt, list[Node]]] = []
     open_groups: dict[str, tuple[ast.stmt | None, list[Node]]] = {}
-    for node in graph.nodes:
-        if not node.is_compute:
-            continue
+    for k, node in enumerate(compute):
         # Inside a torch.nn container (a Sequential), the source line is the caller's statement,
         # which names the container's result, not these ops.
         stmt = None if node.module_class.startswith("torch.") else statement(node)
         current = open_groups.get(node.module_path)
         if current is not None and current[0] is stmt and stmt is not None:
             current[1].append(node)
+            continue
+        following = compute[k + 1] if k + 1 < len(compute) else None
+        if stmt is not None and current is not None and current[0] is not None and node.target == "operator.getitem" \
+                and following is not None and following.module_path == node.module_path and statement(following) is current[0]:  # fmt: skip
+            # an item taken out of a container ahead of its own statement (unpack_containers_early
+            # moves `routed["aux"]` of `return out, routed["aux"]` up to the container's call) is
+            # a statement of its own that leaves the one it interrupts whole
+            groups.append((stmt, [node]))
             continue
         if current is not None and current[0] is not None:
             groups.append(current)
@@ -320,11 +326,19 @@ def name_values(graph: Graph, source_dir: Path) -> Graph:
     labels: dict[str, str] = {}
     by_name = {node.name: node for node in graph.nodes}
     readers = graph.users()
+    assigned = set(wanted.values())  # names a statement gives, which a name of ftc's must not take first
     for node in graph.nodes:
-        base = wanted.get(node.name) or _written_name(node, by_name, labels) or _size_item_name(node, by_name, readers)
+        base = wanted.get(node.name) or _written_name(node, by_name, labels) or _size_item_name(node, by_name, readers) \
+            or _key_name(node, assigned, labels)  # fmt: skip
         if base is None or base.startswith("_") or base == "self":
             if node.is_compute:
-                labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
+                label = labels[node.name] = node.label or default_label(node)  # a frontend's label, if it gave one
+                if node.op != "call_module" and label not in taken | assigned and re.fullmatch(rf"{re.escape(label)}_\d+", node.name):
+                    # the tracer counts each op over the whole model (export's `linear_32`, the
+                    # model's output, where the 32 linears before it took their layers' names),
+                    # a counter that is the value's name in pipeline.json where it crosses stages
+                    taken.discard(node.name)
+                    renames[node.name] = unique_name(label, taken)
             continue
         labels[node.name] = base
         taken.discard(node.name)
@@ -468,6 +482,19 @@ def _size_item_name(node: Node, nodes: dict[str, Node], readers: dict[str, list[
         if len(keywords) == 1 and keywords[0].isidentifier() and not keyword.iskeyword(keywords[0]):
             return keywords[0]
     return "size"
+
+
+def _key_name(node: Node, assigned: set[str], labels: dict[str, str]) -> str | None:
+    """An item of a dict that no statement names (`return out, routed["aux"]`, the tracer's
+    `getitem_1`): its key, where the key is a name; where a statement gives that name a value
+    (in `out = self.head(routed["out"])` the head's), the dict's name and the key, `routed_out`."""
+    if node.op != "call_function" or node.target != "operator.getitem" or len(node.args) != 2:
+        return None
+    key = node.args[1]
+    if not (isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key)):
+        return None
+    container = labels.get(node.args[0].name) if isinstance(node.args[0], Ref) else None
+    return key if key not in assigned else f"{container}_{key}" if container else None
 
 
 def default_label(node: Node) -> str:

@@ -6,7 +6,7 @@ Runs on device 0. B is the micro-batch size.
 Inputs:
     x: float32[B, 3, 32, 32]
 Outputs:
-    relu_1: float32[B, 16, 32, 32]
+    relu: float32[B, 16, 32, 32]
 """
 
 import torch
@@ -33,5 +33,5 @@ class Stage0(torch.nn.Module):
         out_1 = self.blocks["0"].bn2(conv2)
         shortcut = self.blocks["0"].shortcut(stem_2)
         add = out_1 + shortcut
-        relu_1 = F.relu(add)
-        return (relu_1,)
+        relu = F.relu(add)
+        return (relu,)

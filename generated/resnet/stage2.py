@@ -34,13 +34,13 @@ class Stage2(torch.nn.Module):
         shortcut_1 = self.blocks["2"].shortcut[1](shortcut_0)
         # blocks.2 (BasicBlock), resnet.py:46
         add = out_1 + shortcut_1
-        relu = F.relu(add)
+        relu_1 = F.relu(add)
         # blocks.3 (BasicBlock), resnet.py:44-46
-        conv1 = self.blocks["3"].conv1(relu)
+        conv1 = self.blocks["3"].conv1(relu_1)
         bn1 = self.blocks["3"].bn1(conv1)
         out_2 = F.relu(bn1)
         conv2_1 = self.blocks["3"].conv2(out_2)
         out_3 = self.blocks["3"].bn2(conv2_1)
-        shortcut = self.blocks["3"].shortcut(relu)
+        shortcut = self.blocks["3"].shortcut(relu_1)
         add_3 = out_3 + shortcut
         return (add_3,)

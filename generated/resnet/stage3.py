@@ -24,15 +24,15 @@ class Stage3(torch.nn.Module):
 
     def forward(self, add_3):
         # blocks.3 (BasicBlock), resnet.py:46
-        relu = F.relu(add_3)
+        relu_1 = F.relu(add_3)
         # blocks.4 (BasicBlock), resnet.py:44-45
-        conv1 = self.blocks["4"].conv1(relu)
+        conv1 = self.blocks["4"].conv1(relu_1)
         bn1 = self.blocks["4"].bn1(conv1)
         out = F.relu(bn1)
         conv2 = self.blocks["4"].conv2(out)
         out_1 = self.blocks["4"].bn2(conv2)
         # blocks.4.shortcut (Sequential), resnet.py:46
-        shortcut_0 = self.blocks["4"].shortcut[0](relu)
+        shortcut_0 = self.blocks["4"].shortcut[0](relu_1)
         shortcut_1 = self.blocks["4"].shortcut[1](shortcut_0)
         # blocks.4 (BasicBlock), resnet.py:46
         add = out_1 + shortcut_1
