@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -478,6 +479,35 @@ def test_ctrl_c_while_checkpoints_are_written_exits_130_naming_a_complete_checkp
     resumed = train(config(root, folders[2], "ctrl-c", mode="local", steps=step + 1,
                            checkpoint={"dir": str(folder), "resume": True}))  # fmt: skip
     assert resumed.first_step == step and len(resumed.loss) == 1
+
+
+def rank_pid(cfg, rank: int) -> int:
+    """The process of rank `rank` of the run of `cfg` (torchrun sets RANK in its environment)."""
+    for pid in subprocess.run(["pgrep", "-f", f"results={cfg.results}"], capture_output=True, text=True).stdout.split():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ftc.runtime.worker" in command and f"RANK={rank}".encode() in environment:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} is running")
+
+
+def test_a_frozen_rank_ends_the_run_soon_after_the_others_time_out(tiny):
+    """A rank frozen by SIGSTOP (a stalled machine) takes no SIGTERM: torchrun waited its 30 s
+    before SIGKILL, so the run ended 30 s after the other rank's timeout instead of at once."""
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "frozen", mode="dist", steps=10**6, log_every=1, timeout_s=5)
+    launcher = start_dist_run(cfg)
+    os.kill(rank_pid(cfg, 1), signal.SIGSTOP)
+    frozen = time.monotonic()
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, err
+    assert re.search(r"caused by rank 1:\n  rank 1: died or was stopped at step \d+", err), err
+    assert re.search(r"rank 0: stopped at step \d+ because rank 1 failed: rank 0 got nothing from rank 1", err), err
+    assert time.monotonic() - frozen < 5 + 15, err  # timeout_s, then torchrun's wait before SIGKILL
+    assert_no_process_left(cfg)
 
 
 TORCHRUN_ABORT_LOG = """terminate called without an active exception
