@@ -413,6 +413,69 @@ def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
         assert f"rank {rank}: failed at step 2: the loss is nan at step 2" in failed.stderr, failed.stderr
 
 
+ZERO_AT_SAMPLE = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ZERO = {zero}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        # sqrt(s^2 x^2) is |s x|, whose derivative in s is 0/0 where x is 0: NaN, the loss finite
+        return self.b(torch.tanh(self.a(x)) + torch.sqrt((self.scale * x[:, :1]) ** 2))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    x = torch.randn(batch_size, 4)
+    x[[i for i in ZERO if i < batch_size], 0] = 0.0
+    return (x,)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_weights_take_them(tmp_path):
+    """Step 3 draws the one sample whose gradient is NaN: the run stops there naming the
+    parameter, and the checkpoint of step 2 is the latest, equal to a 2-step single-process
+    run's (the optimizer stepped NaN into every weight, step 3's checkpoint kept them, and the
+    run stopped only at step 4's loss, blaming the learning rate)."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    zero = [int(Sampler(64, 8, seed=1).indices(2)[0])]
+    model = tmp_path / "zero_at_sample.py"
+    model.write_text(ZERO_AT_SAMPLE.format(zero=zero))
+    pipeline = compile_model(model, tmp_path / "p2", CompileOptions(stages=2)).folder
+
+    def run_config(name: str, **settings):
+        return config(tmp_path, pipeline, name, **{"data": {"name": "synthetic", "size": 64}, "steps": 4,
+                      "checkpoint": {"dir": str(tmp_path / name / "checkpoints"), "every": 1}, **settings})  # fmt: skip
+
+    failed = ftc_train(run_config("dist", mode="dist"))
+    assert failed.returncode == 2, failed.stderr
+    assert "failed at step 3: the gradients of 1 parameter(s) (scale) hold NaN or inf at step 3" in failed.stderr, failed.stderr
+    folder = tmp_path / "dist" / "checkpoints"
+    assert checkpoint.latest(folder) == checkpoint.step_folder(folder, 2)
+    train(run_config("single", mode="single", steps=2))
+    weights, truth = checkpoint.merge(folder)[1], checkpoint.merge(tmp_path / "single" / "checkpoints")[1]
+    assert weights.keys() == truth.keys()
+    for key in truth:
+        torch.testing.assert_close(weights[key], truth[key], rtol=1e-5, atol=0)
+
+
 def start_dist_run(cfg, steps_logged: int = 1) -> subprocess.Popen:
     """`ftc train` on `cfg` in a process group of its own (as a terminal's job), returned once
     `steps_logged` steps are logged."""
