@@ -52,9 +52,11 @@ def timed_out(exc: Exception) -> bool:
 
 
 def peer_reason(exc: Exception) -> str:
-    """The first line of a communication library's error, without gloo's boilerplate advice."""
+    """The first line of a communication library's error, without gloo's boilerplate advice
+    (which has several wordings: "... by a remote worker crashing.", "... hanging or bugs in the
+    application. Check the logs ... GLHF!")."""
     line = (str(exc).strip().splitlines() or [""])[0]
-    return line.split(" This is typically caused by a remote worker crashing.")[0]
+    return line.split(" This is typically caused by ")[0]
 
 
 ACTIVATION = "activation"

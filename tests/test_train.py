@@ -29,6 +29,7 @@ import torch
 from ftc.cli import main as cli_main
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
+from ftc.runtime.comm import peer_reason
 from ftc.runtime.config import load_config
 from ftc.runtime.data import Sampler, load_batch
 from ftc.runtime.datasets import build_dataset
@@ -612,6 +613,16 @@ def test_a_rank_that_aborts_after_finishing_keeps_the_run_with_a_warning(tiny, m
     err = capsys.readouterr().err
     assert "warning: every rank finished" in err
     assert "rank 1: finished training, then its process failed while shutting down" in err, err
+
+
+def test_a_lost_peers_reason_leaves_out_gloos_advice_in_either_wording():
+    """gloo's error for a peer whose connection closed, as ranks of dist runs got it: the report
+    kept the second wording's advice (a remote worker hanging or bugs ... GLHF!) whole."""
+    reset = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4492: Connection reset by peer."
+    for advice in (" This is typically caused by a remote worker crashing.",
+                   " This is typically caused by a remote worker hanging or bugs in the application. Check the logs of "
+                   "the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f"):  # fmt: skip
+        assert peer_reason(RuntimeError(reset + advice)) == reset
 
 
 def test_the_report_leads_with_the_rank_whose_own_error_stopped_the_run():
