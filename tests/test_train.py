@@ -477,6 +477,66 @@ def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_weights_take_
         torch.testing.assert_close(weights[key], truth[key], rtol=1e-5, atol=0)
 
 
+STALLS_IN_EVAL = """
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class StallInEval(nn.Module):
+    def forward(self, x):
+        if not self.training:
+            time.sleep(3600)
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stall = StallInEval()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(self.stall(x))))))
+
+
+LEAF_MODULES = (StallInEval,)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_rank_that_hangs_while_evaluating_is_named_with_the_evaluation_not_a_batch_never_trained(tmp_path):
+    """Rank 0 hangs in the evaluation after step 1 of a 1-step run; rank 1's error named
+    "micro-batch 0 of batch 2", a batch training never reached."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    model = tmp_path / "stalls_in_eval.py"
+    model.write_text(STALLS_IN_EVAL)
+    pipeline = compile_model(model, tmp_path / "p2", CompileOptions(stages=2)).folder
+    cfg = config(tmp_path, pipeline, "eval-hang", mode="dist", data={"name": "synthetic", "size": 64}, steps=1,
+                 timeout_s=5, eval={"every": 1, "batches": 1, "fraction": 0.25}, lr_schedule={}, checkpoint={})  # fmt: skip
+    failed = ftc_train(cfg)
+    assert failed.returncode == 2, failed.stderr
+    assert "caused by rank 0:\n  rank 0: died or was stopped at step 1" in failed.stderr, failed.stderr
+    assert re.search(r"rank 1: stopped at step 1 because rank 0 failed: rank 1 got nothing from rank 0 \(value \w+, "
+                     r"micro-batch 0 of a held-out batch, evaluating after step 1\) within 5 s", failed.stderr), failed.stderr  # fmt: skip
+
+
 def start_dist_run(cfg, steps_logged: int = 1) -> subprocess.Popen:
     """`ftc train` on `cfg` in a process group of its own (as a terminal's job), returned once
     `steps_logged` steps are logged."""
