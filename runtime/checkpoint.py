@@ -232,7 +232,8 @@ def load_weights(folder: Path, keys: set[str] | None = None) -> dict[str, torch.
             file = safe_open(str(Path(folder) / shard), framework="pt")
         except Exception as exc:
             raise FtcError(f"checkpoint {folder}: cannot read {shard}: {type(exc).__name__}: {exc}",
-                           "the shard is missing or damaged; use an earlier step folder") from exc  # fmt: skip
+                           f"the step folder was damaged after it was written: delete {folder} to resume from the "
+                           "step before (ftc merge-checkpoint takes that step's folder too)") from exc  # fmt: skip
         with file:
             for key in wanted:
                 tensor = file.get_tensor(key)

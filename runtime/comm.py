@@ -52,9 +52,11 @@ def timed_out(exc: Exception) -> bool:
 
 
 def peer_reason(exc: Exception) -> str:
-    """The first line of a communication library's error, without gloo's boilerplate advice."""
+    """The first line of a communication library's error, without gloo's boilerplate advice
+    (which has several wordings: "... by a remote worker crashing.", "... hanging or bugs in the
+    application. Check the logs ... GLHF!")."""
     line = (str(exc).strip().splitlines() or [""])[0]
-    return line.split(" This is typically caused by a remote worker crashing.")[0]
+    return line.split(" This is typically caused by ")[0]
 
 
 ACTIVATION = "activation"
@@ -85,12 +87,15 @@ class Message:
     src: int
     dst: int
 
-    def describe(self, step: int | None = None, per_batch: int | None = None) -> str:
+    def describe(self, step: int | None = None, per_batch: int | None = None, evaluating: bool = False) -> str:
         """What the message carries; with the run's first batch `step` (0-based) and the
-        micro-batches of one batch (`per_batch`; an async run spans several batches), where."""
+        micro-batches of one batch (`per_batch`; an async run spans several batches), where.
+        `evaluating`: a held-out batch's, evaluated after `step` steps."""
         what = f"value {self.value}" if self.kind == ACTIVATION else f"gradient of {self.value}"
         if step is None:
             return f"{what}, micro-batch {self.micro_batch}"
+        if evaluating:
+            return f"{what}, micro-batch {self.micro_batch} of a held-out batch, evaluating after step {step}"
         per_batch = per_batch or self.micro_batch + 1
         return f"{what}, micro-batch {self.micro_batch % per_batch} of batch {step + self.micro_batch // per_batch + 1}"
 
@@ -130,6 +135,7 @@ class DistTransport:
         self.rank = rank
         self.timeout_s = timeout_s
         self.per_batch: int | None = None  # micro-batches per batch, for messages (the engine sets it)
+        self.evaluating = False  # messages of held-out batches, named so (the engine sets it)
         # gloo moves only host tensors: GPU tensors travel through host copies, which also lets
         # several ranks share one GPU (NCCL refuses that), e.g. to measure per-rank memory.
         self.via_host = dist.get_backend() == "gloo"
@@ -192,13 +198,13 @@ class DistTransport:
         except RuntimeError as exc:
             if not timed_out(exc):
                 raise PeerFailure(
-                    f"{failure} ({message.describe(step, self.per_batch)}): that rank died ({peer_reason(exc)})",
+                    f"{failure} ({message.describe(step, self.per_batch, self.evaluating)}): that rank died ({peer_reason(exc)})",
                     "check that rank's log",
                 ) from exc
             completed = False
         if not completed:
             raise PeerFailure(
-                f"{failure} ({message.describe(step, self.per_batch)}) within {self.timeout_s:g} s: that rank died or hangs",
+                f"{failure} ({message.describe(step, self.per_batch, self.evaluating)}) within {self.timeout_s:g} s: that rank died or hangs",
                 hint,
             )
 

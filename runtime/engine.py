@@ -240,6 +240,8 @@ class Engine:
 
     def _run(self, step: int, inputs: Any, targets: Any, loss_scale: float, training: bool) -> None:
         plan = self.plan
+        if isinstance(self.transport, DistTransport):
+            self.transport.evaluating = not training
         if isinstance(inputs, BatchStream):
             streamed = StreamedMicroBatches(self, inputs)
             input_batches = Part(streamed, 0) if self.reads_inputs else None

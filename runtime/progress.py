@@ -74,7 +74,7 @@ class Status:
         """`caused_by_peer`: the error is another rank's failure seen from here (PeerFailure)."""
         if self.path is not None:
             checkpoint.write_json(self.path, {"rank": self.rank, "state": state, "step": step, "error": error,
-                                              "caused_by_peer": caused_by_peer})  # fmt: skip
+                                              "caused_by_peer": caused_by_peer, "pid": os.getpid()})  # fmt: skip
 
 
 def warn(message: str, kind: str = "warning") -> None:

@@ -370,6 +370,7 @@ def train_steps(plan: Plan, trainer: Trainer, batches: Batches, step: int, end: 
     grad_norm = None
     if not plan.asynchronous:
         engine.sync_shared_grads()
+        check_finite_gradients(trainer.modules, end, losses[-1])
         if config.optimizer.clip_grad_norm is not None:
             grad_norm = engine.clip_gradients(config.optimizer.clip_grad_norm)
     if optimizer is not None:
@@ -379,6 +380,24 @@ def train_steps(plan: Plan, trainer: Trainer, batches: Batches, step: int, end: 
             trainer.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return losses, grad_norm
+
+
+def check_finite_gradients(modules: list[torch.nn.Module], step: int, loss: float) -> None:
+    """Stop before the optimizer step where a gradient holds a NaN or an infinity though the loss
+    is finite (an operation whose derivative is infinite where it is evaluated, sqrt at 0 say):
+    stepped, every weight it reaches turns NaN, the checkpoint of this step with them, and the
+    run stopped only at the next step's loss, blaming the learning rate. One check for all
+    gradients (one host sync); the names only once it fails."""
+    named = {id(p): (name, p) for module in modules for name, p in module.named_parameters() if p.grad is not None}
+    grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for _, p in named.values()]
+    if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        return
+    bad = [name for (name, _), grad in zip(named.values(), grads) if not torch.isfinite(grad).all()]
+    raise FtcError(f"the gradients of {len(bad)} parameter(s) ({', '.join(bad[:5])}) hold NaN or inf at step {step}, "
+                   f"though its loss is {loss:g}; stopping before the optimizer step, so the weights stay finite",
+                   "look for an operation whose derivative is infinite where the model evaluates it (sqrt, log or "
+                   "pow with an exponent below 1 at 0; division by a value that reaches 0) in the computation of "
+                   "these parameters; clip_grad_norm cannot scale an infinite gradient")  # fmt: skip
 
 
 def finish(plan: Plan, results: Results, started: float) -> None:

@@ -235,12 +235,43 @@ def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, signal.
 
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, forward) for signum in caught}
+    woken: set[int] = set()
     try:
-        code = process.wait()
+        while True:
+            try:
+                code = process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                _wake_frozen_ranks(Path(env["FTC_STATUS_DIR"]), woken)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return code, (stopped_by[0] if stopped_by else None)
+
+
+def _wake_frozen_ranks(run_dir: Path, woken: set[int]) -> None:
+    """Once a rank has failed, send SIGCONT to the ranks still at work. torchrun then stops them
+    with SIGTERM, which a rank frozen by SIGSTOP (a stalled machine) holds pending until it runs
+    again: torchrun waited 30 s for it before SIGKILL, holding the run that long past the
+    others' timeout. A rank that runs already ignores SIGCONT. `woken`: the pids sent it."""
+    states = [state for path in run_dir.glob("rank-*.json") if (state := _read_state(path)) is not None]
+    if not any(state["state"] == "failed" for state in states):
+        return
+    for state in states:
+        pid = state.get("pid")
+        if state["state"] in _UNFINISHED and pid is not None and pid not in woken:
+            woken.add(pid)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # gone, or being replaced
+        return None
 
 
 def _terminate_with_parent() -> Callable[[], None] | None:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ import torch
 from ftc.cli import main as cli_main
 from ftc.ir import FtcError
 from ftc.runtime import checkpoint
+from ftc.runtime.comm import peer_reason
 from ftc.runtime.config import load_config
 from ftc.runtime.data import Sampler, load_batch
 from ftc.runtime.datasets import build_dataset
@@ -412,6 +414,129 @@ def test_a_nan_loss_stops_every_rank_naming_the_step(tiny):
         assert f"rank {rank}: failed at step 2: the loss is nan at step 2" in failed.stderr, failed.stderr
 
 
+ZERO_AT_SAMPLE = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ZERO = {zero}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        # sqrt(s^2 x^2) is |s x|, whose derivative in s is 0/0 where x is 0: NaN, the loss finite
+        return self.b(torch.tanh(self.a(x)) + torch.sqrt((self.scale * x[:, :1]) ** 2))
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    x = torch.randn(batch_size, 4)
+    x[[i for i in ZERO if i < batch_size], 0] = 0.0
+    return (x,)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_nan_gradients_under_a_finite_loss_stop_the_run_before_the_weights_take_them(tmp_path):
+    """Step 3 draws the one sample whose gradient is NaN: the run stops there naming the
+    parameter, and the checkpoint of step 2 is the latest, equal to a 2-step single-process
+    run's (the optimizer stepped NaN into every weight, step 3's checkpoint kept them, and the
+    run stopped only at step 4's loss, blaming the learning rate)."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    zero = [int(Sampler(64, 8, seed=1).indices(2)[0])]
+    model = tmp_path / "zero_at_sample.py"
+    model.write_text(ZERO_AT_SAMPLE.format(zero=zero))
+    pipeline = compile_model(model, tmp_path / "p2", CompileOptions(stages=2)).folder
+
+    def run_config(name: str, **settings):
+        return config(tmp_path, pipeline, name, **{"data": {"name": "synthetic", "size": 64}, "steps": 4,
+                      "checkpoint": {"dir": str(tmp_path / name / "checkpoints"), "every": 1}, **settings})  # fmt: skip
+
+    failed = ftc_train(run_config("dist", mode="dist"))
+    assert failed.returncode == 2, failed.stderr
+    assert "failed at step 3: the gradients of 1 parameter(s) (scale) hold NaN or inf at step 3" in failed.stderr, failed.stderr
+    folder = tmp_path / "dist" / "checkpoints"
+    assert checkpoint.latest(folder) == checkpoint.step_folder(folder, 2)
+    train(run_config("single", mode="single", steps=2))
+    weights, truth = checkpoint.merge(folder)[1], checkpoint.merge(tmp_path / "single" / "checkpoints")[1]
+    assert weights.keys() == truth.keys()
+    for key in truth:
+        torch.testing.assert_close(weights[key], truth[key], rtol=1e-5, atol=0)
+
+
+STALLS_IN_EVAL = """
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class StallInEval(nn.Module):
+    def forward(self, x):
+        if not self.training:
+            time.sleep(3600)
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stall = StallInEval()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(self.stall(x))))))
+
+
+LEAF_MODULES = (StallInEval,)
+
+
+def build_model():
+    return Net()
+
+
+def example_inputs(batch_size):
+    return (torch.randn(batch_size, 4),)
+
+
+def loss_fn(output, target):
+    return F.mse_loss(output, target)
+"""
+
+
+def test_a_rank_that_hangs_while_evaluating_is_named_with_the_evaluation_not_a_batch_never_trained(tmp_path):
+    """Rank 0 hangs in the evaluation after step 1 of a 1-step run; rank 1's error named
+    "micro-batch 0 of batch 2", a batch training never reached."""
+    from ftc.compiler import CompileOptions, compile_model
+
+    model = tmp_path / "stalls_in_eval.py"
+    model.write_text(STALLS_IN_EVAL)
+    pipeline = compile_model(model, tmp_path / "p2", CompileOptions(stages=2)).folder
+    cfg = config(tmp_path, pipeline, "eval-hang", mode="dist", data={"name": "synthetic", "size": 64}, steps=1,
+                 timeout_s=5, eval={"every": 1, "batches": 1, "fraction": 0.25}, lr_schedule={}, checkpoint={})  # fmt: skip
+    failed = ftc_train(cfg)
+    assert failed.returncode == 2, failed.stderr
+    assert "caused by rank 0:\n  rank 0: died or was stopped at step 1" in failed.stderr, failed.stderr
+    assert re.search(r"rank 1: stopped at step 1 because rank 0 failed: rank 1 got nothing from rank 0 \(value \w+, "
+                     r"micro-batch 0 of a held-out batch, evaluating after step 1\) within 5 s", failed.stderr), failed.stderr  # fmt: skip
+
+
 def start_dist_run(cfg, steps_logged: int = 1) -> subprocess.Popen:
     """`ftc train` on `cfg` in a process group of its own (as a terminal's job), returned once
     `steps_logged` steps are logged."""
@@ -480,6 +605,35 @@ def test_ctrl_c_while_checkpoints_are_written_exits_130_naming_a_complete_checkp
     assert resumed.first_step == step and len(resumed.loss) == 1
 
 
+def rank_pid(cfg, rank: int) -> int:
+    """The process of rank `rank` of the run of `cfg` (torchrun sets RANK in its environment)."""
+    for pid in subprocess.run(["pgrep", "-f", f"results={cfg.results}"], capture_output=True, text=True).stdout.split():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ftc.runtime.worker" in command and f"RANK={rank}".encode() in environment:
+            return int(pid)
+    raise AssertionError(f"no process of rank {rank} is running")
+
+
+def test_a_frozen_rank_ends_the_run_soon_after_the_others_time_out(tiny):
+    """A rank frozen by SIGSTOP (a stalled machine) takes no SIGTERM: torchrun waited its 30 s
+    before SIGKILL, so the run ended 30 s after the other rank's timeout instead of at once."""
+    root, _, folders = tiny
+    cfg = config(root, folders[2], "frozen", mode="dist", steps=10**6, log_every=1, timeout_s=5)
+    launcher = start_dist_run(cfg)
+    os.kill(rank_pid(cfg, 1), signal.SIGSTOP)
+    frozen = time.monotonic()
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, err
+    assert re.search(r"caused by rank 1:\n  rank 1: died or was stopped at step \d+", err), err
+    assert re.search(r"rank 0: stopped at step \d+ because rank 1 failed: rank 0 got nothing from rank 1", err), err
+    assert time.monotonic() - frozen < 5 + 15, err  # timeout_s, then torchrun's wait before SIGKILL
+    assert_no_process_left(cfg)
+
+
 TORCHRUN_ABORT_LOG = """terminate called without an active exception
 Root Cause (first observed failure):
 [0]:
@@ -519,6 +673,16 @@ def test_a_rank_that_aborts_after_finishing_keeps_the_run_with_a_warning(tiny, m
     err = capsys.readouterr().err
     assert "warning: every rank finished" in err
     assert "rank 1: finished training, then its process failed while shutting down" in err, err
+
+
+def test_a_lost_peers_reason_leaves_out_gloos_advice_in_either_wording():
+    """gloo's error for a peer whose connection closed, as ranks of dist runs got it: the report
+    kept the second wording's advice (a remote worker hanging or bugs ... GLHF!) whole."""
+    reset = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4492: Connection reset by peer."
+    for advice in (" This is typically caused by a remote worker crashing.",
+                   " This is typically caused by a remote worker hanging or bugs in the application. Check the logs of "
+                   "the remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f"):  # fmt: skip
+        assert peer_reason(RuntimeError(reset + advice)) == reset
 
 
 def test_the_report_leads_with_the_rank_whose_own_error_stopped_the_run():

@@ -421,6 +421,23 @@ def test_a_damaged_training_state_is_named(pipeline, tmp_path):
     assert f"checkpoint {step}: cannot read rank-0.pt, rank 0's training state" in info.value.message
 
 
+def test_a_truncated_weight_shard_is_named_with_the_folder_to_delete(pipeline, tmp_path):
+    """A resume takes the latest complete step, so the advice to "use an earlier step folder"
+    named nothing a resume could do: deleting the damaged one is what makes it take the one
+    before."""
+    from ftc.runtime import checkpoint
+
+    _, folder = pipeline
+    run(folder, checkpoint={"dir": str(tmp_path / "ck")})
+    (step,) = checkpoint.complete_steps(tmp_path / "ck")
+    shard = step / "rank-0.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(FtcError) as info:
+        run(folder, checkpoint={"dir": str(tmp_path / "ck"), "resume": True})
+    assert f"checkpoint {step}: cannot read rank-0.safetensors" in info.value.message
+    assert f"delete {step} to resume from the step before" in info.value.hint
+
+
 def test_a_hand_tied_pair_of_tensors_the_model_keeps_apart_is_refused(tmp_path):
     """"tied" says two names are one tensor, whose gradients the engine sums across devices: two
     biases of the same shape on different stages trained apart from single mode in dist. Both
