@@ -235,36 +235,48 @@ def _run_torchrun(command: list[str], env: dict, log_file) -> tuple[int, signal.
 
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, forward) for signum in caught}
-    woken: set[int] = set()
+    ended: set[int] = set()
     try:
         while True:
             try:
                 code = process.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                _wake_frozen_ranks(Path(env["FTC_STATUS_DIR"]), woken)
+                _end_frozen_ranks(Path(env["FTC_STATUS_DIR"]), ended)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return code, (stopped_by[0] if stopped_by else None)
 
 
-def _wake_frozen_ranks(run_dir: Path, woken: set[int]) -> None:
-    """Once a rank has failed, send SIGCONT to the ranks still at work. torchrun then stops them
-    with SIGTERM, which a rank frozen by SIGSTOP (a stalled machine) holds pending until it runs
-    again: torchrun waited 30 s for it before SIGKILL, holding the run that long past the
-    others' timeout. A rank that runs already ignores SIGCONT. `woken`: the pids sent it."""
+def _end_frozen_ranks(run_dir: Path, ended: set[int]) -> None:
+    """Once a rank has failed, SIGKILL the ranks still at work that are stopped (SIGSTOP, a
+    stalled machine). torchrun stops them with SIGTERM, which a stopped process holds pending
+    until it runs again: torchrun waited 30 s for it before SIGKILL, holding the run that long
+    past the others' timeout. Ended, not woken (SIGCONT): a woken rank ran on into its failed
+    peer and reported itself stopped by it, so the report no longer named the rank that hung.
+    `ended`: the pids sent it."""
     states = [state for path in run_dir.glob("rank-*.json") if (state := _read_state(path)) is not None]
     if not any(state["state"] == "failed" for state in states):
         return
     for state in states:
         pid = state.get("pid")
-        if state["state"] in _UNFINISHED and pid is not None and pid not in woken:
-            woken.add(pid)
+        if state["state"] in _UNFINISHED and pid is not None and pid not in ended and _stopped(pid):
+            ended.add(pid)
             try:
-                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal (state T in /proc; False where /proc has no
+    such process, or no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] in ("T", "t")
 
 
 def _read_state(path: Path) -> dict | None:

@@ -1141,7 +1141,7 @@ def test_an_output_the_file_system_refuses_is_a_user_error_named_before_compilin
     assert_user_error(result, "the output folder /proc/gen/good cannot be written: /proc:", "pass another -o")
     assert traced == []  # refused before tracing
     result = run_cli(["explain", ROOT / "generated" / "mlp", "--plot", "/proc/loads.png"], capsys)
-    assert_user_error(result, "/proc/", "check that the path exists and can be written")
+    assert_user_error(result, "--plot /proc/loads.png cannot be written", "name a .png file in a folder you can write")
     assert "internal error" not in result[2]
 
 
