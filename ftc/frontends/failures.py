@@ -293,18 +293,13 @@ def _failing_line(exc: BaseException) -> tuple[str, int] | None:
 _ASSERTS = re.compile(r"assert\b|torch\._assert\(")
 
 
-def _failing_source(exc: BaseException) -> str:
-    frame = _innermost_outside(exc)
-    return (frame.line or "").strip() if frame is not None else ""
-
-
 def _value_assert(exc: BaseException, model_file: ModelFile) -> str | None:
     """The cure for an assert on tensor values that stopped torch.export (`assert torch.all(x >=
     0).item()`: a guard on a value the trace does not have); None for any other failure. fx fails
     the same way on a shape check, which export traces."""
-    if type(exc).__name__ != "GuardOnDataDependentSymNode" or not _ASSERTS.match(_failing_source(exc)):
-        return None
     place = _innermost_outside(exc)
+    if type(exc).__name__ != "GuardOnDataDependentSymNode" or place is None or not _ASSERTS.match((place.line or "").strip()):
+        return None
     path = Path(place.filename)
     if path.resolve() == model_file.path.resolve():
         return (f"the assert at {path.name}:{place.lineno} checks tensor values, which no trace can follow (a trace "
